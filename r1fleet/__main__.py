@@ -1,0 +1,3 @@
+from r1fleet.cli import main
+
+raise SystemExit(main())

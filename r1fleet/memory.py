@@ -1,0 +1,160 @@
+"""Memory estimator: how many MiB a model needs on each device, at a context and KV cache type.
+
+Per device: weights share + KV cache for the layers it holds + compute buffer + runtime overhead
++ headroom. The constants and their sources live in data/estimator.yaml.
+
+Example:
+    >>> m = load_catalog().find("32b")
+    >>> d = estimate_device(m, Slot("GPU0", 24564, "cuda"), layers=64, last=True, context=8192,
+    ...                     kv_type="f16", flash_attention=True, headroom_mib=1024)
+    >>> d.planned_mib <= d.capacity_mib
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from r1fleet.catalog import Model
+from r1fleet.models import DevicePlan
+
+MIB = 1024 * 1024
+SlotKind = Literal["cuda", "rocm", "metal", "cpu", "unified"]
+
+
+@dataclass(frozen=True)
+class Constants:
+    token_embd_bits_per_weight: float
+    output_bits_per_weight: float
+    kv_bytes_per_element: dict[str, float]
+    kv_pad_tokens: int
+    compute_batch: int
+    overhead_mib: dict[str, int]
+    cpu_os_reserve_mib: int
+    efficiency: dict[str, float]
+    speed_context_fill: int
+    unknown_gpu_bandwidth_gbps: float
+    context_step: int
+
+
+@lru_cache(maxsize=1)
+def constants() -> Constants:
+    path = Path(__file__).with_name("data") / "estimator.yaml"
+    return Constants(**yaml.safe_load(path.read_text()))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A device memory pool the planner may fill: a GPU, a unified pool, or system RAM."""
+
+    name: str
+    capacity_mib: int
+    kind: SlotKind
+    bandwidth_gbps: float = 0.0
+
+    @property
+    def holds_whole_file(self) -> bool:
+        """On unified memory and the CPU the token embeddings share the same pool as the rest."""
+        return self.kind in ("cpu", "unified", "metal")
+
+
+@dataclass(frozen=True)
+class WeightShares:
+    """How a GGUF's bytes divide: embeddings (host memory), one block layer, the output tensor."""
+
+    file_mib: float
+    token_embd_mib: float
+    output_mib: float
+    per_layer_mib: float
+
+
+def weight_shares(model: Model) -> WeightShares:
+    c = constants()
+    a = model.arch
+    file_mib = model.gguf.size_bytes / MIB
+    embd = a.vocab * a.embedding * c.token_embd_bits_per_weight / 8 / MIB
+    output = a.vocab * a.embedding * c.output_bits_per_weight / 8 / MIB
+    per_layer = max(file_mib - embd - output, 0.0) / a.layers
+    return WeightShares(file_mib, embd, output, per_layer)
+
+
+def padded_context(context: int, flash_attention: bool) -> int:
+    pad = constants().kv_pad_tokens if flash_attention else 32
+    return math.ceil(context / pad) * pad
+
+
+def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str, flash_attention: bool = True) -> float:
+    """2 (K and V) x layers x kv_heads x head_dim x context x bytes per element."""
+    a = model.arch
+    per_element = constants().kv_bytes_per_element[kv_type]
+    tokens = padded_context(context, flash_attention)
+    return 2 * layers * a.kv_heads * a.head_dim * tokens * per_element / MIB
+
+
+def compute_buffer_mib(model: Model, context: int, flash_attention: bool = True) -> float:
+    a = model.arch
+    batch = constants().compute_batch
+    attention = 0 if flash_attention else context * a.heads
+    elements = max(a.embedding + a.vocab, 1 + 2 * a.embedding + context + attention)
+    return 4 * batch * elements / MIB
+
+
+def estimate_device(
+    model: Model,
+    slot: Slot,
+    *,
+    layers: int,
+    last: bool,
+    context: int,
+    kv_type: str,
+    flash_attention: bool,
+    headroom_mib: int,
+) -> DevicePlan:
+    """The planned memory on one device that holds `layers` block layers (and the output if `last`)."""
+    shares = weight_shares(model)
+    if slot.holds_whole_file:
+        weights = shares.file_mib * layers / model.arch.layers
+    else:
+        weights = shares.per_layer_mib * layers + (shares.output_mib if last else 0.0)
+    kv = kv_cache_mib(model, layers, context, kv_type, flash_attention)
+    compute = compute_buffer_mib(model, context, flash_attention) if layers else 0.0
+    overhead = constants().overhead_mib[slot.kind] if layers else 0
+    parts = [round(weights), round(kv), round(compute), overhead]
+    return DevicePlan(
+        device=slot.name,
+        capacity_mib=slot.capacity_mib,
+        planned_mib=sum(parts) + headroom_mib,
+        weights_mib=parts[0],
+        kv_cache_mib=parts[1],
+        compute_mib=parts[2],
+        overhead_mib=overhead,
+        headroom_mib=headroom_mib,
+        layers=layers,
+    )
+
+
+def fixed_cost_mib(model: Model, slot: Slot, *, last: bool, context: int, flash_attention: bool, headroom_mib: int) -> float:
+    """What a device spends before its first block layer: compute, overhead, headroom, and the output if last."""
+    output = weight_shares(model).output_mib if last and not slot.holds_whole_file else 0.0
+    return compute_buffer_mib(model, context, flash_attention) + constants().overhead_mib[slot.kind] + headroom_mib + output
+
+
+def layer_cost_mib(model: Model, slot: Slot, *, context: int, kv_type: str, flash_attention: bool) -> float:
+    """Weights plus KV cache of one block layer on this device."""
+    shares = weight_shares(model)
+    weights = shares.file_mib / model.arch.layers if slot.holds_whole_file else shares.per_layer_mib
+    return weights + kv_cache_mib(model, 1, context, kv_type, flash_attention)
+
+
+def bytes_read_per_token_gb(model: Model, layers: int, last: bool, context: int, kv_type: str) -> float:
+    """Decode reads every weight once per token, plus the KV cache filled to a typical conversation length."""
+    shares = weight_shares(model)
+    weights = shares.per_layer_mib * layers + (shares.output_mib if last else 0.0)
+    kv = kv_cache_mib(model, layers, min(context, constants().speed_context_fill), kv_type)
+    return (weights + kv) * MIB / 1e9

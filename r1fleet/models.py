@@ -1,0 +1,139 @@
+"""Typed values that flow along the spine: Hardware (from a probe) and HostPlan (from the planner).
+
+These are the contracts between stages; `HostPlan.model_dump()` is what `r1fleet plan --json`
+prints for each host and what the roles and the verification suite read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Vendor = Literal["nvidia", "amd", "intel", "apple"]
+GpuSource = Literal["nvidia-smi-query", "nvidia-smi", "lspci", "rocm-smi", "drm"]
+UnifiedKind = Literal["apple", "gb10", "jetson", "amd-apu"]
+Backend = Literal["ollama", "llama.cpp"]
+Placement = Literal["gpu", "multi-gpu", "unified", "cpu"]
+KvType = Literal["f16", "q8_0", "q4_0"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuProcess(_Strict):
+    """A compute process on a GPU, from `nvidia-smi --query-compute-apps`."""
+
+    pid: int
+    name: str
+    used_mib: int
+
+
+class Gpu(_Strict):
+    """One discrete GPU as the probe saw it."""
+
+    index: int
+    vendor: Vendor
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int | None = None
+    memory_free_mib: int | None = None
+    uuid: str | None = None
+    bus_id: str | None = None
+    pci_id: str | None = Field(None, description="vendor:device, e.g. 10de:2204")
+    driver_version: str | None = None
+    compute_cap: str | None = None
+    bandwidth_gbps: float | None = None
+    source: GpuSource
+    processes: list[GpuProcess] = []
+    mig: bool = False
+
+
+class UnifiedMemory(_Strict):
+    """Memory shared by CPU and GPU (Apple Silicon, DGX Spark, Jetson, Strix Halo)."""
+
+    kind: UnifiedKind
+    name: str
+    total_mib: int
+    gpu_limit_mib: int = Field(description="what the GPU may use: working-set limit or GTT size")
+    available_mib: int | None = None
+    bandwidth_gbps: float | None = None
+
+
+class OsInfo(_Strict):
+    system: str = "Linux"
+    kernel: str = ""
+    arch: str = ""
+    id: str = ""
+    version_id: str = ""
+    codename: str = ""
+    pretty_name: str = ""
+
+
+class Hardware(_Strict):
+    """Everything the planner needs to know about one host, parsed from its probe document."""
+
+    host: str
+    os: OsInfo = OsInfo()
+    ram_total_mib: int
+    ram_available_mib: int | None = None
+    cpu_count: int = 1
+    cpu_name: str = ""
+    avx2: bool = False
+    avx512: bool = False
+    gpus: list[Gpu] = []
+    unified: UnifiedMemory | None = None
+    disk_free_mib: int | None = None
+    secure_boot: bool | None = None
+    tegra_release: str | None = None
+    notes: list[str] = []
+
+
+class DevicePlan(_Strict):
+    """Planned memory on one device (a GPU, the unified pool, or system RAM)."""
+
+    device: str
+    capacity_mib: int
+    planned_mib: int
+    weights_mib: int
+    kv_cache_mib: int
+    compute_mib: int
+    overhead_mib: int
+    headroom_mib: int = 0
+    layers: int = 0
+
+
+class GgufFile(_Strict):
+    url: str
+    file: str
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+
+class HostPlan(_Strict):
+    """The planner's decision for one host (the `r1fleet plan --json` contract)."""
+
+    host: str
+    model: str | None
+    ollama_tag: str | None = None
+    backend: Backend | None = None
+    placement: Placement | None = None
+    fits: bool = False
+    context_length: int = 0
+    kv_cache_type: KvType = "f16"
+    flash_attention: bool = True
+    tensor_split: list[int] | None = None
+    gpus: list[dict] = []
+    gpu_uuids: list[str] = []
+    unified_memory_mib: int | None = None
+    devices: list[DevicePlan] = []
+    est_tokens_per_second: float | None = None
+    reasons: list[str] = []
+    gguf: GgufFile | None = None
+    n_layers: int | None = None
+    compute_caps: list[str] = []
+    vendor: Vendor | None = None
+    rehearsal: bool = False
+    target_model: str | None = Field(None, description="in rehearsal: the model the plan is for (a stand-in is served)")
+    disk_needed_mib: int | None = None

@@ -1,0 +1,355 @@
+"""Planner: for one host's Hardware, the largest R1 distill that fits with a usable context and speed.
+
+Pure and deterministic. Rules (DESIGN.md "Choosing the model"): candidates largest first; placements
+in order one GPU, unified memory, several GPUs of one vendor split by layers, CPU; a candidate fits
+when every device's planned memory at `min_context` is within its capacity, then the context grows
+to `max_context`; too slow is rejected; every choice carries its reasons.
+
+Example:
+    >>> plan = plan_host(parse_probe(open("rtx4090.probe").read(), "box"), Policy())
+    >>> plan.model, plan.backend
+    ('deepseek-r1-distill-qwen-32b', 'ollama')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r1fleet.catalog import Catalog, Model, load_catalog
+from r1fleet.memory import (
+    Slot,
+    bytes_read_per_token_gb,
+    constants,
+    estimate_device,
+    fixed_cost_mib,
+    layer_cost_mib,
+    weight_shares,
+)
+from r1fleet.models import DevicePlan, GgufFile, Gpu, Hardware, HostPlan
+from r1fleet.policy import Policy
+
+# Process names of r1fleet's own backends in `nvidia-smi --query-compute-apps`: their memory counts as
+# free, so a re-run on a host already serving its model does not downgrade it.
+OWN_BACKEND_MARKERS = ("ollama", "llama-server", "llama_server")
+SMALLEST_USABLE_GPU_MIB = 1024
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: str  # gpu | unified | multi-gpu | cpu
+    slots: tuple[Slot, ...]
+    gpus: tuple[Gpu, ...] = ()
+
+
+@dataclass
+class Attempt:
+    model: Model
+    placement: Placement
+    fits: bool
+    context: int = 0
+    kv_type: str = "f16"
+    layers: list[int] = field(default_factory=list)
+    devices: list[DevicePlan] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    why_not: str = ""
+
+
+# ---------------------------------------------------------------- capacities and placements
+
+
+def own_backend_mib(gpu: Gpu) -> int:
+    return sum(p.used_mib for p in gpu.processes if any(m in p.name.lower() for m in OWN_BACKEND_MARKERS))
+
+
+def gpu_capacity_mib(gpu: Gpu) -> int:
+    """Total minus what other programs hold; r1fleet's own backends count as free."""
+    used = gpu.memory_used_mib or 0
+    return gpu.memory_total_mib - max(used - own_backend_mib(gpu), 0)
+
+
+def gpu_slot(gpu: Gpu) -> Slot:
+    kind = "rocm" if gpu.vendor == "amd" else "cuda"
+    bandwidth = gpu.bandwidth_gbps or constants().unknown_gpu_bandwidth_gbps
+    return Slot(f"GPU{gpu.index} {gpu.name}", gpu_capacity_mib(gpu), kind, bandwidth)
+
+
+def cpu_slot(hw: Hardware, policy: Policy) -> Slot:
+    available = hw.ram_available_mib or hw.ram_total_mib - constants().cpu_os_reserve_mib
+    return Slot("RAM", max(available, 0), "cpu", policy.cpu_bandwidth_gbps)
+
+
+def placements(hw: Hardware, policy: Policy) -> list[Placement]:
+    """Placement options in the planner's order of preference."""
+    usable = [g for g in hw.gpus if g.memory_total_mib >= SMALLEST_USABLE_GPU_MIB and not g.mig]
+    options: list[Placement] = []
+    if usable:
+        best = max(usable, key=lambda g: (gpu_capacity_mib(g), -g.index))
+        options.append(Placement("gpu", (gpu_slot(best),), (best,)))
+    if hw.unified:
+        u = hw.unified
+        kind = "metal" if u.kind == "apple" else "unified"
+        capacity = u.gpu_limit_mib if u.available_mib is None else min(u.gpu_limit_mib, u.available_mib)
+        bandwidth = u.bandwidth_gbps or constants().unknown_gpu_bandwidth_gbps
+        options.append(Placement("unified", (Slot(f"unified {u.name}", capacity, kind, bandwidth),)))
+    by_vendor: dict[str, list[Gpu]] = {}
+    for gpu in usable:
+        by_vendor.setdefault(gpu.vendor, []).append(gpu)
+    groups = [sorted(g, key=lambda x: x.index) for g in by_vendor.values() if len(g) > 1]
+    if groups:
+        group = max(groups, key=lambda g: sum(gpu_capacity_mib(x) for x in g))
+        options.append(Placement("multi-gpu", tuple(gpu_slot(g) for g in group), tuple(group)))
+    options.append(Placement("cpu", (cpu_slot(hw, policy),)))
+    return options
+
+
+# ---------------------------------------------------------------- fitting one model in one placement
+
+
+def split_layers(model: Model, slots: tuple[Slot, ...], context: int, kv_type: str, fa: bool, headroom: int) -> list[int] | None:
+    """Per-device layer counts so each device's total fits its own capacity, balanced by free room.
+
+    None when the layers do not fit. The last device also carries the output tensor.
+    """
+    total = model.arch.layers
+    budgets, limits = [], []
+    for i, slot in enumerate(slots):
+        last = i == len(slots) - 1
+        room = slot.capacity_mib - fixed_cost_mib(model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom)
+        cost = layer_cost_mib(model, slot, context=context, kv_type=kv_type, flash_attention=fa)
+        budgets.append(max(room, 0.0))
+        limits.append(max(int(room // cost), 0))
+    if sum(limits) < total:
+        return None
+    if len(slots) == 1:
+        return [total]
+    # Proportional to each device's room, largest remainder, then clamp to what each can hold.
+    share = sum(budgets)
+    raw = [total * b / share for b in budgets]
+    counts = [min(int(r), lim) for r, lim in zip(raw, limits)]
+    order = sorted(range(len(slots)), key=lambda i: (raw[i] - int(raw[i]), budgets[i]), reverse=True)
+    while sum(counts) < total:
+        for i in order:
+            if sum(counts) < total and counts[i] < limits[i]:
+                counts[i] += 1
+    return counts
+
+
+def device_plans(model: Model, slots: tuple[Slot, ...], layers: list[int], context: int, kv_type: str, fa: bool, headroom: int) -> list[DevicePlan]:
+    return [
+        estimate_device(
+            model, slot, layers=n, last=i == len(slots) - 1, context=context,
+            kv_type=kv_type, flash_attention=fa, headroom_mib=headroom,
+        )
+        for i, (slot, n) in enumerate(zip(slots, layers))
+    ]
+
+
+def tokens_per_second(model: Model, placement: Placement, layers: list[int], context: int, kv_type: str) -> float:
+    """Decode is memory-bound: each device reads its share per token, one after another."""
+    eff = constants().efficiency
+    kind = {"gpu": "gpu", "multi-gpu": "gpu", "unified": "unified", "cpu": "cpu"}[placement.kind]
+    seconds = 0.0
+    for i, (slot, n) in enumerate(zip(placement.slots, layers)):
+        gb = bytes_read_per_token_gb(model, n, i == len(layers) - 1, context, kv_type)
+        seconds += gb / slot.bandwidth_gbps
+    return round(eff[kind] / seconds, 1) if seconds else 0.0
+
+
+def _fit_at(model: Model, placement: Placement, context: int, kv_type: str, policy: Policy) -> list[int] | None:
+    return split_layers(model, placement.slots, context, kv_type, True, policy.headroom_mib)
+
+
+def context_bounds(model: Model, policy: Policy) -> tuple[int, int]:
+    top = min(policy.max_context, model.arch.context_train)
+    return min(policy.min_context, top), top
+
+
+def largest_context(model: Model, placement: Placement, kv_type: str, low: int, high: int, policy: Policy) -> int:
+    """The largest context in [low, high] (a step multiple, or `high` itself) that still fits; assumes `low` fits."""
+    step = constants().context_step
+    if _fit_at(model, placement, high, kv_type, policy):
+        return high
+    lo, hi = low // step, high // step  # in steps; lo fits (or is low itself), hi does not
+    best = low
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ctx = max(mid * step, low)
+        if _fit_at(model, placement, ctx, kv_type, policy):
+            best, lo = ctx, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def attempt(model: Model, placement: Placement, policy: Policy, context: int | None = None) -> Attempt:
+    """Fit one model in one placement: the first allowed KV type that reaches the minimum context wins."""
+    low, high = context_bounds(model, policy)
+    if context is not None:
+        low = high = context
+    for kv_type in policy.kv_types:
+        if _fit_at(model, placement, low, kv_type, policy):
+            ctx = largest_context(model, placement, kv_type, low, high, policy)
+            layers = _fit_at(model, placement, ctx, kv_type, policy) or []
+            result = Attempt(model, placement, True, ctx, kv_type, layers)
+            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, True, policy.headroom_mib)
+            result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
+            return result
+    # Does not fit: report figures at the minimum context, as if the layers were spread by capacity.
+    kv_type = policy.kv_types[-1]
+    layers = _even_layers(model, placement)
+    result = Attempt(model, placement, False, low, kv_type, layers)
+    result.devices = device_plans(model, placement.slots, layers, low, kv_type, True, policy.headroom_mib)
+    result.tokens_per_second = tokens_per_second(model, placement, layers, low, kv_type)
+    need = sum(d.planned_mib for d in result.devices)
+    have = sum(s.capacity_mib for s in placement.slots)
+    result.why_not = f"needs {need:,} MiB at context {low} ({kv_type} KV) but {_describe(placement)} has {have:,} MiB"
+    return result
+
+
+def _even_layers(model: Model, placement: Placement) -> list[int]:
+    total = model.arch.layers
+    caps = [max(s.capacity_mib, 1) for s in placement.slots]
+    counts = [total * c // sum(caps) for c in caps]
+    counts[-1] += total - sum(counts)
+    return counts
+
+
+def _describe(placement: Placement) -> str:
+    if placement.kind == "cpu":
+        return "system RAM"
+    return " + ".join(s.name for s in placement.slots)
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def ordered_candidates(catalog: Catalog, policy: Policy) -> list[Model]:
+    models = catalog.largest_first()
+    if policy.prefer == "math":
+        return sorted(models, key=lambda m: (m.benchmarks.aime2024 or 0.0, m.params_b), reverse=True)
+    if policy.prefer == "general":
+        return sorted(models, key=lambda m: (m.focus == "general", m.params_b), reverse=True)
+    return models
+
+
+def best_attempt(model: Model, options: list[Placement], policy: Policy, context: int | None) -> Attempt:
+    """The first placement (in preference order) where the model fits and is fast enough."""
+    tried = [attempt(model, p, policy, context) for p in options]
+    for a in tried:
+        if a.fits and a.tokens_per_second >= policy.min_tokens_per_second:
+            return a
+    for a in tried:
+        if a.fits:
+            a.why_not = (
+                f"on {_describe(a.placement)} it is estimated at {a.tokens_per_second} tokens/s, "
+                f"below min_tokens_per_second {policy.min_tokens_per_second:g}"
+            )
+            a.fits = False
+    # Explain with the first accelerator placement tried; the CPU only when there is nothing else.
+    shown = tried[0]
+    others = "; ".join(a.why_not for a in tried[1:])
+    if others and len(tried) > 1:
+        shown.why_not = f"{shown.why_not}; {others}"
+    return shown
+
+
+def plan_host(
+    hw: Hardware,
+    policy: Policy | None = None,
+    catalog: Catalog | None = None,
+    model: str | None = None,
+    context: int | None = None,
+) -> HostPlan:
+    """Choose model, placement, context, KV type, backend and split for one host, with reasons."""
+    policy = policy or Policy()
+    catalog = catalog or load_catalog()
+    options = placements(hw, policy)
+    pinned = model or policy.model
+    candidates = [catalog.find(pinned)] if pinned else ordered_candidates(catalog, policy)
+    rejected: list[Attempt] = []
+    for candidate in candidates:
+        result = best_attempt(candidate, options, policy, context)
+        if result.fits or pinned:
+            return _host_plan(hw, policy, result, rejected, forced=bool(pinned or context))
+        rejected.append(result)
+    return _host_plan(hw, policy, None, rejected, forced=False)
+
+
+def _backend(placement: Placement, policy: Policy) -> str:
+    if policy.backend:
+        return policy.backend
+    return "llama.cpp" if placement.kind == "multi-gpu" else "ollama"
+
+
+def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: list[Attempt], forced: bool) -> HostPlan:
+    gpus = [
+        {"index": g.index, "name": g.name, "memory_total_mib": g.memory_total_mib, "memory_free_mib": gpu_capacity_mib(g)}
+        for g in hw.gpus
+    ]
+    reasons = [f"not {a.model.size_label}: {a.why_not}" for a in rejected[-1:]]
+    base = dict(host=hw.host, gpus=gpus, unified_memory_mib=hw.unified.total_mib if hw.unified else None)
+    if chosen is None:
+        smallest = rejected[-1].model.size_label if rejected else "any model"
+        return HostPlan(model=None, reasons=[f"nothing fits: even {smallest} does not", *reasons], **base)
+    m, p = chosen.model, chosen.placement
+    backend = _backend(p, policy)
+    verdict = "fits" if chosen.fits else "does NOT fit"
+    where = _describe(p)
+    used = ", ".join(f"{d.device} {d.planned_mib:,}/{d.capacity_mib:,} MiB" for d in chosen.devices)
+    why = f"{m.size_label} {verdict} on {where} at context {chosen.context} ({chosen.kv_type} KV): {used}; est {chosen.tokens_per_second} tokens/s"
+    if not chosen.fits and chosen.why_not:
+        why += f" ({chosen.why_not})"
+    lead = "requested" if forced else "largest that fits"
+    reasons = [f"{lead}: {why}", *reasons]
+    if backend == "llama.cpp" and p.kind == "multi-gpu":
+        reasons.append(f"llama.cpp llama-server, split by layers {chosen.layers} across {len(p.slots)} GPUs (Ollama refuses tight multi-GPU fits)")
+    shares = weight_shares(m)
+    disk_needed = round(shares.file_mib)
+    if hw.disk_free_mib is not None and hw.disk_free_mib < disk_needed:
+        reasons.append(f"warning: the model needs {disk_needed:,} MiB of disk, {hw.disk_free_mib:,} MiB free")
+    return HostPlan(
+        model=m.id,
+        ollama_tag=m.ollama_tag,
+        backend=backend,
+        placement=p.kind,
+        fits=chosen.fits,
+        context_length=chosen.context,
+        kv_cache_type=chosen.kv_type,
+        flash_attention=True,
+        tensor_split=chosen.layers if p.kind == "multi-gpu" else None,
+        gpu_uuids=[g.uuid for g in p.gpus if g.uuid],
+        devices=chosen.devices,
+        est_tokens_per_second=chosen.tokens_per_second,
+        reasons=reasons,
+        gguf=GgufFile(url=m.gguf.url or "", file=m.gguf.file, size_bytes=m.gguf.size_bytes, sha256=m.gguf.sha256),
+        n_layers=m.arch.layers,
+        compute_caps=[g.compute_cap for g in p.gpus if g.compute_cap],
+        vendor=p.gpus[0].vendor if p.gpus else ("apple" if hw.unified and hw.unified.kind == "apple" else None),
+        disk_needed_mib=disk_needed,
+        **base,
+    )
+
+
+def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
+    """The same plan (backend, placement, split, flags) serving the small stand-in model instead.
+
+    The context is capped at what the stand-in was trained for, so drivers, services and network are
+    proven before a large download.
+    """
+    if plan.model is None:
+        return plan
+    catalog = catalog or load_catalog()
+    stand_in = catalog.stand_ins[0]
+    g = stand_in.gguf
+    return plan.model_copy(
+        update={
+            "rehearsal": True,
+            "target_model": plan.model,
+            "model": stand_in.id,
+            "ollama_tag": stand_in.ollama_tag,
+            "context_length": min(plan.context_length, stand_in.arch.context_train),
+            "gguf": GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256),
+            "n_layers": stand_in.arch.layers,
+            "reasons": [*plan.reasons, f"rehearsal: serving {stand_in.name} in the planned slot instead of {plan.model}"],
+        }
+    )
