@@ -93,6 +93,8 @@ class Catalog(_Strict):
                 return model
         for model in self.models:  # the short Ollama tags users know, e.g. deepseek-r1:32b
             if wanted == f"deepseek-r1:{model.size_label}":
+                if model.size_label == "8b":  # Ollama re-pointed deepseek-r1:8b to R1-0528 on Qwen3-8B in May 2025
+                    raise KeyError(f"{ref!r} is no longer the Llama distill on Ollama; use {model.ollama_tag} or 8b")
                 return model
         choices = ", ".join(m.size_label for m in self.models)
         raise KeyError(f"unknown model {ref!r}; use a catalog id, an Ollama tag, or a size ({choices})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from r1fleet.models import Backend, KvType
 
@@ -30,6 +30,11 @@ class Policy(BaseModel):
     backend: Backend | None = Field(None, description="force a backend instead of the planner's choice")
     cpu_bandwidth_gbps: float = Field(25.0, gt=0, le=2000, description="system RAM bandwidth for CPU-only speed estimates")
 
+    @field_validator("model")
+    @classmethod
+    def _model_is_known(cls, value: str | None) -> str | None:
+        return known_model(value)
+
     @model_validator(mode="after")
     def _context_order(self) -> "Policy":
         if self.max_context < self.min_context:
@@ -37,3 +42,15 @@ class Policy(BaseModel):
                 f"max_context ({self.max_context}) is below min_context ({self.min_context}); raise max_context or lower min_context"
             )
         return self
+
+
+def known_model(ref: str | None) -> str | None:
+    """Validator helper: the reference names a catalog model (id, Ollama tag or size)."""
+    if ref is not None:
+        from r1fleet.catalog import load_catalog
+
+        try:
+            load_catalog().find(ref)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+    return ref

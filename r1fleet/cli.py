@@ -1,0 +1,198 @@
+"""The `r1fleet` command: plan, probe, validate, schema, lab, verify.
+
+Every user error is printed as one clear message (host, field, fix) with exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from r1fleet.errors import R1FleetError
+from r1fleet.models import HostPlan
+from r1fleet.policy import Policy
+
+USAGE_ERROR = 2
+
+
+def _plan_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what each host would get, and why", description=(
+        "Plan from saved probe documents (the host name is the file stem), or probe a fleet's hosts live."))
+    p.add_argument("probes", nargs="*", type=Path, help="probe documents saved with `r1fleet probe HOST > HOST.probe`")
+    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory: probe its hosts over SSH (and use its policies)")
+    p.add_argument("--model", help="force a model: catalog id, Ollama tag, or size such as 32b")
+    p.add_argument("--context", type=int, help="force a context length (tokens)")
+    p.add_argument("--json", action="store_true", help='print {"hosts": [...]} instead of a table')
+    p.set_defaults(run=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from r1fleet.hardware import parse_probe
+    from r1fleet.planner import plan_host
+
+    if args.context is not None and args.context < 256:
+        raise R1FleetError(f"--context {args.context} is too small", fix="give at least 256 tokens, e.g. --context 8192")
+    if args.model:
+        from r1fleet.catalog import load_catalog
+
+        try:
+            load_catalog().find(args.model)
+        except KeyError as err:
+            raise R1FleetError(err.args[0], field="--model") from None
+    if not args.probes and not args.fleet:
+        raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
+    jobs: list[tuple[str, str, Policy]] = []  # (host, probe text, policy)
+    for path in args.probes:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
+        jobs.append((path.stem, text, Policy()))
+    if args.fleet:
+        jobs.extend(_probe_fleet(args.fleet))
+    plans = [plan_host(parse_probe(text, host), policy, model=args.model, context=args.context) for host, text, policy in jobs]
+    if args.json:
+        print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans]}, indent=2))
+    else:
+        print(render_table(plans))
+    return 0 if all(p.fits for p in plans) else 1
+
+
+def _probe_fleet(ref: str) -> list[tuple[str, str, Policy]]:
+    from r1fleet.facts import probe_over_ssh
+    from r1fleet.fleet import load_fleet
+
+    fleet = load_fleet(ref)
+    entries = list(fleet.hosts.values())
+    with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
+        texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
+    return [(e.name, t, e.policy) for e, t in zip(entries, texts)]
+
+
+def ssh_options(entry) -> dict:
+    """SSH settings of a fleet host, in the keyword form `probe_over_ssh` takes."""
+    options = {"user": entry.ssh_user, "port": entry.ssh_port, "key": entry.ssh_key, "name": entry.name}
+    if entry.profile:
+        options["strict_host_keys"] = False
+    return options
+
+
+def _fmt_devices(plan: HostPlan) -> str:
+    return ", ".join(f"{d.device.split(' ')[0]} {d.planned_mib:,}/{d.capacity_mib:,}" for d in plan.devices)
+
+
+def _fmt_gpus(plan: HostPlan) -> str:
+    if plan.unified_memory_mib:
+        return f"unified {plan.unified_memory_mib // 1024} GiB"
+    if not plan.gpus:
+        return "none"
+    names = {}
+    for g in plan.gpus:
+        label = f"{g['name'].replace('NVIDIA ', '').replace('GeForce ', '')} {round(g['memory_total_mib'] / 1024)}G"
+        names[label] = names.get(label, 0) + 1
+    return ", ".join(f"{n}x {label}" for label, n in names.items())
+
+
+def render_table(plans: list[HostPlan]) -> str:
+    """A table a person reads at a glance, then each host's reasons."""
+    from r1fleet.catalog import load_catalog
+
+    catalog = load_catalog()
+    header = ("HOST", "GPUS", "MODEL", "BACKEND", "CONTEXT", "KV", "MEMORY MiB (planned/capacity)", "TOK/S")
+    rows = [header]
+    for p in plans:
+        model = catalog.find(p.model).size_label if p.model else "-"
+        if p.model and not p.fits:
+            model += " (no fit)"
+        split = f" split {p.tensor_split}" if p.tensor_split else ""
+        rows.append((
+            p.host, _fmt_gpus(p), model, (p.backend or "-") + split, str(p.context_length or "-"),
+            p.kv_cache_type if p.model else "-", _fmt_devices(p) or "-",
+            f"{p.est_tokens_per_second:g}" if p.est_tokens_per_second else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    for p in plans:
+        lines.append(f"{p.host}:")
+        lines.extend(f"  - {reason}" for reason in p.reasons)
+    return "\n".join(lines)
+
+
+def _probe_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="print a host's probe document (save it to plan offline)")
+    p.add_argument("host", help="an SSH destination (honours ~/.ssh/config), or a host of --fleet")
+    p.add_argument("--fleet", help="look the host up in this fleet file (or `lab`) for address, user and key")
+    p.set_defaults(run=cmd_probe)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from r1fleet.facts import probe_over_ssh
+
+    if args.fleet:
+        from r1fleet.fleet import load_fleet
+
+        fleet = load_fleet(args.fleet)
+        if args.host not in fleet.hosts:
+            raise R1FleetError(f"not in {fleet.source}", host=args.host, fix=f"use one of: {', '.join(fleet.hosts)}")
+        entry = fleet.hosts[args.host]
+        text = probe_over_ssh(entry.address, **ssh_options(entry))
+    else:
+        text = probe_over_ssh(args.host)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _validate_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a fleet file without touching any host")
+    p.add_argument("fleet", nargs="?", help="fleet file or Ansible inventory (default $R1FLEET_FLEET or inventory/fleet.yml)")
+    p.set_defaults(run=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from r1fleet.fleet import load_fleet
+
+    fleet = load_fleet(args.fleet, lab_state=False)
+    print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)})")
+    return 0
+
+
+def _schema_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schema", help="print the fleet file's JSON Schema (for editors)")
+    p.set_defaults(run=lambda args: print(json.dumps(__import__("r1fleet.fleet").fleet.json_schema(), indent=2)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1fleet", description="Turn a home-lab fleet into DeepSeek-R1 servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_plan_args, _probe_args, _validate_args, _schema_args):
+        add(sub)
+    for module in ("r1fleet.lab.commands", "r1fleet.verify_cli"):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except R1FleetError as err:
+        print(f"r1fleet: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("r1fleet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

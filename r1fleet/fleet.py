@@ -1,0 +1,323 @@
+"""The fleet file (`inventory/fleet.yml`): schema, strict loading, and the hand-off to pyinfra.
+
+A fleet is `defaults` (any host setting) plus `hosts` (name -> settings). `load_fleet()` reads a fleet
+file, the lab (`lab`), or an Ansible inventory, and returns every host with its settings resolved.
+
+Example:
+    >>> fleet = load_fleet("inventory/fleet.example.yml")
+    >>> fleet.hosts["dual-3090"].listen
+    '192.168.1.23'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from r1fleet.errors import FleetError
+from r1fleet.models import Backend
+from r1fleet.policy import Policy, known_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FLEET = Path("inventory/fleet.yml")
+HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class HostSettings(BaseModel):
+    """Settings a host may have; `defaults` takes the same keys except `address`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="IP or DNS name to reach the host over SSH")
+    ssh_user: str | None = Field(None, description="SSH user (root, or a user with passwordless sudo)")
+    ssh_key: str | None = Field(None, description="private key file; ~ is expanded")
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+    listen: str | None = Field(None, description="address the model server binds; unset = 127.0.0.1 only")
+    allow: list[str] | None = Field(None, description="networks (CIDR) admitted to the service port when listen is set")
+    port: int | None = Field(None, ge=1, le=65535, description="service port (default 11434 Ollama, 8080 llama.cpp)")
+    policy: Policy | None = Field(None, description="planning policy; host keys override the defaults' one by one")
+    model: str | None = Field(None, description="pin a model: catalog id, Ollama tag or size such as 32b")
+    backend: Backend | None = Field(None, description="force ollama or llama.cpp")
+    rehearsal: bool | None = Field(None, description="serve a small stand-in model in the planned slot")
+    profile: str | None = Field(None, description="lab hardware profile (lab fleets only)")
+    groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
+    model_dir: str | None = Field(None, description="where models are stored on the host")
+    mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address; write the address the host should bind, e.g. 192.168.1.23") from None
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_are_networks(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network; write CIDRs such as 192.168.1.0/24") from None
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_known(cls, value: str | None) -> str | None:
+        return known_model(value)
+
+
+class HostEntry(BaseModel):
+    """One host with every setting resolved (defaults merged in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    address: str
+    ssh_user: str = "root"
+    ssh_key: str | None = None
+    ssh_port: int = 22
+    listen: str | None = None
+    allow: list[str] = []
+    port: int | None = None
+    policy: Policy = Policy()
+    rehearsal: bool = False
+    profile: str | None = None
+    groups: list[str] = []
+    model_dir: str = "/var/lib/r1fleet/models"
+    mirror: str | None = None
+
+    @property
+    def bind_address(self) -> str:
+        return self.listen or "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _exposure_needs_an_allow_list(self) -> "HostEntry":
+        if self.listen and not ipaddress.ip_address(self.listen).is_loopback and not self.allow:
+            raise ValueError(
+                "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
+                "or write allow: [0.0.0.0/0] to open it to every network on purpose"
+            )
+        return self
+
+
+class FleetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lab: dict[str, Any] | None = Field(None, description="lab settings (inventory/lab.yml only)")
+    defaults: HostSettings = HostSettings()
+    hosts: dict[str, HostSettings] = Field(min_length=1)
+
+    @field_validator("hosts")
+    @classmethod
+    def _names(cls, hosts: dict[str, HostSettings]) -> dict[str, HostSettings]:
+        import re
+
+        for name in hosts:
+            if not re.match(HOST_NAME_PATTERN, name):
+                raise ValueError(f"host name {name!r} must be letters, digits, '.', '_' or '-' (at most 63)")
+        return hosts
+
+
+class Fleet(BaseModel):
+    source: str
+    hosts: dict[str, HostEntry]
+
+    def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
+        groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}
+        for entry in self.hosts.values():
+            item = (entry.name, host_data(entry))
+            groups["r1fleet"].append(item)
+            for group in entry.groups:
+                groups.setdefault(group.replace("-", "_"), []).append(item)
+        return groups
+
+
+def host_data(entry: HostEntry) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "ssh_hostname": entry.address,
+        "ssh_user": entry.ssh_user,
+        "ssh_port": entry.ssh_port,
+        "r1fleet": entry.model_dump(mode="json"),
+        "rehearsal": entry.rehearsal,
+    }
+    if entry.ssh_key:
+        data["ssh_key"] = entry.ssh_key
+    if entry.ssh_user != "root":
+        data["_sudo"] = True
+    if entry.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
+        data["ssh_strict_host_key_checking"] = "off"
+        data["ssh_known_hosts_file"] = "/dev/null"
+    return data
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses a key given twice (a second host of the same name would hide the first)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}: each name may appear once", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except FileNotFoundError:
+        raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml or set R1FLEET_FLEET") from None
+    except yaml.YAMLError as err:
+        raise FleetError(f"{path}: not valid YAML: {err}", fix="correct the line shown") from None
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or correct its spelling (r1fleet schema lists the allowed keys)",
+    "missing": "add it",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "greater_than_equal": "raise the value",
+    "greater_than": "raise the value",
+    "less_than_equal": "lower the value",
+    "literal_error": "use one of the allowed values",
+    "too_short": "add at least one entry",
+    "dict_type": "write a mapping (key: value)",
+    "list_type": "write a list ([a, b])",
+    "string_type": "write a string",
+}
+
+
+def _explain(err: ValidationError, source: str, prefix: tuple = ()) -> FleetError:
+    lines = []
+    for item in err.errors():
+        loc = [*prefix, *item["loc"]]
+        host = None
+        if len(loc) >= 2 and loc[0] == "hosts":
+            host, loc = str(loc[1]), loc[2:]
+        where = f"host {host}: " if host else ""
+        field = ".".join(str(p) for p in loc) or "(file)"
+        message = item["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(item["type"], "see `r1fleet schema`")
+        lines.append(f"{source}: {where}field {field}: {message} (fix: {fix})")
+    return FleetError("\n".join(lines))
+
+
+def _merge(defaults: HostSettings, host: HostSettings) -> dict[str, Any]:
+    merged = defaults.model_dump(exclude_none=True, exclude={"policy"})
+    merged.update(host.model_dump(exclude_none=True, exclude={"policy"}))
+    policy = {}
+    for source in (defaults.policy, host.policy):
+        if source is not None:
+            policy.update(source.model_dump(exclude_unset=True))
+    for shortcut in ("model", "backend"):
+        if shortcut in merged:
+            policy[shortcut] = merged.pop(shortcut)
+    merged["policy"] = policy
+    return merged
+
+
+def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = None) -> Fleet:
+    """Validate a fleet-file-shaped dict; every problem is reported at once, naming host and field."""
+    if not isinstance(raw, dict):
+        raise FleetError(f"{source}: expected a mapping with `hosts:` (and optional `defaults:`)", fix="see inventory/fleet.example.yml")
+    try:
+        parsed = FleetFile.model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+    entries, problems = {}, []
+    for name, settings in parsed.hosts.items():
+        merged = _merge(parsed.defaults, settings)
+        if lab_hosts is not None and name in lab_hosts:
+            merged.update({k: v for k, v in lab_hosts[name].items() if v is not None})
+        if not merged.get("address"):
+            problems.append(f"{source}: host {name}: field address: missing (fix: add the host's IP or DNS name)")
+            continue
+        if merged.get("ssh_key"):
+            merged["ssh_key"] = os.path.expanduser(merged["ssh_key"])
+        try:
+            entries[name] = HostEntry.model_validate({"name": name, **merged})
+        except ValidationError as err:
+            problems.append(str(_explain(err, source, ("hosts", name))))
+    if problems:
+        raise FleetError("\n".join(problems))
+    return Fleet(source=source, hosts=entries)
+
+
+def _lab_overrides() -> dict[str, dict]:
+    from r1fleet.lab import state
+
+    hosts = state.lab_hosts()
+    if not hosts or all(h.get("state") != "up" for h in hosts):
+        raise FleetError("the lab is not up", fix="run `r1fleet lab up` as root first")
+    mirror = state.mirror_url()
+    return {
+        h["name"]: {"address": h["address"], "ssh_user": h["ssh_user"], "ssh_key": h["ssh_key"], "mirror": mirror}
+        for h in hosts
+    }
+
+
+def is_ansible_inventory(path: Path, raw: Any) -> bool:
+    if path.suffix in (".ini", ".cfg") or path.name in ("hosts", "inventory"):
+        return True
+    return isinstance(raw, dict) and "hosts" not in raw and any(
+        isinstance(v, dict) and ({"hosts", "children", "vars"} & set(v)) for v in raw.values()
+    )
+
+
+def resolve_ref(ref: str | os.PathLike | None) -> str:
+    ref = ref or os.environ.get("R1FLEET_FLEET") or str(DEFAULT_FLEET)
+    return str(ref)
+
+
+def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) -> Fleet:
+    """Load a fleet: a fleet file path, `lab`, or an Ansible inventory (YAML or INI).
+
+    With no `ref`: $R1FLEET_FLEET, else inventory/fleet.yml. Raises FleetError naming host, field, fix.
+    """
+    ref = resolve_ref(ref)
+    if ref == "lab":
+        from r1fleet.lab import state
+
+        path = Path(state.LAB_FLEET_FILE)
+        return fleet_from_dict(read_yaml(path), str(path), _lab_overrides() if lab_state else {})
+    path = Path(ref)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml, or set R1FLEET_FLEET (a path or `lab`)")
+    raw = None if path.suffix in (".ini", ".cfg") else read_yaml(path)
+    if is_ansible_inventory(path, raw):
+        from r1fleet.ansible_inventory import fleet_dict_from_ansible
+
+        return fleet_from_dict(fleet_dict_from_ansible(str(path)), str(path))
+    return fleet_from_dict(raw, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the fleet file, for editors (`r1fleet schema`)."""
+    schema = FleetFile.model_json_schema()
+    schema["title"] = "r1fleet fleet file"
+    return schema

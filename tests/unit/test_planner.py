@@ -1,0 +1,179 @@
+"""Planner: the seed article's hardware tiers, and the cases beyond it (mixed GPUs, busy GPUs, re-runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1fleet.catalog import load_catalog
+from r1fleet.memory import kv_cache_mib
+from r1fleet.models import Gpu, GpuProcess, Hardware, UnifiedMemory
+from r1fleet.planner import gpu_capacity_mib, plan_host, rehearse
+from r1fleet.policy import Policy
+
+ID = {m.size_label: m.id for m in load_catalog().models}
+
+
+def gpu(index: int, name: str, mib: int, bandwidth: float, *, used: int = 0, processes=(), vendor="nvidia", source="nvidia-smi-query") -> Gpu:
+    return Gpu(
+        index=index, vendor=vendor, name=name, memory_total_mib=mib, memory_used_mib=used,
+        memory_free_mib=mib - used, bandwidth_gbps=bandwidth, source=source, uuid=f"GPU-{index:08d}-test",
+        compute_cap="8.6", processes=list(processes),
+    )
+
+
+def host(*gpus: Gpu, ram_mib: int = 65536, available: int | None = None, unified: UnifiedMemory | None = None) -> Hardware:
+    return Hardware(host="h", ram_total_mib=ram_mib, ram_available_mib=available, gpus=list(gpus), unified=unified)
+
+
+RTX_3090 = ("NVIDIA GeForce RTX 3090", 24576, 936.2)
+RTX_4090 = ("NVIDIA GeForce RTX 4090", 24564, 1008.0)
+RTX_3060 = ("NVIDIA GeForce RTX 3060", 12288, 360.0)
+
+
+def test_4gb_card_gets_1_5b():
+    plan = plan_host(host(gpu(0, "NVIDIA GeForce GTX 1650", 4096, 128.0)))
+    assert plan.model == ID["1.5b"] and plan.backend == "ollama" and plan.fits
+
+
+@pytest.mark.parametrize("name,mib,bandwidth", [("NVIDIA GeForce RTX 4060", 8188, 272.0), ("NVIDIA GeForce RTX 2060", 6144, 336.0)])
+def test_6_to_8gb_cards_get_7b_or_8b(name, mib, bandwidth):
+    plan = plan_host(host(gpu(0, name, mib, bandwidth)))
+    assert plan.model in (ID["7b"], ID["8b"])
+    assert plan.context_length >= 8192
+
+
+def test_12gb_gets_14b_with_capped_context():
+    plan = plan_host(host(gpu(0, *RTX_3060)))
+    assert plan.model == ID["14b"]
+    assert 8192 <= plan.context_length < 32768  # capped below max_context by the card
+    device = plan.devices[0]
+    assert device.planned_mib <= device.capacity_mib == 12288
+    assert any("not 32b" in r for r in plan.reasons)
+
+
+def test_16gb_gets_14b_at_full_context():
+    plan = plan_host(host(gpu(0, "NVIDIA GeForce RTX 4060 Ti", 16380, 288.0)))
+    assert plan.model == ID["14b"] and plan.context_length == 32768
+
+
+def test_24gb_gets_32b_on_one_gpu():
+    plan = plan_host(host(gpu(0, *RTX_4090)))
+    assert (plan.model, plan.backend, plan.placement) == (ID["32b"], "ollama", "gpu")
+    assert plan.context_length >= 8192 and plan.tensor_split is None
+    assert plan.gpu_uuids == ["GPU-00000000-test"]
+
+
+def test_two_24gb_gpus_get_70b_on_llama_cpp_with_a_balanced_split():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3090)))
+    assert (plan.model, plan.backend, plan.placement) == (ID["70b"], "llama.cpp", "multi-gpu")
+    assert sum(plan.tensor_split) == 80
+    assert abs(plan.tensor_split[0] - plan.tensor_split[1]) <= 4  # the output tensor tips it a little
+    assert plan.context_length >= 8192
+    for device in plan.devices:
+        assert device.planned_mib <= device.capacity_mib
+    assert plan.devices[1].weights_mib > 0 and plan.devices[0].layers == plan.tensor_split[0]
+    assert len(plan.gpu_uuids) == 2
+
+
+def test_apple_silicon_64gb_gets_70b_in_unified_memory():
+    mac = host(unified=UnifiedMemory(kind="apple", name="Apple M1 Max", total_mib=65536, gpu_limit_mib=49152, bandwidth_gbps=400.0))
+    plan = plan_host(mac)
+    assert (plan.model, plan.placement, plan.backend) == (ID["70b"], "unified", "ollama")
+    assert plan.unified_memory_mib == 65536 and plan.vendor == "apple"
+
+
+def test_cpu_only_16gb_speed_floor_decides():
+    plan = plan_host(host(ram_mib=16384, available=15000))
+    assert plan.model == ID["1.5b"] and plan.placement == "cpu"
+    assert any("not 7b" in r and "tokens/s" in r for r in plan.reasons)
+
+
+def test_cpu_bandwidth_from_the_fleet_raises_the_choice():
+    plan = plan_host(host(ram_mib=16384, available=15000), Policy(cpu_bandwidth_gbps=60))
+    assert plan.model in (ID["7b"], ID["8b"])
+
+
+def test_mixed_gpus_keep_the_32b_on_the_big_card():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3060)))
+    assert plan.model == ID["32b"] and plan.placement == "gpu"
+    assert plan.devices[0].device.startswith("GPU0")
+
+
+def test_memory_held_by_another_program_is_not_available():
+    other = GpuProcess(pid=4242, name="/usr/bin/python3", used_mib=6000)
+    plan = plan_host(host(gpu(0, *RTX_4090, used=6010, processes=[other])))
+    assert plan.model == ID["14b"]
+    assert plan.devices[0].capacity_mib == 24564 - 6010
+
+
+def test_rerun_while_our_own_model_is_loaded_keeps_the_model():
+    own = GpuProcess(pid=77, name="/usr/bin/llama-server", used_mib=22000)
+    busy = host(gpu(0, *RTX_4090, used=22010, processes=[own]))
+    assert gpu_capacity_mib(busy.gpus[0]) == 24564 - 10
+    assert plan_host(busy).model == ID["32b"]
+
+
+def test_unknown_usage_without_process_list_counts_as_used():
+    assert plan_host(host(gpu(0, *RTX_4090, used=20000))).model == ID["1.5b"]
+
+
+def test_gpu_without_driver_is_planned_from_lspci():
+    fresh = gpu(0, "NVIDIA GeForce RTX 4090", 24564, 1008.0, source="lspci")
+    plan = plan_host(host(fresh.model_copy(update={"memory_used_mib": None, "uuid": None})))
+    assert plan.model == ID["32b"] and plan.gpu_uuids == []
+
+
+def test_q8_kv_is_used_only_to_reach_min_context():
+    policy = Policy(min_context=32768, max_context=32768)
+    plan = plan_host(host(gpu(0, *RTX_4090)), policy)
+    assert plan.kv_cache_type == "q8_0" and plan.context_length == 32768
+    assert plan_host(host(gpu(0, *RTX_4090)), Policy(min_context=32768, max_context=32768, kv_types=["f16"])).model != ID["32b"]
+
+
+def test_forced_model_that_does_not_fit_says_so():
+    plan = plan_host(host(gpu(0, *RTX_3060)), model="70b")
+    assert plan.model == ID["70b"] and not plan.fits
+    assert plan.devices and plan.devices[0].planned_mib > plan.devices[0].capacity_mib
+    assert "does NOT fit" in plan.reasons[0]
+
+
+def test_forced_context_is_exact():
+    plan = plan_host(host(gpu(0, *RTX_4090)), model="32b", context=4096)
+    assert plan.fits and plan.context_length == 4096
+
+
+def test_prefer_math_picks_the_math_distill_over_the_llama_8b():
+    card = gpu(0, "NVIDIA GeForce RTX 4060", 8188, 272.0)
+    assert plan_host(host(card), Policy(prefer="largest")).model == ID["8b"]
+    assert plan_host(host(card), Policy(prefer="math")).model == ID["7b"]
+
+
+def test_speed_floor_rejects_a_slow_gpu():
+    plan = plan_host(host(gpu(0, "NVIDIA Tesla P40", 24576, 347.0)), Policy(min_tokens_per_second=15))
+    assert plan.model == ID["14b"]
+    assert any("not 32b" in r and "below min_tokens_per_second" in r for r in plan.reasons)
+
+
+def test_kv_cache_matches_the_architecture_formula():
+    m = load_catalog().find("32b")
+    assert kv_cache_mib(m, 64, 8192, "f16") == pytest.approx(2048.0)
+
+
+def test_plan_is_deterministic():
+    hw = host(gpu(0, *RTX_3090), gpu(1, *RTX_3090))
+    assert plan_host(hw).model_dump() == plan_host(hw).model_dump()
+
+
+def test_rehearsal_keeps_the_slot_and_swaps_the_model():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3090)))
+    r = rehearse(plan)
+    stand_in = load_catalog().stand_ins[0]
+    assert r.rehearsal and r.target_model == ID["70b"] and r.model == stand_in.id
+    assert (r.backend, r.tensor_split, r.gpu_uuids) == (plan.backend, plan.tensor_split, plan.gpu_uuids)
+    assert r.context_length == min(plan.context_length, stand_in.arch.context_train)
+    assert r.gguf.file == stand_in.gguf.file and r.gguf.sha256 == stand_in.gguf.sha256
+
+
+def test_nothing_fits_on_a_tiny_host():
+    plan = plan_host(host(ram_mib=2048, available=1200))
+    assert plan.model is None and not plan.fits and "nothing fits" in plan.reasons[0]
