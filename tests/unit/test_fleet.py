@@ -1,0 +1,115 @@
+"""Fleet file: strict validation with messages that name the host, the field and the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1fleet.errors import FleetError
+from r1fleet.fleet import json_schema, load_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str, name: str = "fleet.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(FleetError) as caught:
+        load_fleet(path)
+    return str(caught.value)
+
+
+def test_example_fleet_resolves_defaults_and_overrides():
+    fleet = load_fleet(ROOT / "inventory/fleet.example.yml")
+    assert set(fleet.hosts) == {"gpu-3060", "gpu-4090", "dual-3090", "studio", "mini"}
+    studio, mini, dual = fleet.hosts["studio"], fleet.hosts["mini"], fleet.hosts["dual-3090"]
+    assert studio.ssh_user == "me" and fleet.hosts["gpu-4090"].ssh_user == "admin"
+    assert studio.policy.model == "deepseek-r1-distill-qwen-32b"
+    assert mini.policy.cpu_bandwidth_gbps == 40 and mini.policy.min_context == 8192
+    assert dual.listen == "192.168.1.23" and dual.allow == ["192.168.1.0/24"]
+    assert fleet.hosts["gpu-3060"].bind_address == "127.0.0.1"
+    assert fleet.hosts["gpu-3060"].ssh_key.endswith("/.ssh/id_ed25519") and "~" not in fleet.hosts["gpu-3060"].ssh_key
+
+
+def test_host_policy_overrides_defaults_key_by_key(tmp_path):
+    path = write(tmp_path, "defaults: {policy: {min_context: 4096, min_tokens_per_second: 9}}\nhosts:\n  a: {address: 10.0.0.1, policy: {min_context: 16384}}\n")
+    policy = load_fleet(path).hosts["a"].policy
+    assert (policy.min_context, policy.min_tokens_per_second) == (16384, 9)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("hosts:\n  a: {address: 10.0.0.1, ssh_usr: me}\n", ["host a", "field ssh_usr", "remove it or correct its spelling"]),
+        ("hosts:\n  a: {address: 10.0.0.1, ssh_port: lots}\n", ["host a", "field ssh_port", "whole number"]),
+        ("hosts:\n  a: {address: 10.0.0.1, policy: {min_context: 10}}\n", ["host a", "field policy.min_context", "raise the value"]),
+        ("hosts:\n  a: {address: 10.0.0.1, policy: {min_context: 16384, max_context: 8192}}\n", ["host a", "max_context", "below min_context"]),
+        ("hosts:\n  a: {address: 10.0.0.1, model: 13b}\n", ["host a", "field model", "unknown model '13b'", "32b"]),
+        ("hosts:\n  a: {address: 10.0.0.1, model: 'deepseek-r1:8b'}\n", ["host a", "deepseek-r1:8b-llama-distill-q4_K_M"]),
+        ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1}\n", ["host a", "allow", "0.0.0.0/0"]),
+        ("hosts:\n  a: {address: 10.0.0.1, listen: everywhere, allow: [10.0.0.0/8]}\n", ["host a", "field listen", "not an IP address"]),
+        ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1, allow: [lan]}\n", ["host a", "field allow", "CIDR"]),
+        ("hosts:\n  a: {ssh_user: me}\n", ["host a", "field address", "missing"]),
+        ("hosts:\n  a: {address: 10.0.0.1}\n  a: {address: 10.0.0.2}\n", ["duplicate key 'a'"]),
+        ("hosts:\n  'bad name!': {address: 10.0.0.1}\n", ["host name 'bad name!'"]),
+        ("hosts: {}\n", ["field hosts", "add at least one entry"]),
+        ("defaults: {policy: {prefer: fastest}}\nhosts:\n  a: {address: 10.0.0.1}\n", ["field defaults.policy.prefer", "allowed values"]),
+        ("hosts: [a, b]\n", ["field hosts", "mapping"]),
+        ("hosts:\n  a: {address: 10.0.0.1\n", ["not valid YAML"]),
+    ],
+)
+def test_each_class_of_mistake_is_named(tmp_path, text, expected):
+    message = error_of(write(tmp_path, text))
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+
+
+def test_missing_file_says_how_to_start(tmp_path):
+    assert "fleet.example.yml" in error_of(tmp_path / "nope.yml")
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    message = error_of(write(tmp_path, "hosts:\n  a: {address: 10.0.0.1, port: 0}\n  b: {address: 10.0.0.2, ssh_port: -1}\n"))
+    assert "host a: field port" in message and "host b: field ssh_port" in message
+    message = error_of(write(tmp_path, "hosts:\n  a: {listen: 10.0.0.1}\n  b: {ssh_user: x}\n"))
+    assert "host a: field address" in message and "host b: field address" in message
+
+
+def test_pyinfra_groups_carry_connection_and_settings(tmp_path):
+    path = write(tmp_path, "defaults: {ssh_user: admin}\nhosts:\n  a: {address: 10.0.0.1, groups: [gpu-boxes], rehearsal: true}\n")
+    groups = load_fleet(path).pyinfra_groups()
+    (name, data), = groups["gpu_boxes"]
+    assert name == "a" and groups["r1fleet"] == [(name, data)]
+    assert data["ssh_hostname"] == "10.0.0.1" and data["ssh_user"] == "admin" and data["_sudo"] is True
+    assert data["rehearsal"] is True and data["r1fleet"]["policy"]["min_context"] == 8192
+
+
+def test_schema_covers_hosts_and_policy():
+    schema = json_schema()
+    text = json.dumps(schema)
+    assert schema["title"] == "r1fleet fleet file"
+    assert "min_tokens_per_second" in text and "listen" in text and "additionalProperties" in text
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1fleet", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_validate_command_ok_and_bad(tmp_path):
+    ok = run_cli("validate", "inventory/fleet.example.yml")
+    assert ok.returncode == 0 and "5 hosts OK" in ok.stdout
+    bad = run_cli("validate", str(write(tmp_path, "hosts:\n  a: {address: 10.0.0.1, ssh_port: 0}\n")))
+    assert bad.returncode == 2 and "host a: field ssh_port" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_schema_command_prints_json():
+    out = run_cli("schema")
+    assert out.returncode == 0 and json.loads(out.stdout)["title"] == "r1fleet fleet file"
