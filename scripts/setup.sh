@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh Debian/Ubuntu controller: system packages (when root) and .venv.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Controller packages: the lab (debootstrap, systemd-nspawn, network namespaces, apt proxy),
+# SSH, and ruby to check the Vagrantfile.
+APT_PACKAGES=(debootstrap systemd-container iproute2 apt-cacher-ng openssh-client curl ca-certificates
+              nftables ruby python3-venv)
+
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    # apt-cacher-ng must not start as a system service: the lab runs its own instance.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+else
+  echo "setup: not root; skipping system packages (the lab needs root)" >&2
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: ready (.venv/bin/r1fleet, .venv/bin/pyinfra, .venv/bin/pytest)"
