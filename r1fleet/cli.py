@@ -74,10 +74,7 @@ def _probe_fleet(ref: str) -> list[tuple[str, str, Policy]]:
 
 def ssh_options(entry) -> dict:
     """SSH settings of a fleet host, in the keyword form `probe_over_ssh` takes."""
-    options = {"user": entry.ssh_user, "port": entry.ssh_port, "key": entry.ssh_key, "name": entry.name}
-    if entry.profile:
-        options["strict_host_keys"] = False
-    return options
+    return {"model_dir": entry.model_dir, "extra_args": entry.ssh_args()}
 
 
 def _fmt_devices(plan: HostPlan) -> str:

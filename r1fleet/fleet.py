@@ -99,6 +99,15 @@ class HostEntry(BaseModel):
     def bind_address(self) -> str:
         return self.listen or "127.0.0.1"
 
+    def ssh_args(self) -> tuple[str, ...]:
+        """Options for the system `ssh` client that reach this host as the fleet file says."""
+        args = ["-l", self.ssh_user, "-p", str(self.ssh_port)]
+        if self.ssh_key:
+            args += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
+        if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
+            args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        return tuple(args)
+
     @model_validator(mode="after")
     def _exposure_needs_an_allow_list(self) -> "HostEntry":
         if self.listen and not ipaddress.ip_address(self.listen).is_loopback and not self.allow:

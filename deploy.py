@@ -1,0 +1,44 @@
+"""pyinfra deploy for r1fleet: probe -> plan -> roles, for every host of the inventory.
+
+    pyinfra inventory.py deploy.py            # show the plan and the changes, ask, apply
+    pyinfra inventory.py deploy.py --dry      # show what would change, change nothing
+    pyinfra -y inventory.py deploy.py --data rehearsal=true   # stand-in model in the planned slot
+
+All decisions live in r1fleet (pure, tested); this file only wires them to the host.
+"""
+
+from pyinfra import host, state
+
+from r1fleet.deploy_data import format_plan, model_download, settings_from_host_data, target_from_hardware
+from r1fleet.facts import R1Probe
+from r1fleet.hardware import parse_probe
+from r1fleet.planner import plan_host, rehearse
+from r1fleet.policy import Policy
+from roles import summary
+from roles.llama_cpp import choose_install, llama_cpp_role
+from roles.ollama import ollama_role, release_for
+
+summary.install(state)
+
+with summary.step(state, host, "plan"):
+    settings = settings_from_host_data(host.name, host.data.dict())
+    hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
+    policy = Policy.model_validate((host.data.get("r1fleet") or {}).get("policy") or {})
+    plan = plan_host(hardware, policy)
+    if settings.rehearsal and plan.fits:
+        plan = rehearse(plan)
+    print(format_plan(plan, settings.rehearsal))
+    if not plan.fits or not plan.backend:
+        raise ValueError("no model fits this host; see the plan's reasons")
+    target = target_from_hardware(hardware)
+    if plan.backend == "ollama":
+        release = release_for(plan, settings, target)
+    else:
+        install = choose_install(plan, settings, target)
+        download = model_download(host.name, plan, settings)
+
+if summary.ok(host):
+    if plan.backend == "ollama":
+        ollama_role(plan, settings, release)
+    else:
+        llama_cpp_role(plan, settings, install, download)

@@ -1,0 +1,488 @@
+"""Pure helpers for the deploy: HostPlan + host settings -> what the roles write.
+
+Nothing here touches a host. roles/*.py call these functions and turn their results into
+pyinfra operations, so every decision (which archive, which flags, which devices) is unit
+tested without SSH.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from r1fleet.errors import R1FleetError
+from r1fleet.models import Hardware, HostPlan
+
+VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
+
+OLLAMA_UNIT = "r1fleet-ollama.service"
+LLAMA_UNIT = "r1fleet-llama-server.service"
+UNIT_DIR = "/etc/systemd/system"
+OLLAMA_ROOT = "/opt/r1fleet/ollama"
+LLAMA_ROOT = "/opt/r1fleet/llama.cpp"
+DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
+# systemd loads the API key as a credential: the file stays root-only on disk and the
+# service reads it from its private credentials directory (%d); the key never enters argv.
+API_KEY_CREDENTIAL = "api-key"
+
+
+class DeployError(R1FleetError):
+    """A host cannot be deployed as planned (missing sha256, unsupported arch, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Host settings (the fleet file's per-host entry, as pyinfra host data)
+
+
+class OllamaReleaseOverride(BaseModel):
+    """Host data `ollama_release`: another place to get the pinned release (e.g. the lab mirror)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = None
+    base_url: str | None = None
+    sha256: dict[str, str] = {}
+
+
+class HostSettings(BaseModel):
+    """What the roles need from a fleet entry (host data `r1fleet`) plus a few deploy knobs."""
+
+    model_config = ConfigDict(extra="ignore")
+    listen: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    allow: list[str] = []
+    model_dir: str = "/var/lib/r1fleet/models"
+    mirror: str | None = None
+    rehearsal: bool = False
+    profile: str | None = None
+    api_key_file: str | None = None
+    llama_cpp_install: Literal["auto", "package", "source"] = "auto"
+    ollama_release: OllamaReleaseOverride | None = None
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def settings_from_host_data(host: str, data: Mapping[str, Any]) -> HostSettings:
+    """Merge host data: the fleet entry under `r1fleet`, then top-level keys (--data wins).
+
+    `pyinfra ... --data rehearsal=true` arrives as the string "true", hence _truthy.
+    """
+    merged: dict[str, Any] = dict(data.get("r1fleet") or {})
+    for key in ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen"):
+        if data.get(key) is not None:
+            merged[key] = data[key]
+    if data.get("rehearsal") is not None:
+        merged["rehearsal"] = _truthy(data["rehearsal"])
+    try:
+        return HostSettings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise DeployError(first["msg"], host=host, field=field, fix="correct this value in the fleet file or --data") from None
+
+
+def service_port(backend: str, settings: HostSettings) -> int:
+    return settings.port or DEFAULT_PORTS[backend]
+
+
+def bind_address(settings: HostSettings) -> str:
+    """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
+    return settings.listen or "127.0.0.1"
+
+
+def local_api(backend: str, settings: HostSettings) -> str:
+    """The URL the deploy uses on the host itself to reach the service."""
+    address = bind_address(settings)
+    if address in {"0.0.0.0", "::"}:
+        address = "127.0.0.1"
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{service_port(backend, settings)}"
+
+
+def is_local_only(settings: HostSettings) -> bool:
+    return bind_address(settings) in {"127.0.0.1", "::1", "localhost"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Target (what the roles need from the probe's Hardware)
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: str  # Ollama/Debian naming: amd64 | arm64
+    distro_id: str
+    codename: str
+    tegra_major: int | None  # 35 (JetPack 5) or 36 (JetPack 6) on Jetson
+
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def target_from_hardware(hw: Hardware) -> Target:
+    arch = _ARCH.get(hw.os.arch.lower())
+    if arch is None:
+        raise DeployError(
+            f"architecture {hw.os.arch!r} is not supported (Ollama and llama.cpp builds exist for x86_64 and aarch64)",
+            host=hw.host,
+            field="uname",
+            fix="deploy to an x86_64 or aarch64 host",
+        )
+    tegra = None
+    if hw.tegra_release:
+        match = re.search(r"R(\d+)", hw.tegra_release)
+        tegra = int(match.group(1)) if match else None
+    return Target(arch=arch, distro_id=hw.os.id.lower(), codename=hw.os.codename.lower(), tegra_major=tegra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+
+
+@lru_cache(maxsize=4)
+def load_versions(path: str | None = None) -> dict[str, Any]:
+    return yaml.safe_load(Path(path or VERSIONS_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class OllamaRelease:
+    version: str
+    assets: tuple[Asset, ...]
+
+    @property
+    def install_dir(self) -> str:
+        return f"{OLLAMA_ROOT}/{self.version}"
+
+    @property
+    def binary(self) -> str:
+        return f"{self.install_dir}/bin/ollama"
+
+    @property
+    def needs_zstd(self) -> bool:
+        return any(a.name.endswith(".tar.zst") for a in self.assets)
+
+    @property
+    def stamp(self) -> str:
+        """A marker file name that changes when any archive changes (so a re-pin reinstalls)."""
+        import hashlib
+
+        digest = hashlib.sha256("".join(a.sha256 for a in self.assets).encode()).hexdigest()[:16]
+        return f"{self.install_dir}/.r1fleet-installed-{digest}"
+
+
+def ollama_asset_stems(target: Target, vendor: str | None, placement: str | None) -> list[str]:
+    """Archive names without extension: the base archive plus the add-on the GPU needs."""
+    base = f"ollama-linux-{target.arch}"
+    stems = [base]
+    if placement != "cpu" and vendor == "amd" and target.arch == "amd64":
+        stems.append(f"{base}-rocm")
+    if target.arch == "arm64" and target.tegra_major in (35, 36):
+        stems.append(f"{base}-jetpack{5 if target.tegra_major == 35 else 6}")
+    return stems
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """`sha256sum` output ("<hex>  name" or "<hex> *name") -> {name: hex}; './' prefixes dropped."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            sums[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
+    return sums
+
+
+def ollama_release(
+    host: str,
+    target: Target,
+    plan: HostPlan,
+    override: OllamaReleaseOverride | None = None,
+    versions: Mapping[str, Any] | None = None,
+) -> OllamaRelease:
+    """Pick the archives for this host and their sha256 (override first, then versions.yaml).
+
+    For each stem, the zstd archive is preferred when its sha256 is known; the .tgz is the
+    fallback (pre-0.14 releases, and the lab's stand-in), as install.sh does.
+    """
+    pinned = (versions or load_versions())["ollama"]
+    override = override or OllamaReleaseOverride()
+    version = override.version or pinned["version"]
+    base_url = (override.base_url or pinned["base_url"]).format(version=version).rstrip("/")
+    known = dict(pinned.get("sha256") or {}) if not override.sha256 else {}
+    known.update(override.sha256)
+    assets = []
+    for stem in ollama_asset_stems(target, plan.vendor, plan.placement):
+        for name in (f"{stem}.tar.zst", f"{stem}.tgz"):
+            if known.get(name):
+                assets.append(Asset(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
+                break
+        else:
+            raise DeployError(
+                f"no sha256 is pinned for {stem}.tar.zst (Ollama {version})",
+                host=host,
+                field="ollama.sha256",
+                fix=f"add its line from the release's sha256sum.txt to r1fleet/versions.yaml or host data ollama_release.sha256",
+            )
+    return OllamaRelease(version=version, assets=tuple(assets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Service settings
+
+
+def ollama_environment(plan: HostPlan, settings: HostSettings, models_dir: str) -> dict[str, str]:
+    """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
+    env = {
+        "OLLAMA_HOST": f"{bind_address(settings)}:{service_port('ollama', settings)}",
+        "OLLAMA_MODELS": models_dir,
+        "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
+        "OLLAMA_FLASH_ATTENTION": "1" if plan.flash_attention else "0",
+        "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
+        # Negative = keep the planned model loaded forever: the host serves one model.
+        "OLLAMA_KEEP_ALIVE": "-1",
+        # Context memory is num_ctx x parallel; the plan budgeted one slot.
+        "OLLAMA_NUM_PARALLEL": "1",
+        "OLLAMA_MAX_LOADED_MODELS": "1",
+        "HOME": "/var/lib/ollama",
+    }
+    if plan.placement == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"  # docs/gpu.mdx: -1 forces the CPU
+    elif plan.vendor == "nvidia" and plan.gpu_uuids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
+    return env
+
+
+def _ts(values: list[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def is_reasoning_model(plan: HostPlan) -> bool:
+    return bool(plan.model and "deepseek-r1" in plan.model.lower())
+
+
+def llama_server_args(plan: HostPlan, settings: HostSettings, model_path: str, api_key_path: str | None) -> list[str]:
+    """llama-server arguments for the plan (research/placement.md section 1).
+
+    api_key_path is where the service reads the key (the credentials directory), never the key.
+    """
+    args = [
+        "-m", model_path,
+        "-c", str(plan.context_length),
+        "-ngl", "999" if plan.placement != "cpu" else "0",
+    ]
+    if plan.tensor_split and len(plan.tensor_split) > 1:
+        args += ["--tensor-split", _ts(plan.tensor_split), "--split-mode", "layer"]
+    args += ["-fa", "on" if plan.flash_attention else "off"]
+    args += ["--cache-type-k", plan.kv_cache_type, "--cache-type-v", plan.kv_cache_type]
+    args += ["--parallel", "1"]
+    args += ["--host", bind_address(settings), "--port", str(service_port("llama.cpp", settings))]
+    args += ["--metrics", "--jinja"]
+    if is_reasoning_model(plan):
+        args += ["--reasoning-format", "deepseek"]
+    if api_key_path:
+        args += ["--api-key-file", api_key_path]
+    return args
+
+
+def llama_environment(plan: HostPlan) -> dict[str, str]:
+    env = {"HOME": "/var/lib/llama"}
+    if plan.placement == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    elif plan.vendor == "nvidia" and plan.gpu_uuids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
+        if len(plan.gpu_uuids) > 1:
+            # research/placement.md section 2: recommended for multi-GPU pipeline parallelism
+            env["CUDA_SCALE_LAUNCH_QUEUES"] = "4x"
+    return env
+
+
+def device_allow(plan: HostPlan) -> list[str]:
+    """DeviceAllow= entries: only the GPU device classes the plan uses (names from /proc/devices)."""
+    if plan.placement == "cpu" or plan.vendor is None:
+        return []
+    if plan.vendor == "nvidia":
+        return ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r", "char-drm rw"]
+    if plan.vendor == "amd":
+        return ["/dev/kfd rw", "char-drm rw"]
+    if plan.vendor == "intel":
+        return ["char-drm rw"]
+    return []
+
+
+def unit_context(
+    plan: HostPlan,
+    settings: HostSettings,
+    *,
+    description: str,
+    user: str,
+    exec_start: list[str],
+    environment: dict[str, str],
+    read_write_paths: list[str],
+    read_only_paths: list[str] = (),
+    restrict_ip: bool,
+    credential: str | None = None,
+) -> dict[str, Any]:
+    """Template variables for templates/systemd/r1fleet-service.j2."""
+    gpu = plan.placement != "cpu" and plan.vendor is not None
+    ip_allow: list[str] = []
+    if restrict_ip:
+        ip_allow = ["localhost"] + ([] if is_local_only(settings) else list(settings.allow))
+    return {
+        "description": description,
+        "user": user,
+        "exec_start": " ".join(exec_start),
+        "environment": sorted(environment.items()),
+        "read_write_paths": list(read_write_paths),
+        "read_only_paths": list(read_only_paths),
+        "device_allow": device_allow(plan),
+        "gpu": gpu,
+        # CUDA's driver and HIP map JIT-compiled kernels writable+executable, which
+        # MemoryDenyWriteExecute forbids; it is only safe for CPU-only services.
+        "memory_deny_write_execute": not gpu,
+        "ip_allow": ip_allow,
+        "restrict_ip": restrict_ip,
+        "credential": credential,
+        "supplementary_groups": ["render", "video"] if gpu else [],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ModelDownload:
+    url: str
+    file: str
+    sha256: str
+
+
+def model_download(host: str, plan: HostPlan, settings: HostSettings) -> ModelDownload:
+    """The GGUF to fetch: from the artifact mirror in rehearsal (when set), else the catalog URL."""
+    gguf = plan.gguf
+    if gguf is None:
+        raise DeployError("the plan has no GGUF file", host=host, field="plan.gguf", fix="pick a catalog model with a gguf entry")
+    sha = (gguf.sha256 or "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise DeployError(
+            f"no sha256 is known for {gguf.file}; r1fleet downloads only verified models",
+            host=host,
+            field="catalog gguf.sha256",
+            fix="add the file's sha256 to r1fleet/catalog.yaml",
+        )
+    if settings.mirror and (settings.rehearsal or not gguf.url):
+        url = f"{settings.mirror.rstrip('/')}/models/{gguf.file}"
+    elif gguf.url:
+        url = gguf.url
+    else:
+        raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix="set the catalog URL or a mirror for this host")
+    return ModelDownload(url=url, file=gguf.file, sha256=sha)
+
+
+def modelfile(model_path: str, plan: HostPlan) -> str:
+    """The Modelfile for Ollama's offline import (`ollama create`, research/ollama.md section 7)."""
+    return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp install method
+
+
+@dataclass(frozen=True)
+class LlamaInstall:
+    method: Literal["package", "source"]
+    packages: tuple[str, ...]
+    binary: str
+    tag: str | None = None
+    cmake_flags: tuple[str, ...] = ()
+
+
+def cuda_architectures(compute_caps: list[str]) -> str:
+    """['8.6', '8.9'] -> '86;89' (CMAKE_CUDA_ARCHITECTURES)."""
+    archs = sorted({cap.replace(".", "") for cap in compute_caps if re.fullmatch(r"\d+\.\d+", cap)}, key=int)
+    return ";".join(archs)
+
+
+def cmake_flags(plan: HostPlan) -> tuple[str, ...]:
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
+    if plan.placement != "cpu" and plan.vendor == "nvidia":
+        archs = cuda_architectures(plan.compute_caps) or "native"
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    elif plan.placement != "cpu" and plan.vendor == "amd":
+        flags += ["-DGGML_HIP=ON"]
+    elif plan.placement != "cpu" and plan.vendor == "intel":
+        flags += ["-DGGML_VULKAN=ON"]
+    return tuple(flags)
+
+
+def llama_cpp_install(
+    target: Target,
+    plan: HostPlan,
+    settings: HostSettings,
+    available: set[str],
+    versions: Mapping[str, Any] | None = None,
+) -> LlamaInstall:
+    """Distro package when it ships llama-server with the plan's GPU backend, else a source build.
+
+    `available` = package names the host's apt can install. A lab host (settings.profile set)
+    only simulates its GPUs, so the CPU package is what can really run there.
+    """
+    pins = (versions or load_versions())["llama_cpp"]
+    debian = pins["debian"]
+    gpu = plan.placement != "cpu" and plan.vendor is not None
+    backend_pkg = debian["backend_packages"].get(plan.vendor) if gpu else None
+    package_distro = target.distro_id == "debian" and target.codename in debian["codenames"]
+    server_ok = debian["server_package"] in available
+    wants = settings.llama_cpp_install
+    simulated = settings.profile is not None
+    if wants == "package" or (wants == "auto" and package_distro and server_ok):
+        packages = [debian["server_package"]]
+        if backend_pkg and backend_pkg in available:
+            packages.append(backend_pkg)
+        if wants == "package" or simulated or not gpu or backend_pkg in available:
+            return LlamaInstall(method="package", packages=tuple(packages), binary=debian["server_binary"])
+    tag = pins["tag"]
+    return LlamaInstall(
+        method="source",
+        packages=("build-essential", "cmake", "curl", "ca-certificates"),
+        binary=f"{LLAMA_ROOT}/{tag}/bin/llama-server",
+        tag=tag,
+        cmake_flags=cmake_flags(plan),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def format_plan(plan: HostPlan, rehearsal: bool) -> str:
+    """One readable block per host, printed by deploy.py before anything changes."""
+    if not plan.fits or not plan.backend:
+        why = "; ".join(plan.reasons) or "no model fits"
+        return f"[{plan.host}] plan: nothing to deploy ({why})"
+    lines = [
+        f"[{plan.host}] plan: {plan.model} via {plan.backend} ({plan.placement})"
+        + ("  [rehearsal: stand-in model]" if rehearsal else ""),
+        f"[{plan.host}]   tag={plan.ollama_tag} context={plan.context_length} kv={plan.kv_cache_type} "
+        f"flash_attention={'on' if plan.flash_attention else 'off'}"
+        + (f" tensor_split={_ts(plan.tensor_split)}" if plan.tensor_split else "")
+        + (f" gpus={','.join(plan.gpu_uuids)}" if plan.gpu_uuids else ""),
+    ]
+    if plan.reasons:
+        lines.append(f"[{plan.host}]   why: {plan.reasons[0]}")
+    return "\n".join(lines)

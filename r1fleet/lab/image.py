@@ -1,0 +1,140 @@
+"""The lab's base image: a Debian forky root built once with debootstrap and cached.
+
+The cache key hashes the whole recipe (suite, package list, post-build script), so a
+change to any of them builds a new image; an unchanged recipe reuses the cached one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from r1fleet.lab import paths
+
+SUITE = "forky"
+# bookworm's debootstrap has no forky script; the sid script works for testing (LAB-NOTES).
+DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
+PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates",
+    "curl", "python3", "procps", "zstd", "xz-utils", "less",
+)
+
+# Runs inside the new root (chroot). Host-specific files are written per host at `up`.
+POST_BUILD = r"""
+set -eu
+# Each host gets its own ssh host key and machine id at `up`.
+rm -f /etc/ssh/ssh_host_*
+: > /etc/machine-id
+# forky's Release file is past its Valid-Until date on the registry this lab reaches.
+printf 'Acquire::Check-Valid-Until "false";\n' > /etc/apt/apt.conf.d/80r1lab-valid-until
+cat > /etc/apt/sources.list <<'SRC'
+deb http://deb.debian.org/debian forky main contrib
+SRC
+# Simulated RAM: nspawn cannot bind over /proc/meminfo, a mount inside the booted
+# container can (LAB-NOTES). The data file is written per host at `up`.
+cat > /etc/systemd/system/r1lab-meminfo.service <<'UNIT'
+[Unit]
+Description=r1fleet lab: simulated /proc/meminfo of this host's profile
+DefaultDependencies=no
+ConditionPathExists=/etc/r1fleet-lab/meminfo
+Before=sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/mount --bind /etc/r1fleet-lab/meminfo /proc/meminfo
+
+[Install]
+WantedBy=sysinit.target
+UNIT
+systemctl enable r1lab-meminfo.service
+# No consoles to log in on in a container.
+systemctl mask console-getty.service getty@tty1.service serial-getty@.service >/dev/null 2>&1 || true
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+"""
+
+
+def recipe() -> dict:
+    return {
+        "suite": SUITE,
+        "script": Path(DEBOOTSTRAP_SCRIPT).name,
+        "variant": "minbase",
+        "packages": sorted(PACKAGES),
+        "post_build": POST_BUILD,
+    }
+
+
+def cache_key() -> str:
+    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def image_root() -> Path:
+    return paths.IMAGES_DIR / cache_key() / "rootfs"
+
+
+def is_cached() -> bool:
+    return (image_root().parent / "complete").exists()
+
+
+def controller_debian_mirror() -> str:
+    """The Debian mirror this controller's apt already uses (the one known to be reachable)."""
+    candidates = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
+    for source in candidates:
+        if not source.exists():
+            continue
+        for line in source.read_text().splitlines():
+            for word in line.replace("URIs:", " ").split():
+                if word.startswith("http") and word.rstrip("/").endswith("/debian"):
+                    return word.rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+def build(log_file: Path, proxy_url: str | None = None) -> Path:
+    """Build the image unless cached; return its root. Old images are removed after success."""
+    if is_cached():
+        return image_root()
+    final = image_root().parent
+    work = final.with_name(final.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "rootfs").mkdir(parents=True)
+    env = dict(os.environ)
+    if proxy_url:
+        env["http_proxy"] = proxy_url  # debootstrap's wget goes through the lab's apt cache
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        _run_logged(
+            ["debootstrap", "--variant=minbase", "--components=main,contrib",
+             "--include=" + ",".join(PACKAGES), SUITE, str(work / "rootfs"),
+             controller_debian_mirror(), DEBOOTSTRAP_SCRIPT],
+            log, env, "debootstrap",
+        )
+        _run_logged(["chroot", str(work / "rootfs"), "/bin/sh", "-c", POST_BUILD], log, env, "post-build")
+    (work / "recipe.json").write_text(json.dumps(recipe(), indent=2))
+    (work / "complete").touch()
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    for old in paths.IMAGES_DIR.iterdir():
+        if old != final and not old.name.endswith(".building"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final / "rootfs"
+
+
+def _run_logged(argv: list[str], log, env: dict, what: str) -> None:
+    log.write(f"\n$ {' '.join(argv[:3])} ...\n".encode())
+    log.flush()
+    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise ImageError(f"image build failed in {what} (exit {result.returncode}); see {log.name}")
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+def remove_all() -> None:
+    shutil.rmtree(paths.IMAGES_DIR, ignore_errors=True)

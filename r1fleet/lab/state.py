@@ -1,0 +1,114 @@
+"""The lab's state, as other code sees it: which hosts exist, where, and how to reach them.
+
+Public API: `lab_hosts()`, `ssh_config_path()`, `mirror_url()`, `LAB_FLEET_FILE`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from r1fleet.lab import network, paths, procs
+
+LAB_FLEET_FILE = paths.LAB_FLEET_FILE
+DEFAULT_SUBNET = "10.77.0.0/24"
+
+
+class LabFleetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabFleet:
+    path: Path
+    subnet: str
+    hosts: dict[str, str]  # name -> profile, in file order
+
+    def addresses(self) -> tuple[str, dict[str, str], int]:
+        return network.plan_addresses(self.subnet, list(self.hosts))
+
+
+def load_fleet(path: Path = LAB_FLEET_FILE) -> LabFleet:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise LabFleetError(f"cannot read lab fleet file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise LabFleetError(f"lab fleet file {path} is not valid YAML: {exc}") from exc
+    subnet = str((data.get("lab") or {}).get("subnet", DEFAULT_SUBNET))
+    hosts = data.get("hosts") or {}
+    if not isinstance(hosts, dict) or not hosts:
+        raise LabFleetError(f"{path}: 'hosts' must map host names to {{profile: NAME}}")
+    result = {}
+    for name, spec in hosts.items():
+        profile = (spec or {}).get("profile") if isinstance(spec, dict) else None
+        if not profile:
+            raise LabFleetError(f"{path}: host {name}: field 'profile' is missing; fix: add e.g. profile: rtx4090")
+        result[str(name)] = str(profile)
+    return LabFleet(Path(path), subnet, result)
+
+
+def load_state() -> dict:
+    try:
+        return json.loads(paths.STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(state: dict) -> None:
+    paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = paths.STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(paths.STATE_FILE)
+
+
+def host_is_up(name: str, record: dict | None) -> bool:
+    return bool(record) and procs.is_ours(record.get("pid"), str(paths.root_dir(name)))
+
+
+def lab_hosts() -> list[dict]:
+    """The hosts of the running lab (or of inventory/lab.yml with state "down" when it is not up)."""
+    state = load_state()
+    if state.get("hosts"):
+        fleet_hosts = {name: rec["profile"] for name, rec in state["hosts"].items()}
+        addresses = {name: rec["address"] for name, rec in state["hosts"].items()}
+    else:
+        try:
+            fleet = load_fleet(Path(state.get("fleet_file", LAB_FLEET_FILE)))
+        except LabFleetError:
+            return []
+        fleet_hosts = fleet.hosts
+        addresses = fleet.addresses()[1]
+    return [
+        {
+            "name": name,
+            "address": addresses[name],
+            "ssh_user": "root",
+            "ssh_key": str(paths.SSH_KEY),
+            "ssh_config": str(paths.SSH_CONFIG),
+            "ssh_known_hosts": str(paths.KNOWN_HOSTS),
+            "profile": profile,
+            "state": "up" if host_is_up(name, state.get("hosts", {}).get(name)) else "down",
+        }
+        for name, profile in fleet_hosts.items()
+    ]
+
+
+def ssh_config_path() -> Path:
+    return paths.SSH_CONFIG
+
+
+def controller_address() -> str:
+    state = load_state()
+    if state.get("controller"):
+        return state["controller"]
+    try:
+        return load_fleet().addresses()[0]
+    except (LabFleetError, network.NetworkError):
+        return network.plan_addresses(DEFAULT_SUBNET, [])[0]
+
+
+def mirror_url() -> str:
+    return f"http://{controller_address()}:{paths.MIRROR_PORT}"

@@ -1,0 +1,150 @@
+#!/bin/sh
+# r1fleet probe: print this host's probe document on stdout (see DESIGN.md "Probe document").
+#
+# Usage: sh probe.sh [MODEL_DIR]      (MODEL_DIR defaults to /var/lib/r1fleet)
+#
+# Each section is a line "#### r1fleet:<section>" followed by the raw output of one command.
+# A section whose tool is missing stays present but empty. The script never fails as a whole:
+# the parser (r1fleet/hardware.py) decides what a missing section means.
+#
+# POSIX sh only (runs under dash, busybox sh and macOS sh): no bash-isms, no Python.
+# Tools are called by name through PATH so that lab stand-ins on PATH are found first.
+
+MODEL_DIR=${1:-/var/lib/r1fleet}
+LC_ALL=C
+export LC_ALL
+# Append (never prepend) the sbin directories: lspci and mokutil live there on some distros,
+# and anything earlier on PATH (such as a lab stand-in) must keep precedence.
+PATH="${PATH:-/usr/bin:/bin}:/usr/sbin:/sbin"
+export PATH
+
+OS=$(uname -s 2>/dev/null)
+
+has() {
+    command -v "$1" >/dev/null 2>&1
+}
+
+section() {
+    printf '#### r1fleet:%s\n' "$1"
+}
+
+# A hung driver can make nvidia-smi block for minutes; bound each GPU tool call when we can.
+bounded() {
+    if has timeout; then
+        timeout 30 "$@"
+    else
+        "$@"
+    fi
+}
+
+# Print a command's stdout only when it succeeded, so that an error message printed on stdout
+# (old nvidia-smi does that) never ends up inside a section.
+print_if_ok() {
+    _out=$(bounded "$@" 2>/dev/null) || return 1
+    [ -n "$_out" ] && printf '%s\n' "$_out"
+    return 0
+}
+
+section uname
+uname -srm 2>/dev/null
+
+section os-release
+[ -r /etc/os-release ] && cat /etc/os-release 2>/dev/null
+
+section meminfo
+[ -r /proc/meminfo ] && cat /proc/meminfo 2>/dev/null
+
+section cpu
+if has nproc; then
+    nproc 2>/dev/null
+else
+    getconf _NPROCESSORS_ONLN 2>/dev/null
+fi
+if [ -r /proc/cpuinfo ]; then
+    awk '/^model name/ && !m { print; m = 1 } /^flags/ && !f { print; f = 1 }' /proc/cpuinfo 2>/dev/null
+fi
+
+NVIDIA_QUERY=index,name,memory.total,memory.used,memory.free,pci.bus_id,uuid,driver_version
+section nvidia-smi-query
+if has nvidia-smi; then
+    # compute_cap is not a valid field on drivers <= 470: retry without it.
+    print_if_ok nvidia-smi --query-gpu="$NVIDIA_QUERY,compute_cap" --format=csv,noheader,nounits ||
+        print_if_ok nvidia-smi --query-gpu="$NVIDIA_QUERY" --format=csv,noheader,nounits
+fi
+
+section nvidia-smi-apps
+if has nvidia-smi; then
+    print_if_ok nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits
+fi
+
+section nvidia-smi
+if has nvidia-smi; then
+    bounded nvidia-smi 2>/dev/null
+fi
+
+section lspci
+if has lspci; then
+    lspci -nn 2>/dev/null
+fi
+
+section drm
+if [ "$OS" = Linux ]; then
+    for card in /sys/class/drm/card*; do
+        case ${card##*/} in
+            *-*) continue ;;  # connectors such as card0-DP-1
+        esac
+        dev="$card/device"
+        [ -d "$dev" ] || continue
+        slot=$(cd -P "$dev" 2>/dev/null && pwd -P)
+        line="${card##*/} slot=${slot##*/}"
+        for attr in vendor device class mem_info_vram_total mem_info_vram_used mem_info_gtt_total; do
+            if [ -r "$dev/$attr" ]; then
+                value=$(cat "$dev/$attr" 2>/dev/null)
+                [ -n "$value" ] && line="$line $attr=$value"
+            fi
+        done
+        printf '%s\n' "$line"
+    done
+fi
+
+section rocm-smi
+if has rocm-smi; then
+    print_if_ok rocm-smi --showproductname --showmeminfo vram --json
+elif has amd-smi; then
+    # rocm-smi is deprecated in favour of amd-smi; the parser accepts either JSON shape.
+    print_if_ok amd-smi static --asic --vram --json
+fi
+
+section tegra
+if [ -r /etc/nv_tegra_release ]; then
+    cat /etc/nv_tegra_release 2>/dev/null
+    # The board name tells AGX/NX/Nano apart (their memory bandwidths differ).
+    [ -r /proc/device-tree/model ] && { tr -d '\000' </proc/device-tree/model 2>/dev/null; echo; }
+fi
+
+section sysctl
+if [ "$OS" = Darwin ]; then
+    # One key at a time: Intel Macs have no iogpu key, and one unknown key must not hide the others.
+    for key in hw.memsize hw.model machdep.cpu.brand_string iogpu.wired_limit_mb; do
+        sysctl "$key" 2>/dev/null
+    done
+fi
+
+section system_profiler
+if [ "$OS" = Darwin ] && has system_profiler; then
+    system_profiler SPDisplaysDataType -json 2>/dev/null
+fi
+
+section df
+dir=$MODEL_DIR
+while [ ! -e "$dir" ] && [ "$dir" != / ] && [ "$dir" != . ]; do
+    dir=$(dirname "$dir")
+done
+df -Pk "$dir" 2>/dev/null
+
+section secureboot
+if has mokutil; then
+    mokutil --sb-state 2>/dev/null
+fi
+
+exit 0

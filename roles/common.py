@@ -1,0 +1,169 @@
+"""Operations and facts shared by the backend roles.
+
+Each operation decides from live facts at execute time (pyinfra re-evaluates operations when
+they run), so a second deploy yields no commands: nothing changes, nothing restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pyinfra import host
+from pyinfra.api import FactBase, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.server import Groups
+from pyinfra.operations import files, server, systemd
+
+from r1fleet.deploy_data import UNIT_DIR
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+JINJA = {"trim_blocks": True, "lstrip_blocks": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+class HttpJson(FactBase):
+    """GET a JSON document from the host's own service; None when it does not answer."""
+
+    default = type(None)
+
+    def requires_command(self, url: str) -> str:
+        return "curl"
+
+    def command(self, url: str) -> str:
+        # `|| true` keeps a refused connection from failing the host: "no answer" is a fact.
+        return f"curl -fsS --max-time 10 {shlex.quote(url)} || true"
+
+    def process(self, output: list[str]):
+        text = "\n".join(output).strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
+
+class AptCandidates(FactBase):
+    """The subset of `packages` that apt can install (a Candidate other than (none))."""
+
+    default = set
+
+    def requires_command(self, packages: tuple[str, ...]) -> str:
+        return "apt-cache"
+
+    def command(self, packages: tuple[str, ...]) -> str:
+        names = " ".join(shlex.quote(p) for p in packages)
+        return f"LC_ALL=C apt-cache policy {names} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> set[str]:
+        found, current = set(), None
+        for line in output:
+            if line and not line.startswith(" ") and line.endswith(":"):
+                current = line[:-1]
+            elif current and line.strip().startswith("Candidate:"):
+                if line.split(":", 1)[1].strip() != "(none)":
+                    found.add(current)
+        return found
+
+
+def model_names(tags_document) -> set[str]:
+    """Names from Ollama's /api/tags or /api/ps document (both list `models[].name`)."""
+    if not isinstance(tags_document, dict):
+        return set()
+    names = set()
+    for entry in tags_document.get("models") or []:
+        for key in ("name", "model"):
+            if isinstance(entry, dict) and entry.get(key):
+                names.add(entry[key])
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+@operation()
+def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640"):
+    """Download once, resumable, sha256-verified; the file appears under its name only when good."""
+    if host.get_fact(Sha256File, path=dest) == sha256:
+        host.noop(f"{dest} present with sha256 {sha256[:12]}")
+        return
+    part = f"{dest}.part"
+    q = shlex.quote
+    yield (
+        f"set -e; mkdir -p {q(str(Path(dest).parent))}; "
+        f"curl -fSL --retry 3 -C - -o {q(part)} {q(url)} || curl -fSL --retry 3 -o {q(part)} {q(url)}; "
+        f"if ! echo {q(sha256 + '  ' + part)} | sha256sum -c --status; then "
+        f"rm -f {q(part)}; echo 'sha256 mismatch for {url} (expected {sha256})' >&2; exit 1; fi; "
+        f"chown {q(user)}:{q(group)} {q(part)}; chmod {mode} {q(part)}; mv -f {q(part)} {q(dest)}"
+    )
+
+
+@operation()
+def wait_http(url: str, timeout_s: int = 120, what: str = "service"):
+    """Poll until the URL answers 200; fail the host with a clear message otherwise."""
+    q = shlex.quote
+    yield (
+        f"i=0; while [ $i -lt {timeout_s} ]; do "
+        f"if curl -fsS --max-time 5 -o /dev/null {q(url)}; then exit 0; fi; sleep 1; i=$((i+1)); done; "
+        f"echo {q(f'{what} did not become healthy at {url} within {timeout_s}s; see journalctl -u {what}')} >&2; exit 1"
+    )
+
+
+def service_user(name: str, home: str, gpu: bool) -> None:
+    """A system user with no login, in render/video when the host has those groups."""
+    existing = host.get_fact(Groups)
+    extra = [g for g in ("render", "video") if gpu and g in existing]
+    server.group(name=f"Group {name}", group=name, system=True)
+    server.user(
+        name=f"System user {name}",
+        user=name,
+        group=name,
+        groups=extra or None,
+        home=home,
+        shell="/usr/sbin/nologin",
+        system=True,
+        create_home=False,
+    )
+    files.directory(name=f"Home {home}", path=home, user=name, group=name, mode="0750")
+
+
+def unit_file(unit: str, context: dict) -> OperationMeta:
+    return files.template(
+        name=f"Unit {unit}",
+        src=str(TEMPLATES / "systemd" / "r1fleet-service.j2"),
+        dest=f"{UNIT_DIR}/{unit}",
+        user="root",
+        group="root",
+        mode="0644",
+        jinja_env_kwargs=dict(JINJA),
+        svc=context,
+    )
+
+
+def any_changed(ops: Iterable[OperationMeta]) -> Callable[[], bool]:
+    ops = list(ops)
+    return lambda: any(op.did_change() for op in ops)
+
+
+def converge_service(unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str) -> None:
+    """daemon-reload only when the unit changed; restart only when one of its files changed;
+    then make sure it runs and is enabled; after a (re)start wait for health."""
+    changed = any_changed([unit_op, *restart_on])
+    systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
+    restarted = systemd.service(name=f"Restart {unit}", service=unit, restarted=True, _if=changed)
+    started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
+    wait_http(
+        name=f"Health of {unit}",
+        url=health_url,
+        timeout_s=120,
+        what=unit,
+        _if=lambda: restarted.did_change() or started.did_change(),
+    )

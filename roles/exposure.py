@@ -1,0 +1,233 @@
+"""LAN exposure role: admit only the fleet file's allow-list to the service port, key llama-server.
+
+Without `listen` the services stay on 127.0.0.1, nothing is opened and any r1fleet firewall
+table left from an earlier run is removed. With `listen`:
+  * nftables: table `inet r1fleet` accepts the port from `allow` (and loopback) and drops the rest
+    for that port only, loaded at boot by r1fleet-firewall.service; ufw rules instead when ufw is
+    active (its default-deny would otherwise drop the port whatever our table says);
+  * llama.cpp: an API key generated once, on the host, into /etc/r1fleet/api-key (root, 0600).
+    systemd hands it to llama-server as a credential (LoadCredential=api-key:/etc/r1fleet/api-key,
+    `--api-key-file %d/api-key`), so the key is never in argv, a unit file, a log or the repo.
+
+deploy.py calls `exposure.prepare(entry, plan)` before the backend roles (the key must exist before
+llama-server starts) and `exposure.apply(entry, plan)` after them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.command import StringCommand
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Which
+from pyinfra.operations import apt, dnf, files, systemd
+
+from r1fleet.errors import FleetError
+from r1fleet.models import HostPlan
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
+KEY_DIR = "/etc/r1fleet"
+API_KEY_FILE = f"{KEY_DIR}/api-key"
+RULES_FILE = f"{KEY_DIR}/nftables.conf"
+FIREWALL_UNIT = "r1fleet-firewall.service"
+FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
+DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
+SERVICE_UNITS = {"ollama": "r1fleet-ollama.service", "llama.cpp": "r1fleet-llama-server.service"}
+OPEN_TO_ALL = ["0.0.0.0/0"]
+# The systemd lines the llama-server unit carries when the host is exposed (see module docstring).
+LLAMA_CREDENTIAL_LINE = f"LoadCredential=api-key:{API_KEY_FILE}"
+LLAMA_KEY_ARG = "--api-key-file %d/api-key"
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """The validated exposure settings of one host."""
+
+    listen: str | None
+    port: int
+    allow4: tuple[str, ...] = ()
+    allow6: tuple[str, ...] = ()
+    backend: str = "ollama"
+
+    @property
+    def exposed(self) -> bool:
+        return self.listen is not None and not ipaddress.ip_address(self.listen).is_loopback
+
+    @property
+    def needs_api_key(self) -> bool:
+        return self.exposed and self.backend == "llama.cpp"
+
+
+def exposure_for(entry: Any, plan: HostPlan) -> Exposure:
+    """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field."""
+    name = getattr(entry, "name", None) or getattr(entry, "address", None)
+    backend = plan.backend or "ollama"
+    port = entry.port or DEFAULT_PORTS[backend]
+    listen = entry.listen
+    if listen is None:
+        return Exposure(None, port, backend=backend)
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        raise FleetError(f"{listen!r} is not an IP address", host=name, field="listen",
+                         fix="give the address of the interface to serve on, e.g. 192.168.1.20") from None
+    allow = list(entry.allow or [])
+    if not allow and not ipaddress.ip_address(listen).is_loopback:
+        raise FleetError("listen is set but allow is empty", host=name, field="allow",
+                         fix="list the networks that may connect (e.g. [192.168.1.0/24]), or allow: [0.0.0.0/0] "
+                             "to open the port to every network on purpose")
+    v4: list[str] = []
+    v6: list[str] = []
+    for index, cidr in enumerate(allow):
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise FleetError(f"{cidr!r} is not a network", host=name, field=f"allow[{index}]",
+                             fix="write an address or CIDR such as 10.0.0.5 or 192.168.1.0/24") from None
+        (v4 if network.version == 4 else v6).append(str(network))
+    return Exposure(listen, port, tuple(v4), tuple(v6), backend)
+
+
+# ---------------------------------------------------------------- facts and operations
+
+
+class NftTable(FactBase):
+    """Whether nftables holds `table inet r1fleet`."""
+
+    default = bool
+
+    def command(self) -> str:
+        return "nft list table inet r1fleet >/dev/null 2>&1 && echo present || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() == "present" for line in output)
+
+
+class UfwActive(FactBase):
+    """Whether ufw is installed and active (then its default policy decides, not our table)."""
+
+    default = bool
+
+    def command(self) -> str:
+        return "command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | head -n1 || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip().lower() == "status: active" for line in output)
+
+
+@operation()
+def api_key(path: str = API_KEY_FILE):
+    """Generate the API key on the host, once: 32 random bytes, base64, root-only 0600.
+
+    The key is created by the host's shell and never passes through the controller or pyinfra's
+    output; later runs only see that the file exists.
+    """
+    if host.get_fact(File, path=path):
+        host.noop(f"API key {path} exists")
+        return
+    directory = shlex.quote(path.rsplit("/", 1)[0])
+    tmp = shlex.quote(path + ".tmp")
+    yield StringCommand(
+        f"install -d -m 0700 -o root -g root {directory} && (umask 077; head -c 32 /dev/urandom | base64 > {tmp}) "
+        f"&& chown root:root {tmp} && chmod 0600 {tmp} && mv -f {tmp} {shlex.quote(path)}")
+
+
+@operation()
+def remove_nft_table():
+    """Delete `table inet r1fleet` when present."""
+    if not host.get_fact(NftTable):
+        host.noop("no r1fleet nftables table")
+        return
+    yield "nft delete table inet r1fleet"
+
+
+@operation(is_idempotent=False)
+def refuse(message: str):
+    """Fail this host at this step with `message`, leaving the other hosts running."""
+    yield StringCommand(f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1")
+
+
+# ---------------------------------------------------------------- deploys
+
+
+@deploy("Exposure: API key")
+def prepare(entry: Any, plan: HostPlan):
+    """Before the backend roles: the llama-server API key when the host is exposed."""
+    try:
+        settings = exposure_for(entry, plan)
+    except FleetError as error:
+        refuse(name="Refuse exposure settings", message=str(error))
+        return
+    if settings.needs_api_key:
+        api_key(name="llama-server API key (generated on the host, once)", path=API_KEY_FILE)
+        files.file(name="API key root-only", path=API_KEY_FILE, user="root", group="root", mode="600")
+
+
+@deploy("Exposure")
+def apply(entry: Any, plan: HostPlan):
+    """After the backend roles: firewall rules for the allow-list, or none at all."""
+    try:
+        settings = exposure_for(entry, plan)
+    except FleetError as error:
+        refuse(name="Refuse exposure settings", message=str(error))
+        return
+    if not settings.exposed:
+        _close()
+        return
+    if settings.needs_api_key:
+        api_key(name="llama-server API key (generated on the host, once)", path=API_KEY_FILE)
+        files.file(name="API key root-only", path=API_KEY_FILE, user="root", group="root", mode="600")
+    if host.get_fact(UfwActive):
+        _ufw(settings)
+    else:
+        _nftables(settings)
+
+
+def _close() -> None:
+    """Nothing exposed: no r1fleet firewall unit, rules file or table."""
+    if host.get_fact(File, path=FIREWALL_UNIT_PATH):
+        systemd.service(name="Stop the r1fleet firewall", service=FIREWALL_UNIT, running=False, enabled=False)
+        files.file(name="Remove the r1fleet firewall unit", path=FIREWALL_UNIT_PATH, present=False)
+        systemd.daemon_reload(name="Reload systemd")
+    files.file(name="Remove the r1fleet firewall rules", path=RULES_FILE, present=False)
+    if host.get_fact(Which, command="nft"):
+        remove_nft_table(name="Remove the r1fleet nftables table")
+
+
+def _nftables(settings: Exposure) -> None:
+    nft = host.get_fact(Which, command="nft")
+    if not nft:
+        if host.get_fact(Which, command="apt-get"):
+            apt.packages(name="nftables", packages=["nftables"], update=True)
+        else:
+            dnf.packages(name="nftables", packages=["nftables"])
+        nft = "/usr/sbin/nft"
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+    rules = files.template(
+        name=f"nftables rules: port {settings.port} from {', '.join(settings.allow4 + settings.allow6)} only",
+        src=str(TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
+        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service=settings.backend)
+    unit = files.template(
+        name="r1fleet firewall unit", src=str(TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
+        user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
+        service_unit=SERVICE_UNITS[settings.backend])
+    systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True,
+                    daemon_reload=unit.will_change, restarted=rules.will_change or unit.will_change)
+
+
+def _ufw(settings: Exposure) -> None:
+    """ufw is active: add allow rules for the allow-list, then a deny for the port (ufw keeps order)."""
+    commands = [
+        f"ufw allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
+        for cidr in settings.allow4 + settings.allow6
+    ]
+    commands.append(f"ufw deny {settings.port}/tcp comment r1fleet")
+    from pyinfra.operations import server
+
+    server.shell(name=f"ufw: port {settings.port} from the allow-list only", commands=commands)

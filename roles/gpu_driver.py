@@ -1,0 +1,231 @@
+"""GPU driver role: makes the host's NVIDIA/AMD driver right for the planned backend.
+
+The decision is pure (r1fleet.drivers.decide_driver); this module only turns a DriverAction
+into pyinfra operations. A host whose driver is already right gets no operations at all;
+Jetson and DGX OS hosts are never touched; an impossible or unsafe case (Secure Boot with an
+unsigned module, an unsupported distro) fails that host with a message naming the fix.
+
+deploy.py calls `gpu_driver.install(hw, plan)` before the backend roles.
+"""
+
+from __future__ import annotations
+
+import shlex
+from io import StringIO
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.command import StringCommand
+from pyinfra.facts.files import File
+from pyinfra.operations import apt, dnf, files, server, systemd
+
+from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
+from r1fleet.models import Hardware, HostPlan
+
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
+# drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.
+NOUVEAU_BLACKLIST_TEXT = "# written by r1fleet: the NVIDIA driver needs nouveau unloaded\nblacklist nouveau\noptions nouveau modeset=0\n"
+DEBIAN_NONFREE_SOURCES = "/etc/apt/sources.list.d/r1fleet-debian-nonfree.sources"
+CUDA_SOURCES = "/etc/apt/sources.list.d/r1fleet-nvidia-cuda.sources"
+CUDA_KEYRING = "/etc/apt/keyrings/r1fleet-nvidia-cuda.asc"
+CUDA_PIN = "/etc/apt/preferences.d/r1fleet-nvidia-cuda"
+ROCM_SOURCES = "/etc/apt/sources.list.d/r1fleet-rocm.sources"
+ROCM_KEYRING = "/etc/apt/keyrings/r1fleet-rocm.asc"
+
+
+# ---------------------------------------------------------------- facts
+
+
+class NvidiaDriverVersion(FactBase):
+    """The driver version nvidia-smi reports, or None when nvidia-smi is absent or not working
+    (e.g. 'Driver/library version mismatch' after an install without reboot)."""
+
+    @staticmethod
+    def default() -> None:
+        return None
+
+    def command(self) -> str:
+        return "nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        lines = [line.strip() for line in output if line.strip()]
+        return lines[0] if lines and lines[0][:1].isdigit() else None
+
+
+class KernelModuleVersion(FactBase):
+    """`modinfo -F version MODULE`: the version of a built kernel module, or None."""
+
+    @staticmethod
+    def default() -> None:
+        return None
+
+    def command(self, module: str) -> str:
+        return f"modinfo -F version {shlex.quote(module)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        lines = [line.strip() for line in output if line.strip()]
+        return lines[0] if lines else None
+
+
+class MokKeyEnrolled(FactBase):
+    """Whether a module-signing key is already enrolled (`mokutil --test-key KEY`)."""
+
+    default = bool
+
+    def command(self, key: str) -> str:
+        return f"mokutil --test-key {shlex.quote(key)} 2>&1 || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any("is already enrolled" in line for line in output)
+
+
+# ---------------------------------------------------------------- operations
+
+
+@operation(is_idempotent=False)
+def refuse(message: str):
+    """Fail this host at this step with `message` (printed on stderr), leaving others running."""
+    yield StringCommand(f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1")
+
+
+@operation()
+def wait_for_kernel_module(module: str, timeout_s: int = 900, interval_s: int = 10):
+    """Wait until `modinfo` finds MODULE (akmods builds it in the background after the install)."""
+    if host.get_fact(KernelModuleVersion, module=module):
+        host.noop(f"kernel module {module} is built")
+        return
+    tries = max(1, timeout_s // interval_s)
+    message = (f"r1fleet: the {module} kernel module was not built within {timeout_s}s; "
+               "see `journalctl -u akmods` and run `akmods --force && dracut --force`")
+    yield StringCommand(
+        f"akmods --force --kernels \"$(uname -r)\" >/dev/null 2>&1 || true; "
+        f"for i in $(seq 1 {tries}); do modinfo -F version {shlex.quote(module)} >/dev/null 2>&1 && exit 0; "
+        f"sleep {interval_s}; done; echo {shlex.quote(message)} >&2; exit 1")
+
+
+@operation()
+def verified_key(src: str, dest: str, fingerprint: str | None = None):
+    """Download an apt signing key once; when a fingerprint is given, keep it only if it matches."""
+    if host.get_fact(File, path=dest):
+        host.noop(f"signing key {dest} present")
+        return
+    tmp = f"{dest}.r1fleet-tmp"
+    check = ""
+    if fingerprint:
+        check = (f" && gpg --show-keys --with-colons {shlex.quote(tmp)} | grep -q '^fpr:*{fingerprint}:'"
+                 f" || {{ rm -f {shlex.quote(tmp)}; echo 'r1fleet: {src} does not have fingerprint {fingerprint}' >&2; exit 1; }}")
+    yield StringCommand(
+        f"install -d -m 0755 {shlex.quote(dest.rsplit('/', 1)[0])} && "
+        f"curl -fsSL --proto '=https' {shlex.quote(src)} -o {shlex.quote(tmp)}{check}; "
+        f"chmod 0644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
+
+
+# ---------------------------------------------------------------- the deploy
+
+
+@deploy("GPU driver")
+def install(hw: Hardware, plan: HostPlan):
+    """Bring the GPU driver to what `plan` needs (see module docstring)."""
+    action = decide_driver(hw, plan)
+    if action.kind == "refuse" and hw.secure_boot and action.module_build in ("dkms", "akmods"):
+        key = load_driver_data()["nvidia"]["mok_keys"][action.module_build]
+        if host.get_fact(MokKeyEnrolled, key=key):
+            action = decide_driver(hw, plan, mok_enrolled=True)
+    for note in action.notes:
+        logger.warning(f"{host.name}: {note}")
+    if action.kind == "none":
+        return
+    if action.kind == "refuse":
+        message = action.reason + (f" (fix: {action.fix})" if action.fix else "")
+        refuse(name=f"Refuse GPU driver change: {action.reason}", message=message)
+        return
+    logger.info(f"{host.name}: GPU driver {action.kind}: {action.reason}; packages {', '.join(action.packages)}")
+    _repositories(hw, action)
+    if action.vendor == "nvidia":
+        _nvidia(hw, action)
+    else:
+        _amd(action)
+
+
+def _repositories(hw: Hardware, action: DriverAction) -> None:
+    data = load_driver_data()
+    arch = "sbsa" if hw.os.arch in ("aarch64", "arm64") else "x86_64"   # drivers.md 1.5: aarch64 -> sbsa
+    needs_fetch = {"nvidia-cuda", "rocm"} & set(action.repos)
+    if needs_fetch:
+        apt.packages(name="Tools to fetch signing keys", packages=["ca-certificates", "curl", "gnupg"])
+    if "debian-nonfree" in action.repos:
+        deb = data["nvidia"]["debian"]
+        codename = action.codename or hw.os.codename
+        files.put(
+            name="Debian contrib/non-free/non-free-firmware components",
+            src=StringIO(_deb822(
+                [deb["mirror"]], [codename, f"{codename}-updates"], deb["components"],
+                "/usr/share/keyrings/debian-archive-keyring.gpg")
+                + "\n" + _deb822([deb["security_mirror"]], [f"{codename}-security"], deb["components"],
+                                 "/usr/share/keyrings/debian-archive-keyring.gpg")),
+            dest=DEBIAN_NONFREE_SOURCES, mode="644")
+    if "nvidia-cuda" in action.repos:
+        cuda = data["nvidia"]["cuda_repo"]
+        url = cuda["url"].format(distro=action.distro, arch=arch)
+        verified_key(name="NVIDIA CUDA repository key", src=cuda["key"].format(distro=action.distro, arch=arch),
+                     dest=CUDA_KEYRING, fingerprint=cuda["key_fingerprint"])
+        # A flat repository: suite "/" and no components.
+        files.put(name="NVIDIA CUDA repository", src=StringIO(_deb822([url], ["/"], [], CUDA_KEYRING)),
+                  dest=CUDA_SOURCES, mode="644")
+        files.put(name="Prefer NVIDIA's driver packages over the distro's",
+                  src=StringIO(f"Package: *\nPin: release o=NVIDIA\nPin-Priority: {cuda['pin_priority']}\n"),
+                  dest=CUDA_PIN, mode="644")
+    if "rocm" in action.repos:
+        rocm = data["amd"]["rocm"]
+        verified_key(name="ROCm repository key", src=rocm["key"], dest=ROCM_KEYRING)
+        files.put(name="ROCm repository",
+                  src=StringIO(_deb822([rocm["repo"].format(version=rocm["version"])], [hw.os.codename], ["main"],
+                                       ROCM_KEYRING)),
+                  dest=ROCM_SOURCES, mode="644")
+    if "rpmfusion" in action.repos:
+        for rpm in data["nvidia"]["fedora"]["release_rpms"]:
+            dnf.rpm(name=f"RPM Fusion repository ({rpm.rsplit('/', 1)[-1]})", src=rpm.format(fedora=hw.os.version_id))
+
+
+def _deb822(uris: list[str], suites: list[str], components: list[str], signed_by: str) -> str:
+    lines = ["Types: deb", f"URIs: {' '.join(uris)}", f"Suites: {' '.join(suites)}"]
+    if components:
+        lines.append(f"Components: {' '.join(components)}")
+    lines.append(f"Signed-By: {signed_by}")
+    return "# written by r1fleet\n" + "\n".join(lines) + "\n"
+
+
+def _nvidia(hw: Hardware, action: DriverAction) -> None:
+    data = load_driver_data()
+    blacklist = files.put(name="Blacklist nouveau", src=StringIO(NOUVEAU_BLACKLIST_TEXT), dest=NOUVEAU_BLACKLIST,
+                          mode="644")
+    if action.family == "dnf":
+        fed = data["nvidia"]["fedora"]
+        if action.open_modules:
+            # rpmfusion.org/Howto/NVIDIA#Kernel_Open: must be set before akmods builds (Blackwell needs it).
+            files.put(name="Build the open NVIDIA kernel modules", src=StringIO(fed["open_macro"] + "\n"),
+                      dest=fed["open_macro_file"], mode="644")
+        packages = dnf.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages))
+        wait_for_kernel_module(name="Wait until akmods has built the nvidia module", module="nvidia",
+                               timeout_s=fed["akmods_wait_seconds"])
+        server.shell(name="Rebuild the initramfs without nouveau", commands=["dracut --force"],
+                     _if=blacklist.did_change)
+    else:
+        packages = apt.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages), update=True,
+                                no_recommends=True)
+        server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"],
+                     _if=blacklist.did_change)
+    changed = [packages, blacklist]
+    server.reboot(
+        name="Reboot to load the new NVIDIA driver (only when nvidia-smi does not work yet)",
+        delay=int(host.data.get("r1fleet_reboot_delay", 10)),
+        reboot_timeout=int(host.data.get("r1fleet_reboot_timeout", 600)),
+        _if=lambda: any(op.did_change() for op in changed) and host.get_fact(NvidiaDriverVersion) is None,
+    )
+    systemd.service(name="NVIDIA persistence daemon", service="nvidia-persistenced", running=True, enabled=True)
+
+
+def _amd(action: DriverAction) -> None:
+    packages = apt.packages(name=f"AMD GPU driver pieces ({action.reason})", packages=list(action.packages),
+                            update=True, no_recommends=True)
+    server.shell(name="Load amdgpu", commands=["modprobe amdgpu"], _if=packages.did_change)

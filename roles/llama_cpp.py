@@ -1,0 +1,136 @@
+"""llama.cpp role: llama-server with the plan's tensor split, behind a hardened unit.
+
+Install: the distro package where it ships llama-server with the plan's GPU backend (Debian
+forky/sid), else a source build of the pinned tag for the plan's GPUs, kept per tag under
+/opt/r1fleet/llama.cpp/<tag>/bin/llama-server (built only when missing).
+Model: <model_dir>/llama.cpp/<file>, owned by the `llama` user, downloaded once (resumable,
+sha256-verified, renamed into place only when good).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server
+
+from r1fleet.deploy_data import (
+    API_KEY_CREDENTIAL,
+    LLAMA_ROOT,
+    LLAMA_UNIT,
+    HostSettings,
+    LlamaInstall,
+    ModelDownload,
+    Target,
+    is_local_only,
+    llama_cpp_install,
+    llama_environment,
+    llama_server_args,
+    load_versions,
+    local_api,
+    unit_context,
+)
+from r1fleet.models import HostPlan
+from roles.common import AptCandidates, converge_service, fetch_verified, service_user, unit_file
+
+USER = "llama"
+HOME = "/var/lib/llama"
+
+
+def choose_install(plan: HostPlan, settings: HostSettings, target: Target) -> LlamaInstall:
+    """Ask apt (Debian hosts only) which packages it can install, then decide (pure)."""
+    available: set[str] = set()
+    if target.distro_id == "debian":
+        debian = load_versions()["llama_cpp"]["debian"]
+        wanted = (debian["server_package"], *debian["backend_packages"].values())
+        available = host.get_fact(AptCandidates, packages=tuple(wanted))
+    return llama_cpp_install(target, plan, settings, available)
+
+
+@operation()
+def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
+    """Build llama-server for the plan's GPUs into /opt/r1fleet/llama.cpp/<tag> unless present."""
+    binary = f"{LLAMA_ROOT}/{tag}/bin/llama-server"
+    if host.get_fact(File, path=binary):
+        host.noop(f"llama-server {tag} built")
+        return
+    q = shlex.quote
+    cmake_flags = " ".join(q(f) for f in flags)
+    needs_cuda = any(f == "-DGGML_CUDA=ON" for f in flags)
+    steps = [
+        "set -e",
+        "export PATH=/usr/local/cuda/bin:$PATH",
+        f"mkdir -p {LLAMA_ROOT}/.build",
+        f"tmp=$(mktemp -d {LLAMA_ROOT}/.build/{tag}.XXXXXX)",
+        "trap 'rm -rf \"$tmp\"' EXIT",
+    ]
+    if needs_cuda:
+        steps.append(
+            "command -v nvcc >/dev/null || { echo 'the CUDA toolkit (nvcc) is missing: install it "
+            "(the gpu_driver role) or use a distro with llama.cpp CUDA packages' >&2; exit 1; }"
+        )
+    steps += [
+        f'curl -fSL --retry 3 -o "$tmp/src.tar.gz" {q(url)}',
+        f"if ! echo {q(sha256)}\"  $tmp/src.tar.gz\" | sha256sum -c --status; then "
+        f"echo {q(f'sha256 mismatch for {url} (expected {sha256})')} >&2; exit 1; fi",
+        'tar -C "$tmp" -xzf "$tmp/src.tar.gz"',
+        'src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)',
+        # Static libraries: one self-contained binary per tag, nothing shared to go stale.
+        f'cmake -S "$src" -B "$tmp/build" -DBUILD_SHARED_LIBS=OFF {cmake_flags}',
+        'cmake --build "$tmp/build" --config Release -j"$(nproc)" --target llama-server',
+        f'install -D -m 0755 "$tmp/build/bin/llama-server" "$tmp/out/bin/llama-server"',
+        f"rm -rf {q(f'{LLAMA_ROOT}/{tag}')}",
+        f'mv "$tmp/out" {q(f"{LLAMA_ROOT}/{tag}")}',
+    ]
+    yield "; ".join(steps)
+
+
+@deploy("llama.cpp")
+def llama_cpp_role(plan: HostPlan, settings: HostSettings, install: LlamaInstall, download: ModelDownload) -> None:
+    gpu = plan.placement != "cpu" and plan.vendor is not None
+    models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
+    model_path = f"{models_dir}/{download.file}"
+
+    packages = server.packages(name="llama.cpp packages", packages=["curl", "ca-certificates", *install.packages])
+    binary_changed = [packages]
+    if install.method == "source":
+        pins = load_versions()["llama_cpp"]
+        built = build_from_source(
+            name=f"Build llama-server {install.tag}",
+            tag=install.tag,
+            url=pins["source_url"].format(tag=install.tag),
+            sha256=pins["source_sha256"],
+            flags=install.cmake_flags,
+        )
+        binary_changed.append(built)
+
+    service_user(USER, HOME, gpu)
+    files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
+    files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
+    fetched = fetch_verified(
+        name=f"Model {download.file}", url=download.url, dest=model_path, sha256=download.sha256, user=USER, group=USER
+    )
+
+    # The key file stays root-only; systemd passes it to the service as a credential (%d).
+    credential = None
+    key_path = None
+    if not is_local_only(settings) and settings.api_key_file:
+        credential = f"{API_KEY_CREDENTIAL}:{settings.api_key_file}"
+        key_path = f"%d/{API_KEY_CREDENTIAL}"
+
+    context = unit_context(
+        plan,
+        settings,
+        description=f"r1fleet llama-server ({plan.model})",
+        user=USER,
+        exec_start=[install.binary, *llama_server_args(plan, settings, model_path, key_path)],
+        environment=llama_environment(plan),
+        read_write_paths=[HOME],
+        read_only_paths=[models_dir],
+        restrict_ip=True,
+        credential=credential,
+    )
+    unit = unit_file(LLAMA_UNIT, context)
+    converge_service(LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health")

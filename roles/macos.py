@@ -1,0 +1,182 @@
+"""macOS (Apple Silicon) role: Ollama as a system LaunchDaemon with the plan's settings.
+
+deploy.py calls `macos.install(plan, entry)` instead of the Linux roles on Darwin hosts.
+  * Ollama: the pinned release's macOS archive when its sha256 is known (r1fleet/data/drivers.yaml
+    `darwin`, version from r1fleet/versions.yaml), otherwise Homebrew's `ollama` formula (Homebrew
+    verifies its bottles), installed as the SSH user because brew refuses to run as root.
+  * /Library/LaunchDaemons/com.r1fleet.ollama.plist: runs at boot without a login session (brew
+    services makes a per-user LaunchAgent that only runs while that user is logged in; drivers.md 5),
+    as the dedicated hidden user _r1ollama, with OLLAMA_* from the plan. Bootstrapped/kickstarted
+    only when the plist or the binary changed.
+  * iogpu.wired_limit_mb set at boot by a second LaunchDaemon when the plan needs more GPU memory
+    than macOS's default working set (about 2/3 of RAM up to 36 GiB, 3/4 above; drivers.md 5).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.command import StringCommand
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Arch
+from pyinfra.operations import brew, files, server
+
+from r1fleet.drivers import load_driver_data
+from r1fleet.models import Hardware, HostPlan
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
+LABEL = "com.r1fleet.ollama"
+PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
+WIRED_LABEL = "com.r1fleet.iogpu-wired-limit"
+WIRED_PLIST = f"/Library/LaunchDaemons/{WIRED_LABEL}.plist"
+USER = "_r1ollama"
+HOME = "/usr/local/var/r1fleet"
+LOG_FILE = "/Library/Logs/r1fleet/ollama.log"
+RELEASE_ROOT = "/usr/local/lib/r1fleet"
+BREW_BINARY = "/opt/homebrew/bin/ollama"     # Homebrew's prefix on Apple Silicon
+OS_RESERVE_MIB = 6144                        # community practice: leave 4-8 GB to macOS (drivers.md 5)
+PORT = 11434
+
+
+class DarwinUserExists(FactBase):
+    """Whether a local macOS user exists (`id -u`)."""
+
+    default = bool
+
+    def command(self, user: str) -> str:
+        return f"id -u {shlex.quote(user)} >/dev/null 2>&1 && echo yes || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() == "yes" for line in output)
+
+
+@operation()
+def hidden_service_user(user: str, home: str):
+    """A hidden role account (UID 400-499, no shell, no login) with its own group, created once."""
+    if host.get_fact(DarwinUserExists, user=user):
+        host.noop(f"user {user} exists")
+        return
+    u, h = shlex.quote(user), shlex.quote(home)
+    yield StringCommand(
+        "uid=$(for i in $(seq 401 499); do dscl . -list /Users UniqueID | awk '{print $2}' | grep -qx $i "
+        "|| { dscl . -list /Groups PrimaryGroupID | awk '{print $2}' | grep -qx $i || { echo $i; break; }; }; done) && "
+        f"test -n \"$uid\" && dseditgroup -o create -i $uid -r 'r1fleet Ollama' {u} && "
+        f"dscl . -create /Users/{u} && dscl . -create /Users/{u} UniqueID $uid && "
+        f"dscl . -create /Users/{u} PrimaryGroupID $uid && dscl . -create /Users/{u} UserShell /usr/bin/false && "
+        f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName 'r1fleet Ollama' && "
+        f"dscl . -create /Users/{u} IsHidden 1 && dscl . -create /Users/{u} Password '*'")
+
+
+def default_gpu_limit_mib(total_mib: int) -> int:
+    """macOS's default GPU working set: ~2/3 of RAM up to 36 GiB, ~3/4 above (drivers.md 5; Apple
+    does not document the formula, these are the measured ratios)."""
+    return total_mib * 2 // 3 if total_mib <= 36 * 1024 else total_mib * 3 // 4
+
+
+def wired_limit_mib(plan: HostPlan, hw: Hardware | None = None) -> int | None:
+    """The iogpu.wired_limit_mb the plan needs, or None when the default working set suffices."""
+    total = (hw.unified.total_mib if hw and hw.unified else None) or plan.unified_memory_mib
+    if not total or not plan.devices:
+        return None
+    default = hw.unified.gpu_limit_mib if hw and hw.unified else default_gpu_limit_mib(total)
+    needed = plan.devices[0].planned_mib
+    if needed <= default:
+        return None
+    return min(max(needed + 1024, default), total - OS_RESERVE_MIB)
+
+
+def ollama_environment(plan: HostPlan, entry: Any, models_dir: str) -> dict[str, str]:
+    """The LaunchDaemon's EnvironmentVariables: the plan's settings (as on Linux)."""
+    port = entry.port or PORT
+    return {
+        "OLLAMA_HOST": f"{entry.listen or '127.0.0.1'}:{port}",
+        "OLLAMA_MODELS": models_dir,
+        "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
+        "OLLAMA_FLASH_ATTENTION": "1" if plan.flash_attention else "0",
+        "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
+        "OLLAMA_KEEP_ALIVE": "-1",
+        "OLLAMA_NUM_PARALLEL": "1",
+        "HOME": HOME,
+    }
+
+
+def _pinned_release() -> tuple[str, str, str] | None:
+    """(version, url, sha256) of the macOS archive, or None when its sha256 is not known."""
+    darwin = load_driver_data()["darwin"]
+    if not darwin.get("ollama_sha256"):
+        return None
+    from r1fleet.deploy_data import load_versions
+
+    ollama = load_versions()["ollama"]
+    version = ollama["version"]
+    url = ollama["base_url"].format(version=version) + "/" + darwin["ollama_asset"]
+    return version, url, darwin["ollama_sha256"]
+
+
+@deploy("macOS Ollama")
+def install(plan: HostPlan, entry: Any, hw: Hardware | None = None):
+    """Ollama on an Apple Silicon Mac as the plan says (see module docstring)."""
+    arch = host.get_fact(Arch)
+    if arch not in ("arm64", "aarch64"):
+        server.shell(name="Refuse: not Apple Silicon",
+                     commands=[f"echo 'r1fleet: macOS host is {arch}; r1fleet serves Ollama on Apple Silicon only' >&2; exit 1"])
+        return
+    release = _pinned_release()
+    if release:
+        version, url, sha256 = release
+        directory = f"{RELEASE_ROOT}/ollama-{version}"
+        archive = f"{directory}/ollama-darwin.tgz"
+        files.directory(name="Ollama release directory", path=directory, user="root", group="wheel", mode="755",
+                        _sudo=True)
+        fetched = files.download(name=f"Ollama {version} for macOS", src=url, dest=archive, sha256sum=sha256,
+                                 _sudo=True)
+        server.shell(name="Unpack Ollama", commands=[f"tar -xzf {archive} -C {directory}"], _if=fetched.did_change,
+                     _sudo=True)
+        binary = f"{directory}/ollama"
+        binary_ops = [fetched]
+    else:
+        logger.info(f"{host.name}: no sha256 for the macOS Ollama archive; installing Homebrew's ollama formula")
+        binary_ops = [brew.packages(name="Ollama (Homebrew)", packages=["ollama"])]
+        binary = BREW_BINARY
+
+    hidden_service_user(name=f"Service user {USER}", user=USER, home=HOME, _sudo=True)
+    models_dir = f"{entry.model_dir.rstrip('/')}/ollama"
+    for path, owner, mode in ((HOME, USER, "750"), (entry.model_dir, "root", "755"), (models_dir, USER, "750"),
+                              (str(Path(LOG_FILE).parent), USER, "750")):
+        files.directory(name=f"Directory {path}", path=path, user=owner, group=owner if owner == USER else "wheel",
+                        mode=mode, _sudo=True)
+    plist = files.template(
+        name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
+        user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,
+        environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE, _sudo=True)
+    changed = [plist, *binary_ops]
+    server.shell(
+        name="(Re)load the Ollama LaunchDaemon",
+        commands=[f"launchctl bootout system/{LABEL} 2>/dev/null || true",
+                  f"launchctl bootstrap system {PLIST}",
+                  f"launchctl kickstart -k system/{LABEL}"],
+        _if=lambda: any(op.did_change() for op in changed), _sudo=True)
+    _wired_limit(plan, hw)
+
+
+def _wired_limit(plan: HostPlan, hw: Hardware | None) -> None:
+    limit = wired_limit_mib(plan, hw)
+    if limit is None:
+        if host.get_fact(File, path=WIRED_PLIST):
+            server.shell(name="Drop the GPU wired-memory limit",
+                         commands=[f"launchctl bootout system/{WIRED_LABEL} 2>/dev/null || true",
+                                   f"rm -f {WIRED_PLIST}", "sysctl iogpu.wired_limit_mb=0"], _sudo=True)
+        return
+    total = (hw.unified.total_mib if hw and hw.unified else None) or plan.unified_memory_mib or 0
+    plist = files.template(
+        name=f"GPU wired-memory limit {limit} MiB at boot", src=str(TEMPLATES / "com.r1fleet.iogpu-wired-limit.plist.j2"),
+        dest=WIRED_PLIST, user="root", group="wheel", mode="644", label=WIRED_LABEL, wired_limit_mb=limit,
+        reserve_mb=total - limit, total_mb=total, _sudo=True)
+    server.shell(name=f"Apply iogpu.wired_limit_mb={limit} now",
+                 commands=[f"launchctl bootout system/{WIRED_LABEL} 2>/dev/null || true",
+                           f"launchctl bootstrap system {WIRED_PLIST}", f"sysctl iogpu.wired_limit_mb={limit}"],
+                 _if=plist.did_change, _sudo=True)

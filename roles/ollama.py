@@ -1,0 +1,214 @@
+"""Ollama role: the pinned release, a dedicated user, our own hardened unit, the planned model.
+
+Layout on the host:
+  /opt/r1fleet/ollama/<version>/{bin,lib}   one directory per release (an upgrade never mixes
+                                            old and new runner libraries; older ones are pruned
+                                            once the new one is healthy)
+  /usr/local/bin/ollama -> <version>/bin/ollama   for the CLI
+  /etc/systemd/system/r1fleet-ollama.service      ours, not install.sh's ollama.service, so the
+                                            official installer can never overwrite it; a running
+                                            install.sh ollama.service is stopped and disabled
+                                            (both would bind 11434)
+  <model_dir>/ollama                        OLLAMA_MODELS, owned by the ollama user
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import urllib.request
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server, systemd
+
+from r1fleet.deploy_data import (
+    OLLAMA_ROOT,
+    OLLAMA_UNIT,
+    HostSettings,
+    OllamaRelease,
+    OllamaReleaseOverride,
+    Target,
+    local_api,
+    model_download,
+    modelfile,
+    ollama_environment,
+    ollama_release,
+    parse_sha256sums,
+    unit_context,
+)
+from r1fleet.models import HostPlan
+from roles.common import HttpJson, converge_service, fetch_verified, model_names, service_user, unit_file
+
+USER = "ollama"
+HOME = "/var/lib/ollama"
+
+
+class DirEntries(FactBase):
+    """Names in a directory (empty when it does not exist)."""
+
+    default = list
+
+    def command(self, path: str) -> str:
+        return f"ls -1A {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]
+
+
+@operation()
+def install_release(release: OllamaRelease):
+    """Download, verify and unpack every archive into a temp dir, then rename it into place."""
+    if host.get_fact(File, path=release.stamp):
+        host.noop(f"Ollama {release.version} installed")
+        return
+    q = shlex.quote
+    steps = [
+        "set -e",
+        f"mkdir -p {OLLAMA_ROOT}",
+        f"tmp=$(mktemp -d {OLLAMA_ROOT}/.tmp.XXXXXX)",
+        "trap 'rm -rf \"$tmp\"' EXIT",
+        'mkdir "$tmp/tree"',
+    ]
+    for asset in release.assets:
+        archive = f'"$tmp"/{q(asset.name)}'
+        steps += [
+            f"curl -fSL --retry 3 -o {archive} {q(asset.url)}",
+            f"if ! echo {q(asset.sha256)}\"  $tmp/{asset.name}\" | sha256sum -c --status; then "
+            f"echo {q(f'sha256 mismatch for {asset.url} (expected {asset.sha256})')} >&2; exit 1; fi",
+        ]
+        if asset.name.endswith(".tar.zst"):
+            steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
+        else:
+            steps.append(f'tar -C "$tmp/tree" -xzf {archive}')
+    steps += [
+        'test -x "$tmp/tree/bin/ollama" || { echo "archive has no bin/ollama" >&2; exit 1; }',
+        f'touch "$tmp/tree/{release.stamp.rsplit("/", 1)[1]}"',
+        'chown -R root:root "$tmp/tree"',
+        'chmod -R u=rwX,go=rX "$tmp/tree"',
+        f"rm -rf {q(release.install_dir)}",
+        f'mv "$tmp/tree" {q(release.install_dir)}',
+    ]
+    yield "; ".join(steps)
+
+
+@operation()
+def prune_releases(keep: str):
+    """Remove other release directories and leftovers of interrupted installs."""
+    stale = [name for name in host.get_fact(DirEntries, path=OLLAMA_ROOT) if name != keep]
+    if not stale:
+        host.noop("no other Ollama releases")
+        return
+    yield "rm -rf " + " ".join(shlex.quote(f"{OLLAMA_ROOT}/{name}") for name in stale)
+
+
+@operation()
+def pull_model(tag: str, api: str, binary: str, digest: str | None = None):
+    """`ollama pull <tag>` unless /api/tags already lists it (with the expected digest, if known)."""
+    listed = host.get_fact(HttpJson, url=f"{api}/api/tags")
+    entries = {m.get("name"): m for m in (listed or {}).get("models") or [] if isinstance(m, dict)}
+    if tag in entries and (digest is None or entries[tag].get("digest") == digest):
+        host.noop(f"model {tag} present")
+        return
+    yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
+
+
+@operation()
+def import_model(tag: str, api: str, binary: str, modelfile_path: str):
+    """Offline import of a local GGUF (`ollama create -f Modelfile`) unless the tag exists."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
+        host.noop(f"model {tag} present")
+        return
+    yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} create {shlex.quote(tag)} -f {shlex.quote(modelfile_path)}"
+
+
+@operation()
+def preload_model(tag: str, api: str):
+    """Load the model now and keep it loaded (an empty generate request with keep_alive -1)."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/ps")):
+        host.noop(f"model {tag} loaded")
+        return
+    body = json.dumps({"model": tag, "keep_alive": -1})
+    yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
+
+
+def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverride:
+    """Read <mirror>/ollama/sha256sum.txt on the controller (the mirror is ours, e.g. the lab's)."""
+    base = f"{mirror.rstrip('/')}/ollama"
+    with urllib.request.urlopen(f"{base}/sha256sum.txt", timeout=timeout_s) as response:  # noqa: S310 (our mirror)
+        sums = parse_sha256sums(response.read().decode())
+    version = None
+    try:
+        with urllib.request.urlopen(f"{base}/VERSION", timeout=timeout_s) as response:  # noqa: S310
+            version = response.read().decode().strip() or None
+    except OSError:
+        pass
+    return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
+
+
+def release_for(plan: HostPlan, settings: HostSettings, target: Target) -> OllamaRelease:
+    override = settings.ollama_release
+    if override is None and settings.mirror:
+        override = mirror_release(settings.mirror)
+    return ollama_release(plan.host, target, plan, override)
+
+
+@deploy("Ollama")
+def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease) -> None:
+    api = local_api("ollama", settings)
+    models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
+    gpu = plan.placement != "cpu" and plan.vendor is not None
+
+    packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
+    server.packages(name="Packages for Ollama", packages=packages)
+    service_user(USER, HOME, gpu)
+    files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
+    files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
+
+    installed = install_release(name=f"Ollama {release.version}", release=release)
+    files.link(name="ollama on PATH", path="/usr/local/bin/ollama", target=release.binary, symbolic=True)
+
+    # An install.sh-style ollama.service would hold the same port.
+    systemd.service(name="Official ollama.service off", service="ollama.service", running=False, enabled=False)
+
+    context = unit_context(
+        plan,
+        settings,
+        description=f"r1fleet Ollama {release.version} ({plan.model})",
+        user=USER,
+        exec_start=[release.binary, "serve"],
+        environment=ollama_environment(plan, settings, models_dir),
+        read_write_paths=[HOME, models_dir],
+        # The server itself downloads models from the registry, so no IP allow-list here.
+        restrict_ip=False,
+    )
+    unit = unit_file(OLLAMA_UNIT, context)
+    converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version")
+    prune_releases(name="Prune other Ollama releases", keep=release.version)
+
+    tag = plan.ollama_tag or ""
+    if settings.rehearsal:
+        download = model_download(plan.host, plan, settings)
+        import_dir = f"{settings.model_dir.rstrip('/')}/import"
+        gguf_path = f"{import_dir}/{download.file}"
+        files.directory(name="Import directory", path=import_dir, user="root", group="root", mode="0755")
+        fetch_verified(name=f"Stand-in {download.file}", url=download.url, dest=gguf_path, sha256=download.sha256, user="root", group="root", mode="0644")
+        files.put(
+            name="Modelfile for the stand-in",
+            src=_text(modelfile(gguf_path, plan)),
+            dest=f"{import_dir}/Modelfile",
+            user="root",
+            group="root",
+            mode="0644",
+        )
+        import_model(name=f"Import {tag}", tag=tag, api=api, binary=release.binary, modelfile_path=f"{import_dir}/Modelfile")
+    else:
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=release.binary)
+    preload_model(name=f"Preload {tag}", tag=tag, api=api)
+
+
+def _text(content: str):
+    from io import StringIO
+
+    return StringIO(content)

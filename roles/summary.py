@@ -1,0 +1,88 @@
+"""The end-of-run summary: which host failed, at which step, and why.
+
+pyinfra keeps going when one host fails (unreachable, a command error); it does not say at the
+end which host failed where. deploy.py installs this once per run: a state callback records
+failed operations, deploy.py records planning failures, and an exit hook prints the summary.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from pyinfra.api.state import BaseStateCallback, State, StateStage
+
+from r1fleet.errors import R1FleetError
+
+_failures: dict[str, tuple[str, str]] = {}
+_installed: list[State] = []
+
+
+def record(host_name: str, step: str, why: str) -> None:
+    _failures.setdefault(host_name, (step, why))
+
+
+class _Recorder(BaseStateCallback):
+    @staticmethod
+    def operation_host_error(state: State, host, op_hash, retry_count: int = 0, max_retries: int = 0):
+        names = ", ".join(sorted(state.get_op_meta(op_hash).names)) or "an operation"
+        # The output is attached after this callback; keep the op hash and read it at exit.
+        _failures.setdefault(host.name, (names, f"op:{op_hash}"))
+
+
+def _why(state: State, host, why: str) -> str:
+    if not why.startswith("op:"):
+        return why
+    try:
+        meta = state.get_op_data_for_host(host, why[3:]).operation_meta
+        lines = [line for line in meta.stderr_lines if line.strip()] or [
+            line for line in meta.stdout_lines if line.strip()
+        ]
+    except Exception:  # the op may never have produced output (connection lost)
+        lines = []
+    return lines[-1].strip() if lines else "the command failed without output (connection lost?)"
+
+
+def lines(state: State) -> list[str]:
+    hosts = {h.name: h for h in state.inventory}
+    failed = {h.name for h in state.failed_hosts} | set(_failures)
+    out = []
+    for name in sorted(failed):
+        step, why = _failures.get(name, ("connect", "could not connect over SSH (host down or unreachable?)"))
+        out.append(f"  {name}: failed at {step}: {_why(state, hosts.get(name), why)}")
+    return out
+
+
+def _print(state: State) -> None:
+    failed = lines(state)
+    total = len(list(state.inventory))
+    if failed:
+        print(f"\nr1fleet: {len(failed)} of {total} host(s) failed:", file=sys.stderr)
+        print("\n".join(failed), file=sys.stderr)
+    elif state.current_stage >= StateStage.Execute:
+        print(f"\nr1fleet: all {total} host(s) converged", file=sys.stderr)
+
+
+def install(state: State) -> None:
+    if any(s is state for s in _installed):
+        return
+    _installed.append(state)
+    state.add_callback_handler(_Recorder())
+    atexit.register(_print, state)
+
+
+@contextmanager
+def step(state: State, host, name: str) -> Iterator[None]:
+    """Run a planning step; on a user-facing error, record it and fail only this host."""
+    try:
+        yield
+    except (R1FleetError, OSError, ValueError) as error:
+        print(f"[{host.name}] {name} failed: {error}", file=sys.stderr)
+        record(host.name, name, str(error))
+        state.fail_hosts({host})
+
+
+def ok(host) -> bool:
+    return host.name not in _failures

@@ -1,0 +1,66 @@
+"""The lab fixture: bring the simulated fleet up once per session (as root), down at the end.
+
+Set R1FLEET_KEEP_LAB=1 to leave it up after the session (faster re-runs while developing).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from r1fleet.lab import state
+
+CONTROLLER_TOOLS = ("systemd-nspawn", "debootstrap", "apt-cacher-ng", "ssh", "ip")
+LAST_TEST = "test_down_leaves_nothing_behind"
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, mounts, systemd-nspawn); run as root"
+    missing = [tool for tool in CONTROLLER_TOOLS
+               if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}")]
+    if missing:
+        return ("lab tests need controller packages: apt-get install debootstrap systemd-container "
+                f"iproute2 apt-cacher-ng openssh-client (missing: {', '.join(missing)})")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = skip_reason()
+    lab_dir = os.path.dirname(__file__)
+    lab_items = [item for item in items if str(item.fspath).startswith(lab_dir)]
+    for item in lab_items:
+        item.add_marker(pytest.mark.lab)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+    # `lab down` must run after every other lab test.
+    last = [item for item in items if item.name == LAST_TEST]
+    items[:] = [item for item in items if item.name != LAST_TEST] + last
+
+
+def lab_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1fleet.lab", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The lab hosts (state.lab_hosts() after `lab up`), by name."""
+    result = lab_command("up")
+    if result.returncode != 0:
+        pytest.fail(f"r1fleet lab up failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+    yield {host["name"]: host for host in state.lab_hosts()}
+    if os.environ.get("R1FLEET_KEEP_LAB") != "1":
+        lab_command("down")  # harmless when a test already took the lab down
+
+
+@pytest.fixture
+def ssh(lab):
+    """Run a command on a lab host over real SSH; returns the CompletedProcess."""
+    def run(host: str, command: str, timeout: int = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
+        argv = ["ssh", "-F", str(state.ssh_config_path()), "-o", "BatchMode=yes", host, command]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
+    return run

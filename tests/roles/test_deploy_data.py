@@ -1,0 +1,89 @@
+"""Pure decisions behind the roles (r1fleet/deploy_data.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1fleet.deploy_data import (
+    DeployError, HostSettings, OllamaReleaseOverride, Target, cuda_architectures, device_allow,
+    llama_server_args, local_api, model_download, ollama_asset_stems, ollama_environment, ollama_release,
+    parse_sha256sums, settings_from_host_data, target_from_hardware,
+)
+from r1fleet.models import GgufFile, Hardware, HostPlan, OsInfo
+
+AMD64 = Target("amd64", "debian", "forky", None)
+
+
+def plan(**kw) -> HostPlan:
+    base = dict(host="h", model="deepseek-r1-distill-qwen-14b", backend="ollama", placement="gpu", fits=True,
+                context_length=8192, vendor="nvidia")
+    base.update(kw)
+    return HostPlan(**base)
+
+
+def test_asset_stems_follow_vendor_and_tegra():
+    assert ollama_asset_stems(AMD64, "nvidia", "gpu") == ["ollama-linux-amd64"]
+    assert ollama_asset_stems(AMD64, "amd", "gpu") == ["ollama-linux-amd64", "ollama-linux-amd64-rocm"]
+    assert ollama_asset_stems(AMD64, "amd", "cpu") == ["ollama-linux-amd64"]
+    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    assert ollama_asset_stems(jetson, "nvidia", "unified") == ["ollama-linux-arm64", "ollama-linux-arm64-jetpack6"]
+
+
+def test_pinned_release_uses_zstd_archive_with_its_sha():
+    rel = ollama_release("h", AMD64, plan())
+    assert [a.name for a in rel.assets] == ["ollama-linux-amd64.tar.zst"]
+    assert rel.assets[0].url == "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst"
+    assert rel.needs_zstd and rel.binary == "/opt/r1fleet/ollama/0.32.9/bin/ollama"
+
+
+def test_mirror_override_falls_back_to_tgz_and_ignores_pinned_sums():
+    sums = parse_sha256sums(f"{'a' * 64}  ./ollama-linux-amd64.tgz\n{'b' * 64} *ollama-linux-arm64.tgz\n")
+    assert sums == {"ollama-linux-amd64.tgz": "a" * 64, "ollama-linux-arm64.tgz": "b" * 64}
+    rel = ollama_release("h", AMD64, plan(), OllamaReleaseOverride(version="0.32.15-standin", base_url="http://m/ollama", sha256=sums))
+    assert [(a.name, a.url, a.sha256) for a in rel.assets] == [("ollama-linux-amd64.tgz", "http://m/ollama/ollama-linux-amd64.tgz", "a" * 64)]
+    assert not rel.needs_zstd and rel.version == "0.32.15-standin"
+
+
+def test_missing_sha_is_refused_with_the_fix():
+    with pytest.raises(DeployError, match="no sha256 is pinned for ollama-linux-amd64-rocm.tar.zst"):
+        ollama_release("h", AMD64, plan(vendor="amd"))
+
+
+def test_cpu_plan_hides_gpus_and_uses_no_devices():
+    p = plan(placement="cpu", vendor=None)
+    env = ollama_environment(p, HostSettings(), "/m")
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1" and device_allow(p) == []
+    assert device_allow(plan(vendor="amd")) == ["/dev/kfd rw", "char-drm rw"]
+
+
+def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():
+    single = llama_server_args(plan(backend="llama.cpp", tensor_split=[48]), HostSettings(), "/m.gguf", None)
+    assert "--tensor-split" not in single and "--reasoning-format" in single
+    standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), HostSettings(port=9000), "/m.gguf", None)
+    assert "--reasoning-format" not in standin
+    assert standin[standin.index("--tensor-split") + 1] == "15,15" and standin[standin.index("--port") + 1] == "9000"
+
+
+def test_host_data_rehearsal_string_from_cli_and_local_api():
+    s = settings_from_host_data("h", {"r1fleet": {"listen": "0.0.0.0", "allow": ["10.0.0.0/8"], "rehearsal": False}, "rehearsal": "true"})
+    assert s.rehearsal is True
+    assert local_api("ollama", s) == "http://127.0.0.1:11434"
+    with pytest.raises(DeployError, match="field port"):
+        settings_from_host_data("h", {"r1fleet": {"port": 70000}})
+
+
+def test_model_download_prefers_mirror_in_rehearsal_and_needs_sha():
+    gguf = GgufFile(url="https://hf/x.gguf", file="x.gguf", sha256="E" * 64)
+    got = model_download("h", plan(gguf=gguf), HostSettings(rehearsal=True, mirror="http://m:8088/"))
+    assert got.url == "http://m:8088/models/x.gguf" and got.sha256 == "e" * 64
+    assert model_download("h", plan(gguf=gguf), HostSettings(mirror="http://m")).url == "https://hf/x.gguf"
+    with pytest.raises(DeployError, match="catalog gguf.sha256"):
+        model_download("h", plan(gguf=GgufFile(url="u", file="x.gguf", sha256="TODO")), HostSettings())
+
+
+def test_cuda_architectures_and_target():
+    assert cuda_architectures(["8.9", "8.6", "8.6", "bad"]) == "86;89"
+    hw = Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="aarch64", id="ubuntu"), tegra_release="# R36 (release), REVISION: 4.3")
+    assert target_from_hardware(hw) == Target("arm64", "ubuntu", "", 36)
+    with pytest.raises(DeployError, match="riscv64"):
+        target_from_hardware(Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="riscv64")))

@@ -1,0 +1,100 @@
+"""roles/exposure.py at the operation level (@fake connector), plus its validation."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from fakehost_platforms import run_fake_deploy
+from r1fleet.errors import FleetError
+from r1fleet.models import HostPlan
+from roles import exposure
+
+OLLAMA = HostPlan(host="h1", model="r1-8b", backend="ollama")
+LLAMA = HostPlan(host="h1", model="r1-70b", backend="llama.cpp")
+HAS_NFT = {"command -v nft": "/usr/sbin/nft"}
+
+
+def entry(listen=None, allow=(), port=None):
+    """Stand-in for r1fleet.fleet.HostEntry with the fields the role reads."""
+    return SimpleNamespace(name="h1", address="10.77.0.11", listen=listen, allow=list(allow), port=port)
+
+
+def test_listen_without_allow_is_refused_naming_host_and_field():
+    with pytest.raises(FleetError) as error:
+        exposure.exposure_for(entry("192.168.1.20"), OLLAMA)
+    assert "host h1" in str(error.value) and "field allow" in str(error.value) and "0.0.0.0/0" in str(error.value)
+    with pytest.raises(FleetError, match=r"allow\[1\]"):
+        exposure.exposure_for(entry("192.168.1.20", ["10.0.0.0/8", "not-a-net"]), OLLAMA)
+    opened = exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA)
+    assert opened.allow4 == ("0.0.0.0/0",) and opened.port == 11434
+
+
+def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
+    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+                          responses=HAS_NFT, monkeypatch=monkeypatch)
+    assert not run.failed
+    rules = run.uploads[exposure.RULES_FILE]
+    assert "elements = { 10.77.0.1/32 }" in rules and "elements = { fd00::/64 }" in rules
+    assert "ip saddr @allow4 tcp dport 8080 accept" in rules and "tcp dport 8080 counter drop" in rules
+    assert rules.index("accept") < rules.index("drop")
+    unit = run.uploads[exposure.FIREWALL_UNIT_PATH]
+    assert "ExecStart=/usr/sbin/nft -f /etc/r1fleet/nftables.conf" in unit
+    assert run.ran("systemctl enable r1fleet-firewall.service")
+    # the key is made by the host's shell, root-only, and no command or upload carries a key value
+    key_cmd = next(c for c in run.commands if "/dev/urandom" in c)
+    assert "umask 077" in key_cmd and "chmod 0600" in key_cmd and "base64 > /etc/r1fleet/api-key.tmp" in key_cmd
+    assert run.ran("chmod 600 /etc/r1fleet/api-key")
+    assert not any("--api-key " in c for c in run.commands)
+    assert all("api-key" not in text for text in run.uploads.values())
+
+
+def test_existing_key_is_never_regenerated(monkeypatch):
+    responses = {**HAS_NFT, "/etc/r1fleet/api-key": {"stdout": ["user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=45 '/etc/r1fleet/api-key'"]}}
+    run = run_fake_deploy(exposure.prepare, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
+                          monkeypatch=monkeypatch)
+    assert not run.ran("/dev/urandom")
+
+
+def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
+    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
+                          monkeypatch=monkeypatch)
+    assert "tcp dport 11434 counter drop" in run.uploads[exposure.RULES_FILE]
+    assert not run.ran("/dev/urandom")
+
+
+def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
+    responses = {"ufw status": "Status: active", **HAS_NFT}
+    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+                          monkeypatch=monkeypatch)
+    allow = run.commands.index(next(c for c in run.commands if "ufw allow from 10.77.0.1/32 to any port 11434" in c))
+    deny = run.commands.index(next(c for c in run.commands if "ufw deny 11434/tcp" in c))
+    assert allow < deny and exposure.RULES_FILE not in run.uploads
+
+
+def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
+    responses = {"nft list table inet r1fleet": "present", **HAS_NFT}
+    run = run_fake_deploy(exposure.apply, entry(), OLLAMA, responses=responses, monkeypatch=monkeypatch)
+    assert run.ran("nft delete table inet r1fleet")
+    assert run.uploads == {} and not run.ran("/dev/urandom")
+    clean = run_fake_deploy(exposure.apply, entry(), OLLAMA, responses=HAS_NFT, monkeypatch=monkeypatch)
+    assert not clean.ran("nft delete") and clean.uploads == {}
+
+
+def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
+    run = run_fake_deploy(exposure.apply, entry("192.168.1.20"), OLLAMA, responses={"exit 1": {"success": False}},
+                          monkeypatch=monkeypatch)
+    assert run.failed and run.ran("field allow")
+
+
+@pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
+def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch):
+    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+                          responses=HAS_NFT, monkeypatch=monkeypatch)
+    rules = tmp_path / "rules.nft"
+    rules.write_text(run.uploads[exposure.RULES_FILE])
+    result = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,145 @@
+"""roles/gpu_driver.py at the operation level, against pyinfra's @fake connector with faked facts."""
+
+from __future__ import annotations
+
+import re
+
+from fakehost_platforms import run_fake_deploy
+from r1fleet.models import Gpu, Hardware, HostPlan, OsInfo
+from roles import gpu_driver
+
+UBUNTU = OsInfo(id="ubuntu", version_id="24.04", codename="noble", arch="x86_64", kernel="6.8.0-45-generic")
+DEBIAN_12 = OsInfo(id="debian", version_id="12", codename="bookworm", arch="x86_64", kernel="6.1.0-26-amd64")
+DEBIAN_13 = OsInfo(id="debian", version_id="13", codename="trixie", arch="x86_64", kernel="6.12.9-amd64")
+FEDORA = OsInfo(id="fedora", version_id="42", arch="x86_64", kernel="6.14.0-63.fc42.x86_64")
+PLAN = HostPlan(host="h1", model="r1-14b", backend="ollama", placement="gpu", vendor="nvidia")
+# A host where the reboot "happened": same uptime before and after (reboot delay 1 s in tests).
+REBOOT_DATA = {"r1fleet_reboot_delay": 1, "r1fleet_reboot_timeout": 5}
+UPTIME = {"/proc/uptime": "100"}
+
+
+def rtx3090(driver: str | None = None) -> Gpu:
+    return Gpu(index=0, vendor="nvidia", name="NVIDIA GeForce RTX 3090", memory_total_mib=24576, pci_id="10de:2204",
+               driver_version=driver, compute_cap="8.6" if driver else None,
+               source="nvidia-smi-query" if driver else "lspci")
+
+
+def hw(os: OsInfo = UBUNTU, gpus: list[Gpu] | None = None, **extra) -> Hardware:
+    return Hardware(host="h1", os=os, ram_total_mib=65536, gpus=[rtx3090()] if gpus is None else gpus, **extra)
+
+
+def apt_install_line(run) -> str:
+    """The last `apt-get install` pyinfra ran (the driver packages; earlier ones fetch tools)."""
+    return [c for c in run.commands if re.search(r"apt-get -y .*install", c)][-1]
+
+
+def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(), PLAN, responses=UPTIME, data=REBOOT_DATA, monkeypatch=monkeypatch)
+    assert not run.failed
+    line = apt_install_line(run)
+    assert "nvidia-headless-580-server-open" in line and "nvidia-utils-580-server" in line
+    assert run.uploads[gpu_driver.NOUVEAU_BLACKLIST].splitlines()[1:] == ["blacklist nouveau", "options nouveau modeset=0"]
+    assert run.ran("update-initramfs -u")
+    # nvidia-smi answers nothing after the install -> exactly one reboot, then persistence is enabled
+    assert sum("reboot" in c and "sleep 1" in c for c in run.commands) == 1
+    assert run.ran("systemctl enable nvidia-persistenced")
+    assert not any("sources.list.d" in path for path in run.uploads)   # Ubuntu: archive packages only
+
+
+def test_no_reboot_when_the_new_driver_already_answers(monkeypatch):
+    responses = {"nvidia-smi --query-gpu=driver_version": "580.95.05", **UPTIME}
+    run = run_fake_deploy(gpu_driver.install, hw(), PLAN, responses=responses, data=REBOOT_DATA,
+                          monkeypatch=monkeypatch)
+    assert not any("reboot" in c and "sleep 1" in c for c in run.commands)
+
+
+def test_ubuntu_old_driver_is_upgraded(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(gpus=[rtx3090("535.183.01")]), PLAN, responses=UPTIME,
+                          data=REBOOT_DATA, monkeypatch=monkeypatch)
+    assert "nvidia-headless-580-server-open" in apt_install_line(run)
+    assert any("below ollama's minimum 550" in name for name in run.op_names)
+
+
+def test_ubuntu_right_driver_is_a_no_op(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(gpus=[rtx3090("580.95.05")]), PLAN, monkeypatch=monkeypatch)
+    assert run.op_names == [] and run.commands == [] and run.uploads == {}
+
+
+def test_debian_12_adds_nonfree_components_and_verified_cuda_repo(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_12), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                          monkeypatch=monkeypatch)
+    sources = run.uploads[gpu_driver.DEBIAN_NONFREE_SOURCES]
+    assert "Suites: bookworm bookworm-updates" in sources and "Components: contrib non-free non-free-firmware" in sources
+    cuda = run.uploads[gpu_driver.CUDA_SOURCES]
+    assert "URIs: https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/" in cuda
+    assert "Suites: /" in cuda and f"Signed-By: {gpu_driver.CUDA_KEYRING}" in cuda
+    assert run.ran("EB693B3035CD5710E231E123A4B469963BF863CC")   # key fingerprint checked before use
+    assert "Pin-Priority: 995" in run.uploads[gpu_driver.CUDA_PIN]
+    line = apt_install_line(run)
+    assert "nvidia-open-580" in line and "linux-headers-6.1.0-26-amd64" in line
+
+
+def test_debian_13_uses_distro_open_dkms(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                          monkeypatch=monkeypatch)
+    line = apt_install_line(run)
+    assert "nvidia-open-kernel-dkms" in line and "linux-headers-6.12.9-amd64" in line
+    assert gpu_driver.CUDA_SOURCES not in run.uploads
+
+
+def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(FEDORA), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                          monkeypatch=monkeypatch)
+    assert run.ran("rpmfusion-nonfree-release-42.noarch.rpm")
+    assert any(re.search(r"dnf .*install.*akmod-nvidia", c) for c in run.commands)
+    assert run.uploads["/etc/rpm/macros.nvidia-kmod"].strip() == "%_with_kmod_nvidia_open 1"
+    # modinfo printed nothing -> the role polls until akmods has built the module
+    assert run.ran("modinfo -F version nvidia >/dev/null 2>&1 && exit 0")
+    assert run.ran("dracut --force")
+
+
+def test_fedora_skips_the_wait_when_the_module_is_built(monkeypatch):
+    responses = {"modinfo -F version": "580.95.05", **UPTIME}
+    run = run_fake_deploy(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
+                          monkeypatch=monkeypatch)
+    assert not run.ran("akmods --force")
+
+
+def test_secure_boot_with_unsigned_module_fails_the_host_with_mok_message(monkeypatch):
+    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN,
+                          responses={"exit 1": {"success": False}}, monkeypatch=monkeypatch)
+    assert run.failed
+    assert any("mokutil --import /var/lib/dkms/mok.pub" in c for c in run.commands)
+    assert not any(re.search(r"apt-get -y .*install", c) for c in run.commands)   # nothing half-installed
+
+
+def test_secure_boot_with_enrolled_key_installs(monkeypatch):
+    responses = {"mokutil --test-key": "/var/lib/dkms/mok.pub is already enrolled", **UPTIME}
+    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN, responses=responses,
+                          data=REBOOT_DATA, monkeypatch=monkeypatch)
+    assert not run.failed and "nvidia-open-kernel-dkms" in apt_install_line(run)
+
+
+def test_jetson_is_never_touched(monkeypatch):
+    jetson = hw(gpus=[Gpu(index=0, vendor="nvidia", name="Orin (nvgpu)", memory_total_mib=0, source="nvidia-smi",
+                          driver_version="540.4.0")], tegra_release="# R36 (release), REVISION: 4.3")
+    run = run_fake_deploy(gpu_driver.install, jetson, PLAN, monkeypatch=monkeypatch)
+    assert run.op_names == [] and run.commands == []
+
+
+def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeypatch):
+    card = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, pci_id="1002:744c",
+               source="lspci")
+    plan = HostPlan(host="h1", model="r1-14b", backend="llama.cpp", vendor="amd")
+    run = run_fake_deploy(gpu_driver.install, hw(gpus=[card]), plan, monkeypatch=monkeypatch)
+    line = apt_install_line(run)
+    assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-runtime" in line
+    assert "repo.radeon.com/rocm/apt/6.4.1" in run.uploads[gpu_driver.ROCM_SOURCES]
+    assert run.ran("modprobe amdgpu")
+
+
+def test_amd_supported_card_with_ollama_is_a_no_op(monkeypatch):
+    card = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, source="rocm-smi")
+    run = run_fake_deploy(gpu_driver.install, hw(gpus=[card]), PLAN.model_copy(update={"vendor": "amd"}),
+                          monkeypatch=monkeypatch)
+    assert run.op_names == []

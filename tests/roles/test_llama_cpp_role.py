@@ -1,0 +1,134 @@
+"""Operation-level tests of roles/llama_cpp.py on a @fake stand-in host."""
+
+from __future__ import annotations
+
+from deploy_harness import run_role
+import facts_for as ff
+
+from r1fleet.deploy_data import HostSettings, ModelDownload, Target, llama_cpp_install
+from r1fleet.models import GgufFile, HostPlan
+from roles.llama_cpp import llama_cpp_role
+
+UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
+SHA = "c" * 64
+FORKY = Target(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
+BOOKWORM = Target(arch="amd64", distro_id="debian", codename="bookworm", tegra_major=None)
+
+
+def plan(**overrides) -> HostPlan:
+    base = dict(
+        host="h1", model="deepseek-r1-distill-llama-70b", ollama_tag="deepseek-r1:70b-llama-distill-q4_K_M",
+        backend="llama.cpp", placement="multi-gpu", fits=True, context_length=8192, kv_cache_type="q8_0",
+        flash_attention=True, tensor_split=[38, 42], vendor="nvidia", compute_caps=["8.6", "8.6"],
+        gpu_uuids=["GPU-aaaa", "GPU-bbbb"],
+        gguf=GgufFile(url="https://example.invalid/70b.gguf", file="70b.gguf", sha256=SHA),
+    )
+    base.update(overrides)
+    return HostPlan(**base)
+
+
+DOWNLOAD = ModelDownload(url="https://example.invalid/70b.gguf", file="70b.gguf", sha256=SHA)
+
+
+def exec_args(unit: str) -> list[str]:
+    line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
+    return line.removeprefix("ExecStart=").split()
+
+
+def test_from_package_on_forky_with_cuda_backend(monkeypatch):
+    p, settings = plan(), HostSettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    assert install.method == "package"
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    assert not run.failed
+    assert run.ran("install curl ca-certificates llama.cpp-tools libggml0-backend-cuda")
+    assert not run.ran("cmake")
+    args = exec_args(run.uploads[UNIT])
+    assert args == [
+        "/usr/bin/llama-server", "-m", "/var/lib/r1fleet/models/llama.cpp/70b.gguf", "-c", "8192", "-ngl", "999",
+        "--tensor-split", "38,42", "--split-mode", "layer", "-fa", "on",
+        "--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--parallel", "1",
+        "--host", "127.0.0.1", "--port", "8080", "--metrics", "--jinja", "--reasoning-format", "deepseek",
+    ]
+    assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb"' in run.uploads[UNIT]
+    assert "IPAddressDeny=any" in run.uploads[UNIT] and "IPAddressAllow=localhost" in run.uploads[UNIT]
+    fetch = run.script("70b.gguf.part")
+    assert "curl -fSL --retry 3 -C -" in fetch and fetch.index("sha256sum -c") < fetch.index("mv -f")
+    assert "chown llama:llama" in fetch
+    assert run.ran("http://127.0.0.1:8080/health")
+
+
+def test_from_source_where_no_cuda_package(monkeypatch):
+    p, settings = plan(), HostSettings()
+    install = llama_cpp_install(BOOKWORM, p, settings, set())
+    assert install.method == "source" and install.binary == "/opt/r1fleet/llama.cpp/b10069/bin/llama-server"
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    build = run.script("cmake -S")
+    assert "-DGGML_CUDA=ON" in build and "-DCMAKE_CUDA_ARCHITECTURES=86" in build
+    assert "https://github.com/ggml-org/llama.cpp/archive/refs/tags/b10069.tar.gz" in build
+    assert build.index("sha256sum -c") < build.index("cmake -S") < build.index('mv "$tmp/out" /opt/r1fleet/llama.cpp/b10069')
+    assert exec_args(run.uploads[UNIT])[0] == install.binary
+
+
+def test_source_build_skipped_when_tag_already_built(monkeypatch):
+    p, settings = plan(), HostSettings()
+    install = llama_cpp_install(BOOKWORM, p, settings, set())
+    responses = ff.file_exists(install.binary, mode="-rwxr-xr-x")
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    assert not run.ran("cmake -S")
+
+
+def test_lab_host_uses_the_cpu_package(monkeypatch):
+    p, settings = plan(), HostSettings(profile="dual-rtx3090", rehearsal=True)
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools"})
+    assert install.method == "package" and install.packages == ("llama.cpp-tools",)
+
+
+def test_api_key_is_a_credential_never_in_argv(monkeypatch):
+    settings = HostSettings(listen="0.0.0.0", allow=["192.168.1.0/24"], api_key_file="/etc/r1fleet/api-key")
+    install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    unit = run.uploads[UNIT]
+    args = exec_args(unit)
+    assert args[args.index("--api-key-file") + 1] == "%d/api-key"
+    assert "--api-key" not in args
+    assert "LoadCredential=api-key:/etc/r1fleet/api-key" in unit
+    assert "IPAddressAllow=localhost 192.168.1.0/24" in unit
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert not any("cat /etc/r1fleet/api-key" in c for c in run.commands)
+
+
+def test_no_api_key_flag_when_local_only(monkeypatch):
+    settings = HostSettings(api_key_file="/etc/r1fleet/api-key")
+    install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    assert "--api-key-file" not in run.uploads[UNIT] and "LoadCredential" not in run.uploads[UNIT]
+
+
+def test_already_present_changes_nothing(monkeypatch):
+    p, settings = plan(), HostSettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    responses = {
+        "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "llama:x:998:"],
+        **ff.users(("llama", "/var/lib/llama", "/usr/sbin/nologin", ["video", "render"])),
+        **ff.directory("/var/lib/llama", "llama", "llama", "drwxr-x---"),
+        **ff.directory("/var/lib/r1fleet/models/llama.cpp", "llama", "llama", "drwxr-x---"),
+        **ff.directory("/var/lib/r1fleet/models", "root", "root", "drwxr-xr-x"),
+        **ff.directory("/etc/systemd/system", "root", "root", "drwxr-xr-x"),
+        **ff.sha256_of("/var/lib/r1fleet/models/llama.cpp/70b.gguf", SHA),
+        **ff.file_content(UNIT, first.uploads[UNIT]),
+        **ff.running("r1fleet-llama-server.service"),
+        "dpkg -l": ff.dpkg_installed("curl", "ca-certificates", "llama.cpp-tools", "libggml0-backend-cuda"),
+    }
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    assert run.changed == []
+    assert not run.ran("systemctl restart") and not run.ran("/health")
+
+
+def test_changed_model_restarts_the_service(monkeypatch):
+    p, settings = plan(), HostSettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    responses = ff.running("r1fleet-llama-server.service")
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    assert run.ran("systemctl restart r1fleet-llama-server.service") and run.ran("/health")

@@ -1,0 +1,75 @@
+"""roles/macos.py at the operation level (@fake connector standing in for an Apple Silicon Mac)."""
+
+from __future__ import annotations
+
+import plistlib
+from types import SimpleNamespace
+
+from fakehost_platforms import run_fake_deploy
+from r1fleet.models import DevicePlan, HostPlan
+from roles import macos
+
+ARM = {"uname -m": "arm64", "uname -s": "Darwin"}
+
+
+def mac_plan(planned_mib: int, total_mib: int = 32768) -> HostPlan:
+    device = DevicePlan(device="unified", capacity_mib=total_mib, planned_mib=planned_mib, weights_mib=planned_mib - 2000,
+                        kv_cache_mib=1500, compute_mib=300, overhead_mib=200)
+    return HostPlan(host="mac", model="r1-14b", backend="ollama", placement="unified", vendor="apple",
+                    context_length=16384, kv_cache_type="q8_0", unified_memory_mib=total_mib, devices=[device])
+
+
+def entry(listen=None):
+    return SimpleNamespace(name="mac", address="192.168.1.30", listen=listen, allow=["192.168.1.0/24"], port=None,
+                           model_dir="/var/lib/r1fleet/models")
+
+
+def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
+    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), responses=ARM, monkeypatch=monkeypatch)
+    assert not run.failed
+    plist = plistlib.loads(run.uploads[macos.PLIST].encode())     # well-formed plist
+    assert plist["Label"] == "com.r1fleet.ollama" and plist["UserName"] == "_r1ollama"
+    assert plist["ProgramArguments"] == [macos.BREW_BINARY, "serve"]   # no macOS sha256 known -> Homebrew
+    env = plist["EnvironmentVariables"]
+    assert env["OLLAMA_HOST"] == "127.0.0.1:11434" and env["OLLAMA_CONTEXT_LENGTH"] == "16384"
+    assert env["OLLAMA_MODELS"] == "/var/lib/r1fleet/models/ollama" and env["OLLAMA_KV_CACHE_TYPE"] == "q8_0"
+    assert env["OLLAMA_FLASH_ATTENTION"] == "1" and env["OLLAMA_KEEP_ALIVE"] == "-1"
+    assert plist["RunAtLoad"] and plist["KeepAlive"] and "LimitLoadToSessionType" not in plist
+    assert run.ran("brew install ollama")
+    assert run.ran("dscl . -create /Users/_r1ollama")
+    assert run.ran("launchctl bootstrap system /Library/LaunchDaemons/com.r1fleet.ollama.plist")
+    assert run.ran("launchctl kickstart -k system/com.r1fleet.ollama")
+    # 12000 MiB fits in the default working set of 32 GiB (2/3 = 21845 MiB): no wired limit
+    assert macos.WIRED_PLIST not in run.uploads and not run.ran("iogpu.wired_limit_mb")
+
+
+def test_listen_address_reaches_ollama_host(monkeypatch):
+    run = run_fake_deploy(macos.install, mac_plan(12000), entry("192.168.1.30"), responses=ARM, monkeypatch=monkeypatch)
+    env = plistlib.loads(run.uploads[macos.PLIST].encode())["EnvironmentVariables"]
+    assert env["OLLAMA_HOST"] == "192.168.1.30:11434"
+
+
+def test_plan_beyond_default_working_set_sets_wired_limit_at_boot(monkeypatch):
+    run = run_fake_deploy(macos.install, mac_plan(24000), entry(), responses=ARM, monkeypatch=monkeypatch)
+    wired = plistlib.loads(run.uploads[macos.WIRED_PLIST].encode())
+    assert wired["ProgramArguments"] == ["/usr/sbin/sysctl", "iogpu.wired_limit_mb=25024"]
+    assert wired["RunAtLoad"] is True
+    assert run.ran("sysctl iogpu.wired_limit_mb=25024")
+
+
+def test_wired_limit_leaves_the_os_its_reserve():
+    assert macos.wired_limit_mib(mac_plan(31000)) == 32768 - macos.OS_RESERVE_MIB
+    assert macos.default_gpu_limit_mib(16384) == 10922      # 2/3 (llama-cpp-python #687: 10922.67 MB)
+    assert macos.default_gpu_limit_mib(98304) == 73728      # 3/4 (llama.cpp #3213: 73728 MB)
+
+
+def test_existing_user_and_unchanged_plist_do_nothing(monkeypatch):
+    responses = {**ARM, "id -u _r1ollama": "yes"}
+    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), responses=responses, monkeypatch=monkeypatch)
+    assert not run.ran("dscl . -create")
+
+
+def test_intel_mac_is_refused(monkeypatch):
+    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), monkeypatch=monkeypatch,
+                          responses={"uname -m": "x86_64", "exit 1": {"success": False}})
+    assert run.failed and run.ran("Apple Silicon only")

@@ -1,0 +1,164 @@
+"""Operation-level tests of roles/ollama.py on a @fake stand-in host (no SSH, no Ollama binary)."""
+
+from __future__ import annotations
+
+import pytest
+from deploy_harness import run_role
+import facts_for as ff
+
+from r1fleet.deploy_data import HostSettings, OllamaReleaseOverride, Target, ollama_release
+from r1fleet.models import GgufFile, HostPlan
+from roles.ollama import ollama_role
+
+API = "http://127.0.0.1:11434"
+UNIT = "/etc/systemd/system/r1fleet-ollama.service"
+STANDIN_TAG = "r1fleet/smollm2:135m-instruct-q4_1"
+GGUF_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+TARGET = Target(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
+
+
+def plan(**overrides) -> HostPlan:
+    base = dict(
+        host="h1", model="deepseek-r1-distill-qwen-7b", ollama_tag="deepseek-r1:7b-qwen-distill-q4_K_M",
+        backend="ollama", placement="gpu", fits=True, context_length=16384, kv_cache_type="q8_0",
+        flash_attention=True, gpu_uuids=["GPU-11111111-2222-3333-4444-555555555555"], vendor="nvidia",
+    )
+    base.update(overrides)
+    return HostPlan(**base)
+
+
+def rehearsal_plan() -> HostPlan:
+    return plan(model="smollm2-135m-instruct-q4_1", ollama_tag=STANDIN_TAG, context_length=8192,
+                gguf=GgufFile(url="", file="SmolLM2-135M-Instruct.Q4_1.gguf", sha256=GGUF_SHA))
+
+
+def release(version="0.32.9"):
+    return ollama_release("h1", TARGET, plan(), OllamaReleaseOverride(version=version) if version != "0.32.9" else None)
+
+
+def present_host(p: HostPlan, settings: HostSettings, rel, unit_text: str, extra_dirs=()) -> dict:
+    """Everything the role manages already in place, as facts."""
+    responses = {
+        "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "ollama:x:999:"],
+        **ff.users(("ollama", "/var/lib/ollama", "/usr/sbin/nologin", ["video", "render"])),
+        **ff.directory("/var/lib/ollama", "ollama", "ollama", "drwxr-x---"),
+        **ff.directory("/var/lib/r1fleet/models/ollama", "ollama", "ollama", "drwxr-x---"),
+        **ff.directory("/var/lib/r1fleet/models/import", "root", "root", "drwxr-xr-x"),
+        **ff.directory("/var/lib/r1fleet/models", "root", "root", "drwxr-xr-x"),
+        **ff.file_exists(rel.stamp),
+        **ff.link("/usr/local/bin/ollama", rel.binary),
+        **ff.file_content(UNIT, unit_text),
+        **ff.running("r1fleet-ollama.service"),
+        **ff.ollama_api(API, [p.ollama_tag], [p.ollama_tag]),
+        "ls -1A /opt/r1fleet/ollama": [rel.version, *extra_dirs],
+        **ff.directory("/etc/systemd/system", "root", "root", "drwxr-xr-x"),
+        "dpkg -l": ff.dpkg_installed("curl", "ca-certificates", "tar", "zstd"),
+    }
+    return responses
+
+
+def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
+    p, rel = plan(), release()
+    run = run_role(ollama_role, p, HostSettings(), rel, monkeypatch=monkeypatch)
+    assert not run.failed
+    install = run.script("mktemp -d /opt/r1fleet/ollama/.tmp.")
+    assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in install
+    assert "5d747a43369f61e38f20b5a39fcc5c90647e562cdc61e2e56034f1c5b113d540" in install
+    assert install.index("sha256sum -c") < install.index("zstd -dc") < install.index("mv \"$tmp/tree\" /opt/r1fleet/ollama/0.32.9")
+    assert run.ran("ln -s /opt/r1fleet/ollama/0.32.9/bin/ollama /usr/local/bin/ollama")
+    assert run.ran("zstd")  # package installed because the archive is .tar.zst
+    assert run.ran("systemctl daemon-reload")
+    assert run.ran("systemctl start r1fleet-ollama.service") and run.ran("systemctl enable r1fleet-ollama.service")
+    assert run.ran(f"{API}/api/version")  # health gate after the start
+    assert run.ran(f"ollama pull {p.ollama_tag}") and not run.ran("ollama create")
+    assert run.ran('"keep_alive": -1')
+
+
+def test_unit_carries_exactly_the_planned_settings(monkeypatch):
+    p = plan()
+    run = run_role(ollama_role, p, HostSettings(), release(), monkeypatch=monkeypatch)
+    unit = run.uploads[UNIT]
+    env = sorted(line.split("=", 1)[1].strip('"') for line in unit.splitlines() if line.startswith("Environment="))
+    assert env == sorted([
+        "OLLAMA_HOST=127.0.0.1:11434", "OLLAMA_MODELS=/var/lib/r1fleet/models/ollama",
+        "OLLAMA_CONTEXT_LENGTH=16384", "OLLAMA_FLASH_ATTENTION=1", "OLLAMA_KV_CACHE_TYPE=q8_0",
+        "OLLAMA_KEEP_ALIVE=-1", "OLLAMA_NUM_PARALLEL=1", "OLLAMA_MAX_LOADED_MODELS=1", "HOME=/var/lib/ollama",
+        "CUDA_VISIBLE_DEVICES=GPU-11111111-2222-3333-4444-555555555555",
+    ])
+    assert "ExecStart=/opt/r1fleet/ollama/0.32.9/bin/ollama serve" in unit
+    assert "User=ollama" in unit and "CapabilityBoundingSet=\n" in unit and "DevicePolicy=closed" in unit
+    assert "DeviceAllow=char-nvidia-uvm rw" in unit and "PrivateDevices=no" in unit
+    assert "MemoryDenyWriteExecute=yes" not in unit  # CUDA maps W+X memory
+
+
+def test_listen_opens_the_bind_address(monkeypatch):
+    settings = HostSettings(listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
+    run = run_role(ollama_role, plan(), settings, release(), monkeypatch=monkeypatch)
+    assert 'Environment="OLLAMA_HOST=192.168.1.20:11500"' in run.uploads[UNIT]
+    assert run.ran("http://192.168.1.20:11500/api/version")
+
+
+def test_already_present_changes_nothing(monkeypatch):
+    p, rel, settings = plan(), release(), HostSettings()
+    first = run_role(ollama_role, p, settings, rel, monkeypatch=monkeypatch)
+    responses = present_host(p, settings, rel, first.uploads[UNIT])
+    again = run_role(ollama_role, p, settings, rel, responses=responses, monkeypatch=monkeypatch)
+    assert not again.failed
+    assert again.changed == []
+    assert not again.ran("systemctl restart") and not again.ran("systemctl daemon-reload")
+    assert not again.ran("ollama pull") and not again.ran("/api/generate")
+
+
+def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
+    p, settings = plan(), HostSettings()
+    old = release()
+    first = run_role(ollama_role, p, settings, old, monkeypatch=monkeypatch)
+    new = ollama_release("h1", TARGET, p, OllamaReleaseOverride(
+        version="0.33.0", base_url="https://example.invalid/v{version}",
+        sha256={"ollama-linux-amd64.tar.zst": "a" * 64}))
+    responses = present_host(p, settings, old, first.uploads[UNIT])
+    responses["ls -1A /opt/r1fleet/ollama"] = ["0.32.9", "0.33.0"]
+    run = run_role(ollama_role, p, settings, new, responses=responses, monkeypatch=monkeypatch)
+    assert not run.failed
+    assert run.ran("https://example.invalid/v0.33.0/ollama-linux-amd64.tar.zst")
+    assert "ExecStart=/opt/r1fleet/ollama/0.33.0/bin/ollama serve" in run.uploads[UNIT]
+    assert run.ran("systemctl daemon-reload") and run.ran("systemctl restart r1fleet-ollama.service")
+    assert "rm -rf /opt/r1fleet/ollama/0.32.9" in run.commands  # the prune, after the health gate
+
+
+def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
+    p = rehearsal_plan()
+    settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    run = run_role(ollama_role, p, settings, release(), monkeypatch=monkeypatch)
+    assert not run.failed
+    fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
+    assert "http://10.77.0.1:8088/models/SmolLM2-135M-Instruct.Q4_1.gguf" in fetch and GGUF_SHA in fetch
+    assert fetch.index("sha256sum -c") < fetch.index("mv -f")
+    assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"].startswith(
+        "FROM /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf\n")
+    assert run.ran(f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
+    assert not run.ran("ollama pull")
+    assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
+
+
+def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
+    p = rehearsal_plan()
+    settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    rel = release()
+    first = run_role(ollama_role, p, settings, rel, monkeypatch=monkeypatch)
+    gguf = "/var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf"
+    responses = {
+        **present_host(p, settings, rel, first.uploads[UNIT]),
+        **ff.sha256_of(gguf, GGUF_SHA),
+        **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
+    }
+    run = run_role(ollama_role, p, settings, rel, responses=responses, monkeypatch=monkeypatch)
+    assert run.changed == []
+    assert not run.ran("ollama create") and not run.ran(".part")
+
+
+def test_download_mismatch_fails_the_host(monkeypatch):
+    responses = {"mktemp -d /opt/r1fleet/ollama/.tmp.": {"success": False, "stderr": "sha256 mismatch for x"}}
+    run = run_role(ollama_role, plan(), HostSettings(), release(), responses=responses, monkeypatch=monkeypatch)
+    assert run.failed
+    assert not run.ran("systemctl start r1fleet-ollama.service")

@@ -1,0 +1,58 @@
+"""Ansible inventories (YAML and INI, group_vars/host_vars) -> fleet-file-shaped dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from r1fleet.ansible_inventory import fleet_dict_from_ansible, looks_like_ansible_inventory
+from r1fleet.errors import FleetError
+
+REPO = Path(__file__).resolve().parents[2]
+LAB = REPO / "inventory" / "ansible" / "lab-hosts.yml"
+EXAMPLE_INI = REPO / "inventory" / "ansible" / "example-hosts.ini"
+
+
+def test_lab_inventory_matches_the_lab_in_file_order():
+    fleet = fleet_dict_from_ansible(LAB)
+    hosts = fleet["hosts"]
+    assert list(hosts) == ["lab-3060", "lab-4090", "lab-dual3090", "lab-cpu"]
+    assert [h["address"] for h in hosts.values()] == ["10.77.0.11", "10.77.0.12", "10.77.0.13", "10.77.0.14"]
+    dual = hosts["lab-dual3090"]
+    assert dual["ssh_user"] == "root" and dual["ssh_key"] == "/run/r1fleet-lab/id_ed25519"
+    assert dual["rehearsal"] is True and dual["profile"] == "dual-rtx3090"          # group_vars + host_vars
+    assert dual["policy"] == {"min_context": 8192, "min_tokens_per_second": 5}
+    assert dual["groups"] == ["r1lab"]
+
+
+def test_ini_inventory_with_ports_lists_and_group_vars():
+    hosts = fleet_dict_from_ansible(EXAMPLE_INI)["hosts"]
+    assert hosts["dual3090"]["ssh_port"] == 2222
+    assert hosts["dual3090"]["listen"] == "192.168.1.21"
+    assert hosts["dual3090"]["allow"] == ["192.168.1.0/24"]
+    assert hosts["tower"]["policy"] == {"min_context": 16384}
+    assert hosts["tower"]["ssh_user"] == "admin" and hosts["tower"]["groups"] == ["gpu"]
+    assert "policy" not in hosts["studio"] and hosts["studio"]["groups"] == ["mac"]
+
+
+def test_host_vars_override_group_vars(tmp_path):
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "host_vars").mkdir()
+    (tmp_path / "hosts.yml").write_text("all:\n  children:\n    boxes:\n      hosts:\n        a: {ansible_host: 10.0.0.5}\n        b:\n")
+    (tmp_path / "group_vars" / "boxes.yml").write_text("r1fleet_model: r1-8b\nr1fleet_port: 9000\n")
+    (tmp_path / "host_vars" / "a.yml").write_text("r1fleet_model: r1-32b\n")
+    hosts = fleet_dict_from_ansible(tmp_path / "hosts.yml")["hosts"]
+    assert hosts["a"]["model"] == "r1-32b" and hosts["b"]["model"] == "r1-8b"
+    assert hosts["a"]["port"] == 9000 and hosts["b"]["address"] == "b"   # no ansible_host: the name
+
+
+def test_detection_and_errors(tmp_path):
+    assert looks_like_ansible_inventory(LAB) and looks_like_ansible_inventory(EXAMPLE_INI)
+    assert not looks_like_ansible_inventory(REPO / "inventory" / "lab.yml")
+    empty = tmp_path / "empty.yml"
+    empty.write_text("all:\n  hosts: {}\n")
+    with pytest.raises(FleetError, match="no hosts"):
+        fleet_dict_from_ansible(empty)
+    with pytest.raises(FleetError, match="does not exist"):
+        fleet_dict_from_ansible(tmp_path / "missing.yml")

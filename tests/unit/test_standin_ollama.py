@@ -1,0 +1,304 @@
+"""The stand-in Ollama (tests/standins/ollama): its HTTP API, store layout, CLI and release archive.
+
+The stand-in replaces the one thing this machine cannot get (the Ollama binary), so these tests
+hold it to the real formats r1fleet's roles and verification read (Ollama docs/api.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+STANDIN_DIR = Path(__file__).resolve().parents[1] / "standins" / "ollama"
+OLLAMA = STANDIN_DIR / "ollama"
+TAG = "r1fleet/tiny:test-q4_1"
+# The interpreter that runs the stand-in (e.g. a lab host's python3 to check that version too)
+PYTHON = os.environ.get("R1FLEET_STANDIN_PYTHON", sys.executable)
+
+
+def gguf_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def write_gguf(path: Path, kv: dict[str, Any], tensors: list[tuple[str, list[int]]]) -> None:
+    """A minimal valid GGUF v3 file: header, key/values (u32, string, string-array) and tensor infos."""
+    body = b""
+    for key, value in kv.items():
+        body += gguf_string(key)
+        if isinstance(value, int):
+            body += struct.pack("<I", 4) + struct.pack("<I", value)
+        elif isinstance(value, str):
+            body += struct.pack("<I", 8) + gguf_string(value)
+        else:  # list of strings
+            body += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(gguf_string(v) for v in value)
+    for offset, (name, dims) in enumerate(tensors):
+        body += gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        body += struct.pack("<IQ", 0, offset * 64)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + body)
+
+
+TINY_KV = {"general.architecture": "llama", "general.file_type": 3, "llama.block_count": 4,
+           "llama.context_length": 2048, "llama.embedding_length": 64, "llama.attention.head_count": 4,
+           "llama.attention.head_count_kv": 2, "tokenizer.ggml.tokens": [f"t{i}" for i in range(40)]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
+    payload = data if data is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=payload, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        raw, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+    if "ndjson" in ctype:
+        return status, [json.loads(line) for line in raw.splitlines()]
+    return status, json.loads(raw) if raw and "json" in ctype else raw.decode()
+
+
+def wait_until_serving(base: str, proc: subprocess.Popen[bytes], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            return call(base, "GET", "/")[1] == "Ollama is running"
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ollama")
+    port = free_port()
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp / "models"),
+           "R1FLEET_STANDIN_RUNNER": "none", "CUDA_VISIBLE_DEVICES": "-1", "OLLAMA_CONTEXT_LENGTH": "8192"}
+    env.pop("R1FLEET_STANDIN_REGISTRY", None)
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=log, stdout=log)
+    base = f"http://127.0.0.1:{port}"
+    if not wait_until_serving(base, proc):
+        proc.kill()
+        pytest.fail("stand-in ollama did not start: " + (tmp / "serve.log").read_text())
+    gguf = tmp / "tiny.gguf"
+    write_gguf(gguf, TINY_KV, [("token_embd.weight", [64, 100]), ("output_norm.weight", [64])])
+    (tmp / "Modelfile").write_text('FROM ./tiny.gguf\nTEMPLATE """{{ .Prompt }}<think>"""\nPARAMETER stop "<|end|>"\n'
+                                   "PARAMETER temperature 0.6\n")
+    created = subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(tmp / "Modelfile")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    yield {"base": base, "env": env, "tmp": tmp, "gguf": gguf, "proc": proc, "created": created}
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def test_cli_create_uploads_blob_and_writes_real_store_layout(server: dict[str, Any]) -> None:
+    assert server["created"].returncode == 0, server["created"].stderr
+    assert server["created"].stdout.strip().endswith("success")
+    models = server["tmp"] / "models"
+    gguf_hex = hashlib.sha256(server["gguf"].read_bytes()).hexdigest()
+    assert (models / "blobs" / f"sha256-{gguf_hex}").read_bytes() == server["gguf"].read_bytes()
+    manifest = json.loads((models / "manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1").read_text())
+    assert manifest["schemaVersion"] == 2
+    kinds = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
+    assert kinds["application/vnd.ollama.image.model"] == f"sha256:{gguf_hex}"
+    assert "application/vnd.ollama.image.template" in kinds and "application/vnd.ollama.image.params" in kinds
+    params = (models / "blobs" / kinds["application/vnd.ollama.image.params"].replace(":", "-")).read_text()
+    assert json.loads(params) == {"stop": ["<|end|>"], "temperature": 0.6}
+
+
+def test_tags_lists_the_model_with_manifest_digest(server: dict[str, Any]) -> None:
+    status, body = call(server["base"], "GET", "/api/tags")
+    assert status == 200
+    [model] = body["models"]
+    manifest = server["tmp"] / "models/manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1"
+    assert model["name"] == TAG
+    assert model["digest"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert model["details"]["family"] == "llama" and model["details"]["quantization_level"] == "Q4_1"
+    assert model["details"]["parameter_size"] == "6K"  # 64*100 + 64 elements
+    listed = subprocess.run([PYTHON, str(OLLAMA), "list"], env=server["env"], capture_output=True, text=True)
+    assert listed.stdout.splitlines()[1].split()[:2] == [TAG, model["digest"][:12]]
+
+
+def test_show_reads_model_info_from_the_gguf_header(server: dict[str, Any]) -> None:
+    status, body = call(server["base"], "POST", "/api/show", {"model": TAG})
+    assert status == 200
+    info = body["model_info"]
+    assert info["general.architecture"] == "llama"
+    assert info["llama.block_count"] == 4 and info["llama.context_length"] == 2048
+    assert info["tokenizer.ggml.tokens"] is None  # long arrays are elided, as in Ollama
+    assert info["general.parameter_count"] == 6464
+    assert body["capabilities"] == ["completion", "thinking"]
+    assert body["template"] == "{{ .Prompt }}<think>"
+    status, body = call(server["base"], "POST", "/api/show", {"model": "deepseek-r1:7b"})
+    assert status == 404 and "not found" in body["error"]
+
+
+def test_empty_generate_loads_the_model_and_ps_lists_it(server: dict[str, Any]) -> None:
+    status, body = call(server["base"], "POST", "/api/generate", {"model": TAG, "keep_alive": "10m"})
+    assert status == 200 and body["done"] is True and body["done_reason"] == "load"
+    status, body = call(server["base"], "GET", "/api/ps")
+    [running] = body["models"]
+    assert running["name"] == TAG
+    assert running["context_length"] == 2048  # OLLAMA_CONTEXT_LENGTH 8192 capped at the model's trained length
+    assert running["size_vram"] == 0  # CUDA_VISIBLE_DEVICES=-1: CPU
+    kv_cache = 2 * 4 * 2 * (64 // 4) * 2048 * 2
+    assert running["size"] == server["gguf"].stat().st_size + kv_cache
+    remaining = time.mktime(time.strptime(running["expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.time()
+    assert 500 < remaining <= 600
+
+
+def test_chat_without_stream_returns_content_thinking_and_counts(server: dict[str, Any]) -> None:
+    status, body = call(server["base"], "POST", "/api/chat",
+                        {"model": TAG, "stream": False, "think": True, "messages": [{"role": "user", "content": "Why is the sky blue?"}]})
+    assert status == 200 and body["done"] is True
+    assert body["message"]["content"].startswith("[stand-in ollama")
+    assert body["message"]["thinking"]
+    assert body["eval_count"] == len(body["message"]["content"].split()) and body["eval_duration"] > 0
+    assert body["prompt_eval_count"] == 5
+
+
+def test_generate_streams_ndjson_ending_with_statistics(server: dict[str, Any]) -> None:
+    status, events = call(server["base"], "POST", "/api/generate", {"model": TAG, "prompt": "hello there", "think": False})
+    assert status == 200 and all(not e["done"] for e in events[:-1]) and events[-1]["done"] is True
+    text = "".join(e["response"] for e in events)
+    assert text and not any("thinking" in e for e in events)
+    assert events[-1]["eval_count"] == len(text.split())
+
+
+def test_blob_upload_verifies_the_digest(server: dict[str, Any]) -> None:
+    data = b"some bytes"
+    wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    status, body = call(server["base"], "POST", f"/api/blobs/{wrong}", data=data)
+    assert status == 400 and "digest mismatch" in body["error"]
+    right = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert call(server["base"], "HEAD", f"/api/blobs/{right}")[0] == 404
+    assert call(server["base"], "POST", f"/api/blobs/{right}", data=data)[0] == 201
+    assert call(server["base"], "HEAD", f"/api/blobs/{right}")[0] == 200
+
+
+def test_pull_without_registry_fails_in_the_stream(server: dict[str, Any]) -> None:
+    status, events = call(server["base"], "POST", "/api/pull", {"model": "deepseek-r1:7b"})
+    assert status == 200 and events[0] == {"status": "pulling manifest"}
+    assert "registry.ollama.ai/v2/library/deepseek-r1/manifests/7b" in events[-1]["error"]
+
+
+def test_pull_from_a_standin_registry_directory_copies_manifest_and_blobs(server: dict[str, Any], tmp_path: Path) -> None:
+    env = {**server["env"], "OLLAMA_MODELS": str(tmp_path / "other"), "R1FLEET_STANDIN_REGISTRY": str(server["tmp"] / "models"),
+           "OLLAMA_HOST": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until_serving(f"http://{env['OLLAMA_HOST']}", proc)
+        pulled = subprocess.run([PYTHON, str(OLLAMA), "pull", TAG], env=env, capture_output=True, text=True)
+        assert pulled.returncode == 0 and pulled.stdout.splitlines()[-1] == "success", pulled.stderr
+        src = (server["tmp"] / "models/manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1").read_bytes()
+        assert (tmp_path / "other/manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1").read_bytes() == src
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0  # graceful SIGTERM
+
+
+FAKE_LLAMA_SERVER = r"""#!PYTHON
+# Test double for llama.cpp's llama-server (not installable on this machine): answers /health and
+# /v1/chat/completions in llama-server's response format and records its command line.
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+open(sys.argv[0] + ".args", "w").write(json.dumps(sys.argv[1:]))
+class H(BaseHTTPRequestHandler):
+    def reply(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def do_GET(self):
+        self.reply({"status": "ok"})
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = "<think>about " + req["messages"][-1]["content"] + "</think>Blue light scatters more."
+        self.reply({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "timings": {"prompt_n": 11, "prompt_ms": 5.5, "predicted_n": 6, "predicted_ms": 120.0}})
+port = int(sys.argv[sys.argv.index("--port") + 1])
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], tmp_path: Path) -> None:
+    runner = tmp_path / "llama-server"
+    runner.write_text(FAKE_LLAMA_SERVER.replace("PYTHON", PYTHON, 1))
+    runner.chmod(0o755)
+    port = free_port()
+    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}",
+           "OLLAMA_NUM_PARALLEL": "2", "OLLAMA_KV_CACHE_TYPE": "q8_0"}
+    proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_serving(base, proc)
+        status, body = call(base, "POST", "/api/chat", {"model": TAG, "stream": False, "options": {"num_ctx": 1024},
+                                                        "messages": [{"role": "user", "content": "sky?"}]})
+        assert status == 200, body
+        assert body["message"] == {"role": "assistant", "content": "Blue light scatters more.", "thinking": "about sky?"}
+        assert (body["eval_count"], body["eval_duration"]) == (6, 120_000_000)
+        assert (body["prompt_eval_count"], body["prompt_eval_duration"]) == (11, 5_500_000)
+        args = json.loads(Path(str(runner) + ".args").read_text())
+        blob = server["tmp"] / "models/blobs" / ("sha256-" + hashlib.sha256(server["gguf"].read_bytes()).hexdigest())
+        assert args[args.index("-m") + 1] == str(blob)
+        assert args[args.index("-c") + 1] == "2048" and args[args.index("-np") + 1] == "2"  # num_ctx x parallel
+        assert args[args.index("--cache-type-k") + 1] == "q8_0"
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+
+
+def test_keep_alive_expiry_unloads_and_zero_unloads_at_once(server: dict[str, Any]) -> None:
+    base = server["base"]
+    call(base, "POST", "/api/generate", {"model": TAG, "keep_alive": "1s"})
+    assert [m["name"] for m in call(base, "GET", "/api/ps")[1]["models"]] == [TAG]
+    time.sleep(2.5)
+    assert call(base, "GET", "/api/ps")[1]["models"] == []
+    call(base, "POST", "/api/generate", {"model": TAG, "keep_alive": -1})
+    status, body = call(base, "POST", "/api/generate", {"model": TAG, "keep_alive": 0})
+    assert status == 200 and body["done_reason"] == "unload"
+    assert call(base, "GET", "/api/ps")[1]["models"] == []
+
+
+def test_version_and_delete(server: dict[str, Any]) -> None:
+    version = subprocess.run([PYTHON, str(OLLAMA), "--version"], env=server["env"], capture_output=True, text=True)
+    assert version.stdout.startswith("ollama version is ")
+    assert call(server["base"], "GET", "/api/version")[1]["version"] in version.stdout
+    status, _ = call(server["base"], "DELETE", "/api/delete", {"model": TAG})
+    assert status == 200
+    assert call(server["base"], "GET", "/api/tags")[1]["models"] == []
+    assert call(server["base"], "DELETE", "/api/delete", {"model": TAG})[0] == 404
+
+
+def build(outdir: Path, version: str = "0.32.15-standin") -> None:
+    subprocess.run([PYTHON, str(STANDIN_DIR / "build.py"), str(outdir), "--version", version], check=True)
+
+
+def test_release_archive_is_deterministic_with_real_layout(tmp_path: Path) -> None:
+    build(tmp_path / "a")
+    time.sleep(1.1)  # timestamps have 1 s resolution: a build that leaked the clock would now differ
+    build(tmp_path / "b")
+    sums = (tmp_path / "a/sha256sum.txt").read_text()
+    assert sums == (tmp_path / "b/sha256sum.txt").read_text()
+    amd64 = tmp_path / "a/ollama-linux-amd64.tgz"
+    assert f"{hashlib.sha256(amd64.read_bytes()).hexdigest()}  ./ollama-linux-amd64.tgz" in sums.splitlines()
+    with tarfile.open(amd64) as tar:
+        binary = tar.getmember("bin/ollama")
+        assert binary.mode == 0o755 and tar.getmember("lib/ollama/README.txt").isfile()
+        assert b'VERSION = "0.32.15-standin"' in tar.extractfile(binary).read()
+    assert (tmp_path / "a/VERSION").read_text().strip() == "0.32.15-standin"
