@@ -5,6 +5,7 @@
     pyinfra -y inventory.py deploy.py --data rehearsal=true   # stand-in model in the planned slot
 
 All decisions live in r1fleet (pure, tested); this file only wires them to the host.
+Order per host: driver -> exposure key -> backend -> firewall (macOS: one LaunchDaemon role).
 """
 
 from pyinfra import host, state
@@ -14,7 +15,7 @@ from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse
 from r1fleet.policy import Policy
-from roles import summary
+from roles import exposure, gpu_driver, macos, summary
 from roles.llama_cpp import choose_install, llama_cpp_role
 from roles.ollama import ollama_role, release_for
 
@@ -30,15 +31,22 @@ with summary.step(state, host, "plan"):
     print(format_plan(plan, settings.rehearsal))
     if not plan.fits or not plan.backend:
         raise ValueError("no model fits this host; see the plan's reasons")
-    target = target_from_hardware(hardware)
-    if plan.backend == "ollama":
-        release = release_for(plan, settings, target)
-    else:
-        install = choose_install(plan, settings, target)
-        download = model_download(host.name, plan, settings)
+    on_macos = hardware.os.system == "Darwin"
+    if not on_macos:
+        target = target_from_hardware(hardware)
+        if plan.backend == "ollama":
+            release = release_for(plan, settings, target)
+        else:
+            install = choose_install(plan, settings, target)
+            download = model_download(host.name, plan, settings)
 
-if summary.ok(host):
+if summary.ok(host) and on_macos:
+    macos.install(plan, settings, hw=hardware)
+elif summary.ok(host):
+    gpu_driver.install(hardware, plan)
+    exposure.prepare(settings, plan)
     if plan.backend == "ollama":
         ollama_role(plan, settings, release)
     else:
         llama_cpp_role(plan, settings, install, download)
+    exposure.apply(settings, plan)

@@ -49,6 +49,12 @@ class OllamaReleaseOverride(BaseModel):
     sha256: dict[str, str] = {}
 
 
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+# The llama-server API key of an exposed host: generated on the host, root-only, handed to the
+# service as a systemd credential so it is never in argv, the unit or a log.
+API_KEY_FILE = "/etc/r1fleet/api-key"
+
+
 class HostSettings(BaseModel):
     """What the roles need from a fleet entry (host data `r1fleet`) plus a few deploy knobs."""
 
@@ -82,6 +88,8 @@ def settings_from_host_data(host: str, data: Mapping[str, Any]) -> HostSettings:
             merged[key] = data[key]
     if data.get("rehearsal") is not None:
         merged["rehearsal"] = _truthy(data["rehearsal"])
+    if merged.get("listen") and not merged.get("api_key_file") and merged["listen"] not in LOOPBACK:
+        merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
     try:
         return HostSettings.model_validate(merged)
     except ValidationError as exc:
@@ -110,7 +118,7 @@ def local_api(backend: str, settings: HostSettings) -> str:
 
 
 def is_local_only(settings: HostSettings) -> bool:
-    return bind_address(settings) in {"127.0.0.1", "::1", "localhost"}
+    return bind_address(settings) in LOOPBACK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,14 +288,6 @@ def _lab_overrides() -> dict[str, dict]:
     }
 
 
-def is_ansible_inventory(path: Path, raw: Any) -> bool:
-    if path.suffix in (".ini", ".cfg") or path.name in ("hosts", "inventory"):
-        return True
-    return isinstance(raw, dict) and "hosts" not in raw and any(
-        isinstance(v, dict) and ({"hosts", "children", "vars"} & set(v)) for v in raw.values()
-    )
-
-
 def resolve_ref(ref: str | os.PathLike | None) -> str:
     ref = ref or os.environ.get("R1FLEET_FLEET") or str(DEFAULT_FLEET)
     return str(ref)
@@ -317,12 +309,11 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
         path = REPO_ROOT / path
     if not path.exists():
         raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml, or set R1FLEET_FLEET (a path or `lab`)")
-    raw = None if path.suffix in (".ini", ".cfg") else read_yaml(path)
-    if is_ansible_inventory(path, raw):
-        from r1fleet.ansible_inventory import fleet_dict_from_ansible
+    from r1fleet.ansible_inventory import fleet_dict_from_ansible, looks_like_ansible_inventory
 
-        return fleet_from_dict(fleet_dict_from_ansible(str(path)), str(path))
-    return fleet_from_dict(raw, str(path))
+    if looks_like_ansible_inventory(path):
+        return fleet_from_dict(fleet_dict_from_ansible(path), str(path))
+    return fleet_from_dict(read_yaml(path), str(path))
 
 
 def json_schema() -> dict[str, Any]:

@@ -28,17 +28,16 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, systemd
 
+from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
 KEY_DIR = "/etc/r1fleet"
-API_KEY_FILE = f"{KEY_DIR}/api-key"
 RULES_FILE = f"{KEY_DIR}/nftables.conf"
 FIREWALL_UNIT = "r1fleet-firewall.service"
 FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
-DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
-SERVICE_UNITS = {"ollama": "r1fleet-ollama.service", "llama.cpp": "r1fleet-llama-server.service"}
+SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
 OPEN_TO_ALL = ["0.0.0.0/0"]
 # The systemd lines the llama-server unit carries when the host is exposed (see module docstring).
 LLAMA_CREDENTIAL_LINE = f"LoadCredential=api-key:{API_KEY_FILE}"

@@ -55,14 +55,22 @@ def write_ssh_files(addresses: dict[str, str]) -> None:
 
 
 def stop_processes(pids: list[int], marker: str, timeout: float = 30.0) -> None:
-    """SIGTERM all at once (containers shut down in parallel), then wait; SIGKILL stragglers."""
+    """SIGTERM all at once (containers shut down in parallel), then wait; SIGKILL stragglers.
+
+    SIGTERM is repeated every 2 s: nspawn turns each into a halt request for the container's
+    systemd, which drops requests that arrive before it has set up its signal handlers (a
+    container still booting, e.g. on Ctrl-C during `lab up`).
+    """
     live = [pid for pid in pids if procs.is_ours(pid, marker)]
-    for pid in live:
-        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    next_term = 0.0
     while live and time.monotonic() < deadline:
-        live = [pid for pid in live if not procs.exited(pid) and procs.is_ours(pid, marker)]
+        if time.monotonic() >= next_term:
+            for pid in live:
+                os.kill(pid, signal.SIGTERM)
+            next_term = time.monotonic() + 2.0
         time.sleep(0.1)
+        live = [pid for pid in live if not procs.exited(pid) and procs.is_ours(pid, marker)]
     for pid in live:
         procs.stop(pid, marker, timeout=0)
 
