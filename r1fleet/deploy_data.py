@@ -365,7 +365,6 @@ def unit_context(
         "ip_allow": ip_allow,
         "restrict_ip": restrict_ip,
         "credential": credential,
-        "supplementary_groups": ["render", "video"] if gpu else [],
     }
 
 

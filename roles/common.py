@@ -51,7 +51,11 @@ class HttpJson(FactBase):
 
 
 class AptCandidates(FactBase):
-    """The subset of `packages` that apt can install (a Candidate other than (none))."""
+    """The subset of `packages` that apt can install (a Candidate other than (none)).
+
+    A host whose package lists were never fetched (a fresh image) would know no package at all,
+    so the lists are fetched first in that case only.
+    """
 
     default = set
 
@@ -60,7 +64,8 @@ class AptCandidates(FactBase):
 
     def command(self, packages: tuple[str, ...]) -> str:
         names = " ".join(shlex.quote(p) for p in packages)
-        return f"LC_ALL=C apt-cache policy {names} 2>/dev/null || true"
+        refresh = "ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq >/dev/null 2>&1"
+        return f"{refresh}; LC_ALL=C apt-cache policy {names} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> set[str]:
         found, current = set(), None

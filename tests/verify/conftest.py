@@ -16,12 +16,10 @@ After the run a per-host table is printed (and written to --verify-report FILE).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shlex
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -98,6 +96,8 @@ class Target:
     plan: HostPlan | None = None
     error: str | None = None
     command_timeout: int = 60
+    chat_timeout: int = 300
+    split_tolerance: float = 0.15
     measured: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -273,8 +273,15 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
     fleet = fleet_of(config)
     lab_ssh_config = _ssh_config_without_host_keys()
     request.addfinalizer(lambda: os.unlink(lab_ssh_config))
-    chosen = {name: Target(fleet.hosts[name], command_timeout=config.getoption("--command-timeout"))
-              for name in _selected_hosts(request.session)}
+    chosen = {
+        name: Target(
+            fleet.hosts[name],
+            command_timeout=config.getoption("--command-timeout"),
+            chat_timeout=config.getoption("--chat-timeout"),
+            split_tolerance=config.getoption("--split-tolerance"),
+        )
+        for name in _selected_hosts(request.session)
+    }
     threads = {name: threading.Thread(target=prepare, args=(t, config, lab_ssh_config), daemon=True) for name, t in chosen.items()}
     for thread in threads.values():
         thread.start()
@@ -407,22 +414,3 @@ class VerifyReporter:
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin(REPORTER_NAME):
         config.pluginmanager.register(VerifyReporter(config), REPORTER_NAME)
-
-
-# ---------------------------------------------------------------- small helpers the checks share
-
-
-def controller_address_towards(address: str) -> str | None:
-    """This machine's source address for packets to `address` (no packet is sent)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((address, 9))
-            return probe.getsockname()[0]
-    except OSError:
-        return None
-
-
-def in_networks(address: str, networks: list[str]) -> bool:
-    ip = ipaddress.ip_address(address)
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)

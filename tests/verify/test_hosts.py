@@ -1,0 +1,313 @@
+"""The checks: each host serves its planned model, on its planned GPUs, and nobody else can reach it.
+
+One test per check, parametrized by host (fixtures in conftest.py), so a failure reads
+`test_<check>[<host>]`. Judgements live in r1fleet/verify_report.py (pure, unit tested); these
+tests only gather the evidence on the host and state the verdict with the host's name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+
+from r1fleet.catalog import load_catalog
+from r1fleet.models import HostPlan
+from r1fleet.verify_report import (
+    exec_start_argv,
+    flag_value,
+    gpu_problems,
+    listener_problems,
+    memory_by_gpu,
+    ollama_chat_reply,
+    ollama_manifest_path,
+    ollama_model_layer,
+    openai_chat_reply,
+    parse_compute_apps,
+    parse_gpu_query,
+    parse_ss_listeners,
+    speed_problem,
+    split_deviation,
+    systemd_environment,
+)
+
+if TYPE_CHECKING:  # the fixture's type; conftest is not imported as a module
+    from conftest import Target
+
+PROMPT = "What is 7 + 5? Reply with the number only."
+MIB = 1024 * 1024
+
+
+def uses_gpu(plan: HostPlan) -> bool:
+    return plan.placement not in (None, "cpu") and plan.vendor is not None
+
+
+def fail(target: Target, message: str) -> None:
+    pytest.fail(f"{target.name}: {message}", pytrace=False)
+
+
+def chat(target: Target):
+    """One real chat request per host and session (the chat, speed and GPU checks share it)."""
+    if "chat_error" in target.cache:  # a hung server costs one timeout per session, not one per check
+        fail(target, target.cache["chat_error"])
+    if "chat" not in target.cache:
+        try:
+            target.cache["chat"] = _ask(target)
+        except pytest.fail.Exception as err:
+            target.cache["chat_error"] = f"the chat request failed: {str(err).removeprefix(target.name + ': ')}"
+            raise
+        target.measured["tokens_per_second"] = target.cache["chat"].tokens_per_second
+    return target.cache["chat"]
+
+
+def _ask(target: Target):
+    """Send the chat request for the plan's backend and read the reply."""
+    plan = target.plan
+    messages = [{"role": "user", "content": PROMPT}]
+    # R1 thinks before it answers: leave room for the thoughts; the stand-in only needs a few tokens.
+    budget = 1024 if target.reasoning else 64
+    if plan.backend == "ollama":
+        body = {"model": plan.ollama_tag, "messages": messages, "stream": False, "keep_alive": -1,
+                "options": {"num_predict": budget, "temperature": 0}}
+        if target.reasoning:
+            body["think"] = True
+        reply = ollama_chat_reply(target.get_json("/api/chat", "POST", body, target.chat_timeout))
+    else:
+        body = {"messages": messages, "max_tokens": budget, "temperature": 0}
+        reply = openai_chat_reply(target.get_json("/v1/chat/completions", "POST", body, target.chat_timeout, target.api_key_file()))
+    return reply
+
+
+
+
+# ---------------------------------------------------------------- driver and GPUs
+
+
+def test_gpus_visible(target: Target, plan: HostPlan) -> None:
+    if not uses_gpu(plan):
+        pytest.skip("the plan uses no GPU")
+    if plan.vendor != "nvidia":
+        pytest.skip(f"only NVIDIA GPUs are checked (this plan uses {plan.vendor})")
+    result = target.run("nvidia-smi --query-gpu=index,name,uuid,driver_version --format=csv,noheader,nounits")
+    if result.rc != 0:
+        fail(target, f"nvidia-smi failed (exit {result.rc}): the driver is not loaded? {result.stdout.strip() or result.stderr.strip()}")
+    problems = gpu_problems(plan, parse_gpu_query(result.stdout))
+    assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+# ---------------------------------------------------------------- the service
+
+
+def test_service_active(target: Target) -> None:
+    service = target.host.service(target.unit)
+    assert service.is_running, f"{target.name}: {target.unit} is not active (systemctl start {target.unit}; journalctl -u {target.unit})"
+
+
+def test_service_enabled(target: Target) -> None:
+    service = target.host.service(target.unit)
+    assert service.is_enabled, f"{target.name}: {target.unit} is not enabled: it will not start at boot"
+
+
+def test_service_user(target: Target) -> None:
+    configured = target.output(f"systemctl show -p User --value {target.unit}").strip()
+    assert configured == target.user, f"{target.name}: {target.unit} is configured to run as {configured or 'root'!r}, not {target.user!r}"
+    pids = target.service_pids()
+    if not pids:
+        fail(target, f"{target.unit} has no running process")
+    owners = target.output(f"ps -o user= -p {','.join(str(p) for p in sorted(pids))}").split()
+    wrong = sorted(set(owners) - {target.user})
+    assert not wrong, f"{target.name}: {target.unit} has processes running as {', '.join(wrong)}, not only {target.user!r}"
+
+
+def test_listens_only_on_plan(target: Target) -> None:
+    listeners = parse_ss_listeners(target.output("ss -ltnpH"))
+    problems = listener_problems(listeners, target.service_pids(), target.bind, target.port)
+    assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+def test_api_healthy(target: Target) -> None:
+    if target.backend == "ollama":
+        version = target.get_json("/api/version")
+        assert version.get("version"), f"{target.name}: /api/version has no version: {version}"
+    else:
+        health = target.get_json("/health")
+        assert health.get("status") == "ok", f"{target.name}: /health says {health}"
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _check_file(target: Target, path: str, size: int | None, sha256: str | None, hash_it: bool) -> list[str]:
+    stat = target.run(f"stat -L -c %s {path}")
+    if stat.rc != 0:
+        return [f"{path} is missing"]
+    problems = []
+    actual = int(stat.stdout.strip() or 0)
+    if size and actual != size:
+        problems.append(f"{path} is {actual:,} bytes, the planned file is {size:,}")
+    if sha256 and hash_it and not problems:
+        digest = target.output(f"sha256sum {path}", timeout=1800).split()[0]
+        if digest != sha256:
+            problems.append(f"{path} has sha256 {digest}, the planned file has {sha256}")
+    return problems
+
+
+def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
+    hash_it = plan.rehearsal or request.config.getoption("--hash-models")
+    problems: list[str] = []
+    if plan.backend == "ollama":
+        tags = target.get_json("/api/tags")
+        names = [m.get("name") for m in tags.get("models") or []]
+        if plan.ollama_tag not in names:
+            fail(target, f"/api/tags has no {plan.ollama_tag} (it lists: {', '.join(map(str, names)) or 'nothing'})")
+        digest = load_catalog().find(plan.model).ollama_digest
+        if digest:
+            env = systemd_environment(target.output(f"systemctl show -p Environment --value {target.unit}"))
+            models = env.get("OLLAMA_MODELS")
+            if not models:
+                fail(target, f"{target.unit} sets no OLLAMA_MODELS, so its model store cannot be checked")
+            manifest_path = ollama_manifest_path(models, plan.ollama_tag)
+            manifest = target.output(f"cat {manifest_path}")
+            layer = ollama_model_layer(json.loads(manifest))
+            if layer != digest:
+                problems.append(f"{plan.ollama_tag} serves weights {layer}, the plan's are {digest}")
+            else:
+                size = plan.gguf.size_bytes if plan.gguf and plan.gguf.sha256 == digest else None
+                problems += _check_file(target, f"{models.rstrip('/')}/blobs/sha256-{digest}", size, digest, hash_it)
+    else:
+        props = target.get_json("/props", key_file=target.api_key_file())
+        served = props.get("model_path") or ""
+        if not served:
+            models = target.get_json("/v1/models", key_file=target.api_key_file())
+            served = ((models.get("data") or [{}])[0]).get("id") or ""
+        wanted = f"{target.entry.model_dir.rstrip('/')}/llama.cpp/{plan.gguf.file}"
+        if served != wanted:
+            problems.append(f"llama-server serves {served or 'no model'}, the plan's file is {wanted}")
+        else:
+            problems += _check_file(target, wanted, plan.gguf.size_bytes, plan.gguf.sha256, hash_it)
+    assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+def test_context_matches_plan(target: Target, plan: HostPlan) -> None:
+    want = plan.context_length
+    problems = []
+    if plan.backend == "ollama":
+        env = systemd_environment(target.output(f"systemctl show -p Environment --value {target.unit}"))
+        configured = env.get("OLLAMA_CONTEXT_LENGTH")
+        if configured != str(want):
+            problems.append(f"{target.unit} sets OLLAMA_CONTEXT_LENGTH={configured}, the plan's context is {want}")
+        chat(target)  # make sure the model is loaded
+        loaded = [m for m in target.get_json("/api/ps").get("models") or [] if m.get("name") == plan.ollama_tag]
+        if loaded and loaded[0].get("context_length") not in (None, want):
+            problems.append(f"the loaded model runs with context {loaded[0]['context_length']}, the plan's is {want}")
+    else:
+        argv = exec_start_argv(target.output(f"systemctl show -p ExecStart --value {target.unit}"))
+        configured = flag_value(argv, "-c", "--ctx-size")
+        if configured != str(want):
+            problems.append(f"{target.unit} runs llama-server with -c {configured}, the plan's context is {want}")
+        props = target.get_json("/props", key_file=target.api_key_file())
+        served = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
+        if served != want:
+            problems.append(f"/props reports n_ctx {served}, the plan's context is {want}")
+    assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+# ---------------------------------------------------------------- it answers, on the GPU, fast enough
+
+
+def test_chat_answers(target: Target, plan: HostPlan) -> None:
+    reply = chat(target)
+    assert reply.content, f"{target.name}: the chat reply has no answer text"
+    if target.reasoning:
+        assert reply.reasoning, f"{target.name}: {plan.model} is an R1 model but the reply carries no reasoning (thinking / reasoning_content)"
+
+
+def test_model_on_gpu(target: Target, plan: HostPlan) -> None:
+    if not uses_gpu(plan):
+        pytest.skip("the plan uses no GPU")
+    chat(target)  # the model is loaded once it has answered
+    if plan.backend == "ollama":
+        loaded = [m for m in target.get_json("/api/ps").get("models") or [] if m.get("name") == plan.ollama_tag]
+        if not loaded:
+            fail(target, f"{plan.ollama_tag} is not loaded (/api/ps)")
+        size, vram = int(loaded[0].get("size") or 0), int(loaded[0].get("size_vram") or 0)
+        target.measured["gpu_used_mib"] = round(vram / MIB)
+        assert size > 0 and vram == size, (
+            f"{target.name}: only {vram / MIB:,.0f} of {size / MIB:,.0f} MiB of {plan.ollama_tag} are on the GPU (size_vram != size)"
+        )
+        return
+    if plan.vendor != "nvidia":
+        pytest.skip(f"per-GPU memory is read with nvidia-smi (this plan uses {plan.vendor})")
+    apps = parse_compute_apps(target.output(
+        "nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits"))
+    used = memory_by_gpu(apps, target.service_pids(), plan.gpu_uuids)
+    target.measured["gpu_used_mib"] = sum(used)
+    empty = [uuid for uuid, mib in zip(plan.gpu_uuids, used) if mib <= 0]
+    assert not empty, f"{target.name}: llama-server holds no memory on planned GPU(s) {', '.join(empty)} (used {used} MiB)"
+    if plan.tensor_split and len(plan.tensor_split) > 1:
+        tolerance = target.split_tolerance
+        deviation = split_deviation(used, plan.tensor_split)
+        assert deviation <= tolerance, (
+            f"{target.name}: GPU memory {used} MiB does not follow the tensor split {plan.tensor_split} "
+            f"(off by {deviation:.0%}, tolerance {tolerance:.0%})"
+        )
+
+
+def test_decode_speed(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
+    reply = chat(target)
+    fraction = request.config.getoption("--min-speed-fraction")
+    if fraction is None:
+        fraction = 0.0 if plan.rehearsal else 0.5  # the rehearsal stand-in runs on the lab's CPU
+    problem = speed_problem(reply.tokens_per_second, plan.est_tokens_per_second, fraction)
+    assert problem is None, f"{target.name}: {problem}"
+
+
+# ---------------------------------------------------------------- exposure
+
+
+def test_key_required(target: Target, plan: HostPlan) -> None:
+    if not target.exposed:
+        pytest.skip(f"bound to {target.bind} only")
+    if plan.backend == "ollama":
+        pytest.skip("Ollama has no API keys; only the allow-list protects it")
+    if not target.api_key_file():
+        fail(target, f"exposed on {target.bind}:{target.port} without an API key (set api_key_file for this host)")
+    status, text = target.http("GET", "/v1/models")
+    if status in (200, 201):
+        fail(target, f"{target.api}/v1/models answered {status} without a key")
+    assert status in (401, 403), f"{target.name}: a request without a key got {status or 'no answer'} ({text.strip()[:200]}), expected 401"
+
+
+def test_outside_allow_list_refused(target: Target) -> None:
+    if not target.exposed:
+        pytest.skip(f"bound to {target.bind} only")
+    source = controller_address_towards(target.bind)
+    if source is None:
+        pytest.skip(f"this machine has no route to {target.bind}")
+    if in_networks(source, target.entry.allow):
+        pytest.skip(f"this machine ({source}) is on the allow-list; run verify from outside it to test the refusal")
+    try:
+        with socket.create_connection((target.bind, target.port), timeout=3):
+            connected = True
+    except OSError:
+        connected = False
+    assert not connected, f"{target.name}: {target.bind}:{target.port} accepted a connection from {source}, which is outside allow {target.entry.allow}"
+
+
+def controller_address_towards(address: str) -> str | None:
+    """This machine's source address for packets to `address` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def in_networks(address: str, networks: list[str]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
