@@ -268,6 +268,10 @@ def ollama_environment(plan: HostPlan, settings: HostSettings, models_dir: str) 
         "OLLAMA_MAX_LOADED_MODELS": "1",
         "HOME": "/var/lib/ollama",
     }
+    if plan.placement != "cpu" and plan.devices:
+        # Ollama >= 0.30 runs llama-server, whose --fit would push layers to the CPU when less than its
+        # margin (default 1024 MiB) stays free; make its margin the plan's headroom (research/ollama.md s2).
+        env["LLAMA_ARG_FIT_TARGET"] = str(plan.devices[0].headroom_mib)
     if plan.placement == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"  # docs/gpu.mdx: -1 forces the CPU
     elif plan.vendor == "nvidia" and plan.gpu_uuids:
@@ -280,7 +284,9 @@ def _ts(values: list[int]) -> str:
 
 
 def is_reasoning_model(plan: HostPlan) -> bool:
-    return bool(plan.model and "deepseek-r1" in plan.model.lower())
+    from r1fleet.catalog import load_catalog
+
+    return bool(plan.model) and load_catalog().find(plan.model).reasoning
 
 
 def llama_server_args(plan: HostPlan, settings: HostSettings, model_path: str, api_key_path: str | None) -> list[str]:

@@ -71,16 +71,14 @@ def host_is_up(name: str, record: dict | None) -> bool:
 def lab_hosts() -> list[dict]:
     """The hosts of the running lab (or of inventory/lab.yml with state "down" when it is not up)."""
     state = load_state()
-    if state.get("hosts"):
-        fleet_hosts = {name: rec["profile"] for name, rec in state["hosts"].items()}
-        addresses = {name: rec["address"] for name, rec in state["hosts"].items()}
-    else:
-        try:
-            fleet = load_fleet(Path(state.get("fleet_file", LAB_FLEET_FILE)))
-        except LabFleetError:
-            return []
-        fleet_hosts = fleet.hosts
-        addresses = fleet.addresses()[1]
+    records = state.get("hosts", {})
+    try:
+        fleet = load_fleet(Path(state.get("fleet_file", LAB_FLEET_FILE)))
+        fleet_hosts, addresses = dict(fleet.hosts), fleet.addresses()[1]
+    except (LabFleetError, network.NetworkError):
+        fleet_hosts, addresses = {}, {}
+    for name, rec in records.items():  # what is running wins over an edited fleet file
+        fleet_hosts[name], addresses[name] = rec["profile"], rec["address"]
     return [
         {
             "name": name,

@@ -200,7 +200,8 @@ class Target:
             "for f in /sys/fs/cgroup$cg/cgroup.procs /sys/fs/cgroup/systemd$cg/cgroup.procs; do "
             "[ -r \"$f\" ] && { cat \"$f\"; exit 0; }; done"
         )
-        return {int(p) for p in self.run(script).stdout.split() if p.isdigit()}
+        # A process of another PID namespace is listed as 0; it cannot be inspected from here.
+        return {int(p) for p in self.run(script).stdout.split() if p.isdigit() and int(p) > 0}
 
 
 def _ssh_config_without_host_keys() -> str:
@@ -412,5 +413,7 @@ class VerifyReporter:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("help", False):
+        fleet_of(config)  # an invalid fleet is a usage error (exit 4), reported before any collection
     if not config.pluginmanager.has_plugin(REPORTER_NAME):
         config.pluginmanager.register(VerifyReporter(config), REPORTER_NAME)
