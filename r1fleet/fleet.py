@@ -249,7 +249,9 @@ def _merge(defaults: HostSettings, host: HostSettings) -> dict[str, Any]:
 
 
 def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = None) -> Fleet:
-    """Validate a fleet-file-shaped dict; every problem is reported at once, naming host and field."""
+    """Validate a fleet-file-shaped dict; every problem is reported at once, naming host and field.
+
+    `lab_hosts` gives per-host defaults (a lab's addresses and key) that the file may override."""
     if not isinstance(raw, dict):
         raise FleetError(f"{source}: expected a mapping with `hosts:` (and optional `defaults:`)", fix="see inventory/fleet.example.yml")
     try:
@@ -258,9 +260,7 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
         raise _explain(err, source) from None
     entries, problems = {}, []
     for name, settings in parsed.hosts.items():
-        merged = _merge(parsed.defaults, settings)
-        if lab_hosts is not None and name in lab_hosts:
-            merged.update({k: v for k, v in lab_hosts[name].items() if v is not None})
+        merged = {**(lab_hosts or {}).get(name, {}), **_merge(parsed.defaults, settings)}
         if not merged.get("address"):
             problems.append(f"{source}: host {name}: field address: missing (fix: add the host's IP or DNS name)")
             continue
@@ -275,17 +275,23 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
     return Fleet(source=source, hosts=entries)
 
 
-def _lab_overrides() -> dict[str, dict]:
+def _lab_defaults(raw: Any, source: str) -> dict[str, dict] | None:
+    """Connection settings the lab gives the hosts of a fleet file with a `lab:` section."""
+    if not (isinstance(raw, dict) and "lab" in raw):
+        return None
+    from r1fleet.lab import network, state
+
+    try:
+        return state.connection_defaults(raw)
+    except network.NetworkError as err:
+        raise FleetError(f"{source}: field lab.subnet: {err}") from None
+
+
+def _require_lab_up() -> None:
     from r1fleet.lab import state
 
-    hosts = state.lab_hosts()
-    if not hosts or all(h.get("state") != "up" for h in hosts):
+    if not any(h.get("state") == "up" for h in state.lab_hosts()):
         raise FleetError("the lab is not up", fix="run `r1fleet lab up` as root first")
-    mirror = state.mirror_url()
-    return {
-        h["name"]: {"address": h["address"], "ssh_user": h["ssh_user"], "ssh_key": h["ssh_key"], "mirror": mirror}
-        for h in hosts
-    }
 
 
 def resolve_ref(ref: str | os.PathLike | None) -> str:
@@ -302,8 +308,9 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
     if ref == "lab":
         from r1fleet.lab import state
 
-        path = Path(state.LAB_FLEET_FILE)
-        return fleet_from_dict(read_yaml(path), str(path), _lab_overrides() if lab_state else {})
+        if lab_state:
+            _require_lab_up()
+        ref = str(state.LAB_FLEET_FILE)
     path = Path(ref)
     if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
@@ -313,7 +320,8 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
 
     if looks_like_ansible_inventory(path):
         return fleet_from_dict(fleet_dict_from_ansible(path), str(path))
-    return fleet_from_dict(read_yaml(path), str(path))
+    raw = read_yaml(path)
+    return fleet_from_dict(raw, str(path), _lab_defaults(raw, str(path)))
 
 
 def json_schema() -> dict[str, Any]:

@@ -124,7 +124,7 @@ def wait_http(url: str, timeout_s: int = 120, what: str = "service"):
 
 def service_user(name: str, home: str, gpu: bool) -> None:
     """A system user with no login, in render/video when the host has those groups."""
-    existing = host.get_fact(Groups)
+    existing = host.get_fact(Groups) or []  # None when the host went away mid-run
     extra = [g for g in ("render", "video") if gpu and g in existing]
     server.group(name=f"Group {name}", group=name, system=True)
     server.user(

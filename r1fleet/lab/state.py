@@ -108,5 +108,18 @@ def controller_address() -> str:
         return network.plan_addresses(DEFAULT_SUBNET, [])[0]
 
 
+def connection_defaults(fleet_dict: dict) -> dict[str, dict]:
+    """For a fleet file with a `lab:` section: each host's address (from the subnet, in file order),
+    SSH user and key, and the artifact mirror. Pure: the lab need not be up to validate the file."""
+    subnet = str((fleet_dict.get("lab") or {}).get("subnet", DEFAULT_SUBNET))
+    hosts = list((fleet_dict.get("hosts") or {}) if isinstance(fleet_dict.get("hosts"), dict) else [])
+    controller, addresses, _ = network.plan_addresses(subnet, hosts)
+    mirror = f"http://{controller}:{paths.MIRROR_PORT}"
+    return {
+        name: {"address": address, "ssh_user": "root", "ssh_key": str(paths.SSH_KEY), "mirror": mirror}
+        for name, address in addresses.items()
+    }
+
+
 def mirror_url() -> str:
     return f"http://{controller_address()}:{paths.MIRROR_PORT}"

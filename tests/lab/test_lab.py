@@ -111,7 +111,8 @@ def test_compute_apps_follow_a_tensor_split(ssh):
               "echo $! > /tmp/ts/pid) && sleep 1 && "
               "nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits; "
               "kill $(cat /tmp/ts/pid)")
-    rows = [line.split(", ") for line in ssh(host, script).stdout.strip().splitlines()]
+    out = ssh(host, script).stdout.strip().splitlines()
+    rows = [line.split(", ") for line in out if "/tmp/ts/llama-server" in line]  # not a deployed server's rows
     uuids = [g["uuid"] for g in profiles.load("dual-rtx3090")["gpus"]]
     assert [r[0] for r in rows] == uuids
     assert rows[0][2] == "/tmp/ts/llama-server"

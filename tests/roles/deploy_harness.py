@@ -1,7 +1,8 @@
-"""Run an r1fleet role against pyinfra's @fake connector (a stand-in host) and record what it did.
+"""Run an r1fleet @deploy against pyinfra's @fake connector (a stand-in host) and record what it did.
 
 @fake succeeds silently for every command unless `fake_responses` scripts an answer (substring ->
-output); uploads are captured here because the connector does not record them.
+output; research/pyinfra.md section 4). Uploads are captured here because the connector does not
+record them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pyinfra.api.operations import run_ops
 from pyinfra.connectors.fake import FakeConnector
 
 ROOT = Path(__file__).resolve().parents[2]
+HOST = "@fake/h1"
 
 # What every Linux host answers; tests add the facts that matter to them.
 BASE_RESPONSES: dict[str, Any] = {
@@ -34,7 +36,8 @@ BASE_RESPONSES: dict[str, Any] = {
 class Run:
     commands: list[str]
     uploads: dict[str, str]
-    changed: list[str]
+    op_names: list[str]   # every operation the deploy prepared, in order
+    changed: list[str]    # the operations that completed and reported a change
     failed: bool
 
     def ran(self, text: str) -> bool:
@@ -46,7 +49,8 @@ class Run:
         return matches[0]
 
 
-def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None, monkeypatch) -> Run:
+def record_uploads(monkeypatch) -> dict[str, str]:
+    """Make @fake's put_file store each upload's text (by remote path) in the returned dict."""
     uploads: dict[str, str] = {}
 
     def record_put(self, filename_or_io, remote_filename, remote_temp_filename=None, **kwargs):
@@ -60,24 +64,47 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
         return True
 
     monkeypatch.setattr(FakeConnector, "put_file", record_put)
-    responses = dict(responses or {})
-    # Test answers first: @fake takes the first matching key, and the test's are more specific.
-    data = {"fake_responses": {**responses, **{k: v for k, v in BASE_RESPONSES.items() if k not in responses}}}
-    inventory = Inventory(([("@fake/h1", data)], {"fake_delay": 0, "fake_delay_jitter": 0}))
+    return uploads
+
+
+def fake_responses(responses: dict | None, base_responses: bool) -> dict:
+    """The test's answers, then (unless turned off) the BASE_RESPONSES the test did not override.
+
+    Test answers come first: @fake takes the first matching key, and the test's are more specific.
+    """
+    answers = dict(responses or {})
+    if not base_responses:
+        return answers
+    return {**answers, **{k: v for k, v in BASE_RESPONSES.items() if k not in answers}}
+
+
+def op_name(state: State, op_hash: str) -> str:
+    return sorted(state.op_meta[op_hash].names)[0]
+
+
+def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None, data: dict | None = None,
+             base_responses: bool = True, monkeypatch) -> Run:
+    """Prepare and execute `role(*args)` on one @fake host; return its commands, uploads and operations.
+
+    responses: scripted answers (substring or compiled regex -> output); data: extra host data
+    (e.g. role settings read from host.data); base_responses: add BASE_RESPONSES (a plain Linux host).
+    """
+    uploads = record_uploads(monkeypatch)
+    host_data = {"fake_responses": fake_responses(responses, base_responses), **(data or {})}
+    inventory = Inventory(([(HOST, host_data)], {"fake_delay": 0, "fake_delay_jitter": 0}))
     state = State(inventory=inventory, config=Config())
     state.cwd = str(ROOT)
     connect_all(state)
     add_deploy(state, role, *args)
-    host = inventory.get_host("@fake/h1")
+    host = inventory.get_host(HOST)
     order = state.get_op_order()
+    op_names = [op_name(state, h) for h in order]
     try:
         run_ops(state)
     except PyinfraError:
-        pass
-    changed = [
-        sorted(state.op_meta[h].names)[0]
-        for h in order
-        if h in state.ops[host] and state.ops[host][h].operation_meta.is_complete()
-        and state.ops[host][h].operation_meta.did_change()
-    ]
-    return Run(list(host.connector.executed_commands), uploads, changed, host in state.failed_hosts)
+        pass  # raised when every host failed; `failed` below says so
+    ops = state.ops[host]
+    changed = [op_name(state, h) for h in order
+               if h in ops and ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()]
+    return Run(commands=list(host.connector.executed_commands), uploads=uploads, op_names=op_names,
+               changed=changed, failed=host in state.failed_hosts)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fakehost_platforms import run_fake_deploy
+from deploy_harness import run_role
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 from roles import exposure
@@ -34,8 +34,8 @@ def test_listen_without_allow_is_refused_naming_host_and_field():
 
 
 def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
-    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
-                          responses=HAS_NFT, monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+                   responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     rules = run.uploads[exposure.RULES_FILE]
     assert "elements = { 10.77.0.1/32 }" in rules and "elements = { fd00::/64 }" in rules
@@ -54,22 +54,22 @@ def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypa
 
 def test_existing_key_is_never_regenerated(monkeypatch):
     responses = {**HAS_NFT, "/etc/r1fleet/api-key": {"stdout": ["user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=45 '/etc/r1fleet/api-key'"]}}
-    run = run_fake_deploy(exposure.prepare, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
-                          monkeypatch=monkeypatch)
+    run = run_role(exposure.prepare, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not run.ran("/dev/urandom")
 
 
 def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
-    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
-                          monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert "tcp dport 11434 counter drop" in run.uploads[exposure.RULES_FILE]
     assert not run.ran("/dev/urandom")
 
 
 def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     responses = {"ufw status": "Status: active", **HAS_NFT}
-    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
-                          monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+                   base_responses=False, monkeypatch=monkeypatch)
     allow = run.commands.index(next(c for c in run.commands if "ufw allow from 10.77.0.1/32 to any port 11434" in c))
     deny = run.commands.index(next(c for c in run.commands if "ufw deny 11434/tcp" in c))
     assert allow < deny and exposure.RULES_FILE not in run.uploads
@@ -77,23 +77,23 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
     responses = {"nft list table inet r1fleet": "present", **HAS_NFT}
-    run = run_fake_deploy(exposure.apply, entry(), OLLAMA, responses=responses, monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
     assert run.ran("nft delete table inet r1fleet")
     assert run.uploads == {} and not run.ran("/dev/urandom")
-    clean = run_fake_deploy(exposure.apply, entry(), OLLAMA, responses=HAS_NFT, monkeypatch=monkeypatch)
+    clean = run_role(exposure.apply, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not clean.ran("nft delete") and clean.uploads == {}
 
 
 def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
-    run = run_fake_deploy(exposure.apply, entry("192.168.1.20"), OLLAMA, responses={"exit 1": {"success": False}},
-                          monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry("192.168.1.20"), OLLAMA, responses={"exit 1": {"success": False}},
+                   base_responses=False, monkeypatch=monkeypatch)
     assert run.failed and run.ran("field allow")
 
 
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
 def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch):
-    run = run_fake_deploy(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
-                          responses=HAS_NFT, monkeypatch=monkeypatch)
+    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+                   responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     rules = tmp_path / "rules.nft"
     rules.write_text(run.uploads[exposure.RULES_FILE])
     result = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fakehost_platforms import run_fake_deploy
+from deploy_harness import run_role
 from r1fleet.models import Gpu, Hardware, HostPlan, OsInfo
 from roles import gpu_driver
 
@@ -34,7 +34,8 @@ def apt_install_line(run) -> str:
 
 
 def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(), PLAN, responses=UPTIME, data=REBOOT_DATA, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     line = apt_install_line(run)
     assert "nvidia-headless-580-server-open" in line and "nvidia-utils-580-server" in line
@@ -48,26 +49,27 @@ def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(m
 
 def test_no_reboot_when_the_new_driver_already_answers(monkeypatch):
     responses = {"nvidia-smi --query-gpu=driver_version": "580.95.05", **UPTIME}
-    run = run_fake_deploy(gpu_driver.install, hw(), PLAN, responses=responses, data=REBOOT_DATA,
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(), PLAN, responses=responses, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not any("reboot" in c and "sleep 1" in c for c in run.commands)
 
 
 def test_ubuntu_old_driver_is_upgraded(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(gpus=[rtx3090("535.183.01")]), PLAN, responses=UPTIME,
-                          data=REBOOT_DATA, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(gpus=[rtx3090("535.183.01")]), PLAN, responses=UPTIME,
+                   data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch)
     assert "nvidia-headless-580-server-open" in apt_install_line(run)
     assert any("below ollama's minimum 550" in name for name in run.op_names)
 
 
 def test_ubuntu_right_driver_is_a_no_op(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(gpus=[rtx3090("580.95.05")]), PLAN, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(gpus=[rtx3090("580.95.05")]), PLAN,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert run.op_names == [] and run.commands == [] and run.uploads == {}
 
 
 def test_debian_12_adds_nonfree_components_and_verified_cuda_repo(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_12), PLAN, responses=UPTIME, data=REBOOT_DATA,
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(DEBIAN_12), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     sources = run.uploads[gpu_driver.DEBIAN_NONFREE_SOURCES]
     assert "Suites: bookworm bookworm-updates" in sources and "Components: contrib non-free non-free-firmware" in sources
     cuda = run.uploads[gpu_driver.CUDA_SOURCES]
@@ -80,16 +82,16 @@ def test_debian_12_adds_nonfree_components_and_verified_cuda_repo(monkeypatch):
 
 
 def test_debian_13_uses_distro_open_dkms(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13), PLAN, responses=UPTIME, data=REBOOT_DATA,
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(DEBIAN_13), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     line = apt_install_line(run)
     assert "nvidia-open-kernel-dkms" in line and "linux-headers-6.12.9-amd64" in line
     assert gpu_driver.CUDA_SOURCES not in run.uploads
 
 
 def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(FEDORA), PLAN, responses=UPTIME, data=REBOOT_DATA,
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=UPTIME, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert run.ran("rpmfusion-nonfree-release-42.noarch.rpm")
     assert any(re.search(r"dnf .*install.*akmod-nvidia", c) for c in run.commands)
     assert run.uploads["/etc/rpm/macros.nvidia-kmod"].strip() == "%_with_kmod_nvidia_open 1"
@@ -100,14 +102,14 @@ def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
 
 def test_fedora_skips_the_wait_when_the_module_is_built(monkeypatch):
     responses = {"modinfo -F version": "580.95.05", **UPTIME}
-    run = run_fake_deploy(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not run.ran("akmods --force")
 
 
 def test_secure_boot_with_unsigned_module_fails_the_host_with_mok_message(monkeypatch):
-    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN,
-                          responses={"exit 1": {"success": False}}, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN,
+                   responses={"exit 1": {"success": False}}, base_responses=False, monkeypatch=monkeypatch)
     assert run.failed
     assert any("mokutil --import /var/lib/dkms/mok.pub" in c for c in run.commands)
     assert not any(re.search(r"apt-get -y .*install", c) for c in run.commands)   # nothing half-installed
@@ -115,15 +117,15 @@ def test_secure_boot_with_unsigned_module_fails_the_host_with_mok_message(monkey
 
 def test_secure_boot_with_enrolled_key_installs(monkeypatch):
     responses = {"mokutil --test-key": "/var/lib/dkms/mok.pub is already enrolled", **UPTIME}
-    run = run_fake_deploy(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN, responses=responses,
-                          data=REBOOT_DATA, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(DEBIAN_13, secure_boot=True), PLAN, responses=responses,
+                   data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed and "nvidia-open-kernel-dkms" in apt_install_line(run)
 
 
 def test_jetson_is_never_touched(monkeypatch):
     jetson = hw(gpus=[Gpu(index=0, vendor="nvidia", name="Orin (nvgpu)", memory_total_mib=0, source="nvidia-smi",
                           driver_version="540.4.0")], tegra_release="# R36 (release), REVISION: 4.3")
-    run = run_fake_deploy(gpu_driver.install, jetson, PLAN, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, jetson, PLAN, base_responses=False, monkeypatch=monkeypatch)
     assert run.op_names == [] and run.commands == []
 
 
@@ -131,7 +133,7 @@ def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeyp
     card = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, pci_id="1002:744c",
                source="lspci")
     plan = HostPlan(host="h1", model="r1-14b", backend="llama.cpp", vendor="amd")
-    run = run_fake_deploy(gpu_driver.install, hw(gpus=[card]), plan, monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(gpus=[card]), plan, base_responses=False, monkeypatch=monkeypatch)
     line = apt_install_line(run)
     assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-runtime" in line
     assert "repo.radeon.com/rocm/apt/6.4.1" in run.uploads[gpu_driver.ROCM_SOURCES]
@@ -140,6 +142,6 @@ def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeyp
 
 def test_amd_supported_card_with_ollama_is_a_no_op(monkeypatch):
     card = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, source="rocm-smi")
-    run = run_fake_deploy(gpu_driver.install, hw(gpus=[card]), PLAN.model_copy(update={"vendor": "amd"}),
-                          monkeypatch=monkeypatch)
+    run = run_role(gpu_driver.install, hw(gpus=[card]), PLAN.model_copy(update={"vendor": "amd"}),
+                   base_responses=False, monkeypatch=monkeypatch)
     assert run.op_names == []

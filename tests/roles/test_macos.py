@@ -5,7 +5,7 @@ from __future__ import annotations
 import plistlib
 from types import SimpleNamespace
 
-from fakehost_platforms import run_fake_deploy
+from deploy_harness import run_role
 from r1fleet.models import DevicePlan, HostPlan
 from roles import macos
 
@@ -25,7 +25,8 @@ def entry(listen=None):
 
 
 def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
-    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), responses=ARM, monkeypatch=monkeypatch)
+    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     plist = plistlib.loads(run.uploads[macos.PLIST].encode())     # well-formed plist
     assert plist["Label"] == "com.r1fleet.ollama" and plist["UserName"] == "_r1ollama"
@@ -44,13 +45,15 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
 
 
 def test_listen_address_reaches_ollama_host(monkeypatch):
-    run = run_fake_deploy(macos.install, mac_plan(12000), entry("192.168.1.30"), responses=ARM, monkeypatch=monkeypatch)
+    run = run_role(macos.install, mac_plan(12000), entry("192.168.1.30"), responses=ARM,
+                   base_responses=False, monkeypatch=monkeypatch)
     env = plistlib.loads(run.uploads[macos.PLIST].encode())["EnvironmentVariables"]
     assert env["OLLAMA_HOST"] == "192.168.1.30:11434"
 
 
 def test_plan_beyond_default_working_set_sets_wired_limit_at_boot(monkeypatch):
-    run = run_fake_deploy(macos.install, mac_plan(24000), entry(), responses=ARM, monkeypatch=monkeypatch)
+    run = run_role(macos.install, mac_plan(24000), entry(), responses=ARM,
+                   base_responses=False, monkeypatch=monkeypatch)
     wired = plistlib.loads(run.uploads[macos.WIRED_PLIST].encode())
     assert wired["ProgramArguments"] == ["/usr/sbin/sysctl", "iogpu.wired_limit_mb=25024"]
     assert wired["RunAtLoad"] is True
@@ -65,11 +68,12 @@ def test_wired_limit_leaves_the_os_its_reserve():
 
 def test_existing_user_and_unchanged_plist_do_nothing(monkeypatch):
     responses = {**ARM, "id -u _r1ollama": "yes"}
-    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), responses=responses, monkeypatch=monkeypatch)
+    run = run_role(macos.install, mac_plan(12000), entry(), responses=responses,
+                   base_responses=False, monkeypatch=monkeypatch)
     assert not run.ran("dscl . -create")
 
 
 def test_intel_mac_is_refused(monkeypatch):
-    run = run_fake_deploy(macos.install, mac_plan(12000), entry(), monkeypatch=monkeypatch,
-                          responses={"uname -m": "x86_64", "exit 1": {"success": False}})
+    run = run_role(macos.install, mac_plan(12000), entry(), base_responses=False, monkeypatch=monkeypatch,
+                   responses={"uname -m": "x86_64", "exit 1": {"success": False}})
     assert run.failed and run.ran("Apple Silicon only")
