@@ -12,6 +12,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from pyinfra.api import operations as pyinfra_operations
 from pyinfra.api.state import BaseStateCallback, State, StateStage
 
 from r1fleet.errors import R1FleetError
@@ -57,7 +58,7 @@ def lines(state: State) -> list[str]:
 
 def _print(state: State) -> None:
     failed = lines(state)
-    total = len(list(state.inventory))
+    total = len(state.activated_hosts) or len(list(state.inventory))  # --limit narrows the run
     if failed:
         print(f"\nr1fleet: {len(failed)} of {total} host(s) failed:", file=sys.stderr)
         print("\n".join(failed), file=sys.stderr)
@@ -65,11 +66,35 @@ def _print(state: State) -> None:
         print(f"\nr1fleet: all {total} host(s) converged", file=sys.stderr)
 
 
+def _contain_host_crashes() -> None:
+    """Make an exception inside one host's operation fail that host only.
+
+    pyinfra 3.10's own operations can raise on a host that went away mid-run (server.user reads a
+    fact that came back None: TypeError), and the exception ends the whole run, every other host
+    included. Turned into a failed operation, pyinfra drops that host and carries on with the rest.
+    """
+    original = pyinfra_operations._run_host_op
+    if getattr(original, "r1fleet_guarded", False):
+        return
+
+    def guarded(state: State, host, op_hash: str) -> bool:
+        try:
+            return original(state, host, op_hash)
+        except Exception as error:  # noqa: BLE001 - any crash of one host's op fails that host
+            names = ", ".join(sorted(state.get_op_meta(op_hash).names)) or "an operation"
+            record(host.name, names, f"{type(error).__name__}: {error} (connection lost?)")
+            return False
+
+    guarded.r1fleet_guarded = True
+    pyinfra_operations._run_host_op = guarded
+
+
 def install(state: State) -> None:
     if any(s is state for s in _installed):
         return
     _installed.append(state)
     state.add_callback_handler(_Recorder())
+    _contain_host_crashes()
     atexit.register(_print, state)
 
 

@@ -124,6 +124,7 @@ def test_a_host_stopped_mid_run_fails_alone(converged, lab, ssh):
         run.wait(timeout=1800)
         output = "".join(lines)
         assert run.returncode != 0, output[-4000:]
+        assert "r1fleet: 1 of" in output, output[-4000:]
         summary = output[output.index("r1fleet: 1 of"):]
         assert f"{victim}: failed at" in summary
         for other in set(lab) - {victim}:

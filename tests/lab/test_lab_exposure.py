@@ -29,7 +29,7 @@ def deploy_opened(tmp_path: Path, allow: list[str], address: str) -> subprocess.
     fleet = yaml.safe_load(paths.LAB_FLEET_FILE.read_text())
     fleet["hosts"][HOST] = {**fleet["hosts"][HOST], "listen": address, "allow": allow}
     fleet_file = tmp_path / "lab-exposed.yml"
-    fleet_file.write_text(yaml.safe_dump(fleet))
+    fleet_file.write_text(yaml.safe_dump(fleet, sort_keys=False))  # host order gives the lab addresses
     env = {**os.environ, "R1FLEET_FLEET": str(fleet_file)}
     return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py", "--limit", HOST], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
