@@ -232,10 +232,13 @@ def _debian(hw: Hardware, version: str, use_open: bool, blackwell: bool, minimum
             data: dict[str, Any]) -> DriverAction:
     deb = data["nvidia"]["debian"]
     major = version.split(".", 1)[0]
-    if major not in deb["codenames"]:
-        return DriverAction("refuse", "nvidia", f"Debian {version or '(unknown version)'} is not supported (12 or 13)",
-                            fix="use Debian 12 or 13, or install the driver by hand")
-    codename = deb["codenames"][major]
+    codename = deb["codenames"].get(major)
+    if not version and hw.os.codename in deb.get("testing_codenames", []):
+        # testing/sid have no VERSION_ID; they carry the newest stable's packages or newer ones.
+        major, codename = max(deb["codenames"]), hw.os.codename
+    if codename is None:
+        return DriverAction("refuse", "nvidia", f"Debian {version or '(unknown version)'} is not supported (12, 13 or testing)",
+                            fix="use Debian 12, 13 or testing, or install the driver by hand")
     headers = f"linux-headers-{hw.os.kernel}" if hw.os.kernel else "linux-headers-amd64"
     distro_ok = deb["distro_driver"][major] >= minimum and not blackwell
     if distro_ok:

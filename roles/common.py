@@ -163,6 +163,8 @@ def converge_service(unit: str, unit_op: OperationMeta, restart_on: Iterable[Ope
     then make sure it runs and is enabled; after a (re)start wait for health."""
     changed = any_changed([unit_op, *restart_on])
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
+    # A deploy's restart is deliberate: it must not be refused by the start limit that guards crash loops.
+    server.shell(name=f"Clear the start limit of {unit}", commands=[f"systemctl reset-failed {unit} || true"], _if=changed)
     restarted = systemd.service(name=f"Restart {unit}", service=unit, restarted=True, _if=changed)
     started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
     wait_http(

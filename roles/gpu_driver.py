@@ -156,13 +156,14 @@ def _repositories(hw: Hardware, action: DriverAction) -> None:
     if "debian-nonfree" in action.repos:
         deb = data["nvidia"]["debian"]
         codename = action.codename or hw.os.codename
+        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+        sources = _deb822([deb["mirror"]], [codename, f"{codename}-updates"], deb["components"], keyring) + "\n" + \
+            _deb822([deb["security_mirror"]], [f"{codename}-security"], deb["components"], keyring)
+        if codename in deb.get("testing_codenames", []):  # testing/sid: one suite, no -updates or -security
+            sources = _deb822([deb["mirror"]], [codename], deb["components"], keyring)
         files.put(
             name="Debian contrib/non-free/non-free-firmware components",
-            src=StringIO(_deb822(
-                [deb["mirror"]], [codename, f"{codename}-updates"], deb["components"],
-                "/usr/share/keyrings/debian-archive-keyring.gpg")
-                + "\n" + _deb822([deb["security_mirror"]], [f"{codename}-security"], deb["components"],
-                                 "/usr/share/keyrings/debian-archive-keyring.gpg")),
+            src=StringIO(sources),
             dest=DEBIAN_NONFREE_SOURCES, mode="644")
     if "nvidia-cuda" in action.repos:
         cuda = data["nvidia"]["cuda_repo"]

@@ -117,7 +117,9 @@ def boot(spec: HostSpec, root: Path) -> int:
     env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")  # forky's systemd refuses cgroup v1
     argv = ["systemd-nspawn", "-q", "-D", str(root), "-M", spec.name, "-b", "--register=no",
             "--keep-unit", f"--network-namespace-path=/run/netns/{paths.netns_name(spec.name)}",
-            "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only"]
+            "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only",
+            # nftables in the host (LAN exposure) needs it; it acts on the host's own namespace only.
+            "--capability=CAP_NET_ADMIN"]
     return procs.start(argv, console_log(spec.name), env=env)
 
 

@@ -105,6 +105,17 @@ def test_second_run_changes_nothing(converged, lab, ssh):
     assert after == before  # same unit mtime (not rewritten), same start time (not restarted)
 
 
+def test_the_ansible_inventory_of_the_lab_deploys_it_too(converged, lab, ssh):
+    """An Ansible user's inventory (inventory/ansible/lab-hosts.yml) reaches the same hosts with the
+    same plans: on the converged lab it changes nothing."""
+    env = {**os.environ, "R1FLEET_FLEET": str(ROOT / "inventory/ansible/lab-hosts.yml")}
+    run = subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert changed_count(run.stdout + run.stderr) == 0
+    assert "all 4 host(s) converged" in run.stderr
+
+
 def test_a_host_stopped_mid_run_fails_alone(converged, lab, ssh):
     victim = sorted(lab)[0]
     # Force work on every host so the run is still going when the victim disappears.

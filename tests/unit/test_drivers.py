@@ -97,6 +97,15 @@ def test_debian_13_uses_distro_open_dkms_and_nonfree_components():
     assert "linux-headers-6.12.9-amd64" in action.packages
 
 
+def test_debian_testing_without_version_id_is_planned_like_the_newest_stable():
+    forky = OsInfo(id="debian", version_id="", codename="forky", arch="x86_64", kernel="6.18.0-1-amd64")
+    action = decide_driver(host(forky, [nvidia(pci="10de:2684", name="NVIDIA GeForce RTX 4090")]), plan())
+    assert action.kind == "install" and action.repos == ("debian-nonfree",)
+    assert "nvidia-open-kernel-dkms" in action.packages and "linux-headers-6.18.0-1-amd64" in action.packages
+    unknown = OsInfo(id="debian", version_id="", codename="hamm", arch="x86_64")
+    assert decide_driver(host(unknown, [nvidia()]), plan()).kind == "refuse"
+
+
 def test_debian_13_blackwell_needs_cuda_repo():
     rtx5090 = nvidia(pci="10de:2b85", name="NVIDIA GeForce RTX 5090")
     action = decide_driver(host(DEBIAN_13, [rtx5090]), plan())
