@@ -179,9 +179,6 @@ def apply(entry: Any, plan: HostPlan):
     if not settings.exposed:
         _close()
         return
-    if settings.needs_api_key:
-        api_key(name="llama-server API key (generated on the host, once)", path=API_KEY_FILE)
-        files.file(name="API key root-only", path=API_KEY_FILE, user="root", group="root", mode="600")
     if host.get_fact(UfwActive):
         _ufw(settings)
     else:

@@ -25,6 +25,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
+from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.models import Hardware, HostPlan
 
@@ -39,7 +40,6 @@ LOG_FILE = "/Library/Logs/r1fleet/ollama.log"
 RELEASE_ROOT = "/usr/local/lib/r1fleet"
 BREW_BINARY = "/opt/homebrew/bin/ollama"     # Homebrew's prefix on Apple Silicon
 OS_RESERVE_MIB = 6144                        # community practice: leave 4-8 GB to macOS (drivers.md 5)
-PORT = 11434
 
 
 class DarwinUserExists(FactBase):
@@ -90,18 +90,8 @@ def wired_limit_mib(plan: HostPlan, hw: Hardware | None = None) -> int | None:
 
 
 def ollama_environment(plan: HostPlan, entry: Any, models_dir: str) -> dict[str, str]:
-    """The LaunchDaemon's EnvironmentVariables: the plan's settings (as on Linux)."""
-    port = entry.port or PORT
-    return {
-        "OLLAMA_HOST": f"{entry.listen or '127.0.0.1'}:{port}",
-        "OLLAMA_MODELS": models_dir,
-        "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
-        "OLLAMA_FLASH_ATTENTION": "1" if plan.flash_attention else "0",
-        "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
-        "OLLAMA_KEEP_ALIVE": "-1",
-        "OLLAMA_NUM_PARALLEL": "1",
-        "HOME": HOME,
-    }
+    """The LaunchDaemon's EnvironmentVariables: the plan's settings, as on Linux, with a macOS home."""
+    return {**linux_ollama_environment(plan, entry, models_dir), "HOME": HOME}
 
 
 def _pinned_release() -> tuple[str, str, str] | None:

@@ -9,7 +9,7 @@ from r1fleet.deploy_data import (
     llama_server_args, local_api, model_download, ollama_asset_stems, ollama_environment, ollama_release,
     parse_sha256sums, settings_from_host_data, target_from_hardware,
 )
-from r1fleet.models import GgufFile, Hardware, HostPlan, OsInfo
+from r1fleet.models import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
 AMD64 = Target("amd64", "debian", "forky", None)
 
@@ -54,6 +54,21 @@ def test_cpu_plan_hides_gpus_and_uses_no_devices():
     env = ollama_environment(p, HostSettings(), "/m")
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and device_allow(p) == []
     assert device_allow(plan(vendor="amd")) == ["/dev/kfd rw", "char-drm rw"]
+
+
+def test_gpu_plan_pins_uuids_and_gives_the_runtime_the_plans_margin():
+    p = plan(gpu_uuids=["GPU-aaaa"], devices=[DevicePlan(device="GPU0", capacity_mib=24564, planned_mib=24000, weights_mib=18514,
+                                 kv_cache_mib=4608, compute_mib=307, overhead_mib=600, headroom_mib=512, layers=64)])
+    env = ollama_environment(p, HostSettings(), "/m")
+    assert env["LLAMA_ARG_FIT_TARGET"] == "512"  # Ollama's llama-server must not spill what the plan fits
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(p.gpu_uuids) and env["OLLAMA_KEEP_ALIVE"] == "-1"
+    assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), HostSettings(), "/m")
+
+
+def test_an_exposed_host_gets_the_key_file_and_a_local_one_does_not():
+    exposed = settings_from_host_data("h", {"r1fleet": {"listen": "192.168.1.23", "allow": ["192.168.1.0/24"]}})
+    assert exposed.api_key_file == "/etc/r1fleet/api-key"
+    assert settings_from_host_data("h", {"r1fleet": {}}).api_key_file is None
 
 
 def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():

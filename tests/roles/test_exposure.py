@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pyinfra.api import deploy
+
 import shutil
 import subprocess
 from types import SimpleNamespace
@@ -33,8 +35,14 @@ def test_listen_without_allow_is_refused_naming_host_and_field():
     assert opened.allow4 == ("0.0.0.0/0",) and opened.port == 11434
 
 
+@deploy("Exposure, as deploy.py runs it")
+def prepare_then_apply(host_entry, plan):
+    exposure.prepare(host_entry, plan)  # before the backend: the key
+    exposure.apply(host_entry, plan)  # after it: the firewall
+
+
 def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
-    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+    run = run_role(prepare_then_apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     rules = run.uploads[exposure.RULES_FILE]
