@@ -20,6 +20,10 @@ DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates",
     "curl", "python3", "procps", "zstd", "xz-utils", "less",
+    # Real Ollama (>= 0.30) runs llama.cpp's llama-server as its runner and ships it in lib/ollama;
+    # the stand-in Ollama archive cannot ship that binary, so lab hosts carry Debian's, and the
+    # stand-in runs it: Ollama hosts in the lab then generate for real, with real timings.
+    "llama.cpp-tools",
 )
 
 # Runs inside the new root (chroot). Host-specific files are written per host at `up`.
