@@ -752,6 +752,7 @@ def _apple(sysctl: dict[str, str], sections: dict[str, list[str]], found: _Found
     spec = lookup_gpu(name=brand, gpu_cores=cores)
     found.unified = UnifiedMemory(
         kind="apple", name=brand, total_mib=total, gpu_limit_mib=min(limit, total),
+        gpu_limit_raisable=not wired,  # a limit the owner set is theirs; the default one r1fleet may raise
         bandwidth_gbps=spec.bandwidth_gbps if spec else None,
     )
     if spec is None:

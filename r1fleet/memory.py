@@ -41,6 +41,7 @@ class Constants:
     speed_context_fill: int
     unknown_gpu_bandwidth_gbps: float
     context_step: int
+    apple_os_reserve_mib: int
 
 
 @lru_cache(maxsize=1)

@@ -57,6 +57,7 @@ class UnifiedMemory(_Strict):
     name: str
     total_mib: int
     gpu_limit_mib: int = Field(description="what the GPU may use: working-set limit or GTT size")
+    gpu_limit_raisable: bool = Field(False, description="Apple's default working set, which r1fleet may raise at boot")
     available_mib: int | None = None
     bandwidth_gbps: float | None = None
 

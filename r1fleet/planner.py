@@ -88,7 +88,8 @@ def placements(hw: Hardware, policy: Policy) -> list[Placement]:
     if hw.unified:
         u = hw.unified
         kind = "metal" if u.kind == "apple" else "unified"
-        capacity = u.gpu_limit_mib if u.available_mib is None else min(u.gpu_limit_mib, u.available_mib)
+        limit = u.total_mib - constants().apple_os_reserve_mib if u.gpu_limit_raisable else u.gpu_limit_mib
+        capacity = limit if u.available_mib is None else min(limit, u.available_mib)
         bandwidth = u.bandwidth_gbps or constants().unknown_gpu_bandwidth_gbps
         options.append(Placement("unified", (Slot(f"unified {u.name}", capacity, kind, bandwidth),)))
     by_vendor: dict[str, list[Gpu]] = {}
@@ -303,6 +304,12 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
     reasons = [f"{lead}: {why}", *reasons]
     if backend == "llama.cpp" and p.kind == "multi-gpu":
         reasons.append(f"llama.cpp llama-server, split by layers {chosen.layers} across {len(p.slots)} GPUs (Ollama refuses tight multi-GPU fits)")
+    u = hw.unified
+    if p.kind == "unified" and u and u.gpu_limit_raisable and chosen.devices[0].planned_mib > u.gpu_limit_mib:
+        reasons.append(
+            f"needs more than macOS's default GPU working set ({u.gpu_limit_mib:,} MiB): the deploy raises "
+            f"iogpu.wired_limit_mb at boot, leaving {constants().apple_os_reserve_mib:,} MiB to macOS"
+        )
     shares = weight_shares(m)
     disk_needed = round(shares.file_mib)
     if hw.disk_free_mib is not None and hw.disk_free_mib < disk_needed:
@@ -324,10 +331,22 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         gguf=GgufFile(url=m.gguf.url or "", file=m.gguf.file, size_bytes=m.gguf.size_bytes, sha256=m.gguf.sha256),
         n_layers=m.arch.layers,
         compute_caps=[g.compute_cap for g in p.gpus if g.compute_cap],
-        vendor=p.gpus[0].vendor if p.gpus else ("apple" if hw.unified and hw.unified.kind == "apple" else None),
+        vendor=_vendor(hw, p),
         disk_needed_mib=disk_needed,
         **base,
     )
+
+
+UNIFIED_VENDOR = {"apple": "apple", "amd-apu": "amd", "jetson": "nvidia", "gb10": "nvidia"}
+
+
+def _vendor(hw: Hardware, placement: Placement) -> str | None:
+    """The GPU vendor the plan runs on (None on the CPU): drives drivers, archives and device access."""
+    if placement.gpus:
+        return placement.gpus[0].vendor
+    if placement.kind == "unified" and hw.unified:
+        return UNIFIED_VENDOR[hw.unified.kind]
+    return None
 
 
 def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:

@@ -27,6 +27,7 @@ from pyinfra.operations import brew, files, server
 
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
+from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
@@ -39,7 +40,6 @@ HOME = "/usr/local/var/r1fleet"
 LOG_FILE = "/Library/Logs/r1fleet/ollama.log"
 RELEASE_ROOT = "/usr/local/lib/r1fleet"
 BREW_BINARY = "/opt/homebrew/bin/ollama"     # Homebrew's prefix on Apple Silicon
-OS_RESERVE_MIB = 6144                        # community practice: leave 4-8 GB to macOS (drivers.md 5)
 
 
 class DarwinUserExists(FactBase):
@@ -86,7 +86,7 @@ def wired_limit_mib(plan: HostPlan, hw: Hardware | None = None) -> int | None:
     needed = plan.devices[0].planned_mib
     if needed <= default:
         return None
-    return min(max(needed + 1024, default), total - OS_RESERVE_MIB)
+    return min(max(needed + 1024, default), total - constants().apple_os_reserve_mib)
 
 
 def ollama_environment(plan: HostPlan, entry: Any, models_dir: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ import plistlib
 from types import SimpleNamespace
 
 from deploy_harness import run_role
+from r1fleet.memory import constants
 from r1fleet.models import DevicePlan, HostPlan
 from roles import macos
 
@@ -61,7 +62,7 @@ def test_plan_beyond_default_working_set_sets_wired_limit_at_boot(monkeypatch):
 
 
 def test_wired_limit_leaves_the_os_its_reserve():
-    assert macos.wired_limit_mib(mac_plan(31000)) == 32768 - macos.OS_RESERVE_MIB
+    assert macos.wired_limit_mib(mac_plan(31000)) == 32768 - constants().apple_os_reserve_mib
     assert macos.default_gpu_limit_mib(16384) == 10922      # 2/3 (llama-cpp-python #687: 10922.67 MB)
     assert macos.default_gpu_limit_mib(98304) == 73728      # 3/4 (llama.cpp #3213: 73728 MB)
 

@@ -82,6 +82,25 @@ def test_apple_silicon_64gb_gets_70b_in_unified_memory():
     assert plan.unified_memory_mib == 65536 and plan.vendor == "apple"
 
 
+def test_apple_default_working_set_may_be_raised_but_an_owners_limit_is_kept():
+    default = UnifiedMemory(kind="apple", name="Apple M2 Max", total_mib=65536, gpu_limit_mib=49152,
+                            gpu_limit_raisable=True, bandwidth_gbps=400.0)
+    plan = plan_host(host(unified=default))
+    assert plan.devices[0].capacity_mib == 65536 - 6144 and plan.devices[0].planned_mib > 49152
+    assert any("raises iogpu.wired_limit_mb" in r for r in plan.reasons)
+    owners = default.model_copy(update={"gpu_limit_raisable": False})
+    kept = plan_host(host(unified=owners))
+    assert kept.devices[0].capacity_mib == 49152 and not any("wired_limit" in r for r in kept.reasons)
+
+
+def test_linux_unified_memory_plans_name_their_gpu_vendor():
+    strix = UnifiedMemory(kind="amd-apu", name="AMD Radeon 8060S", total_mib=131072, gpu_limit_mib=98304, bandwidth_gbps=256.0)
+    spark = UnifiedMemory(kind="gb10", name="NVIDIA GB10", total_mib=122880, gpu_limit_mib=115000, bandwidth_gbps=273.0)
+    assert plan_host(host(unified=strix)).vendor == "amd"
+    assert plan_host(host(unified=spark)).vendor == "nvidia"
+    assert plan_host(host(ram_mib=16384, available=15000)).vendor is None
+
+
 def test_cpu_only_16gb_speed_floor_decides():
     plan = plan_host(host(ram_mib=16384, available=15000))
     assert plan.model == ID["1.5b"] and plan.placement == "cpu"
