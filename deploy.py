@@ -36,9 +36,11 @@ with summary.step(state, host, "plan"):
         target = target_from_hardware(hardware)
         if plan.backend == "ollama":
             release = release_for(plan, settings, target)
+            download = model_download(host.name, plan, settings) if settings.rehearsal else None
         else:
             install = choose_install(plan, settings, target)
             download = model_download(host.name, plan, settings)
+    exposure.exposure_for(settings, plan, host.name)  # bad listen/allow fails here, before any change
 
 if summary.ok(host) and on_macos:
     macos.install(plan, settings, hw=hardware)
@@ -46,7 +48,7 @@ elif summary.ok(host):
     gpu_driver.install(hardware, plan)
     exposure.prepare(settings, plan)
     if plan.backend == "ollama":
-        ollama_role(plan, settings, release)
+        ollama_role(plan, settings, release, download)
     else:
         llama_cpp_role(plan, settings, install, download)
     exposure.apply(settings, plan)

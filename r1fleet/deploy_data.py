@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1fleet.errors import R1FleetError
-from r1fleet.models import Hardware, HostPlan
+from r1fleet.fleet import is_loopback
+from r1fleet.models import DEFAULT_MODEL_DIR, Hardware, HostPlan
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
 
@@ -49,7 +50,6 @@ class OllamaReleaseOverride(BaseModel):
     sha256: dict[str, str] = {}
 
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # The llama-server API key of an exposed host: generated on the host, root-only, handed to the
 # service as a systemd credential so it is never in argv, the unit or a log.
 API_KEY_FILE = "/etc/r1fleet/api-key"
@@ -62,7 +62,7 @@ class HostSettings(BaseModel):
     listen: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     allow: list[str] = []
-    model_dir: str = "/var/lib/r1fleet/models"
+    model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
     rehearsal: bool = False
     profile: str | None = None
@@ -88,7 +88,7 @@ def settings_from_host_data(host: str, data: Mapping[str, Any]) -> HostSettings:
             merged[key] = data[key]
     if data.get("rehearsal") is not None:
         merged["rehearsal"] = _truthy(data["rehearsal"])
-    if merged.get("listen") and not merged.get("api_key_file") and merged["listen"] not in LOOPBACK:
+    if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
         merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
     try:
         return HostSettings.model_validate(merged)
@@ -107,18 +107,21 @@ def bind_address(settings: HostSettings) -> str:
     return settings.listen or "127.0.0.1"
 
 
+def host_port(address: str, port: int) -> str:
+    """`address:port`, with IPv6 addresses in brackets (`[fd00::5]:11434`)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def local_api(backend: str, settings: HostSettings) -> str:
     """The URL the deploy uses on the host itself to reach the service."""
     address = bind_address(settings)
     if address in {"0.0.0.0", "::"}:
         address = "127.0.0.1"
-    if ":" in address:
-        address = f"[{address}]"
-    return f"http://{address}:{service_port(backend, settings)}"
+    return f"http://{host_port(address, service_port(backend, settings))}"
 
 
 def is_local_only(settings: HostSettings) -> bool:
-    return bind_address(settings) in LOOPBACK
+    return is_loopback(bind_address(settings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def ollama_release(
 def ollama_environment(plan: HostPlan, settings: HostSettings, models_dir: str) -> dict[str, str]:
     """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
     env = {
-        "OLLAMA_HOST": f"{bind_address(settings)}:{service_port('ollama', settings)}",
+        "OLLAMA_HOST": host_port(bind_address(settings), service_port("ollama", settings)),
         "OLLAMA_MODELS": models_dir,
         "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
         "OLLAMA_FLASH_ATTENTION": "1" if plan.flash_attention else "0",

@@ -12,9 +12,9 @@ from pathlib import Path
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from r1fleet.errors import R1FleetError
+from r1fleet.models import DEFAULT_MODEL_DIR
 
 PROBE_SCRIPT = Path(__file__).with_name("probe.sh")
-DEFAULT_MODEL_DIR = "/var/lib/r1fleet"
 
 
 def probe_script() -> str:

@@ -20,12 +20,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r1fleet.errors import FleetError
-from r1fleet.models import Backend
+from r1fleet.models import DEFAULT_MODEL_DIR, Backend
 from r1fleet.policy import Policy, known_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost); None counts as loopback."""
+    if address is None or address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class HostSettings(BaseModel):
@@ -92,7 +102,7 @@ class HostEntry(BaseModel):
     rehearsal: bool = False
     profile: str | None = None
     groups: list[str] = []
-    model_dir: str = "/var/lib/r1fleet/models"
+    model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
 
     @property
@@ -110,7 +120,7 @@ class HostEntry(BaseModel):
 
     @model_validator(mode="after")
     def _exposure_needs_an_allow_list(self) -> "HostEntry":
-        if self.listen and not ipaddress.ip_address(self.listen).is_loopback and not self.allow:
+        if not is_loopback(self.listen) and not self.allow:
             raise ValueError(
                 "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
                 "or write allow: [0.0.0.0/0] to open it to every network on purpose"

@@ -10,6 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Where models live on a host unless the fleet file says otherwise (`model_dir`).
+DEFAULT_MODEL_DIR = "/var/lib/r1fleet/models"
+
 Vendor = Literal["nvidia", "amd", "intel", "apple"]
 GpuSource = Literal["nvidia-smi-query", "nvidia-smi", "lspci", "rocm-smi", "drm"]
 UnifiedKind = Literal["apple", "gb10", "jetson", "amd-apu"]

@@ -1,7 +1,7 @@
 #!/bin/sh
 # r1fleet probe: print this host's probe document on stdout (see DESIGN.md "Probe document").
 #
-# Usage: sh probe.sh [MODEL_DIR]      (MODEL_DIR defaults to /var/lib/r1fleet)
+# Usage: sh probe.sh [MODEL_DIR]      (MODEL_DIR defaults to /var/lib/r1fleet/models)
 #
 # Each section is a line "#### r1fleet:<section>" followed by the raw output of one command.
 # A section whose tool is missing stays present but empty. The script never fails as a whole:
@@ -10,7 +10,7 @@
 # POSIX sh only (runs under dash, busybox sh and macOS sh): no bash-isms, no Python.
 # Tools are called by name through PATH so that lab stand-ins on PATH are found first.
 
-MODEL_DIR=${1:-/var/lib/r1fleet}
+MODEL_DIR=${1:-/var/lib/r1fleet/models}
 LC_ALL=C
 export LC_ALL
 # Append (never prepend) the sbin directories: lspci and mokutil live there on some distros,

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1fleet.fleet import is_loopback
 from r1fleet.models import HostPlan
 
 WILDCARDS = {"0.0.0.0", "::", "*"}
@@ -64,10 +65,6 @@ def parse_ss_listeners(text: str) -> list[Listener]:
         users = _USERS.findall(line)
         listeners.append(Listener(endpoint[0], endpoint[1], tuple(int(pid) for _, pid in users), users[0][0] if users else ""))
     return listeners
-
-
-def is_loopback(address: str) -> bool:
-    return address == "::1" or address.startswith("127.") or address == "localhost"
 
 
 def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int) -> list[str]:

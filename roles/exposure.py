@@ -30,6 +30,7 @@ from pyinfra.operations import apt, dnf, files, systemd
 
 from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
+from r1fleet.fleet import is_loopback
 from r1fleet.models import HostPlan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
@@ -56,16 +57,18 @@ class Exposure:
 
     @property
     def exposed(self) -> bool:
-        return self.listen is not None and not ipaddress.ip_address(self.listen).is_loopback
+        return not is_loopback(self.listen)
 
     @property
     def needs_api_key(self) -> bool:
         return self.exposed and self.backend == "llama.cpp"
 
 
-def exposure_for(entry: Any, plan: HostPlan) -> Exposure:
-    """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field."""
-    name = getattr(entry, "name", None) or getattr(entry, "address", None)
+def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None) -> Exposure:
+    """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field.
+
+    deploy.py calls it in the plan step, so `--data listen=...` mistakes fail before any change."""
+    name = host_name or getattr(entry, "name", None) or getattr(entry, "address", None)
     backend = plan.backend or "ollama"
     port = entry.port or DEFAULT_PORTS[backend]
     listen = entry.listen
@@ -77,7 +80,7 @@ def exposure_for(entry: Any, plan: HostPlan) -> Exposure:
         raise FleetError(f"{listen!r} is not an IP address", host=name, field="listen",
                          fix="give the address of the interface to serve on, e.g. 192.168.1.20") from None
     allow = list(entry.allow or [])
-    if not allow and not ipaddress.ip_address(listen).is_loopback:
+    if not allow and not is_loopback(listen):
         raise FleetError("listen is set but allow is empty", host=name, field="allow",
                          fix="list the networks that may connect (e.g. [192.168.1.0/24]), or allow: [0.0.0.0/0] "
                              "to open the port to every network on purpose")
@@ -159,7 +162,7 @@ def refuse(message: str):
 def prepare(entry: Any, plan: HostPlan):
     """Before the backend roles: the llama-server API key when the host is exposed."""
     try:
-        settings = exposure_for(entry, plan)
+        settings = exposure_for(entry, plan, host.name)
     except FleetError as error:
         refuse(name="Refuse exposure settings", message=str(error))
         return
@@ -172,7 +175,7 @@ def prepare(entry: Any, plan: HostPlan):
 def apply(entry: Any, plan: HostPlan):
     """After the backend roles: firewall rules for the allow-list, or none at all."""
     try:
-        settings = exposure_for(entry, plan)
+        settings = exposure_for(entry, plan, host.name)
     except FleetError as error:
         refuse(name="Refuse exposure settings", message=str(error))
         return

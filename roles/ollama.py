@@ -31,7 +31,7 @@ from r1fleet.deploy_data import (
     OllamaReleaseOverride,
     Target,
     local_api,
-    model_download,
+    ModelDownload,
     modelfile,
     ollama_environment,
     ollama_release,
@@ -104,11 +104,9 @@ def prune_releases(keep: str):
 
 
 @operation()
-def pull_model(tag: str, api: str, binary: str, digest: str | None = None):
-    """`ollama pull <tag>` unless /api/tags already lists it (with the expected digest, if known)."""
-    listed = host.get_fact(HttpJson, url=f"{api}/api/tags")
-    entries = {m.get("name"): m for m in (listed or {}).get("models") or [] if isinstance(m, dict)}
-    if tag in entries and (digest is None or entries[tag].get("digest") == digest):
+def pull_model(tag: str, api: str, binary: str):
+    """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest)."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
         return
     yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
@@ -155,7 +153,8 @@ def release_for(plan: HostPlan, settings: HostSettings, target: Target) -> Ollam
 
 
 @deploy("Ollama")
-def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease) -> None:
+def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease, download: ModelDownload | None) -> None:
+    """Install, configure and start Ollama for the plan; `download` is the stand-in GGUF in rehearsal."""
     api = local_api("ollama", settings)
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
     gpu = plan.placement != "cpu" and plan.vendor is not None
@@ -188,8 +187,7 @@ def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease) 
     prune_releases(name="Prune other Ollama releases", keep=release.version)
 
     tag = plan.ollama_tag or ""
-    if settings.rehearsal:
-        download = model_download(plan.host, plan, settings)
+    if download is not None:
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
         gguf_path = f"{import_dir}/{download.file}"
         files.directory(name="Import directory", path=import_dir, user="root", group="root", mode="0755")

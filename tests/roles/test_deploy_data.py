@@ -65,10 +65,17 @@ def test_gpu_plan_pins_uuids_and_gives_the_runtime_the_plans_margin():
     assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), HostSettings(), "/m")
 
 
+def test_ipv6_listen_is_bracketed_for_ollama_and_the_local_api():
+    s = HostSettings(listen="fd00::5", allow=["fd00::/64"])
+    assert ollama_environment(plan(), s, "/m")["OLLAMA_HOST"] == "[fd00::5]:11434"
+    assert local_api("ollama", s) == "http://[fd00::5]:11434"
+
+
 def test_an_exposed_host_gets_the_key_file_and_a_local_one_does_not():
     exposed = settings_from_host_data("h", {"r1fleet": {"listen": "192.168.1.23", "allow": ["192.168.1.0/24"]}})
     assert exposed.api_key_file == "/etc/r1fleet/api-key"
     assert settings_from_host_data("h", {"r1fleet": {}}).api_key_file is None
+    assert settings_from_host_data("h", {"r1fleet": {"listen": "127.0.0.2"}}).api_key_file is None  # still loopback
 
 
 def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():

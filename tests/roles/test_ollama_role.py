@@ -6,9 +6,14 @@ import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import HostSettings, OllamaReleaseOverride, Target, ollama_release
+from r1fleet.deploy_data import model_download, HostSettings, OllamaReleaseOverride, Target, ollama_release
 from r1fleet.models import GgufFile, HostPlan
 from roles.ollama import ollama_role
+
+
+def role_args(plan, settings, release):
+    """ollama_role's arguments as deploy.py computes them: the stand-in download only in rehearsal."""
+    return plan, settings, release, model_download(plan.host, plan, settings) if settings.rehearsal else None
 
 API = "http://127.0.0.1:11434"
 UNIT = "/etc/systemd/system/r1fleet-ollama.service"
@@ -59,7 +64,7 @@ def present_host(p: HostPlan, settings: HostSettings, rel, unit_text: str, extra
 
 def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     p, rel = plan(), release()
-    run = run_role(ollama_role, p, HostSettings(), rel, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, HostSettings(), rel), monkeypatch=monkeypatch)
     assert not run.failed
     install = run.script("mktemp -d /opt/r1fleet/ollama/.tmp.")
     assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in install
@@ -76,7 +81,7 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
 
 def test_unit_carries_exactly_the_planned_settings(monkeypatch):
     p = plan()
-    run = run_role(ollama_role, p, HostSettings(), release(), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, HostSettings(), release()), monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
     env = sorted(line.split("=", 1)[1].strip('"') for line in unit.splitlines() if line.startswith("Environment="))
     assert env == sorted([
@@ -93,16 +98,16 @@ def test_unit_carries_exactly_the_planned_settings(monkeypatch):
 
 def test_listen_opens_the_bind_address(monkeypatch):
     settings = HostSettings(listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
-    run = run_role(ollama_role, plan(), settings, release(), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(plan(), settings, release()), monkeypatch=monkeypatch)
     assert 'Environment="OLLAMA_HOST=192.168.1.20:11500"' in run.uploads[UNIT]
     assert run.ran("http://192.168.1.20:11500/api/version")
 
 
 def test_already_present_changes_nothing(monkeypatch):
     p, rel, settings = plan(), release(), HostSettings()
-    first = run_role(ollama_role, p, settings, rel, monkeypatch=monkeypatch)
+    first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     responses = present_host(p, settings, rel, first.uploads[UNIT])
-    again = run_role(ollama_role, p, settings, rel, responses=responses, monkeypatch=monkeypatch)
+    again = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert not again.failed
     assert again.changed == []
     assert not again.ran("systemctl restart") and not again.ran("systemctl daemon-reload")
@@ -112,13 +117,13 @@ def test_already_present_changes_nothing(monkeypatch):
 def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
     p, settings = plan(), HostSettings()
     old = release()
-    first = run_role(ollama_role, p, settings, old, monkeypatch=monkeypatch)
+    first = run_role(ollama_role, *role_args(p, settings, old), monkeypatch=monkeypatch)
     new = ollama_release("h1", TARGET, p, OllamaReleaseOverride(
         version="0.33.0", base_url="https://example.invalid/v{version}",
         sha256={"ollama-linux-amd64.tar.zst": "a" * 64}))
     responses = present_host(p, settings, old, first.uploads[UNIT])
     responses["ls -1A /opt/r1fleet/ollama"] = ["0.32.9", "0.33.0"]
-    run = run_role(ollama_role, p, settings, new, responses=responses, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, settings, new), responses=responses, monkeypatch=monkeypatch)
     assert not run.failed
     assert run.ran("https://example.invalid/v0.33.0/ollama-linux-amd64.tar.zst")
     assert "ExecStart=/opt/r1fleet/ollama/0.33.0/bin/ollama serve" in run.uploads[UNIT]
@@ -129,7 +134,7 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
 def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     p = rehearsal_plan()
     settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
-    run = run_role(ollama_role, p, settings, release(), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, settings, release()), monkeypatch=monkeypatch)
     assert not run.failed
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
     assert "http://10.77.0.1:8088/models/SmolLM2-135M-Instruct.Q4_1.gguf" in fetch and GGUF_SHA in fetch
@@ -145,20 +150,20 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
     p = rehearsal_plan()
     settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
     rel = release()
-    first = run_role(ollama_role, p, settings, rel, monkeypatch=monkeypatch)
+    first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     gguf = "/var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf"
     responses = {
         **present_host(p, settings, rel, first.uploads[UNIT]),
         **ff.sha256_of(gguf, GGUF_SHA),
         **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
     }
-    run = run_role(ollama_role, p, settings, rel, responses=responses, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert run.changed == []
     assert not run.ran("ollama create") and not run.ran(".part")
 
 
 def test_download_mismatch_fails_the_host(monkeypatch):
     responses = {"mktemp -d /opt/r1fleet/ollama/.tmp.": {"success": False, "stderr": "sha256 mismatch for x"}}
-    run = run_role(ollama_role, plan(), HostSettings(), release(), responses=responses, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(plan(), HostSettings(), release()), responses=responses, monkeypatch=monkeypatch)
     assert run.failed
     assert not run.ran("systemctl start r1fleet-ollama.service")

@@ -32,12 +32,13 @@ import testinfra
 from r1fleet.catalog import load_catalog
 from r1fleet.deploy_data import DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import R1FleetError
-from r1fleet.facts import DEFAULT_MODEL_DIR, probe_script
+from r1fleet.facts import probe_script
 from r1fleet.fleet import Fleet, HostEntry, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.models import HostPlan
 from r1fleet.planner import plan_host, rehearse
-from r1fleet.verify_report import HostResult, is_loopback, planned_gpu_mib, render_table
+from r1fleet.fleet import is_loopback
+from r1fleet.verify_report import HostResult, planned_gpu_mib, render_table
 from roles.llama_cpp import USER as LLAMA_USER
 from roles.ollama import USER as OLLAMA_USER
 
@@ -235,7 +236,7 @@ def prepare(target: Target, config: pytest.Config, lab_ssh_config: str) -> None:
     where = f"{entry.ssh_user}@{entry.address}:{entry.ssh_port}"
     try:
         target.host = connect(entry, config, lab_ssh_config)
-        result = target.run(f"sh -c {shlex.quote(probe_script())} r1fleet-probe {shlex.quote(DEFAULT_MODEL_DIR)}", PROBE_TIMEOUT_S)
+        result = target.run(f"sh -c {shlex.quote(probe_script())} r1fleet-probe {shlex.quote(entry.model_dir)}", PROBE_TIMEOUT_S)
     except (OSError, EOFError) as err:
         target.error = f"cannot connect over SSH to {where}: {err or type(err).__name__} (fix: check the address, key and that sshd runs)"
         return
