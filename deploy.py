@@ -32,18 +32,16 @@ with summary.step(state, host, "plan"):
     if not plan.fits or not plan.backend:
         raise ValueError("no model fits this host; see the plan's reasons")
     on_macos = hardware.os.system == "Darwin"
+    exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # bad listen/allow fails before any change
+    needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
+    download = model_download(host.name, plan, settings) if needs_gguf else None
     if not on_macos:
         target = target_from_hardware(hardware)
-        if plan.backend == "ollama":
-            release = release_for(plan, settings, target)
-            download = model_download(host.name, plan, settings) if settings.rehearsal else None
-        else:
-            install = choose_install(plan, settings, target)
-            download = model_download(host.name, plan, settings)
-    exposure.exposure_for(settings, plan, host.name)  # bad listen/allow fails here, before any change
+        release = release_for(plan, settings, target) if plan.backend == "ollama" else None
+        install = choose_install(plan, settings, target) if plan.backend == "llama.cpp" else None
 
 if summary.ok(host) and on_macos:
-    macos.install(plan, settings, hw=hardware)
+    macos.install(plan, settings, hw=hardware, download=download)
 elif summary.ok(host):
     gpu_driver.install(hardware, plan)
     exposure.prepare(settings, plan)

@@ -16,6 +16,7 @@ llama-server starts) and `exposure.apply(entry, plan)` after them.
 from __future__ import annotations
 
 import ipaddress
+from io import StringIO
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.command import StringCommand
 from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
-from pyinfra.operations import apt, dnf, files, systemd
+from pyinfra.operations import apt, dnf, files, server, systemd
 
+from roles.common import any_changed
 from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
 from r1fleet.fleet import is_loopback
@@ -64,7 +66,7 @@ class Exposure:
         return self.exposed and self.backend == "llama.cpp"
 
 
-def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None) -> Exposure:
+def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
     """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field.
 
     deploy.py calls it in the plan step, so `--data listen=...` mistakes fail before any change."""
@@ -74,6 +76,9 @@ def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None) -> Ex
     listen = entry.listen
     if listen is None:
         return Exposure(None, port, backend=backend)
+    if darwin and not is_loopback(listen):
+        raise FleetError("serving a Mac to the LAN is not supported: r1fleet has no macOS firewall role yet",
+                         host=name, field="listen", fix="leave listen unset (127.0.0.1) on macOS hosts")
     try:
         ipaddress.ip_address(listen)
     except ValueError:
@@ -195,6 +200,8 @@ def _close() -> None:
         files.file(name="Remove the r1fleet firewall unit", path=FIREWALL_UNIT_PATH, present=False)
         systemd.daemon_reload(name="Reload systemd")
     files.file(name="Remove the r1fleet firewall rules", path=RULES_FILE, present=False)
+    if host.get_fact(File, path=UFW_RULES_FILE):
+        server.shell(name="Remove the r1fleet ufw rules", commands=[UFW_DELETE_OURS, f"rm -f {UFW_RULES_FILE}"])
     if host.get_fact(Which, command="nft"):
         remove_nft_table(name="Remove the r1fleet nftables table")
 
@@ -216,17 +223,30 @@ def _nftables(settings: Exposure) -> None:
         name="r1fleet firewall unit", src=str(TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
         user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
         service_unit=SERVICE_UNITS[settings.backend])
-    systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True,
-                    daemon_reload=unit.will_change, restarted=rules.will_change or unit.will_change)
+    changed = any_changed([rules, unit])
+    systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
+    systemd.service(name="Reload the firewall rules", service=FIREWALL_UNIT, restarted=True, _if=changed)
+    systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
+
+
+UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
+# Deletes every ufw rule r1fleet added (comment "r1fleet"), highest number first so numbers stay valid.
+UFW_DELETE_OURS = (
+    "for n in $(ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
+    "do ufw --force delete \"$n\"; done"
+)
 
 
 def _ufw(settings: Exposure) -> None:
-    """ufw is active: add allow rules for the allow-list, then a deny for the port (ufw keeps order)."""
+    """ufw is active: allow rules for the allow-list, then a deny for the port (ufw stops at the first
+    match, so the order matters). The rules are kept in a file; when it changes, r1fleet's rules are
+    replaced as a whole, so a second run changes nothing and a narrowed allow-list really narrows."""
     commands = [
         f"ufw allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
         for cidr in settings.allow4 + settings.allow6
     ]
     commands.append(f"ufw deny {settings.port}/tcp comment r1fleet")
-    from pyinfra.operations import server
-
-    server.shell(name=f"ufw: port {settings.port} from the allow-list only", commands=commands)
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+    wanted = files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
+                       src=StringIO("\n".join(commands) + "\n"), dest=UFW_RULES_FILE, user="root", group="root", mode="600")
+    server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"], _if=wanted.did_change)

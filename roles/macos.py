@@ -25,7 +25,10 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
+from r1fleet.deploy_data import ModelDownload, local_api
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
+from roles.common import wait_http
+from roles.ollama import ollama_model
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
@@ -108,7 +111,7 @@ def _pinned_release() -> tuple[str, str, str] | None:
 
 
 @deploy("macOS Ollama")
-def install(plan: HostPlan, entry: Any, hw: Hardware | None = None):
+def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: ModelDownload | None = None):
     """Ollama on an Apple Silicon Mac as the plan says (see module docstring)."""
     arch = host.get_fact(Arch)
     if arch not in ("arm64", "aarch64"):
@@ -150,7 +153,10 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None):
                   f"launchctl bootstrap system {PLIST}",
                   f"launchctl kickstart -k system/{LABEL}"],
         _if=lambda: any(op.did_change() for op in changed), _sudo=True)
+    wait_http(name="Health of the Ollama LaunchDaemon", url=f"{local_api('ollama', entry)}/api/version", what=LABEL,
+              _if=lambda: any(op.did_change() for op in changed))
     _wired_limit(plan, hw)
+    ollama_model(plan, entry, binary, download, group="wheel", _sudo=True)
 
 
 def _wired_limit(plan: HostPlan, hw: Hardware | None) -> None:

@@ -186,23 +186,33 @@ def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease, 
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version")
     prune_releases(name="Prune other Ollama releases", keep=release.version)
 
+    ollama_model(plan, settings, release.binary, download)
+
+
+@deploy("Ollama model")
+def ollama_model(plan: HostPlan, settings: HostSettings, binary: str, download: ModelDownload | None,
+                 group: str = "root") -> None:
+    """The planned model in the running server: pulled by its exact tag, or in rehearsal the stand-in
+    GGUF imported offline (`ollama create`); then loaded and kept loaded. Linux and macOS alike."""
+    api = local_api("ollama", settings)
     tag = plan.ollama_tag or ""
     if download is not None:
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
         gguf_path = f"{import_dir}/{download.file}"
-        files.directory(name="Import directory", path=import_dir, user="root", group="root", mode="0755")
-        fetch_verified(name=f"Stand-in {download.file}", url=download.url, dest=gguf_path, sha256=download.sha256, user="root", group="root", mode="0644")
+        files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
+        fetch_verified(name=f"Stand-in {download.file}", url=download.url, dest=gguf_path, sha256=download.sha256,
+                       user="root", group=group, mode="0644")
         files.put(
             name="Modelfile for the stand-in",
             src=_text(modelfile(gguf_path, plan)),
             dest=f"{import_dir}/Modelfile",
             user="root",
-            group="root",
+            group=group,
             mode="0644",
         )
-        import_model(name=f"Import {tag}", tag=tag, api=api, binary=release.binary, modelfile_path=f"{import_dir}/Modelfile")
+        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile")
     else:
-        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=release.binary)
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary)
     preload_model(name=f"Preload {tag}", tag=tag, api=api)
 
 

@@ -20,10 +20,10 @@ def link(path: str, target: str) -> dict[str, str]:
     return {f"{STAT}{path} ": f"user=root group=root mode=lrwxrwxrwx atime=0 mtime=0 ctime=0 size=1 '{path}' -> '{target}'"}
 
 
-def file_content(path: str, text: str) -> dict[str, str]:
+def file_content(path: str, text: str, mode: str = "-rw-r--r--") -> dict[str, str]:
     """The file exists with exactly this content (what files.put/template compare)."""
     sha1 = hashlib.sha1(text.encode()).hexdigest()
-    return {**file_exists(path), f"sha1sum {path}": f"{sha1}  {path}"}
+    return {**file_exists(path, mode=mode), f"sha1sum {path}": f"{sha1}  {path}"}
 
 
 def sha256_of(path: str, digest: str) -> dict[str, str]:

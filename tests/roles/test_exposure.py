@@ -9,6 +9,7 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+from facts_for import directory, file_content
 
 from deploy_harness import run_role
 from r1fleet.errors import FleetError
@@ -78,9 +79,17 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     responses = {"ufw status": "Status: active", **HAS_NFT}
     run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
-    allow = run.commands.index(next(c for c in run.commands if "ufw allow from 10.77.0.1/32 to any port 11434" in c))
-    deny = run.commands.index(next(c for c in run.commands if "ufw deny 11434/tcp" in c))
-    assert allow < deny and exposure.RULES_FILE not in run.uploads
+    rules = run.uploads[exposure.UFW_RULES_FILE].splitlines()
+    assert rules == ["ufw allow from 10.77.0.1/32 to any port 11434 proto tcp comment r1fleet",
+                     "ufw deny 11434/tcp comment r1fleet"]  # allow before deny: ufw stops at the first match
+    assert exposure.RULES_FILE not in run.uploads
+    # our old rules go first, then the file's, in order
+    assert run.commands.index(exposure.UFW_DELETE_OURS) < run.commands.index(f"sh -e {exposure.UFW_RULES_FILE}")
+    # unchanged rules on a second run: nothing applied again
+    again = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+                     monkeypatch=monkeypatch, responses={**responses, **file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
+                                **directory(exposure.KEY_DIR, "root", "root", "drwx------")})
+    assert not again.ran("ufw --force delete") and not again.ran("sh -e")
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
@@ -106,3 +115,9 @@ def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch):
     rules.write_text(run.uploads[exposure.RULES_FILE])
     result = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_mac_cannot_be_opened_to_the_lan_yet():
+    with pytest.raises(FleetError, match="host mac: field listen"):
+        exposure.exposure_for(entry("192.168.1.40", ["192.168.1.0/24"]), OLLAMA, "mac", darwin=True)
+    assert not exposure.exposure_for(entry(None, []), OLLAMA, "mac", darwin=True).exposed

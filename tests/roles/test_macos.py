@@ -16,7 +16,8 @@ ARM = {"uname -m": "arm64", "uname -s": "Darwin"}
 def mac_plan(planned_mib: int, total_mib: int = 32768) -> HostPlan:
     device = DevicePlan(device="unified", capacity_mib=total_mib, planned_mib=planned_mib, weights_mib=planned_mib - 2000,
                         kv_cache_mib=1500, compute_mib=300, overhead_mib=200)
-    return HostPlan(host="mac", model="r1-14b", backend="ollama", placement="unified", vendor="apple",
+    return HostPlan(host="mac", model="deepseek-r1-distill-qwen-14b", ollama_tag="deepseek-r1:14b-qwen-distill-q4_K_M",
+                    backend="ollama", placement="unified", vendor="apple",
                     context_length=16384, kv_cache_type="q8_0", unified_memory_mib=total_mib, devices=[device])
 
 
@@ -43,6 +44,9 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
     assert run.ran("launchctl kickstart -k system/com.r1fleet.ollama")
     # 12000 MiB fits in the default working set of 32 GiB (2/3 = 21845 MiB): no wired limit
     assert macos.WIRED_PLIST not in run.uploads and not run.ran("iogpu.wired_limit_mb")
+    # then the model itself: pulled by its exact tag from the LaunchDaemon's server, and kept loaded
+    assert run.ran("OLLAMA_HOST=http://127.0.0.1:11434 /opt/homebrew/bin/ollama pull deepseek-r1:14b-qwen-distill-q4_K_M")
+    assert run.ran('"keep_alive": -1') and run.ran("http://127.0.0.1:11434/api/generate")
 
 
 def test_listen_address_reaches_ollama_host(monkeypatch):
