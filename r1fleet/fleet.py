@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ class HostSettings(BaseModel):
                 ipaddress.ip_address(value)
             except ValueError:
                 raise ValueError(f"{value!r} is not an IP address; write the address the host should bind, e.g. 192.168.1.23") from None
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_is_plain(cls, value: str | None) -> str | None:
+        # It lands in unit files and shell commands: an absolute path of plain characters only.
+        if value is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]+", value):
+            raise ValueError(f"{value!r} must be an absolute path of letters, digits, '.', '_', '-' and '/'")
         return value
 
     @field_validator("allow")
@@ -138,8 +147,6 @@ class FleetFile(BaseModel):
     @field_validator("hosts")
     @classmethod
     def _names(cls, hosts: dict[str, HostSettings]) -> dict[str, HostSettings]:
-        import re
-
         for name in hosts:
             if not re.match(HOST_NAME_PATTERN, name):
                 raise ValueError(f"host name {name!r} must be letters, digits, '.', '_' or '-' (at most 63)")

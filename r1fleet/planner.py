@@ -187,6 +187,10 @@ def attempt(model: Model, placement: Placement, policy: Policy, context: int | N
     low, high = context_bounds(model, policy)
     if context is not None:
         low = high = context
+        if context > model.arch.context_train:
+            result = Attempt(model, placement, False, context, policy.kv_types[0], _even_layers(model, placement))
+            result.why_not = f"context {context} is beyond what {model.size_label} was trained for ({model.arch.context_train})"
+            return result
     for kv_type in policy.kv_types:
         if _fit_at(model, placement, low, kv_type, policy):
             ctx = largest_context(model, placement, kv_type, low, high, policy)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.files import Sha256File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 

@@ -41,10 +41,6 @@ RULES_FILE = f"{KEY_DIR}/nftables.conf"
 FIREWALL_UNIT = "r1fleet-firewall.service"
 FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
 SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
-OPEN_TO_ALL = ["0.0.0.0/0"]
-# The systemd lines the llama-server unit carries when the host is exposed (see module docstring).
-LLAMA_CREDENTIAL_LINE = f"LoadCredential=api-key:{API_KEY_FILE}"
-LLAMA_KEY_ARG = "--api-key-file %d/api-key"
 
 
 @dataclass(frozen=True)
@@ -172,8 +168,9 @@ def prepare(entry: Any, plan: HostPlan):
         refuse(name="Refuse exposure settings", message=str(error))
         return
     if settings.needs_api_key:
-        api_key(name="llama-server API key (generated on the host, once)", path=API_KEY_FILE)
-        files.file(name="API key root-only", path=API_KEY_FILE, user="root", group="root", mode="600")
+        key_file = getattr(entry, "api_key_file", None) or API_KEY_FILE  # the file the unit will load
+        api_key(name="llama-server API key (generated on the host, once)", path=key_file)
+        files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
 
 
 @deploy("Exposure")

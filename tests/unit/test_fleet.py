@@ -63,6 +63,7 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts: {}\n", ["field hosts", "add at least one entry"]),
         ("defaults: {policy: {prefer: fastest}}\nhosts:\n  a: {address: 10.0.0.1}\n", ["field defaults.policy.prefer", "allowed values"]),
         ("hosts: [a, b]\n", ["field hosts", "mapping"]),
+        ("hosts:\n  a: {address: 10.0.0.1, model_dir: 'models here'}\n", ["host a", "field model_dir", "absolute path"]),
         ("hosts:\n  a: {address: 10.0.0.1\n", ["not valid YAML"]),
     ],
 )

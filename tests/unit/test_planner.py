@@ -161,6 +161,11 @@ def test_forced_context_is_exact():
     assert plan.fits and plan.context_length == 4096
 
 
+def test_forced_context_beyond_training_is_explained():
+    plan = plan_host(host(gpu(0, *RTX_4090)), model="32b", context=262144)
+    assert not plan.fits and "beyond what 32b was trained for (131072)" in plan.reasons[0]
+
+
 def test_prefer_math_picks_the_math_distill_over_the_llama_8b():
     card = gpu(0, "NVIDIA GeForce RTX 4060", 8188, 272.0)
     assert plan_host(host(card), Policy(prefer="largest")).model == ID["8b"]
