@@ -55,7 +55,7 @@ class OllamaReleaseOverride(BaseModel):
 API_KEY_FILE = "/etc/r1fleet/api-key"
 
 
-class HostSettings(BaseModel):
+class DeploySettings(BaseModel):
     """What the roles need from a fleet entry (host data `r1fleet`) plus a few deploy knobs."""
 
     model_config = ConfigDict(extra="ignore")
@@ -77,7 +77,7 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def settings_from_host_data(host: str, data: Mapping[str, Any]) -> HostSettings:
+def settings_from_host_data(host: str, data: Mapping[str, Any]) -> DeploySettings:
     """Merge host data: the fleet entry under `r1fleet`, then top-level keys (--data wins).
 
     `pyinfra ... --data rehearsal=true` arrives as the string "true", hence _truthy.
@@ -91,18 +91,18 @@ def settings_from_host_data(host: str, data: Mapping[str, Any]) -> HostSettings:
     if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
         merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
     try:
-        return HostSettings.model_validate(merged)
+        return DeploySettings.model_validate(merged)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise DeployError(first["msg"], host=host, field=field, fix="correct this value in the fleet file or --data") from None
 
 
-def service_port(backend: str, settings: HostSettings) -> int:
+def service_port(backend: str, settings: DeploySettings) -> int:
     return settings.port or DEFAULT_PORTS[backend]
 
 
-def bind_address(settings: HostSettings) -> str:
+def bind_address(settings: DeploySettings) -> str:
     """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
     return settings.listen or "127.0.0.1"
 
@@ -112,7 +112,7 @@ def host_port(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def local_api(backend: str, settings: HostSettings) -> str:
+def local_api(backend: str, settings: DeploySettings) -> str:
     """The URL the deploy uses on the host itself to reach the service."""
     address = bind_address(settings)
     if address in {"0.0.0.0", "::"}:
@@ -120,7 +120,7 @@ def local_api(backend: str, settings: HostSettings) -> str:
     return f"http://{host_port(address, service_port(backend, settings))}"
 
 
-def is_local_only(settings: HostSettings) -> bool:
+def is_local_only(settings: DeploySettings) -> bool:
     return is_loopback(bind_address(settings))
 
 
@@ -247,7 +247,7 @@ def ollama_release(
                 f"no sha256 is pinned for {stem}.tar.zst (Ollama {version})",
                 host=host,
                 field="ollama.sha256",
-                fix=f"add its line from the release's sha256sum.txt to r1fleet/versions.yaml or host data ollama_release.sha256",
+                fix="add its line from the release's sha256sum.txt to r1fleet/versions.yaml or host data ollama_release.sha256",
             )
     return OllamaRelease(version=version, assets=tuple(assets))
 
@@ -256,7 +256,7 @@ def ollama_release(
 # Service settings
 
 
-def ollama_environment(plan: HostPlan, settings: HostSettings, models_dir: str) -> dict[str, str]:
+def ollama_environment(plan: HostPlan, settings: DeploySettings, models_dir: str) -> dict[str, str]:
     """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
     env = {
         "OLLAMA_HOST": host_port(bind_address(settings), service_port("ollama", settings)),
@@ -292,7 +292,7 @@ def is_reasoning_model(plan: HostPlan) -> bool:
     return bool(plan.model) and load_catalog().find(plan.model).reasoning
 
 
-def llama_server_args(plan: HostPlan, settings: HostSettings, model_path: str, api_key_path: str | None) -> list[str]:
+def llama_server_args(plan: HostPlan, settings: DeploySettings, model_path: str, api_key_path: str | None) -> list[str]:
     """llama-server arguments for the plan (research/placement.md section 1).
 
     api_key_path is where the service reads the key (the credentials directory), never the key.
@@ -343,7 +343,7 @@ def device_allow(plan: HostPlan) -> list[str]:
 
 def unit_context(
     plan: HostPlan,
-    settings: HostSettings,
+    settings: DeploySettings,
     *,
     description: str,
     user: str,
@@ -388,7 +388,7 @@ class ModelDownload:
     sha256: str
 
 
-def model_download(host: str, plan: HostPlan, settings: HostSettings) -> ModelDownload:
+def model_download(host: str, plan: HostPlan, settings: DeploySettings) -> ModelDownload:
     """The GGUF to fetch: from the artifact mirror in rehearsal (when set), else the catalog URL."""
     gguf = plan.gguf
     if gguf is None:
@@ -449,7 +449,7 @@ def cmake_flags(plan: HostPlan) -> tuple[str, ...]:
 def llama_cpp_install(
     target: Target,
     plan: HostPlan,
-    settings: HostSettings,
+    settings: DeploySettings,
     available: set[str],
     versions: Mapping[str, Any] | None = None,
 ) -> LlamaInstall:

@@ -94,6 +94,23 @@ def model_names(tags_document) -> set[str]:
 # Operations
 
 
+@operation(is_idempotent=False)
+def refuse(message: str):
+    """Fail this host at this step with `message` (on stderr), leaving the other hosts running."""
+    yield f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1"
+
+
+def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False) -> list[str]:
+    """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
+    deleting the file, unless its sha256 is the pinned one."""
+    q = shlex.quote
+    fetch = f"curl -fSL --retry 3 -o {target} {q(url)}"
+    if resume:  # continue a partial download; start over when the server cannot resume
+        fetch = f"curl -fSL --retry 3 -C - -o {target} {q(url)} || {fetch}"
+    mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")
+    return [fetch, f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
+
+
 @operation()
 def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640"):
     """Download once, resumable, sha256-verified; the file appears under its name only when good."""
@@ -102,13 +119,15 @@ def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode
         return
     part = f"{dest}.part"
     q = shlex.quote
-    yield (
-        f"set -e; mkdir -p {q(str(Path(dest).parent))}; "
-        f"curl -fSL --retry 3 -C - -o {q(part)} {q(url)} || curl -fSL --retry 3 -o {q(part)} {q(url)}; "
-        f"if ! echo {q(sha256 + '  ' + part)} | sha256sum -c --status; then "
-        f"rm -f {q(part)}; echo 'sha256 mismatch for {url} (expected {sha256})' >&2; exit 1; fi; "
-        f"chown {q(user)}:{q(group)} {q(part)}; chmod {mode} {q(part)}; mv -f {q(part)} {q(dest)}"
-    )
+    steps = [
+        "set -e",
+        f"mkdir -p {q(str(Path(dest).parent))}",
+        *verified_fetch_steps(url, q(part), sha256, resume=True),
+        f"chown {q(user)}:{q(group)} {q(part)}",
+        f"chmod {mode} {q(part)}",
+        f"mv -f {q(part)} {q(dest)}",
+    ]
+    yield "; ".join(steps)
 
 
 @operation()

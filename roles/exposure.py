@@ -29,7 +29,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from roles.common import any_changed
+from roles.common import any_changed, refuse
 from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
 from r1fleet.fleet import is_loopback
@@ -148,12 +148,6 @@ def remove_nft_table():
         host.noop("no r1fleet nftables table")
         return
     yield "nft delete table inet r1fleet"
-
-
-@operation(is_idempotent=False)
-def refuse(message: str):
-    """Fail this host at this step with `message`, leaving the other hosts running."""
-    yield StringCommand(f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1")
 
 
 # ---------------------------------------------------------------- deploys

@@ -21,6 +21,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.models import Hardware, HostPlan
+from roles.common import refuse
 
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
 # drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.
@@ -80,12 +81,6 @@ class MokKeyEnrolled(FactBase):
 
 
 # ---------------------------------------------------------------- operations
-
-
-@operation(is_idempotent=False)
-def refuse(message: str):
-    """Fail this host at this step with `message` (printed on stderr), leaving others running."""
-    yield StringCommand(f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1")
 
 
 @operation()

@@ -20,7 +20,7 @@ from r1fleet.deploy_data import (
     API_KEY_CREDENTIAL,
     LLAMA_ROOT,
     LLAMA_UNIT,
-    HostSettings,
+    DeploySettings,
     LlamaInstall,
     ModelDownload,
     Target,
@@ -33,13 +33,13 @@ from r1fleet.deploy_data import (
     unit_context,
 )
 from r1fleet.models import HostPlan
-from roles.common import AptCandidates, converge_service, fetch_verified, service_user, unit_file
+from roles.common import AptCandidates, converge_service, fetch_verified, service_user, unit_file, verified_fetch_steps
 
 USER = "llama"
 HOME = "/var/lib/llama"
 
 
-def choose_install(plan: HostPlan, settings: HostSettings, target: Target) -> LlamaInstall:
+def choose_install(plan: HostPlan, settings: DeploySettings, target: Target) -> LlamaInstall:
     """Ask apt (Debian hosts only) which packages it can install, then decide (pure)."""
     available: set[str] = set()
     if target.distro_id == "debian":
@@ -72,15 +72,13 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
             "(the gpu_driver role) or use a distro with llama.cpp CUDA packages' >&2; exit 1; }"
         )
     steps += [
-        f'curl -fSL --retry 3 -o "$tmp/src.tar.gz" {q(url)}',
-        f"if ! echo {q(sha256)}\"  $tmp/src.tar.gz\" | sha256sum -c --status; then "
-        f"echo {q(f'sha256 mismatch for {url} (expected {sha256})')} >&2; exit 1; fi",
+        *verified_fetch_steps(url, '"$tmp/src.tar.gz"', sha256),
         'tar -C "$tmp" -xzf "$tmp/src.tar.gz"',
         'src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)',
         # Static libraries: one self-contained binary per tag, nothing shared to go stale.
         f'cmake -S "$src" -B "$tmp/build" -DBUILD_SHARED_LIBS=OFF {cmake_flags}',
         'cmake --build "$tmp/build" --config Release -j"$(nproc)" --target llama-server',
-        f'install -D -m 0755 "$tmp/build/bin/llama-server" "$tmp/out/bin/llama-server"',
+        'install -D -m 0755 "$tmp/build/bin/llama-server" "$tmp/out/bin/llama-server"',
         f"rm -rf {q(f'{LLAMA_ROOT}/{tag}')}",
         f'mv "$tmp/out" {q(f"{LLAMA_ROOT}/{tag}")}',
     ]
@@ -88,7 +86,7 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
 
 
 @deploy("llama.cpp")
-def llama_cpp_role(plan: HostPlan, settings: HostSettings, install: LlamaInstall, download: ModelDownload) -> None:
+def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInstall, download: ModelDownload) -> None:
     gpu = plan.placement != "cpu" and plan.vendor is not None
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
     model_path = f"{models_dir}/{download.file}"

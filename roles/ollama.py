@@ -26,7 +26,7 @@ from pyinfra.operations import files, server, systemd
 from r1fleet.deploy_data import (
     OLLAMA_ROOT,
     OLLAMA_UNIT,
-    HostSettings,
+    DeploySettings,
     OllamaRelease,
     OllamaReleaseOverride,
     Target,
@@ -39,7 +39,9 @@ from r1fleet.deploy_data import (
     unit_context,
 )
 from r1fleet.models import HostPlan
-from roles.common import HttpJson, converge_service, fetch_verified, model_names, service_user, unit_file
+from roles.common import (
+    HttpJson, converge_service, fetch_verified, model_names, service_user, unit_file, verified_fetch_steps,
+)
 
 USER = "ollama"
 HOME = "/var/lib/ollama"
@@ -73,11 +75,7 @@ def install_release(release: OllamaRelease):
     ]
     for asset in release.assets:
         archive = f'"$tmp"/{q(asset.name)}'
-        steps += [
-            f"curl -fSL --retry 3 -o {archive} {q(asset.url)}",
-            f"if ! echo {q(asset.sha256)}\"  $tmp/{asset.name}\" | sha256sum -c --status; then "
-            f"echo {q(f'sha256 mismatch for {asset.url} (expected {asset.sha256})')} >&2; exit 1; fi",
-        ]
+        steps += verified_fetch_steps(asset.url, archive, asset.sha256)
         if asset.name.endswith(".tar.zst"):
             steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
         else:
@@ -145,7 +143,7 @@ def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverrid
     return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
 
 
-def release_for(plan: HostPlan, settings: HostSettings, target: Target) -> OllamaRelease:
+def release_for(plan: HostPlan, settings: DeploySettings, target: Target) -> OllamaRelease:
     override = settings.ollama_release
     if override is None and settings.mirror:
         override = mirror_release(settings.mirror)
@@ -153,7 +151,7 @@ def release_for(plan: HostPlan, settings: HostSettings, target: Target) -> Ollam
 
 
 @deploy("Ollama")
-def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease, download: ModelDownload | None) -> None:
+def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease, download: ModelDownload | None) -> None:
     """Install, configure and start Ollama for the plan; `download` is the stand-in GGUF in rehearsal."""
     api = local_api("ollama", settings)
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
@@ -190,7 +188,7 @@ def ollama_role(plan: HostPlan, settings: HostSettings, release: OllamaRelease, 
 
 
 @deploy("Ollama model")
-def ollama_model(plan: HostPlan, settings: HostSettings, binary: str, download: ModelDownload | None,
+def ollama_model(plan: HostPlan, settings: DeploySettings, binary: str, download: ModelDownload | None,
                  group: str = "root") -> None:
     """The planned model in the running server: pulled by its exact tag, or in rehearsal the stand-in
     GGUF imported offline (`ollama create`); then loaded and kept loaded. Linux and macOS alike."""

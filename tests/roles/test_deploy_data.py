@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r1fleet.deploy_data import (
-    DeployError, HostSettings, OllamaReleaseOverride, Target, cuda_architectures, device_allow,
+    DeployError, DeploySettings, OllamaReleaseOverride, Target, cuda_architectures, device_allow,
     llama_server_args, local_api, model_download, ollama_asset_stems, ollama_environment, ollama_release,
     parse_sha256sums, settings_from_host_data, target_from_hardware,
 )
@@ -51,7 +51,7 @@ def test_missing_sha_is_refused_with_the_fix():
 
 def test_cpu_plan_hides_gpus_and_uses_no_devices():
     p = plan(placement="cpu", vendor=None)
-    env = ollama_environment(p, HostSettings(), "/m")
+    env = ollama_environment(p, DeploySettings(), "/m")
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and device_allow(p) == []
     assert device_allow(plan(vendor="amd")) == ["/dev/kfd rw", "char-drm rw"]
 
@@ -59,14 +59,14 @@ def test_cpu_plan_hides_gpus_and_uses_no_devices():
 def test_gpu_plan_pins_uuids_and_gives_the_runtime_the_plans_margin():
     p = plan(gpu_uuids=["GPU-aaaa"], devices=[DevicePlan(device="GPU0", capacity_mib=24564, planned_mib=24000, weights_mib=18514,
                                  kv_cache_mib=4608, compute_mib=307, overhead_mib=600, headroom_mib=512, layers=64)])
-    env = ollama_environment(p, HostSettings(), "/m")
+    env = ollama_environment(p, DeploySettings(), "/m")
     assert env["LLAMA_ARG_FIT_TARGET"] == "512"  # Ollama's llama-server must not spill what the plan fits
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(p.gpu_uuids) and env["OLLAMA_KEEP_ALIVE"] == "-1"
-    assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), HostSettings(), "/m")
+    assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), DeploySettings(), "/m")
 
 
 def test_ipv6_listen_is_bracketed_for_ollama_and_the_local_api():
-    s = HostSettings(listen="fd00::5", allow=["fd00::/64"])
+    s = DeploySettings(listen="fd00::5", allow=["fd00::/64"])
     assert ollama_environment(plan(), s, "/m")["OLLAMA_HOST"] == "[fd00::5]:11434"
     assert local_api("ollama", s) == "http://[fd00::5]:11434"
 
@@ -79,9 +79,9 @@ def test_an_exposed_host_gets_the_key_file_and_a_local_one_does_not():
 
 
 def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():
-    single = llama_server_args(plan(backend="llama.cpp", tensor_split=[48]), HostSettings(), "/m.gguf", None)
+    single = llama_server_args(plan(backend="llama.cpp", tensor_split=[48]), DeploySettings(), "/m.gguf", None)
     assert "--tensor-split" not in single and "--reasoning-format" in single
-    standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), HostSettings(port=9000), "/m.gguf", None)
+    standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), DeploySettings(port=9000), "/m.gguf", None)
     assert "--reasoning-format" not in standin
     assert standin[standin.index("--tensor-split") + 1] == "15,15" and standin[standin.index("--port") + 1] == "9000"
 
@@ -96,11 +96,11 @@ def test_host_data_rehearsal_string_from_cli_and_local_api():
 
 def test_model_download_prefers_mirror_in_rehearsal_and_needs_sha():
     gguf = GgufFile(url="https://hf/x.gguf", file="x.gguf", sha256="E" * 64)
-    got = model_download("h", plan(gguf=gguf), HostSettings(rehearsal=True, mirror="http://m:8088/"))
+    got = model_download("h", plan(gguf=gguf), DeploySettings(rehearsal=True, mirror="http://m:8088/"))
     assert got.url == "http://m:8088/models/x.gguf" and got.sha256 == "e" * 64
-    assert model_download("h", plan(gguf=gguf), HostSettings(mirror="http://m")).url == "https://hf/x.gguf"
+    assert model_download("h", plan(gguf=gguf), DeploySettings(mirror="http://m")).url == "https://hf/x.gguf"
     with pytest.raises(DeployError, match="catalog gguf.sha256"):
-        model_download("h", plan(gguf=GgufFile(url="u", file="x.gguf", sha256="TODO")), HostSettings())
+        model_download("h", plan(gguf=GgufFile(url="u", file="x.gguf", sha256="TODO")), DeploySettings())
 
 
 def test_cuda_architectures_and_target():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import HostSettings, ModelDownload, Target, llama_cpp_install
+from r1fleet.deploy_data import DeploySettings, ModelDownload, Target, llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
 from roles.llama_cpp import llama_cpp_role
 
@@ -36,7 +36,7 @@ def exec_args(unit: str) -> list[str]:
 
 
 def test_from_package_on_forky_with_cuda_backend(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     assert install.method == "package"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
@@ -59,7 +59,7 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
 
 
 def test_from_source_where_no_cuda_package(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     assert install.method == "source" and install.binary == "/opt/r1fleet/llama.cpp/b10069/bin/llama-server"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
@@ -71,7 +71,7 @@ def test_from_source_where_no_cuda_package(monkeypatch):
 
 
 def test_source_build_skipped_when_tag_already_built(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     responses = ff.file_exists(install.binary, mode="-rwxr-xr-x")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
@@ -79,13 +79,13 @@ def test_source_build_skipped_when_tag_already_built(monkeypatch):
 
 
 def test_lab_host_uses_the_cpu_package(monkeypatch):
-    p, settings = plan(), HostSettings(profile="dual-rtx3090", rehearsal=True)
+    p, settings = plan(), DeploySettings(profile="dual-rtx3090", rehearsal=True)
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools"})
     assert install.method == "package" and install.packages == ("llama.cpp-tools",)
 
 
 def test_api_key_is_a_credential_never_in_argv(monkeypatch):
-    settings = HostSettings(listen="0.0.0.0", allow=["192.168.1.0/24"], api_key_file="/etc/r1fleet/api-key")
+    settings = DeploySettings(listen="0.0.0.0", allow=["192.168.1.0/24"], api_key_file="/etc/r1fleet/api-key")
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
@@ -99,14 +99,14 @@ def test_api_key_is_a_credential_never_in_argv(monkeypatch):
 
 
 def test_no_api_key_flag_when_local_only(monkeypatch):
-    settings = HostSettings(api_key_file="/etc/r1fleet/api-key")
+    settings = DeploySettings(api_key_file="/etc/r1fleet/api-key")
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert "--api-key-file" not in run.uploads[UNIT] and "LoadCredential" not in run.uploads[UNIT]
 
 
 def test_already_present_changes_nothing(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     responses = {
@@ -127,7 +127,7 @@ def test_already_present_changes_nothing(monkeypatch):
 
 
 def test_changed_model_restarts_the_service(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     responses = ff.running("r1fleet-llama-server.service")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import model_download, HostSettings, OllamaReleaseOverride, Target, ollama_release
+from r1fleet.deploy_data import model_download, DeploySettings, OllamaReleaseOverride, Target, ollama_release
 from r1fleet.models import GgufFile, HostPlan
 from roles.ollama import ollama_role
 
@@ -41,7 +40,7 @@ def release(version="0.32.9"):
     return ollama_release("h1", TARGET, plan(), OllamaReleaseOverride(version=version) if version != "0.32.9" else None)
 
 
-def present_host(p: HostPlan, settings: HostSettings, rel, unit_text: str, extra_dirs=()) -> dict:
+def present_host(p: HostPlan, settings: DeploySettings, rel, unit_text: str, extra_dirs=()) -> dict:
     """Everything the role manages already in place, as facts."""
     responses = {
         "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "ollama:x:999:"],
@@ -64,7 +63,7 @@ def present_host(p: HostPlan, settings: HostSettings, rel, unit_text: str, extra
 
 def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     p, rel = plan(), release()
-    run = run_role(ollama_role, *role_args(p, HostSettings(), rel), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, DeploySettings(), rel), monkeypatch=monkeypatch)
     assert not run.failed
     install = run.script("mktemp -d /opt/r1fleet/ollama/.tmp.")
     assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in install
@@ -81,7 +80,7 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
 
 def test_unit_carries_exactly_the_planned_settings(monkeypatch):
     p = plan()
-    run = run_role(ollama_role, *role_args(p, HostSettings(), release()), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, DeploySettings(), release()), monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
     env = sorted(line.split("=", 1)[1].strip('"') for line in unit.splitlines() if line.startswith("Environment="))
     assert env == sorted([
@@ -97,14 +96,14 @@ def test_unit_carries_exactly_the_planned_settings(monkeypatch):
 
 
 def test_listen_opens_the_bind_address(monkeypatch):
-    settings = HostSettings(listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
+    settings = DeploySettings(listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
     run = run_role(ollama_role, *role_args(plan(), settings, release()), monkeypatch=monkeypatch)
     assert 'Environment="OLLAMA_HOST=192.168.1.20:11500"' in run.uploads[UNIT]
     assert run.ran("http://192.168.1.20:11500/api/version")
 
 
 def test_already_present_changes_nothing(monkeypatch):
-    p, rel, settings = plan(), release(), HostSettings()
+    p, rel, settings = plan(), release(), DeploySettings()
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     responses = present_host(p, settings, rel, first.uploads[UNIT])
     again = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
@@ -115,7 +114,7 @@ def test_already_present_changes_nothing(monkeypatch):
 
 
 def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
-    p, settings = plan(), HostSettings()
+    p, settings = plan(), DeploySettings()
     old = release()
     first = run_role(ollama_role, *role_args(p, settings, old), monkeypatch=monkeypatch)
     new = ollama_release("h1", TARGET, p, OllamaReleaseOverride(
@@ -133,7 +132,7 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
 
 def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     p = rehearsal_plan()
-    settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    settings = DeploySettings(rehearsal=True, mirror="http://10.77.0.1:8088")
     run = run_role(ollama_role, *role_args(p, settings, release()), monkeypatch=monkeypatch)
     assert not run.failed
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
@@ -148,7 +147,7 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
 
 def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
     p = rehearsal_plan()
-    settings = HostSettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    settings = DeploySettings(rehearsal=True, mirror="http://10.77.0.1:8088")
     rel = release()
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     gguf = "/var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,6 +163,6 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
 
 def test_download_mismatch_fails_the_host(monkeypatch):
     responses = {"mktemp -d /opt/r1fleet/ollama/.tmp.": {"success": False, "stderr": "sha256 mismatch for x"}}
-    run = run_role(ollama_role, *role_args(plan(), HostSettings(), release()), responses=responses, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), responses=responses, monkeypatch=monkeypatch)
     assert run.failed
     assert not run.ran("systemctl start r1fleet-ollama.service")
