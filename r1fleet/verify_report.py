@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1fleet.fleet import is_loopback
+from r1fleet.hardware import parse_nvidia_apps
 from r1fleet.models import HostPlan
 
 WILDCARDS = {"0.0.0.0", "::", "*"}
@@ -146,14 +147,13 @@ class ComputeApp:
 
 
 def parse_compute_apps(text: str) -> list[ComputeApp]:
-    """`nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits`."""
-    apps = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 4 and parts[1].isdigit():
-            used = parts[3].split()[0] if parts[3] else ""
-            apps.append(ComputeApp(parts[0], int(parts[1]), parts[2], int(used) if used.isdigit() else 0))
-    return apps
+    """`nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits`,
+    read by the probe's own parser (r1fleet.hardware)."""
+    return [
+        ComputeApp(uuid, process.pid, process.name, process.used_mib)
+        for uuid, processes in parse_nvidia_apps(text.splitlines()).items()
+        for process in processes
+    ]
 
 
 def memory_by_gpu(apps: list[ComputeApp], pids: set[int], gpu_order: list[str]) -> list[int]:
