@@ -10,7 +10,12 @@ Order per host: driver -> exposure key -> backend -> firewall (macOS: one Launch
 
 from pyinfra import host, state
 
-from r1fleet.deploy_data import format_plan, model_download, settings_from_host_data, target_from_hardware
+from r1fleet.deploy_data import (
+    format_plan,
+    model_download,
+    settings_from_host_data,
+    target_from_hardware,
+)
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse

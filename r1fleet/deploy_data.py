@@ -107,6 +107,11 @@ def bind_address(settings: DeploySettings) -> str:
     return settings.listen or "127.0.0.1"
 
 
+def uses_gpu(plan: HostPlan) -> bool:
+    """The plan runs on a GPU (discrete or unified): device access, groups, no W^X lock."""
+    return plan.placement != "cpu" and plan.vendor is not None
+
+
 def host_port(address: str, port: int) -> str:
     """`address:port`, with IPv6 addresses in brackets (`[fd00::5]:11434`)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -355,7 +360,7 @@ def unit_context(
     credential: str | None = None,
 ) -> dict[str, Any]:
     """Template variables for templates/systemd/r1fleet-service.j2."""
-    gpu = plan.placement != "cpu" and plan.vendor is not None
+    gpu = uses_gpu(plan)
     ip_allow: list[str] = []
     if restrict_ip:
         ip_allow = ["localhost"] + ([] if is_local_only(settings) else list(settings.allow))
@@ -460,7 +465,7 @@ def llama_cpp_install(
     """
     pins = (versions or load_versions())["llama_cpp"]
     debian = pins["debian"]
-    gpu = plan.placement != "cpu" and plan.vendor is not None
+    gpu = uses_gpu(plan)
     backend_pkg = debian["backend_packages"].get(plan.vendor) if gpu else None
     package_distro = target.distro_id == "debian" and target.codename in debian["codenames"]
     server_ok = debian["server_package"] in available

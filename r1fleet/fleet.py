@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from r1fleet.errors import FleetError
 from r1fleet.models import DEFAULT_MODEL_DIR, Backend
@@ -333,7 +340,10 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
         path = REPO_ROOT / path
     if not path.exists():
         raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml, or set R1FLEET_FLEET (a path or `lab`)")
-    from r1fleet.ansible_inventory import fleet_dict_from_ansible, looks_like_ansible_inventory
+    from r1fleet.ansible_inventory import (
+        fleet_dict_from_ansible,
+        looks_like_ansible_inventory,
+    )
 
     if looks_like_ansible_inventory(path):
         return fleet_from_dict(fleet_dict_from_ansible(path), str(path))

@@ -16,9 +16,9 @@ llama-server starts) and `exposure.apply(entry, plan)` after them.
 from __future__ import annotations
 
 import ipaddress
-from io import StringIO
 import shlex
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from roles.common import any_changed, refuse
 from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
 from r1fleet.fleet import is_loopback
 from r1fleet.models import HostPlan
+from roles.common import any_changed, refuse
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
 KEY_DIR = "/etc/r1fleet"

@@ -31,9 +31,17 @@ from r1fleet.deploy_data import (
     load_versions,
     local_api,
     unit_context,
+    uses_gpu,
 )
 from r1fleet.models import HostPlan
-from roles.common import AptCandidates, converge_service, fetch_verified, service_user, unit_file, verified_fetch_steps
+from roles.common import (
+    AptCandidates,
+    converge_service,
+    fetch_verified,
+    service_user,
+    unit_file,
+    verified_fetch_steps,
+)
 
 USER = "llama"
 HOME = "/var/lib/llama"
@@ -87,7 +95,7 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
 
 @deploy("llama.cpp")
 def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInstall, download: ModelDownload) -> None:
-    gpu = plan.placement != "cpu" and plan.vendor is not None
+    gpu = uses_gpu(plan)
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
     model_path = f"{models_dir}/{download.file}"
 

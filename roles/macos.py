@@ -27,11 +27,11 @@ from pyinfra.operations import brew, files, server
 
 from r1fleet.deploy_data import ModelDownload, local_api
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
-from roles.common import wait_http
-from roles.ollama import ollama_model
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
+from roles.common import wait_http
+from roles.ollama import ollama_model
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
 LABEL = "com.r1fleet.ollama"

@@ -27,20 +27,27 @@ from r1fleet.deploy_data import (
     OLLAMA_ROOT,
     OLLAMA_UNIT,
     DeploySettings,
+    ModelDownload,
     OllamaRelease,
     OllamaReleaseOverride,
     Target,
     local_api,
-    ModelDownload,
     modelfile,
     ollama_environment,
     ollama_release,
     parse_sha256sums,
     unit_context,
+    uses_gpu,
 )
 from r1fleet.models import HostPlan
 from roles.common import (
-    HttpJson, converge_service, fetch_verified, model_names, service_user, unit_file, verified_fetch_steps,
+    HttpJson,
+    converge_service,
+    fetch_verified,
+    model_names,
+    service_user,
+    unit_file,
+    verified_fetch_steps,
 )
 
 USER = "ollama"
@@ -155,7 +162,7 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
     """Install, configure and start Ollama for the plan; `download` is the stand-in GGUF in rehearsal."""
     api = local_api("ollama", settings)
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
-    gpu = plan.placement != "cpu" and plan.vendor is not None
+    gpu = uses_gpu(plan)
 
     packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
     server.packages(name="Packages for Ollama", packages=packages)

@@ -11,7 +11,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from r1fleet.lab import hosts, image, profiles, mirror, network, paths, procs, proxy, state
+from r1fleet.lab import (
+    hosts,
+    image,
+    mirror,
+    network,
+    paths,
+    procs,
+    profiles,
+    proxy,
+    state,
+)
 from r1fleet.lab.hosts import HostSpec
 
 Say = Callable[[str], None]
