@@ -79,6 +79,15 @@ def test_verify_passes_on_the_converged_lab(converged_lab, tmp_path):
     assert not failed_checks(tmp_path / "junit.xml")
 
 
+def test_verify_through_the_ansible_inventory_of_the_lab(converged_lab):
+    """An Ansible user's inventory drives the same suite through testinfra's Ansible backend."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/verify",
+            "--ansible-inventory", "inventory/ansible/lab-hosts.yml"]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(converged_lab)}/{len(converged_lab)} hosts pass" in result.stdout
+
+
 @contextmanager
 def fault(ssh, host: str, inject: str, undo: str):
     """Inject a fault into a lab host; always undo it and re-converge that host afterwards."""

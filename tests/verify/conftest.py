@@ -20,10 +20,12 @@ import json
 import os
 import shlex
 import signal
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,11 +35,10 @@ from r1fleet.catalog import load_catalog
 from r1fleet.deploy_data import DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
-from r1fleet.fleet import Fleet, HostEntry, load_fleet
+from r1fleet.fleet import Fleet, HostEntry, is_loopback, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.models import HostPlan
 from r1fleet.planner import plan_host, rehearse
-from r1fleet.fleet import is_loopback
 from r1fleet.verify_report import HostResult, planned_gpu_mib, render_table
 from roles.llama_cpp import USER as LLAMA_USER
 from roles.ollama import USER as OLLAMA_USER
@@ -218,6 +219,10 @@ def connect(entry: HostEntry, config: pytest.Config, lab_ssh_config: str) -> Any
     timeout = config.getoption("--ssh-timeout")
     inventory = config.getoption("ansible_inventory", None)
     if inventory and not config.getoption("--fleet"):
+        # testinfra runs `ansible-inventory`: find it beside this Python (a venv not on PATH).
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         return testinfra.get_host(f"ansible://{entry.name}", ansible_inventory=inventory)
     address = f"[{entry.address}]" if ":" in entry.address else entry.address
     kwargs: dict[str, Any] = {"timeout": timeout}
