@@ -99,8 +99,8 @@ def wait_for_kernel_module(module: str, timeout_s: int = 900, interval_s: int = 
 
 
 @operation()
-def verified_key(src: str, dest: str, fingerprint: str | None = None):
-    """Download an apt signing key once; when a fingerprint is given, keep it only if it matches."""
+def verified_key(src: str, dest: str, fingerprint: str | None = None, sha1: str | None = None):
+    """Download an apt signing key once, kept only if it has the pinned fingerprint (or file sha1)."""
     if host.get_fact(File, path=dest):
         host.noop(f"signing key {dest} present")
         return
@@ -109,6 +109,9 @@ def verified_key(src: str, dest: str, fingerprint: str | None = None):
     if fingerprint:
         check = (f" && gpg --show-keys --with-colons {shlex.quote(tmp)} | grep -q '^fpr:*{fingerprint}:'"
                  f" || {{ rm -f {shlex.quote(tmp)}; echo 'r1fleet: {src} does not have fingerprint {fingerprint}' >&2; exit 1; }}")
+    elif sha1:
+        check = (f" && echo {shlex.quote(sha1 + '  ' + tmp)} | sha1sum -c --status"
+                 f" || {{ rm -f {shlex.quote(tmp)}; echo 'r1fleet: {src} is not the key with sha1 {sha1}' >&2; exit 1; }}")
     yield StringCommand(
         f"install -d -m 0755 {shlex.quote(dest.rsplit('/', 1)[0])} && "
         f"curl -fsSL --proto '=https' {shlex.quote(src)} -o {shlex.quote(tmp)}{check}; "
@@ -173,7 +176,7 @@ def _repositories(hw: Hardware, action: DriverAction) -> None:
                   dest=CUDA_PIN, mode="644")
     if "rocm" in action.repos:
         rocm = data["amd"]["rocm"]
-        verified_key(name="ROCm repository key", src=rocm["key"], dest=ROCM_KEYRING)
+        verified_key(name="ROCm repository key", src=rocm["key"], dest=ROCM_KEYRING, sha1=rocm["key_sha1"])
         files.put(name="ROCm repository",
                   src=StringIO(_deb822([rocm["repo"].format(version=rocm["version"])], [hw.os.codename], ["main"],
                                        ROCM_KEYRING)),

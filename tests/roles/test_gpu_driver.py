@@ -138,6 +138,8 @@ def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeyp
     assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-runtime" in line
     assert "repo.radeon.com/rocm/apt/6.4.1" in run.uploads[gpu_driver.ROCM_SOURCES]
     assert run.ran("modprobe amdgpu")
+    # the repository key is kept only when it is the one AMD published
+    assert run.ran("73f5d8100de6048aa38a8b84cd9a87f05177d208") and run.ran("sha1sum -c --status")
 
 
 def test_amd_supported_card_with_ollama_is_a_no_op(monkeypatch):
