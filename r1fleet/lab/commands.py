@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         return args.lab_handler(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `r1fleet lab status | head`: the reader has what it wanted
+        return 0
     except EXPECTED_ERRORS as exc:
         print(f"r1fleet lab {args.lab_command}: {exc}", file=sys.stderr)
         return 1
