@@ -153,15 +153,20 @@ def remove_nft_table():
 # ---------------------------------------------------------------- deploys
 
 
+def _settings_or_refuse(entry: Any, plan: HostPlan) -> Exposure | None:
+    """The host's exposure, or None after failing this host with the reason (deploy.py checks earlier too)."""
+    try:
+        return exposure_for(entry, plan, host.name)
+    except FleetError as error:
+        refuse(name="Refuse exposure settings", message=str(error))
+        return None
+
+
 @deploy("Exposure: API key")
 def prepare(entry: Any, plan: HostPlan):
     """Before the backend roles: the llama-server API key when the host is exposed."""
-    try:
-        settings = exposure_for(entry, plan, host.name)
-    except FleetError as error:
-        refuse(name="Refuse exposure settings", message=str(error))
-        return
-    if settings.needs_api_key:
+    settings = _settings_or_refuse(entry, plan)
+    if settings and settings.needs_api_key:
         key_file = getattr(entry, "api_key_file", None) or API_KEY_FILE  # the file the unit will load
         api_key(name="llama-server API key (generated on the host, once)", path=key_file)
         files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
@@ -170,10 +175,8 @@ def prepare(entry: Any, plan: HostPlan):
 @deploy("Exposure")
 def apply(entry: Any, plan: HostPlan):
     """After the backend roles: firewall rules for the allow-list, or none at all."""
-    try:
-        settings = exposure_for(entry, plan, host.name)
-    except FleetError as error:
-        refuse(name="Refuse exposure settings", message=str(error))
+    settings = _settings_or_refuse(entry, plan)
+    if settings is None:
         return
     if not settings.exposed:
         _close()
