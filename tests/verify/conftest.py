@@ -32,7 +32,7 @@ import pytest
 import testinfra
 
 from r1fleet.catalog import load_catalog
-from r1fleet.deploy_data import DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
+from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT, local_api, service_port
 from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
 from r1fleet.fleet import Fleet, HostEntry, is_loopback, load_fleet
@@ -121,7 +121,7 @@ class Target:
 
     @property
     def port(self) -> int:
-        return self.entry.port or DEFAULT_PORTS[self.backend]
+        return service_port(self.backend, self.entry)
 
     @property
     def bind(self) -> str:
@@ -133,8 +133,8 @@ class Target:
 
     @property
     def api(self) -> str:
-        address = "127.0.0.1" if self.bind in ("0.0.0.0", "::") else self.bind
-        return f"http://[{address}]:{self.port}" if ":" in address else f"http://{address}:{self.port}"
+        """Where the service answers on the host itself: the URL the deploy used."""
+        return local_api(self.backend, self.entry)
 
     @property
     def reasoning(self) -> bool:
