@@ -96,6 +96,7 @@ def _fmt_gpus(plan: HostPlan) -> str:
 def render_table(plans: list[HostPlan]) -> str:
     """A table a person reads at a glance, then each host's reasons."""
     from r1fleet.catalog import load_catalog
+    from r1fleet.tensor_split import format_flag
 
     catalog = load_catalog()
     header = ("HOST", "GPUS", "MODEL", "BACKEND", "CONTEXT", "KV", "MEMORY MiB (planned/capacity)", "TOK/S")
@@ -104,7 +105,10 @@ def render_table(plans: list[HostPlan]) -> str:
         model = catalog.find(p.model).size_label if p.model else "-"
         if p.model and not p.fits:
             model += " (no fit)"
-        split = f" split {p.tensor_split}" if p.tensor_split else ""
+        split = ""
+        if p.tensor_split and p.tensor_split_flag:
+            blocks = "|".join(str(n) for n in p.tensor_split)
+            split = f" -ts {format_flag(p.tensor_split_flag)} (blocks {blocks}+out)"
         rows.append((
             p.host, _fmt_gpus(p), model, (p.backend or "-") + split, str(p.context_length or "-"),
             p.kv_cache_type if p.model else "-", _fmt_devices(p) or "-",

@@ -7,6 +7,7 @@ tested without SSH.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet import is_loopback
+from r1fleet.memory import constants
 from r1fleet.models import DEFAULT_MODEL_DIR, Hardware, HostPlan
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
@@ -307,18 +309,45 @@ def llama_server_args(plan: HostPlan, settings: DeploySettings, model_path: str,
         "-c", str(plan.context_length),
         "-ngl", "999" if plan.placement != "cpu" else "0",
     ]
-    if plan.tensor_split and len(plan.tensor_split) > 1:
-        args += ["--tensor-split", _ts(plan.tensor_split), "--split-mode", "layer"]
+    if plan.tensor_split_flag and len(plan.tensor_split_flag) > 1:
+        rpc = lab_gpu_devices(plan, settings)
+        if rpc:
+            args += ["--rpc", ",".join(rpc)]
+        args += ["--tensor-split", _ts(plan.tensor_split_flag), "--split-mode", "layer"]
     args += ["-fa", "on" if plan.flash_attention else "off"]
     args += ["--cache-type-k", plan.kv_cache_type, "--cache-type-v", plan.kv_cache_type]
     args += ["--parallel", "1"]
     args += ["--host", bind_address(settings), "--port", str(service_port("llama.cpp", settings))]
-    args += ["--metrics", "--jinja"]
+    if plan.ollama_tag:
+        # OpenAI clients list /v1/models: the same name as on Ollama hosts, not the GGUF's path.
+        args += ["--alias", plan.ollama_tag]
+    # Log level 4 prints each device's model, KV and compute buffers at load (verify reads them to
+    # check the split); it logs request timings, never prompt text (tests/lab/test_deploy.py).
+    args += ["--metrics", "--jinja", "--log-verbosity", "4"]
     if is_reasoning_model(plan):
         args += ["--reasoning-format", "deepseek"]
     if api_key_path:
         args += ["--api-key-file", api_key_path]
     return args
+
+
+def lab_gpu_devices(plan: HostPlan, settings: DeploySettings) -> list[str]:
+    """On a lab host (simulated GPUs), the llama.cpp RPC devices that stand in for the planned GPUs.
+
+    The lab runs one ggml-rpc-server per simulated GPU (r1fleet/lab/image.py); real hosts: none.
+    """
+    if settings.profile is None or not uses_gpu(plan):
+        return []
+    from r1fleet.lab.paths import GPU_RPC_BASE_PORT
+
+    return [f"127.0.0.1:{GPU_RPC_BASE_PORT + index}" for index in plan.gpu_indices]
+
+
+def health_timeout_s(plan: HostPlan) -> int:
+    """How long the start-up health gate waits: a base time plus reading the model from a slow disk."""
+    c = constants()
+    size = plan.gguf.size_bytes if plan.gguf and plan.gguf.size_bytes else 0
+    return c.health_base_s + math.ceil(size / (c.health_disk_read_mb_per_s * 1_000_000))
 
 
 def llama_environment(plan: HostPlan) -> dict[str, str]:
@@ -501,7 +530,7 @@ def format_plan(plan: HostPlan, rehearsal: bool) -> str:
         + ("  [rehearsal: stand-in model]" if rehearsal else ""),
         f"[{plan.host}]   tag={plan.ollama_tag} context={plan.context_length} kv={plan.kv_cache_type} "
         f"flash_attention={'on' if plan.flash_attention else 'off'}"
-        + (f" tensor_split={_ts(plan.tensor_split)}" if plan.tensor_split else "")
+        + (f" blocks_per_gpu={_ts(plan.tensor_split)} --tensor-split {_ts(plan.tensor_split_flag)}" if plan.tensor_split_flag else "")
         + (f" gpus={','.join(plan.gpu_uuids)}" if plan.gpu_uuids else ""),
     ]
     if plan.reasons:

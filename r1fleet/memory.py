@@ -42,6 +42,8 @@ class Constants:
     unknown_gpu_bandwidth_gbps: float
     context_step: int
     apple_os_reserve_mib: int
+    health_base_s: int
+    health_disk_read_mb_per_s: int
 
 
 @lru_cache(maxsize=1)
@@ -85,8 +87,9 @@ def weight_shares(model: Model) -> WeightShares:
     return WeightShares(file_mib, embd, output, per_layer)
 
 
-def padded_context(context: int, flash_attention: bool) -> int:
-    pad = constants().kv_pad_tokens if flash_attention else 32
+def padded_context(context: int, flash_attention: bool = True) -> int:
+    """The context llama.cpp really allocates (and reports in /props): padded to kv_pad_tokens."""
+    pad = constants().kv_pad_tokens
     return math.ceil(context / pad) * pad
 
 

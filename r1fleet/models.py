@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 # Where models live on a host unless the fleet file says otherwise (`model_dir`).
 DEFAULT_MODEL_DIR = "/var/lib/r1fleet/models"
@@ -127,9 +127,10 @@ class HostPlan(_Strict):
     context_length: int = 0
     kv_cache_type: KvType = "f16"
     flash_attention: bool = True
-    tensor_split: list[int] | None = None
+    tensor_split: list[int] | None = Field(None, description="blocks per GPU; the last GPU also holds the output layer")
     gpus: list[dict] = []
     gpu_uuids: list[str] = []
+    gpu_indices: list[int] = Field([], description="the planned GPUs' indices, in tensor-split order")
     unified_memory_mib: int | None = None
     devices: list[DevicePlan] = []
     est_tokens_per_second: float | None = None
@@ -141,3 +142,10 @@ class HostPlan(_Strict):
     rehearsal: bool = False
     target_model: str | None = Field(None, description="in rehearsal: the model the plan is for (a stand-in is served)")
     disk_needed_mib: int | None = None
+
+    @computed_field(description="llama-server --tensor-split that places exactly tensor_split (r1fleet/tensor_split.py)")
+    @property
+    def tensor_split_flag(self) -> list[int] | None:
+        from r1fleet.tensor_split import flag_for_layers
+
+        return flag_for_layers(self.tensor_split) if self.tensor_split and len(self.tensor_split) > 1 else None

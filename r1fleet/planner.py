@@ -27,6 +27,7 @@ from r1fleet.memory import (
 )
 from r1fleet.models import DevicePlan, GgufFile, Gpu, Hardware, HostPlan
 from r1fleet.policy import Policy
+from r1fleet.tensor_split import flag_for_layers, format_flag, rescale_blocks
 
 # Process names of r1fleet's own backends in `nvidia-smi --query-compute-apps`: their memory counts as
 # free, so a re-run on a host already serving its model does not downgrade it.
@@ -307,7 +308,11 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
     lead = "requested" if forced else "largest that fits"
     reasons = [f"{lead}: {why}", *reasons]
     if backend == "llama.cpp" and p.kind == "multi-gpu":
-        reasons.append(f"llama.cpp llama-server, split by layers {chosen.layers} across {len(p.slots)} GPUs (Ollama refuses tight multi-GPU fits)")
+        reasons.append(
+            f"llama.cpp llama-server, blocks {chosen.layers} across {len(p.slots)} GPUs with the output on the last "
+            f"(--tensor-split {format_flag(flag_for_layers(chosen.layers))}: llama.cpp counts the output as one more layer); "
+            "Ollama refuses tight multi-GPU fits"
+        )
     u = hw.unified
     if p.kind == "unified" and u and u.gpu_limit_raisable and chosen.devices[0].planned_mib > u.gpu_limit_mib:
         reasons.append(
@@ -329,6 +334,7 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         flash_attention=True,
         tensor_split=chosen.layers if p.kind == "multi-gpu" else None,
         gpu_uuids=[g.uuid for g in p.gpus if g.uuid],
+        gpu_indices=[g.index for g in p.gpus],
         devices=chosen.devices,
         est_tokens_per_second=chosen.tokens_per_second,
         reasons=reasons,
@@ -364,6 +370,7 @@ def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
     catalog = catalog or load_catalog()
     stand_in = catalog.stand_ins[0]
     g = stand_in.gguf
+    split = rescale_blocks(plan.tensor_split, stand_in.arch.layers) if plan.tensor_split else None
     return plan.model_copy(
         update={
             "rehearsal": True,
@@ -373,6 +380,7 @@ def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
             "context_length": min(plan.context_length, stand_in.arch.context_train),
             "gguf": GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256),
             "n_layers": stand_in.arch.layers,
+            "tensor_split": split,
             "reasons": [*plan.reasons, f"rehearsal: serving {stand_in.name} in the planned slot instead of {plan.model}"],
         }
     )

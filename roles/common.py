@@ -177,7 +177,9 @@ def any_changed(ops: Iterable[OperationMeta]) -> Callable[[], bool]:
     return lambda: any(op.did_change() for op in ops)
 
 
-def converge_service(unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str) -> None:
+def converge_service(
+    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str, health_timeout_s: int = 120
+) -> None:
     """daemon-reload only when the unit changed; restart only when one of its files changed;
     then make sure it runs and is enabled; after a (re)start wait for health."""
     changed = any_changed([unit_op, *restart_on])
@@ -189,7 +191,7 @@ def converge_service(unit: str, unit_op: OperationMeta, restart_on: Iterable[Ope
     wait_http(
         name=f"Health of {unit}",
         url=health_url,
-        timeout_s=120,
+        timeout_s=health_timeout_s,
         what=unit,
         _if=lambda: restarted.did_change() or started.did_change(),
     )

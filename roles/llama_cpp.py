@@ -22,6 +22,7 @@ from r1fleet.deploy_data import (
     LLAMA_UNIT,
     DeploySettings,
     LlamaInstall,
+    health_timeout_s,
     ModelDownload,
     Target,
     is_local_only,
@@ -139,4 +140,6 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
         credential=credential,
     )
     unit = unit_file(LLAMA_UNIT, context)
-    converge_service(LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health")
+    converge_service(
+        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health", health_timeout_s(plan)
+    )

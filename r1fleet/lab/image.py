@@ -24,10 +24,13 @@ PACKAGES = (
     # the stand-in Ollama archive cannot ship that binary, so lab hosts carry Debian's, and the
     # stand-in runs it: Ollama hosts in the lab then generate for real, with real timings.
     "llama.cpp-tools",
+    # The GPUs' stand-in: one ggml-rpc-server per simulated GPU gives llama-server a real llama.cpp
+    # device for each (CPU-backed), so a tensor split is placed, allocated and logged by llama.cpp itself.
+    "llama.cpp-tools-extra", "libggml0-backend-rpc",
 )
 
 # Runs inside the new root (chroot). Host-specific files are written per host at `up`.
-POST_BUILD = r"""
+_POST_BUILD = r"""
 set -eu
 # Each host gets its own ssh host key and machine id at `up`.
 rm -f /etc/ssh/ssh_host_*
@@ -55,11 +58,39 @@ ExecStart=/bin/mount --bind /etc/r1fleet-lab/meminfo /proc/meminfo
 WantedBy=sysinit.target
 UNIT
 systemctl enable r1lab-meminfo.service
+# Simulated GPUs as real llama.cpp devices: one ggml-rpc-server per line of gpus.conf, GPU N on
+# 127.0.0.1:(GPU_RPC_BASE_PORT + N), reachable from inside this host only. STAND-IN for GPUs.
+cat > /usr/local/sbin/r1lab-gpus <<'SCRIPT'
+#!/bin/sh
+# r1fleet lab STAND-IN: start one ggml-rpc-server (CPU backend) per simulated GPU of this host.
+set -eu
+server=$(ls /usr/libexec/*/llama/bin/ggml-rpc-server | head -n1)
+grep '^[0-9]' /etc/r1fleet-lab/gpus.conf | cut -d'|' -f1 | while read -r index; do
+    systemd-run --unit "r1lab-gpu$index" --description "r1fleet lab: stand-in for GPU $index (ggml-rpc-server)"         -p Restart=always "$server" -H 127.0.0.1 -p $((@GPU_RPC_BASE_PORT@ + index)) -t 1
+done
+SCRIPT
+chmod 0755 /usr/local/sbin/r1lab-gpus
+cat > /etc/systemd/system/r1lab-gpus.service <<'UNIT'
+[Unit]
+Description=r1fleet lab: the simulated GPUs as llama.cpp RPC devices
+ConditionPathExists=/etc/r1fleet-lab/gpus.conf
+After=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/r1lab-gpus
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl enable r1lab-gpus.service
 # No consoles to log in on in a container.
 systemctl mask console-getty.service getty@tty1.service serial-getty@.service >/dev/null 2>&1 || true
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 """
+POST_BUILD = _POST_BUILD.replace("@GPU_RPC_BASE_PORT@", str(paths.GPU_RPC_BASE_PORT))
 
 
 def recipe() -> dict:

@@ -37,6 +37,9 @@ NETNS_PREFIX = "r1lab-"
 VETH_PREFIX = "r1lv"
 MIRROR_PORT = 8088
 PROXY_PORT = 3142
+# Each simulated GPU N of a lab host is a real llama.cpp device: ggml-rpc-server on 127.0.0.1:(base + N)
+# inside that host (image.py starts them; the deploy points llama-server's --rpc at them).
+GPU_RPC_BASE_PORT = 50100
 
 
 def netns_name(host: str) -> str:

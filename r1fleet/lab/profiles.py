@@ -95,6 +95,7 @@ def host_files(profile: dict) -> dict[str, tuple[str, int]]:
         "etc/r1fleet-lab/meminfo": (meminfo(profile), 0o444),
         "etc/r1fleet-lab/lspci-nn.txt": (lspci_nn(profile), 0o644),
         "etc/r1fleet-lab/gpus.conf": (gpus_conf(profile), 0o644),
+        "etc/r1fleet-lab/gpu-rpc-base-port": (f"{paths.GPU_RPC_BASE_PORT}\n", 0o644),
         "usr/local/bin/lspci": ((paths.STANDINS_DIR / "lspci").read_text(), 0o755),
     }
     if has_driver(profile):

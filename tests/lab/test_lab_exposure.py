@@ -57,9 +57,9 @@ def test_allowed_controller_reaches_the_port_and_needs_the_key(lab, ssh, address
     result = deploy_opened(tmp_path_factory.mktemp("open"), [f"{controller}/32"], address)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert http_status(f"http://{address}:{PORT}/health") == 200
-    assert http_status(f"http://{address}:{PORT}/v1/models") == 401            # no key -> refused
+    assert http_status(f"http://{address}:{PORT}/props") == 401                # no key -> refused (/props: protected in every build)
     key = ssh(HOST, "cat /etc/r1fleet/api-key").stdout.strip()
-    assert key and http_status(f"http://{address}:{PORT}/v1/models", key) == 200
+    assert key and http_status(f"http://{address}:{PORT}/props", key) == 200
     assert ssh(HOST, "stat -c %a:%U /etc/r1fleet/api-key").stdout.strip() == "600:root"
     # the key is in no unit file, no process command line and no journal line
     # The pattern comes from the key file (-f), so the search itself carries no key in its argv.

@@ -83,7 +83,7 @@ def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():
     assert "--tensor-split" not in single and "--reasoning-format" in single
     standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), DeploySettings(port=9000), "/m.gguf", None)
     assert "--reasoning-format" not in standin
-    assert standin[standin.index("--tensor-split") + 1] == "15,15" and standin[standin.index("--port") + 1] == "9000"
+    assert standin[standin.index("--tensor-split") + 1] == "15,16" and standin[standin.index("--port") + 1] == "9000"
 
 
 def test_host_data_rehearsal_string_from_cli_and_local_api():

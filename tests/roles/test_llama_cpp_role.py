@@ -46,9 +46,10 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     args = exec_args(run.uploads[UNIT])
     assert args == [
         "/usr/bin/llama-server", "-m", "/var/lib/r1fleet/models/llama.cpp/70b.gguf", "-c", "8192", "-ngl", "999",
-        "--tensor-split", "38,42", "--split-mode", "layer", "-fa", "on",
+        "--tensor-split", "38,43", "--split-mode", "layer", "-fa", "on",
         "--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--parallel", "1",
-        "--host", "127.0.0.1", "--port", "8080", "--metrics", "--jinja", "--reasoning-format", "deepseek",
+        "--host", "127.0.0.1", "--port", "8080", "--alias", "deepseek-r1:70b-llama-distill-q4_K_M",
+        "--metrics", "--jinja", "--log-verbosity", "4", "--reasoning-format", "deepseek",
     ]
     assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb"' in run.uploads[UNIT]
     assert "IPAddressDeny=any" in run.uploads[UNIT] and "IPAddressAllow=localhost" in run.uploads[UNIT]

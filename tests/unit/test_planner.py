@@ -193,7 +193,10 @@ def test_rehearsal_keeps_the_slot_and_swaps_the_model():
     r = rehearse(plan)
     stand_in = load_catalog().stand_ins[0]
     assert r.rehearsal and r.target_model == ID["70b"] and r.model == stand_in.id
-    assert (r.backend, r.tensor_split, r.gpu_uuids) == (plan.backend, plan.tensor_split, plan.gpu_uuids)
+    assert (r.backend, r.gpu_uuids) == (plan.backend, plan.gpu_uuids)
+    # the same proportions over the stand-in's blocks, so the deployed flag places what verify expects
+    assert sum(r.tensor_split) == stand_in.arch.layers == r.n_layers and r.tensor_split == [15, 15]
+    assert r.tensor_split_flag == [15, 16]
     assert r.context_length == min(plan.context_length, stand_in.arch.context_train)
     assert r.gguf.file == stand_in.gguf.file and r.gguf.sha256 == stand_in.gguf.sha256
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from r1fleet.catalog import load_catalog
+from r1fleet.memory import padded_context
 from r1fleet.models import HostPlan
 from r1fleet.verify_report import (
     exec_start_argv,
@@ -179,16 +180,18 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
                 size = plan.gguf.size_bytes if plan.gguf and plan.gguf.sha256 == digest else None
                 problems += _check_file(target, f"{models.rstrip('/')}/blobs/sha256-{digest}", size, digest, hash_it)
     else:
-        props = target.get_json("/props", key_file=target.api_key_file())
-        served = props.get("model_path") or ""
-        if not served:
-            models = target.get_json("/v1/models", key_file=target.api_key_file())
-            served = ((models.get("data") or [{}])[0]).get("id") or ""
         wanted = f"{target.entry.model_dir.rstrip('/')}/llama.cpp/{plan.gguf.file}"
-        if served != wanted:
+        served = target.get_json("/props", key_file=target.api_key_file()).get("model_path")
+        if not served:  # builds without model_path in /props: the running unit's -m
+            served = flag_value(exec_start_argv(target.output(f"systemctl show -p ExecStart --value {target.unit}")), "-m", "--model")
+        if (served or "") != wanted:
             problems.append(f"llama-server serves {served or 'no model'}, the plan's file is {wanted}")
         else:
             problems += _check_file(target, wanted, plan.gguf.size_bytes, plan.gguf.sha256, hash_it)
+        models = target.get_json("/v1/models", key_file=target.api_key_file())
+        ids = [m.get("id") for m in models.get("data") or []]
+        if plan.ollama_tag not in ids:
+            problems.append(f"/v1/models lists {ids}, not the plan's model name {plan.ollama_tag}")
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
@@ -211,8 +214,8 @@ def test_context_matches_plan(target: Target, plan: HostPlan) -> None:
             problems.append(f"{target.unit} runs llama-server with -c {configured}, the plan's context is {want}")
         props = target.get_json("/props", key_file=target.api_key_file())
         served = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
-        if served != want:
-            problems.append(f"/props reports n_ctx {served}, the plan's context is {want}")
+        if served != padded_context(want):
+            problems.append(f"/props reports n_ctx {served}, the plan's context is {want} (llama.cpp pads it to {padded_context(want)})")
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
@@ -276,9 +279,12 @@ def test_key_required(target: Target, plan: HostPlan) -> None:
         pytest.skip("Ollama has no API keys; only the allow-list protects it")
     if not target.api_key_file():
         fail(target, f"exposed on {target.bind}:{target.port} without an API key (set api_key_file for this host)")
-    status, text = target.http("GET", "/v1/models")
+    # A chat request: protected by every llama-server build. /v1/models is public up to llama.cpp
+    # PR #26347 (after b10353, the build in the pinned Ollama archive), so it proves nothing.
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    status, text = target.http("POST", "/v1/chat/completions", body)
     if status in (200, 201):
-        fail(target, f"{target.api}/v1/models answered {status} without a key")
+        fail(target, f"{target.api}/v1/chat/completions answered {status} without a key")
     assert status in (401, 403), f"{target.name}: a request without a key got {status or 'no answer'} ({text.strip()[:200]}), expected 401"
 
 
