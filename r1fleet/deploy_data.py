@@ -350,8 +350,26 @@ def health_timeout_s(plan: HostPlan) -> int:
     return c.health_base_s + math.ceil(size / (c.health_disk_read_mb_per_s * 1_000_000))
 
 
-def llama_environment(plan: HostPlan) -> dict[str, str]:
-    env = {"HOME": "/var/lib/llama"}
+def llama_server_problems(readiness: Mapping[str, Any], install: LlamaInstall, plan: HostPlan) -> list[str]:
+    """Why this host's llama-server must not be started: a binary without the flags r1fleet passes, or
+    one that does not see the planned GPUs (it would run on the CPU)."""
+    if readiness.get("missing_binary"):
+        return [f"{install.binary} is missing from the unpacked archive (has its layout changed?)"]
+    problems = []
+    if readiness.get("missing_flags"):
+        problems.append(f"{install.binary} lacks {', '.join(readiness['missing_flags'])} (see --help)")
+    devices = readiness.get("devices") or []
+    wanted = len(plan.gpu_uuids) if uses_gpu(plan) else 0
+    if len(devices) < wanted:
+        problems.append(
+            f"{install.binary} --list-devices shows {', '.join(devices) or 'no GPU'}, the plan needs {wanted}: "
+            "check the driver (nvidia-smi) and the backend library"
+        )
+    return problems
+
+
+def llama_environment(plan: HostPlan, install: LlamaInstall | None = None) -> dict[str, str]:
+    env = {"HOME": "/var/lib/llama", **dict(install.environment if install else ())}
     if plan.placement == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     elif plan.vendor == "nvidia" and plan.gpu_uuids:
@@ -455,11 +473,16 @@ def modelfile(model_path: str, plan: HostPlan) -> str:
 
 @dataclass(frozen=True)
 class LlamaInstall:
-    method: Literal["package", "source"]
+    """Where llama-server comes from on this host, and what it needs to run there."""
+
+    method: Literal["package", "ollama-bundle", "source"]
     packages: tuple[str, ...]
     binary: str
     tag: str | None = None
     cmake_flags: tuple[str, ...] = ()
+    release: OllamaRelease | None = None  # ollama-bundle: the pinned archive(s) it is unpacked from
+    environment: tuple[tuple[str, str], ...] = ()  # library and GPU backend paths for the unit
+    required_flags: tuple[str, ...] = ()
 
 
 def cuda_architectures(compute_caps: list[str]) -> str:
@@ -468,8 +491,14 @@ def cuda_architectures(compute_caps: list[str]) -> str:
     return ";".join(archs)
 
 
-def cmake_flags(plan: HostPlan) -> tuple[str, ...]:
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
+def cmake_flags(plan: HostPlan, build: str) -> tuple[str, ...]:
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+        # No web UI: its build step fetches an unpinned "latest" bundle (scripts/ui-assets.cmake).
+        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+        # A release tarball has no git: name the build, or /props reports b0-unknown (cmake/build-info.cmake).
+        f"-DLLAMA_BUILD_NUMBER={build.lstrip('b')}",
+    ]
     if plan.placement != "cpu" and plan.vendor == "nvidia":
         archs = cuda_architectures(plan.compute_caps) or "native"
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
@@ -480,6 +509,15 @@ def cmake_flags(plan: HostPlan) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def bundle_backend(target: Target, plan: HostPlan, bundle: Mapping[str, Any]) -> str | None:
+    """The GPU backend library (relative to lib/ollama) the plan needs; None on the CPU."""
+    if not uses_gpu(plan):
+        return None
+    if plan.vendor == "nvidia" and target.tegra_major in bundle["jetson_backends"]:
+        return bundle["jetson_backends"][target.tegra_major]
+    return bundle["backends"].get(plan.vendor or "")
+
+
 def llama_cpp_install(
     target: Target,
     plan: HostPlan,
@@ -487,12 +525,14 @@ def llama_cpp_install(
     available: set[str],
     versions: Mapping[str, Any] | None = None,
 ) -> LlamaInstall:
-    """Distro package when it ships llama-server with the plan's GPU backend, else a source build.
+    """The distro package where it ships llama-server with the plan's GPU backend (Debian forky/sid),
+    else the llama-server inside the pinned Ollama archive; a source build only when asked for.
 
     `available` = package names the host's apt can install. A lab host (settings.profile set)
     only simulates its GPUs, so the CPU package is what can really run there.
     """
-    pins = (versions or load_versions())["llama_cpp"]
+    versions = versions or load_versions()
+    pins = versions["llama_cpp"]
     debian = pins["debian"]
     gpu = uses_gpu(plan)
     backend_pkg = debian["backend_packages"].get(plan.vendor) if gpu else None
@@ -506,13 +546,38 @@ def llama_cpp_install(
             packages.append(backend_pkg)
         if wants == "package" or simulated or not gpu or backend_pkg in available:
             return LlamaInstall(method="package", packages=tuple(packages), binary=debian["server_binary"])
-    tag = pins["tag"]
+    if wants == "source":
+        tag = pins["tag"]
+        return LlamaInstall(
+            method="source",
+            packages=("build-essential", "cmake", "curl", "ca-certificates"),
+            binary=f"{LLAMA_ROOT}/{tag}/bin/llama-server",
+            tag=tag,
+            cmake_flags=cmake_flags(plan, tag),
+        )
+    bundle = pins["ollama_bundle"]
+    release = ollama_release(plan.host, target, plan, settings.ollama_release, versions)
+    libraries = f"{release.install_dir}/{bundle['library_dir']}"
+    environment = {"LD_LIBRARY_PATH": libraries, "OLLAMA_LLAMA_CPP_COMPAT": "0"}
+    backend = bundle_backend(target, plan, bundle)
+    if gpu and backend is None:
+        raise DeployError(
+            f"the pinned Ollama archive has no llama.cpp backend for {plan.vendor} GPUs",
+            host=plan.host, field="backend", fix="force backend: ollama for this host, or llama_cpp_install: source",
+        )
+    if backend:
+        backend_dir = f"{libraries}/{backend.rsplit('/', 1)[0]}"
+        # Ollama's bundle loads its GPU backend only through GGML_BACKEND_PATH; the CUDA runtime sits beside it.
+        environment["LD_LIBRARY_PATH"] = f"{libraries}:{backend_dir}"
+        environment["GGML_BACKEND_PATH"] = f"{libraries}/{backend}"
     return LlamaInstall(
-        method="source",
-        packages=("build-essential", "cmake", "curl", "ca-certificates"),
-        binary=f"{LLAMA_ROOT}/{tag}/bin/llama-server",
-        tag=tag,
-        cmake_flags=cmake_flags(plan),
+        method="ollama-bundle",
+        packages=("zstd",) if release.needs_zstd else (),
+        binary=f"{release.install_dir}/{bundle['server']}",
+        tag=bundle["llama_cpp_build"],
+        release=release,
+        environment=tuple(sorted(environment.items())),
+        required_flags=tuple(bundle["required_flags"]),
     )
 
 

@@ -165,15 +165,57 @@ def memory_by_gpu(apps: list[ComputeApp], pids: set[int], gpu_order: list[str]) 
     return [totals[uuid] for uuid in gpu_order]
 
 
-def split_deviation(used_mib: list[int], tensor_split: list[int]) -> float:
-    """Largest difference between a GPU's share of the memory and its share of the planned split (0..1)."""
-    if len(used_mib) != len(tensor_split) or sum(tensor_split) <= 0:
-        return 1.0
-    total = sum(used_mib)
-    if total <= 0:
-        return 1.0
-    want = sum(tensor_split)
-    return max(abs(u / total - t / want) for u, t in zip(used_mib, tensor_split))
+# A device buffer line of llama.cpp's load log, e.g.
+#   load_tensors:        CUDA0 model buffer size = 20038.81 MiB
+#   llama_kv_cache: RPC0[127.0.0.1:50100] KV buffer size =    90.00 MiB
+#   sched_reserve:        CUDA1 compute buffer size =   420.04 MiB
+# (src/llama-model.cpp, src/llama-kv-cache.cpp, src/llama-context.cpp). Host buffers (CPU, CPU_Mapped,
+# CUDA_Host) carry no digit after their name and are not devices.
+BUFFER_LINE = re.compile(r"\b(?P<device>[A-Za-z]+\d+(?:\[[^\]]*\])?)\s+(?P<kind>model|KV|compute) buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
+
+
+@dataclass
+class DeviceBuffers:
+    device: str
+    model_mib: float = 0.0
+    kv_mib: float = 0.0
+    compute_mib: float = 0.0
+
+
+def parse_device_buffers(log: str) -> list[DeviceBuffers]:
+    """Each accelerator device's model, KV and compute buffers from one start's load log, in device order.
+
+    The --fit pre-pass of newer builds prints size-0 dry-run buffers first; the real ones come last.
+    """
+    devices: dict[str, DeviceBuffers] = {}
+    for match in BUFFER_LINE.finditer(log):
+        name, mib = match["device"], float(match["mib"])
+        if name.upper().startswith("CPU") or mib <= 0:
+            continue
+        entry = devices.setdefault(name, DeviceBuffers(name))
+        setattr(entry, {"model": "model_mib", "KV": "kv_mib", "compute": "compute_mib"}[match["kind"]], mib)
+    return list(devices.values())
+
+
+def split_problems(plan: HostPlan, buffers: list[DeviceBuffers], kv_per_layer_mib: float) -> list[str]:
+    """Does llama-server hold the planned blocks on each device? Blocks are read from the KV buffers
+    (every block keeps its KV on its own device: src/llama-kv-cache.cpp), which are exact."""
+    want = plan.tensor_split or []
+    names = ", ".join(b.device for b in buffers) or "no device"
+    if len(buffers) != len(want):
+        return [f"llama-server loaded onto {len(buffers)} device(s) ({names}); the plan splits across {len(want)}"]
+    got = [round(b.kv_mib / kv_per_layer_mib) for b in buffers]
+    problems = []
+    if got != want:
+        problems.append(
+            f"llama-server holds blocks {got} on {names} (from its KV buffers), the plan's are {want} "
+            f"(--tensor-split {','.join(map(str, plan.tensor_split_flag or []))})"
+        )
+    if not plan.rehearsal and plan.devices and not problems:
+        for buffer, device in zip(buffers, plan.devices):
+            if abs(buffer.kv_mib - device.kv_cache_mib) > 1:
+                problems.append(f"{buffer.device} holds {buffer.kv_mib:,.0f} MiB of KV cache, the plan's {device.device} {device.kv_cache_mib:,}")
+    return problems
 
 
 # ---------------------------------------------------------------- API replies

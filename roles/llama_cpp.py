@@ -1,8 +1,10 @@
 """llama.cpp role: llama-server with the plan's tensor split, behind a hardened unit.
 
 Install: the distro package where it ships llama-server with the plan's GPU backend (Debian
-forky/sid), else a source build of the pinned tag for the plan's GPUs, kept per tag under
-/opt/r1fleet/llama.cpp/<tag>/bin/llama-server (built only when missing).
+forky/sid); elsewhere the llama-server inside the pinned Ollama archive, unpacked into
+/opt/r1fleet/ollama/<version> (its CUDA runtime beside it: no toolkit on the host), and checked for
+every flag r1fleet passes and for the planned GPUs before the service starts; a source build of the
+pinned tag only when the host data asks for it (`llama_cpp_install: source`; needs nvcc).
 Model: <model_dir>/llama.cpp/<file>, owned by the `llama` user, downloaded once (resumable,
 sha256-verified, renamed into place only when good).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import shlex
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
@@ -28,6 +30,7 @@ from r1fleet.deploy_data import (
     is_local_only,
     llama_cpp_install,
     llama_environment,
+    llama_server_problems,
     llama_server_args,
     load_versions,
     local_api,
@@ -35,6 +38,7 @@ from r1fleet.deploy_data import (
     uses_gpu,
 )
 from r1fleet.models import HostPlan
+from roles.ollama import install_release
 from roles.common import (
     AptCandidates,
     converge_service,
@@ -77,14 +81,15 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
     ]
     if needs_cuda:
         steps.append(
-            "command -v nvcc >/dev/null || { echo 'the CUDA toolkit (nvcc) is missing: install it "
-            "(the gpu_driver role) or use a distro with llama.cpp CUDA packages' >&2; exit 1; }"
+            "command -v nvcc >/dev/null || { echo 'the CUDA toolkit (nvcc) is missing: a source build "
+            "(llama_cpp_install: source) needs it installed first; the default (auto) uses the llama-server "
+            "of the pinned Ollama archive, which brings its own CUDA runtime' >&2; exit 1; }"
         )
     steps += [
         *verified_fetch_steps(url, '"$tmp/src.tar.gz"', sha256),
         'tar -C "$tmp" -xzf "$tmp/src.tar.gz"',
         'src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)',
-        # Static libraries: one self-contained binary per tag, nothing shared to go stale.
+        # Static llama/ggml libraries (the CUDA runtime stays the toolkit's shared libraries).
         f'cmake -S "$src" -B "$tmp/build" -DBUILD_SHARED_LIBS=OFF {cmake_flags}',
         'cmake --build "$tmp/build" --config Release -j"$(nproc)" --target llama-server',
         'install -D -m 0755 "$tmp/build/bin/llama-server" "$tmp/out/bin/llama-server"',
@@ -92,6 +97,42 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
         f'mv "$tmp/out" {q(f"{LLAMA_ROOT}/{tag}")}',
     ]
     yield "; ".join(steps)
+
+
+class LlamaServerReadiness(FactBase):
+    """What a llama-server offers on this host: is it there, which of `flags` its --help lacks, which devices it lists."""
+
+    default = dict
+
+    def command(self, binary: str, environment: tuple[tuple[str, str], ...], flags: tuple[str, ...]) -> str:
+        q = shlex.quote
+        run = "env " + " ".join(q(f"{k}={v}") for k, v in environment) + " " + q(binary)
+        checks = "".join(f"printf '%s\\n' \"$help\" | grep -q -e {q(flag)} || echo missing-flag {q(flag)}; " for flag in flags)
+        return (
+            f"if [ ! -x {q(binary)} ]; then echo missing-binary; exit 0; fi; help=$({run} --help 2>&1); {checks}"
+            # --list-devices prints `  CUDA0: NVIDIA GeForce RTX 3090 (24124 MiB, 23853 MiB free)` per device
+            f"{run} --list-devices 2>&1 | sed -n 's/^ *\\([A-Za-z_]*[0-9][0-9]*\\): .*/device \\1/p'; true"
+        )
+
+    def process(self, output: list[str]) -> dict:
+        words = [line.split(" ", 1) for line in output if line.strip()]
+        return {
+            "missing_binary": any(w[0] == "missing-binary" for w in words),
+            "missing_flags": [w[1] for w in words if w[0] == "missing-flag" and len(w) > 1],
+            "devices": [w[1] for w in words if w[0] == "device" and len(w) > 1],
+        }
+
+
+@operation()
+def check_llama_server(plan: HostPlan, install: LlamaInstall):
+    """Refuse this host unless its llama-server has every flag r1fleet passes and sees the planned GPUs."""
+    environment = tuple(sorted(llama_environment(plan, install).items()))
+    readiness = host.get_fact(LlamaServerReadiness, binary=install.binary, environment=environment, flags=install.required_flags)
+    problems = llama_server_problems(readiness or {}, install, plan)
+    if not problems:
+        host.noop(f"{install.binary} has r1fleet's flags and sees the planned devices")
+        return
+    yield f"echo {shlex.quote('r1fleet: ' + '; '.join(problems))} >&2; exit 1"
 
 
 @deploy("llama.cpp")
@@ -102,6 +143,9 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
 
     packages = server.packages(name="llama.cpp packages", packages=["curl", "ca-certificates", *install.packages])
     binary_changed = [packages]
+    if install.method == "ollama-bundle":
+        binary_changed.append(install_release(name=f"Ollama {install.release.version} archive (its llama-server)", release=install.release))
+        check_llama_server(name="llama-server flags and devices", plan=plan, install=install)
     if install.method == "source":
         pins = load_versions()["llama_cpp"]
         built = build_from_source(
@@ -133,7 +177,7 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
         description=f"r1fleet llama-server ({plan.model})",
         user=USER,
         exec_start=[install.binary, *llama_server_args(plan, settings, model_path, key_path)],
-        environment=llama_environment(plan),
+        environment=llama_environment(plan, install),
         read_write_paths=[HOME],
         read_only_paths=[models_dir],
         restrict_ip=True,

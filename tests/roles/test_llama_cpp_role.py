@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
@@ -59,20 +60,70 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     assert run.ran("http://127.0.0.1:8080/health")
 
 
-def test_from_source_where_no_cuda_package(monkeypatch):
+UBUNTU_2404 = Target(arch="amd64", distro_id="ubuntu", codename="noble", tegra_major=None)
+FEDORA = Target(arch="amd64", distro_id="fedora", codename="", tegra_major=None)
+BUNDLE = "/opt/r1fleet/ollama/0.32.9/lib/ollama"
+SEES_TWO_GPUS = {"--list-devices": ["device CUDA0", "device CUDA1"]}
+
+
+@pytest.mark.parametrize("target", [UBUNTU_2404, BOOKWORM, FEDORA], ids=["ubuntu-24.04", "debian-12", "fedora"])
+def test_cuda_llama_server_from_the_pinned_ollama_archive(monkeypatch, target):
+    """No toolkit, no build: the pinned archive's llama-server with its own CUDA 12 runtime."""
     p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(target, p, settings, set())
+    assert install.method == "ollama-bundle" and install.binary == f"{BUNDLE}/llama-server"
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=SEES_TWO_GPUS, monkeypatch=monkeypatch)
+    assert not run.failed
+    fetch = run.script("ollama-linux-amd64.tar.zst")
+    assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in fetch
+    assert fetch.index("sha256sum -c") < fetch.index("zstd -dc")
+    assert not run.ran("cmake") and not run.ran("nvcc")
+    unit = run.uploads[UNIT]
+    assert exec_args(unit)[0] == f"{BUNDLE}/llama-server"
+    assert f'Environment="GGML_BACKEND_PATH={BUNDLE}/cuda_v12/libggml-cuda.so"' in unit
+    assert f'Environment="LD_LIBRARY_PATH={BUNDLE}:{BUNDLE}/cuda_v12"' in unit
+    assert 'Environment="OLLAMA_LLAMA_CPP_COMPAT=0"' in unit
+    check = run.script("--list-devices")
+    assert "CUDA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb" in check and f"GGML_BACKEND_PATH={BUNDLE}/cuda_v12/libggml-cuda.so" in check
+    assert "--tensor-split" in check and "--api-key-file" in check
+    names = run.op_names
+    check_at = next(i for i, n in enumerate(names) if n.endswith("llama-server flags and devices"))
+    assert check_at < next(i for i, n in enumerate(names) if n.endswith(f"Unit {UNIT.rsplit('/', 1)[1]}"))
+    assert not run.ran("the plan needs") and not run.ran(" lacks ")  # the check passed: nothing refused
+
+
+def test_bundle_that_does_not_see_the_gpus_is_refused_before_the_unit(monkeypatch):
+    p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(UBUNTU_2404, p, settings, set())
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses={"--list-devices": ["device CUDA0"]},
+                   monkeypatch=monkeypatch)
+    # (@fake runs nothing: the refusal is the command that stops the host)
+    assert run.ran("--list-devices shows CUDA0, the plan needs 2") and run.ran("exit 1")
+
+
+def test_bundle_without_a_flag_is_refused(monkeypatch):
+    p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(UBUNTU_2404, p, settings, set())
+    responses = {"--list-devices": ["missing-flag --alias", "device CUDA0", "device CUDA1"]}
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    assert run.ran("lacks --alias") and run.ran("exit 1")
+
+
+def test_from_source_only_when_asked(monkeypatch):
+    p, settings = plan(), DeploySettings(llama_cpp_install="source")
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     assert install.method == "source" and install.binary == "/opt/r1fleet/llama.cpp/b10069/bin/llama-server"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     build = run.script("cmake -S")
     assert "-DGGML_CUDA=ON" in build and "-DCMAKE_CUDA_ARCHITECTURES=86" in build
+    assert "-DLLAMA_BUILD_UI=OFF" in build and "-DLLAMA_BUILD_NUMBER=10069" in build
     assert "https://github.com/ggml-org/llama.cpp/archive/refs/tags/b10069.tar.gz" in build
     assert build.index("sha256sum -c") < build.index("cmake -S") < build.index('mv "$tmp/out" /opt/r1fleet/llama.cpp/b10069')
     assert exec_args(run.uploads[UNIT])[0] == install.binary
 
 
 def test_source_build_skipped_when_tag_already_built(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), DeploySettings(llama_cpp_install="source")
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     responses = ff.file_exists(install.binary, mode="-rwxr-xr-x")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)

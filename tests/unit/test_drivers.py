@@ -48,7 +48,9 @@ def test_min_driver_depends_on_backend_and_compute_capability():
     data = load_driver_data()
     assert min_driver_for("ollama", [(8, 6)], data) == 550
     assert min_driver_for("ollama", [(6, 1)], data) == 570
-    assert min_driver_for("llama.cpp", [(8, 6)], data) == 525
+    # llama.cpp runs the llama-server of the pinned Ollama archive (CUDA 12.8 runtime): the same floor
+    assert min_driver_for("llama.cpp", [(8, 6)], data) == 550
+    assert min_driver_for("llama.cpp", [(6, 1)], data) == 570
 
 
 def test_ubuntu_fresh_host_installs_open_server_packages():
@@ -77,9 +79,10 @@ def test_old_driver_is_upgraded_and_right_driver_is_left_alone():
     assert decide_driver(host(gpus=[nvidia(driver="550.163.01", cap="8.6")]), plan()).kind == "none"
 
 
-def test_llama_cpp_backend_accepts_a_535_driver():
-    action = decide_driver(host(gpus=[nvidia(driver="535.183.01", cap="8.6")]), plan("llama.cpp"))
-    assert action.kind == "none"
+def test_llama_cpp_backend_upgrades_a_535_driver_and_keeps_a_550():
+    """The bundled CUDA 12.8 runtime does not start on 535: upgraded, like Ollama's."""
+    assert decide_driver(host(gpus=[nvidia(driver="535.183.01", cap="8.6")]), plan("llama.cpp")).kind == "upgrade"
+    assert decide_driver(host(gpus=[nvidia(driver="550.163.01", cap="8.6")]), plan("llama.cpp")).kind == "none"
 
 
 def test_debian_12_with_ollama_uses_cuda_repo_because_distro_driver_is_535():

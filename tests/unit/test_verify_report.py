@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from r1fleet.catalog import load_catalog
+from r1fleet.memory import kv_cache_mib
 from r1fleet.models import DevicePlan, GgufFile, HostPlan
 from r1fleet.verify_cli import pytest_argv, register
 from r1fleet.verify_report import (
@@ -28,7 +30,8 @@ from r1fleet.verify_report import (
     planned_gpu_mib,
     render_table,
     speed_problem,
-    split_deviation,
+    parse_device_buffers,
+    split_problems,
     systemd_environment,
 )
 
@@ -132,15 +135,49 @@ def test_a_missing_or_different_gpu_is_named():
     assert gpu_problems(rtx3090_plan(), []) == ["nvidia-smi shows no GPU: the driver is not loaded or the GPUs are gone"]
 
 
-def test_compute_apps_follow_the_tensor_split_within_tolerance():
+def test_compute_apps_give_memory_per_planned_gpu():
     apps = parse_compute_apps("GPU-a, 845, /usr/bin/llama-server, 21000\nGPU-b, 845, /usr/bin/llama-server, 20000\nGPU-b, 99, python3, 500\n")
     assert apps[0] == ComputeApp("GPU-a", 845, "/usr/bin/llama-server", 21000)
-    used = memory_by_gpu(apps, {845}, ["GPU-a", "GPU-b"])
-    assert used == [21000, 20000]
-    assert split_deviation(used, [41, 39]) < 0.01
-    lopsided = memory_by_gpu(apps[:1], {845}, ["GPU-a", "GPU-b"])
-    assert lopsided == [21000, 0] and split_deviation(lopsided, [41, 39]) == pytest.approx(1 - 41 / 80)
-    assert split_deviation([0, 0], [1, 1]) == 1.0
+    assert memory_by_gpu(apps, {845}, ["GPU-a", "GPU-b"]) == [21000, 20000]
+    assert memory_by_gpu(apps[:1], {845}, ["GPU-a", "GPU-b"]) == [21000, 0]
+
+
+RPC_LOG = (FIXTURES / "llama-server-load-log__rpc-2dev__b11669.txt").read_text()
+
+
+def test_device_buffers_from_a_real_load_log():
+    """llama-server b11669 loading the stand-in over two RPC devices with --tensor-split 15,16."""
+    buffers = parse_device_buffers(RPC_LOG)
+    assert [b.device for b in buffers] == ["RPC0[127.0.0.1:50100]", "RPC0[127.0.0.1:50101]"]
+    assert [(b.model_mib, b.kv_mib, b.compute_mib) for b in buffers] == [(31.71, 90.0, 59.05), (60.40, 90.0, 48.91)]
+
+
+def test_cuda_buffer_lines_and_dry_run_zeros():
+    log = (  # the line formats of a CUDA build (src/llama-model.cpp, llama-kv-cache.cpp); the fit pre-pass prints 0.00 first
+        "load_tensors:        CUDA0 model buffer size =     0.00 MiB\n"
+        "load_tensors:   CPU_Mapped model buffer size =   563.62 MiB\n"
+        "load_tensors:        CUDA0 model buffer size = 20038.81 MiB\n"
+        "load_tensors:        CUDA1 model buffer size = 19940.67 MiB\n"
+        "llama_kv_cache:      CUDA0 KV buffer size =  3116.00 MiB\n"
+        "llama_kv_cache:      CUDA1 KV buffer size =  2964.00 MiB\n"
+        "sched_reserve:   CUDA_Host compute buffer size =   236.07 MiB\n"
+    )
+    buffers = parse_device_buffers(log)
+    assert [(b.device, b.model_mib, b.kv_mib) for b in buffers] == [("CUDA0", 20038.81, 3116.0), ("CUDA1", 19940.67, 2964.0)]
+
+
+def test_split_problems_read_blocks_from_the_kv_buffers():
+    stand_in = load_catalog().stand_ins[0]
+    per_layer = kv_cache_mib(stand_in, 1, 8192, "f16")
+    assert per_layer == 6.0
+    plan = rtx3090_plan().model_copy(update={"rehearsal": True, "tensor_split": [15, 15], "model": stand_in.id})
+    buffers = parse_device_buffers(RPC_LOG)
+    assert split_problems(plan, buffers, per_layer) == []
+    edited = plan.model_copy(update={"tensor_split": [16, 14]})
+    [problem] = split_problems(edited, buffers, per_layer)
+    assert "holds blocks [15, 15]" in problem and "the plan's are [16, 14]" in problem and "--tensor-split 16,15" in problem
+    [one] = split_problems(plan, buffers[:1], per_layer)
+    assert "loaded onto 1 device(s)" in one
 
 
 # ---------------------------------------------------------------- API replies

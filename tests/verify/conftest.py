@@ -53,8 +53,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rehearsal", action="store_true", help="expect the rehearsal stand-in on every host (as deploy --data rehearsal=true)")
     group.addoption("--min-speed-fraction", type=float, default=None,
                     help="fail when decode tokens/s < this x the plan's estimate (default 0.5; 0.0 for rehearsal hosts)")
-    group.addoption("--split-tolerance", type=float, default=0.15,
-                    help="largest allowed difference between a GPU's memory share and its tensor-split share (default 0.15)")
     group.addoption("--hash-models", action="store_true", help="sha256 the served model file even when large (always done in rehearsal)")
     group.addoption("--ssh-timeout", type=int, default=10, help="SSH connect timeout in seconds (default 10)")
     group.addoption("--command-timeout", type=int, default=60, help="limit for each remote command in seconds (default 60)")
@@ -99,7 +97,6 @@ class Target:
     error: str | None = None
     command_timeout: int = 60
     chat_timeout: int = 300
-    split_tolerance: float = 0.15
     measured: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -285,7 +282,6 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
             fleet.hosts[name],
             command_timeout=config.getoption("--command-timeout"),
             chat_timeout=config.getoption("--chat-timeout"),
-            split_tolerance=config.getoption("--split-tolerance"),
         )
         for name in _selected_hosts(request.session)
     }

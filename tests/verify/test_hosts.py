@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from r1fleet.catalog import load_catalog
-from r1fleet.memory import padded_context
+from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
 from r1fleet.verify_report import (
     exec_start_argv,
@@ -28,10 +28,11 @@ from r1fleet.verify_report import (
     ollama_model_layer,
     openai_chat_reply,
     parse_compute_apps,
+    parse_device_buffers,
     parse_gpu_query,
     parse_ss_listeners,
     speed_problem,
-    split_deviation,
+    split_problems,
     systemd_environment,
 )
 
@@ -251,13 +252,20 @@ def test_model_on_gpu(target: Target, plan: HostPlan) -> None:
     target.measured["gpu_used_mib"] = sum(used)
     empty = [uuid for uuid, mib in zip(plan.gpu_uuids, used) if mib <= 0]
     assert not empty, f"{target.name}: llama-server holds no memory on planned GPU(s) {', '.join(empty)} (used {used} MiB)"
-    if plan.tensor_split and len(plan.tensor_split) > 1:
-        tolerance = target.split_tolerance
-        deviation = split_deviation(used, plan.tensor_split)
-        assert deviation <= tolerance, (
-            f"{target.name}: GPU memory {used} MiB does not follow the tensor split {plan.tensor_split} "
-            f"(off by {deviation:.0%}, tolerance {tolerance:.0%})"
-        )
+
+
+def test_layers_per_gpu(target: Target, plan: HostPlan) -> None:
+    """llama-server's own load log: the blocks on each device are the plan's, whatever --tensor-split says."""
+    if plan.backend != "llama.cpp" or not plan.tensor_split or len(plan.tensor_split) < 2:
+        pytest.skip("the plan splits no model across GPUs")
+    invocation = target.output(f"systemctl show -p InvocationID --value {target.unit}").strip()
+    if not invocation:
+        fail(target, f"{target.unit} is not running, so there is no load log to read")
+    log = target.output(f"journalctl -o cat --no-pager _SYSTEMD_INVOCATION_ID={invocation}")
+    buffers = parse_device_buffers(log)
+    per_layer = kv_cache_mib(load_catalog().find(plan.model), 1, plan.context_length, plan.kv_cache_type)
+    problems = split_problems(plan, buffers, per_layer)
+    assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
 def test_decode_speed(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
