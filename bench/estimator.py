@@ -36,8 +36,23 @@ def gpu_weights(size: str) -> float:
     return s.file_mib - s.token_embd_mib
 
 
+def llama_server_split(size: str, context: int, layers: list[int]) -> list[int]:
+    """Weights + KV + compute per device of a llama-server layer split (what its --fit pre-pass projects)."""
+    from r1fleet.planner import device_plans
+
+    slots = tuple(Slot(f"GPU{i}", 10**6, "cuda") for i in range(len(layers)))
+    return [d.weights_mib + d.kv_cache_mib + d.compute_mib
+            for d in device_plans(CATALOG.find(size), slots, layers, context, "f16", True, 0)]
+
+
 # (case, measured MiB, estimated MiB)
 MEMORY_CASES = [
+    # llama.cpp b11669's own projection (--fit pre-pass of llama-server, 41 | 39 + output, f16 KV, FA on):
+    # shared/research/llamacpp-fit-oracle.md section 3
+    ("70B llama-server split ctx 19456 dev0, llama.cpp projection", 23654, llama_server_split("70b", 19456, [41, 39])[0]),
+    ("70B llama-server split ctx 19456 dev1, llama.cpp projection", 23324, llama_server_split("70b", 19456, [41, 39])[1]),
+    ("70B llama-server split ctx 8192 dev0, llama.cpp projection", 21806, llama_server_split("70b", 8192, [41, 39])[0]),
+    ("70B llama-server split ctx 8192 dev1, llama.cpp projection", 21564, llama_server_split("70b", 8192, [41, 39])[1]),
     ("32B 1x RTX 4090 ctx 4000, Ollama nvidia-smi (hkadm)", 20580, total_on_gpus("32b", 4000, [64], False)[0]),
     ("32B 1x RTX 4090 ctx 8000, Ollama nvidia-smi (hkadm)", 22080, total_on_gpus("32b", 8000, [64], False)[0]),
     ("32B 1x RTX 4090 ctx 12000, Ollama nvidia-smi (hkadm)", 23580, total_on_gpus("32b", 12000, [64], False)[0]),

@@ -36,6 +36,8 @@ class Constants:
     kv_pad_tokens: int
     compute_batch: int
     overhead_mib: dict[str, int]
+    driver_reserve_mib: dict[str, int]
+    split_compute: dict[str, float]
     cpu_os_reserve_mib: int
     efficiency: dict[str, float]
     speed_context_fill: int
@@ -101,6 +103,16 @@ def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str, flash_at
     return 2 * layers * a.kv_heads * a.head_dim * tokens * per_element / MIB
 
 
+def split_compute_mib(model: Model, context: int, first: bool) -> float:
+    """llama-server's compute buffer on one device of a layer split over several devices."""
+    a, c = model.arch, constants().split_compute
+    ub = c["ubatch"]
+    hidden = c["hidden_states_first"] if first else c["hidden_states_other"]
+    ffn = 2 * a.ffn * ub * 4
+    mask = c["pipeline_copies"] * ub * padded_context(context) * 2
+    return (ffn + hidden * a.embedding * ub * 4 + mask) / MIB
+
+
 def compute_buffer_mib(model: Model, context: int, flash_attention: bool = True) -> float:
     a = model.arch
     batch = constants().compute_batch
@@ -119,15 +131,19 @@ def estimate_device(
     kv_type: str,
     flash_attention: bool,
     headroom_mib: int,
+    split_first: bool | None = None,
 ) -> DevicePlan:
-    """The planned memory on one device that holds `layers` block layers (and the output if `last`)."""
+    """The planned memory on one device that holds `layers` block layers (and the output if `last`).
+
+    split_first: None when the model runs on this device alone, else whether it is the split's first device.
+    """
     shares = weight_shares(model)
     if slot.holds_whole_file:
         weights = shares.file_mib * layers / model.arch.layers
     else:
         weights = shares.per_layer_mib * layers + (shares.output_mib if last else 0.0)
     kv = kv_cache_mib(model, layers, context, kv_type, flash_attention)
-    compute = compute_buffer_mib(model, context, flash_attention) if layers else 0.0
+    compute = device_compute_mib(model, context, flash_attention, split_first) if layers else 0.0
     overhead = constants().overhead_mib[slot.kind] if layers else 0
     parts = [round(weights), round(kv), round(compute), overhead]
     return DevicePlan(
@@ -143,10 +159,21 @@ def estimate_device(
     )
 
 
-def fixed_cost_mib(model: Model, slot: Slot, *, last: bool, context: int, flash_attention: bool, headroom_mib: int) -> float:
+def device_compute_mib(model: Model, context: int, flash_attention: bool, split_first: bool | None) -> float:
+    """The compute buffer of one device: a split's pipeline graph, or the whole graph on one device."""
+    if split_first is None:
+        return compute_buffer_mib(model, context, flash_attention)
+    return split_compute_mib(model, context, split_first)
+
+
+def fixed_cost_mib(
+    model: Model, slot: Slot, *, last: bool, context: int, flash_attention: bool, headroom_mib: int,
+    split_first: bool | None = None,
+) -> float:
     """What a device spends before its first block layer: compute, overhead, headroom, and the output if last."""
     output = weight_shares(model).output_mib if last and not slot.holds_whole_file else 0.0
-    return compute_buffer_mib(model, context, flash_attention) + constants().overhead_mib[slot.kind] + headroom_mib + output
+    compute = device_compute_mib(model, context, flash_attention, split_first)
+    return compute + constants().overhead_mib[slot.kind] + headroom_mib + output
 
 
 def layer_cost_mib(model: Model, slot: Slot, *, context: int, kv_type: str, flash_attention: bool) -> float:

@@ -63,9 +63,15 @@ def own_backend_mib(gpu: Gpu) -> int:
 
 
 def gpu_capacity_mib(gpu: Gpu) -> int:
-    """Total minus what other programs hold; r1fleet's own backends count as free."""
+    """What the runtime can allocate: the driver's free memory (its reserve and other programs' memory
+    already out), plus what r1fleet's own backend holds. Without a free figure (a GPU seen by lspci only,
+    before its driver): total minus what is used minus the driver's usual reserve."""
+    own = own_backend_mib(gpu)
+    if gpu.memory_free_mib is not None and gpu.vendor == "nvidia":
+        return min(gpu.memory_free_mib + own, gpu.memory_total_mib)
     used = gpu.memory_used_mib or 0
-    return gpu.memory_total_mib - max(used - own_backend_mib(gpu), 0)
+    reserve = constants().driver_reserve_mib.get(gpu.vendor, 0)
+    return gpu.memory_total_mib - max(used - own, 0) - reserve
 
 
 def gpu_slot(gpu: Gpu) -> Slot:
@@ -116,7 +122,10 @@ def split_layers(model: Model, slots: tuple[Slot, ...], context: int, kv_type: s
     budgets, limits = [], []
     for i, slot in enumerate(slots):
         last = i == len(slots) - 1
-        room = slot.capacity_mib - fixed_cost_mib(model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom)
+        first = (i == 0) if len(slots) > 1 else None
+        room = slot.capacity_mib - fixed_cost_mib(
+            model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom, split_first=first
+        )
         cost = layer_cost_mib(model, slot, context=context, kv_type=kv_type, flash_attention=fa)
         budgets.append(max(room, 0.0))
         limits.append(max(int(room // cost), 0))
@@ -141,6 +150,7 @@ def device_plans(model: Model, slots: tuple[Slot, ...], layers: list[int], conte
         estimate_device(
             model, slot, layers=n, last=i == len(slots) - 1, context=context,
             kv_type=kv_type, flash_attention=fa, headroom_mib=headroom,
+            split_first=(i == 0) if len(slots) > 1 else None,
         )
         for i, (slot, n) in enumerate(zip(slots, layers))
     ]

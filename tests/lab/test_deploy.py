@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from r1fleet.catalog import load_catalog
 from r1fleet.lab import state
+from r1fleet.memory import kv_cache_mib
+from r1fleet.models import HostPlan
+from r1fleet.planner import rehearse
+from r1fleet.tensor_split import placed_blocks
+from r1fleet.verify_report import exec_start_argv, flag_value, parse_device_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
@@ -87,12 +93,30 @@ def test_units_score_at_most_2_5(converged, lab, ssh):
         assert score <= MAX_EXPOSURE, (host, unit, score)
 
 
-def test_tensor_split_host_runs_llama_server_with_the_split(converged, lab, ssh):
+def test_llama_cpp_places_the_planned_blocks_on_each_gpu(converged, lab, ssh):
+    """The real llama-server, on the lab's GPU stand-ins (one llama.cpp RPC device per simulated GPU), puts
+    exactly the plan's blocks on each device: its load log's KV buffers say so, and they agree with
+    r1fleet's replay of llama.cpp's rule for the flag the unit passes."""
     split_hosts = [h for h in lab if unit_of(ssh, h) == UNITS[1]]
     assert split_hosts, "the lab has a multi-GPU profile planned onto llama.cpp"
+    plans = {p["host"]: p for p in json.loads(subprocess.run(
+        [sys.executable, "-m", "r1fleet", "plan", "--fleet", "lab", "--json"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300).stdout)["hosts"]}
     for host in split_hosts:
-        argv = ssh(host, "tr '\\0' ' ' < /proc/$(systemctl show -p MainPID --value r1fleet-llama-server)/cmdline").stdout
-        assert "--tensor-split" in argv and "--split-mode layer" in argv, argv
+        argv = exec_start_argv(ssh(host, "systemctl show -p ExecStart --value r1fleet-llama-server").stdout)
+        flag = [int(v) for v in flag_value(argv, "--tensor-split").split(",")]
+        assert flag_value(argv, "--rpc").count(",") == len(flag) - 1  # one device per planned GPU
+        invocation = ssh(host, "systemctl show -p InvocationID --value r1fleet-llama-server").stdout.strip()
+        log = ssh(host, f"journalctl -o cat --no-pager _SYSTEMD_INVOCATION_ID={invocation}").stdout
+        buffers = parse_device_buffers(log)
+        stand_in = load_catalog().stand_ins[0]
+        per_layer = kv_cache_mib(stand_in, 1, int(flag_value(argv, "-c")), "f16")
+        reported = [round(b.kv_mib / per_layer) for b in buffers]
+        planned = rehearse(HostPlan.model_validate({k: v for k, v in plans[host].items() if k != "tensor_split_flag"}))
+        assert reported == placed_blocks(flag, stand_in.arch.layers) == planned.tensor_split, (host, reported, flag)
+        assert buffers[-1].model_mib > buffers[0].model_mib  # the output layer sits on the last device
+        # level 4 logs buffers and timings, never a prompt: the verify chat's text is not in the journal
+        assert "Reply with the number only" not in log
 
 
 def test_second_run_changes_nothing(converged, lab, ssh):

@@ -102,21 +102,26 @@ def test_simulated_hardware_matches_profile(ssh, host):
     assert table.count(f"/  {gpus[0]['memory_mib']}MiB |") == len(gpus)
 
 
-def test_compute_apps_follow_a_tensor_split(ssh):
-    """A llama-server started with -ts 3,1 shows on both GPUs, with memory in that ratio."""
+def test_compute_apps_on_the_gpu_stand_ins(ssh):
+    """Each simulated GPU is a running ggml-rpc-server; a llama-server using them (--rpc) is shown on each
+    GPU with the memory that GPU's rpc-server holds, as nvidia-smi shows a CUDA process per GPU."""
     host = next(n for n, p in LAB_HOSTS.items() if p == "dual-rtx3090")
-    # A process named llama-server (python3 under that name) carrying llama-server's -ts flag.
+    ports = [paths.GPU_RPC_BASE_PORT, paths.GPU_RPC_BASE_PORT + 1]
+    listening = ssh(host, "ss -ltnH").stdout
+    assert all(f"127.0.0.1:{port}" in listening for port in ports), listening
+    # A process named llama-server (python3 under that name) carrying llama-server's --rpc flag.
+    rpc = ",".join(f"127.0.0.1:{port}" for port in ports)
     script = ("mkdir -p /tmp/ts && cp /usr/bin/python3 /tmp/ts/llama-server && "
-              "(/tmp/ts/llama-server -c 'import time; b = bytearray(64 << 20); time.sleep(30)' -ts 3,1 & "
-              "echo $! > /tmp/ts/pid) && sleep 1 && "
+              f"(/tmp/ts/llama-server -c 'import time; time.sleep(30)' --rpc {rpc} & echo $! > /tmp/ts/pid) && sleep 1 && "
               "nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits; "
-              "kill $(cat /tmp/ts/pid)")
+              "kill $(cat /tmp/ts/pid); "
+              f"for p in {' '.join(map(str, ports))}; do ps -o rss= -p $(pgrep -f \"ggml-rpc-server .*-p $p\"); done")
     out = ssh(host, script).stdout.strip().splitlines()
-    rows = [line.split(", ") for line in out if "/tmp/ts/llama-server" in line]  # not a deployed server's rows
+    rows = [line.split(", ") for line in out if "/tmp/ts/llama-server" in line]
     uuids = [g["uuid"] for g in profiles.load("dual-rtx3090")["gpus"]]
     assert [r[0] for r in rows] == uuids
-    assert rows[0][2] == "/tmp/ts/llama-server"
-    assert int(rows[0][3]) >= 3 * int(rows[1][3])
+    rss_mib = [int(line) // 1024 for line in out[-2:]]
+    assert [int(r[3]) for r in rows] == pytest.approx(rss_mib, abs=2)
 
 
 @pytest.mark.parametrize("host", LAB_HOSTS)

@@ -114,14 +114,14 @@ def drop_in(unit: str, body: str) -> tuple[str, str]:
     return inject, undo
 
 
-def _llama_context_drop_in(ssh) -> tuple[str, str]:
-    """A drop-in replacing llama-server's ExecStart with the same argv but -c 4096."""
+def _llama_flag_drop_in(ssh, flag: str, value: str) -> tuple[str, str]:
+    """A drop-in replacing llama-server's ExecStart with the same argv but `flag value`."""
     shown = ssh(LLAMA_HOST, f"systemctl show -p ExecStart --value {LLAMA_UNIT}").stdout
     from r1fleet.verify_report import exec_start_argv
 
     argv = exec_start_argv(shown)
-    assert "-c" in argv, f"no -c in {LLAMA_UNIT}'s ExecStart: {shown}"
-    argv[argv.index("-c") + 1] = "4096"
+    assert flag in argv, f"no {flag} in {LLAMA_UNIT}'s ExecStart: {shown}"
+    argv[argv.index(flag) + 1] = value
     return drop_in(LLAMA_UNIT, "ExecStart=\nExecStart=" + " ".join(argv))
 
 
@@ -137,7 +137,9 @@ FAULTS = {
         f"mv -f {LLAMA_MODEL}.orig {LLAMA_MODEL}; {restart(LLAMA_UNIT)}")),
     "ollama-context-changed": (OLLAMA_HOST, "context_matches_plan",
                                lambda ssh: drop_in(OLLAMA_UNIT, "Environment=OLLAMA_CONTEXT_LENGTH=4096")),
-    "llama-context-changed": (LLAMA_HOST, "context_matches_plan", _llama_context_drop_in),
+    "llama-context-changed": (LLAMA_HOST, "context_matches_plan", lambda ssh: _llama_flag_drop_in(ssh, "-c", "4096")),
+    # the split edited by hand: llama.cpp then places 20 | 10 + output, not the plan's 15 | 15 + output
+    "llama-split-edited": (LLAMA_HOST, "layers_per_gpu", lambda ssh: _llama_flag_drop_in(ssh, "--tensor-split", "20,11")),
 }
 
 

@@ -204,3 +204,39 @@ def test_rehearsal_keeps_the_slot_and_swaps_the_model():
 def test_nothing_fits_on_a_tiny_host():
     plan = plan_host(host(ram_mib=2048, available=1200))
     assert plan.model is None and not plan.fits and "nothing fits" in plan.reasons[0]
+
+
+# llama.cpp's own per-device projection of the 70B split 41 | 39 + output over two devices (llama-server's
+# --fit pre-pass, f16 KV; shared/research/llamacpp-fit-oracle.md section 3): (weights + KV + compute) MiB.
+LLAMA_CPP_PROJECTION_70B = {19456: (23654, 23324), 8192: (21806, 21564)}
+
+
+@pytest.mark.parametrize("context", sorted(LLAMA_CPP_PROJECTION_70B))
+def test_split_estimate_agrees_with_llama_cpps_own_projection(context):
+    from r1fleet.memory import Slot
+    from r1fleet.planner import device_plans
+
+    model = load_catalog().find("70b")
+    slots = (Slot("GPU0", 24124, "cuda"), Slot("GPU1", 24124, "cuda"))
+    devices = device_plans(model, slots, [41, 39], context, "f16", True, 0)
+    for device, projected in zip(devices, LLAMA_CPP_PROJECTION_70B[context]):
+        ours = device.weights_mib + device.kv_cache_mib + device.compute_mib
+        assert abs(ours - projected) <= 64, (device.device, ours, projected)
+
+
+def test_capacity_is_what_the_driver_reports_free_plus_our_own_backend():
+    busy = gpu(0, *RTX_4090, used=22830, processes=[GpuProcess(pid=7, name="/usr/local/bin/ollama", used_mib=22528)])
+    busy = busy.model_copy(update={"memory_free_mib": 1134})
+    assert gpu_capacity_mib(busy) == 1134 + 22528
+    before_driver = busy.model_copy(update={"memory_free_mib": None, "memory_used_mib": None, "processes": []})
+    assert gpu_capacity_mib(before_driver) == RTX_4090[1] - 452  # lspci only: the driver's usual reserve out
+
+
+def test_70b_on_two_3090s_keeps_a_usable_context_with_a_real_margin():
+    """Capacity as CUDA allocates it, llama.cpp's pipeline compute buffers: still the 70B, at >= 8192 f16."""
+    hw = host(gpu(0, *RTX_3090), gpu(1, *RTX_3090))
+    hw.gpus[0].memory_free_mib = hw.gpus[1].memory_free_mib = 23975  # nvidia-smi free on an idle 3090
+    plan = plan_host(hw)
+    assert plan.model == ID["70b"] and plan.kv_cache_type == "f16" and plan.context_length >= 8192
+    for device in plan.devices:  # beyond llama.cpp's buffers: CUDA context and pools, plus the headroom
+        assert device.capacity_mib - (device.weights_mib + device.kv_cache_mib + device.compute_mib) >= 600 + 512
