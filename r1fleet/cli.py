@@ -25,6 +25,9 @@ def _plan_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory: probe its hosts over SSH (and use its policies)")
     p.add_argument("--model", help="force a model: catalog id, Ollama tag, or size such as 32b")
     p.add_argument("--context", type=int, help="force a context length (tokens)")
+    p.add_argument("--flash-attention", choices=["auto", "on", "off"],
+                   help="plan with flash attention on or off (default: as the runtime decides for the GPU)")
+    p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], help="plan with this KV cache type only")
     p.add_argument("--json", action="store_true", help='print {"hosts": [...]} instead of a table')
     p.set_defaults(run=cmd_plan)
 
@@ -42,6 +45,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             load_catalog().find(args.model)
         except KeyError as err:
             raise R1FleetError(err.args[0], field="--model") from None
+    if args.flash_attention == "off" and args.kv_type in ("q8_0", "q4_0"):
+        raise R1FleetError(f"a {args.kv_type} KV cache needs flash attention", field="--kv-type",
+                           fix="drop --flash-attention off, or plan with --kv-type f16")
     if not args.probes and not args.fleet:
         raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
     jobs: list[tuple[str, str, Policy]] = []  # (host, probe text, policy)
@@ -53,7 +59,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         jobs.append((path.stem, text, Policy()))
     if args.fleet:
         jobs.extend(_probe_fleet(args.fleet))
-    plans = [plan_host(parse_probe(text, host), policy, model=args.model, context=args.context) for host, text, policy in jobs]
+    what_if = {k: v for k, v in (("flash_attention", args.flash_attention), ("kv_types", [args.kv_type] if args.kv_type else None)) if v}
+    plans = [plan_host(parse_probe(text, host), policy.model_copy(update=what_if), model=args.model, context=args.context)
+             for host, text, policy in jobs]
     if args.json:
         print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans]}, indent=2))
     else:

@@ -269,7 +269,6 @@ def ollama_environment(plan: HostPlan, settings: DeploySettings, models_dir: str
         "OLLAMA_HOST": host_port(bind_address(settings), service_port("ollama", settings)),
         "OLLAMA_MODELS": models_dir,
         "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
-        "OLLAMA_FLASH_ATTENTION": "1" if plan.flash_attention else "0",
         "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
         # Negative = keep the planned model loaded forever: the host serves one model.
         "OLLAMA_KEEP_ALIVE": "-1",
@@ -278,6 +277,10 @@ def ollama_environment(plan: HostPlan, settings: DeploySettings, models_dir: str
         "OLLAMA_MAX_LOADED_MODELS": "1",
         "HOME": "/var/lib/ollama",
     }
+    if plan.flash_attention_forced or plan.kv_cache_type != "f16":
+        # Otherwise Ollama decides per GPU (ml/device.go), as the plan already assumed; a quantized KV
+        # cache needs it on.
+        env["OLLAMA_FLASH_ATTENTION"] = "1" if plan.flash_attention else "0"
     if plan.placement != "cpu" and plan.devices:
         # Ollama >= 0.30 runs llama-server, whose --fit would push layers to the CPU when less than its
         # margin (default 1024 MiB) stays free; make its margin the plan's headroom (research/ollama.md s2).

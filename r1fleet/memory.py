@@ -38,6 +38,8 @@ class Constants:
     overhead_mib: dict[str, int]
     driver_reserve_mib: dict[str, int]
     split_compute: dict[str, float]
+    flash_attention_off_cuda_below: float
+    flash_attention_off_cuda_caps: list[str]
     cpu_os_reserve_mib: int
     efficiency: dict[str, float]
     speed_context_fill: int
@@ -103,14 +105,16 @@ def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str, flash_at
     return 2 * layers * a.kv_heads * a.head_dim * tokens * per_element / MIB
 
 
-def split_compute_mib(model: Model, context: int, first: bool) -> float:
+def split_compute_mib(model: Model, context: int, first: bool, flash_attention: bool = True) -> float:
     """llama-server's compute buffer on one device of a layer split over several devices."""
     a, c = model.arch, constants().split_compute
     ub = c["ubatch"]
+    tokens = padded_context(context)
     hidden = c["hidden_states_first"] if first else c["hidden_states_other"]
     ffn = 2 * a.ffn * ub * 4
-    mask = c["pipeline_copies"] * ub * padded_context(context) * 2
-    return (ffn + hidden * a.embedding * ub * 4 + mask) / MIB
+    mask = c["pipeline_copies"] * ub * tokens * 2
+    scores = 0 if flash_attention else a.heads * ub * tokens * 4
+    return (ffn + hidden * a.embedding * ub * 4 + mask + scores) / MIB
 
 
 def compute_buffer_mib(model: Model, context: int, flash_attention: bool = True) -> float:
@@ -163,7 +167,7 @@ def device_compute_mib(model: Model, context: int, flash_attention: bool, split_
     """The compute buffer of one device: a split's pipeline graph, or the whole graph on one device."""
     if split_first is None:
         return compute_buffer_mib(model, context, flash_attention)
-    return split_compute_mib(model, context, split_first)
+    return split_compute_mib(model, context, split_first, flash_attention)
 
 
 def fixed_cost_mib(

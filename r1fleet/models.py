@@ -127,6 +127,9 @@ class HostPlan(_Strict):
     context_length: int = 0
     kv_cache_type: KvType = "f16"
     flash_attention: bool = True
+    flash_attention_forced: bool = Field(
+        False, description="the deploy must set flash attention explicitly (policy, or a quantized KV cache needs it)"
+    )
     tensor_split: list[int] | None = Field(None, description="blocks per GPU; the last GPU also holds the output layer")
     gpus: list[dict] = []
     gpu_uuids: list[str] = []

@@ -53,6 +53,7 @@ class Attempt:
     devices: list[DevicePlan] = field(default_factory=list)
     tokens_per_second: float = 0.0
     why_not: str = ""
+    flash_attention: bool = True
 
 
 # ---------------------------------------------------------------- capacities and placements
@@ -167,8 +168,31 @@ def tokens_per_second(model: Model, placement: Placement, layers: list[int], con
     return round(eff[kind] / seconds, 1) if seconds else 0.0
 
 
+def runtime_flash_attention(placement: Placement) -> tuple[bool, str]:
+    """What the runtime's automatic choice does on these GPUs, and why when it turns flash attention off."""
+    c = constants()
+    for gpu in placement.gpus:
+        cap = gpu.compute_cap
+        if gpu.vendor != "nvidia" or not cap:
+            continue
+        try:
+            too_old = float(cap) < c.flash_attention_off_cuda_below
+        except ValueError:
+            continue
+        if too_old or cap in c.flash_attention_off_cuda_caps:
+            return False, f"the runtime turns flash attention off on GPU{gpu.index} (compute capability {cap})"
+    return True, ""
+
+
+def flash_attention_for(placement: Placement, policy: Policy) -> bool:
+    if policy.flash_attention != "auto":
+        return policy.flash_attention == "on"
+    return runtime_flash_attention(placement)[0]
+
+
 def _fit_at(model: Model, placement: Placement, context: int, kv_type: str, policy: Policy) -> list[int] | None:
-    return split_layers(model, placement.slots, context, kv_type, True, policy.headroom_mib)
+    fa = flash_attention_for(placement, policy)
+    return split_layers(model, placement.slots, context, kv_type, fa, policy.headroom_mib)
 
 
 def context_bounds(model: Model, policy: Policy) -> tuple[int, int]:
@@ -202,19 +226,26 @@ def attempt(model: Model, placement: Placement, policy: Policy, context: int | N
             result = Attempt(model, placement, False, context, policy.kv_types[0], _even_layers(model, placement))
             result.why_not = f"context {context} is beyond what {model.size_label} was trained for ({model.arch.context_train})"
             return result
-    for kv_type in policy.kv_types:
+    fa = flash_attention_for(placement, policy)
+    # A quantized V cache needs flash attention (llama.cpp src/llama-context.cpp; Ollama's FAQ).
+    kv_types = policy.kv_types if fa else [t for t in policy.kv_types if t == "f16"]
+    if not kv_types:
+        result = Attempt(model, placement, False, low, policy.kv_types[0], _even_layers(model, placement), flash_attention=fa)
+        result.why_not = f"a {policy.kv_types[0]} KV cache needs flash attention, which is off on {_describe(placement)}"
+        return result
+    for kv_type in kv_types:
         if _fit_at(model, placement, low, kv_type, policy):
             ctx = largest_context(model, placement, kv_type, low, high, policy)
             layers = _fit_at(model, placement, ctx, kv_type, policy) or []
-            result = Attempt(model, placement, True, ctx, kv_type, layers)
-            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, True, policy.headroom_mib)
+            result = Attempt(model, placement, True, ctx, kv_type, layers, flash_attention=fa)
+            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib)
             result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
             return result
     # Does not fit: report figures at the minimum context, as if the layers were spread by capacity.
-    kv_type = policy.kv_types[-1]
+    kv_type = kv_types[-1]
     layers = _even_layers(model, placement)
-    result = Attempt(model, placement, False, low, kv_type, layers)
-    result.devices = device_plans(model, placement.slots, layers, low, kv_type, True, policy.headroom_mib)
+    result = Attempt(model, placement, False, low, kv_type, layers, flash_attention=fa)
+    result.devices = device_plans(model, placement.slots, layers, low, kv_type, fa, policy.headroom_mib)
     result.tokens_per_second = tokens_per_second(model, placement, layers, low, kv_type)
     need = sum(d.planned_mib for d in result.devices)
     have = sum(s.capacity_mib for s in placement.slots)
@@ -323,6 +354,8 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
             f"(--tensor-split {format_flag(flag_for_layers(chosen.layers))}: llama.cpp counts the output as one more layer); "
             "Ollama refuses tight multi-GPU fits"
         )
+    if policy.flash_attention == "auto" and not chosen.flash_attention:
+        reasons.append(f"flash attention off: {runtime_flash_attention(p)[1]}, so the KV cache stays f16")
     u = hw.unified
     if p.kind == "unified" and u and u.gpu_limit_raisable and chosen.devices[0].planned_mib > u.gpu_limit_mib:
         reasons.append(
@@ -341,7 +374,8 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         fits=chosen.fits,
         context_length=chosen.context,
         kv_cache_type=chosen.kv_type,
-        flash_attention=True,
+        flash_attention=chosen.flash_attention,
+        flash_attention_forced=policy.flash_attention != "auto" or chosen.kv_type != "f16",
         tensor_split=chosen.layers if p.kind == "multi-gpu" else None,
         gpu_uuids=[g.uuid for g in p.gpus if g.uuid],
         gpu_indices=[g.index for g in p.gpus],

@@ -25,6 +25,9 @@ class Policy(BaseModel):
         description="memory kept free on every device (MiB); also the runtime's own fit margin (LLAMA_ARG_FIT_TARGET)",
     )
     kv_types: list[KvType] = Field(["f16", "q8_0"], min_length=1, description="KV cache types allowed, preferred first")
+    flash_attention: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: as the runtime decides for the GPU; on/off: force it (a quantized KV cache needs it on)"
+    )
     prefer: Literal["largest", "math", "general"] = "largest"
     model: str | None = Field(None, description="pin a catalog model id (or Ollama tag, or a size like 32b)")
     backend: Backend | None = Field(None, description="force a backend instead of the planner's choice")

@@ -36,6 +36,18 @@ def test_plan_table_explains_each_host():
     assert "14b" in out.stdout and "rtx3060-12g:" in out.stdout and "not 32b" in out.stdout
 
 
+def test_what_if_flash_attention_and_kv_type():
+    """Plan a configuration on purpose: the 70B on two 3090s needs flash attention; q8_0 buys context."""
+    dual = str(PROBES / "dual-rtx3090.probe")
+    default = json.loads(r1fleet("plan", dual, "--json").stdout)["hosts"][0]
+    off = json.loads(r1fleet("plan", dual, "--json", "--flash-attention", "off").stdout)["hosts"][0]
+    q8 = json.loads(r1fleet("plan", dual, "--json", "--kv-type", "q8_0").stdout)["hosts"][0]
+    assert default["flash_attention"] and not default["flash_attention_forced"]
+    assert not off["flash_attention"] and off["flash_attention_forced"] and off["model"] != default["model"]
+    assert off["kv_cache_type"] == "f16"
+    assert q8["model"] == default["model"] and q8["kv_cache_type"] == "q8_0" and q8["context_length"] > default["context_length"]
+
+
 def test_forced_model_that_does_not_fit_exits_1_with_figures():
     out = r1fleet("plan", str(PROBES / "rtx3060-12g.probe"), "--model", "70b", "--json")
     assert out.returncode == 1
@@ -52,6 +64,7 @@ def test_forced_model_that_does_not_fit_exits_1_with_figures():
         (["plan", str(PROBES / "rtx4090.probe"), "--context", "10"], "--context 10 is too small"),
         (["plan", "--fleet", "no-such-fleet.yml"], "no-such-fleet.yml: no such file"),
         (["probe", "x", "--fleet", "inventory/fleet.example.yml"], "host x: not in"),
+        (["plan", str(PROBES / "rtx4090.probe"), "--flash-attention", "off", "--kv-type", "q8_0"], "needs flash attention"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, expected):

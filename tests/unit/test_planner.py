@@ -240,3 +240,22 @@ def test_70b_on_two_3090s_keeps_a_usable_context_with_a_real_margin():
     assert plan.model == ID["70b"] and plan.kv_cache_type == "f16" and plan.context_length >= 8192
     for device in plan.devices:  # beyond llama.cpp's buffers: CUDA context and pools, plus the headroom
         assert device.capacity_mib - (device.weights_mib + device.kv_cache_mib + device.compute_mib) >= 600 + 512
+
+
+@pytest.mark.parametrize("cap", ["5.2", "7.2"])
+def test_flash_attention_follows_the_runtimes_rule_for_old_gpus(cap):
+    """Maxwell (5.x) and Jetson Xavier (7.2): Ollama turns flash attention off, so the KV cache stays f16."""
+    card = gpu(0, "NVIDIA GeForce GTX 980 Ti", 6144, 336.0).model_copy(update={"compute_cap": cap})
+    plan = plan_host(host(card), Policy(min_context=4096))
+    assert plan.fits and plan.flash_attention is False and plan.kv_cache_type == "f16"
+    assert any("flash attention off" in r and cap in r for r in plan.reasons)
+    forced = plan_host(host(card), Policy(min_context=4096, flash_attention="on"))
+    assert forced.flash_attention and forced.flash_attention_forced
+
+
+def test_flash_attention_off_costs_the_attention_scores_on_each_split_device():
+    from r1fleet.memory import split_compute_mib
+
+    model = load_catalog().find("70b")
+    extra = split_compute_mib(model, 8192, True, flash_attention=False) - split_compute_mib(model, 8192, True)
+    assert extra == pytest.approx(64 * 512 * 8192 * 4 / 2**20)  # heads x ubatch x context x f32
