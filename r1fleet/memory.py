@@ -37,7 +37,7 @@ class Constants:
     compute_batch: int
     overhead_mib: dict[str, int]
     driver_reserve_mib: dict[str, int]
-    split_compute: dict[str, float]
+    split_compute: dict[str, int]
     flash_attention_off_cuda_below: float
     flash_attention_off_cuda_caps: list[str]
     cpu_os_reserve_mib: int
@@ -105,16 +105,32 @@ def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str, flash_at
     return 2 * layers * a.kv_heads * a.head_dim * tokens * per_element / MIB
 
 
-def split_compute_mib(model: Model, context: int, first: bool, flash_attention: bool = True) -> float:
-    """llama-server's compute buffer on one device of a layer split over several devices."""
-    a, c = model.arch, constants().split_compute
-    ub = c["ubatch"]
+COMPUTE_TABLE = Path(__file__).with_name("data") / "compute_buffers.yaml"
+
+
+@lru_cache(maxsize=1)
+def compute_table() -> dict[str, dict[str, dict[str, int]]]:
+    return yaml.safe_load(COMPUTE_TABLE.read_text()).get("models") or {}
+
+
+def compute_slope_mib(model: Model, context: int, flash_attention: bool, split: bool) -> float:
+    """The part of llama-server's compute buffer that grows with the context, on one device."""
+    c = constants().split_compute
+    ub, copies = c["ubatch"], (c["pipeline_copies"] if split else 1)
     tokens = padded_context(context)
-    hidden = c["hidden_states_first"] if first else c["hidden_states_other"]
-    ffn = 2 * a.ffn * ub * 4
-    mask = c["pipeline_copies"] * ub * tokens * 2
-    scores = 0 if flash_attention else a.heads * ub * tokens * 4
-    return (ffn + hidden * a.embedding * ub * 4 + mask + scores) / MIB
+    if flash_attention:
+        return copies * ub * tokens * 2 / MIB
+    return (copies * ub * tokens * 4 + model.arch.heads * ub * tokens * 4) / MIB
+
+
+def llama_server_compute_mib(model: Model, context: int, flash_attention: bool, split_first: bool | None) -> float | None:
+    """llama-server's compute buffer on one device, from llama.cpp's own projection; None for an unmeasured model."""
+    entry = compute_table().get(model.id)
+    if entry is None:
+        return None
+    where = "single" if split_first is None else ("split_first" if split_first else "split_other")
+    base = entry[where]["fa_on" if flash_attention else "fa_off"]
+    return base + compute_slope_mib(model, context, flash_attention, split=split_first is not None)
 
 
 def compute_buffer_mib(model: Model, context: int, flash_attention: bool = True) -> float:
@@ -164,10 +180,10 @@ def estimate_device(
 
 
 def device_compute_mib(model: Model, context: int, flash_attention: bool, split_first: bool | None) -> float:
-    """The compute buffer of one device: a split's pipeline graph, or the whole graph on one device."""
-    if split_first is None:
-        return compute_buffer_mib(model, context, flash_attention)
-    return split_compute_mib(model, context, split_first, flash_attention)
+    """The compute buffer of one device: llama-server's graph (one device or a split's pipeline), as llama.cpp
+    itself projects it; Ollama's graph estimate for a model llama.cpp was not asked about."""
+    measured = llama_server_compute_mib(model, context, flash_attention, split_first)
+    return compute_buffer_mib(model, context, flash_attention) if measured is None else measured
 
 
 def fixed_cost_mib(

@@ -253,9 +253,25 @@ def test_flash_attention_follows_the_runtimes_rule_for_old_gpus(cap):
     assert forced.flash_attention and forced.flash_attention_forced
 
 
-def test_flash_attention_off_costs_the_attention_scores_on_each_split_device():
-    from r1fleet.memory import split_compute_mib
+def test_flash_attention_off_costs_the_attention_scores_on_each_device():
+    """Without flash attention each device holds one layer's f32 scores and an f32 mask per copy; the
+    growth per token was checked against llama.cpp's projection at two contexts (bench/llamacpp_oracle.py)."""
+    from r1fleet.memory import device_compute_mib
 
     model = load_catalog().find("70b")
-    extra = split_compute_mib(model, 8192, True, flash_attention=False) - split_compute_mib(model, 8192, True)
-    assert extra == pytest.approx(64 * 512 * 8192 * 4 / 2**20)  # heads x ubatch x context x f32
+    for split_first, copies in ((None, 1), (True, 4), (False, 4)):
+        on = device_compute_mib(model, 16384, True, split_first) - device_compute_mib(model, 8192, True, split_first)
+        off = device_compute_mib(model, 16384, False, split_first) - device_compute_mib(model, 8192, False, split_first)
+        assert on == pytest.approx(copies * 512 * 8192 * 2 / 2**20)
+        assert off == pytest.approx((64 * 512 * 4 + copies * 512 * 4) * 8192 / 2**20)
+
+
+def test_every_distill_has_llama_cpps_compute_buffers():
+    from r1fleet.memory import compute_table
+
+    table = compute_table()
+    for model in load_catalog().models:
+        entry = table[model.id]
+        for where in ("single", "split_first", "split_other"):
+            assert 0 < entry[where]["fa_off"] < entry[where]["fa_on"] < 1024, (model.id, where)
+        assert entry["split_first"]["fa_on"] >= entry["split_other"]["fa_on"]

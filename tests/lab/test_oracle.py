@@ -1,0 +1,50 @@
+"""Lab: the planner's per-device memory agrees with llama.cpp's own projection, within 64 MiB.
+
+For every GPU plan of the shipped probes (one GPU and split), the real llama-server of a lab host loads a
+shape-only GGUF of the planned model over llama.cpp RPC devices and prints each device's model, KV and
+compute buffers (r1fleet/lab/oracle.py); the planner's weights + KV + compute must match per device.
+Root + lab only (tests/lab/conftest.py). bench/llamacpp_oracle.py prints the wider table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from r1fleet.catalog import load_catalog
+from r1fleet.hardware import parse_probe
+from r1fleet.lab.oracle import project
+from r1fleet.planner import plan_host
+
+pytest.importorskip("gguf")
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+TOLERANCE_MIB = 64
+
+
+def gpu_plans():
+    plans = [plan_host(parse_probe(p.read_text(), p.stem)) for p in sorted(PROBES.glob("*.probe"))]
+    return [p for p in plans if p.fits and p.placement in ("gpu", "multi-gpu")]
+
+
+@pytest.mark.parametrize("plan", gpu_plans(), ids=lambda p: p.host)
+def test_planner_matches_llama_cpps_projection(lab, plan):
+    model = load_catalog().find(plan.model)
+    blocks = plan.tensor_split or [model.arch.layers]
+    projected = project(model, blocks, plan.context_length, plan.kv_cache_type, plan.flash_attention)
+    assert len(projected) == len(plan.devices)
+    for device, theirs in zip(plan.devices, projected):
+        ours = device.weights_mib + device.kv_cache_mib + device.compute_mib
+        assert device.kv_cache_mib == theirs.context_mib, (plan.host, device.device, theirs)
+        assert abs(ours - theirs.total_mib) <= TOLERANCE_MIB, (plan.host, device.device, ours, theirs)
+
+
+def test_flash_attention_off_matches_too(lab):
+    model = load_catalog().find("14b")
+    (theirs,) = project(model, [model.arch.layers], 12288, flash_attention=False)
+    from r1fleet.memory import Slot
+    from r1fleet.planner import device_plans
+
+    (ours,) = device_plans(model, (Slot("GPU0", 10**6, "cuda"),), [model.arch.layers], 12288, "f16", False, 0)
+    assert abs(ours.weights_mib + ours.kv_cache_mib + ours.compute_mib - theirs.total_mib) <= TOLERANCE_MIB
