@@ -21,12 +21,13 @@ import yaml  # noqa: E402
 from r1fleet.catalog import load_catalog  # noqa: E402
 from r1fleet.hardware import parse_probe  # noqa: E402
 from r1fleet.lab.oracle import project  # noqa: E402
-from r1fleet.memory import COMPUTE_TABLE, Slot, compute_slope_mib  # noqa: E402
+from r1fleet.memory import COMPUTE_TABLE, Slot, compute_entry, compute_slope_mib  # noqa: E402
 from r1fleet.planner import device_plans, plan_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ROOT / "tests" / "fixtures" / "probes"
 MEASURE_AT = 8192
+OLLAMA_UBATCHES = (256, 1024, 2048)
 TARGET_MIB = 64
 
 
@@ -35,50 +36,55 @@ def measure_table() -> dict:
     models = {}
     for model in load_catalog().models:
         half = model.arch.layers // 2
-        entry: dict[str, dict[str, int]] = {"single": {}, "split_first": {}, "split_other": {}}
+        entry: dict[str, dict[str, int]] = {}
         for fa in (True, False):
             key = "fa_on" if fa else "fa_off"
-            (single,) = project(model, [model.arch.layers], MEASURE_AT, flash_attention=fa)
+            for ub in (512, *OLLAMA_UBATCHES):  # Ollama's own batch choices, on one device
+                (single,) = project(model, [model.arch.layers], MEASURE_AT, flash_attention=fa, ubatch=ub)
+                base = single.compute_mib - compute_slope_mib(model, MEASURE_AT, fa, split=False, ubatch=ub)
+                entry.setdefault(compute_entry(None, ub), {})[key] = round(base)
             first, other = project(model, [half, model.arch.layers - half], MEASURE_AT, flash_attention=fa)
-            entry["single"][key] = round(single.compute_mib - compute_slope_mib(model, MEASURE_AT, fa, split=False))
-            entry["split_first"][key] = round(first.compute_mib - compute_slope_mib(model, MEASURE_AT, fa, split=True))
-            entry["split_other"][key] = round(other.compute_mib - compute_slope_mib(model, MEASURE_AT, fa, split=True))
+            for where, device in (("split_first", first), ("split_other", other)):
+                entry.setdefault(where, {})[key] = round(device.compute_mib - compute_slope_mib(model, MEASURE_AT, fa, split=True))
         models[model.id] = entry
         print(f"measured {model.id}: {entry}", file=sys.stderr)
     return models
 
 
-def cases() -> list[tuple[str, object, list[int], int, str, bool]]:
-    """(label, model, blocks per device, context, kv type, flash attention): every distill on one and two
-    devices at the planner's usual contexts, plus every GPU plan of the shipped probes."""
+def cases() -> list[tuple[str, object, list[int], int, str, bool, int]]:
+    """(label, model, blocks per device, context, kv type, flash attention, ubatch): every distill on one and two
+    devices at the planner's usual contexts, one device at Ollama's larger batches, and every GPU plan of the
+    shipped probes."""
     out = []
     for model in load_catalog().models:
         half = model.arch.layers // 2
         for context in (8192, 32768):
-            out.append((f"{model.size_label} 1 dev", model, [model.arch.layers], context, "f16", True))
-            out.append((f"{model.size_label} 2 dev", model, [half, model.arch.layers - half], context, "f16", True))
-        out.append((f"{model.size_label} 1 dev FA off", model, [model.arch.layers], 8192, "f16", False))
+            out.append((f"{model.size_label} 1 dev", model, [model.arch.layers], context, "f16", True, 512))
+            out.append((f"{model.size_label} 2 dev", model, [half, model.arch.layers - half], context, "f16", True, 512))
+        out.append((f"{model.size_label} 1 dev FA off", model, [model.arch.layers], 8192, "f16", False, 512))
+        out.append((f"{model.size_label} 1 dev ub 2048", model, [model.arch.layers], 40960, "f16", True, 2048))
     for path in sorted(PROBES.glob("*.probe")):
         plan = plan_host(parse_probe(path.read_text(), path.stem))
         if plan.fits and plan.placement in ("gpu", "multi-gpu"):
             model = load_catalog().find(plan.model)
             blocks = plan.tensor_split or [model.arch.layers]
-            out.append((f"probe {path.stem}", model, blocks, plan.context_length, plan.kv_cache_type, plan.flash_attention))
+            out.append((f"probe {path.stem}", model, blocks, plan.context_length, plan.kv_cache_type,
+                        plan.flash_attention, plan.ubatch))
     return out
 
 
 def compare() -> int:
-    print(f"{'case':<28} {'ctx':>6} {'kv':>5} {'dev':>4} {'llama.cpp w+kv+c':>18} {'planner':>18} {'diff':>6}")
+    print(f"{'case':<28} {'ctx':>6} {'kv':>5} {'ub':>5} {'dev':>4} {'llama.cpp w+kv+c':>18} {'planner':>18} {'diff':>6}")
     worst = 0
-    for label, model, blocks, context, kv, fa in cases():
+    for label, model, blocks, context, kv, fa, ub in cases():
         slots = tuple(Slot(f"GPU{i}", 10**6, "cuda") for i in range(len(blocks)))
-        ours = device_plans(model, slots, blocks, context, kv, fa, 0)
-        theirs = project(model, blocks, context, kv, fa)
+        ours = device_plans(model, slots, blocks, context, kv, fa, 0, ub if len(blocks) == 1 else None)
+        theirs = project(model, blocks, context, kv, fa, ubatch=ub)
         for i, (o, t) in enumerate(zip(ours, theirs)):
             mine = o.weights_mib + o.kv_cache_mib + o.compute_mib
             diff = mine - t.total_mib
             worst = max(worst, abs(diff))
-            print(f"{label:<28} {context:>6} {kv:>5} {i:>4} "
+            print(f"{label:<28} {context:>6} {kv:>5} {ub:>5} {i:>4} "
                   f"{t.model_mib:>6}+{t.context_mib:>5}+{t.compute_mib:>4} {o.weights_mib:>6}+{o.kv_cache_mib:>5}+{o.compute_mib:>4} {diff:>+6}")
     print(f"worst |diff|: {worst} MiB; target within {TARGET_MIB} MiB: {'met' if worst <= TARGET_MIB else 'NOT met'}")
     return 0 if worst <= TARGET_MIB else 1

@@ -38,6 +38,7 @@ class Constants:
     overhead_mib: dict[str, int]
     driver_reserve_mib: dict[str, int]
     split_compute: dict[str, int]
+    ollama_batch: dict
     flash_attention_off_cuda_below: float
     flash_attention_off_cuda_caps: list[str]
     cpu_os_reserve_mib: int
@@ -113,24 +114,32 @@ def compute_table() -> dict[str, dict[str, dict[str, int]]]:
     return yaml.safe_load(COMPUTE_TABLE.read_text()).get("models") or {}
 
 
-def compute_slope_mib(model: Model, context: int, flash_attention: bool, split: bool) -> float:
+def compute_slope_mib(model: Model, context: int, flash_attention: bool, split: bool, ubatch: int | None = None) -> float:
     """The part of llama-server's compute buffer that grows with the context, on one device."""
     c = constants().split_compute
-    ub, copies = c["ubatch"], (c["pipeline_copies"] if split else 1)
+    ub, copies = ubatch or c["ubatch"], (c["pipeline_copies"] if split else 1)
     tokens = padded_context(context)
     if flash_attention:
         return copies * ub * tokens * 2 / MIB
     return (copies * ub * tokens * 4 + model.arch.heads * ub * tokens * 4) / MIB
 
 
-def llama_server_compute_mib(model: Model, context: int, flash_attention: bool, split_first: bool | None) -> float | None:
+def compute_entry(split_first: bool | None, ubatch: int | None) -> str:
+    """The compute table's key for a device: one device (at a micro-batch), or a split's first or other device."""
+    if split_first is not None:
+        return "split_first" if split_first else "split_other"
+    return "single" if ubatch in (None, constants().split_compute["ubatch"]) else f"single_ub{ubatch}"
+
+
+def llama_server_compute_mib(
+    model: Model, context: int, flash_attention: bool, split_first: bool | None, ubatch: int | None = None
+) -> float | None:
     """llama-server's compute buffer on one device, from llama.cpp's own projection; None for an unmeasured model."""
-    entry = compute_table().get(model.id)
+    entry = compute_table().get(model.id, {}).get(compute_entry(split_first, ubatch))
     if entry is None:
         return None
-    where = "single" if split_first is None else ("split_first" if split_first else "split_other")
-    base = entry[where]["fa_on" if flash_attention else "fa_off"]
-    return base + compute_slope_mib(model, context, flash_attention, split=split_first is not None)
+    base = entry["fa_on" if flash_attention else "fa_off"]
+    return base + compute_slope_mib(model, context, flash_attention, split=split_first is not None, ubatch=ubatch)
 
 
 def compute_buffer_mib(model: Model, context: int, flash_attention: bool = True) -> float:
@@ -152,6 +161,7 @@ def estimate_device(
     flash_attention: bool,
     headroom_mib: int,
     split_first: bool | None = None,
+    ubatch: int | None = None,
 ) -> DevicePlan:
     """The planned memory on one device that holds `layers` block layers (and the output if `last`).
 
@@ -163,7 +173,7 @@ def estimate_device(
     else:
         weights = shares.per_layer_mib * layers + (shares.output_mib if last else 0.0)
     kv = kv_cache_mib(model, layers, context, kv_type, flash_attention)
-    compute = device_compute_mib(model, context, flash_attention, split_first) if layers else 0.0
+    compute = device_compute_mib(model, context, flash_attention, split_first, ubatch) if layers else 0.0
     overhead = constants().overhead_mib[slot.kind] if layers else 0
     parts = [round(weights), round(kv), round(compute), overhead]
     return DevicePlan(
@@ -179,20 +189,39 @@ def estimate_device(
     )
 
 
-def device_compute_mib(model: Model, context: int, flash_attention: bool, split_first: bool | None) -> float:
+def ollama_ubatch(model: Model, context: int, flash_attention: bool, free_mib: float, cuda: bool) -> int:
+    """The batch Ollama hands its llama-server runner for this model, context and free memory."""
+    c = constants().ollama_batch
+    default = constants().split_compute["ubatch"]
+    if not flash_attention and cuda:
+        constrained = context > 4096 and free_mib <= c["constrained_gpu_max_mib"]
+        return c["constrained"] if constrained else default
+    predicted = weight_shares(model).file_mib + kv_cache_mib(model, model.arch.layers, context, "f16")
+    for size in c["sizes"]:
+        if context <= c["above_context"][size]:
+            continue
+        limit = free_mib * c["fits_pct"] / 100
+        if predicted <= free_mib * c["headroom_pct"][size] / 100 and c["surcharge_mib"][size] <= limit - predicted:
+            return size
+    return default
+
+
+def device_compute_mib(
+    model: Model, context: int, flash_attention: bool, split_first: bool | None, ubatch: int | None = None
+) -> float:
     """The compute buffer of one device: llama-server's graph (one device or a split's pipeline), as llama.cpp
     itself projects it; Ollama's graph estimate for a model llama.cpp was not asked about."""
-    measured = llama_server_compute_mib(model, context, flash_attention, split_first)
+    measured = llama_server_compute_mib(model, context, flash_attention, split_first, ubatch)
     return compute_buffer_mib(model, context, flash_attention) if measured is None else measured
 
 
 def fixed_cost_mib(
     model: Model, slot: Slot, *, last: bool, context: int, flash_attention: bool, headroom_mib: int,
-    split_first: bool | None = None,
+    split_first: bool | None = None, ubatch: int | None = None,
 ) -> float:
     """What a device spends before its first block layer: compute, overhead, headroom, and the output if last."""
     output = weight_shares(model).output_mib if last and not slot.holds_whole_file else 0.0
-    compute = device_compute_mib(model, context, flash_attention, split_first)
+    compute = device_compute_mib(model, context, flash_attention, split_first, ubatch)
     return compute + constants().overhead_mib[slot.kind] + headroom_mib + output
 
 

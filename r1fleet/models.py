@@ -127,6 +127,7 @@ class HostPlan(_Strict):
     context_length: int = 0
     kv_cache_type: KvType = "f16"
     flash_attention: bool = True
+    ubatch: int = Field(512, description="the micro-batch the runtime runs (Ollama picks it itself: -b/-ub)")
     flash_attention_forced: bool = Field(
         False, description="the deploy must set flash attention explicitly (policy, or a quantized KV cache needs it)"
     )

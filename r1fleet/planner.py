@@ -23,6 +23,7 @@ from r1fleet.memory import (
     estimate_device,
     fixed_cost_mib,
     layer_cost_mib,
+    ollama_ubatch,
     weight_shares,
 )
 from r1fleet.models import DevicePlan, GgufFile, Gpu, Hardware, HostPlan
@@ -54,6 +55,7 @@ class Attempt:
     tokens_per_second: float = 0.0
     why_not: str = ""
     flash_attention: bool = True
+    ubatch: int | None = None
 
 
 # ---------------------------------------------------------------- capacities and placements
@@ -114,7 +116,9 @@ def placements(hw: Hardware, policy: Policy) -> list[Placement]:
 # ---------------------------------------------------------------- fitting one model in one placement
 
 
-def split_layers(model: Model, slots: tuple[Slot, ...], context: int, kv_type: str, fa: bool, headroom: int) -> list[int] | None:
+def split_layers(
+    model: Model, slots: tuple[Slot, ...], context: int, kv_type: str, fa: bool, headroom: int, ubatch: int | None = None
+) -> list[int] | None:
     """Per-device layer counts so each device's total fits its own capacity, balanced by free room.
 
     None when the layers do not fit. The last device also carries the output tensor.
@@ -125,7 +129,8 @@ def split_layers(model: Model, slots: tuple[Slot, ...], context: int, kv_type: s
         last = i == len(slots) - 1
         first = (i == 0) if len(slots) > 1 else None
         room = slot.capacity_mib - fixed_cost_mib(
-            model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom, split_first=first
+            model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom, split_first=first,
+            ubatch=ubatch,
         )
         cost = layer_cost_mib(model, slot, context=context, kv_type=kv_type, flash_attention=fa)
         budgets.append(max(room, 0.0))
@@ -146,12 +151,15 @@ def split_layers(model: Model, slots: tuple[Slot, ...], context: int, kv_type: s
     return counts
 
 
-def device_plans(model: Model, slots: tuple[Slot, ...], layers: list[int], context: int, kv_type: str, fa: bool, headroom: int) -> list[DevicePlan]:
+def device_plans(
+    model: Model, slots: tuple[Slot, ...], layers: list[int], context: int, kv_type: str, fa: bool, headroom: int,
+    ubatch: int | None = None,
+) -> list[DevicePlan]:
     return [
         estimate_device(
             model, slot, layers=n, last=i == len(slots) - 1, context=context,
             kv_type=kv_type, flash_attention=fa, headroom_mib=headroom,
-            split_first=(i == 0) if len(slots) > 1 else None,
+            split_first=(i == 0) if len(slots) > 1 else None, ubatch=ubatch,
         )
         for i, (slot, n) in enumerate(zip(slots, layers))
     ]
@@ -190,9 +198,18 @@ def flash_attention_for(placement: Placement, policy: Policy) -> bool:
     return runtime_flash_attention(placement)[0]
 
 
+def runtime_ubatch(model: Model, placement: Placement, context: int, policy: Policy) -> int | None:
+    """The micro-batch the runtime will run: Ollama picks it for one device; llama-server's default otherwise."""
+    if len(placement.slots) != 1 or _backend(placement, policy) != "ollama":
+        return None
+    slot = placement.slots[0]
+    return ollama_ubatch(model, context, flash_attention_for(placement, policy), slot.capacity_mib, slot.kind == "cuda")
+
+
 def _fit_at(model: Model, placement: Placement, context: int, kv_type: str, policy: Policy) -> list[int] | None:
     fa = flash_attention_for(placement, policy)
-    return split_layers(model, placement.slots, context, kv_type, fa, policy.headroom_mib)
+    ub = runtime_ubatch(model, placement, context, policy)
+    return split_layers(model, placement.slots, context, kv_type, fa, policy.headroom_mib, ub)
 
 
 def context_bounds(model: Model, policy: Policy) -> tuple[int, int]:
@@ -238,14 +255,16 @@ def attempt(model: Model, placement: Placement, policy: Policy, context: int | N
             ctx = largest_context(model, placement, kv_type, low, high, policy)
             layers = _fit_at(model, placement, ctx, kv_type, policy) or []
             result = Attempt(model, placement, True, ctx, kv_type, layers, flash_attention=fa)
-            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib)
+            result.ubatch = runtime_ubatch(model, placement, ctx, policy)
+            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib, result.ubatch)
             result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
             return result
     # Does not fit: report figures at the minimum context, as if the layers were spread by capacity.
     kv_type = kv_types[-1]
     layers = _even_layers(model, placement)
     result = Attempt(model, placement, False, low, kv_type, layers, flash_attention=fa)
-    result.devices = device_plans(model, placement.slots, layers, low, kv_type, fa, policy.headroom_mib)
+    result.ubatch = runtime_ubatch(model, placement, low, policy)
+    result.devices = device_plans(model, placement.slots, layers, low, kv_type, fa, policy.headroom_mib, result.ubatch)
     result.tokens_per_second = tokens_per_second(model, placement, layers, low, kv_type)
     need = sum(d.planned_mib for d in result.devices)
     have = sum(s.capacity_mib for s in placement.slots)
@@ -375,6 +394,7 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         context_length=chosen.context,
         kv_cache_type=chosen.kv_type,
         flash_attention=chosen.flash_attention,
+        ubatch=chosen.ubatch or constants().split_compute["ubatch"],
         flash_attention_forced=policy.flash_attention != "auto" or chosen.kv_type != "f16",
         tensor_split=chosen.layers if p.kind == "multi-gpu" else None,
         gpu_uuids=[g.uuid for g in p.gpus if g.uuid],

@@ -67,6 +67,8 @@ def parse_projection(log: str) -> list[DeviceProjection]:
 
 
 def _ssh(host: str, script: str, stdin: bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    if not paths.SSH_CONFIG.exists():
+        raise OracleError(f"the lab is not up (no {paths.SSH_CONFIG}); start it with `sudo r1fleet lab up`")
     argv = ["ssh", "-F", str(paths.SSH_CONFIG), "-o", "BatchMode=yes", host, script]
     return subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
 
@@ -99,6 +101,7 @@ def project(
     kv_type: str = "f16",
     flash_attention: bool = True,
     host: str = ORACLE_HOST,
+    ubatch: int = 512,
 ) -> list[DeviceProjection]:
     """llama-server's own per-device projection for the model split as `blocks_per_device` (output on the last)."""
     path = place_model(model, host)
@@ -107,6 +110,8 @@ def project(
     args = ["-m", path, "--rpc", rpc, "-ngl", "999", "-c", str(context), "-fa", "on" if flash_attention else "off",
             "-ctk", kv_type, "-ctv", kv_type, "--parallel", "1", "--host", "127.0.0.1", "--port", str(SERVER_PORT),
             "-lv", "4", "--load-mode", "none", "--no-warmup"]
+    if ubatch != 512:  # as Ollama passes its automatic batch: -b N -ub N (llm/llama_server.go appendBatchArgs)
+        args += ["-b", str(ubatch), "-ub", str(ubatch)]
     if len(blocks_per_device) > 1:
         args += ["--tensor-split", format_flag(flag_for_layers(blocks_per_device)), "--split-mode", "layer"]
     q = shlex.quote

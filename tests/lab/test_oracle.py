@@ -32,7 +32,7 @@ def gpu_plans():
 def test_planner_matches_llama_cpps_projection(lab, plan):
     model = load_catalog().find(plan.model)
     blocks = plan.tensor_split or [model.arch.layers]
-    projected = project(model, blocks, plan.context_length, plan.kv_cache_type, plan.flash_attention)
+    projected = project(model, blocks, plan.context_length, plan.kv_cache_type, plan.flash_attention, ubatch=plan.ubatch)
     assert len(projected) == len(plan.devices)
     for device, theirs in zip(plan.devices, projected):
         ours = device.weights_mib + device.kv_cache_mib + device.compute_mib

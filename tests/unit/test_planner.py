@@ -275,3 +275,18 @@ def test_every_distill_has_llama_cpps_compute_buffers():
         for where in ("single", "split_first", "split_other"):
             assert 0 < entry[where]["fa_off"] < entry[where]["fa_on"] < 1024, (model.id, where)
         assert entry["split_first"]["fa_on"] >= entry["split_other"]["fa_on"]
+
+
+def test_ollama_picks_its_batch_from_context_and_free_memory():
+    """Ollama's automatic batch (server/sched.go): larger with a long context and room to spare, never on a tight GPU."""
+    from r1fleet.memory import ollama_ubatch
+
+    m14 = load_catalog().find("14b")
+    assert ollama_ubatch(m14, 4096, True, 80000, cuda=True) == 512        # short context
+    assert ollama_ubatch(m14, 16384, True, 80000, cuda=True) == 1024
+    assert ollama_ubatch(m14, 40960, True, 80000, cuda=True) == 2048
+    assert ollama_ubatch(m14, 40960, True, 16000, cuda=True) == 512       # weights + KV above 75 % of free
+    assert ollama_ubatch(m14, 16384, False, 8192, cuda=True) == 256       # no flash attention on an 8 GiB GPU
+    h200 = plan_host(host(gpu(0, "NVIDIA H200", 143771, 4800.0)))
+    assert h200.backend == "ollama" and h200.ubatch == 1024
+    assert plan_host(host(gpu(0, *RTX_4090))).ubatch == 512               # a tight 24 GB card stays at 512
