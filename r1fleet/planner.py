@@ -373,6 +373,14 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
             f"(--tensor-split {format_flag(flag_for_layers(chosen.layers))}: llama.cpp counts the output as one more layer); "
             "Ollama refuses tight multi-GPU fits"
         )
+    gpu_devices = [d for d, slot in zip(chosen.devices, p.slots) if slot.kind in ("cuda", "rocm")]
+    if gpu_devices and chosen.fits:
+        margin = min(d.capacity_mib - (d.weights_mib + d.kv_cache_mib + d.compute_mib) for d in gpu_devices)
+        reasons.append(
+            f"margin: each GPU keeps at least {margin:,} MiB beyond llama.cpp's own buffers (weights, KV, compute) "
+            f"for the GPU runtime's context, cuBLAS and pools ({gpu_devices[0].overhead_mib:,} planned) "
+            f"and the headroom ({policy.headroom_mib:,})"
+        )
     if policy.flash_attention == "auto" and not chosen.flash_attention:
         reasons.append(f"flash attention off: {runtime_flash_attention(p)[1]}, so the KV cache stays f16")
     u = hw.unified
