@@ -5,7 +5,7 @@
     pyinfra -y inventory.py deploy.py --data rehearsal=true   # stand-in model in the planned slot
 
 All decisions live in r1fleet (pure, tested); this file only wires them to the host.
-Order per host: driver -> exposure key -> backend -> firewall (macOS: one LaunchDaemon role).
+Order per host: driver -> exposure key -> firewall -> backend (macOS: one LaunchDaemon role).
 """
 
 from pyinfra import host, state
@@ -50,8 +50,8 @@ if summary.ok(host) and on_macos:
 elif summary.ok(host):
     gpu_driver.install(hardware, plan)
     exposure.prepare(settings, plan)
+    exposure.apply(settings, plan)  # closed before open: the filter exists before the service binds the LAN
     if plan.backend == "ollama":
         ollama_role(plan, settings, release, download)
     else:
         llama_cpp_role(plan, settings, install, download)
-    exposure.apply(settings, plan)

@@ -56,7 +56,8 @@ def probe_over_ssh(
     """
     command = [
         ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout_s}", *extra_args,
-        host_alias, "sh", "-s", "--", _shell_quote(model_dir),
+        # `--`: the destination can never be read as an option (an address like -oProxyCommand=...)
+        "--", host_alias, "sh", "-s", "--", _shell_quote(model_dir),
     ]
     try:
         result = subprocess.run(

@@ -34,6 +34,8 @@ from r1fleet.policy import Policy, known_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
+DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 
 
 def is_loopback(address: str | None) -> bool:
@@ -66,6 +68,21 @@ class HostSettings(BaseModel):
     groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
     model_dir: str | None = Field(None, description="where models are stored on the host")
     mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_a_host(cls, value: str | None) -> str | None:
+        # It reaches ssh's argv on the controller: an IP address or a DNS name, never an option or a word list.
+        if value is None:
+            return value
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not re.fullmatch(DNS_NAME_PATTERN, value):
+            raise ValueError(f"{value!r} is not an IP address or a host name; write e.g. 192.168.1.21 or gpu-box.lan")
+        return value
 
     @field_validator("listen")
     @classmethod

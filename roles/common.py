@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import Sha256File
+from pyinfra.facts.files import File, Sha256File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
@@ -170,6 +170,18 @@ def unit_file(unit: str, context: dict) -> OperationMeta:
         jinja_env_kwargs=dict(JINJA),
         svc=context,
     )
+
+
+def retire_service(unit: str) -> None:
+    """Stop, disable and remove an r1fleet unit this host no longer runs (the plan moved to the other
+    backend): its GPU memory is freed before the new service starts, and its port closes."""
+    path = f"{UNIT_DIR}/{unit}"
+    if not host.get_fact(File, path=path):
+        return
+    systemd.service(name=f"Stop {unit} (the plan moved to the other backend)", service=unit, running=False, enabled=False)
+    files.file(name=f"Remove {unit}", path=path, present=False)
+    files.directory(name=f"Remove {unit}'s drop-ins", path=f"{path}.d", present=False)
+    systemd.daemon_reload(name=f"Reload systemd without {unit}")
 
 
 def any_changed(ops: Iterable[OperationMeta]) -> Callable[[], bool]:

@@ -9,8 +9,9 @@ table left from an earlier run is removed. With `listen`:
     systemd hands it to llama-server as a credential (LoadCredential=api-key:/etc/r1fleet/api-key,
     `--api-key-file %d/api-key`), so the key is never in argv, a unit file, a log or the repo.
 
-deploy.py calls `exposure.prepare(entry, plan)` before the backend roles (the key must exist before
-llama-server starts) and `exposure.apply(entry, plan)` after them.
+deploy.py calls `exposure.prepare(entry, plan)` (the key must exist before llama-server starts) and
+`exposure.apply(entry, plan)` before the backend roles: the filter is in place before the service binds
+a LAN address, and the service unit requires the firewall unit, so a host is never open unfiltered.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_
 from r1fleet.errors import FleetError
 from r1fleet.fleet import is_loopback
 from r1fleet.models import HostPlan
-from roles.common import any_changed, refuse
+from roles.common import refuse
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
 KEY_DIR = "/etc/r1fleet"
@@ -41,6 +42,7 @@ RULES_FILE = f"{KEY_DIR}/nftables.conf"
 FIREWALL_UNIT = "r1fleet-firewall.service"
 FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
 SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
+FIREWALL_DROP_IN = "r1fleet-firewall.conf"
 
 
 @dataclass(frozen=True)
@@ -85,16 +87,19 @@ def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None, darwi
         raise FleetError("listen is set but allow is empty", host=name, field="allow",
                          fix="list the networks that may connect (e.g. [192.168.1.0/24]), or allow: [0.0.0.0/0] "
                              "to open the port to every network on purpose")
-    v4: list[str] = []
-    v6: list[str] = []
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
     for index, cidr in enumerate(allow):
         try:
             network = ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise FleetError(f"{cidr!r} is not a network", host=name, field=f"allow[{index}]",
                              fix="write an address or CIDR such as 10.0.0.5 or 192.168.1.0/24") from None
-        (v4 if network.version == 4 else v6).append(str(network))
-    return Exposure(listen, port, tuple(v4), tuple(v6), backend)
+        (v4 if network.version == 4 else v6).append(network)
+    # nftables refuses overlapping intervals in a set ("conflicting intervals"): merge them first.
+    merged4 = tuple(str(n) for n in ipaddress.collapse_addresses(v4))
+    merged6 = tuple(str(n) for n in ipaddress.collapse_addresses(v6))
+    return Exposure(listen, port, merged4, merged6, backend)
 
 
 # ---------------------------------------------------------------- facts and operations
@@ -150,6 +155,15 @@ def remove_nft_table():
     yield "nft delete table inet r1fleet"
 
 
+@operation()
+def restore_table():
+    """Reload r1fleet's rules when the table is gone (another `flush ruleset`, e.g. `systemctl start nftables`)."""
+    if host.get_fact(NftTable):
+        host.noop("r1fleet nftables table present")
+        return
+    yield f"systemctl reload {FIREWALL_UNIT}"
+
+
 # ---------------------------------------------------------------- deploys
 
 
@@ -187,8 +201,24 @@ def apply(entry: Any, plan: HostPlan):
         _nftables(settings)
 
 
+def firewall_drop_in(backend: str) -> str:
+    return f"/etc/systemd/system/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
+
+
+def _service_requires_firewall(backend: str) -> None:
+    """The service starts only after, and only with, r1fleet's firewall: if the rules fail to load, the
+    service does not bind the LAN address (a drop-in, so the backend role's unit stays as planned)."""
+    drop_in = files.put(
+        name=f"{SERVICE_UNITS[backend]} requires the r1fleet firewall",
+        src=StringIO(f"[Unit]\nRequires={FIREWALL_UNIT}\nAfter={FIREWALL_UNIT}\n"),
+        dest=firewall_drop_in(backend), user="root", group="root", mode="644", create_remote_dir=True)
+    systemd.daemon_reload(name="Reload systemd for the firewall requirement", _if=drop_in.did_change)
+
+
 def _close() -> None:
     """Nothing exposed: no r1fleet firewall unit, rules file or table."""
+    for backend in SERVICE_UNITS:
+        files.file(name=f"No firewall requirement for {SERVICE_UNITS[backend]}", path=firewall_drop_in(backend), present=False)
     if host.get_fact(File, path=FIREWALL_UNIT_PATH):
         systemd.service(name="Stop the r1fleet firewall", service=FIREWALL_UNIT, running=False, enabled=False)
         files.file(name="Remove the r1fleet firewall unit", path=FIREWALL_UNIT_PATH, present=False)
@@ -217,10 +247,12 @@ def _nftables(settings: Exposure) -> None:
         name="r1fleet firewall unit", src=str(TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
         user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
         service_unit=SERVICE_UNITS[settings.backend])
-    changed = any_changed([rules, unit])
     systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
-    systemd.service(name="Reload the firewall rules", service=FIREWALL_UNIT, restarted=True, _if=changed)
     systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
+    _service_requires_firewall(settings.backend)
+    # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
+    systemd.service(name="Reload the changed firewall rules", service=FIREWALL_UNIT, reloaded=True, _if=rules.did_change)
+    restore_table(name="Restore the firewall table if something removed it")
 
 
 UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"

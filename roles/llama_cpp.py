@@ -22,6 +22,7 @@ from r1fleet.deploy_data import (
     API_KEY_CREDENTIAL,
     LLAMA_ROOT,
     LLAMA_UNIT,
+    OLLAMA_UNIT,
     DeploySettings,
     LlamaInstall,
     health_timeout_s,
@@ -40,6 +41,7 @@ from r1fleet.deploy_data import (
 from r1fleet.models import HostPlan
 from roles.ollama import install_release
 from roles.common import (
+    retire_service,
     AptCandidates,
     converge_service,
     fetch_verified,
@@ -140,6 +142,7 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
     gpu = uses_gpu(plan)
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
     model_path = f"{models_dir}/{download.file}"
+    retire_service(OLLAMA_UNIT)
 
     packages = server.packages(name="llama.cpp packages", packages=["curl", "ca-certificates", *install.packages])
     binary_changed = [packages]

@@ -24,6 +24,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.deploy_data import (
+    LLAMA_UNIT,
     OLLAMA_ROOT,
     OLLAMA_UNIT,
     DeploySettings,
@@ -42,6 +43,7 @@ from r1fleet.deploy_data import (
 from r1fleet.models import HostPlan
 from roles.common import (
     HttpJson,
+    retire_service,
     converge_service,
     fetch_verified,
     model_names,
@@ -163,6 +165,7 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
     api = local_api("ollama", settings)
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
     gpu = uses_gpu(plan)
+    retire_service(LLAMA_UNIT)
 
     packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
     server.packages(name="Packages for Ollama", packages=packages)

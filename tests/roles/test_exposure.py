@@ -39,7 +39,7 @@ def test_listen_without_allow_is_refused_naming_host_and_field():
 @deploy("Exposure, as deploy.py runs it")
 def prepare_then_apply(host_entry, plan):
     exposure.prepare(host_entry, plan)  # before the backend: the key
-    exposure.apply(host_entry, plan)  # after it: the firewall
+    exposure.apply(host_entry, plan)  # still before the backend: the firewall
 
 
 def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
@@ -107,9 +107,40 @@ def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
     assert run.failed and run.ran("field allow")
 
 
+def test_overlapping_allow_entries_are_merged():
+    """nftables refuses overlapping intervals in a set; the list reaching it is merged first (H2)."""
+    nested = exposure.exposure_for(entry("192.168.1.20", ["192.168.1.0/24", "192.168.1.7", "10.1.0.0/16", "10.0.0.0/8"]), OLLAMA)
+    assert nested.allow4 == ("10.0.0.0/8", "192.168.1.0/24")
+    adjacent = exposure.exposure_for(entry("192.168.1.20", ["192.168.0.0/24", "192.168.1.0/24", "fd00::1", "fd00::/64"]), OLLAMA)
+    assert adjacent.allow4 == ("192.168.0.0/23",) and adjacent.allow6 == ("fd00::/64",)
+
+
+def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypatch):
+    """The service unit requires the firewall unit (L7); a table another `flush ruleset` removed is
+    reloaded from the host's live state, not from what changed in this run (H4)."""
+    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
+                   base_responses=False, monkeypatch=monkeypatch)
+    drop_in = run.uploads[exposure.firewall_drop_in("ollama")]
+    assert "Requires=r1fleet-firewall.service" in drop_in and "After=r1fleet-firewall.service" in drop_in
+    unit = run.uploads[exposure.FIREWALL_UNIT_PATH]
+    assert "After=local-fs.target nftables.service" in unit and "ReloadPropagatedFrom=nftables.service" in unit
+    assert "PartOf=nftables.service" in unit
+    assert run.ran("systemctl reload r1fleet-firewall.service")  # no table on the host yet
+    # A converged host: same files; the table is reloaded only when it is missing.
+    converged = {**HAS_NFT, **{k: v for path, text in run.uploads.items() for k, v in file_content(path, text).items()}}
+    intact = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+                      responses={"nft list table inet r1fleet": "present", **converged}, base_responses=False,
+                      monkeypatch=monkeypatch)
+    assert not intact.ran("systemctl reload")
+    flushed = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
+                       base_responses=False, monkeypatch=monkeypatch)
+    assert flushed.ran("systemctl reload r1fleet-firewall.service")
+
+
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
-def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch):
-    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+@pytest.mark.parametrize("allow", [["10.77.0.1/32", "fd00::/64"], ["192.168.1.0/24", "192.168.1.7", "10.0.0.0/8", "10.1.0.0/16"]])
+def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch, allow):
+    run = run_role(exposure.apply, entry("10.77.0.11", allow), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     rules = tmp_path / "rules.nft"
     rules.write_text(run.uploads[exposure.RULES_FILE])

@@ -184,3 +184,17 @@ def test_changed_model_restarts_the_service(monkeypatch):
     responses = ff.running("r1fleet-llama-server.service")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
     assert run.ran("systemctl restart r1fleet-llama-server.service") and run.ran("/health")
+
+
+def test_switching_from_ollama_retires_its_service_first(monkeypatch):
+    """A plan that moved to llama.cpp stops, disables and removes r1fleet's Ollama unit before starting its own (H3)."""
+    p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    responses = {**ff.file_exists("/etc/systemd/system/r1fleet-ollama.service"), **ff.running("r1fleet-ollama.service")}
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    stop = next(i for i, c in enumerate(run.commands) if "systemctl stop r1fleet-ollama.service" in c)
+    assert run.ran("systemctl disable r1fleet-ollama.service") and run.ran("rm -f /etc/systemd/system/r1fleet-ollama.service")
+    starts = [i for i, c in enumerate(run.commands) if "systemctl start r1fleet-llama-server.service" in c]
+    assert starts and stop < starts[0]
+    clean = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    assert not clean.ran("systemctl stop r1fleet-ollama.service") and not clean.ran("rm -f /etc/systemd/system/r1fleet-ollama")

@@ -65,6 +65,9 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts: [a, b]\n", ["field hosts", "mapping"]),
         ("hosts:\n  a: {address: 10.0.0.1, model_dir: 'models here'}\n", ["host a", "field model_dir", "absolute path"]),
         ("hosts:\n  a: {address: 10.0.0.1\n", ["not valid YAML"]),
+        # an address reaches ssh's argv on the controller: never an option (M1)
+        ("hosts:\n  a: {address: '-oProxyCommand=touch /tmp/x'}\n", ["host a", "field address", "not an IP address or a host name"]),
+        ("hosts:\n  a: {address: 'box; id'}\n", ["host a", "field address"]),
     ],
 )
 def test_each_class_of_mistake_is_named(tmp_path, text, expected):
@@ -114,3 +117,18 @@ def test_validate_command_ok_and_bad(tmp_path):
 def test_schema_command_prints_json():
     out = run_cli("schema")
     assert out.returncode == 0 and json.loads(out.stdout)["title"] == "r1fleet fleet file"
+
+
+def test_probe_ssh_never_reads_the_destination_as_an_option(monkeypatch):
+    from r1fleet import facts
+
+    seen = {}
+
+    def fake_run(argv, **kwargs):
+        seen["argv"] = argv
+        return subprocess.CompletedProcess(argv, 0, "#### r1fleet:uname\nLinux\n", "")
+
+    monkeypatch.setattr(facts.subprocess, "run", fake_run)
+    facts.probe_over_ssh("gpu-box.lan", extra_args=("-l", "admin"))
+    argv = seen["argv"]
+    assert argv[argv.index("--") + 1] == "gpu-box.lan" and argv.index("-l") < argv.index("--")

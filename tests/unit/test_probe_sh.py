@@ -143,8 +143,8 @@ def test_pyinfra_fact_command_runs_the_same_script(tmp_path):
 
 
 def test_probe_over_ssh_with_a_stand_in_client(tmp_path):
-    # Plays the remote side: drops the -o options and the host, then runs the remote command line.
-    stub(tmp_path, "ssh", 'while [ "$1" = -o ]; do shift 2; done\nshift\nexec sh -c "$*"\n')
+    # Plays the remote side: drops the -o options, the `--` and the host, then runs the remote command line.
+    stub(tmp_path, "ssh", 'while [ "$1" = -o ]; do shift 2; done\n[ "$1" = -- ] && shift\nshift\nexec sh -c "$*"\n')
     text = probe_over_ssh("lab-host", str(tmp_path / "models"), ssh=str(tmp_path / "ssh"))
     assert headers(text) == SECTIONS
     assert parse_probe(text, "lab-host").ram_total_mib == real_memtotal_mib()

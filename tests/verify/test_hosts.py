@@ -296,6 +296,27 @@ def test_key_required(target: Target, plan: HostPlan) -> None:
     assert status in (401, 403), f"{target.name}: a request without a key got {status or 'no answer'} ({text.strip()[:200]}), expected 401"
 
 
+def test_firewall_in_place(target: Target) -> None:
+    """The allow-list is loaded now (another `flush ruleset`, such as starting the distribution's nftables
+    service, removes it without stopping the service); `r1fleet verify` from inside the list cannot see that
+    by connecting, so the rules are read on the host."""
+    if not target.exposed:
+        pytest.skip(f"bound to {target.bind} only")
+    ufw = target.run("LC_ALL=C ufw status 2>/dev/null | head -n1").stdout.strip().lower()
+    if ufw == "status: active":
+        rules = target.output("LC_ALL=C ufw status")
+        assert "# r1fleet" in rules, f"{target.name}: ufw is active but has no r1fleet rules for port {target.port} (run the deploy again)"
+        return
+    table = target.run("nft list table inet r1fleet")
+    assert table.rc == 0, (
+        f"{target.name}: nftables has no table inet r1fleet: port {target.port} on {target.bind} is open to every "
+        "network (something flushed the ruleset; run the deploy again to restore it)"
+    )
+    assert f"tcp dport {target.port} counter" in table.stdout and "drop" in table.stdout, (
+        f"{target.name}: table inet r1fleet does not drop port {target.port}: {table.stdout.strip()[:300]}"
+    )
+
+
 def test_outside_allow_list_refused(target: Target) -> None:
     if not target.exposed:
         pytest.skip(f"bound to {target.bind} only")

@@ -1,0 +1,102 @@
+"""Lab: closed before open. Overlapping allow-lists load, a flushed ruleset is noticed and restored, and a
+backend switch leaves exactly one r1fleet service.
+
+Root + lab only (tests/lab/conftest.py). Each test deploys a copy of inventory/lab.yml with one host
+changed, then the module converges the lab back to inventory/lab.yml.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1fleet.lab import paths, state
+
+ROOT = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+SPLIT_HOST = "lab-dual3090"  # llama.cpp, port 8080
+OLLAMA_HOST = "lab-4090"     # Ollama, port 11434
+
+
+def deploy_changed(tmp_path: Path, host: str, **changes) -> subprocess.CompletedProcess:
+    fleet = yaml.safe_load(paths.LAB_FLEET_FILE.read_text())
+    fleet["hosts"][host] = {**fleet["hosts"][host], **changes}
+    fleet_file = tmp_path / "lab-changed.yml"
+    fleet_file.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return run_deploy(str(fleet_file), host)
+
+
+def run_deploy(fleet: str, host: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "R1FLEET_FLEET": fleet}
+    return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py", "--limit", host], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def verify(fleet: str, expression: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1fleet", "verify", "--fleet", fleet, "-k", expression], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def reaches(ssh, source: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from lab host `source` to address:port gets through within 3 s."""
+    probe = ssh(source, f"timeout 3 bash -c 'exec 3<>/dev/tcp/{address}/{port}' && echo open || echo closed")
+    return probe.stdout.strip().endswith("open")
+
+
+@pytest.fixture(scope="module")
+def restore_lab(lab):
+    yield lab
+    for host in (SPLIT_HOST, OLLAMA_HOST):
+        run_deploy("lab", host)
+
+
+def test_overlapping_allow_entries_load_and_filter(restore_lab, ssh, tmp_path):
+    """[controller/32, 10.77.0.0/30] overlap: the table loads, the controller is admitted, lab-4090 (.12) is not."""
+    address = restore_lab[SPLIT_HOST]["address"]
+    allow = [f"{state.controller_address()}/32", "10.77.0.0/30"]
+    result = deploy_changed(tmp_path, SPLIT_HOST, listen=address, allow=allow)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    table = ssh(SPLIT_HOST, "nft list table inet r1fleet").stdout
+    assert "10.77.0.0/30" in table and "drop" in table, table
+    assert ssh(SPLIT_HOST, f"systemctl show -p Requires --value r1fleet-llama-server").stdout.count("r1fleet-firewall.service")
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}:8080/health", timeout=5) as response:
+        assert response.status == 200
+    assert not reaches(ssh, OLLAMA_HOST, address, 8080)
+
+
+def test_a_flushed_ruleset_is_noticed_and_restored(restore_lab, ssh, tmp_path):
+    """Starting Debian's nftables.service (`flush ruleset`) removes r1fleet's table: verify fails naming the
+    host and the check, the next deploy restores it, and a reload of nftables.service keeps it."""
+    address = restore_lab[SPLIT_HOST]["address"]
+    changed = {"listen": address, "allow": [f"{state.controller_address()}/32"]}
+    assert deploy_changed(tmp_path, SPLIT_HOST, **changed).returncode == 0
+    fleet = str(tmp_path / "lab-changed.yml")
+    ssh(SPLIT_HOST, "systemctl start nftables")
+    assert ssh(SPLIT_HOST, "nft list table inet r1fleet").returncode != 0  # the flush took it
+    failed = verify(fleet, f"{SPLIT_HOST} and firewall")
+    assert failed.returncode == 1 and f"{SPLIT_HOST}: nftables has no table inet r1fleet" in failed.stdout, failed.stdout[-3000:]
+    assert run_deploy(fleet, SPLIT_HOST).returncode == 0
+    assert ssh(SPLIT_HOST, "nft list table inet r1fleet").returncode == 0
+    ssh(SPLIT_HOST, "systemctl reload nftables")
+    assert ssh(SPLIT_HOST, "nft list table inet r1fleet").returncode == 0  # reloaded after nftables' own flush
+    assert verify(fleet, f"{SPLIT_HOST} and firewall").returncode == 0
+    ssh(SPLIT_HOST, "systemctl stop nftables; systemctl disable nftables")
+
+
+def test_switching_backend_leaves_one_service_and_one_port(restore_lab, ssh, tmp_path):
+    result = deploy_changed(tmp_path, OLLAMA_HOST, backend="llama.cpp")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    units = ssh(OLLAMA_HOST, "ls /etc/systemd/system | grep '^r1fleet-.*\\.service$' | grep -v firewall").stdout.split()
+    assert units == ["r1fleet-llama-server.service"], units
+    listening = ssh(OLLAMA_HOST, "ss -ltnH").stdout
+    assert ":8080 " in listening and ":11434 " not in listening, listening
+    back = run_deploy("lab", OLLAMA_HOST)
+    assert back.returncode == 0, back.stdout[-4000:]
+    units = ssh(OLLAMA_HOST, "ls /etc/systemd/system | grep '^r1fleet-.*\\.service$' | grep -v firewall").stdout.split()
+    assert units == ["r1fleet-ollama.service"], units
