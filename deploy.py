@@ -17,6 +17,7 @@ from r1fleet.deploy_data import (
     target_from_hardware,
 )
 from r1fleet.facts import R1Probe
+from r1fleet.fleet import ollama_exposure_warning
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse
 from r1fleet.policy import Policy
@@ -38,6 +39,8 @@ with summary.step(state, host, "plan"):
         raise ValueError("no model fits this host; see the plan's reasons")
     on_macos = hardware.os.system == "Darwin"
     exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # bad listen/allow fails before any change
+    if plan.backend == "ollama" and (warning := ollama_exposure_warning(settings.listen, settings.allow)):
+        print(f"[{host.name}]   {warning}")
     needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
     download = model_download(host.name, plan, settings) if needs_gguf else None
     if not on_macos:

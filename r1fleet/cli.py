@@ -50,18 +50,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            fix="drop --flash-attention off, or plan with --kv-type f16")
     if not args.probes and not args.fleet:
         raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
-    jobs: list[tuple[str, str, Policy]] = []  # (host, probe text, policy)
+    jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
     for path in args.probes:
         try:
             text = path.read_text()
         except OSError as err:
             raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
-        jobs.append((path.stem, text, Policy()))
+        jobs.append((path.stem, text, Policy(), None))
     if args.fleet:
         jobs.extend(_probe_fleet(args.fleet))
     what_if = {k: v for k, v in (("flash_attention", args.flash_attention), ("kv_types", [args.kv_type] if args.kv_type else None)) if v}
-    plans = [plan_host(parse_probe(text, host), policy.model_copy(update=what_if), model=args.model, context=args.context)
-             for host, text, policy in jobs]
+    plans = [with_exposure_warning(plan_host(parse_probe(text, host), policy.model_copy(update=what_if), model=args.model,
+                                             context=args.context), entry)
+             for host, text, policy, entry in jobs]
     if args.json:
         print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans]}, indent=2))
     else:
@@ -69,7 +70,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if all(p.fits for p in plans) else 1
 
 
-def _probe_fleet(ref: str) -> list[tuple[str, str, Policy]]:
+def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
+    """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication)."""
+    from r1fleet.fleet import ollama_exposure_warning
+
+    warning = ollama_exposure_warning(entry.listen, entry.allow) if entry and plan.backend == "ollama" else None
+    return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
+
+
+def _probe_fleet(ref: str) -> list[tuple[str, str, Policy, object]]:
     from r1fleet.facts import probe_over_ssh
     from r1fleet.fleet import load_fleet
 
@@ -77,7 +86,7 @@ def _probe_fleet(ref: str) -> list[tuple[str, str, Policy]]:
     entries = list(fleet.hosts.values())
     with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
         texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
-    return [(e.name, t, e.policy) for e, t in zip(entries, texts)]
+    return [(e.name, t, e.policy, e) for e, t in zip(entries, texts)]
 
 
 def ssh_options(entry) -> dict:

@@ -67,6 +67,7 @@ class DeploySettings(BaseModel):
     model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
     rehearsal: bool = False
+    ollama_public: bool = False
     profile: str | None = None
     api_key_file: str | None = None
     llama_cpp_install: Literal["auto", "package", "source"] = "auto"

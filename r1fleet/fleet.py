@@ -34,8 +34,32 @@ from r1fleet.policy import Policy, known_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Directories a model_dir must not be (the deploy sets their owner and mode).
+SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", "/opt/r1fleet",
+               "/etc/r1fleet", "/srv/tmp", "/dev/shm", "/run/user"}
 # A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
 DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+
+
+def public_networks(allow: list[str]) -> list[str]:
+    """The allow-list entries that reach beyond private, link-local and loopback ranges."""
+    wide = []
+    for cidr in allow:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if not (network.is_private or network.is_link_local or network.is_loopback):
+            wide.append(cidr)
+    return wide
+
+
+def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
+    """What an exposed Ollama admits: Ollama has no authentication, so the allow-list is the only guard."""
+    if is_loopback(listen):
+        return None
+    return (f"warning: Ollama has no authentication: anyone in {', '.join(allow)} can chat and also pull, create, "
+            "copy and delete models on this host (use backend: llama.cpp for an API key)")
 
 
 def is_loopback(address: str | None) -> bool:
@@ -64,6 +88,9 @@ class HostSettings(BaseModel):
     model: str | None = Field(None, description="pin a model: catalog id, Ollama tag or size such as 32b")
     backend: Backend | None = Field(None, description="force ollama or llama.cpp")
     rehearsal: bool | None = Field(None, description="serve a small stand-in model in the planned slot")
+    ollama_public: bool | None = Field(
+        None, description="let an exposed Ollama (no authentication) admit networks beyond private ranges"
+    )
     profile: str | None = Field(None, description="lab hardware profile (lab fleets only)")
     groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
     model_dir: str | None = Field(None, description="where models are stored on the host")
@@ -84,9 +111,20 @@ class HostSettings(BaseModel):
             raise ValueError(f"{value!r} is not an IP address or a host name; write e.g. 192.168.1.21 or gpu-box.lan")
         return value
 
+    @field_validator("groups")
+    @classmethod
+    def _groups_are_names(cls, value: list[str] | None) -> list[str] | None:
+        # They become pyinfra inventory groups: `all` or `r1fleet` would hide the fleet's other hosts.
+        for group in value or []:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", group) or group in ("all", "r1fleet"):
+                raise ValueError(f"group {group!r} must be lower-case letters, digits, '_' or '-', and not 'all' or 'r1fleet'")
+        return value
+
     @field_validator("listen")
     @classmethod
     def _listen_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None and "%" in value:
+            raise ValueError(f"{value!r} has an IPv6 scope id, which systemd units cannot carry; give a global or ULA address")
         if value is not None:
             try:
                 ipaddress.ip_address(value)
@@ -100,6 +138,15 @@ class HostSettings(BaseModel):
         # It lands in unit files and shell commands: an absolute path of plain characters only.
         if value is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]+", value):
             raise ValueError(f"{value!r} must be an absolute path of letters, digits, '.', '_', '-' and '/'")
+        if value is not None:
+            # The deploy owns this directory (root:root 0755): never a system directory, a home or /tmp.
+            parts = [p for p in value.split("/") if p]
+            dotted = any(p in (".", "..") for p in parts)
+            top_level = len(parts) < 2
+            temporary_or_home = parts[0] == "tmp" or (parts[0] == "home" and len(parts) < 3)
+            if dotted or top_level or temporary_or_home or "/" + "/".join(parts) in SYSTEM_DIRS:
+                raise ValueError(f"{value!r} is a system, home or temporary directory r1fleet would take over; "
+                                 "give a directory of its own, e.g. /var/lib/r1fleet/models or /srv/models/r1fleet")
         return value
 
     @field_validator("allow")
@@ -133,6 +180,7 @@ class HostEntry(BaseModel):
     port: int | None = None
     policy: Policy = Policy()
     rehearsal: bool = False
+    ollama_public: bool = False
     profile: str | None = None
     groups: list[str] = []
     model_dir: str = DEFAULT_MODEL_DIR

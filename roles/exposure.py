@@ -32,7 +32,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import FleetError
-from r1fleet.fleet import is_loopback
+from r1fleet.fleet import is_loopback, public_networks
 from r1fleet.models import HostPlan
 from roles.common import refuse
 
@@ -99,6 +99,13 @@ def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None, darwi
     # nftables refuses overlapping intervals in a set ("conflicting intervals"): merge them first.
     merged4 = tuple(str(n) for n in ipaddress.collapse_addresses(v4))
     merged6 = tuple(str(n) for n in ipaddress.collapse_addresses(v6))
+    wide = public_networks([str(n) for n in (*merged4, *merged6)])
+    if backend == "ollama" and wide and not getattr(entry, "ollama_public", False):
+        raise FleetError(
+            f"an exposed Ollama has no authentication, and allow reaches beyond private ranges ({', '.join(wide)})",
+            host=name, field="allow",
+            fix="narrow allow to your LAN, use backend: llama.cpp (API key), or set ollama_public: true on purpose",
+        )
     return Exposure(listen, port, merged4, merged6, backend)
 
 

@@ -107,6 +107,11 @@ def step(state: State, host, name: str) -> Iterator[None]:
         print(f"[{host.name}] {name} failed: {error}", file=sys.stderr)
         record(host.name, name, str(error))
         state.fail_hosts({host})
+    except Exception as error:  # noqa: BLE001 - one host's odd input must not end the run for every host
+        message = f"unexpected {type(error).__name__}: {error} (please report it with this host's probe: r1fleet probe {host.name})"
+        print(f"[{host.name}] {name} failed: {message}", file=sys.stderr)
+        record(host.name, name, message)
+        state.fail_hosts({host})
 
 
 def ok(host) -> bool:

@@ -32,8 +32,22 @@ def test_listen_without_allow_is_refused_naming_host_and_field():
     assert "host h1" in str(error.value) and "field allow" in str(error.value) and "0.0.0.0/0" in str(error.value)
     with pytest.raises(FleetError, match=r"allow\[1\]"):
         exposure.exposure_for(entry("192.168.1.20", ["10.0.0.0/8", "not-a-net"]), OLLAMA)
-    opened = exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA)
-    assert opened.allow4 == ("0.0.0.0/0",) and opened.port == 11434
+    opened = exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), LLAMA)  # keyed: open on purpose
+    assert opened.allow4 == ("0.0.0.0/0",) and opened.port == 8080
+
+
+def test_an_ollama_open_beyond_private_ranges_needs_an_explicit_opt_in():
+    """Ollama has no authentication: pull/create/delete for the whole internet only when asked for (M7)."""
+    with pytest.raises(FleetError) as error:
+        exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA)
+    assert "host h1" in str(error.value) and "field allow" in str(error.value) and "ollama_public: true" in str(error.value)
+    wide = SimpleNamespace(**vars(entry("0.0.0.0", ["0.0.0.0/0"])), ollama_public=True)
+    assert exposure.exposure_for(wide, OLLAMA).allow4 == ("0.0.0.0/0",)
+    assert exposure.exposure_for(entry("192.168.1.20", ["192.168.1.0/24", "fd00::/8"]), OLLAMA).exposed
+    from r1fleet.fleet import ollama_exposure_warning
+
+    assert "no authentication" in ollama_exposure_warning("192.168.1.20", ["192.168.1.0/24"])
+    assert ollama_exposure_warning(None, []) is None
 
 
 @deploy("Exposure, as deploy.py runs it")

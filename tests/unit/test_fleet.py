@@ -68,6 +68,14 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         # an address reaches ssh's argv on the controller: never an option (M1)
         ("hosts:\n  a: {address: '-oProxyCommand=touch /tmp/x'}\n", ["host a", "field address", "not an IP address or a host name"]),
         ("hosts:\n  a: {address: 'box; id'}\n", ["host a", "field address"]),
+        # the deploy owns model_dir (root:root 0755): never a system, home or temporary directory (M4)
+        ("hosts:\n  a: {address: 10.0.0.1, model_dir: /tmp}\n", ["host a", "field model_dir", "/var/lib/r1fleet/models"]),
+        ("hosts:\n  a: {address: 10.0.0.1, model_dir: /home/alice}\n", ["host a", "field model_dir"]),
+        ("hosts:\n  a: {address: 10.0.0.1, model_dir: /var/lib/../../root}\n", ["host a", "field model_dir"]),
+        # group names become pyinfra groups: `all` would hide the other hosts (L5)
+        ("hosts:\n  a: {address: 10.0.0.1, groups: [all]}\n", ["host a", "field groups", "not 'all'"]),
+        # systemd reads % as a specifier (L4)
+        ("hosts:\n  a: {address: 10.0.0.1, listen: 'fe80::1%eth0', allow: ['fe80::/64']}\n", ["host a", "field listen", "scope id"]),
     ],
 )
 def test_each_class_of_mistake_is_named(tmp_path, text, expected):
