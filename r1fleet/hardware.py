@@ -227,6 +227,10 @@ class NvidiaRow:
     mig: bool = False
 
 
+# A GPU or MIG UUID as nvidia-smi prints it; it goes into units (CUDA_VISIBLE_DEVICES), so nothing else passes.
+GPU_UUID = r"(GPU|MIG)-[0-9A-Fa-f-]{1,64}"
+
+
 def parse_nvidia_query(lines: list[str]) -> list[NvidiaRow]:
     """`--query-gpu=index,name,memory.total,memory.used,memory.free,pci.bus_id,uuid,driver_version[,compute_cap]`."""
     rows = []
@@ -242,7 +246,7 @@ def parse_nvidia_query(lines: list[str]) -> list[NvidiaRow]:
             memory_used_mib=_int(values[3]),
             memory_free_mib=_int(values[4]),
             bus_id=normalize_bus_id(values[5]) if values[5] else None,
-            uuid=values[6],
+            uuid=values[6] if values[6] and re.fullmatch(GPU_UUID, values[6]) else None,
             driver_version=values[7],
             compute_cap=values[8] if len(values) == 9 and values[8] and re.match(r"^\d+\.\d+$", values[8]) else None,
         ))

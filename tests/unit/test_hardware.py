@@ -422,3 +422,12 @@ def test_table_vram_agrees_with_akash_for_pre_turing_cards():
     akash = {f"{v}:{d}": int(size.removesuffix("Gi")) * 1024 for v, d, _, _, size in rows}
     for pci_id in ("10de:1b81", "10de:1b80", "10de:1b06", "10de:1b38", "10de:1db1", "10de:1db5", "10de:2204", "10de:2684"):
         assert lookup_gpu(pci_id=pci_id).vram_mib == akash[pci_id], pci_id
+
+
+def test_a_gpu_uuid_that_could_break_a_unit_line_is_dropped():
+    """A UUID goes into CUDA_VISIBLE_DEVICES in a unit file: only GPU-/MIG- and hex digits pass (audit L3)."""
+    from r1fleet.hardware import parse_nvidia_query
+
+    rows = parse_nvidia_query(['0, NVIDIA GeForce RTX 3090, 24576, 1, 24000, 00000000:01:00.0, GPU-a" "LD_PRELOAD=/tmp/x.so, 580.95.05, 8.6',
+                               "1, NVIDIA GeForce RTX 3090, 24576, 1, 24000, 00000000:02:00.0, GPU-c4d2a7e1-8b3f-4e5a-a1c0-3090a0000002, 580.95.05, 8.6"])
+    assert rows[0].uuid is None and rows[1].uuid == "GPU-c4d2a7e1-8b3f-4e5a-a1c0-3090a0000002"
