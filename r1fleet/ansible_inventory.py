@@ -10,6 +10,8 @@ The result is validated by r1fleet.fleet like any fleet file.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FleetError(f"{p} does not exist", field="R1FLEET_FLEET", fix="point R1FLEET_FLEET at an inventory file")
+    # Only inventory files are read: no inventory scripts or other plugins that would run code here.
+    os.environ["ANSIBLE_INVENTORY_ENABLED"] = "host_list,yaml,ini,toml"
     # Imported here: ansible-core is heavy and only needed for this input format.
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
@@ -61,12 +65,13 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
     for ahost in inventory.get_hosts():
         host_vars = variables.get_vars(host=ahost)
         entry: dict[str, Any] = {"address": ahost.name}
+        render = _renderer(host_vars, ahost.name)
         for ansible_key, fleet_key in CONNECTION_VARS.items():
             if host_vars.get(ansible_key) is not None:
-                entry[fleet_key] = _plain(loader, host_vars[ansible_key])
+                entry[fleet_key] = render(ansible_key, host_vars[ansible_key])
         for key, value in host_vars.items():
             if key.startswith(PREFIX) and len(key) > len(PREFIX):
-                entry[key[len(PREFIX):]] = _structured(_plain(loader, value))
+                entry[key[len(PREFIX):]] = _structured(render(key, value))
         if "ssh_port" in entry:
             entry["ssh_port"] = int(entry["ssh_port"])
         groups = sorted(g.name for g in ahost.get_groups() if g.name not in IMPLICIT_GROUPS)
@@ -91,16 +96,44 @@ def _structured(value: Any) -> Any:
     return value
 
 
-def _plain(loader: Any, value: Any) -> Any:
-    """Ansible's tagged/lazy values -> plain Python (str, int, bool, list, dict); templates rendered."""
-    from ansible.template import Templar
+def _renderer(host_vars: dict, host: str):
+    """Render one variable. Ansible's own templating would run lookups on this machine
+    (`lookup('pipe', ...)`, and `disable_lookups` no longer stops them in ansible-core 2.19), so templates
+    are rendered by a sandboxed Jinja2 with the host's variables only: no lookups, no Ansible plugins.
+    A template that fails names the host and the variable."""
+    from jinja2 import StrictUndefined, TemplateError
+    from jinja2.sandbox import SandboxedEnvironment
 
-    if isinstance(value, str) and "{{" in value:
-        value = Templar(loader=loader).template(value)
+    env = SandboxedEnvironment(undefined=StrictUndefined)
+    env.globals.clear()
+    context = {str(k): _plain(v) for k, v in host_vars.items()}
+
+    def render(name: str, value: Any) -> Any:
+        try:
+            return _render(env, _plain(value), context)
+        except TemplateError as error:
+            raise FleetError(f"{name} cannot be read: {error}", host=host, field=name,
+                             fix="give the value itself, or define the variable (r1fleet renders templates without lookups or filters of Ansible's)") from None
+
+    return render
+
+
+def _render(env: Any, value: Any, context: dict, depth: int = 3) -> Any:
+    if isinstance(value, str) and "{{" in value and depth:
+        return _render(env, env.from_string(value).render(context), context, depth - 1)
     if isinstance(value, dict):
-        return {str(k): _plain(loader, v) for k, v in value.items()}
+        return {k: _render(env, v, context, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render(env, v, context, depth) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Ansible's tagged/lazy values -> plain Python (str, int, bool, list, dict), templates left as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(loader, v) for v in value]
+        return [_plain(v) for v in value]
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):

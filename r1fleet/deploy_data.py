@@ -414,7 +414,11 @@ def unit_context(
     gpu = uses_gpu(plan)
     ip_allow: list[str] = []
     if restrict_ip:
-        ip_allow = ["localhost"] + ([] if is_local_only(settings) else list(settings.allow))
+        ip_allow = ["localhost"]
+        if not is_local_only(settings):
+            # The deploy's health check and verify's on-host requests come from the host's own LAN address.
+            own = [] if settings.listen in ("0.0.0.0", "::") else [settings.listen]
+            ip_allow += [*own, *settings.allow]
     return {
         "description": description,
         "user": user,
@@ -427,6 +431,7 @@ def unit_context(
         # CUDA's driver and HIP map JIT-compiled kernels writable+executable, which
         # MemoryDenyWriteExecute forbids; it is only safe for CPU-only services.
         "memory_deny_write_execute": not gpu,
+        "load_nvidia_uvm": gpu and plan.vendor == "nvidia" and plan.placement != "unified",
         "ip_allow": ip_allow,
         "restrict_ip": restrict_ip,
         "credential": credential,

@@ -198,3 +198,11 @@ def test_switching_from_ollama_retires_its_service_first(monkeypatch):
     assert starts and stop < starts[0]
     clean = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert not clean.ran("systemctl stop r1fleet-ollama.service") and not clean.ran("rm -f /etc/systemd/system/r1fleet-ollama")
+
+
+def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
+    """The health check runs on the host against its LAN address: that source must be allowed (audit M5)."""
+    settings = DeploySettings(listen="192.168.1.23", allow=["10.8.0.0/24"], api_key_file="/etc/r1fleet/api-key")
+    install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    assert "IPAddressAllow=localhost 192.168.1.23 10.8.0.0/24" in run.uploads[UNIT]

@@ -166,3 +166,13 @@ def test_download_mismatch_fails_the_host(monkeypatch):
     run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), responses=responses, monkeypatch=monkeypatch)
     assert run.failed
     assert not run.ran("systemctl start r1fleet-ollama.service")
+
+
+def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
+    """The hardened unit cannot load nvidia-uvm itself (NoNewPrivileges): after a reboot CUDA would fail and
+    Ollama would run on the CPU. A privileged ExecStartPre loads it (audit M6); CPU plans do not get it."""
+    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), monkeypatch=monkeypatch)
+    assert "ExecStartPre=-+/sbin/modprobe -q nvidia-uvm" in run.uploads[UNIT]
+    cpu = plan(placement="cpu", vendor=None, gpu_uuids=[])
+    run = run_role(ollama_role, *role_args(cpu, DeploySettings(), release()), monkeypatch=monkeypatch)
+    assert "modprobe" not in run.uploads[UNIT]

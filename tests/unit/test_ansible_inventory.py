@@ -8,6 +8,7 @@ import pytest
 
 from r1fleet.ansible_inventory import fleet_dict_from_ansible, looks_like_ansible_inventory
 from r1fleet.errors import FleetError
+from r1fleet.fleet import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "inventory" / "ansible" / "lab-hosts.yml"
@@ -56,3 +57,22 @@ def test_detection_and_errors(tmp_path):
         fleet_dict_from_ansible(empty)
     with pytest.raises(FleetError, match="does not exist"):
         fleet_dict_from_ansible(tmp_path / "missing.yml")
+
+
+def test_templates_render_without_running_lookups(tmp_path):
+    """An inventory value is data: `lookup('pipe', ...)` must never run on the controller (audit M2); an
+    undefined variable is a clear error naming host and variable; plain templates still work."""
+    marker = tmp_path / "LOOKUP_RAN"
+    pipe = tmp_path / "pipe.ini"
+    pipe.write_text(f"[g]\nh ansible_host=10.0.0.1 r1fleet_model=\"{{{{ lookup('pipe','touch {marker}') }}}}\"\n")
+    with pytest.raises(FleetError) as error:
+        load_fleet(str(pipe))
+    assert not marker.exists()
+    assert "host h" in str(error.value) and "r1fleet_model" in str(error.value) and "'lookup' is undefined" in str(error.value)
+    undefined = tmp_path / "undef.ini"
+    undefined.write_text("[g]\nh ansible_host=\"{{ not_defined_anywhere }}\"\n")
+    with pytest.raises(FleetError, match="host h: field ansible_host"):
+        load_fleet(str(undefined))
+    named = tmp_path / "named.ini"
+    named.write_text("[g]\nbox ansible_host=\"{{ inventory_hostname }}.lan\"\n")
+    assert load_fleet(str(named)).hosts["box"].address == "box.lan"
