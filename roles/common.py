@@ -189,21 +189,54 @@ def any_changed(ops: Iterable[OperationMeta]) -> Callable[[], bool]:
     return lambda: any(op.did_change() for op in ops)
 
 
+class ServiceStale(FactBase):
+    """Whether a running unit predates its own files: systemd holds an older unit (NeedDaemonReload) or a
+    file it runs was replaced after it started, as after a deploy stopped between writing and restarting."""
+
+    default = bool
+
+    def command(self, unit: str, paths: tuple[str, ...]) -> str:
+        q = shlex.quote
+        checks = " ".join(q(p) for p in paths)
+        return (
+            f"systemctl is-active -q {q(unit)} || exit 0; "
+            f"[ \"$(systemctl show -p NeedDaemonReload --value {q(unit)})\" = yes ] && echo stale; "
+            f"t=$(date -d \"$(systemctl show -p ActiveEnterTimestamp --value {q(unit)})\" +%s 2>/dev/null || echo 0); "
+            f"for f in {checks}; do [ -e \"$f\" ] && [ \"$(stat -L -c %Y \"$f\")\" -gt \"$t\" ] && echo stale; done; true"
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() == "stale" for line in output)
+
+
+@operation()
+def restart_if_stale(unit: str, paths: tuple[str, ...]):
+    """Restart a service that runs older files than the host has (decided from the host, not this run)."""
+    if not host.get_fact(ServiceStale, unit=unit, paths=tuple(paths)):
+        host.noop(f"{unit} runs its current files")
+        return
+    yield f"systemctl daemon-reload && systemctl reset-failed {shlex.quote(unit)}; systemctl restart {shlex.quote(unit)}"
+
+
 def converge_service(
-    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str, health_timeout_s: int = 120
+    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str, health_timeout_s: int = 120,
+    files_used: Iterable[str] = (),
 ) -> None:
-    """daemon-reload only when the unit changed; restart only when one of its files changed;
-    then make sure it runs and is enabled; after a (re)start wait for health."""
+    """daemon-reload only when the unit changed; restart only when one of its files changed, in this run or
+    in an earlier one that stopped before restarting; then make sure it runs and is enabled; after a
+    (re)start wait for health."""
     changed = any_changed([unit_op, *restart_on])
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     # A deploy's restart is deliberate: it must not be refused by the start limit that guards crash loops.
     server.shell(name=f"Clear the start limit of {unit}", commands=[f"systemctl reset-failed {unit} || true"], _if=changed)
     restarted = systemd.service(name=f"Restart {unit}", service=unit, restarted=True, _if=changed)
+    repaired = restart_if_stale(name=f"Restart {unit} if it predates its files", unit=unit,
+                                paths=(f"{UNIT_DIR}/{unit}", *files_used))
     started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
     wait_http(
         name=f"Health of {unit}",
         url=health_url,
         timeout_s=health_timeout_s,
         what=unit,
-        _if=lambda: restarted.did_change() or started.did_change(),
+        _if=lambda: restarted.did_change() or repaired.did_change() or started.did_change(),
     )

@@ -188,5 +188,6 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
     )
     unit = unit_file(LLAMA_UNIT, context)
     converge_service(
-        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health", health_timeout_s(plan)
+        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health", health_timeout_s(plan),
+        files_used=(model_path, install.binary),
     )

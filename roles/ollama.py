@@ -191,7 +191,7 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
         restrict_ip=False,
     )
     unit = unit_file(OLLAMA_UNIT, context)
-    converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version")
+    converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
 
     ollama_model(plan, settings, release.binary, download)

@@ -100,3 +100,20 @@ def test_switching_backend_leaves_one_service_and_one_port(restore_lab, ssh, tmp
     assert back.returncode == 0, back.stdout[-4000:]
     units = ssh(OLLAMA_HOST, "ls /etc/systemd/system | grep '^r1fleet-.*\\.service$' | grep -v firewall").stdout.split()
     assert units == ["r1fleet-ollama.service"], units
+
+
+def test_a_deploy_stopped_before_the_restart_is_completed_by_the_next_run(restore_lab, ssh):
+    """The state a deploy killed between writing the unit and restarting the service leaves behind: the unit
+    file is the planned one, the service still runs an older one. Nothing changes in the next run, yet it
+    restarts the service, because the host shows the service predates its unit (audit M9)."""
+    assert run_deploy("lab", SPLIT_HOST).returncode == 0
+    unit = "/etc/systemd/system/r1fleet-llama-server.service"
+    older = (f"cp {unit} /root/planned.service && sed -i 's/ -c 8192 / -c 4096 /' {unit} && systemctl daemon-reload "
+             f"&& systemctl restart r1fleet-llama-server && sleep 1.1 && cp /root/planned.service {unit}")
+    assert ssh(SPLIT_HOST, older).returncode == 0
+    running = "tr '\\0' ' ' < /proc/$(systemctl show -p MainPID --value r1fleet-llama-server)/cmdline"
+    assert " -c 4096 " in ssh(SPLIT_HOST, running).stdout  # the interrupted state: older service, planned file
+    again = run_deploy("lab", SPLIT_HOST)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert " -c 8192 " in ssh(SPLIT_HOST, running).stdout
+    assert ssh(SPLIT_HOST, "systemctl show -p NeedDaemonReload --value r1fleet-llama-server").stdout.strip() == "no"

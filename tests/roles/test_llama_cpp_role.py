@@ -157,11 +157,9 @@ def test_no_api_key_flag_when_local_only(monkeypatch):
     assert "--api-key-file" not in run.uploads[UNIT] and "LoadCredential" not in run.uploads[UNIT]
 
 
-def test_already_present_changes_nothing(monkeypatch):
-    p, settings = plan(), DeploySettings()
-    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
-    first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
-    responses = {
+def converged_responses(unit_text: str) -> dict:
+    """What a host that the deploy has converged answers."""
+    return {
         "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "llama:x:998:"],
         **ff.users(("llama", "/var/lib/llama", "/usr/sbin/nologin", ["video", "render"])),
         **ff.directory("/var/lib/llama", "llama", "llama", "drwxr-x---"),
@@ -169,10 +167,17 @@ def test_already_present_changes_nothing(monkeypatch):
         **ff.directory("/var/lib/r1fleet/models", "root", "root", "drwxr-xr-x"),
         **ff.directory("/etc/systemd/system", "root", "root", "drwxr-xr-x"),
         **ff.sha256_of("/var/lib/r1fleet/models/llama.cpp/70b.gguf", SHA),
-        **ff.file_content(UNIT, first.uploads[UNIT]),
+        **ff.file_content(UNIT, unit_text),
         **ff.running("r1fleet-llama-server.service"),
         "dpkg -l": ff.dpkg_installed("curl", "ca-certificates", "llama.cpp-tools", "libggml0-backend-cuda"),
     }
+
+
+def test_already_present_changes_nothing(monkeypatch):
+    p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    responses = converged_responses(first.uploads[UNIT])
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
     assert run.changed == []
     assert not run.ran("systemctl restart") and not run.ran("/health")
@@ -206,3 +211,18 @@ def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert "IPAddressAllow=localhost 192.168.1.23 10.8.0.0/24" in run.uploads[UNIT]
+
+
+def test_a_service_older_than_its_files_is_restarted_on_the_next_run(monkeypatch):
+    """A deploy stopped after writing the unit but before restarting leaves nothing 'changed' for the next
+    run; the host's own state (the service predates its files) decides the restart (audit M9)."""
+    p, settings = plan(), DeploySettings()
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
+    converged = converged_responses(first.uploads[UNIT])
+    stale = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses={"NeedDaemonReload": "stale", **converged},
+                     monkeypatch=monkeypatch)
+    assert stale.ran("systemctl daemon-reload && systemctl reset-failed r1fleet-llama-server.service; "
+                     "systemctl restart r1fleet-llama-server.service") and stale.ran("/health")
+    fresh = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=converged, monkeypatch=monkeypatch)
+    assert not fresh.ran("systemctl restart") and not fresh.ran("/health")
