@@ -388,10 +388,10 @@ def device_allow(plan: HostPlan) -> list[str]:
     """DeviceAllow= entries: only the GPU device classes the plan uses (names from /proc/devices)."""
     if plan.placement == "cpu" or plan.vendor is None:
         return []
-    if plan.vendor == "nvidia":
-        return ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r", "char-drm rw"]
-    if plan.vendor == "amd":
-        return ["/dev/kfd rw", "char-drm rw"]
+    if plan.vendor == "nvidia":  # CUDA opens /dev/nvidia*, never /dev/dri
+        return ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]
+    if plan.vendor == "amd":  # by device class: a path rule is skipped when /dev/kfd appears after the start
+        return ["char-kfd rw", "char-drm rw"]
     if plan.vendor == "intel":
         return ["char-drm rw"]
     return []

@@ -130,7 +130,7 @@ class UfwActive(FactBase):
     default = bool
 
     def command(self) -> str:
-        return "command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | head -n1 || true"
+        return "command -v ufw >/dev/null 2>&1 && LC_ALL=C ufw status 2>/dev/null | head -n1 || true"  # not translated
 
     def process(self, output: list[str]) -> bool:
         return any(line.strip().lower() == "status: active" for line in output)
@@ -265,7 +265,7 @@ def _nftables(settings: Exposure) -> None:
 UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
 # Deletes every ufw rule r1fleet added (comment "r1fleet"), highest number first so numbers stay valid.
 UFW_DELETE_OURS = (
-    "for n in $(ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
+    "for n in $(LC_ALL=C ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
     "do ufw --force delete \"$n\"; done"
 )
 

@@ -98,10 +98,12 @@ def write_host_files(root: Path, spec: HostSpec, all_hosts: dict[str, str], clie
     for rel, (content, mode) in files.items():
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_symlink():
-            target.unlink()
-        target.write_text(content)
-        os.chmod(target, mode)
+        # Created with its final mode: a private key is never readable by others, not even for a moment.
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        os.chmod(target, mode)  # the umask may have narrowed it
     os.chmod(root / "root" / ".ssh", 0o700)
 
 

@@ -53,7 +53,9 @@ def test_cpu_plan_hides_gpus_and_uses_no_devices():
     p = plan(placement="cpu", vendor=None)
     env = ollama_environment(p, DeploySettings(), "/m")
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and device_allow(p) == []
-    assert device_allow(plan(vendor="amd")) == ["/dev/kfd rw", "char-drm rw"]
+    # by device class, so a /dev/kfd created after the start is covered; CUDA needs no /dev/dri (audit L11)
+    assert device_allow(plan(vendor="amd")) == ["char-kfd rw", "char-drm rw"]
+    assert "char-drm rw" not in device_allow(plan(vendor="nvidia"))
 
 
 def test_gpu_plan_pins_uuids_and_gives_the_runtime_the_plans_margin():
