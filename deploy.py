@@ -11,6 +11,7 @@ Order per host: driver -> exposure key -> firewall -> backend (macOS: one Launch
 from pyinfra import host, state
 
 from r1fleet.deploy_data import (
+    check_disk,
     format_plan,
     model_download,
     settings_from_host_data,
@@ -37,6 +38,7 @@ with summary.step(state, host, "plan"):
     print(format_plan(plan, settings.rehearsal))
     if not plan.fits or not plan.backend:
         raise ValueError("no model fits this host; see the plan's reasons")
+    check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
     on_macos = hardware.os.system == "Darwin"
     exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # bad listen/allow fails before any change
     if plan.backend == "ollama" and (warning := ollama_exposure_warning(settings.listen, settings.allow)):

@@ -473,6 +473,37 @@ def model_download(host: str, plan: HostPlan, settings: DeploySettings) -> Model
     return ModelDownload(url=url, file=gguf.file, sha256=sha)
 
 
+def download_mib(plan: HostPlan, hw: Hardware) -> int:
+    """What the deploy will write to the model directory: nothing for a model file already there."""
+    from r1fleet.catalog import load_catalog
+
+    gguf = plan.gguf
+    if gguf is None or not gguf.size_bytes:
+        return 0
+    size_mib = math.ceil(gguf.size_bytes / 2**20)
+    if plan.backend == "llama.cpp":
+        return 0 if hw.model_files.get(gguf.file) == gguf.size_bytes else size_mib
+    digest = load_catalog().find(plan.model).ollama_digest if plan.model else None
+    if digest and f"sha256-{digest}" in hw.model_files:
+        return 0
+    # Ollama: a pull stores the model once; an offline import (rehearsal) keeps the GGUF and its stored copy.
+    return size_mib * (2 if plan.rehearsal else 1)
+
+
+def check_disk(host: str, plan: HostPlan, hw: Hardware) -> None:
+    """Refuse a host whose model directory cannot take the download plus a margin, before anything changes."""
+    need = download_mib(plan, hw)
+    if not need or hw.disk_free_mib is None:
+        return
+    margin = constants().disk_margin_mib
+    if hw.disk_free_mib < need + margin:
+        raise DeployError(
+            f"the model needs {need:,} MiB on the model directory's filesystem plus a {margin:,} MiB margin, "
+            f"and {hw.disk_free_mib:,} MiB are free",
+            host=host, field="model_dir", fix="free space there, or set model_dir to a directory on a larger disk",
+        )
+
+
 def modelfile(model_path: str, plan: HostPlan) -> str:
     """The Modelfile for Ollama's offline import (`ollama create`, research/ollama.md section 7)."""
     return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"

@@ -188,6 +188,16 @@ def parse_df(lines: list[str]) -> int | None:
     return None
 
 
+def parse_model_files(lines: list[str]) -> dict[str, int]:
+    """{file name: bytes} from `ls -ln` lines (mode, links, uid, gid, size, date..., path)."""
+    files: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 9 and fields[0].startswith("-") and fields[4].isdecimal():
+            files[fields[-1].rsplit("/", 1)[-1]] = int(fields[4])
+    return files
+
+
 def parse_secureboot(lines: list[str]) -> bool | None:
     text = " ".join(lines).lower()
     if "secureboot enabled" in text:
@@ -816,6 +826,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         gpus=found.gpus,
         unified=found.unified,
         disk_free_mib=parse_df(sections.get("df", [])),
+        model_files=parse_model_files(sections.get("models", [])),
         secure_boot=parse_secureboot(sections.get("secureboot", [])),
         tegra_release=tegra[0] if tegra else None,
         notes=found.notes,

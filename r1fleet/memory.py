@@ -49,6 +49,7 @@ class Constants:
     apple_os_reserve_mib: int
     health_base_s: int
     health_disk_read_mb_per_s: int
+    disk_margin_mib: int
 
 
 @lru_cache(maxsize=1)

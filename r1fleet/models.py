@@ -89,6 +89,7 @@ class Hardware(_Strict):
     gpus: list[Gpu] = []
     unified: UnifiedMemory | None = None
     disk_free_mib: int | None = None
+    model_files: dict[str, int] = Field({}, description="files over 100 MiB already in the model directory: name -> bytes")
     secure_boot: bool | None = None
     tegra_release: str | None = None
     notes: list[str] = []

@@ -142,6 +142,13 @@ while [ ! -e "$dir" ] && [ "$dir" != / ] && [ "$dir" != . ]; do
 done
 df -Pk "$dir" 2>/dev/null
 
+section models
+# Model files already under the model directory (over 100 MiB), so a re-run is not refused for the space
+# its own model takes: `ls -ln` prints the size in the fifth column on Linux and macOS alike.
+if [ -d "$MODEL_DIR" ]; then
+    find "$MODEL_DIR" -type f -size +204800 -exec ls -ln {} + 2>/dev/null
+fi
+
 section secureboot
 if has mokutil; then
     mokutil --sb-state 2>/dev/null

@@ -155,7 +155,10 @@ def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverrid
 def release_for(plan: HostPlan, settings: DeploySettings, target: Target) -> OllamaRelease:
     override = settings.ollama_release
     if override is None and settings.mirror:
-        override = mirror_release(settings.mirror)
+        if settings.profile:  # a lab host: the lab's mirror serves the stand-in release it built on this controller
+            override = mirror_release(settings.mirror)
+        else:  # any other mirror changes where the pinned bytes come from, never which bytes (audit M8)
+            override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
     return ollama_release(plan.host, target, plan, override)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from r1fleet.deploy_data import (
@@ -111,3 +113,22 @@ def test_cuda_architectures_and_target():
     assert target_from_hardware(hw) == Target("arm64", "ubuntu", "", 36)
     with pytest.raises(DeployError, match="riscv64"):
         target_from_hardware(Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="riscv64")))
+
+
+def test_a_host_without_room_for_the_model_is_refused_before_any_change():
+    """20-43 GB downloads never fill a disk (audit M10); a model already on the disk needs no room."""
+    from r1fleet.deploy_data import check_disk
+    from r1fleet.hardware import parse_probe
+    from r1fleet.planner import plan_host
+
+    probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "dual-rtx3090.probe").read_text()
+    hw = parse_probe(probe, "dual").model_copy(update={"disk_free_mib": 30000})
+    p = plan_host(hw)
+    with pytest.raises(DeployError) as error:
+        check_disk("dual", p, hw)
+    message = str(error.value)
+    assert "host dual" in message and "field model_dir" in message and "40,551 MiB" in message and "30,000 MiB" in message
+    present = hw.model_copy(update={"model_files": {p.gguf.file: p.gguf.size_bytes}})
+    check_disk("dual", p, present)  # a re-run: nothing to download
+    roomy = hw.model_copy(update={"disk_free_mib": 50000})
+    check_disk("dual", p, roomy)

@@ -176,3 +176,15 @@ def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
     cpu = plan(placement="cpu", vendor=None, gpu_uuids=[])
     run = run_role(ollama_role, *role_args(cpu, DeploySettings(), release()), monkeypatch=monkeypatch)
     assert "modprobe" not in run.uploads[UNIT]
+
+
+def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256():
+    """A fleet's `mirror` serves the same pinned bytes; only the lab's own mirror (lab hosts) names its
+    stand-in release and sha256 (audit M8). No network is used here: a real fleet's mirror is never asked."""
+    from r1fleet.deploy_data import load_versions
+    from roles.ollama import release_for
+
+    pinned = load_versions()["ollama"]["sha256"]["ollama-linux-amd64.tar.zst"]
+    release = release_for(plan(), DeploySettings(mirror="http://192.168.1.5:8088"), TARGET)
+    (asset,) = release.assets
+    assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned
