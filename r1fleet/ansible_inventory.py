@@ -40,7 +40,7 @@ def looks_like_ansible_inventory(path: str | Path) -> bool:
 
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not an inventory; the fleet reader says what is wrong
         return False
     return isinstance(doc, dict) and "hosts" not in doc and any(
         isinstance(v, dict) and ({"hosts", "children", "vars"} & set(v)) for v in doc.values())

@@ -53,7 +53,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
     for path in args.probes:
         try:
-            text = path.read_text()
+            text = path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
         except OSError as err:
             raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
         jobs.append((path.stem, text, Policy(), None))

@@ -66,7 +66,7 @@ def driver_major(version: str | None) -> int | None:
     if not version:
         return None
     head = version.strip().split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    return int(head) if head.isdecimal() else None
 
 
 def compute_cap_tuple(cap: str | None) -> tuple[int, int] | None:
@@ -74,7 +74,7 @@ def compute_cap_tuple(cap: str | None) -> tuple[int, int] | None:
     if not cap:
         return None
     parts = cap.strip().split(".")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.isdecimal() for p in parts):
         return None
     return int(parts[0]), int(parts[1])
 

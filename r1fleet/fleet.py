@@ -287,6 +287,10 @@ def read_yaml(path: Path) -> Any:
         raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml or set R1FLEET_FLEET") from None
     except yaml.YAMLError as err:
         raise FleetError(f"{path}: not valid YAML: {err}", fix="correct the line shown") from None
+    except RecursionError:
+        raise FleetError(f"{path}: nested deeper than any fleet file is", fix="check the brackets") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as err:
+        raise FleetError(f"{path}: cannot be read as a text file: {err}", fix="give the fleet file's path") from None
 
 
 _FIXES = {

@@ -19,6 +19,7 @@ Memory is in MiB everywhere.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -91,13 +92,21 @@ def _value(text: str) -> str | None:
     return None if text.lower() in _MISSING_VALUES else text
 
 
+# Larger than any memory a probe can report in MiB or KiB (16 EiB in KiB): anything above is not a reading.
+_MAX_READING = 2**64
+
+
 def _int(text: str | None) -> int | None:
+    """A whole non-negative reading, or None for anything else (inf, nan, 400-digit numbers, words)."""
     if text is None:
         return None
     try:
-        return int(float(text))
+        value = float(text)
     except ValueError:
         return None
+    if not math.isfinite(value) or not 0 <= value < _MAX_READING:
+        return None
+    return int(value)
 
 
 def normalize_bus_id(bus_id: str) -> str:
@@ -166,7 +175,7 @@ def parse_cpu(lines: list[str]) -> CpuInfo:
     count, name, flags = 1, "", set()
     for line in lines:
         text = line.strip()
-        if text.isdigit():
+        if text.isdecimal():
             count = max(1, int(text))
         key, sep, value = text.partition(":")
         if not sep:
@@ -183,7 +192,7 @@ def parse_df(lines: list[str]) -> int | None:
     """Free space in MiB from `df -Pk` (header, then one line: fs, blocks, used, available, ...)."""
     for line in lines[1:]:
         fields = line.split()
-        if len(fields) >= 4 and fields[3].isdigit():
+        if len(fields) >= 4 and fields[3].isdecimal():
             return int(fields[3]) // 1024
     return None
 
@@ -246,7 +255,7 @@ def parse_nvidia_query(lines: list[str]) -> list[NvidiaRow]:
     rows = []
     for line in lines:
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) not in (8, 9) or not fields[0].isdigit():
+        if len(fields) not in (8, 9) or not fields[0].isdecimal():
             continue
         values = [_value(f) for f in fields]
         rows.append(NvidiaRow(
@@ -317,7 +326,7 @@ def parse_nvidia_apps(lines: list[str]) -> dict[str, list[GpuProcess]]:
     by_uuid: dict[str, list[GpuProcess]] = {}
     for line in lines:
         head = line.split(",", 2)
-        if len(head) < 3 or not head[1].strip().isdigit():
+        if len(head) < 3 or not head[1].strip().isdecimal():
             continue
         name, _, used = head[2].rpartition(",")
         if not name:
@@ -451,7 +460,7 @@ def _json_payload(lines: list[str]) -> object | None:
         return None
     try:
         return json.loads(text[min(starts):])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested deeper than any tool prints: not its output
         return None
 
 
@@ -749,7 +758,7 @@ def _apple(sysctl: dict[str, str], sections: dict[str, list[str]], found: _Found
     brand = sysctl.get("machdep.cpu.brand_string", "")
     profiler = _json_payload(sections.get("system_profiler", []))
     displays = profiler.get("SPDisplaysDataType", []) if isinstance(profiler, dict) else []
-    display = displays[0] if displays and isinstance(displays[0], dict) else {}
+    display = displays[0] if isinstance(displays, list) and displays and isinstance(displays[0], dict) else {}
     model = str(display.get("sppci_model", "")) or ""
     cores = _int(str(display.get("sppci_cores"))) if display.get("sppci_cores") else None
     if not brand.startswith("Apple M") and model.startswith("Apple M"):
@@ -814,7 +823,7 @@ def parse_probe(text: str, host: str) -> Hardware:
 
     brand = sysctl.get("machdep.cpu.brand_string", "")
     tegra = [line.strip() for line in sections.get("tegra", []) if line.strip()]
-    return Hardware(
+    hardware = Hardware(
         host=host,
         os=os_info,
         ram_total_mib=meminfo[0],
@@ -831,3 +840,24 @@ def parse_probe(text: str, host: str) -> Hardware:
         tegra_release=tegra[0] if tegra else None,
         notes=found.notes,
     )
+    _check_readings(hardware)
+    return hardware
+
+
+# No memory or count a probe reports comes near this (1 EiB in MiB); a larger number is not a reading.
+_IMPLAUSIBLE = 2**40
+
+
+def _check_readings(hw: Hardware) -> None:
+    """Refuse (naming host and section) a number no machine has, before the planner computes with it."""
+    readings = [("meminfo", hw.ram_total_mib), ("meminfo", hw.ram_available_mib), ("cpu", hw.cpu_count),
+                ("df", hw.disk_free_mib), *(("models", size) for size in hw.model_files.values())]
+    for gpu in hw.gpus:
+        readings += [("nvidia-smi", v) for v in (gpu.index, gpu.memory_total_mib, gpu.memory_used_mib, gpu.memory_free_mib)]
+        readings += [("nvidia-smi-apps", v) for p in gpu.processes for v in (p.pid, p.used_mib)]
+    if hw.unified:
+        readings += [("unified memory", v) for v in (hw.unified.total_mib, hw.unified.gpu_limit_mib, hw.unified.available_mib)]
+    for section, value in readings:
+        if value is not None and not 0 <= value < _IMPLAUSIBLE:
+            raise ProbeError(f"the {section} section reports {value}, which no machine has", host=hw.host, field=section,
+                             fix=_fix(hw.host))

@@ -45,7 +45,7 @@ _USERS = re.compile(r'\("([^"]*)",pid=(\d+)')
 
 def _split_endpoint(text: str) -> tuple[str, int] | None:
     address, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdecimal():
         return None
     address = address.strip("[]").split("%", 1)[0]  # [::1]:80, 127.0.0.53%lo:53
     if address.startswith("::ffff:") and "." in address:
@@ -110,7 +110,7 @@ def parse_gpu_query(text: str) -> list[VisibleGpu]:
     gpus = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 4 and parts[0].isdigit():
+        if len(parts) >= 4 and parts[0].isdecimal():
             gpus.append(VisibleGpu(int(parts[0]), parts[1], parts[2], parts[3]))
     return gpus
 

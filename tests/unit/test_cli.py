@@ -93,3 +93,10 @@ def test_vagrantfile_is_valid_ruby():
         pytest.skip("ruby is not installed (scripts/setup.sh installs it as root)")
     out = subprocess.run(["ruby", "-c", str(ROOT / "Vagrantfile")], capture_output=True, text=True)
     assert out.returncode == 0 and "Syntax OK" in out.stdout
+
+
+def test_a_probe_file_with_bytes_that_are_not_utf8_is_a_clear_error(tmp_path):
+    probe = tmp_path / "odd.probe"
+    probe.write_bytes(b"#### r1fleet:uname\nLinux 6.1 x86_64\n#### r1fleet:meminfo\nMemTotal: \xff\xfe 100 kB\n")
+    out = r1fleet("plan", str(probe))
+    assert out.returncode == 2 and "host odd: field meminfo" in out.stderr and "Traceback" not in out.stderr
