@@ -197,6 +197,21 @@ def parse_df(lines: list[str]) -> int | None:
     return None
 
 
+# Before the probe listed r1fleet's own service processes, they were known by name only.
+OWN_BACKEND_NAMES = ("ollama", "llama-server", "llama_server")
+
+
+def parse_own_pids(lines: list[str]) -> set[int]:
+    return {int(line.strip()) for line in lines if line.strip().isdecimal()}
+
+
+def own_process(process: GpuProcess, own_pids: set[int] | None) -> bool:
+    """r1fleet's own service: by its cgroup's processes, or (older probes) by the backend's name."""
+    if own_pids is not None:
+        return process.pid in own_pids
+    return any(marker in process.name.lower() for marker in OWN_BACKEND_NAMES)
+
+
 def parse_model_files(lines: list[str]) -> dict[str, int]:
     """{file name: bytes} from `ls -ln` lines (mode, links, uid, gid, size, date..., path)."""
     files: dict[str, int] = {}
@@ -550,6 +565,7 @@ def _nvidia_gpus(sections: dict[str, list[str]], pci: list[PciDevice], found: _F
     rows = query or table.rows
     table_by_index = {row.index: row for row in table.rows}
     apps = parse_nvidia_apps(sections.get("nvidia-smi-apps", []))
+    own_pids = parse_own_pids(sections["own-pids"]) if "own-pids" in sections else None
     pci_by_slot = {d.slot: d for d in pci if d.vendor_id == "10de"}
     skipped: list[NvidiaRow] = []
     for row in rows:
@@ -570,6 +586,7 @@ def _nvidia_gpus(sections: dict[str, list[str]], pci: list[PciDevice], found: _F
             processes = apps.get(row.uuid or "", [])
         else:
             processes = table.processes.get(row.index, [])
+        processes = [p.model_copy(update={"own": own_process(p, own_pids)}) for p in processes]
         found.gpus.append(Gpu(
             index=row.index,
             vendor="nvidia",

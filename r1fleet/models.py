@@ -31,6 +31,7 @@ class GpuProcess(_Strict):
     pid: int
     name: str
     used_mib: int
+    own: bool = Field(False, description="a process of r1fleet's own service (its memory counts as free)")
 
 
 class Gpu(_Strict):

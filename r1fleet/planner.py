@@ -30,9 +30,6 @@ from r1fleet.models import DevicePlan, GgufFile, Gpu, Hardware, HostPlan
 from r1fleet.policy import Policy
 from r1fleet.tensor_split import flag_for_layers, format_flag, rescale_blocks
 
-# Process names of r1fleet's own backends in `nvidia-smi --query-compute-apps`: their memory counts as
-# free, so a re-run on a host already serving its model does not downgrade it.
-OWN_BACKEND_MARKERS = ("ollama", "llama-server", "llama_server")
 SMALLEST_USABLE_GPU_MIB = 1024
 
 
@@ -62,7 +59,7 @@ class Attempt:
 
 
 def own_backend_mib(gpu: Gpu) -> int:
-    return sum(p.used_mib for p in gpu.processes if any(m in p.name.lower() for m in OWN_BACKEND_MARKERS))
+    return sum(p.used_mib for p in gpu.processes if p.own)
 
 
 def gpu_capacity_mib(gpu: Gpu) -> int:

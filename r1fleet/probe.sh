@@ -77,6 +77,18 @@ if has nvidia-smi; then
     print_if_ok nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits
 fi
 
+section own-pids
+# The processes of r1fleet's own services (their cgroups, v2 or v1): their GPU memory is r1fleet's to reuse.
+if has systemctl; then
+    for unit in r1fleet-ollama.service r1fleet-llama-server.service; do
+        cg=$(systemctl show -p ControlGroup --value "$unit" 2>/dev/null)
+        [ -n "$cg" ] || continue
+        for procs in "/sys/fs/cgroup$cg/cgroup.procs" "/sys/fs/cgroup/systemd$cg/cgroup.procs"; do
+            [ -r "$procs" ] && cat "$procs" && break
+        done
+    done
+fi
+
 section nvidia-smi
 if has nvidia-smi; then
     bounded nvidia-smi 2>/dev/null

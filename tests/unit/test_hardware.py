@@ -431,3 +431,16 @@ def test_a_gpu_uuid_that_could_break_a_unit_line_is_dropped():
     rows = parse_nvidia_query(['0, NVIDIA GeForce RTX 3090, 24576, 1, 24000, 00000000:01:00.0, GPU-a" "LD_PRELOAD=/tmp/x.so, 580.95.05, 8.6',
                                "1, NVIDIA GeForce RTX 3090, 24576, 1, 24000, 00000000:02:00.0, GPU-c4d2a7e1-8b3f-4e5a-a1c0-3090a0000002, 580.95.05, 8.6"])
     assert rows[0].uuid is None and rows[1].uuid == "GPU-c4d2a7e1-8b3f-4e5a-a1c0-3090a0000002"
+
+
+def test_own_backend_is_known_by_its_service_cgroup_not_its_name():
+    """Another user's `ollama` is not r1fleet's: with the probe's own-pids section only r1fleet's service
+    processes count as free memory (audit L8); older probes without it fall back to the name."""
+    from r1fleet.hardware import parse_probe
+
+    probe = (FIXTURES / "probes" / "rerun-4090.probe").read_text()
+    assert parse_probe(probe, "old").gpus[0].processes[0].own  # no own-pids section: by name
+    foreign = probe.replace("#### r1fleet:nvidia-smi\n", "#### r1fleet:own-pids\n1234\n#### r1fleet:nvidia-smi\n", 1)
+    assert not parse_probe(foreign, "new").gpus[0].processes[0].own  # pid 2214 is not in r1fleet's cgroup
+    ours = probe.replace("#### r1fleet:nvidia-smi\n", "#### r1fleet:own-pids\n2214\n#### r1fleet:nvidia-smi\n", 1)
+    assert parse_probe(ours, "new").gpus[0].processes[0].own

@@ -126,7 +126,7 @@ def test_memory_held_by_another_program_is_not_available():
 
 
 def test_rerun_while_our_own_model_is_loaded_keeps_the_model():
-    own = GpuProcess(pid=77, name="/usr/bin/llama-server", used_mib=22000)
+    own = GpuProcess(pid=77, name="/usr/bin/llama-server", used_mib=22000, own=True)
     busy = host(gpu(0, *RTX_4090, used=22010, processes=[own]))
     assert gpu_capacity_mib(busy.gpus[0]) == 24564 - 10
     assert plan_host(busy).model == ID["32b"]
@@ -225,7 +225,7 @@ def test_split_estimate_agrees_with_llama_cpps_own_projection(context):
 
 
 def test_capacity_is_what_the_driver_reports_free_plus_our_own_backend():
-    busy = gpu(0, *RTX_4090, used=22830, processes=[GpuProcess(pid=7, name="/usr/local/bin/ollama", used_mib=22528)])
+    busy = gpu(0, *RTX_4090, used=22830, processes=[GpuProcess(pid=7, name="/usr/local/bin/ollama", used_mib=22528, own=True)])
     busy = busy.model_copy(update={"memory_free_mib": 1134})
     assert gpu_capacity_mib(busy) == 1134 + 22528
     before_driver = busy.model_copy(update={"memory_free_mib": None, "memory_used_mib": None, "processes": []})

@@ -20,7 +20,7 @@ from r1fleet.facts import PROBE_SCRIPT, R1Probe, probe_over_ssh
 from r1fleet.hardware import parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-SECTIONS = ["uname", "os-release", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "nvidia-smi", "lspci",
+SECTIONS = ["uname", "os-release", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
             "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "models", "secureboot"]
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is not installed (apt-get install dash)")

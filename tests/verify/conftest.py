@@ -211,6 +211,9 @@ def _ssh_config_without_host_keys() -> str:
     return path
 
 
+SSH_VERIFY_ARGS = "-o BatchMode=yes -o StrictHostKeyChecking=accept-new"
+
+
 def connect(entry: HostEntry, config: pytest.Config, lab_ssh_config: str) -> Any:
     """The testinfra host for a fleet entry: paramiko from the fleet's SSH settings, or testinfra's Ansible backend."""
     timeout = config.getoption("--ssh-timeout")
@@ -225,11 +228,16 @@ def connect(entry: HostEntry, config: pytest.Config, lab_ssh_config: str) -> Any
     kwargs: dict[str, Any] = {"timeout": timeout}
     if entry.ssh_key:
         kwargs["ssh_identity_file"] = entry.ssh_key
-    if entry.profile:
-        kwargs["ssh_config"] = lab_ssh_config
     if entry.ssh_user != "root":
         kwargs["sudo"] = True
-    return testinfra.get_host(f"paramiko://{entry.ssh_user}@{address}:{entry.ssh_port}", **kwargs)
+    if entry.profile:  # lab hosts are rebuilt often: their keys are not pinned
+        kwargs["ssh_config"] = lab_ssh_config
+        return testinfra.get_host(f"paramiko://{entry.ssh_user}@{address}:{entry.ssh_port}", **kwargs)
+    # Real hosts through the system ssh client: host keys checked against ~/.ssh/known_hosts (testinfra's
+    # paramiko backend accepts any key); a new host is recorded on first contact, as pyinfra's deploy does,
+    # and a changed key stops the run.
+    kwargs["ssh_extra_args"] = SSH_VERIFY_ARGS
+    return testinfra.get_host(f"ssh://{entry.ssh_user}@{address}:{entry.ssh_port}", **kwargs)
 
 
 def prepare(target: Target, config: pytest.Config, lab_ssh_config: str) -> None:
