@@ -171,6 +171,29 @@ def restore_table():
     yield f"systemctl reload {FIREWALL_UNIT}"
 
 
+class UfwRuleCount(FactBase):
+    """How many of ufw's rules are r1fleet's (commented `r1fleet`)."""
+
+    default = int
+
+    def command(self) -> str:
+        return "LC_ALL=C ufw status 2>/dev/null | grep -c '# r1fleet$' || true"
+
+    def process(self, output: list[str]) -> int:
+        text = "".join(output).strip()
+        return int(text) if text.isdecimal() else 0
+
+
+@operation()
+def restore_ufw_rules(expected: int):
+    """Apply the rules file again when ufw lacks some of r1fleet's rules (a half-applied run, a `ufw reset`)."""
+    if host.get_fact(UfwRuleCount) == expected:
+        host.noop("r1fleet's ufw rules are in place")
+        return
+    yield UFW_DELETE_OURS
+    yield f"sh -e {UFW_RULES_FILE}"
+
+
 # ---------------------------------------------------------------- deploys
 
 
@@ -283,3 +306,4 @@ def _ufw(settings: Exposure) -> None:
     wanted = files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
                        src=StringIO("\n".join(commands) + "\n"), dest=UFW_RULES_FILE, user="root", group="root", mode="600")
     server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"], _if=wanted.did_change)
+    restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=len(commands))

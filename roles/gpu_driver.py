@@ -36,6 +36,51 @@ ROCM_KEYRING = "/etc/apt/keyrings/r1fleet-rocm.asc"
 
 # ---------------------------------------------------------------- facts
 
+REBOOT_MARKER = "/var/lib/r1fleet/driver-reboot"
+
+
+class DriverBootState(FactBase):
+    """(installed nvidia module version, current boot id, marker: 'version boot-id' of r1fleet's last reboot for a driver)."""
+
+    @staticmethod
+    def default() -> tuple:
+        return (None, None, None)
+
+    def command(self) -> str:
+        return ("echo \"installed $(modinfo -F version nvidia 2>/dev/null)\"; echo \"boot $(cat /proc/sys/kernel/random/boot_id)\"; "
+                f"echo \"marker $(cat {REBOOT_MARKER} 2>/dev/null)\"")
+
+    def process(self, output: list[str]) -> tuple:
+        values = dict((line.split(" ", 1) + [""])[:2] for line in output if line.strip())
+        return tuple((values.get(k) or "").strip() or None for k in ("installed", "boot", "marker"))
+
+
+def driver_reboot_decision(loaded: str | None, installed: str | None, boot: str | None, marker: str | None) -> str:
+    """"none" (the driver answers, or nothing to load), "reboot", or "stuck" (one reboot for this driver
+    already happened and it still does not answer)."""
+    if loaded is not None or installed is None:
+        return "none"
+    marked_version, _, marked_boot = (marker or "").partition(" ")
+    if marked_version == installed and marked_boot and marked_boot != boot:
+        return "stuck"
+    return "reboot"
+
+
+@operation()
+def record_driver_reboot():
+    """Write the marker and let the reboot follow, when the installed driver does not answer yet; fail the
+    host when it did not answer after the reboot r1fleet already did for it."""
+    loaded = host.get_fact(NvidiaDriverVersion)
+    installed, boot, marker = host.get_fact(DriverBootState)
+    decision = driver_reboot_decision(loaded, installed, boot, marker)
+    if decision == "none":
+        host.noop("the NVIDIA driver answers; no reboot")
+        return
+    if decision == "stuck":
+        yield (f"echo {shlex.quote(f'r1fleet: NVIDIA driver {installed} was installed and the host rebooted, but nvidia-smi still does not work: see dmesg (Secure Boot? an unsupported GPU?); not rebooting again')} >&2; exit 1")
+        return
+    yield f"mkdir -p /var/lib/r1fleet && echo {shlex.quote(f'{installed} {boot}')} > {REBOOT_MARKER}"
+
 
 class NvidiaDriverVersion(FactBase):
     """The driver version nvidia-smi reports, or None when nvidia-smi is absent or not working
@@ -214,12 +259,14 @@ def _nvidia(hw: Hardware, action: DriverAction) -> None:
                                 no_recommends=True)
         server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"],
                      _if=blacklist.did_change)
-    changed = [packages, blacklist]
+    # Decided from the host, not from this run: a driver installed by an interrupted run still gets its
+    # reboot, and a driver that did not come up after one reboot is reported instead of rebooting again.
+    mark_reboot = record_driver_reboot(name="Remember the reboot for this NVIDIA driver")
     server.reboot(
         name="Reboot to load the new NVIDIA driver (only when nvidia-smi does not work yet)",
         delay=int(host.data.get("r1fleet_reboot_delay", 10)),
         reboot_timeout=int(host.data.get("r1fleet_reboot_timeout", 600)),
-        _if=lambda: any(op.did_change() for op in changed) and host.get_fact(NvidiaDriverVersion) is None,
+        _if=mark_reboot.did_change,
     )
     systemd.service(name="NVIDIA persistence daemon", service="nvidia-persistenced", running=True, enabled=True)
 

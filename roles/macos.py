@@ -125,8 +125,10 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
         archive = f"{directory}/ollama-darwin.tgz"
         files.directory(name="Ollama release directory", path=directory, user="root", group="wheel", mode="755",
                         _sudo=True)
+        # Downloaded into the root-owned release directory, not pyinfra's predictable name in /tmp, where a
+        # local user could plant a link before root writes through it.
         fetched = files.download(name=f"Ollama {version} for macOS", src=url, dest=archive, sha256sum=sha256,
-                                 _sudo=True)
+                                 temp_dir=directory, _sudo=True)
         server.shell(name="Unpack Ollama", commands=[f"tar -xzf {archive} -C {directory}"], _if=fetched.did_change,
                      _sudo=True)
         binary = f"{directory}/ollama"

@@ -119,12 +119,14 @@ def project(
         f"(ulimit -v {RPC_ADDRESS_SPACE_KIB}; exec \"$rpc\" -H 127.0.0.1 -p {p} -t 1 >/dev/null 2>&1) & pids=\"$pids $!\";"
         for p in ports
     )
-    waits = " ".join(f"until ss -ltnH | grep -q 127.0.0.1:{p}; do sleep 0.2; done;" for p in ports)
+    # Bounded waits: the port free of the previous case's servers, then taken by this case's.
+    frees = " ".join(f"i=0; while ss -ltnH | grep -q 127.0.0.1:{p} && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done;" for p in ports)
+    waits = " ".join(f"i=0; until ss -ltnH | grep -q 127.0.0.1:{p} || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done;" for p in ports)
     # The projection is printed before the real load; stop the server as soon as the fit step has spoken
     # (a small model's real load would otherwise succeed within the cap and start serving).
     script = (
         "rpc=$(ls /usr/libexec/*/llama/bin/ggml-rpc-server | head -n1); pids=; log=$(mktemp); "
-        f"{starts} trap 'kill $pids 2>/dev/null; rm -f $log' EXIT; {waits} "
+        f"{frees} {starts} trap 'kill $pids 2>/dev/null; wait $pids 2>/dev/null; rm -f $log' EXIT; {waits} "
         f"(ulimit -v {SERVER_ADDRESS_SPACE_KIB}; exec llama-server {' '.join(q(a) for a in args)}) > $log 2>&1 & srv=$!; "
         "i=0; while kill -0 $srv 2>/dev/null && ! grep -q common_fit_params $log && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; "
         "kill $srv 2>/dev/null; wait $srv 2>/dev/null; "

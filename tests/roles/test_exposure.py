@@ -100,10 +100,15 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     # our old rules go first, then the file's, in order
     assert run.commands.index(exposure.UFW_DELETE_OURS) < run.commands.index(f"sh -e {exposure.UFW_RULES_FILE}")
     # unchanged rules on a second run: nothing applied again
+    converged = {**file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
+                 **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
     again = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                     monkeypatch=monkeypatch, responses={**responses, **file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
-                                **directory(exposure.KEY_DIR, "root", "root", "drwx------")})
+                     monkeypatch=monkeypatch, responses={"grep -c '# r1fleet$'": "2", **responses, **converged})
     assert not again.ran("ufw --force delete") and not again.ran("sh -e")
+    # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
+    lost = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+                    monkeypatch=monkeypatch, responses={"grep -c '# r1fleet$'": "0", **responses, **converged})
+    assert lost.ran(f"sh -e {exposure.UFW_RULES_FILE}")
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):

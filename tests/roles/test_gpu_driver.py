@@ -33,8 +33,12 @@ def apt_install_line(run) -> str:
     return [c for c in run.commands if re.search(r"apt-get -y .*install", c)][-1]
 
 
+# After the install: the module is on disk, nvidia-smi does not answer yet, no reboot done for it.
+INSTALLED = {"marker $(cat": ["installed 580.95.05", "boot 1111-aaaa", "marker"]}
+
+
 def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(monkeypatch):
-    run = run_role(gpu_driver.install, hw(), PLAN, responses=UPTIME, data=REBOOT_DATA,
+    run = run_role(gpu_driver.install, hw(), PLAN, responses={**INSTALLED, **UPTIME}, data=REBOOT_DATA,
                    base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     line = apt_install_line(run)
@@ -147,3 +151,20 @@ def test_amd_supported_card_with_ollama_is_a_no_op(monkeypatch):
     run = run_role(gpu_driver.install, hw(gpus=[card]), PLAN.model_copy(update={"vendor": "amd"}),
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.op_names == []
+
+
+def test_the_reboot_is_decided_from_the_host_and_never_repeated_for_a_driver_that_does_not_load(monkeypatch):
+    """A driver that still does not answer after r1fleet's reboot for it is reported, not rebooted again on
+    every run; a reboot an interrupted run missed still happens (audit M9)."""
+    decide = gpu_driver.driver_reboot_decision
+    assert decide(None, "580.95.05", "boot-2", None) == "reboot"               # installed, never rebooted for it
+    assert decide(None, "580.95.05", "boot-2", "580.95.05 boot-1") == "stuck"  # rebooted once, still silent
+    assert decide(None, "580.95.05", "boot-1", "580.95.05 boot-1") == "reboot"  # marked, but the reboot never came
+    assert decide(None, "590.10", "boot-2", "580.95.05 boot-1") == "reboot"     # a newer driver deserves its reboot
+    assert decide("580.95.05", "580.95.05", "boot-2", None) == "none"
+    stuck = {"marker $(cat": ["installed 580.95.05", "boot 2222-bbbb", "marker 580.95.05 1111-aaaa"],
+             "not rebooting again": {"success": False}, **UPTIME}
+    run = run_role(gpu_driver.install, hw(), PLAN, responses=stuck, data=REBOOT_DATA, base_responses=False,
+                   monkeypatch=monkeypatch)
+    assert run.failed and run.ran("not rebooting again")
+    assert not any("reboot" in c and "sleep 1" in c for c in run.commands)
