@@ -249,14 +249,14 @@ def _nvidia(hw: Hardware, action: DriverAction) -> None:
             # rpmfusion.org/Howto/NVIDIA#Kernel_Open: must be set before akmods builds (Blackwell needs it).
             files.put(name="Build the open NVIDIA kernel modules", src=StringIO(fed["open_macro"] + "\n"),
                       dest=fed["open_macro_file"], mode="644")
-        packages = dnf.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages))
+        dnf.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages))
         wait_for_kernel_module(name="Wait until akmods has built the nvidia module", module="nvidia",
                                timeout_s=fed["akmods_wait_seconds"])
         server.shell(name="Rebuild the initramfs without nouveau", commands=["dracut --force"],
                      _if=blacklist.did_change)
     else:
-        packages = apt.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages), update=True,
-                                no_recommends=True)
+        apt.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages), update=True,
+                     no_recommends=True)
         server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"],
                      _if=blacklist.did_change)
     # Decided from the host, not from this run: a driver installed by an interrupted run still gets its

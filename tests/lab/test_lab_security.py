@@ -62,7 +62,7 @@ def test_overlapping_allow_entries_load_and_filter(restore_lab, ssh, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     table = ssh(SPLIT_HOST, "nft list table inet r1fleet").stdout
     assert "10.77.0.0/30" in table and "drop" in table, table
-    assert ssh(SPLIT_HOST, f"systemctl show -p Requires --value r1fleet-llama-server").stdout.count("r1fleet-firewall.service")
+    assert ssh(SPLIT_HOST, "systemctl show -p Requires --value r1fleet-llama-server").stdout.count("r1fleet-firewall.service")
     import urllib.request
 
     with urllib.request.urlopen(f"http://{address}:8080/health", timeout=5) as response:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytest
-
 from r1fleet.catalog import load_catalog
 from r1fleet.memory import kv_cache_mib
 from r1fleet.models import DevicePlan, GgufFile, HostPlan
