@@ -63,7 +63,7 @@ MEMORY_CASES_FA_OFF = [
     ("70B 2x RTX 5090 ctx 4000, Ollama nvidia-smi GPU0 (hkadm)", 22200, total_on_gpus("70b", 4000, [40, 40], False)[0]),
     ("70B 2x RTX 5090 ctx 4000, Ollama nvidia-smi GPU1 (hkadm)", 22134, total_on_gpus("70b", 4000, [40, 40], False)[1]),
     ("14B 1x RTX 4090 ctx 4000, Ollama nvidia-smi (hkadm)", 9968, total_on_gpus("14b", 4000, [48], False)[0]),
-    ("8B (Llama-3 shapes) KV ctx 8192 (XiongjieDai)", 1024, round(kv_cache_mib(CATALOG.find("8b"), 32, 8192, "f16", False))),
+    ("8B (Llama-3 shapes) KV ctx 8192 (XiongjieDai)", 1024, round(kv_cache_mib(CATALOG.find("8b"), 32, 8192, "f16"))),
     ("8B (Llama-3 shapes) compute ctx 8192 FA off (XiongjieDai)", 560, round(compute_buffer_mib(CATALOG.find("8b"), 8192, False))),
 ]
 # weights and KV buffers: the same with flash attention on or off

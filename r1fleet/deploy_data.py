@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet import is_loopback
-from r1fleet.memory import constants
+from r1fleet.memory import MIB, constants
 from r1fleet.models import DEFAULT_MODEL_DIR, Hardware, HostPlan
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
@@ -480,7 +480,7 @@ def download_mib(plan: HostPlan, hw: Hardware) -> int:
     gguf = plan.gguf
     if gguf is None or not gguf.size_bytes:
         return 0
-    size_mib = math.ceil(gguf.size_bytes / 2**20)
+    size_mib = math.ceil(gguf.size_bytes / MIB)
     if plan.backend == "llama.cpp":
         return 0 if hw.model_files.get(gguf.file) == gguf.size_bytes else size_mib
     digest = load_catalog().find(plan.model).ollama_digest if plan.model else None

@@ -93,17 +93,17 @@ def weight_shares(model: Model) -> WeightShares:
     return WeightShares(file_mib, embd, output, per_layer)
 
 
-def padded_context(context: int, flash_attention: bool = True) -> int:
+def padded_context(context: int) -> int:
     """The context llama.cpp really allocates (and reports in /props): padded to kv_pad_tokens."""
     pad = constants().kv_pad_tokens
     return math.ceil(context / pad) * pad
 
 
-def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str, flash_attention: bool = True) -> float:
-    """2 (K and V) x layers x kv_heads x head_dim x context x bytes per element."""
+def kv_cache_mib(model: Model, layers: int, context: int, kv_type: str) -> float:
+    """2 (K and V) x layers x kv_heads x head_dim x padded context x bytes per element (flash attention or not)."""
     a = model.arch
     per_element = constants().kv_bytes_per_element[kv_type]
-    tokens = padded_context(context, flash_attention)
+    tokens = padded_context(context)
     return 2 * layers * a.kv_heads * a.head_dim * tokens * per_element / MIB
 
 
@@ -173,7 +173,7 @@ def estimate_device(
         weights = shares.file_mib * layers / model.arch.layers
     else:
         weights = shares.per_layer_mib * layers + (shares.output_mib if last else 0.0)
-    kv = kv_cache_mib(model, layers, context, kv_type, flash_attention)
+    kv = kv_cache_mib(model, layers, context, kv_type)
     compute = device_compute_mib(model, context, flash_attention, split_first, ubatch) if layers else 0.0
     overhead = constants().overhead_mib[slot.kind] if layers else 0
     parts = [round(weights), round(kv), round(compute), overhead]
@@ -226,11 +226,11 @@ def fixed_cost_mib(
     return compute + constants().overhead_mib[slot.kind] + headroom_mib + output
 
 
-def layer_cost_mib(model: Model, slot: Slot, *, context: int, kv_type: str, flash_attention: bool) -> float:
+def layer_cost_mib(model: Model, slot: Slot, *, context: int, kv_type: str) -> float:
     """Weights plus KV cache of one block layer on this device."""
     shares = weight_shares(model)
     weights = shares.file_mib / model.arch.layers if slot.holds_whole_file else shares.per_layer_mib
-    return weights + kv_cache_mib(model, 1, context, kv_type, flash_attention)
+    return weights + kv_cache_mib(model, 1, context, kv_type)
 
 
 def bytes_read_per_token_gb(model: Model, layers: int, last: bool, context: int, kv_type: str) -> float:

@@ -113,6 +113,11 @@ def placements(hw: Hardware, policy: Policy) -> list[Placement]:
 # ---------------------------------------------------------------- fitting one model in one placement
 
 
+def split_position(index: int, devices: int) -> bool | None:
+    """None for a model on one device; else whether this device is the split's first (its compute differs)."""
+    return index == 0 if devices > 1 else None
+
+
 def split_layers(
     model: Model, slots: tuple[Slot, ...], context: int, kv_type: str, fa: bool, headroom: int, ubatch: int | None = None
 ) -> list[int] | None:
@@ -124,12 +129,11 @@ def split_layers(
     budgets, limits = [], []
     for i, slot in enumerate(slots):
         last = i == len(slots) - 1
-        first = (i == 0) if len(slots) > 1 else None
         room = slot.capacity_mib - fixed_cost_mib(
-            model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom, split_first=first,
-            ubatch=ubatch,
+            model, slot, last=last, context=context, flash_attention=fa, headroom_mib=headroom,
+            split_first=split_position(i, len(slots)), ubatch=ubatch,
         )
-        cost = layer_cost_mib(model, slot, context=context, kv_type=kv_type, flash_attention=fa)
+        cost = layer_cost_mib(model, slot, context=context, kv_type=kv_type)
         budgets.append(max(room, 0.0))
         limits.append(max(int(room // cost), 0))
     if sum(limits) < total:
@@ -156,7 +160,7 @@ def device_plans(
         estimate_device(
             model, slot, layers=n, last=i == len(slots) - 1, context=context,
             kv_type=kv_type, flash_attention=fa, headroom_mib=headroom,
-            split_first=(i == 0) if len(slots) > 1 else None, ubatch=ubatch,
+            split_first=split_position(i, len(slots)), ubatch=ubatch,
         )
         for i, (slot, n) in enumerate(zip(slots, layers))
     ]

@@ -94,10 +94,15 @@ def model_names(tags_document) -> set[str]:
 # Operations
 
 
+def refusal(message: str) -> str:
+    """The shell command that fails a host with `message` on stderr (for operations that decide on the host)."""
+    return f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1"
+
+
 @operation(is_idempotent=False)
 def refuse(message: str):
     """Fail this host at this step with `message` (on stderr), leaving the other hosts running."""
-    yield f"echo {shlex.quote('r1fleet: ' + message)} >&2; exit 1"
+    yield refusal(message)
 
 
 def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False) -> list[str]:

@@ -30,7 +30,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT
+from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 from r1fleet.errors import FleetError
 from r1fleet.fleet import is_loopback, public_networks
 from r1fleet.models import HostPlan
@@ -232,7 +232,7 @@ def apply(entry: Any, plan: HostPlan):
 
 
 def firewall_drop_in(backend: str) -> str:
-    return f"/etc/systemd/system/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
+    return f"{UNIT_DIR}/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
 
 
 def _service_requires_firewall(backend: str) -> None:

@@ -21,7 +21,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.models import Hardware, HostPlan
-from roles.common import refuse
+from roles.common import refusal, refuse
 
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
 # drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.
@@ -77,7 +77,8 @@ def record_driver_reboot():
         host.noop("the NVIDIA driver answers; no reboot")
         return
     if decision == "stuck":
-        yield (f"echo {shlex.quote(f'r1fleet: NVIDIA driver {installed} was installed and the host rebooted, but nvidia-smi still does not work: see dmesg (Secure Boot? an unsupported GPU?); not rebooting again')} >&2; exit 1")
+        yield refusal(f"NVIDIA driver {installed} was installed and the host rebooted, but nvidia-smi still does not work: "
+                      "see dmesg (Secure Boot? an unsupported GPU?); not rebooting again")
         return
     yield f"mkdir -p /var/lib/r1fleet && echo {shlex.quote(f'{installed} {boot}')} > {REBOOT_MARKER}"
 

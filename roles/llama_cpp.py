@@ -41,6 +41,7 @@ from r1fleet.deploy_data import (
 from r1fleet.models import HostPlan
 from roles.ollama import install_release
 from roles.common import (
+    refusal,
     retire_service,
     AptCandidates,
     converge_service,
@@ -134,7 +135,7 @@ def check_llama_server(plan: HostPlan, install: LlamaInstall):
     if not problems:
         host.noop(f"{install.binary} has r1fleet's flags and sees the planned devices")
         return
-    yield f"echo {shlex.quote('r1fleet: ' + '; '.join(problems))} >&2; exit 1"
+    yield refusal("; ".join(problems))
 
 
 @deploy("llama.cpp")

@@ -103,12 +103,10 @@ def step(state: State, host, name: str) -> Iterator[None]:
     """Run a planning step; on a user-facing error, record it and fail only this host."""
     try:
         yield
-    except (R1FleetError, OSError, ValueError) as error:
-        print(f"[{host.name}] {name} failed: {error}", file=sys.stderr)
-        record(host.name, name, str(error))
-        state.fail_hosts({host})
     except Exception as error:  # noqa: BLE001 - one host's odd input must not end the run for every host
-        message = f"unexpected {type(error).__name__}: {error} (please report it with this host's probe: r1fleet probe {host.name})"
+        message = str(error)
+        if not isinstance(error, (R1FleetError, OSError, ValueError)):
+            message = f"unexpected {type(error).__name__}: {error} (please report it with this host's probe: r1fleet probe {host.name})"
         print(f"[{host.name}] {name} failed: {message}", file=sys.stderr)
         record(host.name, name, message)
         state.fail_hosts({host})

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from r1fleet.catalog import Model
-from r1fleet.lab import paths
+from r1fleet.lab import hosts, paths
 from r1fleet.lab.shape_gguf import write_header
 from r1fleet.tensor_split import flag_for_layers, format_flag
 
@@ -69,8 +69,7 @@ def parse_projection(log: str) -> list[DeviceProjection]:
 def _ssh(host: str, script: str, stdin: bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     if not paths.SSH_CONFIG.exists():
         raise OracleError(f"the lab is not up (no {paths.SSH_CONFIG}); start it with `sudo r1fleet lab up`")
-    argv = ["ssh", "-F", str(paths.SSH_CONFIG), "-o", "BatchMode=yes", host, script]
-    return subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+    return subprocess.run(hosts.ssh_argv(host, script, timeout=10), input=stdin, capture_output=True, timeout=timeout)
 
 
 @lru_cache(maxsize=8)
