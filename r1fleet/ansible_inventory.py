@@ -54,6 +54,17 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
     # Only inventory files are read: no inventory scripts or other plugins that would run code here.
     os.environ["ANSIBLE_INVENTORY_ENABLED"] = "host_list,yaml,ini,toml"
     # Imported here: ansible-core is heavy and only needed for this input format.
+    from ansible.errors import AnsibleError
+
+    try:
+        return _read_inventory(p)
+    except AnsibleError as err:  # a group_vars file that is a list, a YAML error in host_vars, ...
+        reason = " ".join(str(err).split())[:400]
+        raise FleetError(f"{p}: Ansible cannot read this inventory: {reason}", field="inventory",
+                         fix="`ansible-inventory -i FILE --list` shows the same error; correct the file it names") from None
+
+
+def _read_inventory(p: Path) -> dict[str, Any]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.vars.manager import VariableManager
@@ -62,6 +73,7 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
     inventory = InventoryManager(loader=loader, sources=[str(p)])
     variables = VariableManager(loader=loader, inventory=inventory)
     hosts: dict[str, dict[str, Any]] = {}
+    lab = False
     for ahost in inventory.get_hosts():
         host_vars = variables.get_vars(host=ahost)
         entry: dict[str, Any] = {"address": ahost.name}
@@ -72,6 +84,7 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
         for key, value in host_vars.items():
             if key.startswith(PREFIX) and len(key) > len(PREFIX):
                 entry[key[len(PREFIX):]] = _structured(render(key, value))
+        lab = str(entry.pop("lab", "")).lower() in ("true", "yes", "on", "1") or lab
         if "ssh_port" in entry:
             entry["ssh_port"] = int(entry["ssh_port"])
         groups = sorted(g.name for g in ahost.get_groups() if g.name not in IMPLICIT_GROUPS)
@@ -81,7 +94,8 @@ def fleet_dict_from_ansible(path: str | Path) -> dict[str, Any]:
     if not hosts:
         raise FleetError(f"no hosts in Ansible inventory {p}", field="hosts",
                          fix="add hosts to the inventory (ansible-inventory -i FILE --list shows what Ansible sees)")
-    return {"defaults": {}, "hosts": hosts}
+    # r1fleet_lab: true marks the r1fleet lab (inventory/ansible/lab-hosts.yml), where profiles are allowed
+    return {"defaults": {}, "hosts": hosts, **({"lab": {}} if lab else {})}
 
 
 def _structured(value: Any) -> Any:

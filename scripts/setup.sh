@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Controller packages: the lab (debootstrap, systemd-nspawn, network namespaces, apt proxy),
-# SSH, and ruby to check the Vagrantfile.
+# SSH, ruby to check the Vagrantfile, and ufw (left disabled here: tests/lab/test_ufw.py runs it in a
+# private namespace to check r1fleet's ufw rules against the real thing).
 APT_PACKAGES=(debootstrap systemd-container iproute2 apt-cacher-ng openssh-client curl ca-certificates
-              nftables ruby python3-venv)
+              nftables ruby python3-venv ufw)
 
 if [ "$(id -u)" = 0 ]; then
   missing=()

@@ -117,3 +117,26 @@ def test_a_deploy_stopped_before_the_restart_is_completed_by_the_next_run(restor
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert " -c 8192 " in ssh(SPLIT_HOST, running).stdout
     assert ssh(SPLIT_HOST, "systemctl show -p NeedDaemonReload --value r1fleet-llama-server").stdout.strip() == "no"
+
+
+def test_systemd_reads_escaped_values_back_as_written(lab, ssh):
+    """Real systemd hands the service what r1fleet escapes as one assignment and one word (audit L3)."""
+    from r1fleet.deploy_data import systemd_environment, systemd_word
+
+    hostile = 'GPU-a" "LD_PRELOAD=/tmp/evil.so %n$HOME\\'
+    out = "/run/r1fleet-escape-check.out"
+    unit = ("[Service]\nType=oneshot\n"
+            f'Environment="{systemd_environment("CUDA_VISIBLE_DEVICES", hostile)}"\n'
+            f"StandardOutput=append:{out}\n"
+            f"ExecStart=/usr/bin/printf {systemd_word('<%s>')} {systemd_word(hostile)}\n"
+            "ExecStart=/usr/bin/env\n")
+    path = "/run/systemd/system/r1fleet-escape-check.service"
+    ssh("lab-cpu", f"rm -f {out}; cat > {path} <<'EOF'\n{unit}EOF\nsystemctl daemon-reload")
+    try:
+        ssh("lab-cpu", "systemctl start r1fleet-escape-check")
+        seen = ssh("lab-cpu", f"cat {out}").stdout
+    finally:
+        ssh("lab-cpu", f"rm -f {path} {out}; systemctl daemon-reload")
+    # unescaped, systemd would read two assignments, split the word, and `%n`/`$HOME` would be replaced
+    assert seen.startswith(f"<{hostile}>"), seen
+    assert f"\nCUDA_VISIBLE_DEVICES={hostile}\n" in seen and "\nLD_PRELOAD" not in seen, seen

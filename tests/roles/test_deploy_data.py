@@ -132,3 +132,24 @@ def test_a_host_without_room_for_the_model_is_refused_before_any_change():
     check_disk("dual", p, present)  # a re-run: nothing to download
     roomy = hw.model_copy(update={"disk_free_mib": 50000})
     check_disk("dual", p, roomy)
+
+
+def test_unit_words_and_environment_reach_systemd_as_written():
+    """A quote, a `%` or a `$` in a value stays inside its word or assignment (audit L3)."""
+    import jinja2
+
+    from r1fleet.deploy_data import UnitSpecifier, systemd_environment, systemd_word
+
+    assert systemd_word("/usr/bin/llama-server") == "/usr/bin/llama-server"
+    assert systemd_word("/m/a b.gguf") == '"/m/a b.gguf"'
+    assert systemd_word("50%$HOME") == '"50%%$$HOME"'
+    assert systemd_word(UnitSpecifier("%d/api-key")) == "%d/api-key"
+    hostile = 'GPU-a" "LD_PRELOAD=/tmp/evil.so'
+    assignment = systemd_environment("CUDA_VISIBLE_DEVICES", hostile)
+    assert assignment == 'CUDA_VISIBLE_DEVICES=GPU-a\\" \\"LD_PRELOAD=/tmp/evil.so'
+    template = (Path(__file__).resolve().parents[2] / "templates" / "systemd" / "r1fleet-service.j2").read_text()
+    unit = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(svc={
+        "description": "x", "user": "llama", "environment": [assignment], "exec_start": systemd_word("/m/a b"),
+        "read_write_paths": ["/var/lib/llama"], "device_allow": [], "ip_allow": []})
+    assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-a\\" \\"LD_PRELOAD=/tmp/evil.so"\n' in unit
+    assert 'ExecStart="/m/a b"\n' in unit

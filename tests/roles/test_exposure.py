@@ -89,13 +89,44 @@ def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
     assert not run.ran("/dev/urandom")
 
 
+# `ufw status numbered` as ufw 0.36.2 prints it (captured from Debian 12's ufw in tests/lab/test_ufw.py)
+UFW_OURS_FIRST = """2
+[ 1] 11434/tcp                  ALLOW IN    10.77.0.1/32               # r1fleet
+[ 2] 11434/tcp                  DENY IN     Anywhere                   # r1fleet
+[ 3] 11434                      ALLOW IN    Anywhere
+[ 4] 11434/tcp (v6)             DENY IN     Anywhere (v6)              # r1fleet
+[ 5] 11434 (v6)                 ALLOW IN    Anywhere (v6)
+"""
+UFW_OURS_BELOW = """2
+[ 1] 11434                      ALLOW IN    Anywhere
+[ 2] 11434/tcp                  ALLOW IN    10.77.0.1/32               # r1fleet
+[ 3] 11434/tcp                  DENY IN     Anywhere                   # r1fleet
+[ 4] 11434/tcp (v6)             DENY IN     Anywhere (v6)              # r1fleet
+"""
+
+
+def test_ufw_rule_families_and_order():
+    assert exposure.ufw_rules_come_first(UFW_OURS_FIRST.splitlines()[1:])
+    assert not exposure.ufw_rules_come_first(UFW_OURS_BELOW.splitlines()[1:])
+    # a v4 port range is not IPv6; an explicit v6 source is
+    assert exposure.ufw_rules_come_first(["[ 1] 11434/tcp ALLOW IN fd00::/8 # r1fleet", "[ 2] 6000:6007/tcp ALLOW IN Anywhere",
+                                          "[ 3] 11434/tcp DENY IN Anywhere # r1fleet"]) is False
+    assert exposure.ufw_rules_come_first(["[ 1] 6000:6007/tcp ALLOW IN Anywhere", "[ 2] 11434/tcp ALLOW IN fd00::/8 # r1fleet"])
+    # an IPv4 listen address admits IPv4 networks only; "::" admits both
+    v4 = exposure.ufw_commands(exposure.Exposure("10.0.0.5", 8080, ("10.0.0.0/24",), ("fd00::/8",)))
+    assert not any("fd00" in c for c in v4)
+    both = exposure.ufw_commands(exposure.Exposure("::", 8080, ("10.0.0.0/24",), ("fd00::/8",)))
+    assert both[0] == "ufw prepend deny 8080/tcp comment r1fleet" and len(both) == 3
+
+
 def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     responses = {"ufw status": "Status: active", **HAS_NFT}
     run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     rules = run.uploads[exposure.UFW_RULES_FILE].splitlines()
-    assert rules == ["ufw allow from 10.77.0.1/32 to any port 11434 proto tcp comment r1fleet",
-                     "ufw deny 11434/tcp comment r1fleet"]  # allow before deny: ufw stops at the first match
+    # prepended, deny first: the allow ends above the deny and above the host's own rules (L6)
+    assert rules == ["ufw prepend deny 11434/tcp comment r1fleet",
+                     "ufw prepend allow from 10.77.0.1/32 to any port 11434 proto tcp comment r1fleet"]
     assert exposure.RULES_FILE not in run.uploads
     # our old rules go first, then the file's, in order
     assert run.commands.index(exposure.UFW_DELETE_OURS) < run.commands.index(f"sh -e {exposure.UFW_RULES_FILE}")
@@ -103,11 +134,15 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     converged = {**file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
                  **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
     again = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                     monkeypatch=monkeypatch, responses={"grep -c '# r1fleet$'": "2", **responses, **converged})
+                     monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_FIRST, **responses, **converged})
     assert not again.ran("ufw --force delete") and not again.ran("sh -e")
+    # a rule the user inserted above ours later: ours are put back on top
+    below = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+                     monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_BELOW, **responses, **converged})
+    assert below.ran(f"sh -e {exposure.UFW_RULES_FILE}")
     # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
     lost = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                    monkeypatch=monkeypatch, responses={"grep -c '# r1fleet$'": "0", **responses, **converged})
+                    monkeypatch=monkeypatch, responses={"ufw show added": "0", **responses, **converged})
     assert lost.ran(f"sh -e {exposure.UFW_RULES_FILE}")
 
 

@@ -45,6 +45,10 @@ def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(m
     assert "nvidia-headless-580-server-open" in line and "nvidia-utils-580-server" in line
     assert run.uploads[gpu_driver.NOUVEAU_BLACKLIST].splitlines()[1:] == ["blacklist nouveau", "options nouveau modeset=0"]
     assert run.ran("update-initramfs -u")
+    # the initramfs follows the host, not this run: rebuilt while it predates the blacklist, else left alone (M9)
+    built = run_role(gpu_driver.install, hw(), PLAN, data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch,
+                     responses={"/boot/initrd.img-$(uname -r)": "holds", **INSTALLED, **UPTIME})
+    assert not built.ran("update-initramfs -u")
     # nvidia-smi answers nothing after the install -> exactly one reboot, then persistence is enabled
     assert sum("reboot" in c and "sleep 1" in c for c in run.commands) == 1
     assert run.ran("systemctl enable nvidia-persistenced")
@@ -97,11 +101,23 @@ def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
     run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=UPTIME, data=REBOOT_DATA,
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.ran("rpmfusion-nonfree-release-42.noarch.rpm")
+    # the release RPM is installed only after its signature checks out against RPM Fusion's keys (L9)
+    fetch = next(c for c in run.commands if "rpmfusion-free-release-42.noarch.rpm" in c)
+    assert fetch.index("rpmkeys --import /usr/share/distribution-gpg-keys/rpmfusion/") < fetch.index("curl") \
+        < fetch.index("rpmkeys -K") < fetch.index("dnf install")
+    assert any(re.search(r"dnf .*install.*distribution-gpg-keys", c) for c in run.commands)
     assert any(re.search(r"dnf .*install.*akmod-nvidia", c) for c in run.commands)
     assert run.uploads["/etc/rpm/macros.nvidia-kmod"].strip() == "%_with_kmod_nvidia_open 1"
     # modinfo printed nothing -> the role polls until akmods has built the module
     assert run.ran("modinfo -F version nvidia >/dev/null 2>&1 && exit 0")
     assert run.ran("dracut --force")
+
+
+def test_fedora_release_rpms_installed_once(monkeypatch):
+    responses = {"rpm --queryformat": "rpmfusion-free-release 42-1.noarch", **UPTIME}
+    run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert not run.ran("rpmfusion-free-release-42.noarch.rpm")
 
 
 def test_fedora_skips_the_wait_when_the_module_is_built(monkeypatch):

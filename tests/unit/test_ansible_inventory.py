@@ -25,6 +25,17 @@ def test_lab_inventory_matches_the_lab_in_file_order():
     assert dual["rehearsal"] is True and dual["profile"] == "dual-rtx3090"          # group_vars + host_vars
     assert dual["policy"] == {"min_context": 8192, "min_tokens_per_second": 5}
     assert dual["groups"] == ["r1lab"]
+    assert fleet["lab"] == {} and "lab" not in dual  # r1fleet_lab: true marks the lab fleet
+    assert load_fleet(LAB).hosts["lab-dual3090"].profile == "dual-rtx3090"
+
+
+def test_a_profile_outside_the_lab_is_refused(tmp_path):
+    """A profile turns off host-key checking: an inventory must say it is the lab (L1)."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  hosts:\n    box:\n      ansible_host: 10.0.0.5\n      r1fleet_profile: rtx4090\n")
+    with pytest.raises(FleetError) as caught:
+        load_fleet(inventory)
+    assert "host box: field profile" in str(caught.value) and "r1fleet_lab: true" in str(caught.value)
 
 
 def test_ini_inventory_with_ports_lists_and_group_vars():

@@ -73,3 +73,24 @@ def test_mutated_fleet_files_load_or_say_what_is_wrong(tmp_path, seed):
             load_fleet(str(path), lab_state=False)
         except R1FleetError as error:
             assert str(path) in str(error) or "host" in str(error) or "lab" in str(error)
+
+
+ANSIBLE = ROOT / "inventory" / "ansible"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_ansible_inventories_load_or_say_what_is_wrong(tmp_path, seed):
+    """The lab's Ansible inventory (with its group_vars and host_vars) and the INI example, one file mutated."""
+    import shutil
+
+    rnd = random.Random(seed)
+    for n in range(60):
+        copy = tmp_path / f"inventory-{n}"
+        shutil.copytree(ANSIBLE, copy)
+        target = rnd.choice(sorted(p for p in copy.rglob("*") if p.is_file()))
+        target.write_text(mutate(target.read_text(), rnd))
+        inventory = copy / ("example-hosts.ini" if rnd.random() < 0.3 else "lab-hosts.yml")
+        try:
+            load_fleet(str(inventory), lab_state=False)
+        except R1FleetError as error:
+            assert str(copy) in str(error) or "host" in str(error), str(error)

@@ -76,6 +76,9 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts:\n  a: {address: 10.0.0.1, groups: [all]}\n", ["host a", "field groups", "not 'all'"]),
         # rehearsal needs a mirror for the stand-in model (M11)
         ("hosts:\n  a: {address: 10.0.0.1, rehearsal: true}\n", ["host a", "field rehearsal", "mirror"]),
+        # a profile turns off host-key checking: lab fleets only (L1)
+        ("hosts:\n  a: {address: 10.0.0.1, profile: rtx4090}\n", ["host a", "field profile", "lab fleets only", "lab:"]),
+        ("defaults: {profile: rtx4090}\nhosts:\n  a: {address: 10.0.0.1}\n", ["host a", "field profile"]),
         # systemd reads % as a specifier (L4)
         ("hosts:\n  a: {address: 10.0.0.1, listen: 'fe80::1%eth0', allow: ['fe80::/64']}\n", ["host a", "field listen", "scope id"]),
     ],

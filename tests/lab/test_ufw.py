@@ -1,0 +1,76 @@
+"""r1fleet's ufw rules against the real ufw (Debian's package), in a private network and mount namespace.
+
+The host's own /etc/ufw and netfilter are never touched: `unshare -mn` gives the run its own network
+stack, and /etc/ufw is a bind-mounted copy. Root only (namespaces), like the rest of tests/lab.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from roles import exposure
+
+SETTINGS = exposure.Exposure("10.0.0.5", 11434, ("10.0.0.0/24", "192.168.7.7/32"), ("fd00::/8",))
+LISTEN_V6 = exposure.Exposure("::", 11434, ("10.0.0.0/24",), ("fd00::/8",))
+MARK = "=== "
+
+
+def run_in_namespace(steps: list[str]) -> dict[str, str]:
+    """Run shell steps in a fresh ufw; return each step's output by its first line's label."""
+    if not shutil.which("ufw") and not shutil.which("/usr/sbin/ufw"):
+        pytest.fail("ufw is not installed (scripts/setup.sh installs it as root)")
+    script = ["set -e", 'copy=$(mktemp -d)', 'cp -a /etc/ufw/. "$copy"/', 'mount --bind "$copy" /etc/ufw',
+              "ufw --force reset >/dev/null", "ufw --force enable >/dev/null"]
+    for index, step in enumerate(steps):
+        script += [f"echo '{MARK}{index}'", step]
+    done = subprocess.run(["unshare", "-mn", "bash", "-c", "\n".join(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    outputs: dict[str, str] = {}
+    for chunk in done.stdout.split(MARK)[1:]:
+        label, _, body = chunk.partition("\n")
+        outputs[label] = body
+    return outputs
+
+
+def apply(settings: exposure.Exposure) -> str:
+    """What the role does: write the rules file, delete r1fleet's old rules, apply the file."""
+    rules = "\n".join(exposure.ufw_commands(settings))
+    return f"cat > /tmp/r1fleet-ufw-rules <<'EOF'\n{rules}\nEOF\n{exposure.UFW_DELETE_OURS}\nsh -e /tmp/r1fleet-ufw-rules >/dev/null"
+
+
+def state(outputs: dict[str, str], label: str) -> dict:
+    return exposure.UfwRules().process(outputs[label].splitlines())
+
+
+def test_rules_come_before_broader_rules_the_host_already_has():
+    fact_command = exposure.UfwRules().command()
+    outputs = run_in_namespace([
+        "ufw allow 11434 >/dev/null; ufw allow from 10.0.0.0/8 >/dev/null",   # the user's own, broader rules
+        apply(SETTINGS),
+        fact_command,
+        "iptables -S ufw-user-input",
+        apply(SETTINGS),                                                        # a second run: the same rules
+        fact_command,
+        "ufw insert 1 allow from 172.16.0.0/12 >/dev/null",                     # a rule added above ours later
+        fact_command,
+    ])
+    expected = len(exposure.ufw_commands(SETTINGS))
+    assert expected == 3  # deny + two IPv4 allows; the IPv6 network cannot reach an IPv4 listen address
+    assert state(outputs, "2") == {"count": expected, "first": True}, outputs["2"]
+    chain = [line for line in outputs["3"].splitlines() if line.startswith("-A ")]
+    # real netfilter order: r1fleet's allows, then its drop, then the user's broader rules
+    assert ["10.0.0.0/24" in chain[0], "192.168.7.7" in chain[1]] == [True, True], chain
+    assert [rule.split("-j ")[-1].split()[0] for rule in chain[:3]] == ["ACCEPT", "ACCEPT", "DROP"], chain
+    assert "--dport 11434" in chain[2] and "-s " not in chain[2], chain
+    assert state(outputs, "5") == state(outputs, "2")
+    assert state(outputs, "7") == {"count": expected, "first": False}, outputs["7"]
+
+
+def test_rules_apply_to_an_empty_ruleset_and_keep_ipv6_apart():
+    outputs = run_in_namespace([apply(LISTEN_V6), exposure.UfwRules().command(), "LC_ALL=C ufw status numbered"])
+    assert state(outputs, "1") == {"count": 3, "first": True}, outputs["1"]
+    numbered = outputs["2"]
+    assert "fd00::/8" in numbered and "(v6)" in numbered
