@@ -1,9 +1,9 @@
 """macOS (Apple Silicon) role: Ollama as a system LaunchDaemon with the plan's settings.
 
 deploy.py calls `macos.install(plan, entry)` instead of the Linux roles on Darwin hosts.
-  * Ollama: the pinned release's macOS archive when its sha256 is known (r1fleet/data/drivers.yaml
-    `darwin`, version from r1fleet/versions.yaml), otherwise Homebrew's `ollama` formula (Homebrew
-    verifies its bottles), installed as the SSH user because brew refuses to run as root.
+  * Ollama: the pinned, sha256-verified release archive for macOS (r1fleet/data/drivers.yaml `darwin`,
+    version from r1fleet/versions.yaml); Homebrew's `ollama` formula only when the host data says
+    `macos_ollama: homebrew`. Ollama.app or `brew services` holding the port is stopped and disabled.
   * /Library/LaunchDaemons/com.r1fleet.ollama.plist: runs at boot without a login session (brew
     services makes a per-user LaunchAgent that only runs while that user is logged in; drivers.md 5),
     as the dedicated hidden user _r1ollama, with OLLAMA_* from the plan. Bootstrapped/kickstarted
@@ -25,12 +25,12 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
-from r1fleet.deploy_data import ModelDownload, local_api
+from r1fleet.deploy_data import DEFAULT_PORTS, ModelDownload, local_api
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
-from roles.common import wait_http
+from roles.common import refusal, wait_http
 from roles.ollama import ollama_model
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
@@ -72,6 +72,56 @@ def hidden_service_user(user: str, home: str):
         f"dscl . -create /Users/{u} PrimaryGroupID $uid && dscl . -create /Users/{u} UserShell /usr/bin/false && "
         f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName 'r1fleet Ollama' && "
         f"dscl . -create /Users/{u} IsHidden 1 && dscl . -create /Users/{u} Password '*'")
+
+
+class PortListener(FactBase):
+    """The process listening on a TCP port: (uid, executable path), or None when the port is free."""
+
+    @staticmethod
+    def default() -> None:
+        return None
+
+    def command(self, port: int) -> str:
+        return (f"pid=$(lsof -nP -iTCP:{int(port)} -sTCP:LISTEN -t 2>/dev/null | head -n1); "
+                'test -n "$pid" && ps -o uid= -o comm= -p "$pid" || true')
+
+    def process(self, output: list[str]) -> tuple[int, str] | None:
+        uid, _, path = (output[0].strip() if output else "").partition(" ")
+        return (int(uid), path.strip()) if uid.isdecimal() and path.strip() else None
+
+
+# Other Ollama servers a Mac may already run on the port (audit-ollama row 37): the app's LaunchAgent
+# (Ollama.app/Contents/Library/LaunchAgents/com.ollama.ollama.plist) and `brew services` (homebrew.mxcl.ollama).
+OTHER_OLLAMA_AGENTS = {"/Applications/Ollama.app/": "com.ollama.ollama", "/opt/homebrew/": "homebrew.mxcl.ollama"}
+
+
+def other_ollama_agent(listener: tuple[int, str] | None, ours: str) -> str | None:
+    """The launchd label of another Ollama holding the port (to stop), "" for an unknown process
+    (to refuse), None when the port is free or held by r1fleet's own binary.
+
+    >>> other_ollama_agent((501, "/Applications/Ollama.app/Contents/Resources/ollama"), "/usr/local/lib/r1fleet/ollama-0.32.9/ollama")
+    'com.ollama.ollama'
+    """
+    if listener is None or listener[1] == ours:
+        return None
+    return next((label for prefix, label in OTHER_OLLAMA_AGENTS.items() if listener[1].startswith(prefix)), "")
+
+
+@operation()
+def stop_other_ollama(port: int, ours: str):
+    """Stop and disable the Ollama.app or `brew services` server holding the port, so the LaunchDaemon
+    (and the pull and preload that follow) talk to r1fleet's server; any other process there fails the host."""
+    listener = host.get_fact(PortListener, port=port)
+    label = other_ollama_agent(listener, ours)
+    if label is None:
+        host.noop(f"port {port} is free or r1fleet's")
+        return
+    if not label:
+        yield refusal(f"port {port} is held by {listener[1]} (uid {listener[0]}): stop it first")
+        return
+    domain = f"gui/{listener[0]}/{label}"
+    # disable: launchd does not start it again at the next login (the app re-registers only when opened)
+    yield f"launchctl disable {domain}; launchctl bootout {domain} 2>/dev/null || true; pkill -x Ollama || true"
 
 
 def default_gpu_limit_mib(total_mib: int) -> int:
@@ -118,7 +168,7 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
         server.shell(name="Refuse: not Apple Silicon",
                      commands=[f"echo 'r1fleet: macOS host is {arch}; r1fleet serves Ollama on Apple Silicon only' >&2; exit 1"])
         return
-    release = _pinned_release()
+    release = None if host.data.get("macos_ollama") == "homebrew" else _pinned_release()
     if release:
         version, url, sha256 = release
         directory = f"{RELEASE_ROOT}/ollama-{version}"
@@ -134,8 +184,9 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
         binary = f"{directory}/ollama"
         binary_ops = [fetched]
     else:
-        logger.info(f"{host.name}: no sha256 for the macOS Ollama archive; installing Homebrew's ollama formula")
-        binary_ops = [brew.packages(name="Ollama (Homebrew)", packages=["ollama"])]
+        logger.info(f"{host.name}: installing Homebrew's ollama formula, as the host data asks")
+        # latest: an older bottle stays broken otherwise (0.30.x bottles shipped no llama-server: ollama#16430)
+        binary_ops = [brew.packages(name="Ollama (Homebrew)", packages=["ollama"], latest=True)]
         binary = BREW_BINARY
 
     hidden_service_user(name=f"Service user {USER}", user=USER, home=HOME, _sudo=True)
@@ -148,6 +199,8 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
         name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
         user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,
         environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE, _sudo=True)
+    stop_other_ollama(name="Stop another Ollama holding the port (Ollama.app, brew services)",
+                      port=int(entry.port or DEFAULT_PORTS["ollama"]), ours=binary, _sudo=True)
     changed = [plist, *binary_ops]
     server.shell(
         name="(Re)load the Ollama LaunchDaemon",

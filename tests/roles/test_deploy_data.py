@@ -47,8 +47,16 @@ def test_mirror_override_falls_back_to_tgz_and_ignores_pinned_sums():
 
 
 def test_missing_sha_is_refused_with_the_fix():
-    with pytest.raises(DeployError, match="no sha256 is pinned for ollama-linux-amd64-rocm.tar.zst"):
-        ollama_release("h", AMD64, plan(vendor="amd"))
+    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    with pytest.raises(DeployError, match="no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst"):
+        ollama_release("h", jetson, plan(placement="unified"))
+
+
+def test_an_amd_host_gets_the_pinned_rocm_add_on():
+    """audit-ollama row 21: the ROCm add-on is pinned, so an AMD host deploys instead of being refused."""
+    rel = ollama_release("h", AMD64, plan(vendor="amd"))
+    assert [a.name for a in rel.assets] == ["ollama-linux-amd64.tar.zst", "ollama-linux-amd64-rocm.tar.zst"]
+    assert rel.assets[1].sha256 == "ab93c931df3ea570827f57fa752b3bea7bbc961af71412fc0d4cdaf5c48a356a"
 
 
 def test_cpu_plan_hides_gpus_and_uses_no_devices():

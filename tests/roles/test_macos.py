@@ -32,20 +32,21 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
     assert not run.failed
     plist = plistlib.loads(run.uploads[macos.PLIST].encode())     # well-formed plist
     assert plist["Label"] == "com.r1fleet.ollama" and plist["UserName"] == "_r1ollama"
-    assert plist["ProgramArguments"] == [macos.BREW_BINARY, "serve"]   # no macOS sha256 known -> Homebrew
+    # the pinned release archive, verified, not Homebrew (audit-ollama row 35)
+    assert plist["ProgramArguments"] == ["/usr/local/lib/r1fleet/ollama-0.32.9/ollama", "serve"]
     env = plist["EnvironmentVariables"]
     assert env["OLLAMA_HOST"] == "127.0.0.1:11434" and env["OLLAMA_CONTEXT_LENGTH"] == "16384"
     assert env["OLLAMA_MODELS"] == "/var/lib/r1fleet/models/ollama" and env["OLLAMA_KV_CACHE_TYPE"] == "q8_0"
     assert env["OLLAMA_FLASH_ATTENTION"] == "1" and env["OLLAMA_KEEP_ALIVE"] == "-1"
     assert plist["RunAtLoad"] and plist["KeepAlive"] and "LimitLoadToSessionType" not in plist
-    assert run.ran("brew install ollama")
+    assert not run.ran("brew install")
     assert run.ran("dscl . -create /Users/_r1ollama")
     assert run.ran("launchctl bootstrap system /Library/LaunchDaemons/com.r1fleet.ollama.plist")
     assert run.ran("launchctl kickstart -k system/com.r1fleet.ollama")
     # 12000 MiB fits in the default working set of 32 GiB (2/3 = 21845 MiB): no wired limit
     assert macos.WIRED_PLIST not in run.uploads and not run.ran("iogpu.wired_limit_mb")
     # then the model itself: pulled by its exact tag from the LaunchDaemon's server, and kept loaded
-    assert run.ran("OLLAMA_HOST=http://127.0.0.1:11434 /opt/homebrew/bin/ollama pull deepseek-r1:14b-qwen-distill-q4_K_M")
+    assert run.ran("OLLAMA_HOST=http://127.0.0.1:11434 /usr/local/lib/r1fleet/ollama-0.32.9/ollama pull deepseek-r1:14b-qwen-distill-q4_K_M")
     assert run.ran('"keep_alive": -1') and run.ran("http://127.0.0.1:11434/api/generate")
 
 
@@ -90,3 +91,27 @@ def test_pinned_archive_is_downloaded_inside_the_root_owned_release_directory(mo
     run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
     fetch = next(c for c in run.commands if "ollama-darwin.tgz" in c and ("curl" in c or "wget" in c))
     assert "/tmp/" not in fetch and "-o /usr/local/lib/r1fleet/ollama-0.32.9/" in fetch
+
+
+def test_homebrew_only_when_asked(monkeypatch):
+    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, data={"macos_ollama": "homebrew"},
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert plistlib.loads(run.uploads[macos.PLIST].encode())["ProgramArguments"] == [macos.BREW_BINARY, "serve"]
+    assert run.ran("brew upgrade ollama") or run.ran("brew install ollama")
+
+
+def test_another_ollama_on_the_port_is_stopped_or_refused(monkeypatch):
+    ours = "/usr/local/lib/r1fleet/ollama-0.32.9/ollama"
+    app = (501, "/Applications/Ollama.app/Contents/Resources/ollama")
+    assert macos.other_ollama_agent(app, ours) == "com.ollama.ollama"
+    assert macos.other_ollama_agent((501, "/opt/homebrew/Cellar/ollama/0.30.1/bin/ollama"), ours) == "homebrew.mxcl.ollama"
+    assert macos.other_ollama_agent((0, ours), ours) is None and macos.other_ollama_agent(None, ours) is None
+    assert macos.other_ollama_agent((501, "/usr/local/bin/python3"), ours) == ""
+    responses = {**ARM, "lsof -nP -iTCP:11434": "501 /Applications/Ollama.app/Contents/Resources/ollama"}
+    run = run_role(macos.install, mac_plan(12000), entry(), responses=responses, base_responses=False,
+                   monkeypatch=monkeypatch)
+    assert run.ran("launchctl disable gui/501/com.ollama.ollama")
+    other = {**ARM, "lsof -nP -iTCP:11434": "501 /usr/local/bin/python3"}
+    refused = run_role(macos.install, mac_plan(12000), entry(), responses=other, base_responses=False,
+                       monkeypatch=monkeypatch)
+    assert refused.ran("r1fleet: port 11434 is held by /usr/local/bin/python3 (uid 501): stop it first' >&2; exit 1")
