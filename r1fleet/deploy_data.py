@@ -242,7 +242,8 @@ def ollama_release(
     override = override or OllamaReleaseOverride()
     version = override.version or pinned["version"]
     base_url = (override.base_url or pinned["base_url"]).format(version=version).rstrip("/")
-    known = dict(pinned.get("sha256") or {}) if not override.sha256 else {}
+    # The pinned sums hold for the pinned version only; host data may add the ones it lacks (a JetPack add-on).
+    known = dict(pinned.get("sha256") or {}) if version == pinned["version"] else {}
     known.update(override.sha256)
     assets = []
     for stem in ollama_asset_stems(target, plan.vendor, plan.placement):

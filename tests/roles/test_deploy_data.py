@@ -52,6 +52,13 @@ def test_missing_sha_is_refused_with_the_fix():
         ollama_release("h", jetson, plan(placement="unified"))
 
 
+def test_host_data_adds_a_missing_sha_to_the_pinned_ones():
+    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    rel = ollama_release("h", jetson, plan(placement="unified"),
+                         OllamaReleaseOverride(sha256={"ollama-linux-arm64-jetpack6.tar.zst": "c" * 64}))
+    assert [a.sha256[:4] for a in rel.assets] == ["7961", "cccc"]
+
+
 def test_an_amd_host_gets_the_pinned_rocm_add_on():
     """audit-ollama row 21: the ROCm add-on is pinned, so an AMD host deploys instead of being refused."""
     rel = ollama_release("h", AMD64, plan(vendor="amd"))
