@@ -7,8 +7,10 @@ tested without SSH.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -348,6 +350,23 @@ def lab_gpu_devices(plan: HostPlan, settings: DeploySettings) -> list[str]:
     return [f"127.0.0.1:{GPU_RPC_BASE_PORT + index}" for index in plan.gpu_indices]
 
 
+def ollama_load_at_start(tag: str, api: str, timeout_s: int) -> list[str]:
+    """The Ollama unit's ExecStartPost=: load the planned model as soon as the server answers, so every start
+    (boot, restart, crash) ends with it loaded. Ollama loads nothing by itself at start (server/routes.go
+    Serve); an empty /api/generate loads the model and answers done_reason "load" (routes.go:471-491).
+
+    It retries only while the server does not accept connections yet (curl exit 7); an HTTP error (the
+    model not pulled yet, on a first deploy) ends it at once. `timeout` bounds the whole of it below the
+    unit's TimeoutStartSec (LOAD_AT_START_SLACK_S more), and a failure does not fail the service (`-`)."""
+    body = json.dumps({"model": tag, "keep_alive": -1}, separators=(",", ":"))
+    script = (f"while :; do curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' "
+              f"-d {shlex.quote(body)} {shlex.quote(api + '/api/generate')}; [ $? -eq 7 ] || exit 0; sleep 1; done")
+    return ["-/usr/bin/timeout", str(timeout_s), "/bin/sh", "-c", script]
+
+
+LOAD_AT_START_SLACK_S = 30  # TimeoutStartSec beyond the load's own bound: systemd never kills a slow load
+
+
 def health_timeout_s(plan: HostPlan) -> int:
     """How long the start-up health gate waits: a base time plus reading the model from a slow disk."""
     c = constants()
@@ -440,6 +459,8 @@ def unit_context(
     read_only_paths: list[str] = (),
     restrict_ip: bool,
     credential: str | None = None,
+    exec_start_post: list[str] = (),
+    timeout_start_s: int | None = None,
 ) -> dict[str, Any]:
     """Template variables for templates/systemd/r1fleet-service.j2."""
     gpu = uses_gpu(plan)
@@ -454,6 +475,8 @@ def unit_context(
         "description": description,
         "user": user,
         "exec_start": " ".join(systemd_word(word) for word in exec_start),
+        "exec_start_post": " ".join(systemd_word(word) for word in exec_start_post),
+        "timeout_start_s": timeout_start_s,
         "environment": [systemd_environment(key, value) for key, value in sorted(environment.items())],
         "read_write_paths": list(read_write_paths),
         "read_only_paths": list(read_only_paths),

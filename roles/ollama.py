@@ -6,9 +6,10 @@ Layout on the host:
                                             once the new one is healthy)
   /usr/local/bin/ollama -> <version>/bin/ollama   for the CLI
   /etc/systemd/system/r1fleet-ollama.service      ours, not install.sh's ollama.service, so the
-                                            official installer can never overwrite it; a running
-                                            install.sh ollama.service is stopped and disabled
-                                            (both would bind 11434)
+                                            official installer can never overwrite it
+An official install (install.sh: regular /usr/local/bin/ollama, ollama.service, models in
+/usr/share/ollama/.ollama/models) is taken over first: its service stopped and disabled (both would
+bind 11434), its binary and libraries removed, its models moved into r1fleet's store.
   <model_dir>/ollama                        OLLAMA_MODELS, owned by the ollama user
 """
 
@@ -21,10 +22,11 @@ import urllib.request
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files, server
 
 from r1fleet.deploy_data import (
     LLAMA_UNIT,
+    LOAD_AT_START_SLACK_S,
     OLLAMA_ROOT,
     OLLAMA_UNIT,
     DeploySettings,
@@ -32,9 +34,11 @@ from r1fleet.deploy_data import (
     OllamaRelease,
     OllamaReleaseOverride,
     Target,
+    health_timeout_s,
     local_api,
     modelfile,
     ollama_environment,
+    ollama_load_at_start,
     ollama_release,
     parse_sha256sums,
     unit_context,
@@ -66,6 +70,63 @@ class DirEntries(FactBase):
 
     def process(self, output: list[str]) -> list[str]:
         return [line.strip() for line in output if line.strip()]
+
+
+# What Ollama's install.sh leaves (scripts/install.sh of v0.32.9): the archive unpacked into /usr/local, so the
+# binary is a regular file; ollama.service running `ollama serve` as user ollama (home /usr/share/ollama), so
+# its models are in that home's .ollama/models (envconfig.Models()).
+OFFICIAL_BINARY = "/usr/local/bin/ollama"
+OFFICIAL_LIBRARIES = "/usr/local/lib/ollama"
+OFFICIAL_UNIT = "ollama.service"
+OFFICIAL_STORE = "/usr/share/ollama/.ollama/models"
+
+
+class OfficialInstall(FactBase):
+    """What is left of an official (install.sh) Ollama: {"binary": regular file there, "unit": enabled or
+    running, "models": its store holds manifests}."""
+
+    default = dict
+
+    def command(self) -> str:
+        return (f"test -f {OFFICIAL_BINARY} && ! test -L {OFFICIAL_BINARY} && echo binary; "
+                f"systemctl is-enabled --quiet {OFFICIAL_UNIT} 2>/dev/null && echo unit; "
+                f"systemctl is-active --quiet {OFFICIAL_UNIT} 2>/dev/null && echo unit; "
+                f"test -n \"$(find {OFFICIAL_STORE}/manifests -type f 2>/dev/null | head -n1)\" && echo models; true")
+
+    def process(self, output: list[str]) -> dict:
+        found = {line.strip() for line in output}
+        return {key: key in found for key in ("binary", "unit", "models")}
+
+
+@operation()
+def retire_official_install():
+    """Stop and disable install.sh's ollama.service and remove its binary and libraries (the service holds
+    the port, and runs as the user r1fleet's service takes over, whom `usermod` cannot change meanwhile)."""
+    found = host.get_fact(OfficialInstall)
+    if not (found.get("unit") or found.get("binary")):
+        host.noop("no official Ollama service or binary")
+        return
+    if found.get("unit"):
+        yield f"systemctl disable --now {OFFICIAL_UNIT}"
+    if found.get("binary"):
+        yield f"rm -f {OFFICIAL_BINARY} && rm -rf {OFFICIAL_LIBRARIES}"
+
+
+@operation()
+def adopt_official_models(models_dir: str, user: str):
+    """Move the models of an official install into r1fleet's store, so a model the host already holds is
+    not downloaded again and the user's own models stay listed.
+
+    Example: adopt_official_models(models_dir="/var/lib/r1fleet/models/ollama", user="ollama")"""
+    if not host.get_fact(OfficialInstall).get("models"):
+        host.noop("no models in an official Ollama store")
+        return
+    src, dst = OFFICIAL_STORE, shlex.quote(models_dir)
+    # blobs move without copying on one filesystem; `-n` keeps a blob r1fleet's store already has
+    yield (f"mkdir -p {dst}/blobs {dst}/manifests && "
+           f"find {src}/blobs -maxdepth 1 -type f -name 'sha256-*' -exec mv -n {{}} {dst}/blobs/ \\; && "
+           f"cp -a {src}/manifests/. {dst}/manifests/ && rm -rf {src}/manifests && "
+           f"chown -R {shlex.quote(user)}:{shlex.quote(user)} {dst}")
 
 
 @operation()
@@ -172,15 +233,16 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
 
     packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
     server.packages(name="Packages for Ollama", packages=packages)
+    # An install.sh install holds the port, the CLI's path, the service user and the user's models: taken
+    # over before the user is changed and before ours starts.
+    retire_official_install(name="Stop and remove an official Ollama install")
     service_user(USER, HOME, gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
+    adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER)
 
     installed = install_release(name=f"Ollama {release.version}", release=release)
-    files.link(name="ollama on PATH", path="/usr/local/bin/ollama", target=release.binary, symbolic=True)
-
-    # An install.sh-style ollama.service would hold the same port.
-    systemd.service(name="Official ollama.service off", service="ollama.service", running=False, enabled=False)
+    files.link(name="ollama on PATH", path=OFFICIAL_BINARY, target=release.binary, symbolic=True)
 
     context = unit_context(
         plan,
@@ -192,6 +254,8 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
         read_write_paths=[HOME, models_dir],
         # The server itself downloads models from the registry, so no IP allow-list here.
         restrict_ip=False,
+        exec_start_post=ollama_load_at_start(plan.ollama_tag or "", api, health_timeout_s(plan)),
+        timeout_start_s=health_timeout_s(plan) + LOAD_AT_START_SLACK_S,
     )
     unit = unit_file(OLLAMA_UNIT, context)
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))

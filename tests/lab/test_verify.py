@@ -135,6 +135,9 @@ FAULTS = {
         # another file in its place: the same weights with 1 MiB appended (llama-server still loads it)
         f"cp -p {LLAMA_MODEL} {LLAMA_MODEL}.orig && head -c 1048576 /dev/zero >> {LLAMA_MODEL} && {restart(LLAMA_UNIT)}",
         f"mv -f {LLAMA_MODEL}.orig {LLAMA_MODEL}; {restart(LLAMA_UNIT)}")),
+    # the GPU hidden from Ollama by hand: the model lands on the CPU (size_vram 0)
+    "ollama-gpus-hidden": (OLLAMA_HOST, "model_on_gpu",
+                           lambda ssh: drop_in(OLLAMA_UNIT, "Environment=CUDA_VISIBLE_DEVICES=")),
     "ollama-context-changed": (OLLAMA_HOST, "context_matches_plan",
                                lambda ssh: drop_in(OLLAMA_UNIT, "Environment=OLLAMA_CONTEXT_LENGTH=4096")),
     "llama-context-changed": (LLAMA_HOST, "context_matches_plan", lambda ssh: _llama_flag_drop_in(ssh, "-c", "4096")),

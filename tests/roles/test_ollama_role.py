@@ -93,6 +93,11 @@ def test_unit_carries_exactly_the_planned_settings(monkeypatch):
     assert "User=ollama" in unit and "CapabilityBoundingSet=\n" in unit and "DevicePolicy=closed" in unit
     assert "DeviceAllow=char-nvidia-uvm rw" in unit and "PrivateDevices=no" in unit
     assert "MemoryDenyWriteExecute=yes" not in unit  # CUDA maps W+X memory
+    # every start ends with the planned model loaded (Ollama itself loads nothing at start)
+    post = next(line for line in unit.splitlines() if line.startswith("ExecStartPost="))
+    assert post.startswith("ExecStartPost=-/usr/bin/timeout ") and '\\"model\\":\\"deepseek-r1:7b-qwen-distill-q4_K_M\\"' in post
+    assert "http://127.0.0.1:11434/api/generate" in post and "$$?" in post
+    assert any(line.startswith("TimeoutStartSec=") for line in unit.splitlines())
 
 
 def test_listen_opens_the_bind_address(monkeypatch):
@@ -188,3 +193,25 @@ def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256()
     release = release_for(plan(), DeploySettings(mirror="http://192.168.1.5:8088"), TARGET)
     (asset,) = release.assets
     assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned
+
+
+def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
+    """install.sh's state (audit-ollama row 22): a regular /usr/local/bin/ollama, ollama.service enabled and
+    running, models in /usr/share/ollama/.ollama/models. Taken over before the link and our service."""
+    official = {"test -f /usr/local/bin/ollama && ! test -L": ["binary", "unit", "unit", "models"]}
+    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), responses=official,
+                   monkeypatch=monkeypatch)
+    assert not run.failed
+    takeover = [run.commands.index(c) for c in run.commands if "disable --now ollama.service" in c
+                or "rm -f /usr/local/bin/ollama" in c or "/usr/share/ollama/.ollama/models/manifests/." in c]
+    link = next(i for i, c in enumerate(run.commands) if "ln -s" in c and "/usr/local/bin/ollama" in c)
+    start = run.commands.index(next(c for c in run.commands if "systemctl start r1fleet-ollama.service" in c))
+    assert len(takeover) == 3 and max(takeover) < link < start
+    # the official service runs as `ollama`, which usermod cannot change while it runs: stopped before
+    user = next(i for i, c in enumerate(run.commands) if "useradd -" in c or "usermod -" in c)
+    assert run.commands.index(run.script("disable --now ollama.service")) < user
+    move = run.script("/usr/share/ollama/.ollama/models/manifests/.")
+    assert "mv -n {} /var/lib/r1fleet/models/ollama/blobs/" in move and "chown -R ollama:ollama" in move
+    # nothing official left: nothing to take over
+    clean = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), monkeypatch=monkeypatch)
+    assert not clean.ran("disable --now ollama.service") and not clean.ran("rm -f /usr/local/bin/ollama")

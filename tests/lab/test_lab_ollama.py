@@ -1,0 +1,129 @@
+"""Lab: the Ollama path as a real host meets it. A host that already has Ollama's own install (install.sh)
+is taken over and keeps its models; the planned model is loaded again after every start of the service.
+
+Root + lab only (tests/lab/conftest.py). The module leaves lab-4090 converged to inventory/lab.yml.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r1fleet.lab import mirror, state
+from test_deploy import changed_count
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "lab-4090"  # Ollama, one simulated RTX 4090
+UNIT = "r1fleet-ollama.service"
+API = "http://127.0.0.1:11434"
+OWN_MODEL = "mine:latest"
+
+# What Ollama's scripts/install.sh (v0.32.9) writes: the archive unpacked into /usr/local (so bin/ollama is a
+# regular file), a system user `ollama` with home /usr/share/ollama, and this unit, enabled and started.
+INSTALL_SH_UNIT = """[Unit]
+Description=Ollama Service
+After=network-online.target
+
+[Service]
+ExecStart=/usr/local/bin/ollama serve
+User=ollama
+Group=ollama
+Restart=always
+RestartSec=3
+Environment="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def deploy_lab_host() -> subprocess.CompletedProcess:
+    env = {**os.environ, "R1FLEET_FLEET": "lab"}
+    return subprocess.run([sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py", "--limit", HOST],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def verify_lab_host() -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1fleet", "verify", "--fleet", "lab", "-k", HOST], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def api_json(ssh, path: str) -> dict:
+    result = ssh(HOST, f"curl -fsS {API}{path}")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def install_sh_state(mirror_url: str) -> str:
+    """Shell commands that leave lab-4090 as install.sh would (r1fleet's own install removed first), with a
+    model of the user's own in the official store."""
+    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tgz"
+    gguf = f"{mirror_url}/models/{mirror.GGUF_NAME}"
+    return "\n".join([
+        "set -e",
+        f"systemctl disable --now {UNIT}",
+        f"rm -f /etc/systemd/system/{UNIT} /usr/local/bin/ollama",
+        "rm -rf /opt/r1fleet/ollama /var/lib/r1fleet/models/ollama /var/lib/r1fleet/models/import",
+        f"curl -fsS {archive} | tar -xzf - -C /usr/local",
+        "id ollama >/dev/null 2>&1 || useradd -r -s /bin/false -U -m -d /usr/share/ollama ollama",
+        "usermod -d /usr/share/ollama ollama && mkdir -p /usr/share/ollama && chown ollama:ollama /usr/share/ollama",
+        f"cat > /etc/systemd/system/ollama.service <<'EOF'\n{INSTALL_SH_UNIT}EOF",
+        "systemctl daemon-reload && systemctl enable --now ollama.service",
+        f"for i in $(seq 1 60); do curl -fsS {API}/api/version >/dev/null 2>&1 && break; sleep 1; done",
+        f"curl -fsS {gguf} -o /tmp/own.gguf && printf 'FROM /tmp/own.gguf\\n' > /tmp/Modelfile",
+        f"OLLAMA_HOST={API} /usr/local/bin/ollama create {OWN_MODEL} -f /tmp/Modelfile",
+        "rm -f /tmp/own.gguf /tmp/Modelfile",
+    ])
+
+
+@pytest.fixture(scope="module")
+def converged(lab):
+    result = deploy_lab_host()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    yield lab
+    deploy_lab_host()
+
+
+def test_an_install_sh_host_is_taken_over_and_keeps_its_model(converged, ssh):
+    laid = ssh(HOST, install_sh_state(state.mirror_url()), timeout=300)
+    assert laid.returncode == 0, laid.stdout + laid.stderr
+    assert OWN_MODEL in [m["name"] for m in api_json(ssh, "/api/tags")["models"]]
+    assert ssh(HOST, "test -f /usr/local/bin/ollama && ! test -L /usr/local/bin/ollama").returncode == 0
+
+    result = deploy_lab_host()
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+    assert ssh(HOST, "readlink /usr/local/bin/ollama").stdout.strip().startswith("/opt/r1fleet/ollama/")
+    assert ssh(HOST, "systemctl is-enabled ollama.service").stdout.strip() == "disabled"
+    assert ssh(HOST, "systemctl is-active ollama.service").stdout.strip() != "active"
+    assert ssh(HOST, "systemctl show -p MainPID --value r1fleet-ollama.service").stdout.strip() != "0"
+    names = [m["name"] for m in api_json(ssh, "/api/tags")["models"]]
+    assert OWN_MODEL in names, names  # the user's model moved into r1fleet's store, not lost
+    verified = verify_lab_host()
+    assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+    again = deploy_lab_host()  # converged: nothing repeats
+    assert again.returncode == 0 and changed_count(again.stdout + again.stderr) == 0, again.stderr[-3000:]
+    ssh(HOST, f"curl -fsS -X DELETE {API}/api/delete -d '{{\"model\": \"{OWN_MODEL}\"}}'; "
+              "rm -f /etc/systemd/system/ollama.service; systemctl daemon-reload")
+
+
+def test_the_model_is_loaded_again_after_every_restart(converged, ssh):
+    """No request after the restart: the unit itself loads the planned model (Ollama loads nothing at start)."""
+    tag = ssh(HOST, f"curl -fsS {API}/api/ps").stdout
+    planned = [m["name"] for m in json.loads(tag)["models"]]
+    assert len(planned) == 1, tag
+    ssh(HOST, f"systemctl restart {UNIT}", timeout=300)
+    started = time.monotonic()
+    while time.monotonic() - started < 120:  # the deploy's health timeout for the stand-in model
+        loaded = [m["name"] for m in api_json(ssh, "/api/ps")["models"]]
+        if loaded == planned:
+            break
+        time.sleep(1)
+    assert loaded == planned, loaded
+    verified = verify_lab_host()
+    assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
