@@ -558,6 +558,31 @@ def check_disk(host: str, plan: HostPlan, hw: Hardware) -> None:
         )
 
 
+IMPORT_RECORD = "imported.json"  # in <model_dir>/import: what Ollama reported for r1fleet's import
+
+
+def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:
+    """The digest Ollama reports for `tag` in /api/tags (the manifest's sha256, server/model_list_cache.go)."""
+    models = tags_document.get("models") if isinstance(tags_document, dict) else None
+    for entry in models or []:
+        if isinstance(entry, dict) and tag in (entry.get("name"), entry.get("model")):
+            return entry.get("digest") if isinstance(entry.get("digest"), str) else None
+    return None
+
+
+def import_record_digest(record: Any, tag: str, source_sha256: str | None) -> str | None:
+    """The digest Ollama reported for `tag` right after r1fleet imported the file `source_sha256`, from the
+    import record; None when the record is missing or is of another file. Ollama's `create` rewrites a GGUF
+    through llama-quantize (server/create.go), so what it stores is known only from what it reports then.
+
+    >>> import_record_digest({"tag": "t", "source_sha256": "ab", "tags": {"models": [{"name": "t", "digest": "cd"}]}}, "t", "ab")
+    'cd'
+    """
+    if not isinstance(record, dict) or record.get("tag") != tag or record.get("source_sha256") != source_sha256:
+        return None
+    return ollama_tag_digest(record.get("tags"), tag)
+
+
 def modelfile(model_path: str, plan: HostPlan) -> str:
     """The Modelfile for Ollama's offline import (`ollama create`, research/ollama.md section 7)."""
     return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"

@@ -25,6 +25,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.deploy_data import (
+    IMPORT_RECORD,
     LLAMA_UNIT,
     LOAD_AT_START_SLACK_S,
     OLLAMA_ROOT,
@@ -35,11 +36,13 @@ from r1fleet.deploy_data import (
     OllamaReleaseOverride,
     Target,
     health_timeout_s,
+    import_record_digest,
     local_api,
     modelfile,
     ollama_environment,
     ollama_load_at_start,
     ollama_release,
+    ollama_tag_digest,
     parse_sha256sums,
     unit_context,
     uses_gpu,
@@ -180,13 +183,38 @@ def pull_model(tag: str, api: str, binary: str):
     yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
 
 
+class JsonFile(FactBase):
+    """A JSON file's content, or None when it is missing or not JSON."""
+
+    default = type(None)
+
+    def command(self, path: str) -> str:
+        return f"cat {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]):
+        try:
+            return json.loads("\n".join(output))
+        except ValueError:
+            return None
+
+
 @operation()
-def import_model(tag: str, api: str, binary: str, modelfile_path: str):
-    """Offline import of a local GGUF (`ollama create -f Modelfile`) unless the tag exists."""
-    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
-        host.noop(f"model {tag} present")
+def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str):
+    """Offline import of a local GGUF (`ollama create -f Modelfile`), then a record of what Ollama reports for
+    it (its /api/tags entry), which verify compares with: the stored weights are llama-quantize's rewrite of
+    the file, not the file. Nothing happens when the tag is there as recorded for this very file.
+
+    Example: import_model(tag="r1fleet/smollm2:135m-instruct-q4_1", api="http://127.0.0.1:11434", ...)"""
+    tags = host.get_fact(HttpJson, url=f"{api}/api/tags")
+    recorded = import_record_digest(host.get_fact(JsonFile, path=record_path), tag, source_sha256)
+    if recorded is not None and recorded == ollama_tag_digest(tags, tag):
+        host.noop(f"model {tag} present, imported from {source_sha256[:12]}")
         return
-    yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} create {shlex.quote(tag)} -f {shlex.quote(modelfile_path)}"
+    q = shlex.quote
+    yield f"OLLAMA_HOST={q(api)} {q(binary)} create {q(tag)} -f {q(modelfile_path)}"
+    head = json.dumps({"tag": tag, "source_sha256": source_sha256})[:-1] + ', "tags": '
+    yield (f"{{ printf '%s' {q(head)}; curl -fsS --max-time 30 {q(api + '/api/tags')}; printf '}}\\n'; }} "
+           f"> {q(record_path + '.tmp')} && mv -f {q(record_path + '.tmp')} {q(record_path)}")
 
 
 @operation()
@@ -285,7 +313,8 @@ def ollama_model(plan: HostPlan, settings: DeploySettings, binary: str, download
             group=group,
             mode="0644",
         )
-        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile")
+        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile",
+                     source_sha256=download.sha256, record_path=f"{import_dir}/{IMPORT_RECORD}")
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary)
     preload_model(name=f"Preload {tag}", tag=tag, api=api)

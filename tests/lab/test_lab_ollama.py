@@ -62,14 +62,15 @@ def api_json(ssh, path: str) -> dict:
 def install_sh_state(mirror_url: str) -> str:
     """Shell commands that leave lab-4090 as install.sh would (r1fleet's own install removed first), with a
     model of the user's own in the official store."""
-    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tgz"
+    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tar.zst"
     gguf = f"{mirror_url}/models/{mirror.GGUF_NAME}"
     return "\n".join([
         "set -e",
         f"systemctl disable --now {UNIT}",
         f"rm -f /etc/systemd/system/{UNIT} /usr/local/bin/ollama",
         "rm -rf /opt/r1fleet/ollama /var/lib/r1fleet/models/ollama /var/lib/r1fleet/models/import",
-        f"curl -fsS {archive} | tar -xzf - -C /usr/local",
+        "command -v zstd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zstd; }",
+        f"curl -fsS {archive} | zstd -dc | tar -xf - -C /usr/local",
         "id ollama >/dev/null 2>&1 || useradd -r -s /bin/false -U -m -d /usr/share/ollama ollama",
         "usermod -d /usr/share/ollama ollama && mkdir -p /usr/share/ollama && chown ollama:ollama /usr/share/ollama",
         f"cat > /etc/systemd/system/ollama.service <<'EOF'\n{INSTALL_SH_UNIT}EOF",

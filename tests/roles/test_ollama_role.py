@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from deploy_harness import run_role
 import facts_for as ff
 
@@ -146,6 +148,10 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"].startswith(
         "FROM /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf\n")
     assert run.ran(f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
+    # then the record of what Ollama reports for the import (its rewrite of the file), for verify
+    record = run.script("/var/lib/r1fleet/models/import/imported.json.tmp")
+    assert f'"source_sha256": "{GGUF_SHA}"' in record and "curl -fsS --max-time 30 http://127.0.0.1:11434/api/tags" in record
+    assert run.commands.index(run.script("ollama create")) < run.commands.index(record)
     assert not run.ran("ollama pull")
     assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
 
@@ -161,9 +167,14 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
         **ff.sha256_of(gguf, GGUF_SHA),
         **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
     }
-    run = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
+    record = {"tag": STANDIN_TAG, "source_sha256": GGUF_SHA, "tags": json.loads(responses[f"{API}/api/tags"])}
+    recorded = {"cat /var/lib/r1fleet/models/import/imported.json": json.dumps(record), **responses}
+    run = run_role(ollama_role, *role_args(p, settings, rel), responses=recorded, monkeypatch=monkeypatch)
     assert run.changed == []
     assert not run.ran("ollama create") and not run.ran(".part")
+    # the tag is there but not as recorded (another file under that name, or no record): imported again
+    unrecorded = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
+    assert unrecorded.ran("ollama create")
 
 
 def test_download_mismatch_fails_the_host(monkeypatch):

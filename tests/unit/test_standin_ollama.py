@@ -5,6 +5,7 @@ hold it to the real formats r1fleet's roles and verification read (Ollama docs/a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -83,12 +84,28 @@ def wait_until_serving(base: str, proc: subprocess.Popen[bytes], seconds: float 
     return False
 
 
+# Test double for llama.cpp's llama-quantize (not installable on this machine; the lab runs Debian's real
+# one, tests/lab): records its argv and environment and writes OUT as a rewrite of IN, so what the stand-in
+# stores differs from the upload as it does with the real tool (which reorders the GGUF header).
+FAKE_LLAMA_QUANTIZE = r"""#!PYTHON
+import json, os, sys
+open(sys.argv[0] + ".args", "w").write(json.dumps([sys.argv[1:], os.environ.get("OLLAMA_LLAMA_CPP_COMPAT")]))
+flag, src, out, kind = sys.argv[1:]
+data = open(src, "rb").read()
+open(out, "wb").write(data + b"rewritten by the llama-quantize test double")
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ollama")
     port = free_port()
+    quantize = tmp / "llama-quantize"
+    quantize.write_text(FAKE_LLAMA_QUANTIZE.replace("PYTHON", PYTHON, 1))
+    quantize.chmod(0o755)
     env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp / "models"),
-           "R1FLEET_STANDIN_RUNNER": "none", "CUDA_VISIBLE_DEVICES": "-1", "OLLAMA_CONTEXT_LENGTH": "8192"}
+           "R1FLEET_STANDIN_RUNNER": "none", "CUDA_VISIBLE_DEVICES": "-1", "OLLAMA_CONTEXT_LENGTH": "8192",
+           "R1FLEET_STANDIN_QUANTIZE": str(quantize)}
     env.pop("R1FLEET_STANDIN_REGISTRY", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=log, stdout=log)
@@ -108,19 +125,47 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     log.close()
 
 
+def model_blob(server: dict[str, Any]) -> Path:
+    """The stored model layer of the fixture's model (llama-quantize's output, not the upload)."""
+    models = server["tmp"] / "models"
+    manifest = json.loads((models / "manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1").read_text())
+    digest = next(l["digest"] for l in manifest["layers"] if l["mediaType"] == "application/vnd.ollama.image.model")
+    return models / "blobs" / digest.replace(":", "-")
+
+
 def test_cli_create_uploads_blob_and_writes_real_store_layout(server: dict[str, Any]) -> None:
     assert server["created"].returncode == 0, server["created"].stderr
     assert server["created"].stdout.strip().endswith("success")
     models = server["tmp"] / "models"
     gguf_hex = hashlib.sha256(server["gguf"].read_bytes()).hexdigest()
-    assert (models / "blobs" / f"sha256-{gguf_hex}").read_bytes() == server["gguf"].read_bytes()
     manifest = json.loads((models / "manifests/registry.ollama.ai/r1fleet/tiny/test-q4_1").read_text())
     assert manifest["schemaVersion"] == 2
     kinds = {layer["mediaType"]: layer["digest"] for layer in manifest["layers"]}
-    assert kinds["application/vnd.ollama.image.model"] == f"sha256:{gguf_hex}"
+    # the stored model layer is llama-quantize's COPY output, not the upload (server/create.go of v0.32.9)
+    argv, compat = json.loads((server["tmp"] / "llama-quantize.args").read_text())
+    assert argv[0] == "--allow-requantize" and argv[1] == str(models / "blobs" / f"sha256-{gguf_hex}")
+    assert argv[3] == "COPY" and compat == "0"
+    stored = (models / "blobs" / kinds["application/vnd.ollama.image.model"].replace(":", "-")).read_bytes()
+    assert kinds["application/vnd.ollama.image.model"] == "sha256:" + hashlib.sha256(stored).hexdigest()
+    assert kinds["application/vnd.ollama.image.model"] != f"sha256:{gguf_hex}"
+    assert not list((models / "blobs").glob("COPY*"))  # the tool's temp output moved into the store
     assert "application/vnd.ollama.image.template" in kinds and "application/vnd.ollama.image.params" in kinds
     params = (models / "blobs" / kinds["application/vnd.ollama.image.params"].replace(":", "-")).read_text()
     assert json.loads(params) == {"stop": ["<|end|>"], "temperature": 0.6}
+
+
+def test_create_without_llama_quantize_fails_as_ollama_does(server: dict[str, Any], tmp_path: Path) -> None:
+    env = {**server["env"], "R1FLEET_STANDIN_QUANTIZE": "", "OLLAMA_MODELS": str(tmp_path / "models"),
+           "OLLAMA_HOST": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until_serving(f"http://{env['OLLAMA_HOST']}", proc)
+        created = subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(server["tmp"] / "Modelfile")],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert created.returncode != 0 and "llama-quantize" in created.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_tags_lists_the_model_with_manifest_digest(server: dict[str, Any]) -> None:
@@ -159,7 +204,7 @@ def test_empty_generate_loads_the_model_and_ps_lists_it(server: dict[str, Any]) 
     assert running["context_length"] == 2048  # OLLAMA_CONTEXT_LENGTH 8192 capped at the model's trained length
     assert running["size_vram"] == 0  # CUDA_VISIBLE_DEVICES=-1: CPU
     kv_cache = 2 * 4 * 2 * (64 // 4) * 2048 * 2
-    assert running["size"] == server["gguf"].stat().st_size + kv_cache
+    assert running["size"] == model_blob(server).stat().st_size + kv_cache
     remaining = time.mktime(time.strptime(running["expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.time()
     assert 500 < remaining <= 600
 
@@ -254,7 +299,7 @@ def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], 
         assert (body["eval_count"], body["eval_duration"]) == (6, 120_000_000)
         assert (body["prompt_eval_count"], body["prompt_eval_duration"]) == (11, 5_500_000)
         args = json.loads(Path(str(runner) + ".args").read_text())
-        blob = server["tmp"] / "models/blobs" / ("sha256-" + hashlib.sha256(server["gguf"].read_bytes()).hexdigest())
+        blob = model_blob(server)
         assert args[args.index("-m") + 1] == str(blob)
         assert args[args.index("-c") + 1] == "2048" and args[args.index("-np") + 1] == "2"  # num_ctx x parallel
         assert args[args.index("--cache-type-k") + 1] == "q8_0"
@@ -295,10 +340,17 @@ def test_release_archive_is_deterministic_with_real_layout(tmp_path: Path) -> No
     build(tmp_path / "b")
     sums = (tmp_path / "a/sha256sum.txt").read_text()
     assert sums == (tmp_path / "b/sha256sum.txt").read_text()
-    amd64 = tmp_path / "a/ollama-linux-amd64.tgz"
-    assert f"{hashlib.sha256(amd64.read_bytes()).hexdigest()}  ./ollama-linux-amd64.tgz" in sums.splitlines()
-    with tarfile.open(amd64) as tar:
+    amd64 = tmp_path / "a/ollama-linux-amd64.tar.zst"
+    assert f"{hashlib.sha256(amd64.read_bytes()).hexdigest()}  ./ollama-linux-amd64.tar.zst" in sums.splitlines()
+    # zstd as the release workflow packs it; the tool the role and install.sh use unpacks it
+    raw = subprocess.run(["zstd", "-dc", str(amd64)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         binary = tar.getmember("bin/ollama")
-        assert binary.mode == 0o755 and tar.getmember("lib/ollama/README.txt").isfile()
+        assert binary.mode == 0o755 and binary.uid == 0 and tar.getmember("lib/ollama/README.txt").isfile()
         assert b'VERSION = "0.32.15-standin"' in tar.extractfile(binary).read()
+        for tool in ("llama-server", "llama-quantize"):  # where Ollama looks for them (llm/llama_binary.go)
+            assert tar.getmember(f"lib/ollama/{tool}").mode == 0o755
+        link = tar.getmember("lib/ollama/cuda_v12/libcudart.so.12")
+        assert link.issym() and link.linkname == "libcudart.so.12.8.90"
+        assert not any(name.startswith("./") for name in tar.getnames())
     assert (tmp_path / "a/VERSION").read_text().strip() == "0.32.15-standin"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from r1fleet.catalog import load_catalog
+from r1fleet.deploy_data import IMPORT_RECORD, import_record_digest, ollama_tag_digest
 from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
 from r1fleet.verify_report import (
@@ -158,6 +159,24 @@ def _check_file(target: Target, path: str, size: int | None, sha256: str | None,
     return problems
 
 
+def _imported_as_recorded(target: Target, plan: HostPlan, tags: dict) -> list[str]:
+    """Ollama rewrites an imported GGUF (llama-quantize COPY, server/create.go), so its weights are not the
+    file's sha256: the tag must still be what Ollama reported right after the deploy imported the planned file."""
+    path = f"{target.entry.model_dir.rstrip('/')}/import/{IMPORT_RECORD}"
+    try:
+        record = json.loads(target.output(f"cat {path} 2>/dev/null || true") or "null")
+    except ValueError:
+        record = None
+    recorded = import_record_digest(record, plan.ollama_tag, plan.gguf.sha256 if plan.gguf else None)
+    if recorded is None:
+        return [f"{path} does not record importing {plan.gguf.file if plan.gguf else 'the planned file'} "
+                f"as {plan.ollama_tag} (run the deploy)"]
+    served = ollama_tag_digest(tags, plan.ollama_tag)
+    if served != recorded:
+        return [f"{plan.ollama_tag} is manifest {served}, the deploy imported it as {recorded}"]
+    return []
+
+
 def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
     hash_it = plan.rehearsal or request.config.getoption("--hash-models")
     problems: list[str] = []
@@ -167,7 +186,9 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
         if plan.ollama_tag not in names:
             fail(target, f"/api/tags has no {plan.ollama_tag} (it lists: {', '.join(map(str, names)) or 'nothing'})")
         digest = load_catalog().find(plan.model).ollama_digest
-        if digest:
+        if plan.rehearsal:  # an offline import: compared with what Ollama reported when the deploy imported it
+            problems += _imported_as_recorded(target, plan, tags)
+        elif digest:
             env = systemd_environment(target.output(f"systemctl show -p Environment --value {target.unit}"))
             models = env.get("OLLAMA_MODELS")
             if not models:

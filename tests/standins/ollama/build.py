@@ -3,20 +3,22 @@
 
     python build.py OUTDIR [--version 0.32.15-standin]
 
-Writes OUTDIR/ollama-linux-amd64.tgz and ollama-linux-arm64.tgz (same content: the stand-in is a
-Python script), OUTDIR/sha256sum.txt and OUTDIR/VERSION. The layout follows Ollama's release
-workflow (.github/workflows/release.yaml, linux-build job): a gzip tar of `bin/ollama` and
-`lib/ollama/*` with owner and group 0, and a sha256sum.txt written by `sha256sum` over `./<file>`
-paths. Fixed mtimes, ownership, order and gzip header make the bytes (and so the sha256 r1fleet
-pins) identical on every build.
+Writes OUTDIR/ollama-linux-amd64.tar.zst and ollama-linux-arm64.tar.zst (same content: the stand-in is a
+Python script), OUTDIR/sha256sum.txt and OUTDIR/VERSION. The layout follows Ollama's release workflow
+(.github/workflows/release.yaml of v0.32.9): `tar c --owner 0 --group 0 | zstd -19` over the member list
+bin/ollama, lib/ollama/llama-server, lib/ollama/llama-quantize, lib/ollama/cuda_v12/..., with no ./ prefix,
+the CUDA runtime as a soname symlink chain (CMake's install of runtime dependencies); sha256sum.txt is
+`sha256sum` over `./<file>` paths. Fixed mtimes, ownership and order make the bytes (and so the sha256
+r1fleet pins) identical on every build.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import re
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -26,10 +28,26 @@ FIXED_MTIME = 1_700_000_000  # any constant: the archive must not depend on when
 README = """STAND-IN Ollama release for r1fleet's lab and tests (not the real Ollama).
 
 No package registry reachable from r1fleet's build machines ships the Ollama binary, so this
-archive has the real release layout (bin/ollama, lib/ollama/) with a Python stand-in as
-bin/ollama. It ships no runner libraries: at run time the stand-in uses a real llama-server
-found at lib/ollama/llama-server or on PATH, and otherwise answers with marked stand-in text.
+archive has the real release layout with a Python stand-in as bin/ollama. lib/ollama/llama-server and
+lib/ollama/llama-quantize are launchers for the lab host's own Debian llama.cpp builds (the real
+archive ships llama.cpp's binaries there); lib/ollama/cuda_v12 holds marked placeholders only, so the
+layout, its directories and its symlinks are real while nothing in it is a CUDA library.
 """
+LAUNCHER = """#!/bin/sh
+# STAND-IN (r1fleet lab): the real Ollama archive ships llama.cpp's {name} here; the lab host's
+# Debian build (package llama.cpp-tools) runs instead.
+exec /usr/bin/{name} "$@"
+"""
+PLACEHOLDER = b"STAND-IN placeholder for r1fleet's lab: not a shared library\n"
+# (path, kind, data or link target, mode): regular files, then the symlinks CMake's install writes
+MEMBERS_AFTER_BINARY = [
+    ("lib/ollama/README.txt", "file", README.encode(), 0o644),
+    ("lib/ollama/llama-server", "file", LAUNCHER.format(name="llama-server").encode(), 0o755),
+    ("lib/ollama/llama-quantize", "file", LAUNCHER.format(name="llama-quantize").encode(), 0o755),
+    ("lib/ollama/cuda_v12/libggml-cuda.so", "file", PLACEHOLDER, 0o644),
+    ("lib/ollama/cuda_v12/libcudart.so.12.8.90", "file", PLACEHOLDER, 0o644),
+    ("lib/ollama/cuda_v12/libcudart.so.12", "link", "libcudart.so.12.8.90", 0o777),
+]
 
 
 def stamped_script(version: str) -> bytes:
@@ -40,23 +58,29 @@ def stamped_script(version: str) -> bytes:
     return stamped.encode()
 
 
-def tar_member(name: str, data: bytes, mode: int) -> tuple[tarfile.TarInfo, io.BytesIO]:
+def tar_member(name: str, kind: str, data: bytes | str, mode: int) -> tuple[tarfile.TarInfo, io.BytesIO | None]:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, FIXED_MTIME
+    info.mode, info.mtime = mode, FIXED_MTIME
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
+    if kind == "link":
+        info.type, info.linkname = tarfile.SYMTYPE, str(data)
+        return info, None
+    info.size = len(data)
     return info, io.BytesIO(data)
 
 
 def archive(version: str) -> bytes:
-    members = [("bin/ollama", stamped_script(version), 0o755),
-               ("lib/ollama/README.txt", README.encode(), 0o644)]
+    """The tar, zstd-compressed by the zstd tool as the release workflow does (level 19)."""
+    members = [("bin/ollama", "file", stamped_script(version), 0o755), *MEMBERS_AFTER_BINARY]
     raw = io.BytesIO()
-    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for name, data, mode in members:
-                tar.addfile(*tar_member(name, data, mode))
-    return raw.getvalue()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            tar.addfile(*tar_member(*member))
+    zstd = shutil.which("zstd")
+    if not zstd:
+        raise SystemExit("build.py: zstd is needed to pack the stand-in release (apt-get install zstd)")
+    return subprocess.run([zstd, "-19", "-q", "-c"], input=raw.getvalue(), capture_output=True, check=True).stdout
 
 
 def build(outdir: Path, version: str) -> dict[str, str]:
@@ -67,7 +91,7 @@ def build(outdir: Path, version: str) -> dict[str, str]:
     data = archive(version)
     sums = {}
     for arch in ARCHES:
-        name = f"ollama-linux-{arch}.tgz"
+        name = f"ollama-linux-{arch}.tar.zst"
         (outdir / name).write_bytes(data)
         sums[name] = hashlib.sha256(data).hexdigest()
     (outdir / "sha256sum.txt").write_text("".join(f"{h}  ./{n}\n" for n, h in sorted(sums.items())))
