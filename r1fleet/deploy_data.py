@@ -293,6 +293,11 @@ def ollama_environment(plan: HostPlan, settings: DeploySettings, models_dir: str
         env["CUDA_VISIBLE_DEVICES"] = "-1"  # docs/gpu.mdx: -1 forces the CPU
     elif plan.vendor == "nvidia" and plan.gpu_uuids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
+        lab_devices = lab_gpu_devices(plan, settings)
+        if lab_devices:
+            # Lab hosts only: each simulated GPU is a llama.cpp RPC device; the stand-in Ollama gives its runner
+            # the ones CUDA_VISIBLE_DEVICES names, as CUDA would show it only those (tests/standins/ollama).
+            env["R1FLEET_LAB_GPU_RPC"] = ",".join(f"{u}={d}" for u, d in zip(plan.gpu_uuids, lab_devices))
     return env
 
 

@@ -354,3 +354,38 @@ def test_release_archive_is_deterministic_with_real_layout(tmp_path: Path) -> No
         assert link.issym() and link.linkname == "libcudart.so.12.8.90"
         assert not any(name.startswith("./") for name in tar.getnames())
     assert (tmp_path / "a/VERSION").read_text().strip() == "0.32.15-standin"
+
+
+def standin_module():
+    """The stand-in script as a module, for its pure parts."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("standin_ollama", str(OLLAMA))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("standin_ollama", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real llama-server load logs (captured in the lab) read as Ollama reads them for /api/ps."""
+    standin, mib = standin_module(), 1024 * 1024
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    file_size = 98362432
+    on_gpu = standin.RunnerLog()
+    for line in (fixtures / "llama-server-buffers__rpc-1dev__b11669.txt").read_text().splitlines():
+        on_gpu.feed(line)
+    size, vram = on_gpu.memory(file_size)
+    assert vram == int((92.10 + 180.00 + 21.51) * mib) and size == vram  # full offload: all counted on the GPU
+    on_cpu = standin.RunnerLog()
+    for line in (fixtures / "llama-server-buffers__cpu-only__b11669.txt").read_text().splitlines():
+        on_cpu.feed(line)
+    assert on_cpu.memory(file_size)[1] == 0  # nothing on a GPU: size_vram 0, so verify sees the spill
+    assert standin.RunnerLog().memory(file_size) == (file_size, file_size)  # no buffer lines: Ollama's fallback
+    assert not standin.is_gpu_buffer("CUDA_Host") and standin.is_gpu_buffer("RPC0[127.0.0.1:50100]")
+    # the lab's GPUs reach the runner only as CUDA_VISIBLE_DEVICES names them
+    monkeypatch.setenv("R1FLEET_LAB_GPU_RPC", "GPU-a=127.0.0.1:50100,GPU-b=127.0.0.1:50101")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-b")
+    assert standin.lab_rpc_devices() == ["127.0.0.1:50101"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert standin.lab_rpc_devices() == []
