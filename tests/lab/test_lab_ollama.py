@@ -128,3 +128,46 @@ def test_the_model_is_loaded_again_after_every_restart(converged, ssh):
     assert loaded == planned, loaded
     verified = verify_lab_host()
     assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+
+
+def test_every_host_answers_the_official_openai_client(lab, ssh):
+    """Ollama and llama.cpp hosts alike: the official `openai` client lists the model under the same name
+    (the plan's Ollama tag), chats, and streams, through an SSH tunnel to the service's own address."""
+    import socket
+
+    import openai
+
+    from r1fleet.deploy_data import DEFAULT_PORTS
+    from r1fleet.fleet import load_fleet
+
+    converge_all = subprocess.run([sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py"], cwd=ROOT,
+                                  env={**os.environ, "R1FLEET_FLEET": "lab"}, capture_output=True, text=True, timeout=1800)
+    assert converge_all.returncode == 0, converge_all.stderr[-3000:]
+    names = set()
+    for name, entry in load_fleet("lab").hosts.items():
+        backend = "ollama" if ssh(name, "test -f /etc/systemd/system/r1fleet-ollama.service").returncode == 0 else "llama.cpp"
+        key = ssh(name, "cat /etc/r1fleet/api-key 2>/dev/null").stdout.strip() if backend == "llama.cpp" else ""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        remote = f"{entry.bind_address}:{entry.port or DEFAULT_PORTS[backend]}"
+        tunnel = subprocess.Popen(["ssh", "-F", str(state.ssh_config_path()), "-N", "-o", "ExitOnForwardFailure=yes",
+                                   "-L", f"127.0.0.1:{local}:{remote}", name])
+        try:
+            for _ in range(100):
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", local)) == 0:
+                        break
+                time.sleep(0.1)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{local}/v1", api_key=key or "none", max_retries=0)
+            [model] = [m.id for m in client.models.list().data]
+            names.add(model)
+            messages = [{"role": "user", "content": "Say hello."}]
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+            assert reply.choices[0].message is not None and reply.choices[0].finish_reason in ("stop", "length"), name
+            streamed = list(client.chat.completions.create(model=model, messages=messages, max_tokens=16, stream=True))
+            assert streamed and any(c.choices and c.choices[0].finish_reason for c in streamed), name
+        finally:
+            tunnel.terminate()
+            tunnel.wait(10)
+    assert len(names) == 1, names  # one naming across backends: the plan's Ollama tag

@@ -389,3 +389,26 @@ def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPat
     assert standin.lab_rpc_devices() == ["127.0.0.1:50101"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert standin.lab_rpc_devices() == []
+
+
+def test_the_official_openai_client_lists_chats_and_streams(server: dict[str, Any]) -> None:
+    """/v1/models and /v1/chat/completions in the shapes openai/openai.go of v0.32.9 writes, read by the
+    official `openai` client; an unknown model is a 404 in OpenAI's error shape."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == [TAG] and models.data[0].owned_by == "r1fleet"
+    assert client.models.retrieve(TAG).id == TAG
+    reply = client.chat.completions.create(model=TAG, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=TAG, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope:latest", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["type"] == "not_found_error"

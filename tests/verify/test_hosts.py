@@ -251,6 +251,20 @@ def test_chat_answers(target: Target, plan: HostPlan) -> None:
         assert reply.reasoning, f"{target.name}: {plan.model} is an R1 model but the reply carries no reasoning (thinking / reasoning_content)"
 
 
+def test_openai_compatible(target: Target, plan: HostPlan) -> None:
+    """The OpenAI-compatible API client libraries speak: /v1/models names the model as the plan does (the
+    Ollama tag, which llama-server carries as its --alias) and /v1/chat/completions answers for that name."""
+    key = target.api_key_file() if plan.backend == "llama.cpp" else None
+    listed = [m.get("id") for m in target.get_json("/v1/models", key_file=key).get("data") or [] if isinstance(m, dict)]
+    if plan.ollama_tag not in listed:
+        fail(target, f"/v1/models lists {', '.join(map(str, listed)) or 'nothing'}, not {plan.ollama_tag}")
+    body = {"model": plan.ollama_tag, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0}
+    reply = target.get_json("/v1/chat/completions", "POST", body, target.chat_timeout, key)
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if reply.get("object") != "chat.completion" or not choices or not isinstance(choices[0].get("message"), dict):
+        fail(target, f"/v1/chat/completions for {plan.ollama_tag} did not answer a chat completion: {str(reply)[:200]}")
+
+
 def test_model_on_gpu(target: Target, plan: HostPlan) -> None:
     if not uses_gpu(plan):
         pytest.skip("the plan uses no GPU")
