@@ -396,6 +396,10 @@ def test_the_official_openai_client_lists_chats_and_streams(server: dict[str, An
     official `openai` client; an unknown model is a 404 in OpenAI's error shape."""
     import openai
 
+    # the module's model, again (an earlier test deletes it)
+    created = subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(server["tmp"] / "Modelfile")],
+                             env=server["env"], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0)
     models = client.models.list()
     assert [m.id for m in models.data] == [TAG] and models.data[0].owned_by == "r1fleet"
