@@ -363,10 +363,25 @@ def ollama_load_at_start(tag: str, api: str, timeout_s: int) -> list[str]:
     It retries only while the server does not accept connections yet (curl exit 7); an HTTP error (the
     model not pulled yet, on a first deploy) ends it at once. `timeout` bounds the whole of it below the
     unit's TimeoutStartSec (LOAD_AT_START_SLACK_S more), and a failure does not fail the service (`-`)."""
-    body = json.dumps({"model": tag, "keep_alive": -1}, separators=(",", ":"))
-    script = (f"while :; do curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' "
-              f"-d {shlex.quote(body)} {shlex.quote(api + '/api/generate')}; [ $? -eq 7 ] || exit 0; sleep 1; done")
+    script = f"while :; do {ollama_load_request(tag, api)}; [ $? -eq 7 ] || exit 0; sleep 1; done"
     return ["-/usr/bin/timeout", str(timeout_s), "/bin/sh", "-c", script]
+
+
+def ollama_load_request(tag: str, api: str) -> str:
+    """The shell command that loads `tag` and keeps it loaded: an empty /api/generate with keep_alive -1."""
+    body = json.dumps({"model": tag, "keep_alive": -1}, separators=(",", ":"))
+    return (f"curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} "
+            f"{shlex.quote(api + '/api/generate')}")
+
+
+def ollama_load_check(tag: str, api: str) -> str:
+    """macOS has no ExecStartPost: a LaunchDaemon runs this at boot and every LOAD_CHECK_INTERVAL_S, loading
+    the planned model whenever the server answers without it loaded (after a restart or a crash)."""
+    return (f"curl -sf --max-time 10 {shlex.quote(api + '/api/ps')} | grep -qF {shlex.quote(json.dumps(tag))} "
+            f"|| {ollama_load_request(tag, api)}")
+
+
+LOAD_CHECK_INTERVAL_S = 30
 
 
 LOAD_AT_START_SLACK_S = 30  # TimeoutStartSec beyond the load's own bound: systemd never kills a slow load

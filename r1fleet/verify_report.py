@@ -284,6 +284,63 @@ def speed_problem(measured: float | None, estimate: float | None, min_fraction: 
     return None
 
 
+def parse_launchctl_print(text: str) -> dict[str, Any]:
+    """`launchctl print system/LABEL` -> {"state", "pid", "path", "environment"}.
+
+    The format is launchd's own description of a job (launchctl(1) `print`; Apple does not specify it, so
+    only what every macOS since 10.10 prints is read): `key = value` lines one level in, and an
+    `environment = { KEY => VALUE }` block. Deeper `state = ...` lines (endpoints) are not the job's state."""
+    info: dict[str, Any] = {"state": None, "pid": None, "path": None, "environment": {}}
+    block = None
+    for line in text.splitlines():
+        depth = len(line) - len(line.lstrip("\t")) if line.startswith("\t") else (len(line) - len(line.lstrip(" "))) // 4
+        body = line.strip()
+        if depth == 1:
+            block = None
+            key, sep, value = body.partition(" = ")
+            if not sep:
+                continue
+            if value == "{":
+                block = key
+            elif key == "state":
+                info["state"] = value
+            elif key == "pid" and value.isdecimal():
+                info["pid"] = int(value)
+            elif key == "path":
+                info["path"] = value
+        elif depth == 2 and block == "environment" and " => " in body:
+            name, _, value = body.partition(" => ")
+            info["environment"][name] = value
+    return info
+
+
+def launchd_disabled(text: str, label: str) -> bool:
+    """Whether `launchctl print-disabled system` marks `label` disabled (`=> disabled`, or `=> true` on
+    older macOS, where the value answered "is it disabled")."""
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition(" => ")
+        if sep and name.strip('"') == label:
+            return value.strip() in ("disabled", "true")
+    return False
+
+
+def parse_lsof_listeners(text: str) -> list[Listener]:
+    """TCP listeners from `lsof -nP -iTCP -sTCP:LISTEN -Fpcn` (macOS has no ss): `p<pid>`, `c<command>`,
+    `n<address>:<port>` field lines (lsof(8) OUTPUT FOR OTHER PROGRAMS); `*` is every address."""
+    listeners, pid, command = [], 0, ""
+    for line in text.splitlines():
+        tag, value = line[:1], line[1:].strip()
+        if tag == "p" and value.isdecimal():
+            pid, command = int(value), ""
+        elif tag == "c":
+            command = value
+        elif tag == "n":
+            endpoint = _split_endpoint(value.replace("*:", "0.0.0.0:", 1) if value.startswith("*:") else value)
+            if endpoint:
+                listeners.append(Listener(endpoint[0], endpoint[1], (pid,) if pid else (), command))
+    return listeners
+
+
 def systemd_environment(text: str) -> dict[str, str]:
     """`systemctl show -p Environment --value UNIT` -> {name: value} (values may be quoted)."""
     import shlex

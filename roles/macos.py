@@ -25,7 +25,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
-from r1fleet.deploy_data import DEFAULT_PORTS, ModelDownload, local_api
+from r1fleet.deploy_data import DEFAULT_PORTS, LOAD_CHECK_INTERVAL_S, ModelDownload, local_api, ollama_load_check
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
@@ -36,6 +36,8 @@ from roles.ollama import ollama_model
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
 LABEL = "com.r1fleet.ollama"
 PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
+LOAD_LABEL = "com.r1fleet.ollama-load"
+LOAD_PLIST = f"/Library/LaunchDaemons/{LOAD_LABEL}.plist"
 WIRED_LABEL = "com.r1fleet.iogpu-wired-limit"
 WIRED_PLIST = f"/Library/LaunchDaemons/{WIRED_LABEL}.plist"
 USER = "_r1ollama"
@@ -212,6 +214,20 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
               _if=lambda: any(op.did_change() for op in changed))
     _wired_limit(plan, hw)
     ollama_model(plan, entry, binary, download, group="wheel", _sudo=True)
+    _load_after_every_start(plan, entry)
+
+
+def _load_after_every_start(plan: HostPlan, entry: Any) -> None:
+    """The planned model loaded again after a restart, a crash or a reboot (Linux: the unit's ExecStartPost)."""
+    api = local_api("ollama", entry)
+    plist = files.template(
+        name="LaunchDaemon that keeps the planned model loaded", src=str(TEMPLATES / "com.r1fleet.ollama-load.plist.j2"),
+        dest=LOAD_PLIST, user="root", group="wheel", mode="644", label=LOAD_LABEL, service_user=USER,
+        script=ollama_load_check(plan.ollama_tag or "", api), interval_s=LOAD_CHECK_INTERVAL_S, _sudo=True)
+    server.shell(name="(Re)load that LaunchDaemon",
+                 commands=[f"launchctl bootout system/{LOAD_LABEL} 2>/dev/null || true",
+                           f"launchctl bootstrap system {LOAD_PLIST}"],
+                 _if=plist.did_change, _sudo=True)
 
 
 def _wired_limit(plan: HostPlan, hw: Hardware | None) -> None:

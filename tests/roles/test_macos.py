@@ -50,6 +50,17 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
     assert run.ran('"keep_alive": -1') and run.ran("http://127.0.0.1:11434/api/generate")
 
 
+def test_the_model_is_loaded_again_after_any_start(monkeypatch):
+    """launchd has no start hook: a second LaunchDaemon loads the model at boot and after a restart or crash."""
+    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
+    load = plistlib.loads(run.uploads[macos.LOAD_PLIST].encode())  # well-formed, the script escaped
+    assert load["RunAtLoad"] is True and load["StartInterval"] == 30 and load["UserName"] == "_r1ollama"
+    script = load["ProgramArguments"][2]
+    assert script.startswith("curl -sf --max-time 10 http://127.0.0.1:11434/api/ps | grep -qF")
+    assert '"deepseek-r1:14b-qwen-distill-q4_K_M"' in script and '"keep_alive":-1' in script
+    assert run.ran(f"launchctl bootstrap system {macos.LOAD_PLIST}")
+
+
 def test_listen_address_reaches_ollama_host(monkeypatch):
     run = run_role(macos.install, mac_plan(12000), entry("192.168.1.30"), responses=ARM,
                    base_responses=False, monkeypatch=monkeypatch)

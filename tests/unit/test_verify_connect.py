@@ -32,3 +32,57 @@ def test_real_hosts_use_ssh_with_host_key_checking_and_lab_hosts_do_not():
     assert "BatchMode=yes" in real.backend.ssh_extra_args and real.backend.ssh_identity_file == "/k"
     lab = conftest.connect(HostEntry(name="lab-4090", address="10.77.0.12", profile="rtx4090"), config, "/lab.cfg")
     assert lab.backend.NAME == "paramiko" and lab.backend.ssh_config == "/lab.cfg"
+
+
+class FakeMac:
+    """testinfra's host, answering a Mac's commands (launchd, PlistBuddy, lsof) with canned text."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers, self.commands = answers, []
+
+    def run(self, command: str):
+        self.commands.append(command)
+        for text, out in self.answers.items():
+            if text in command:
+                return SimpleNamespace(rc=0, stdout=out, stderr="")
+        return SimpleNamespace(rc=1, stdout="", stderr="")
+
+
+def test_a_mac_is_verified_through_launchd():
+    """audit-ollama row 40: the service checks read launchd, PlistBuddy and lsof on a Mac, not systemd."""
+    from r1fleet.models import HostPlan
+    from test_verify_report import LAUNCHCTL_PRINT
+
+    conftest = verify_conftest()
+    plan = HostPlan(host="studio", model="deepseek-r1-distill-qwen-14b", backend="ollama", placement="unified",
+                    vendor="apple", ollama_tag="deepseek-r1:14b-qwen-distill-q4_K_M")
+    mac = FakeMac({"launchctl print system/com.r1fleet.ollama": LAUNCHCTL_PRINT,
+                   "launchctl print-disabled system": '\t"com.r1fleet.ollama" => enabled\n',
+                   "test -f /Library/LaunchDaemons/com.r1fleet.ollama.plist": "",
+                   "Print :UserName": "_r1ollama\n", "pgrep -P 812": "900\n",
+                   "lsof -nP -iTCP -sTCP:LISTEN": "p812\ncollama\nn127.0.0.1:11434\n"})
+    target = conftest.Target(entry=HostEntry(name="studio", address="192.168.1.30"), host=mac, plan=plan)
+    assert target.darwin and target.unit == "com.r1fleet.ollama" and target.user == "_r1ollama"
+    assert target.service_running() and target.enabled_state() == "enabled"
+    assert target.configured_user() == "_r1ollama" and target.service_pids() == {812, 900}
+    assert target.service_environment()["OLLAMA_MODELS"] == "/var/lib/r1fleet/models/ollama"
+    assert [(l.address, l.port) for l in target.listeners()] == [("127.0.0.1", 11434)]
+    assert not any("systemctl" in c or "ss -l" in c for c in mac.commands)
+
+
+def test_commands_are_bounded_where_there_is_no_timeout_command(tmp_path):
+    """macOS has no coreutils `timeout`: the bound falls back to perl's alarm (exit 142)."""
+    import os
+    import shutil
+    import subprocess
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("sh", "perl", "sleep"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    conftest = verify_conftest()
+    target = conftest.Target(entry=HostEntry(name="m", address="10.0.0.1"),
+                             host=SimpleNamespace(run=lambda c: subprocess.run(
+                                 ["/bin/sh", "-c", c], env={**os.environ, "PATH": str(bare)}, capture_output=True)))
+    assert target.run("sleep 5", timeout=1).returncode == 142
+    assert target.run("echo fine", timeout=5).returncode == 0

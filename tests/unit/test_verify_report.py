@@ -302,3 +302,58 @@ def test_bad_fleet_stops_verify_with_a_usage_error(tmp_path):
     assert result.returncode == 4, result.stdout + result.stderr
     assert "host box: field adress" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# `launchctl print system/<label>` of a running LaunchDaemon, in the layout launchd prints (tab-indented
+# `key = value` lines, nested blocks); the fields read are the ones public projects parse alike.
+LAUNCHCTL_PRINT = """system/com.r1fleet.ollama = {
+\tactive count = 1
+\tpath = /Library/LaunchDaemons/com.r1fleet.ollama.plist
+\ttype = LaunchDaemon
+\tstate = running
+
+\tprogram = /usr/local/lib/r1fleet/ollama-0.32.9/ollama
+\targuments = {
+\t\t/usr/local/lib/r1fleet/ollama-0.32.9/ollama
+\t\tserve
+\t}
+
+\tenvironment = {
+\t\tOLLAMA_HOST => 127.0.0.1:11434
+\t\tOLLAMA_MODELS => /var/lib/r1fleet/models/ollama
+\t\tOLLAMA_CONTEXT_LENGTH => 16384
+\t}
+
+\truns = 1
+\tpid = 812
+\tlast exit code = (never exited)
+\tendpoints = {
+\t\tstate = active
+\t}
+}
+"""
+
+
+def test_launchd_job_state_pid_and_environment():
+    from r1fleet.verify_report import launchd_disabled, parse_launchctl_print
+
+    job = parse_launchctl_print(LAUNCHCTL_PRINT)
+    assert job["state"] == "running" and job["pid"] == 812  # not the nested endpoint state
+    assert job["path"] == "/Library/LaunchDaemons/com.r1fleet.ollama.plist"
+    assert job["environment"]["OLLAMA_MODELS"] == "/var/lib/r1fleet/models/ollama"
+    assert job["environment"]["OLLAMA_CONTEXT_LENGTH"] == "16384"
+    stopped = parse_launchctl_print("system/x = {\n\tstate = not running\n\tendpoints = {\n\t\tstate = active\n\t}\n}\n")
+    assert stopped["state"] == "not running" and stopped["pid"] is None
+    assert launchd_disabled('disabled services = {\n\t"com.r1fleet.ollama" => disabled\n}', "com.r1fleet.ollama")
+    assert launchd_disabled('\t"com.r1fleet.ollama" => true', "com.r1fleet.ollama")  # older macOS
+    assert not launchd_disabled('\t"com.r1fleet.ollama" => enabled\n\t"other" => disabled', "com.r1fleet.ollama")
+
+
+def test_lsof_listeners():
+    from r1fleet.verify_report import parse_lsof_listeners
+
+    text = "p812\ncollama\nn127.0.0.1:11434\np900\ncllama-server\nn127.0.0.1:53001\np77\ncsshd\nn*:22\nn[::1]:22\n"
+    listeners = parse_lsof_listeners(text)
+    assert [(l.address, l.port, l.pids, l.process) for l in listeners] == [
+        ("127.0.0.1", 11434, (812,), "ollama"), ("127.0.0.1", 53001, (900,), "llama-server"),
+        ("0.0.0.0", 22, (77,), "sshd"), ("::1", 22, (77,), "sshd")]

@@ -39,8 +39,18 @@ from r1fleet.fleet import Fleet, HostEntry, is_loopback, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.models import HostPlan
 from r1fleet.planner import plan_host, rehearse
-from r1fleet.verify_report import HostResult, planned_gpu_mib, render_table
+from r1fleet.verify_report import (
+    HostResult,
+    launchd_disabled,
+    parse_launchctl_print,
+    parse_lsof_listeners,
+    parse_ss_listeners,
+    planned_gpu_mib,
+    render_table,
+    systemd_environment,
+)
 from roles.llama_cpp import USER as LLAMA_USER
+from roles.macos import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
 from roles.ollama import USER as OLLAMA_USER
 
 SERVICES = {"ollama": (OLLAMA_UNIT, OLLAMA_USER), "llama.cpp": (LLAMA_UNIT, LLAMA_USER)}
@@ -109,12 +119,54 @@ class Target:
         return self.plan.backend if self.plan and self.plan.backend else "ollama"
 
     @property
+    def darwin(self) -> bool:
+        """A Mac: r1fleet serves Ollama there as a LaunchDaemon (roles/macos.py), not a systemd unit."""
+        return bool(self.plan and self.plan.vendor == "apple")
+
+    @property
     def unit(self) -> str:
-        return SERVICES[self.backend][0]
+        return MACOS_LABEL if self.darwin else SERVICES[self.backend][0]
 
     @property
     def user(self) -> str:
-        return SERVICES[self.backend][1]
+        return MACOS_USER if self.darwin else SERVICES[self.backend][1]
+
+    def launchd_job(self) -> dict[str, Any]:
+        """launchd's description of the LaunchDaemon (readable without root: launchctl(1), system domain)."""
+        if "launchd" not in self.cache:
+            self.cache["launchd"] = parse_launchctl_print(self.run(f"launchctl print system/{MACOS_LABEL}").stdout)
+        return self.cache["launchd"]
+
+    def service_running(self) -> bool:
+        if self.darwin:
+            job = self.launchd_job()
+            return job["state"] == "running" and job["pid"] is not None
+        return self.host.service(self.unit).is_running
+
+    def enabled_state(self) -> str:
+        """"enabled" when the service starts at boot; otherwise what stands in the way."""
+        if self.darwin:
+            if self.run(f"test -f {MACOS_PLIST}").rc != 0:
+                return f"not installed ({MACOS_PLIST} is missing)"
+            disabled = launchd_disabled(self.run("launchctl print-disabled system").stdout, MACOS_LABEL)
+            return "disabled in launchd" if disabled else "enabled"
+        # Not testinfra's is_enabled: it raises on `not-found` (exit 4) instead of saying so.
+        return self.run(f"systemctl is-enabled {self.unit}").stdout.strip() or "unknown"
+
+    def configured_user(self) -> str:
+        if self.darwin:
+            return self.run(f"/usr/libexec/PlistBuddy -c 'Print :UserName' {MACOS_PLIST}").stdout.strip()
+        return self.output(f"systemctl show -p User --value {self.unit}").strip()
+
+    def service_environment(self) -> dict[str, str]:
+        if self.darwin:
+            return dict(self.launchd_job()["environment"])
+        return systemd_environment(self.output(f"systemctl show -p Environment --value {self.unit}"))
+
+    def listeners(self) -> list:
+        if self.darwin:  # no ss on macOS; sudo: another user's sockets are not listed otherwise
+            return parse_lsof_listeners(self.output("sudo -n lsof -nP -iTCP -sTCP:LISTEN -Fpcn"))
+        return parse_ss_listeners(self.output("ss -ltnpH"))
 
     @property
     def port(self) -> int:
@@ -139,12 +191,15 @@ class Target:
 
     def run(self, command: str, timeout: int | None = None):
         """Run a shell command on the host, bounded by `timeout` there; returns testinfra's CommandResult."""
-        limit = timeout or self.command_timeout
-        return self.host.run(f"timeout {int(limit)} sh -c {shlex.quote(command)}")
+        limit = int(timeout or self.command_timeout)
+        inner = f"sh -c {shlex.quote(command)}"
+        # coreutils' timeout (exit 124); macOS has none, so perl's alarm bounds it there (SIGALRM: exit 142)
+        return self.host.run(f"if command -v timeout >/dev/null 2>&1; then exec timeout {limit} {inner}; "
+                             f"else perl -e 'alarm shift @ARGV; exec @ARGV' {limit} {inner}; fi")
 
     def output(self, command: str, timeout: int | None = None) -> str:
         result = self.run(command, timeout)
-        if result.rc == 124:
+        if result.rc in (124, 142):
             pytest.fail(f"{self.name}: `{command}` did not finish within {timeout or self.command_timeout} s", pytrace=False)
         if result.rc != 0:
             pytest.fail(f"{self.name}: `{command}` failed (exit {result.rc}): {result.stderr.strip() or result.stdout.strip()}", pytrace=False)
@@ -193,7 +248,14 @@ class Target:
         return self.cache["key_file"]
 
     def service_pids(self) -> set[int]:
-        """Every process in the service's cgroup (the server and its runners)."""
+        """Every process in the service's cgroup (the server and its runners); on a Mac the job's
+        process and its children."""
+        if self.darwin:
+            pid = self.launchd_job()["pid"]
+            if pid is None:
+                return set()
+            children = self.run(f"pgrep -P {pid}").stdout.split()
+            return {pid, *(int(p) for p in children if p.isdigit())}
         script = (
             f"cg=$(systemctl show -p ControlGroup --value {self.unit}); [ -n \"$cg\" ] || exit 0; "
             "for f in /sys/fs/cgroup$cg/cgroup.procs /sys/fs/cgroup/systemd$cg/cgroup.procs; do "

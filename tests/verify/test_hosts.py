@@ -31,11 +31,11 @@ from r1fleet.verify_report import (
     parse_compute_apps,
     parse_device_buffers,
     parse_gpu_query,
-    parse_ss_listeners,
     speed_problem,
     split_problems,
-    systemd_environment,
 )
+
+from roles.exposure import ufw_rules_come_first
 
 if TYPE_CHECKING:  # the fixture's type; conftest is not imported as a module
     from conftest import Target
@@ -105,18 +105,18 @@ def test_gpus_visible(target: Target, plan: HostPlan) -> None:
 
 
 def test_service_active(target: Target) -> None:
-    service = target.host.service(target.unit)
-    assert service.is_running, f"{target.name}: {target.unit} is not active (systemctl start {target.unit}; journalctl -u {target.unit})"
+    how = (f"sudo launchctl kickstart system/{target.unit}; see /Library/Logs/r1fleet" if target.darwin
+           else f"systemctl start {target.unit}; journalctl -u {target.unit}")
+    assert target.service_running(), f"{target.name}: {target.unit} is not running ({how})"
 
 
 def test_service_enabled(target: Target) -> None:
-    # Not testinfra's is_enabled: it raises on `not-found` (exit 4) instead of saying so.
-    state = target.run(f"systemctl is-enabled {target.unit}").stdout.strip() or "unknown"
+    state = target.enabled_state()
     assert state == "enabled", f"{target.name}: {target.unit} is {state}, not enabled: it will not start at boot"
 
 
 def test_service_user(target: Target) -> None:
-    configured = target.output(f"systemctl show -p User --value {target.unit}").strip()
+    configured = target.configured_user()
     assert configured == target.user, f"{target.name}: {target.unit} is configured to run as {configured or 'root'!r}, not {target.user!r}"
     pids = target.service_pids()
     if not pids:
@@ -127,7 +127,7 @@ def test_service_user(target: Target) -> None:
 
 
 def test_listens_only_on_plan(target: Target) -> None:
-    listeners = parse_ss_listeners(target.output("ss -ltnpH"))
+    listeners = target.listeners()
     problems = listener_problems(listeners, target.service_pids(), target.bind, target.port)
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
@@ -189,7 +189,7 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
         if plan.rehearsal:  # an offline import: compared with what Ollama reported when the deploy imported it
             problems += _imported_as_recorded(target, plan, tags)
         elif digest:
-            env = systemd_environment(target.output(f"systemctl show -p Environment --value {target.unit}"))
+            env = target.service_environment()
             models = env.get("OLLAMA_MODELS")
             if not models:
                 fail(target, f"{target.unit} sets no OLLAMA_MODELS, so its model store cannot be checked")
@@ -221,7 +221,7 @@ def test_context_matches_plan(target: Target, plan: HostPlan) -> None:
     want = plan.context_length
     problems = []
     if plan.backend == "ollama":
-        env = systemd_environment(target.output(f"systemctl show -p Environment --value {target.unit}"))
+        env = target.service_environment()
         configured = env.get("OLLAMA_CONTEXT_LENGTH")
         if configured != str(want):
             problems.append(f"{target.unit} sets OLLAMA_CONTEXT_LENGTH={configured}, the plan's context is {want}")
@@ -339,8 +339,11 @@ def test_firewall_in_place(target: Target) -> None:
         pytest.skip(f"bound to {target.bind} only")
     ufw = target.run("LC_ALL=C ufw status 2>/dev/null | head -n1").stdout.strip().lower()
     if ufw == "status: active":
-        rules = target.output("LC_ALL=C ufw status")
+        rules = target.output("LC_ALL=C ufw status numbered")
         assert "# r1fleet" in rules, f"{target.name}: ufw is active but has no r1fleet rules for port {target.port} (run the deploy again)"
+        numbered = [line for line in rules.splitlines() if line.startswith("[")]
+        assert ufw_rules_come_first(numbered), (
+            f"{target.name}: another ufw rule comes before r1fleet's, and ufw stops at the first match (run the deploy again)")
         return
     table = target.run("nft list table inet r1fleet")
     assert table.rc == 0, (
