@@ -416,3 +416,12 @@ def test_the_official_openai_client_lists_chats_and_streams(server: dict[str, An
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope:latest", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["type"] == "not_found_error"
+
+
+def test_thinking_is_split_as_ollamas_parser_splits_it() -> None:
+    """thinking/parser.go of v0.32.9: the opening tag is needed unless the prompt ends with it."""
+    split = standin_module().split_thinking
+    assert split("<think>\nadd them</think>\n\n12", opened=False) == ("add them", "12")
+    assert split("add them</think>12", opened=True) == ("add them", "12")
+    assert split("add them</think>12", opened=False) == ("", "add them</think>12")  # thinking skipped: all content
+    assert split("  <think>still going", opened=False) == ("still going", "")
