@@ -74,6 +74,8 @@ class DeploySettings(BaseModel):
     api_key_file: str | None = None
     llama_cpp_install: Literal["auto", "package", "source"] = "auto"
     ollama_release: OllamaReleaseOverride | None = None
+    # what happens to the models of an official Ollama install r1fleet takes over (roles/ollama.py)
+    official_ollama_models: Literal["keep", "remove"] = "keep"
 
 
 def _truthy(value: Any) -> bool:
@@ -88,7 +90,7 @@ def settings_from_host_data(host: str, data: Mapping[str, Any]) -> DeploySetting
     `pyinfra ... --data rehearsal=true` arrives as the string "true", hence _truthy.
     """
     merged: dict[str, Any] = dict(data.get("r1fleet") or {})
-    for key in ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen"):
+    for key in ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models"):
         if data.get(key) is not None:
             merged[key] = data[key]
     if data.get("rehearsal") is not None:

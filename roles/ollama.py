@@ -116,13 +116,16 @@ def retire_official_install():
 
 
 @operation()
-def adopt_official_models(models_dir: str, user: str):
+def adopt_official_models(models_dir: str, user: str, keep: bool = True):
     """Move the models of an official install into r1fleet's store, so a model the host already holds is
-    not downloaded again and the user's own models stay listed.
+    not downloaded again and the user's own models stay listed; or, when told not to keep them, delete them.
 
     Example: adopt_official_models(models_dir="/var/lib/r1fleet/models/ollama", user="ollama")"""
     if not host.get_fact(OfficialInstall).get("models"):
         host.noop("no models in an official Ollama store")
+        return
+    if not keep:
+        yield f"rm -rf {OFFICIAL_STORE}/manifests {OFFICIAL_STORE}/blobs"
         return
     src, dst = OFFICIAL_STORE, shlex.quote(models_dir)
     # blobs move without copying on one filesystem; `-n` keeps a blob r1fleet's store already has
@@ -267,7 +270,8 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
     service_user(USER, HOME, gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
-    adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER)
+    adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER,
+                          keep=settings.official_ollama_models == "keep")
 
     installed = install_release(name=f"Ollama {release.version}", release=release)
     files.link(name="ollama on PATH", path=OFFICIAL_BINARY, target=release.binary, symbolic=True)

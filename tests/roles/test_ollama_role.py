@@ -223,6 +223,11 @@ def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
     assert run.commands.index(run.script("disable --now ollama.service")) < user
     move = run.script("/usr/share/ollama/.ollama/models/manifests/.")
     assert "mv -n {} /var/lib/r1fleet/models/ollama/blobs/" in move and "chown -R ollama:ollama" in move
+    # told not to keep them: deleted, not moved
+    dropped = run_role(ollama_role, *role_args(plan(), DeploySettings(official_ollama_models="remove"), release()),
+                       responses=official, monkeypatch=monkeypatch)
+    assert dropped.ran("rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
+    assert not dropped.ran("mv -n")
     # nothing official left: nothing to take over
     clean = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), monkeypatch=monkeypatch)
     assert not clean.ran("disable --now ollama.service") and not clean.ran("rm -f /usr/local/bin/ollama")
