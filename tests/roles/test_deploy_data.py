@@ -168,3 +168,14 @@ def test_unit_words_and_environment_reach_systemd_as_written():
         "read_write_paths": ["/var/lib/llama"], "device_allow": [], "ip_allow": []})
     assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-a\\" \\"LD_PRELOAD=/tmp/evil.so"\n' in unit
     assert 'ExecStart="/m/a b"\n' in unit
+
+
+def test_ollama_keeps_its_own_flash_attention_choice_unless_the_plan_needs_it():
+    """audit-ollama row 8: OLLAMA_FLASH_ATTENTION=1 bypassed Ollama's own check (off below compute
+    capability 6.0 and on 7.2, ml/device.go); it is set only when the plan must force it."""
+    from r1fleet.deploy_data import DeploySettings, ollama_environment
+
+    auto = ollama_environment(plan(kv_cache_type="f16", flash_attention=False), DeploySettings(), "/m")
+    assert "OLLAMA_FLASH_ATTENTION" not in auto
+    quantized = ollama_environment(plan(kv_cache_type="q8_0", flash_attention=True), DeploySettings(), "/m")
+    assert quantized["OLLAMA_FLASH_ATTENTION"] == "1"  # a quantized KV cache needs it on

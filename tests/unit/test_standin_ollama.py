@@ -425,3 +425,14 @@ def test_thinking_is_split_as_ollamas_parser_splits_it() -> None:
     assert split("add them</think>12", opened=True) == ("add them", "12")
     assert split("add them</think>12", opened=False) == ("", "add them</think>12")  # thinking skipped: all content
     assert split("  <think>still going", opened=False) == ("still going", "")
+
+
+def test_embed_follows_the_runner_and_a_generative_model_has_none(server: dict[str, Any]) -> None:
+    """/api/embed (server/routes.go:789-1012): empty input only loads; a generative model's runner was not
+    started with --embeddings, so the request gets llama-server's 501; bad input is a 400."""
+    subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(server["tmp"] / "Modelfile")],
+                   env=server["env"], capture_output=True, timeout=60, check=True)
+    assert call(server["base"], "POST", "/api/embed", {"model": TAG, "input": []}) == (200, {"model": TAG, "embeddings": []})
+    status, body = call(server["base"], "POST", "/api/embed", {"model": TAG, "input": "hello"})
+    assert status == 501 and "--embeddings" in body["error"]
+    assert call(server["base"], "POST", "/api/embed", {"model": TAG, "input": [1, 2]})[0] == 400
