@@ -15,7 +15,7 @@ from r1fleet.deploy_data import (
     format_plan,
     model_download,
     settings_from_host_data,
-    target_from_hardware,
+    platform_from_hardware,
 )
 from r1fleet.facts import R1Probe
 from r1fleet.fleet import ollama_exposure_warning
@@ -46,9 +46,9 @@ with summary.step(state, host, "plan"):
     needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
     download = model_download(host.name, plan, settings) if needs_gguf else None
     if not on_macos:
-        target = target_from_hardware(hardware)
-        release = release_for(plan, settings, target) if plan.backend == "ollama" else None
-        install = choose_install(plan, settings, target) if plan.backend == "llama.cpp" else None
+        platform = platform_from_hardware(hardware)
+        release = release_for(plan, settings, platform) if plan.backend == "ollama" else None
+        install = choose_install(plan, settings, platform) if plan.backend == "llama.cpp" else None
 
 if summary.ok(host) and on_macos:
     macos.install(plan, settings, hw=hardware, download=download)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from r1fleet.catalog import load_catalog  # noqa: E402
 from r1fleet.memory import MIB, Slot, compute_buffer_mib, estimate_device, kv_cache_mib, weight_shares  # noqa: E402
-from r1fleet.planner import tokens_per_second, Placement  # noqa: E402
+from r1fleet.planner import PlacementOption, tokens_per_second  # noqa: E402
 
 CATALOG = load_catalog()
 
@@ -84,7 +84,7 @@ def speed(size: str, bandwidths: list[float], kind: str = "cuda") -> float:
     layers[-1] += model.arch.layers - sum(layers)
     slots = tuple(Slot(f"D{i}", 10**6, kind, bw) for i, bw in enumerate(bandwidths))
     placement_kind = {"cuda": "gpu" if n == 1 else "multi-gpu", "metal": "unified", "cpu": "cpu"}[kind]
-    return tokens_per_second(model, Placement(placement_kind, slots), layers, 4096, "f16")
+    return tokens_per_second(model, PlacementOption(placement_kind, slots), layers, 4096, "f16")
 
 
 # (case, measured tokens/s, estimated)

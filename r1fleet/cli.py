@@ -66,7 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans]}, indent=2))
     else:
-        print(render_table(plans))
+        print(plans_table(plans))
     return 0 if all(p.fits for p in plans) else 1
 
 
@@ -110,7 +110,7 @@ def _fmt_gpus(plan: HostPlan) -> str:
     return ", ".join(f"{n}x {label}" for label, n in names.items())
 
 
-def render_table(plans: list[HostPlan]) -> str:
+def plans_table(plans: list[HostPlan]) -> str:
     """A table a person reads at a glance, then each host's reasons."""
     from r1fleet.catalog import load_catalog
     from r1fleet.tensor_split import format_flag

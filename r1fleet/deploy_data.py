@@ -137,11 +137,11 @@ def is_local_only(settings: DeploySettings) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Target (what the roles need from the probe's Hardware)
+# Platform (what the roles need from the probe's Hardware)
 
 
 @dataclass(frozen=True)
-class Target:
+class Platform:
     arch: str  # Ollama/Debian naming: amd64 | arm64
     distro_id: str
     codename: str
@@ -151,7 +151,7 @@ class Target:
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
-def target_from_hardware(hw: Hardware) -> Target:
+def platform_from_hardware(hw: Hardware) -> Platform:
     arch = _ARCH.get(hw.os.arch.lower())
     if arch is None:
         raise DeployError(
@@ -164,7 +164,7 @@ def target_from_hardware(hw: Hardware) -> Target:
     if hw.tegra_release:
         match = re.search(r"R(\d+)", hw.tegra_release)
         tegra = int(match.group(1)) if match else None
-    return Target(arch=arch, distro_id=hw.os.id.lower(), codename=hw.os.codename.lower(), tegra_major=tegra)
+    return Platform(arch=arch, distro_id=hw.os.id.lower(), codename=hw.os.codename.lower(), tegra_major=tegra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +209,14 @@ class OllamaRelease:
         return f"{self.install_dir}/.r1fleet-installed-{digest}"
 
 
-def ollama_asset_stems(target: Target, vendor: str | None, placement: str | None) -> list[str]:
+def ollama_asset_stems(platform: Platform, vendor: str | None, placement: str | None) -> list[str]:
     """Archive names without extension: the base archive plus the add-on the GPU needs."""
-    base = f"ollama-linux-{target.arch}"
+    base = f"ollama-linux-{platform.arch}"
     stems = [base]
-    if placement != "cpu" and vendor == "amd" and target.arch == "amd64":
+    if placement != "cpu" and vendor == "amd" and platform.arch == "amd64":
         stems.append(f"{base}-rocm")
-    if target.arch == "arm64" and target.tegra_major in (35, 36):
-        stems.append(f"{base}-jetpack{5 if target.tegra_major == 35 else 6}")
+    if platform.arch == "arm64" and platform.tegra_major in (35, 36):
+        stems.append(f"{base}-jetpack{5 if platform.tegra_major == 35 else 6}")
     return stems
 
 
@@ -232,7 +232,7 @@ def parse_sha256sums(text: str) -> dict[str, str]:
 
 def ollama_release(
     host: str,
-    target: Target,
+    platform: Platform,
     plan: HostPlan,
     override: OllamaReleaseOverride | None = None,
     versions: Mapping[str, Any] | None = None,
@@ -250,7 +250,7 @@ def ollama_release(
     known = dict(pinned.get("sha256") or {}) if version == pinned["version"] else {}
     known.update(override.sha256)
     assets = []
-    for stem in ollama_asset_stems(target, plan.vendor, plan.placement):
+    for stem in ollama_asset_stems(platform, plan.vendor, plan.placement):
         for name in (f"{stem}.tar.zst", f"{stem}.tgz"):
             if known.get(name):
                 assets.append(Asset(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
@@ -652,17 +652,17 @@ def cmake_flags(plan: HostPlan, build: str) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def bundle_backend(target: Target, plan: HostPlan, bundle: Mapping[str, Any]) -> str | None:
+def bundle_backend(platform: Platform, plan: HostPlan, bundle: Mapping[str, Any]) -> str | None:
     """The GPU backend library (relative to lib/ollama) the plan needs; None on the CPU."""
     if not uses_gpu(plan):
         return None
-    if plan.vendor == "nvidia" and target.tegra_major in bundle["jetson_backends"]:
-        return bundle["jetson_backends"][target.tegra_major]
+    if plan.vendor == "nvidia" and platform.tegra_major in bundle["jetson_backends"]:
+        return bundle["jetson_backends"][platform.tegra_major]
     return bundle["backends"].get(plan.vendor or "")
 
 
 def llama_cpp_install(
-    target: Target,
+    platform: Platform,
     plan: HostPlan,
     settings: DeploySettings,
     available: set[str],
@@ -679,7 +679,7 @@ def llama_cpp_install(
     debian = pins["debian"]
     gpu = uses_gpu(plan)
     backend_pkg = debian["backend_packages"].get(plan.vendor) if gpu else None
-    package_distro = target.distro_id == "debian" and target.codename in debian["codenames"]
+    package_distro = platform.distro_id == "debian" and platform.codename in debian["codenames"]
     server_ok = debian["server_package"] in available
     wants = settings.llama_cpp_install
     simulated = settings.profile is not None
@@ -699,10 +699,10 @@ def llama_cpp_install(
             cmake_flags=cmake_flags(plan, tag),
         )
     bundle = pins["ollama_bundle"]
-    release = ollama_release(plan.host, target, plan, settings.ollama_release, versions)
+    release = ollama_release(plan.host, platform, plan, settings.ollama_release, versions)
     libraries = f"{release.install_dir}/{bundle['library_dir']}"
     environment = {"LD_LIBRARY_PATH": libraries, "OLLAMA_LLAMA_CPP_COMPAT": "0"}
-    backend = bundle_backend(target, plan, bundle)
+    backend = bundle_backend(platform, plan, bundle)
     if gpu and backend is None:
         raise DeployError(
             f"the pinned Ollama archive has no llama.cpp backend for {plan.vendor} GPUs",

@@ -34,7 +34,7 @@ SMALLEST_USABLE_GPU_MIB = 1024
 
 
 @dataclass(frozen=True)
-class Placement:
+class PlacementOption:
     kind: str  # gpu | unified | multi-gpu | cpu
     slots: tuple[Slot, ...]
     gpus: tuple[Gpu, ...] = ()
@@ -43,7 +43,7 @@ class Placement:
 @dataclass
 class Attempt:
     model: Model
-    placement: Placement
+    placement: PlacementOption
     fits: bool
     context: int = 0
     kv_type: str = "f16"
@@ -85,28 +85,28 @@ def cpu_slot(hw: Hardware, policy: Policy) -> Slot:
     return Slot("RAM", max(available, 0), "cpu", policy.cpu_bandwidth_gbps)
 
 
-def placements(hw: Hardware, policy: Policy) -> list[Placement]:
-    """Placement options in the planner's order of preference."""
+def placements(hw: Hardware, policy: Policy) -> list[PlacementOption]:
+    """The placement options in the planner's order of preference."""
     usable = [g for g in hw.gpus if g.memory_total_mib >= SMALLEST_USABLE_GPU_MIB and not g.mig]
-    options: list[Placement] = []
+    options: list[PlacementOption] = []
     if usable:
         best = max(usable, key=lambda g: (gpu_capacity_mib(g), -g.index))
-        options.append(Placement("gpu", (gpu_slot(best),), (best,)))
+        options.append(PlacementOption("gpu", (gpu_slot(best),), (best,)))
     if hw.unified:
         u = hw.unified
         kind = "metal" if u.kind == "apple" else "unified"
         limit = u.total_mib - constants().apple_os_reserve_mib if u.gpu_limit_raisable else u.gpu_limit_mib
         capacity = limit if u.available_mib is None else min(limit, u.available_mib)
         bandwidth = u.bandwidth_gbps or constants().unknown_gpu_bandwidth_gbps
-        options.append(Placement("unified", (Slot(f"unified {u.name}", capacity, kind, bandwidth),)))
+        options.append(PlacementOption("unified", (Slot(f"unified {u.name}", capacity, kind, bandwidth),)))
     by_vendor: dict[str, list[Gpu]] = {}
     for gpu in usable:
         by_vendor.setdefault(gpu.vendor, []).append(gpu)
     groups = [sorted(g, key=lambda x: x.index) for g in by_vendor.values() if len(g) > 1]
     if groups:
         group = max(groups, key=lambda g: sum(gpu_capacity_mib(x) for x in g))
-        options.append(Placement("multi-gpu", tuple(gpu_slot(g) for g in group), tuple(group)))
-    options.append(Placement("cpu", (cpu_slot(hw, policy),)))
+        options.append(PlacementOption("multi-gpu", tuple(gpu_slot(g) for g in group), tuple(group)))
+    options.append(PlacementOption("cpu", (cpu_slot(hw, policy),)))
     return options
 
 
@@ -166,7 +166,7 @@ def device_plans(
     ]
 
 
-def tokens_per_second(model: Model, placement: Placement, layers: list[int], context: int, kv_type: str) -> float:
+def tokens_per_second(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
     """Decode is memory-bound: each device reads its share per token, one after another."""
     eff = constants().efficiency
     kind = {"gpu": "gpu", "multi-gpu": "gpu", "unified": "unified", "cpu": "cpu"}[placement.kind]
@@ -177,7 +177,7 @@ def tokens_per_second(model: Model, placement: Placement, layers: list[int], con
     return round(eff[kind] / seconds, 1) if seconds else 0.0
 
 
-def runtime_flash_attention(placement: Placement) -> tuple[bool, str]:
+def runtime_flash_attention(placement: PlacementOption) -> tuple[bool, str]:
     """What the runtime's automatic choice does on these GPUs, and why when it turns flash attention off."""
     c = constants()
     for gpu in placement.gpus:
@@ -193,13 +193,13 @@ def runtime_flash_attention(placement: Placement) -> tuple[bool, str]:
     return True, ""
 
 
-def flash_attention_for(placement: Placement, policy: Policy) -> bool:
+def flash_attention_for(placement: PlacementOption, policy: Policy) -> bool:
     if policy.flash_attention != "auto":
         return policy.flash_attention == "on"
     return runtime_flash_attention(placement)[0]
 
 
-def runtime_ubatch(model: Model, placement: Placement, context: int, policy: Policy) -> int | None:
+def runtime_ubatch(model: Model, placement: PlacementOption, context: int, policy: Policy) -> int | None:
     """The micro-batch the runtime will run: Ollama picks it for one device; llama-server's default otherwise."""
     if len(placement.slots) != 1 or _backend(placement, policy) != "ollama":
         return None
@@ -207,7 +207,7 @@ def runtime_ubatch(model: Model, placement: Placement, context: int, policy: Pol
     return ollama_ubatch(model, context, flash_attention_for(placement, policy), slot.capacity_mib, slot.kind == "cuda")
 
 
-def _fit_at(model: Model, placement: Placement, context: int, kv_type: str, policy: Policy) -> list[int] | None:
+def _fit_at(model: Model, placement: PlacementOption, context: int, kv_type: str, policy: Policy) -> list[int] | None:
     fa = flash_attention_for(placement, policy)
     ub = runtime_ubatch(model, placement, context, policy)
     return split_layers(model, placement.slots, context, kv_type, fa, policy.headroom_mib, ub)
@@ -218,7 +218,7 @@ def context_bounds(model: Model, policy: Policy) -> tuple[int, int]:
     return min(policy.min_context, top), top
 
 
-def largest_context(model: Model, placement: Placement, kv_type: str, low: int, high: int, policy: Policy) -> int:
+def largest_context(model: Model, placement: PlacementOption, kv_type: str, low: int, high: int, policy: Policy) -> int:
     """The largest context in [low, high] (a step multiple, or `high` itself) that still fits; assumes `low` fits."""
     step = constants().context_step
     if _fit_at(model, placement, high, kv_type, policy):
@@ -235,7 +235,7 @@ def largest_context(model: Model, placement: Placement, kv_type: str, low: int, 
     return best
 
 
-def attempt(model: Model, placement: Placement, policy: Policy, context: int | None = None) -> Attempt:
+def attempt(model: Model, placement: PlacementOption, policy: Policy, context: int | None = None) -> Attempt:
     """Fit one model in one placement: the first allowed KV type that reaches the minimum context wins."""
     low, high = context_bounds(model, policy)
     if context is not None:
@@ -273,7 +273,7 @@ def attempt(model: Model, placement: Placement, policy: Policy, context: int | N
     return result
 
 
-def _even_layers(model: Model, placement: Placement) -> list[int]:
+def _even_layers(model: Model, placement: PlacementOption) -> list[int]:
     total = model.arch.layers
     caps = [max(s.capacity_mib, 1) for s in placement.slots]
     counts = [total * c // sum(caps) for c in caps]
@@ -281,7 +281,7 @@ def _even_layers(model: Model, placement: Placement) -> list[int]:
     return counts
 
 
-def _describe(placement: Placement) -> str:
+def _describe(placement: PlacementOption) -> str:
     if placement.kind == "cpu":
         return "system RAM"
     return " + ".join(s.name for s in placement.slots)
@@ -299,7 +299,7 @@ def ordered_candidates(catalog: Catalog, policy: Policy) -> list[Model]:
     return models
 
 
-def best_attempt(model: Model, options: list[Placement], policy: Policy, context: int | None) -> Attempt:
+def best_attempt(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> Attempt:
     """The first placement (in preference order) where the model fits and is fast enough."""
     tried = [attempt(model, p, policy, context) for p in options]
     for a in tried:
@@ -342,7 +342,7 @@ def plan_host(
     return _host_plan(hw, policy, None, rejected, forced=False)
 
 
-def _backend(placement: Placement, policy: Policy) -> str:
+def _backend(placement: PlacementOption, policy: Policy) -> str:
     if policy.backend:
         return policy.backend
     return "llama.cpp" if placement.kind == "multi-gpu" else "ollama"
@@ -423,7 +423,7 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
 UNIFIED_VENDOR = {"apple": "apple", "amd-apu": "amd", "jetson": "nvidia", "gb10": "nvidia"}
 
 
-def _vendor(hw: Hardware, placement: Placement) -> str | None:
+def _vendor(hw: Hardware, placement: PlacementOption) -> str | None:
     """The GPU vendor the plan runs on (None on the CPU): drives drivers, archives and device access."""
     if placement.gpus:
         return placement.gpus[0].vendor

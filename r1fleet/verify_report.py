@@ -418,7 +418,7 @@ def _result_cell(r: HostResult) -> str:
     return f"{RESULT_FAIL}: {', '.join(named) or 'no check ran'}"
 
 
-def render_table(results: list[HostResult]) -> str:
+def results_table(results: list[HostResult]) -> str:
     """One line per host: model, backend, context, tokens/s and GPU memory measured vs planned, result."""
     header = ("HOST", "MODEL", "BACKEND", "CONTEXT", "TOK/S measured/est", "GPU MiB used/planned", "RESULT")
     rows = [header]

@@ -28,7 +28,7 @@ from r1fleet.deploy_data import (
     health_timeout_s,
     ModelDownload,
     UnitSpecifier,
-    Target,
+    Platform,
     is_local_only,
     llama_cpp_install,
     llama_environment,
@@ -56,14 +56,14 @@ USER = "llama"
 HOME = "/var/lib/llama"
 
 
-def choose_install(plan: HostPlan, settings: DeploySettings, target: Target) -> LlamaInstall:
+def choose_install(plan: HostPlan, settings: DeploySettings, platform: Platform) -> LlamaInstall:
     """Ask apt (Debian hosts only) which packages it can install, then decide (pure)."""
     available: set[str] = set()
-    if target.distro_id == "debian":
+    if platform.distro_id == "debian":
         debian = load_versions()["llama_cpp"]["debian"]
         wanted = (debian["server_package"], *debian["backend_packages"].values())
         available = host.get_fact(AptCandidates, packages=tuple(wanted))
-    return llama_cpp_install(target, plan, settings, available)
+    return llama_cpp_install(platform, plan, settings, available)
 
 
 @operation()

@@ -34,7 +34,7 @@ from r1fleet.deploy_data import (
     ModelDownload,
     OllamaRelease,
     OllamaReleaseOverride,
-    Target,
+    Platform,
     health_timeout_s,
     import_record_digest,
     local_api,
@@ -244,14 +244,14 @@ def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverrid
     return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
 
 
-def release_for(plan: HostPlan, settings: DeploySettings, target: Target) -> OllamaRelease:
+def release_for(plan: HostPlan, settings: DeploySettings, platform: Platform) -> OllamaRelease:
     override = settings.ollama_release
     if override is None and settings.mirror:
         if settings.profile:  # a lab host: the lab's mirror serves the stand-in release it built on this controller
             override = mirror_release(settings.mirror)
         else:  # any other mirror changes where the pinned bytes come from, never which bytes (audit M8)
             override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
-    return ollama_release(plan.host, target, plan, override)
+    return ollama_release(plan.host, platform, plan, override)
 
 
 @deploy("Ollama")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from r1fleet.lab import lifecycle, paths, state
 
-EXPECTED_ERRORS = (lifecycle.LabError, state.LabFleetError, RuntimeError, ValueError, OSError)
+EXPECTED_ERRORS = (lifecycle.LabError, state.LabLayoutError, RuntimeError, ValueError, OSError)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -123,7 +123,7 @@ def ensure_service(lab_state: dict, key: str, marker: str, program: str, start: 
 
 
 def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
-    fleet = state.load_fleet(fleet_path)
+    fleet = state.read_lab_layout(fleet_path)
     controller, addresses, prefix = fleet.addresses()
     wanted = [n for n in fleet.hosts if not only or n in only]
     unknown = sorted(set(only or []) - set(fleet.hosts))

@@ -16,12 +16,15 @@ LAB_FLEET_FILE = paths.LAB_FLEET_FILE
 DEFAULT_SUBNET = "10.77.0.0/24"
 
 
-class LabFleetError(ValueError):
+class LabLayoutError(ValueError):
     pass
 
 
 @dataclass(frozen=True)
-class LabFleet:
+class LabLayout:
+    """The lab's hosts and subnet as inventory/lab.yml lays them out (r1fleet.fleet.load_fleet reads the
+    same file as a fleet)."""
+
     path: Path
     subnet: str
     hosts: dict[str, str]  # name -> profile, in file order
@@ -30,24 +33,24 @@ class LabFleet:
         return network.plan_addresses(self.subnet, list(self.hosts))
 
 
-def load_fleet(path: Path = LAB_FLEET_FILE) -> LabFleet:
+def read_lab_layout(path: Path = LAB_FLEET_FILE) -> LabLayout:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
-        raise LabFleetError(f"cannot read lab fleet file {path}: {exc.strerror}") from exc
+        raise LabLayoutError(f"cannot read lab fleet file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise LabFleetError(f"lab fleet file {path} is not valid YAML: {exc}") from exc
+        raise LabLayoutError(f"lab fleet file {path} is not valid YAML: {exc}") from exc
     subnet = str((data.get("lab") or {}).get("subnet", DEFAULT_SUBNET))
     hosts = data.get("hosts") or {}
     if not isinstance(hosts, dict) or not hosts:
-        raise LabFleetError(f"{path}: 'hosts' must map host names to {{profile: NAME}}")
+        raise LabLayoutError(f"{path}: 'hosts' must map host names to {{profile: NAME}}")
     result = {}
     for name, spec in hosts.items():
         profile = (spec or {}).get("profile") if isinstance(spec, dict) else None
         if not profile:
-            raise LabFleetError(f"{path}: host {name}: field 'profile' is missing; fix: add e.g. profile: rtx4090")
+            raise LabLayoutError(f"{path}: host {name}: field 'profile' is missing; fix: add e.g. profile: rtx4090")
         result[str(name)] = str(profile)
-    return LabFleet(Path(path), subnet, result)
+    return LabLayout(Path(path), subnet, result)
 
 
 def load_state() -> dict:
@@ -73,9 +76,9 @@ def lab_hosts() -> list[dict]:
     state = load_state()
     records = state.get("hosts", {})
     try:
-        fleet = load_fleet(Path(state.get("fleet_file", LAB_FLEET_FILE)))
+        fleet = read_lab_layout(Path(state.get("fleet_file", LAB_FLEET_FILE)))
         fleet_hosts, addresses = dict(fleet.hosts), fleet.addresses()[1]
-    except (LabFleetError, network.NetworkError):
+    except (LabLayoutError, network.NetworkError):
         fleet_hosts, addresses = {}, {}
     for name, rec in records.items():  # what is running wins over an edited fleet file
         fleet_hosts[name], addresses[name] = rec["profile"], rec["address"]
@@ -103,8 +106,8 @@ def controller_address() -> str:
     if state.get("controller"):
         return state["controller"]
     try:
-        return load_fleet().addresses()[0]
-    except (LabFleetError, network.NetworkError):
+        return read_lab_layout().addresses()[0]
+    except (LabLayoutError, network.NetworkError):
         return network.plan_addresses(DEFAULT_SUBNET, [])[0]
 
 

@@ -13,7 +13,7 @@ import yaml
 from r1fleet.lab import network, paths, procs, profiles, state
 
 REPO = Path(__file__).resolve().parents[2]
-LAB_HOSTS = state.load_fleet().hosts  # name -> profile, from inventory/lab.yml
+LAB_HOSTS = state.read_lab_layout().hosts  # name -> profile, from inventory/lab.yml
 PROBE_SH = REPO / "r1fleet" / "probe.sh"
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from r1fleet.deploy_data import (
-    DeployError, DeploySettings, OllamaReleaseOverride, Target, cuda_architectures, device_allow,
+    DeployError, DeploySettings, OllamaReleaseOverride, Platform, cuda_architectures, device_allow,
     llama_server_args, local_api, model_download, ollama_asset_stems, ollama_environment, ollama_release,
-    parse_sha256sums, settings_from_host_data, target_from_hardware,
+    parse_sha256sums, settings_from_host_data, platform_from_hardware,
 )
 from r1fleet.models import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
-AMD64 = Target("amd64", "debian", "forky", None)
+AMD64 = Platform("amd64", "debian", "forky", None)
 
 
 def plan(**kw) -> HostPlan:
@@ -27,7 +27,7 @@ def test_asset_stems_follow_vendor_and_tegra():
     assert ollama_asset_stems(AMD64, "nvidia", "gpu") == ["ollama-linux-amd64"]
     assert ollama_asset_stems(AMD64, "amd", "gpu") == ["ollama-linux-amd64", "ollama-linux-amd64-rocm"]
     assert ollama_asset_stems(AMD64, "amd", "cpu") == ["ollama-linux-amd64"]
-    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    jetson = Platform("arm64", "ubuntu", "jammy", 36)
     assert ollama_asset_stems(jetson, "nvidia", "unified") == ["ollama-linux-arm64", "ollama-linux-arm64-jetpack6"]
 
 
@@ -47,13 +47,13 @@ def test_mirror_override_falls_back_to_tgz_and_ignores_pinned_sums():
 
 
 def test_missing_sha_is_refused_with_the_fix():
-    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    jetson = Platform("arm64", "ubuntu", "jammy", 36)
     with pytest.raises(DeployError, match="no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst"):
         ollama_release("h", jetson, plan(placement="unified"))
 
 
 def test_host_data_adds_a_missing_sha_to_the_pinned_ones():
-    jetson = Target("arm64", "ubuntu", "jammy", 36)
+    jetson = Platform("arm64", "ubuntu", "jammy", 36)
     rel = ollama_release("h", jetson, plan(placement="unified"),
                          OllamaReleaseOverride(sha256={"ollama-linux-arm64-jetpack6.tar.zst": "c" * 64}))
     assert [a.sha256[:4] for a in rel.assets] == ["7961", "cccc"]
@@ -125,9 +125,9 @@ def test_model_download_prefers_mirror_in_rehearsal_and_needs_sha():
 def test_cuda_architectures_and_target():
     assert cuda_architectures(["8.9", "8.6", "8.6", "bad"]) == "86;89"
     hw = Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="aarch64", id="ubuntu"), tegra_release="# R36 (release), REVISION: 4.3")
-    assert target_from_hardware(hw) == Target("arm64", "ubuntu", "", 36)
+    assert platform_from_hardware(hw) == Platform("arm64", "ubuntu", "", 36)
     with pytest.raises(DeployError, match="riscv64"):
-        target_from_hardware(Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="riscv64")))
+        platform_from_hardware(Hardware(host="h", ram_total_mib=1, os=OsInfo(arch="riscv64")))
 
 
 def test_a_host_without_room_for_the_model_is_refused_before_any_change():

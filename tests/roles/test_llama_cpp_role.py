@@ -6,14 +6,14 @@ import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import DeploySettings, ModelDownload, Target, llama_cpp_install
+from r1fleet.deploy_data import DeploySettings, ModelDownload, Platform, llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
 from roles.llama_cpp import llama_cpp_role
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 SHA = "c" * 64
-FORKY = Target(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
-BOOKWORM = Target(arch="amd64", distro_id="debian", codename="bookworm", tegra_major=None)
+FORKY = Platform(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
+BOOKWORM = Platform(arch="amd64", distro_id="debian", codename="bookworm", tegra_major=None)
 
 
 def plan(**overrides) -> HostPlan:
@@ -60,8 +60,8 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     assert run.ran("http://127.0.0.1:8080/health")
 
 
-UBUNTU_2404 = Target(arch="amd64", distro_id="ubuntu", codename="noble", tegra_major=None)
-FEDORA = Target(arch="amd64", distro_id="fedora", codename="", tegra_major=None)
+UBUNTU_2404 = Platform(arch="amd64", distro_id="ubuntu", codename="noble", tegra_major=None)
+FEDORA = Platform(arch="amd64", distro_id="fedora", codename="", tegra_major=None)
 BUNDLE = "/opt/r1fleet/ollama/0.32.9/lib/ollama"
 SEES_TWO_GPUS = {"--list-devices": ["device CUDA0", "device CUDA1"]}
 

@@ -7,7 +7,7 @@ import json
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import model_download, DeploySettings, OllamaReleaseOverride, Target, ollama_release
+from r1fleet.deploy_data import model_download, DeploySettings, OllamaReleaseOverride, Platform, ollama_release
 from r1fleet.models import GgufFile, HostPlan
 from roles.ollama import ollama_role
 
@@ -20,7 +20,7 @@ API = "http://127.0.0.1:11434"
 UNIT = "/etc/systemd/system/r1fleet-ollama.service"
 STANDIN_TAG = "r1fleet/smollm2:135m-instruct-q4_1"
 GGUF_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-TARGET = Target(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
+TARGET = Platform(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
 
 
 def plan(**overrides) -> HostPlan:

@@ -33,3 +33,25 @@ def test_an_unexpected_error_fails_only_its_host_without_a_traceback(capsys):
     assert step == "plan" and why.startswith("unexpected OverflowError") and "r1fleet probe odd" in why
     assert "Traceback" not in capsys.readouterr().err
     summary._failures.clear()
+
+
+def test_the_one_seam_into_pyinfra_is_where_the_pinned_pyinfra_has_it(monkeypatch):
+    """roles/summary.py wraps pyinfra's private `_run_host_op` (pyinfra pinned to 3.10.x in pyproject.toml)
+    so that one host's crashing operation fails that host only. The seam must exist with this signature and
+    be called through the module, or the guard would silently do nothing after a pyinfra upgrade."""
+    import inspect
+    from types import SimpleNamespace
+
+    from pyinfra.api import operations as pyinfra_operations
+
+    assert list(inspect.signature(pyinfra_operations._run_host_op).parameters) == ["state", "host", "op_hash"]
+    assert "return _run_host_op(state, host, op_hash)" in inspect.getsource(pyinfra_operations.run_host_op)
+
+    def crashing(state, host, op_hash):
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(pyinfra_operations, "_run_host_op", crashing)
+    summary._contain_host_crashes()
+    state = SimpleNamespace(get_op_meta=lambda op_hash: SimpleNamespace(names={"Ollama | System user ollama"}))
+    assert pyinfra_operations._run_host_op(state, FakeHost("gone"), "h") is False
+    assert summary._failures.pop("gone")[0] == "Ollama | System user ollama"

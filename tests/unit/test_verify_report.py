@@ -26,7 +26,7 @@ from r1fleet.verify_report import (
     parse_gpu_query,
     parse_ss_listeners,
     planned_gpu_mib,
-    render_table,
+    results_table,
     speed_problem,
     parse_device_buffers,
     split_problems,
@@ -238,7 +238,7 @@ def test_table_shows_measured_against_planned_and_names_failures():
                    est_tps=30.8, passed=["api_healthy"], failed=["service_active", "listens_only_on_plan"]),
         HostResult(host="gone", error="cannot connect over SSH to root@10.0.0.9:22: timed out"),
     ]
-    table = render_table(results)
+    table = results_table(results)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["HOST", "MODEL", "BACKEND"]
     assert [line.split()[0] for line in lines[1:4]] == ["gone", "lab-3060", "lab-4090"]  # sorted by host

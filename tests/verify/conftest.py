@@ -46,7 +46,7 @@ from r1fleet.verify_report import (
     parse_lsof_listeners,
     parse_ss_listeners,
     planned_gpu_mib,
-    render_table,
+    results_table,
     systemd_environment,
 )
 from roles.llama_cpp import USER as LLAMA_USER
@@ -474,7 +474,7 @@ class VerifyReporter:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.outcomes:
             return
-        table = render_table(self.results())
+        table = results_table(self.results())
         terminalreporter.write_sep("=", "r1fleet verify: per host")
         terminalreporter.write_line(table)
         path = self.config.getoption("--verify-report")
