@@ -10,18 +10,11 @@ Order per host: driver -> exposure key -> firewall -> backend (macOS: one Launch
 
 from pyinfra import host, state
 
-from r1fleet.deploy_data import (
-    check_disk,
-    format_plan,
-    model_download,
-    settings_from_host_data,
-    platform_from_hardware,
-)
+from r1fleet.config import HostConfig, ollama_exposure_warning
+from r1fleet.deploy_data import check_disk, format_plan, model_download, platform_from_hardware
 from r1fleet.facts import R1Probe
-from r1fleet.fleet import ollama_exposure_warning
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse
-from r1fleet.policy import Policy
 from roles import exposure, gpu_driver, macos, summary
 from roles.llama_cpp import choose_install, llama_cpp_role
 from roles.ollama import ollama_role, release_for
@@ -29,10 +22,9 @@ from roles.ollama import ollama_role, release_for
 summary.install(state)
 
 with summary.step(state, host, "plan"):
-    settings = settings_from_host_data(host.name, host.data.dict())
+    settings = HostConfig.from_host_data(host.name, host.data.dict())
     hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
-    policy = Policy.model_validate((host.data.get("r1fleet") or {}).get("policy") or {})
-    plan = plan_host(hardware, policy)
+    plan = plan_host(hardware, settings.policy)
     if settings.rehearsal and plan.fits:
         plan = rehearse(plan)
     print(format_plan(plan, settings.rehearsal))

@@ -72,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
     """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication)."""
-    from r1fleet.fleet import ollama_exposure_warning
+    from r1fleet.config import ollama_exposure_warning
 
     warning = ollama_exposure_warning(entry.listen, entry.allow) if entry and plan.backend == "ollama" else None
     return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan

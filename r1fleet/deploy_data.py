@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.errors import R1FleetError
-from r1fleet.fleet import is_loopback
 from r1fleet.memory import MIB, constants
-from r1fleet.models import DEFAULT_MODEL_DIR, Hardware, HostPlan
+from r1fleet.models import Hardware, HostPlan
+from r1fleet.net import host_port
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
 
@@ -31,7 +31,6 @@ LLAMA_UNIT = "r1fleet-llama-server.service"
 UNIT_DIR = "/etc/systemd/system"
 OLLAMA_ROOT = "/opt/r1fleet/ollama"
 LLAMA_ROOT = "/opt/r1fleet/llama.cpp"
-DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 # systemd loads the API key as a credential: the file stays root-only on disk and the
 # service reads it from its private credentials directory (%d); the key never enters argv.
 API_KEY_CREDENTIAL = "api-key"
@@ -42,98 +41,12 @@ class DeployError(R1FleetError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Host settings (the fleet file's per-host entry, as pyinfra host data)
-
-
-class OllamaReleaseOverride(BaseModel):
-    """Host data `ollama_release`: another place to get the pinned release (e.g. the lab mirror)."""
-
-    model_config = ConfigDict(extra="forbid")
-    version: str | None = None
-    base_url: str | None = None
-    sha256: dict[str, str] = {}
-
-
-# The llama-server API key of an exposed host: generated on the host, root-only, handed to the
-# service as a systemd credential so it is never in argv, the unit or a log.
-API_KEY_FILE = "/etc/r1fleet/api-key"
-
-
-class DeploySettings(BaseModel):
-    """What the roles need from a fleet entry (host data `r1fleet`) plus a few deploy knobs."""
-
-    model_config = ConfigDict(extra="ignore")
-    listen: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    allow: list[str] = []
-    model_dir: str = DEFAULT_MODEL_DIR
-    mirror: str | None = None
-    rehearsal: bool = False
-    ollama_public: bool = False
-    profile: str | None = None
-    api_key_file: str | None = None
-    llama_cpp_install: Literal["auto", "package", "source"] = "auto"
-    ollama_release: OllamaReleaseOverride | None = None
-    # what happens to the models of an official Ollama install r1fleet takes over (roles/ollama.py)
-    official_ollama_models: Literal["keep", "remove"] = "keep"
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
-
-
-def settings_from_host_data(host: str, data: Mapping[str, Any]) -> DeploySettings:
-    """Merge host data: the fleet entry under `r1fleet`, then top-level keys (--data wins).
-
-    `pyinfra ... --data rehearsal=true` arrives as the string "true", hence _truthy.
-    """
-    merged: dict[str, Any] = dict(data.get("r1fleet") or {})
-    for key in ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models"):
-        if data.get(key) is not None:
-            merged[key] = data[key]
-    if data.get("rehearsal") is not None:
-        merged["rehearsal"] = _truthy(data["rehearsal"])
-    if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
-        merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
-    try:
-        return DeploySettings.model_validate(merged)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise DeployError(first["msg"], host=host, field=field, fix="correct this value in the fleet file or --data") from None
-
-
-def service_port(backend: str, settings: DeploySettings) -> int:
-    return settings.port or DEFAULT_PORTS[backend]
-
-
-def bind_address(settings: DeploySettings) -> str:
-    """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
-    return settings.listen or "127.0.0.1"
+# What a plan needs from the host
 
 
 def uses_gpu(plan: HostPlan) -> bool:
     """The plan runs on a GPU (discrete or unified): device access, groups, no W^X lock."""
     return plan.placement != "cpu" and plan.vendor is not None
-
-
-def host_port(address: str, port: int) -> str:
-    """`address:port`, with IPv6 addresses in brackets (`[fd00::5]:11434`)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def local_api(backend: str, settings: DeploySettings) -> str:
-    """The URL the deploy uses on the host itself to reach the service."""
-    address = bind_address(settings)
-    if address in {"0.0.0.0", "::"}:
-        address = "127.0.0.1"
-    return f"http://{host_port(address, service_port(backend, settings))}"
-
-
-def is_local_only(settings: DeploySettings) -> bool:
-    return is_loopback(bind_address(settings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +182,10 @@ def ollama_release(
 # Service settings
 
 
-def ollama_environment(plan: HostPlan, settings: DeploySettings, models_dir: str) -> dict[str, str]:
+def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) -> dict[str, str]:
     """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
     env = {
-        "OLLAMA_HOST": host_port(bind_address(settings), service_port("ollama", settings)),
+        "OLLAMA_HOST": host_port(settings.bind_address, settings.port_for("ollama")),
         "OLLAMA_MODELS": models_dir,
         "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
         "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
@@ -313,7 +226,7 @@ def is_reasoning_model(plan: HostPlan) -> bool:
     return bool(plan.model) and load_catalog().find(plan.model).reasoning
 
 
-def llama_server_args(plan: HostPlan, settings: DeploySettings, model_path: str, api_key_path: str | None) -> list[str]:
+def llama_server_args(plan: HostPlan, settings: HostConfig, model_path: str, api_key_path: str | None) -> list[str]:
     """llama-server arguments for the plan (research/placement.md section 1).
 
     api_key_path is where the service reads the key (the credentials directory), never the key.
@@ -331,7 +244,7 @@ def llama_server_args(plan: HostPlan, settings: DeploySettings, model_path: str,
     args += ["-fa", "on" if plan.flash_attention else "off"]
     args += ["--cache-type-k", plan.kv_cache_type, "--cache-type-v", plan.kv_cache_type]
     args += ["--parallel", "1"]
-    args += ["--host", bind_address(settings), "--port", str(service_port("llama.cpp", settings))]
+    args += ["--host", settings.bind_address, "--port", str(settings.port_for("llama.cpp"))]
     if plan.ollama_tag:
         # OpenAI clients list /v1/models: the same name as on Ollama hosts, not the GGUF's path.
         args += ["--alias", plan.ollama_tag]
@@ -345,7 +258,7 @@ def llama_server_args(plan: HostPlan, settings: DeploySettings, model_path: str,
     return args
 
 
-def lab_gpu_devices(plan: HostPlan, settings: DeploySettings) -> list[str]:
+def lab_gpu_devices(plan: HostPlan, settings: HostConfig) -> list[str]:
     """On a lab host (simulated GPUs), the llama.cpp RPC devices that stand in for the planned GPUs.
 
     The lab runs one ggml-rpc-server per simulated GPU (r1fleet/lab/image.py); real hosts: none.
@@ -471,7 +384,7 @@ def _quoted_text(value: str) -> str:
 
 def unit_context(
     plan: HostPlan,
-    settings: DeploySettings,
+    settings: HostConfig,
     *,
     description: str,
     user: str,
@@ -489,7 +402,7 @@ def unit_context(
     ip_allow: list[str] = []
     if restrict_ip:
         ip_allow = ["localhost"]
-        if not is_local_only(settings):
+        if not settings.local_only:
             # The deploy's health check and verify's on-host requests come from the host's own LAN address.
             own = [] if settings.listen in ("0.0.0.0", "::") else [settings.listen]
             ip_allow += [*own, *settings.allow]
@@ -525,7 +438,7 @@ class ModelDownload:
     sha256: str
 
 
-def model_download(host: str, plan: HostPlan, settings: DeploySettings) -> ModelDownload:
+def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDownload:
     """The GGUF to fetch: from the artifact mirror in rehearsal (when set), else the catalog URL."""
     gguf = plan.gguf
     if gguf is None:
@@ -664,7 +577,7 @@ def bundle_backend(platform: Platform, plan: HostPlan, bundle: Mapping[str, Any]
 def llama_cpp_install(
     platform: Platform,
     plan: HostPlan,
-    settings: DeploySettings,
+    settings: HostConfig,
     available: set[str],
     versions: Mapping[str, Any] | None = None,
 ) -> LlamaInstall:

@@ -11,204 +11,20 @@ Example:
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from r1fleet.config import HostConfig, HostSettings
 from r1fleet.errors import FleetError
-from r1fleet.models import DEFAULT_MODEL_DIR, Backend
-from r1fleet.policy import Policy, known_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-# Directories a model_dir must not be (the deploy sets their owner and mode).
-SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", "/opt/r1fleet",
-               "/etc/r1fleet", "/srv/tmp", "/dev/shm", "/run/user"}
-# A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
-DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-
-
-def public_networks(allow: list[str]) -> list[str]:
-    """The allow-list entries that reach beyond private, link-local and loopback ranges."""
-    wide = []
-    for cidr in allow:
-        try:
-            network = ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            continue
-        if not (network.is_private or network.is_link_local or network.is_loopback):
-            wide.append(cidr)
-    return wide
-
-
-def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
-    """What an exposed Ollama admits: Ollama has no authentication, so the allow-list is the only guard."""
-    if is_loopback(listen):
-        return None
-    return (f"warning: Ollama has no authentication: anyone in {', '.join(allow)} can chat and also pull, create, "
-            "copy and delete models on this host (use backend: llama.cpp for an API key)")
-
-
-def is_loopback(address: str | None) -> bool:
-    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost); None counts as loopback."""
-    if address is None or address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-class HostSettings(BaseModel):
-    """Settings a host may have; `defaults` takes the same keys except `address`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    address: str | None = Field(None, description="IP or DNS name to reach the host over SSH")
-    ssh_user: str | None = Field(None, description="SSH user (root, or a user with passwordless sudo)")
-    ssh_key: str | None = Field(None, description="private key file; ~ is expanded")
-    ssh_port: int | None = Field(None, ge=1, le=65535)
-    listen: str | None = Field(None, description="address the model server binds; unset = 127.0.0.1 only")
-    allow: list[str] | None = Field(None, description="networks (CIDR) admitted to the service port when listen is set")
-    port: int | None = Field(None, ge=1, le=65535, description="service port (default 11434 Ollama, 8080 llama.cpp)")
-    policy: Policy | None = Field(None, description="planning policy; host keys override the defaults' one by one")
-    model: str | None = Field(None, description="pin a model: catalog id, Ollama tag or size such as 32b")
-    backend: Backend | None = Field(None, description="force ollama or llama.cpp")
-    rehearsal: bool | None = Field(None, description="serve a small stand-in model in the planned slot")
-    ollama_public: bool | None = Field(
-        None, description="let an exposed Ollama (no authentication) admit networks beyond private ranges"
-    )
-    profile: str | None = Field(None, description="lab hardware profile (lab fleets only)")
-    groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
-    model_dir: str | None = Field(None, description="where models are stored on the host")
-    mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
-
-    @field_validator("address")
-    @classmethod
-    def _address_is_a_host(cls, value: str | None) -> str | None:
-        # It reaches ssh's argv on the controller: an IP address or a DNS name, never an option or a word list.
-        if value is None:
-            return value
-        try:
-            ipaddress.ip_address(value)
-            return value
-        except ValueError:
-            pass
-        if not re.fullmatch(DNS_NAME_PATTERN, value):
-            raise ValueError(f"{value!r} is not an IP address or a host name; write e.g. 192.168.1.21 or gpu-box.lan")
-        return value
-
-    @field_validator("groups")
-    @classmethod
-    def _groups_are_names(cls, value: list[str] | None) -> list[str] | None:
-        # They become pyinfra inventory groups: `all` or `r1fleet` would hide the fleet's other hosts.
-        for group in value or []:
-            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", group) or group in ("all", "r1fleet"):
-                raise ValueError(f"group {group!r} must be lower-case letters, digits, '_' or '-', and not 'all' or 'r1fleet'")
-        return value
-
-    @field_validator("listen")
-    @classmethod
-    def _listen_is_an_address(cls, value: str | None) -> str | None:
-        if value is not None and "%" in value:
-            raise ValueError(f"{value!r} has an IPv6 scope id, which systemd units cannot carry; give a global or ULA address")
-        if value is not None:
-            try:
-                ipaddress.ip_address(value)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an IP address; write the address the host should bind, e.g. 192.168.1.23") from None
-        return value
-
-    @field_validator("model_dir")
-    @classmethod
-    def _model_dir_is_plain(cls, value: str | None) -> str | None:
-        # It lands in unit files and shell commands: an absolute path of plain characters only.
-        if value is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]+", value):
-            raise ValueError(f"{value!r} must be an absolute path of letters, digits, '.', '_', '-' and '/'")
-        if value is not None:
-            # The deploy owns this directory (root:root 0755): never a system directory, a home or /tmp.
-            parts = [p for p in value.split("/") if p]
-            dotted = any(p in (".", "..") for p in parts)
-            top_level = len(parts) < 2
-            temporary_or_home = parts[0] == "tmp" or (parts[0] == "home" and len(parts) < 3)
-            if dotted or top_level or temporary_or_home or "/" + "/".join(parts) in SYSTEM_DIRS:
-                raise ValueError(f"{value!r} is a system, home or temporary directory r1fleet would take over; "
-                                 "give a directory of its own, e.g. /var/lib/r1fleet/models or /srv/models/r1fleet")
-        return value
-
-    @field_validator("allow")
-    @classmethod
-    def _allow_are_networks(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or []:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not a network; write CIDRs such as 192.168.1.0/24") from None
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _model_is_known(cls, value: str | None) -> str | None:
-        return known_model(value)
-
-
-class HostEntry(BaseModel):
-    """One host with every setting resolved (defaults merged in)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    address: str
-    ssh_user: str = "root"
-    ssh_key: str | None = None
-    ssh_port: int = 22
-    listen: str | None = None
-    allow: list[str] = []
-    port: int | None = None
-    policy: Policy = Policy()
-    rehearsal: bool = False
-    ollama_public: bool = False
-    profile: str | None = None
-    groups: list[str] = []
-    model_dir: str = DEFAULT_MODEL_DIR
-    mirror: str | None = None
-
-    @property
-    def bind_address(self) -> str:
-        return self.listen or "127.0.0.1"
-
-    def ssh_args(self) -> tuple[str, ...]:
-        """Options for the system `ssh` client that reach this host as the fleet file says."""
-        args = ["-l", self.ssh_user, "-p", str(self.ssh_port)]
-        if self.ssh_key:
-            args += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
-        if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
-            args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-        return tuple(args)
-
-    @model_validator(mode="after")
-    def _exposure_needs_an_allow_list(self) -> "HostEntry":
-        if not is_loopback(self.listen) and not self.allow:
-            raise ValueError(
-                "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
-                "or write allow: [0.0.0.0/0] to open it to every network on purpose"
-            )
-        return self
-
-
 class FleetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -227,7 +43,7 @@ class FleetFile(BaseModel):
 
 class Fleet(BaseModel):
     source: str
-    hosts: dict[str, HostEntry]
+    hosts: dict[str, HostConfig]
 
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
@@ -240,7 +56,7 @@ class Fleet(BaseModel):
         return groups
 
 
-def host_data(entry: HostEntry) -> dict[str, Any]:
+def host_data(entry: HostConfig) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ssh_hostname": entry.address,
         "ssh_user": entry.ssh_user,
@@ -371,7 +187,7 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
                             "host has none (fix: set mirror: to an artifact mirror, as the lab does, or drop rehearsal)")
             continue
         try:
-            entries[name] = HostEntry.model_validate({"name": name, **merged})
+            entries[name] = HostConfig.model_validate({"name": name, **merged})
         except ValidationError as err:
             problems.append(str(_explain(err, source, ("hosts", name))))
     if problems:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1fleet.fleet import is_loopback
+from r1fleet.net import is_loopback
 from r1fleet.hardware import parse_nvidia_apps
 from r1fleet.models import HostPlan
 

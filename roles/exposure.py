@@ -21,7 +21,6 @@ import shlex
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
-from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
@@ -30,9 +29,10 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from r1fleet.deploy_data import API_KEY_FILE, DEFAULT_PORTS, LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
+from r1fleet.config import API_KEY_FILE, DEFAULT_PORTS, HostConfig, public_networks
+from r1fleet.net import is_loopback
+from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 from r1fleet.errors import FleetError
-from r1fleet.fleet import is_loopback, public_networks
 from r1fleet.models import HostPlan
 from roles.common import refuse
 
@@ -64,11 +64,11 @@ class Exposure:
         return self.exposed and self.backend == "llama.cpp"
 
 
-def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
+def exposure_for(entry: HostConfig, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
     """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field.
 
     deploy.py calls it in the plan step, so `--data listen=...` mistakes fail before any change."""
-    name = host_name or getattr(entry, "name", None) or getattr(entry, "address", None)
+    name = host_name or entry.name
     backend = plan.backend or "ollama"
     port = entry.port or DEFAULT_PORTS[backend]
     listen = entry.listen
@@ -100,7 +100,7 @@ def exposure_for(entry: Any, plan: HostPlan, host_name: str | None = None, darwi
     merged4 = tuple(str(n) for n in ipaddress.collapse_addresses(v4))
     merged6 = tuple(str(n) for n in ipaddress.collapse_addresses(v6))
     wide = public_networks([str(n) for n in (*merged4, *merged6)])
-    if backend == "ollama" and wide and not getattr(entry, "ollama_public", False):
+    if backend == "ollama" and wide and not entry.ollama_public:
         raise FleetError(
             f"an exposed Ollama has no authentication, and allow reaches beyond private ranges ({', '.join(wide)})",
             host=name, field="allow",
@@ -231,7 +231,7 @@ def restore_ufw_rules(expected: int):
 # ---------------------------------------------------------------- deploys
 
 
-def _settings_or_refuse(entry: Any, plan: HostPlan) -> Exposure | None:
+def _settings_or_refuse(entry: HostConfig, plan: HostPlan) -> Exposure | None:
     """The host's exposure, or None after failing this host with the reason (deploy.py checks earlier too)."""
     try:
         return exposure_for(entry, plan, host.name)
@@ -241,17 +241,17 @@ def _settings_or_refuse(entry: Any, plan: HostPlan) -> Exposure | None:
 
 
 @deploy("Exposure: API key")
-def prepare(entry: Any, plan: HostPlan):
+def prepare(entry: HostConfig, plan: HostPlan):
     """Before the backend roles: the llama-server API key when the host is exposed."""
     settings = _settings_or_refuse(entry, plan)
     if settings and settings.needs_api_key:
-        key_file = getattr(entry, "api_key_file", None) or API_KEY_FILE  # the file the unit will load
+        key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
         api_key(name="llama-server API key (generated on the host, once)", path=key_file)
         files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
 
 
 @deploy("Exposure")
-def apply(entry: Any, plan: HostPlan):
+def apply(entry: HostConfig, plan: HostPlan):
     """After the backend roles: firewall rules for the allow-list, or none at all."""
     settings = _settings_or_refuse(entry, plan)
     if settings is None:

@@ -18,24 +18,22 @@ from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
+from r1fleet.config import HostConfig
 from r1fleet.deploy_data import (
     API_KEY_CREDENTIAL,
     LLAMA_ROOT,
     LLAMA_UNIT,
     OLLAMA_UNIT,
-    DeploySettings,
     LlamaInstall,
     health_timeout_s,
     ModelDownload,
     UnitSpecifier,
     Platform,
-    is_local_only,
     llama_cpp_install,
     llama_environment,
     llama_server_problems,
     llama_server_args,
     load_versions,
-    local_api,
     unit_context,
     uses_gpu,
 )
@@ -56,7 +54,7 @@ USER = "llama"
 HOME = "/var/lib/llama"
 
 
-def choose_install(plan: HostPlan, settings: DeploySettings, platform: Platform) -> LlamaInstall:
+def choose_install(plan: HostPlan, settings: HostConfig, platform: Platform) -> LlamaInstall:
     """Ask apt (Debian hosts only) which packages it can install, then decide (pure)."""
     available: set[str] = set()
     if platform.distro_id == "debian":
@@ -140,7 +138,7 @@ def check_llama_server(plan: HostPlan, install: LlamaInstall):
 
 
 @deploy("llama.cpp")
-def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInstall, download: ModelDownload) -> None:
+def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload) -> None:
     gpu = uses_gpu(plan)
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
     model_path = f"{models_dir}/{download.file}"
@@ -172,7 +170,7 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
     # The key file stays root-only; systemd passes it to the service as a credential (%d).
     credential = None
     key_path = None
-    if not is_local_only(settings) and settings.api_key_file:
+    if not settings.local_only and settings.api_key_file:
         credential = f"{API_KEY_CREDENTIAL}:{settings.api_key_file}"
         key_path = UnitSpecifier(f"%d/{API_KEY_CREDENTIAL}")
 
@@ -190,6 +188,6 @@ def llama_cpp_role(plan: HostPlan, settings: DeploySettings, install: LlamaInsta
     )
     unit = unit_file(LLAMA_UNIT, context)
     converge_service(
-        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{local_api('llama.cpp', settings)}/health", health_timeout_s(plan),
+        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{settings.local_api('llama.cpp')}/health", health_timeout_s(plan),
         files_used=(model_path, install.binary),
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy, operation
@@ -25,7 +24,8 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
-from r1fleet.deploy_data import DEFAULT_PORTS, LOAD_CHECK_INTERVAL_S, ModelDownload, local_api, ollama_load_check
+from r1fleet.config import DEFAULT_PORTS, HostConfig
+from r1fleet.deploy_data import LOAD_CHECK_INTERVAL_S, ModelDownload, ollama_load_check
 from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
@@ -144,7 +144,7 @@ def wired_limit_mib(plan: HostPlan, hw: Hardware | None = None) -> int | None:
     return min(max(needed + 1024, default), total - constants().apple_os_reserve_mib)
 
 
-def ollama_environment(plan: HostPlan, entry: Any, models_dir: str) -> dict[str, str]:
+def ollama_environment(plan: HostPlan, entry: HostConfig, models_dir: str) -> dict[str, str]:
     """The LaunchDaemon's EnvironmentVariables: the plan's settings, as on Linux, with a macOS home."""
     return {**linux_ollama_environment(plan, entry, models_dir), "HOME": HOME}
 
@@ -163,7 +163,7 @@ def _pinned_release() -> tuple[str, str, str] | None:
 
 
 @deploy("macOS Ollama")
-def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: ModelDownload | None = None):
+def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: ModelDownload | None = None):
     """Ollama on an Apple Silicon Mac as the plan says (see module docstring)."""
     arch = host.get_fact(Arch)
     if arch not in ("arm64", "aarch64"):
@@ -210,16 +210,16 @@ def install(plan: HostPlan, entry: Any, hw: Hardware | None = None, download: Mo
                   f"launchctl bootstrap system {PLIST}",
                   f"launchctl kickstart -k system/{LABEL}"],
         _if=lambda: any(op.did_change() for op in changed), _sudo=True)
-    wait_http(name="Health of the Ollama LaunchDaemon", url=f"{local_api('ollama', entry)}/api/version", what=LABEL,
+    wait_http(name="Health of the Ollama LaunchDaemon", url=f"{entry.local_api('ollama')}/api/version", what=LABEL,
               _if=lambda: any(op.did_change() for op in changed))
     _wired_limit(plan, hw)
     ollama_model(plan, entry, binary, download, group="wheel", _sudo=True)
     _load_after_every_start(plan, entry)
 
 
-def _load_after_every_start(plan: HostPlan, entry: Any) -> None:
+def _load_after_every_start(plan: HostPlan, entry: HostConfig) -> None:
     """The planned model loaded again after a restart, a crash or a reboot (Linux: the unit's ExecStartPost)."""
-    api = local_api("ollama", entry)
+    api = entry.local_api("ollama")
     plist = files.template(
         name="LaunchDaemon that keeps the planned model loaded", src=str(TEMPLATES / "com.r1fleet.ollama-load.plist.j2"),
         dest=LOAD_PLIST, user="root", group="wheel", mode="644", label=LOAD_LABEL, service_user=USER,

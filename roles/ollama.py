@@ -24,20 +24,18 @@ from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
+from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.deploy_data import (
     IMPORT_RECORD,
     LLAMA_UNIT,
     LOAD_AT_START_SLACK_S,
     OLLAMA_ROOT,
     OLLAMA_UNIT,
-    DeploySettings,
     ModelDownload,
     OllamaRelease,
-    OllamaReleaseOverride,
     Platform,
     health_timeout_s,
     import_record_digest,
-    local_api,
     modelfile,
     ollama_environment,
     ollama_load_at_start,
@@ -244,7 +242,7 @@ def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverrid
     return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
 
 
-def release_for(plan: HostPlan, settings: DeploySettings, platform: Platform) -> OllamaRelease:
+def release_for(plan: HostPlan, settings: HostConfig, platform: Platform) -> OllamaRelease:
     override = settings.ollama_release
     if override is None and settings.mirror:
         if settings.profile:  # a lab host: the lab's mirror serves the stand-in release it built on this controller
@@ -255,9 +253,9 @@ def release_for(plan: HostPlan, settings: DeploySettings, platform: Platform) ->
 
 
 @deploy("Ollama")
-def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease, download: ModelDownload | None) -> None:
+def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None) -> None:
     """Install, configure and start Ollama for the plan; `download` is the stand-in GGUF in rehearsal."""
-    api = local_api("ollama", settings)
+    api = settings.local_api("ollama")
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
     gpu = uses_gpu(plan)
     retire_service(LLAMA_UNIT)
@@ -297,11 +295,11 @@ def ollama_role(plan: HostPlan, settings: DeploySettings, release: OllamaRelease
 
 
 @deploy("Ollama model")
-def ollama_model(plan: HostPlan, settings: DeploySettings, binary: str, download: ModelDownload | None,
+def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: ModelDownload | None,
                  group: str = "root") -> None:
     """The planned model in the running server: pulled by its exact tag, or in rehearsal the stand-in
     GGUF imported offline (`ollama create`); then loaded and kept loaded. Linux and macOS alike."""
-    api = local_api("ollama", settings)
+    api = settings.local_api("ollama")
     tag = plan.ollama_tag or ""
     if download is not None:
         import_dir = f"{settings.model_dir.rstrip('/')}/import"

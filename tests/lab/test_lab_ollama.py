@@ -137,7 +137,7 @@ def test_every_host_answers_the_official_openai_client(lab, ssh):
 
     import openai
 
-    from r1fleet.deploy_data import DEFAULT_PORTS
+    from r1fleet.config import DEFAULT_PORTS
     from r1fleet.fleet import load_fleet
 
     converge_all = subprocess.run([sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py"], cwd=ROOT,

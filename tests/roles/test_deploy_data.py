@@ -6,10 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from r1fleet.errors import FleetError
+from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.deploy_data import (
-    DeployError, DeploySettings, OllamaReleaseOverride, Platform, cuda_architectures, device_allow,
-    llama_server_args, local_api, model_download, ollama_asset_stems, ollama_environment, ollama_release,
-    parse_sha256sums, settings_from_host_data, platform_from_hardware,
+    DeployError,
+    Platform,
+    cuda_architectures,
+    device_allow,
+    llama_server_args,
+    model_download,
+    ollama_asset_stems,
+    ollama_environment,
+    ollama_release,
+    parse_sha256sums,
+    platform_from_hardware,
 )
 from r1fleet.models import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
@@ -68,7 +78,7 @@ def test_an_amd_host_gets_the_pinned_rocm_add_on():
 
 def test_cpu_plan_hides_gpus_and_uses_no_devices():
     p = plan(placement="cpu", vendor=None)
-    env = ollama_environment(p, DeploySettings(), "/m")
+    env = ollama_environment(p, HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and device_allow(p) == []
     # by device class, so a /dev/kfd created after the start is covered; CUDA needs no /dev/dri (audit L11)
     assert device_allow(plan(vendor="amd")) == ["char-kfd rw", "char-drm rw"]
@@ -78,48 +88,51 @@ def test_cpu_plan_hides_gpus_and_uses_no_devices():
 def test_gpu_plan_pins_uuids_and_gives_the_runtime_the_plans_margin():
     p = plan(gpu_uuids=["GPU-aaaa"], devices=[DevicePlan(device="GPU0", capacity_mib=24564, planned_mib=24000, weights_mib=18514,
                                  kv_cache_mib=4608, compute_mib=307, overhead_mib=600, headroom_mib=512, layers=64)])
-    env = ollama_environment(p, DeploySettings(), "/m")
+    env = ollama_environment(p, HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert env["LLAMA_ARG_FIT_TARGET"] == "512"  # Ollama's llama-server must not spill what the plan fits
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(p.gpu_uuids) and env["OLLAMA_KEEP_ALIVE"] == "-1"
-    assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), DeploySettings(), "/m")
+    assert "LLAMA_ARG_FIT_TARGET" not in ollama_environment(plan(placement="cpu", vendor=None), HostConfig(name="h1", address="10.0.0.1"), "/m")
 
 
 def test_ipv6_listen_is_bracketed_for_ollama_and_the_local_api():
-    s = DeploySettings(listen="fd00::5", allow=["fd00::/64"])
+    s = HostConfig(name="h1", address="10.0.0.1", listen="fd00::5", allow=["fd00::/64"])
     assert ollama_environment(plan(), s, "/m")["OLLAMA_HOST"] == "[fd00::5]:11434"
-    assert local_api("ollama", s) == "http://[fd00::5]:11434"
+    assert s.local_api("ollama") == "http://[fd00::5]:11434"
 
 
 def test_an_exposed_host_gets_the_key_file_and_a_local_one_does_not():
-    exposed = settings_from_host_data("h", {"r1fleet": {"listen": "192.168.1.23", "allow": ["192.168.1.0/24"]}})
+    exposed = HostConfig.from_host_data("h", {"r1fleet": {"listen": "192.168.1.23", "allow": ["192.168.1.0/24"]}})
     assert exposed.api_key_file == "/etc/r1fleet/api-key"
-    assert settings_from_host_data("h", {"r1fleet": {}}).api_key_file is None
-    assert settings_from_host_data("h", {"r1fleet": {"listen": "127.0.0.2"}}).api_key_file is None  # still loopback
+    assert HostConfig.from_host_data("h", {"r1fleet": {}}).api_key_file is None
+    assert HostConfig.from_host_data("h", {"r1fleet": {"listen": "127.0.0.2"}}).api_key_file is None  # still loopback
 
 
 def test_llama_args_only_split_when_several_gpus_and_reasoning_only_for_r1():
-    single = llama_server_args(plan(backend="llama.cpp", tensor_split=[48]), DeploySettings(), "/m.gguf", None)
+    single = llama_server_args(plan(backend="llama.cpp", tensor_split=[48]), HostConfig(name="h1", address="10.0.0.1"), "/m.gguf", None)
     assert "--tensor-split" not in single and "--reasoning-format" in single
-    standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), DeploySettings(port=9000), "/m.gguf", None)
+    standin = llama_server_args(plan(model="smollm2-135m-instruct-q4_1", tensor_split=[15, 15]), HostConfig(name="h1", address="10.0.0.1", port=9000), "/m.gguf", None)
     assert "--reasoning-format" not in standin
     assert standin[standin.index("--tensor-split") + 1] == "15,16" and standin[standin.index("--port") + 1] == "9000"
 
 
 def test_host_data_rehearsal_string_from_cli_and_local_api():
-    s = settings_from_host_data("h", {"r1fleet": {"listen": "0.0.0.0", "allow": ["10.0.0.0/8"], "rehearsal": False}, "rehearsal": "true"})
+    s = HostConfig.from_host_data("h", {"r1fleet": {"listen": "0.0.0.0", "allow": ["10.0.0.0/8"], "rehearsal": False}, "rehearsal": "true"})
     assert s.rehearsal is True
-    assert local_api("ollama", s) == "http://127.0.0.1:11434"
-    with pytest.raises(DeployError, match="field port"):
-        settings_from_host_data("h", {"r1fleet": {"port": 70000}})
+    assert s.local_api("ollama") == "http://127.0.0.1:11434"
+    with pytest.raises(FleetError, match="field port"):
+        HostConfig.from_host_data("h", {"r1fleet": {"port": 70000}})
+    # --data meets the fleet file's validators too (one set of rules, issue 12)
+    with pytest.raises(FleetError, match="field listen"):
+        HostConfig.from_host_data("h", {"r1fleet": {}, "listen": "everywhere"})
 
 
 def test_model_download_prefers_mirror_in_rehearsal_and_needs_sha():
     gguf = GgufFile(url="https://hf/x.gguf", file="x.gguf", sha256="E" * 64)
-    got = model_download("h", plan(gguf=gguf), DeploySettings(rehearsal=True, mirror="http://m:8088/"))
+    got = model_download("h", plan(gguf=gguf), HostConfig(name="h1", address="10.0.0.1", rehearsal=True, mirror="http://m:8088/"))
     assert got.url == "http://m:8088/models/x.gguf" and got.sha256 == "e" * 64
-    assert model_download("h", plan(gguf=gguf), DeploySettings(mirror="http://m")).url == "https://hf/x.gguf"
+    assert model_download("h", plan(gguf=gguf), HostConfig(name="h1", address="10.0.0.1", mirror="http://m")).url == "https://hf/x.gguf"
     with pytest.raises(DeployError, match="catalog gguf.sha256"):
-        model_download("h", plan(gguf=GgufFile(url="u", file="x.gguf", sha256="TODO")), DeploySettings())
+        model_download("h", plan(gguf=GgufFile(url="u", file="x.gguf", sha256="TODO")), HostConfig(name="h1", address="10.0.0.1"))
 
 
 def test_cuda_architectures_and_target():
@@ -173,9 +186,9 @@ def test_unit_words_and_environment_reach_systemd_as_written():
 def test_ollama_keeps_its_own_flash_attention_choice_unless_the_plan_needs_it():
     """audit-ollama row 8: OLLAMA_FLASH_ATTENTION=1 bypassed Ollama's own check (off below compute
     capability 6.0 and on 7.2, ml/device.go); it is set only when the plan must force it."""
-    from r1fleet.deploy_data import DeploySettings, ollama_environment
+    from r1fleet.deploy_data import ollama_environment
 
-    auto = ollama_environment(plan(kv_cache_type="f16", flash_attention=False), DeploySettings(), "/m")
+    auto = ollama_environment(plan(kv_cache_type="f16", flash_attention=False), HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert "OLLAMA_FLASH_ATTENTION" not in auto
-    quantized = ollama_environment(plan(kv_cache_type="q8_0", flash_attention=True), DeploySettings(), "/m")
+    quantized = ollama_environment(plan(kv_cache_type="q8_0", flash_attention=True), HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert quantized["OLLAMA_FLASH_ATTENTION"] == "1"  # a quantized KV cache needs it on

@@ -6,12 +6,12 @@ from pyinfra.api import deploy
 
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 from facts_for import directory, file_content
 
 from deploy_harness import run_role
+from r1fleet.config import HostConfig
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 from roles import exposure
@@ -22,8 +22,9 @@ HAS_NFT = {"command -v nft": "/usr/sbin/nft"}
 
 
 def entry(listen=None, allow=(), port=None):
-    """Stand-in for r1fleet.fleet.HostEntry with the fields the role reads."""
-    return SimpleNamespace(name="h1", address="10.77.0.11", listen=listen, allow=list(allow), port=port)
+    """A host's config as given, unvalidated: the role's own checks are under test (HostConfig refuses the
+    same mistakes when it is built, tests/unit/test_fleet.py)."""
+    return HostConfig.model_construct(name="h1", address="10.77.0.11", listen=listen, allow=list(allow), port=port)
 
 
 def test_listen_without_allow_is_refused_naming_host_and_field():
@@ -41,10 +42,10 @@ def test_an_ollama_open_beyond_private_ranges_needs_an_explicit_opt_in():
     with pytest.raises(FleetError) as error:
         exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA)
     assert "host h1" in str(error.value) and "field allow" in str(error.value) and "ollama_public: true" in str(error.value)
-    wide = SimpleNamespace(**vars(entry("0.0.0.0", ["0.0.0.0/0"])), ollama_public=True)
+    wide = entry("0.0.0.0", ["0.0.0.0/0"]).model_copy(update={"ollama_public": True})
     assert exposure.exposure_for(wide, OLLAMA).allow4 == ("0.0.0.0/0",)
     assert exposure.exposure_for(entry("192.168.1.20", ["192.168.1.0/24", "fd00::/8"]), OLLAMA).exposed
-    from r1fleet.fleet import ollama_exposure_warning
+    from r1fleet.config import ollama_exposure_warning
 
     assert "no authentication" in ollama_exposure_warning("192.168.1.20", ["192.168.1.0/24"])
     assert ollama_exposure_warning(None, []) is None

@@ -6,7 +6,8 @@ import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import DeploySettings, ModelDownload, Platform, llama_cpp_install
+from r1fleet.config import HostConfig
+from r1fleet.deploy_data import ModelDownload, Platform, llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
 from roles.llama_cpp import llama_cpp_role
 
@@ -37,7 +38,7 @@ def exec_args(unit: str) -> list[str]:
 
 
 def test_from_package_on_forky_with_cuda_backend(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     assert install.method == "package"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
@@ -69,7 +70,7 @@ SEES_TWO_GPUS = {"--list-devices": ["device CUDA0", "device CUDA1"]}
 @pytest.mark.parametrize("target", [UBUNTU_2404, BOOKWORM, FEDORA], ids=["ubuntu-24.04", "debian-12", "fedora"])
 def test_cuda_llama_server_from_the_pinned_ollama_archive(monkeypatch, target):
     """No toolkit, no build: the pinned archive's llama-server with its own CUDA 12 runtime."""
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(target, p, settings, set())
     assert install.method == "ollama-bundle" and install.binary == f"{BUNDLE}/llama-server"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=SEES_TWO_GPUS, monkeypatch=monkeypatch)
@@ -93,7 +94,7 @@ def test_cuda_llama_server_from_the_pinned_ollama_archive(monkeypatch, target):
 
 
 def test_bundle_that_does_not_see_the_gpus_is_refused_before_the_unit(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(UBUNTU_2404, p, settings, set())
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses={"--list-devices": ["device CUDA0"]},
                    monkeypatch=monkeypatch)
@@ -102,7 +103,7 @@ def test_bundle_that_does_not_see_the_gpus_is_refused_before_the_unit(monkeypatc
 
 
 def test_bundle_without_a_flag_is_refused(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(UBUNTU_2404, p, settings, set())
     responses = {"--list-devices": ["missing-flag --alias", "device CUDA0", "device CUDA1"]}
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
@@ -110,7 +111,7 @@ def test_bundle_without_a_flag_is_refused(monkeypatch):
 
 
 def test_from_source_only_when_asked(monkeypatch):
-    p, settings = plan(), DeploySettings(llama_cpp_install="source")
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1", llama_cpp_install="source")
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     assert install.method == "source" and install.binary == "/opt/r1fleet/llama.cpp/b10069/bin/llama-server"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
@@ -123,7 +124,7 @@ def test_from_source_only_when_asked(monkeypatch):
 
 
 def test_source_build_skipped_when_tag_already_built(monkeypatch):
-    p, settings = plan(), DeploySettings(llama_cpp_install="source")
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1", llama_cpp_install="source")
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     responses = ff.file_exists(install.binary, mode="-rwxr-xr-x")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
@@ -131,13 +132,13 @@ def test_source_build_skipped_when_tag_already_built(monkeypatch):
 
 
 def test_lab_host_uses_the_cpu_package(monkeypatch):
-    p, settings = plan(), DeploySettings(profile="dual-rtx3090", rehearsal=True)
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1", profile="dual-rtx3090", rehearsal=True)
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools"})
     assert install.method == "package" and install.packages == ("llama.cpp-tools",)
 
 
 def test_api_key_is_a_credential_never_in_argv(monkeypatch):
-    settings = DeploySettings(listen="0.0.0.0", allow=["192.168.1.0/24"], api_key_file="/etc/r1fleet/api-key")
+    settings = HostConfig(name="h1", address="10.0.0.1", listen="0.0.0.0", allow=["192.168.1.0/24"], api_key_file="/etc/r1fleet/api-key")
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
@@ -151,7 +152,7 @@ def test_api_key_is_a_credential_never_in_argv(monkeypatch):
 
 
 def test_no_api_key_flag_when_local_only(monkeypatch):
-    settings = DeploySettings(api_key_file="/etc/r1fleet/api-key")
+    settings = HostConfig(name="h1", address="10.0.0.1", api_key_file="/etc/r1fleet/api-key")
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert "--api-key-file" not in run.uploads[UNIT] and "LoadCredential" not in run.uploads[UNIT]
@@ -174,7 +175,7 @@ def converged_responses(unit_text: str) -> dict:
 
 
 def test_already_present_changes_nothing(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     responses = converged_responses(first.uploads[UNIT])
@@ -184,7 +185,7 @@ def test_already_present_changes_nothing(monkeypatch):
 
 
 def test_changed_model_restarts_the_service(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     responses = ff.running("r1fleet-llama-server.service")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
@@ -193,7 +194,7 @@ def test_changed_model_restarts_the_service(monkeypatch):
 
 def test_switching_from_ollama_retires_its_service_first(monkeypatch):
     """A plan that moved to llama.cpp stops, disables and removes r1fleet's Ollama unit before starting its own (H3)."""
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     responses = {**ff.file_exists("/etc/systemd/system/r1fleet-ollama.service"), **ff.running("r1fleet-ollama.service")}
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
@@ -207,7 +208,7 @@ def test_switching_from_ollama_retires_its_service_first(monkeypatch):
 
 def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
     """The health check runs on the host against its LAN address: that source must be allowed (audit M5)."""
-    settings = DeploySettings(listen="192.168.1.23", allow=["10.8.0.0/24"], api_key_file="/etc/r1fleet/api-key")
+    settings = HostConfig(name="h1", address="10.0.0.1", listen="192.168.1.23", allow=["10.8.0.0/24"], api_key_file="/etc/r1fleet/api-key")
     install = llama_cpp_install(FORKY, plan(), settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     run = run_role(llama_cpp_role, plan(), settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert "IPAddressAllow=localhost 192.168.1.23 10.8.0.0/24" in run.uploads[UNIT]
@@ -216,7 +217,7 @@ def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
 def test_a_service_older_than_its_files_is_restarted_on_the_next_run(monkeypatch):
     """A deploy stopped after writing the unit but before restarting leaves nothing 'changed' for the next
     run; the host's own state (the service predates its files) decides the restart (audit M9)."""
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     first = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     converged = converged_responses(first.uploads[UNIT])

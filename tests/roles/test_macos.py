@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import plistlib
-from types import SimpleNamespace
 
 from deploy_harness import run_role
+from r1fleet.config import HostConfig
 from r1fleet.memory import constants
 from r1fleet.models import DevicePlan, HostPlan
 from roles import macos
@@ -22,8 +22,7 @@ def mac_plan(planned_mib: int, total_mib: int = 32768) -> HostPlan:
 
 
 def entry(listen=None):
-    return SimpleNamespace(name="mac", address="192.168.1.30", listen=listen, allow=["192.168.1.0/24"], port=None,
-                           model_dir="/var/lib/r1fleet/models")
+    return HostConfig(name="mac", address="192.168.1.30", listen=listen, allow=["192.168.1.0/24"])
 
 
 def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):

@@ -7,7 +7,8 @@ import json
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.deploy_data import model_download, DeploySettings, OllamaReleaseOverride, Platform, ollama_release
+from r1fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.deploy_data import model_download, Platform, ollama_release
 from r1fleet.models import GgufFile, HostPlan
 from roles.ollama import ollama_role
 
@@ -42,7 +43,7 @@ def release(version="0.32.9"):
     return ollama_release("h1", TARGET, plan(), OllamaReleaseOverride(version=version) if version != "0.32.9" else None)
 
 
-def present_host(p: HostPlan, settings: DeploySettings, rel, unit_text: str, extra_dirs=()) -> dict:
+def present_host(p: HostPlan, settings: HostConfig, rel, unit_text: str, extra_dirs=()) -> dict:
     """Everything the role manages already in place, as facts."""
     responses = {
         "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "ollama:x:999:"],
@@ -65,7 +66,7 @@ def present_host(p: HostPlan, settings: DeploySettings, rel, unit_text: str, ext
 
 def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     p, rel = plan(), release()
-    run = run_role(ollama_role, *role_args(p, DeploySettings(), rel), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, HostConfig(name="h1", address="10.0.0.1"), rel), monkeypatch=monkeypatch)
     assert not run.failed
     install = run.script("mktemp -d /opt/r1fleet/ollama/.tmp.")
     assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in install
@@ -82,7 +83,7 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
 
 def test_unit_carries_exactly_the_planned_settings(monkeypatch):
     p = plan()
-    run = run_role(ollama_role, *role_args(p, DeploySettings(), release()), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(p, HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
     env = sorted(line.split("=", 1)[1].strip('"') for line in unit.splitlines() if line.startswith("Environment="))
     assert env == sorted([
@@ -103,14 +104,14 @@ def test_unit_carries_exactly_the_planned_settings(monkeypatch):
 
 
 def test_listen_opens_the_bind_address(monkeypatch):
-    settings = DeploySettings(listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
+    settings = HostConfig(name="h1", address="10.0.0.1", listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
     run = run_role(ollama_role, *role_args(plan(), settings, release()), monkeypatch=monkeypatch)
     assert 'Environment="OLLAMA_HOST=192.168.1.20:11500"' in run.uploads[UNIT]
     assert run.ran("http://192.168.1.20:11500/api/version")
 
 
 def test_already_present_changes_nothing(monkeypatch):
-    p, rel, settings = plan(), release(), DeploySettings()
+    p, rel, settings = plan(), release(), HostConfig(name="h1", address="10.0.0.1")
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     responses = present_host(p, settings, rel, first.uploads[UNIT])
     again = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
@@ -121,7 +122,7 @@ def test_already_present_changes_nothing(monkeypatch):
 
 
 def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
-    p, settings = plan(), DeploySettings()
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
     old = release()
     first = run_role(ollama_role, *role_args(p, settings, old), monkeypatch=monkeypatch)
     new = ollama_release("h1", TARGET, p, OllamaReleaseOverride(
@@ -139,7 +140,7 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
 
 def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     p = rehearsal_plan()
-    settings = DeploySettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    settings = HostConfig(name="h1", address="10.0.0.1", rehearsal=True, mirror="http://10.77.0.1:8088")
     run = run_role(ollama_role, *role_args(p, settings, release()), monkeypatch=monkeypatch)
     assert not run.failed
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
@@ -158,7 +159,7 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
 
 def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
     p = rehearsal_plan()
-    settings = DeploySettings(rehearsal=True, mirror="http://10.77.0.1:8088")
+    settings = HostConfig(name="h1", address="10.0.0.1", rehearsal=True, mirror="http://10.77.0.1:8088")
     rel = release()
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     gguf = "/var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,7 +180,7 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
 
 def test_download_mismatch_fails_the_host(monkeypatch):
     responses = {"mktemp -d /opt/r1fleet/ollama/.tmp.": {"success": False, "stderr": "sha256 mismatch for x"}}
-    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), responses=responses, monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), responses=responses, monkeypatch=monkeypatch)
     assert run.failed
     assert not run.ran("systemctl start r1fleet-ollama.service")
 
@@ -187,10 +188,10 @@ def test_download_mismatch_fails_the_host(monkeypatch):
 def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
     """The hardened unit cannot load nvidia-uvm itself (NoNewPrivileges): after a reboot CUDA would fail and
     Ollama would run on the CPU. A privileged ExecStartPre loads it (audit M6); CPU plans do not get it."""
-    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
     assert "ExecStartPre=-+/sbin/modprobe -q nvidia-uvm" in run.uploads[UNIT]
     cpu = plan(placement="cpu", vendor=None, gpu_uuids=[])
-    run = run_role(ollama_role, *role_args(cpu, DeploySettings(), release()), monkeypatch=monkeypatch)
+    run = run_role(ollama_role, *role_args(cpu, HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
     assert "modprobe" not in run.uploads[UNIT]
 
 
@@ -201,7 +202,7 @@ def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256()
     from roles.ollama import release_for
 
     pinned = load_versions()["ollama"]["sha256"]["ollama-linux-amd64.tar.zst"]
-    release = release_for(plan(), DeploySettings(mirror="http://192.168.1.5:8088"), TARGET)
+    release = release_for(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)
     (asset,) = release.assets
     assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned
 
@@ -210,7 +211,7 @@ def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
     """install.sh's state (audit-ollama row 22): a regular /usr/local/bin/ollama, ollama.service enabled and
     running, models in /usr/share/ollama/.ollama/models. Taken over before the link and our service."""
     official = {"test -f /usr/local/bin/ollama && ! test -L": ["binary", "unit", "unit", "models"]}
-    run = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), responses=official,
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), responses=official,
                    monkeypatch=monkeypatch)
     assert not run.failed
     takeover = [run.commands.index(c) for c in run.commands if "disable --now ollama.service" in c
@@ -224,10 +225,10 @@ def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
     move = run.script("/usr/share/ollama/.ollama/models/manifests/.")
     assert "mv -n {} /var/lib/r1fleet/models/ollama/blobs/" in move and "chown -R ollama:ollama" in move
     # told not to keep them: deleted, not moved
-    dropped = run_role(ollama_role, *role_args(plan(), DeploySettings(official_ollama_models="remove"), release()),
+    dropped = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1", official_ollama_models="remove"), release()),
                        responses=official, monkeypatch=monkeypatch)
     assert dropped.ran("rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
     assert not dropped.ran("mv -n")
     # nothing official left: nothing to take over
-    clean = run_role(ollama_role, *role_args(plan(), DeploySettings(), release()), monkeypatch=monkeypatch)
+    clean = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
     assert not clean.ran("disable --now ollama.service") and not clean.ran("rm -f /usr/local/bin/ollama")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from r1fleet.fleet import HostEntry
+from r1fleet.config import HostConfig
 
 CONFTEST = Path(__file__).resolve().parents[1] / "verify" / "conftest.py"
 
@@ -27,10 +27,10 @@ def options(**values):
 def test_real_hosts_use_ssh_with_host_key_checking_and_lab_hosts_do_not():
     conftest = verify_conftest()
     config = options(**{"--ssh-timeout": 5, "--fleet": "fleet.yml"})
-    real = conftest.connect(HostEntry(name="box", address="192.168.1.21", ssh_user="admin", ssh_key="/k"), config, "/lab.cfg")
+    real = conftest.connect(HostConfig(name="box", address="192.168.1.21", ssh_user="admin", ssh_key="/k"), config, "/lab.cfg")
     assert real.backend.NAME == "ssh" and "StrictHostKeyChecking=accept-new" in real.backend.ssh_extra_args
     assert "BatchMode=yes" in real.backend.ssh_extra_args and real.backend.ssh_identity_file == "/k"
-    lab = conftest.connect(HostEntry(name="lab-4090", address="10.77.0.12", profile="rtx4090"), config, "/lab.cfg")
+    lab = conftest.connect(HostConfig(name="lab-4090", address="10.77.0.12", profile="rtx4090"), config, "/lab.cfg")
     assert lab.backend.NAME == "paramiko" and lab.backend.ssh_config == "/lab.cfg"
 
 
@@ -61,7 +61,7 @@ def test_a_mac_is_verified_through_launchd():
                    "test -f /Library/LaunchDaemons/com.r1fleet.ollama.plist": "",
                    "Print :UserName": "_r1ollama\n", "pgrep -P 812": "900\n",
                    "lsof -nP -iTCP -sTCP:LISTEN": "p812\ncollama\nn127.0.0.1:11434\n"})
-    target = conftest.Target(entry=HostEntry(name="studio", address="192.168.1.30"), host=mac, plan=plan)
+    target = conftest.Target(entry=HostConfig(name="studio", address="192.168.1.30"), host=mac, plan=plan)
     assert target.darwin and target.unit == "com.r1fleet.ollama" and target.user == "_r1ollama"
     assert target.service_running() and target.enabled_state() == "enabled"
     assert target.configured_user() == "_r1ollama" and target.service_pids() == {812, 900}
@@ -81,7 +81,7 @@ def test_commands_are_bounded_where_there_is_no_timeout_command(tmp_path):
     for tool in ("sh", "perl", "sleep"):
         (bare / tool).symlink_to(shutil.which(tool))
     conftest = verify_conftest()
-    target = conftest.Target(entry=HostEntry(name="m", address="10.0.0.1"),
+    target = conftest.Target(entry=HostConfig(name="m", address="10.0.0.1"),
                              host=SimpleNamespace(run=lambda c: subprocess.run(
                                  ["/bin/sh", "-c", c], env={**os.environ, "PATH": str(bare)}, capture_output=True)))
     assert target.run("sleep 5", timeout=1).returncode == 142

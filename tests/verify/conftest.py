@@ -31,11 +31,13 @@ from typing import Any
 import pytest
 import testinfra
 
+from r1fleet.config import HostConfig
+from r1fleet.net import is_loopback
 from r1fleet.catalog import load_catalog
-from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT, local_api, service_port
+from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
-from r1fleet.fleet import Fleet, HostEntry, is_loopback, load_fleet
+from r1fleet.fleet import Fleet, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.models import HostPlan
 from r1fleet.planner import plan_host, rehearse
@@ -101,7 +103,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class Target:
     """One host under verification: its connection, its live plan, and what the checks measured."""
 
-    entry: HostEntry
+    entry: HostConfig
     host: Any = None  # testinfra.host.Host
     plan: HostPlan | None = None
     error: str | None = None
@@ -170,7 +172,7 @@ class Target:
 
     @property
     def port(self) -> int:
-        return service_port(self.backend, self.entry)
+        return self.entry.port_for(self.backend)
 
     @property
     def bind(self) -> str:
@@ -183,7 +185,7 @@ class Target:
     @property
     def api(self) -> str:
         """Where the service answers on the host itself: the URL the deploy used."""
-        return local_api(self.backend, self.entry)
+        return self.entry.local_api(self.backend)
 
     @property
     def reasoning(self) -> bool:
@@ -276,7 +278,7 @@ def _ssh_config_without_host_keys() -> str:
 SSH_VERIFY_ARGS = "-o BatchMode=yes -o StrictHostKeyChecking=accept-new"
 
 
-def connect(entry: HostEntry, config: pytest.Config, lab_ssh_config: str) -> Any:
+def connect(entry: HostConfig, config: pytest.Config, lab_ssh_config: str) -> Any:
     """The testinfra host for a fleet entry: paramiko from the fleet's SSH settings, or testinfra's Ansible backend."""
     timeout = config.getoption("--ssh-timeout")
     inventory = config.getoption("ansible_inventory", None)
