@@ -165,7 +165,6 @@ class HostSettings(BaseModel):
         return known_model(value)
 
 
-
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
 _CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir")
 
