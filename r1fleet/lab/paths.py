@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent.parent
-LAB_FLEET_FILE = REPO_DIR / "inventory" / "lab.yml"
+LAB_FLEET_FILE = PACKAGE_DIR / "lab.yml"  # inventory/lab.yml links here: it ships with the package
 PROFILES_DIR = PACKAGE_DIR / "profiles"
 STANDINS_DIR = PACKAGE_DIR / "standins"
 

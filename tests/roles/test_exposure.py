@@ -14,7 +14,7 @@ from deploy_harness import run_role
 from r1fleet.config import HostConfig
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
-from roles import exposure
+from r1fleet.roles import exposure
 
 OLLAMA = HostPlan(host="h1", model="r1-8b", backend="ollama")
 LLAMA = HostPlan(host="h1", model="r1-70b", backend="llama.cpp")

@@ -9,7 +9,7 @@ import facts_for as ff
 from r1fleet.config import HostConfig
 from r1fleet.deploy_data import ModelDownload, Platform, llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
-from roles.llama_cpp import llama_cpp_role
+from r1fleet.roles.llama_cpp import llama_cpp_role
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 SHA = "c" * 64

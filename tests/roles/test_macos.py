@@ -8,7 +8,7 @@ from deploy_harness import run_role
 from r1fleet.config import HostConfig
 from r1fleet.memory import constants
 from r1fleet.models import DevicePlan, HostPlan
-from roles import macos
+from r1fleet.roles import macos
 
 ARM = {"uname -m": "arm64", "uname -s": "Darwin"}
 

@@ -10,7 +10,7 @@ import facts_for as ff
 from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.deploy_data import model_download, Platform, ollama_release
 from r1fleet.models import GgufFile, HostPlan
-from roles.ollama import ollama_role
+from r1fleet.roles.ollama import ollama_role
 
 
 def role_args(plan, settings, release):
@@ -199,7 +199,7 @@ def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256()
     """A fleet's `mirror` serves the same pinned bytes; only the lab's own mirror (lab hosts) names its
     stand-in release and sha256 (audit M8). No network is used here: a real fleet's mirror is never asked."""
     from r1fleet.deploy_data import load_versions
-    from roles.ollama import release_for
+    from r1fleet.roles.ollama import release_for
 
     pinned = load_versions()["ollama"]["sha256"]["ollama-linux-amd64.tar.zst"]
     release = release_for(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)

@@ -51,9 +51,9 @@ from r1fleet.verify_report import (
     results_table,
     systemd_environment,
 )
-from roles.llama_cpp import USER as LLAMA_USER
-from roles.macos import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
-from roles.ollama import USER as OLLAMA_USER
+from r1fleet.roles.llama_cpp import USER as LLAMA_USER
+from r1fleet.roles.macos import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
+from r1fleet.roles.ollama import USER as OLLAMA_USER
 
 SERVICES = {"ollama": (OLLAMA_UNIT, OLLAMA_USER), "llama.cpp": (LLAMA_UNIT, LLAMA_USER)}
 PROBE_TIMEOUT_S = 120

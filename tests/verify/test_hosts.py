@@ -35,7 +35,7 @@ from r1fleet.verify_report import (
     split_problems,
 )
 
-from roles.exposure import ufw_rules_come_first
+from r1fleet.roles.exposure import ufw_rules_come_first
 
 if TYPE_CHECKING:  # the fixture's type; conftest is not imported as a module
     from conftest import Target

@@ -34,9 +34,9 @@ from r1fleet.net import is_loopback
 from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
-from roles.common import refuse
+from r1fleet.roles.common import refuse
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "exposure"
+TEMPLATES = Path(__file__).resolve().parent / "templates" / "exposure"
 KEY_DIR = "/etc/r1fleet"
 RULES_FILE = f"{KEY_DIR}/nftables.conf"
 FIREWALL_UNIT = "r1fleet-firewall.service"

@@ -20,7 +20,7 @@ from pyinfra.operations import files, server, systemd
 
 from r1fleet.deploy_data import UNIT_DIR
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 JINJA = {"trim_blocks": True, "lstrip_blocks": True}
 
 

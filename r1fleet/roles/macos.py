@@ -30,10 +30,10 @@ from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
-from roles.common import refusal, wait_http
-from roles.ollama import ollama_model
+from r1fleet.roles.common import refusal, wait_http
+from r1fleet.roles.ollama import ollama_model
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "macos"
+TEMPLATES = Path(__file__).resolve().parent / "templates" / "macos"
 LABEL = "com.r1fleet.ollama"
 PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
 LOAD_LABEL = "com.r1fleet.ollama-load"

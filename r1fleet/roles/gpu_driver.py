@@ -22,7 +22,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.models import Hardware, HostPlan
-from roles.common import refusal, refuse
+from r1fleet.roles.common import refusal, refuse
 
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
 # drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.

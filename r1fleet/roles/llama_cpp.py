@@ -38,8 +38,8 @@ from r1fleet.deploy_data import (
     uses_gpu,
 )
 from r1fleet.models import HostPlan
-from roles.ollama import install_release
-from roles.common import (
+from r1fleet.roles.ollama import install_release
+from r1fleet.roles.common import (
     refusal,
     retire_service,
     AptCandidates,

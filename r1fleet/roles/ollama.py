@@ -46,7 +46,7 @@ from r1fleet.deploy_data import (
     uses_gpu,
 )
 from r1fleet.models import HostPlan
-from roles.common import (
+from r1fleet.roles.common import (
     HttpJson,
     retire_service,
     converge_service,
