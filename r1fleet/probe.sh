@@ -5,7 +5,7 @@
 #
 # Each section is a line "#### r1fleet:<section>" followed by the raw output of one command.
 # A section whose tool is missing stays present but empty. The script never fails as a whole:
-# the parser (r1fleet/hardware.py) decides what a missing section means.
+# the parser (r1fleet/hardware/) decides what a missing section means.
 #
 # POSIX sh only (runs under dash, busybox sh and macOS sh): no bash-isms, no Python.
 # Tools are called by name through PATH so that lab stand-ins on PATH are found first.

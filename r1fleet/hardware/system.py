@@ -1,0 +1,134 @@
+"""The host sections of the probe: OS, memory, CPU, disk, own processes, model files, Secure Boot, sysctl."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from r1fleet.errors import ProbeError
+from r1fleet.hardware._base import probe_fix
+from r1fleet.models import GpuProcess, OsInfo
+
+# ---------------------------------------------------------------------------------------------
+# System: uname, os-release, meminfo, cpu, df, secureboot, sysctl
+
+
+def parse_uname(lines: list[str]) -> OsInfo:
+    fields = " ".join(lines).split()
+    system = fields[0] if fields else "Linux"
+    kernel = fields[1] if len(fields) > 1 else ""
+    arch = fields[-1] if len(fields) > 2 else ""
+    return OsInfo(system=system, kernel=kernel, arch=arch)
+
+
+def parse_os_release(lines: list[str], base: OsInfo) -> OsInfo:
+    values: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip().strip('"').strip("'")
+    return base.model_copy(update={
+        "id": values.get("ID", ""),
+        "version_id": values.get("VERSION_ID", ""),
+        "codename": values.get("VERSION_CODENAME", ""),
+        "pretty_name": values.get("PRETTY_NAME", ""),
+    })
+
+
+def parse_meminfo(lines: list[str], host: str) -> tuple[int, int | None] | None:
+    """(MemTotal, MemAvailable) in MiB; None when the section is empty; ProbeError when garbled."""
+    if not any(line.strip() for line in lines):
+        return None
+    values: dict[str, int] = {}
+    for line in lines:
+        match = re.match(r"^\s*([A-Za-z0-9_()]+):\s+(\d+)\s*(kB)?\s*$", line)
+        if match:
+            values[match.group(1)] = int(match.group(2))
+    total = values.get("MemTotal")
+    if not total:
+        raise ProbeError(
+            "the meminfo section has no readable `MemTotal: N kB` line",
+            host=host, field="meminfo", fix=probe_fix(host),
+        )
+    available = values.get("MemAvailable")
+    return total // 1024, (available // 1024 if available is not None else None)
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    count: int = 1
+    name: str = ""
+    avx2: bool = False
+    avx512: bool = False
+
+
+def parse_cpu(lines: list[str]) -> CpuInfo:
+    count, name, flags = 1, "", set()
+    for line in lines:
+        text = line.strip()
+        if text.isdecimal():
+            count = max(1, int(text))
+        key, sep, value = text.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    return CpuInfo(count=count, name=name, avx2="avx2" in flags, avx512="avx512f" in flags)
+
+
+def parse_df(lines: list[str]) -> int | None:
+    """Free space in MiB from `df -Pk` (header, then one line: fs, blocks, used, available, ...)."""
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].isdecimal():
+            return int(fields[3]) // 1024
+    return None
+
+
+# Before the probe listed r1fleet's own service processes, they were known by name only.
+OWN_BACKEND_NAMES = ("ollama", "llama-server", "llama_server")
+
+
+def parse_own_pids(lines: list[str]) -> set[int]:
+    return {int(line.strip()) for line in lines if line.strip().isdecimal()}
+
+
+def own_process(process: GpuProcess, own_pids: set[int] | None) -> bool:
+    """r1fleet's own service: by its cgroup's processes, or (older probes) by the backend's name."""
+    if own_pids is not None:
+        return process.pid in own_pids
+    return any(marker in process.name.lower() for marker in OWN_BACKEND_NAMES)
+
+
+def parse_model_files(lines: list[str]) -> dict[str, int]:
+    """{file name: bytes} from `ls -ln` lines (mode, links, uid, gid, size, date..., path)."""
+    files: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 9 and fields[0].startswith("-") and fields[4].isdecimal():
+            files[fields[-1].rsplit("/", 1)[-1]] = int(fields[4])
+    return files
+
+
+def parse_secureboot(lines: list[str]) -> bool | None:
+    text = " ".join(lines).lower()
+    if "secureboot enabled" in text:
+        return True
+    if "secureboot disabled" in text:
+        return False
+    return None
+
+
+def parse_sysctl(lines: list[str]) -> dict[str, str]:
+    """`key: value` lines (macOS sysctl) as a dict."""
+    values: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and " " not in key.strip():
+            values[key.strip()] = value.strip()
+    return values
+
+
