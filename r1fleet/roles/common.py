@@ -18,7 +18,7 @@ from pyinfra.facts.files import File, Sha256File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
-from r1fleet.deploy_data import UNIT_DIR
+from r1fleet.roles.systemd_unit import UNIT_DIR
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 JINJA = {"trim_blocks": True, "lstrip_blocks": True}

@@ -31,7 +31,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.config import API_KEY_FILE, DEFAULT_PORTS, HostConfig, public_networks
 from r1fleet.net import is_loopback
-from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
+from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 from r1fleet.roles.common import refuse

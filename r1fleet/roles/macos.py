@@ -25,8 +25,9 @@ from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
 from r1fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.deploy_data import LOAD_CHECK_INTERVAL_S, ModelDownload, ollama_load_check
-from r1fleet.deploy_data import ollama_environment as linux_ollama_environment
+from r1fleet.roles.artifacts import ModelDownload
+from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check
+from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
 from r1fleet.models import Hardware, HostPlan
@@ -154,7 +155,7 @@ def _pinned_release() -> tuple[str, str, str] | None:
     darwin = load_driver_data()["darwin"]
     if not darwin.get("ollama_sha256"):
         return None
-    from r1fleet.deploy_data import load_versions
+    from r1fleet.roles.artifacts import load_versions
 
     ollama = load_versions()["ollama"]
     version = ollama["version"]

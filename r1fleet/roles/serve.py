@@ -13,7 +13,8 @@ driver -> exposure key -> firewall -> backend (macOS: one LaunchDaemon role).
 from pyinfra import host, state
 
 from r1fleet.config import HostConfig, ollama_exposure_warning
-from r1fleet.deploy_data import check_disk, format_plan, model_download, platform_from_hardware
+from r1fleet.plan_format import format_plan
+from r1fleet.roles.artifacts import check_disk, model_download, platform_from_hardware
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse

@@ -7,7 +7,8 @@ from deploy_harness import run_role
 import facts_for as ff
 
 from r1fleet.config import HostConfig
-from r1fleet.deploy_data import ModelDownload, Platform, llama_cpp_install
+from r1fleet.roles.artifacts import ModelDownload, Platform
+from r1fleet.roles.llama_cpp.decide import llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
 from r1fleet.roles.llama_cpp import llama_cpp_role
 

@@ -31,10 +31,10 @@ from typing import Any
 import pytest
 import testinfra
 
+from r1fleet.roles.systemd_unit import OLLAMA_UNIT, LLAMA_UNIT
 from r1fleet.config import HostConfig
 from r1fleet.net import is_loopback
 from r1fleet.catalog import load_catalog
-from r1fleet.deploy_data import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
 from r1fleet.fleet import Fleet, load_fleet

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from r1fleet.catalog import load_catalog
-from r1fleet.deploy_data import IMPORT_RECORD, import_record_digest, ollama_tag_digest
+from r1fleet.roles.ollama.decide import IMPORT_RECORD, import_record_digest, ollama_tag_digest
 from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
 from r1fleet.verify_report import (

@@ -25,16 +25,12 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.deploy_data import (
+from r1fleet.roles.artifacts import ModelDownload, Platform
+from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
-    LLAMA_UNIT,
     LOAD_AT_START_SLACK_S,
     OLLAMA_ROOT,
-    OLLAMA_UNIT,
-    ModelDownload,
     OllamaRelease,
-    Platform,
-    health_timeout_s,
     import_record_digest,
     modelfile,
     ollama_environment,
@@ -42,9 +38,8 @@ from r1fleet.deploy_data import (
     ollama_release,
     ollama_tag_digest,
     parse_sha256sums,
-    unit_context,
-    uses_gpu,
 )
+from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context, uses_gpu
 from r1fleet.models import HostPlan
 from r1fleet.roles.common import (
     HttpJson,

@@ -1,4 +1,4 @@
-"""Pure decisions behind the roles (r1fleet/deploy_data.py)."""
+"""Pure decisions behind the roles (decide.py of each role, r1fleet/roles/systemd_unit.py and artifacts.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ import pytest
 
 from r1fleet.errors import FleetError
 from r1fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.deploy_data import (
-    DeployError,
-    Platform,
-    cuda_architectures,
-    device_allow,
-    llama_server_args,
-    model_download,
+from r1fleet.roles.artifacts import DeployError, Platform, model_download, platform_from_hardware
+from r1fleet.roles.llama_cpp.decide import cuda_architectures, llama_server_args
+from r1fleet.roles.ollama.decide import (
     ollama_asset_stems,
     ollama_environment,
     ollama_release,
     parse_sha256sums,
-    platform_from_hardware,
 )
+from r1fleet.roles.systemd_unit import device_allow
 from r1fleet.models import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
 AMD64 = Platform("amd64", "debian", "forky", None)
@@ -145,7 +141,7 @@ def test_cuda_architectures_and_target():
 
 def test_a_host_without_room_for_the_model_is_refused_before_any_change():
     """20-43 GB downloads never fill a disk (audit M10); a model already on the disk needs no room."""
-    from r1fleet.deploy_data import check_disk
+    from r1fleet.roles.artifacts import check_disk
     from r1fleet.hardware import parse_probe
     from r1fleet.planner import plan_host
 
@@ -166,7 +162,7 @@ def test_unit_words_and_environment_reach_systemd_as_written():
     """A quote, a `%` or a `$` in a value stays inside its word or assignment (audit L3)."""
     import jinja2
 
-    from r1fleet.deploy_data import UnitSpecifier, systemd_environment, systemd_word
+    from r1fleet.roles.systemd_unit import UnitSpecifier, systemd_environment, systemd_word
 
     assert systemd_word("/usr/bin/llama-server") == "/usr/bin/llama-server"
     assert systemd_word("/m/a b.gguf") == '"/m/a b.gguf"'
@@ -186,7 +182,7 @@ def test_unit_words_and_environment_reach_systemd_as_written():
 def test_ollama_keeps_its_own_flash_attention_choice_unless_the_plan_needs_it():
     """audit-ollama row 8: OLLAMA_FLASH_ATTENTION=1 bypassed Ollama's own check (off below compute
     capability 6.0 and on 7.2, ml/device.go); it is set only when the plan must force it."""
-    from r1fleet.deploy_data import ollama_environment
+    from r1fleet.roles.ollama.decide import ollama_environment
 
     auto = ollama_environment(plan(kv_cache_type="f16", flash_attention=False), HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert "OLLAMA_FLASH_ATTENTION" not in auto

@@ -19,21 +19,21 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig
-from r1fleet.deploy_data import (
+from r1fleet.roles.artifacts import ModelDownload, Platform, load_versions
+from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
     LLAMA_ROOT,
-    LLAMA_UNIT,
-    OLLAMA_UNIT,
     LlamaInstall,
-    health_timeout_s,
-    ModelDownload,
-    UnitSpecifier,
-    Platform,
     llama_cpp_install,
     llama_environment,
-    llama_server_problems,
     llama_server_args,
-    load_versions,
+    llama_server_problems,
+)
+from r1fleet.roles.systemd_unit import (
+    LLAMA_UNIT,
+    OLLAMA_UNIT,
+    UnitSpecifier,
+    health_timeout_s,
     unit_context,
     uses_gpu,
 )

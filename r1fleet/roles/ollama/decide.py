@@ -1,0 +1,205 @@
+"""The Ollama role's decisions, made without a host: which release archives, the unit's environment, loading the
+model at start, the offline import and its record."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from r1fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.models import HostPlan
+from r1fleet.net import host_port
+from r1fleet.roles.artifacts import DeployError, Platform, lab_gpu_devices, load_versions
+
+OLLAMA_ROOT = "/opt/r1fleet/ollama"
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class OllamaRelease:
+    version: str
+    assets: tuple[Asset, ...]
+
+    @property
+    def install_dir(self) -> str:
+        return f"{OLLAMA_ROOT}/{self.version}"
+
+    @property
+    def binary(self) -> str:
+        return f"{self.install_dir}/bin/ollama"
+
+    @property
+    def needs_zstd(self) -> bool:
+        return any(a.name.endswith(".tar.zst") for a in self.assets)
+
+    @property
+    def stamp(self) -> str:
+        """A marker file name that changes when any archive changes (so a re-pin reinstalls)."""
+        import hashlib
+
+        digest = hashlib.sha256("".join(a.sha256 for a in self.assets).encode()).hexdigest()[:16]
+        return f"{self.install_dir}/.r1fleet-installed-{digest}"
+
+
+def ollama_asset_stems(platform: Platform, vendor: str | None, placement: str | None) -> list[str]:
+    """Archive names without extension: the base archive plus the add-on the GPU needs."""
+    base = f"ollama-linux-{platform.arch}"
+    stems = [base]
+    if placement != "cpu" and vendor == "amd" and platform.arch == "amd64":
+        stems.append(f"{base}-rocm")
+    if platform.arch == "arm64" and platform.tegra_major in (35, 36):
+        stems.append(f"{base}-jetpack{5 if platform.tegra_major == 35 else 6}")
+    return stems
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """`sha256sum` output ("<hex>  name" or "<hex> *name") -> {name: hex}; './' prefixes dropped."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            sums[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
+    return sums
+
+
+def ollama_release(
+    host: str,
+    platform: Platform,
+    plan: HostPlan,
+    override: OllamaReleaseOverride | None = None,
+    versions: Mapping[str, Any] | None = None,
+) -> OllamaRelease:
+    """Pick the archives for this host and their sha256 (override first, then versions.yaml).
+
+    For each stem, the zstd archive is preferred when its sha256 is known; the .tgz is the
+    fallback (pre-0.14 releases, and the lab's stand-in), as install.sh does.
+    """
+    pinned = (versions or load_versions())["ollama"]
+    override = override or OllamaReleaseOverride()
+    version = override.version or pinned["version"]
+    base_url = (override.base_url or pinned["base_url"]).format(version=version).rstrip("/")
+    # The pinned sums hold for the pinned version only; host data may add the ones it lacks (a JetPack add-on).
+    known = dict(pinned.get("sha256") or {}) if version == pinned["version"] else {}
+    known.update(override.sha256)
+    assets = []
+    for stem in ollama_asset_stems(platform, plan.vendor, plan.placement):
+        for name in (f"{stem}.tar.zst", f"{stem}.tgz"):
+            if known.get(name):
+                assets.append(Asset(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
+                break
+        else:
+            raise DeployError(
+                f"no sha256 is pinned for {stem}.tar.zst (Ollama {version})",
+                host=host,
+                field="ollama.sha256",
+                fix="add its line from the release's sha256sum.txt to r1fleet/versions.yaml or host data ollama_release.sha256",
+            )
+    return OllamaRelease(version=version, assets=tuple(assets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Service settings
+
+
+def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) -> dict[str, str]:
+    """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
+    env = {
+        "OLLAMA_HOST": host_port(settings.bind_address, settings.port_for("ollama")),
+        "OLLAMA_MODELS": models_dir,
+        "OLLAMA_CONTEXT_LENGTH": str(plan.context_length),
+        "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
+        # Negative = keep the planned model loaded forever: the host serves one model.
+        "OLLAMA_KEEP_ALIVE": "-1",
+        # Context memory is num_ctx x parallel; the plan budgeted one slot.
+        "OLLAMA_NUM_PARALLEL": "1",
+        "OLLAMA_MAX_LOADED_MODELS": "1",
+        "HOME": "/var/lib/ollama",
+    }
+    if plan.flash_attention_forced or plan.kv_cache_type != "f16":
+        # Otherwise Ollama decides per GPU (ml/device.go), as the plan already assumed; a quantized KV
+        # cache needs it on.
+        env["OLLAMA_FLASH_ATTENTION"] = "1" if plan.flash_attention else "0"
+    if plan.placement != "cpu" and plan.devices:
+        # Ollama >= 0.30 runs llama-server, whose --fit would push layers to the CPU when less than its
+        # margin (default 1024 MiB) stays free; make its margin the plan's headroom (research/ollama.md s2).
+        env["LLAMA_ARG_FIT_TARGET"] = str(plan.devices[0].headroom_mib)
+    if plan.placement == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"  # docs/gpu.mdx: -1 forces the CPU
+    elif plan.vendor == "nvidia" and plan.gpu_uuids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
+        lab_devices = lab_gpu_devices(plan, settings)
+        if lab_devices:
+            # Lab hosts only: each simulated GPU is a llama.cpp RPC device; the stand-in Ollama gives its runner
+            # the ones CUDA_VISIBLE_DEVICES names, as CUDA would show it only those (tests/standins/ollama).
+            env["R1FLEET_LAB_GPU_RPC"] = ",".join(f"{u}={d}" for u, d in zip(plan.gpu_uuids, lab_devices))
+    return env
+
+
+def ollama_load_at_start(tag: str, api: str, timeout_s: int) -> list[str]:
+    """The Ollama unit's ExecStartPost=: load the planned model as soon as the server answers, so every start
+    (boot, restart, crash) ends with it loaded. Ollama loads nothing by itself at start (server/routes.go
+    Serve); an empty /api/generate loads the model and answers done_reason "load" (routes.go:471-491).
+
+    It retries only while the server does not accept connections yet (curl exit 7); an HTTP error (the
+    model not pulled yet, on a first deploy) ends it at once. `timeout` bounds the whole of it below the
+    unit's TimeoutStartSec (LOAD_AT_START_SLACK_S more), and a failure does not fail the service (`-`)."""
+    script = f"while :; do {ollama_load_request(tag, api)}; [ $? -eq 7 ] || exit 0; sleep 1; done"
+    return ["-/usr/bin/timeout", str(timeout_s), "/bin/sh", "-c", script]
+
+
+def ollama_load_request(tag: str, api: str) -> str:
+    """The shell command that loads `tag` and keeps it loaded: an empty /api/generate with keep_alive -1."""
+    body = json.dumps({"model": tag, "keep_alive": -1}, separators=(",", ":"))
+    return (f"curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} "
+            f"{shlex.quote(api + '/api/generate')}")
+
+
+def ollama_load_check(tag: str, api: str) -> str:
+    """macOS has no ExecStartPost: a LaunchDaemon runs this at boot and every LOAD_CHECK_INTERVAL_S, loading
+    the planned model whenever the server answers without it loaded (after a restart or a crash)."""
+    return (f"curl -sf --max-time 10 {shlex.quote(api + '/api/ps')} | grep -qF {shlex.quote(json.dumps(tag))} "
+            f"|| {ollama_load_request(tag, api)}")
+
+
+LOAD_CHECK_INTERVAL_S = 30
+
+
+LOAD_AT_START_SLACK_S = 30  # TimeoutStartSec beyond the load's own bound: systemd never kills a slow load
+
+IMPORT_RECORD = "imported.json"  # in <model_dir>/import: what Ollama reported for r1fleet's import
+
+
+def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:
+    """The digest Ollama reports for `tag` in /api/tags (the manifest's sha256, server/model_list_cache.go)."""
+    models = tags_document.get("models") if isinstance(tags_document, dict) else None
+    for entry in models or []:
+        if isinstance(entry, dict) and tag in (entry.get("name"), entry.get("model")):
+            return entry.get("digest") if isinstance(entry.get("digest"), str) else None
+    return None
+
+
+def import_record_digest(record: Any, tag: str, source_sha256: str | None) -> str | None:
+    """The digest Ollama reported for `tag` right after r1fleet imported the file `source_sha256`, from the
+    import record; None when the record is missing or is of another file. Ollama's `create` rewrites a GGUF
+    through llama-quantize (server/create.go), so what it stores is known only from what it reports then.
+
+    >>> import_record_digest({"tag": "t", "source_sha256": "ab", "tags": {"models": [{"name": "t", "digest": "cd"}]}}, "t", "ab")
+    'cd'
+    """
+    if not isinstance(record, dict) or record.get("tag") != tag or record.get("source_sha256") != source_sha256:
+        return None
+    return ollama_tag_digest(record.get("tags"), tag)
+
+
+def modelfile(model_path: str, plan: HostPlan) -> str:
+    """The Modelfile for Ollama's offline import (`ollama create`, research/ollama.md section 7)."""
+    return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"
