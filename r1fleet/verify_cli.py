@@ -1,4 +1,4 @@
-"""`r1fleet verify`: run the testinfra suite (tests/verify) against a fleet; exit with pytest's status.
+"""`r1fleet verify`: run the testinfra suite (r1fleet/verify_suite, shipped with the package) against a fleet; exit with pytest's status.
 
     r1fleet verify --fleet lab                 # every lab host
     r1fleet verify --fleet fleet.yml -k gpu-1  # one host (any pytest -k expression)
@@ -17,13 +17,13 @@ from pathlib import Path
 
 from r1fleet.errors import R1FleetError
 
-SUITE = Path(__file__).resolve().parent.parent / "tests" / "verify"
+SUITE = Path(__file__).resolve().parent / "verify_suite"
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "verify", help="prove each host serves its planned model (testinfra)",
-        description="Run the testinfra checks of tests/verify against every host of a fleet and print a per-host table.",
+        description="Run r1fleet's testinfra checks against every host of a fleet and print a per-host table.",
     )
     p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
@@ -63,7 +63,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not (SUITE / "test_hosts.py").is_file():
         raise R1FleetError(
             f"the verification suite is not at {SUITE}",
-            fix="run r1fleet from a checkout of its repository (pip install -e .), where tests/verify lives",
+            fix="reinstall r1fleet: the suite ships with the package",
         )
     if args.min_speed_fraction is not None and not 0 <= args.min_speed_fraction <= 10:
         raise R1FleetError(f"{args.min_speed_fraction} is out of range", field="--min-speed-fraction", fix="give a fraction such as 0.5")
@@ -71,4 +71,4 @@ def cmd_verify(args: argparse.Namespace) -> int:
         import testinfra  # noqa: F401
     except ImportError:
         raise R1FleetError("pytest-testinfra is not installed", fix="pip install 'r1fleet[test]'") from None
-    return subprocess.call(pytest_argv(args), cwd=SUITE.parent.parent)
+    return subprocess.call(pytest_argv(args))  # from the caller's directory: a relative --fleet means what it says

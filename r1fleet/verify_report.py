@@ -1,6 +1,6 @@
 """The pure side of `r1fleet verify`: read what a host shows, judge it against its plan, print the table.
 
-Nothing here touches a host. The testinfra suite (tests/verify/) runs commands over SSH and hands
+Nothing here touches a host. The testinfra suite (r1fleet/verify_suite/) runs commands over SSH and hands
 their raw output to these functions, so every judgement (which listener is too open, which GPU is
 missing, whether a split or a speed is off) is unit tested with real output formats.
 

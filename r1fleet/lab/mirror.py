@@ -24,7 +24,7 @@ GGUF_NAME = _STAND_IN.gguf.file
 GGUF_SIZE = _STAND_IN.gguf.size_bytes
 # The system interpreter: the service user cannot use a venv under a private home.
 SYSTEM_PYTHON = "/usr/bin/python3"
-OLLAMA_HOOK = paths.REPO_DIR / "tests" / "standins" / "ollama" / "build.py"
+OLLAMA_HOOK = paths.STANDINS_DIR / "ollama" / "build.py"
 
 
 class MirrorError(RuntimeError):
@@ -91,9 +91,9 @@ def populate(warn) -> None:
         link.symlink_to(fetch_gguf())  # the cache is on disk; /run is RAM
     if OLLAMA_HOOK.exists():
         result = subprocess.run([sys.executable, str(OLLAMA_HOOK), str(root / "ollama")],
-                                capture_output=True, text=True, cwd=paths.REPO_DIR)
+                                capture_output=True, text=True, cwd=OLLAMA_HOOK.parent)
         if result.returncode != 0:
-            warn(f"mirror: {OLLAMA_HOOK.relative_to(paths.REPO_DIR)} failed "
+            warn(f"mirror: {OLLAMA_HOOK} failed "
                  f"(exit {result.returncode}): {result.stderr.strip()[-300:]}")
     write_sums(root)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent.parent
 LAB_FLEET_FILE = PACKAGE_DIR / "lab.yml"  # inventory/lab.yml links here: it ships with the package
 PROFILES_DIR = PACKAGE_DIR / "profiles"
 STANDINS_DIR = PACKAGE_DIR / "standins"

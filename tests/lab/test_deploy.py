@@ -1,7 +1,7 @@
 """Lab integration: `R1FLEET_FLEET=lab pyinfra -y inventory.py deploy.py` converges every lab host.
 
 Real SSH, real systemd, real units and the real llama-server from the distro package; only the GPUs
-(profiles) and the Ollama binary (tests/standins/ollama) are stand-ins. The lab is always rehearsal.
+(profiles) and the Ollama binary (r1fleet/lab/standins/ollama) are stand-ins. The lab is always rehearsal.
 """
 from __future__ import annotations
 

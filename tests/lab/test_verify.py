@@ -81,7 +81,7 @@ def test_verify_passes_on_the_converged_lab(converged_lab, tmp_path):
 
 def test_verify_through_the_ansible_inventory_of_the_lab(converged_lab):
     """An Ansible user's inventory drives the same suite through testinfra's Ansible backend."""
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/verify",
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "r1fleet/verify_suite",
             "--ansible-inventory", "inventory/ansible/lab-hosts.yml"]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -1,6 +1,6 @@
 """Lab: r1fleet as a pyinfra user installs it. The built wheel goes into a fresh virtualenv outside the
-checkout; from a directory of the user's own, its CLI plans and validates, and the user's own deploy file
-(one call into r1fleet) deploys a lab host.
+checkout; from a directory of the user's own, its CLI plans and validates, the user's own deploy file
+(one call into r1fleet) deploys a lab host, and `r1fleet verify` proves it with the suite the package ships.
 
 Root + lab only (tests/lab/conftest.py); needs the package index for the wheel's dependencies.
 """
@@ -50,6 +50,7 @@ def test_the_wheel_is_self_contained(installed: Path):
     site = next((installed / "venv/lib").glob("python3*/site-packages"))
     assert not (site / "roles").exists() and (site / "r1fleet/roles/templates/systemd/r1fleet-service.j2").is_file()
     assert (site / "r1fleet/lab/lab.yml").is_file() and (site / "r1fleet/catalog.yaml").is_file()
+    assert (site / "r1fleet/verify_suite/test_hosts.py").is_file() and (site / "r1fleet/lab/standins/ollama/ollama").is_file()
 
 
 def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
@@ -64,3 +65,5 @@ def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
     deployed = run([str(bin_dir / "pyinfra"), "-y", "inventory.py", "deploy.py", "--limit", HOST], user,
                    R1FLEET_FLEET="lab")
     assert "all 1 host(s) converged" in deployed.stderr, deployed.stderr[-2000:]
+    verified = run([str(bin_dir / "r1fleet"), "verify", "--fleet", "lab", "-k", HOST], user)
+    assert "1/1 hosts pass" in verified.stdout, verified.stdout[-2000:]

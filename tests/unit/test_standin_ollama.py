@@ -1,4 +1,4 @@
-"""The stand-in Ollama (tests/standins/ollama): its HTTP API, store layout, CLI and release archive.
+"""The stand-in Ollama (r1fleet/lab/standins/ollama): its HTTP API, store layout, CLI and release archive.
 
 The stand-in replaces the one thing this machine cannot get (the Ollama binary), so these tests
 hold it to the real formats r1fleet's roles and verification read (Ollama docs/api.md)."""
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-STANDIN_DIR = Path(__file__).resolve().parents[1] / "standins" / "ollama"
+STANDIN_DIR = Path(__file__).resolve().parents[2] / "r1fleet" / "lab" / "standins" / "ollama"
 OLLAMA = STANDIN_DIR / "ollama"
 TAG = "r1fleet/tiny:test-q4_1"
 # The interpreter that runs the stand-in (e.g. a lab host's python3 to check that version too)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from r1fleet.config import HostConfig
 
-CONFTEST = Path(__file__).resolve().parents[1] / "verify" / "conftest.py"
+CONFTEST = Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite" / "conftest.py"
 
 
 def verify_conftest():

@@ -284,7 +284,7 @@ def test_verify_options_become_a_pytest_command_line(tmp_path):
 
 def test_verify_suite_options_exist_in_its_conftest():
     """Every option the CLI passes is one the suite's conftest declares (they cannot drift apart)."""
-    conftest = (Path(__file__).resolve().parents[1] / "verify" / "conftest.py").read_text()
+    conftest = (Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite" / "conftest.py").read_text()
     for option in ("--fleet", "--verify-report", "--min-speed-fraction", "--hash-models", "--rehearsal"):
         assert f'"{option}"' in conftest
 
@@ -296,7 +296,7 @@ def test_bad_fleet_stops_verify_with_a_usage_error(tmp_path):
 
     bad = tmp_path / "fleet.yml"
     bad.write_text("hosts:\n  box: {adress: 10.0.0.1}\n")
-    suite = Path(__file__).resolve().parents[1] / "verify"
+    suite = Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite"
     result = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "--rootdir", str(suite),
                              "--fleet", str(bad), "-q"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 4, result.stdout + result.stderr

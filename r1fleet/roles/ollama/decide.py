@@ -139,7 +139,7 @@ def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) ->
         lab_devices = lab_gpu_devices(plan, settings)
         if lab_devices:
             # Lab hosts only: each simulated GPU is a llama.cpp RPC device; the stand-in Ollama gives its runner
-            # the ones CUDA_VISIBLE_DEVICES names, as CUDA would show it only those (tests/standins/ollama).
+            # the ones CUDA_VISIBLE_DEVICES names, as CUDA would show it only those (r1fleet/lab/standins/ollama).
             env["R1FLEET_LAB_GPU_RPC"] = ",".join(f"{u}={d}" for u, d in zip(plan.gpu_uuids, lab_devices))
     return env
 

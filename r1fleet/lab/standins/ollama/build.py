@@ -54,7 +54,7 @@ def stamped_script(version: str) -> bytes:
     source = (HERE / "ollama").read_text()
     stamped, count = re.subn(r'^VERSION = "[^"]*"', f'VERSION = "{version}"', source, count=1, flags=re.M)
     if count != 1:
-        raise SystemExit("build.py: no VERSION line found in tests/standins/ollama/ollama")
+        raise SystemExit("build.py: no VERSION line found in the stand-in ollama script")
     return stamped.encode()
 
 

@@ -1,8 +1,8 @@
 """testinfra suite that proves each fleet host serves its planned model (`r1fleet verify`).
 
-    pytest tests/verify --fleet inventory/fleet.yml        # or R1FLEET_FLEET=lab pytest tests/verify
-    pytest tests/verify --ansible-inventory hosts.yml      # connect through testinfra's Ansible backend
-    pytest tests/verify --fleet lab -k lab-4090            # one host
+    pytest r1fleet/verify_suite --fleet inventory/fleet.yml    # or R1FLEET_FLEET=lab pytest r1fleet/verify_suite
+    pytest r1fleet/verify_suite --ansible-inventory hosts.yml  # connect through testinfra's Ansible backend
+    pytest r1fleet/verify_suite --fleet lab -k lab-4090        # one host
 
 Every test is parametrized by host (`test_service_active[lab-4090]`), so a failure names the host and
 the check. Each host's plan is computed live, exactly as deploy.py does: probe over the same SSH
