@@ -61,7 +61,7 @@ def systemd_word(value: str) -> str:
     return value if plain else f'"{escaped}"'
 
 
-def systemd_environment(key: str, value: str) -> str:
+def environment_assignment(key: str, value: str) -> str:
     """The text between the quotes of `Environment="KEY=VALUE"` that systemd reads back as exactly that
     one assignment (a `"` in a value would otherwise end it and start another, audit L3)."""
     return f"{key}={_quoted_text(value)}"
@@ -102,7 +102,7 @@ def unit_context(
         "exec_start": " ".join(systemd_word(word) for word in exec_start),
         "exec_start_post": " ".join(systemd_word(word) for word in exec_start_post),
         "timeout_start_s": timeout_start_s,
-        "environment": [systemd_environment(key, value) for key, value in sorted(environment.items())],
+        "environment": [environment_assignment(key, value) for key, value in sorted(environment.items())],
         "read_write_paths": list(read_write_paths),
         "read_only_paths": list(read_only_paths),
         "device_allow": device_allow(plan),

@@ -162,14 +162,14 @@ def test_unit_words_and_environment_reach_systemd_as_written():
     """A quote, a `%` or a `$` in a value stays inside its word or assignment (audit L3)."""
     import jinja2
 
-    from r1fleet.roles.systemd_unit import UnitSpecifier, systemd_environment, systemd_word
+    from r1fleet.roles.systemd_unit import UnitSpecifier, environment_assignment, systemd_word
 
     assert systemd_word("/usr/bin/llama-server") == "/usr/bin/llama-server"
     assert systemd_word("/m/a b.gguf") == '"/m/a b.gguf"'
     assert systemd_word("50%$HOME") == '"50%%$$HOME"'
     assert systemd_word(UnitSpecifier("%d/api-key")) == "%d/api-key"
     hostile = 'GPU-a" "LD_PRELOAD=/tmp/evil.so'
-    assignment = systemd_environment("CUDA_VISIBLE_DEVICES", hostile)
+    assignment = environment_assignment("CUDA_VISIBLE_DEVICES", hostile)
     assert assignment == 'CUDA_VISIBLE_DEVICES=GPU-a\\" \\"LD_PRELOAD=/tmp/evil.so'
     template = (Path(__file__).resolve().parents[2] / "templates" / "systemd" / "r1fleet-service.j2").read_text()
     unit = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(svc={
