@@ -33,7 +33,6 @@ SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "
 DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 
 
-
 def public_networks(allow: list[str]) -> list[str]:
     """The allow-list entries that reach beyond private, link-local and loopback ranges."""
     wide = []
@@ -55,7 +54,6 @@ def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
             "copy and delete models on this host (use backend: llama.cpp for an API key)")
 
 
-
 def truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -69,7 +67,6 @@ class OllamaReleaseOverride(BaseModel):
     version: str | None = None
     base_url: str | None = None
     sha256: dict[str, str] = {}
-
 
 
 class HostSettings(BaseModel):

@@ -101,8 +101,6 @@ def normalize_bus_id(bus_id: str) -> str:
     return ":".join([domain, *parts[1:]])
 
 
-
-
 @dataclass
 class Found:
     gpus: list[Gpu] = field(default_factory=list)

@@ -95,8 +95,6 @@ def parse_rocm_smi(lines: list[str]) -> list[AmdSmiGpu]:
     return gpus
 
 
-
-
 def _amd_is_integrated(vram_mib: int | None, gtt_mib: int | None) -> bool:
     """Ollama's rule (discover/amd.go): VRAM <= 4 GiB with GTT >= 8 GiB and >= 4x VRAM is an iGPU."""
     if vram_mib is None or vram_mib < MIN_DISCRETE_MIB:

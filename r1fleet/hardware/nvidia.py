@@ -133,8 +133,6 @@ def parse_nvidia_apps(lines: list[str]) -> dict[str, list[GpuProcess]]:
     return by_uuid
 
 
-
-
 def _is_nvidia_unified(name: str, pci_id: str | None) -> GpuSpec | None:
     spec = spec_for(name, pci_id, None)
     return spec if spec is not None and spec.unified else None
@@ -191,8 +189,6 @@ def nvidia_gpus(sections: dict[str, list[str]], pci: list[PciDevice], found: Fou
         if spec is None:
             found.notes.append(f"GPU {row.index} ({name}) is not in the GPU table: no memory bandwidth known")
     return skipped
-
-
 
 
 def nvidia_unified(

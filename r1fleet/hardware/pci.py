@@ -109,8 +109,6 @@ def parse_drm(lines: list[str]) -> list[DrmCard]:
     return cards
 
 
-
-
 def pci_gpus(pci: list[PciDevice], vendor_id: str, found: Found, first_index: int = 0) -> None:
     """GPUs known only from lspci (no driver yet): model and VRAM from the GPU table."""
     index = first_index

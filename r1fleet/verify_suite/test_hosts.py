@@ -84,8 +84,6 @@ def _ask(target: Target):
     return reply
 
 
-
-
 # ---------------------------------------------------------------- driver and GPUs
 
 
