@@ -5,6 +5,7 @@ from __future__ import annotations
 from r1fleet.models import HostPlan
 from r1fleet.roles.llama_cpp.decide import _ts
 
+
 # ---------------------------------------------------------------------------------------------
 # Printing
 

@@ -25,6 +25,7 @@ VERSIONS_FILE = Path(__file__).resolve().parents[1] / "versions.yaml"
 class DeployError(R1FleetError):
     """A host cannot be deployed as planned (missing sha256, unsupported arch, ...)."""
 
+
 # ---------------------------------------------------------------------------------------------
 # Platform (what the roles need from the probe's Hardware)
 
@@ -75,6 +76,7 @@ def lab_gpu_devices(plan: HostPlan, settings: HostConfig) -> list[str]:
     from r1fleet.lab.paths import GPU_RPC_BASE_PORT
 
     return [f"127.0.0.1:{GPU_RPC_BASE_PORT + index}" for index in plan.gpu_indices]
+
 
 # ---------------------------------------------------------------------------------------------
 # Models

@@ -13,6 +13,7 @@ UNIT_DIR = "/etc/systemd/system"
 OLLAMA_UNIT = "r1fleet-ollama.service"
 LLAMA_UNIT = "r1fleet-llama-server.service"
 
+
 # ---------------------------------------------------------------------------------------------
 # What a plan needs from the host
 

@@ -91,6 +91,7 @@ def llama_environment(plan: HostPlan, install: LlamaInstall | None = None) -> di
             env["CUDA_SCALE_LAUNCH_QUEUES"] = "4x"
     return env
 
+
 # ---------------------------------------------------------------------------------------------
 # llama.cpp install method
 
