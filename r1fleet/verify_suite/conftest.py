@@ -41,16 +41,14 @@ from r1fleet.fleet import Fleet, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.models import HostPlan
 from r1fleet.planner import plan_host, rehearse
-from r1fleet.verify_report import (
-    HostResult,
+from r1fleet.service_readings import (
     launchd_disabled,
     parse_launchctl_print,
     parse_lsof_listeners,
     parse_ss_listeners,
-    planned_gpu_mib,
-    results_table,
     systemd_environment,
 )
+from r1fleet.verify_table import HostResult, planned_gpu_mib, results_table
 from r1fleet.roles.llama_cpp import USER as LLAMA_USER
 from r1fleet.roles.macos import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
 from r1fleet.roles.ollama import USER as OLLAMA_USER

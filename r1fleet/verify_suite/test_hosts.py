@@ -18,11 +18,9 @@ from r1fleet.catalog import load_catalog
 from r1fleet.roles.ollama.decide import IMPORT_RECORD, import_record_digest, ollama_tag_digest
 from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
+from r1fleet.service_readings import exec_start_argv, flag_value, listener_problems
 from r1fleet.verify_report import (
-    exec_start_argv,
-    flag_value,
     gpu_problems,
-    listener_problems,
     memory_by_gpu,
     ollama_chat_reply,
     ollama_manifest_path,

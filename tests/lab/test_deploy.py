@@ -21,7 +21,8 @@ from r1fleet.memory import kv_cache_mib
 from r1fleet.models import HostPlan
 from r1fleet.planner import rehearse
 from r1fleet.tensor_split import placed_blocks
-from r1fleet.verify_report import exec_start_argv, flag_value, parse_device_buffers
+from r1fleet.service_readings import exec_start_argv, flag_value
+from r1fleet.verify_report import parse_device_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))

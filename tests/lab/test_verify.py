@@ -117,7 +117,7 @@ def drop_in(unit: str, body: str) -> tuple[str, str]:
 def _llama_flag_drop_in(ssh, flag: str, value: str) -> tuple[str, str]:
     """A drop-in replacing llama-server's ExecStart with the same argv but `flag value`."""
     shown = ssh(LLAMA_HOST, f"systemctl show -p ExecStart --value {LLAMA_UNIT}").stdout
-    from r1fleet.verify_report import exec_start_argv
+    from r1fleet.service_readings import exec_start_argv
 
     argv = exec_start_argv(shown)
     assert flag in argv, f"no {flag} in {LLAMA_UNIT}'s ExecStart: {shown}"

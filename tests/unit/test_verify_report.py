@@ -9,29 +9,29 @@ from r1fleet.catalog import load_catalog
 from r1fleet.memory import kv_cache_mib
 from r1fleet.models import DevicePlan, GgufFile, HostPlan
 from r1fleet.verify_cli import pytest_argv, register
-from r1fleet.verify_report import (
-    ComputeApp,
-    HostResult,
+from r1fleet.service_readings import (
     Listener,
     exec_start_argv,
     flag_value,
-    gpu_problems,
     listener_problems,
+    parse_ss_listeners,
+    systemd_environment,
+)
+from r1fleet.verify_report import (
+    ComputeApp,
+    gpu_problems,
     memory_by_gpu,
     ollama_chat_reply,
     ollama_manifest_path,
     ollama_model_layer,
     openai_chat_reply,
     parse_compute_apps,
-    parse_gpu_query,
-    parse_ss_listeners,
-    planned_gpu_mib,
-    results_table,
-    speed_problem,
     parse_device_buffers,
+    parse_gpu_query,
+    speed_problem,
     split_problems,
-    systemd_environment,
 )
+from r1fleet.verify_table import HostResult, planned_gpu_mib, results_table
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -335,7 +335,7 @@ LAUNCHCTL_PRINT = """system/com.r1fleet.ollama = {
 
 
 def test_launchd_job_state_pid_and_environment():
-    from r1fleet.verify_report import launchd_disabled, parse_launchctl_print
+    from r1fleet.service_readings import launchd_disabled, parse_launchctl_print
 
     job = parse_launchctl_print(LAUNCHCTL_PRINT)
     assert job["state"] == "running" and job["pid"] == 812  # not the nested endpoint state
@@ -350,7 +350,7 @@ def test_launchd_job_state_pid_and_environment():
 
 
 def test_lsof_listeners():
-    from r1fleet.verify_report import parse_lsof_listeners
+    from r1fleet.service_readings import parse_lsof_listeners
 
     text = "p812\ncollama\nn127.0.0.1:11434\np900\ncllama-server\nn127.0.0.1:53001\np77\ncsshd\nn*:22\nn[::1]:22\n"
     listeners = parse_lsof_listeners(text)

@@ -1,0 +1,178 @@
+"""What a host's service manager and sockets say, read from raw command output: `ss` and `lsof` listeners,
+`systemctl show` values, `launchctl print`. Pure; the verify suite runs the commands.
+
+Example:
+    >>> listeners = parse_ss_listeners('LISTEN 0 4096 0.0.0.0:11434 0.0.0.0:* users:(("ollama",pid=7,fd=3))')
+    >>> listener_problems(listeners, service_pids={7}, bind="127.0.0.1", port=11434)
+    ['0.0.0.0:11434 is open (process ollama): the plan allows 127.0.0.1:11434 only']
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from r1fleet.net import is_loopback
+
+WILDCARDS = {"0.0.0.0", "::", "*"}
+
+
+# ---------------------------------------------------------------- listeners (`ss -ltnpH`)
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str
+    port: int
+    pids: tuple[int, ...] = ()
+    process: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+_USERS = re.compile(r'\("([^"]*)",pid=(\d+)')
+
+
+def _split_endpoint(text: str) -> tuple[str, int] | None:
+    address, sep, port = text.rpartition(":")
+    if not sep or not port.isdecimal():
+        return None
+    address = address.strip("[]").split("%", 1)[0]  # [::1]:80, 127.0.0.53%lo:53
+    if address.startswith("::ffff:") and "." in address:
+        address = address.removeprefix("::ffff:")
+    return address, int(port)
+
+
+def parse_ss_listeners(text: str) -> list[Listener]:
+    """TCP listeners from `ss -ltnpH` (or `ss -ltnp`, whose header line is skipped)."""
+    listeners = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[0] != "LISTEN":
+            continue
+        endpoint = _split_endpoint(fields[3])
+        if endpoint is None:
+            continue
+        users = _USERS.findall(line)
+        listeners.append(Listener(endpoint[0], endpoint[1], tuple(int(pid) for _, pid in users), users[0][0] if users else ""))
+    return listeners
+
+
+def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int) -> list[str]:
+    """Why the service's sockets differ from the plan (empty list: exactly as planned).
+
+    The planned socket must be there, nothing may listen on the service port at another address,
+    and the service's own processes may only open extra ports on loopback (Ollama's runners do).
+    """
+    planned = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+    problems = []
+    ours = [lis for lis in listeners if set(lis.pids) & service_pids] if service_pids else []
+    # A wildcard socket also answers on the planned address; it is reported below as too open.
+    at_plan = [lis for lis in listeners if lis.port == port and (lis.address == bind or lis.address in WILDCARDS)]
+    if not at_plan:
+        problems.append(f"nothing listens on {planned}")
+    elif service_pids and not any(set(lis.pids) & service_pids for lis in at_plan):
+        owner = at_plan[0].process or "another program"
+        problems.append(f"{planned} is held by {owner}, not by the service")
+    for lis in listeners:
+        if lis.port == port and lis.address != bind:
+            who = f" (process {lis.process})" if lis.process else ""
+            problems.append(f"{lis.endpoint} is open{who}: the plan allows {planned} only")
+    for lis in ours:
+        if lis.port != port and not is_loopback(lis.address):
+            problems.append(f"the service also listens on {lis.endpoint}; only {planned} and loopback runner ports are expected")
+    return problems
+
+
+def parse_launchctl_print(text: str) -> dict[str, Any]:
+    """`launchctl print system/LABEL` -> {"state", "pid", "path", "environment"}.
+
+    The format is launchd's own description of a job (launchctl(1) `print`; Apple does not specify it, so
+    only what every macOS since 10.10 prints is read): `key = value` lines one level in, and an
+    `environment = { KEY => VALUE }` block. Deeper `state = ...` lines (endpoints) are not the job's state."""
+    info: dict[str, Any] = {"state": None, "pid": None, "path": None, "environment": {}}
+    block = None
+    for line in text.splitlines():
+        depth = len(line) - len(line.lstrip("\t")) if line.startswith("\t") else (len(line) - len(line.lstrip(" "))) // 4
+        body = line.strip()
+        if depth == 1:
+            block = None
+            key, sep, value = body.partition(" = ")
+            if not sep:
+                continue
+            if value == "{":
+                block = key
+            elif key == "state":
+                info["state"] = value
+            elif key == "pid" and value.isdecimal():
+                info["pid"] = int(value)
+            elif key == "path":
+                info["path"] = value
+        elif depth == 2 and block == "environment" and " => " in body:
+            name, _, value = body.partition(" => ")
+            info["environment"][name] = value
+    return info
+
+
+def launchd_disabled(text: str, label: str) -> bool:
+    """Whether `launchctl print-disabled system` marks `label` disabled (`=> disabled`, or `=> true` on
+    older macOS, where the value answered "is it disabled")."""
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition(" => ")
+        if sep and name.strip('"') == label:
+            return value.strip() in ("disabled", "true")
+    return False
+
+
+def parse_lsof_listeners(text: str) -> list[Listener]:
+    """TCP listeners from `lsof -nP -iTCP -sTCP:LISTEN -Fpcn` (macOS has no ss): `p<pid>`, `c<command>`,
+    `n<address>:<port>` field lines (lsof(8) OUTPUT FOR OTHER PROGRAMS); `*` is every address."""
+    listeners, pid, command = [], 0, ""
+    for line in text.splitlines():
+        tag, value = line[:1], line[1:].strip()
+        if tag == "p" and value.isdecimal():
+            pid, command = int(value), ""
+        elif tag == "c":
+            command = value
+        elif tag == "n":
+            endpoint = _split_endpoint(value.replace("*:", "0.0.0.0:", 1) if value.startswith("*:") else value)
+            if endpoint:
+                listeners.append(Listener(endpoint[0], endpoint[1], (pid,) if pid else (), command))
+    return listeners
+
+
+def systemd_environment(text: str) -> dict[str, str]:
+    """`systemctl show -p Environment --value UNIT` -> {name: value} (values may be quoted)."""
+    import shlex
+
+    env = {}
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep:
+            env[key] = value
+    return env
+
+
+def exec_start_argv(text: str) -> list[str]:
+    """The argv of `systemctl show -p ExecStart --value UNIT` ("{ path=... ; argv[]=A B C ; ... }")."""
+    match = re.search(r"argv\[\]=(.*?) ;", text)
+    return match.group(1).split() if match else []
+
+
+def flag_value(argv: list[str], *names: str) -> str | None:
+    for i, word in enumerate(argv):
+        for name in names:
+            if word == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if word.startswith(name + "="):
+                return word.split("=", 1)[1]
+    return None
+
+
