@@ -22,7 +22,8 @@ from r1fleet.catalog import load_catalog  # noqa: E402
 from r1fleet.hardware import parse_probe  # noqa: E402
 from r1fleet.lab.oracle import project  # noqa: E402
 from r1fleet.memory import COMPUTE_TABLE, Slot, compute_entry, compute_slope_mib  # noqa: E402
-from r1fleet.planner import device_plans, plan_host  # noqa: E402
+from r1fleet.placement import device_plans  # noqa: E402
+from r1fleet.planner import plan_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ROOT / "tests" / "fixtures" / "probes"

@@ -44,7 +44,7 @@ def test_flash_attention_off_matches_too(lab):
     model = load_catalog().find("14b")
     (theirs,) = project(model, [model.arch.layers], 12288, flash_attention=False)
     from r1fleet.memory import Slot
-    from r1fleet.planner import device_plans
+    from r1fleet.placement import device_plans
 
     (ours,) = device_plans(model, (Slot("GPU0", 10**6, "cuda"),), [model.arch.layers], 12288, "f16", False, 0)
     assert abs(ours.weights_mib + ours.kv_cache_mib + ours.compute_mib - theirs.total_mib) <= TOLERANCE_MIB

@@ -7,7 +7,8 @@ import pytest
 from r1fleet.catalog import load_catalog
 from r1fleet.memory import kv_cache_mib
 from r1fleet.models import Gpu, GpuProcess, Hardware, UnifiedMemory
-from r1fleet.planner import gpu_capacity_mib, plan_host, rehearse
+from r1fleet.placement import gpu_capacity_mib
+from r1fleet.planner import plan_host, rehearse
 from r1fleet.policy import Policy
 
 ID = {m.size_label: m.id for m in load_catalog().models}
@@ -214,7 +215,7 @@ LLAMA_CPP_PROJECTION_70B = {19456: (23654, 23324), 8192: (21806, 21564)}
 @pytest.mark.parametrize("context", sorted(LLAMA_CPP_PROJECTION_70B))
 def test_split_estimate_agrees_with_llama_cpps_own_projection(context):
     from r1fleet.memory import Slot
-    from r1fleet.planner import device_plans
+    from r1fleet.placement import device_plans
 
     model = load_catalog().find("70b")
     slots = (Slot("GPU0", 24124, "cuda"), Slot("GPU1", 24124, "cuda"))

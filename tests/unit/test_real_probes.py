@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from r1fleet.hardware import parse_probe
-from r1fleet.planner import gpu_capacity_mib, plan_host
+from r1fleet.placement import gpu_capacity_mib
+from r1fleet.planner import plan_host
 
 DEVICE = Path(__file__).resolve().parents[1] / "fixtures" / "device"
 
