@@ -41,13 +41,18 @@ class HttpJson(FactBase):
         return f"curl -fsS --max-time 10 {shlex.quote(url)} || true"
 
     def process(self, output: list[str]):
-        text = "\n".join(output).strip()
-        if not text:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:
-            return None
+        return json_or_none(output)
+
+
+def json_or_none(output: list[str]):
+    """A fact's output as JSON, or None when it is empty or not JSON ("no answer" is a fact too)."""
+    text = "\n".join(output).strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class AptCandidates(FactBase):

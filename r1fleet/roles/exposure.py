@@ -30,11 +30,11 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.config import API_KEY_FILE, DEFAULT_PORTS, HostConfig, public_networks
-from r1fleet.net import is_loopback
-from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
+from r1fleet.net import is_loopback
 from r1fleet.roles.common import refuse
+from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "exposure"
 KEY_DIR = "/etc/r1fleet"

@@ -6,7 +6,6 @@ Root + lab only (tests/lab/conftest.py). The module leaves lab-4090 converged to
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from r1fleet.lab import mirror, state
-from test_deploy import changed_count
+from test_deploy import changed_count, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "lab-4090"  # Ollama, one simulated RTX 4090
@@ -43,9 +42,7 @@ WantedBy=default.target
 
 
 def deploy_lab_host() -> subprocess.CompletedProcess:
-    env = {**os.environ, "R1FLEET_FLEET": "lab"}
-    return subprocess.run([sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py", "--limit", HOST],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return deploy("--limit", HOST)
 
 
 def verify_lab_host() -> subprocess.CompletedProcess:
@@ -140,8 +137,7 @@ def test_every_host_answers_the_official_openai_client(lab, ssh):
     from r1fleet.config import DEFAULT_PORTS
     from r1fleet.fleet import load_fleet
 
-    converge_all = subprocess.run([sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py"], cwd=ROOT,
-                                  env={**os.environ, "R1FLEET_FLEET": "lab"}, capture_output=True, text=True, timeout=1800)
+    converge_all = deploy()
     assert converge_all.returncode == 0, converge_all.stderr[-3000:]
     names = set()
     for name, entry in load_fleet("lab").hosts.items():

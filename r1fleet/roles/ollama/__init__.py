@@ -46,6 +46,7 @@ from r1fleet.roles.common import (
     retire_service,
     converge_service,
     fetch_verified,
+    json_or_none,
     model_names,
     service_user,
     unit_file,
@@ -188,10 +189,7 @@ class JsonFile(FactBase):
         return f"cat {shlex.quote(path)} 2>/dev/null || true"
 
     def process(self, output: list[str]):
-        try:
-            return json.loads("\n".join(output))
-        except ValueError:
-            return None
+        return json_or_none(output)
 
 
 @operation()
