@@ -14,10 +14,16 @@ from typing import Callable, Iterable
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.files import File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
+from r1fleet.roles.fact_batch import (
+    FactRequest,
+    directory_reads,
+    file_reads,
+    service_reads,
+)
 from r1fleet.roles.systemd_unit import UNIT_DIR
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -121,11 +127,49 @@ def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = Fals
     return [fetch, f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
 
 
+STAMP_SUFFIX = ".r1fleet-sha256"
+# size, mtime and inode: a file replaced or rewritten since it was verified no longer matches its stamp
+FILE_IDENTITY = "{ stat -c '%s %Y %i' \"$f\" 2>/dev/null || stat -f '%z %m %i' \"$f\"; }"
+
+
+class VerifiedDigest(FactBase):
+    """A downloaded file's sha256 without reading 43 GB on every run: `stamped <sha256>` when the stamp
+    written after its verification still matches the file's size, mtime and inode, else `hashed <sha256>`
+    (read in full), or nothing when the file is absent."""
+
+    default = type(None)
+
+    def command(self, path: str) -> str:
+        q = shlex.quote
+        return (f"f={q(path)}; s={q(path + STAMP_SUFFIX)}; [ -f \"$f\" ] || exit 0; id=$({FILE_IDENTITY}); "
+                f"if [ -f \"$s\" ]; then read -r sum rest < \"$s\"; [ \"$rest\" = \"$id\" ] && echo \"stamped $sum\" && exit 0; fi; "
+                f"echo \"hashed $( {{ sha256sum \"$f\" 2>/dev/null || shasum -a 256 \"$f\"; }} | cut -d' ' -f1)\"")
+
+    def process(self, output: list[str]):
+        words = output[0].split() if output else []
+        return (words[0], words[1]) if len(words) == 2 and words[0] in ("stamped", "hashed") else None
+
+
+def stamp_command(dest: str, sha256: str) -> str:
+    """Record that `dest` was verified as `sha256`, with the identity the file has now."""
+    q = shlex.quote
+    return f"f={q(dest)}; printf '%s %s\\n' {q(sha256)} \"$({FILE_IDENTITY})\" > {q(dest + STAMP_SUFFIX)}"
+
+
+def fetch_verified_reads(dest: str) -> list[FactRequest]:
+    return [(VerifiedDigest, {"path": dest})]
+
+
 @operation()
 def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640"):
-    """Download once, resumable, sha256-verified; the file appears under its name only when good."""
-    if host.get_fact(Sha256File, path=dest) == sha256:
+    """Download once, resumable, sha256-verified; the file appears under its name only when good, with a
+    stamp beside it so that later runs need not read it in full again."""
+    digest = host.get_fact(VerifiedDigest, path=dest)
+    if digest == ("stamped", sha256):
         host.noop(f"{dest} present with sha256 {sha256[:12]}")
+        return
+    if digest == ("hashed", sha256):  # verified now, e.g. placed by an earlier r1fleet: stamp it
+        yield stamp_command(dest, sha256)
         return
     part = f"{dest}.part"
     q = shlex.quote
@@ -136,6 +180,7 @@ def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",
         f"mv -f {q(part)} {q(dest)}",
+        stamp_command(dest, sha256),
     ]
     yield "; ".join(steps)
 
@@ -151,10 +196,50 @@ def wait_http(url: str, timeout_s: int = 120, what: str = "service"):
     )
 
 
+class SystemAccount(FactBase):
+    """One account as `service_user` manages it: {"home", "shell", "group", "groups"}; {} when absent.
+    (pyinfra's Users fact reads every account on the host, with several commands each: ~0.2 s a run.)"""
+
+    default = dict
+
+    def command(self, account: str) -> str:
+        q = shlex.quote(account)
+        return (f"entry=$(getent passwd {q}) || exit 0; echo \"passwd $entry\"; "
+                f"echo \"group $(id -gn {q})\"; echo \"groups $(id -nG {q})\"")
+
+    def process(self, output: list[str]) -> dict:
+        found = {line.split(" ", 1)[0]: line.split(" ", 1)[1] if " " in line else "" for line in output}
+        fields = found.get("passwd", "").split(":")
+        if len(fields) < 7:
+            return {}
+        return {"home": fields[5], "shell": fields[6], "group": found.get("group", "").strip(),
+                "groups": sorted(set(found.get("groups", "").split()) - {found.get("group", "").strip()})}
+
+
+def account_in_place(account: dict, name: str, home: str, shell: str, extra_groups: list[str]) -> bool:
+    """Whether `server.group` + `server.user` would change nothing (then they are not called at all).
+
+    >>> account_in_place({"home": "/var/lib/x", "shell": "/usr/sbin/nologin", "group": "x", "groups": ["video"]},
+    ...                  "x", "/var/lib/x", "/usr/sbin/nologin", ["video"])
+    True
+    """
+    return (bool(account) and account["home"] == home and account["shell"] == shell and account["group"] == name
+            and (not extra_groups or account["groups"] == sorted(extra_groups)))
+
+
+SERVICE_SHELL = "/usr/sbin/nologin"
+
+
 def service_user(name: str, home: str, gpu: bool) -> None:
     """A system user with no login, in render/video when the host has those groups."""
     existing = host.get_fact(Groups) or []  # None when the host went away mid-run
     extra = [g for g in ("render", "video") if gpu and g in existing]
+    if not account_in_place(host.get_fact(SystemAccount, account=name), name, home, SERVICE_SHELL, extra):
+        _create_service_user(name, home, extra)
+    files.directory(name=f"Home {home}", path=home, user=name, group=name, mode="0750")
+
+
+def _create_service_user(name: str, home: str, extra: list[str]) -> None:
     server.group(name=f"Group {name}", group=name, system=True)
     server.user(
         name=f"System user {name}",
@@ -162,11 +247,14 @@ def service_user(name: str, home: str, gpu: bool) -> None:
         group=name,
         groups=extra or None,
         home=home,
-        shell="/usr/sbin/nologin",
+        shell=SERVICE_SHELL,
         system=True,
         create_home=False,
     )
-    files.directory(name=f"Home {home}", path=home, user=name, group=name, mode="0750")
+
+
+def service_user_reads(name: str, home: str) -> list[FactRequest]:
+    return [(Groups, {}), (SystemAccount, {"account": name}), *directory_reads(home)]
 
 
 def unit_file(unit: str, context: dict) -> OperationMeta:
@@ -192,6 +280,10 @@ def retire_service(unit: str) -> None:
     files.file(name=f"Remove {unit}", path=path, present=False)
     files.directory(name=f"Remove {unit}'s drop-ins", path=f"{path}.d", present=False)
     systemd.daemon_reload(name=f"Reload systemd without {unit}")
+
+
+def retire_service_reads(unit: str) -> list[FactRequest]:
+    return [(File, {"path": f"{UNIT_DIR}/{unit}"})]
 
 
 def any_changed(ops: Iterable[OperationMeta]) -> Callable[[], bool]:
@@ -226,6 +318,12 @@ def restart_if_stale(unit: str, paths: tuple[str, ...]):
         host.noop(f"{unit} runs its current files")
         return
     yield f"systemctl daemon-reload && systemctl reset-failed {shlex.quote(unit)}; systemctl restart {shlex.quote(unit)}"
+
+
+def converge_service_reads(unit: str, files_used: Iterable[str] = ()) -> list[FactRequest]:
+    """What converge_service reads on a host where nothing changes (with the unit file's own reads)."""
+    return [*file_reads(f"{UNIT_DIR}/{unit}"), *service_reads(unit),
+            (ServiceStale, {"unit": unit, "paths": (f"{UNIT_DIR}/{unit}", *files_used)})]
 
 
 def converge_service(

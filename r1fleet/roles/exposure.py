@@ -34,6 +34,7 @@ from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 from r1fleet.net import is_loopback
 from r1fleet.roles.common import refuse
+from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, service_reads
 from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "exposure"
@@ -263,6 +264,24 @@ def apply(entry: HostConfig, plan: HostPlan):
         _ufw(settings)
     else:
         _nftables(settings)
+
+
+def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
+    """Every fact prepare and apply read on a host where nothing changes (fetched in one round trip first)."""
+    try:
+        settings = exposure_for(entry, plan, host.name)
+    except FleetError:
+        return []
+    reads: list[FactRequest] = [(Which, {"command": "nft"}), (NftTable, {})]
+    if not settings.exposed:
+        paths = [firewall_drop_in(backend) for backend in SERVICE_UNITS] + [FIREWALL_UNIT_PATH, RULES_FILE, UFW_RULES_FILE]
+        return reads + [(File, {"path": path}) for path in paths]
+    if settings.needs_api_key:
+        reads.append((File, {"path": entry.api_key_file or API_KEY_FILE}))
+    drop_in = firewall_drop_in(settings.backend)
+    return [*reads, (UfwActive, {}), (UfwRules, {}), *directory_reads(KEY_DIR), *file_reads(RULES_FILE),
+            *file_reads(FIREWALL_UNIT_PATH), *service_reads(FIREWALL_UNIT), *file_reads(drop_in),
+            *directory_reads(drop_in.rsplit("/", 1)[0]), *file_reads(UFW_RULES_FILE)]
 
 
 def firewall_drop_in(backend: str) -> str:

@@ -18,9 +18,10 @@ from r1fleet.roles.artifacts import check_disk, model_download, platform_from_ha
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.planner import plan_host, rehearse
+from r1fleet.roles.fact_batch import prefetch
 from r1fleet.roles import exposure, gpu_driver, macos, summary
-from r1fleet.roles.llama_cpp import choose_install, llama_cpp_role
-from r1fleet.roles.ollama import ollama_role, release_for
+from r1fleet.roles.llama_cpp import choose_install, llama_cpp_reads, llama_cpp_role
+from r1fleet.roles.ollama import ollama_reads, ollama_role, release_for
 
 
 def serve_r1() -> None:
@@ -48,6 +49,10 @@ def serve_r1() -> None:
             release = release_for(plan, settings, platform) if plan.backend == "ollama" else None
             install = choose_install(plan, settings, platform) if plan.backend == "llama.cpp" else None
 
+    if summary.ok(host) and not on_macos:  # everything the roles read, in one round trip
+        backend_reads = (ollama_reads(plan, settings, release, download) if plan.backend == "ollama"
+                         else llama_cpp_reads(plan, settings, install, download))
+        prefetch([*exposure.exposure_reads(settings, plan), *backend_reads])
     if summary.ok(host) and on_macos:
         macos.install(plan, settings, hw=hardware, download=download)
     elif summary.ok(host):

@@ -30,8 +30,8 @@ UNITS = ("r1fleet-ollama.service", "r1fleet-llama-server.service")
 MAX_EXPOSURE = 2.5
 
 
-def deploy(*extra: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = {**os.environ, "R1FLEET_FLEET": "lab"}
+def deploy(*extra: str, timeout: int = 1800, trace_facts: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "R1FLEET_FLEET": "lab", **({"R1FLEET_FACT_TRACE": "1"} if trace_facts else {})}
     return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -122,11 +122,17 @@ def test_llama_cpp_places_the_planned_blocks_on_each_gpu(converged, lab, ssh):
 
 def test_second_run_changes_nothing(converged, lab, ssh):
     before = {h: unit_state(ssh, h, unit_of(ssh, h)) for h in lab}
-    again = deploy()
+    again = deploy("-vv", trace_facts=True)
+    output = again.stdout + again.stderr
     assert again.returncode == 0, again.stderr[-4000:]
-    assert changed_count(again.stdout + again.stderr) == 0
+    assert changed_count(output) == 0
     after = {h: unit_state(ssh, h, unit_of(ssh, h)) for h in lab}
     assert after == before  # same unit mtime (not rewritten), same start time (not restarted)
+    # Few round trips: every fact the roles read came from the one batch (r1fleet/roles/fact_batch.py).
+    assert "fact read live" not in output, [line for line in output.splitlines() if "fact read live" in line]
+    for name in lab:
+        commands = [line for line in output.splitlines() if line.startswith(f"[{name}]") and ">>>" in line]
+        assert len(commands) <= 3, (name, commands)  # the probe, the batch, and llama.cpp's apt candidates
 
 
 def test_the_ansible_inventory_of_the_lab_deploys_it_too(converged, lab, ssh):

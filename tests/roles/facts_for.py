@@ -27,7 +27,8 @@ def file_content(path: str, text: str, mode: str = "-rw-r--r--") -> dict[str, st
 
 
 def sha256_of(path: str, digest: str) -> dict[str, str]:
-    return {f"sha256sum {path}": f"{digest}  {path}"}
+    """A downloaded file with its verification stamp (r1fleet's VerifiedDigest fact)."""
+    return {f"s={path}.r1fleet-sha256;": f"stamped {digest}"}
 
 
 def running(unit: str) -> dict[str, list[str]]:
@@ -40,7 +41,10 @@ def running(unit: str) -> dict[str, list[str]]:
 def users(*entries: tuple[str, str, str, list[str]]) -> dict:
     """Answer pyinfra's Users fact: (name, home, shell, groups)."""
     lines = [f"{name}:x:999:999::{home}:{shell}|{name}|{' '.join([name, *groups])}||" for name, home, shell, groups in entries]
-    return {"for i in `cat /etc/passwd": lines}
+    accounts = {f"getent passwd {name})": [f"passwd {name}:x:999:999::{home}:{shell}", f"group {name}",
+                                           f"groups {' '.join([name, *groups])}"]
+                for name, home, shell, groups in entries}
+    return {"for i in `cat /etc/passwd": lines, **accounts}
 
 
 def ollama_api(api: str, tags: list[str], loaded: list[str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig
+from r1fleet.roles.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform, load_versions
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
@@ -44,8 +45,12 @@ from r1fleet.roles.common import (
     retire_service,
     AptCandidates,
     converge_service,
+    converge_service_reads,
     fetch_verified,
+    fetch_verified_reads,
+    retire_service_reads,
     service_user,
+    service_user_reads,
     unit_file,
     verified_fetch_steps,
 )
@@ -191,3 +196,18 @@ def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, 
         LLAMA_UNIT, unit, [fetched, *binary_changed], f"{settings.local_api('llama.cpp')}/health", health_timeout_s(plan),
         files_used=(model_path, install.binary),
     )
+
+
+def llama_cpp_reads(plan: HostPlan, settings: HostConfig, install: LlamaInstall,
+                    download: ModelDownload) -> list[FactRequest]:
+    """Every fact llama_cpp_role reads on a host where nothing changes (fetched in one round trip first)."""
+    models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
+    model_path = f"{models_dir}/{download.file}"
+    reads = [*retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),
+             *directory_reads(settings.model_dir), *directory_reads(models_dir), *fetch_verified_reads(model_path),
+             *converge_service_reads(LLAMA_UNIT, (model_path, install.binary))]
+    if install.method == "ollama-bundle":
+        reads.append((File, {"path": install.release.stamp}))
+    if install.method == "source":
+        reads.append((File, {"path": install.binary}))
+    return reads

@@ -25,6 +25,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
@@ -45,10 +46,14 @@ from r1fleet.roles.common import (
     HttpJson,
     retire_service,
     converge_service,
+    converge_service_reads,
     fetch_verified,
+    fetch_verified_reads,
     json_or_none,
     model_names,
+    retire_service_reads,
     service_user,
+    service_user_reads,
     unit_file,
     verified_fetch_steps,
 )
@@ -285,6 +290,28 @@ def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, do
     prune_releases(name="Prune other Ollama releases", keep=release.version)
 
     ollama_model(plan, settings, release.binary, download)
+
+
+def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
+                 download: ModelDownload | None) -> list[FactRequest]:
+    """Every fact ollama_role reads on a host where nothing changes (fetched in one round trip first)."""
+    models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
+    return [
+        *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
+        *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
+        *link_reads(OFFICIAL_BINARY), *converge_service_reads(OLLAMA_UNIT, (release.binary,)),
+        (DirEntries, {"path": OLLAMA_ROOT}), *ollama_model_reads(settings, download),
+    ]
+
+
+def ollama_model_reads(settings: HostConfig, download: ModelDownload | None) -> list[FactRequest]:
+    api = settings.local_api("ollama")
+    reads: list[FactRequest] = [(HttpJson, {"url": f"{api}/api/tags"}), (HttpJson, {"url": f"{api}/api/ps"})]
+    if download is not None:
+        import_dir = f"{settings.model_dir.rstrip('/')}/import"
+        reads += [*directory_reads(import_dir), *fetch_verified_reads(f"{import_dir}/{download.file}"),
+                  *file_reads(f"{import_dir}/Modelfile"), (JsonFile, {"path": f"{import_dir}/{IMPORT_RECORD}"})]
+    return reads
 
 
 @deploy("Ollama model")
