@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
-from r1fleet.models import HostPlan
+from r1fleet.models import HostPlan, PoolPlan
 from r1fleet.policy import Policy
 
 USAGE_ERROR = 2
@@ -29,12 +29,18 @@ def _plan_args(sub: argparse._SubParsersAction) -> None:
                    help="plan with flash attention on or off (default: as the runtime decides for the GPU)")
     p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], help="plan with this KV cache type only")
     p.add_argument("--json", action="store_true", help='print {"hosts": [...]} instead of a table')
+    p.add_argument("--diff", action="store_true",
+                   help="with --fleet: per host, what `r1fleet lock` would change in <fleet>.lock and why, and hardware "
+                        "that no longer matches the lock (exit 1 when anything differs)")
+    p.add_argument("--probe-dir", type=Path, metavar="DIR",
+                   help="with --fleet: read each host's probe from DIR/HOST.probe instead of over SSH")
     p.set_defaults(run=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from r1fleet.hardware import parse_probe
     from r1fleet.planner import plan_host
+    from r1fleet.pool_planner import plan_pools
 
     if args.context is not None and args.context < 256:
         raise R1FleetError(f"--context {args.context} is too small", fix="give at least 256 tokens, e.g. --context 8192")
@@ -50,6 +56,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            fix="drop --flash-attention off, or plan with --kv-type f16")
     if not args.probes and not args.fleet:
         raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
+    if (args.diff or args.probe_dir) and not args.fleet:
+        flag = "--diff" if args.diff else "--probe-dir"
+        raise R1FleetError(f"{flag} works on a fleet's hosts", field=flag, fix="add --fleet FILE (or --fleet lab)")
+    if args.diff:
+        from r1fleet.lock_cli import cmd_plan_diff
+
+        return cmd_plan_diff(args)
     jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
     for path in args.probes:
         try:
@@ -57,16 +70,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except OSError as err:
             raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
         jobs.append((path.stem, text, Policy(), None))
+    pools: dict = {}
     if args.fleet:
-        jobs.extend(_probe_fleet(args.fleet))
+        from r1fleet.fleet import load_fleet
+
+        fleet = load_fleet(args.fleet)
+        pools = fleet.pools
+        jobs.extend(fleet_probes(fleet, probe_dir=args.probe_dir))
     what_if = {k: v for k, v in (("flash_attention", args.flash_attention), ("kv_types", [args.kv_type] if args.kv_type else None)) if v}
-    plans = [with_exposure_warning(plan_host(parse_probe(text, host), policy.model_copy(update=what_if), model=args.model,
-                                             context=args.context), entry)
-             for host, text, policy, entry in jobs]
+    hardware = [parse_probe(text, host) for host, text, _, _ in jobs]
+    policies = [policy.model_copy(update=what_if) for _, _, policy, _ in jobs]
+    plans = [with_exposure_warning(plan_host(hw, policy, model=args.model, context=args.context), job[3])
+             for hw, policy, job in zip(hardware, policies, jobs)]
+    pool_plans, plans = plan_pools(pools, hardware, plans, policies, model=args.model, context=args.context)
     if args.json:
-        print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans]}, indent=2))
+        print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans],
+                          "pools": [p.model_dump(mode="json") for p in pool_plans]}, indent=2))
     else:
-        print(plans_table(plans))
+        print(plans_table(plans, pool_plans))
     return 0 if all(p.fits for p in plans) else 1
 
 
@@ -78,15 +99,31 @@ def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
     return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
 
 
-def _probe_fleet(ref: str) -> list[tuple[str, str, Policy, object]]:
+def fleet_probes(fleet, hosts: list[str] | tuple[str, ...] = (), probe_dir: Path | None = None,
+                 ) -> list[tuple[str, str, Policy, object]]:
+    """(host, probe text, policy, fleet entry) for the fleet's hosts (all, or those named): probed over SSH
+    in parallel, or read from `probe_dir`/HOST.probe (saved probes: offline, and tests without SSH)."""
     from r1fleet.facts import probe_over_ssh
-    from r1fleet.fleet import load_fleet
 
-    fleet = load_fleet(ref)
-    entries = list(fleet.hosts.values())
-    with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
-        texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
+    unknown = [h for h in hosts if h not in fleet.hosts]
+    if unknown:
+        raise R1FleetError(f"not in {fleet.source}", host=unknown[0], fix=f"use one of: {', '.join(fleet.hosts)}")
+    entries = [fleet.hosts[h] for h in dict.fromkeys(hosts)] if hosts else list(fleet.hosts.values())
+    if probe_dir is not None:
+        texts = [_saved_probe(probe_dir, e.name) for e in entries]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
+            texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
     return [(e.name, t, e.policy, e) for e, t in zip(entries, texts)]
+
+
+def _saved_probe(probe_dir: Path, host: str) -> str:
+    path = probe_dir / f"{host}.probe"
+    try:
+        return path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
+    except OSError as err:
+        raise R1FleetError(f"{path}: cannot read ({err.strerror})", host=host,
+                           fix=f"save it with `r1fleet probe --fleet FLEET {host} > {path}`") from None
 
 
 def ssh_options(entry) -> dict:
@@ -110,9 +147,10 @@ def _fmt_gpus(plan: HostPlan) -> str:
     return ", ".join(f"{n}x {label}" for label, n in names.items())
 
 
-def plans_table(plans: list[HostPlan]) -> str:
-    """A table a person reads at a glance, then each host's reasons."""
+def plans_table(plans: list[HostPlan], pools: list[PoolPlan] | tuple = ()) -> str:
+    """A table a person reads at a glance (a pooled pool is one row), then each host's and pool's reasons."""
     from r1fleet.catalog import load_catalog
+    from r1fleet.pool_planner import pool_heading, pool_row
     from r1fleet.tensor_split import format_flag
 
     catalog = load_catalog()
@@ -131,12 +169,16 @@ def plans_table(plans: list[HostPlan]) -> str:
             p.kv_cache_type if p.model else "-", _fmt_devices(p) or "-",
             f"{p.est_tokens_per_second:g}" if p.est_tokens_per_second else "-",
         ))
+    rows.extend(pool_row(pool, catalog) for pool in pools if pool.pooled)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("")
     for p in plans:
         lines.append(f"{p.host}:")
         lines.extend(f"  - {reason}" for reason in p.reasons)
+    for pool in pools:
+        lines.append(pool_heading(pool))
+        lines.extend(f"  - {reason}" for reason in pool.reasons)
     return "\n".join(lines)
 
 
@@ -174,7 +216,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from r1fleet.fleet import load_fleet
 
     fleet = load_fleet(args.fleet, lab_state=False)
-    print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)})")
+    pools = f", {len(fleet.pools)} pools OK ({', '.join(fleet.pools)})" if fleet.pools else ""
+    print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)}){pools}")
     return 0
 
 
@@ -188,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_plan_args, _probe_args, _validate_args, _schema_args):
         add(sub)
-    for module in ("r1fleet.lab.commands", "r1fleet.verify_cli"):
+    for module in ("r1fleet.lab.commands", "r1fleet.verify_cli", "r1fleet.lock_cli"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ModuleNotFoundError as err:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from r1fleet.config import HostConfig, HostSettings
 from r1fleet.errors import FleetError
+from r1fleet.pool_config import PoolSettings, pool_problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
@@ -31,19 +32,22 @@ class FleetFile(BaseModel):
     lab: dict[str, Any] | None = Field(None, description="lab settings (inventory/lab.yml only)")
     defaults: HostSettings = HostSettings()
     hosts: dict[str, HostSettings] = Field(min_length=1)
+    pools: dict[str, PoolSettings] = Field({}, description="hosts that serve one model together (llama.cpp RPC); opt-in")
 
-    @field_validator("hosts")
+    @field_validator("hosts", "pools")
     @classmethod
-    def _names(cls, hosts: dict[str, HostSettings]) -> dict[str, HostSettings]:
-        for name in hosts:
+    def _names(cls, entries: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = info.field_name.removesuffix("s")
+        for name in entries:
             if not re.match(HOST_NAME_PATTERN, name):
-                raise ValueError(f"host name {name!r} must be letters, digits, '.', '_' or '-' (at most 63)")
-        return hosts
+                raise ValueError(f"{kind} name {name!r} must be letters, digits, '.', '_' or '-' (at most 63)")
+        return entries
 
 
 class Fleet(BaseModel):
     source: str
     hosts: dict[str, HostConfig]
+    pools: dict[str, PoolSettings] = {}
 
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
@@ -132,10 +136,9 @@ def _explain(err: ValidationError, source: str, prefix: tuple = ()) -> FleetErro
     lines = []
     for item in err.errors():
         loc = [*prefix, *item["loc"]]
-        host = None
-        if len(loc) >= 2 and loc[0] == "hosts":
-            host, loc = str(loc[1]), loc[2:]
-        where = f"host {host}: " if host else ""
+        where = ""
+        if len(loc) >= 2 and loc[0] in ("hosts", "pools"):
+            where, loc = f"{str(loc[0]).removesuffix('s')} {loc[1]}: ", loc[2:]
         field = ".".join(str(p) for p in loc) or "(file)"
         message = item["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(item["type"], "see `r1fleet schema`")
@@ -190,9 +193,10 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
             entries[name] = HostConfig.model_validate({"name": name, **merged})
         except ValidationError as err:
             problems.append(str(_explain(err, source, ("hosts", name))))
+    problems += pool_problems(parsed.pools, parsed.hosts, source)
     if problems:
         raise FleetError("\n".join(problems))
-    return Fleet(source=source, hosts=entries)
+    return Fleet(source=source, hosts=entries, pools=parsed.pools)
 
 
 def _lab_defaults(raw: Any, source: str) -> dict[str, dict] | None:

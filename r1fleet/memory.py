@@ -50,6 +50,7 @@ class Constants:
     health_base_s: int
     health_disk_read_mb_per_s: int
     disk_margin_mib: int
+    pool: dict[str, float]
 
 
 @lru_cache(maxsize=1)

@@ -155,3 +155,46 @@ class HostPlan(_Strict):
         from r1fleet.tensor_split import flag_for_layers
 
         return flag_for_layers(self.tensor_split) if self.tensor_split and len(self.tensor_split) > 1 else None
+
+
+class PoolDevice(DevicePlan):
+    """One device of a pool, listed in llama.cpp's device order: the workers' GPUs (RPC devices, in --rpc order,
+    each worker's in index order) first, then the head's own GPUs (src/llama.cpp puts RPC devices first)."""
+
+    host: str
+    rpc: bool = Field(description="served by the host's rpc-server (a worker); False: one of the head's own GPUs")
+    gpu_index: int
+    gpu_uuid: str | None = None
+    output: bool = Field(False, description="holds the output layer (the last device, one of the head's GPUs)")
+
+
+class PoolPlan(_Strict):
+    """The planner's decision for a pool: one model across its hosts (pooled), or its members kept separate."""
+
+    pool: str
+    head: str
+    workers: list[str] = Field(description="the worker hosts, in llama-server --rpc order")
+    pooled: bool = Field(False, description="True: the pool serves the model; False: each member keeps its own plan")
+    model: str | None = None
+    ollama_tag: str | None = Field(None, description="llama-server --alias, as on a single host")
+    backend: Backend | None = None
+    context_length: int = 0
+    kv_cache_type: KvType = "f16"
+    flash_attention: bool = True
+    tensor_split: list[int] | None = Field(None, description="blocks per device, in `devices` order; the last also holds the output")
+    devices: list[PoolDevice] = []
+    est_tokens_per_second: float | None = Field(None, description="with the network's cost per token")
+    est_tokens_per_second_one_host: float | None = Field(None, description="the same split as if all devices were on one host")
+    network_ms_per_token: float | None = None
+    network_gbps: float
+    rpc_port: int = Field(description="the workers' rpc-server port")
+    gguf: GgufFile | None = None
+    n_layers: int | None = None
+    reasons: list[str] = []
+
+    @computed_field(description="llama-server --tensor-split over local and RPC devices in llama.cpp's order (r1fleet/tensor_split.py)")
+    @property
+    def tensor_split_flag(self) -> list[int] | None:
+        from r1fleet.tensor_split import flag_for_layers
+
+        return flag_for_layers(self.tensor_split) if self.tensor_split else None

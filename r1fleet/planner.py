@@ -41,15 +41,27 @@ class Attempt:
 # ---------------------------------------------------------------- capacities and placements
 
 
-def tokens_per_second(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
-    """Decode is memory-bound: each device reads its share per token, one after another."""
-    eff = constants().efficiency
-    kind = {"gpu": "gpu", "multi-gpu": "gpu", "unified": "unified", "cpu": "cpu"}[placement.kind]
+EFFICIENCY_KIND = {"gpu": "gpu", "multi-gpu": "gpu", "unified": "unified", "cpu": "cpu"}
+
+
+def _read_seconds(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    """Decode is memory-bound: each device reads its share per token, one after another (at full bandwidth)."""
     seconds = 0.0
     for i, (slot, n) in enumerate(zip(placement.slots, layers)):
         gb = bytes_read_per_token_gb(model, n, i == len(layers) - 1, context, kv_type)
         seconds += gb / slot.bandwidth_gbps
-    return round(eff[kind] / seconds, 1) if seconds else 0.0
+    return seconds
+
+
+def decode_seconds(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    """Seconds per generated token at the calibrated efficiency, unrounded (a pool adds its network to it)."""
+    return _read_seconds(model, placement, layers, context, kv_type) / constants().efficiency[EFFICIENCY_KIND[placement.kind]]
+
+
+def tokens_per_second(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    eff = constants().efficiency[EFFICIENCY_KIND[placement.kind]]
+    seconds = _read_seconds(model, placement, layers, context, kv_type)
+    return round(eff / seconds, 1) if seconds else 0.0
 
 
 def runtime_flash_attention(placement: PlacementOption) -> tuple[bool, str]:

@@ -1,0 +1,314 @@
+"""The fleet lock (r1fleet/lock.py): byte-stable files, locked plans that outlive policy changes, hardware
+changes caught with the fix named, `plan --diff`, clear errors on malformed locks, and no secrets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1fleet.cli import main
+from r1fleet.errors import R1FleetError
+from r1fleet.fleet import REPO_ROOT
+from r1fleet.hardware import parse_probe
+from r1fleet.lab.paths import LAB_FLEET_FILE
+from r1fleet.lock import (
+    Lock,
+    LockMismatch,
+    effective_plan,
+    fingerprint_differences,
+    fingerprint_of,
+    key_fingerprint,
+    lock_entry,
+    lock_path,
+    lock_text,
+    locked_plan,
+    plan_diff,
+    read_lock,
+    write_lock,
+)
+from r1fleet.planner import plan_host
+from r1fleet.policy import Policy
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+ALL_PROBES = sorted(PROBES.glob("*.probe"))
+FLEET = {"dual-rtx3090": "192.168.1.23", "rtx4090": "192.168.1.22", "cpu-16g": "192.168.1.30"}
+
+
+def probe(name: str) -> str:
+    return (PROBES / f"{name}.probe").read_text()
+
+
+def hardware(name: str, text: str | None = None):
+    return parse_probe(text if text is not None else probe(name), name)
+
+
+def entry_for(name: str, policy: Policy | None = None, **kwargs):
+    hw = hardware(name)
+    return lock_entry(name, hw, plan_host(hw, policy or Policy()), **kwargs)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Path:
+    """A fleet file of three fixture hosts, with their saved probes in tmp_path/probes."""
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    for name in FLEET:
+        (probes / f"{name}.probe").write_text(probe(name))
+    write_fleet(tmp_path / "fleet.yml")
+    return tmp_path / "fleet.yml"
+
+
+def write_fleet(path: Path, policy: dict | None = None) -> None:
+    doc: dict = {"hosts": {name: {"address": address} for name, address in FLEET.items()}}
+    if policy:
+        doc["defaults"] = {"policy": policy}
+    path.write_text(yaml.safe_dump(doc))
+
+
+def r1fleet(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_lock_round_trips_byte_identically(tmp_path):
+    lock = Lock(hosts={p.stem: entry_for(p.stem) for p in ALL_PROBES})
+    first, second = tmp_path / "a.lock", tmp_path / "b.lock"
+    write_lock(first, lock)
+    again = read_lock(first)
+    write_lock(second, again)
+    assert first.read_bytes() == second.read_bytes()
+    assert again == lock
+    doc = yaml.safe_load(first.read_text())
+    assert doc["version"] == 1 and list(doc["hosts"]) == sorted(doc["hosts"])  # one sorted key per host
+
+
+def test_locked_plan_is_the_plan_exactly():
+    entry = entry_for("dual-rtx3090")
+    plan = locked_plan(entry, hardware("dual-rtx3090"))
+    assert plan == plan_host(hardware("dual-rtx3090"))
+    assert plan.tensor_split and plan.tensor_split_flag  # the computed flag comes back from the stored split
+
+
+def test_artifacts_are_the_pinned_digests_only():
+    """Every sha256 in a lock is one the repository pins: versions.yaml, catalog.yaml or data/drivers.yaml."""
+    pinned = "".join((REPO_ROOT / "r1fleet" / f).read_text() for f in ("versions.yaml", "catalog.yaml", "data/drivers.yaml"))
+    text = lock_text(Lock(hosts={p.stem: entry_for(p.stem) for p in ALL_PROBES}))
+    digests = set(re.findall(r"\b[0-9a-f]{64}\b", text))
+    assert digests and all(d in pinned for d in digests)
+    dual = entry_for("dual-rtx3090").artifacts
+    assert dual.llama_cpp.method == "ollama-bundle" and dual.llama_cpp.build == "b10353"
+    assert dual.ollama.assets[0].name == "ollama-linux-amd64.tar.zst"
+    assert dual.model.gguf_sha256 == "181a82a1d6d2fa24fe4db83a68eee030384986bdbdd4773ba76424e3a6eb9fd8"
+    assert dual.driver.vendor == "nvidia" and dual.driver.branch
+    mac = entry_for("mac-studio-64g").artifacts
+    assert mac.ollama.assets[0].name == "ollama-darwin.tgz" and mac.driver is None and mac.llama_cpp is None
+
+
+def test_lock_path_beside_the_fleet_file_and_the_lab_in_inventory(tmp_path):
+    assert lock_path(tmp_path / "fleet.yml") == tmp_path / "fleet.yml.lock"
+    assert lock_path(LAB_FLEET_FILE) == REPO_ROOT / "inventory" / "lab.yml.lock"
+    assert lock_path(REPO_ROOT / "inventory" / "lab.yml") == REPO_ROOT / "inventory" / "lab.yml.lock"
+
+
+# ---------------------------------------------------------------- the fingerprint
+
+
+def test_fingerprint_ignores_jitter_and_foreign_gpu_use():
+    text = probe("rtx4090")
+    busy = text.replace("0, NVIDIA GeForce RTX 4090, 24564, 2, 23962,", "0, NVIDIA GeForce RTX 4090, 24564, 9002, 14962,")
+    busy = busy.replace("MemTotal:       65579512 kB", "MemTotal:       65571320 kB")  # 8 MiB less: a new kernel
+    assert busy != text
+    entry = entry_for("rtx4090")
+    live = hardware("rtx4090", busy)
+    assert fingerprint_differences(entry.fingerprint, fingerprint_of(live)) == []
+    assert locked_plan(entry, live) == entry.plan  # today's planner would choose less; the lock holds
+    assert plan_host(live) != entry.plan
+
+
+def test_ram_rounding_tolerates_a_half_gib_boundary_but_not_a_dimm():
+    hw = hardware("rtx4090")
+    locked = fingerprint_of(hw.model_copy(update={"ram_total_mib": 64000}))  # 62.5 GiB: rounds up
+    near = fingerprint_of(hw.model_copy(update={"ram_total_mib": 63990}))  # rounds down
+    assert locked.ram_mib - near.ram_mib == 1024 and fingerprint_differences(locked, near) == []
+    fewer = fingerprint_of(hw.model_copy(update={"ram_total_mib": 64000 - 8192}))
+    assert fingerprint_differences(locked, fewer) == ["RAM: 64512 MiB -> 56320 MiB"]
+
+
+def test_changed_gpu_memory_stops_the_host_with_the_fix(fleet):
+    entry = entry_for("dual-rtx3090")
+    text = probe("dual-rtx3090").replace("1, NVIDIA GeForce RTX 3090, 24576,", "1, NVIDIA GeForce RTX 3090, 16384,")
+    with pytest.raises(LockMismatch) as err:
+        locked_plan(entry, hardware("dual-rtx3090", text), fleet=str(fleet))
+    message = str(err.value)
+    assert "host dual-rtx3090" in message
+    assert "GPU 1: NVIDIA GeForce RTX 3090 24576 MiB -> NVIDIA GeForce RTX 3090 16384 MiB" in message
+    assert f"r1fleet lock --fleet {fleet} dual-rtx3090" in message
+    assert isinstance(err.value, R1FleetError) and err.value.differences
+
+
+def test_a_missing_gpu_is_named():
+    entry = entry_for("dual-rtx3090")
+    hw = hardware("dual-rtx3090")
+    one = hw.model_copy(update={"gpus": hw.gpus[:1]})
+    assert fingerprint_differences(entry.fingerprint, fingerprint_of(one)) == [
+        "GPU 1: NVIDIA GeForce RTX 3090 24576 MiB -> absent"]
+    with pytest.raises(LockMismatch, match=r"r1fleet lock dual-rtx3090"):
+        effective_plan(one, Policy(), Lock(hosts={"dual-rtx3090": entry}))
+
+
+def test_locked_before_the_driver_matches_after_it_and_gains_the_uuids():
+    """lspci alone gives no UUID and the GPU table's memory: the driver's readings still match that lock."""
+    before = hardware("gpu-no-driver")
+    entry = lock_entry("gpu-no-driver", before, plan_host(before))
+    assert entry.fingerprint.gpus[0].measured is False and entry.plan.gpu_uuids == []
+    gpu = before.gpus[0].model_copy(update={"source": "nvidia-smi-query", "uuid": "GPU-1234", "memory_total_mib": 24576,
+                                            "driver_version": "580.95.05"})
+    after = before.model_copy(update={"gpus": [gpu]})
+    plan = locked_plan(entry, after)
+    assert plan.gpu_uuids == ["GPU-1234"] and plan.model == entry.plan.model
+
+
+def test_policy_change_does_not_move_a_locked_host():
+    hw = hardware("rtx4090")
+    lock = Lock(hosts={"rtx4090": entry_for("rtx4090")})
+    stricter = Policy(max_context=8192, model="14b")
+    assert plan_host(hw, stricter).model != lock.hosts["rtx4090"].plan.model
+    assert effective_plan(hw, stricter, lock) == lock.hosts["rtx4090"].plan
+    assert effective_plan(hw, stricter, None) == plan_host(hw, stricter)  # no lock: as before
+
+
+def test_plan_diff_names_each_change_and_why():
+    locked = plan_host(hardware("rtx4090"))
+    fresh = plan_host(hardware("rtx4090"), Policy(max_context=8192, kv_types=["q8_0"]))
+    lines = plan_diff(locked, fresh)
+    assert f"context: {locked.context_length} -> 8192" in lines and "KV cache: f16 -> q8_0" in lines
+    assert any(line.startswith("why: ") for line in lines)
+    assert plan_diff(locked, locked) == []
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_lock_command_writes_beside_the_fleet_and_relocks_only_named_hosts(fleet, capsys):
+    probes = str(fleet.parent / "probes")
+    code, out, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes)
+    assert code == 0 and "3 of 3 hosts locked" in out
+    path = fleet.parent / "fleet.yml.lock"
+    before = read_lock(path)
+    write_fleet(fleet, {"max_context": 8192})
+    code, out, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, "rtx4090")
+    assert code == 0 and "1 of 3 hosts locked" in out and "changed: context: 16384 -> 8192" in out
+    after = read_lock(path)
+    assert after.hosts["rtx4090"].plan.context_length == 8192
+    assert after.hosts["dual-rtx3090"] == before.hosts["dual-rtx3090"]
+    assert after.hosts["cpu-16g"] == before.hosts["cpu-16g"]
+
+
+def test_plan_diff_command(fleet, capsys):
+    probes = str(fleet.parent / "probes")
+    r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes)
+    locked = (fleet.parent / "fleet.yml.lock").read_bytes()
+    code, out, _ = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", probes, "--diff")
+    assert code == 0 and out.count("matches the lock") == 3
+
+    write_fleet(fleet, {"max_context": 8192})
+    (fleet.parent / "probes" / "dual-rtx3090.probe").write_text(
+        probe("dual-rtx3090").replace("1, NVIDIA GeForce RTX 3090, 24576,", "1, NVIDIA GeForce RTX 3090, 12288,"))
+    code, out, _ = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", probes, "--diff")
+    assert code == 1
+    assert "rtx4090: a relock would change:\n  - context: 16384 -> 8192\n  - why: largest that fits: 32b" in out
+    assert "dual-rtx3090: the hardware differs from the lock" in out
+    assert "GPU 1: NVIDIA GeForce RTX 3090 24576 MiB -> NVIDIA GeForce RTX 3090 12288 MiB" in out
+    assert f"r1fleet lock --fleet {fleet} dual-rtx3090" in out
+
+    code, out, _ = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", probes, "--diff", "--json")
+    hosts = {h["host"]: h for h in json.loads(out)["hosts"]}
+    assert hosts["rtx4090"]["status"] == "changes" and hosts["dual-rtx3090"]["status"] == "hardware"
+    assert hosts["cpu-16g"]["changes"][0] == "context: 32768 -> 8192"
+    assert (fleet.parent / "fleet.yml.lock").read_bytes() == locked  # only `r1fleet lock` writes the lock
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["plan", str(PROBES / "rtx4090.probe"), "--diff"], "--diff works on a fleet"),
+    (["plan", "--fleet", "FLEET", "--diff", "--model", "32b"], "takes no --model"),
+    (["plan", "--fleet", "FLEET", "--diff"], "no lock to compare with"),
+    (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "no-such-host"], "host no-such-host: not in"),
+    (["lock", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "/nonexistent/cpu-16g.probe: cannot read"),
+    (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "--api-key", "rtx4090"], "is not HOST=FILE"),
+])
+def test_usage_errors_are_clear(fleet, capsys, args, expected):
+    args = [a.replace("FLEET", str(fleet)).replace("PROBES", str(fleet.parent / "probes")) for a in args]
+    code, _, err = r1fleet(capsys, *args)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- malformed locks
+
+
+def _good_lock(tmp_path: Path) -> tuple[Path, dict]:
+    path = tmp_path / "fleet.yml.lock"
+    write_lock(path, Lock(hosts={"rtx4090": entry_for("rtx4090")}))
+    return path, yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["hosts"]["rtx4090"]["plan"].update(context_length="lots"),
+     "host rtx4090: field plan.context_length: Input should be a valid integer"),
+    (lambda d: d["hosts"]["rtx4090"]["fingerprint"].pop("ram_mib"), "host rtx4090: field fingerprint.ram_mib: Field required"),
+    (lambda d: d["hosts"]["rtx4090"]["plan"].update(model="llama-9000"), "host rtx4090: field plan.model: 'llama-9000' is not"),
+    (lambda d: d["hosts"]["rtx4090"]["plan"].update(host="other"), "host rtx4090: field plan.host: is 'other'"),
+    (lambda d: d["hosts"]["rtx4090"].update(api_key_fingerprint="hunter2"), "host rtx4090: field api_key_fingerprint"),
+    (lambda d: d.update(version=2), "field version: lock format 2"),
+    (lambda d: d.pop("hosts"), "not a fleet lock"),
+])
+def test_malformed_lock_names_file_host_and_field(tmp_path, change, expected):
+    path, doc = _good_lock(tmp_path)
+    change(doc)
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(R1FleetError) as err:
+        read_lock(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_lock_that_is_not_yaml_or_repeats_a_host(tmp_path, fleet, capsys):
+    path, _ = _good_lock(tmp_path)
+    path.write_text("version: 1\nhosts: [unclosed\n")
+    with pytest.raises(R1FleetError, match="not valid YAML"):
+        read_lock(path)
+    path.write_text("version: 1\nhosts:\n  a: {}\n  a: {}\n")
+    with pytest.raises(R1FleetError, match="duplicate key 'a'"):
+        read_lock(path)
+    assert read_lock(tmp_path / "absent.lock") is None
+    (fleet.parent / "fleet.yml.lock").write_text("version: 1\nhosts: {rtx4090: {plan: 3}}\n")
+    code, _, err = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", str(fleet.parent / "probes"), "--diff")
+    assert code == 2 and "fleet.yml.lock: host rtx4090: field" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- no secrets
+
+
+def test_key_fingerprint_is_a_short_sha256_prefix():
+    assert key_fingerprint("k") == "sha256:" + "8254c329a92850f6"  # sha256sum of the single byte "k", 16 hex
+    assert key_fingerprint(b"k") == key_fingerprint("k") and key_fingerprint("k\n") != key_fingerprint("k")
+
+
+def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path):
+    secret = "sk-r1fleet-7d1c0a5e9b3f4e21a8c6d2f0b9e7a1c3"
+    key = tmp_path / "dual.key"
+    key.write_text(secret + "\n")
+    probes = str(fleet.parent / "probes")
+    code, _, err = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, "--api-key", f"dual-rtx3090={key}")
+    assert code == 0, err
+    text = (fleet.parent / "fleet.yml.lock").read_text()
+    assert secret not in text and secret[:12] not in text
+    assert f"api_key_fingerprint: {key_fingerprint(secret + chr(10))}" in text
+    r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, "dual-rtx3090")  # not given again: kept
+    assert read_lock(fleet.parent / "fleet.yml.lock").hosts["dual-rtx3090"].api_key_fingerprint == key_fingerprint(secret + "\n")
