@@ -92,10 +92,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
-    """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication)."""
-    from r1fleet.config import ollama_exposure_warning
-
-    warning = ollama_exposure_warning(entry.listen, entry.allow) if entry and plan.backend == "ollama" else None
+    """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication), or that
+    the deploy will refuse it (HostConfig.exposure_check, the rule the deploy applies)."""
+    if entry is None or not plan.backend:
+        return plan
+    try:
+        warning = entry.exposure_check(plan.backend, plan.host)
+    except R1FleetError as refusal:
+        warning = f"the deploy refuses this host: {refusal}"
     return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
 
 
@@ -231,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_plan_args, _probe_args, _validate_args, _schema_args):
         add(sub)
-    for module in ("r1fleet.lab.commands", "r1fleet.verify_cli", "r1fleet.lock_cli"):
+    for module in ("r1fleet.lab.commands", "r1fleet.verify_cli", "r1fleet.lock_cli", "r1fleet.cache_cli"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ModuleNotFoundError as err:

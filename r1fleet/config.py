@@ -13,7 +13,7 @@ import ipaddress
 import re
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from r1fleet.errors import FleetError
 from r1fleet.models import DEFAULT_MODEL_DIR, Backend
@@ -44,6 +44,17 @@ def public_networks(allow: list[str]) -> list[str]:
         if not (network.is_private or network.is_link_local or network.is_loopback):
             wide.append(cidr)
     return wide
+
+
+def merged_networks(allow: list[str], version: int) -> tuple[str, ...]:
+    """The allow-list's networks of one IP version, overlapping and adjacent ones merged: nftables refuses
+    overlapping intervals in a set ("conflicting intervals").
+
+    >>> merged_networks(["192.168.1.0/24", "192.168.1.7", "192.168.0.0/24", "fd00::/64"], 4)
+    ('192.168.0.0/23',)
+    """
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in allow]
+    return tuple(str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version))
 
 
 def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
@@ -179,7 +190,7 @@ class HostConfig(BaseModel):
     ssh_key: str | None = None
     ssh_port: int = 22
     listen: str | None = None
-    allow: list[str] = []
+    allow: list[str] = Field([], validate_default=True)  # listen without allow is refused (_exposure_needs_an_allow_list)
     port: int | None = None
     policy: Policy = Policy()
     rehearsal: bool = False
@@ -202,6 +213,16 @@ class HostConfig(BaseModel):
             HostSettings.model_validate({k: data[k] for k in _CHECKED_SETTINGS if data.get(k) is not None})
         return data
 
+    @field_validator("allow")
+    @classmethod
+    def _exposure_needs_an_allow_list(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not is_loopback(info.data.get("listen")) and not value:
+            raise ValueError(
+                "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
+                "or write allow: [0.0.0.0/0] to open it to every network on purpose"
+            )
+        return value
+
     @property
     def bind_address(self) -> str:
         """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
@@ -210,6 +231,31 @@ class HostConfig(BaseModel):
     @property
     def local_only(self) -> bool:
         return is_loopback(self.bind_address)
+
+    @property
+    def allow4(self) -> tuple[str, ...]:
+        """The IPv4 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 4)
+
+    @property
+    def allow6(self) -> tuple[str, ...]:
+        """The IPv6 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 6)
+
+    def exposure_check(self, backend: str, host_name: str | None = None) -> str | None:
+        """The exposure rule that depends on the planned backend, for the plan and the deploy alike: an exposed
+        Ollama (no authentication) whose allow-list reaches beyond private ranges is refused (FleetError) unless
+        `ollama_public`; otherwise the warning an exposed Ollama carries, or None."""
+        if backend != "ollama" or self.listen is None:
+            return None
+        wide = public_networks([*self.allow4, *self.allow6])
+        if wide and not self.ollama_public:
+            raise FleetError(
+                f"an exposed Ollama has no authentication, and allow reaches beyond private ranges ({', '.join(wide)})",
+                host=host_name or self.name, field="allow",
+                fix="narrow allow to your LAN, use backend: llama.cpp (API key), or set ollama_public: true on purpose",
+            )
+        return ollama_exposure_warning(self.listen, self.allow)
 
     def port_for(self, backend: str) -> int:
         return self.port or DEFAULT_PORTS[backend]
@@ -250,12 +296,3 @@ class HostConfig(BaseModel):
         if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
             args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
         return tuple(args)
-
-    @model_validator(mode="after")
-    def _exposure_needs_an_allow_list(self) -> "HostConfig":
-        if not is_loopback(self.listen) and not self.allow:
-            raise ValueError(
-                "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
-                "or write allow: [0.0.0.0/0] to open it to every network on purpose"
-            )
-        return self

@@ -26,6 +26,25 @@ from r1fleet.pool_config import PoolSettings, pool_problems
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = Path("inventory/fleet.yml")
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class CacheSettings(BaseModel):
+    """`cache:`: where this controller keeps downloaded artifacts (r1fleet/cache.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field(description="the controller's artifact cache directory; ~ is expanded, a relative path is "
+                                 "read from the fleet file's directory ($R1FLEET_CACHE_DIR overrides it)")
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_is_a_path(cls, value: str) -> str:
+        if not value.strip() or "\0" in value:
+            raise ValueError(f"{value!r} is not a directory path; write e.g. ~/.cache/r1fleet/artifacts or "
+                             "/srv/r1fleet-cache")
+        return value
+
+
 class FleetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +52,7 @@ class FleetFile(BaseModel):
     defaults: HostSettings = HostSettings()
     hosts: dict[str, HostSettings] = Field(min_length=1)
     pools: dict[str, PoolSettings] = Field({}, description="hosts that serve one model together (llama.cpp RPC); opt-in")
+    cache: CacheSettings | None = Field(None, description="the controller's artifact cache (r1fleet cache)")
 
     @field_validator("hosts", "pools")
     @classmethod
@@ -48,12 +68,13 @@ class Fleet(BaseModel):
     source: str
     hosts: dict[str, HostConfig]
     pools: dict[str, PoolSettings] = {}
+    cache_dir: str | None = None  # the fleet file's cache.dir, resolved; r1fleet.cache.cache_root decides
 
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}
         for entry in self.hosts.values():
-            item = (entry.name, host_data(entry))
+            item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source})
             groups["r1fleet"].append(item)
             for group in entry.groups:
                 groups.setdefault(group.replace("-", "_"), []).append(item)
@@ -196,7 +217,15 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
     problems += pool_problems(parsed.pools, parsed.hosts, source)
     if problems:
         raise FleetError("\n".join(problems))
-    return Fleet(source=source, hosts=entries, pools=parsed.pools)
+    return Fleet(source=source, hosts=entries, pools=parsed.pools, cache_dir=_cache_dir(parsed.cache, source))
+
+
+def _cache_dir(settings: CacheSettings | None, source: str) -> str | None:
+    """cache.dir as an absolute path: a relative one is the fleet file's neighbour, wherever r1fleet runs."""
+    if settings is None:
+        return None
+    path = Path(os.path.expanduser(settings.dir))
+    return str(path if path.is_absolute() else Path(source).resolve().parent / path)
 
 
 def _lab_defaults(raw: Any, source: str) -> dict[str, dict] | None:

@@ -36,7 +36,7 @@ from r1fleet.policy import Policy
 __all__ = [
     "LOCK_VERSION", "Fingerprint", "GpuFingerprint", "HostLock", "Lock", "LockMismatch", "effective_plan",
     "fingerprint_differences", "fingerprint_of", "key_fingerprint", "lock_entry", "lock_path", "lock_text",
-    "locked_plan", "plan_diff", "read_lock", "relock_command", "write_lock",
+    "locked_plan", "plan_diff", "read_lock", "relock_command", "relock_fleet", "write_lock",
 ]
 
 
@@ -49,6 +49,15 @@ class LockMismatch(R1FleetError):
             "the hardware differs from the lock: " + "; ".join(differences), host=host,
             fix=f"if the change is meant, relock this host with `{relock_command(host, fleet)}` and commit the lock",
         )
+
+
+def relock_fleet(source: str) -> str:
+    """The fleet as a user names it on the command line: `lab` for the lab's packaged fleet file."""
+    from pathlib import Path
+
+    from r1fleet.lab.paths import LAB_FLEET_FILE
+
+    return "lab" if Path(source).resolve() == LAB_FLEET_FILE.resolve() else source
 
 
 def relock_command(host: str, fleet: str | None = None) -> str:

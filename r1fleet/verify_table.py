@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from r1fleet.models import HostPlan
 
@@ -42,6 +43,24 @@ def planned_gpu_mib(plan: HostPlan) -> int | None:
     if plan.placement in (None, "cpu"):
         return None
     return sum(d.planned_mib for d in plan.devices if not d.device.upper().startswith("RAM")) or None
+
+
+def host_result(host: str, outcomes: dict[str, str], plan: HostPlan | None = None,
+                measured: dict[str, Any] | None = None, error: str | None = None) -> HostResult:
+    """One host's row: its plan, what the checks measured, the reason it could not be checked (if any) and
+    each check's outcome ("passed", "failed" or "skipped")."""
+    result = HostResult(host=host, error=error)
+    if plan is not None:
+        result.model, result.backend, result.context = plan.model, plan.backend, plan.context_length or None
+        result.rehearsal, result.target_model = plan.rehearsal, plan.target_model
+        result.est_tps, result.gpu_planned_mib = plan.est_tokens_per_second, planned_gpu_mib(plan)
+    result.measured_tps = (measured or {}).get("tokens_per_second")
+    result.gpu_used_mib = (measured or {}).get("gpu_used_mib")
+    for check, outcome in outcomes.items():
+        getattr(result, outcome).append(check)
+    if result.error:  # every check failed for the same reason; name it once
+        result.failed = []
+    return result
 
 
 def _num(value: float | int | None, fmt: str = "{:,.0f}") -> str:

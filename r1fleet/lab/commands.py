@@ -1,4 +1,4 @@
-"""`r1fleet lab up|down|status|ssh`: the lab's command line (registered into r1fleet's CLI)."""
+"""`r1fleet lab up|reset|down|status|ssh`: the lab's command line (registered into r1fleet's CLI)."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     up.set_defaults(lab_handler=cmd_up)
     down = sub.add_parser("down", help="stop the lab and remove everything it made")
     down.set_defaults(lab_handler=cmd_down)
+    reset = sub.add_parser("reset", help="reinstall hosts from the clean image (a rebuild after a disk failure)")
+    reset.add_argument("hosts", nargs="+", metavar="HOST")
+    reset.set_defaults(lab_handler=cmd_reset)
     status = sub.add_parser("status", help="show the lab hosts")
     status.add_argument("--json", action="store_true", help="print {\"hosts\": [...]} as JSON")
     status.set_defaults(lab_handler=cmd_status)
@@ -66,6 +69,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    return lifecycle.reset(args.hosts, say)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     return lifecycle.down(say)
 
@@ -73,7 +80,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     hosts = state.lab_hosts()
     if args.json:
-        print(json.dumps({"hosts": hosts}, indent=2))
+        from r1fleet.lab import mirror
+
+        print(json.dumps({"hosts": hosts, "mirror": {"served": mirror.served_bytes()}}, indent=2))
         return 0
     if not hosts:
         print("no lab hosts")

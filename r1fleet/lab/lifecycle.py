@@ -181,6 +181,24 @@ def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
         return 1 if errors else 0
 
 
+def reset(names: list[str], say: Say) -> int:
+    """Reinstall lab hosts: each goes back to the clean image (its overlay's upper layer discarded), keeping
+    its address, profile and host key; the other hosts keep running."""
+    with locked():
+        lab_state = state.load_state()
+        records = lab_state.get("hosts", {})
+        unknown = [n for n in names if n not in records]
+        if unknown:
+            raise LabError(f"not lab hosts that are up: {', '.join(unknown)}; hosts: {', '.join(records) or 'none'}")
+        fleet_path = Path(lab_state["fleet_file"])
+        for name in names:
+            record = records.pop(name)
+            remove_hosts([name], [record["pid"]] if record.get("pid") else [])
+        state.save_state(lab_state)
+    say(f"reinstalling {', '.join(names)} from the clean image ...")
+    return up(fleet_path, names, say)
+
+
 def down(say: Say) -> int:
     with locked():
         lab_state = state.load_state()

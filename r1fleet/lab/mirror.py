@@ -106,14 +106,27 @@ def write_sums(root: Path) -> None:
     (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
+def served_bytes() -> dict[str, int]:
+    """Bytes the mirror has served per path since the lab came up ({} before any request)."""
+    import json
+
+    try:
+        return json.loads(paths.MIRROR_COUNTS.read_text())["served"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def marker() -> str:
     return str(paths.MIRROR_DIR)
 
 
 def start(controller: str) -> int:
+    counts = paths.MIRROR_COUNTS
+    counts.parent.mkdir(parents=True, exist_ok=True)
+    shutil.chown(counts.parent, "nobody", "nogroup")  # the server runs as nobody and rewrites the file
     argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-            SYSTEM_PYTHON, "-m", "http.server", str(paths.MIRROR_PORT),
-            "--bind", controller, "--directory", marker()]
+            SYSTEM_PYTHON, str(Path(__file__).with_name("mirror_server.py")), "--port", str(paths.MIRROR_PORT),
+            "--bind", controller, "--directory", marker(), "--counts", str(counts)]
     pid = procs.start(argv, paths.LOG_DIR / "mirror.log")
     proxy.wait_listening(controller, paths.MIRROR_PORT, pid, "mirror")
     return pid

@@ -27,6 +27,7 @@ SSH_KEY = RUN_DIR / "id_ed25519"
 SSH_CONFIG = RUN_DIR / "ssh_config"
 KNOWN_HOSTS = RUN_DIR / "known_hosts"
 MIRROR_DIR = RUN_DIR / "mirror"
+MIRROR_COUNTS = RUN_DIR / "mirror-stats" / "served.json"  # bytes served per file (lab status --json)
 LOG_DIR = RUN_DIR / "logs"
 PROXY_DIR = RUN_DIR / "apt-cacher-ng"
 ROOTS_DIR = RUN_DIR / "roots"

@@ -9,9 +9,9 @@ table left from an earlier run is removed. With `listen`:
     systemd hands it to llama-server as a credential (LoadCredential=api-key:/etc/r1fleet/api-key,
     `--api-key-file %d/api-key`), so the key is never in argv, a unit file, a log or the repo.
 
-deploy.py calls `exposure.prepare(entry, plan)` (the key must exist before llama-server starts) and
-`exposure.apply(entry, plan)` before the backend roles: the filter is in place before the service binds
-a LAN address, and the service unit requires the firewall unit, so a host is never open unfiltered.
+ExposureRole (r1fleet/roles/stages.py) writes the key and the rules in its configure stage and loads the
+firewall in its activate stage, which runs before the backend's: the filter is in place before the service
+binds a LAN address, and the service unit requires the firewall unit, so a host is never open unfiltered.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from r1fleet.config import API_KEY_FILE, DEFAULT_PORTS, HostConfig, public_networks
+from r1fleet.config import API_KEY_FILE, HostConfig
 from r1fleet.errors import FleetError
 from r1fleet.models import HostPlan
 from r1fleet.net import is_loopback
 from r1fleet.roles.common import refuse
+from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, service_reads
 from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
@@ -66,48 +67,21 @@ class Exposure:
 
 
 def exposure_for(entry: HostConfig, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
-    """Validate `entry.listen`/`entry.allow` and resolve the port; FleetError names host and field.
+    """The host's exposure under its plan: the planned backend's port and the allow-list as HostConfig validated
+    and merged it (r1fleet/config.py), after the rules that depend on the plan (HostConfig.exposure_check) and on
+    the platform (no LAN exposure on macOS); FleetError names host, field and fix.
 
-    deploy.py calls it in the plan step, so `--data listen=...` mistakes fail before any change."""
+    deploy.py calls it in the plan step, so a refused exposure fails before any change."""
     name = host_name or entry.name
     backend = plan.backend or "ollama"
-    port = entry.port or DEFAULT_PORTS[backend]
-    listen = entry.listen
-    if listen is None:
+    port = entry.port_for(backend)
+    if entry.listen is None:
         return Exposure(None, port, backend=backend)
-    if darwin and not is_loopback(listen):
+    if darwin and not entry.local_only:
         raise FleetError("serving a Mac to the LAN is not supported: r1fleet has no macOS firewall role yet",
                          host=name, field="listen", fix="leave listen unset (127.0.0.1) on macOS hosts")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError:
-        raise FleetError(f"{listen!r} is not an IP address", host=name, field="listen",
-                         fix="give the address of the interface to serve on, e.g. 192.168.1.20") from None
-    allow = list(entry.allow or [])
-    if not allow and not is_loopback(listen):
-        raise FleetError("listen is set but allow is empty", host=name, field="allow",
-                         fix="list the networks that may connect (e.g. [192.168.1.0/24]), or allow: [0.0.0.0/0] "
-                             "to open the port to every network on purpose")
-    v4: list[ipaddress.IPv4Network] = []
-    v6: list[ipaddress.IPv6Network] = []
-    for index, cidr in enumerate(allow):
-        try:
-            network = ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise FleetError(f"{cidr!r} is not a network", host=name, field=f"allow[{index}]",
-                             fix="write an address or CIDR such as 10.0.0.5 or 192.168.1.0/24") from None
-        (v4 if network.version == 4 else v6).append(network)
-    # nftables refuses overlapping intervals in a set ("conflicting intervals"): merge them first.
-    merged4 = tuple(str(n) for n in ipaddress.collapse_addresses(v4))
-    merged6 = tuple(str(n) for n in ipaddress.collapse_addresses(v6))
-    wide = public_networks([str(n) for n in (*merged4, *merged6)])
-    if backend == "ollama" and wide and not entry.ollama_public:
-        raise FleetError(
-            f"an exposed Ollama has no authentication, and allow reaches beyond private ranges ({', '.join(wide)})",
-            host=name, field="allow",
-            fix="narrow allow to your LAN, use backend: llama.cpp (API key), or set ollama_public: true on purpose",
-        )
-    return Exposure(listen, port, merged4, merged6, backend)
+    entry.exposure_check(backend, name)
+    return Exposure(entry.listen, port, entry.allow4, entry.allow6, backend)
 
 
 # ---------------------------------------------------------------- facts and operations
@@ -241,33 +215,92 @@ def _settings_or_refuse(entry: HostConfig, plan: HostPlan) -> Exposure | None:
         return None
 
 
-@deploy("Exposure: API key")
-def prepare(entry: HostConfig, plan: HostPlan):
-    """Before the backend roles: the llama-server API key when the host is exposed."""
-    settings = _settings_or_refuse(entry, plan)
-    if settings and settings.needs_api_key:
-        key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
-        api_key(name="llama-server API key (generated on the host, once)", path=key_file)
-        files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
+class ExposureRole(Role):
+    """What the LAN may reach: the API key and r1fleet's firewall for an exposed host, nothing for a local one.
+    Its activate runs before the backend's, so the filter is loaded before the service binds the LAN."""
+
+    def __init__(self, entry: HostConfig, plan: HostPlan):
+        self.entry, self.plan = entry, plan
+
+    def reads(self) -> list[FactRequest]:
+        return exposure_reads(self.entry, self.plan)
+
+    def install(self) -> None:
+        _install(self.entry, self.plan)
+
+    def configure(self) -> None:
+        self.changed = _configure(self.entry, self.plan)
+
+    def activate(self) -> None:
+        _activate(self.entry, self.plan, self.changed)
+
+
+def exposure_role(entry: HostConfig, plan: HostPlan) -> None:
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([ExposureRole(entry, plan)])
 
 
 @deploy("Exposure")
-def apply(entry: HostConfig, plan: HostPlan):
-    """After the backend roles: firewall rules for the allow-list, or none at all."""
+def _install(entry: HostConfig, plan: HostPlan) -> None:
+    """nftables itself, when the host is exposed and neither nft nor an active ufw is there."""
     settings = _settings_or_refuse(entry, plan)
+    if settings and settings.exposed and not host.get_fact(UfwActive) and not host.get_fact(Which, command="nft"):
+        if host.get_fact(Which, command="apt-get"):
+            apt.packages(name="nftables", packages=["nftables"], update=True)
+        else:
+            dnf.packages(name="nftables", packages=["nftables"])
+
+
+@deploy("Exposure")
+def _configure(entry: HostConfig, plan: HostPlan):
+    """The API key, and the firewall's rules and unit; returns the operation that changed the rules, if any."""
+    settings = _exposure_or_none(entry, plan)
+    if settings is None or not settings.exposed:
+        return None
+    if settings.needs_api_key:
+        key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
+        api_key(name="llama-server API key (generated on the host, once)", path=key_file)
+        files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+    if host.get_fact(UfwActive):
+        # r1fleet's ufw rules live in a file; when it changes, they are replaced as a whole (activate), so a
+        # second run changes nothing and a narrowed allow-list really narrows.
+        return files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
+                         src=StringIO("\n".join(ufw_commands(settings)) + "\n"), dest=UFW_RULES_FILE, user="root",
+                         group="root", mode="600")
+    return _nftables_files(settings)
+
+
+@deploy("Exposure")
+def _activate(entry: HostConfig, plan: HostPlan, changed) -> None:
+    """Load (or reload) the firewall before any backend starts; or remove every trace of it."""
+    settings = _exposure_or_none(entry, plan)
     if settings is None:
         return
     if not settings.exposed:
         _close()
-        return
-    if host.get_fact(UfwActive):
-        _ufw(settings)
+    elif host.get_fact(UfwActive):
+        server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"],
+                     _if=changed.did_change)
+        restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=len(ufw_commands(settings)))
     else:
-        _nftables(settings)
+        systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
+        # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
+        systemd.service(name="Reload the changed firewall rules", service=FIREWALL_UNIT, reloaded=True,
+                        _if=changed.did_change)
+        restore_table(name="Restore the firewall table if something removed it")
+
+
+def _exposure_or_none(entry: HostConfig, plan: HostPlan) -> Exposure | None:
+    """The exposure; None when it is refused (install, the first stage, has failed the host already)."""
+    try:
+        return exposure_for(entry, plan, host.name)
+    except FleetError:
+        return None
 
 
 def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
-    """Every fact prepare and apply read on a host where nothing changes (fetched in one round trip first)."""
+    """Every fact ExposureRole reads on a host where nothing changes (fetched in one round trip first)."""
     try:
         settings = exposure_for(entry, plan, host.name)
     except FleetError:
@@ -313,15 +346,9 @@ def _close() -> None:
         remove_nft_table(name="Remove the r1fleet nftables table")
 
 
-def _nftables(settings: Exposure) -> None:
-    nft = host.get_fact(Which, command="nft")
-    if not nft:
-        if host.get_fact(Which, command="apt-get"):
-            apt.packages(name="nftables", packages=["nftables"], update=True)
-        else:
-            dnf.packages(name="nftables", packages=["nftables"])
-        nft = "/usr/sbin/nft"
-    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+def _nftables_files(settings: Exposure):
+    """The rules file, the unit that loads it, and the backend's requirement of it; returns the rules' operation."""
+    nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
     rules = files.template(
         name=f"nftables rules: port {settings.port} from {', '.join(settings.allow4 + settings.allow6)} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
@@ -331,11 +358,8 @@ def _nftables(settings: Exposure) -> None:
         user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
         service_unit=SERVICE_UNITS[settings.backend])
     systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
-    systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
     _service_requires_firewall(settings.backend)
-    # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
-    systemd.service(name="Reload the changed firewall rules", service=FIREWALL_UNIT, reloaded=True, _if=rules.did_change)
-    restore_table(name="Restore the firewall table if something removed it")
+    return rules
 
 
 UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
@@ -365,14 +389,3 @@ def ufw_commands(settings: Exposure) -> list[str]:
     allows = [f"ufw prepend allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
               for cidr in allow]
     return [f"ufw prepend deny {settings.port}/tcp comment r1fleet", *reversed(allows)]
-
-
-def _ufw(settings: Exposure) -> None:
-    """ufw is active: r1fleet's rules come first. They are kept in a file; when it changes, r1fleet's rules
-    are replaced as a whole, so a second run changes nothing and a narrowed allow-list really narrows."""
-    commands = ufw_commands(settings)
-    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
-    wanted = files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
-                       src=StringIO("\n".join(commands) + "\n"), dest=UFW_RULES_FILE, user="root", group="root", mode="600")
-    server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"], _if=wanted.did_change)
-    restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=len(commands))

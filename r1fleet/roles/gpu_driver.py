@@ -20,6 +20,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.rpm import RpmPackage
 from pyinfra.operations import apt, dnf, files, server, systemd
 
+from r1fleet.roles.stages import Role
 from r1fleet.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.models import Hardware, HostPlan
 from r1fleet.roles.common import refusal, refuse
@@ -214,6 +215,17 @@ def signed_release_rpm(src: str, keys: list[str]):
 
 
 # ---------------------------------------------------------------- the deploy
+
+
+class DriverRole(Role):
+    """The GPU driver the plan needs; all of it happens in the install stage (a reboot, when one is due, is the
+    driver's own operation there)."""
+
+    def __init__(self, hw: Hardware, plan: HostPlan):
+        self.hw, self.plan = hw, plan
+
+    def install(self) -> None:
+        install(self.hw, self.plan)
 
 
 @deploy("GPU driver")

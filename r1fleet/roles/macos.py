@@ -24,6 +24,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
+from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.roles.artifacts import ModelDownload
 from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check
@@ -163,14 +164,40 @@ def _pinned_release() -> tuple[str, str, str] | None:
     return version, url, darwin["ollama_sha256"]
 
 
-@deploy("macOS Ollama")
-def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: ModelDownload | None = None):
+class MacOllamaRole(Role):
     """Ollama on an Apple Silicon Mac as the plan says (see module docstring)."""
+
+    def __init__(self, plan: HostPlan, entry: HostConfig, hw: Hardware | None = None,
+                 download: ModelDownload | None = None):
+        self.plan, self.entry, self.hw, self.download = plan, entry, hw, download
+        self.binary: str | None = None
+
+    def install(self) -> None:
+        self.binary, self.binary_ops = _install(self.entry)
+
+    def configure(self) -> None:
+        if self.binary:
+            self.plist = _configure(self.plan, self.entry, self.hw, self.binary)
+
+    def activate(self) -> None:
+        if self.binary:
+            _activate(self.plan, self.entry, self.download, self.binary, [self.plist, *self.binary_ops])
+
+
+def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: ModelDownload | None = None):
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([MacOllamaRole(plan, entry, hw, download)])
+
+
+@deploy("macOS Ollama")
+def _install(entry: HostConfig) -> tuple[str | None, list]:
+    """The pinned release (or Homebrew's, when the host data asks), the service user and the directories;
+    returns the binary and the operations that change it (None: this is no Apple Silicon Mac)."""
     arch = host.get_fact(Arch)
     if arch not in ("arm64", "aarch64"):
         server.shell(name="Refuse: not Apple Silicon",
                      commands=[f"echo 'r1fleet: macOS host is {arch}; r1fleet serves Ollama on Apple Silicon only' >&2; exit 1"])
-        return
+        return None, []
     release = None if host.data.get("macos_ollama") == "homebrew" else _pinned_release()
     if release:
         version, url, sha256 = release
@@ -198,13 +225,26 @@ def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, downl
                               (str(Path(LOG_FILE).parent), USER, "750")):
         files.directory(name=f"Directory {path}", path=path, user=owner, group=owner if owner == USER else "wheel",
                         mode=mode, _sudo=True)
+    return binary, binary_ops
+
+
+@deploy("macOS Ollama")
+def _configure(plan: HostPlan, entry: HostConfig, hw: Hardware | None, binary: str):
+    """The LaunchDaemon (returned), and the GPU wired-memory limit."""
+    models_dir = f"{entry.model_dir.rstrip('/')}/ollama"
     plist = files.template(
         name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
         user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,
         environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE, _sudo=True)
+    _wired_limit(plan, hw)
+    return plist
+
+
+@deploy("macOS Ollama")
+def _activate(plan: HostPlan, entry: HostConfig, download: ModelDownload | None, binary: str, changed: list) -> None:
+    """(Re)load the LaunchDaemon when its file or the binary changed, wait for health, then the model."""
     stop_other_ollama(name="Stop another Ollama holding the port (Ollama.app, brew services)",
                       port=int(entry.port or DEFAULT_PORTS["ollama"]), ours=binary, _sudo=True)
-    changed = [plist, *binary_ops]
     server.shell(
         name="(Re)load the Ollama LaunchDaemon",
         commands=[f"launchctl bootout system/{LABEL} 2>/dev/null || true",
@@ -213,7 +253,6 @@ def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, downl
         _if=lambda: any(op.did_change() for op in changed), _sudo=True)
     wait_http(name="Health of the Ollama LaunchDaemon", url=f"{entry.local_api('ollama')}/api/version", what=LABEL,
               _if=lambda: any(op.did_change() for op in changed))
-    _wired_limit(plan, hw)
     ollama_model(plan, entry, binary, download, group="wheel", _sudo=True)
     _load_after_every_start(plan, entry)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,9 +33,7 @@ from r1fleet.verify_report import (
 )
 
 from r1fleet.roles.exposure import ufw_rules_come_first
-
-if TYPE_CHECKING:  # the fixture's type; conftest is not imported as a module
-    from conftest import Target
+from r1fleet.verify_target import Target
 
 PROMPT = "What is 7 + 5? Reply with the number only."
 MIB = 1024 * 1024

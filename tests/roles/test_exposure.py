@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
 
 import shutil
 import subprocess
@@ -21,18 +20,21 @@ LLAMA = HostPlan(host="h1", model="r1-70b", backend="llama.cpp")
 HAS_NFT = {"command -v nft": "/usr/sbin/nft"}
 
 
-def entry(listen=None, allow=(), port=None):
-    """A host's config as given, unvalidated: the role's own checks are under test (HostConfig refuses the
-    same mistakes when it is built, tests/unit/test_fleet.py)."""
-    return HostConfig.model_construct(name="h1", address="10.77.0.11", listen=listen, allow=list(allow), port=port)
+def entry(listen=None, allow=(), port=None, **settings):
+    """A host's config as the deploy builds it from pyinfra host data, through HostConfig's validators (the one
+    place listen and allow are checked)."""
+    fleet_entry = {"address": "10.77.0.11", "listen": listen, "allow": list(allow), "port": port, **settings}
+    return HostConfig.from_host_data("h1", {"r1fleet": {k: v for k, v in fleet_entry.items() if v is not None}})
 
 
 def test_listen_without_allow_is_refused_naming_host_and_field():
     with pytest.raises(FleetError) as error:
-        exposure.exposure_for(entry("192.168.1.20"), OLLAMA)
+        entry("192.168.1.20")
     assert "host h1" in str(error.value) and "field allow" in str(error.value) and "0.0.0.0/0" in str(error.value)
-    with pytest.raises(FleetError, match=r"allow\[1\]"):
-        exposure.exposure_for(entry("192.168.1.20", ["10.0.0.0/8", "not-a-net"]), OLLAMA)
+    with pytest.raises(FleetError, match=r"host h1: field allow: 'not-a-net' is not a network.*\(fix: "):
+        entry("192.168.1.20", ["10.0.0.0/8", "not-a-net"])
+    with pytest.raises(FleetError, match=r"host h1: field listen: 'lan' is not an IP address.*\(fix: "):
+        entry("lan", ["10.0.0.0/8"])
     opened = exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), LLAMA)  # keyed: open on purpose
     assert opened.allow4 == ("0.0.0.0/0",) and opened.port == 8080
 
@@ -42,23 +44,21 @@ def test_an_ollama_open_beyond_private_ranges_needs_an_explicit_opt_in():
     with pytest.raises(FleetError) as error:
         exposure.exposure_for(entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA)
     assert "host h1" in str(error.value) and "field allow" in str(error.value) and "ollama_public: true" in str(error.value)
-    wide = entry("0.0.0.0", ["0.0.0.0/0"]).model_copy(update={"ollama_public": True})
+    wide = entry("0.0.0.0", ["0.0.0.0/0"], ollama_public=True)
     assert exposure.exposure_for(wide, OLLAMA).allow4 == ("0.0.0.0/0",)
     assert exposure.exposure_for(entry("192.168.1.20", ["192.168.1.0/24", "fd00::/8"]), OLLAMA).exposed
+    # one rule for the plan and the deploy: it depends on the planned backend only
+    assert entry("0.0.0.0", ["0.0.0.0/0"]).exposure_check("llama.cpp") is None
+    assert "no authentication" in entry("192.168.1.20", ["192.168.1.0/24"]).exposure_check("ollama")
+    assert wide.exposure_check("ollama") and entry().exposure_check("ollama") is None
     from r1fleet.config import ollama_exposure_warning
 
     assert "no authentication" in ollama_exposure_warning("192.168.1.20", ["192.168.1.0/24"])
     assert ollama_exposure_warning(None, []) is None
 
 
-@deploy("Exposure, as deploy.py runs it")
-def prepare_then_apply(host_entry, plan):
-    exposure.prepare(host_entry, plan)  # before the backend: the key
-    exposure.apply(host_entry, plan)  # still before the backend: the firewall
-
-
 def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
-    run = run_role(prepare_then_apply, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     rules = run.uploads[exposure.RULES_FILE]
@@ -78,13 +78,13 @@ def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypa
 
 def test_existing_key_is_never_regenerated(monkeypatch):
     responses = {**HAS_NFT, "/etc/r1fleet/api-key": {"stdout": ["user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=45 '/etc/r1fleet/api-key'"]}}
-    run = run_role(exposure.prepare, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     assert not run.ran("/dev/urandom")
 
 
 def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
-    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     assert "tcp dport 11434 counter drop" in run.uploads[exposure.RULES_FILE]
     assert not run.ran("/dev/urandom")
@@ -122,7 +122,7 @@ def test_ufw_rule_families_and_order():
 
 def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     responses = {"ufw status": "Status: active", **HAS_NFT}
-    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     rules = run.uploads[exposure.UFW_RULES_FILE].splitlines()
     # prepended, deny first: the allow ends above the deny and above the host's own rules (L6)
@@ -134,30 +134,31 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     # unchanged rules on a second run: nothing applied again
     converged = {**file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
                  **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
-    again = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    again = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_FIRST, **responses, **converged})
     assert not again.ran("ufw --force delete") and not again.ran("sh -e")
     # a rule the user inserted above ours later: ours are put back on top
-    below = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    below = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_BELOW, **responses, **converged})
     assert below.ran(f"sh -e {exposure.UFW_RULES_FILE}")
     # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
-    lost = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    lost = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                     monkeypatch=monkeypatch, responses={"ufw show added": "0", **responses, **converged})
     assert lost.ran(f"sh -e {exposure.UFW_RULES_FILE}")
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
     responses = {"nft list table inet r1fleet": "present", **HAS_NFT}
-    run = run_role(exposure.apply, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
+    run = run_role(exposure.exposure_role, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
     assert run.ran("nft delete table inet r1fleet")
     assert run.uploads == {} and not run.ran("/dev/urandom")
-    clean = run_role(exposure.apply, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
+    clean = run_role(exposure.exposure_role, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not clean.ran("nft delete") and clean.uploads == {}
 
 
 def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
-    run = run_role(exposure.apply, entry("192.168.1.20"), OLLAMA, responses={"exit 1": {"success": False}},
+    # valid settings, refused under this plan: an Ollama open to every network
+    run = run_role(exposure.exposure_role, entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA, responses={"exit 1": {"success": False}},
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.failed and run.ran("field allow")
 
@@ -173,7 +174,7 @@ def test_overlapping_allow_entries_are_merged():
 def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypatch):
     """The service unit requires the firewall unit (L7); a table another `flush ruleset` removed is
     reloaded from the host's live state, not from what changed in this run (H4)."""
-    run = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     drop_in = run.uploads[exposure.firewall_drop_in("ollama")]
     assert "Requires=r1fleet-firewall.service" in drop_in and "After=r1fleet-firewall.service" in drop_in
@@ -183,11 +184,11 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
     assert run.ran("systemctl reload r1fleet-firewall.service")  # no table on the host yet
     # A converged host: same files; the table is reloaded only when it is missing.
     converged = {**HAS_NFT, **{k: v for path, text in run.uploads.items() for k, v in file_content(path, text).items()}}
-    intact = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+    intact = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
                       responses={"nft list table inet r1fleet": "present", **converged}, base_responses=False,
                       monkeypatch=monkeypatch)
     assert not intact.ran("systemctl reload")
-    flushed = run_role(exposure.apply, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
+    flushed = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
                        base_responses=False, monkeypatch=monkeypatch)
     assert flushed.ran("systemctl reload r1fleet-firewall.service")
 
@@ -195,7 +196,7 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
 @pytest.mark.parametrize("allow", [["10.77.0.1/32", "fd00::/64"], ["192.168.1.0/24", "192.168.1.7", "10.0.0.0/8", "10.1.0.0/16"]])
 def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch, allow):
-    run = run_role(exposure.apply, entry("10.77.0.11", allow), LLAMA,
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", allow), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     rules = tmp_path / "rules.nft"
     rules.write_text(run.uploads[exposure.RULES_FILE])

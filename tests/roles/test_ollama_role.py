@@ -9,7 +9,7 @@ import facts_for as ff
 
 from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.roles.artifacts import Platform, model_download
-from r1fleet.roles.ollama.decide import ollama_release
+from r1fleet.roles.ollama.decide import import_record, ollama_release, ollama_tag_digest
 from r1fleet.models import GgufFile, HostPlan
 from r1fleet.roles.ollama import ollama_role
 
@@ -142,7 +142,8 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
 def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     p = rehearsal_plan()
     settings = HostConfig(name="h1", address="10.0.0.1", rehearsal=True, mirror="http://10.77.0.1:8088")
-    run = run_role(ollama_role, *role_args(p, settings, release()), monkeypatch=monkeypatch)
+    listed = ff.ollama_api(API, [STANDIN_TAG], [])  # what Ollama lists once `create` has run
+    run = run_role(ollama_role, *role_args(p, settings, release()), responses=listed, monkeypatch=monkeypatch)
     assert not run.failed
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
     assert "http://10.77.0.1:8088/models/SmolLM2-135M-Instruct.Q4_1.gguf" in fetch and GGUF_SHA in fetch
@@ -152,7 +153,7 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     assert run.ran(f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
     # then the record of what Ollama reports for the import (its rewrite of the file), for verify
     record = run.script("/var/lib/r1fleet/models/import/imported.json.tmp")
-    assert f'"source_sha256": "{GGUF_SHA}"' in record and "curl -fsS --max-time 30 http://127.0.0.1:11434/api/tags" in record
+    assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64), sort_keys=True) in record
     assert run.commands.index(run.script("ollama create")) < run.commands.index(record)
     assert not run.ran("ollama pull")
     assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
@@ -169,7 +170,7 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
         **ff.sha256_of(gguf, GGUF_SHA),
         **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
     }
-    record = {"tag": STANDIN_TAG, "source_sha256": GGUF_SHA, "tags": json.loads(responses[f"{API}/api/tags"])}
+    record = import_record(STANDIN_TAG, GGUF_SHA, ollama_tag_digest(json.loads(responses[f"{API}/api/tags"]), STANDIN_TAG))
     recorded = {"cat /var/lib/r1fleet/models/import/imported.json": json.dumps(record), **responses}
     run = run_role(ollama_role, *role_args(p, settings, rel), responses=recorded, monkeypatch=monkeypatch)
     assert run.changed == []

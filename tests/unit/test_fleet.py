@@ -54,7 +54,7 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts:\n  a: {address: 10.0.0.1, policy: {min_context: 16384, max_context: 8192}}\n", ["host a", "max_context", "below min_context"]),
         ("hosts:\n  a: {address: 10.0.0.1, model: 13b}\n", ["host a", "field model", "unknown model '13b'", "32b"]),
         ("hosts:\n  a: {address: 10.0.0.1, model: 'deepseek-r1:8b'}\n", ["host a", "deepseek-r1:8b-llama-distill-q4_K_M"]),
-        ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1}\n", ["host a", "allow", "0.0.0.0/0"]),
+        ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1}\n", ["host a", "field allow", "0.0.0.0/0"]),
         ("hosts:\n  a: {address: 10.0.0.1, listen: everywhere, allow: [10.0.0.0/8]}\n", ["host a", "field listen", "not an IP address"]),
         ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1, allow: [lan]}\n", ["host a", "field allow", "CIDR"]),
         ("hosts:\n  a: {ssh_user: me}\n", ["host a", "field address", "missing"]),

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 from r1fleet.config import HostConfig
-
-CONFTEST = Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite" / "conftest.py"
-
-
-def verify_conftest():
-    spec = importlib.util.spec_from_file_location("r1fleet_verify_conftest", CONFTEST)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def options(**values):
-    return SimpleNamespace(getoption=lambda name, default=None: values.get(name, default))
+from r1fleet.verify_connect import ConnectOptions, connect
+from r1fleet.verify_target import Target
 
 
 def test_real_hosts_use_ssh_with_host_key_checking_and_lab_hosts_do_not():
-    conftest = verify_conftest()
-    config = options(**{"--ssh-timeout": 5, "--fleet": "fleet.yml"})
-    real = conftest.connect(HostConfig(name="box", address="192.168.1.21", ssh_user="admin", ssh_key="/k"), config, "/lab.cfg")
+    options = ConnectOptions(ssh_timeout=5, lab_ssh_config="/lab.cfg")
+    real = connect(HostConfig(name="box", address="192.168.1.21", ssh_user="admin", ssh_key="/k"), options)
     assert real.backend.NAME == "ssh" and "StrictHostKeyChecking=accept-new" in real.backend.ssh_extra_args
     assert "BatchMode=yes" in real.backend.ssh_extra_args and real.backend.ssh_identity_file == "/k"
-    lab = conftest.connect(HostConfig(name="lab-4090", address="10.77.0.12", profile="rtx4090"), config, "/lab.cfg")
+    lab = connect(HostConfig(name="lab-4090", address="10.77.0.12", profile="rtx4090"), options)
     assert lab.backend.NAME == "paramiko" and lab.backend.ssh_config == "/lab.cfg"
+    v6 = connect(HostConfig(name="v6", address="fd00::21", ssh_port=2222), options)
+    assert (v6.backend.host.name, v6.backend.host.port) == ("fd00::21", "2222")
 
 
 class FakeMac:
@@ -53,7 +39,6 @@ def test_a_mac_is_verified_through_launchd():
     from r1fleet.models import HostPlan
     from test_verify_report import LAUNCHCTL_PRINT
 
-    conftest = verify_conftest()
     plan = HostPlan(host="studio", model="deepseek-r1-distill-qwen-14b", backend="ollama", placement="unified",
                     vendor="apple", ollama_tag="deepseek-r1:14b-qwen-distill-q4_K_M")
     mac = FakeMac({"launchctl print system/com.r1fleet.ollama": LAUNCHCTL_PRINT,
@@ -61,7 +46,7 @@ def test_a_mac_is_verified_through_launchd():
                    "test -f /Library/LaunchDaemons/com.r1fleet.ollama.plist": "",
                    "Print :UserName": "_r1ollama\n", "pgrep -P 812": "900\n",
                    "lsof -nP -iTCP -sTCP:LISTEN": "p812\ncollama\nn127.0.0.1:11434\n"})
-    target = conftest.Target(entry=HostConfig(name="studio", address="192.168.1.30"), host=mac, plan=plan)
+    target = Target(entry=HostConfig(name="studio", address="192.168.1.30"), host=mac, plan=plan)
     assert target.darwin and target.unit == "com.r1fleet.ollama" and target.user == "_r1ollama"
     assert target.service_running() and target.enabled_state() == "enabled"
     assert target.configured_user() == "_r1ollama" and target.service_pids() == {812, 900}
@@ -80,9 +65,8 @@ def test_commands_are_bounded_where_there_is_no_timeout_command(tmp_path):
     bare.mkdir()
     for tool in ("sh", "perl", "sleep"):
         (bare / tool).symlink_to(shutil.which(tool))
-    conftest = verify_conftest()
-    target = conftest.Target(entry=HostConfig(name="m", address="10.0.0.1"),
-                             host=SimpleNamespace(run=lambda c: subprocess.run(
-                                 ["/bin/sh", "-c", c], env={**os.environ, "PATH": str(bare)}, capture_output=True)))
+    target = Target(entry=HostConfig(name="m", address="10.0.0.1"),
+                    host=SimpleNamespace(run=lambda c: subprocess.run(
+                        ["/bin/sh", "-c", c], env={**os.environ, "PATH": str(bare)}, capture_output=True)))
     assert target.run("sleep 5", timeout=1).returncode == 142
     assert target.run("echo fine", timeout=5).returncode == 0

@@ -31,7 +31,7 @@ from r1fleet.verify_report import (
     speed_problem,
     split_problems,
 )
-from r1fleet.verify_table import HostResult, planned_gpu_mib, results_table
+from r1fleet.verify_table import HostResult, host_result, planned_gpu_mib, results_table
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -253,6 +253,17 @@ def test_table_shows_measured_against_planned_and_names_failures():
 def test_a_host_with_no_passing_check_is_not_a_pass():
     assert HostResult(host="h", skipped=["gpus_visible"]).result == "FAIL"
     assert HostResult(host="h", passed=["a"], skipped=["b"]).result == "PASS"
+
+
+def test_a_host_row_carries_its_plan_measurements_and_outcomes():
+    plan = rtx3090_plan()
+    row = host_result("lab-3090", {"service_active": "passed", "decode_speed": "failed", "key_required": "skipped"},
+                      plan, {"tokens_per_second": 21.5, "gpu_used_mib": 40000})
+    assert (row.model, row.backend, row.est_tps, row.gpu_planned_mib) == (plan.model, plan.backend, plan.est_tokens_per_second, 47400)
+    assert (row.measured_tps, row.gpu_used_mib) == (21.5, 40000)
+    assert (row.passed, row.failed, row.skipped, row.result) == (["service_active"], ["decode_speed"], ["key_required"], "FAIL")
+    unreachable = host_result("gone", {"service_active": "failed"}, error="cannot connect over SSH")
+    assert unreachable.failed == [] and unreachable.model is None and unreachable.result == "FAIL"  # the reason, once
 
 
 def test_planned_gpu_memory_sums_gpu_devices_only():

@@ -19,6 +19,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig
+from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform, load_versions
 from r1fleet.roles.llama_cpp.decide import (
@@ -142,43 +143,69 @@ def check_llama_server(plan: HostPlan, install: LlamaInstall):
     yield refusal("; ".join(problems))
 
 
-@deploy("llama.cpp")
-def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload) -> None:
-    gpu = uses_gpu(plan)
-    models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
-    model_path = f"{models_dir}/{download.file}"
-    retire_service(OLLAMA_UNIT)
+class LlamaCppRole(Role):
+    """llama-server for the plan (a split over several GPUs): its build, a dedicated user, the GGUF by
+    sha256, r1fleet's own unit with the planned --tensor-split."""
 
+    def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload):
+        self.plan, self.settings, self.llama, self.download = plan, settings, install, download
+        self.models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
+        self.model_path = f"{self.models_dir}/{download.file}"
+
+    def reads(self) -> list[FactRequest]:
+        return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
+
+    def install(self) -> None:
+        self.changed = _install(self.plan, self.settings, self.llama, self.download, self.models_dir, self.model_path)
+
+    def configure(self) -> None:
+        self.unit = _configure(self.plan, self.settings, self.llama, self.models_dir, self.model_path)
+
+    def activate(self) -> None:
+        _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed)
+
+
+def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload) -> None:
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([LlamaCppRole(plan, settings, install, download)])
+
+
+@deploy("llama.cpp")
+def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload, models_dir: str,
+             model_path: str) -> list:
+    """The binary, the user, the directories and the model; returns the operations that change what runs."""
+    retire_service(OLLAMA_UNIT)
     packages = server.packages(name="llama.cpp packages", packages=["curl", "ca-certificates", *install.packages])
-    binary_changed = [packages]
+    changed = [packages]
     if install.method == "ollama-bundle":
-        binary_changed.append(install_release(name=f"Ollama {install.release.version} archive (its llama-server)", release=install.release))
+        changed.append(install_release(name=f"Ollama {install.release.version} archive (its llama-server)", release=install.release))
         check_llama_server(name="llama-server flags and devices", plan=plan, install=install)
     if install.method == "source":
         pins = load_versions()["llama_cpp"]
-        built = build_from_source(
+        changed.append(build_from_source(
             name=f"Build llama-server {install.tag}",
             tag=install.tag,
             url=pins["source_url"].format(tag=install.tag),
             sha256=pins["source_sha256"],
             flags=install.cmake_flags,
-        )
-        binary_changed.append(built)
-
-    service_user(USER, HOME, gpu)
+        ))
+    service_user(USER, HOME, uses_gpu(plan))
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
-    fetched = fetch_verified(
+    changed.append(fetch_verified(
         name=f"Model {download.file}", url=download.url, dest=model_path, sha256=download.sha256, user=USER, group=USER
-    )
+    ))
+    return changed
 
+
+@deploy("llama.cpp")
+def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, models_dir: str, model_path: str):
     # The key file stays root-only; systemd passes it to the service as a credential (%d).
     credential = None
     key_path = None
     if not settings.local_only and settings.api_key_file:
         credential = f"{API_KEY_CREDENTIAL}:{settings.api_key_file}"
         key_path = UnitSpecifier(f"%d/{API_KEY_CREDENTIAL}")
-
     context = unit_context(
         plan,
         settings,
@@ -191,16 +218,20 @@ def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, 
         restrict_ip=True,
         credential=credential,
     )
-    unit = unit_file(LLAMA_UNIT, context)
+    return unit_file(LLAMA_UNIT, context)
+
+
+@deploy("llama.cpp")
+def _activate(plan: HostPlan, settings: HostConfig, install: LlamaInstall, model_path: str, unit, changed: list) -> None:
     converge_service(
-        LLAMA_UNIT, unit, [fetched, *binary_changed], f"{settings.local_api('llama.cpp')}/health", health_timeout_s(plan),
+        LLAMA_UNIT, unit, changed, f"{settings.local_api('llama.cpp')}/health", health_timeout_s(plan),
         files_used=(model_path, install.binary),
     )
 
 
 def llama_cpp_reads(plan: HostPlan, settings: HostConfig, install: LlamaInstall,
                     download: ModelDownload) -> list[FactRequest]:
-    """Every fact llama_cpp_role reads on a host where nothing changes (fetched in one round trip first)."""
+    """Every fact LlamaCppRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
     model_path = f"{models_dir}/{download.file}"
     reads = [*retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),

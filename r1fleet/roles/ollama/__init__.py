@@ -25,6 +25,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform
 from r1fleet.roles.ollama.decide import (
@@ -32,6 +33,7 @@ from r1fleet.roles.ollama.decide import (
     LOAD_AT_START_SLACK_S,
     OLLAMA_ROOT,
     OllamaRelease,
+    import_record,
     import_record_digest,
     modelfile,
     ollama_environment,
@@ -46,6 +48,7 @@ from r1fleet.roles.common import (
     HttpJson,
     retire_service,
     converge_service,
+    refusal,
     converge_service_reads,
     fetch_verified,
     fetch_verified_reads,
@@ -199,9 +202,9 @@ class JsonFile(FactBase):
 
 @operation()
 def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str):
-    """Offline import of a local GGUF (`ollama create -f Modelfile`), then a record of what Ollama reports for
-    it (its /api/tags entry), which verify compares with: the stored weights are llama-quantize's rewrite of
-    the file, not the file. Nothing happens when the tag is there as recorded for this very file.
+    """Offline import of a local GGUF (`ollama create -f Modelfile`). Nothing happens when the tag is there as
+    recorded (record_import) for this very file: the stored weights are llama-quantize's rewrite of the file,
+    not the file, so only the digest Ollama reported right after the import identifies them.
 
     Example: import_model(tag="r1fleet/smollm2:135m-instruct-q4_1", api="http://127.0.0.1:11434", ...)"""
     tags = host.get_fact(HttpJson, url=f"{api}/api/tags")
@@ -211,9 +214,23 @@ def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sh
         return
     q = shlex.quote
     yield f"OLLAMA_HOST={q(api)} {q(binary)} create {q(tag)} -f {q(modelfile_path)}"
-    head = json.dumps({"tag": tag, "source_sha256": source_sha256})[:-1] + ', "tags": '
-    yield (f"{{ printf '%s' {q(head)}; curl -fsS --max-time 30 {q(api + '/api/tags')}; printf '}}\\n'; }} "
-           f"> {q(record_path + '.tmp')} && mv -f {q(record_path + '.tmp')} {q(record_path)}")
+
+
+@operation()
+def record_import(tag: str, api: str, source_sha256: str, record_path: str):
+    """The import record verify compares with: the tag, the file it came from and the digest Ollama reports
+    for it now (read when this runs, after any import). Deterministic, so a rebuilt host writes the same bytes."""
+    digest = ollama_tag_digest(host.get_fact(HttpJson, url=f"{api}/api/tags"), tag)
+    wanted = import_record(tag, source_sha256, digest)
+    if host.get_fact(JsonFile, path=record_path) == wanted:
+        host.noop(f"import of {tag} recorded")
+        return
+    if digest is None:
+        yield refusal(f"Ollama does not list {tag} after importing it; see journalctl -u {OLLAMA_UNIT}")
+        return
+    q = shlex.quote
+    text = json.dumps(wanted, sort_keys=True)
+    yield f"printf '%s\\n' {q(text)} > {q(record_path + '.tmp')} && mv -f {q(record_path + '.tmp')} {q(record_path)}"
 
 
 @operation()
@@ -250,28 +267,54 @@ def release_for(plan: HostPlan, settings: HostConfig, platform: Platform) -> Oll
     return ollama_release(plan.host, platform, plan, override)
 
 
-@deploy("Ollama")
-def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None) -> None:
-    """Install, configure and start Ollama for the plan; `download` is the stand-in GGUF in rehearsal."""
-    api = settings.local_api("ollama")
-    models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
-    gpu = uses_gpu(plan)
-    retire_service(LLAMA_UNIT)
+class OllamaRole(Role):
+    """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
+    `download` is the stand-in GGUF in rehearsal."""
 
+    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None):
+        self.plan, self.settings, self.release, self.download = plan, settings, release, download
+        self.models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
+        self.api = settings.local_api("ollama")
+
+    def reads(self) -> list[FactRequest]:
+        return ollama_reads(self.plan, self.settings, self.release, self.download)
+
+    def install(self) -> None:
+        self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
+
+    def configure(self) -> None:
+        self.unit = _configure(self.plan, self.settings, self.release, self.models_dir)
+
+    def activate(self) -> None:
+        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed)
+
+
+def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None) -> None:
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([OllamaRole(plan, settings, release, download)])
+
+
+@deploy("Ollama")
+def _install(plan: HostPlan, settings: HostConfig, release: OllamaRelease, models_dir: str):
+    retire_service(LLAMA_UNIT)
     packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
     server.packages(name="Packages for Ollama", packages=packages)
     # An install.sh install holds the port, the CLI's path, the service user and the user's models: taken
     # over before the user is changed and before ours starts.
     retire_official_install(name="Stop and remove an official Ollama install")
-    service_user(USER, HOME, gpu)
+    service_user(USER, HOME, uses_gpu(plan))
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
     adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER,
                           keep=settings.official_ollama_models == "keep")
-
     installed = install_release(name=f"Ollama {release.version}", release=release)
     files.link(name="ollama on PATH", path=OFFICIAL_BINARY, target=release.binary, symbolic=True)
+    return installed
 
+
+@deploy("Ollama")
+def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, models_dir: str):
+    api = settings.local_api("ollama")
     context = unit_context(
         plan,
         settings,
@@ -285,16 +328,21 @@ def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, do
         exec_start_post=ollama_load_at_start(plan.ollama_tag or "", api, health_timeout_s(plan)),
         timeout_start_s=health_timeout_s(plan) + LOAD_AT_START_SLACK_S,
     )
-    unit = unit_file(OLLAMA_UNIT, context)
+    return unit_file(OLLAMA_UNIT, context)
+
+
+@deploy("Ollama")
+def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None,
+              unit, installed) -> None:
+    api = settings.local_api("ollama")
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
-
     ollama_model(plan, settings, release.binary, download)
 
 
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
                  download: ModelDownload | None) -> list[FactRequest]:
-    """Every fact ollama_role reads on a host where nothing changes (fetched in one round trip first)."""
+    """Every fact OllamaRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
     return [
         *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
@@ -337,6 +385,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
         )
         import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile",
                      source_sha256=download.sha256, record_path=f"{import_dir}/{IMPORT_RECORD}")
+        record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
+                      record_path=f"{import_dir}/{IMPORT_RECORD}")
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary)
     preload_model(name=f"Preload {tag}", tag=tag, api=api)

@@ -187,16 +187,26 @@ def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:
     return None
 
 
+def import_record(tag: str, source_sha256: str, digest: str | None) -> dict[str, str | None]:
+    """What r1fleet records after importing the file `source_sha256` as `tag`: the digest Ollama reported."""
+    return {"digest": digest, "source_sha256": source_sha256, "tag": tag}
+
+
 def import_record_digest(record: Any, tag: str, source_sha256: str | None) -> str | None:
     """The digest Ollama reported for `tag` right after r1fleet imported the file `source_sha256`, from the
     import record; None when the record is missing or is of another file. Ollama's `create` rewrites a GGUF
     through llama-quantize (server/create.go), so what it stores is known only from what it reports then.
+    Records written before r1fleet kept only the digest hold the whole /api/tags answer instead.
 
+    >>> import_record_digest({"tag": "t", "source_sha256": "ab", "digest": "cd"}, "t", "ab")
+    'cd'
     >>> import_record_digest({"tag": "t", "source_sha256": "ab", "tags": {"models": [{"name": "t", "digest": "cd"}]}}, "t", "ab")
     'cd'
     """
     if not isinstance(record, dict) or record.get("tag") != tag or record.get("source_sha256") != source_sha256:
         return None
+    if isinstance(record.get("digest"), str):
+        return record["digest"]
     return ollama_tag_digest(record.get("tags"), tag)
 
 

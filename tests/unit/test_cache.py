@@ -1,0 +1,535 @@
+"""The controller's artifact cache (r1fleet/cache.py), its LAN server (r1fleet/cache_server.py) and
+`r1fleet cache status|prune|fill`, against a real HTTP server on 127.0.0.1 that can honour Range, ignore it,
+cut or stall a transfer, or serve corrupted bytes, and that counts every body byte it sends."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http.client
+import io
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1fleet.cache import ArtifactCache, cache_root, default_root
+from r1fleet.cache_cli import locked_digests, wanted_artifacts
+from r1fleet.cache_server import byte_range, client_allowed, parse_allow, serve_cache
+from r1fleet.cli import main
+from r1fleet.errors import FleetError, R1FleetError
+from r1fleet.fleet import load_fleet
+from r1fleet.hardware import parse_probe
+from r1fleet.lock import Lock, lock_entry, read_lock, write_lock
+from r1fleet.lock_artifacts import OllamaAsset, OllamaArtifact
+from r1fleet.planner import plan_host
+from r1fleet.progress import TerminalProgress
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+BODY = bytes(range(256)) * 1024  # 256 KiB: several 1 MiB-less reads, quick everywhere
+SHA = hashlib.sha256(BODY).hexdigest()
+STALL = 0.2  # seconds: the client's stall timeout in these tests
+
+
+# ---------------------------------------------------------------- an origin server under the test's control
+
+
+class Origin:
+    """What the origin does: `ranges` honours Range; `cut_at`/`stall_at` end the FIRST response after that
+    many bytes (closing, or going silent); `corrupt` flips a byte. `sent` counts body bytes, `asked` each
+    request's Range header (None when absent)."""
+
+    def __init__(self, body: bytes = BODY):
+        self.body, self.ranges, self.corrupt = body, True, False
+        self.cut_at: int | None = None
+        self.stall_at: int | None = None
+        self.always_stall = False
+        self.sent, self.asked = 0, []
+        self.lock = threading.Lock()
+
+
+class _OriginHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        origin: Origin = self.server.origin
+        if self.path.endswith("/missing"):
+            self.send_error(404)
+            return
+        with origin.lock:
+            first_request = not origin.asked
+            origin.asked.append(self.headers.get("Range"))
+        body = bytearray(origin.body)
+        if origin.corrupt:
+            body[len(body) // 2] ^= 0xFF
+        start = 0
+        if origin.ranges and self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        stop = len(body)
+        if first_request and origin.cut_at is not None:
+            stop = origin.cut_at
+        if (first_request or origin.always_stall) and origin.stall_at is not None:
+            stop = max(origin.stall_at, start)
+        with origin.lock:  # counted before the write, so the count is complete when the client has the bytes
+            origin.sent += stop - start
+        self.wfile.write(body[start:stop])
+        self.wfile.flush()
+        if stop < len(body) and (origin.stall_at is not None):
+            time.sleep(STALL * 4)  # silent, connection open: the client must notice by its stall timeout
+
+
+@contextmanager
+def serving(origin: Origin):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OriginHandler)
+    server.daemon_threads = True
+    server.origin = origin
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def origin():
+    made = Origin()
+    with serving(made) as url:
+        made.url = f"{url}/files/artifact.bin"
+        yield made
+
+
+class Recorder:
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def started(self, name, total, done):
+        self.events.append(("started", total, done))
+
+    def advanced(self, name, done):
+        pass
+
+    def noted(self, name, message):
+        self.events.append(("noted", message))
+
+    def finished(self, name, done):
+        self.events.append(("finished", done))
+
+    def notes(self) -> list[str]:
+        return [e[1] for e in self.events if e[0] == "noted"]
+
+
+def cache_at(tmp_path: Path, **kwargs) -> ArtifactCache:
+    return ArtifactCache(tmp_path / "cache", stall_timeout=STALL, **kwargs)
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def test_fetch_once_then_hit(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    path = cache.fetch(origin.url, SHA, "artifact.bin")
+    assert path == cache.dir / SHA and path.read_bytes() == BODY
+    assert cache.fetch(origin.url, SHA.upper(), "artifact.bin") == path  # a hit: nothing more fetched
+    assert origin.sent == len(BODY) and origin.asked == [None]
+    meta = json.loads((cache.dir / f"{SHA}.json").read_text())
+    assert meta["name"] == "artifact.bin" and meta["urls"] == [origin.url] and meta["size"] == len(BODY)
+    assert meta["fetched_at"] and not list(cache.dir.glob("*.part"))
+
+
+def test_a_cut_transfer_resumes_with_only_the_remaining_bytes(tmp_path, origin):
+    origin.cut_at = 100_000
+    progress = Recorder()
+    path = cache_at(tmp_path).fetch(origin.url, SHA, "artifact.bin", progress=progress, size=len(BODY))
+    assert path.read_bytes() == BODY
+    assert origin.asked == [None, "bytes=100000-"] and origin.sent == len(BODY)  # each byte sent once
+    assert any("closed early, resuming" in n for n in progress.notes())
+
+
+def test_a_partial_file_from_an_earlier_run_is_continued(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / f"{SHA}.part").write_bytes(BODY[:70_000])
+    progress = Recorder()
+    assert cache.fetch(origin.url, SHA, "artifact.bin", progress=progress).read_bytes() == BODY
+    assert origin.asked == ["bytes=70000-"] and origin.sent == len(BODY) - 70_000
+    assert progress.events[0] == ("started", None, 70_000)
+
+
+def test_a_server_that_ignores_range_starts_over_cleanly(tmp_path, origin):
+    origin.ranges = False
+    cache = cache_at(tmp_path)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / f"{SHA}.part").write_bytes(b"stale bytes that are not the prefix" * 100)
+    progress = Recorder()
+    assert cache.fetch(origin.url, SHA, "artifact.bin", progress=progress).read_bytes() == BODY
+    assert origin.sent == len(BODY) and any("cannot resume" in n for n in progress.notes())
+
+
+def test_a_part_already_whole_is_finished_without_a_byte(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / f"{SHA}.part").write_bytes(BODY)  # the last run died between the download and the rename
+    assert cache.fetch(origin.url, SHA, "artifact.bin").read_bytes() == BODY
+    assert origin.sent == 0 and origin.asked == [f"bytes={len(BODY)}-"]  # answered 416
+
+
+def test_a_corrupted_download_is_rejected_and_not_cached(tmp_path, origin):
+    origin.corrupt = True
+    cache = cache_at(tmp_path)
+    with pytest.raises(R1FleetError) as caught:
+        cache.fetch(origin.url, SHA, "artifact.bin")
+    text = str(caught.value)
+    assert origin.url in text and f"expected {SHA}" in text and "got " in text
+    assert cache.path_for(SHA) is None and list(cache.dir.iterdir()) == [] and cache.status() == []
+
+
+def test_a_wrong_size_is_refused_before_the_download(tmp_path, origin):
+    with pytest.raises(R1FleetError, match="offers 262,144 bytes and the artifact has 5"):
+        cache_at(tmp_path).fetch(origin.url, SHA, "artifact.bin", size=5)
+
+
+def test_a_corrupted_entry_is_found_by_verify_and_fetched_again(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    path = cache.fetch(origin.url, SHA, "artifact.bin")
+    st = path.stat()
+    with open(path, "r+b") as handle:  # flip one byte, keeping size and mtime: the stamp cannot see it
+        handle.seek(1234)
+        byte = handle.read(1)
+        handle.seek(1234)
+        handle.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.verify(SHA) is False and cache.path_for(SHA) is None and not path.exists()
+    assert cache.fetch(origin.url, SHA, "artifact.bin").read_bytes() == BODY
+    assert origin.sent == 2 * len(BODY)
+
+
+def test_an_entry_changed_on_disk_is_rehashed_before_use(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    path = cache.fetch(origin.url, SHA, "artifact.bin")
+    data = bytearray(BODY)
+    data[5] ^= 1
+    path.write_bytes(bytes(data))  # new mtime: the stamp no longer holds, so path_for hashes it in full
+    assert cache.path_for(SHA) is None and not path.exists()
+    os.utime(cache.fetch(origin.url, SHA, "artifact.bin"))  # a touched but intact entry: rehashed, kept
+    assert cache.path_for(SHA) is not None and origin.sent == 2 * len(BODY)
+
+
+def test_a_stall_is_reported_and_resumed(tmp_path, origin):
+    origin.stall_at = 50_000
+    progress = Recorder()
+    started = time.monotonic()
+    path = cache_at(tmp_path).fetch(origin.url, SHA, "artifact.bin", progress=progress)
+    assert path.read_bytes() == BODY and time.monotonic() - started < STALL * 4
+    assert origin.asked == [None, "bytes=50000-"] and origin.sent == len(BODY)
+    assert progress.notes() == ["stalled, resuming at 48.8 KiB (attempt 2 of 5)"]
+
+
+def test_stalling_every_time_gives_up_and_keeps_the_part(tmp_path, origin):
+    origin.stall_at, origin.always_stall = 10_000, True
+    cache = cache_at(tmp_path, attempts=2)
+    with pytest.raises(R1FleetError, match=r"failed 2 times, last: stalled.*kept in .*\.part.*resumes there"):
+        cache.fetch(origin.url, SHA, "artifact.bin")
+    assert (cache.dir / f"{SHA}.part").stat().st_size == 10_000
+    assert [(e.name, e.complete) for e in cache.status()] == [("artifact.bin", False)]
+
+
+def test_http_errors_name_the_url(tmp_path):
+    with serving(Origin()) as url, pytest.raises(R1FleetError, match=r"/missing: HTTP 404 .*fix: check the URL"):
+        cache_at(tmp_path).fetch(f"{url}/missing", SHA, "x")
+    with pytest.raises(R1FleetError, match="not a sha256"):
+        cache_at(tmp_path).fetch("http://127.0.0.1:9/x", "abc", "x")
+
+
+# ---------------------------------------------------------------- status, prune, location
+
+
+def put(cache: ArtifactCache, data: bytes, name: str, days_ago: float = 0) -> str:
+    """An entry as a fetch leaves it (stamped metadata), last used `days_ago`."""
+    sha = hashlib.sha256(data).hexdigest()
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    (cache.dir / sha).write_bytes(data)
+    assert cache.verify(sha)
+    meta_path = cache.dir / f"{sha}.json"
+    meta = json.loads(meta_path.read_text())
+    used = datetime.now(timezone.utc) - timedelta(days=days_ago)
+    meta.update(name=name, last_used=used.isoformat(timespec="seconds"))
+    meta_path.write_text(json.dumps(meta))
+    return sha
+
+
+def test_status_and_prune(tmp_path):
+    cache = cache_at(tmp_path)
+    old = put(cache, b"old" * 100, "old.bin", days_ago=40)
+    new = put(cache, b"new" * 10, "new.bin")
+    assert [(e.name, e.size) for e in cache.status()] == [("new.bin", 30), ("old.bin", 300)]
+    assert cache.prune(older_than_days=30) == 300 and [e.sha256 for e in cache.status()] == [new]
+    put(cache, b"old" * 100, "old.bin", days_ago=40)
+    assert cache.prune(keep={old}) == 30 and [e.sha256 for e in cache.status()] == [old]
+    assert cache.prune() == 300 and cache.status() == [] and list(cache.dir.iterdir()) == []
+
+
+def test_cache_location(tmp_path, monkeypatch):
+    home = str(Path.home())
+    assert default_root({"XDG_CACHE_HOME": "/x/cache"}) == Path("/x/cache/r1fleet/artifacts")
+    assert default_root({"XDG_CACHE_HOME": "relative"}) == Path(home) / ".cache/r1fleet/artifacts"  # invalid: ignored
+    assert cache_root("/fleet/dir", {}) == Path("/fleet/dir")
+    assert cache_root("/fleet/dir", {"R1FLEET_CACHE_DIR": "/env/dir"}) == Path("/env/dir")
+    (tmp_path / "fleet.yml").write_text("hosts: {a: {address: 10.0.0.1}}\ncache: {dir: artifacts}\n")
+    assert load_fleet(tmp_path / "fleet.yml").cache_dir == str(tmp_path / "artifacts")  # beside the fleet file
+    (tmp_path / "fleet.yml").write_text("hosts: {a: {address: 10.0.0.1}}\ncache: {dir: ~/c}\n")
+    assert load_fleet(tmp_path / "fleet.yml").cache_dir == f"{home}/c"
+
+
+@pytest.mark.parametrize("cache, expected", [
+    ("{dir: ''}", "field cache.dir: '' is not a directory path"),
+    ("{path: /x}", "field cache.path: Extra inputs are not permitted"),
+    ("{}", "field cache.dir: Field required (fix: add it)"),
+    ("/x", "field cache: Input should be a valid dictionary"),
+])
+def test_a_bad_cache_setting_is_named(tmp_path, cache, expected):
+    (tmp_path / "fleet.yml").write_text(f"hosts: {{a: {{address: 10.0.0.1}}}}\ncache: {cache}\n")
+    with pytest.raises(FleetError) as caught:
+        load_fleet(tmp_path / "fleet.yml")
+    assert expected in str(caught.value)
+
+
+def test_terminal_progress_prints_a_line_a_second_at_most():
+    now = [100.0]
+    out = io.StringIO()
+    report = TerminalProgress(stream=out, host="dual-3090", clock=lambda: now[0])
+    report.started("m.gguf", 100 * 2**20, 0)
+    for step in range(1, 5):  # four updates within 0.4 s: one line
+        now[0] += 0.1
+        report.advanced("m.gguf", step * 2**20)
+    now[0] += 1.6  # 2 s in, 20 MiB: 10 MiB/s, 80 MiB to go
+    report.advanced("m.gguf", 20 * 2**20)
+    report.noted("m.gguf", "stalled, resuming at 20.0 MiB (attempt 2 of 5)")
+    report.finished("m.gguf", 100 * 2**20)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[dual-3090] m.gguf: 1.0 MiB / 100.0 MiB (1%), ")
+    assert lines[1] == "[dual-3090] m.gguf: 20.0 MiB / 100.0 MiB (20%), 10.0 MiB/s, 8s left"
+    assert lines[2] == "[dual-3090] m.gguf: stalled, resuming at 20.0 MiB (attempt 2 of 5)"
+    assert lines[3] == "[dual-3090] m.gguf: 100.0 MiB done, 100.0 MiB fetched in 2s" and len(lines) == 4
+
+
+# ---------------------------------------------------------------- the LAN server
+
+
+def wait_for(check, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return check()
+
+
+def get(base_url: str, path: str, headers: dict | None = None, source: str | None = None,
+        method: str = "GET") -> tuple[int, dict, bytes]:
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5,
+                                      source_address=(source, 0) if source else None)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.headers), response.read()
+    finally:
+        conn.close()
+
+
+def test_server_serves_entries_with_ranges_and_counts_exactly(tmp_path):
+    cache = cache_at(tmp_path)
+    sha = put(cache, BODY, "artifact.bin")
+    server = serve_cache(cache, "127.0.0.1", ["127.0.0.1"])
+    with server as base:
+        status, headers, body = get(base, f"/sha256/{sha}")
+        assert status == 200 and body == BODY and headers["Accept-Ranges"] == "bytes"
+        status, headers, body = get(base, f"/sha256/{sha}", {"Range": "bytes=1000-1999"})
+        assert status == 206 and body == BODY[1000:2000] and headers["Content-Range"] == f"bytes 1000-1999/{len(BODY)}"
+        status, _, body = get(base, f"/sha256/{sha}", {"Range": "bytes=200000-"})  # what curl -C - sends
+        assert status == 206 and body == BODY[200000:]
+        status, headers, _ = get(base, f"/sha256/{sha}", {"Range": f"bytes={len(BODY)}-"})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{len(BODY)}"
+        status, headers, body = get(base, f"/sha256/{sha}", method="HEAD")
+        assert status == 200 and body == b"" and headers["Content-Length"] == str(len(BODY))
+        expected = len(BODY) + 1000 + len(BODY) - 200000
+        assert wait_for(lambda: server.served.get(sha) == expected)
+    assert server.served == {sha: expected}  # nothing for HEAD, the 416 or anything else
+
+
+@pytest.mark.parametrize("path", [
+    f"/sha256/{'0' * 64}",  # a digest the cache lacks
+    f"/sha256/../sha256/{SHA}", f"/sha256/{SHA}/../{SHA}", f"/sha256/%2e%2e/{SHA}", f"/sha256/{SHA}.json",
+    f"/sha256/{SHA}?x=1", "/sha256/", "/", "/etc/passwd", f"/sha256/{SHA.upper()}",
+])
+def test_server_answers_404_to_anything_but_an_entry(tmp_path, path):
+    cache = cache_at(tmp_path)
+    put(cache, BODY, "artifact.bin")
+    server = serve_cache(cache, "127.0.0.1", ["127.0.0.0/8"])
+    with server as base:
+        status, _, body = get(base, path)
+    assert status == 404 and body == b"" and server.served == {}
+
+
+def test_server_refuses_clients_outside_the_allow_list(tmp_path):
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.2", 0))  # Linux routes all of 127/8 locally; elsewhere the decision test below stands
+    except OSError:
+        pytest.skip("cannot connect from 127.0.0.2 here; client_allowed is tested on its own")
+    finally:
+        probe.close()
+    cache = cache_at(tmp_path)
+    sha = put(cache, BODY, "artifact.bin")
+    server = serve_cache(cache, "127.0.0.1", ["127.0.0.1/32"])
+    with server as base:
+        assert get(base, f"/sha256/{sha}", source="127.0.0.2")[0] == 403
+        assert get(base, f"/sha256/{sha}", source="127.0.0.1")[0] == 200
+    assert server.served == {sha: len(BODY)}
+
+
+def test_allow_list_decisions_and_ranges():
+    networks = parse_allow(["192.168.1.0/24", "10.0.0.5", "fd00::/8"])
+    assert client_allowed("192.168.1.77", networks) and client_allowed("::ffff:10.0.0.5", networks)
+    assert client_allowed("fd00::1", networks)
+    assert not client_allowed("192.168.2.1", networks) and not client_allowed("10.0.0.6", networks)
+    assert not client_allowed("garbage", networks)
+    with pytest.raises(R1FleetError, match="not an IP address or network"):
+        parse_allow(["everyone"])
+    with pytest.raises(R1FleetError, match="needs an allow-list"):
+        serve_cache(ArtifactCache("/nonexistent"), "127.0.0.1", [])
+    assert byte_range("bytes=0-9", 100) == (0, 9) and byte_range("bytes=90-", 100) == (90, 99)
+    assert byte_range("bytes=-10", 100) == (90, 99) and byte_range("bytes=50-500", 100) == (50, 99)
+    assert byte_range("bytes=0-1,5-6", 100) is None and byte_range(None, 100) is None
+    assert byte_range("bytes=100-", 100) == "unsatisfiable" and byte_range("bytes=9-3", 100) == "unsatisfiable"
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def r1fleet(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def locked_fleet(tmp_path: Path, asset_sha: str, gguf_sha: str | None = None) -> Path:
+    """A fleet of two fixture hosts and its lock; rtx4090's Ollama archive is `asset_sha`."""
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({"hosts": {"rtx4090": {"address": "192.168.1.22"},
+                                               "dual-rtx3090": {"address": "192.168.1.23"}}}))
+    hosts = {}
+    for name in ("rtx4090", "dual-rtx3090"):
+        hw = parse_probe((PROBES / f"{name}.probe").read_text(), name)
+        hosts[name] = lock_entry(name, hw, plan_host(hw))
+    a = hosts["rtx4090"].artifacts
+    ollama = OllamaArtifact(version="9.9.9", assets=[OllamaAsset(name="ollama-test.tar.zst", sha256=asset_sha)])
+    hosts["rtx4090"] = hosts["rtx4090"].model_copy(update={"artifacts": a.model_copy(update={"ollama": ollama})})
+    if gguf_sha:
+        d = hosts["dual-rtx3090"].artifacts
+        hosts["dual-rtx3090"] = hosts["dual-rtx3090"].model_copy(update={"artifacts": d.model_copy(update={
+            "model": d.model.model_copy(update={"gguf_sha256": gguf_sha})})})
+    write_lock(tmp_path / "fleet.yml.lock", Lock(hosts=hosts))
+    return fleet
+
+
+def test_status_and_prune_commands(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("R1FLEET_FLEET", raising=False)
+    monkeypatch.chdir(tmp_path)  # no inventory/fleet.yml here: status reads no fleet
+    code, out, _ = r1fleet(capsys, "cache", "status")
+    assert code == 0 and out == f"(empty)\n0 entries, 0 B in {tmp_path / 'cache'}\n"
+    cache = ArtifactCache(tmp_path / "cache")
+    kept = put(cache, BODY, "kept.bin")
+    put(cache, b"x" * 2048, "stale.bin", days_ago=10)
+    code, out, _ = r1fleet(capsys, "cache", "status")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "SHA256", "SIZE", "LAST", "USED"]
+    assert lines[1].startswith("kept.bin   " + kept[:12]) and "256.0 KiB" in lines[1]
+    assert lines[-1] == f"2 entries, 258.0 KiB in {tmp_path / 'cache'}"
+    code, out, _ = r1fleet(capsys, "cache", "status", "--json")
+    doc = json.loads(out)
+    assert doc["total_bytes"] == len(BODY) + 2048 and {e["name"] for e in doc["entries"]} == {"kept.bin", "stale.bin"}
+
+    code, out, _ = r1fleet(capsys, "cache", "prune", "--older-than", "7")
+    assert code == 0 and out == f"freed 2.0 KiB (1 entry) in {tmp_path / 'cache'}\n"
+    fleet = locked_fleet(tmp_path, asset_sha=kept)
+    put(cache, b"y" * 4096, "unlocked.bin")
+    code, out, _ = r1fleet(capsys, "cache", "prune", "--fleet", str(fleet), "--unused-by-lock")
+    assert code == 0 and out.startswith("freed 4.0 KiB (1 entry)") and [e.sha256 for e in cache.status()] == [kept]
+    code, out, _ = r1fleet(capsys, "cache", "prune", "--all")
+    assert code == 0 and out.startswith("freed 256.0 KiB (1 entry)") and cache.status() == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["cache", "prune"], "say what to prune"),
+    (["cache", "prune", "--all", "--older-than", "3"], "--all deletes every entry"),
+    (["cache", "prune", "--older-than", "-1"], "field --older-than"),
+    (["cache", "prune", "--fleet", "FLEET", "--unused-by-lock"], "no lock, so no artifact is pinned"),
+    (["cache", "fill", "--fleet", "FLEET"], "no lock, so no artifact is pinned"),
+])
+def test_command_errors_are_clear(tmp_path, capsys, monkeypatch, args, expected):
+    monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "fleet.yml").write_text("hosts: {a: {address: 10.0.0.1}}\n")
+    code, _, err = r1fleet(capsys, *[a.replace("FLEET", str(tmp_path / "fleet.yml")) for a in args])
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_wanted_artifacts_once_each_with_pinned_urls_only(tmp_path):
+    fleet = load_fleet(locked_fleet(tmp_path, asset_sha="a" * 64))
+    lock = read_lock(tmp_path / "fleet.yml.lock")
+    wanted = {w.name: w for w in wanted_artifacts(lock, fleet)}
+    gguf = wanted["DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf"]  # the llama.cpp host needs the GGUF
+    assert gguf.hosts == ["dual-rtx3090"] and gguf.size == 42520395936
+    assert gguf.url.startswith("https://huggingface.co/bartowski/DeepSeek-R1-Distill-Llama-70B-GGUF/resolve/1842c5f")
+    assert wanted["ollama-linux-amd64.tar.zst"].url.endswith("/v0.32.9/ollama-linux-amd64.tar.zst")
+    layer = wanted["deepseek-r1:32b-qwen-distill-q4_K_M (weights layer)"]  # the Ollama host pulls from the registry
+    assert layer.url is None and "registry" in layer.unknown
+    assert wanted["ollama-test.tar.zst"].url is None and "no URL is pinned" in wanted["ollama-test.tar.zst"].unknown
+    assert "a" * 64 in locked_digests(lock) and gguf.sha256 in locked_digests(lock)
+
+
+def test_fill_fetches_each_pinned_artifact_once(tmp_path, capsys, monkeypatch, origin):
+    import r1fleet.roles.artifacts as artifacts
+
+    versions = copy.deepcopy(artifacts.load_versions())
+    versions["ollama"].update(version="9.9.9", base_url=origin.url.rsplit("/", 2)[0] + "/v{version}",
+                              sha256={"ollama-test.tar.zst": SHA})
+    monkeypatch.setattr(artifacts, "load_versions", lambda: versions)
+    monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
+    # Two hosts need the same bytes (by digest): one download. Anything without a pinned URL is reported.
+    fleet = locked_fleet(tmp_path, asset_sha=SHA, gguf_sha=SHA)
+    code, out, err = r1fleet(capsys, "cache", "fill", "--fleet", str(fleet))
+    label = f"DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf ({SHA[:12]}) for dual-rtx3090,rtx4090"
+    assert code == 1 and f"  fetched: {label}\n" in out
+    assert "  not fetched: ollama-linux-amd64.tar.zst (5d747a43369f) for dual-rtx3090: no URL is pinned" in out
+    assert "  not fetched: deepseek-r1:32b-qwen-distill-q4_K_M (weights layer) (6150cb382311) for rtx4090: " \
+           "Ollama pulls it from its registry" in out
+    assert out.endswith(f"{tmp_path / 'cache'}: 2 not cached\n")
+    assert "[dual-rtx3090,rtx4090] DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf: 256.0 KiB done, 256.0 KiB fetched" in err
+    assert origin.asked == [None] and origin.sent == len(BODY)
+    code, out, _ = r1fleet(capsys, "cache", "fill", "--fleet", str(fleet))
+    assert f"  cached: {label}\n" in out and origin.sent == len(BODY)
