@@ -74,7 +74,7 @@ class Fleet(BaseModel):
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}
         for entry in self.hosts.values():
-            item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source})
+            item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source, "r1fleet_cache_dir": self.cache_dir})
             groups["r1fleet"].append(item)
             for group in entry.groups:
                 groups.setdefault(group.replace("-", "_"), []).append(item)

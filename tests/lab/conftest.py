@@ -47,8 +47,11 @@ def lab_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def lab():
-    """The lab hosts (state.lab_hosts() after `lab up`), by name."""
+def lab(tmp_path_factory):
+    """The lab hosts (state.lab_hosts() after `lab up`), by name. The session's deploys share a controller
+    artifact cache of their own (r1fleet/roles/fleet_cache.py), empty at the start, so the first deploy
+    fetches every artifact from the lab mirror once."""
+    os.environ.setdefault("R1FLEET_CACHE_DIR", str(tmp_path_factory.mktemp("controller-cache")))
     result = lab_command("up")
     if result.returncode != 0:
         pytest.fail(f"r1fleet lab up failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -3,3 +3,12 @@ from pathlib import Path
 
 # deploy_harness and facts_for live beside the tests; make them importable without a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_controller_cache(monkeypatch):
+    """The fake hosts' artifacts are not fetched into this controller's cache (r1fleet/roles/fleet_cache.py):
+    the role tests check what each host runs; the lab tests exercise the cache for real."""
+    monkeypatch.setenv("R1FLEET_CACHE", "off")

@@ -12,6 +12,7 @@ sha256-verified, renamed into place only when good).
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
@@ -20,6 +21,7 @@ from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig
 from r1fleet.roles.stages import Role, apply_roles
+from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform, load_versions
 from r1fleet.roles.llama_cpp.decide import (
@@ -156,6 +158,9 @@ class LlamaCppRole(Role):
         return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
 
     def install(self) -> None:
+        self.download = download_if_missing(self.download, self.model_path)
+        if self.llama.method == "ollama-bundle":
+            self.llama = replace(self.llama, release=release_if_missing(self.llama.release))
         self.changed = _install(self.plan, self.settings, self.llama, self.download, self.models_dir, self.model_path)
 
     def configure(self) -> None:

@@ -26,6 +26,7 @@ from pyinfra.operations import files, server
 
 from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.roles.stages import Role, apply_roles
+from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform
 from r1fleet.roles.ollama.decide import (
@@ -280,6 +281,9 @@ class OllamaRole(Role):
         return ollama_reads(self.plan, self.settings, self.release, self.download)
 
     def install(self) -> None:
+        self.release = release_if_missing(self.release)
+        if self.download is not None:
+            self.download = download_if_missing(self.download, import_path(self.settings, self.download))
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:
@@ -352,12 +356,17 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
     ]
 
 
+def import_path(settings: HostConfig, download: ModelDownload) -> str:
+    """Where the stand-in GGUF is kept for `ollama create` (rehearsal)."""
+    return f"{settings.model_dir.rstrip('/')}/import/{download.file}"
+
+
 def ollama_model_reads(settings: HostConfig, download: ModelDownload | None) -> list[FactRequest]:
     api = settings.local_api("ollama")
     reads: list[FactRequest] = [(HttpJson, {"url": f"{api}/api/tags"}), (HttpJson, {"url": f"{api}/api/ps"})]
     if download is not None:
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
-        reads += [*directory_reads(import_dir), *fetch_verified_reads(f"{import_dir}/{download.file}"),
+        reads += [*directory_reads(import_dir), *fetch_verified_reads(import_path(settings, download)),
                   *file_reads(f"{import_dir}/Modelfile"), (JsonFile, {"path": f"{import_dir}/{IMPORT_RECORD}"})]
     return reads
 
@@ -371,7 +380,7 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
     tag = plan.ollama_tag or ""
     if download is not None:
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
-        gguf_path = f"{import_dir}/{download.file}"
+        gguf_path = import_path(settings, download)
         files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
         fetch_verified(name=f"Stand-in {download.file}", url=download.url, dest=gguf_path, sha256=download.sha256,
                        user="root", group=group, mode="0644")
