@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any, Literal, Mapping
 
@@ -24,6 +25,7 @@ DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 # The llama-server API key of an exposed host: generated on the host, root-only, handed to the
 # service as a systemd credential so it is never in argv, the unit or a log.
 API_KEY_FILE = "/etc/r1fleet/api-key"
+API_KEY_MAX_BYTES = 4096
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
@@ -80,6 +82,24 @@ class OllamaReleaseOverride(BaseModel):
     sha256: dict[str, str] = {}
 
 
+def read_api_key(source: str, host: str, field: str) -> bytes:
+    """An API key file on the controller, as the deploy installs it (one line); FleetError (host, field, fix) when
+    it cannot be read or cannot be a key."""
+    path = os.path.expanduser(source)
+    try:
+        with open(path, "rb") as key_file:
+            key = key_file.read(API_KEY_MAX_BYTES + 1)
+    except OSError as err:
+        raise FleetError(f"{path}: cannot read the API key ({err.strerror})", host=host, field=field,
+                         fix="create it, e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`") from None
+    key = key.strip()
+    # the same shape as the key the host generates (roles/exposure.py): one line of printable characters
+    if not key or len(key) > API_KEY_MAX_BYTES or not all(33 <= byte < 127 for byte in key):
+        raise FleetError(f"{path}: not an API key (one line of printable characters, at most {API_KEY_MAX_BYTES})",
+                         host=host, field=field, fix="write a key such as the output of `head -c 32 /dev/urandom | base64`")
+    return key + b"\n"
+
+
 class HostSettings(BaseModel):
     """Settings a host may have; `defaults` takes the same keys except `address`."""
 
@@ -103,6 +123,17 @@ class HostSettings(BaseModel):
     groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
     model_dir: str | None = Field(None, description="where models are stored on the host")
     mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
+    api_key_source: str | None = Field(
+        None, description="an exposed llama.cpp host's API key as a file on the controller (your secret store; ~ is "
+                          "expanded): the deploy installs it, so a rebuilt host keeps its key; the lock holds only its "
+                          "fingerprint. Unset: a key is generated on the host, once")
+
+    @field_validator("api_key_source")
+    @classmethod
+    def _api_key_source_is_a_path(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(os.path.expanduser(value)):
+            raise ValueError(f"{value!r} must be an absolute path (or start with ~), e.g. ~/.config/r1fleet/box-a.key")
+        return value
 
     @field_validator("address")
     @classmethod
@@ -174,7 +205,7 @@ class HostSettings(BaseModel):
 
 
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
-_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir")
+_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source")
 
 
 class HostConfig(BaseModel):
@@ -201,6 +232,7 @@ class HostConfig(BaseModel):
     mirror: str | None = None
     # deploy knobs (host data or the fleet file)
     api_key_file: str | None = None  # the llama-server API key of an exposed host (set for one by from_host_data)
+    api_key_source: str | None = None  # that key as a file on the controller, installed by the deploy
     llama_cpp_install: Literal["auto", "package", "source"] = "auto"
     ollama_release: OllamaReleaseOverride | None = None
     official_ollama_models: Literal["keep", "remove"] = "keep"  # an official Ollama install's models on takeover
@@ -256,6 +288,10 @@ class HostConfig(BaseModel):
                 fix="narrow allow to your LAN, use backend: llama.cpp (API key), or set ollama_public: true on purpose",
             )
         return ollama_exposure_warning(self.listen, self.allow)
+
+    def api_key_text(self) -> bytes | None:
+        """The API key from `api_key_source`, read on the controller; None when the host generates its own."""
+        return read_api_key(self.api_key_source, self.name, "api_key_source") if self.api_key_source else None
 
     def port_for(self, backend: str) -> int:
         return self.port or DEFAULT_PORTS[backend]

@@ -38,18 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _api_keys(pairs: list[str], fleet) -> dict[str, bytes]:
-    keys = {}
+    """--api-key HOST=FILE, else each host's api_key_source: the key as the deploy installs it."""
+    from r1fleet.config import read_api_key
+
+    keys = {name: entry.api_key_text() for name, entry in fleet.hosts.items() if entry.api_key_source}
     for pair in pairs:
         host, sep, file = pair.partition("=")
         if not sep or not file or host not in fleet.hosts:
             raise R1FleetError(f"{pair!r} is not HOST=FILE for a host of {fleet.source}", field="--api-key",
                                fix="write e.g. --api-key dual-3090=~/secrets/dual-3090.key")
-        path = Path(file).expanduser()
-        try:
-            keys[host] = path.read_bytes()
-        except OSError as err:
-            raise R1FleetError(f"{path}: cannot read ({err.strerror})", host=host, field="--api-key",
-                               fix="give the key file's path on this machine") from None
+        keys[host] = read_api_key(file, host, "--api-key")
     return keys
 
 

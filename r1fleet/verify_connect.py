@@ -1,5 +1,5 @@
 """How `r1fleet verify` reaches each host and plans it, exactly as the deploy does: connect over SSH (or
-testinfra's Ansible backend), probe over that connection -> parse_probe -> plan_host(policy) -> rehearse()
+testinfra's Ansible backend), probe over that connection -> parse_probe -> the locked plan, or plan_host(policy) -> rehearse()
 for rehearsal hosts. Hosts are prepared in parallel, each within a deadline, so a dead host fails fast.
 
 Nothing here is pytest's: the suite (r1fleet/verify_suite/conftest.py) turns its options into
@@ -25,7 +25,8 @@ from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
-from r1fleet.planner import plan_host, rehearse
+from r1fleet.lock import effective_plan
+from r1fleet.planner import rehearse
 from r1fleet.verify_target import Target
 
 PROBE_TIMEOUT_S = 120
@@ -40,6 +41,8 @@ class ConnectOptions:
     ansible_inventory: str | None = None  # connect through testinfra's Ansible backend with this inventory
     lab_ssh_config: str | None = None  # an ssh_config that skips host keys (lab hosts), see write_lab_ssh_config
     rehearsal: bool = False  # expect the rehearsal stand-in on every host
+    lock: Any = None  # the fleet's lock (r1fleet.lock.Lock): a locked host is verified against its locked plan
+    fleet: str | None = None  # the fleet as the user names it, for the relock command
 
 
 def write_lab_ssh_config() -> str:
@@ -92,7 +95,7 @@ def connect_and_plan(target: Target, options: ConnectOptions) -> None:
         target.error = f"the probe failed on {where} (exit {result.rc}): {result.stderr.strip()[-300:] or 'no probe document'}"
         return
     try:
-        plan = plan_host(parse_probe(result.stdout, entry.name), entry.policy)
+        plan = effective_plan(parse_probe(result.stdout, entry.name), entry.policy, options.lock, options.fleet)
     except R1FleetError as err:
         target.error = f"cannot plan: {err}"
         return

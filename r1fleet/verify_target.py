@@ -37,6 +37,21 @@ from r1fleet.service_readings import (
 SERVICES = {"ollama": (OLLAMA_UNIT, OLLAMA_USER), "llama.cpp": (LLAMA_UNIT, LLAMA_USER)}
 
 
+def credential_path(unit_text: str) -> str | None:
+    """The file of the last `LoadCredential=NAME:PATH` in `systemctl cat` output (a later line wins, as in systemd).
+
+    >>> credential_path("[Service]\\nLoadCredential=api-key:/etc/r1fleet/api-key\\n")
+    '/etc/r1fleet/api-key'
+    """
+    path = None
+    for line in unit_text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == "LoadCredential":
+            _, colon, file = value.partition(":")
+            path = file if colon and file.startswith("/") else path
+    return path
+
+
 @dataclass
 class Target:
     """One host under verification: its connection, its live plan, and what the checks measured."""
@@ -178,13 +193,9 @@ class Target:
     def api_key_file(self) -> str | None:
         """The key file systemd loads for the service (LoadCredential=api-key:/path), if any."""
         if "key_file" not in self.cache:
-            text = self.run(f"systemctl show -p LoadCredential --value {self.unit}").stdout
-            path = None
-            for word in text.replace(";", " ").split():
-                name, sep, value = word.partition(":")
-                if sep and value.startswith("/"):
-                    path = value
-            self.cache["key_file"] = path
+            # The unit's own lines (drop-ins included): systemd 262 prints this property as "[unprintable]".
+            text = self.run(f"systemctl cat {self.unit}").stdout
+            self.cache["key_file"] = credential_path(text)
         return self.cache["key_file"]
 
     def service_pids(self) -> set[int]:

@@ -34,6 +34,7 @@ CACHE_PORT = 8089
 T = TypeVar("T")
 _servers: dict[str, tuple[CacheServer, str]] = {}  # controller address -> (server, base URL)
 _caches: dict[str, ArtifactCache] = {}
+_names: dict[str, str] = {}  # sha256 -> the artifact's file name, for progress lines
 _fetching: dict[str, threading.Lock] = {}  # per sha256: hosts planned at once wait for one fetch (gevent-patched)
 
 
@@ -49,19 +50,26 @@ def controller_address(address: str) -> str:
         return probe.getsockname()[0]
 
 
-def fleet_addresses() -> list[str]:
-    """Every host of this run as an IP address (names resolved here, as ssh would)."""
-    found = []
+def fleet_addresses() -> dict[str, str]:
+    """Every host of this run by its IP address (names resolved here, as ssh would) -> its name."""
+    found = {}
     for each in inventory:
         name = each.data.get("ssh_hostname") or each.name
         try:
-            found.append(str(ipaddress.ip_address(name)))
+            found[str(ipaddress.ip_address(name))] = each.name
         except ValueError:
             try:
-                found.append(socket.gethostbyname(name))
+                found[socket.gethostbyname(name)] = each.name
             except OSError:
                 continue  # unreachable by name: it cannot download from us either
     return found
+
+
+def _watcher(hosts: dict[str, str]):
+    """Progress of each host's transfer from the cache server, as lines on the controller's terminal."""
+    def watch(client: str, sha256: str):
+        return TerminalProgress(stream=sys.stderr, host=hosts.get(client, client)), _names.get(sha256, sha256[:12])
+    return watch
 
 
 def _cache(fleet_cache_dir: str | None) -> ArtifactCache:
@@ -73,11 +81,12 @@ def _cache(fleet_cache_dir: str | None) -> ArtifactCache:
 
 def _base_url(cache: ArtifactCache, address: str) -> str:
     if address not in _servers:
-        server = serve_cache(cache, address, fleet_addresses(), CACHE_PORT)
+        hosts = fleet_addresses()
+        server = serve_cache(cache, address, list(hosts), CACHE_PORT, _watcher(hosts))
         try:
             base = server.__enter__()
         except (OSError, R1FleetError):  # the fixed port is taken: any free one
-            server = serve_cache(cache, address, fleet_addresses(), 0)
+            server = serve_cache(cache, address, list(hosts), 0, _watcher(hosts))
             base = server.__enter__()
         _servers[address] = (server, base)
     return _servers[address][1]
@@ -87,6 +96,7 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
     """The URL the current host downloads `name` from (see the module docstring)."""
     if not enabled():
         return url
+    _names[sha256.lower()] = name
     cache = _cache(fleet_cache_dir)
     try:
         with _fetching.setdefault(sha256.lower(), threading.Lock()):

@@ -54,6 +54,7 @@ def serve_r1() -> None:
         check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
         on_macos = hardware.os.system == "Darwin"
         exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # refused before any change
+        settings.api_key_text()  # an unreadable api_key_source fails this host before any change
         if warning := settings.exposure_check(plan.backend, host.name):
             print(f"[{host.name}]   {warning}")
         needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"

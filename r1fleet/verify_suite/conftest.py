@@ -29,6 +29,7 @@ import pytest
 
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet import Fleet, load_fleet
+from r1fleet.lock import lock_path, read_lock, relock_fleet
 from r1fleet.models import HostPlan
 from r1fleet.verify_connect import ConnectOptions, connect_and_plan_all, write_lab_ssh_config
 from r1fleet.verify_table import HostResult, host_result, results_table
@@ -88,7 +89,11 @@ def _selected_hosts(session: pytest.Session) -> list[str]:
 def connect_options(config: pytest.Config, lab_ssh_config: str) -> ConnectOptions:
     """How this run reaches its hosts: an Ansible inventory alone means testinfra's Ansible backend."""
     inventory = config.getoption("ansible_inventory", None)
+    fleet = fleet_of(config)
+    config._r1fleet_lock = read_lock(lock_path(fleet.source))  # test_api_key_is_the_locked_one reads it too
     return ConnectOptions(
+        lock=config._r1fleet_lock,
+        fleet=relock_fleet(fleet.source),
         ssh_timeout=config.getoption("--ssh-timeout"),
         ansible_inventory=inventory if inventory and not config.getoption("--fleet") else None,
         lab_ssh_config=lab_ssh_config,

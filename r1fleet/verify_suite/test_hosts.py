@@ -324,6 +324,22 @@ def test_key_required(target: Target, plan: HostPlan) -> None:
     assert status in (401, 403), f"{target.name}: a request without a key got {status or 'no answer'} ({text.strip()[:200]}), expected 401"
 
 
+def test_api_key_is_the_locked_one(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
+    """A rebuilt host keeps its API key: the key file's fingerprint is the one the fleet lock records."""
+    lock = getattr(request.config, "_r1fleet_lock", None)
+    locked = lock.hosts.get(target.name) if lock else None
+    if locked is None or locked.api_key_fingerprint is None:
+        pytest.skip("the fleet lock records no API key for this host")
+    key_file = target.api_key_file()
+    if not key_file:
+        fail(target, "the lock records an API key, but the service loads none")
+    digest = target.run(f"sha256sum {key_file}").stdout.split()[:1]
+    found = f"sha256:{digest[0][:len(locked.api_key_fingerprint) - len('sha256:')]}" if digest else "unreadable"
+    assert found == locked.api_key_fingerprint, (
+        f"{target.name}: the API key in {key_file} is {found}, the lock records {locked.api_key_fingerprint} "
+        "(fix: set api_key_source to the locked key, or relock: r1fleet lock HOST)")
+
+
 def test_firewall_in_place(target: Target) -> None:
     """The allow-list is loaded now (another `flush ruleset`, such as starting the distribution's nftables
     service, removes it without stopping the service); `r1fleet verify` from inside the list cannot see that

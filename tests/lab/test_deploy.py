@@ -120,6 +120,19 @@ def test_llama_cpp_places_the_planned_blocks_on_each_gpu(converged, lab, ssh):
         assert "Reply with the number only" not in log
 
 
+def test_each_artifact_is_fetched_once_per_fleet(converged, lab):
+    """Four hosts, one GGUF and one Ollama release: the lab mirror (its internet) serves each once, to the
+    controller's cache, which serves the hosts (r1fleet/roles/fleet_cache.py)."""
+    from r1fleet.lab import mirror, paths
+
+    served = {path: sent for path, sent in mirror.served_bytes().items()
+              if path.startswith("/models/") or path.endswith(".tar.zst")}
+    if not served:
+        pytest.skip("the lab was deployed before this session: nothing was downloaded")
+    distinct = sum((paths.MIRROR_DIR / path.lstrip("/")).stat().st_size for path in served)
+    assert distinct <= sum(served.values()) <= 1.05 * distinct, served
+
+
 def test_second_run_changes_nothing(converged, lab, ssh):
     before = {h: unit_state(ssh, h, unit_of(ssh, h)) for h in lab}
     again = deploy("-vv", trace_facts=True)

@@ -6,6 +6,7 @@ Root + lab only (tests/lab/conftest.py); needs the package index for the wheel's
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
     plan = run([str(bin_dir / "r1fleet"), "plan", str(ROOT / "tests/fixtures/probes/cpu-16g.probe")], user)
     assert "cpu-16g" in plan.stdout
     run([str(bin_dir / "r1fleet"), "validate", str(ROOT / "inventory/fleet.example.yml")], user)
+    # the lab from the package alone: up (idempotent here), and a host reinstalled from the clean image with the
+    # package's profiles and stand-ins, which the user's deploy then installs from scratch
+    run([str(bin_dir / "r1fleet"), "lab", "up"], user)
+    run([str(bin_dir / "r1fleet"), "lab", "reset", HOST], user)
+    status = json.loads(run([str(bin_dir / "r1fleet"), "lab", "status", "--json"], user).stdout)
+    assert {h["name"]: h["state"] for h in status["hosts"]}[HOST] == "up" and "served" in status["mirror"]
     deployed = run([str(bin_dir / "pyinfra"), "-y", "inventory.py", "deploy.py", "--limit", HOST], user,
                    R1FLEET_FLEET="lab")
     assert "all 1 host(s) converged" in deployed.stderr, deployed.stderr[-2000:]
