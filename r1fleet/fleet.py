@@ -70,11 +70,19 @@ class Fleet(BaseModel):
     pools: dict[str, PoolSettings] = {}
     cache_dir: str | None = None  # the fleet file's cache.dir, resolved; r1fleet.cache.cache_root decides
 
+    def _pool_data(self, host: str) -> dict[str, Any]:
+        """A pool member's host data: its pool by name, as the fleet file gives it (r1fleet/roles/pool_members.py)."""
+        for name, pool in self.pools.items():
+            if host in pool.hosts:
+                return {"r1fleet_pool": {"name": name, **pool.model_dump(mode="json")}}
+        return {}
+
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}
         for entry in self.hosts.values():
-            item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source, "r1fleet_cache_dir": self.cache_dir})
+            item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source, "r1fleet_cache_dir": self.cache_dir,
+                                 **self._pool_data(entry.name)})
             groups["r1fleet"].append(item)
             for group in entry.groups:
                 groups.setdefault(group.replace("-", "_"), []).append(item)

@@ -25,6 +25,7 @@ from r1fleet.roles.fact_batch import (
     service_reads,
 )
 from r1fleet.roles.systemd_unit import UNIT_DIR
+from r1fleet.roles.tcp_health import TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 JINJA = {"trim_blocks": True, "lstrip_blocks": True}
@@ -327,12 +328,12 @@ def converge_service_reads(unit: str, files_used: Iterable[str] = ()) -> list[Fa
 
 
 def converge_service(
-    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str, health_timeout_s: int = 120,
-    files_used: Iterable[str] = (),
+    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str | TcpHealth,
+    health_timeout_s: int = 120, files_used: Iterable[str] = (),
 ) -> None:
     """daemon-reload only when the unit changed; restart only when one of its files changed, in this run or
     in an earlier one that stopped before restarting; then make sure it runs and is enabled; after a
-    (re)start wait for health."""
+    (re)start wait for health (an HTTP URL that answers 200, or a TcpHealth port that accepts a connection)."""
     changed = any_changed([unit_op, *restart_on])
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     # A deploy's restart is deliberate: it must not be refused by the start limit that guards crash loops.
@@ -341,10 +342,15 @@ def converge_service(
     repaired = restart_if_stale(name=f"Restart {unit} if it predates its files", unit=unit,
                                 paths=(f"{UNIT_DIR}/{unit}", *files_used))
     started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
+    came_up = lambda: restarted.did_change() or repaired.did_change() or started.did_change()  # noqa: E731
+    if isinstance(health_url, TcpHealth):
+        wait_tcp(name=f"Health of {unit}", address=health_url.address, port=health_url.port,
+                 timeout_s=health_timeout_s, what=unit, _if=came_up)
+        return
     wait_http(
         name=f"Health of {unit}",
         url=health_url,
         timeout_s=health_timeout_s,
         what=unit,
-        _if=lambda: restarted.did_change() or repaired.did_change() or started.did_change(),
+        _if=came_up,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 from dataclasses import dataclass
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 from pyinfra import host
@@ -88,12 +88,12 @@ def exposure_for(entry: HostConfig, plan: HostPlan, host_name: str | None = None
 
 
 class NftTable(FactBase):
-    """Whether nftables holds `table inet r1fleet`."""
+    """Whether nftables holds `table inet r1fleet` (or another of r1fleet's tables: a pool worker's `r1fleet-rpc`)."""
 
     default = bool
 
-    def command(self) -> str:
-        return "nft list table inet r1fleet >/dev/null 2>&1 && echo present || true"
+    def command(self, table: str = "r1fleet") -> str:
+        return f"nft list table inet {table} >/dev/null 2>&1 && echo present || true"
 
     def process(self, output: list[str]) -> bool:
         return any(line.strip() == "present" for line in output)
@@ -138,12 +138,13 @@ def remove_nft_table():
 
 
 @operation()
-def restore_table():
+def restore_table(table: str = "r1fleet", unit: str = FIREWALL_UNIT):
     """Reload r1fleet's rules when the table is gone (another `flush ruleset`, e.g. `systemctl start nftables`)."""
-    if host.get_fact(NftTable):
-        host.noop("r1fleet nftables table present")
+    # the default table is read without arguments, as exposure_reads prefetches it
+    if host.get_fact(NftTable, **({} if table == "r1fleet" else {"table": table})):
+        host.noop(f"{table} nftables table present")
         return
-    yield f"systemctl reload {FIREWALL_UNIT}"
+    yield f"systemctl reload {unit}"
 
 
 class UfwRules(FactBase):
@@ -257,11 +258,16 @@ def _configure(entry: HostConfig, plan: HostPlan):
     settings = _exposure_or_none(entry, plan)
     if settings is None or not settings.exposed:
         return None
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     if settings.needs_api_key:
         key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
-        api_key(name="llama-server API key (generated on the host, once)", path=key_file)
+        key = entry.api_key_text()
+        if key is not None:  # the user's own key, from the controller: a rebuilt host keeps it
+            files.put(name="llama-server API key (from api_key_source on the controller)", src=BytesIO(key),
+                      dest=key_file, user="root", group="root", mode="600")
+        else:
+            api_key(name="llama-server API key (generated on the host, once)", path=key_file)
         files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
-    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     if host.get_fact(UfwActive):
         # r1fleet's ufw rules live in a file; when it changes, they are replaced as a whole (activate), so a
         # second run changes nothing and a narrowed allow-list really narrows.
@@ -310,7 +316,7 @@ def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
         paths = [firewall_drop_in(backend) for backend in SERVICE_UNITS] + [FIREWALL_UNIT_PATH, RULES_FILE, UFW_RULES_FILE]
         return reads + [(File, {"path": path}) for path in paths]
     if settings.needs_api_key:
-        reads.append((File, {"path": entry.api_key_file or API_KEY_FILE}))
+        reads += file_reads(entry.api_key_file or API_KEY_FILE)
     drop_in = firewall_drop_in(settings.backend)
     return [*reads, (UfwActive, {}), (UfwRules, {}), *directory_reads(KEY_DIR), *file_reads(RULES_FILE),
             *file_reads(FIREWALL_UNIT_PATH), *service_reads(FIREWALL_UNIT), *file_reads(drop_in),

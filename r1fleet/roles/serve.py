@@ -7,14 +7,15 @@ A pyinfra user calls it from their own deploy file, as with any packaged pyinfra
     serve_r1()
 
 All decisions live in r1fleet (pure, tested); this only wires them to the host: plan, then the roles
-(driver, exposure, backend; macOS: one LaunchDaemon role) in stages (r1fleet/roles/stages.py).
+(driver, exposure, backend; macOS: one LaunchDaemon role; a pool member: its part of the pool, see
+r1fleet/roles/pool_members.py) in stages (r1fleet/roles/stages.py).
 """
 
 from pyinfra import host, state
 
 from r1fleet.config import HostConfig
 from r1fleet.plan_format import format_plan
-from r1fleet.roles.artifacts import ModelDownload, check_disk, model_download, platform_from_hardware
+from r1fleet.roles.artifacts import check_disk, model_download, platform_from_hardware
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock import effective_plan, lock_path, read_lock, relock_fleet
@@ -26,9 +27,13 @@ from r1fleet.roles.gpu_driver import DriverRole
 from r1fleet.roles.macos import MacOllamaRole
 from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.llama_cpp import LlamaCppRole, choose_install
-from r1fleet.roles.llama_cpp.decide import LlamaInstall
+from r1fleet.roles.llama_cpp.pool import pool_head
 from r1fleet.roles.ollama import OllamaRole, release_for
-from r1fleet.roles.ollama.decide import OllamaRelease
+from r1fleet.pool_config import PoolSettings
+from r1fleet.pool_planner import pool_heading
+from r1fleet.roles.pool_members import member_config, pool_of, pool_plan, rehearsed_head, remember
+from r1fleet.roles.rpc_worker import RpcWorkerRetired, RpcWorkerRole, choose_pool_install
+from r1fleet.roles.rpc_worker.decide import rpc_worker
 
 
 def deployed_plan(hardware: Hardware, settings: HostConfig, fleet: str | None) -> HostPlan:
@@ -45,36 +50,63 @@ def serve_r1() -> None:
     with summary.step(state, host, "plan"):
         settings = HostConfig.from_host_data(host.name, host.data.dict())
         hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
+        remember(hardware)
         plan = deployed_plan(hardware, settings, host.data.get("r1fleet_fleet"))
-        if settings.rehearsal and plan.fits:
-            plan = rehearse(plan)
-        print(format_plan(plan, settings.rehearsal))
-        if not plan.fits or not plan.backend:
-            raise ValueError("no model fits this host; see the plan's reasons")
-        check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
-        on_macos = hardware.os.system == "Darwin"
-        exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # refused before any change
-        settings.api_key_text()  # an unreadable api_key_source fails this host before any change
-        if warning := settings.exposure_check(plan.backend, host.name):
-            print(f"[{host.name}]   {warning}")
-        needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
-        download = model_download(host.name, plan, settings) if needs_gguf else None
-        release = install = None
-        if not on_macos:
-            platform = platform_from_hardware(hardware)
-            release = release_for(plan, settings, platform) if plan.backend == "ollama" else None
-            install = choose_install(plan, settings, platform) if plan.backend == "llama.cpp" else None
+        pool = pool_of(host.data)
+        roles = pool_member_roles(pool, settings, hardware) if pool and hardware.os.system != "Darwin" else None
+        if roles is None:
+            roles = [RpcWorkerRetired(), *host_roles(plan, settings, hardware)] if hardware.os.system != "Darwin" \
+                else host_roles(plan, settings, hardware)
 
     if summary.ok(host):
-        apply_roles(roles_for(plan, settings, hardware, download, release, install))
+        apply_roles(roles)
 
 
-def roles_for(plan: HostPlan, settings: HostConfig, hardware: Hardware, download: ModelDownload | None,
-              release: OllamaRelease | None, install: LlamaInstall | None) -> list[Role]:
-    """The host's roles in their order: the driver, then the exposure (its firewall is active before the
-    backend starts), then the backend. A Mac has one role, its LaunchDaemon Ollama."""
-    if hardware.os.system == "Darwin":
+def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
+    """A host serving on its own: its plan checked and printed, then the driver, the exposure (its firewall is
+    active before the backend starts) and the backend. A Mac has one role, its LaunchDaemon Ollama."""
+    if settings.rehearsal and plan.fits:
+        plan = rehearse(plan)
+    print(format_plan(plan, settings.rehearsal))
+    if not plan.fits or not plan.backend:
+        raise ValueError("no model fits this host; see the plan's reasons")
+    check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
+    on_macos = hardware.os.system == "Darwin"
+    exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # refused before any change
+    settings.api_key_text()  # an unreadable api_key_source fails this host before any change
+    if warning := settings.exposure_check(plan.backend, host.name):
+        print(f"[{host.name}]   {warning}")
+    needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
+    download = model_download(host.name, plan, settings) if needs_gguf else None
+    if on_macos:
         return [MacOllamaRole(plan, settings, hw=hardware, download=download)]
-    backend = (OllamaRole(plan, settings, release, download) if plan.backend == "ollama"
-               else LlamaCppRole(plan, settings, install, download))
+    platform = platform_from_hardware(hardware)
+    backend = (OllamaRole(plan, settings, release_for(plan, settings, platform), download) if plan.backend == "ollama"
+               else LlamaCppRole(plan, settings, choose_install(plan, settings, platform), download))
     return [DriverRole(hardware, plan), ExposureRole(settings, plan), backend]
+
+
+def pool_member_roles(pool: tuple[str, PoolSettings], settings: HostConfig, hardware: Hardware) -> list[Role] | None:
+    """A pool member's roles (see r1fleet/roles/pool_members.py), or None when its pool is kept separate."""
+    planned = pool_plan(*pool)
+    print(f"[{host.name}] {pool_heading(planned)}")
+    for reason in planned.reasons:
+        print(f"[{host.name}]   - {reason}")
+    if not planned.pooled:
+        return None
+    platform = platform_from_hardware(hardware)
+    if host.name == planned.head:
+        head = pool_head(planned, settings, hardware, {w: member_config(w) for w in planned.workers})
+        if settings.rehearsal:
+            head = rehearsed_head(head)
+        check_disk(host.name, head.plan, hardware)
+        exposure.exposure_for(settings, head.plan, host.name)
+        settings.api_key_text()
+        install = choose_pool_install(head.plan, settings, platform, planned.pool, "head")
+        download = model_download(host.name, head.plan, settings)
+        return [RpcWorkerRetired(), DriverRole(hardware, head.plan), ExposureRole(settings, head.plan),
+                LlamaCppRole(head.plan, settings, install, download, pool=head)]
+    worker = rpc_worker(planned, settings, member_config(planned.head), hardware)
+    install = choose_pool_install(worker.plan, settings, platform, planned.pool, "worker")
+    closed = settings.model_copy(update={"listen": None, "allow": []})  # a worker serves no API: no LAN exposure
+    return [DriverRole(hardware, worker.plan), ExposureRole(closed, worker.plan), RpcWorkerRole(worker, settings, install)]

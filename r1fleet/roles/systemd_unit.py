@@ -87,21 +87,25 @@ def unit_context(
     credential: str | None = None,
     exec_start_post: list[str] = (),
     timeout_start_s: int | None = None,
+    exec_start_pre: list[str] = (),
+    requires: list[str] = (),
+    ip_allow: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Template variables for templates/systemd/r1fleet-service.j2."""
+    """Template variables for templates/systemd/r1fleet-service.j2.
+
+    exec_start_pre: one command run (as the service user, inside its sandbox) before each start, e.g. a pool head
+    waiting for its workers; requires: units this one starts only with and after (a firewall); ip_allow: the
+    addresses the unit may talk to, instead of those of the serving API (service_ip_allow)."""
     gpu = uses_gpu(plan)
-    ip_allow: list[str] = []
-    if restrict_ip:
-        ip_allow = ["localhost"]
-        if not settings.local_only:
-            # The deploy's health check and verify's on-host requests come from the host's own LAN address.
-            own = [] if settings.listen in ("0.0.0.0", "::") else [settings.listen]
-            ip_allow += [*own, *settings.allow]
+    if ip_allow is None:
+        ip_allow = service_ip_allow(settings) if restrict_ip else []
     return {
         "description": description,
         "user": user,
         "exec_start": " ".join(systemd_word(word) for word in exec_start),
         "exec_start_post": " ".join(systemd_word(word) for word in exec_start_post),
+        "exec_start_pre": " ".join(systemd_word(word) for word in exec_start_pre),
+        "requires": list(requires),
         "timeout_start_s": timeout_start_s,
         "environment": [environment_assignment(key, value) for key, value in sorted(environment.items())],
         "read_write_paths": list(read_write_paths),
@@ -112,7 +116,17 @@ def unit_context(
         # MemoryDenyWriteExecute forbids; it is only safe for CPU-only services.
         "memory_deny_write_execute": not gpu,
         "load_nvidia_uvm": gpu and plan.vendor == "nvidia" and plan.placement != "unified",
-        "ip_allow": ip_allow,
+        "ip_allow": list(ip_allow),
         "restrict_ip": restrict_ip,
         "credential": credential,
     }
+
+
+def service_ip_allow(settings: HostConfig) -> list[str]:
+    """IPAddressAllow= of a serving unit: loopback, and when exposed its own address and the allow-list."""
+    ip_allow = ["localhost"]
+    if not settings.local_only:
+        # The deploy's health check and verify's on-host requests come from the host's own LAN address.
+        own = [] if settings.listen in ("0.0.0.0", "::") else [settings.listen]
+        ip_allow += [*own, *settings.allow]
+    return ip_allow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
@@ -43,6 +44,7 @@ from r1fleet.roles.systemd_unit import (
 )
 from r1fleet.models import HostPlan
 from r1fleet.roles.ollama import install_release
+from r1fleet.roles.tcp_health import check_reachable
 from r1fleet.roles.common import (
     refusal,
     retire_service,
@@ -57,6 +59,9 @@ from r1fleet.roles.common import (
     unit_file,
     verified_fetch_steps,
 )
+
+if TYPE_CHECKING:  # for annotations only: llama_cpp.pool imports rpc_worker.decide, which imports llama_cpp.decide
+    from r1fleet.roles.llama_cpp.pool import PoolHead
 
 USER = "llama"
 HOME = "/var/lib/llama"
@@ -147,10 +152,12 @@ def check_llama_server(plan: HostPlan, install: LlamaInstall):
 
 class LlamaCppRole(Role):
     """llama-server for the plan (a split over several GPUs): its build, a dedicated user, the GGUF by
-    sha256, r1fleet's own unit with the planned --tensor-split."""
+    sha256, r1fleet's own unit with the planned --tensor-split. A pool's head passes `pool` (llama_cpp/pool.py,
+    with plan = pool.plan): --rpc to its workers, a unit that waits for them, a health gate that names them."""
 
-    def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload):
-        self.plan, self.settings, self.llama, self.download = plan, settings, install, download
+    def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload,
+                 pool: PoolHead | None = None):
+        self.plan, self.settings, self.llama, self.download, self.pool = plan, settings, install, download, pool
         self.models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
         self.model_path = f"{self.models_dir}/{download.file}"
 
@@ -164,10 +171,15 @@ class LlamaCppRole(Role):
         self.changed = _install(self.plan, self.settings, self.llama, self.download, self.models_dir, self.model_path)
 
     def configure(self) -> None:
-        self.unit = _configure(self.plan, self.settings, self.llama, self.models_dir, self.model_path)
+        self.unit = _configure(self.plan, self.settings, self.llama, self.models_dir, self.model_path, self.pool)
 
     def activate(self) -> None:
-        _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed)
+        if not self.pool:
+            _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed)
+
+    def after_peers(self) -> None:
+        if self.pool:  # a head: after every worker of the run has started its rpc-server
+            _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed, self.pool)
 
 
 def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload) -> None:
@@ -204,7 +216,8 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
 
 
 @deploy("llama.cpp")
-def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, models_dir: str, model_path: str):
+def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, models_dir: str, model_path: str,
+               pool: PoolHead | None = None):
     # The key file stays root-only; systemd passes it to the service as a credential (%d).
     credential = None
     key_path = None
@@ -216,21 +229,30 @@ def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, mode
         settings,
         description=f"r1fleet llama-server ({plan.model})",
         user=USER,
-        exec_start=[install.binary, *llama_server_args(plan, settings, model_path, key_path)],
+        exec_start=[install.binary, *llama_server_args(plan, settings, model_path, key_path,
+                                                       rpc_servers=pool.rpc_servers if pool else ())],
         environment=llama_environment(plan, install),
         read_write_paths=[HOME],
         read_only_paths=[models_dir],
         restrict_ip=True,
         credential=credential,
+        **(pool.unit_options(settings) if pool else {}),
     )
     return unit_file(LLAMA_UNIT, context)
 
 
 @deploy("llama.cpp")
-def _activate(plan: HostPlan, settings: HostConfig, install: LlamaInstall, model_path: str, unit, changed: list) -> None:
+def _activate(plan: HostPlan, settings: HostConfig, install: LlamaInstall, model_path: str, unit, changed: list,
+              pool: PoolHead | None = None) -> None:
+    if pool:
+        # Before the (re)start, from the head itself: a worker that is down fails the head here, by name.
+        check_reachable(name=f"RPC workers of pool {pool.pool}", endpoints=pool.workers, timeout_s=pool.wait_s,
+                        what=f"pool {pool.pool}: the head {pool.host}'s RPC workers",
+                        fix="deploy the workers first; on each named one check r1fleet-rpc-server.service and that "
+                            "its firewall admits the head's address")
     converge_service(
-        LLAMA_UNIT, unit, changed, f"{settings.local_api('llama.cpp')}/health", health_timeout_s(plan),
-        files_used=(model_path, install.binary),
+        LLAMA_UNIT, unit, changed, f"{settings.local_api('llama.cpp')}/health",
+        health_timeout_s(plan) + (pool.load_s if pool else 0), files_used=(model_path, install.binary),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from r1fleet.config import HostConfig
 from r1fleet.models import HostPlan
@@ -30,21 +30,26 @@ def is_reasoning_model(plan: HostPlan) -> bool:
     return bool(plan.model) and load_catalog().find(plan.model).reasoning
 
 
-def llama_server_args(plan: HostPlan, settings: HostConfig, model_path: str, api_key_path: str | None) -> list[str]:
+def llama_server_args(plan: HostPlan, settings: HostConfig, model_path: str, api_key_path: str | None,
+                      rpc_servers: Sequence[str] = ()) -> list[str]:
     """llama-server arguments for the plan (research/placement.md section 1).
 
-    api_key_path is where the service reads the key (the credentials directory), never the key.
+    api_key_path is where the service reads the key (the credentials directory), never the key. rpc_servers: a
+    pool head's workers (host:port, in the pool's order); the plan's split then covers their devices first.
     """
     args = [
         "-m", model_path,
         "-c", str(plan.context_length),
         "-ngl", "999" if plan.placement != "cpu" else "0",
     ]
-    if plan.tensor_split_flag and len(plan.tensor_split_flag) > 1:
-        rpc = lab_gpu_devices(plan, settings)
+    if rpc_servers or (plan.tensor_split_flag and len(plan.tensor_split_flag) > 1):
+        # llama.cpp lists RPC devices first, in --rpc order (src/llama.cpp, llama_prepare_model_devices): a pool's
+        # workers, then on a lab host the stand-ins of the head's own GPUs, matching the pool plan's device order.
+        rpc = [*rpc_servers, *lab_gpu_devices(plan, settings)]
         if rpc:
             args += ["--rpc", ",".join(rpc)]
-        args += ["--tensor-split", _ts(plan.tensor_split_flag), "--split-mode", "layer"]
+        if plan.tensor_split_flag:
+            args += ["--tensor-split", _ts(plan.tensor_split_flag), "--split-mode", "layer"]
     args += ["-fa", "on" if plan.flash_attention else "off"]
     args += ["--cache-type-k", plan.kv_cache_type, "--cache-type-v", plan.kv_cache_type]
     args += ["--parallel", "1"]

@@ -1,0 +1,102 @@
+"""A pool head's llama-server, decided without a host: the single-host arguments (llama_server_args) plus
+`--rpc` to the workers and the split over every device, a unit that waits for its workers, and the time the
+workers' weights take to cross the link at load.
+
+llama.cpp orders devices RPC first, in `--rpc` order, then the head's own (src/llama.cpp,
+llama_prepare_model_devices); the pool plan's devices and its --tensor-split are in that order
+(r1fleet/pool_planner.py), so `--rpc` lists the workers as the plan does (PoolPlan.workers).
+
+Example:
+    >>> head = pool_head(pool_plan, head_config, head_hardware, {"box-b": box_b_config})
+    >>> pool_server_args(head, head_config, "/models/70b.gguf", None)[6:10]
+    ['--rpc', '192.168.1.32:50052', '--tensor-split', '41,40']
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from r1fleet.config import HostConfig
+from r1fleet.memory import MIB
+from r1fleet.models import Hardware, HostPlan, PoolPlan
+from r1fleet.roles.llama_cpp.decide import llama_server_args
+from r1fleet.roles.rpc_worker.decide import RPC_UNIT, member_plan, pool_address, pool_refusal
+from r1fleet.roles.systemd_unit import service_ip_allow
+from r1fleet.roles.tcp_health import TcpEndpoint, tcp_probe
+
+# How long the head's unit waits for its workers before each start. A worker rebooting with the head takes
+# about as long as the head itself; after that the unit fails, and systemd retries it (Restart=on-failure).
+WORKER_WAIT_S = 120
+# TCP and RPC framing on top of the weights' bytes when the head sends them to the workers at load (assumed).
+LOAD_MARGIN = 1.25
+
+
+@dataclass(frozen=True)
+class PoolHead:
+    """A validated pool head: its share of the pool (plan) and its workers in --rpc order."""
+
+    pool: str
+    host: str
+    plan: HostPlan  # the head's own GPUs, the model, and the split over every device of the pool
+    workers: tuple[TcpEndpoint, ...]
+    wait_s: int = WORKER_WAIT_S
+    load_s: int = 0  # added to the health gate: the workers' weights crossing the link
+
+    @property
+    def rpc_servers(self) -> list[str]:
+        return [w.endpoint for w in self.workers]
+
+    def unit_options(self, settings: HostConfig) -> dict[str, Any]:
+        """unit_context's pool arguments: wait for the workers before each start, and let the unit reach them
+        (IPAddressDeny=any covers its outgoing connections too)."""
+        return {
+            "exec_start_pre": wait_for_workers(self),
+            "timeout_start_s": self.wait_s + 30,
+            "ip_allow": [*service_ip_allow(settings), *dict.fromkeys(w.address for w in self.workers)],
+        }
+
+
+def pool_head(pool: PoolPlan, head: HostConfig, hardware: Hardware, workers: Mapping[str, HostConfig],
+              addresses: Mapping[str, str] | None = None) -> PoolHead:
+    """Validate the head's side of a pooled pool; `workers` holds each worker's config (its pool address is its
+    `address` unless `addresses` names another, as on the worker's side: rpc_worker)."""
+    if not pool.pooled or head.name != pool.head:
+        raise pool_refusal(pool.pool, head.name, "pools", f"{head.name} is not the head of a pooled pool "
+                           f"(head: {pool.head}; pooled: {pool.pooled})", "deploy the plan of this fleet")
+    missing = [w for w in pool.workers if w not in workers]
+    if missing:
+        raise pool_refusal(pool.pool, head.name, "pools", f"no settings for worker {', '.join(missing)}",
+                           "deploy the head with the fleet that lists its workers")
+    pool_address(pool.pool, head, "head", (addresses or {}).get(head.name))  # the address the workers admit
+    endpoints = tuple(
+        TcpEndpoint(name, pool_address(pool.pool, workers[name], "worker", (addresses or {}).get(name)), pool.rpc_port)
+        for name in pool.workers
+    )
+    return PoolHead(pool.pool, head.name, member_plan(pool, head.name, hardware), endpoints, load_s=load_seconds(pool))
+
+
+def load_seconds(pool: PoolPlan) -> int:
+    """The time the workers' weights take to cross the pool's link when llama-server loads the model."""
+    remote_mib = sum(d.weights_mib for d in pool.devices if d.rpc)
+    return math.ceil(remote_mib * MIB * 8 * LOAD_MARGIN / (pool.network_gbps * 1e9))
+
+
+def pool_server_args(head: PoolHead, head_config: HostConfig, model_path: str, key_path: str | None) -> list[str]:
+    """llama-server's arguments on the head: the single-host ones for the head's plan, with --rpc to the workers
+    and --tensor-split over all the pool's devices (PoolPlan.tensor_split_flag)."""
+    return llama_server_args(head.plan, head_config, model_path, key_path, rpc_servers=head.rpc_servers)
+
+
+def wait_for_workers(head: PoolHead) -> list[str]:
+    """ExecStartPre: until each worker's RPC port accepts a connection, for head.wait_s in all; then the start
+    fails, and the journal names the worker."""
+    steps = [f"end=$(($(date +%s)+{head.wait_s}))"]
+    for w in head.workers:
+        message = (f"r1fleet: pool {head.pool}: worker {w.name} ({w.endpoint}) did not accept a connection within "
+                   f"{head.wait_s}s; check {RPC_UNIT} and its firewall on {w.name}")
+        steps.append(f"until {tcp_probe(w.address, w.port)}; do [ $(date +%s) -lt $end ] || "
+                     f"{{ echo {shlex.quote(message)} >&2; exit 1; }}; sleep 1; done")
+    return ["/bin/bash", "-c", "; ".join(steps)]

@@ -1,0 +1,281 @@
+"""A pool's deploy decisions, made without a host: each member's share of the pool, the address, port and devices
+of a worker's rpc-server, who may reach it, and where rpc-server (and the head's RPC backend) come from.
+
+Security model. ggml's RPC protocol has no authentication and no encryption (llama.cpp tools/rpc/README.md: "Never
+run the RPC server on an open network"; tools/rpc/rpc-server.cpp warns whenever it binds anything but 127.0.0.1).
+Whoever reaches a worker's port can allocate, read and write tensors on its GPUs, the head's KV cache (its
+conversations) included. So a worker's rpc-server binds one address, the worker's own on the pool's network (never
+a wildcard, never loopback: the head must reach it), and its firewall admits one peer to the port, the head's single
+address. Any setting that would open it wider is refused here (R1FleetError naming pool, host, field and fix).
+
+A member's pool address is its fleet `address` (the one the controller reaches it by) unless the caller names
+another; it must be an IP address: a DNS name can change, or resolve to several addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from r1fleet.config import DEFAULT_PORTS, HostConfig
+from r1fleet.models import DevicePlan, Hardware, HostPlan, PoolDevice, PoolPlan
+from r1fleet.pool_config import DEFAULT_RPC_PORT
+from r1fleet.roles.artifacts import DeployError, Platform, load_versions
+from r1fleet.roles.llama_cpp.decide import LlamaInstall, llama_environment
+from r1fleet.roles.systemd_unit import uses_gpu
+
+RPC_UNIT = "r1fleet-rpc-server.service"
+RPC_FIREWALL_UNIT = "r1fleet-rpc-firewall.service"
+RPC_TABLE = "r1fleet-rpc"  # its own nftables table: the serving API's `inet r1fleet` (exposure.py) stays as it is
+RPC_RULES_FILE = "/etc/r1fleet/rpc-nftables.conf"
+USER = "ggml-rpc"
+HOME = "/var/lib/ggml-rpc"
+# Debian's multiarch triplets, as in /usr/libexec/<triplet>/llama/bin (LAB-NOTES.md, forky's llama.cpp-tools-extra)
+MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+# ggml's device names: ggml/include/ggml-cuda.h GGML_CUDA_NAME ("CUDA", "ROCm" under HIP), ggml/include/ggml-vulkan.h
+# GGML_VK_NAME; the backend numbers the devices it sees from 0.
+DEVICE_PREFIX = {"nvidia": "CUDA", "amd": "ROCm", "intel": "Vulkan"}
+FIX_SOURCE = ("serve the pool's members from Debian forky/sid packages (llama_cpp_install: auto or package, with "
+              "llama.cpp-tools-extra, libggml0-backend-rpc and the GPU's backend package; NVIDIA's "
+              "libggml0-backend-cuda is in sid's contrib), or take {host} out of pool {pool}")
+
+
+def pool_refusal(pool: str, host: str, field: str, message: str, fix: str) -> DeployError:
+    return DeployError(f"pool {pool}: {message}", host=host, field=field, fix=fix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses
+
+
+def pool_address(pool: str, config: HostConfig, role: str, override: str | None = None) -> str:
+    """The member's one unicast address on the pool's network: `override`, else its fleet `address`."""
+    value = override if override is not None else config.address
+    field = "address" if override is None else f"pools.{pool}"
+    where = f"the {role} {config.name}'s pool address {value!r}"
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise pool_refusal(pool, config.name, field, f"{where} is not an IP address; the worker's firewall admits one "
+                           "address, and a name can change or resolve to several",
+                           f"give {config.name} its IP address on the pool's network (e.g. address: 192.168.1.32)") from None
+    ip = network.network_address
+    why = None
+    if network.num_addresses != 1:
+        why = f"is a network of {network.num_addresses} addresses, not one host"
+    elif ip.is_unspecified:
+        why = "is a wildcard: it means every address"
+    elif ip.is_loopback:
+        why = "is loopback: the other members cannot reach it"
+    elif ip.is_multicast:
+        why = "is a multicast address"
+    elif ip.version == 6 and ip.is_link_local:
+        why = "is IPv6 link-local: it needs a scope id, which the firewall and systemd units cannot carry"
+    if why:
+        raise pool_refusal(pool, config.name, field, f"{where} {why}",
+                           f"use {config.name}'s own unicast address on the pool's network")
+    return str(ip)
+
+
+def host_address_problem(worker: RpcWorker, addresses: Iterable[str]) -> str | None:
+    """Why the worker cannot bind its pool address on the host (None when the host has it)."""
+    found = {str(ipaddress.ip_address(a.split("%", 1)[0])) for a in addresses if _is_ip(a.split("%", 1)[0])}
+    if worker.bind in found:
+        return None
+    return (f"pool {worker.pool}: host {worker.host}: field address: {worker.bind} is not an address of this host "
+            f"(it has {', '.join(sorted(found)) or 'none'}); rpc-server binds the worker's own pool address only "
+            f"(fix: set {worker.host}'s address to its IP on the pool's network)")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# A member's share of the pool
+
+
+def member_plan(pool: PoolPlan, host: str, hardware: Hardware) -> HostPlan:
+    """The pool as one member runs it, as a HostPlan (what the driver, sourcing and unit decisions read): the
+    member's own GPUs in gpu_uuids/gpu_indices; on the head also the model and the whole split over every
+    device (tensor_split, in llama.cpp's device order: the workers' first)."""
+    devices = [d for d in pool.devices if d.host == host]
+    gpus = {g.index: g for g in hardware.gpus}
+    lost = [d.gpu_index for d in devices if d.gpu_index not in gpus]
+    if not devices or lost:
+        what = f"GPU {', '.join(map(str, lost))} of the plan is not in its probe" if devices else "the plan gives it no device"
+        raise pool_refusal(pool.pool, host, "pools", what, "plan again (r1fleet plan --fleet) and deploy that plan")
+    mine = [gpus[d.gpu_index] for d in devices]
+    uuids = [d.gpu_uuid for d in devices]
+    head = host == pool.head
+    return HostPlan(
+        host=host, model=pool.model, ollama_tag=pool.ollama_tag, backend="llama.cpp",
+        placement="multi-gpu" if head or len(devices) > 1 else "gpu", fits=pool.pooled,
+        context_length=pool.context_length, kv_cache_type=pool.kv_cache_type, flash_attention=pool.flash_attention,
+        tensor_split=pool.tensor_split if head else None,
+        gpu_uuids=[u for u in uuids if u] if all(uuids) else [], gpu_indices=[d.gpu_index for d in devices],
+        devices=[_device_plan(d) for d in devices],
+        est_tokens_per_second=pool.est_tokens_per_second if head else None,
+        reasons=list(pool.reasons) if head else [f"worker of pool {pool.pool}: rpc-server for {pool.head}"],
+        gguf=pool.gguf if head else None, n_layers=pool.n_layers,
+        compute_caps=[g.compute_cap for g in mine if g.compute_cap], vendor=mine[0].vendor,
+    )
+
+
+def _device_plan(device: PoolDevice) -> DevicePlan:
+    return DevicePlan(**device.model_dump(include=set(DevicePlan.model_fields)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass(frozen=True)
+class RpcWorker:
+    """A validated pool worker: rpc-server on `bind`:`port`, reachable by `head` alone."""
+
+    pool: str
+    host: str
+    bind: str  # the worker's own pool address
+    head: str  # the head's address: the one peer the firewall admits
+    port: int
+    plan: HostPlan  # the worker's share (its GPUs)
+    devices: tuple[str, ...]  # rpc-server -d (ggml device names); empty on a lab host (its CPU stands in)
+
+    @property
+    def family(self) -> str:
+        """nftables' address family keyword for the pool's addresses."""
+        return "ip6" if ":" in self.bind else "ip"
+
+
+def rpc_worker(pool: PoolPlan, worker: HostConfig, head: HostConfig, hardware: Hardware, *,
+               bind_address: str | None = None, head_address: str | None = None) -> RpcWorker:
+    """Validate the worker's pool settings, refusing (DeployError: pool, host, field, fix) any that would open the
+    RPC port wider than the head's one address or collide with the host's other ports."""
+    name = worker.name
+    if not pool.pooled:
+        raise pool_refusal(pool.pool, name, "pools", "the pool is kept separate, so its members serve alone",
+                           "deploy the members' own plans (see the pool's reasons in r1fleet plan)")
+    if name not in pool.workers or head.name != pool.head:
+        raise pool_refusal(pool.pool, name, "pools", f"{name} is not a worker of this pool with head {head.name} "
+                           f"(workers: {', '.join(pool.workers)}; head: {pool.head})", "deploy the plan of this fleet")
+    bind = pool_address(pool.pool, worker, "worker", bind_address)
+    peer = pool_address(pool.pool, head, "head", head_address)
+    if ipaddress.ip_address(bind).version != ipaddress.ip_address(peer).version or bind == peer:
+        raise pool_refusal(pool.pool, name, "address", f"the worker's pool address {bind} and the head's {peer} must be "
+                           "two addresses of one IP version on one network", "give both hosts their addresses there")
+    _check_port(pool, worker)
+    plan = member_plan(pool, name, hardware)
+    return RpcWorker(pool.pool, name, bind, peer, pool.rpc_port, plan, _devices(pool, worker, hardware, plan))
+
+
+def _check_port(pool: PoolPlan, worker: HostConfig) -> None:
+    """rpc_port is the worker's alone: the serving API's port is opened to its allow-list by the exposure role
+    (which would admit that list to the RPC port too), and the SSH port would be dropped for all but the head."""
+    taken = {f"the {backend} serving port (port)": worker.port_for(backend) for backend in DEFAULT_PORTS}
+    taken["the SSH port (ssh_port)"] = worker.ssh_port
+    clash = [what for what, port in taken.items() if port == pool.rpc_port]
+    if clash:
+        raise pool_refusal(pool.pool, worker.name, f"pools.{pool.pool}.rpc_port",
+                           f"rpc_port {pool.rpc_port} is also {' and '.join(clash)} on {worker.name}",
+                           f"choose another rpc_port for the pool (default {DEFAULT_RPC_PORT})")
+
+
+def _devices(pool: PoolPlan, worker: HostConfig, hardware: Hardware, plan: HostPlan) -> tuple[str, ...]:
+    """rpc-server's -d: the planned GPUs by ggml name. Without -d rpc-server serves every non-CPU device it finds
+    (tools/rpc/rpc-server.cpp, get_devices), a second backend's view of the same GPU included, which would not
+    match the plan's split. NVIDIA GPUs are narrowed to the planned ones by CUDA_VISIBLE_DEVICES (rpc_environment),
+    so they are CUDA0..n-1; other vendors' GPUs have no such selector here, so the worker must lend all of them."""
+    if worker.profile is not None:  # a lab host: simulated GPUs, served by the CPU backend (one device)
+        return ()
+    vendor = plan.vendor or ""
+    count = len(plan.gpu_indices)
+    if vendor != "nvidia" and count != sum(1 for g in hardware.gpus if g.vendor == vendor):
+        raise pool_refusal(pool.pool, worker.name, "pools", f"the plan lends {count} of {worker.name}'s {vendor} GPUs; "
+                           "r1fleet selects a subset of GPUs by CUDA_VISIBLE_DEVICES, on NVIDIA only",
+                           f"take {worker.name} out of the pool, or plan it to lend all its GPUs")
+    return tuple(f"{DEVICE_PREFIX[vendor]}{i}" for i in range(count))
+
+
+def rpc_server_args(worker: RpcWorker) -> list[str]:
+    """ggml-rpc-server's arguments (tools/rpc/rpc-server.cpp: -H host, -p port, -d devices; no -c: its cache would
+    keep the worker's weights on disk, which the plan does not budget for)."""
+    args = ["-H", worker.bind, "-p", str(worker.port)]
+    if worker.devices:
+        args += ["-d", ",".join(worker.devices)]
+    return args
+
+
+def rpc_environment(worker: RpcWorker, install: LlamaInstall) -> dict[str, str]:
+    """The unit's environment: the llama.cpp role's (the GPU selection), with the worker's own home."""
+    env = {**llama_environment(worker.plan, install), "HOME": HOME}
+    if worker.plan.vendor == "nvidia" and not worker.plan.gpu_uuids:
+        # no UUID in the probe (the driver came later): by index, in nvidia-smi's order, which is the PCI bus order
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in worker.plan.gpu_indices)
+    return env
+
+
+def firewall_context(worker: RpcWorker) -> dict[str, Any]:
+    """Variables of templates/rpc_worker/nftables.conf.j2."""
+    return {"table": RPC_TABLE, "pool": worker.pool, "head": worker.head, "bind": worker.bind, "port": worker.port,
+            "family": worker.family}
+
+
+# ---------------------------------------------------------------------------------------------
+# Where rpc-server and the RPC backend come from
+
+
+def pool_packages(versions: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """Every package the sourcing decisions ask apt about."""
+    debian = (versions or load_versions())["llama_cpp"]["debian"]
+    return (debian["server_package"], *debian["backend_packages"].values(), debian["rpc_server_package"],
+            debian["rpc_backend_package"])
+
+
+def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
+                 needs: tuple[str, ...], debian: Mapping[str, Any]) -> None:
+    """Refuse a member whose llama.cpp source (the llama.cpp role's choice) cannot take part in a pool."""
+    host, fix = plan.host, FIX_SOURCE.format(host=plan.host, pool=pool)
+    if base.method == "ollama-bundle":
+        raise pool_refusal(pool, host, "llama_cpp_install", "llama.cpp would come from the pinned Ollama archive here "
+                           "(apt offers no llama.cpp package with this GPU's backend), and that archive has neither ggml's "
+                           "rpc-server nor its RPC backend (ollama llama/server/CMakeLists.txt installs llama-server "
+                           "and llama-quantize only)", fix)
+    if base.method == "source":
+        raise pool_refusal(pool, host, "llama_cpp_install", "a source build (llama_cpp_install: source) builds "
+                           "llama-server without GGML_RPC, and no rpc-server", fix)
+    missing = [p for p in needs if p not in available]
+    backend = debian["backend_packages"].get(plan.vendor or "")
+    if uses_gpu(plan) and settings.profile is None and backend not in base.packages:
+        missing.append(backend or f"a ggml backend for {plan.vendor} GPUs")
+    if missing:
+        raise pool_refusal(pool, host, "llama_cpp_install", f"apt on {host} offers no {', '.join(missing)}", fix)
+
+
+def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig,
+                       available: set[str], pool: str, versions: Mapping[str, Any] | None = None) -> LlamaInstall:
+    """rpc-server for a worker, from the source the llama.cpp role chose (`base`): Debian's packages only."""
+    debian = (versions or load_versions())["llama_cpp"]["debian"]
+    needs = (debian["rpc_server_package"], debian["rpc_backend_package"])
+    _pool_source(base, plan, settings, available, pool, needs, debian)
+    if platform.arch not in MULTIARCH:
+        raise pool_refusal(pool, plan.host, "uname", f"no Debian multiarch path known for {platform.arch}",
+                           "use an amd64 or arm64 worker")
+    gpu_backend = tuple(p for p in base.packages if p != debian["server_package"])  # a worker runs no llama-server
+    return LlamaInstall(method="package", packages=(*gpu_backend, *needs),
+                        binary=debian["rpc_server_binary"].format(multiarch=MULTIARCH[platform.arch]))
+
+
+def pool_head_install(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
+                      versions: Mapping[str, Any] | None = None) -> LlamaInstall:
+    """The head's llama-server with the RPC backend (what makes `--rpc` exist), from Debian's packages only."""
+    debian = (versions or load_versions())["llama_cpp"]["debian"]
+    needs = (debian["rpc_backend_package"],)
+    _pool_source(base, plan, settings, available, pool, needs, debian)
+    return LlamaInstall(method="package", packages=(*base.packages, *needs), binary=base.binary)
