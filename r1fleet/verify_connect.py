@@ -26,7 +26,9 @@ from r1fleet.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
 from r1fleet.lock import effective_plan
-from r1fleet.planner import rehearse
+from r1fleet.planner import plan_host, rehearse
+from r1fleet.pool_planner import plan_pools
+from r1fleet.roles.rpc_worker.decide import member_plan
 from r1fleet.verify_target import Target
 
 PROBE_TIMEOUT_S = 120
@@ -95,7 +97,8 @@ def connect_and_plan(target: Target, options: ConnectOptions) -> None:
         target.error = f"the probe failed on {where} (exit {result.rc}): {result.stderr.strip()[-300:] or 'no probe document'}"
         return
     try:
-        plan = effective_plan(parse_probe(result.stdout, entry.name), entry.policy, options.lock, options.fleet)
+        target.hardware = parse_probe(result.stdout, entry.name)
+        plan = effective_plan(target.hardware, entry.policy, options.lock, options.fleet)
     except R1FleetError as err:
         target.error = f"cannot plan: {err}"
         return
@@ -117,3 +120,24 @@ def connect_and_plan_all(targets: dict[str, Target], options: ConnectOptions) ->
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             targets[name].error = f"connecting and probing took longer than {int(deadline - time.monotonic() + 1)} s; the host hangs"
+
+
+def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions) -> None:
+    """Pool members are verified as the deploy serves them: the head against its part of the pool plan (the
+    model split over every member's devices), a worker as the rpc-server it runs. A pool kept separate, or
+    one whose members are not all reached, leaves its members' own plans."""
+    for name, pool in pools.items():
+        members = [targets.get(member) for member in pool.hosts]
+        if any(m is None or m.hardware is None for m in members):
+            continue
+        policies = [m.entry.policy for m in members]
+        solo = [plan_host(m.hardware, policy) for m, policy in zip(members, policies)]
+        (planned,), _ = plan_pools({name: pool}, [m.hardware for m in members], solo, policies)
+        if not planned.pooled:
+            continue
+        for member in members:
+            member.pool = planned
+            member.pool_role = "head" if member.name == planned.head else "worker"
+            plan = member_plan(planned, member.name, member.hardware)
+            member.plan = rehearse(plan) if (member.entry.rehearsal or options.rehearsal) and member.pool_role == "head" else plan
+            member.error = None

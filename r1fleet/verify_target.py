@@ -24,6 +24,7 @@ from r1fleet.net import is_loopback
 from r1fleet.roles.llama_cpp import USER as LLAMA_USER
 from r1fleet.roles.macos import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
 from r1fleet.roles.ollama import USER as OLLAMA_USER
+from r1fleet.roles.rpc_worker.decide import RPC_UNIT, USER as RPC_USER
 from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.service_readings import (
     launchd_disabled,
@@ -64,6 +65,13 @@ class Target:
     chat_timeout: int = 300
     measured: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    hardware: Any = None  # r1fleet.models.Hardware from the probe
+    pool: Any = None  # r1fleet.models.PoolPlan when the host serves in a pooled pool
+    pool_role: str | None = None  # "head" (llama-server over the pool) or "worker" (rpc-server, no API)
+
+    @property
+    def worker(self) -> bool:
+        return self.pool_role == "worker"
 
     @property
     def name(self) -> str:
@@ -80,10 +88,14 @@ class Target:
 
     @property
     def unit(self) -> str:
+        if self.worker:
+            return RPC_UNIT
         return MACOS_LABEL if self.darwin else SERVICES[self.backend][0]
 
     @property
     def user(self) -> str:
+        if self.worker:
+            return RPC_USER
         return MACOS_USER if self.darwin else SERVICES[self.backend][1]
 
     def launchd_job(self) -> dict[str, Any]:
@@ -125,11 +137,11 @@ class Target:
 
     @property
     def port(self) -> int:
-        return self.entry.port_for(self.backend)
+        return self.pool.rpc_port if self.worker else self.entry.port_for(self.backend)
 
     @property
     def bind(self) -> str:
-        return self.entry.bind_address
+        return self.entry.address if self.worker else self.entry.bind_address  # a worker: its pool address
 
     @property
     def exposed(self) -> bool:

@@ -50,6 +50,16 @@ def tcp_probe(address: str, port: int) -> str:
     return f"timeout {PROBE_TIMEOUT_S} bash -c {shlex.quote(f'</dev/tcp/{address}/{port}')} 2>/dev/null"
 
 
+def reached_or_probe(address: str, port: int) -> str:
+    """A shell command that succeeds when this host already holds a connection to address:port (a pool head's
+    llama-server to its worker) or when a new one is accepted. ggml's rpc-server serves one client at a time
+    and listens with a backlog of 1 (ggml-rpc.cpp, create_server_socket), so while the head is connected a probe
+    is never accepted: it waits in the queue, and two such probes fill it. The live connection is the proof."""
+    peer = f"[{address}]" if ":" in address else address
+    held = f"ss -Htn state established {shlex.quote(f'( dst {peer} and dport = :{port} )')} 2>/dev/null | grep -q ."
+    return f"{{ {held} || {tcp_probe(address, port)}; }}"
+
+
 @operation()
 def wait_tcp(address: str, port: int, timeout_s: int = 60, what: str = "service"):
     """Poll until address:port accepts a TCP connection; fail the host with a clear message otherwise."""
@@ -68,7 +78,7 @@ class UnreachableEndpoints(FactBase):
     def command(self, endpoints: tuple[tuple[str, str, int], ...], timeout_s: int) -> str:
         checks = []
         for name, address, port in endpoints:
-            checks.append(f"until {tcp_probe(address, port)}; do [ $(date +%s) -lt $end ] || "
+            checks.append(f"until {reached_or_probe(address, port)}; do [ $(date +%s) -lt $end ] || "
                           f"{{ echo down {shlex.quote(name)}; break; }}; sleep 1; done")
         return f"end=$(($(date +%s)+{int(timeout_s)})); " + "; ".join(checks) + "; true"
 

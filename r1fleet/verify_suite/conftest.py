@@ -31,7 +31,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.fleet import Fleet, load_fleet
 from r1fleet.lock import lock_path, read_lock, relock_fleet
 from r1fleet.models import HostPlan
-from r1fleet.verify_connect import ConnectOptions, connect_and_plan_all, write_lab_ssh_config
+from r1fleet.verify_connect import ConnectOptions, apply_pools, connect_and_plan_all, write_lab_ssh_config
 from r1fleet.verify_table import HostResult, host_result, results_table
 from r1fleet.verify_target import Target
 
@@ -116,7 +116,9 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
         )
         for name in _selected_hosts(request.session)
     }
-    connect_and_plan_all(chosen, connect_options(config, lab_ssh_config))
+    options = connect_options(config, lab_ssh_config)
+    connect_and_plan_all(chosen, options)
+    apply_pools(fleet.pools, chosen, options)
     reporter = config.pluginmanager.get_plugin(REPORTER_NAME)
     if reporter is not None:
         reporter.targets = chosen
@@ -129,6 +131,22 @@ def target(node: str, targets: dict[str, Target]) -> Target:
     if t.error:
         pytest.fail(f"{node}: {t.error}", pytrace=False)
     return t
+
+
+@pytest.fixture(autouse=True)
+def _check_applies(request: pytest.FixtureRequest) -> None:
+    """A check runs on the hosts its `roles` marker names: "host" (serving alone), "head" (serving a pool),
+    "worker" (a pool's rpc-server, which serves no API). Unmarked checks are for hosts and heads."""
+    node = request.node.callspec.params.get("node") if hasattr(request.node, "callspec") else None
+    if node is None:
+        return
+    target = request.getfixturevalue("targets").get(node)
+    if target is None or target.error:
+        return
+    marker = request.node.get_closest_marker("roles")
+    role = target.pool_role or "host"
+    if role not in (marker.args if marker else ("host", "head")):
+        pytest.skip(f"not a check for a pool {role}" if target.pool_role else "a check for pool members only")
 
 
 @pytest.fixture
@@ -211,7 +229,10 @@ class VerifyReporter:
             if target is None:
                 results.append(host_result(name, checks))
             else:
-                results.append(host_result(name, checks, target.plan, target.measured, target.error))
+                result = host_result(name, checks, target.plan, target.measured, target.error)
+                if target.worker:  # its devices serve the head's model; it answers no request itself
+                    result.backend, result.context, result.est_tps = f"rpc-server for {target.pool.head}", None, None
+                results.append(result)
         return results
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -228,6 +249,7 @@ class VerifyReporter:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "roles(*roles): the host roles a check applies to (host, head, worker)")
     if not config.getoption("help", False):
         fleet_of(config)  # an invalid fleet is a usage error (exit 4), reported before any collection
     if not config.pluginmanager.has_plugin(REPORTER_NAME):

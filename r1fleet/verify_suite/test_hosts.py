@@ -82,6 +82,7 @@ def _ask(target: Target):
 # ---------------------------------------------------------------- driver and GPUs
 
 
+@pytest.mark.roles("host", "head", "worker")
 def test_gpus_visible(target: Target, plan: HostPlan) -> None:
     if not uses_gpu(plan):
         pytest.skip("the plan uses no GPU")
@@ -97,17 +98,20 @@ def test_gpus_visible(target: Target, plan: HostPlan) -> None:
 # ---------------------------------------------------------------- the service
 
 
+@pytest.mark.roles("host", "head", "worker")
 def test_service_active(target: Target) -> None:
     how = (f"sudo launchctl kickstart system/{target.unit}; see /Library/Logs/r1fleet" if target.darwin
            else f"systemctl start {target.unit}; journalctl -u {target.unit}")
     assert target.service_running(), f"{target.name}: {target.unit} is not running ({how})"
 
 
+@pytest.mark.roles("host", "head", "worker")
 def test_service_enabled(target: Target) -> None:
     state = target.enabled_state()
     assert state == "enabled", f"{target.name}: {target.unit} is {state}, not enabled: it will not start at boot"
 
 
+@pytest.mark.roles("host", "head", "worker")
 def test_service_user(target: Target) -> None:
     configured = target.configured_user()
     assert configured == target.user, f"{target.name}: {target.unit} is configured to run as {configured or 'root'!r}, not {target.user!r}"
@@ -119,6 +123,7 @@ def test_service_user(target: Target) -> None:
     assert not wrong, f"{target.name}: {target.unit} has processes running as {', '.join(wrong)}, not only {target.user!r}"
 
 
+@pytest.mark.roles("host", "head", "worker")
 def test_listens_only_on_plan(target: Target) -> None:
     listeners = target.listeners()
     problems = listener_problems(listeners, target.service_pids(), target.bind, target.port)

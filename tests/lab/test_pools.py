@@ -1,0 +1,93 @@
+"""Lab: a pool (issue 14). Two hosts with one simulated RTX 3090 each (inventory/lab-pool.yml) serve the model
+planned for both together: the head's llama-server splits it over the worker's real ggml-rpc-server (its
+stand-in GPU served by its CPU backend) and its own device. The pool deploys, a second run changes nothing,
+verify passes; the worker's RPC port drops this controller; a stopped rpc-server fails verify, naming the
+worker and the check. Root + lab only (tests/lab/conftest.py); the default lab comes back afterwards.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from test_deploy import changed_count
+
+ROOT = Path(__file__).resolve().parents[2]
+POOL_LAB = ROOT / "inventory/lab-pool.yml"
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
+HEAD, WORKER = "lab-pool-a", "lab-pool-b"
+
+
+def lab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1fleet.lab", *args], capture_output=True, text=True, timeout=900)
+
+
+def deploy() -> subprocess.CompletedProcess:
+    env = {**os.environ, "R1FLEET_FLEET": str(POOL_LAB)}
+    return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+
+
+def verify(report: Path) -> tuple[subprocess.CompletedProcess, dict[str, list[str]]]:
+    run = subprocess.run([R1FLEET, "verify", "--fleet", str(POOL_LAB), "--junit", str(report)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    cases = {case.get("name"): [child.tag for child in case] for case in ET.parse(report).iter("testcase")}
+    return run, cases
+
+
+@pytest.fixture(scope="module")
+def pool_lab(lab_is_up):
+    lab("down")
+    try:
+        up = lab("up", "--fleet", str(POOL_LAB))
+        assert up.returncode == 0, up.stdout + up.stderr
+        first = deploy()
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+        yield first
+    finally:
+        lab("down")
+        lab("up")  # the default lab, for the tests after this module
+
+
+@pytest.fixture(scope="module")
+def lab_is_up(lab):
+    return lab
+
+
+def test_the_pool_serves_the_model_neither_host_holds(pool_lab, ssh, tmp_path):
+    output = pool_lab.stdout + pool_lab.stderr
+    assert "pooled: 70b across lab-pool-b, lab-pool-a" in output
+    again = deploy()
+    assert again.returncode == 0 and changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]
+    argv = ssh(HEAD, "systemctl show -p ExecStart --value r1fleet-llama-server.service").stdout
+    assert "--rpc 10.77.0.12:50052,127.0.0.1:50100" in argv  # the worker first, then the head's own device
+    run, cases = verify(tmp_path / "verify.xml")
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert cases[f"test_head_uses_every_worker[{HEAD}]"] == []
+    assert cases[f"test_rpc_port_admits_only_the_head[{WORKER}]"] == []
+    assert cases[f"test_chat_answers[{HEAD}]"] == []
+
+
+def test_only_the_head_reaches_the_workers_rpc_port(pool_lab, ssh):
+    with pytest.raises(OSError):  # dropped by the worker's table inet r1fleet-rpc: a timeout, not an answer
+        socket.create_connection(("10.77.0.12", 50052), timeout=3).close()
+    rules = ssh(WORKER, "nft list table inet r1fleet-rpc").stdout
+    assert "ip saddr 10.77.0.11 ip daddr 10.77.0.12 tcp dport 50052 accept" in rules
+
+
+def test_a_stopped_worker_fails_verify_by_name(pool_lab, ssh, tmp_path):
+    ssh(WORKER, "systemctl stop r1fleet-rpc-server.service")
+    try:
+        run, cases = verify(tmp_path / "verify.xml")
+        assert run.returncode != 0
+        assert cases[f"test_service_active[{WORKER}]"] == ["failure"], cases
+        assert f"{WORKER}: r1fleet-rpc-server.service is not running" in run.stdout
+    finally:
+        healed = deploy()  # the deploy starts the worker again, then the head waits for it
+        assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-2000:]
