@@ -38,6 +38,11 @@ from r1fleet.service_readings import (
 SERVICES = {"ollama": (OLLAMA_UNIT, OLLAMA_USER), "llama.cpp": (LLAMA_UNIT, LLAMA_USER)}
 
 
+def fail(target: "Target", message: str) -> None:
+    """Fail the current check, naming the host first (the message is the fix's context)."""
+    pytest.fail(f"{target.name}: {message}", pytrace=False)
+
+
 def credential_path(unit_text: str) -> str | None:
     """The file of the last `LoadCredential=NAME:PATH` in `systemctl cat` output (a later line wins, as in systemd).
 

@@ -33,7 +33,7 @@ from r1fleet.verify_report import (
 )
 
 from r1fleet.roles.exposure import ufw_rules_come_first
-from r1fleet.verify_target import Target
+from r1fleet.verify_target import Target, fail
 
 PROMPT = "What is 7 + 5? Reply with the number only."
 MIB = 1024 * 1024
@@ -41,10 +41,6 @@ MIB = 1024 * 1024
 
 def uses_gpu(plan: HostPlan) -> bool:
     return plan.placement not in (None, "cpu") and plan.vendor is not None
-
-
-def fail(target: Target, message: str) -> None:
-    pytest.fail(f"{target.name}: {message}", pytrace=False)
 
 
 def chat(target: Target):

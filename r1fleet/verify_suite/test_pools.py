@@ -13,13 +13,9 @@ import socket
 import pytest
 
 from r1fleet.roles.tcp_health import reached_or_probe
-from r1fleet.verify_target import Target
+from r1fleet.verify_target import Target, fail
 
 CONNECT_TIMEOUT_S = 3
-
-
-def fail(target: Target, message: str) -> None:
-    pytest.fail(f"{target.name}: {message}", pytrace=False)
 
 
 def controller_reaches(address: str, port: int) -> bool:

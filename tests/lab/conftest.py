@@ -8,6 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -44,6 +47,19 @@ def pytest_collection_modifyitems(config, items):
 def lab_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "r1fleet.lab", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def another_lab(fleet_file: Path) -> Iterator[None]:
+    """For one module: the lab rebooted as another lab file's hosts, then the default lab back for the others."""
+    lab_command("down")
+    try:
+        up = lab_command("up", "--fleet", str(fleet_file))
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield
+    finally:
+        lab_command("down")
+        lab_command("up")
 
 
 @pytest.fixture(scope="session")

@@ -12,22 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import another_lab
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 DRIVER_LAB = ROOT / "inventory" / "lab-drivers.yml"
 
 
-def lab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "r1fleet.lab", *args], capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
 def dry_run(lab_fixture_is_up):
-    lab("down")
-    try:
-        up = lab("up", "--fleet", str(DRIVER_LAB))
-        assert up.returncode == 0, up.stdout + up.stderr
+    with another_lab(DRIVER_LAB):
         env = {**os.environ, "R1FLEET_FLEET": str(DRIVER_LAB)}
         run = subprocess.run([PYINFRA, "inventory.py", "deploy.py", "--dry"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
@@ -38,9 +32,6 @@ def dry_run(lab_fixture_is_up):
             for host in ("lab-nodriver", "lab-driver535")
         }
         yield run, installed
-    finally:
-        lab("down")
-        lab("up")  # the default lab, for the tests after this module
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import another_lab
 
 from test_deploy import changed_count
 
@@ -22,10 +23,6 @@ POOL_LAB = ROOT / "inventory/lab-pool.yml"
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
 HEAD, WORKER = "lab-pool-a", "lab-pool-b"
-
-
-def lab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "r1fleet.lab", *args], capture_output=True, text=True, timeout=900)
 
 
 def deploy() -> subprocess.CompletedProcess:
@@ -43,16 +40,10 @@ def verify(report: Path) -> tuple[subprocess.CompletedProcess, dict[str, list[st
 
 @pytest.fixture(scope="module")
 def pool_lab(lab_is_up):
-    lab("down")
-    try:
-        up = lab("up", "--fleet", str(POOL_LAB))
-        assert up.returncode == 0, up.stdout + up.stderr
+    with another_lab(POOL_LAB):
         first = deploy()
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
         yield first
-    finally:
-        lab("down")
-        lab("up")  # the default lab, for the tests after this module
 
 
 @pytest.fixture(scope="module")
