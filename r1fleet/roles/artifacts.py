@@ -87,6 +87,7 @@ class ModelDownload:
     url: str
     file: str
     sha256: str
+    fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
 
 
 def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDownload:

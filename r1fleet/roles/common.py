@@ -117,13 +117,16 @@ def refuse(message: str):
     yield refusal(message)
 
 
-def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False) -> list[str]:
+def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None) -> list[str]:
     """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
-    deleting the file, unless its sha256 is the pinned one."""
+    deleting the file, unless its sha256 is the pinned one. `fallback`: the upstream URL, fetched when `url`
+    (the controller's cache, which resumes) does not answer within a few seconds."""
     q = shlex.quote
-    fetch = f"curl -fSL --retry 3 -o {target} {q(url)}"
+    fetch = f"curl -fSL --retry 3 -o {target} {q(fallback or url)}"
     if resume:  # continue a partial download; start over when the server cannot resume
-        fetch = f"curl -fSL --retry 3 -C - -o {target} {q(url)} || {fetch}"
+        fetch = f"{{ curl -fSL --retry 3 -C - -o {target} {q(fallback or url)} || {fetch}; }}"
+    if fallback:  # the controller first, briefly: a firewall there must not cost minutes of retries
+        fetch = f"{{ curl -fSL --retry 2 --connect-timeout 5 -C - -o {target} {q(url)} || {fetch}; }}"
     mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")
     return [fetch, f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
 
@@ -162,7 +165,8 @@ def fetch_verified_reads(dest: str) -> list[FactRequest]:
 
 
 @operation()
-def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640"):
+def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640",
+                   fallback_url: str | None = None):
     """Download once, resumable, sha256-verified; the file appears under its name only when good, with a
     stamp beside it so that later runs need not read it in full again."""
     digest = host.get_fact(VerifiedDigest, path=dest)
@@ -177,7 +181,7 @@ def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode
     steps = [
         "set -e",
         f"mkdir -p {q(str(Path(dest).parent))}",
-        *verified_fetch_steps(url, q(part), sha256, resume=True),
+        *verified_fetch_steps(url, q(part), sha256, resume=True, fallback=fallback_url),
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",
         f"mv -f {q(part)} {q(dest)}",

@@ -116,7 +116,7 @@ def release_if_missing(release: T) -> T:
     if host.get_fact(File, path=release.stamp):
         return release
     cache_dir = host.data.get("r1fleet_cache_dir")
-    return replace(release, assets=tuple(replace(a, url=via_controller(a.url, a.sha256, a.name, cache_dir))
+    return replace(release, assets=tuple(_via(a, via_controller(a.url, a.sha256, a.name, cache_dir))
                                          for a in release.assets))
 
 
@@ -124,8 +124,13 @@ def download_if_missing(download: T, dest: str) -> T:
     """The model download, from the controller's cache when `dest` does not hold it verified yet."""
     if (host.get_fact(VerifiedDigest, path=dest) or (None, None))[1] == download.sha256:
         return download
-    url = via_controller(download.url, download.sha256, download.file, host.data.get("r1fleet_cache_dir"))
-    return replace(download, url=url)
+    return _via(download, via_controller(download.url, download.sha256, download.file, host.data.get("r1fleet_cache_dir")))
+
+
+def _via(artifact: T, url: str) -> T:
+    """The artifact from `url`, and from where it came before when the host cannot reach the controller (a
+    firewall on this machine, say): the host then downloads it itself, as without the cache."""
+    return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
 
 
 def served_bytes() -> dict[str, int]:

@@ -109,7 +109,8 @@ def step(state: State, host, name: str) -> Iterator[None]:
             message = f"unexpected {type(error).__name__}: {error} (please report it with this host's probe: r1fleet probe {host.name})"
         print(f"[{host.name}] {name} failed: {message}", file=sys.stderr)
         record(host.name, name, message)
-        state.fail_hosts({host})
+        # the Host itself, not pyinfra's context proxy: the summary reads failed_hosts after the context is gone
+        state.fail_hosts({host._get_module() if hasattr(host, "_get_module") else host})
 
 
 def ok(host) -> bool:

@@ -63,6 +63,7 @@ def test_the_pool_serves_the_model_neither_host_holds(pool_lab, ssh, tmp_path):
     assert cases[f"test_head_uses_every_worker[{HEAD}]"] == []
     assert cases[f"test_rpc_port_admits_only_the_head[{WORKER}]"] == []
     assert cases[f"test_chat_answers[{HEAD}]"] == []
+    assert cases[f"test_layers_per_gpu[{HEAD}]"] == []  # the blocks on the worker's device and the head's, as planned
 
 
 def test_only_the_head_reaches_the_workers_rpc_port(pool_lab, ssh):

@@ -139,6 +139,29 @@ def test_a_policy_change_waits_for_a_relock(fleet, ssh):
     assert ssh("lab-cpu", f"sha256sum {unit}").stdout == before  # still the locked plan
 
 
+def test_a_host_that_cannot_reach_the_controller_downloads_upstream(fleet, ssh):
+    """A firewall on the controller drops the cache server's port: the host falls back to upstream (here the
+    lab mirror) after a few seconds, and still verifies what it got."""
+    from r1fleet.roles.fleet_cache import CACHE_PORT
+
+    table = "inet r1fleet-test-drop"
+    subprocess.run(["nft", "add", "table", *table.split()], check=True)
+    try:
+        subprocess.run(["nft", "add", "chain", *table.split(), "input",
+                        "{ type filter hook input priority -10; policy accept; }"], check=True)
+        subprocess.run(["nft", "add", "rule", *table.split(), "input", "tcp", "dport", str(CACHE_PORT), "drop"],
+                       check=True)
+        reset("lab-cpu")
+        served = mirror_served()
+        again = run([PYINFRA, "-y", "inventory.py", "deploy.py", "--limit", "lab-cpu"], fleet)
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
+        gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert mirror_served()[gguf] - served.get(gguf, 0) == (paths.MIRROR_DIR / gguf.lstrip("/")).stat().st_size
+        assert ssh("lab-cpu", "systemctl is-active r1fleet-ollama.service").stdout.strip() == "active"
+    finally:
+        subprocess.run(["nft", "delete", "table", *table.split()], check=False)
+
+
 def test_changed_hardware_stops_that_host_alone(fleet, ssh):
     changed = yaml.safe_load(fleet.read_text())
     changed["hosts"][CHANGED]["profile"] = "rtx3060-12g"  # as if its GPU had been swapped
@@ -150,7 +173,9 @@ def test_changed_hardware_stops_that_host_alone(fleet, ssh):
     assert result.returncode != 0
     assert f"[{CHANGED}] plan failed: " in output and "the hardware differs from the lock" in output, output[-3000:]
     assert f"r1fleet lock --fleet {fleet} {CHANGED}" in output
+    assert "Traceback" not in output and "r1fleet: 1 of 4 host(s) failed:" in output, output[-3000:]
     for host in ("lab-3060", "lab-dual3090", "lab-cpu"):  # the others converged
         assert ssh(host, "systemctl is-active --quiet r1fleet-ollama.service || "
                          "systemctl is-active --quiet r1fleet-llama-server.service").returncode == 0, host
     assert ssh(CHANGED, "test -e /etc/systemd/system/r1fleet-ollama.service").returncode != 0  # nothing deployed there
+

@@ -210,7 +210,8 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
     changed.append(fetch_verified(
-        name=f"Model {download.file}", url=download.url, dest=model_path, sha256=download.sha256, user=USER, group=USER
+        name=f"Model {download.file}", url=download.url, fallback_url=download.fallback_url, dest=model_path,
+        sha256=download.sha256, user=USER, group=USER,
     ))
     return changed
 

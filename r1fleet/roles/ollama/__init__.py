@@ -100,7 +100,7 @@ def install_release(release: OllamaRelease):
     ]
     for asset in release.assets:
         archive = f'"$tmp"/{q(asset.name)}'
-        steps += verified_fetch_steps(asset.url, archive, asset.sha256)
+        steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
         if asset.name.endswith(".tar.zst"):
             steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
         else:
@@ -328,7 +328,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
         gguf_path = import_path(settings, download)
         files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
-        fetch_verified(name=f"Stand-in {download.file}", url=download.url, dest=gguf_path, sha256=download.sha256,
+        fetch_verified(name=f"Stand-in {download.file}", url=download.url, fallback_url=download.fallback_url,
+                       dest=gguf_path, sha256=download.sha256,
                        user="root", group=group, mode="0644")
         files.put(
             name="Modelfile for the stand-in",

@@ -22,6 +22,7 @@ class Asset:
     name: str
     url: str
     sha256: str
+    fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
 
 
 @dataclass(frozen=True)
