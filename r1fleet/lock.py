@@ -36,7 +36,7 @@ from r1fleet.policy import Policy
 __all__ = [
     "LOCK_VERSION", "Fingerprint", "GpuFingerprint", "HostLock", "Lock", "LockMismatch", "effective_plan",
     "fingerprint_differences", "fingerprint_of", "key_fingerprint", "lock_entry", "lock_path", "lock_text",
-    "locked_plan", "plan_diff", "read_lock", "relock_command", "relock_fleet", "write_lock",
+    "locked_plan", "locked_pool", "plan_diff", "read_lock", "relock_command", "relock_fleet", "write_lock",
 ]
 
 
@@ -166,6 +166,22 @@ def locked_plan(host_lock: HostLock, hw: Hardware, fleet: str | None = None) -> 
     if not plan.gpu_uuids and plan.vendor == "nvidia" and uuids and all(uuids):
         return plan.model_copy(update={"gpu_uuids": uuids})
     return plan
+
+
+def locked_pool(lock: Lock | None, name: str, hardware: Mapping[str, Hardware], fleet: str | None = None):
+    """The locked plan of pool `name` (a PoolPlan) when the lock holds it and every member's hardware is what it
+    was locked on; None when the lock has no such pool (it is planned live). LockMismatch names a member whose
+    hardware changed, with the command that relocks it (and so its pool)."""
+    if lock is None or name not in lock.pools:
+        return None
+    for member, hw in hardware.items():
+        entry = lock.hosts.get(member)
+        if entry is None:
+            return None
+        differences = fingerprint_differences(entry.fingerprint, fingerprint_of(hw))
+        if differences:
+            raise LockMismatch(member, differences, fleet)
+    return lock.pools[name]
 
 
 def effective_plan(hw: Hardware, policy: Policy, lock: Lock | None, fleet: str | None = None) -> HostPlan:

@@ -74,11 +74,29 @@ def cmd_lock(args: argparse.Namespace) -> int:
             entry = entry.model_copy(update={"api_key_fingerprint": previous.api_key_fingerprint})
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
-    lock = Lock(hosts=hosts)
+    lock = Lock(hosts=hosts, pools=_pools(fleet, jobs, old))
     write_lock(path, lock)
     print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
     print("\n".join(lines))
     return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
+
+
+def _pools(fleet, jobs: list, old) -> dict:
+    """Each pool planned from its members' probes of this run (a pool with a member not probed now keeps its
+    locked plan): the lock holds what the deploy of the pool serves."""
+    from r1fleet.hardware import parse_probe
+    from r1fleet.planner import plan_host
+    from r1fleet.pool_planner import plan_pools
+
+    probed = {host: (parse_probe(text, host), policy) for host, text, policy, _ in jobs}
+    pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
+    for name, pool in fleet.pools.items():
+        if all(member in probed for member in pool.hosts):
+            hardware = [probed[m][0] for m in pool.hosts]
+            policies = [probed[m][1] for m in pool.hosts]
+            (pools[name],), _ = plan_pools({name: pool}, hardware, [plan_host(h, p) for h, p in zip(hardware, policies)],
+                                           policies)
+    return pools
 
 
 def _lock_line(host: str, entry, previous) -> str:

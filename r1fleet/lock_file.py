@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from r1fleet.catalog import load_catalog
 from r1fleet.errors import R1FleetError
 from r1fleet.lock_artifacts import Artifacts
-from r1fleet.models import HostPlan
+from r1fleet.models import HostPlan, PoolPlan
 
 LOCK_VERSION = 1
 RAM_STEP_MIB = 1024  # why: r1fleet/lock.py, where RAM is rounded and compared
@@ -69,6 +69,15 @@ class HostLock(_Strict):
 class Lock(_Strict):
     version: int = LOCK_VERSION
     hosts: dict[str, HostLock] = {}
+    pools: dict[str, PoolPlan] = Field({}, description="each pool's plan, locked with its members' entries")
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _drop_pool_computed(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # tensor_split_flag is computed from tensor_split (as in HostLock)
+            value = {name: ({k: v for k, v in plan.items() if k != "tensor_split_flag"} if isinstance(plan, dict) else plan)
+                     for name, plan in value.items()}
+        return value
 
 
 # ---------------------------------------------------------------- reading and writing
@@ -95,6 +104,9 @@ def lock_text(lock: Lock) -> str:
     import yaml
 
     document = {"version": lock.version, "hosts": {name: lock.hosts[name].document() for name in sorted(lock.hosts)}}
+    if lock.pools:
+        document["pools"] = {name: lock.pools[name].model_dump(mode="json", exclude={"tensor_split_flag"})
+                             for name in sorted(lock.pools)}
     return HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
 
 

@@ -25,7 +25,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
-from r1fleet.lock import effective_plan
+from r1fleet.lock import effective_plan, locked_pool
 from r1fleet.planner import plan_host, rehearse
 from r1fleet.pool_planner import plan_pools
 from r1fleet.roles.rpc_worker.decide import member_plan
@@ -130,9 +130,16 @@ def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions
         members = [targets.get(member) for member in pool.hosts]
         if any(m is None or m.hardware is None for m in members):
             continue
-        policies = [m.entry.policy for m in members]
-        solo = [plan_host(m.hardware, policy) for m, policy in zip(members, policies)]
-        (planned,), _ = plan_pools({name: pool}, [m.hardware for m in members], solo, policies)
+        try:
+            planned = locked_pool(options.lock, name, {m.name: m.hardware for m in members}, options.fleet)
+        except R1FleetError as err:  # a member's hardware changed since the pool was locked
+            for member in members:
+                member.error = f"cannot plan pool {name}: {err}"
+            continue
+        if planned is None:
+            policies = [m.entry.policy for m in members]
+            solo = [plan_host(m.hardware, policy) for m, policy in zip(members, policies)]
+            (planned,), _ = plan_pools({name: pool}, [m.hardware for m in members], solo, policies)
         if not planned.pooled:
             continue
         for member in members:

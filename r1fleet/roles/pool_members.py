@@ -6,7 +6,8 @@ probes are kept here, with a lock per host so that members planned at the same m
   * the head: llama-server with --rpc to the workers and the split over every device (LlamaCppRole, pool=);
   * a worker: rpc-server bound to its pool address, admitting the head alone (RpcWorkerRole);
   * a pool kept separate (it serves nothing larger): each member's own plan, as a host outside a pool.
-The pool is planned live; the fleet lock does not hold pools yet.
+With a fleet lock that holds the pool (`r1fleet lock`), its locked plan is served while every member's hardware
+matches; otherwise the pool is planned live.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pyinfra.context import ctx_host
 from r1fleet.config import HostConfig
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
+from r1fleet.lock import lock_path, locked_pool, read_lock, relock_fleet
 from r1fleet.models import Hardware, PoolPlan
 from r1fleet.planner import plan_host, rehearse
 from r1fleet.pool_config import PoolSettings
@@ -60,15 +62,20 @@ def member_hardware(name: str) -> Hardware:
         return _hardware[name]
 
 
-def pool_plan(name: str, pool: PoolSettings) -> PoolPlan:
-    """The pool's plan from every member's live hardware and policy (the same on every member)."""
+def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> PoolPlan:
+    """The pool's plan (the same on every member): the fleet lock's when it holds the pool and every member's
+    hardware is as locked (LockMismatch naming the member otherwise), else from every member's live hardware
+    and policy."""
     with _locks.setdefault(f"pool:{name}", threading.Lock()):
         if name not in _pools:
             hardware = [member_hardware(member) for member in pool.hosts]
-            policies = [member_config(member).policy for member in pool.hosts]
-            plans = [plan_host(hw, policy) for hw, policy in zip(hardware, policies)]
-            (planned,), _ = plan_pools({name: pool}, hardware, plans, policies)
-            _pools[name] = planned
+            locked = locked_pool(read_lock(lock_path(fleet)) if fleet else None, name,
+                                 {hw.host: hw for hw in hardware}, relock_fleet(fleet) if fleet else None)
+            if locked is None:
+                policies = [member_config(member).policy for member in pool.hosts]
+                plans = [plan_host(hw, policy) for hw, policy in zip(hardware, policies)]
+                (locked,), _ = plan_pools({name: pool}, hardware, plans, policies)
+            _pools[name] = locked
         return _pools[name]
 
 

@@ -88,7 +88,7 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
 
 def pool_member_roles(pool: tuple[str, PoolSettings], settings: HostConfig, hardware: Hardware) -> list[Role] | None:
     """A pool member's roles (see r1fleet/roles/pool_members.py), or None when its pool is kept separate."""
-    planned = pool_plan(*pool)
+    planned = pool_plan(*pool, host.data.get("r1fleet_fleet"))
     print(f"[{host.name}] {pool_heading(planned)}")
     for reason in planned.reasons:
         print(f"[{host.name}]   - {reason}")

@@ -312,3 +312,34 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
     assert f"api_key_fingerprint: {key_fingerprint(secret + chr(10))}" in text
     r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, "dual-rtx3090")  # not given again: kept
     assert read_lock(fleet.parent / "fleet.yml.lock").hosts["dual-rtx3090"].api_key_fingerprint == key_fingerprint(secret + "\n")
+
+
+def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, capsys):
+    """Two single-3090 boxes pooled: the lock holds the pool's plan, locked_pool returns it while both members
+    are as locked, and names the member whose GPU changed."""
+    from test_pools import BOX_A, BOX_B
+
+    from r1fleet.lock import locked_pool
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "box-a.probe").write_text(BOX_A)
+    (probes / "box-b.probe").write_text(BOX_B)
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"}},
+        "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}},
+    }))
+    code, out, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", str(probes))
+    assert code == 0, out
+    path = fleet.parent / "fleet.yml.lock"
+    lock = read_lock(path)
+    assert lock.pools["big"].pooled and lock.pools["big"].model == "deepseek-r1-distill-llama-70b"
+    assert read_lock(path) == lock and "pools:" in path.read_text()  # it reads back as written
+    members = {"box-a": parse_probe(BOX_A, "box-a"), "box-b": parse_probe(BOX_B, "box-b")}
+    assert locked_pool(lock, "big", members) == lock.pools["big"]
+    assert locked_pool(lock, "other", members) is None  # not locked: planned live
+    swapped = BOX_B.replace("24576", "12288")  # box-b's card swapped for a 12 GB one
+    with pytest.raises(LockMismatch) as err:
+        locked_pool(lock, "big", {**members, "box-b": parse_probe(swapped, "box-b")}, str(fleet))
+    assert err.value.host == "box-b" and f"r1fleet lock --fleet {fleet} box-b" in str(err.value)
