@@ -83,3 +83,22 @@ def test_a_stopped_worker_fails_verify_by_name(pool_lab, ssh, tmp_path):
     finally:
         healed = deploy()  # the deploy starts the worker again, then the head waits for it
         assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-2000:]
+
+
+def test_a_locked_pool_is_served_as_locked(pool_lab, tmp_path):
+    """`r1fleet lock` records the pool's plan; the deploy of the locked fleet changes nothing and verify passes
+    against the locked pool."""
+    fleet = tmp_path / "lab-pool.yml"
+    fleet.write_text(POOL_LAB.read_text())  # its lock goes beside this copy, not into the repository
+    locked = subprocess.run([R1FLEET, "lock", "--fleet", str(fleet)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    assert "pools:" in (tmp_path / "lab-pool.yml.lock").read_text()
+    env = {**os.environ, "R1FLEET_FLEET": str(fleet)}
+    again = subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=1800)
+    assert again.returncode == 0 and changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]
+    run = subprocess.run([R1FLEET, "verify", "--fleet", str(fleet)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0 and "2/2 hosts pass" in run.stdout, run.stdout[-3000:]
+
