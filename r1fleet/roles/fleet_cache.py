@@ -1,9 +1,10 @@
 """One download per artifact per fleet: the controller fetches each pinned artifact once into its cache
 (r1fleet/cache.py) and serves it to the hosts over the LAN (r1fleet/cache_server.py) for this run.
 
-When a role is about to install (release_if_missing, download_if_missing), `via_controller` returns the URL that host downloads
-from: the controller's cache server when the artifact is (or could just be) fetched into the cache, else
-the upstream URL unchanged (the controller cannot reach it: the host tries as before). Hosts verify every
+When a role is about to install (release_if_missing, download_if_missing), `via_controller` returns the
+URL that host downloads from: the controller's cache server when the artifact is (or could just be)
+fetched into the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as
+before). A host given the controller's URL keeps the upstream one as its fallback. Hosts verify every
 file's sha256 themselves, whichever URL they use. The server is started once per controller address
 facing the hosts, on CACHE_PORT when free (a fixed port a controller firewall can admit), admits only the
 fleet's hosts, and lives as long as the pyinfra run.

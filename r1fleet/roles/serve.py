@@ -53,10 +53,12 @@ def serve_r1() -> None:
         remember(hardware)
         plan = deployed_plan(hardware, settings, host.data.get("r1fleet_fleet"))
         pool = pool_of(host.data)
-        roles = pool_member_roles(pool, settings, hardware) if pool and hardware.os.system != "Darwin" else None
+        on_macos = hardware.os.system == "Darwin"
+        roles = pool_member_roles(pool, settings, hardware) if pool and not on_macos else None
         if roles is None:
-            roles = [RpcWorkerRetired(), *host_roles(plan, settings, hardware)] if hardware.os.system != "Darwin" \
-                else host_roles(plan, settings, hardware)
+            roles = host_roles(plan, settings, hardware)
+            if not on_macos:  # a former pool worker frees its GPU before this host's own service starts
+                roles = [RpcWorkerRetired(), *roles]
 
     if summary.ok(host):
         apply_roles(roles)
