@@ -66,36 +66,31 @@ def cmd_lock(args: argparse.Namespace) -> int:
     # A full relock is the fleet as it is now (hosts gone from it leave); naming hosts touches only those.
     hosts = dict(old.hosts) if args.hosts else {}
     lines = []
+    probed = {}
     for host, text, policy, settings in jobs:
-        hw = parse_probe(text, host)
+        hw = probed.setdefault(host, (parse_probe(text, host), policy))[0]
         entry = lock_entry(host, hw, plan_host(hw, policy), settings, api_key_text=keys.get(host))
         previous = old.hosts.get(host)
         if entry.api_key_fingerprint is None and previous is not None:  # not given this time: the key is unchanged
             entry = entry.model_copy(update={"api_key_fingerprint": previous.api_key_fingerprint})
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
-    lock = Lock(hosts=hosts, pools=_pools(fleet, jobs, old))
+    lock = Lock(hosts=hosts, pools=_pools(fleet, probed, old))
     write_lock(path, lock)
     print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
     print("\n".join(lines))
     return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
 
 
-def _pools(fleet, jobs: list, old) -> dict:
-    """Each pool planned from its members' probes of this run (a pool with a member not probed now keeps its
-    locked plan): the lock holds what the deploy of the pool serves."""
-    from r1fleet.hardware import parse_probe
-    from r1fleet.planner import plan_host
-    from r1fleet.pool_planner import plan_pools
+def _pools(fleet, probed: dict, old) -> dict:
+    """Each pool planned from its members' probes of this run, {host: (hardware, policy)} (a pool with a member
+    not probed now keeps its locked plan): the lock holds what the deploy of the pool serves."""
+    from r1fleet.pool_planner import plan_members
 
-    probed = {host: (parse_probe(text, host), policy) for host, text, policy, _ in jobs}
     pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
     for name, pool in fleet.pools.items():
         if all(member in probed for member in pool.hosts):
-            hardware = [probed[m][0] for m in pool.hosts]
-            policies = [probed[m][1] for m in pool.hosts]
-            (pools[name],), _ = plan_pools({name: pool}, hardware, [plan_host(h, p) for h, p in zip(hardware, policies)],
-                                           policies)
+            pools[name] = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts])
     return pools
 
 

@@ -23,7 +23,7 @@ from r1fleet.catalog import Catalog, Model, load_catalog
 from r1fleet.memory import constants, weight_shares
 from r1fleet.models import GgufFile, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
 from r1fleet.placement import PlacementOption, gpu_slot, placements
-from r1fleet.planner import Attempt, attempt, decode_seconds, ordered_candidates, runtime_flash_attention
+from r1fleet.planner import Attempt, attempt, decode_seconds, ordered_candidates, plan_host, runtime_flash_attention
 from r1fleet.policy import Policy
 from r1fleet.pool_config import PoolSettings
 from r1fleet.tensor_split import flag_for_layers, format_flag
@@ -186,6 +186,13 @@ def _why_not(
         return (f"pool {size} estimated {tps} tokens/s < floor {policy.min_tokens_per_second:g} "
                 f"({_network_text(result, net, pool)})")
     return None
+
+
+def plan_members(name: str, pool: PoolSettings, hardware: list[Hardware], policies: list[Policy]) -> PoolPlan:
+    """One pool planned from its members' hardware and policies, in `pool.hosts` order (each member's solo plan
+    first, as plan_pools compares with them): what the lock, the deploy and verify plan for a pool."""
+    (planned,), _ = plan_pools({name: pool}, hardware, [plan_host(hw, p) for hw, p in zip(hardware, policies)], policies)
+    return planned
 
 
 def plan_pools(

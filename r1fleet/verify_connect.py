@@ -26,8 +26,8 @@ from r1fleet.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
 from r1fleet.lock import effective_plan, locked_pool
-from r1fleet.planner import plan_host, rehearse
-from r1fleet.pool_planner import plan_pools
+from r1fleet.planner import rehearse
+from r1fleet.pool_planner import plan_members
 from r1fleet.roles.rpc_worker.decide import member_plan
 from r1fleet.verify_target import Target
 
@@ -137,9 +137,7 @@ def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions
                 member.error = f"cannot plan pool {name}: {err}"
             continue
         if planned is None:
-            policies = [m.entry.policy for m in members]
-            solo = [plan_host(m.hardware, policy) for m, policy in zip(members, policies)]
-            (planned,), _ = plan_pools({name: pool}, [m.hardware for m in members], solo, policies)
+            planned = plan_members(name, pool, [m.hardware for m in members], [m.entry.policy for m in members])
         if not planned.pooled:
             continue
         for member in members:

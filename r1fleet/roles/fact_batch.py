@@ -87,6 +87,13 @@ def _command_text(command: Any) -> str:
     return command.get_raw_value() if isinstance(command, StringCommand) else str(command)
 
 
+def fact_command(fact: FactBase, kwargs: dict[str, Any]) -> tuple[str, str]:
+    """(the fact's shell command, the binary it requires or "") as pyinfra would run it for these arguments."""
+    command = fact.command(**kwargs) if callable(fact.command) else fact.command
+    requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
+    return _command_text(command), _command_text(requires) if requires else ""
+
+
 def _key(cls: type[FactBase], kwargs: dict[str, Any]) -> tuple:
     return cls, tuple(sorted((name, _hashable(value)) for name, value in kwargs.items()))
 
@@ -119,7 +126,6 @@ class _Batch:
     def __init__(self, answers: dict[tuple, Any], connector_args: tuple) -> None:
         self.answers = answers
         self.connector_args = connector_args
-        self.served = 0
 
 
 def _connector_args(real_host) -> tuple:
@@ -145,13 +151,8 @@ def prefetch(requests: Iterable[FactRequest]) -> int:
     for cls, kwargs in requests:
         unique.setdefault(_key(cls, kwargs), (cls, kwargs))
     requests = list(unique.values())
-    commands, facts = [], []
-    for cls, kwargs in requests:
-        fact = cls()
-        facts.append(fact)
-        command = fact.command(**kwargs) if callable(fact.command) else fact.command
-        requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
-        commands.append((_command_text(command), _command_text(requires) if requires else ""))
+    facts = [cls() for cls, _ in requests]
+    commands = [fact_command(fact, kwargs) for fact, (_, kwargs) in zip(facts, requests)]
     output = host.get_fact(FactBatch, commands=tuple(commands)) if commands else {}
     answers: dict[tuple, Any] = {}
     for index, (cls, kwargs) in enumerate(requests):
@@ -175,14 +176,12 @@ def _install(real_host, batch: _Batch) -> None:
             except TypeError:  # an unhashable argument: not something we prefetched
                 hit = False
             if hit and not _host_has_run_commands(real_host):
-                batch.served += 1
                 return batch.answers[key]
         if TRACE:
             print(f"[{real_host.name}] fact read live: {getattr(cls, '__name__', cls)} {args} {kwargs}")
         return live(cls, *args, **kwargs)
 
     real_host.get_fact = get_fact
-    real_host.r1fleet_fact_batch = batch
 
 
 # ------------------------------------------------------------------ what pyinfra's operations read

@@ -28,6 +28,7 @@ from pyinfra.facts.files import File
 from r1fleet.cache import ArtifactCache, cache_root
 from r1fleet.cache_server import CacheServer, serve_cache
 from r1fleet.errors import R1FleetError
+from r1fleet.net import source_address_towards
 from r1fleet.progress import TerminalProgress
 from r1fleet.roles.common import VerifiedDigest
 
@@ -41,14 +42,6 @@ _fetching: dict[str, threading.Lock] = {}  # per sha256: hosts planned at once w
 
 def enabled() -> bool:
     return os.environ.get("R1FLEET_CACHE", "on").lower() not in ("off", "0", "no", "false")
-
-
-def controller_address(address: str) -> str:
-    """The controller's own address on the route to `address` (a UDP connect sends nothing)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((address, 9))
-        return probe.getsockname()[0]
 
 
 def fleet_addresses() -> dict[str, str]:
@@ -103,7 +96,10 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
         with _fetching.setdefault(sha256.lower(), threading.Lock()):
             if cache.path_for(sha256) is None:
                 cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr))
-        base = _base_url(cache, controller_address(host.data.get("ssh_hostname") or host.name))
+        address = source_address_towards(host.data.get("ssh_hostname") or host.name)
+        if address is None:
+            raise OSError("no route from this machine to the host")
+        base = _base_url(cache, address)
     except (OSError, R1FleetError) as error:
         print(f"[{host.name}] {name}: not from the controller's cache ({error}); the host downloads it itself",
               file=sys.stderr)

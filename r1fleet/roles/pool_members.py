@@ -25,9 +25,9 @@ from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock import lock_path, locked_pool, read_lock, relock_fleet
 from r1fleet.models import Hardware, PoolPlan
-from r1fleet.planner import plan_host, rehearse
+from r1fleet.planner import rehearse
 from r1fleet.pool_config import PoolSettings
-from r1fleet.pool_planner import plan_pools
+from r1fleet.pool_planner import plan_members
 
 _hardware: dict[str, Hardware] = {}
 _pools: dict[str, PoolPlan] = {}
@@ -72,9 +72,7 @@ def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> PoolPl
             locked = locked_pool(read_lock(lock_path(fleet)) if fleet else None, name,
                                  {hw.host: hw for hw in hardware}, relock_fleet(fleet) if fleet else None)
             if locked is None:
-                policies = [member_config(member).policy for member in pool.hosts]
-                plans = [plan_host(hw, policy) for hw, policy in zip(hardware, policies)]
-                (locked,), _ = plan_pools({name: pool}, hardware, plans, policies)
+                locked = plan_members(name, pool, hardware, [member_config(member).policy for member in pool.hosts])
             _pools[name] = locked
         return _pools[name]
 

@@ -64,6 +64,15 @@ def serve_r1() -> None:
         apply_roles(roles)
 
 
+def check_before_change(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> None:
+    """What refuses a host before anything changes on it, naming the reason; prints the exposure's warning."""
+    check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
+    exposure.exposure_for(settings, plan, host.name, darwin=hardware.os.system == "Darwin")
+    settings.api_key_text()  # an unreadable api_key_source
+    if warning := settings.exposure_check(plan.backend, host.name):
+        print(f"[{host.name}]   {warning}")
+
+
 def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
     """A host serving on its own: its plan checked and printed, then the driver, the exposure (its firewall is
     active before the backend starts) and the backend. A Mac has one role, its LaunchDaemon Ollama."""
@@ -72,12 +81,8 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
     print(format_plan(plan, settings.rehearsal))
     if not plan.fits or not plan.backend:
         raise ValueError("no model fits this host; see the plan's reasons")
-    check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
+    check_before_change(plan, settings, hardware)
     on_macos = hardware.os.system == "Darwin"
-    exposure.exposure_for(settings, plan, host.name, darwin=on_macos)  # refused before any change
-    settings.api_key_text()  # an unreadable api_key_source fails this host before any change
-    if warning := settings.exposure_check(plan.backend, host.name):
-        print(f"[{host.name}]   {warning}")
     needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
     download = model_download(host.name, plan, settings) if needs_gguf else None
     if on_macos:
@@ -101,9 +106,7 @@ def pool_member_roles(pool: tuple[str, PoolSettings], settings: HostConfig, hard
         head = pool_head(planned, settings, hardware, {w: member_config(w) for w in planned.workers})
         if settings.rehearsal:
             head = rehearsed_head(head)
-        check_disk(host.name, head.plan, hardware)
-        exposure.exposure_for(settings, head.plan, host.name)
-        settings.api_key_text()
+        check_before_change(head.plan, settings, hardware)
         install = choose_pool_install(head.plan, settings, platform, planned.pool, "head")
         download = model_download(host.name, head.plan, settings)
         return [RpcWorkerRetired(), DriverRole(hardware, head.plan), ExposureRole(settings, head.plan),

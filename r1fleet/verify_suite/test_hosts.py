@@ -17,6 +17,7 @@ from r1fleet.catalog import load_catalog
 from r1fleet.roles.ollama.decide import IMPORT_RECORD, import_record_digest, ollama_tag_digest
 from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
+from r1fleet.net import source_address_towards
 from r1fleet.service_readings import exec_start_argv, flag_value, listener_problems
 from r1fleet.verify_report import (
     gpu_problems,
@@ -368,7 +369,7 @@ def test_firewall_in_place(target: Target) -> None:
 def test_outside_allow_list_refused(target: Target) -> None:
     if not target.exposed:
         pytest.skip(f"bound to {target.bind} only")
-    source = controller_address_towards(target.bind)
+    source = source_address_towards(target.bind)
     if source is None:
         pytest.skip(f"this machine has no route to {target.bind}")
     if in_networks(source, target.entry.allow):
@@ -379,17 +380,6 @@ def test_outside_allow_list_refused(target: Target) -> None:
     except OSError:
         connected = False
     assert not connected, f"{target.name}: {target.bind}:{target.port} accepted a connection from {source}, which is outside allow {target.entry.allow}"
-
-
-def controller_address_towards(address: str) -> str | None:
-    """This machine's source address for packets to `address` (no packet is sent)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((address, 9))
-            return probe.getsockname()[0]
-    except OSError:
-        return None
 
 
 def in_networks(address: str, networks: list[str]) -> bool:

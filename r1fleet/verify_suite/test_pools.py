@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+from r1fleet.net import source_address_towards
 from r1fleet.roles.tcp_health import reached_or_probe
 from r1fleet.verify_target import Target, fail
 
@@ -33,7 +34,7 @@ def test_rpc_port_admits_only_the_head(target: Target, targets: dict[str, Target
     address, port = target.bind, pool.rpc_port
     if head is None or head.error or head.host is None:
         pytest.skip(f"the head {pool.head} is not verified in this run")
-    if head.entry.address == _controller_address(address):
+    if head.entry.address == source_address_towards(address):
         pytest.skip("this controller is the pool's head")
     assert not controller_reaches(address, port), (
         f"{target.name}: this controller reached the RPC port {address}:{port}; only the head "
@@ -59,10 +60,3 @@ def test_head_uses_every_worker(target: Target, targets: dict[str, Target]) -> N
     assert used[:len(workers)] == workers, (
         f"{target.name}: llama-server uses the devices {used or 'none'}, not first the workers {workers} "
         f"(fix: check the workers' rpc-servers and the head's --rpc)")
-
-
-def _controller_address(peer: str) -> str:
-    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((peer, 9))
-        return probe.getsockname()[0]

@@ -30,8 +30,10 @@ UNITS = ("r1fleet-ollama.service", "r1fleet-llama-server.service")
 MAX_EXPOSURE = 2.5
 
 
-def deploy(*extra: str, timeout: int = 1800, trace_facts: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "R1FLEET_FLEET": "lab", **({"R1FLEET_FACT_TRACE": "1"} if trace_facts else {})}
+def deploy(*extra: str, fleet: str | Path = "lab", timeout: int = 1800, trace_facts: bool = False,
+           ) -> subprocess.CompletedProcess:
+    """`pyinfra -y inventory.py deploy.py` on a lab fleet (the lab's own, or another lab file or a copy of it)."""
+    env = {**os.environ, "R1FLEET_FLEET": str(fleet), **({"R1FLEET_FACT_TRACE": "1"} if trace_facts else {})}
     return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

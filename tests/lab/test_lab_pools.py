@@ -6,7 +6,6 @@ worker and the check. Root + lab only (tests/lab/conftest.py); the default lab c
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -16,19 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import another_lab
 
-from test_deploy import changed_count
+from test_deploy import changed_count, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_LAB = ROOT / "inventory/lab-pool.yml"
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
 HEAD, WORKER = "lab-pool-a", "lab-pool-b"
-
-
-def deploy() -> subprocess.CompletedProcess:
-    env = {**os.environ, "R1FLEET_FLEET": str(POOL_LAB)}
-    return subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
 
 
 def verify(report: Path) -> tuple[subprocess.CompletedProcess, dict[str, list[str]]]:
@@ -41,7 +33,7 @@ def verify(report: Path) -> tuple[subprocess.CompletedProcess, dict[str, list[st
 @pytest.fixture(scope="module")
 def pool_lab(lab_is_up):
     with another_lab(POOL_LAB):
-        first = deploy()
+        first = deploy(fleet=POOL_LAB)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
         yield first
 
@@ -54,7 +46,7 @@ def lab_is_up(lab):
 def test_the_pool_serves_the_model_neither_host_holds(pool_lab, ssh, tmp_path):
     output = pool_lab.stdout + pool_lab.stderr
     assert "pooled: 70b across lab-pool-b, lab-pool-a" in output
-    again = deploy()
+    again = deploy(fleet=POOL_LAB)
     assert again.returncode == 0 and changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]
     argv = ssh(HEAD, "systemctl show -p ExecStart --value r1fleet-llama-server.service").stdout
     assert "--rpc 10.77.0.12:50052,127.0.0.1:50100" in argv  # the worker first, then the head's own device
@@ -81,7 +73,7 @@ def test_a_stopped_worker_fails_verify_by_name(pool_lab, ssh, tmp_path):
         assert cases[f"test_service_active[{WORKER}]"] == ["failure"], cases
         assert f"{WORKER}: r1fleet-rpc-server.service is not running" in run.stdout
     finally:
-        healed = deploy()  # the deploy starts the worker again, then the head waits for it
+        healed = deploy(fleet=POOL_LAB)  # the deploy starts the worker again, then the head waits for it
         assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-2000:]
 
 
@@ -94,9 +86,7 @@ def test_a_locked_pool_is_served_as_locked(pool_lab, tmp_path):
                             timeout=300)
     assert locked.returncode == 0, locked.stdout + locked.stderr
     assert "pools:" in (tmp_path / "lab-pool.yml.lock").read_text()
-    env = {**os.environ, "R1FLEET_FLEET": str(fleet)}
-    again = subprocess.run([PYINFRA, "-y", "inventory.py", "deploy.py"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=1800)
+    again = deploy(fleet=fleet)
     assert again.returncode == 0 and changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]
     run = subprocess.run([R1FLEET, "verify", "--fleet", str(fleet)], cwd=ROOT, capture_output=True, text=True,
                          timeout=900)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_deploy import deploy
 
 from r1fleet.lab import paths, state
 from r1fleet.lock import key_fingerprint, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
 REBUILT = ("lab-dual3090", "lab-cpu")  # llama.cpp exposed with a key; Ollama importing the stand-in
 CHANGED = "lab-4090"
@@ -36,10 +36,6 @@ WRITTEN = ("/etc/systemd/system/r1fleet-*.service /etc/systemd/system/r1fleet-*.
 def run(argv: list[str], fleet: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "R1FLEET_FLEET": str(fleet)}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def deploy(fleet: Path) -> subprocess.CompletedProcess:
-    return run([PYINFRA, "-y", "inventory.py", "deploy.py"], fleet)
 
 
 def written_files(ssh, host: str) -> dict[str, str]:
@@ -84,7 +80,7 @@ def fleet(lab, tmp_path_factory) -> Path:
     path = directory / "lab-rebuild.yml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))  # host order gives the lab addresses
     reset(*REBUILT)  # a first install from the clean image: the artifacts it needs go through the controller's cache
-    first = deploy(path)
+    first = deploy(fleet=path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
     locked = run([R1FLEET, "lock", "--fleet", str(path)], path)
     assert locked.returncode == 0, locked.stdout + locked.stderr
@@ -109,7 +105,7 @@ def test_a_rebuilt_host_comes_back_identical_from_the_cache(fleet, ssh):
 
     reset(*REBUILT)
     assert all(not written_files(ssh, host) for host in REBUILT)  # really reinstalled
-    again = deploy(fleet)
+    again = deploy(fleet=fleet)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
 
     assert {host: written_files(ssh, host) for host in REBUILT} == before
@@ -134,7 +130,7 @@ def test_a_policy_change_waits_for_a_relock(fleet, ssh):
     fleet.write_text(yaml.safe_dump(document, sort_keys=False))
     diff = run([R1FLEET, "plan", "--fleet", str(fleet), "--diff"], fleet)
     assert diff.returncode == 1 and "backend: ollama -> llama.cpp" in diff.stdout, diff.stdout + diff.stderr
-    again = deploy(fleet)
+    again = deploy(fleet=fleet)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
     assert ssh("lab-cpu", f"sha256sum {unit}").stdout == before  # still the locked plan
 
@@ -153,7 +149,7 @@ def test_a_host_that_cannot_reach_the_controller_downloads_upstream(fleet, ssh):
                        check=True)
         reset("lab-cpu")
         served = mirror_served()
-        again = run([PYINFRA, "-y", "inventory.py", "deploy.py", "--limit", "lab-cpu"], fleet)
+        again = deploy("--limit", "lab-cpu", fleet=fleet)
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
         gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
         assert mirror_served()[gguf] - served.get(gguf, 0) == (paths.MIRROR_DIR / gguf.lstrip("/")).stat().st_size
@@ -168,7 +164,7 @@ def test_changed_hardware_stops_that_host_alone(fleet, ssh):
     changed_file = fleet.with_name("lab-swapped.yml")
     changed_file.write_text(yaml.safe_dump(changed, sort_keys=False))
     lab_up(changed_file)
-    result = deploy(fleet)
+    result = deploy(fleet=fleet)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"[{CHANGED}] plan failed: " in output and "the hardware differs from the lock" in output, output[-3000:]

@@ -16,7 +16,7 @@ from pyinfra.facts.files import Directory, File, Link, Sha1File
 from pyinfra.facts.server import Which
 
 from r1fleet.roles.common import SystemAccount, VerifiedDigest, stamp_command
-from r1fleet.roles.fact_batch import FactBatch, _as_pyinfra_reads, _command_text, split_batch_output
+from r1fleet.roles.fact_batch import FactBatch, _as_pyinfra_reads, fact_command, split_batch_output
 from r1fleet.roles.ollama import DirEntries, JsonFile
 
 
@@ -39,16 +39,10 @@ class Exits(FactBase):
         return "echo early; exit 0; echo never"
 
 
-def _command(fact: FactBase, kwargs: dict) -> tuple[str, str]:
-    command = fact.command(**kwargs) if callable(fact.command) else fact.command
-    requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
-    return _command_text(command), _command_text(requires) if requires else ""
-
-
 def alone(cls: type[FactBase], kwargs: dict) -> tuple[bool, object]:
     """(servable, value) of the fact run on its own, processed as pyinfra 3.10 processes it."""
     fact = cls()
-    command, requires = _command(fact, kwargs)
+    command, requires = fact_command(fact, kwargs)
     if requires and subprocess.run(["sh", "-c", f"command -v {requires}"], capture_output=True).returncode:
         return False, None
     result = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
@@ -60,7 +54,7 @@ def alone(cls: type[FactBase], kwargs: dict) -> tuple[bool, object]:
 
 def batched(requests: list[tuple[type[FactBase], dict]]) -> list[tuple[bool, object]]:
     facts = [cls() for cls, _ in requests]
-    script = FactBatch().command(commands=tuple(_command(fact, kwargs) for fact, (_, kwargs) in zip(facts, requests)))
+    script = FactBatch().command(commands=tuple(fact_command(fact, kwargs) for fact, (_, kwargs) in zip(facts, requests)))
     output = subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout.splitlines()
     frames = FactBatch().process(output)
     return [_as_pyinfra_reads(fact, *frames[index]) if index in frames else (False, None)
