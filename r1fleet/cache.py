@@ -4,6 +4,8 @@ Layout under the root (`cache_root()`):
     sha256/<hex>        the bytes, present only once their sha256 matched
     sha256/<hex>.json   name, urls, size, fetched_at, last_used, and the stamp written when it was verified
     sha256/<hex>.part   a download in progress or interrupted; the next fetch resumes it (HTTP Range)
+    names/<key>         the sha256 a name stood for when it was cached (an Ollama tag's manifest), so a
+                        rebuild gets the same bytes even after the registry re-published the tag
 
     cache = ArtifactCache(cache_root())
     path = cache.fetch(url, sha256, "DeepSeek-R1-Distill-Qwen-32B-Q4_K_M.gguf", progress=TerminalProgress())
@@ -20,6 +22,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -196,6 +199,35 @@ class ArtifactCache:
             if not any((self.dir / meta.stem).with_suffix(s).is_file() for s in ("", ".part")):
                 meta.unlink(missing_ok=True)  # metadata whose bytes are gone
         return freed
+
+    # ------------------------------------------------------------ names
+
+    def put(self, data: bytes, name: str) -> str:
+        """Enter bytes already at hand (a registry manifest) under their sha256, which it returns."""
+        sha = hashlib.sha256(data).hexdigest()
+        if self.path_for(sha) is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=self.dir)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.dir / sha)
+            self._write_meta(sha, {"sha256": sha, "name": name, "urls": [], "size": len(data), "fetched_at": _now(),
+                                   "last_used": _now(), "stamp": [sha, *_identity(self.dir / sha)]})
+        return sha
+
+    def remember(self, key: str, sha256: str) -> None:
+        """Record that `key` (e.g. `registry.ollama.ai/library/deepseek-r1:7b manifest`) stands for `sha256`."""
+        names = self.root / "names"
+        names.mkdir(parents=True, exist_ok=True)
+        (names / urllib.parse.quote(key, safe="")).write_text(_digest(sha256) + "\n")
+
+    def recall(self, key: str) -> str | None:
+        """The sha256 `key` stood for, while the cache still holds it."""
+        try:
+            sha = (self.root / "names" / urllib.parse.quote(key, safe="")).read_text().strip()
+        except OSError:
+            return None
+        return sha if HEX.fullmatch(sha) and self.path_for(sha, touch=False) is not None else None
 
     # ------------------------------------------------------------ fetching
 

@@ -123,6 +123,10 @@ class HostSettings(BaseModel):
     groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
     model_dir: str | None = Field(None, description="where models are stored on the host")
     mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
+    ollama_registry: str | None = Field(
+        None, description="base URL of the Ollama registry to take models from (default https://registry.ollama.ai): "
+                          "a mirror of it; the weights must still be the catalog's. With rehearsal, the stand-in is "
+                          "taken from it by its tag instead of imported from its GGUF")
     api_key_source: str | None = Field(
         None, description="an exposed llama.cpp host's API key as a file on the controller (your secret store; ~ is "
                           "expanded): the deploy installs it, so a rebuilt host keeps its key; the lock holds only its "
@@ -133,6 +137,14 @@ class HostSettings(BaseModel):
     def _api_key_source_is_a_path(cls, value: str | None) -> str | None:
         if value is not None and not os.path.isabs(os.path.expanduser(value)):
             raise ValueError(f"{value!r} must be an absolute path (or start with ~), e.g. ~/.config/r1fleet/box-a.key")
+        return value
+
+    @field_validator("ollama_registry")
+    @classmethod
+    def _registry_is_a_url(cls, value: str | None) -> str | None:
+        # It reaches curl's argv on the hosts and urllib on the controller: a plain http(s) URL only.
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?", value):
+            raise ValueError(f"{value!r} is not an http(s) URL; write e.g. https://registry.ollama.ai")
         return value
 
     @field_validator("address")
@@ -205,7 +217,8 @@ class HostSettings(BaseModel):
 
 
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
-_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source")
+_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
+                     "ollama_registry")
 
 
 class HostConfig(BaseModel):
@@ -230,6 +243,7 @@ class HostConfig(BaseModel):
     groups: list[str] = []
     model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
+    ollama_registry: str | None = None
     # deploy knobs (host data or the fleet file)
     api_key_file: str | None = None  # the llama-server API key of an exposed host (set for one by from_host_data)
     api_key_source: str | None = None  # that key as a file on the controller, installed by the deploy

@@ -178,25 +178,6 @@ def openai_chat_reply(reply: dict[str, Any]) -> ChatReply:
     return ChatReply(content.strip(), reasoning.strip(), float(tps) if isinstance(tps, (int, float)) and tps > 0 else None)
 
 
-def ollama_model_layer(manifest: dict[str, Any]) -> str | None:
-    """The hex sha256 of a manifest's model layer (the GGUF blob), as the catalog pins it."""
-    for layer in manifest.get("layers") or []:
-        if layer.get("mediaType") == "application/vnd.ollama.image.model":
-            return str(layer.get("digest", "")).removeprefix("sha256:") or None
-    return None
-
-
-def ollama_manifest_path(models_dir: str, tag: str) -> str:
-    """Where Ollama stores a tag's manifest: <models>/manifests/<registry>/<namespace>/<model>/<tag>."""
-    name, _, version = tag.partition(":")
-    parts = name.split("/")
-    if len(parts) == 1:
-        parts = ["registry.ollama.ai", "library", *parts]
-    elif len(parts) == 2:
-        parts = ["registry.ollama.ai", *parts]
-    return "/".join([models_dir.rstrip("/"), "manifests", *parts, version or "latest"])
-
-
 def speed_problem(measured: float | None, estimate: float | None, min_fraction: float) -> str | None:
     """None when the decode rate is acceptable, else why not."""
     if measured is None or measured <= 0:

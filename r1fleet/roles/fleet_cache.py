@@ -66,7 +66,8 @@ def _watcher(hosts: dict[str, str]):
     return watch
 
 
-def _cache(fleet_cache_dir: str | None) -> ArtifactCache:
+def cache_for(fleet_cache_dir: str | None) -> ArtifactCache:
+    """The controller's cache for this fleet (one object per directory for the run)."""
     root = str(cache_root(fleet_cache_dir))
     if root not in _caches:
         _caches[root] = ArtifactCache(cache_root(fleet_cache_dir))
@@ -86,16 +87,16 @@ def _base_url(cache: ArtifactCache, address: str) -> str:
     return _servers[address][1]
 
 
-def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None = None) -> str:
+def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None = None, size: int | None = None) -> str:
     """The URL the current host downloads `name` from (see the module docstring)."""
     if not enabled():
         return url
     _names[sha256.lower()] = name
-    cache = _cache(fleet_cache_dir)
+    cache = cache_for(fleet_cache_dir)
     try:
         with _fetching.setdefault(sha256.lower(), threading.Lock()):
             if cache.path_for(sha256) is None:
-                cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr))
+                cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr), size=size)
         address = source_address_towards(host.data.get("ssh_hostname") or host.name)
         if address is None:
             raise OSError("no route from this machine to the host")

@@ -29,6 +29,7 @@ from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.llama_cpp import LlamaCppRole, choose_install
 from r1fleet.roles.llama_cpp.pool import pool_head
 from r1fleet.roles.ollama import OllamaRole, release_for
+from r1fleet.roles.ollama.decide import takes_from_registry
 from r1fleet.pool_config import PoolSettings
 from r1fleet.pool_planner import pool_heading
 from r1fleet.roles.pool_members import member_config, pool_of, pool_plan, rehearsed_head, remember
@@ -83,7 +84,10 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
         raise ValueError("no model fits this host; see the plan's reasons")
     check_before_change(plan, settings, hardware)
     on_macos = hardware.os.system == "Darwin"
-    needs_gguf = settings.rehearsal or plan.backend == "llama.cpp"
+    # An Ollama host takes its model from a registry; a rehearsal stand-in is imported unless the host names
+    # a registry that serves it (Linux: the Mac role always imports it).
+    from_registry = takes_from_registry(plan, settings) and not on_macos
+    needs_gguf = plan.backend == "llama.cpp" or (settings.rehearsal and not from_registry)
     download = model_download(host.name, plan, settings) if needs_gguf else None
     if on_macos:
         return [MacOllamaRole(plan, settings, hw=hardware, download=download)]

@@ -14,17 +14,17 @@ import socket
 import pytest
 
 from r1fleet.catalog import load_catalog
-from r1fleet.roles.ollama.decide import IMPORT_RECORD, import_record_digest, ollama_tag_digest
+from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_record_digest, ollama_tag_digest, takes_from_registry,
+                                         weights_digest)
 from r1fleet.memory import kv_cache_mib, padded_context
 from r1fleet.models import HostPlan
 from r1fleet.net import source_address_towards
 from r1fleet.service_readings import exec_start_argv, flag_value, listener_problems
+from r1fleet.ollama_registry import ollama_manifest_path, ollama_model_layer
 from r1fleet.verify_report import (
     gpu_problems,
     memory_by_gpu,
     ollama_chat_reply,
-    ollama_manifest_path,
-    ollama_model_layer,
     openai_chat_reply,
     parse_compute_apps,
     parse_device_buffers,
@@ -180,8 +180,9 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
         names = [m.get("name") for m in tags.get("models") or []]
         if plan.ollama_tag not in names:
             fail(target, f"/api/tags has no {plan.ollama_tag} (it lists: {', '.join(map(str, names)) or 'nothing'})")
-        digest = load_catalog().find(plan.model).ollama_digest
-        if plan.rehearsal:  # an offline import: compared with what Ollama reported when the deploy imported it
+        digest = weights_digest(plan)
+        if plan.rehearsal and not takes_from_registry(plan, target.entry):
+            # an offline import: compared with what Ollama reported when the deploy imported it
             problems += _imported_as_recorded(target, plan, tags)
         elif digest:
             env = target.service_environment()

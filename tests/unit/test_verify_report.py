@@ -22,8 +22,6 @@ from r1fleet.verify_report import (
     gpu_problems,
     memory_by_gpu,
     ollama_chat_reply,
-    ollama_manifest_path,
-    ollama_model_layer,
     openai_chat_reply,
     parse_compute_apps,
     parse_device_buffers,
@@ -204,17 +202,6 @@ def test_speed_judgement():
     assert speed_problem(10.0, 30.0, 0.5) == "10.0 tokens/s is below 0.5 x the plan's estimate of 30 tokens/s"
     assert speed_problem(1.0, 30.0, 0.0) is None  # rehearsal: reported, never failed
     assert speed_problem(None, 30.0, 0.0).startswith("no decode rate")
-
-
-def test_ollama_manifest_paths_and_model_layer():
-    assert ollama_manifest_path("/m/ollama", "r1fleet/smollm2:135m-instruct-q4_1") == \
-        "/m/ollama/manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1"
-    assert ollama_manifest_path("/m/", "deepseek-r1:32b-qwen-distill-q4_K_M") == \
-        "/m/manifests/registry.ollama.ai/library/deepseek-r1/32b-qwen-distill-q4_K_M"
-    manifest = {"layers": [{"mediaType": "application/vnd.ollama.image.params", "digest": "sha256:11"},
-                           {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "b" * 64}]}
-    assert ollama_model_layer(manifest) == "b" * 64
-    assert ollama_model_layer({"layers": []}) is None
 
 
 def test_systemd_show_values():

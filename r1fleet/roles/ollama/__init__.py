@@ -35,6 +35,7 @@ from r1fleet.roles.ollama.takeover import (
 from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform
+from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
     LOAD_AT_START_SLACK_S,
@@ -48,6 +49,7 @@ from r1fleet.roles.ollama.decide import (
     ollama_release,
     ollama_tag_digest,
     parse_sha256sums,
+    takes_from_registry,
 )
 from r1fleet.roles.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context, uses_gpu
 from r1fleet.models import HostPlan
@@ -220,6 +222,7 @@ class OllamaRole(Role):
 
     def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None):
         self.plan, self.settings, self.release, self.download = plan, settings, release, download
+        self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
         self.models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
         self.api = settings.local_api("ollama")
 
@@ -230,13 +233,15 @@ class OllamaRole(Role):
         self.release = release_if_missing(self.release)
         if self.download is not None:
             self.download = download_if_missing(self.download, import_path(self.settings, self.download))
+        elif takes_from_registry(self.plan, self.settings):
+            self.registry = registry_fetch(self.plan, self.settings)
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:
         self.unit = _configure(self.plan, self.settings, self.release, self.models_dir)
 
     def activate(self) -> None:
-        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed)
+        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
 
 
 def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None) -> None:
@@ -283,11 +288,11 @@ def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, mod
 
 @deploy("Ollama")
 def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None,
-              unit, installed) -> None:
+              unit, installed, registry: RegistryFetch | None) -> None:
     api = settings.local_api("ollama")
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
-    ollama_model(plan, settings, release.binary, download)
+    ollama_model(plan, settings, release.binary, download, registry=registry)
 
 
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
@@ -319,9 +324,10 @@ def ollama_model_reads(settings: HostConfig, download: ModelDownload | None) -> 
 
 @deploy("Ollama model")
 def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: ModelDownload | None,
-                 group: str = "root") -> None:
-    """The planned model in the running server: pulled by its exact tag, or in rehearsal the stand-in
-    GGUF imported offline (`ollama create`); then loaded and kept loaded. Linux and macOS alike."""
+                 group: str = "root", registry: RegistryFetch | None = None) -> None:
+    """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
+    by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
+    kept loaded. Linux and macOS alike."""
     api = settings.local_api("ollama")
     tag = plan.ollama_tag or ""
     if download is not None:
@@ -343,6 +349,9 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
                      source_sha256=download.sha256, record_path=f"{import_dir}/{IMPORT_RECORD}")
         record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
                       record_path=f"{import_dir}/{IMPORT_RECORD}")
+    elif registry is not None:
+        place_registry_model(name=f"Place {tag} from the controller's cache", fetch=registry, tag=tag, api=api,
+                             models_dir=f"{settings.model_dir.rstrip('/')}/ollama", user=USER)
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary)
     preload_model(name=f"Preload {tag}", tag=tag, api=api)

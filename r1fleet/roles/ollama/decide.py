@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from r1fleet.catalog import load_catalog
 from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.models import HostPlan
 from r1fleet.net import host_port
@@ -209,6 +210,18 @@ def import_record_digest(record: Any, tag: str, source_sha256: str | None) -> st
     if isinstance(record.get("digest"), str):
         return record["digest"]
     return ollama_tag_digest(record.get("tags"), tag)
+
+
+def weights_digest(plan: HostPlan) -> str | None:
+    """The weights the tag must have: the catalog's pin, or for a rehearsal stand-in taken from a registry, its
+    GGUF itself (a registry publishes a GGUF as its model layer unchanged; only `ollama create` rewrites it)."""
+    pinned = load_catalog().find(plan.model).ollama_digest if plan.model else None
+    return pinned or (plan.gguf.sha256 if plan.rehearsal and plan.gguf else None)
+
+
+def takes_from_registry(plan: HostPlan, settings: HostConfig) -> bool:
+    """An Ollama host gets its model from a registry, except a rehearsal stand-in without one (imported)."""
+    return plan.backend == "ollama" and (not settings.rehearsal or settings.ollama_registry is not None)
 
 
 def modelfile(model_path: str, plan: HostPlan) -> str:

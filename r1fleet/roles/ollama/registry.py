@@ -1,0 +1,138 @@
+"""The planned Ollama model from its registry, fetched once per fleet: the controller reads the tag's
+manifest and fetches its blobs into its artifact cache (r1fleet/roles/fleet_cache.py); each host downloads
+them from the controller (the registry itself when it cannot reach the controller), checks every sha256,
+and places them in its Ollama store as `ollama pull` would (facts in r1fleet/ollama_registry.py).
+
+The controller keeps the manifest it first cached for a tag, so a rebuilt host gets the same bytes (the
+same digest in /api/tags) even after the registry re-published the tag. When the controller has no cache
+(R1FLEET_CACHE=off) or cannot read registry.ollama.ai, the host runs `ollama pull` itself, as before;
+a host whose fleet entry names another registry (ollama_registry) is stopped with the reason instead.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, replace
+
+from pyinfra import host
+from pyinfra.api import operation
+
+from r1fleet.config import HostConfig
+from r1fleet.errors import R1FleetError
+from r1fleet.models import HostPlan
+from r1fleet.ollama_registry import (
+    DEFAULT_REGISTRY,
+    MANIFEST_ACCEPT,
+    Blob,
+    ModelName,
+    RegistryModel,
+    fetch_manifest,
+    read_manifest,
+)
+from r1fleet.roles import fleet_cache
+from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
+from r1fleet.roles.ollama.decide import weights_digest
+
+INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
+
+
+@dataclass(frozen=True)
+class RegistryFetch:
+    """What the host places: the model with a URL per blob, or why it must not (the weights are not the pinned
+    ones)."""
+
+    model: RegistryModel | None = None
+    refused: str | None = None
+
+
+def registry_of(settings: HostConfig) -> str:
+    return (settings.ollama_registry or DEFAULT_REGISTRY).rstrip("/")
+
+
+def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None:
+    """Controller side, at the install stage. None: the host pulls the model itself (`ollama pull`), because
+    it lists the tag already (nothing is read then: a converged host costs the controller nothing), the
+    cache is off, or the controller cannot read the registry."""
+    tag = plan.ollama_tag or ""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{settings.local_api('ollama')}/api/tags")):
+        return None
+    if not fleet_cache.enabled():
+        return None
+    weights = weights_digest(plan)
+    if weights is None:
+        return RegistryFetch(refused=f"no weights digest is pinned for {tag} (catalog.yaml ollama_digest)")
+    registry = registry_of(settings)
+    cache = fleet_cache.cache_for(host.data.get("r1fleet_cache_dir"))
+    key = f"{registry} {tag} manifest"
+    try:
+        kept = cache.recall(key)
+        data = (cache.path_for(kept) or b"").read_bytes() if kept else fetch_manifest(registry, tag)
+        model = read_manifest(data, tag, weights)
+        cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+    except OSError as error:
+        if settings.ollama_registry is not None:  # `ollama pull` would go to registry.ollama.ai instead
+            return RegistryFetch(refused=f"the controller cannot read {tag} from {registry} ({error}) "
+                                         "(fix: check ollama_registry, or reach it from this machine)")
+        print(f"[{host.name}] {tag}: the controller cannot read {registry} ({error}); the host pulls it itself",
+              file=sys.stderr)
+        return None
+    except R1FleetError as error:
+        return RegistryFetch(refused=f"{error} (fix: {error.fix})" if error.fix else str(error))
+    name = ModelName.parse(tag)
+    return RegistryFetch(RegistryModel(
+        tag, _from_controller(model.manifest, name.manifest_url(registry), f"{tag} (manifest)"),
+        tuple(_from_controller(blob, name.blob_url(registry, blob.sha256), f"{tag} blob {blob.sha256[:12]}")
+              for blob in model.blobs)))
+
+
+def _from_controller(blob: Blob, upstream: str, label: str) -> Blob:
+    url = fleet_cache.via_controller(upstream, blob.sha256, label, host.data.get("r1fleet_cache_dir"), size=blob.size)
+    return replace(blob, url=url, fallback_url=upstream if url != upstream else None)
+
+
+@operation()
+def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: str, user: str):
+    """Put the tag's blobs and manifest in the Ollama store, each file checked against its sha256 before it
+    enters the store; the blobs first, the manifest last, so Ollama never lists a tag whose blobs are missing.
+    Nothing happens when the server lists the tag already.
+
+    Example: place_registry_model(fetch, tag="deepseek-r1:7b-qwen-distill-q4_K_M", api="http://127.0.0.1:11434",
+    models_dir="/var/lib/r1fleet/models/ollama", user="ollama")"""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
+        host.noop(f"model {tag} present")
+        return
+    if fetch.model is None:
+        yield refusal(fetch.refused or f"nothing to place for {tag}")
+        return
+    q = shlex.quote
+    incoming = f"{models_dir}/{INCOMING}"
+    steps = ["set -e", f"install -d -o {q(user)} -g {q(user)} -m 0755 {q(incoming)} {q(models_dir + '/blobs')}"]
+    for blob in fetch.model.blobs:
+        stored = f"{models_dir}/blobs/sha256-{blob.sha256}"
+        part = f"{incoming}/sha256-{blob.sha256}"
+        # A blob already in the store with its size is kept, as Ollama's own pull does (server/download.go
+        # downloadBlob: an existing blob is a cache hit, not verified again).
+        fetch_steps = "; ".join([*verified_fetch_steps(blob.url or "", q(part), blob.sha256, resume=True,
+                                                       fallback=blob.fallback_url), f"chmod 0644 {q(part)}"])
+        steps.append(f'if [ "$(stat -c %s {q(stored)} 2>/dev/null)" != "{blob.size}" ]; then {fetch_steps}; fi')
+    manifest = fetch.model.manifest
+    path = ModelName.parse(tag).store_manifest(models_dir)
+    part = f"{incoming}/manifest"
+    mismatch = q(f"sha256 mismatch for the manifest of {tag} (expected {manifest.sha256})")
+    accept = q(f"Accept: {MANIFEST_ACCEPT}")  # what Ollama asks the registry for; the controller ignores it
+    get = f"curl -fsSL --retry 2 --connect-timeout 5 -H {accept} -o {q(part)} {q(manifest.url or '')}"
+    if manifest.fallback_url:
+        get = f"{{ {get} || curl -fsSL --retry 3 -H {accept} -o {q(part)} {q(manifest.fallback_url)}; }}"
+    steps += [
+        get,
+        f'echo {q(manifest.sha256)}"  "{q(part)} | sha256sum -c --status || {{ rm -f {q(part)}; echo {mismatch} >&2; exit 1; }}',
+        f"chmod 0644 {q(part)}",
+        f"chown -R {q(user)}:{q(user)} {q(incoming)}",
+        f"for f in {q(incoming)}/sha256-*; do if [ -e \"$f\" ]; then mv -f \"$f\" {q(models_dir + '/blobs/')}; fi; done",
+        f"install -d -o {q(user)} -g {q(user)} -m 0755 {q(path.rsplit('/', 4)[0])} {q(path.rsplit('/', 3)[0])} "
+        f"{q(path.rsplit('/', 2)[0])} {q(path.rsplit('/', 1)[0])}",
+        f"mv -f {q(part)} {q(path)}",
+        f"rmdir {q(incoming)}",
+    ]
+    yield "; ".join(steps)

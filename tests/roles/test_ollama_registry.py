@@ -1,0 +1,201 @@
+"""An Ollama model by registry: names and URLs as Ollama forms them, manifests checked against the pinned
+weights, the lab's published registry read back over real HTTP, the cache's names (r1fleet/cache.py), and
+the script a host runs to place the model (r1fleet/roles/ollama/registry.py), run here for real against
+that registry."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import facts_for as ff
+import pytest
+from deploy_harness import run_role
+
+from r1fleet.cache import ArtifactCache
+from r1fleet.errors import R1FleetError
+from r1fleet.lab import registry as lab_registry
+from r1fleet.ollama_registry import (
+    MANIFEST_ACCEPT,
+    ModelName,
+    RegistryModel,
+    fetch_manifest,
+    ollama_manifest_path,
+    ollama_model_layer,
+    read_manifest,
+)
+from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model
+
+TAG = "r1fleet/smollm2:135m-instruct-q4_1"
+
+
+def test_names_as_ollama_resolves_them():
+    assert ModelName.parse("deepseek-r1:7b") == ModelName("registry.ollama.ai", "library", "deepseek-r1", "7b")
+    assert ModelName.parse("r1fleet/smollm2") == ModelName("registry.ollama.ai", "r1fleet", "smollm2", "latest")
+    assert ModelName.parse("reg.lan/team/m:q4").store_manifest("/m/") == "/m/manifests/reg.lan/team/m/q4"
+    assert ModelName.parse("deepseek-r1:7b").blob_url("https://registry.ollama.ai/", "ab" * 32) == \
+        "https://registry.ollama.ai/v2/library/deepseek-r1/blobs/sha256:" + "ab" * 32
+    with pytest.raises(R1FleetError):
+        ModelName.parse("a/b/c/d:e")
+
+
+def test_ollama_manifest_paths_and_model_layer():
+    assert ollama_manifest_path("/m/ollama", TAG) == "/m/ollama/manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1"
+    assert ollama_manifest_path("/m/", "deepseek-r1:32b-qwen-distill-q4_K_M") == \
+        "/m/manifests/registry.ollama.ai/library/deepseek-r1/32b-qwen-distill-q4_K_M"
+    manifest = {"layers": [{"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "a" * 64},
+                           {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "b" * 64}]}
+    assert ollama_model_layer(manifest) == "b" * 64
+    assert ollama_model_layer({"layers": []}) is None
+
+
+@pytest.fixture
+def published(tmp_path: Path):
+    """The lab registry, published from a small GGUF-named file, served by a real HTTP server that records the
+    Accept header of each request."""
+    gguf = tmp_path / "cache" / "model.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    root = tmp_path / "mirror"
+    manifest_path = lab_registry.publish(root, TAG, gguf, sha, "llama", "Q4_1")
+    accepts: list[str | None] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            accepts.append(self.headers.get("Accept"))
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"base": f"http://127.0.0.1:{server.server_port}/registry", "sha": sha, "gguf": gguf,
+           "manifest": manifest_path, "root": root, "accepts": accepts}
+    server.shutdown()
+
+
+def test_the_lab_registry_serves_a_manifest_whose_weights_are_the_gguf(published):
+    data = fetch_manifest(published["base"], TAG)
+    assert data == published["manifest"].read_bytes()
+    assert published["accepts"] == [MANIFEST_ACCEPT]  # asked as Ollama asks
+    model = read_manifest(data, TAG, published["sha"])
+    assert model.manifest.sha256 == hashlib.sha256(data).hexdigest() and model.manifest.size == len(data)
+    config, weights = model.blobs
+    assert weights.sha256 == published["sha"] and weights.size == published["gguf"].stat().st_size
+    # every blob the manifest names is served by its digest, with those very bytes
+    import urllib.request
+    for blob in model.blobs:
+        url = ModelName.parse(TAG).blob_url(published["base"], blob.sha256)
+        body = urllib.request.urlopen(url, timeout=10).read()
+        assert hashlib.sha256(body).hexdigest() == blob.sha256 and len(body) == blob.size
+
+
+def test_publishing_again_gives_the_same_bytes(published):
+    before = published["manifest"].read_bytes()
+    again = lab_registry.publish(published["root"], TAG, published["gguf"], published["sha"], "llama", "Q4_1")
+    assert again.read_bytes() == before
+
+
+def test_a_manifest_with_other_weights_is_refused(published):
+    data = published["manifest"].read_bytes()
+    with pytest.raises(R1FleetError, match="re-pointed upstream"):
+        read_manifest(data, TAG, "0" * 64)
+    with pytest.raises(R1FleetError, match="not an Ollama manifest"):
+        read_manifest(b"<html>login</html>", TAG, published["sha"])
+    with pytest.raises(R1FleetError, match="not an Ollama manifest"):
+        read_manifest(json.dumps({"layers": []}).encode(), TAG, published["sha"])
+
+
+def test_the_cache_keeps_bytes_and_the_name_they_stood_for(tmp_path: Path):
+    cache = ArtifactCache(tmp_path / "cache")
+    data = b'{"schemaVersion":2}'
+    sha = cache.put(data, f"{TAG} (manifest)")
+    assert sha == hashlib.sha256(data).hexdigest() and cache.path_for(sha).read_bytes() == data
+    assert cache.put(data, "again") == sha  # content-addressed: entered once
+    key = f"https://registry.ollama.ai {TAG} manifest"
+    assert cache.recall(key) is None
+    cache.remember(key, sha)
+    assert cache.recall(key) == sha
+    assert [e.name for e in cache.status()] == [f"{TAG} (manifest)"]
+    cache.prune()
+    assert cache.recall(key) is None  # a name outlives nothing: its bytes are gone
+
+
+# ------------------------------------------------------------------ placing a model on a host
+
+API = "http://127.0.0.1:11434"
+
+
+def fetch_of(published, base: str | None = None, fallback: str | None = None) -> RegistryFetch:
+    """The fetch the controller hands a host: every file from `base` (the registry itself by default)."""
+    model = read_manifest(published["manifest"].read_bytes(), TAG, published["sha"])
+    name = ModelName.parse(TAG)
+
+    def located(blob, upstream):
+        return replace(blob, url=upstream.replace(published["base"], base or published["base"]),
+                       fallback_url=upstream if fallback else None)
+    return RegistryFetch(RegistryModel(TAG, located(model.manifest, name.manifest_url(published["base"])),
+                                       tuple(located(b, name.blob_url(published["base"], b.sha256)) for b in model.blobs)))
+
+
+def place(fetch: RegistryFetch, models_dir: Path, monkeypatch, listed=()):
+    """What the operation runs on a host whose /api/tags lists `listed`, then that script run here for real."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+
+    def role():
+        place_registry_model(name="Place", fetch=fetch, tag=TAG, api=API, models_dir=str(models_dir), user=user)
+    run = run_role(role, responses=ff.ollama_api(API, list(listed), []), monkeypatch=monkeypatch)
+    scripts = [c for c in run.commands if "set -e" in c or "r1fleet: " in c]
+    result = subprocess.run(["sh", "-c", scripts[0]], capture_output=True, text=True, timeout=120) if scripts else None
+    return run, result
+
+
+def test_a_host_places_the_model_as_a_pull_leaves_it(published, tmp_path, monkeypatch):
+    store = tmp_path / "ollama"
+    run, result = place(fetch_of(published), store, monkeypatch)
+    assert result is not None and result.returncode == 0, result.stderr
+    manifest = store / "manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1"
+    assert manifest.read_bytes() == published["manifest"].read_bytes()  # same bytes: the same digest in /api/tags
+    for blob in read_manifest(manifest.read_bytes(), TAG, published["sha"]).blobs:
+        stored = store / "blobs" / f"sha256-{blob.sha256}"
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob.sha256
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o644
+    assert not (store / ".r1fleet-incoming").exists()
+
+
+def test_a_corrupted_blob_never_enters_the_store(published, tmp_path, monkeypatch):
+    served = published["root"] / "registry/v2/r1fleet/smollm2/blobs" / f"sha256:{published['sha']}"
+    served.unlink()
+    served.write_bytes(b"GGUF but not the pinned bytes")
+    store = tmp_path / "ollama"
+    _, result = place(fetch_of(published), store, monkeypatch)
+    assert result.returncode != 0 and "sha256 mismatch" in result.stderr
+    assert not list((store / "blobs").iterdir()) and not (store / "manifests").exists()
+
+
+def test_a_host_that_cannot_reach_the_controller_takes_the_registry(published, tmp_path, monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on: the controller's cache, firewalled
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    _, result = place(fetch_of(published, base=nowhere, fallback=True), tmp_path / "ollama", monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ollama/manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1").is_file()
+
+
+def test_a_listed_tag_is_left_alone_and_a_refusal_stops_the_host(published, tmp_path, monkeypatch):
+    run, result = place(fetch_of(published), tmp_path / "ollama", monkeypatch, listed=[TAG])
+    assert result is None and not run.failed
+    run, result = place(RegistryFetch(refused="the registry's tag has other weights"), tmp_path / "o", monkeypatch)
+    assert result.returncode != 0 and "other weights" in result.stderr  # (the fake host itself fails nothing)
