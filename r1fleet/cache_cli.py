@@ -114,8 +114,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.older_than is not None and args.older_than < 0:
         raise R1FleetError(f"{args.older_than:g} is not a number of days", field="--older-than", fix="give 0 or more")
     fleet = _fleet(args.fleet, required=args.unused_by_lock)
-    keep = locked_digests(_lock(fleet)) if args.unused_by_lock else None
     cache = _cache(fleet)
+    keep = locked_digests(_lock(fleet), cache) if args.unused_by_lock else None
     before = len(cache.status())
     freed = cache.prune(keep=keep, older_than_days=args.older_than)
     removed = before - len(cache.status())
@@ -123,14 +123,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def locked_digests(lock) -> set[str]:
-    """Every sha256 a lock names, whatever the host needs it for."""
+def locked_digests(lock, cache: ArtifactCache | None = None) -> set[str]:
+    """Every sha256 a lock names, whatever the host needs it for, and the blobs each locked Ollama manifest
+    in `cache` names."""
+    from r1fleet.ollama_registry import ollama_blobs
+
     digests = set()
     for entry in lock.hosts.values():
         a = entry.artifacts
         digests.update(asset.sha256 for asset in (a.ollama.assets if a.ollama else []))
         if a.model:
-            digests.update((a.model.gguf_sha256, a.model.ollama_digest))
+            digests.update((a.model.gguf_sha256, a.model.ollama_digest, a.model.ollama_manifest))
+            kept = cache.path_for(a.model.ollama_manifest, touch=False) if cache and a.model.ollama_manifest else None
+            digests.update(ollama_blobs(kept.read_bytes()) if kept else ())
         if a.llama_cpp:
             digests.add(a.llama_cpp.source_sha256)
     return {d.lower() for d in digests if d}
@@ -191,9 +196,6 @@ def _host_needs(entry) -> list[tuple[str, str | None, str | None]]:
         for asset in (a.ollama.assets if a.ollama else [])]
     if a.model and (plan.backend == "llama.cpp" or plan.rehearsal):
         needs.append((a.model.gguf_file, a.model.gguf_sha256, None if a.model.gguf_sha256 else "no sha256 is pinned"))
-    elif a.model and plan.backend == "ollama" and a.model.ollama_digest:
-        needs.append((f"{a.model.ollama_tag} (weights layer)", a.model.ollama_digest,
-                      "Ollama pulls it from its registry (`ollama pull`); the cache does not fetch registry blobs yet"))
     if a.llama_cpp and a.llama_cpp.method == "source":
         needs.append((f"llama.cpp-{a.llama_cpp.build}.tar.gz", a.llama_cpp.source_sha256, None))
     return needs
@@ -238,5 +240,44 @@ def cmd_fill(args: argparse.Namespace) -> int:
             print(f"  failed: {label}: {err}")
             continue
         print(f"  {'cached' if present else 'fetched'}: {label}")
+    for (registry, tag), (weights, locked, hosts) in registry_models(lock, fleet).items():
+        label = f"{tag} from {registry} for {','.join(hosts)}"
+        try:
+            fill_registry_model(cache, registry, tag, weights, locked, TerminalProgress(host=",".join(hosts)))
+        except (R1FleetError, OSError) as err:
+            problems += 1
+            print(f"  failed: {label}: {err}")
+            continue
+        print(f"  cached: {label}")
     print(f"{cache.root}: {'every artifact of the lock is cached' if not problems else f'{problems} not cached'}")
     return 1 if problems else 0
+
+
+def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str | None, list[str]]]:
+    """(registry, tag) -> (pinned weights, locked manifest, hosts) of the locked Ollama hosts that take their
+    model from a registry."""
+    from r1fleet.roles.ollama.decide import registry_of, takes_from_registry, weights_digest
+
+    models: dict[tuple[str, str], tuple[str | None, str | None, list[str]]] = {}
+    for host in sorted(lock.hosts):
+        entry, settings = lock.hosts[host], fleet.hosts.get(host)
+        model = entry.artifacts.model
+        if settings is None or model is None or not takes_from_registry(entry.plan, settings):
+            continue
+        key = (registry_of(settings), model.ollama_tag)
+        models.setdefault(key, (weights_digest(entry.plan), model.ollama_manifest, []))[2].append(host)
+    return models
+
+
+def fill_registry_model(cache: ArtifactCache, registry: str, tag: str, weights: str | None, locked: str | None,
+                        progress) -> None:
+    """The tag's manifest (the locked one) and every blob it names, into the cache, as the deploy takes them."""
+    from r1fleet.ollama_registry import ModelName, cached_manifest
+
+    if weights is None:
+        raise R1FleetError(f"no weights digest is pinned for {tag}", fix="add ollama_digest to catalog.yaml")
+    model = cached_manifest(cache, registry, tag, weights, locked)
+    name = ModelName.parse(tag)
+    for blob in model.blobs:
+        cache.fetch(name.blob_url(registry, blob.sha256), blob.sha256, f"{tag} blob {blob.sha256[:12]}",
+                    progress=progress, size=blob.size)

@@ -44,6 +44,9 @@ class ModelArtifact(_Strict):
     id: str
     ollama_tag: str
     ollama_digest: str | None = None
+    # the tag's manifest as the controller's cache took it from the registry (its sha256 is the digest Ollama
+    # serves); null until a deploy has cached it
+    ollama_manifest: str | None = None
     gguf_file: str
     gguf_size_bytes: int | None = None
     gguf_sha256: str | None = None

@@ -73,6 +73,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         previous = old.hosts.get(host)
         if entry.api_key_fingerprint is None and previous is not None:  # not given this time: the key is unchanged
             entry = entry.model_copy(update={"api_key_fingerprint": previous.api_key_fingerprint})
+        entry = with_manifest(entry, settings, fleet.cache_dir, previous)
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
     lock = Lock(hosts=hosts, pools=_pools(fleet, probed, old))
@@ -80,6 +81,25 @@ def cmd_lock(args: argparse.Namespace) -> int:
     print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
     print("\n".join(lines))
     return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
+
+
+def with_manifest(entry, settings, cache_dir: str | None, previous):
+    """The entry with the Ollama manifest this controller's cache took for its tag (the digest the host
+    serves), or the one locked before for the same tag; unchanged when neither is known (a host not deployed
+    yet: relock after its first deploy to record it)."""
+    from r1fleet.cache import ArtifactCache, cache_root
+    from r1fleet.ollama_registry import manifest_key
+    from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
+
+    model = entry.artifacts.model
+    if model is None or not takes_from_registry(entry.plan, settings):
+        return entry
+    sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), model.ollama_tag))
+    before = previous.artifacts.model if previous else None
+    if sha is None and before is not None and before.ollama_tag == model.ollama_tag:
+        sha = before.ollama_manifest
+    artifacts = entry.artifacts.model_copy(update={"model": model.model_copy(update={"ollama_manifest": sha})})
+    return entry.model_copy(update={"artifacts": artifacts})
 
 
 def _pools(fleet, probed: dict, old) -> dict:

@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from r1fleet.cache import ArtifactCache
 from r1fleet.errors import R1FleetError
 
 DEFAULT_REGISTRY = "https://registry.ollama.ai"
@@ -116,9 +117,46 @@ def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
     return RegistryModel(tag, manifest, blobs)
 
 
+def ollama_blobs(data: bytes) -> list[str]:
+    """The sha256 of every blob a manifest names (config and layers); [] when it is not a manifest."""
+    try:
+        document = json.loads(data)
+        return [str(layer["digest"]).removeprefix("sha256:") for layer in [document["config"], *document["layers"]]]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
 def fetch_manifest(registry: str, tag: str, timeout_s: float = 20.0) -> bytes:
     """The tag's manifest from the registry, as bytes (their sha256 is the digest Ollama will report)."""
     request = urllib.request.Request(ModelName.parse(tag).manifest_url(registry),
                                      headers={"Accept": MANIFEST_ACCEPT, "User-Agent": "r1fleet"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - the fleet's registry
         return response.read()
+
+
+def manifest_key(registry: str, tag: str) -> str:
+    """The name under which the controller's cache keeps the manifest it took for `tag` from `registry`."""
+    return f"{registry.rstrip('/')} {tag} manifest"
+
+
+class ManifestMoved(R1FleetError):
+    """The registry serves another manifest for a locked tag, and the cache no longer holds the locked one."""
+
+
+def cached_manifest(cache: ArtifactCache, registry: str, tag: str, weights_sha256: str, locked: str | None = None,
+                    fetch=fetch_manifest) -> RegistryModel:
+    """The tag's manifest: the one the fleet lock names, else the one the cache first took for the tag, read
+    from the registry only when the cache lacks it (and then kept). R1FleetError when its weights are not
+    the pinned ones, ManifestMoved when the registry's is not the locked one; OSError when the registry
+    cannot be read."""
+    key = manifest_key(registry, tag)
+    wanted = locked or cache.recall(key)
+    kept = cache.path_for(wanted) if wanted else None
+    data = kept.read_bytes() if kept else fetch(registry, tag)
+    model = read_manifest(data, tag, weights_sha256)
+    if locked and model.manifest.sha256 != locked:
+        raise ManifestMoved(f"{registry} now serves manifest {model.manifest.sha256[:12]} for {tag}; the fleet lock "
+                            f"has {locked[:12]}, which this controller's cache does not hold",
+                            fix="relock the host to take the registry's (same weights), or restore the cache")
+    cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+    return model

@@ -25,12 +25,15 @@ from r1fleet.lock import key_fingerprint, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
-REBUILT = ("lab-dual3090", "lab-cpu")  # llama.cpp exposed with a key; Ollama importing the stand-in
+# llama.cpp exposed with a key; Ollama importing the stand-in; Ollama taking it from the lab's registry
+REBUILT = ("lab-dual3090", "lab-cpu", "lab-3060")
 CHANGED = "lab-4090"
-# What r1fleet writes on a host. Left out: the download stamps (*.r1fleet-sha256), which record the
-# file's inode and mtime on this host (that is their job), and Ollama's own store.
+# What r1fleet writes on a host, and the Ollama store's manifests (their sha256 is the digest Ollama serves).
+# Left out: the download stamps (*.r1fleet-sha256), which record the file's inode and mtime on this host
+# (that is their job).
 WRITTEN = ("/etc/systemd/system/r1fleet-*.service /etc/systemd/system/r1fleet-*.service.d/*.conf /etc/r1fleet/* "
-           "/var/lib/r1fleet/models/import/* /var/lib/r1fleet/models/llama.cpp/* /opt/r1fleet/ollama/*/bin/ollama")
+           "/var/lib/r1fleet/models/import/* /var/lib/r1fleet/models/llama.cpp/* /opt/r1fleet/ollama/*/bin/ollama "
+           "/var/lib/r1fleet/models/ollama/manifests/*/*/*/*")
 
 
 def run(argv: list[str], fleet: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -47,7 +50,7 @@ def written_files(ssh, host: str) -> dict[str, str]:
 
 def is_artifact(path: str) -> bool:
     """A mirror path that is an artifact (the mirror's version and checksum lists are read on every run)."""
-    return path.startswith("/models/") or path.endswith((".tar.zst", ".tgz"))
+    return path.startswith(("/models/", "/registry/")) or path.endswith((".tar.zst", ".tgz"))
 
 
 def mirror_served() -> dict[str, int]:
@@ -98,7 +101,8 @@ def test_a_rebuilt_host_comes_back_identical_from_the_cache(fleet, ssh):
     assert all(before.values())
 
     cache = Path(os.environ["R1FLEET_CACHE_DIR"]) / "sha256"
-    tarball = next(p for p in cache.iterdir() if p.suffix == "" and p.stat().st_size < 50_000_000)
+    tarball = next(p.with_suffix("") for p in cache.glob("*.json")
+                   if json.loads(p.read_text())["name"] == "ollama-linux-amd64.tar.zst")
     with tarball.open("r+b") as entry:  # a corrupted cache entry: detected by its sha256, fetched again
         entry.write(b"X")
     served = mirror_served()
@@ -111,15 +115,17 @@ def test_a_rebuilt_host_comes_back_identical_from_the_cache(fleet, ssh):
     assert {host: written_files(ssh, host) for host in REBUILT} == before
     fetched = {path: sent - served.get(path, 0) for path, sent in mirror_served().items()
                if sent != served.get(path, 0) and is_artifact(path)}
-    assert set(fetched) <= {"/ollama/ollama-linux-amd64.tar.zst"}, fetched  # the GGUF came from the controller's cache
+    # the GGUF and the registry's manifest and blobs came from the controller's cache
+    assert set(fetched) <= {"/ollama/ollama-linux-amd64.tar.zst"}, fetched
     assert fetched.get("/ollama/ollama-linux-amd64.tar.zst") == tarball.stat().st_size  # refetched once, whole
 
     report = fleet.parent / "verify.xml"
-    verify = run([R1FLEET, "verify", "--fleet", str(fleet), "--junit", str(report), "-k", "lab-dual3090 or lab-cpu"], fleet)
+    verify = run([R1FLEET, "verify", "--fleet", str(fleet), "--junit", str(report), "-k", " or ".join(REBUILT)], fleet)
     assert verify.returncode == 0, verify.stdout[-4000:] + verify.stderr[-2000:]
     cases = {case.get("name"): [child.tag for child in case] for case in ET.parse(report).iter("testcase")}
     assert cases["test_api_key_is_the_locked_one[lab-dual3090]"] == []  # ran and passed: the locked key
     assert cases["test_model_present[lab-cpu]"] == []  # the imported model's digest as recorded
+    assert cases["test_model_present[lab-3060]"] == []  # the registry's weights, placed from the cache
 
 
 def test_a_policy_change_waits_for_a_relock(fleet, ssh):

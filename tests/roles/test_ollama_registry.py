@@ -27,9 +27,12 @@ from r1fleet.errors import R1FleetError
 from r1fleet.lab import registry as lab_registry
 from r1fleet.ollama_registry import (
     MANIFEST_ACCEPT,
+    ManifestMoved,
     ModelName,
     RegistryModel,
+    cached_manifest,
     fetch_manifest,
+    manifest_key,
     ollama_manifest_path,
     ollama_model_layer,
     read_manifest,
@@ -199,3 +202,29 @@ def test_a_listed_tag_is_left_alone_and_a_refusal_stops_the_host(published, tmp_
     assert result is None and not run.failed
     run, result = place(RegistryFetch(refused="the registry's tag has other weights"), tmp_path / "o", monkeypatch)
     assert result.returncode != 0 and "other weights" in result.stderr  # (the fake host itself fails nothing)
+
+
+# ------------------------------------------------------------------ the manifest the controller takes
+
+
+def test_the_controller_keeps_the_manifest_it_first_took_for_a_tag(published, tmp_path):
+    cache = ArtifactCache(tmp_path / "cache")
+    first = cached_manifest(cache, published["base"], TAG, published["sha"])
+    assert len(published["accepts"]) == 1
+    # the registry re-publishes the tag (a new template, the same weights): a rebuild still gets the first bytes
+    document = json.loads(published["manifest"].read_bytes())
+    published["manifest"].write_bytes(json.dumps(document, indent=1).encode())
+    again = cached_manifest(cache, published["base"], TAG, published["sha"])
+    assert again == first and len(published["accepts"]) == 1  # from the cache, the registry not asked
+    assert ArtifactCache(tmp_path / "cache").recall(manifest_key(published["base"], TAG)) == first.manifest.sha256
+
+
+def test_a_locked_manifest_is_the_one_served_or_the_host_is_stopped(published, tmp_path):
+    locked = hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
+    document = json.loads(published["manifest"].read_bytes())
+    published["manifest"].write_bytes(json.dumps(document, indent=1).encode())  # re-published upstream
+    cache = ArtifactCache(tmp_path / "fresh-cache")  # a new controller: the locked bytes are not here
+    with pytest.raises(ManifestMoved, match=f"the fleet lock has {locked[:12]}"):
+        cached_manifest(cache, published["base"], TAG, published["sha"], locked=locked)
+    relocked = hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
+    assert cached_manifest(cache, published["base"], TAG, published["sha"], locked=relocked).manifest.sha256 == relocked

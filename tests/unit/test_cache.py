@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from r1fleet.cache import ArtifactCache, cache_root, default_root
-from r1fleet.cache_cli import locked_digests, wanted_artifacts
+from r1fleet.cache_cli import locked_digests, registry_models, wanted_artifacts
 from r1fleet.cache_server import byte_range, client_allowed, parse_allow, serve_cache
 from r1fleet.cli import main
 from r1fleet.errors import FleetError, R1FleetError
@@ -436,11 +436,12 @@ def r1fleet(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def locked_fleet(tmp_path: Path, asset_sha: str, gguf_sha: str | None = None) -> Path:
-    """A fleet of two fixture hosts and its lock; rtx4090's Ollama archive is `asset_sha`."""
+def locked_fleet(tmp_path: Path, asset_sha: str, gguf_sha: str | None = None, registry: str | None = None) -> Path:
+    """A fleet of two fixture hosts and its lock; rtx4090's Ollama archive is `asset_sha`, its model from
+    `registry` (registry.ollama.ai when None)."""
     fleet = tmp_path / "fleet.yml"
-    fleet.write_text(yaml.safe_dump({"hosts": {"rtx4090": {"address": "192.168.1.22"},
-                                               "dual-rtx3090": {"address": "192.168.1.23"}}}))
+    ollama_host = {"address": "192.168.1.22", **({"ollama_registry": registry} if registry else {})}
+    fleet.write_text(yaml.safe_dump({"hosts": {"rtx4090": ollama_host, "dual-rtx3090": {"address": "192.168.1.23"}}}))
     hosts = {}
     for name in ("rtx4090", "dual-rtx3090"):
         hw = parse_probe((PROBES / f"{name}.probe").read_text(), name)
@@ -506,8 +507,9 @@ def test_wanted_artifacts_once_each_with_pinned_urls_only(tmp_path):
     assert gguf.hosts == ["dual-rtx3090"] and gguf.size == 42520395936
     assert gguf.url.startswith("https://huggingface.co/bartowski/DeepSeek-R1-Distill-Llama-70B-GGUF/resolve/1842c5f")
     assert wanted["ollama-linux-amd64.tar.zst"].url.endswith("/v0.32.9/ollama-linux-amd64.tar.zst")
-    layer = wanted["deepseek-r1:32b-qwen-distill-q4_K_M (weights layer)"]  # the Ollama host pulls from the registry
-    assert layer.url is None and "registry" in layer.unknown
+    assert not any("deepseek-r1" in name for name in wanted)  # the Ollama host's model comes by registry:
+    assert registry_models(lock, fleet) == {("https://registry.ollama.ai", "deepseek-r1:32b-qwen-distill-q4_K_M"): (
+        "6150cb382311b69f09cc0f9a1b69fc029cbd742b66bb8ec531aa5ecf5c613e93", None, ["rtx4090"])}
     assert wanted["ollama-test.tar.zst"].url is None and "no URL is pinned" in wanted["ollama-test.tar.zst"].unknown
     assert "a" * 64 in locked_digests(lock) and gguf.sha256 in locked_digests(lock)
 
@@ -521,13 +523,15 @@ def test_fill_fetches_each_pinned_artifact_once(tmp_path, capsys, monkeypatch, o
     monkeypatch.setattr(artifacts, "load_versions", lambda: versions)
     monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
     # Two hosts need the same bytes (by digest): one download. Anything without a pinned URL is reported.
-    fleet = locked_fleet(tmp_path, asset_sha=SHA, gguf_sha=SHA)
+    with socket.socket() as closed:  # a registry nothing answers at
+        closed.bind(("127.0.0.1", 0))
+        registry = f"http://127.0.0.1:{closed.getsockname()[1]}/registry"
+    fleet = locked_fleet(tmp_path, asset_sha=SHA, gguf_sha=SHA, registry=registry)
     code, out, err = r1fleet(capsys, "cache", "fill", "--fleet", str(fleet))
     label = f"DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf ({SHA[:12]}) for dual-rtx3090,rtx4090"
     assert code == 1 and f"  fetched: {label}\n" in out
     assert "  not fetched: ollama-linux-amd64.tar.zst (5d747a43369f) for dual-rtx3090: no URL is pinned" in out
-    assert "  not fetched: deepseek-r1:32b-qwen-distill-q4_K_M (weights layer) (6150cb382311) for rtx4090: " \
-           "Ollama pulls it from its registry" in out
+    assert f"  failed: deepseek-r1:32b-qwen-distill-q4_K_M from {registry} for rtx4090: " in out  # reported
     assert out.endswith(f"{tmp_path / 'cache'}: 2 not cached\n")
     assert "[dual-rtx3090,rtx4090] DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf: 256.0 KiB done, 256.0 KiB fetched" in err
     assert origin.asked == [None] and origin.sent == len(BODY)

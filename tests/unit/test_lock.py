@@ -3,6 +3,7 @@ changes caught with the fix named, `plan --diff`, clear errors on malformed lock
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -343,3 +344,30 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     with pytest.raises(LockMismatch) as err:
         locked_pool(lock, "big", {**members, "box-b": parse_probe(swapped, "box-b")}, str(fleet))
     assert err.value.host == "box-b" and f"r1fleet lock --fleet {fleet} box-b" in str(err.value)
+
+
+def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):
+    """An Ollama host's lock names the manifest the controller's cache took for its tag (the digest the host
+    serves), and keeps it on a relock when the cache no longer holds it."""
+    from r1fleet.cache import ArtifactCache
+    from r1fleet.ollama_registry import DEFAULT_REGISTRY, manifest_key
+
+    monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
+    probes = str(fleet.parent / "probes")
+    r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes)
+    path = fleet.parent / "fleet.yml.lock"
+    ollama_hosts = {h: e for h, e in read_lock(path).hosts.items() if e.plan.backend == "ollama"}
+    assert ollama_hosts and all(e.artifacts.model.ollama_manifest is None for e in ollama_hosts.values())
+
+    host, entry = next(iter(ollama_hosts.items()))
+    cache = ArtifactCache(tmp_path / "cache")
+    manifest = b'{"schemaVersion":2,"layers":[]}'
+    cache.remember(manifest_key(DEFAULT_REGISTRY, entry.plan.ollama_tag), cache.put(manifest, "manifest"))
+    code, _, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes)
+    locked = read_lock(path).hosts[host].artifacts.model.ollama_manifest
+    assert code == 0 and locked == hashlib.sha256(manifest).hexdigest()
+    assert f"ollama_manifest: {locked}" in path.read_text()
+
+    cache.prune()
+    r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, host)
+    assert read_lock(path).hosts[host].artifacts.model.ollama_manifest == locked

@@ -13,6 +13,7 @@ from r1fleet.catalog import load_catalog
 from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.models import HostPlan
 from r1fleet.net import host_port
+from r1fleet.ollama_registry import DEFAULT_REGISTRY
 from r1fleet.roles.artifacts import DeployError, Platform, lab_gpu_devices, load_versions
 
 OLLAMA_ROOT = "/opt/r1fleet/ollama"
@@ -217,6 +218,11 @@ def weights_digest(plan: HostPlan) -> str | None:
     GGUF itself (a registry publishes a GGUF as its model layer unchanged; only `ollama create` rewrites it)."""
     pinned = load_catalog().find(plan.model).ollama_digest if plan.model else None
     return pinned or (plan.gguf.sha256 if plan.rehearsal and plan.gguf else None)
+
+
+def registry_of(settings: HostConfig) -> str:
+    """The Ollama registry this host's model comes from."""
+    return (settings.ollama_registry or DEFAULT_REGISTRY).rstrip("/")
 
 
 def takes_from_registry(plan: HostPlan, settings: HostConfig) -> bool:

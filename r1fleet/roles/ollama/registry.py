@@ -20,19 +20,19 @@ from pyinfra.api import operation
 
 from r1fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
+from r1fleet.lock import lock_path, read_lock, relock_command
 from r1fleet.models import HostPlan
 from r1fleet.ollama_registry import (
-    DEFAULT_REGISTRY,
     MANIFEST_ACCEPT,
     Blob,
     ModelName,
     RegistryModel,
-    fetch_manifest,
-    read_manifest,
+    ManifestMoved,
+    cached_manifest,
 )
 from r1fleet.roles import fleet_cache
 from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
-from r1fleet.roles.ollama.decide import weights_digest
+from r1fleet.roles.ollama.decide import registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
 
@@ -44,10 +44,6 @@ class RegistryFetch:
 
     model: RegistryModel | None = None
     refused: str | None = None
-
-
-def registry_of(settings: HostConfig) -> str:
-    return (settings.ollama_registry or DEFAULT_REGISTRY).rstrip("/")
 
 
 def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None:
@@ -64,19 +60,22 @@ def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None
         return RegistryFetch(refused=f"no weights digest is pinned for {tag} (catalog.yaml ollama_digest)")
     registry = registry_of(settings)
     cache = fleet_cache.cache_for(host.data.get("r1fleet_cache_dir"))
-    key = f"{registry} {tag} manifest"
+    locked = locked_manifest(tag)
     try:
-        kept = cache.recall(key)
-        data = (cache.path_for(kept) or b"").read_bytes() if kept else fetch_manifest(registry, tag)
-        model = read_manifest(data, tag, weights)
-        cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+        model = cached_manifest(cache, registry, tag, weights, locked)
     except OSError as error:
+        if locked:  # `ollama pull` would take whatever manifest the registry serves now
+            return RegistryFetch(refused=f"the fleet lock names manifest {locked[:12]} for {tag}, the controller's "
+                                         f"cache does not hold it and {registry} cannot be read ({error}) (fix: "
+                                         f"reach the registry from this machine, or {relock_command(host.name, host.data.get('r1fleet_fleet'))})")
         if settings.ollama_registry is not None:  # `ollama pull` would go to registry.ollama.ai instead
             return RegistryFetch(refused=f"the controller cannot read {tag} from {registry} ({error}) "
                                          "(fix: check ollama_registry, or reach it from this machine)")
         print(f"[{host.name}] {tag}: the controller cannot read {registry} ({error}); the host pulls it itself",
               file=sys.stderr)
         return None
+    except ManifestMoved as error:
+        return RegistryFetch(refused=f"{error} (fix: {relock_command(host.name, host.data.get('r1fleet_fleet'))})")
     except R1FleetError as error:
         return RegistryFetch(refused=f"{error} (fix: {error.fix})" if error.fix else str(error))
     name = ModelName.parse(tag)
@@ -84,6 +83,15 @@ def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None
         tag, _from_controller(model.manifest, name.manifest_url(registry), f"{tag} (manifest)"),
         tuple(_from_controller(blob, name.blob_url(registry, blob.sha256), f"{tag} blob {blob.sha256[:12]}")
               for blob in model.blobs)))
+
+
+def locked_manifest(tag: str) -> str | None:
+    """The manifest digest the fleet lock records for this host's `tag`, if any."""
+    fleet = host.data.get("r1fleet_fleet")
+    lock = read_lock(lock_path(fleet)) if fleet else None
+    entry = lock.hosts.get(host.name) if lock else None
+    model = entry.artifacts.model if entry else None
+    return model.ollama_manifest if model and model.ollama_tag == tag else None
 
 
 def _from_controller(blob: Blob, upstream: str, label: str) -> Blob:
