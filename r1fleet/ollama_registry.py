@@ -143,20 +143,21 @@ class ManifestMoved(R1FleetError):
     """The registry serves another manifest for a locked tag, and the cache no longer holds the locked one."""
 
 
-def cached_manifest(cache: ArtifactCache, registry: str, tag: str, weights_sha256: str, locked: str | None = None,
-                    fetch=fetch_manifest) -> RegistryModel:
+def cached_manifest(cache: ArtifactCache | None, registry: str, tag: str, weights_sha256: str,
+                    locked: str | None = None, fetch=None) -> RegistryModel:
     """The tag's manifest: the one the fleet lock names, else the one the cache first took for the tag, read
-    from the registry only when the cache lacks it (and then kept). R1FleetError when its weights are not
-    the pinned ones, ManifestMoved when the registry's is not the locked one; OSError when the registry
-    cannot be read."""
+    from the registry only when the cache lacks it (and then kept; no cache: always read). R1FleetError when
+    its weights are not the pinned ones, ManifestMoved when the registry's is not the locked one; OSError
+    when the registry cannot be read."""
     key = manifest_key(registry, tag)
-    wanted = locked or cache.recall(key)
-    kept = cache.path_for(wanted) if wanted else None
-    data = kept.read_bytes() if kept else fetch(registry, tag)
+    wanted = locked or (cache.recall(key) if cache else None)
+    kept = cache.path_for(wanted) if cache and wanted else None
+    data = kept.read_bytes() if kept else (fetch or fetch_manifest)(registry, tag)
     model = read_manifest(data, tag, weights_sha256)
     if locked and model.manifest.sha256 != locked:
         raise ManifestMoved(f"{registry} now serves manifest {model.manifest.sha256[:12]} for {tag}; the fleet lock "
                             f"has {locked[:12]}, which this controller's cache does not hold",
                             fix="relock the host to take the registry's (same weights), or restore the cache")
-    cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+    if cache:
+        cache.remember(key, cache.put(data, f"{tag} (manifest)"))
     return model

@@ -62,6 +62,11 @@ def test_ollama_manifest_paths_and_model_layer():
     assert ollama_model_layer({"layers": []}) is None
 
 
+@pytest.fixture(autouse=True)
+def _no_registry():
+    """This module serves its own registry (the conftest's fixture of that name hides every registry)."""
+
+
 @pytest.fixture
 def published(tmp_path: Path):
     """The lab registry, published from a small GGUF-named file, served by a real HTTP server that records the

@@ -4,9 +4,10 @@ them from the controller (the registry itself when it cannot reach the controlle
 and places them in its Ollama store as `ollama pull` would (facts in r1fleet/ollama_registry.py).
 
 The controller keeps the manifest it first cached for a tag, so a rebuilt host gets the same bytes (the
-same digest in /api/tags) even after the registry re-published the tag. When the controller has no cache
-(R1FLEET_CACHE=off) or cannot read registry.ollama.ai, the host runs `ollama pull` itself, as before;
-a host whose fleet entry names another registry (ollama_registry) is stopped with the reason instead.
+same digest in /api/tags) even after the registry re-published the tag. With the cache off
+(R1FLEET_CACHE=off) each host downloads the blobs from the registry itself. When the controller cannot read
+registry.ollama.ai, the host runs `ollama pull` itself, as before; a host whose fleet entry names another
+registry (ollama_registry) is stopped with the reason instead.
 """
 
 from __future__ import annotations
@@ -48,18 +49,17 @@ class RegistryFetch:
 
 def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None:
     """Controller side, at the install stage. None: the host pulls the model itself (`ollama pull`), because
-    it lists the tag already (nothing is read then: a converged host costs the controller nothing), the
-    cache is off, or the controller cannot read the registry."""
+    it lists the tag already (nothing is read then: a converged host costs the controller nothing) or the
+    controller cannot read registry.ollama.ai. With the cache off (R1FLEET_CACHE=off) the controller reads
+    only the manifest, and the host downloads the blobs from the registry itself."""
     tag = plan.ollama_tag or ""
     if tag in model_names(host.get_fact(HttpJson, url=f"{settings.local_api('ollama')}/api/tags")):
-        return None
-    if not fleet_cache.enabled():
         return None
     weights = weights_digest(plan)
     if weights is None:
         return RegistryFetch(refused=f"no weights digest is pinned for {tag} (catalog.yaml ollama_digest)")
     registry = registry_of(settings)
-    cache = fleet_cache.cache_for(host.data.get("r1fleet_cache_dir"))
+    cache = fleet_cache.cache_for(host.data.get("r1fleet_cache_dir")) if fleet_cache.enabled() else None
     locked = locked_manifest(tag)
     try:
         model = cached_manifest(cache, registry, tag, weights, locked)
