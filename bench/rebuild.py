@@ -1,7 +1,7 @@
 """Bytes from upstream per fleet deploy, and a rebuild from the controller's cache against one from upstream.
 Root, lab up (`r1fleet lab up`).
 
-    python bench/rebuild.py [--hosts lab-cpu,lab-dual3090]
+    python bench/rebuild.py [--hosts lab-cpu,lab-dual3090,lab-3060]
 
 1. Every lab host reinstalled from the clean image, an empty controller cache, one deploy: the bytes the lab
    mirror (the lab's internet) served against the bytes of the distinct artifacts deployed.
@@ -29,7 +29,14 @@ PYINFRA = [sys.executable, "-m", "pyinfra", "-y", "inventory.py", "deploy.py"]
 
 
 def artifacts(served: dict[str, int]) -> dict[str, int]:
-    return {p: n for p, n in served.items() if p.startswith("/models/") or p.endswith((".tar.zst", ".tgz"))}
+    return {p: n for p, n in served.items() if p.startswith(("/models/", "/registry/")) or p.endswith((".tar.zst", ".tgz"))}
+
+
+def distinct_bytes(paths_served: dict[str, int]) -> int:
+    """The bytes of the distinct artifacts among the mirror paths: by content, since the lab registry's weights
+    blob is the same file as the stand-in GGUF."""
+    files = {mirror.cached_sha256(paths.MIRROR_DIR / p.lstrip("/")): paths.MIRROR_DIR / p.lstrip("/") for p in paths_served}
+    return sum(f.stat().st_size for f in files.values())
 
 
 def reset(hosts: list[str]) -> None:
@@ -55,7 +62,7 @@ def mib(n: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hosts", default="lab-cpu,lab-dual3090", help="the hosts to rebuild (comma-separated)")
+    parser.add_argument("--hosts", default="lab-cpu,lab-dual3090,lab-3060", help="the hosts to rebuild (comma-separated)")
     args = parser.parse_args()
     every = [h["name"] for h in state.lab_hosts() if h["state"] == "up"]
     if not every:
@@ -65,7 +72,7 @@ def main() -> int:
         cached = {"R1FLEET_CACHE_DIR": cache}
         reset(every)
         seconds, fetched = deploy(cached)
-        unique = sum((paths.MIRROR_DIR / p.lstrip("/")).stat().st_size for p in fetched)
+        unique = distinct_bytes(fetched)
         print(f"fresh deploy of {len(every)} hosts: {mib(sum(fetched.values()))} from upstream for {mib(unique)} of "
               f"distinct artifacts ({sum(fetched.values()) / unique:.3f}x) in {seconds:.1f} s")
         reset(rebuilt)

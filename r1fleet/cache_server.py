@@ -19,19 +19,16 @@ import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
+from typing import Iterable
 
 from r1fleet.cache import ArtifactCache
 from r1fleet.errors import R1FleetError
-from r1fleet.progress import Progress
 from r1fleet.net import host_port
 
 ENTRY_PATH = re.compile(r"/sha256/([0-9a-f]{64})")
 SEND_CHUNK = 4 << 20
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# (client address, sha256) -> the reporter of that host's transfer and the artifact's name, or None
-Watcher = Callable[[str, str], "tuple[Progress, str] | None"]
 
 
 def parse_allow(allow: Iterable[str]) -> list[Network]:
@@ -107,12 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(last - first + 1))
             self.end_headers()
             if body:
-                watch = self.server.watch(self.client_address[0], match[1])
-                if watch:
-                    watch[0].started(watch[1], size, first)
-                self._send(handle, match[1], first, last - first + 1, watch)
+                self._send(handle, match[1], first, last - first + 1)
 
-    def _send(self, handle, sha: str, offset: int, count: int, watch=None) -> None:
+    def _send(self, handle, sha: str, offset: int, count: int) -> None:
         """sendfile in chunks, counting what the kernel took, so `served` is exact even when a host hangs up."""
         while count > 0:
             try:
@@ -124,10 +118,6 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             self.server.count(sha, sent)
             offset, count = offset + sent, count - sent
-            if watch:
-                watch[0].advanced(watch[1], offset)
-        if watch:
-            watch[0].finished(watch[1], offset)
 
     def _status(self, code: int, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
@@ -140,17 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a host that hangs mid-transfer must not hold the deploy's exit
 
-    def __init__(self, address: tuple[str, int], cache: ArtifactCache, networks: list[Network],
-                 progress: Watcher | None = None):
+    def __init__(self, address: tuple[str, int], cache: ArtifactCache, networks: list[Network]):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.cache, self.networks, self.progress = cache, networks, progress
+        self.cache, self.networks = cache, networks
         self.served: dict[str, int] = {}
         self._lock = threading.Lock()
         super().__init__(address, _Handler)
-
-    def watch(self, client: str, sha: str) -> tuple[Progress, str] | None:
-        """Who reports this transfer's progress, and under which name (None: nobody watches)."""
-        return self.progress(client, sha) if self.progress else None
 
     def count(self, sha: str, sent: int) -> None:
         with self._lock:
@@ -161,9 +146,8 @@ class CacheServer:
     """A context manager: entering starts the server in a thread and gives its base URL; leaving stops it.
     `served` holds the bytes sent per sha256, and stays readable after the exit."""
 
-    def __init__(self, cache: ArtifactCache, bind_address: str, allow: Iterable[str], port: int = 0,
-                 progress: Watcher | None = None):
-        self.cache, self.bind_address, self.port, self.progress = cache, bind_address, port, progress
+    def __init__(self, cache: ArtifactCache, bind_address: str, allow: Iterable[str], port: int = 0):
+        self.cache, self.bind_address, self.port = cache, bind_address, port
         self.networks = parse_allow(allow)
         if not self.networks:
             raise R1FleetError("the cache server needs an allow-list", field="allow",
@@ -174,7 +158,7 @@ class CacheServer:
 
     def __enter__(self) -> str:
         try:
-            self._server = _Server((self.bind_address, self.port), self.cache, self.networks, self.progress)
+            self._server = _Server((self.bind_address, self.port), self.cache, self.networks)
         except OSError as err:
             raise R1FleetError(f"cannot serve the cache on {self.bind_address}:{self.port}: {err.strerror}",
                                fix="give an address of this machine on the hosts' network") from None
@@ -194,8 +178,7 @@ class CacheServer:
             self._server = None
 
 
-def serve_cache(cache: ArtifactCache, bind_address: str, allow: list[str], port: int = 0,
-                progress: Watcher | None = None) -> CacheServer:
+def serve_cache(cache: ArtifactCache, bind_address: str, allow: list[str], port: int = 0) -> CacheServer:
     """`with serve_cache(cache, "192.168.1.10", ["192.168.1.0/24"]) as base_url:` serves the cache for the
     block's duration, on the address given only (there is no default: never every interface by accident)."""
-    return CacheServer(cache, bind_address, allow, port, progress)
+    return CacheServer(cache, bind_address, allow, port)

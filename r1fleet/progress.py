@@ -80,10 +80,12 @@ class TerminalProgress:
     _transfers: dict[str, _Transfer] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    def started(self, name: str, total: int | None, done: int) -> None:
+    def started(self, name: str, total: int | None, done: int, *, resumed: bool = True) -> None:
+        """`resumed=False`: the `done` bytes were fetched by this same transfer before anyone watched it (a
+        watcher that joins a download under way), so no `resuming at` line; the rate still counts from here."""
         with self._lock:
             self._transfers[name] = _Transfer(total, done, self.clock(), done=done)
-        if done:
+        if done and resumed:
             self._emit(name, f"resuming at {human_bytes(done)}" + (f" of {human_bytes(total)}" if total else ""))
 
     def advanced(self, name: str, done: int) -> None:

@@ -88,6 +88,7 @@ class ModelDownload:
     file: str
     sha256: str
     fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
+    size: int | None = None  # bytes, from the catalog: the download's progress shows the time left
 
 
 def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDownload:
@@ -111,7 +112,7 @@ def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDown
         fix = ("rehearsal serves the stand-in from an artifact mirror: set mirror: for this host (the lab does), or drop rehearsal"
                if settings.rehearsal else "set the catalog URL or a mirror for this host")
         raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix=fix)
-    return ModelDownload(url=url, file=gguf.file, sha256=sha)
+    return ModelDownload(url=url, file=gguf.file, sha256=sha, size=gguf.size_bytes)
 
 
 def download_mib(plan: HostPlan, hw: Hardware) -> int:

@@ -24,6 +24,7 @@ from r1fleet.roles.fact_batch import (
     file_reads,
     service_reads,
 )
+from r1fleet.roles.host_progress import file_poll, watching
 from r1fleet.roles.systemd_unit import UNIT_DIR
 from r1fleet.roles.tcp_health import TcpHealth, wait_tcp
 
@@ -117,18 +118,52 @@ def refuse(message: str):
     yield refusal(message)
 
 
+# A stalled download gives up and resumes from the bytes it has. curl(1): a transfer slower than --speed-limit
+# bytes/s for --speed-time seconds is aborted (exit 28). curl's own --retry would throw those bytes away: it
+# truncates the file to where that run began ("Throwing away N bytes", curl/curl#1084, still in 8.14: #18035),
+# so its retries are kept to a window shorter than a stall takes to show (--retry-max-time < --speed-time): they
+# cover the quick failures (a 503, a connect timeout) that wrote nothing, and the shell loop resumes (-C -).
+STALL_BYTES_PER_S = 1024
+STALL_S = 60
+RETRY_WINDOW_S = 30
+RESUMES = 5
+
+
+def _size_or_zero(target: str) -> str:
+    return f"$( {{ stat -c %s {target} || stat -f %z {target} || echo 0; }} 2>/dev/null )"
+
+
+def resuming_curl(url: str, target: str, options: str) -> str:
+    """Shell: curl `url` into `target` (a shell word), resuming from its bytes (-C -) after a stall or a break
+    that added bytes, up to RESUMES times; a status other than 0 when it could not finish.
+
+    >>> resuming_curl("https://x/m.gguf", "/m/m.gguf.part", "--retry 3").startswith("{ r1_n=0; ")
+    True
+    """
+    curl = (f"curl -fSL {options} -C - --retry-max-time {RETRY_WINDOW_S} --speed-limit {STALL_BYTES_PER_S} "
+            f"--speed-time {STALL_S} -o {target} {shlex.quote(url)}")
+    note = shlex.quote(f"r1fleet: {url} stalled or broke after adding bytes; resuming")
+    return (f"{{ r1_n=0; r1_had={_size_or_zero(target)}; until {curl}; do r1_n=$((r1_n+1)); "
+            f"r1_has={_size_or_zero(target)}; if [ $r1_n -gt {RESUMES} ] || [ \"$r1_has\" -le \"$r1_had\" ]; "
+            f"then r1_n=failed; break; fi; echo {note} >&2; r1_had=$r1_has; sleep 2; done; [ $r1_n != failed ]; }}")
+
+
 def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None) -> list[str]:
     """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
     deleting the file, unless its sha256 is the pinned one. `fallback`: the upstream URL, fetched when `url`
-    (the controller's cache, which resumes) does not answer within a few seconds."""
+    (the controller's cache, which resumes) does not answer within a few seconds. `resume`: keep the bytes an
+    earlier run left in `target`. A stalled transfer resumes (resuming_curl); a server that cannot resume
+    starts over."""
     q = shlex.quote
-    fetch = f"curl -fSL --retry 3 -o {target} {q(fallback or url)}"
-    if resume:  # continue a partial download; start over when the server cannot resume
-        fetch = f"{{ curl -fSL --retry 3 -C - -o {target} {q(fallback or url)} || {fetch}; }}"
+    upstream = fallback or url
+    fetch = resuming_curl(upstream, target, "--retry 3")
     if fallback:  # the controller first, briefly: a firewall there must not cost minutes of retries
-        fetch = f"{{ curl -fSL --retry 2 --connect-timeout 5 -C - -o {target} {q(url)} || {fetch}; }}"
+        fetch = f"{resuming_curl(url, target, '--retry 2 --connect-timeout 5')} || {fetch}"
+    start_over = (f"curl -fSL --retry 3 --speed-limit {STALL_BYTES_PER_S} --speed-time {STALL_S} "
+                  f"-o {target} {q(upstream)}")
     mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")
-    return [fetch, f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
+    return [*([] if resume else [f"rm -f {target}"]), f"{{ {fetch} || {start_over}; }}",
+            f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
 
 
 STAMP_SUFFIX = ".r1fleet-sha256"
@@ -166,9 +201,10 @@ def fetch_verified_reads(dest: str) -> list[FactRequest]:
 
 @operation()
 def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640",
-                   fallback_url: str | None = None):
+                   fallback_url: str | None = None, size: int | None = None):
     """Download once, resumable, sha256-verified; the file appears under its name only when good, with a
-    stamp beside it so that later runs need not read it in full again."""
+    stamp beside it so that later runs need not read it in full again. Its progress is shown while it runs
+    (bytes, rate, and with `size` the time left)."""
     digest = host.get_fact(VerifiedDigest, path=dest)
     if digest == ("stamped", sha256):
         host.noop(f"{dest} present with sha256 {sha256[:12]}")
@@ -187,7 +223,8 @@ def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode
         f"mv -f {q(part)} {q(dest)}",
         stamp_command(dest, sha256),
     ]
-    yield "; ".join(steps)
+    with watching(Path(dest).name, file_poll({"": q(part)}), total=size, resumable=True):
+        yield "; ".join(steps)
 
 
 @operation()

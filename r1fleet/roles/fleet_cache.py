@@ -36,7 +36,6 @@ CACHE_PORT = 8089
 T = TypeVar("T")
 _servers: dict[str, tuple[CacheServer, str]] = {}  # controller address -> (server, base URL)
 _caches: dict[str, ArtifactCache] = {}
-_names: dict[str, str] = {}  # sha256 -> the artifact's file name, for progress lines
 _fetching: dict[str, threading.Lock] = {}  # per sha256: hosts planned at once wait for one fetch (gevent-patched)
 
 
@@ -59,13 +58,6 @@ def fleet_addresses() -> dict[str, str]:
     return found
 
 
-def _watcher(hosts: dict[str, str]):
-    """Progress of each host's transfer from the cache server, as lines on the controller's terminal."""
-    def watch(client: str, sha256: str):
-        return TerminalProgress(stream=sys.stderr, host=hosts.get(client, client)), _names.get(sha256, sha256[:12])
-    return watch
-
-
 def cache_for(fleet_cache_dir: str | None) -> ArtifactCache:
     """The controller's cache for this fleet (one object per directory for the run)."""
     root = str(cache_root(fleet_cache_dir))
@@ -77,11 +69,11 @@ def cache_for(fleet_cache_dir: str | None) -> ArtifactCache:
 def _base_url(cache: ArtifactCache, address: str) -> str:
     if address not in _servers:
         hosts = fleet_addresses()
-        server = serve_cache(cache, address, list(hosts), CACHE_PORT, _watcher(hosts))
+        server = serve_cache(cache, address, list(hosts), CACHE_PORT)
         try:
             base = server.__enter__()
         except (OSError, R1FleetError):  # the fixed port is taken: any free one
-            server = serve_cache(cache, address, list(hosts), 0, _watcher(hosts))
+            server = serve_cache(cache, address, list(hosts), 0)
             base = server.__enter__()
         _servers[address] = (server, base)
     return _servers[address][1]
@@ -91,7 +83,6 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
     """The URL the current host downloads `name` from (see the module docstring)."""
     if not enabled():
         return url
-    _names[sha256.lower()] = name
     cache = cache_for(fleet_cache_dir)
     try:
         with _fetching.setdefault(sha256.lower(), threading.Lock()):

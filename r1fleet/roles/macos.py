@@ -27,7 +27,7 @@ from pyinfra.operations import brew, files, server
 from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.roles.artifacts import ModelDownload
-from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check
+from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check, ollama_models_dir
 from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
 from r1fleet.memory import constants
@@ -220,7 +220,7 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
         binary = BREW_BINARY
 
     hidden_service_user(name=f"Service user {USER}", user=USER, home=HOME, _sudo=True)
-    models_dir = f"{entry.model_dir.rstrip('/')}/ollama"
+    models_dir = ollama_models_dir(entry)
     for path, owner, mode in ((HOME, USER, "750"), (entry.model_dir, "root", "755"), (models_dir, USER, "750"),
                               (str(Path(LOG_FILE).parent), USER, "750")):
         files.directory(name=f"Directory {path}", path=path, user=owner, group=owner if owner == USER else "wheel",
@@ -231,7 +231,7 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
 @deploy("macOS Ollama")
 def _configure(plan: HostPlan, entry: HostConfig, hw: Hardware | None, binary: str):
     """The LaunchDaemon (returned), and the GPU wired-memory limit."""
-    models_dir = f"{entry.model_dir.rstrip('/')}/ollama"
+    models_dir = ollama_models_dir(entry)
     plist = files.template(
         name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
         user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,

@@ -44,6 +44,7 @@ from r1fleet.roles.systemd_unit import (
 )
 from r1fleet.models import HostPlan
 from r1fleet.roles.ollama import install_release
+from r1fleet.roles.host_progress import watching_build
 from r1fleet.roles.tcp_health import check_reachable
 from r1fleet.roles.common import (
     refusal,
@@ -106,12 +107,16 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
         'src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)',
         # Static llama/ggml libraries (the CUDA runtime stays the toolkit's shared libraries).
         f'cmake -S "$src" -B "$tmp/build" -DBUILD_SHARED_LIBS=OFF {cmake_flags}',
-        'cmake --build "$tmp/build" --config Release -j"$(nproc)" --target llama-server',
+        # Into a log that the controller polls for the last `[ NN%]` line; its end is shown when the build fails.
+        'cmake --build "$tmp/build" --config Release -j"$(nproc)" --target llama-server > "$tmp/build.log" 2>&1 '
+        '|| { tail -n 60 "$tmp/build.log" >&2; exit 1; }',
         'install -D -m 0755 "$tmp/build/bin/llama-server" "$tmp/out/bin/llama-server"',
         f"rm -rf {q(f'{LLAMA_ROOT}/{tag}')}",
         f'mv "$tmp/out" {q(f"{LLAMA_ROOT}/{tag}")}',
     ]
-    yield "; ".join(steps)
+    newest = f'"$(ls -dt {LLAMA_ROOT}/.build/{q(tag)}.* 2>/dev/null | head -n 1)"'  # this build's mktemp dir
+    with watching_build(f"llama-server {tag} build", f"{newest}/build.log"):
+        yield "; ".join(steps)
 
 
 class LlamaServerReadiness(FactBase):
@@ -211,7 +216,7 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
     changed.append(fetch_verified(
         name=f"Model {download.file}", url=download.url, fallback_url=download.fallback_url, dest=model_path,
-        sha256=download.sha256, user=USER, group=USER,
+        sha256=download.sha256, user=USER, group=USER, size=download.size,
     ))
     return changed
 

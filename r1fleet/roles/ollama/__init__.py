@@ -33,6 +33,7 @@ from r1fleet.roles.ollama.takeover import (
     retire_official_install,
 )
 from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
+from r1fleet.roles.host_progress import file_poll, ollama_blobs_poll, watching
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import ModelDownload, Platform
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
@@ -46,6 +47,7 @@ from r1fleet.roles.ollama.decide import (
     modelfile,
     ollama_environment,
     ollama_load_at_start,
+    ollama_models_dir,
     ollama_release,
     ollama_tag_digest,
     parse_sha256sums,
@@ -115,7 +117,10 @@ def install_release(release: OllamaRelease):
         f"rm -rf {q(release.install_dir)}",
         f'mv "$tmp/tree" {q(release.install_dir)}',
     ]
-    yield "; ".join(steps)
+    newest = f'd=$(ls -dt {OLLAMA_ROOT}/.tmp.* 2>/dev/null | head -n 1)'  # this run's mktemp dir
+    archives = file_poll({asset.name: f'"$d"/{q(asset.name)}' for asset in release.assets}, setup=newest)
+    with watching(f"Ollama {release.version}", archives):
+        yield "; ".join(steps)
 
 
 @operation()
@@ -129,12 +134,14 @@ def prune_releases(keep: str):
 
 
 @operation()
-def pull_model(tag: str, api: str, binary: str):
-    """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest)."""
+def pull_model(tag: str, api: str, binary: str, models_dir: str):
+    """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest), its
+    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs."""
     if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
         return
-    yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
+    with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
+        yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
 
 
 class JsonFile(FactBase):
@@ -223,7 +230,7 @@ class OllamaRole(Role):
     def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None):
         self.plan, self.settings, self.release, self.download = plan, settings, release, download
         self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
-        self.models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
+        self.models_dir = ollama_models_dir(settings)
         self.api = settings.local_api("ollama")
 
     def reads(self) -> list[FactRequest]:
@@ -298,7 +305,7 @@ def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, down
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
                  download: ModelDownload | None) -> list[FactRequest]:
     """Every fact OllamaRole reads on a host where nothing changes (fetched in one round trip first)."""
-    models_dir = f"{settings.model_dir.rstrip('/')}/ollama"
+    models_dir = ollama_models_dir(settings)
     return [
         *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
         *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
@@ -351,9 +358,9 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
                       record_path=f"{import_dir}/{IMPORT_RECORD}")
     elif registry is not None:
         place_registry_model(name=f"Place {tag} from the controller's cache", fetch=registry, tag=tag, api=api,
-                             models_dir=f"{settings.model_dir.rstrip('/')}/ollama", user=USER)
+                             models_dir=ollama_models_dir(settings), user=USER)
     else:
-        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary)
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
     preload_model(name=f"Preload {tag}", tag=tag, api=api)
 
 

@@ -113,6 +113,11 @@ def ollama_release(
 # Service settings
 
 
+def ollama_models_dir(settings: HostConfig) -> str:
+    """The server's store (OLLAMA_MODELS): <model_dir>/ollama."""
+    return f"{settings.model_dir.rstrip('/')}/ollama"
+
+
 def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) -> dict[str, str]:
     """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
     env = {

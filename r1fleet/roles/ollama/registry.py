@@ -33,6 +33,7 @@ from r1fleet.ollama_registry import (
 )
 from r1fleet.roles import fleet_cache
 from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
+from r1fleet.roles.host_progress import file_poll, watching
 from r1fleet.roles.ollama.decide import registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
@@ -143,4 +144,10 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
         f"mv -f {q(part)} {q(path)}",
         f"rmdir {q(incoming)}",
     ]
-    yield "; ".join(steps)
+    # Its progress from the controller's side when the blobs come from its cache server; this covers the
+    # registry itself (no cache, or the fallback).
+    blobs = fetch.model.blobs
+    parts = file_poll({blob.sha256[:12]: q(f"{incoming}/sha256-{blob.sha256}") for blob in blobs},
+                      sizes={blob.sha256[:12]: blob.size for blob in blobs})
+    with watching(tag, parts, resumable=True):
+        yield "; ".join(steps)
