@@ -83,15 +83,17 @@ def lab_gpu_devices(plan: HostPlan, settings: HostConfig) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ModelDownload:
+class Download:
+    """A file a host downloads and checks by sha256 (a model file, an Ollama release archive)."""
+
+    name: str
     url: str
-    file: str
     sha256: str
+    size: int | None = None  # bytes, when pinned: the download's progress shows the time left
     fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
-    size: int | None = None  # bytes, from the catalog: the download's progress shows the time left
 
 
-def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDownload:
+def model_download(host: str, plan: HostPlan, settings: HostConfig) -> Download:
     """The GGUF to fetch: from the artifact mirror in rehearsal (when set), else the catalog URL."""
     gguf = plan.gguf
     if gguf is None:
@@ -112,7 +114,7 @@ def model_download(host: str, plan: HostPlan, settings: HostConfig) -> ModelDown
         fix = ("rehearsal serves the stand-in from an artifact mirror: set mirror: for this host (the lab does), or drop rehearsal"
                if settings.rehearsal else "set the catalog URL or a mirror for this host")
         raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix=fix)
-    return ModelDownload(url=url, file=gguf.file, sha256=sha, size=gguf.size_bytes)
+    return Download(name=gguf.file, url=url, sha256=sha, size=gguf.size_bytes)
 
 
 def download_mib(plan: HostPlan, hw: Hardware) -> int:

@@ -113,7 +113,8 @@ def download_if_missing(download: T, dest: str) -> T:
     """The model download, from the controller's cache when `dest` does not hold it verified yet."""
     if (host.get_fact(VerifiedDigest, path=dest) or (None, None))[1] == download.sha256:
         return download
-    return _via(download, via_controller(download.url, download.sha256, download.file, host.data.get("r1fleet_cache_dir")))
+    return _via(download, via_controller(download.url, download.sha256, download.name, host.data.get("r1fleet_cache_dir"),
+                                         size=download.size))
 
 
 def _via(artifact: T, url: str) -> T:

@@ -26,7 +26,7 @@ from pyinfra.operations import brew, files, server
 
 from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.roles.artifacts import ModelDownload
+from r1fleet.roles.artifacts import Download
 from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check, ollama_models_dir
 from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
 from r1fleet.drivers import load_driver_data
@@ -168,7 +168,7 @@ class MacOllamaRole(Role):
     """Ollama on an Apple Silicon Mac as the plan says (see module docstring)."""
 
     def __init__(self, plan: HostPlan, entry: HostConfig, hw: Hardware | None = None,
-                 download: ModelDownload | None = None):
+                 download: Download | None = None):
         self.plan, self.entry, self.hw, self.download = plan, entry, hw, download
         self.binary: str | None = None
 
@@ -184,7 +184,7 @@ class MacOllamaRole(Role):
             _activate(self.plan, self.entry, self.download, self.binary, [self.plist, *self.binary_ops])
 
 
-def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: ModelDownload | None = None):
+def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: Download | None = None):
     """The role's three stages on their own (a deploy with no other role)."""
     apply_roles([MacOllamaRole(plan, entry, hw, download)])
 
@@ -241,7 +241,7 @@ def _configure(plan: HostPlan, entry: HostConfig, hw: Hardware | None, binary: s
 
 
 @deploy("macOS Ollama")
-def _activate(plan: HostPlan, entry: HostConfig, download: ModelDownload | None, binary: str, changed: list) -> None:
+def _activate(plan: HostPlan, entry: HostConfig, download: Download | None, binary: str, changed: list) -> None:
     """(Re)load the LaunchDaemon when its file or the binary changed, wait for health, then the model."""
     stop_other_ollama(name="Stop another Ollama holding the port (Ollama.app, brew services)",
                       port=int(entry.port or DEFAULT_PORTS["ollama"]), ours=binary, _sudo=True)

@@ -7,7 +7,7 @@ from deploy_harness import run_role
 import facts_for as ff
 
 from r1fleet.config import HostConfig
-from r1fleet.roles.artifacts import ModelDownload, Platform
+from r1fleet.roles.artifacts import Download, Platform
 from r1fleet.roles.llama_cpp.decide import llama_cpp_install
 from r1fleet.models import GgufFile, HostPlan
 from r1fleet.roles.llama_cpp import llama_cpp_role
@@ -30,7 +30,7 @@ def plan(**overrides) -> HostPlan:
     return HostPlan(**base)
 
 
-DOWNLOAD = ModelDownload(url="https://example.invalid/70b.gguf", file="70b.gguf", sha256=SHA)
+DOWNLOAD = Download(name="70b.gguf", url="https://example.invalid/70b.gguf", sha256=SHA)
 
 
 def exec_args(unit: str) -> list[str]:

@@ -10,7 +10,7 @@ from pool_fixtures import FORKY, HEAD_ADDRESS, SID_CUDA, WORKER_ADDRESS, device,
 
 from r1fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
-from r1fleet.roles.artifacts import ModelDownload
+from r1fleet.roles.artifacts import Download
 from r1fleet.roles.llama_cpp import LlamaCppRole
 from r1fleet.roles.llama_cpp.decide import llama_cpp_install, llama_server_args
 from r1fleet.roles.llama_cpp.pool import PoolHead, load_seconds, pool_head, pool_server_args
@@ -20,7 +20,7 @@ from r1fleet.tensor_split import placed_blocks
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 MODEL = "/var/lib/r1fleet/models/llama.cpp/70b.gguf"
-DOWNLOAD = ModelDownload(url="https://example.invalid/70b.gguf", file="70b.gguf", sha256="d" * 64)
+DOWNLOAD = Download(name="70b.gguf", url="https://example.invalid/70b.gguf", sha256="d" * 64)
 
 
 def head(pool=None, settings=None, workers=None) -> PoolHead:

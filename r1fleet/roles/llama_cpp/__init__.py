@@ -24,7 +24,7 @@ from r1fleet.config import HostConfig
 from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, package_reads
-from r1fleet.roles.artifacts import ModelDownload, Platform, load_versions
+from r1fleet.roles.artifacts import Download, Platform, load_versions
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
     LLAMA_ROOT,
@@ -160,11 +160,11 @@ class LlamaCppRole(Role):
     sha256, r1fleet's own unit with the planned --tensor-split. A pool's head passes `pool` (llama_cpp/pool.py,
     with plan = pool.plan): --rpc to its workers, a unit that waits for them, a health gate that names them."""
 
-    def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload,
+    def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download,
                  pool: PoolHead | None = None):
         self.plan, self.settings, self.llama, self.download, self.pool = plan, settings, install, download, pool
         self.models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
-        self.model_path = f"{self.models_dir}/{download.file}"
+        self.model_path = f"{self.models_dir}/{download.name}"
 
     def reads(self) -> list[FactRequest]:
         return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
@@ -187,13 +187,13 @@ class LlamaCppRole(Role):
             _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed, self.pool)
 
 
-def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload) -> None:
+def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download) -> None:
     """The role's three stages on their own (a deploy with no other role)."""
     apply_roles([LlamaCppRole(plan, settings, install, download)])
 
 
 @deploy("llama.cpp")
-def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: ModelDownload, models_dir: str,
+def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download, models_dir: str,
              model_path: str) -> list:
     """The binary, the user, the directories and the model; returns the operations that change what runs."""
     retire_service(OLLAMA_UNIT)
@@ -215,7 +215,7 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
     changed.append(fetch_verified(
-        name=f"Model {download.file}", url=download.url, fallback_url=download.fallback_url, dest=model_path,
+        name=f"Model {download.name}", url=download.url, fallback_url=download.fallback_url, dest=model_path,
         sha256=download.sha256, user=USER, group=USER, size=download.size,
     ))
     return changed
@@ -263,10 +263,10 @@ def _activate(plan: HostPlan, settings: HostConfig, install: LlamaInstall, model
 
 
 def llama_cpp_reads(plan: HostPlan, settings: HostConfig, install: LlamaInstall,
-                    download: ModelDownload) -> list[FactRequest]:
+                    download: Download) -> list[FactRequest]:
     """Every fact LlamaCppRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
-    model_path = f"{models_dir}/{download.file}"
+    model_path = f"{models_dir}/{download.name}"
     reads = [*retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),
              *directory_reads(settings.model_dir), *directory_reads(models_dir), *fetch_verified_reads(model_path),
              *converge_service_reads(LLAMA_UNIT, (model_path, install.binary))]

@@ -35,7 +35,7 @@ from r1fleet.roles.ollama.takeover import (
 from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.roles.host_progress import file_poll, ollama_blobs_poll, watching
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
-from r1fleet.roles.artifacts import ModelDownload, Platform
+from r1fleet.roles.artifacts import Download, Platform
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
@@ -227,7 +227,7 @@ class OllamaRole(Role):
     """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
     `download` is the stand-in GGUF in rehearsal."""
 
-    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None):
+    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None):
         self.plan, self.settings, self.release, self.download = plan, settings, release, download
         self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
         self.models_dir = ollama_models_dir(settings)
@@ -251,7 +251,7 @@ class OllamaRole(Role):
         _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
 
 
-def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None) -> None:
+def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None) -> None:
     """The role's three stages on their own (a deploy with no other role)."""
     apply_roles([OllamaRole(plan, settings, release, download)])
 
@@ -294,7 +294,7 @@ def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, mod
 
 
 @deploy("Ollama")
-def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: ModelDownload | None,
+def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
               unit, installed, registry: RegistryFetch | None) -> None:
     api = settings.local_api("ollama")
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
@@ -303,7 +303,7 @@ def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, down
 
 
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
-                 download: ModelDownload | None) -> list[FactRequest]:
+                 download: Download | None) -> list[FactRequest]:
     """Every fact OllamaRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = ollama_models_dir(settings)
     return [
@@ -314,12 +314,12 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
     ]
 
 
-def import_path(settings: HostConfig, download: ModelDownload) -> str:
+def import_path(settings: HostConfig, download: Download) -> str:
     """Where the stand-in GGUF is kept for `ollama create` (rehearsal)."""
-    return f"{settings.model_dir.rstrip('/')}/import/{download.file}"
+    return f"{settings.model_dir.rstrip('/')}/import/{download.name}"
 
 
-def ollama_model_reads(settings: HostConfig, download: ModelDownload | None) -> list[FactRequest]:
+def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[FactRequest]:
     api = settings.local_api("ollama")
     reads: list[FactRequest] = [(HttpJson, {"url": f"{api}/api/tags"}), (HttpJson, {"url": f"{api}/api/ps"})]
     if download is not None:
@@ -330,7 +330,7 @@ def ollama_model_reads(settings: HostConfig, download: ModelDownload | None) -> 
 
 
 @deploy("Ollama model")
-def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: ModelDownload | None,
+def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Download | None,
                  group: str = "root", registry: RegistryFetch | None = None) -> None:
     """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
     by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
@@ -341,8 +341,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Mo
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
         gguf_path = import_path(settings, download)
         files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
-        fetch_verified(name=f"Stand-in {download.file}", url=download.url, fallback_url=download.fallback_url,
-                       dest=gguf_path, sha256=download.sha256,
+        fetch_verified(name=f"Stand-in {download.name}", url=download.url, fallback_url=download.fallback_url,
+                       dest=gguf_path, sha256=download.sha256, size=download.size,
                        user="root", group=group, mode="0644")
         files.put(
             name="Modelfile for the stand-in",

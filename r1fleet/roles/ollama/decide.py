@@ -14,23 +14,15 @@ from r1fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.models import HostPlan
 from r1fleet.net import host_port
 from r1fleet.ollama_registry import DEFAULT_REGISTRY
-from r1fleet.roles.artifacts import DeployError, Platform, lab_gpu_devices, load_versions
+from r1fleet.roles.artifacts import DeployError, Download, Platform, lab_gpu_devices, load_versions
 
 OLLAMA_ROOT = "/opt/r1fleet/ollama"
 
 
 @dataclass(frozen=True)
-class Asset:
-    name: str
-    url: str
-    sha256: str
-    fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
-
-
-@dataclass(frozen=True)
 class OllamaRelease:
     version: str
-    assets: tuple[Asset, ...]
+    assets: tuple[Download, ...]
 
     @property
     def install_dir(self) -> str:
@@ -97,7 +89,7 @@ def ollama_release(
     for stem in ollama_asset_stems(platform, plan.vendor, plan.placement):
         for name in (f"{stem}.tar.zst", f"{stem}.tgz"):
             if known.get(name):
-                assets.append(Asset(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
+                assets.append(Download(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
                 break
         else:
             raise DeployError(
