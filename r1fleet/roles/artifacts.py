@@ -117,8 +117,9 @@ def model_download(host: str, plan: HostPlan, settings: HostConfig) -> Download:
     return Download(name=gguf.file, url=url, sha256=sha, size=gguf.size_bytes)
 
 
-def download_mib(plan: HostPlan, hw: Hardware) -> int:
-    """What the deploy will write to the model directory: nothing for a model file already there."""
+def download_mib(plan: HostPlan, hw: Hardware, imported: bool = False) -> int:
+    """What the deploy will write to the model directory: nothing for a model file already there; twice the
+    file for an Ollama import (`imported`: the GGUF, and Ollama's stored copy of it)."""
     from r1fleet.catalog import load_catalog
 
     gguf = plan.gguf
@@ -130,13 +131,12 @@ def download_mib(plan: HostPlan, hw: Hardware) -> int:
     digest = load_catalog().find(plan.model).ollama_digest if plan.model else None
     if digest and f"sha256-{digest}" in hw.model_files:
         return 0
-    # Ollama: a pull stores the model once; an offline import (rehearsal) keeps the GGUF and its stored copy.
-    return size_mib * (2 if plan.rehearsal else 1)
+    return size_mib * (2 if imported else 1)
 
 
-def check_disk(host: str, plan: HostPlan, hw: Hardware) -> None:
+def check_disk(host: str, plan: HostPlan, hw: Hardware, imported: bool = False) -> None:
     """Refuse a host whose model directory cannot take the download plus a margin, before anything changes."""
-    need = download_mib(plan, hw)
+    need = download_mib(plan, hw, imported)
     if not need or hw.disk_free_mib is None:
         return
     margin = constants().disk_margin_mib

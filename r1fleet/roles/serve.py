@@ -67,11 +67,18 @@ def serve_r1() -> None:
 
 def check_before_change(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> None:
     """What refuses a host before anything changes on it, naming the reason; prints the exposure's warning."""
-    check_disk(host.name, plan, hardware)  # a 43 GB download never fills the disk
+    check_disk(host.name, plan, hardware, imports_stand_in(plan, settings, hardware))  # 43 GB never fill the disk
     exposure.exposure_for(settings, plan, host.name, darwin=hardware.os.system == "Darwin")
     settings.api_key_text()  # an unreadable api_key_source
     if warning := settings.exposure_check(plan.backend, host.name):
         print(f"[{host.name}]   {warning}")
+
+
+def imports_stand_in(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> bool:
+    """An Ollama host imports its rehearsal stand-in from the GGUF (`ollama create`), unless it names a registry
+    that serves it (Linux: the Mac role always imports it); any other Ollama model comes from a registry."""
+    on_macos = hardware.os.system == "Darwin"
+    return plan.backend == "ollama" and settings.rehearsal and (on_macos or not takes_from_registry(plan, settings))
 
 
 def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
@@ -84,10 +91,7 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
         raise ValueError("no model fits this host; see the plan's reasons")
     check_before_change(plan, settings, hardware)
     on_macos = hardware.os.system == "Darwin"
-    # An Ollama host takes its model from a registry; a rehearsal stand-in is imported unless the host names
-    # a registry that serves it (Linux: the Mac role always imports it).
-    from_registry = takes_from_registry(plan, settings) and not on_macos
-    needs_gguf = plan.backend == "llama.cpp" or (settings.rehearsal and not from_registry)
+    needs_gguf = plan.backend == "llama.cpp" or imports_stand_in(plan, settings, hardware)
     download = model_download(host.name, plan, settings) if needs_gguf else None
     if on_macos:
         return [MacOllamaRole(plan, settings, hw=hardware, download=download)]

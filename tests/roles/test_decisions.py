@@ -188,3 +188,19 @@ def test_ollama_keeps_its_own_flash_attention_choice_unless_the_plan_needs_it():
     assert "OLLAMA_FLASH_ATTENTION" not in auto
     quantized = ollama_environment(plan(kv_cache_type="q8_0", flash_attention=True), HostConfig(name="h1", address="10.0.0.1"), "/m")
     assert quantized["OLLAMA_FLASH_ATTENTION"] == "1"  # a quantized KV cache needs it on
+
+
+def test_an_ollama_import_needs_room_for_the_file_twice_a_registry_model_once():
+    """`ollama create` keeps the GGUF and stores its rewrite; a model from a registry is stored once."""
+    from r1fleet.hardware import parse_probe
+    from r1fleet.planner import plan_host
+    from r1fleet.roles.artifacts import download_mib
+
+    probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "rtx4090.probe").read_text()
+    hw = parse_probe(probe, "box")
+    p = plan_host(hw)
+    assert p.backend == "ollama"
+    once = download_mib(p, hw)
+    assert once == -(-p.gguf.size_bytes // 2**20) and download_mib(p, hw, imported=True) == 2 * once
+    stored = hw.model_copy(update={"model_files": {"sha256-6150cb382311b69f09cc0f9a1b69fc029cbd742b66bb8ec531aa5ecf5c613e93": 1}})
+    assert p.ollama_tag == "deepseek-r1:32b-qwen-distill-q4_K_M" and download_mib(p, stored) == 0
