@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ DEFAULT_REGISTRY = "https://registry.ollama.ai"
 STORE_HOST = "registry.ollama.ai"  # the host of a name without one (types/model/name.go)
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 MODEL_LAYER = "application/vnd.ollama.image.model"
+MANIFEST_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,20 @@ class RegistryModel:
     blobs: tuple[Blob, ...]
 
 
+def _digest(text: Any) -> str:
+    """The hex of `sha256:<64 hex>`: it names files on the hosts, so nothing else passes (ValueError)."""
+    if not isinstance(text, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+        raise ValueError(f"{text!r} is not a sha256 digest")
+    return text.removeprefix("sha256:")
+
+
 def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
     """The model a manifest describes, refused (R1FleetError) unless its weights are the pinned ones: a
     registry can re-point a tag (deepseek-r1:8b changed model in May 2025, catalog.yaml)."""
     try:
         document = json.loads(data)
         layers = [document["config"], *document["layers"]]
-        blobs = tuple(Blob(str(layer["digest"]).removeprefix("sha256:"), int(layer["size"])) for layer in layers)
+        blobs = tuple(Blob(_digest(layer["digest"]), int(layer["size"])) for layer in layers)
     except (ValueError, KeyError, TypeError) as err:
         raise R1FleetError(f"the registry's manifest for {tag} is not an Ollama manifest ({err})",
                            fix="check the registry URL (ollama_registry)") from None
@@ -131,7 +140,11 @@ def fetch_manifest(registry: str, tag: str, timeout_s: float = 20.0) -> bytes:
     request = urllib.request.Request(ModelName.parse(tag).manifest_url(registry),
                                      headers={"Accept": MANIFEST_ACCEPT, "User-Agent": "r1fleet"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - the fleet's registry
-        return response.read()
+        data = response.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:  # a manifest is a few hundred bytes: this is not one
+        raise R1FleetError(f"{request.full_url} answers more than {MANIFEST_MAX_BYTES} bytes, not a manifest",
+                           fix="check the registry URL (ollama_registry)")
+    return data
 
 
 def manifest_key(registry: str, tag: str) -> str:

@@ -124,6 +124,11 @@ def test_a_manifest_with_other_weights_is_refused(published):
         read_manifest(b"<html>login</html>", TAG, published["sha"])
     with pytest.raises(R1FleetError, match="not an Ollama manifest"):
         read_manifest(json.dumps({"layers": []}).encode(), TAG, published["sha"])
+    hostile = json.loads(data)  # a blob name that would climb out of the store on the host
+    hostile["layers"].append({"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:../../etc/x",
+                              "size": 1})
+    with pytest.raises(R1FleetError, match="is not a sha256 digest"):
+        read_manifest(json.dumps(hostile).encode(), TAG, published["sha"])
 
 
 def test_the_cache_keeps_bytes_and_the_name_they_stood_for(tmp_path: Path):

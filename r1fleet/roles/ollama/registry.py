@@ -144,8 +144,7 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
         f"mv -f {q(part)} {q(path)}",
         f"rmdir {q(incoming)}",
     ]
-    # Its progress from the controller's side when the blobs come from its cache server; this covers the
-    # registry itself (no cache, or the fallback).
+    # Each blob's progress, read on the host, whether it comes from the controller's cache or the registry.
     blobs = fetch.model.blobs
     parts = file_poll({blob.sha256[:12]: q(f"{incoming}/sha256-{blob.sha256}") for blob in blobs},
                       sizes={blob.sha256[:12]: blob.size for blob in blobs})
