@@ -343,6 +343,19 @@ def test_api_key_is_the_locked_one(target: Target, plan: HostPlan, request: pyte
         "(fix: set api_key_source to the locked key, or relock: r1fleet lock HOST)")
 
 
+def test_model_is_the_locked_manifest(target: Target, plan: HostPlan, request: pytest.FixtureRequest) -> None:
+    """A rebuilt Ollama host serves the same model digest: the manifest the fleet lock records for its tag."""
+    lock = getattr(request.config, "_r1fleet_lock", None)
+    entry = lock.hosts.get(target.name) if lock else None
+    model = entry.artifacts.model if entry else None
+    if plan.backend != "ollama" or model is None or model.ollama_manifest is None or model.ollama_tag != plan.ollama_tag:
+        pytest.skip("the fleet lock records no Ollama manifest for the tag this host serves")
+    served = ollama_tag_digest(target.get_json("/api/tags"), plan.ollama_tag)
+    assert served == model.ollama_manifest, (
+        f"{target.name}: {plan.ollama_tag} is manifest {served}, the lock records {model.ollama_manifest} "
+        f"(fix: run the deploy, or relock: r1fleet lock {target.name})")
+
+
 def test_firewall_in_place(target: Target) -> None:
     """The allow-list is loaded now (another `flush ruleset`, such as starting the distribution's nftables
     service, removes it without stopping the service); `r1fleet verify` from inside the list cannot see that
