@@ -87,7 +87,7 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
     try:
         with _fetching.setdefault(sha256.lower(), threading.Lock()):
             if cache.path_for(sha256) is None:
-                cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr), size=size)
+                cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr, host="controller"), size=size)
         address = source_address_towards(host.data.get("ssh_hostname") or host.name)
         if address is None:
             raise OSError("no route from this machine to the host")
