@@ -133,8 +133,9 @@ def locked_digests(lock, cache: ArtifactCache | None = None) -> set[str]:
         a = entry.artifacts
         digests.update(asset.sha256 for asset in (a.ollama.assets if a.ollama else []))
         if a.model:
-            digests.update((a.model.gguf_sha256, a.model.ollama_digest, a.model.ollama_manifest))
-            kept = cache.path_for(a.model.ollama_manifest, touch=False) if cache and a.model.ollama_manifest else None
+            manifest = a.model.ollama_manifest.sha256 if a.model.ollama_manifest else None
+            digests.update((a.model.gguf_sha256, a.model.ollama_digest, manifest))
+            kept = cache.path_for(manifest, touch=False) if cache and manifest else None
             digests.update(ollama_blobs(kept.read_bytes()) if kept else ())
         if a.llama_cpp:
             digests.add(a.llama_cpp.source_sha256)
@@ -256,16 +257,19 @@ def cmd_fill(args: argparse.Namespace) -> int:
 def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str | None, list[str]]]:
     """(registry, tag) -> (pinned weights, locked manifest, hosts) of the locked Ollama hosts that take their
     model from a registry."""
-    from r1fleet.roles.ollama.decide import registry_of, takes_from_registry, weights_digest
+    from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry, weights_digest
 
     models: dict[tuple[str, str], tuple[str | None, str | None, list[str]]] = {}
     for host in sorted(lock.hosts):
         entry, settings = lock.hosts[host], fleet.hosts.get(host)
-        model = entry.artifacts.model
-        if settings is None or model is None or not takes_from_registry(entry.plan, settings):
+        if settings is None or entry.artifacts.model is None:
             continue
-        key = (registry_of(settings), model.ollama_tag)
-        models.setdefault(key, (weights_digest(entry.plan), model.ollama_manifest, []))[2].append(host)
+        plan = served_plan(entry.plan, settings)
+        if not takes_from_registry(plan, settings):
+            continue
+        manifest = entry.artifacts.model.ollama_manifest
+        locked = manifest.sha256 if manifest and manifest.tag == plan.ollama_tag else None
+        models.setdefault((registry_of(settings), plan.ollama_tag), (weights_digest(plan), locked, []))[2].append(host)
     return models
 
 

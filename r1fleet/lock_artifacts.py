@@ -38,15 +38,21 @@ class OllamaArtifact(_Strict):
     assets: list[OllamaAsset]
 
 
+class OllamaManifest(_Strict):
+    """The registry manifest of the tag the host serves (the stand-in's in rehearsal), as the controller's cache
+    took it: its sha256 is the digest the host's Ollama reports."""
+
+    tag: str
+    sha256: str
+
+
 class ModelArtifact(_Strict):
     """The model as the catalog pins it: the Ollama tag and its weights layer, and the GGUF file."""
 
     id: str
     ollama_tag: str
     ollama_digest: str | None = None
-    # the tag's manifest as the controller's cache took it from the registry (its sha256 is the digest Ollama
-    # serves); null until a deploy has cached it
-    ollama_manifest: str | None = None
+    ollama_manifest: OllamaManifest | None = None  # null until a deploy (or `r1fleet cache fill`) cached it
     gguf_file: str
     gguf_size_bytes: int | None = None
     gguf_sha256: str | None = None

@@ -88,17 +88,19 @@ def with_manifest(entry, settings, cache_dir: str | None, previous):
     serves), or the one locked before for the same tag; unchanged when neither is known (a host not deployed
     yet: relock after its first deploy to record it)."""
     from r1fleet.cache import ArtifactCache, cache_root
+    from r1fleet.lock_artifacts import OllamaManifest
     from r1fleet.ollama_registry import manifest_key
-    from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
+    from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
 
-    model = entry.artifacts.model
-    if model is None or not takes_from_registry(entry.plan, settings):
+    model, plan = entry.artifacts.model, served_plan(entry.plan, settings)
+    if model is None or not takes_from_registry(plan, settings):
         return entry
-    sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), model.ollama_tag))
-    before = previous.artifacts.model if previous else None
-    if sha is None and before is not None and before.ollama_tag == model.ollama_tag:
-        sha = before.ollama_manifest
-    artifacts = entry.artifacts.model_copy(update={"model": model.model_copy(update={"ollama_manifest": sha})})
+    sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), plan.ollama_tag))
+    manifest = OllamaManifest(tag=plan.ollama_tag, sha256=sha) if sha else None
+    before = previous.artifacts.model.ollama_manifest if previous and previous.artifacts.model else None
+    if manifest is None and before is not None and before.tag == plan.ollama_tag:
+        manifest = before
+    artifacts = entry.artifacts.model_copy(update={"model": model.model_copy(update={"ollama_manifest": manifest})})
     return entry.model_copy(update={"artifacts": artifacts})
 
 

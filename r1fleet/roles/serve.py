@@ -20,7 +20,6 @@ from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock import effective_plan, lock_path, read_lock, relock_fleet
 from r1fleet.models import Hardware, HostPlan
-from r1fleet.planner import rehearse
 from r1fleet.roles import exposure, summary
 from r1fleet.roles.exposure import ExposureRole
 from r1fleet.roles.gpu_driver import DriverRole
@@ -29,7 +28,7 @@ from r1fleet.roles.stages import Role, apply_roles
 from r1fleet.roles.llama_cpp import LlamaCppRole, choose_install
 from r1fleet.roles.llama_cpp.pool import pool_head
 from r1fleet.roles.ollama import OllamaRole, release_for
-from r1fleet.roles.ollama.decide import takes_from_registry
+from r1fleet.roles.ollama.decide import served_plan, takes_from_registry
 from r1fleet.pool_config import PoolSettings
 from r1fleet.pool_planner import pool_heading
 from r1fleet.roles.pool_members import member_config, pool_of, pool_plan, rehearsed_head, remember
@@ -84,8 +83,7 @@ def imports_stand_in(plan: HostPlan, settings: HostConfig, hardware: Hardware) -
 def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
     """A host serving on its own: its plan checked and printed, then the driver, the exposure (its firewall is
     active before the backend starts) and the backend. A Mac has one role, its LaunchDaemon Ollama."""
-    if settings.rehearsal and plan.fits:
-        plan = rehearse(plan)
+    plan = served_plan(plan, settings)
     print(format_plan(plan, settings.rehearsal))
     if not plan.fits or not plan.backend:
         raise ValueError("no model fits this host; see the plan's reasons")

@@ -347,12 +347,12 @@ def test_model_is_the_locked_manifest(target: Target, plan: HostPlan, request: p
     """A rebuilt Ollama host serves the same model digest: the manifest the fleet lock records for its tag."""
     lock = getattr(request.config, "_r1fleet_lock", None)
     entry = lock.hosts.get(target.name) if lock else None
-    model = entry.artifacts.model if entry else None
-    if plan.backend != "ollama" or model is None or model.ollama_manifest is None or model.ollama_tag != plan.ollama_tag:
+    locked = entry.artifacts.model.ollama_manifest if entry and entry.artifacts.model else None
+    if plan.backend != "ollama" or locked is None or locked.tag != plan.ollama_tag:
         pytest.skip("the fleet lock records no Ollama manifest for the tag this host serves")
     served = ollama_tag_digest(target.get_json("/api/tags"), plan.ollama_tag)
-    assert served == model.ollama_manifest, (
-        f"{target.name}: {plan.ollama_tag} is manifest {served}, the lock records {model.ollama_manifest} "
+    assert served == locked.sha256, (
+        f"{target.name}: {plan.ollama_tag} is manifest {served}, the lock records {locked.sha256} "
         f"(fix: run the deploy, or relock: r1fleet lock {target.name})")
 
 

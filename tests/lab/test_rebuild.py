@@ -126,6 +126,9 @@ def test_a_rebuilt_host_comes_back_identical_from_the_cache(fleet, ssh):
     assert cases["test_api_key_is_the_locked_one[lab-dual3090]"] == []  # ran and passed: the locked key
     assert cases["test_model_present[lab-cpu]"] == []  # the imported model's digest as recorded
     assert cases["test_model_present[lab-3060]"] == []  # the registry's weights, placed from the cache
+    manifest = lock.hosts["lab-3060"].artifacts.model.ollama_manifest  # locked after the first deploy cached it
+    assert manifest is not None and manifest.tag == "r1fleet/smollm2:135m-instruct-q4_1"
+    assert cases["test_model_is_the_locked_manifest[lab-3060]"] == []  # ran and passed: the locked digest
 
 
 def test_a_policy_change_waits_for_a_relock(fleet, ssh):

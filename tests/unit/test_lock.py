@@ -365,8 +365,8 @@ def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypa
     cache.remember(manifest_key(DEFAULT_REGISTRY, entry.plan.ollama_tag), cache.put(manifest, "manifest"))
     code, _, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes)
     locked = read_lock(path).hosts[host].artifacts.model.ollama_manifest
-    assert code == 0 and locked == hashlib.sha256(manifest).hexdigest()
-    assert f"ollama_manifest: {locked}" in path.read_text()
+    assert code == 0 and locked.sha256 == hashlib.sha256(manifest).hexdigest() and locked.tag == entry.plan.ollama_tag
+    assert f"sha256: {locked.sha256}" in path.read_text()
 
     cache.prune()
     r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, host)

@@ -222,6 +222,13 @@ def registry_of(settings: HostConfig) -> str:
     return (settings.ollama_registry or DEFAULT_REGISTRY).rstrip("/")
 
 
+def served_plan(plan: HostPlan, settings: HostConfig) -> HostPlan:
+    """The plan the host serves: in rehearsal, the stand-in in the planned slot."""
+    from r1fleet.planner import rehearse
+
+    return rehearse(plan) if settings.rehearsal and plan.fits else plan
+
+
 def takes_from_registry(plan: HostPlan, settings: HostConfig) -> bool:
     """An Ollama host gets its model from a registry, except a rehearsal stand-in without one (imported)."""
     return plan.backend == "ollama" and (not settings.rehearsal or settings.ollama_registry is not None)

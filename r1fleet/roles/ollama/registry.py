@@ -92,7 +92,8 @@ def locked_manifest(tag: str) -> str | None:
     lock = read_lock(lock_path(fleet)) if fleet else None
     entry = lock.hosts.get(host.name) if lock else None
     model = entry.artifacts.model if entry else None
-    return model.ollama_manifest if model and model.ollama_tag == tag else None
+    manifest = model.ollama_manifest if model else None
+    return manifest.sha256 if manifest and manifest.tag == tag else None
 
 
 def _from_controller(blob: Blob, upstream: str, label: str) -> Blob:
