@@ -11,6 +11,7 @@ fleet file); 5 nothing selected (-k matched no host or check).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     if args.min_speed_fraction is not None and not 0 <= args.min_speed_fraction <= 10:
         raise R1FleetError(f"{args.min_speed_fraction} is out of range", field="--min-speed-fraction", fix="give a fraction such as 0.5")
-    try:
-        import testinfra  # noqa: F401
-    except ImportError:
-        raise R1FleetError("pytest-testinfra is not installed", fix="pip install 'r1fleet[test]'") from None
+    if importlib.util.find_spec("testinfra") is None:
+        raise R1FleetError("pytest-testinfra is not installed", fix="pip install 'r1fleet[test]'")
     return subprocess.call(pytest_argv(args))  # from the caller's directory: a relative --fleet means what it says
