@@ -24,7 +24,7 @@ from r1fleet.roles.fact_batch import (
     file_reads,
     service_reads,
 )
-from r1fleet.roles.host_progress import file_poll, watching
+from r1fleet.roles.host_progress import file_poll, file_size, watching
 from r1fleet.roles.systemd_unit import UNIT_DIR
 from r1fleet.roles.tcp_health import TcpHealth, wait_tcp
 
@@ -130,7 +130,7 @@ RESUMES = 5
 
 
 def _size_or_zero(target: str) -> str:
-    return f"$( {{ stat -c %s {target} || stat -f %z {target} || echo 0; }} 2>/dev/null )"
+    return f"$( {file_size(target)} || echo 0 )"
 
 
 def resuming_curl(url: str, target: str, options: str) -> str:
@@ -163,7 +163,12 @@ def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = Fals
                   f"-o {target} {q(upstream)}")
     mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")
     return [*([] if resume else [f"rm -f {target}"]), f"{{ {fetch} || {start_over}; }}",
-            f'if ! echo {q(sha256)}"  "{target} | sha256sum -c --status; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
+            f'if [ "$({sha256_of(target)})" != {q(sha256)} ]; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
+
+
+def sha256_of(path: str) -> str:
+    """Shell: the hex sha256 of `path` (a shell word), by GNU sha256sum or, on macOS, shasum -a 256."""
+    return f"{{ sha256sum {path} 2>/dev/null || shasum -a 256 {path}; }} | cut -d' ' -f1"
 
 
 STAMP_SUFFIX = ".r1fleet-sha256"
@@ -179,10 +184,10 @@ class VerifiedDigest(FactBase):
     default = type(None)
 
     def command(self, path: str) -> str:
-        q = shlex.quote
+        q, file = shlex.quote, '"$f"'
         return (f"f={q(path)}; s={q(path + STAMP_SUFFIX)}; [ -f \"$f\" ] || exit 0; id=$({FILE_IDENTITY}); "
                 f"if [ -f \"$s\" ]; then read -r sum rest < \"$s\"; [ \"$rest\" = \"$id\" ] && echo \"stamped $sum\" && exit 0; fi; "
-                f"echo \"hashed $( {{ sha256sum \"$f\" 2>/dev/null || shasum -a 256 \"$f\"; }} | cut -d' ' -f1)\"")
+                f"echo \"hashed $( {sha256_of(file)} )\"")
 
     def process(self, output: list[str]):
         words = output[0].split() if output else []

@@ -58,9 +58,13 @@ def live_watchers() -> int:
 # Poll commands (POSIX sh: Linux and macOS)
 
 
+def file_size(path: str) -> str:
+    """Shell: the size in bytes of `path` (a shell word), by GNU stat then BSD stat; nothing when it is absent."""
+    return f"{{ stat -c %s {path} || stat -f %z {path}; }} 2>/dev/null"
+
+
 def _size(path: str) -> str:
-    """A file's size in bytes, GNU stat then BSD stat, as a shell expression."""
-    return f"$( {{ stat -c %s {path} || stat -f %z {path}; }} 2>/dev/null )"
+    return f"$( {file_size(path)} )"
 
 
 def file_poll(paths: Mapping[str, str], setup: str = "", sizes: Mapping[str, int] | None = None) -> str:

@@ -32,8 +32,8 @@ from r1fleet.ollama_registry import (
     cached_manifest,
 )
 from r1fleet.roles import fleet_cache
-from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
-from r1fleet.roles.host_progress import file_poll, watching
+from r1fleet.roles.common import HttpJson, model_names, refusal, sha256_of, verified_fetch_steps
+from r1fleet.roles.host_progress import file_poll, file_size, watching
 from r1fleet.roles.ollama.decide import registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
@@ -125,7 +125,7 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
         # downloadBlob: an existing blob is a cache hit, not verified again).
         fetch_steps = "; ".join([*verified_fetch_steps(blob.url or "", q(part), blob.sha256, resume=True,
                                                        fallback=blob.fallback_url), f"chmod 0644 {q(part)}"])
-        steps.append(f'if [ "$(stat -c %s {q(stored)} 2>/dev/null)" != "{blob.size}" ]; then {fetch_steps}; fi')
+        steps.append(f'if [ "$({file_size(q(stored))})" != "{blob.size}" ]; then {fetch_steps}; fi')
     manifest = fetch.model.manifest
     path = ModelName.parse(tag).store_manifest(models_dir)
     part = f"{incoming}/manifest"
@@ -136,7 +136,7 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
         get = f"{{ {get} || curl -fsSL --retry 3 -H {accept} -o {q(part)} {q(manifest.fallback_url)}; }}"
     steps += [
         get,
-        f'echo {q(manifest.sha256)}"  "{q(part)} | sha256sum -c --status || {{ rm -f {q(part)}; echo {mismatch} >&2; exit 1; }}',
+        f'[ "$({sha256_of(q(part))})" = {q(manifest.sha256)} ] || {{ rm -f {q(part)}; echo {mismatch} >&2; exit 1; }}',
         f"chmod 0644 {q(part)}",
         f"chown -R {q(user)}:{q(user)} {q(incoming)}",
         f"for f in {q(incoming)}/sha256-*; do if [ -e \"$f\" ]; then mv -f \"$f\" {q(models_dir + '/blobs/')}; fi; done",
