@@ -265,10 +265,9 @@ def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str 
         if settings is None or entry.artifacts.model is None:
             continue
         plan = served_plan(entry.plan, settings)
-        if not takes_from_registry(plan, settings):
+        if not takes_from_registry(plan, settings, entry.fingerprint.system):
             continue
-        manifest = entry.artifacts.model.ollama_manifest
-        locked = manifest.sha256 if manifest and manifest.tag == plan.ollama_tag else None
+        locked = entry.artifacts.model.manifest_for(plan.ollama_tag)
         models.setdefault((registry_of(settings), plan.ollama_tag), (weights_digest(plan), locked, []))[2].append(host)
     return models
 

@@ -53,6 +53,11 @@ class ModelArtifact(_Strict):
     ollama_tag: str
     ollama_digest: str | None = None
     ollama_manifest: OllamaManifest | None = None  # null until a deploy (or `r1fleet cache fill`) cached it
+
+    def manifest_for(self, tag: str | None) -> str | None:
+        """The locked manifest's sha256 when it is the one of `tag` (the tag the host serves)."""
+        manifest = self.ollama_manifest
+        return manifest.sha256 if manifest is not None and manifest.tag == tag else None
     gguf_file: str
     gguf_size_bytes: int | None = None
     gguf_sha256: str | None = None

@@ -93,7 +93,7 @@ def with_manifest(entry, settings, cache_dir: str | None, previous):
     from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
 
     model, plan = entry.artifacts.model, served_plan(entry.plan, settings)
-    if model is None or not takes_from_registry(plan, settings):
+    if model is None or not takes_from_registry(plan, settings, entry.fingerprint.system):
         return entry
     sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), plan.ollama_tag))
     manifest = OllamaManifest(tag=plan.ollama_tag, sha256=sha) if sha else None

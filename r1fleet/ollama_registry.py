@@ -21,6 +21,7 @@ Ollama v0.32.9:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import re
 import urllib.request
@@ -46,15 +47,26 @@ class ModelName:
 
     @classmethod
     def parse(cls, name: str) -> "ModelName":
-        """`deepseek-r1:7b` or `r1fleet/smollm2:135m`; no tag means `latest`, no namespace `library`."""
-        path, _, tag = name.partition(":")
+        """`deepseek-r1:7b` or `r1fleet/smollm2:135m`; no tag means `latest`, no namespace `library`. The tag
+        follows the last `:` after the last `/` (a host may carry a port), and each part must be what
+        types/model/name.go admits: its parts name directories of the store.
+
+        >>> ModelName.parse("reg.lan:5000/team/m:q4")
+        ModelName(host='reg.lan:5000', namespace='team', model='m', tag='q4')
+        """
+        slash = name.rfind("/")
+        colon = name.rfind(":")
+        path, tag = (name[:colon], name[colon + 1:]) if colon > slash else (name, "latest")
         parts = path.split("/")
         parts = [STORE_HOST, "library", *parts][-3:] if len(parts) == 1 else parts
         parts = [STORE_HOST, *parts] if len(parts) == 2 else parts
-        if len(parts) != 3 or not all(parts):
+        valid = (len(parts) == 3 and re.fullmatch(r"[\w][\w.-]{0,349}(:\d+)?", parts[0])
+                 and all(re.fullmatch(r"[\w][\w.-]{0,79}", p) for p in parts[1:]) and re.fullmatch(r"[\w][\w.-]{0,79}", tag)
+                 and ".." not in name)
+        if not valid:
             raise R1FleetError(f"{name!r} is not an Ollama model name",
                                fix="write it as model:tag, namespace/model:tag or host/namespace/model:tag")
-        return cls(parts[0], parts[1], parts[2], tag or "latest")
+        return cls(parts[0], parts[1], parts[2], tag)
 
     def manifest_url(self, registry: str) -> str:
         return f"{registry.rstrip('/')}/v2/{self.namespace}/{self.model}/manifests/{self.tag}"
@@ -107,13 +119,19 @@ def _digest(text: Any) -> str:
     return text.removeprefix("sha256:")
 
 
+def _blobs(data: bytes) -> tuple[dict[str, Any], tuple[Blob, ...]]:
+    """A manifest's document and the blobs it names (config, then layers); ValueError, KeyError or TypeError
+    when it is not an Ollama manifest."""
+    document = json.loads(data)
+    layers = [document["config"], *document["layers"]]
+    return document, tuple(Blob(_digest(layer["digest"]), int(layer["size"])) for layer in layers)
+
+
 def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
     """The model a manifest describes, refused (R1FleetError) unless its weights are the pinned ones: a
     registry can re-point a tag (deepseek-r1:8b changed model in May 2025, catalog.yaml)."""
     try:
-        document = json.loads(data)
-        layers = [document["config"], *document["layers"]]
-        blobs = tuple(Blob(_digest(layer["digest"]), int(layer["size"])) for layer in layers)
+        document, blobs = _blobs(data)
     except (ValueError, KeyError, TypeError) as err:
         raise R1FleetError(f"the registry's manifest for {tag} is not an Ollama manifest ({err})",
                            fix="check the registry URL (ollama_registry)") from None
@@ -129,8 +147,7 @@ def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
 def ollama_blobs(data: bytes) -> list[str]:
     """The sha256 of every blob a manifest names (config and layers); [] when it is not a manifest."""
     try:
-        document = json.loads(data)
-        return [str(layer["digest"]).removeprefix("sha256:") for layer in [document["config"], *document["layers"]]]
+        return [blob.sha256 for blob in _blobs(data)[1]]
     except (ValueError, KeyError, TypeError):
         return []
 
@@ -139,8 +156,11 @@ def fetch_manifest(registry: str, tag: str, timeout_s: float = 20.0) -> bytes:
     """The tag's manifest from the registry, as bytes (their sha256 is the digest Ollama will report)."""
     request = urllib.request.Request(ModelName.parse(tag).manifest_url(registry),
                                      headers={"Accept": MANIFEST_ACCEPT, "User-Agent": "r1fleet"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - the fleet's registry
-        data = response.read(MANIFEST_MAX_BYTES + 1)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - the fleet's registry
+            data = response.read(MANIFEST_MAX_BYTES + 1)
+    except http.client.HTTPException as err:  # a broken answer is the registry not read, as a refused connection
+        raise OSError(f"{request.full_url}: {err!r}") from None
     if len(data) > MANIFEST_MAX_BYTES:  # a manifest is a few hundred bytes: this is not one
         raise R1FleetError(f"{request.full_url} answers more than {MANIFEST_MAX_BYTES} bytes, not a manifest",
                            fix="check the registry URL (ollama_registry)")
@@ -158,19 +178,28 @@ class ManifestMoved(R1FleetError):
 
 def cached_manifest(cache: ArtifactCache | None, registry: str, tag: str, weights_sha256: str,
                     locked: str | None = None, fetch=None) -> RegistryModel:
-    """The tag's manifest: the one the fleet lock names, else the one the cache first took for the tag, read
-    from the registry only when the cache lacks it (and then kept; no cache: always read). R1FleetError when
-    its weights are not the pinned ones, ManifestMoved when the registry's is not the locked one; OSError
+    """The tag's manifest: the one the fleet lock names, else the one the cache took for the tag while its
+    weights are still the pinned ones (catalog.yaml may re-pin a tag), read from the registry only when the
+    cache lacks it, and then kept (no cache: always read). R1FleetError when the weights are not the pinned
+    ones; ManifestMoved when the registry's is not the locked one (it is kept, so a relock takes it); OSError
     when the registry cannot be read."""
     key = manifest_key(registry, tag)
     wanted = locked or (cache.recall(key) if cache else None)
     kept = cache.path_for(wanted) if cache and wanted else None
-    data = kept.read_bytes() if kept else (fetch or fetch_manifest)(registry, tag)
-    model = read_manifest(data, tag, weights_sha256)
+    model = None
+    if kept:
+        try:
+            model = read_manifest(kept.read_bytes(), tag, weights_sha256)
+        except R1FleetError:
+            if locked:
+                raise
+    if model is None:
+        data = (fetch or fetch_manifest)(registry, tag)
+        model = read_manifest(data, tag, weights_sha256)
+        if cache:
+            cache.remember(key, cache.put(data, f"{tag} (manifest)"))
     if locked and model.manifest.sha256 != locked:
         raise ManifestMoved(f"{registry} now serves manifest {model.manifest.sha256[:12]} for {tag}; the fleet lock "
                             f"has {locked[:12]}, which this controller's cache does not hold",
-                            fix="relock the host to take the registry's (same weights), or restore the cache")
-    if cache:
-        cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+                            fix="relock the host to take the registry's (the same weights), or restore the cache")
     return model

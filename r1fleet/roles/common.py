@@ -148,18 +148,20 @@ def resuming_curl(url: str, target: str, options: str) -> str:
             f"then r1_n=failed; break; fi; echo {note} >&2; r1_had=$r1_has; sleep 2; done; [ $r1_n != failed ]; }}")
 
 
-def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None) -> list[str]:
+def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None,
+                         header: str | None = None) -> list[str]:
     """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
     deleting the file, unless its sha256 is the pinned one. `fallback`: the upstream URL, fetched when `url`
     (the controller's cache, which resumes) does not answer within a few seconds. `resume`: keep the bytes an
-    earlier run left in `target`. A stalled transfer resumes (resuming_curl); a server that cannot resume
-    starts over."""
+    earlier run left in `target`. `header`: one request header (`Accept: ...`). A stalled transfer resumes
+    (resuming_curl); a server that cannot resume starts over."""
     q = shlex.quote
     upstream = fallback or url
-    fetch = resuming_curl(upstream, target, "--retry 3")
+    extra = f" -H {q(header)}" if header else ""
+    fetch = resuming_curl(upstream, target, f"--retry 3{extra}")
     if fallback:  # the controller first, briefly: a firewall there must not cost minutes of retries
-        fetch = f"{resuming_curl(url, target, '--retry 2 --connect-timeout 5')} || {fetch}"
-    start_over = (f"curl -fSL --retry 3 --speed-limit {STALL_BYTES_PER_S} --speed-time {STALL_S} "
+        fetch = f"{resuming_curl(url, target, f'--retry 2 --connect-timeout 5{extra}')} || {fetch}"
+    start_over = (f"curl -fSL --retry 3{extra} --speed-limit {STALL_BYTES_PER_S} --speed-time {STALL_S} "
                   f"-o {target} {q(upstream)}")
     mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")
     return [*([] if resume else [f"rm -f {target}"]), f"{{ {fetch} || {start_over}; }}",

@@ -197,7 +197,9 @@ class ByteTracker:
             self.progress.noted(self.title(label), f"stalled: no new bytes for {human_seconds(now - self.grew_at)}")
 
     def _unfinished(self) -> list[str]:
-        return [label for label, (done, total) in self.held.items() if total is None or done < total]
+        """What may stall: a file short of its known size. One of unknown size may be whole and waiting for
+        its checksum or unpacking, which is no stall (curl itself still gives up and resumes a stalled one)."""
+        return [label for label, (done, total) in self.held.items() if total is not None and done < total]
 
     def stop(self, failed: bool) -> None:
         for label, (done, total) in self.held.items():

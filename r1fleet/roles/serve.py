@@ -15,7 +15,7 @@ from pyinfra import host, state
 
 from r1fleet.config import HostConfig
 from r1fleet.plan_format import format_plan
-from r1fleet.roles.artifacts import check_disk, model_download, platform_from_hardware
+from r1fleet.roles.artifacts import DeployError, check_disk, model_download, platform_from_hardware
 from r1fleet.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock import effective_plan, lock_path, read_lock, relock_fleet
@@ -69,6 +69,10 @@ def check_before_change(plan: HostPlan, settings: HostConfig, hardware: Hardware
     check_disk(host.name, plan, hardware, imports_stand_in(plan, settings, hardware))  # 43 GB never fill the disk
     exposure.exposure_for(settings, plan, host.name, darwin=hardware.os.system == "Darwin")
     settings.api_key_text()  # an unreadable api_key_source
+    if settings.ollama_registry and hardware.os.system == "Darwin":
+        raise DeployError("the macOS role pulls its model from registry.ollama.ai itself (or imports the rehearsal "
+                          "stand-in): it does not take one from another registry", host=host.name,
+                          field="ollama_registry", fix="remove ollama_registry for this host")
     if warning := settings.exposure_check(plan.backend, host.name):
         print(f"[{host.name}]   {warning}")
 
@@ -76,8 +80,7 @@ def check_before_change(plan: HostPlan, settings: HostConfig, hardware: Hardware
 def imports_stand_in(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> bool:
     """An Ollama host imports its rehearsal stand-in from the GGUF (`ollama create`), unless it names a registry
     that serves it (Linux: the Mac role always imports it); any other Ollama model comes from a registry."""
-    on_macos = hardware.os.system == "Darwin"
-    return plan.backend == "ollama" and settings.rehearsal and (on_macos or not takes_from_registry(plan, settings))
+    return plan.backend == "ollama" and settings.rehearsal and not takes_from_registry(plan, settings, hardware.os.system)
 
 
 def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
@@ -94,7 +97,8 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
     if on_macos:
         return [MacOllamaRole(plan, settings, hw=hardware, download=download)]
     platform = platform_from_hardware(hardware)
-    backend = (OllamaRole(plan, settings, release_for(plan, settings, platform), download) if plan.backend == "ollama"
+    backend = (OllamaRole(plan, settings, release_for(plan, settings, platform), download, hardware.model_files)
+               if plan.backend == "ollama"
                else LlamaCppRole(plan, settings, choose_install(plan, settings, platform), download))
     return [DriverRole(hardware, plan), ExposureRole(settings, plan), backend]
 

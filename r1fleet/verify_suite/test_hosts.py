@@ -181,7 +181,7 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
         if plan.ollama_tag not in names:
             fail(target, f"/api/tags has no {plan.ollama_tag} (it lists: {', '.join(map(str, names)) or 'nothing'})")
         digest = weights_digest(plan)
-        if plan.rehearsal and not takes_from_registry(plan, target.entry):
+        if plan.rehearsal and not takes_from_registry(plan, target.entry, target.hardware.os.system):
             # an offline import: compared with what Ollama reported when the deploy imported it
             problems += _imported_as_recorded(target, plan, tags)
         elif digest:
@@ -347,12 +347,12 @@ def test_model_is_the_locked_manifest(target: Target, plan: HostPlan, request: p
     """A rebuilt Ollama host serves the same model digest: the manifest the fleet lock records for its tag."""
     lock = getattr(request.config, "_r1fleet_lock", None)
     entry = lock.hosts.get(target.name) if lock else None
-    locked = entry.artifacts.model.ollama_manifest if entry and entry.artifacts.model else None
-    if plan.backend != "ollama" or locked is None or locked.tag != plan.ollama_tag:
+    locked = entry.artifacts.model.manifest_for(plan.ollama_tag) if entry and entry.artifacts.model else None
+    if plan.backend != "ollama" or locked is None:
         pytest.skip("the fleet lock records no Ollama manifest for the tag this host serves")
     served = ollama_tag_digest(target.get_json("/api/tags"), plan.ollama_tag)
-    assert served == locked.sha256, (
-        f"{target.name}: {plan.ollama_tag} is manifest {served}, the lock records {locked.sha256} "
+    assert served == locked, (
+        f"{target.name}: {plan.ollama_tag} is manifest {served}, the lock records {locked} "
         f"(fix: run the deploy, or relock: r1fleet lock {target.name})")
 
 

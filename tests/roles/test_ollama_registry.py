@@ -175,6 +175,10 @@ def place(fetch: RegistryFetch, models_dir: Path, monkeypatch, listed=()):
     return run, result
 
 
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="the placement runs as the service user through runuser (root)")
+
+
+@needs_root
 def test_a_host_places_the_model_as_a_pull_leaves_it(published, tmp_path, monkeypatch):
     store = tmp_path / "ollama"
     run, result = place(fetch_of(published), store, monkeypatch)
@@ -188,6 +192,7 @@ def test_a_host_places_the_model_as_a_pull_leaves_it(published, tmp_path, monkey
     assert not (store / ".r1fleet-incoming").exists()
 
 
+@needs_root
 def test_a_corrupted_blob_never_enters_the_store(published, tmp_path, monkeypatch):
     served = published["root"] / "registry/v2/r1fleet/smollm2/blobs" / f"sha256:{published['sha']}"
     served.unlink()
@@ -195,9 +200,11 @@ def test_a_corrupted_blob_never_enters_the_store(published, tmp_path, monkeypatc
     store = tmp_path / "ollama"
     _, result = place(fetch_of(published), store, monkeypatch)
     assert result.returncode != 0 and "sha256 mismatch" in result.stderr
-    assert not list((store / "blobs").iterdir()) and not (store / "manifests").exists()
+    assert not (store / "blobs" / f"sha256-{published['sha']}").exists()  # (the config blob, verified first, may be there)
+    assert not list((store / "manifests").rglob("135m-instruct-q4_1"))  # and no tag is listed
 
 
+@needs_root
 def test_a_host_that_cannot_reach_the_controller_takes_the_registry(published, tmp_path, monkeypatch):
     with socket.socket() as closed:  # a port nothing listens on: the controller's cache, firewalled
         closed.bind(("127.0.0.1", 0))
@@ -207,6 +214,7 @@ def test_a_host_that_cannot_reach_the_controller_takes_the_registry(published, t
     assert (tmp_path / "ollama/manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1").is_file()
 
 
+@needs_root
 def test_a_listed_tag_is_left_alone_and_a_refusal_stops_the_host(published, tmp_path, monkeypatch):
     run, result = place(fetch_of(published), tmp_path / "ollama", monkeypatch, listed=[TAG])
     assert result is None and not run.failed
@@ -238,3 +246,53 @@ def test_a_locked_manifest_is_the_one_served_or_the_host_is_stopped(published, t
         cached_manifest(cache, published["base"], TAG, published["sha"], locked=locked)
     relocked = hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
     assert cached_manifest(cache, published["base"], TAG, published["sha"], locked=relocked).manifest.sha256 == relocked
+
+
+def test_a_relock_takes_the_manifest_the_registry_moved_to(published, tmp_path):
+    """The host stopped by ManifestMoved names a relock as its fix: the registry's manifest is kept in the cache,
+    so the relock (lock_cli.with_manifest) finds it."""
+    locked = hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
+    document = json.loads(published["manifest"].read_bytes())
+    published["manifest"].write_bytes(json.dumps(document, indent=1).encode())
+    cache = ArtifactCache(tmp_path / "cache")
+    with pytest.raises(ManifestMoved):
+        cached_manifest(cache, published["base"], TAG, published["sha"], locked=locked)
+    moved = hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
+    assert cache.recall(manifest_key(published["base"], TAG)) == moved
+
+
+def test_a_re_pinned_tag_is_read_from_the_registry_again(published, tmp_path):
+    """catalog.yaml pins other weights for a tag than the manifest the cache kept: the registry is asked again."""
+    cache = ArtifactCache(tmp_path / "cache")
+    stale = b'{"schemaVersion":2,"config":{"digest":"sha256:' + b"a" * 64 + b'","size":1},"layers":[' \
+            b'{"mediaType":"application/vnd.ollama.image.model","digest":"sha256:' + b"b" * 64 + b'","size":1}]}'
+    cache.remember(manifest_key(published["base"], TAG), cache.put(stale, "old"))
+    model = cached_manifest(cache, published["base"], TAG, published["sha"])
+    assert model.manifest.sha256 == hashlib.sha256(published["manifest"].read_bytes()).hexdigest()
+    assert len(published["accepts"]) == 1 and cache.recall(manifest_key(published["base"], TAG)) == model.manifest.sha256
+
+
+def test_model_names_are_ollamas_and_name_no_path_outside_the_store():
+    assert ModelName.parse("reg.lan:5000/team/m:q4") == ModelName("reg.lan:5000", "team", "m", "q4")
+    for hostile in ("deepseek-r1:../../../../etc/x", "a/../b:c", "deepseek-r1:a/b", "/x:y", "m:"):
+        with pytest.raises(R1FleetError):
+            ModelName.parse(hostile)
+
+
+@needs_root
+def test_leftovers_in_incoming_never_replace_a_stored_blob(published, tmp_path, monkeypatch):
+    """A blob the store holds whole stays as it is, whatever an interrupted run or another tag left in the
+    incoming directory: that is removed, never moved into the store."""
+    store = tmp_path / "ollama"
+    place(fetch_of(published), store, monkeypatch)
+    weights = store / "blobs" / f"sha256-{published['sha']}"
+    good = weights.read_bytes()
+    (store / "manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1").unlink()  # the tag is gone
+    incoming = store / ".r1fleet-incoming"
+    incoming.mkdir()
+    (incoming / f"sha256-{published['sha']}").write_bytes(good[:100])  # a partial of a blob the store has
+    (incoming / f"sha256-{'ab' * 32}").write_bytes(b"left by another tag")
+    _, result = place(fetch_of(published), store, monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert weights.read_bytes() == good and not (store / "blobs" / f"sha256-{'ab' * 32}").exists()
+    assert not incoming.exists()

@@ -135,6 +135,10 @@ def test_byte_tracker_starts_over_when_the_file_shrinks_and_no_stall_without_wor
         clock.now += 10
         quiet.update([])  # nothing to watch yet (a manifest being read): no stall
     assert "stalled" not in stream.getvalue()
+    for _ in range(5):  # a file of unknown size that stops growing may be whole, being checked: no stall
+        clock.now += 10
+        tracker.update(["300 - "])
+    assert "stalled" not in stream.getvalue()
 
 
 def test_build_tracker_prints_each_new_step_and_the_end():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shlex
 import urllib.request
+from typing import Mapping
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
@@ -227,8 +228,10 @@ class OllamaRole(Role):
     """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
     `download` is the stand-in GGUF in rehearsal."""
 
-    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None):
+    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
+                 model_files: Mapping[str, int] | None = None):
         self.plan, self.settings, self.release, self.download = plan, settings, release, download
+        self.model_files = model_files or {}  # the probe's large files in the model directory, by name
         self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
         self.models_dir = ollama_models_dir(settings)
         self.api = settings.local_api("ollama")
@@ -240,8 +243,8 @@ class OllamaRole(Role):
         self.release = release_if_missing(self.release)
         if self.download is not None:
             self.download = download_if_missing(self.download, import_path(self.settings, self.download))
-        elif takes_from_registry(self.plan, self.settings):
-            self.registry = registry_fetch(self.plan, self.settings)
+        elif takes_from_registry(self.plan, self.settings, "Linux"):  # this role serves Linux hosts
+            self.registry = registry_fetch(self.plan, self.settings, self.model_files)
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:

@@ -229,9 +229,12 @@ def served_plan(plan: HostPlan, settings: HostConfig) -> HostPlan:
     return rehearse(plan) if settings.rehearsal and plan.fits else plan
 
 
-def takes_from_registry(plan: HostPlan, settings: HostConfig) -> bool:
-    """An Ollama host gets its model from a registry, except a rehearsal stand-in without one (imported)."""
-    return plan.backend == "ollama" and (not settings.rehearsal or settings.ollama_registry is not None)
+def takes_from_registry(plan: HostPlan, settings: HostConfig, system: str) -> bool:
+    """r1fleet places an Ollama host's model from its registry (roles/ollama/registry.py), except a rehearsal
+    stand-in without one (imported). A Mac (`system` Darwin) pulls or imports it itself: never."""
+    if plan.backend != "ollama" or system == "Darwin":
+        return False
+    return not settings.rehearsal or settings.ollama_registry is not None
 
 
 def modelfile(model_path: str, plan: HostPlan) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 from pyinfra import host
 from pyinfra.api import operation
@@ -32,7 +33,7 @@ from r1fleet.ollama_registry import (
     cached_manifest,
 )
 from r1fleet.roles import fleet_cache
-from r1fleet.roles.common import HttpJson, model_names, refusal, sha256_of, verified_fetch_steps
+from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
 from r1fleet.roles.host_progress import file_poll, file_size, watching
 from r1fleet.roles.ollama.decide import registry_of, weights_digest
 
@@ -48,11 +49,12 @@ class RegistryFetch:
     refused: str | None = None
 
 
-def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None:
+def registry_fetch(plan: HostPlan, settings: HostConfig, model_files: Mapping[str, int]) -> RegistryFetch | None:
     """Controller side, at the install stage. None: the host pulls the model itself (`ollama pull`), because
     it lists the tag already (nothing is read then: a converged host costs the controller nothing) or the
     controller cannot read registry.ollama.ai. With the cache off (R1FLEET_CACHE=off) the controller reads
-    only the manifest, and the host downloads the blobs from the registry itself."""
+    only the manifest, and the host downloads the blobs from the registry itself. A blob the host's store holds
+    already (`model_files`, the probe's large files by name) is not fetched for it."""
     tag = plan.ollama_tag or ""
     if tag in model_names(host.get_fact(HttpJson, url=f"{settings.local_api('ollama')}/api/tags")):
         return None
@@ -68,7 +70,8 @@ def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None
         if locked:  # `ollama pull` would take whatever manifest the registry serves now
             return RegistryFetch(refused=f"the fleet lock names manifest {locked[:12]} for {tag}, the controller's "
                                          f"cache does not hold it and {registry} cannot be read ({error}) (fix: "
-                                         f"reach the registry from this machine, or {relock_command(host.name, host.data.get('r1fleet_fleet'))})")
+                                         "reach the registry from this machine: the deploy takes the locked manifest "
+                                         "when the registry still serves it, or stops with the relock command)")
         if settings.ollama_registry is not None:  # `ollama pull` would go to registry.ollama.ai instead
             return RegistryFetch(refused=f"the controller cannot read {tag} from {registry} ({error}) "
                                          "(fix: check ollama_registry, or reach it from this machine)")
@@ -80,10 +83,14 @@ def registry_fetch(plan: HostPlan, settings: HostConfig) -> RegistryFetch | None
     except R1FleetError as error:
         return RegistryFetch(refused=f"{error} (fix: {error.fix})" if error.fix else str(error))
     name = ModelName.parse(tag)
-    return RegistryFetch(RegistryModel(
-        tag, _from_controller(model.manifest, name.manifest_url(registry), f"{tag} (manifest)"),
-        tuple(_from_controller(blob, name.blob_url(registry, blob.sha256), f"{tag} blob {blob.sha256[:12]}")
-              for blob in model.blobs)))
+
+    def located(blob: Blob) -> Blob:
+        upstream = name.blob_url(registry, blob.sha256)
+        if model_files.get(f"sha256-{blob.sha256}") == blob.size:  # in the host's store already (an alias tag)
+            return replace(blob, url=upstream)
+        return _from_controller(blob, upstream, f"{tag} blob {blob.sha256[:12]}")
+    manifest = _from_controller(model.manifest, name.manifest_url(registry), f"{tag} (manifest)")
+    return RegistryFetch(RegistryModel(tag, manifest, tuple(located(blob) for blob in model.blobs)))
 
 
 def locked_manifest(tag: str) -> str | None:
@@ -92,8 +99,7 @@ def locked_manifest(tag: str) -> str | None:
     lock = read_lock(lock_path(fleet)) if fleet else None
     entry = lock.hosts.get(host.name) if lock else None
     model = entry.artifacts.model if entry else None
-    manifest = model.ollama_manifest if model else None
-    return manifest.sha256 if manifest and manifest.tag == tag else None
+    return model.manifest_for(tag) if model else None
 
 
 def _from_controller(blob: Blob, upstream: str, label: str) -> Blob:
@@ -117,37 +123,32 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
         return
     q = shlex.quote
     incoming = f"{models_dir}/{INCOMING}"
-    steps = ["set -e", f"install -d -o {q(user)} -g {q(user)} -m 0755 {q(incoming)} {q(models_dir + '/blobs')}"]
-    for blob in fetch.model.blobs:
-        stored = f"{models_dir}/blobs/sha256-{blob.sha256}"
-        part = f"{incoming}/sha256-{blob.sha256}"
+    path = ModelName.parse(tag).store_manifest(models_dir)
+    blobs, manifest = fetch.model.blobs, fetch.model.manifest
+    expected = "|".join([*(f"sha256-{blob.sha256}" for blob in blobs), "manifest"])
+    steps = [
+        "set -e", "umask 022",  # directories 0755 and files 0644, as a pull leaves them (images.go PullModel)
+        f"mkdir -p {q(incoming)} {q(models_dir + '/blobs')} {q(path.rsplit('/', 1)[0])}",
+        # Whatever else is in incoming was left by another tag or an interrupted run: never moved into the store.
+        f'for f in {q(incoming)}/* {q(incoming)}/.[!.]*; do case "${{f##*/}}" in {expected}) ;; '
+        f'*) if [ -e "$f" ]; then rm -rf "$f"; fi;; esac; done',
+    ]
+    for blob in blobs:
+        stored, part = q(f"{models_dir}/blobs/sha256-{blob.sha256}"), q(f"{incoming}/sha256-{blob.sha256}")
         # A blob already in the store with its size is kept, as Ollama's own pull does (server/download.go
         # downloadBlob: an existing blob is a cache hit, not verified again).
-        fetch_steps = "; ".join([*verified_fetch_steps(blob.url or "", q(part), blob.sha256, resume=True,
-                                                       fallback=blob.fallback_url), f"chmod 0644 {q(part)}"])
-        steps.append(f'if [ "$({file_size(q(stored))})" != "{blob.size}" ]; then {fetch_steps}; fi')
-    manifest = fetch.model.manifest
-    path = ModelName.parse(tag).store_manifest(models_dir)
-    part = f"{incoming}/manifest"
-    mismatch = q(f"sha256 mismatch for the manifest of {tag} (expected {manifest.sha256})")
-    accept = q(f"Accept: {MANIFEST_ACCEPT}")  # what Ollama asks the registry for; the controller ignores it
-    get = f"curl -fsSL --retry 2 --connect-timeout 5 -H {accept} -o {q(part)} {q(manifest.url or '')}"
-    if manifest.fallback_url:
-        get = f"{{ {get} || curl -fsSL --retry 3 -H {accept} -o {q(part)} {q(manifest.fallback_url)}; }}"
-    steps += [
-        get,
-        f'[ "$({sha256_of(q(part))})" = {q(manifest.sha256)} ] || {{ rm -f {q(part)}; echo {mismatch} >&2; exit 1; }}',
-        f"chmod 0644 {q(part)}",
-        f"chown -R {q(user)}:{q(user)} {q(incoming)}",
-        f"for f in {q(incoming)}/sha256-*; do if [ -e \"$f\" ]; then mv -f \"$f\" {q(models_dir + '/blobs/')}; fi; done",
-        f"install -d -o {q(user)} -g {q(user)} -m 0755 {q(path.rsplit('/', 4)[0])} {q(path.rsplit('/', 3)[0])} "
-        f"{q(path.rsplit('/', 2)[0])} {q(path.rsplit('/', 1)[0])}",
-        f"mv -f {q(part)} {q(path)}",
-        f"rmdir {q(incoming)}",
-    ]
+        get = "; ".join([*verified_fetch_steps(blob.url or "", part, blob.sha256, resume=True, fallback=blob.fallback_url),
+                         f"mv -f {part} {stored}"])
+        steps.append(f'if [ "$({file_size(stored)})" != "{blob.size}" ]; then {get}; else rm -f {part}; fi')
+    part = q(f"{incoming}/manifest")
+    # The blobs are in the store: now the manifest, which makes Ollama list the tag.
+    steps += [*verified_fetch_steps(manifest.url or "", part, manifest.sha256, fallback=manifest.fallback_url,
+                                    header=f"Accept: {MANIFEST_ACCEPT}"),
+              f"mv -f {part} {q(path)}", f"rmdir {q(incoming)}"]
+    # As the service user: the store is its own, and root writes nothing where that user could have put a link.
+    script = f"runuser -u {q(user)} -- sh -c {q('; '.join(steps))}"
     # Each blob's progress, read on the host, whether it comes from the controller's cache or the registry.
-    blobs = fetch.model.blobs
     parts = file_poll({blob.sha256[:12]: q(f"{incoming}/sha256-{blob.sha256}") for blob in blobs},
                       sizes={blob.sha256[:12]: blob.size for blob in blobs})
     with watching(tag, parts, resumable=True):
-        yield "; ".join(steps)
+        yield script
