@@ -188,7 +188,7 @@ def test_a_host_places_the_model_as_a_pull_leaves_it(published, tmp_path, monkey
     for blob in read_manifest(manifest.read_bytes(), TAG, published["sha"]).blobs:
         stored = store / "blobs" / f"sha256-{blob.sha256}"
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob.sha256
-        assert stat.S_IMODE(stored.stat().st_mode) == 0o644
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600  # the service's UMask=0077, as its own pull
     assert not (store / ".r1fleet-incoming").exists()
 
 

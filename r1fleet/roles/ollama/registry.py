@@ -127,7 +127,8 @@ def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: s
     blobs, manifest = fetch.model.blobs, fetch.model.manifest
     expected = "|".join([*(f"sha256-{blob.sha256}" for blob in blobs), "manifest"])
     steps = [
-        "set -e", "umask 022",  # directories 0755 and files 0644, as a pull leaves them (images.go PullModel)
+        # The service's own UMask (the hardened unit's 0077): the modes a pull by the server leaves
+        "set -e", "umask 077",
         f"mkdir -p {q(incoming)} {q(models_dir + '/blobs')} {q(path.rsplit('/', 1)[0])}",
         # Whatever else is in incoming was left by another tag or an interrupted run: never moved into the store.
         f'for f in {q(incoming)}/* {q(incoming)}/.[!.]*; do case "${{f##*/}}" in {expected}) ;; '
