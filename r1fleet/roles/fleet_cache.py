@@ -1,8 +1,8 @@
 """One download per artifact per fleet: the controller fetches each pinned artifact once into its cache
 (r1fleet/cache.py) and serves it to the hosts over the LAN (r1fleet/cache_server.py) for this run.
 
-When a role is about to install (release_if_missing, download_if_missing), `via_controller` returns the
-URL that host downloads from: the controller's cache server when the artifact is (or could just be)
+When a role is about to install (release_if_missing, download_if_missing, an Ollama model's registry blobs),
+`from_controller` gives the artifact with the URL that host downloads from (`via_controller`): the controller's cache server when the artifact is (or could just be)
 fetched into the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as
 before). A host given the controller's URL keeps the upstream one as its fallback. Hosts verify every
 file's sha256 themselves, whichever URL they use. The server is started once per controller address
@@ -104,22 +104,21 @@ def release_if_missing(release: T) -> T:
     (read from the run's fact batch: a converged host costs the controller nothing)."""
     if host.get_fact(File, path=release.stamp):
         return release
-    cache_dir = host.data.get("r1fleet_cache_dir")
-    return replace(release, assets=tuple(_via(a, via_controller(a.url, a.sha256, a.name, cache_dir))
-                                         for a in release.assets))
+    return replace(release, assets=tuple(from_controller(asset, asset.name) for asset in release.assets))
 
 
 def download_if_missing(download: T, dest: str) -> T:
     """The model download, from the controller's cache when `dest` does not hold it verified yet."""
     if (host.get_fact(VerifiedDigest, path=dest) or (None, None))[1] == download.sha256:
         return download
-    return _via(download, via_controller(download.url, download.sha256, download.name, host.data.get("r1fleet_cache_dir"),
-                                         size=download.size))
+    return from_controller(download, download.name)
 
 
-def _via(artifact: T, url: str) -> T:
-    """The artifact from `url`, and from where it came before when the host cannot reach the controller (a
-    firewall on this machine, say): the host then downloads it itself, as without the cache."""
+def from_controller(artifact: T, name: str) -> T:
+    """The artifact (its `url`, `sha256` and `size`) from the controller's cache when it can serve it, with
+    its upstream URL as the fallback for a host that cannot reach the controller (a firewall on this machine,
+    say): the host then downloads it itself, as without the cache."""
+    url = via_controller(artifact.url, artifact.sha256, name, host.data.get("r1fleet_cache_dir"), size=artifact.size)
     return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
 
 

@@ -85,11 +85,11 @@ def registry_fetch(plan: HostPlan, settings: HostConfig, model_files: Mapping[st
     name = ModelName.parse(tag)
 
     def located(blob: Blob) -> Blob:
-        upstream = name.blob_url(registry, blob.sha256)
+        upstream = replace(blob, url=name.blob_url(registry, blob.sha256))
         if model_files.get(f"sha256-{blob.sha256}") == blob.size:  # in the host's store already (an alias tag)
-            return replace(blob, url=upstream)
-        return _from_controller(blob, upstream, f"{tag} blob {blob.sha256[:12]}")
-    manifest = _from_controller(model.manifest, name.manifest_url(registry), f"{tag} (manifest)")
+            return upstream
+        return fleet_cache.from_controller(upstream, f"{tag} blob {blob.sha256[:12]}")
+    manifest = fleet_cache.from_controller(replace(model.manifest, url=name.manifest_url(registry)), f"{tag} (manifest)")
     return RegistryFetch(RegistryModel(tag, manifest, tuple(located(blob) for blob in model.blobs)))
 
 
@@ -100,11 +100,6 @@ def locked_manifest(tag: str) -> str | None:
     entry = lock.hosts.get(host.name) if lock else None
     model = entry.artifacts.model if entry else None
     return model.manifest_for(tag) if model else None
-
-
-def _from_controller(blob: Blob, upstream: str, label: str) -> Blob:
-    url = fleet_cache.via_controller(upstream, blob.sha256, label, host.data.get("r1fleet_cache_dir"), size=blob.size)
-    return replace(blob, url=url, fallback_url=upstream if url != upstream else None)
 
 
 @operation()
