@@ -117,12 +117,16 @@ class ArtifactCache:
         return meta if isinstance(meta, dict) else None
 
     def _write_meta(self, sha: str, meta: dict[str, Any]) -> None:
-        # Written whole, then renamed: the server's threads touch last_used while others read it.
-        fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=self.dir)
+        # Whole: the server's threads touch last_used while others read it.
+        self._write_whole(self.dir / f"{sha}.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def _write_whole(self, target: Path, data: bytes) -> None:
+        """Written beside, then renamed: a reader sees the old file or the new one, never a part."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.dir)
         try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(meta, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.dir / f"{sha}.json")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -207,10 +211,7 @@ class ArtifactCache:
         sha = hashlib.sha256(data).hexdigest()
         if self.path_for(sha) is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=self.dir)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.dir / sha)
+            self._write_whole(self.dir / sha, data)
             self._write_meta(sha, {"sha256": sha, "name": name, "urls": [], "size": len(data), "fetched_at": _now(),
                                    "last_used": _now(), "stamp": [sha, *_identity(self.dir / sha)]})
         return sha
