@@ -275,12 +275,12 @@ def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str 
 def fill_registry_model(cache: ArtifactCache, registry: str, tag: str, weights: str | None, locked: str | None,
                         progress) -> None:
     """The tag's manifest (the locked one) and every blob it names, into the cache, as the deploy takes them."""
-    from r1fleet.ollama_registry import ModelName, cached_manifest
+    from r1fleet.ollama_registry import ModelName, blob_name, cached_manifest
 
     if weights is None:
         raise R1FleetError(f"no weights digest is pinned for {tag}", fix="add ollama_digest to catalog.yaml")
     model = cached_manifest(cache, registry, tag, weights, locked)
     name = ModelName.parse(tag)
     for blob in model.blobs:
-        cache.fetch(name.blob_url(registry, blob.sha256), blob.sha256, f"{tag} blob {blob.sha256[:12]}",
+        cache.fetch(name.blob_url(registry, blob.sha256), blob.sha256, blob_name(tag, blob.sha256),
                     progress=progress, size=blob.size)

@@ -167,6 +167,16 @@ def fetch_manifest(registry: str, tag: str, timeout_s: float = 20.0) -> bytes:
     return data
 
 
+def manifest_name(tag: str) -> str:
+    """The name of a tag's manifest in the controller's cache (`r1fleet cache status`)."""
+    return f"{tag} (manifest)"
+
+
+def blob_name(tag: str, sha256: str) -> str:
+    """The name of one of a tag's blobs in the controller's cache."""
+    return f"{tag} blob {sha256[:12]}"
+
+
 def manifest_key(registry: str, tag: str) -> str:
     """The name under which the controller's cache keeps the manifest it took for `tag` from `registry`."""
     return f"{registry.rstrip('/')} {tag} manifest"
@@ -197,7 +207,7 @@ def cached_manifest(cache: ArtifactCache | None, registry: str, tag: str, weight
         data = (fetch or fetch_manifest)(registry, tag)
         model = read_manifest(data, tag, weights_sha256)
         if cache:
-            cache.remember(key, cache.put(data, f"{tag} (manifest)"))
+            cache.remember(key, cache.put(data, manifest_name(tag)))
     if locked and model.manifest.sha256 != locked:
         raise ManifestMoved(f"{registry} now serves manifest {model.manifest.sha256[:12]} for {tag}; the fleet lock "
                             f"has {locked[:12]}, which this controller's cache does not hold",

@@ -30,7 +30,9 @@ from r1fleet.ollama_registry import (
     ModelName,
     RegistryModel,
     ManifestMoved,
+    blob_name,
     cached_manifest,
+    manifest_name,
 )
 from r1fleet.roles import fleet_cache
 from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
@@ -88,8 +90,8 @@ def registry_fetch(plan: HostPlan, settings: HostConfig, model_files: Mapping[st
         upstream = replace(blob, url=name.blob_url(registry, blob.sha256))
         if model_files.get(f"sha256-{blob.sha256}") == blob.size:  # in the host's store already (an alias tag)
             return upstream
-        return fleet_cache.from_controller(upstream, f"{tag} blob {blob.sha256[:12]}")
-    manifest = fleet_cache.from_controller(replace(model.manifest, url=name.manifest_url(registry)), f"{tag} (manifest)")
+        return fleet_cache.from_controller(upstream, blob_name(tag, blob.sha256))
+    manifest = fleet_cache.from_controller(replace(model.manifest, url=name.manifest_url(registry)), manifest_name(tag))
     return RegistryFetch(RegistryModel(tag, manifest, tuple(located(blob) for blob in model.blobs)))
 
 
