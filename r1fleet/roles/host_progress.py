@@ -63,6 +63,16 @@ def file_size(path: str) -> str:
     return f"{{ stat -c %s {path} || stat -f %z {path}; }} 2>/dev/null"
 
 
+def newest(pattern: str) -> str:
+    """Shell: the newest path matching `pattern` (a glob, unquoted), e.g. the mktemp directory of the run
+    being watched, as a quoted word.
+
+    >>> newest("/opt/x/.tmp.*")
+    '"$(ls -dt /opt/x/.tmp.* 2>/dev/null | head -n 1)"'
+    """
+    return f'"$(ls -dt {pattern} 2>/dev/null | head -n 1)"'
+
+
 def _size(path: str) -> str:
     return f"$( {file_size(path)} )"
 

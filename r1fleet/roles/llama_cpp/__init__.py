@@ -44,7 +44,7 @@ from r1fleet.roles.systemd_unit import (
 )
 from r1fleet.models import HostPlan
 from r1fleet.roles.ollama import install_release
-from r1fleet.roles.host_progress import watching_build
+from r1fleet.roles.host_progress import newest, watching_build
 from r1fleet.roles.tcp_health import check_reachable
 from r1fleet.roles.common import (
     refusal,
@@ -114,8 +114,8 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
         f"rm -rf {q(f'{LLAMA_ROOT}/{tag}')}",
         f'mv "$tmp/out" {q(f"{LLAMA_ROOT}/{tag}")}',
     ]
-    newest = f'"$(ls -dt {LLAMA_ROOT}/.build/{q(tag)}.* 2>/dev/null | head -n 1)"'  # this build's mktemp dir
-    with watching_build(f"llama-server {tag} build", f"{newest}/build.log"):
+    this_build = newest(f"{LLAMA_ROOT}/.build/{q(tag)}.*")  # this build's mktemp dir
+    with watching_build(f"llama-server {tag} build", f"{this_build}/build.log"):
         yield "; ".join(steps)
 
 

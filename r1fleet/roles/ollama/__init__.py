@@ -34,7 +34,7 @@ from r1fleet.roles.ollama.takeover import (
     retire_official_install,
 )
 from r1fleet.roles.fleet_cache import download_if_missing, release_if_missing
-from r1fleet.roles.host_progress import file_poll, ollama_blobs_poll, watching
+from r1fleet.roles.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.roles.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.roles.artifacts import Download, Platform
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
@@ -118,8 +118,8 @@ def install_release(release: OllamaRelease):
         f"rm -rf {q(release.install_dir)}",
         f'mv "$tmp/tree" {q(release.install_dir)}',
     ]
-    newest = f'd=$(ls -dt {OLLAMA_ROOT}/.tmp.* 2>/dev/null | head -n 1)'  # this run's mktemp dir
-    archives = file_poll({asset.name: f'"$d"/{q(asset.name)}' for asset in release.assets}, setup=newest)
+    this_run = f"d={newest(f'{OLLAMA_ROOT}/.tmp.*')}"  # this run's mktemp dir
+    archives = file_poll({asset.name: f'"$d"/{q(asset.name)}' for asset in release.assets}, setup=this_run)
     with watching(f"Ollama {release.version}", archives):
         yield "; ".join(steps)
 
