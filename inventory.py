@@ -8,7 +8,7 @@ field and the fix; no connection is made.
 import sys
 
 from r1fleet.errors import R1FleetError
-from r1fleet.fleet import load_fleet
+from r1fleet.fleet.file import load_fleet
 
 try:
     _fleet = load_fleet()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from r1fleet.catalog import load_catalog  # noqa: E402
-from r1fleet.memory import MIB, Slot, compute_buffer_mib, estimate_device, kv_cache_mib, weight_shares  # noqa: E402
-from r1fleet.placement import PlacementOption  # noqa: E402
-from r1fleet.planner import tokens_per_second  # noqa: E402
+from r1fleet.plan.catalog import load_catalog  # noqa: E402
+from r1fleet.plan.memory import MIB, Slot, compute_buffer_mib, estimate_device, kv_cache_mib, weight_shares  # noqa: E402
+from r1fleet.plan.placement import PlacementOption  # noqa: E402
+from r1fleet.plan.planner import tokens_per_second  # noqa: E402
 
 CATALOG = load_catalog()
 
@@ -39,7 +39,7 @@ def gpu_weights(size: str) -> float:
 
 def llama_server_split(size: str, context: int, layers: list[int]) -> list[int]:
     """Weights + KV + compute per device of a llama-server layer split (what its --fit pre-pass projects)."""
-    from r1fleet.placement import device_plans
+    from r1fleet.plan.placement import device_plans
 
     slots = tuple(Slot(f"GPU{i}", 10**6, "cuda") for i in range(len(layers)))
     return [d.weights_mib + d.kv_cache_mib + d.compute_mib

@@ -2,7 +2,7 @@
 
 Run (root, lab up: `sudo r1fleet lab up`):
     python bench/llamacpp_oracle.py            # print planner vs llama.cpp per device (target: within 64 MiB)
-    python bench/llamacpp_oracle.py --write    # measure the compute buffers again into r1fleet/data/compute_buffers.yaml
+    python bench/llamacpp_oracle.py --write    # measure the compute buffers again into r1fleet/plan/compute_buffers.yaml
 
 llama.cpp's figures come from the real llama-server (Debian's build in the lab) loading a shape-only
 GGUF of each model over llama.cpp RPC devices (r1fleet/lab/oracle.py); nothing is downloaded.
@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
-from r1fleet.catalog import load_catalog  # noqa: E402
+from r1fleet.plan.catalog import load_catalog  # noqa: E402
 from r1fleet.hardware import parse_probe  # noqa: E402
 from r1fleet.lab.oracle import project  # noqa: E402
-from r1fleet.memory import COMPUTE_TABLE, Slot, compute_entry, compute_slope_mib  # noqa: E402
-from r1fleet.placement import device_plans  # noqa: E402
-from r1fleet.planner import plan_host  # noqa: E402
+from r1fleet.plan.memory import COMPUTE_TABLE, Slot, compute_entry, compute_slope_mib  # noqa: E402
+from r1fleet.plan.placement import device_plans  # noqa: E402
+from r1fleet.plan.planner import plan_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ROOT / "tests" / "fixtures" / "probes"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from r1fleet.hardware import parse_probe  # noqa: E402
-from r1fleet.planner import plan_host  # noqa: E402
+from r1fleet.plan.planner import plan_host  # noqa: E402
 
 
 def main(count: int) -> None:

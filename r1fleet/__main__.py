@@ -1,3 +1,3 @@
-from r1fleet.cli import main
+from r1fleet.cli.main import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Probe document -> Hardware: a pure parser for what r1fleet/probe.sh prints.
+"""Probe document -> Hardware: a pure parser for what r1fleet/probe/probe.sh prints.
 
 The document is a series of sections, each `#### r1fleet:<name>` followed by one command's raw
 output (DESIGN.md "Probe document"). Each section has a small parser here; `parse_probe` combines
@@ -19,7 +19,7 @@ Memory is in MiB everywhere.
 from __future__ import annotations
 
 from r1fleet.errors import ProbeError
-from r1fleet.gpu_table import lookup_gpu
+from r1fleet.hardware.gpu_table import lookup_gpu
 from r1fleet.hardware._base import Found, probe_fix, split_sections
 from r1fleet.hardware.amd import amd_apu, amd_gpus, parse_rocm_smi
 from r1fleet.hardware.apple import apple_silicon
@@ -35,7 +35,7 @@ from r1fleet.hardware.system import (
     parse_sysctl,
     parse_uname,
 )
-from r1fleet.models import Hardware
+from r1fleet.records import Hardware
 
 __all__ = ["parse_nvidia_apps", "parse_nvidia_query", "parse_probe", "split_sections"]
 

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 
 from r1fleet.errors import ProbeError
-from r1fleet.gpu_table import GpuSpec, lookup_gpu
-from r1fleet.models import Gpu, UnifiedMemory, Vendor
+from r1fleet.hardware.gpu_table import GpuSpec, lookup_gpu
+from r1fleet.records import Gpu, UnifiedMemory, Vendor
 
 MIB = 1024 * 1024
 # Below this an integrated GPU's BIOS carve-out is no place for a model (and never "VRAM").

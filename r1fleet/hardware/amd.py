@@ -6,10 +6,10 @@ import json
 import re
 from dataclasses import dataclass
 
-from r1fleet.gpu_table import GpuSpec
+from r1fleet.hardware.gpu_table import GpuSpec
 from r1fleet.hardware._base import MIB, MIN_DISCRETE_MIB, Found, reading, spec_for, normalize_bus_id
 from r1fleet.hardware.pci import DrmCard, PciDevice
-from r1fleet.models import Gpu, UnifiedMemory
+from r1fleet.records import Gpu, UnifiedMemory
 
 # ---------------------------------------------------------------------------------------------
 # AMD: rocm-smi / amd-smi JSON

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from r1fleet.gpu_table import lookup_gpu
+from r1fleet.hardware.gpu_table import lookup_gpu
 from r1fleet.hardware._base import APPLE_SMALL_RAM_MIB, MIB, Found, reading
 from r1fleet.hardware.amd import json_payload
-from r1fleet.models import UnifiedMemory
+from r1fleet.records import UnifiedMemory
 
 def apple_silicon(sysctl: dict[str, str], sections: dict[str, list[str]], found: Found) -> int | None:
     """Apple Silicon unified memory; returns RAM in MiB from hw.memsize (None when absent)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from r1fleet.gpu_table import GpuSpec, lookup_by_substring, lookup_gpu
+from r1fleet.hardware.gpu_table import GpuSpec, lookup_by_substring, lookup_gpu
 from r1fleet.hardware._base import (
     DRIVER_HEADER,
     Found,
@@ -19,7 +19,7 @@ from r1fleet.hardware._base import (
 )
 from r1fleet.hardware.pci import PciDevice
 from r1fleet.hardware.system import own_process, parse_own_pids
-from r1fleet.models import Gpu, GpuProcess, UnifiedMemory
+from r1fleet.records import Gpu, GpuProcess, UnifiedMemory
 
 # ---------------------------------------------------------------------------------------------
 # NVIDIA

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1fleet.gpu_table import GpuSpec, gpu_table, lookup_gpu
+from r1fleet.hardware.gpu_table import GpuSpec, gpu_table, lookup_gpu
 from r1fleet.hardware._base import MIB, DISPLAY_CLASSES, Found, LSPCI, VENDOR_IDS, reading, normalize_bus_id
-from r1fleet.models import Gpu
+from r1fleet.records import Gpu
 
 # ---------------------------------------------------------------------------------------------
 # PCI (lspci -nn) and DRM sysfs

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware._base import probe_fix
-from r1fleet.models import GpuProcess, OsInfo
+from r1fleet.records import GpuProcess, OsInfo
 
 # ---------------------------------------------------------------------------------------------
 # System: uname, os-release, meminfo, cpu, df, secureboot, sysctl

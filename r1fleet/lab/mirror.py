@@ -13,7 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from r1fleet.catalog import load_catalog
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.lab import paths, procs, proxy, registry
 
 # The rehearsal stand-in as the catalog pins it: PyPI package, member, size and sha256 live there once.

@@ -1,5 +1,5 @@
 """The lab's Ollama registry: the rehearsal stand-in published on the lab mirror under its tag, as static
-files in the layout an Ollama registry answers (r1fleet/ollama_registry.py gives Ollama's URLs):
+files in the layout an Ollama registry answers (r1fleet/cache/registry.py gives Ollama's URLs):
 
     <mirror>/registry/v2/<namespace>/<model>/manifests/<tag>
     <mirror>/registry/v2/<namespace>/<model>/blobs/sha256:<hex>
@@ -16,7 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from r1fleet.ollama_registry import MANIFEST_ACCEPT, MODEL_LAYER, ModelName
+from r1fleet.cache.registry import MANIFEST_ACCEPT, MODEL_LAYER, ModelName
 
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 

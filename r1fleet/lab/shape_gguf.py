@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1fleet.catalog import Model
+from r1fleet.plan.catalog import Model
 
 # ggml block sizes: (elements per block, bytes per block)
 QUANT = {"F32": (1, 4), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}

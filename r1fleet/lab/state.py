@@ -22,7 +22,7 @@ class LabLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class LabLayout:
-    """The lab's hosts and subnet as inventory/lab.yml lays them out (r1fleet.fleet.load_fleet reads the
+    """The lab's hosts and subnet as inventory/lab.yml lays them out (r1fleet.fleet.file.load_fleet reads the
     same file as a fleet)."""
 
     path: Path

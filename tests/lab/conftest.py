@@ -65,7 +65,7 @@ def another_lab(fleet_file: Path) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     """The lab hosts (state.lab_hosts() after `lab up`), by name. The session's deploys share a controller
-    artifact cache of their own (r1fleet/roles/fleet_cache.py), empty at the start, so the first deploy
+    artifact cache of their own (r1fleet/operations/fleet_cache.py), empty at the start, so the first deploy
     fetches every artifact from the lab mirror once."""
     os.environ.setdefault("R1FLEET_CACHE_DIR", str(tmp_path_factory.mktemp("controller-cache")))
     result = lab_command("up")

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.catalog import load_catalog
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.lab import state
-from r1fleet.memory import kv_cache_mib
-from r1fleet.models import HostPlan
-from r1fleet.planner import rehearse
-from r1fleet.tensor_split import placed_blocks
-from r1fleet.service_readings import exec_start_argv, flag_value
-from r1fleet.verify_report import parse_device_buffers
+from r1fleet.plan.memory import kv_cache_mib
+from r1fleet.records import HostPlan
+from r1fleet.plan.planner import rehearse
+from r1fleet.plan.tensor_split import placed_blocks
+from r1fleet.verify.readings import exec_start_argv, flag_value
+from r1fleet.verify.judge import parse_device_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
@@ -125,7 +125,7 @@ def test_llama_cpp_places_the_planned_blocks_on_each_gpu(converged, lab, ssh):
 def test_each_artifact_is_fetched_once_per_fleet(converged, lab):
     """Four hosts, one GGUF (imported by two hosts, the weights of the lab registry's model for one, the
     llama.cpp model of another) and one Ollama release: the lab mirror (its internet) serves each once, to the
-    controller's cache, which serves the hosts (r1fleet/roles/fleet_cache.py)."""
+    controller's cache, which serves the hosts (r1fleet/operations/fleet_cache.py)."""
     from r1fleet.lab import mirror, paths
 
     served = {path: sent for path, sent in mirror.served_bytes().items()
@@ -147,7 +147,7 @@ def test_second_run_changes_nothing(converged, lab, ssh):
     assert changed_count(output) == 0
     after = {h: unit_state(ssh, h, unit_of(ssh, h)) for h in lab}
     assert after == before  # same unit mtime (not rewritten), same start time (not restarted)
-    # Few round trips: every fact the roles read came from the one batch (r1fleet/roles/fact_batch.py).
+    # Few round trips: every fact the roles read came from the one batch (r1fleet/operations/fact_batch.py).
     assert "fact read live" not in output, [line for line in output.splitlines() if "fact read live" in line]
     for name in lab:
         commands = [line for line in output.splitlines() if line.startswith(f"[{name}]") and ">>>" in line]

@@ -127,7 +127,7 @@ def test_compute_apps_on_the_gpu_stand_ins(ssh):
 @pytest.mark.parametrize("host", LAB_HOSTS)
 def test_probe_sh_over_ssh_reports_the_profile(ssh, host):
     if not PROBE_SH.exists():
-        pytest.skip("r1fleet/probe.sh is not written yet")
+        pytest.skip("r1fleet/probe/probe.sh is not written yet")
     document = ssh(host, "sh -s", stdin=PROBE_SH.read_text()).stdout
     sections = {}
     current = None

@@ -134,8 +134,8 @@ def test_every_host_answers_the_official_openai_client(lab, ssh):
 
     import openai
 
-    from r1fleet.config import DEFAULT_PORTS
-    from r1fleet.fleet import load_fleet
+    from r1fleet.fleet.config import DEFAULT_PORTS
+    from r1fleet.fleet.file import load_fleet
 
     converge_all = deploy()
     assert converge_all.returncode == 0, converge_all.stderr[-3000:]

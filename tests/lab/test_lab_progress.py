@@ -1,5 +1,5 @@
 """Lab: the progress of a host's download, read on the host over real SSH while it runs (issue 13 item 6,
-r1fleet/roles/host_progress.py), and a stalled transfer resumed. r1fleet's own fetch_verified operation
+r1fleet/operations/host_progress.py), and a stalled transfer resumed. r1fleet's own fetch_verified operation
 downloads on a lab host from a slow HTTP server on the controller's lab address: the controller's terminal
 shows the bytes growing while curl runs, and nothing watches after the operation. Root + lab only."""
 from __future__ import annotations
@@ -23,8 +23,8 @@ BODY = os.urandom(CHUNK * CHUNKS)
 DEST = "/var/tmp/r1fleet-progress/slow.bin"
 
 DEPLOY = '''
-from r1fleet.roles.common import fetch_verified
-from r1fleet.roles.host_progress import live_watchers
+from r1fleet.operations.common import fetch_verified
+from r1fleet.operations.host_progress import live_watchers
 from pyinfra.operations import python
 
 fetch_verified(name="Slow download", url=URL, dest=DEST, sha256=SHA, user="root", group="root", size=SIZE)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.catalog import load_catalog
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.hardware import parse_probe
 from r1fleet.lab.oracle import project
-from r1fleet.planner import plan_host
+from r1fleet.plan.planner import plan_host
 
 pytest.importorskip("gguf")
 
@@ -43,8 +43,8 @@ def test_planner_matches_llama_cpps_projection(lab, plan):
 def test_flash_attention_off_matches_too(lab):
     model = load_catalog().find("14b")
     (theirs,) = project(model, [model.arch.layers], 12288, flash_attention=False)
-    from r1fleet.memory import Slot
-    from r1fleet.placement import device_plans
+    from r1fleet.plan.memory import Slot
+    from r1fleet.plan.placement import device_plans
 
     (ours,) = device_plans(model, (Slot("GPU0", 10**6, "cuda"),), [model.arch.layers], 12288, "f16", False, 0)
     assert abs(ours.weights_mib + ours.kv_cache_mib + ours.compute_mib - theirs.total_mib) <= TOLERANCE_MIB

@@ -21,7 +21,7 @@ import yaml
 from test_deploy import deploy
 
 from r1fleet.lab import paths, state
-from r1fleet.lock import key_fingerprint, read_lock
+from r1fleet.lock.match import key_fingerprint, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 R1FLEET = str(Path(sys.executable).with_name("r1fleet"))
@@ -147,7 +147,7 @@ def test_a_policy_change_waits_for_a_relock(fleet, ssh):
 def test_a_host_that_cannot_reach_the_controller_downloads_upstream(fleet, ssh):
     """A firewall on the controller drops the cache server's port: the host falls back to upstream (here the
     lab mirror) after a few seconds, and still verifies what it got."""
-    from r1fleet.roles.fleet_cache import CACHE_PORT
+    from r1fleet.operations.fleet_cache import CACHE_PORT
 
     table = "inet r1fleet-test-drop"
     subprocess.run(["nft", "add", "table", *table.split()], check=True)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from r1fleet.roles import exposure
+from r1fleet.roles.exposure import role as exposure
 
 SETTINGS = exposure.Exposure("10.0.0.5", 11434, ("10.0.0.0/24", "192.168.7.7/32"), ("fd00::/8",))
 LISTEN_V6 = exposure.Exposure("::", 11434, ("10.0.0.0/24",), ("fd00::/8",))

@@ -81,7 +81,7 @@ def test_verify_passes_on_the_converged_lab(converged_lab, tmp_path):
 
 def test_verify_through_the_ansible_inventory_of_the_lab(converged_lab):
     """An Ansible user's inventory drives the same suite through testinfra's Ansible backend."""
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "r1fleet/verify_suite",
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "r1fleet/verify/suite",
             "--ansible-inventory", "inventory/ansible/lab-hosts.yml"]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -117,7 +117,7 @@ def drop_in(unit: str, body: str) -> tuple[str, str]:
 def _llama_flag_drop_in(ssh, flag: str, value: str) -> tuple[str, str]:
     """A drop-in replacing llama-server's ExecStart with the same argv but `flag value`."""
     shown = ssh(LLAMA_HOST, f"systemctl show -p ExecStart --value {LLAMA_UNIT}").stdout
-    from r1fleet.service_readings import exec_start_argv
+    from r1fleet.verify.readings import exec_start_argv
 
     argv = exec_start_argv(shown)
     assert flag in argv, f"no {flag} in {LLAMA_UNIT}'s ExecStart: {shown}"

@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST = "lab-cpu"
 
 USER_INVENTORY = """# my inventory: every host of my fleet file, as r1fleet reads it
-from r1fleet.fleet import load_fleet
+from r1fleet.fleet.file import load_fleet
 
 globals().update(load_fleet().pyinfra_groups())
 """
 USER_DEPLOY = """# my deploy: r1fleet's deploy of each host, then whatever else I run on my hosts
-from r1fleet.roles.serve import serve_r1
+from r1fleet.deploy.serve import serve_r1
 
 serve_r1()
 """
@@ -49,9 +49,9 @@ def installed(lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_is_self_contained(installed: Path):
     site = next((installed / "venv/lib").glob("python3*/site-packages"))
-    assert not (site / "roles").exists() and (site / "r1fleet/roles/templates/systemd/r1fleet-service.j2").is_file()
-    assert (site / "r1fleet/lab/lab.yml").is_file() and (site / "r1fleet/catalog.yaml").is_file()
-    assert (site / "r1fleet/verify_suite/test_hosts.py").is_file() and (site / "r1fleet/lab/standins/ollama/ollama").is_file()
+    assert not (site / "roles").exists() and (site / "r1fleet/operations/templates/r1fleet-service.j2").is_file()
+    assert (site / "r1fleet/lab/lab.yml").is_file() and (site / "r1fleet/plan/catalog.yaml").is_file()
+    assert (site / "r1fleet/verify/suite/test_hosts.py").is_file() and (site / "r1fleet/lab/standins/ollama/ollama").is_file()
 
 
 def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):

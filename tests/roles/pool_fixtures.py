@@ -1,11 +1,11 @@
 """A pooled plan of two single-RTX 3090 hosts (box-b the worker, box-a the head) and their settings, for the
-pool deploy's role tests; the numbers are the shape r1fleet/pool_planner.py gives (tests/unit/test_pools.py)."""
+pool deploy's role tests; the numbers are the shape r1fleet/plan/pools.py gives (tests/unit/test_pools.py)."""
 
 from __future__ import annotations
 
-from r1fleet.config import HostConfig
-from r1fleet.models import GgufFile, Gpu, Hardware, OsInfo, PoolDevice, PoolPlan
-from r1fleet.roles.artifacts import Platform
+from r1fleet.fleet.config import HostConfig
+from r1fleet.records import GgufFile, Gpu, Hardware, OsInfo, PoolDevice, PoolPlan
+from r1fleet.artifacts.pins import Platform
 
 SHA = "d" * 64
 FORKY = Platform(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)

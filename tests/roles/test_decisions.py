@@ -1,4 +1,4 @@
-"""Pure decisions behind the roles (decide.py of each role, r1fleet/roles/systemd_unit.py and artifacts.py)."""
+"""Pure decisions behind the roles (decide.py of each role, r1fleet/operations/systemd_unit.py and artifacts.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from r1fleet.errors import FleetError
-from r1fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.roles.artifacts import DeployError, Platform, model_download, platform_from_hardware
+from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.artifacts.pins import DeployError, Platform, model_download, platform_from_hardware
 from r1fleet.roles.llama_cpp.decide import cuda_architectures, llama_server_args
 from r1fleet.roles.ollama.decide import (
     ollama_asset_stems,
@@ -16,8 +16,8 @@ from r1fleet.roles.ollama.decide import (
     ollama_release,
     parse_sha256sums,
 )
-from r1fleet.roles.systemd_unit import device_allow
-from r1fleet.models import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
+from r1fleet.operations.systemd_unit import device_allow
+from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
 AMD64 = Platform("amd64", "debian", "forky", None)
 
@@ -141,9 +141,9 @@ def test_cuda_architectures_and_target():
 
 def test_a_host_without_room_for_the_model_is_refused_before_any_change():
     """20-43 GB downloads never fill a disk (audit M10); a model already on the disk needs no room."""
-    from r1fleet.roles.artifacts import check_disk
+    from r1fleet.artifacts.pins import check_disk
     from r1fleet.hardware import parse_probe
-    from r1fleet.planner import plan_host
+    from r1fleet.plan.planner import plan_host
 
     probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "dual-rtx3090.probe").read_text()
     hw = parse_probe(probe, "dual").model_copy(update={"disk_free_mib": 30000})
@@ -162,7 +162,7 @@ def test_unit_words_and_environment_reach_systemd_as_written():
     """A quote, a `%` or a `$` in a value stays inside its word or assignment (audit L3)."""
     import jinja2
 
-    from r1fleet.roles.systemd_unit import UnitSpecifier, environment_assignment, systemd_word
+    from r1fleet.operations.systemd_unit import UnitSpecifier, environment_assignment, systemd_word
 
     assert systemd_word("/usr/bin/llama-server") == "/usr/bin/llama-server"
     assert systemd_word("/m/a b.gguf") == '"/m/a b.gguf"'
@@ -171,7 +171,7 @@ def test_unit_words_and_environment_reach_systemd_as_written():
     hostile = 'GPU-a" "LD_PRELOAD=/tmp/evil.so'
     assignment = environment_assignment("CUDA_VISIBLE_DEVICES", hostile)
     assert assignment == 'CUDA_VISIBLE_DEVICES=GPU-a\\" \\"LD_PRELOAD=/tmp/evil.so'
-    template = (Path(__file__).resolve().parents[2] / "templates" / "systemd" / "r1fleet-service.j2").read_text()
+    template = (Path(__file__).resolve().parents[2] / "r1fleet" / "operations" / "templates" / "r1fleet-service.j2").read_text()
     unit = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(svc={
         "description": "x", "user": "llama", "environment": [assignment], "exec_start": systemd_word("/m/a b"),
         "read_write_paths": ["/var/lib/llama"], "device_allow": [], "ip_allow": []})
@@ -193,8 +193,8 @@ def test_ollama_keeps_its_own_flash_attention_choice_unless_the_plan_needs_it():
 def test_an_ollama_import_needs_room_for_the_file_twice_a_registry_model_once():
     """`ollama create` keeps the GGUF and stores its rewrite; a model from a registry is stored once."""
     from r1fleet.hardware import parse_probe
-    from r1fleet.planner import plan_host
-    from r1fleet.roles.artifacts import download_mib
+    from r1fleet.plan.planner import plan_host
+    from r1fleet.artifacts.pins import download_mib
 
     probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "rtx4090.probe").read_text()
     hw = parse_probe(probe, "box")

@@ -10,10 +10,10 @@ import pytest
 from facts_for import directory, file_content
 
 from deploy_harness import run_role
-from r1fleet.config import HostConfig
+from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import FleetError
-from r1fleet.models import HostPlan
-from r1fleet.roles import exposure
+from r1fleet.records import HostPlan
+from r1fleet.roles.exposure import role as exposure
 
 OLLAMA = HostPlan(host="h1", model="r1-8b", backend="ollama")
 LLAMA = HostPlan(host="h1", model="r1-70b", backend="llama.cpp")
@@ -51,7 +51,7 @@ def test_an_ollama_open_beyond_private_ranges_needs_an_explicit_opt_in():
     assert entry("0.0.0.0", ["0.0.0.0/0"]).exposure_check("llama.cpp") is None
     assert "no authentication" in entry("192.168.1.20", ["192.168.1.0/24"]).exposure_check("ollama")
     assert wide.exposure_check("ollama") and entry().exposure_check("ollama") is None
-    from r1fleet.config import ollama_exposure_warning
+    from r1fleet.fleet.config import ollama_exposure_warning
 
     assert "no authentication" in ollama_exposure_warning("192.168.1.20", ["192.168.1.0/24"])
     assert ollama_exposure_warning(None, []) is None

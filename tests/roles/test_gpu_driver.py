@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from deploy_harness import run_role
-from r1fleet.models import Gpu, Hardware, HostPlan, OsInfo
-from r1fleet.roles import gpu_driver
+from r1fleet.records import Gpu, Hardware, HostPlan, OsInfo
+from r1fleet.roles.gpu_driver import role as gpu_driver
 
 UBUNTU = OsInfo(id="ubuntu", version_id="24.04", codename="noble", arch="x86_64", kernel="6.8.0-45-generic")
 DEBIAN_12 = OsInfo(id="debian", version_id="12", codename="bookworm", arch="x86_64", kernel="6.1.0-26-amd64")

@@ -6,11 +6,11 @@ import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.config import HostConfig
-from r1fleet.roles.artifacts import Download, Platform
+from r1fleet.fleet.config import HostConfig
+from r1fleet.artifacts.pins import Download, Platform
 from r1fleet.roles.llama_cpp.decide import llama_cpp_install
-from r1fleet.models import GgufFile, HostPlan
-from r1fleet.roles.llama_cpp import llama_cpp_role
+from r1fleet.records import GgufFile, HostPlan
+from r1fleet.roles.llama_cpp.role import llama_cpp_role
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 SHA = "c" * 64

@@ -5,10 +5,10 @@ from __future__ import annotations
 import plistlib
 
 from deploy_harness import run_role
-from r1fleet.config import HostConfig
-from r1fleet.memory import constants
-from r1fleet.models import DevicePlan, HostPlan
-from r1fleet.roles import macos
+from r1fleet.fleet.config import HostConfig
+from r1fleet.plan.memory import constants
+from r1fleet.records import DevicePlan, HostPlan
+from r1fleet.roles.macos import role as macos
 
 ARM = {"uname -m": "arm64", "uname -s": "Darwin"}
 

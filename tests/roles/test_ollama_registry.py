@@ -1,5 +1,5 @@
 """An Ollama model by registry: names and URLs as Ollama forms them, manifests checked against the pinned
-weights, the lab's published registry read back over real HTTP, the cache's names (r1fleet/cache.py), and
+weights, the lab's published registry read back over real HTTP, the cache's names (r1fleet/cache/store.py), and
 the script a host runs to place the model (r1fleet/roles/ollama/registry.py), run here for real against
 that registry."""
 
@@ -22,10 +22,10 @@ import facts_for as ff
 import pytest
 from deploy_harness import run_role
 
-from r1fleet.cache import ArtifactCache
+from r1fleet.cache.store import ArtifactCache
 from r1fleet.errors import R1FleetError
 from r1fleet.lab import registry as lab_registry
-from r1fleet.ollama_registry import (
+from r1fleet.cache.registry import (
     MANIFEST_ACCEPT,
     ManifestMoved,
     ModelName,

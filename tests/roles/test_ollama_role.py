@@ -7,11 +7,11 @@ import json
 from deploy_harness import run_role
 import facts_for as ff
 
-from r1fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.roles.artifacts import Platform, model_download
+from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.artifacts.pins import Platform, model_download
 from r1fleet.roles.ollama.decide import import_record, ollama_release, ollama_tag_digest
-from r1fleet.models import GgufFile, HostPlan
-from r1fleet.roles.ollama import ollama_role
+from r1fleet.records import GgufFile, HostPlan
+from r1fleet.roles.ollama.role import ollama_role
 
 
 def role_args(plan, settings, release):
@@ -200,8 +200,8 @@ def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
 def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256():
     """A fleet's `mirror` serves the same pinned bytes; only the lab's own mirror (lab hosts) names its
     stand-in release and sha256 (audit M8). No network is used here: a real fleet's mirror is never asked."""
-    from r1fleet.roles.artifacts import load_versions
-    from r1fleet.roles.ollama import release_for
+    from r1fleet.artifacts.pins import load_versions
+    from r1fleet.roles.ollama.role import release_for
 
     pinned = load_versions()["ollama"]["sha256"]["ollama-linux-amd64.tar.zst"]
     release = release_for(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)

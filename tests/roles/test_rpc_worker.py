@@ -23,17 +23,17 @@ from pool_fixtures import (
 )
 
 from r1fleet.errors import R1FleetError
-from r1fleet.models import Gpu
-from r1fleet.roles.artifacts import Platform
+from r1fleet.records import Gpu
+from r1fleet.artifacts.pins import Platform
 from r1fleet.roles.llama_cpp.decide import llama_cpp_install
-from r1fleet.roles.rpc_worker import RpcWorkerRetired, rpc_worker_role
+from r1fleet.roles.rpc_worker.role import RpcWorkerRetired, rpc_worker_role
 from r1fleet.roles.rpc_worker.decide import (
     RPC_RULES_FILE,
     pool_head_install,
     rpc_worker,
     rpc_worker_install,
 )
-from r1fleet.roles.stages import apply_roles
+from r1fleet.operations.stages import apply_roles
 
 UNIT = "/etc/systemd/system/r1fleet-rpc-server.service"
 FIREWALL = "/etc/systemd/system/r1fleet-rpc-firewall.service"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1fleet.roles import summary
+from r1fleet.deploy import summary
 
 
 @dataclass(frozen=True)

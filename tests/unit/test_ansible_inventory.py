@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.ansible_inventory import fleet_dict_from_ansible, looks_like_ansible_inventory
+from r1fleet.fleet.ansible import fleet_dict_from_ansible, looks_like_ansible_inventory
 from r1fleet.errors import FleetError
-from r1fleet.fleet import load_fleet
+from r1fleet.fleet.file import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "inventory" / "ansible" / "lab-hosts.yml"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.drivers import decide_driver
+from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
-from r1fleet.fleet import load_fleet
+from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
-from r1fleet.planner import plan_host
+from r1fleet.plan.planner import plan_host
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBES = sorted((ROOT / "tests" / "fixtures" / "probes").glob("*.probe")) + sorted((ROOT / "tests" / "fixtures" / "device").glob("*.probe"))

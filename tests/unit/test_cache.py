@@ -1,4 +1,4 @@
-"""The controller's artifact cache (r1fleet/cache.py), its LAN server (r1fleet/cache_server.py) and
+"""The controller's artifact cache (r1fleet/cache/store.py), its LAN server (r1fleet/cache/server.py) and
 `r1fleet cache status|prune|fill`, against a real HTTP server on 127.0.0.1 that can honour Range, ignore it,
 cut or stall a transfer, or serve corrupted bytes, and that counts every body byte it sends."""
 
@@ -21,16 +21,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r1fleet.cache import ArtifactCache, cache_root, default_root
-from r1fleet.cache_cli import locked_digests, registry_models, wanted_artifacts
-from r1fleet.cache_server import byte_range, client_allowed, parse_allow, serve_cache
-from r1fleet.cli import main
+from r1fleet.cache.store import ArtifactCache, cache_root, default_root
+from r1fleet.cli.cache import locked_digests, registry_models, wanted_artifacts
+from r1fleet.cache.server import byte_range, client_allowed, parse_allow, serve_cache
+from r1fleet.cli.main import main
 from r1fleet.errors import FleetError, R1FleetError
-from r1fleet.fleet import load_fleet
+from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
-from r1fleet.lock import Lock, lock_entry, read_lock, write_lock
-from r1fleet.lock_artifacts import OllamaAsset, OllamaArtifact
-from r1fleet.planner import plan_host
+from r1fleet.lock.match import Lock, lock_entry, read_lock, write_lock
+from r1fleet.lock.artifacts import OllamaAsset, OllamaArtifact
+from r1fleet.plan.planner import plan_host
 from r1fleet.progress import TerminalProgress
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
@@ -515,7 +515,7 @@ def test_wanted_artifacts_once_each_with_pinned_urls_only(tmp_path):
 
 
 def test_fill_fetches_each_pinned_artifact_once(tmp_path, capsys, monkeypatch, origin):
-    import r1fleet.roles.artifacts as artifacts
+    import r1fleet.artifacts.pins as artifacts
 
     versions = copy.deepcopy(artifacts.load_versions())
     versions["ollama"].update(version="9.9.9", base_url=origin.url.rsplit("/", 2)[0] + "/v{version}",

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import pytest
 
-from r1fleet.catalog import Catalog, Model, load_catalog
+from r1fleet.plan.catalog import Catalog, Model, load_catalog
 
 KIB = 1024
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1fleet.drivers import (
+from r1fleet.plan.drivers import (
     compute_cap_tuple,
     decide_driver,
     driver_major,
@@ -12,7 +12,7 @@ from r1fleet.drivers import (
     load_driver_data,
     min_driver_for,
 )
-from r1fleet.models import Gpu, Hardware, HostPlan, OsInfo, UnifiedMemory
+from r1fleet.records import Gpu, Hardware, HostPlan, OsInfo, UnifiedMemory
 
 UBUNTU_2404 = OsInfo(id="ubuntu", version_id="24.04", codename="noble", arch="x86_64", kernel="6.8.0-45-generic")
 DEBIAN_12 = OsInfo(id="debian", version_id="12", codename="bookworm", arch="x86_64", kernel="6.1.0-26-amd64")

@@ -15,9 +15,9 @@ from pyinfra.api import FactBase
 from pyinfra.facts.files import Directory, File, Link, Sha1File
 from pyinfra.facts.server import Which
 
-from r1fleet.roles.common import SystemAccount, VerifiedDigest, stamp_command
-from r1fleet.roles.fact_batch import FactBatch, _as_pyinfra_reads, fact_command, split_batch_output
-from r1fleet.roles.ollama import DirEntries, JsonFile
+from r1fleet.operations.common import SystemAccount, VerifiedDigest, stamp_command
+from r1fleet.operations.fact_batch import FactBatch, _as_pyinfra_reads, fact_command, split_batch_output
+from r1fleet.roles.ollama.role import DirEntries, JsonFile
 
 
 class NoNewline(FactBase):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from r1fleet.errors import FleetError
-from r1fleet.fleet import json_schema, load_fleet
+from r1fleet.fleet.file import json_schema, load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_schema_command_prints_json():
 
 
 def test_probe_ssh_never_reads_the_destination_as_an_option(monkeypatch):
-    from r1fleet import facts
+    from r1fleet.probe import facts
 
     seen = {}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from r1fleet.errors import ProbeError
-from r1fleet.gpu_table import gpu_table, lookup_gpu, normalize_name
+from r1fleet.hardware.gpu_table import gpu_table, lookup_gpu, normalize_name
 from r1fleet.hardware import parse_nvidia_query, parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

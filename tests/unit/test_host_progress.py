@@ -1,4 +1,4 @@
-"""Progress of long work on a host (r1fleet/roles/host_progress.py) and the stalled download that resumes
+"""Progress of long work on a host (r1fleet/operations/host_progress.py) and the stalled download that resumes
 (roles/common.py resuming_curl): real pyinfra runs on the @local connector, real sh, curl and HTTP."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pyinfra.api.connect import connect_all
 from pyinfra.api.operation import add_op
 
 from r1fleet.progress import TerminalProgress
-from r1fleet.roles import common
-from r1fleet.roles.host_progress import (
+from r1fleet.operations import common
+from r1fleet.operations.host_progress import (
     BuildTracker,
     ByteTracker,
     build_log_poll,
@@ -225,7 +225,7 @@ DEPLOY = '''
 from pathlib import Path
 from pyinfra.api import operation
 from pyinfra.operations import python, server
-from r1fleet.roles.host_progress import file_poll, live_watchers, watching
+from r1fleet.operations.host_progress import file_poll, live_watchers, watching
 
 HERE = Path(__file__).resolve().parent
 PART, POLLS = HERE / "grow.bin", HERE / "polls.log"

@@ -1,4 +1,4 @@
-"""The fleet lock (r1fleet/lock.py): byte-stable files, locked plans that outlive policy changes, hardware
+"""The fleet lock (r1fleet/lock/match.py): byte-stable files, locked plans that outlive policy changes, hardware
 changes caught with the fix named, `plan --diff`, clear errors on malformed locks, and no secrets."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r1fleet.cli import main
+from r1fleet.cli.main import main
 from r1fleet.errors import R1FleetError
-from r1fleet.fleet import REPO_ROOT
+from r1fleet.fleet.file import REPO_ROOT
 from r1fleet.hardware import parse_probe
 from r1fleet.lab.paths import LAB_FLEET_FILE
-from r1fleet.lock import (
+from r1fleet.lock.match import (
     Lock,
     LockMismatch,
     effective_plan,
@@ -31,8 +31,8 @@ from r1fleet.lock import (
     read_lock,
     write_lock,
 )
-from r1fleet.planner import plan_host
-from r1fleet.policy import Policy
+from r1fleet.plan.planner import plan_host
+from r1fleet.plan.policy import Policy
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
 ALL_PROBES = sorted(PROBES.glob("*.probe"))
@@ -99,8 +99,8 @@ def test_locked_plan_is_the_plan_exactly():
 
 
 def test_artifacts_are_the_pinned_digests_only():
-    """Every sha256 in a lock is one the repository pins: versions.yaml, catalog.yaml or data/drivers.yaml."""
-    pinned = "".join((REPO_ROOT / "r1fleet" / f).read_text() for f in ("versions.yaml", "catalog.yaml", "data/drivers.yaml"))
+    """Every sha256 in a lock is one the repository pins: artifacts/versions.yaml, plan/catalog.yaml or plan/drivers.yaml."""
+    pinned = "".join((REPO_ROOT / "r1fleet" / f).read_text() for f in ("artifacts/versions.yaml", "plan/catalog.yaml", "plan/drivers.yaml"))
     text = lock_text(Lock(hosts={p.stem: entry_for(p.stem) for p in ALL_PROBES}))
     digests = set(re.findall(r"\b[0-9a-f]{64}\b", text))
     assert digests and all(d in pinned for d in digests)
@@ -320,7 +320,7 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     are as locked, and names the member whose GPU changed."""
     from test_pools import BOX_A, BOX_B
 
-    from r1fleet.lock import locked_pool
+    from r1fleet.lock.match import locked_pool
 
     probes = tmp_path / "probes"
     probes.mkdir()
@@ -349,8 +349,8 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
 def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):
     """An Ollama host's lock names the manifest the controller's cache took for its tag (the digest the host
     serves), and keeps it on a relock when the cache no longer holds it."""
-    from r1fleet.cache import ArtifactCache
-    from r1fleet.ollama_registry import DEFAULT_REGISTRY, manifest_key
+    from r1fleet.cache.store import ArtifactCache
+    from r1fleet.cache.registry import DEFAULT_REGISTRY, manifest_key
 
     monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
     probes = str(fleet.parent / "probes")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from r1fleet.catalog import load_catalog
-from r1fleet.memory import kv_cache_mib
-from r1fleet.models import Gpu, GpuProcess, Hardware, UnifiedMemory
-from r1fleet.placement import gpu_capacity_mib
-from r1fleet.planner import plan_host, rehearse
-from r1fleet.policy import Policy
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.plan.memory import kv_cache_mib
+from r1fleet.records import Gpu, GpuProcess, Hardware, UnifiedMemory
+from r1fleet.plan.placement import gpu_capacity_mib
+from r1fleet.plan.planner import plan_host, rehearse
+from r1fleet.plan.policy import Policy
 
 ID = {m.size_label: m.id for m in load_catalog().models}
 
@@ -214,8 +214,8 @@ LLAMA_CPP_PROJECTION_70B = {19456: (23654, 23324), 8192: (21806, 21564)}
 
 @pytest.mark.parametrize("context", sorted(LLAMA_CPP_PROJECTION_70B))
 def test_split_estimate_agrees_with_llama_cpps_own_projection(context):
-    from r1fleet.memory import Slot
-    from r1fleet.placement import device_plans
+    from r1fleet.plan.memory import Slot
+    from r1fleet.plan.placement import device_plans
 
     model = load_catalog().find("70b")
     slots = (Slot("GPU0", 24124, "cuda"), Slot("GPU1", 24124, "cuda"))
@@ -257,7 +257,7 @@ def test_flash_attention_follows_the_runtimes_rule_for_old_gpus(cap):
 def test_flash_attention_off_costs_the_attention_scores_on_each_device():
     """Without flash attention each device holds one layer's f32 scores and an f32 mask per copy; the
     growth per token was checked against llama.cpp's projection at two contexts (bench/llamacpp_oracle.py)."""
-    from r1fleet.memory import device_compute_mib
+    from r1fleet.plan.memory import device_compute_mib
 
     model = load_catalog().find("70b")
     for split_first, copies in ((None, 1), (True, 4), (False, 4)):
@@ -268,7 +268,7 @@ def test_flash_attention_off_costs_the_attention_scores_on_each_device():
 
 
 def test_every_distill_has_llama_cpps_compute_buffers():
-    from r1fleet.memory import compute_table
+    from r1fleet.plan.memory import compute_table
 
     table = compute_table()
     for model in load_catalog().models:
@@ -280,7 +280,7 @@ def test_every_distill_has_llama_cpps_compute_buffers():
 
 def test_ollama_picks_its_batch_from_context_and_free_memory():
     """Ollama's automatic batch (server/sched.go): larger with a long context and room to spare, never on a tight GPU."""
-    from r1fleet.memory import ollama_ubatch
+    from r1fleet.plan.memory import ollama_ubatch
 
     m14 = load_catalog().find("14b")
     assert ollama_ubatch(m14, 4096, True, 80000, cuda=True) == 512        # short context

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet import cli
-from r1fleet.catalog import load_catalog
+from r1fleet.cli import main as cli
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.errors import FleetError
-from r1fleet.fleet import json_schema, load_fleet
+from r1fleet.fleet.file import json_schema, load_fleet
 from r1fleet.hardware import parse_probe
-from r1fleet.models import Hardware
-from r1fleet.planner import plan_host
-from r1fleet.policy import Policy
-from r1fleet.pool_config import PoolSettings
-from r1fleet.pool_planner import network_cost, plan_pools
-from r1fleet.tensor_split import flag_for_layers
+from r1fleet.records import Hardware
+from r1fleet.plan.planner import plan_host
+from r1fleet.plan.policy import Policy
+from r1fleet.plan.pool_settings import PoolSettings
+from r1fleet.plan.pools import network_cost, plan_pools
+from r1fleet.plan.tensor_split import flag_for_layers
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
 ID = {m.size_label: m.id for m in load_catalog().models}
@@ -207,7 +207,7 @@ def test_schema_covers_pools():
 @pytest.fixture
 def pooled_fleet(tmp_path, monkeypatch) -> Path:
     """A fleet of two single-3090 boxes in a pool and a 4090 box alone, probed without SSH."""
-    from r1fleet import facts
+    from r1fleet.probe import facts
 
     texts = {"10.0.0.1": BOX_A, "10.0.0.2": BOX_B, "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
     monkeypatch.setattr(facts, "probe_over_ssh", lambda address, **_: texts[address])

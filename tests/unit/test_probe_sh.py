@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from r1fleet.errors import R1FleetError
-from r1fleet.facts import PROBE_SCRIPT, R1Probe, probe_over_ssh
+from r1fleet.probe.facts import PROBE_SCRIPT, R1Probe, probe_over_ssh
 from r1fleet.hardware import parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -1,12 +1,12 @@
-"""Probe documents captured by r1fleet/probe.sh on a real NVIDIA H200 host (tests/fixtures/device/README.md)."""
+"""Probe documents captured by r1fleet/probe/probe.sh on a real NVIDIA H200 host (tests/fixtures/device/README.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from r1fleet.hardware import parse_probe
-from r1fleet.placement import gpu_capacity_mib
-from r1fleet.planner import plan_host
+from r1fleet.plan.placement import gpu_capacity_mib
+from r1fleet.plan.planner import plan_host
 
 DEVICE = Path(__file__).resolve().parents[1] / "fixtures" / "device"
 

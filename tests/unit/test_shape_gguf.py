@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1fleet.catalog import load_catalog
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.lab.shape_gguf import more_bits, tensor_layout, write_header
 
 METADATA_MIB = 8  # the real files' metadata: tokenizer (Llama-3: 7.5 MiB, Qwen2: 5.7 MiB) and chat template

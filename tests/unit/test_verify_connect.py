@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from r1fleet.config import HostConfig
-from r1fleet.verify_connect import ConnectOptions, connect
-from r1fleet.verify_target import Target
+from r1fleet.fleet.config import HostConfig
+from r1fleet.verify.connect import ConnectOptions, connect
+from r1fleet.verify.target import Target
 
 
 def test_real_hosts_use_ssh_with_host_key_checking_and_lab_hosts_do_not():
@@ -36,7 +36,7 @@ class FakeMac:
 
 def test_a_mac_is_verified_through_launchd():
     """audit-ollama row 40: the service checks read launchd, PlistBuddy and lsof on a Mac, not systemd."""
-    from r1fleet.models import HostPlan
+    from r1fleet.records import HostPlan
     from test_verify_report import LAUNCHCTL_PRINT
 
     plan = HostPlan(host="studio", model="deepseek-r1-distill-qwen-14b", backend="ollama", placement="unified",

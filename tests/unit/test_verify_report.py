@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from r1fleet.catalog import load_catalog
-from r1fleet.memory import kv_cache_mib
-from r1fleet.models import DevicePlan, GgufFile, HostPlan
-from r1fleet.verify_cli import pytest_argv, register
-from r1fleet.service_readings import (
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.plan.memory import kv_cache_mib
+from r1fleet.records import DevicePlan, GgufFile, HostPlan
+from r1fleet.cli.verify import pytest_argv, register
+from r1fleet.verify.readings import (
     Listener,
     exec_start_argv,
     flag_value,
@@ -17,7 +17,7 @@ from r1fleet.service_readings import (
     parse_ss_listeners,
     systemd_environment,
 )
-from r1fleet.verify_report import (
+from r1fleet.verify.judge import (
     ComputeApp,
     gpu_problems,
     memory_by_gpu,
@@ -29,7 +29,7 @@ from r1fleet.verify_report import (
     speed_problem,
     split_problems,
 )
-from r1fleet.verify_table import HostResult, host_result, planned_gpu_mib, results_table
+from r1fleet.verify.table import HostResult, host_result, planned_gpu_mib, results_table
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -282,7 +282,7 @@ def test_verify_options_become_a_pytest_command_line(tmp_path):
 
 def test_verify_suite_options_exist_in_its_conftest():
     """Every option the CLI passes is one the suite's conftest declares (they cannot drift apart)."""
-    conftest = (Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite" / "conftest.py").read_text()
+    conftest = (Path(__file__).resolve().parents[2] / "r1fleet" / "verify" / "suite" / "conftest.py").read_text()
     for option in ("--fleet", "--verify-report", "--min-speed-fraction", "--hash-models", "--rehearsal"):
         assert f'"{option}"' in conftest
 
@@ -294,7 +294,7 @@ def test_bad_fleet_stops_verify_with_a_usage_error(tmp_path):
 
     bad = tmp_path / "fleet.yml"
     bad.write_text("hosts:\n  box: {adress: 10.0.0.1}\n")
-    suite = Path(__file__).resolve().parents[2] / "r1fleet" / "verify_suite"
+    suite = Path(__file__).resolve().parents[2] / "r1fleet" / "verify" / "suite"
     result = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "--rootdir", str(suite),
                              "--fleet", str(bad), "-q"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 4, result.stdout + result.stderr
@@ -333,7 +333,7 @@ LAUNCHCTL_PRINT = """system/com.r1fleet.ollama = {
 
 
 def test_launchd_job_state_pid_and_environment():
-    from r1fleet.service_readings import launchd_disabled, parse_launchctl_print
+    from r1fleet.verify.readings import launchd_disabled, parse_launchctl_print
 
     job = parse_launchctl_print(LAUNCHCTL_PRINT)
     assert job["state"] == "running" and job["pid"] == 812  # not the nested endpoint state
@@ -348,7 +348,7 @@ def test_launchd_job_state_pid_and_environment():
 
 
 def test_lsof_listeners():
-    from r1fleet.service_readings import parse_lsof_listeners
+    from r1fleet.verify.readings import parse_lsof_listeners
 
     text = "p812\ncollama\nn127.0.0.1:11434\np900\ncllama-server\nn127.0.0.1:53001\np77\ncsshd\nn*:22\nn[::1]:22\n"
     listeners = parse_lsof_listeners(text)

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-from r1fleet.config import HostConfig
-from r1fleet.models import HostPlan
-from r1fleet.roles.artifacts import DeployError, Platform, lab_gpu_devices, load_versions
+from r1fleet.fleet.config import HostConfig
+from r1fleet.records import HostPlan
+from r1fleet.artifacts.pins import DeployError, Platform, lab_gpu_devices, load_versions
 from r1fleet.roles.ollama.decide import OllamaRelease, ollama_release
-from r1fleet.roles.systemd_unit import uses_gpu
+from r1fleet.operations.systemd_unit import uses_gpu
 
 
 LLAMA_ROOT = "/opt/r1fleet/llama.cpp"
@@ -25,7 +25,7 @@ def _ts(values: list[int]) -> str:
 
 
 def is_reasoning_model(plan: HostPlan) -> bool:
-    from r1fleet.catalog import load_catalog
+    from r1fleet.plan.catalog import load_catalog
 
     return bool(plan.model) and load_catalog().find(plan.model).reasoning
 

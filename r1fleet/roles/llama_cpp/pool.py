@@ -4,7 +4,7 @@ workers' weights take to cross the link at load.
 
 llama.cpp orders devices RPC first, in `--rpc` order, then the head's own (src/llama.cpp,
 llama_prepare_model_devices); the pool plan's devices and its --tensor-split are in that order
-(r1fleet/pool_planner.py), so `--rpc` lists the workers as the plan does (PoolPlan.workers).
+(r1fleet/plan/pools.py), so `--rpc` lists the workers as the plan does (PoolPlan.workers).
 
 Example:
     >>> head = pool_head(pool_plan, head_config, head_hardware, {"box-b": box_b_config})
@@ -19,13 +19,13 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from r1fleet.config import HostConfig
-from r1fleet.memory import MIB
-from r1fleet.models import Hardware, HostPlan, PoolPlan
+from r1fleet.fleet.config import HostConfig
+from r1fleet.plan.memory import MIB
+from r1fleet.records import Hardware, HostPlan, PoolPlan
 from r1fleet.roles.llama_cpp.decide import llama_server_args
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT, member_plan, pool_address, pool_refusal
-from r1fleet.roles.systemd_unit import service_ip_allow
-from r1fleet.roles.tcp_health import TcpEndpoint, tcp_probe
+from r1fleet.operations.systemd_unit import service_ip_allow
+from r1fleet.operations.tcp_health import TcpEndpoint, tcp_probe
 
 # How long the head's unit waits for its workers before each start. A worker rebooting with the head takes
 # about as long as the head itself; after that the unit fails, and systemd retries it (Restart=on-failure).

@@ -9,12 +9,12 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from r1fleet.catalog import load_catalog
-from r1fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.models import HostPlan
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.records import HostPlan
 from r1fleet.net import host_port
-from r1fleet.ollama_registry import DEFAULT_REGISTRY
-from r1fleet.roles.artifacts import DeployError, Download, Platform, lab_gpu_devices, load_versions
+from r1fleet.cache.registry import DEFAULT_REGISTRY
+from r1fleet.artifacts.pins import DeployError, Download, Platform, lab_gpu_devices, load_versions
 
 OLLAMA_ROOT = "/opt/r1fleet/ollama"
 
@@ -96,7 +96,7 @@ def ollama_release(
                 f"no sha256 is pinned for {stem}.tar.zst (Ollama {version})",
                 host=host,
                 field="ollama.sha256",
-                fix="add its line from the release's sha256sum.txt to r1fleet/versions.yaml or host data ollama_release.sha256",
+                fix="add its line from the release's sha256sum.txt to r1fleet/artifacts/versions.yaml or host data ollama_release.sha256",
             )
     return OllamaRelease(version=version, assets=tuple(assets))
 
@@ -224,7 +224,7 @@ def registry_of(settings: HostConfig) -> str:
 
 def served_plan(plan: HostPlan, settings: HostConfig) -> HostPlan:
     """The plan the host serves: in rehearsal, the stand-in in the planned slot."""
-    from r1fleet.planner import rehearse
+    from r1fleet.plan.planner import rehearse
 
     return rehearse(plan) if settings.rehearsal and plan.fits else plan
 

@@ -1,7 +1,7 @@
 """The planned Ollama model from its registry, fetched once per fleet: the controller reads the tag's
-manifest and fetches its blobs into its artifact cache (r1fleet/roles/fleet_cache.py); each host downloads
+manifest and fetches its blobs into its artifact cache (r1fleet/operations/fleet_cache.py); each host downloads
 them from the controller (the registry itself when it cannot reach the controller), checks every sha256,
-and places them in its Ollama store as `ollama pull` would (facts in r1fleet/ollama_registry.py).
+and places them in its Ollama store as `ollama pull` would (facts in r1fleet/cache/registry.py).
 
 The controller keeps the manifest it first cached for a tag, so a rebuilt host gets the same bytes (the
 same digest in /api/tags) even after the registry re-published the tag. With the cache off
@@ -20,11 +20,11 @@ from typing import Mapping
 from pyinfra import host
 from pyinfra.api import operation
 
-from r1fleet.config import HostConfig
+from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
-from r1fleet.lock import lock_path, read_lock, relock_command
-from r1fleet.models import HostPlan
-from r1fleet.ollama_registry import (
+from r1fleet.lock.match import lock_path, read_lock, relock_command
+from r1fleet.records import HostPlan
+from r1fleet.cache.registry import (
     MANIFEST_ACCEPT,
     Blob,
     ModelName,
@@ -34,9 +34,9 @@ from r1fleet.ollama_registry import (
     cached_manifest,
     manifest_name,
 )
-from r1fleet.roles import fleet_cache
-from r1fleet.roles.common import HttpJson, model_names, refusal, verified_fetch_steps
-from r1fleet.roles.host_progress import file_poll, file_size, watching
+from r1fleet.operations import fleet_cache
+from r1fleet.operations.common import HttpJson, model_names, refusal, verified_fetch_steps
+from r1fleet.operations.host_progress import file_poll, file_size, watching
 from r1fleet.roles.ollama.decide import registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start

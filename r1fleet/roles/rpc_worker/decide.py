@@ -18,12 +18,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from r1fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.models import DevicePlan, Hardware, HostPlan, PoolDevice, PoolPlan
-from r1fleet.pool_config import DEFAULT_RPC_PORT
-from r1fleet.roles.artifacts import DeployError, Platform, load_versions
+from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
+from r1fleet.records import DevicePlan, Hardware, HostPlan, PoolDevice, PoolPlan
+from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
+from r1fleet.artifacts.pins import DeployError, Platform, load_versions
 from r1fleet.roles.llama_cpp.decide import LlamaInstall, llama_environment
-from r1fleet.roles.systemd_unit import uses_gpu
+from r1fleet.operations.systemd_unit import uses_gpu
 
 RPC_UNIT = "r1fleet-rpc-server.service"
 RPC_FIREWALL_UNIT = "r1fleet-rpc-firewall.service"

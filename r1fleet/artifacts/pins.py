@@ -1,0 +1,148 @@
+"""What a host is and what it downloads: its platform, the pinned versions, the model file, the disk check.
+
+Pure: the roles turn these into operations."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from r1fleet.fleet.config import HostConfig
+from r1fleet.errors import R1FleetError
+from r1fleet.plan.memory import MIB, constants
+from r1fleet.records import Hardware, HostPlan
+from r1fleet.operations.systemd_unit import uses_gpu
+
+VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
+
+
+class DeployError(R1FleetError):
+    """A host cannot be deployed as planned (missing sha256, unsupported arch, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Platform (what the roles need from the probe's Hardware)
+
+
+@dataclass(frozen=True)
+class Platform:
+    arch: str  # Ollama/Debian naming: amd64 | arm64
+    distro_id: str
+    codename: str
+    tegra_major: int | None  # 35 (JetPack 5) or 36 (JetPack 6) on Jetson
+
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def platform_from_hardware(hw: Hardware) -> Platform:
+    arch = _ARCH.get(hw.os.arch.lower())
+    if arch is None:
+        raise DeployError(
+            f"architecture {hw.os.arch!r} is not supported (Ollama and llama.cpp builds exist for x86_64 and aarch64)",
+            host=hw.host,
+            field="uname",
+            fix="deploy to an x86_64 or aarch64 host",
+        )
+    tegra = None
+    if hw.tegra_release:
+        match = re.search(r"R(\d+)", hw.tegra_release)
+        tegra = int(match.group(1)) if match else None
+    return Platform(arch=arch, distro_id=hw.os.id.lower(), codename=hw.os.codename.lower(), tegra_major=tegra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+
+
+@lru_cache(maxsize=4)
+def load_versions(path: str | None = None) -> dict[str, Any]:
+    return yaml.safe_load(Path(path or VERSIONS_FILE).read_text())
+
+
+def lab_gpu_devices(plan: HostPlan, settings: HostConfig) -> list[str]:
+    """On a lab host (simulated GPUs), the llama.cpp RPC devices that stand in for the planned GPUs.
+
+    The lab runs one ggml-rpc-server per simulated GPU (r1fleet/lab/image.py); real hosts: none.
+    """
+    if settings.profile is None or not uses_gpu(plan):
+        return []
+    from r1fleet.lab.paths import GPU_RPC_BASE_PORT
+
+    return [f"127.0.0.1:{GPU_RPC_BASE_PORT + index}" for index in plan.gpu_indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class Download:
+    """A file a host downloads and checks by sha256 (a model file, an Ollama release archive)."""
+
+    name: str
+    url: str
+    sha256: str
+    size: int | None = None  # bytes, when pinned: the download's progress shows the time left
+    fallback_url: str | None = None  # tried when `url` (the controller's cache) cannot be reached
+
+
+def model_download(host: str, plan: HostPlan, settings: HostConfig) -> Download:
+    """The GGUF to fetch: from the artifact mirror in rehearsal (when set), else the catalog URL."""
+    gguf = plan.gguf
+    if gguf is None:
+        raise DeployError("the plan has no GGUF file", host=host, field="plan.gguf", fix="pick a catalog model with a gguf entry")
+    sha = (gguf.sha256 or "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise DeployError(
+            f"no sha256 is known for {gguf.file}; r1fleet downloads only verified models",
+            host=host,
+            field="catalog gguf.sha256",
+            fix="add the file's sha256 to r1fleet/plan/catalog.yaml",
+        )
+    if settings.mirror and (settings.rehearsal or not gguf.url):
+        url = f"{settings.mirror.rstrip('/')}/models/{gguf.file}"
+    elif gguf.url:
+        url = gguf.url
+    else:
+        fix = ("rehearsal serves the stand-in from an artifact mirror: set mirror: for this host (the lab does), or drop rehearsal"
+               if settings.rehearsal else "set the catalog URL or a mirror for this host")
+        raise DeployError(f"no download URL for {gguf.file}", host=host, field="catalog gguf.url", fix=fix)
+    return Download(name=gguf.file, url=url, sha256=sha, size=gguf.size_bytes)
+
+
+def download_mib(plan: HostPlan, hw: Hardware, imported: bool = False) -> int:
+    """What the deploy will write to the model directory: nothing for a model file already there; twice the
+    file for an Ollama import (`imported`: the GGUF, and Ollama's stored copy of it)."""
+    from r1fleet.plan.catalog import load_catalog
+
+    gguf = plan.gguf
+    if gguf is None or not gguf.size_bytes:
+        return 0
+    size_mib = math.ceil(gguf.size_bytes / MIB)
+    if plan.backend == "llama.cpp":
+        return 0 if hw.model_files.get(gguf.file) == gguf.size_bytes else size_mib
+    digest = load_catalog().find(plan.model).ollama_digest if plan.model else None
+    if digest and f"sha256-{digest}" in hw.model_files:
+        return 0
+    return size_mib * (2 if imported else 1)
+
+
+def check_disk(host: str, plan: HostPlan, hw: Hardware, imported: bool = False) -> None:
+    """Refuse a host whose model directory cannot take the download plus a margin, before anything changes."""
+    need = download_mib(plan, hw, imported)
+    if not need or hw.disk_free_mib is None:
+        return
+    margin = constants().disk_margin_mib
+    if hw.disk_free_mib < need + margin:
+        raise DeployError(
+            f"the model needs {need:,} MiB on the model directory's filesystem plus a {margin:,} MiB margin, "
+            f"and {hw.disk_free_mib:,} MiB are free",
+            host=host, field="model_dir", fix="free space there, or set model_dir to a directory on a larger disk",
+        )

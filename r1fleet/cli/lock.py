@@ -1,0 +1,214 @@
+"""`r1fleet lock` and `r1fleet plan --fleet F --diff`: write the fleet lock, and compare a fleet with it.
+
+    r1fleet lock --fleet inventory/fleet.yml              # probe and lock every host
+    r1fleet lock --fleet inventory/fleet.yml dual-3090    # relock one host, the others' entries kept
+    r1fleet plan --fleet inventory/fleet.yml --diff       # what a relock would change, and why
+
+Both probe the hosts as `r1fleet plan --fleet` does (r1fleet.cli.main.fleet_probes), or read saved probes
+with --probe-dir DIR (DIR/HOST.probe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from r1fleet.errors import R1FleetError
+
+LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
+                 "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "lock", help="pin each host's hardware, plan and artifacts in <fleet>.lock (reproducible rebuilds)",
+        description=("Probe the fleet's hosts, plan each, and write <fleet>.lock: per host its hardware fingerprint, "
+                     "the whole plan, and every artifact by digest. Commit it. " + LOCK_LOCATION + "."),
+    )
+    p.add_argument("hosts", nargs="*", metavar="HOST", help="relock only these hosts; the others' entries stay as they are")
+    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml); "
+                                   "the lab's lock is inventory/lab.yml.lock")
+    p.add_argument("--probe-dir", type=Path, metavar="DIR", help="read each host's probe from DIR/HOST.probe instead of over SSH")
+    p.add_argument("--api-key", action="append", default=[], metavar="HOST=FILE",
+                   help="record the fingerprint (a sha256 prefix, never the key) of HOST's API key file on this machine")
+    p.set_defaults(run=cmd_lock)
+    return p
+
+
+def _api_keys(pairs: list[str], fleet) -> dict[str, bytes]:
+    """--api-key HOST=FILE, else each host's api_key_source: the key as the deploy installs it."""
+    from r1fleet.fleet.config import read_api_key
+
+    keys = {name: entry.api_key_text() for name, entry in fleet.hosts.items() if entry.api_key_source}
+    for pair in pairs:
+        host, sep, file = pair.partition("=")
+        if not sep or not file or host not in fleet.hosts:
+            raise R1FleetError(f"{pair!r} is not HOST=FILE for a host of {fleet.source}", field="--api-key",
+                               fix="write e.g. --api-key dual-3090=~/secrets/dual-3090.key")
+        keys[host] = read_api_key(file, host, "--api-key")
+    return keys
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from r1fleet.cli.main import fleet_probes
+    from r1fleet.fleet.file import load_fleet
+    from r1fleet.hardware import parse_probe
+    from r1fleet.lock.match import Lock, lock_entry, lock_path, read_lock, write_lock
+    from r1fleet.plan.planner import plan_host
+
+    fleet = load_fleet(args.fleet)
+    keys = _api_keys(args.api_key, fleet)
+    jobs = fleet_probes(fleet, args.hosts, args.probe_dir)
+    path = lock_path(fleet.source)
+    old = read_lock(path) or Lock()
+    # A full relock is the fleet as it is now (hosts gone from it leave); naming hosts touches only those.
+    hosts = dict(old.hosts) if args.hosts else {}
+    lines = []
+    probed = {}
+    for host, text, policy, settings in jobs:
+        hw = probed.setdefault(host, (parse_probe(text, host), policy))[0]
+        entry = lock_entry(host, hw, plan_host(hw, policy), settings, api_key_text=keys.get(host))
+        previous = old.hosts.get(host)
+        if entry.api_key_fingerprint is None and previous is not None:  # not given this time: the key is unchanged
+            entry = entry.model_copy(update={"api_key_fingerprint": previous.api_key_fingerprint})
+        entry = with_manifest(entry, settings, fleet.cache_dir, previous)
+        hosts[host] = entry
+        lines.append(_lock_line(host, entry, previous))
+    lock = Lock(hosts=hosts, pools=_pools(fleet, probed, old))
+    write_lock(path, lock)
+    print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
+    print("\n".join(lines))
+    return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
+
+
+def with_manifest(entry, settings, cache_dir: str | None, previous):
+    """The entry with the Ollama manifest this controller's cache took for its tag (the digest the host
+    serves), or the one locked before for the same tag; unchanged when neither is known (a host not deployed
+    yet: relock after its first deploy to record it)."""
+    from r1fleet.cache.store import ArtifactCache, cache_root
+    from r1fleet.lock.artifacts import OllamaManifest
+    from r1fleet.cache.registry import manifest_key
+    from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
+
+    model, plan = entry.artifacts.model, served_plan(entry.plan, settings)
+    if model is None or not takes_from_registry(plan, settings, entry.fingerprint.system):
+        return entry
+    sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), plan.ollama_tag))
+    manifest = OllamaManifest(tag=plan.ollama_tag, sha256=sha) if sha else None
+    before = previous.artifacts.model.ollama_manifest if previous and previous.artifacts.model else None
+    if manifest is None and before is not None and before.tag == plan.ollama_tag:
+        manifest = before
+    artifacts = entry.artifacts.model_copy(update={"model": model.model_copy(update={"ollama_manifest": manifest})})
+    return entry.model_copy(update={"artifacts": artifacts})
+
+
+def _pools(fleet, probed: dict, old) -> dict:
+    """Each pool planned from its members' probes of this run, {host: (hardware, policy)} (a pool with a member
+    not probed now keeps its locked plan): the lock holds what the deploy of the pool serves."""
+    from r1fleet.plan.pools import plan_members
+
+    pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
+    for name, pool in fleet.pools.items():
+        if all(member in probed for member in pool.hosts):
+            pools[name] = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts])
+    return pools
+
+
+def _lock_line(host: str, entry, previous) -> str:
+    from r1fleet.lock.match import plan_diff
+
+    plan = entry.plan
+    what = (f"{plan.model} on {plan.backend}, context {plan.context_length}, {plan.kv_cache_type} KV"
+            if plan.model else "nothing fits")
+    if previous is None:
+        status = "new"
+    else:
+        changes = [c for c in plan_diff(previous.plan, plan) if not c.startswith("why: ")]
+        status = ("changed: " + "; ".join(changes)) if changes else "plan unchanged"
+    return f"  {host}: {what} ({status})"
+
+
+# ---------------------------------------------------------------- plan --diff
+
+
+@dataclass
+class HostDiff:
+    host: str
+    status: str  # matches | changes | hardware | unlocked | not-in-fleet
+    changes: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+    fix: str | None = None
+
+
+def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
+    """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure)."""
+    from r1fleet.lock.match import fingerprint_differences, fingerprint_of, plan_diff, relock_command
+
+    out = []
+    for host, hw, fresh in rows:
+        entry = lock.hosts.get(host)
+        if entry is None:
+            out.append(HostDiff(host, "unlocked", fix=relock_command(host, fleet_ref)))
+            continue
+        differences = fingerprint_differences(entry.fingerprint, fingerprint_of(hw))
+        changes = plan_diff(entry.plan, fresh)
+        status = "hardware" if differences else "changes" if changes else "matches"
+        fix = relock_command(host, fleet_ref) if status != "matches" else None
+        out.append(HostDiff(host, status, changes, differences, fix))
+    seen = {host for host, *_ in rows}
+    out += [HostDiff(h, "not-in-fleet") for h in sorted(lock.hosts) if h not in seen]
+    return out
+
+
+def diff_text(diffs: list[HostDiff]) -> str:
+    heads = {
+        "matches": "matches the lock",
+        "changes": "a relock would change:",
+        "hardware": "the hardware differs from the lock (a locked deploy stops this host):",
+        "unlocked": "not in the lock (deployed from today's plan)",
+        "not-in-fleet": "in the lock but not in the fleet (a full `r1fleet lock` drops it)",
+    }
+    lines = []
+    for d in diffs:
+        lines.append(f"{d.host}: {heads[d.status]}")
+        lines += [f"  - {line}" for line in d.differences]
+        if d.status == "hardware" and d.changes:
+            lines.append("  a relock would change:")
+        lines += [f"  - {line}" for line in d.changes]
+        if d.fix:
+            lines.append(f"  to lock today's plan: {d.fix}")
+    return "\n".join(lines)
+
+
+def cmd_plan_diff(args: argparse.Namespace) -> int:
+    from r1fleet.cli.main import fleet_probes
+    from r1fleet.fleet.file import load_fleet
+    from r1fleet.hardware import parse_probe
+    from r1fleet.lock.match import lock_path, read_lock
+    from r1fleet.plan.planner import plan_host
+
+    forced = [flag for flag, value in (("--model", args.model), ("--context", args.context),
+                                       ("--flash-attention", args.flash_attention), ("--kv-type", args.kv_type)) if value]
+    if forced or args.probes:
+        raise R1FleetError(f"--diff compares the lock with what `r1fleet lock` would write from the fleet file, "
+                           f"which takes no {(forced or ['probe files'])[0]}", field="--diff",
+                           fix="drop it, or set it in the fleet file's policy")
+    fleet = load_fleet(args.fleet)
+    path = lock_path(fleet.source)
+    lock = read_lock(path)
+    if lock is None:
+        fleet_flag = f" --fleet {args.fleet}" if args.fleet else ""
+        raise R1FleetError(f"{path}: no lock to compare with", fix=f"write one with `r1fleet lock{fleet_flag}`")
+    rows = []
+    for host, text, policy, _entry in fleet_probes(fleet, probe_dir=args.probe_dir):
+        hw = parse_probe(text, host)
+        rows.append((host, hw, plan_host(hw, policy)))
+    diffs = diff_hosts(lock, rows, args.fleet)
+    if args.json:
+        print(json.dumps({"lock": str(path), "hosts": [asdict(d) for d in diffs]}, indent=2))
+    else:
+        print(f"{path}:")
+        print(diff_text(diffs))
+    return 0 if all(d.status == "matches" for d in diffs) else 1

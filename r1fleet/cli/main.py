@@ -1,0 +1,263 @@
+"""The `r1fleet` command: plan, probe, validate, schema, lab, verify.
+
+Every user error is printed as one clear message (host, field, fix) with exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from r1fleet.errors import R1FleetError
+from r1fleet.records import HostPlan, PoolPlan
+from r1fleet.plan.policy import Policy
+
+USAGE_ERROR = 2
+
+
+def _plan_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what each host would get, and why", description=(
+        "Plan from saved probe documents (the host name is the file stem), or probe a fleet's hosts live."))
+    p.add_argument("probes", nargs="*", type=Path, help="probe documents saved with `r1fleet probe HOST > HOST.probe`")
+    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory: probe its hosts over SSH (and use its policies)")
+    p.add_argument("--model", help="force a model: catalog id, Ollama tag, or size such as 32b")
+    p.add_argument("--context", type=int, help="force a context length (tokens)")
+    p.add_argument("--flash-attention", choices=["auto", "on", "off"],
+                   help="plan with flash attention on or off (default: as the runtime decides for the GPU)")
+    p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], help="plan with this KV cache type only")
+    p.add_argument("--json", action="store_true", help='print {"hosts": [...]} instead of a table')
+    p.add_argument("--diff", action="store_true",
+                   help="with --fleet: per host, what `r1fleet lock` would change in <fleet>.lock and why, and hardware "
+                        "that no longer matches the lock (exit 1 when anything differs)")
+    p.add_argument("--probe-dir", type=Path, metavar="DIR",
+                   help="with --fleet: read each host's probe from DIR/HOST.probe instead of over SSH")
+    p.set_defaults(run=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from r1fleet.hardware import parse_probe
+    from r1fleet.plan.planner import plan_host
+    from r1fleet.plan.pools import plan_pools
+
+    if args.context is not None and args.context < 256:
+        raise R1FleetError(f"--context {args.context} is too small", fix="give at least 256 tokens, e.g. --context 8192")
+    if args.model:
+        from r1fleet.plan.catalog import load_catalog
+
+        try:
+            load_catalog().find(args.model)
+        except KeyError as err:
+            raise R1FleetError(err.args[0], field="--model") from None
+    if args.flash_attention == "off" and args.kv_type in ("q8_0", "q4_0"):
+        raise R1FleetError(f"a {args.kv_type} KV cache needs flash attention", field="--kv-type",
+                           fix="drop --flash-attention off, or plan with --kv-type f16")
+    if not args.probes and not args.fleet:
+        raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
+    if (args.diff or args.probe_dir) and not args.fleet:
+        flag = "--diff" if args.diff else "--probe-dir"
+        raise R1FleetError(f"{flag} works on a fleet's hosts", field=flag, fix="add --fleet FILE (or --fleet lab)")
+    if args.diff:
+        from r1fleet.cli.lock import cmd_plan_diff
+
+        return cmd_plan_diff(args)
+    jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
+    for path in args.probes:
+        try:
+            text = path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
+        except OSError as err:
+            raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
+        jobs.append((path.stem, text, Policy(), None))
+    pools: dict = {}
+    if args.fleet:
+        from r1fleet.fleet.file import load_fleet
+
+        fleet = load_fleet(args.fleet)
+        pools = fleet.pools
+        jobs.extend(fleet_probes(fleet, probe_dir=args.probe_dir))
+    what_if = {k: v for k, v in (("flash_attention", args.flash_attention), ("kv_types", [args.kv_type] if args.kv_type else None)) if v}
+    hardware = [parse_probe(text, host) for host, text, _, _ in jobs]
+    policies = [policy.model_copy(update=what_if) for _, _, policy, _ in jobs]
+    plans = [with_exposure_warning(plan_host(hw, policy, model=args.model, context=args.context), job[3])
+             for hw, policy, job in zip(hardware, policies, jobs)]
+    pool_plans, plans = plan_pools(pools, hardware, plans, policies, model=args.model, context=args.context)
+    if args.json:
+        print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans],
+                          "pools": [p.model_dump(mode="json") for p in pool_plans]}, indent=2))
+    else:
+        print(plans_table(plans, pool_plans))
+    return 0 if all(p.fits for p in plans) else 1
+
+
+def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
+    """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication), or that
+    the deploy will refuse it (HostConfig.exposure_check, the rule the deploy applies)."""
+    if entry is None or not plan.backend:
+        return plan
+    try:
+        warning = entry.exposure_check(plan.backend, plan.host)
+    except R1FleetError as refusal:
+        warning = f"the deploy refuses this host: {refusal}"
+    return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
+
+
+def fleet_probes(fleet, hosts: list[str] | tuple[str, ...] = (), probe_dir: Path | None = None,
+                 ) -> list[tuple[str, str, Policy, object]]:
+    """(host, probe text, policy, fleet entry) for the fleet's hosts (all, or those named): probed over SSH
+    in parallel, or read from `probe_dir`/HOST.probe (saved probes: offline, and tests without SSH)."""
+    from r1fleet.probe.facts import probe_over_ssh
+
+    unknown = [h for h in hosts if h not in fleet.hosts]
+    if unknown:
+        raise R1FleetError(f"not in {fleet.source}", host=unknown[0], fix=f"use one of: {', '.join(fleet.hosts)}")
+    entries = [fleet.hosts[h] for h in dict.fromkeys(hosts)] if hosts else list(fleet.hosts.values())
+    if probe_dir is not None:
+        texts = [_saved_probe(probe_dir, e.name) for e in entries]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
+            texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
+    return [(e.name, t, e.policy, e) for e, t in zip(entries, texts)]
+
+
+def _saved_probe(probe_dir: Path, host: str) -> str:
+    path = probe_dir / f"{host}.probe"
+    try:
+        return path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
+    except OSError as err:
+        raise R1FleetError(f"{path}: cannot read ({err.strerror})", host=host,
+                           fix=f"save it with `r1fleet probe --fleet FLEET {host} > {path}`") from None
+
+
+def ssh_options(entry) -> dict:
+    """SSH settings of a fleet host, in the keyword form `probe_over_ssh` takes."""
+    return {"model_dir": entry.model_dir, "extra_args": entry.ssh_args()}
+
+
+def _fmt_devices(plan: HostPlan) -> str:
+    return ", ".join(f"{d.device.split(' ')[0]} {d.planned_mib:,}/{d.capacity_mib:,}" for d in plan.devices)
+
+
+def _fmt_gpus(plan: HostPlan) -> str:
+    if plan.unified_memory_mib:
+        return f"unified {plan.unified_memory_mib // 1024} GiB"
+    if not plan.gpus:
+        return "none"
+    names = {}
+    for g in plan.gpus:
+        label = f"{g['name'].replace('NVIDIA ', '').replace('GeForce ', '')} {round(g['memory_total_mib'] / 1024)}G"
+        names[label] = names.get(label, 0) + 1
+    return ", ".join(f"{n}x {label}" for label, n in names.items())
+
+
+def plans_table(plans: list[HostPlan], pools: list[PoolPlan] | tuple = ()) -> str:
+    """A table a person reads at a glance (a pooled pool is one row), then each host's and pool's reasons."""
+    from r1fleet.plan.catalog import load_catalog
+    from r1fleet.plan.pools import pool_heading, pool_row
+    from r1fleet.plan.tensor_split import format_flag
+
+    catalog = load_catalog()
+    header = ("HOST", "GPUS", "MODEL", "BACKEND", "CONTEXT", "KV", "MEMORY MiB (planned/capacity)", "TOK/S")
+    rows = [header]
+    for p in plans:
+        model = catalog.find(p.model).size_label if p.model else "-"
+        if p.model and not p.fits:
+            model += " (no fit)"
+        split = ""
+        if p.tensor_split and p.tensor_split_flag:
+            blocks = "|".join(str(n) for n in p.tensor_split)
+            split = f" -ts {format_flag(p.tensor_split_flag)} (blocks {blocks}+out)"
+        rows.append((
+            p.host, _fmt_gpus(p), model, (p.backend or "-") + split, str(p.context_length or "-"),
+            p.kv_cache_type if p.model else "-", _fmt_devices(p) or "-",
+            f"{p.est_tokens_per_second:g}" if p.est_tokens_per_second else "-",
+        ))
+    rows.extend(pool_row(pool, catalog) for pool in pools if pool.pooled)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    for p in plans:
+        lines.append(f"{p.host}:")
+        lines.extend(f"  - {reason}" for reason in p.reasons)
+    for pool in pools:
+        lines.append(pool_heading(pool))
+        lines.extend(f"  - {reason}" for reason in pool.reasons)
+    return "\n".join(lines)
+
+
+def _probe_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="print a host's probe document (save it to plan offline)")
+    p.add_argument("host", help="an SSH destination (honours ~/.ssh/config), or a host of --fleet")
+    p.add_argument("--fleet", help="look the host up in this fleet file (or `lab`) for address, user and key")
+    p.set_defaults(run=cmd_probe)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from r1fleet.probe.facts import probe_over_ssh
+
+    if args.fleet:
+        from r1fleet.fleet.file import load_fleet
+
+        fleet = load_fleet(args.fleet)
+        if args.host not in fleet.hosts:
+            raise R1FleetError(f"not in {fleet.source}", host=args.host, fix=f"use one of: {', '.join(fleet.hosts)}")
+        entry = fleet.hosts[args.host]
+        text = probe_over_ssh(entry.address, **ssh_options(entry))
+    else:
+        text = probe_over_ssh(args.host)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _validate_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a fleet file without touching any host")
+    p.add_argument("fleet", nargs="?", help="fleet file or Ansible inventory (default $R1FLEET_FLEET or inventory/fleet.yml)")
+    p.set_defaults(run=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from r1fleet.fleet.file import load_fleet
+
+    fleet = load_fleet(args.fleet, lab_state=False)
+    pools = f", {len(fleet.pools)} pools OK ({', '.join(fleet.pools)})" if fleet.pools else ""
+    print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)}){pools}")
+    return 0
+
+
+def _schema_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schema", help="print the fleet file's JSON Schema (for editors)")
+    p.set_defaults(run=lambda args: print(json.dumps(__import__("r1fleet.fleet.file").fleet.file.json_schema(), indent=2)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1fleet", description="Turn a home-lab fleet into DeepSeek-R1 servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_plan_args, _probe_args, _validate_args, _schema_args):
+        add(sub)
+    for module in ("r1fleet.lab.commands", "r1fleet.cli.verify", "r1fleet.cli.lock", "r1fleet.cli.cache"):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except R1FleetError as err:
+        print(f"r1fleet: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("r1fleet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

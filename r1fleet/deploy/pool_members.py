@@ -1,0 +1,82 @@
+"""A pool member's part in the deploy: the pool planned from every member's probe, then the member's roles.
+
+Each member of a pool is deployed by the same run (its host data names the pool, r1fleet/fleet/file.py). The pool's
+plan needs every member's hardware, so a member probes the others through pyinfra as well (once per run: the
+probes are kept here, with a lock per host so that members planned at the same moment share one). Then:
+  * the head: llama-server with --rpc to the workers and the split over every device (LlamaCppRole, pool=);
+  * a worker: rpc-server bound to its pool address, admitting the head alone (RpcWorkerRole);
+  * a pool kept separate (it serves nothing larger): each member's own plan, as a host outside a pool.
+With a fleet lock that holds the pool (`r1fleet lock`), its locked plan is served while every member's hardware
+matches; otherwise the pool is planned live.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+from pyinfra import state
+from pyinfra.api.facts import get_fact
+from pyinfra.context import ctx_host
+
+from r1fleet.fleet.config import HostConfig
+from r1fleet.probe.facts import R1Probe
+from r1fleet.hardware import parse_probe
+from r1fleet.lock.match import lock_path, locked_pool, read_lock, relock_fleet
+from r1fleet.records import Hardware, PoolPlan
+from r1fleet.plan.planner import rehearse
+from r1fleet.plan.pool_settings import PoolSettings
+from r1fleet.plan.pools import plan_members
+
+_hardware: dict[str, Hardware] = {}
+_pools: dict[str, PoolPlan] = {}
+_locks: dict[str, threading.Lock] = {}  # gevent-patched under pyinfra: members wait for one probe, one plan
+
+
+def pool_of(data: Any) -> tuple[str, PoolSettings] | None:
+    """(name, settings) of the pool this host's data names, or None."""
+    raw = dict(data.get("r1fleet_pool") or {})
+    if not raw:
+        return None
+    name = raw.pop("name")
+    return name, PoolSettings.model_validate(raw)
+
+
+def remember(hardware: Hardware) -> None:
+    """The current host's own probe, so that the other members of its pool do not probe it again."""
+    _hardware.setdefault(hardware.host, hardware)
+
+
+def member_config(name: str) -> HostConfig:
+    return HostConfig.from_host_data(name, state.inventory.get_host(name).data.dict())
+
+
+def member_hardware(name: str) -> Hardware:
+    with _locks.setdefault(f"host:{name}", threading.Lock()):
+        if name not in _hardware:
+            member = state.inventory.get_host(name)
+            with ctx_host.use(member):
+                text = get_fact(state, member, R1Probe, kwargs={"model_dir": member_config(name).model_dir})
+            _hardware[name] = parse_probe(text, name)
+        return _hardware[name]
+
+
+def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> PoolPlan:
+    """The pool's plan (the same on every member): the fleet lock's when it holds the pool and every member's
+    hardware is as locked (LockMismatch naming the member otherwise), else from every member's live hardware
+    and policy."""
+    with _locks.setdefault(f"pool:{name}", threading.Lock()):
+        if name not in _pools:
+            hardware = [member_hardware(member) for member in pool.hosts]
+            locked = locked_pool(read_lock(lock_path(fleet)) if fleet else None, name,
+                                 {hw.host: hw for hw in hardware}, relock_fleet(fleet) if fleet else None)
+            if locked is None:
+                locked = plan_members(name, pool, hardware, [member_config(member).policy for member in pool.hosts])
+            _pools[name] = locked
+        return _pools[name]
+
+
+def rehearsed_head(head):
+    """A pool head in rehearsal: the stand-in model in the planned split (the devices and their order kept)."""
+    return replace(head, plan=rehearse(head.plan))

@@ -1,0 +1,348 @@
+"""One host's configuration: the fleet file's schema (`HostSettings`), and `HostConfig`, the resolved host
+every role takes, however it was given (fleet file, Ansible inventory, `--data`), validated by one set of rules.
+
+Example:
+    >>> cfg = HostConfig(name="box", address="192.168.1.20", listen="192.168.1.20", allow=["192.168.1.0/24"])
+    >>> cfg.local_api("ollama")
+    'http://192.168.1.20:11434'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from r1fleet.errors import FleetError
+from r1fleet.records import DEFAULT_MODEL_DIR, Backend
+from r1fleet.net import host_port, is_loopback
+from r1fleet.plan.policy import Policy, known_model
+
+DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
+# The llama-server API key of an exposed host: generated on the host, root-only, handed to the
+# service as a systemd credential so it is never in argv, the unit or a log.
+API_KEY_FILE = "/etc/r1fleet/api-key"
+API_KEY_MAX_BYTES = 4096
+# pyinfra host data that overrides the fleet entry (`--data key=value`)
+HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models")
+# Directories a model_dir must not be (the deploy sets their owner and mode).
+SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", "/opt/r1fleet",
+               "/etc/r1fleet", "/srv/tmp", "/dev/shm", "/run/user"}
+# A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
+DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+
+
+def public_networks(allow: list[str]) -> list[str]:
+    """The allow-list entries that reach beyond private, link-local and loopback ranges."""
+    wide = []
+    for cidr in allow:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if not (network.is_private or network.is_link_local or network.is_loopback):
+            wide.append(cidr)
+    return wide
+
+
+def merged_networks(allow: list[str], version: int) -> tuple[str, ...]:
+    """The allow-list's networks of one IP version, overlapping and adjacent ones merged: nftables refuses
+    overlapping intervals in a set ("conflicting intervals").
+
+    >>> merged_networks(["192.168.1.0/24", "192.168.1.7", "192.168.0.0/24", "fd00::/64"], 4)
+    ('192.168.0.0/23',)
+    """
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in allow]
+    return tuple(str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version))
+
+
+def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
+    """What an exposed Ollama admits: Ollama has no authentication, so the allow-list is the only guard."""
+    if is_loopback(listen):
+        return None
+    return (f"warning: Ollama has no authentication: anyone in {', '.join(allow)} can chat and also pull, create, "
+            "copy and delete models on this host (use backend: llama.cpp for an API key)")
+
+
+def truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+class OllamaReleaseOverride(BaseModel):
+    """Host data `ollama_release`: another place to get the pinned release (e.g. the lab mirror)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = None
+    base_url: str | None = None
+    sha256: dict[str, str] = {}
+
+
+def read_api_key(source: str, host: str, field: str) -> bytes:
+    """An API key file on the controller, as the deploy installs it (one line); FleetError (host, field, fix) when
+    it cannot be read or cannot be a key."""
+    path = os.path.expanduser(source)
+    try:
+        with open(path, "rb") as key_file:
+            key = key_file.read(API_KEY_MAX_BYTES + 1)
+    except OSError as err:
+        raise FleetError(f"{path}: cannot read the API key ({err.strerror})", host=host, field=field,
+                         fix="create it, e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`") from None
+    key = key.strip()
+    # the same shape as the key the host generates (roles/exposure.py): one line of printable characters
+    if not key or len(key) > API_KEY_MAX_BYTES or not all(33 <= byte < 127 for byte in key):
+        raise FleetError(f"{path}: not an API key (one line of printable characters, at most {API_KEY_MAX_BYTES})",
+                         host=host, field=field, fix="write a key such as the output of `head -c 32 /dev/urandom | base64`")
+    return key + b"\n"
+
+
+class HostSettings(BaseModel):
+    """Settings a host may have; `defaults` takes the same keys except `address`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="IP or DNS name to reach the host over SSH")
+    ssh_user: str | None = Field(None, description="SSH user (root, or a user with passwordless sudo)")
+    ssh_key: str | None = Field(None, description="private key file; ~ is expanded")
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+    listen: str | None = Field(None, description="address the model server binds; unset = 127.0.0.1 only")
+    allow: list[str] | None = Field(None, description="networks (CIDR) admitted to the service port when listen is set")
+    port: int | None = Field(None, ge=1, le=65535, description="service port (default 11434 Ollama, 8080 llama.cpp)")
+    policy: Policy | None = Field(None, description="planning policy; host keys override the defaults' one by one")
+    model: str | None = Field(None, description="pin a model: catalog id, Ollama tag or size such as 32b")
+    backend: Backend | None = Field(None, description="force ollama or llama.cpp")
+    rehearsal: bool | None = Field(None, description="serve a small stand-in model in the planned slot")
+    ollama_public: bool | None = Field(
+        None, description="let an exposed Ollama (no authentication) admit networks beyond private ranges"
+    )
+    profile: str | None = Field(None, description="lab hardware profile (lab fleets only)")
+    groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
+    model_dir: str | None = Field(None, description="where models are stored on the host")
+    mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
+    ollama_registry: str | None = Field(
+        None, description="base URL of the Ollama registry to take models from (default https://registry.ollama.ai): "
+                          "a mirror of it; the weights must still be the catalog's. With rehearsal, the stand-in is "
+                          "taken from it by its tag instead of imported from its GGUF")
+    api_key_source: str | None = Field(
+        None, description="an exposed llama.cpp host's API key as a file on the controller (your secret store; ~ is "
+                          "expanded): the deploy installs it, so a rebuilt host keeps its key; the lock holds only its "
+                          "fingerprint. Unset: a key is generated on the host, once")
+
+    @field_validator("api_key_source")
+    @classmethod
+    def _api_key_source_is_a_path(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(os.path.expanduser(value)):
+            raise ValueError(f"{value!r} must be an absolute path (or start with ~), e.g. ~/.config/r1fleet/box-a.key")
+        return value
+
+    @field_validator("ollama_registry")
+    @classmethod
+    def _registry_is_a_url(cls, value: str | None) -> str | None:
+        # It reaches curl's argv on the hosts and urllib on the controller: a plain http(s) URL only.
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?", value):
+            raise ValueError(f"{value!r} is not an http(s) URL; write e.g. https://registry.ollama.ai")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_a_host(cls, value: str | None) -> str | None:
+        # It reaches ssh's argv on the controller: an IP address or a DNS name, never an option or a word list.
+        if value is None:
+            return value
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not re.fullmatch(DNS_NAME_PATTERN, value):
+            raise ValueError(f"{value!r} is not an IP address or a host name; write e.g. 192.168.1.21 or gpu-box.lan")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_are_names(cls, value: list[str] | None) -> list[str] | None:
+        # They become pyinfra inventory groups: `all` or `r1fleet` would hide the fleet's other hosts.
+        for group in value or []:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", group) or group in ("all", "r1fleet"):
+                raise ValueError(f"group {group!r} must be lower-case letters, digits, '_' or '-', and not 'all' or 'r1fleet'")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None and "%" in value:
+            raise ValueError(f"{value!r} has an IPv6 scope id, which systemd units cannot carry; give a global or ULA address")
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address; write the address the host should bind, e.g. 192.168.1.23") from None
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_is_plain(cls, value: str | None) -> str | None:
+        # It lands in unit files and shell commands: an absolute path of plain characters only.
+        if value is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]+", value):
+            raise ValueError(f"{value!r} must be an absolute path of letters, digits, '.', '_', '-' and '/'")
+        if value is not None:
+            # The deploy owns this directory (root:root 0755): never a system directory, a home or /tmp.
+            parts = [p for p in value.split("/") if p]
+            dotted = any(p in (".", "..") for p in parts)
+            top_level = len(parts) < 2
+            temporary_or_home = parts[0] == "tmp" or (parts[0] == "home" and len(parts) < 3)
+            if dotted or top_level or temporary_or_home or "/" + "/".join(parts) in SYSTEM_DIRS:
+                raise ValueError(f"{value!r} is a system, home or temporary directory r1fleet would take over; "
+                                 "give a directory of its own, e.g. /var/lib/r1fleet/models or /srv/models/r1fleet")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_are_networks(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network; write CIDRs such as 192.168.1.0/24") from None
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_known(cls, value: str | None) -> str | None:
+        return known_model(value)
+
+
+# The settings HostSettings' validators check, applied to a HostConfig built any other way.
+_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
+                     "ollama_registry")
+
+
+class HostConfig(BaseModel):
+    """One host with every setting resolved: the fleet file (defaults merged in), an Ansible inventory or
+    pyinfra host data (`--data` overrides), validated by the same rules whichever way it came. Every role
+    takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    address: str
+    ssh_user: str = "root"
+    ssh_key: str | None = None
+    ssh_port: int = 22
+    listen: str | None = None
+    allow: list[str] = Field([], validate_default=True)  # listen without allow is refused (_exposure_needs_an_allow_list)
+    port: int | None = None
+    policy: Policy = Policy()
+    rehearsal: bool = False
+    ollama_public: bool = False
+    profile: str | None = None
+    groups: list[str] = []
+    model_dir: str = DEFAULT_MODEL_DIR
+    mirror: str | None = None
+    ollama_registry: str | None = None
+    # deploy knobs (host data or the fleet file)
+    api_key_file: str | None = None  # the llama-server API key of an exposed host (set for one by from_host_data)
+    api_key_source: str | None = None  # that key as a file on the controller, installed by the deploy
+    llama_cpp_install: Literal["auto", "package", "source"] = "auto"
+    ollama_release: OllamaReleaseOverride | None = None
+    official_ollama_models: Literal["keep", "remove"] = "keep"  # an official Ollama install's models on takeover
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_rules_as_the_fleet_file(cls, data: Any) -> Any:
+        """Settings that did not come through a fleet file (`--data`, a test) meet its validators too."""
+        if isinstance(data, dict):
+            HostSettings.model_validate({k: data[k] for k in _CHECKED_SETTINGS if data.get(k) is not None})
+        return data
+
+    @field_validator("allow")
+    @classmethod
+    def _exposure_needs_an_allow_list(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not is_loopback(info.data.get("listen")) and not value:
+            raise ValueError(
+                "listen is set but allow is empty; list the networks that may connect (e.g. [192.168.1.0/24]), "
+                "or write allow: [0.0.0.0/0] to open it to every network on purpose"
+            )
+        return value
+
+    @property
+    def bind_address(self) -> str:
+        """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
+        return self.listen or "127.0.0.1"
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.bind_address)
+
+    @property
+    def allow4(self) -> tuple[str, ...]:
+        """The IPv4 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 4)
+
+    @property
+    def allow6(self) -> tuple[str, ...]:
+        """The IPv6 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 6)
+
+    def exposure_check(self, backend: str, host_name: str | None = None) -> str | None:
+        """The exposure rule that depends on the planned backend, for the plan and the deploy alike: an exposed
+        Ollama (no authentication) whose allow-list reaches beyond private ranges is refused (FleetError) unless
+        `ollama_public`; otherwise the warning an exposed Ollama carries, or None."""
+        if backend != "ollama" or self.listen is None:
+            return None
+        wide = public_networks([*self.allow4, *self.allow6])
+        if wide and not self.ollama_public:
+            raise FleetError(
+                f"an exposed Ollama has no authentication, and allow reaches beyond private ranges ({', '.join(wide)})",
+                host=host_name or self.name, field="allow",
+                fix="narrow allow to your LAN, use backend: llama.cpp (API key), or set ollama_public: true on purpose",
+            )
+        return ollama_exposure_warning(self.listen, self.allow)
+
+    def api_key_text(self) -> bytes | None:
+        """The API key from `api_key_source`, read on the controller; None when the host generates its own."""
+        return read_api_key(self.api_key_source, self.name, "api_key_source") if self.api_key_source else None
+
+    def port_for(self, backend: str) -> int:
+        return self.port or DEFAULT_PORTS[backend]
+
+    def local_api(self, backend: str) -> str:
+        """The URL the deploy uses on the host itself to reach the service."""
+        address = self.bind_address
+        if address in {"0.0.0.0", "::"}:
+            address = "127.0.0.1"
+        return f"http://{host_port(address, self.port_for(backend))}"
+
+    @classmethod
+    def from_host_data(cls, name: str, data: Mapping[str, Any]) -> "HostConfig":
+        """The host's config from pyinfra host data: the fleet entry under `r1fleet`, then top-level keys
+        (`--data` wins), through the same validators. `--data rehearsal=true` arrives as a string."""
+        merged: dict[str, Any] = {"name": name, **dict(data.get("r1fleet") or {})}
+        for key in HOST_DATA_OVERRIDES:
+            if data.get(key) is not None:
+                merged[key] = data[key]
+        if data.get("rehearsal") is not None:
+            merged["rehearsal"] = truthy(data["rehearsal"])
+        merged.setdefault("address", data.get("ssh_hostname") or name)
+        if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
+            merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise FleetError(first["msg"].removeprefix("Value error, "), host=name, field=field,
+                             fix="correct this value in the fleet file or --data") from None
+
+    def ssh_args(self) -> tuple[str, ...]:
+        """Options for the system `ssh` client that reach this host as the fleet file says."""
+        args = ["-l", self.ssh_user, "-p", str(self.ssh_port)]
+        if self.ssh_key:
+            args += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
+        if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
+            args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        return tuple(args)

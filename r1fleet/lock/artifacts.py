@@ -1,0 +1,178 @@
+"""What a locked host downloads, by digest: the `artifacts` of a lock entry (r1fleet/lock/match.py).
+
+Pure: every value comes from the repository's pinned data (versions.yaml, catalog.yaml,
+data/drivers.yaml) through the same functions the roles decide with, never from the network, so a
+digest is recorded only where the repository knows it (null otherwise, never a guess).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.fleet.config import HostConfig
+from r1fleet.plan.drivers import decide_driver, load_driver_data
+from r1fleet.errors import R1FleetError
+from r1fleet.records import Hardware, HostPlan
+from r1fleet.artifacts.pins import Platform, load_versions, platform_from_hardware
+
+# The Ollama and llama.cpp decisions are imported where used: their packages' __init__ load the pyinfra
+# roles, which reading, comparing and applying a lock do not need.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OllamaAsset(_Strict):
+    name: str
+    sha256: str | None = None
+
+
+class OllamaArtifact(_Strict):
+    """The Ollama release archives for this host's platform (Linux: base + GPU add-on; macOS: one archive)."""
+
+    version: str
+    assets: list[OllamaAsset]
+
+
+class OllamaManifest(_Strict):
+    """The registry manifest of the tag the host serves (the stand-in's in rehearsal), as the controller's cache
+    took it: its sha256 is the digest the host's Ollama reports."""
+
+    tag: str
+    sha256: str
+
+
+class ModelArtifact(_Strict):
+    """The model as the catalog pins it: the Ollama tag and its weights layer, and the GGUF file."""
+
+    id: str
+    ollama_tag: str
+    ollama_digest: str | None = None
+    ollama_manifest: OllamaManifest | None = None  # null until a deploy (or `r1fleet cache fill`) cached it
+
+    def manifest_for(self, tag: str | None) -> str | None:
+        """The locked manifest's sha256 when it is the one of `tag` (the tag the host serves)."""
+        manifest = self.ollama_manifest
+        return manifest.sha256 if manifest is not None and manifest.tag == tag else None
+    gguf_file: str
+    gguf_size_bytes: int | None = None
+    gguf_sha256: str | None = None
+    gguf_revision: str | None = None
+
+
+class LlamaCppArtifact(_Strict):
+    """Where llama-server comes from: inside the Ollama archive (build named by Ollama), or a pinned source build."""
+
+    method: Literal["ollama-bundle", "source", "package"]
+    build: str | None = None
+    source_sha256: str | None = None
+
+
+class DriverArtifact(_Strict):
+    """The GPU driver branch a clean install of this host gets (data/drivers.yaml). Package names are left
+    out: some carry the kernel release (linux-headers-6.8.0-45-generic), which changes with every kernel."""
+
+    vendor: str | None = None
+    branch: str
+    open_modules: bool = False
+
+
+class Artifacts(_Strict):
+    ollama: OllamaArtifact | None = None
+    model: ModelArtifact | None = None
+    llama_cpp: LlamaCppArtifact | None = None
+    driver: DriverArtifact | None = None
+    notes: list[str] = []
+
+
+def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,
+                  versions: Mapping[str, Any] | None = None) -> Artifacts:
+    """Every artifact the deploy would fetch for this plan on this host, by digest."""
+    versions = versions or load_versions()
+    notes: list[str] = []
+    result = Artifacts(model=model_artifact(plan), driver=driver_artifact(hw, plan, notes), notes=notes)
+    if plan.model is None:
+        return result
+    if hw.os.system.lower() == "darwin":
+        return result.model_copy(update={"ollama": darwin_ollama(versions)})
+    try:
+        platform = platform_from_hardware(hw)
+    except R1FleetError as err:
+        notes.append(f"no Ollama or llama.cpp artifact: {err}")
+        return result
+    llama = None
+    if plan.backend == "llama.cpp":
+        llama = llama_cpp_artifact(platform, plan, settings, versions, notes)
+    needs_ollama = plan.backend == "ollama" or (llama is not None and llama.method == "ollama-bundle")
+    ollama = linux_ollama(platform, plan, settings, versions, notes) if needs_ollama else None
+    if settings.profile and needs_ollama:
+        notes.append("lab host: the lab mirror serves its own stand-in Ollama release in place of the pinned one")
+    return result.model_copy(update={"ollama": ollama, "llama_cpp": llama})
+
+
+def model_artifact(plan: HostPlan) -> ModelArtifact | None:
+    if plan.model is None:
+        return None
+    model = load_catalog().find(plan.model)
+    gguf = model.gguf
+    return ModelArtifact(id=model.id, ollama_tag=model.ollama_tag, ollama_digest=model.ollama_digest,
+                         gguf_file=gguf.file, gguf_size_bytes=gguf.size_bytes, gguf_sha256=gguf.sha256,
+                         gguf_revision=gguf.revision)
+
+
+def linux_ollama(platform: Platform, plan: HostPlan, settings: HostConfig, versions: Mapping[str, Any],
+                 notes: list[str]) -> OllamaArtifact:
+    """The archives roles/ollama would install (the same function decides); a missing sha256 stays null."""
+    from r1fleet.roles.ollama.decide import ollama_asset_stems, ollama_release
+
+    try:
+        release = ollama_release(plan.host, platform, plan, settings.ollama_release, versions)
+    except R1FleetError as err:
+        notes.append(f"the deploy will refuse this host's Ollama archive: {err}")
+        version = (settings.ollama_release and settings.ollama_release.version) or versions["ollama"]["version"]
+        stems = ollama_asset_stems(platform, plan.vendor, plan.placement)
+        return OllamaArtifact(version=version, assets=[OllamaAsset(name=f"{s}.tar.zst") for s in stems])
+    return OllamaArtifact(version=release.version,
+                          assets=[OllamaAsset(name=a.name, sha256=a.sha256) for a in release.assets])
+
+
+def darwin_ollama(versions: Mapping[str, Any]) -> OllamaArtifact:
+    # The macOS role's archive: data/drivers.yaml `darwin` (as roles/macos.py `_pinned_release` reads it).
+    darwin = load_driver_data()["darwin"]
+    asset = OllamaAsset(name=darwin["ollama_asset"], sha256=darwin.get("ollama_sha256"))
+    return OllamaArtifact(version=versions["ollama"]["version"], assets=[asset])
+
+
+def llama_cpp_artifact(platform: Platform, plan: HostPlan, settings: HostConfig, versions: Mapping[str, Any],
+                       notes: list[str]) -> LlamaCppArtifact | None:
+    """The llama.cpp role's own choice (llama_cpp_install), asked as if apt offered no package: what a host
+    offers is known only at deploy time, and a distro package's version is the distro's, not pinned here."""
+    from r1fleet.roles.llama_cpp.decide import llama_cpp_install
+
+    debian = versions["llama_cpp"]["debian"]
+    if platform.distro_id == "debian" and platform.codename in debian["codenames"]:
+        notes.append(f"Debian {platform.codename}: the deploy prefers the distro's {debian['server_package']} when apt "
+                     "offers it; its version is the distro's, not locked here")
+    try:
+        install = llama_cpp_install(platform, plan, settings, set(), versions)
+    except R1FleetError as err:
+        notes.append(f"the deploy will refuse this host's llama.cpp: {err}")
+        return None
+    sha = versions["llama_cpp"]["source_sha256"] if install.method == "source" else None
+    return LlamaCppArtifact(method=install.method, build=install.tag, source_sha256=sha)
+
+
+def driver_artifact(hw: Hardware, plan: HostPlan, notes: list[str]) -> DriverArtifact | None:
+    """The driver decision for this hardware with no driver installed: what a rebuild installs, whatever
+    driver runs today (the deploy leaves a good one alone, a reinstalled host gets this branch)."""
+    clean = hw.model_copy(update={"gpus": [g.model_copy(update={"driver_version": None}) for g in hw.gpus]})
+    action = decide_driver(clean, plan)
+    if action.kind == "refuse":
+        notes.append(f"driver: {action.reason}")
+    if not action.branch:
+        return None  # none to install (macOS, DGX OS, Jetson, no GPU) or the distro's in-kernel driver (AMD)
+    return DriverArtifact(vendor=action.vendor, branch=action.branch, open_modules=action.open_modules)

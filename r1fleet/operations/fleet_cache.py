@@ -1,0 +1,131 @@
+"""One download per artifact per fleet: the controller fetches each pinned artifact once into its cache
+(r1fleet/cache/store.py) and serves it to the hosts over the LAN (r1fleet/cache/server.py) for this run.
+
+When a role is about to install (release_if_missing, download_if_missing, an Ollama model's registry blobs),
+`from_controller` gives the artifact with the URL that host downloads from (`via_controller`): the controller's cache server when the artifact is (or could just be)
+fetched into the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as
+before). A host given the controller's URL keeps the upstream one as its fallback. Hosts verify every
+file's sha256 themselves, whichever URL they use. The server is started once per controller address
+facing the hosts, on CACHE_PORT when free (a fixed port a controller firewall can admit), admits only the
+fleet's hosts, and lives as long as the pyinfra run.
+
+Turned off with R1FLEET_CACHE=off (each host downloads on its own, as before).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import threading
+from dataclasses import replace
+from typing import TypeVar
+
+from pyinfra import host, inventory
+from pyinfra.facts.files import File
+
+from r1fleet.cache.store import ArtifactCache, cache_root
+from r1fleet.cache.server import CacheServer, serve_cache
+from r1fleet.errors import R1FleetError
+from r1fleet.net import source_address_towards
+from r1fleet.progress import TerminalProgress
+from r1fleet.operations.common import VerifiedDigest
+
+CACHE_PORT = 8089
+T = TypeVar("T")
+_servers: dict[str, tuple[CacheServer, str]] = {}  # controller address -> (server, base URL)
+_caches: dict[str, ArtifactCache] = {}
+_fetching: dict[str, threading.Lock] = {}  # per sha256: hosts planned at once wait for one fetch (gevent-patched)
+
+
+def enabled() -> bool:
+    return os.environ.get("R1FLEET_CACHE", "on").lower() not in ("off", "0", "no", "false")
+
+
+def fleet_addresses() -> dict[str, str]:
+    """Every host of this run by its IP address (names resolved here, as ssh would) -> its name."""
+    found = {}
+    for each in inventory:
+        name = each.data.get("ssh_hostname") or each.name
+        try:
+            found[str(ipaddress.ip_address(name))] = each.name
+        except ValueError:
+            try:
+                found[socket.gethostbyname(name)] = each.name
+            except OSError:
+                continue  # unreachable by name: it cannot download from us either
+    return found
+
+
+def cache_for(fleet_cache_dir: str | None) -> ArtifactCache:
+    """The controller's cache for this fleet (one object per directory for the run)."""
+    root = str(cache_root(fleet_cache_dir))
+    if root not in _caches:
+        _caches[root] = ArtifactCache(cache_root(fleet_cache_dir))
+    return _caches[root]
+
+
+def _base_url(cache: ArtifactCache, address: str) -> str:
+    if address not in _servers:
+        hosts = fleet_addresses()
+        server = serve_cache(cache, address, list(hosts), CACHE_PORT)
+        try:
+            base = server.__enter__()
+        except (OSError, R1FleetError):  # the fixed port is taken: any free one
+            server = serve_cache(cache, address, list(hosts), 0)
+            base = server.__enter__()
+        _servers[address] = (server, base)
+    return _servers[address][1]
+
+
+def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None = None, size: int | None = None) -> str:
+    """The URL the current host downloads `name` from (see the module docstring)."""
+    if not enabled():
+        return url
+    cache = cache_for(fleet_cache_dir)
+    try:
+        with _fetching.setdefault(sha256.lower(), threading.Lock()):
+            if cache.path_for(sha256) is None:
+                cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr, host="controller"), size=size)
+        address = source_address_towards(host.data.get("ssh_hostname") or host.name)
+        if address is None:
+            raise OSError("no route from this machine to the host")
+        base = _base_url(cache, address)
+    except (OSError, R1FleetError) as error:
+        print(f"[{host.name}] {name}: not from the controller's cache ({error}); the host downloads it itself",
+              file=sys.stderr)
+        return url
+    return f"{base}/sha256/{sha256.lower()}"
+
+
+def release_if_missing(release: T) -> T:
+    """The Ollama release, its archives from the controller's cache when the host does not have it installed
+    (read from the run's fact batch: a converged host costs the controller nothing)."""
+    if host.get_fact(File, path=release.stamp):
+        return release
+    return replace(release, assets=tuple(from_controller(asset, asset.name) for asset in release.assets))
+
+
+def download_if_missing(download: T, dest: str) -> T:
+    """The model download, from the controller's cache when `dest` does not hold it verified yet."""
+    if (host.get_fact(VerifiedDigest, path=dest) or (None, None))[1] == download.sha256:
+        return download
+    return from_controller(download, download.name)
+
+
+def from_controller(artifact: T, name: str) -> T:
+    """The artifact (its `url`, `sha256` and `size`) from the controller's cache when it can serve it, with
+    its upstream URL as the fallback for a host that cannot reach the controller (a firewall on this machine,
+    say): the host then downloads it itself, as without the cache."""
+    url = via_controller(artifact.url, artifact.sha256, name, host.data.get("r1fleet_cache_dir"), size=artifact.size)
+    return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
+
+
+def served_bytes() -> dict[str, int]:
+    """Bytes each cache server sent in this run, per sha256 (for the run's summary)."""
+    total: dict[str, int] = {}
+    for server, _ in _servers.values():
+        for digest, sent in getattr(server, "served", {}).items():
+            total[digest] = total.get(digest, 0) + sent
+    return total

@@ -1,0 +1,346 @@
+"""Planner: for one host's Hardware, the largest R1 distill that fits with a usable context and speed.
+
+Pure and deterministic. Rules (DESIGN.md "Choosing the model"): candidates largest first; placements
+in order one GPU, unified memory, several GPUs of one vendor split by layers, CPU; a candidate fits
+when every device's planned memory at `min_context` is within its capacity, then the context grows
+to `max_context`; too slow is rejected; every choice carries its reasons.
+
+Example:
+    >>> plan = plan_host(parse_probe(open("rtx4090.probe").read(), "box"), Policy())
+    >>> plan.model, plan.backend
+    ('deepseek-r1-distill-qwen-32b', 'ollama')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r1fleet.plan.catalog import Catalog, Model, load_catalog
+from r1fleet.plan.memory import bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
+from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan
+from r1fleet.plan.placement import PlacementOption, device_plans, gpu_capacity_mib, placements, split_layers
+from r1fleet.plan.policy import Policy
+from r1fleet.plan.tensor_split import flag_for_layers, format_flag, rescale_blocks
+
+
+@dataclass
+class Attempt:
+    model: Model
+    placement: PlacementOption
+    fits: bool
+    context: int = 0
+    kv_type: str = "f16"
+    layers: list[int] = field(default_factory=list)
+    devices: list[DevicePlan] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    why_not: str = ""
+    flash_attention: bool = True
+    ubatch: int | None = None
+
+
+# ---------------------------------------------------------------- capacities and placements
+
+
+EFFICIENCY_KIND = {"gpu": "gpu", "multi-gpu": "gpu", "unified": "unified", "cpu": "cpu"}
+
+
+def _read_seconds(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    """Decode is memory-bound: each device reads its share per token, one after another (at full bandwidth)."""
+    seconds = 0.0
+    for i, (slot, n) in enumerate(zip(placement.slots, layers)):
+        gb = bytes_read_per_token_gb(model, n, i == len(layers) - 1, context, kv_type)
+        seconds += gb / slot.bandwidth_gbps
+    return seconds
+
+
+def decode_seconds(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    """Seconds per generated token at the calibrated efficiency, unrounded (a pool adds its network to it)."""
+    return _read_seconds(model, placement, layers, context, kv_type) / constants().efficiency[EFFICIENCY_KIND[placement.kind]]
+
+
+def tokens_per_second(model: Model, placement: PlacementOption, layers: list[int], context: int, kv_type: str) -> float:
+    eff = constants().efficiency[EFFICIENCY_KIND[placement.kind]]
+    seconds = _read_seconds(model, placement, layers, context, kv_type)
+    return round(eff / seconds, 1) if seconds else 0.0
+
+
+def runtime_flash_attention(placement: PlacementOption) -> tuple[bool, str]:
+    """What the runtime's automatic choice does on these GPUs, and why when it turns flash attention off."""
+    c = constants()
+    for gpu in placement.gpus:
+        cap = gpu.compute_cap
+        if gpu.vendor != "nvidia" or not cap:
+            continue
+        try:
+            too_old = float(cap) < c.flash_attention_off_cuda_below
+        except ValueError:
+            continue
+        if too_old or cap in c.flash_attention_off_cuda_caps:
+            return False, f"the runtime turns flash attention off on GPU{gpu.index} (compute capability {cap})"
+    return True, ""
+
+
+def flash_attention_for(placement: PlacementOption, policy: Policy) -> bool:
+    if policy.flash_attention != "auto":
+        return policy.flash_attention == "on"
+    return runtime_flash_attention(placement)[0]
+
+
+def runtime_ubatch(model: Model, placement: PlacementOption, context: int, policy: Policy) -> int | None:
+    """The micro-batch the runtime will run: Ollama picks it for one device; llama-server's default otherwise."""
+    if len(placement.slots) != 1 or _backend(placement, policy) != "ollama":
+        return None
+    slot = placement.slots[0]
+    return ollama_ubatch(model, context, flash_attention_for(placement, policy), slot.capacity_mib, slot.kind == "cuda")
+
+
+def _fit_at(model: Model, placement: PlacementOption, context: int, kv_type: str, policy: Policy) -> list[int] | None:
+    fa = flash_attention_for(placement, policy)
+    ub = runtime_ubatch(model, placement, context, policy)
+    return split_layers(model, placement.slots, context, kv_type, fa, policy.headroom_mib, ub)
+
+
+def context_bounds(model: Model, policy: Policy) -> tuple[int, int]:
+    top = min(policy.max_context, model.arch.context_train)
+    return min(policy.min_context, top), top
+
+
+def largest_context(model: Model, placement: PlacementOption, kv_type: str, low: int, high: int, policy: Policy) -> int:
+    """The largest context in [low, high] (a step multiple, or `high` itself) that still fits; assumes `low` fits."""
+    step = constants().context_step
+    if _fit_at(model, placement, high, kv_type, policy):
+        return high
+    lo, hi = low // step, high // step  # in steps; lo fits (or is low itself), hi does not
+    best = low
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ctx = max(mid * step, low)
+        if _fit_at(model, placement, ctx, kv_type, policy):
+            best, lo = ctx, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def attempt(model: Model, placement: PlacementOption, policy: Policy, context: int | None = None) -> Attempt:
+    """Fit one model in one placement: the first allowed KV type that reaches the minimum context wins."""
+    low, high = context_bounds(model, policy)
+    if context is not None:
+        low = high = context
+        if context > model.arch.context_train:
+            result = Attempt(model, placement, False, context, policy.kv_types[0], _even_layers(model, placement))
+            result.why_not = f"context {context} is beyond what {model.size_label} was trained for ({model.arch.context_train})"
+            return result
+    fa = flash_attention_for(placement, policy)
+    # A quantized V cache needs flash attention (llama.cpp src/llama-context.cpp; Ollama's FAQ).
+    kv_types = policy.kv_types if fa else [t for t in policy.kv_types if t == "f16"]
+    if not kv_types:
+        result = Attempt(model, placement, False, low, policy.kv_types[0], _even_layers(model, placement), flash_attention=fa)
+        result.why_not = f"a {policy.kv_types[0]} KV cache needs flash attention, which is off on {_describe(placement)}"
+        return result
+    for kv_type in kv_types:
+        if _fit_at(model, placement, low, kv_type, policy):
+            ctx = largest_context(model, placement, kv_type, low, high, policy)
+            layers = _fit_at(model, placement, ctx, kv_type, policy) or []
+            result = Attempt(model, placement, True, ctx, kv_type, layers, flash_attention=fa)
+            result.ubatch = runtime_ubatch(model, placement, ctx, policy)
+            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib, result.ubatch)
+            result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
+            return result
+    # Does not fit: report figures at the minimum context, as if the layers were spread by capacity.
+    kv_type = kv_types[-1]
+    layers = _even_layers(model, placement)
+    result = Attempt(model, placement, False, low, kv_type, layers, flash_attention=fa)
+    result.ubatch = runtime_ubatch(model, placement, low, policy)
+    result.devices = device_plans(model, placement.slots, layers, low, kv_type, fa, policy.headroom_mib, result.ubatch)
+    result.tokens_per_second = tokens_per_second(model, placement, layers, low, kv_type)
+    need = sum(d.planned_mib for d in result.devices)
+    have = sum(s.capacity_mib for s in placement.slots)
+    result.why_not = f"needs {need:,} MiB at context {low} ({kv_type} KV) but {_describe(placement)} has {have:,} MiB"
+    return result
+
+
+def _even_layers(model: Model, placement: PlacementOption) -> list[int]:
+    total = model.arch.layers
+    caps = [max(s.capacity_mib, 1) for s in placement.slots]
+    counts = [total * c // sum(caps) for c in caps]
+    counts[-1] += total - sum(counts)
+    return counts
+
+
+def _describe(placement: PlacementOption) -> str:
+    if placement.kind == "cpu":
+        return "system RAM"
+    return " + ".join(s.name for s in placement.slots)
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def ordered_candidates(catalog: Catalog, policy: Policy) -> list[Model]:
+    models = catalog.largest_first()
+    if policy.prefer == "math":
+        return sorted(models, key=lambda m: (m.benchmarks.aime2024 or 0.0, m.params_b), reverse=True)
+    if policy.prefer == "general":
+        return sorted(models, key=lambda m: (m.focus == "general", m.params_b), reverse=True)
+    return models
+
+
+def best_attempt(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> Attempt:
+    """The first placement (in preference order) where the model fits and is fast enough."""
+    tried = [attempt(model, p, policy, context) for p in options]
+    for a in tried:
+        if a.fits and a.tokens_per_second >= policy.min_tokens_per_second:
+            return a
+    for a in tried:
+        if a.fits:
+            a.why_not = (
+                f"on {_describe(a.placement)} it is estimated at {a.tokens_per_second} tokens/s, "
+                f"below min_tokens_per_second {policy.min_tokens_per_second:g}"
+            )
+            a.fits = False
+    # Explain with the first accelerator placement tried; the CPU only when there is nothing else.
+    shown = tried[0]
+    others = "; ".join(a.why_not for a in tried[1:])
+    if others and len(tried) > 1:
+        shown.why_not = f"{shown.why_not}; {others}"
+    return shown
+
+
+def plan_host(
+    hw: Hardware,
+    policy: Policy | None = None,
+    catalog: Catalog | None = None,
+    model: str | None = None,
+    context: int | None = None,
+) -> HostPlan:
+    """Choose model, placement, context, KV type, backend and split for one host, with reasons."""
+    policy = policy or Policy()
+    catalog = catalog or load_catalog()
+    options = placements(hw, policy)
+    pinned = model or policy.model
+    candidates = [catalog.find(pinned)] if pinned else ordered_candidates(catalog, policy)
+    rejected: list[Attempt] = []
+    for candidate in candidates:
+        result = best_attempt(candidate, options, policy, context)
+        if result.fits or pinned:
+            return _host_plan(hw, policy, result, rejected, forced=bool(pinned or context))
+        rejected.append(result)
+    return _host_plan(hw, policy, None, rejected, forced=False)
+
+
+def _backend(placement: PlacementOption, policy: Policy) -> str:
+    if policy.backend:
+        return policy.backend
+    return "llama.cpp" if placement.kind == "multi-gpu" else "ollama"
+
+
+def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: list[Attempt], forced: bool) -> HostPlan:
+    gpus = [
+        {"index": g.index, "name": g.name, "memory_total_mib": g.memory_total_mib, "memory_free_mib": gpu_capacity_mib(g)}
+        for g in hw.gpus
+    ]
+    reasons = [f"not {a.model.size_label}: {a.why_not}" for a in rejected[-1:]]
+    base = dict(host=hw.host, gpus=gpus, unified_memory_mib=hw.unified.total_mib if hw.unified else None)
+    if chosen is None:
+        smallest = rejected[-1].model.size_label if rejected else "any model"
+        return HostPlan(model=None, reasons=[f"nothing fits: even {smallest} does not", *reasons], **base)
+    m, p = chosen.model, chosen.placement
+    backend = _backend(p, policy)
+    verdict = "fits" if chosen.fits else "does NOT fit"
+    where = _describe(p)
+    used = ", ".join(f"{d.device} {d.planned_mib:,}/{d.capacity_mib:,} MiB" for d in chosen.devices)
+    why = f"{m.size_label} {verdict} on {where} at context {chosen.context} ({chosen.kv_type} KV): {used}; est {chosen.tokens_per_second} tokens/s"
+    if not chosen.fits and chosen.why_not:
+        why += f" ({chosen.why_not})"
+    lead = "requested" if forced else "largest that fits"
+    reasons = [f"{lead}: {why}", *reasons]
+    if backend == "llama.cpp" and p.kind == "multi-gpu":
+        reasons.append(
+            f"llama.cpp llama-server, blocks {chosen.layers} across {len(p.slots)} GPUs with the output on the last "
+            f"(--tensor-split {format_flag(flag_for_layers(chosen.layers))}: llama.cpp counts the output as one more layer); "
+            "Ollama refuses tight multi-GPU fits"
+        )
+    gpu_devices = [d for d, slot in zip(chosen.devices, p.slots) if slot.kind in ("cuda", "rocm")]
+    if gpu_devices and chosen.fits:
+        margin = min(d.capacity_mib - (d.weights_mib + d.kv_cache_mib + d.compute_mib) for d in gpu_devices)
+        reasons.append(
+            f"margin: each GPU keeps at least {margin:,} MiB beyond llama.cpp's own buffers (weights, KV, compute) "
+            f"for the GPU runtime's context, cuBLAS and pools ({gpu_devices[0].overhead_mib:,} planned) "
+            f"and the headroom ({policy.headroom_mib:,})"
+        )
+    if policy.flash_attention == "auto" and not chosen.flash_attention:
+        reasons.append(f"flash attention off: {runtime_flash_attention(p)[1]}, so the KV cache stays f16")
+    u = hw.unified
+    if p.kind == "unified" and u and u.gpu_limit_raisable and chosen.devices[0].planned_mib > u.gpu_limit_mib:
+        reasons.append(
+            f"needs more than macOS's default GPU working set ({u.gpu_limit_mib:,} MiB): the deploy raises "
+            f"iogpu.wired_limit_mb at boot, leaving {constants().apple_os_reserve_mib:,} MiB to macOS"
+        )
+    shares = weight_shares(m)
+    disk_needed = round(shares.file_mib)
+    if hw.disk_free_mib is not None and hw.disk_free_mib < disk_needed:
+        reasons.append(f"warning: the model needs {disk_needed:,} MiB of disk, {hw.disk_free_mib:,} MiB free")
+    return HostPlan(
+        model=m.id,
+        ollama_tag=m.ollama_tag,
+        backend=backend,
+        placement=p.kind,
+        fits=chosen.fits,
+        context_length=chosen.context,
+        kv_cache_type=chosen.kv_type,
+        flash_attention=chosen.flash_attention,
+        ubatch=chosen.ubatch or constants().split_compute["ubatch"],
+        flash_attention_forced=policy.flash_attention != "auto" or chosen.kv_type != "f16",
+        tensor_split=chosen.layers if p.kind == "multi-gpu" else None,
+        gpu_uuids=[g.uuid for g in p.gpus if g.uuid],
+        gpu_indices=[g.index for g in p.gpus],
+        devices=chosen.devices,
+        est_tokens_per_second=chosen.tokens_per_second,
+        reasons=reasons,
+        gguf=GgufFile(url=m.gguf.url or "", file=m.gguf.file, size_bytes=m.gguf.size_bytes, sha256=m.gguf.sha256),
+        n_layers=m.arch.layers,
+        compute_caps=[g.compute_cap for g in p.gpus if g.compute_cap],
+        vendor=_vendor(hw, p),
+        disk_needed_mib=disk_needed,
+        **base,
+    )
+
+
+UNIFIED_VENDOR = {"apple": "apple", "amd-apu": "amd", "jetson": "nvidia", "gb10": "nvidia"}
+
+
+def _vendor(hw: Hardware, placement: PlacementOption) -> str | None:
+    """The GPU vendor the plan runs on (None on the CPU): drives drivers, archives and device access."""
+    if placement.gpus:
+        return placement.gpus[0].vendor
+    if placement.kind == "unified" and hw.unified:
+        return UNIFIED_VENDOR[hw.unified.kind]
+    return None
+
+
+def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
+    """The same plan (backend, placement, split, flags) serving the small stand-in model instead.
+
+    The context is capped at what the stand-in was trained for, so drivers, services and network are
+    proven before a large download.
+    """
+    if plan.model is None:
+        return plan
+    catalog = catalog or load_catalog()
+    stand_in = catalog.stand_ins[0]
+    g = stand_in.gguf
+    split = rescale_blocks(plan.tensor_split, stand_in.arch.layers) if plan.tensor_split else None
+    return plan.model_copy(
+        update={
+            "rehearsal": True,
+            "target_model": plan.model,
+            "model": stand_in.id,
+            "ollama_tag": stand_in.ollama_tag,
+            "context_length": min(plan.context_length, stand_in.arch.context_train),
+            "gguf": GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256),
+            "n_layers": stand_in.arch.layers,
+            "tensor_split": split,
+            "reasons": [*plan.reasons, f"rehearsal: serving {stand_in.name} in the planned slot instead of {plan.model}"],
+        }
+    )

@@ -1,0 +1,397 @@
+"""LAN exposure role: admit only the fleet file's allow-list to the service port, key llama-server.
+
+Without `listen` the services stay on 127.0.0.1, nothing is opened and any r1fleet firewall
+table left from an earlier run is removed. With `listen`:
+  * nftables: table `inet r1fleet` accepts the port from `allow` (and loopback) and drops the rest
+    for that port only, loaded at boot by r1fleet-firewall.service; ufw rules instead when ufw is
+    active (its default-deny would otherwise drop the port whatever our table says);
+  * llama.cpp: an API key generated once, on the host, into /etc/r1fleet/api-key (root, 0600).
+    systemd hands it to llama-server as a credential (LoadCredential=api-key:/etc/r1fleet/api-key,
+    `--api-key-file %d/api-key`), so the key is never in argv, a unit file, a log or the repo.
+
+ExposureRole (r1fleet/operations/stages.py) writes the key and the rules in its configure stage and loads the
+firewall in its activate stage, which runs before the backend's: the filter is in place before the service
+binds a LAN address, and the service unit requires the firewall unit, so a host is never open unfiltered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from dataclasses import dataclass
+from io import BytesIO, StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.command import StringCommand
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Which
+from pyinfra.operations import apt, dnf, files, server, systemd
+
+from r1fleet.fleet.config import API_KEY_FILE, HostConfig
+from r1fleet.errors import FleetError
+from r1fleet.records import HostPlan
+from r1fleet.net import is_loopback
+from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refuse
+from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
+from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+KEY_DIR = "/etc/r1fleet"
+RULES_FILE = f"{KEY_DIR}/nftables.conf"
+FIREWALL_UNIT = "r1fleet-firewall.service"
+FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
+SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
+FIREWALL_DROP_IN = "r1fleet-firewall.conf"
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """The validated exposure settings of one host."""
+
+    listen: str | None
+    port: int
+    allow4: tuple[str, ...] = ()
+    allow6: tuple[str, ...] = ()
+    backend: str = "ollama"
+
+    @property
+    def exposed(self) -> bool:
+        return not is_loopback(self.listen)
+
+    @property
+    def needs_api_key(self) -> bool:
+        return self.exposed and self.backend == "llama.cpp"
+
+
+def exposure_for(entry: HostConfig, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
+    """The host's exposure under its plan: the planned backend's port and the allow-list as HostConfig validated
+    and merged it (r1fleet/fleet/config.py), after the rules that depend on the plan (HostConfig.exposure_check) and on
+    the platform (no LAN exposure on macOS); FleetError names host, field and fix.
+
+    deploy.py calls it in the plan step, so a refused exposure fails before any change."""
+    name = host_name or entry.name
+    backend = plan.backend or "ollama"
+    port = entry.port_for(backend)
+    if entry.listen is None:
+        return Exposure(None, port, backend=backend)
+    if darwin and not entry.local_only:
+        raise FleetError("serving a Mac to the LAN is not supported: r1fleet has no macOS firewall role yet",
+                         host=name, field="listen", fix="leave listen unset (127.0.0.1) on macOS hosts")
+    entry.exposure_check(backend, name)
+    return Exposure(entry.listen, port, entry.allow4, entry.allow6, backend)
+
+
+# ---------------------------------------------------------------- facts and operations
+
+
+class NftTable(FactBase):
+    """Whether nftables holds `table inet r1fleet` (or another of r1fleet's tables: a pool worker's `r1fleet-rpc`)."""
+
+    default = bool
+
+    def command(self, table: str = "r1fleet") -> str:
+        return f"nft list table inet {table} >/dev/null 2>&1 && echo present || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() == "present" for line in output)
+
+
+class UfwActive(FactBase):
+    """Whether ufw is installed and active (then its default policy decides, not our table)."""
+
+    default = bool
+
+    def command(self) -> str:
+        return "command -v ufw >/dev/null 2>&1 && LC_ALL=C ufw status 2>/dev/null | head -n1 || true"  # not translated
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip().lower() == "status: active" for line in output)
+
+
+@operation()
+def api_key(path: str = API_KEY_FILE):
+    """Generate the API key on the host, once: 32 random bytes, base64, root-only 0600.
+
+    The key is created by the host's shell and never passes through the controller or pyinfra's
+    output; later runs only see that the file exists.
+    """
+    if host.get_fact(File, path=path):
+        host.noop(f"API key {path} exists")
+        return
+    directory = shlex.quote(path.rsplit("/", 1)[0])
+    tmp = shlex.quote(path + ".tmp")
+    yield StringCommand(
+        f"install -d -m 0700 -o root -g root {directory} && (umask 077; head -c 32 /dev/urandom | base64 > {tmp}) "
+        f"&& chown root:root {tmp} && chmod 0600 {tmp} && mv -f {tmp} {shlex.quote(path)}")
+
+
+@operation()
+def remove_nft_table():
+    """Delete `table inet r1fleet` when present."""
+    if not host.get_fact(NftTable):
+        host.noop("no r1fleet nftables table")
+        return
+    yield "nft delete table inet r1fleet"
+
+
+@operation()
+def restore_table(table: str = "r1fleet", unit: str = FIREWALL_UNIT):
+    """Reload r1fleet's rules when the table is gone (another `flush ruleset`, e.g. `systemctl start nftables`)."""
+    # the default table is read without arguments, as exposure_reads prefetches it
+    if host.get_fact(NftTable, **({} if table == "r1fleet" else {"table": table})):
+        host.noop(f"{table} nftables table present")
+        return
+    yield f"systemctl reload {unit}"
+
+
+class UfwRules(FactBase):
+    """r1fleet's rules as ufw holds them: how many it added, and whether they come first.
+
+    `ufw show added` lists each added rule once (a rule without an address becomes a v4 and a v6 rule
+    in `ufw status`); `ufw status numbered` is the order ufw matches in, one list per address family."""
+
+    default = dict
+
+    def command(self) -> str:
+        return ("LC_ALL=C ufw show added 2>/dev/null | grep -c \"comment 'r1fleet'$\" || true; "
+                "LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true")
+
+    def process(self, output: list[str]) -> dict:
+        count = output[0].strip() if output else ""
+        return {"count": int(count) if count.isdecimal() else 0, "first": ufw_rules_come_first(output[1:])}
+
+
+def ufw_rules_come_first(numbered: list[str]) -> bool:
+    """Whether, in each address family, no other rule precedes one of r1fleet's (ufw stops at the first match).
+
+    >>> ufw_rules_come_first(["[ 1] 11434/tcp DENY IN Anywhere # r1fleet", "[ 2] 22 ALLOW IN Anywhere"])
+    True
+    """
+    for family in (False, True):
+        rules = [line.rstrip().endswith("# r1fleet") for line in numbered if _ufw_rule_is_v6(line) == family]
+        if rules != sorted(rules, reverse=True):
+            return False
+    return True
+
+
+def _ufw_rule_is_v6(line: str) -> bool:
+    """A `ufw status numbered` line is IPv6 when marked `(v6)` or when it names an IPv6 address
+    (a ':' alone is not enough: port ranges read `6000:6007/tcp`)."""
+    fields = line.split("]", 1)[-1].split("#", 1)[0]
+    if "(v6)" in fields:
+        return True
+    for token in fields.split():
+        try:
+            if ipaddress.ip_network(token, strict=False).version == 6:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+@operation()
+def restore_ufw_rules(expected: int):
+    """Apply the rules file again when ufw lacks some of r1fleet's rules (a half-applied run, a `ufw reset`)
+    or holds another rule before them (one added later with `ufw insert 1`)."""
+    rules = host.get_fact(UfwRules)
+    if rules.get("count") == expected and rules.get("first"):
+        host.noop("r1fleet's ufw rules are in place, first")
+        return
+    yield UFW_DELETE_OURS
+    yield f"sh -e {UFW_RULES_FILE}"
+
+
+# ---------------------------------------------------------------- deploys
+
+
+def _settings_or_refuse(entry: HostConfig, plan: HostPlan) -> Exposure | None:
+    """The host's exposure, or None after failing this host with the reason (deploy.py checks earlier too)."""
+    try:
+        return exposure_for(entry, plan, host.name)
+    except FleetError as error:
+        refuse(name="Refuse exposure settings", message=str(error))
+        return None
+
+
+class ExposureRole(Role):
+    """What the LAN may reach: the API key and r1fleet's firewall for an exposed host, nothing for a local one.
+    Its activate runs before the backend's, so the filter is loaded before the service binds the LAN."""
+
+    def __init__(self, entry: HostConfig, plan: HostPlan):
+        self.entry, self.plan = entry, plan
+
+    def reads(self) -> list[FactRequest]:
+        return exposure_reads(self.entry, self.plan)
+
+    def install(self) -> None:
+        _install(self.entry, self.plan)
+
+    def configure(self) -> None:
+        self.changed = _configure(self.entry, self.plan)
+
+    def activate(self) -> None:
+        _activate(self.entry, self.plan, self.changed)
+
+
+def exposure_role(entry: HostConfig, plan: HostPlan) -> None:
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([ExposureRole(entry, plan)])
+
+
+@deploy("Exposure")
+def _install(entry: HostConfig, plan: HostPlan) -> None:
+    """nftables itself, when the host is exposed and neither nft nor an active ufw is there."""
+    settings = _settings_or_refuse(entry, plan)
+    if settings and settings.exposed and not host.get_fact(UfwActive) and not host.get_fact(Which, command="nft"):
+        if host.get_fact(Which, command="apt-get"):
+            apt.packages(name="nftables", packages=["nftables"], update=True)
+        else:
+            dnf.packages(name="nftables", packages=["nftables"])
+
+
+@deploy("Exposure")
+def _configure(entry: HostConfig, plan: HostPlan):
+    """The API key, and the firewall's rules and unit; returns the operation that changed the rules, if any."""
+    settings = _exposure_or_none(entry, plan)
+    if settings is None or not settings.exposed:
+        return None
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+    if settings.needs_api_key:
+        key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
+        key = entry.api_key_text()
+        if key is not None:  # the user's own key, from the controller: a rebuilt host keeps it
+            files.put(name="llama-server API key (from api_key_source on the controller)", src=BytesIO(key),
+                      dest=key_file, user="root", group="root", mode="600")
+        else:
+            api_key(name="llama-server API key (generated on the host, once)", path=key_file)
+        files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
+    if host.get_fact(UfwActive):
+        # r1fleet's ufw rules live in a file; when it changes, they are replaced as a whole (activate), so a
+        # second run changes nothing and a narrowed allow-list really narrows.
+        return files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
+                         src=StringIO("\n".join(ufw_commands(settings)) + "\n"), dest=UFW_RULES_FILE, user="root",
+                         group="root", mode="600")
+    return _nftables_files(settings)
+
+
+@deploy("Exposure")
+def _activate(entry: HostConfig, plan: HostPlan, changed) -> None:
+    """Load (or reload) the firewall before any backend starts; or remove every trace of it."""
+    settings = _exposure_or_none(entry, plan)
+    if settings is None:
+        return
+    if not settings.exposed:
+        _close()
+    elif host.get_fact(UfwActive):
+        server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"],
+                     _if=changed.did_change)
+        restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=len(ufw_commands(settings)))
+    else:
+        systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
+        # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
+        systemd.service(name="Reload the changed firewall rules", service=FIREWALL_UNIT, reloaded=True,
+                        _if=changed.did_change)
+        restore_table(name="Restore the firewall table if something removed it")
+
+
+def _exposure_or_none(entry: HostConfig, plan: HostPlan) -> Exposure | None:
+    """The exposure; None when it is refused (install, the first stage, has failed the host already)."""
+    try:
+        return exposure_for(entry, plan, host.name)
+    except FleetError:
+        return None
+
+
+def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
+    """Every fact ExposureRole reads on a host where nothing changes (fetched in one round trip first)."""
+    try:
+        settings = exposure_for(entry, plan, host.name)
+    except FleetError:
+        return []
+    reads: list[FactRequest] = [(Which, {"command": "nft"}), (NftTable, {})]
+    if not settings.exposed:
+        paths = [firewall_drop_in(backend) for backend in SERVICE_UNITS] + [FIREWALL_UNIT_PATH, RULES_FILE, UFW_RULES_FILE]
+        return reads + [(File, {"path": path}) for path in paths]
+    if settings.needs_api_key:
+        reads += file_reads(entry.api_key_file or API_KEY_FILE)
+    drop_in = firewall_drop_in(settings.backend)
+    return [*reads, (UfwActive, {}), (UfwRules, {}), *directory_reads(KEY_DIR), *file_reads(RULES_FILE),
+            *file_reads(FIREWALL_UNIT_PATH), *service_reads(FIREWALL_UNIT), *file_reads(drop_in),
+            *directory_reads(drop_in.rsplit("/", 1)[0]), *file_reads(UFW_RULES_FILE)]
+
+
+def firewall_drop_in(backend: str) -> str:
+    return f"{UNIT_DIR}/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
+
+
+def _service_requires_firewall(backend: str) -> None:
+    """The service starts only after, and only with, r1fleet's firewall: if the rules fail to load, the
+    service does not bind the LAN address (a drop-in, so the backend role's unit stays as planned)."""
+    drop_in = files.put(
+        name=f"{SERVICE_UNITS[backend]} requires the r1fleet firewall",
+        src=StringIO(f"[Unit]\nRequires={FIREWALL_UNIT}\nAfter={FIREWALL_UNIT}\n"),
+        dest=firewall_drop_in(backend), user="root", group="root", mode="644", create_remote_dir=True)
+    systemd.daemon_reload(name="Reload systemd for the firewall requirement", _if=drop_in.did_change)
+
+
+def _close() -> None:
+    """Nothing exposed: no r1fleet firewall unit, rules file or table."""
+    for backend in SERVICE_UNITS:
+        files.file(name=f"No firewall requirement for {SERVICE_UNITS[backend]}", path=firewall_drop_in(backend), present=False)
+    if host.get_fact(File, path=FIREWALL_UNIT_PATH):
+        systemd.service(name="Stop the r1fleet firewall", service=FIREWALL_UNIT, running=False, enabled=False)
+        files.file(name="Remove the r1fleet firewall unit", path=FIREWALL_UNIT_PATH, present=False)
+        systemd.daemon_reload(name="Reload systemd")
+    files.file(name="Remove the r1fleet firewall rules", path=RULES_FILE, present=False)
+    if host.get_fact(File, path=UFW_RULES_FILE):
+        server.shell(name="Remove the r1fleet ufw rules", commands=[UFW_DELETE_OURS, f"rm -f {UFW_RULES_FILE}"])
+    if host.get_fact(Which, command="nft"):
+        remove_nft_table(name="Remove the r1fleet nftables table")
+
+
+def _nftables_files(settings: Exposure):
+    """The rules file, the unit that loads it, and the backend's requirement of it; returns the rules' operation."""
+    nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
+    rules = files.template(
+        name=f"nftables rules: port {settings.port} from {', '.join(settings.allow4 + settings.allow6)} only",
+        src=str(TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
+        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service=settings.backend)
+    unit = files.template(
+        name="r1fleet firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
+        user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
+        service_unit=SERVICE_UNITS[settings.backend])
+    systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
+    _service_requires_firewall(settings.backend)
+    return rules
+
+
+UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
+# Deletes every ufw rule r1fleet added (comment "r1fleet"), highest number first so numbers stay valid.
+UFW_DELETE_OURS = (
+    "for n in $(LC_ALL=C ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
+    "do ufw --force delete \"$n\"; done"
+)
+
+
+def ufw_commands(settings: Exposure) -> list[str]:
+    """The ufw commands that admit the allow-list to the port and deny the rest, ahead of the host's own rules.
+
+    ufw stops at the first matching rule, so r1fleet's rules are prepended (an earlier, broader `ufw allow`
+    for the port must not win); each prepend lands on top, so the deny goes first (a run that fails midway
+    leaves the port closed) and the allows follow in reverse. `prepend` works on an empty ruleset, where
+    `insert 1` fails, and keeps IPv6 rules in their own list (ufw 0.36, Debian 11, Ubuntu 20.04).
+    Only the listen address's family is admitted: another family cannot reach it.
+
+    >>> ufw_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))
+    ['ufw prepend deny 11434/tcp comment r1fleet', 'ufw prepend allow from 10.0.0.0/24 to any port 11434 proto tcp comment r1fleet']
+    """
+    family = ipaddress.ip_address(settings.listen).version if settings.listen else 4
+    wildcard = settings.listen in ("::", "0.0.0.0")
+    allow = [cidr for cidr in (*settings.allow4, *settings.allow6)
+             if wildcard or ipaddress.ip_network(cidr).version == family]
+    allows = [f"ufw prepend allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
+              for cidr in allow]
+    return [f"ufw prepend deny {settings.port}/tcp comment r1fleet", *reversed(allows)]

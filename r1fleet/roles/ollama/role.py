@@ -1,0 +1,373 @@
+"""Ollama role: the pinned release, a dedicated user, our own hardened unit, the planned model.
+
+Layout on the host:
+  /opt/r1fleet/ollama/<version>/{bin,lib}   one directory per release (an upgrade never mixes
+                                            old and new runner libraries; older ones are pruned
+                                            once the new one is healthy)
+  /usr/local/bin/ollama -> <version>/bin/ollama   for the CLI
+  /etc/systemd/system/r1fleet-ollama.service      ours, not install.sh's ollama.service, so the
+                                            official installer can never overwrite it
+An official install (install.sh: regular /usr/local/bin/ollama, ollama.service, models in
+/usr/share/ollama/.ollama/models) is taken over first: its service stopped and disabled (both would
+bind 11434), its binary and libraries removed, its models moved into r1fleet's store.
+  <model_dir>/ollama                        OLLAMA_MODELS, owned by the ollama user
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import urllib.request
+from typing import Mapping
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server
+
+from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.roles.ollama.takeover import (
+    OFFICIAL_BINARY,
+    OfficialInstall,
+    adopt_official_models,
+    retire_official_install,
+)
+from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
+from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
+from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
+from r1fleet.artifacts.pins import Download, Platform
+from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
+from r1fleet.roles.ollama.decide import (
+    IMPORT_RECORD,
+    LOAD_AT_START_SLACK_S,
+    OLLAMA_ROOT,
+    OllamaRelease,
+    import_record,
+    import_record_digest,
+    modelfile,
+    ollama_environment,
+    ollama_load_at_start,
+    ollama_models_dir,
+    ollama_release,
+    ollama_tag_digest,
+    parse_sha256sums,
+    takes_from_registry,
+)
+from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context, uses_gpu
+from r1fleet.records import HostPlan
+from r1fleet.operations.common import (
+    HttpJson,
+    retire_service,
+    converge_service,
+    refusal,
+    converge_service_reads,
+    fetch_verified,
+    fetch_verified_reads,
+    json_or_none,
+    model_names,
+    retire_service_reads,
+    service_user,
+    service_user_reads,
+    unit_file,
+    verified_fetch_steps,
+)
+
+USER = "ollama"
+HOME = "/var/lib/ollama"
+
+
+class DirEntries(FactBase):
+    """Names in a directory (empty when it does not exist)."""
+
+    default = list
+
+    def command(self, path: str) -> str:
+        return f"ls -1A {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]
+
+
+@operation()
+def install_release(release: OllamaRelease):
+    """Download, verify and unpack every archive into a temp dir, then rename it into place."""
+    if host.get_fact(File, path=release.stamp):
+        host.noop(f"Ollama {release.version} installed")
+        return
+    q = shlex.quote
+    steps = [
+        "set -e",
+        f"mkdir -p {OLLAMA_ROOT}",
+        f"tmp=$(mktemp -d {OLLAMA_ROOT}/.tmp.XXXXXX)",
+        "trap 'rm -rf \"$tmp\"' EXIT",
+        'mkdir "$tmp/tree"',
+    ]
+    for asset in release.assets:
+        archive = f'"$tmp"/{q(asset.name)}'
+        steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
+        if asset.name.endswith(".tar.zst"):
+            steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
+        else:
+            steps.append(f'tar -C "$tmp/tree" -xzf {archive}')
+    steps += [
+        'test -x "$tmp/tree/bin/ollama" || { echo "archive has no bin/ollama" >&2; exit 1; }',
+        f'touch "$tmp/tree/{release.stamp.rsplit("/", 1)[1]}"',
+        'chown -R root:root "$tmp/tree"',
+        'chmod -R u=rwX,go=rX "$tmp/tree"',
+        f"rm -rf {q(release.install_dir)}",
+        f'mv "$tmp/tree" {q(release.install_dir)}',
+    ]
+    this_run = f"d={newest(f'{OLLAMA_ROOT}/.tmp.*')}"  # this run's mktemp dir
+    archives = file_poll({asset.name: f'"$d"/{q(asset.name)}' for asset in release.assets}, setup=this_run)
+    with watching(f"Ollama {release.version}", archives):
+        yield "; ".join(steps)
+
+
+@operation()
+def prune_releases(keep: str):
+    """Remove other release directories and leftovers of interrupted installs."""
+    stale = [name for name in host.get_fact(DirEntries, path=OLLAMA_ROOT) if name != keep]
+    if not stale:
+        host.noop("no other Ollama releases")
+        return
+    yield "rm -rf " + " ".join(shlex.quote(f"{OLLAMA_ROOT}/{name}") for name in stale)
+
+
+@operation()
+def pull_model(tag: str, api: str, binary: str, models_dir: str):
+    """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest), its
+    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
+        host.noop(f"model {tag} present")
+        return
+    with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
+        yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
+
+
+class JsonFile(FactBase):
+    """A JSON file's content, or None when it is missing or not JSON."""
+
+    default = type(None)
+
+    def command(self, path: str) -> str:
+        return f"cat {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]):
+        return json_or_none(output)
+
+
+@operation()
+def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str):
+    """Offline import of a local GGUF (`ollama create -f Modelfile`). Nothing happens when the tag is there as
+    recorded (record_import) for this very file: the stored weights are llama-quantize's rewrite of the file,
+    not the file, so only the digest Ollama reported right after the import identifies them.
+
+    Example: import_model(tag="r1fleet/smollm2:135m-instruct-q4_1", api="http://127.0.0.1:11434", ...)"""
+    tags = host.get_fact(HttpJson, url=f"{api}/api/tags")
+    recorded = import_record_digest(host.get_fact(JsonFile, path=record_path), tag, source_sha256)
+    if recorded is not None and recorded == ollama_tag_digest(tags, tag):
+        host.noop(f"model {tag} present, imported from {source_sha256[:12]}")
+        return
+    q = shlex.quote
+    yield f"OLLAMA_HOST={q(api)} {q(binary)} create {q(tag)} -f {q(modelfile_path)}"
+
+
+@operation()
+def record_import(tag: str, api: str, source_sha256: str, record_path: str):
+    """The import record verify compares with: the tag, the file it came from and the digest Ollama reports
+    for it now (read when this runs, after any import). Deterministic, so a rebuilt host writes the same bytes."""
+    digest = ollama_tag_digest(host.get_fact(HttpJson, url=f"{api}/api/tags"), tag)
+    wanted = import_record(tag, source_sha256, digest)
+    if host.get_fact(JsonFile, path=record_path) == wanted:
+        host.noop(f"import of {tag} recorded")
+        return
+    if digest is None:
+        yield refusal(f"Ollama does not list {tag} after importing it; see journalctl -u {OLLAMA_UNIT}")
+        return
+    q = shlex.quote
+    text = json.dumps(wanted, sort_keys=True)
+    yield f"printf '%s\\n' {q(text)} > {q(record_path + '.tmp')} && mv -f {q(record_path + '.tmp')} {q(record_path)}"
+
+
+@operation()
+def preload_model(tag: str, api: str):
+    """Load the model now and keep it loaded (an empty generate request with keep_alive -1)."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/ps")):
+        host.noop(f"model {tag} loaded")
+        return
+    body = json.dumps({"model": tag, "keep_alive": -1})
+    yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
+
+
+def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverride:
+    """Read <mirror>/ollama/sha256sum.txt on the controller (the mirror is ours, e.g. the lab's)."""
+    base = f"{mirror.rstrip('/')}/ollama"
+    with urllib.request.urlopen(f"{base}/sha256sum.txt", timeout=timeout_s) as response:  # noqa: S310 (our mirror)
+        sums = parse_sha256sums(response.read().decode())
+    version = None
+    try:
+        with urllib.request.urlopen(f"{base}/VERSION", timeout=timeout_s) as response:  # noqa: S310
+            version = response.read().decode().strip() or None
+    except OSError:
+        pass
+    return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
+
+
+def release_for(plan: HostPlan, settings: HostConfig, platform: Platform) -> OllamaRelease:
+    override = settings.ollama_release
+    if override is None and settings.mirror:
+        if settings.profile:  # a lab host: the lab's mirror serves the stand-in release it built on this controller
+            override = mirror_release(settings.mirror)
+        else:  # any other mirror changes where the pinned bytes come from, never which bytes (audit M8)
+            override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
+    return ollama_release(plan.host, platform, plan, override)
+
+
+class OllamaRole(Role):
+    """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
+    `download` is the stand-in GGUF in rehearsal."""
+
+    def __init__(self, plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
+                 model_files: Mapping[str, int] | None = None):
+        self.plan, self.settings, self.release, self.download = plan, settings, release, download
+        self.model_files = model_files or {}  # the probe's large files in the model directory, by name
+        self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
+        self.models_dir = ollama_models_dir(settings)
+        self.api = settings.local_api("ollama")
+
+    def reads(self) -> list[FactRequest]:
+        return ollama_reads(self.plan, self.settings, self.release, self.download)
+
+    def install(self) -> None:
+        self.release = release_if_missing(self.release)
+        if self.download is not None:
+            self.download = download_if_missing(self.download, import_path(self.settings, self.download))
+        elif takes_from_registry(self.plan, self.settings, "Linux"):  # this role serves Linux hosts
+            self.registry = registry_fetch(self.plan, self.settings, self.model_files)
+        self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
+
+    def configure(self) -> None:
+        self.unit = _configure(self.plan, self.settings, self.release, self.models_dir)
+
+    def activate(self) -> None:
+        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
+
+
+def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None) -> None:
+    """The role's three stages on their own (a deploy with no other role)."""
+    apply_roles([OllamaRole(plan, settings, release, download)])
+
+
+@deploy("Ollama")
+def _install(plan: HostPlan, settings: HostConfig, release: OllamaRelease, models_dir: str):
+    retire_service(LLAMA_UNIT)
+    packages = ["curl", "ca-certificates", "tar"] + (["zstd"] if release.needs_zstd else [])
+    server.packages(name="Packages for Ollama", packages=packages)
+    # An install.sh install holds the port, the CLI's path, the service user and the user's models: taken
+    # over before the user is changed and before ours starts.
+    retire_official_install(name="Stop and remove an official Ollama install")
+    service_user(USER, HOME, uses_gpu(plan))
+    files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
+    files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
+    adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER,
+                          keep=settings.official_ollama_models == "keep")
+    installed = install_release(name=f"Ollama {release.version}", release=release)
+    files.link(name="ollama on PATH", path=OFFICIAL_BINARY, target=release.binary, symbolic=True)
+    return installed
+
+
+@deploy("Ollama")
+def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, models_dir: str):
+    api = settings.local_api("ollama")
+    context = unit_context(
+        plan,
+        settings,
+        description=f"r1fleet Ollama {release.version} ({plan.model})",
+        user=USER,
+        exec_start=[release.binary, "serve"],
+        environment=ollama_environment(plan, settings, models_dir),
+        read_write_paths=[HOME, models_dir],
+        # The server itself downloads models from the registry, so no IP allow-list here.
+        restrict_ip=False,
+        exec_start_post=ollama_load_at_start(plan.ollama_tag or "", api, health_timeout_s(plan)),
+        timeout_start_s=health_timeout_s(plan) + LOAD_AT_START_SLACK_S,
+    )
+    return unit_file(OLLAMA_UNIT, context)
+
+
+@deploy("Ollama")
+def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
+              unit, installed, registry: RegistryFetch | None) -> None:
+    api = settings.local_api("ollama")
+    converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
+    prune_releases(name="Prune other Ollama releases", keep=release.version)
+    ollama_model(plan, settings, release.binary, download, registry=registry)
+
+
+def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
+                 download: Download | None) -> list[FactRequest]:
+    """Every fact OllamaRole reads on a host where nothing changes (fetched in one round trip first)."""
+    models_dir = ollama_models_dir(settings)
+    return [
+        *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
+        *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
+        *link_reads(OFFICIAL_BINARY), *converge_service_reads(OLLAMA_UNIT, (release.binary,)),
+        (DirEntries, {"path": OLLAMA_ROOT}), *ollama_model_reads(settings, download),
+    ]
+
+
+def import_path(settings: HostConfig, download: Download) -> str:
+    """Where the stand-in GGUF is kept for `ollama create` (rehearsal)."""
+    return f"{settings.model_dir.rstrip('/')}/import/{download.name}"
+
+
+def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[FactRequest]:
+    api = settings.local_api("ollama")
+    reads: list[FactRequest] = [(HttpJson, {"url": f"{api}/api/tags"}), (HttpJson, {"url": f"{api}/api/ps"})]
+    if download is not None:
+        import_dir = f"{settings.model_dir.rstrip('/')}/import"
+        reads += [*directory_reads(import_dir), *fetch_verified_reads(import_path(settings, download)),
+                  *file_reads(f"{import_dir}/Modelfile"), (JsonFile, {"path": f"{import_dir}/{IMPORT_RECORD}"})]
+    return reads
+
+
+@deploy("Ollama model")
+def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Download | None,
+                 group: str = "root", registry: RegistryFetch | None = None) -> None:
+    """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
+    by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
+    kept loaded. Linux and macOS alike."""
+    api = settings.local_api("ollama")
+    tag = plan.ollama_tag or ""
+    if download is not None:
+        import_dir = f"{settings.model_dir.rstrip('/')}/import"
+        gguf_path = import_path(settings, download)
+        files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
+        fetch_verified(name=f"Stand-in {download.name}", url=download.url, fallback_url=download.fallback_url,
+                       dest=gguf_path, sha256=download.sha256, size=download.size,
+                       user="root", group=group, mode="0644")
+        files.put(
+            name="Modelfile for the stand-in",
+            src=_text(modelfile(gguf_path, plan)),
+            dest=f"{import_dir}/Modelfile",
+            user="root",
+            group=group,
+            mode="0644",
+        )
+        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile",
+                     source_sha256=download.sha256, record_path=f"{import_dir}/{IMPORT_RECORD}")
+        record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
+                      record_path=f"{import_dir}/{IMPORT_RECORD}")
+    elif registry is not None:
+        place_registry_model(name=f"Place {tag} from the controller's cache", fetch=registry, tag=tag, api=api,
+                             models_dir=ollama_models_dir(settings), user=USER)
+    else:
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
+    preload_model(name=f"Preload {tag}", tag=tag, api=api)
+
+
+def _text(content: str):
+    from io import StringIO
+
+    return StringIO(content)

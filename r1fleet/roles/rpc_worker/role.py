@@ -1,0 +1,233 @@
+"""Pool worker role: ggml's rpc-server on the worker's pool address, behind a firewall that admits the head alone.
+
+Install: the worker's own solo services retired (the pool needs its GPU memory), a check that the pool address is
+one of the host's, Debian's rpc-server package with the GPU backend the worker needs and the RPC backend
+(decide.rpc_worker_install: the llama.cpp role's sourcing, refused where it has no rpc-server), nftables, and the
+`ggml-rpc` system user. Configure: the rules (`table inet r1fleet-rpc`: the head's address to the port, loopback for
+root's own health check, everyone else dropped), the unit that loads them (exposure's firewall unit template), and
+the hardened r1fleet-rpc-server.service, which requires that firewall unit. Activate: the firewall, then the
+service, healthy once its port accepts a TCP connection from the worker itself.
+
+Built from a validated RpcWorker (decide.rpc_worker: refuses any setting that opens the port wider); see
+decide.py for the security model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Which
+from pyinfra.operations import files, server, systemd
+
+from r1fleet.fleet.config import HostConfig
+from r1fleet.errors import R1FleetError
+from r1fleet.records import Hardware, HostPlan, PoolPlan
+from r1fleet.artifacts.pins import Platform, load_versions
+from r1fleet.operations.common import (
+    TEMPLATES as SHARED_TEMPLATES,
+    JINJA,
+    AptCandidates,
+    converge_service,
+    converge_service_reads,
+    refusal,
+    refuse,
+    retire_service,
+    retire_service_reads,
+    service_user,
+    service_user_reads,
+    unit_file,
+)
+from r1fleet.roles.exposure.role import KEY_DIR, NftTable, restore_table
+from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
+from r1fleet.roles.llama_cpp.decide import LlamaInstall, llama_cpp_install
+from r1fleet.roles.rpc_worker.decide import (
+    HOME,
+    RPC_FIREWALL_UNIT,
+    RPC_RULES_FILE,
+    RPC_TABLE,
+    RPC_UNIT,
+    USER,
+    RpcWorker,
+    firewall_context,
+    host_address_problem,
+    pool_head_install,
+    pool_packages,
+    rpc_environment,
+    rpc_server_args,
+    rpc_worker,
+    rpc_worker_install,
+)
+from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context, uses_gpu
+from r1fleet.operations.tcp_health import TcpHealth
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+FIREWALL_UNIT_PATH = f"{UNIT_DIR}/{RPC_FIREWALL_UNIT}"
+HEALTH_S = 30  # rpc-server listens once its backends are loaded: seconds, not a model load
+
+
+def choose_pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, pool: str, role: str) -> LlamaInstall:
+    """Ask apt (Debian hosts only) what it can install, then decide (pure) for a pool member: `role` is "worker"
+    (rpc-server) or "head" (llama-server with the RPC backend). DeployError when the member cannot take part."""
+    available: set[str] = set()
+    if platform.distro_id == "debian":
+        available = host.get_fact(AptCandidates, packages=pool_packages())
+    base = llama_cpp_install(platform, plan, settings, available)
+    if role == "worker":
+        return rpc_worker_install(base, platform, plan, settings, available, pool)
+    return pool_head_install(base, plan, settings, available, pool)
+
+
+class HostAddresses(FactBase):
+    """The IP addresses configured on the host's interfaces (iproute2; `hostname -I` where it is missing)."""
+
+    default = list
+
+    def command(self) -> str:
+        return ("if command -v ip >/dev/null 2>&1; then ip -o addr show | awk '{split($4, a, \"/\"); print a[1]}'; "
+                "else hostname -I 2>/dev/null | tr ' ' '\\n'; fi")
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]
+
+
+@operation()
+def check_pool_address(worker: RpcWorker):
+    """Refuse the worker unless its pool address is one of the host's own (rpc-server binds nothing else)."""
+    problem = host_address_problem(worker, host.get_fact(HostAddresses) or [])
+    if problem is None:
+        host.noop(f"{worker.bind} is an address of {worker.host}")
+        return
+    yield refusal(problem)
+
+
+@operation()
+def check_rpc_server(binary: str, package: str):
+    """Refuse the worker when the package did not put ggml-rpc-server where the unit runs it."""
+    if host.get_fact(File, path=binary):
+        host.noop(f"{binary} present")
+        return
+    yield refusal(f"{binary} is missing after installing {package}; has Debian moved it? (see dpkg -L {package})")
+
+
+class RpcWorkerRole(Role):
+    """rpc-server for a pool's head, on the worker's pool address, filtered to the head alone."""
+
+    def __init__(self, worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
+        self.worker, self.settings, self.rpc = worker, settings, install
+
+    def reads(self) -> list[FactRequest]:
+        return rpc_worker_reads(self.rpc)
+
+    def install(self) -> None:
+        self.changed = _install(self.worker, self.rpc)
+
+    def configure(self) -> None:
+        self.unit, self.rules = _configure(self.worker, self.settings, self.rpc)
+
+    def activate(self) -> None:
+        _activate(self.worker, self.rpc, self.unit, self.rules, self.changed)
+
+
+def rpc_worker_role(pool: PoolPlan, settings: HostConfig, head: HostConfig, hardware: Hardware,
+                    install: LlamaInstall) -> None:
+    """Decide and deploy a worker on its own; a refused setting fails this host with its reason."""
+    try:
+        worker = rpc_worker(pool, settings, head, hardware)
+    except R1FleetError as error:
+        refuse(name=f"Refuse pool {pool.pool} settings", message=str(error))
+        return
+    apply_roles([RpcWorkerRole(worker, settings, install)])
+
+
+@deploy("RPC worker")
+def _install(worker: RpcWorker, install: LlamaInstall) -> list:
+    # The worker's own service would hold the GPU memory the pool planned for rpc-server.
+    retire_service(OLLAMA_UNIT)
+    retire_service(LLAMA_UNIT)
+    check_pool_address(name=f"Pool {worker.pool} address {worker.bind} is this host's", worker=worker)
+    packages = server.packages(name="rpc-server packages", packages=[*install.packages, "nftables"])
+    check_rpc_server(name="ggml-rpc-server installed", binary=install.binary,
+                     package=load_versions()["llama_cpp"]["debian"]["rpc_server_package"])
+    service_user(USER, HOME, uses_gpu(worker.plan))
+    return [packages]
+
+
+@deploy("RPC worker")
+def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
+    """The firewall's rules and unit, and rpc-server's unit (which requires the firewall's)."""
+    files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
+    rules = files.template(
+        name=f"RPC firewall rules: port {worker.port} from the head {worker.head} only",
+        src=str(TEMPLATES / "nftables.conf.j2"), dest=RPC_RULES_FILE, user="root", group="root",
+        mode="600", jinja_env_kwargs=dict(JINJA), **firewall_context(worker))
+    nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
+    firewall_unit = files.template(
+        name="RPC firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"),
+        dest=FIREWALL_UNIT_PATH, user="root", group="root", mode="644", port=worker.port, rules_path=RPC_RULES_FILE,
+        nft=nft, service_unit=RPC_UNIT, table=RPC_TABLE, admitted=f"the head of pool {worker.pool} ({worker.head})")
+    systemd.daemon_reload(name="Reload systemd for the RPC firewall unit", _if=firewall_unit.did_change)
+    context = unit_context(
+        worker.plan, settings,
+        description=f"r1fleet ggml rpc-server (pool {worker.pool}, for its head {worker.head})",
+        user=USER,
+        exec_start=[install.binary, *rpc_server_args(worker)],
+        environment=rpc_environment(worker, install),
+        read_write_paths=[HOME],
+        restrict_ip=True,
+        # the head, and the worker's own address: the deploy's health check connects from the worker itself
+        ip_allow=[worker.head, worker.bind],
+        requires=[RPC_FIREWALL_UNIT],
+    )
+    return unit_file(RPC_UNIT, context), rules
+
+
+@deploy("RPC worker")
+def _activate(worker: RpcWorker, install: LlamaInstall, unit, rules, changed: list) -> None:
+    """The firewall first (a reload replaces the table in one nft transaction), then rpc-server."""
+    systemd.service(name="Load the RPC firewall rules", service=RPC_FIREWALL_UNIT, running=True, enabled=True)
+    systemd.service(name="Reload the changed RPC firewall rules", service=RPC_FIREWALL_UNIT, reloaded=True,
+                    _if=rules.did_change)
+    restore_table(name="Restore the RPC firewall table if something removed it", table=RPC_TABLE,
+                  unit=RPC_FIREWALL_UNIT)
+    converge_service(RPC_UNIT, unit, changed, TcpHealth(worker.bind, worker.port), HEALTH_S,
+                     files_used=(install.binary,))
+
+
+def rpc_worker_reads(install: LlamaInstall) -> list[FactRequest]:
+    """Every fact RpcWorkerRole reads on a host where nothing changes (fetched in one round trip first)."""
+    return [*retire_service_reads(OLLAMA_UNIT), *retire_service_reads(LLAMA_UNIT), (HostAddresses, {}),
+            *package_reads(), (File, {"path": install.binary}), *service_user_reads(USER, HOME),
+            *directory_reads(KEY_DIR), *file_reads(RPC_RULES_FILE), (Which, {"command": "nft"}),
+            *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftTable, {"table": RPC_TABLE}),
+            *converge_service_reads(RPC_UNIT, (install.binary,))]
+
+
+# ---------------------------------------------------------------------------------------------
+# A host that is no longer a worker
+
+
+class RpcWorkerRetired(Role):
+    """Remove a former worker's rpc-server, its firewall unit, rules and table (nothing when there are none)."""
+
+    def reads(self) -> list[FactRequest]:
+        return [*retire_service_reads(RPC_UNIT), (File, {"path": FIREWALL_UNIT_PATH}), (File, {"path": RPC_RULES_FILE})]
+
+    def install(self) -> None:
+        _retire()
+
+
+@deploy("RPC worker")
+def _retire() -> None:
+    retire_service(RPC_UNIT)  # the service first: it never listens without its firewall
+    if host.get_fact(File, path=FIREWALL_UNIT_PATH):
+        # stopping the unit deletes its table (ExecStop)
+        systemd.service(name="Stop the RPC firewall", service=RPC_FIREWALL_UNIT, running=False, enabled=False)
+        files.file(name="Remove the RPC firewall unit", path=FIREWALL_UNIT_PATH, present=False)
+        systemd.daemon_reload(name="Reload systemd without the RPC firewall")
+    if host.get_fact(File, path=RPC_RULES_FILE):
+        files.file(name="Remove the RPC firewall rules", path=RPC_RULES_FILE, present=False)
+

@@ -1,0 +1,148 @@
+"""How `r1fleet verify` reaches each host and plans it, exactly as the deploy does: connect over SSH (or
+testinfra's Ansible backend), probe over that connection -> parse_probe -> the locked plan, or plan_host(policy) -> rehearse()
+for rehearsal hosts. Hosts are prepared in parallel, each within a deadline, so a dead host fails fast.
+
+Nothing here is pytest's: the suite (r1fleet/verify/suite/conftest.py) turns its options into
+`ConnectOptions` and hands over the `Target`s (r1fleet/verify/target.py) it selected.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import testinfra
+
+from r1fleet.fleet.config import HostConfig
+from r1fleet.errors import R1FleetError
+from r1fleet.probe.facts import probe_script
+from r1fleet.hardware import parse_probe
+from r1fleet.net import host_port
+from r1fleet.lock.match import effective_plan, locked_pool
+from r1fleet.plan.planner import rehearse
+from r1fleet.plan.pools import plan_members
+from r1fleet.roles.rpc_worker.decide import member_plan
+from r1fleet.verify.target import Target
+
+PROBE_TIMEOUT_S = 120
+SSH_VERIFY_ARGS = "-o BatchMode=yes -o StrictHostKeyChecking=accept-new"
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How the run reaches and plans its hosts (from the suite's command line)."""
+
+    ssh_timeout: int = 10
+    ansible_inventory: str | None = None  # connect through testinfra's Ansible backend with this inventory
+    lab_ssh_config: str | None = None  # an ssh_config that skips host keys (lab hosts), see write_lab_ssh_config
+    rehearsal: bool = False  # expect the rehearsal stand-in on every host
+    lock: Any = None  # the fleet's lock (r1fleet.lock.match.Lock): a locked host is verified against its locked plan
+    fleet: str | None = None  # the fleet as the user names it, for the relock command
+
+
+def write_lab_ssh_config() -> str:
+    """Lab hosts are rebuilt often: an ssh_config that makes testinfra's paramiko skip host keys (the
+    caller removes the file)."""
+    handle, path = tempfile.mkstemp(prefix="r1fleet-verify-", suffix=".ssh_config")
+    with os.fdopen(handle, "w") as out:
+        out.write("Host *\n  StrictHostKeyChecking no\n")
+    return path
+
+
+def connect(entry: HostConfig, options: ConnectOptions) -> Any:
+    """The testinfra host for a fleet entry: paramiko from the fleet's SSH settings, or testinfra's Ansible backend."""
+    if options.ansible_inventory:
+        # testinfra runs `ansible-inventory`: find it beside this Python (a venv not on PATH).
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        return testinfra.get_host(f"ansible://{entry.name}", ansible_inventory=options.ansible_inventory)
+    where = host_port(entry.address, entry.ssh_port)
+    kwargs: dict[str, Any] = {"timeout": options.ssh_timeout}
+    if entry.ssh_key:
+        kwargs["ssh_identity_file"] = entry.ssh_key
+    if entry.ssh_user != "root":
+        kwargs["sudo"] = True
+    if entry.profile:  # lab hosts are rebuilt often: their keys are not pinned
+        kwargs["ssh_config"] = options.lab_ssh_config
+        return testinfra.get_host(f"paramiko://{entry.ssh_user}@{where}", **kwargs)
+    # Real hosts through the system ssh client: host keys checked against ~/.ssh/known_hosts (testinfra's
+    # paramiko backend accepts any key); a new host is recorded on first contact, as pyinfra's deploy does,
+    # and a changed key stops the run.
+    kwargs["ssh_extra_args"] = SSH_VERIFY_ARGS
+    return testinfra.get_host(f"ssh://{entry.ssh_user}@{where}", **kwargs)
+
+
+def connect_and_plan(target: Target, options: ConnectOptions) -> None:
+    """Connect, probe, plan (as deploy.py does). Records an error on the target instead of raising."""
+    entry = target.entry
+    where = f"{entry.ssh_user}@{entry.address}:{entry.ssh_port}"
+    try:
+        target.host = connect(entry, options)
+        result = target.run(f"sh -c {shlex.quote(probe_script())} r1fleet-probe {shlex.quote(entry.model_dir)}", PROBE_TIMEOUT_S)
+    except (OSError, EOFError) as err:
+        target.error = f"cannot connect over SSH to {where}: {err or type(err).__name__} (fix: check the address, key and that sshd runs)"
+        return
+    except Exception as err:  # paramiko's SSHException family and testinfra's RuntimeError
+        target.error = f"cannot connect over SSH to {where}: {type(err).__name__}: {err} (fix: check the address, user and key)"
+        return
+    if result.rc != 0 or "#### r1fleet:" not in result.stdout:
+        target.error = f"the probe failed on {where} (exit {result.rc}): {result.stderr.strip()[-300:] or 'no probe document'}"
+        return
+    try:
+        target.hardware = parse_probe(result.stdout, entry.name)
+        plan = effective_plan(target.hardware, entry.policy, options.lock, options.fleet)
+    except R1FleetError as err:
+        target.error = f"cannot plan: {err}"
+        return
+    if (entry.rehearsal or options.rehearsal) and plan.fits:
+        plan = rehearse(plan)
+    target.plan = plan
+    if not plan.fits or not plan.backend:
+        target.error = f"no model fits this host, so nothing is served: {'; '.join(plan.reasons)}"
+
+
+def connect_and_plan_all(targets: dict[str, Target], options: ConnectOptions) -> None:
+    """`connect_and_plan` every target in parallel; a host still connecting or probing at the deadline is
+    recorded as hung."""
+    threads = {name: threading.Thread(target=connect_and_plan, args=(t, options), daemon=True) for name, t in targets.items()}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + PROBE_TIMEOUT_S + options.ssh_timeout * 4 + 10
+    for name, thread in threads.items():
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            targets[name].error = f"connecting and probing took longer than {int(deadline - time.monotonic() + 1)} s; the host hangs"
+
+
+def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions) -> None:
+    """Pool members are verified as the deploy serves them: the head against its part of the pool plan (the
+    model split over every member's devices), a worker as the rpc-server it runs. A pool kept separate, or
+    one whose members are not all reached, leaves its members' own plans."""
+    for name, pool in pools.items():
+        members = [targets.get(member) for member in pool.hosts]
+        if any(m is None or m.hardware is None for m in members):
+            continue
+        try:
+            planned = locked_pool(options.lock, name, {m.name: m.hardware for m in members}, options.fleet)
+        except R1FleetError as err:  # a member's hardware changed since the pool was locked
+            for member in members:
+                member.error = f"cannot plan pool {name}: {err}"
+            continue
+        if planned is None:
+            planned = plan_members(name, pool, [m.hardware for m in members], [m.entry.policy for m in members])
+        if not planned.pooled:
+            continue
+        for member in members:
+            member.pool = planned
+            member.pool_role = "head" if member.name == planned.head else "worker"
+            plan = member_plan(planned, member.name, member.hardware)
+            member.plan = rehearse(plan) if (member.entry.rehearsal or options.rehearsal) and member.pool_role == "head" else plan
+            member.error = None
