@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from r1fleet.tensor_split import flag_for_layers
+
 # Where models live on a host unless the fleet file says otherwise (`model_dir`).
 DEFAULT_MODEL_DIR = "/var/lib/r1fleet/models"
 
@@ -149,11 +151,14 @@ class HostPlan(_Strict):
     target_model: str | None = Field(None, description="in rehearsal: the model the plan is for (a stand-in is served)")
     disk_needed_mib: int | None = None
 
-    @computed_field(description="llama-server --tensor-split that places exactly tensor_split (r1fleet/plan/tensor_split.py)")
+    @property
+    def uses_gpu(self) -> bool:
+        """The plan runs on a GPU (discrete or unified): device access, groups, no W^X lock."""
+        return self.placement != "cpu" and self.vendor is not None
+
+    @computed_field(description="llama-server --tensor-split that places exactly tensor_split (r1fleet/tensor_split.py)")
     @property
     def tensor_split_flag(self) -> list[int] | None:
-        from r1fleet.plan.tensor_split import flag_for_layers
-
         return flag_for_layers(self.tensor_split) if self.tensor_split and len(self.tensor_split) > 1 else None
 
 
@@ -192,9 +197,7 @@ class PoolPlan(_Strict):
     n_layers: int | None = None
     reasons: list[str] = []
 
-    @computed_field(description="llama-server --tensor-split over local and RPC devices in llama.cpp's order (r1fleet/plan/tensor_split.py)")
+    @computed_field(description="llama-server --tensor-split over local and RPC devices in llama.cpp's order (r1fleet/tensor_split.py)")
     @property
     def tensor_split_flag(self) -> list[int] | None:
-        from r1fleet.plan.tensor_split import flag_for_layers
-
         return flag_for_layers(self.tensor_split) if self.tensor_split else None

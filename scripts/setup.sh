@@ -29,5 +29,5 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,docs]'
 echo "setup: ready (.venv/bin/r1fleet, .venv/bin/pyinfra, .venv/bin/pytest)"

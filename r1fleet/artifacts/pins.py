@@ -17,7 +17,7 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
 from r1fleet.plan.memory import MIB, constants
 from r1fleet.records import Hardware, HostPlan
-from r1fleet.operations.systemd_unit import uses_gpu
+from r1fleet.plan.catalog import load_catalog
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
 
@@ -66,18 +66,6 @@ def load_versions(path: str | None = None) -> dict[str, Any]:
     return yaml.safe_load(Path(path or VERSIONS_FILE).read_text())
 
 
-def lab_gpu_devices(plan: HostPlan, settings: HostConfig) -> list[str]:
-    """On a lab host (simulated GPUs), the llama.cpp RPC devices that stand in for the planned GPUs.
-
-    The lab runs one ggml-rpc-server per simulated GPU (r1fleet/lab/image.py); real hosts: none.
-    """
-    if settings.profile is None or not uses_gpu(plan):
-        return []
-    from r1fleet.lab.paths import GPU_RPC_BASE_PORT
-
-    return [f"127.0.0.1:{GPU_RPC_BASE_PORT + index}" for index in plan.gpu_indices]
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -120,8 +108,6 @@ def model_download(host: str, plan: HostPlan, settings: HostConfig) -> Download:
 def download_mib(plan: HostPlan, hw: Hardware, imported: bool = False) -> int:
     """What the deploy will write to the model directory: nothing for a model file already there; twice the
     file for an Ollama import (`imported`: the GGUF, and Ollama's stored copy of it)."""
-    from r1fleet.plan.catalog import load_catalog
-
     gguf = plan.gguf
     if gguf is None or not gguf.size_bytes:
         return 0

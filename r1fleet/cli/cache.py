@@ -16,13 +16,18 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from r1fleet.errors import R1FleetError
 from r1fleet.progress import human_bytes
-
-if TYPE_CHECKING:
-    from r1fleet.cache.store import ArtifactCache
+from r1fleet.artifacts.pins import load_versions
+from r1fleet.cache.registry import ModelName, blob_name, cached_manifest, ollama_blobs
+from r1fleet.cache.store import ArtifactCache, cache_root
+from r1fleet.fleet.file import REPO_ROOT, load_fleet, resolve_ref
+from r1fleet.lock.match import lock_path, read_lock
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.plan.drivers import load_driver_data
+from r1fleet.progress import TerminalProgress
+from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry, weights_digest
 
 FLEET_HELP = "fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)"
 
@@ -49,8 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _fleet(ref: str | None, required: bool):
     """The fleet given, or the default one; None when none was given and the default does not exist."""
-    from r1fleet.fleet.file import REPO_ROOT, load_fleet, resolve_ref
-
     default = resolve_ref(ref)
     exists = default == "lab" or Path(default).exists() or (REPO_ROOT / default).exists()
     if not required and ref is None and not exists:
@@ -59,8 +62,6 @@ def _fleet(ref: str | None, required: bool):
 
 
 def _cache(fleet) -> ArtifactCache:
-    from r1fleet.cache.store import ArtifactCache, cache_root
-
     root = cache_root(fleet.cache_dir if fleet else None)
     if root.exists() and not root.is_dir():
         raise R1FleetError(f"{root}: not a directory", field="cache.dir",
@@ -69,8 +70,6 @@ def _cache(fleet) -> ArtifactCache:
 
 
 def _lock(fleet):
-    from r1fleet.lock.match import lock_path, read_lock
-
     path = lock_path(fleet.source)
     lock = read_lock(path)
     if lock is None:
@@ -126,8 +125,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def locked_digests(lock, cache: ArtifactCache | None = None) -> set[str]:
     """Every sha256 a lock names, whatever the host needs it for, and the blobs each locked Ollama manifest
     in `cache` names."""
-    from r1fleet.cache.registry import ollama_blobs
-
     digests = set()
     for entry in lock.hosts.values():
         a = entry.artifacts
@@ -159,10 +156,6 @@ class Wanted:
 
 def known_sources(fleet=None, versions: dict | None = None) -> dict[str, tuple[str | None, int | None, str]]:
     """sha256 -> (URL or None, size, why there is no URL): only what the repository and the fleet pin."""
-    from r1fleet.plan.catalog import load_catalog
-    from r1fleet.plan.drivers import load_driver_data
-    from r1fleet.artifacts.pins import load_versions
-
     versions = versions or load_versions()
     ollama, llama = versions["ollama"], versions["llama_cpp"]
     base = ollama["base_url"].format(version=ollama["version"]).rstrip("/")
@@ -220,8 +213,6 @@ def wanted_artifacts(lock, fleet=None, versions: dict | None = None) -> list[Wan
 
 
 def cmd_fill(args: argparse.Namespace) -> int:
-    from r1fleet.progress import TerminalProgress
-
     fleet = _fleet(args.fleet, required=True)
     lock = _lock(fleet)
     cache = _cache(fleet)
@@ -257,8 +248,6 @@ def cmd_fill(args: argparse.Namespace) -> int:
 def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str | None, list[str]]]:
     """(registry, tag) -> (pinned weights, locked manifest, hosts) of the locked Ollama hosts that take their
     model from a registry."""
-    from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry, weights_digest
-
     models: dict[tuple[str, str], tuple[str | None, str | None, list[str]]] = {}
     for host in sorted(lock.hosts):
         entry, settings = lock.hosts[host], fleet.hosts.get(host)
@@ -275,8 +264,6 @@ def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str 
 def fill_registry_model(cache: ArtifactCache, registry: str, tag: str, weights: str | None, locked: str | None,
                         progress) -> None:
     """The tag's manifest (the locked one) and every blob it names, into the cache, as the deploy takes them."""
-    from r1fleet.cache.registry import ModelName, blob_name, cached_manifest
-
     if weights is None:
         raise R1FleetError(f"no weights digest is pinned for {tag}", fix="add ollama_digest to catalog.yaml")
     model = cached_manifest(cache, registry, tag, weights, locked)

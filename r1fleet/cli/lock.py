@@ -4,7 +4,7 @@
     r1fleet lock --fleet inventory/fleet.yml dual-3090    # relock one host, the others' entries kept
     r1fleet plan --fleet inventory/fleet.yml --diff       # what a relock would change, and why
 
-Both probe the hosts as `r1fleet plan --fleet` does (r1fleet.cli.main.fleet_probes), or read saved probes
+Both probe the hosts as `r1fleet plan --fleet` does (r1fleet.cli.probing.fleet_probes), or read saved probes
 with --probe-dir DIR (DIR/HOST.probe).
 """
 
@@ -16,6 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
+from r1fleet.cache.registry import manifest_key
+from r1fleet.cache.store import ArtifactCache, cache_root
+from r1fleet.cli.probing import fleet_probes
+from r1fleet.fleet.config import read_api_key
+from r1fleet.fleet.file import load_fleet
+from r1fleet.hardware import parse_probe
+from r1fleet.lock.artifacts import OllamaManifest
+from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lock_entry, lock_path, plan_diff, read_lock, relock_command, write_lock
+from r1fleet.plan.planner import plan_host
+from r1fleet.plan.pools import plan_members
+from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
 
 LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
                  "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
@@ -39,8 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _api_keys(pairs: list[str], fleet) -> dict[str, bytes]:
     """--api-key HOST=FILE, else each host's api_key_source: the key as the deploy installs it."""
-    from r1fleet.fleet.config import read_api_key
-
     keys = {name: entry.api_key_text() for name, entry in fleet.hosts.items() if entry.api_key_source}
     for pair in pairs:
         host, sep, file = pair.partition("=")
@@ -52,12 +61,6 @@ def _api_keys(pairs: list[str], fleet) -> dict[str, bytes]:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    from r1fleet.cli.main import fleet_probes
-    from r1fleet.fleet.file import load_fleet
-    from r1fleet.hardware import parse_probe
-    from r1fleet.lock.match import Lock, lock_entry, lock_path, read_lock, write_lock
-    from r1fleet.plan.planner import plan_host
-
     fleet = load_fleet(args.fleet)
     keys = _api_keys(args.api_key, fleet)
     jobs = fleet_probes(fleet, args.hosts, args.probe_dir)
@@ -87,11 +90,6 @@ def with_manifest(entry, settings, cache_dir: str | None, previous):
     """The entry with the Ollama manifest this controller's cache took for its tag (the digest the host
     serves), or the one locked before for the same tag; unchanged when neither is known (a host not deployed
     yet: relock after its first deploy to record it)."""
-    from r1fleet.cache.store import ArtifactCache, cache_root
-    from r1fleet.lock.artifacts import OllamaManifest
-    from r1fleet.cache.registry import manifest_key
-    from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
-
     model, plan = entry.artifacts.model, served_plan(entry.plan, settings)
     if model is None or not takes_from_registry(plan, settings, entry.fingerprint.system):
         return entry
@@ -107,8 +105,6 @@ def with_manifest(entry, settings, cache_dir: str | None, previous):
 def _pools(fleet, probed: dict, old) -> dict:
     """Each pool planned from its members' probes of this run, {host: (hardware, policy)} (a pool with a member
     not probed now keeps its locked plan): the lock holds what the deploy of the pool serves."""
-    from r1fleet.plan.pools import plan_members
-
     pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
     for name, pool in fleet.pools.items():
         if all(member in probed for member in pool.hosts):
@@ -117,8 +113,6 @@ def _pools(fleet, probed: dict, old) -> dict:
 
 
 def _lock_line(host: str, entry, previous) -> str:
-    from r1fleet.lock.match import plan_diff
-
     plan = entry.plan
     what = (f"{plan.model} on {plan.backend}, context {plan.context_length}, {plan.kv_cache_type} KV"
             if plan.model else "nothing fits")
@@ -144,8 +138,6 @@ class HostDiff:
 
 def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
     """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure)."""
-    from r1fleet.lock.match import fingerprint_differences, fingerprint_of, plan_diff, relock_command
-
     out = []
     for host, hw, fresh in rows:
         entry = lock.hosts.get(host)
@@ -183,12 +175,6 @@ def diff_text(diffs: list[HostDiff]) -> str:
 
 
 def cmd_plan_diff(args: argparse.Namespace) -> int:
-    from r1fleet.cli.main import fleet_probes
-    from r1fleet.fleet.file import load_fleet
-    from r1fleet.hardware import parse_probe
-    from r1fleet.lock.match import lock_path, read_lock
-    from r1fleet.plan.planner import plan_host
-
     forced = [flag for flag, value in (("--model", args.model), ("--context", args.context),
                                        ("--flash-attention", args.flash_attention), ("--kv-type", args.kv_type)) if value]
     if forced or args.probes:

@@ -8,12 +8,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
 from r1fleet.records import HostPlan, PoolPlan
 from r1fleet.plan.policy import Policy
+from r1fleet.fleet.file import json_schema
+from r1fleet.cli import cache as cache_commands, lock as lock_commands, verify as verify_commands
+from r1fleet.cli.probing import fleet_probes, ssh_options
+from r1fleet.fleet import plugins
+from r1fleet.cli.lock import cmd_plan_diff
+from r1fleet.fleet.file import load_fleet
+from r1fleet.hardware import parse_probe
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.plan.planner import plan_host
+from r1fleet.plan.pools import plan_pools, pool_heading, pool_row
+from r1fleet.probe.facts import probe_over_ssh
+from r1fleet.tensor_split import format_flag
 
 USAGE_ERROR = 2
 
@@ -38,15 +49,9 @@ def _plan_args(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from r1fleet.hardware import parse_probe
-    from r1fleet.plan.planner import plan_host
-    from r1fleet.plan.pools import plan_pools
-
     if args.context is not None and args.context < 256:
         raise R1FleetError(f"--context {args.context} is too small", fix="give at least 256 tokens, e.g. --context 8192")
     if args.model:
-        from r1fleet.plan.catalog import load_catalog
-
         try:
             load_catalog().find(args.model)
         except KeyError as err:
@@ -60,8 +65,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         flag = "--diff" if args.diff else "--probe-dir"
         raise R1FleetError(f"{flag} works on a fleet's hosts", field=flag, fix="add --fleet FILE (or --fleet lab)")
     if args.diff:
-        from r1fleet.cli.lock import cmd_plan_diff
-
         return cmd_plan_diff(args)
     jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
     for path in args.probes:
@@ -72,8 +75,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         jobs.append((path.stem, text, Policy(), None))
     pools: dict = {}
     if args.fleet:
-        from r1fleet.fleet.file import load_fleet
-
         fleet = load_fleet(args.fleet)
         pools = fleet.pools
         jobs.extend(fleet_probes(fleet, probe_dir=args.probe_dir))
@@ -103,38 +104,6 @@ def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
     return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
 
 
-def fleet_probes(fleet, hosts: list[str] | tuple[str, ...] = (), probe_dir: Path | None = None,
-                 ) -> list[tuple[str, str, Policy, object]]:
-    """(host, probe text, policy, fleet entry) for the fleet's hosts (all, or those named): probed over SSH
-    in parallel, or read from `probe_dir`/HOST.probe (saved probes: offline, and tests without SSH)."""
-    from r1fleet.probe.facts import probe_over_ssh
-
-    unknown = [h for h in hosts if h not in fleet.hosts]
-    if unknown:
-        raise R1FleetError(f"not in {fleet.source}", host=unknown[0], fix=f"use one of: {', '.join(fleet.hosts)}")
-    entries = [fleet.hosts[h] for h in dict.fromkeys(hosts)] if hosts else list(fleet.hosts.values())
-    if probe_dir is not None:
-        texts = [_saved_probe(probe_dir, e.name) for e in entries]
-    else:
-        with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
-            texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
-    return [(e.name, t, e.policy, e) for e, t in zip(entries, texts)]
-
-
-def _saved_probe(probe_dir: Path, host: str) -> str:
-    path = probe_dir / f"{host}.probe"
-    try:
-        return path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
-    except OSError as err:
-        raise R1FleetError(f"{path}: cannot read ({err.strerror})", host=host,
-                           fix=f"save it with `r1fleet probe --fleet FLEET {host} > {path}`") from None
-
-
-def ssh_options(entry) -> dict:
-    """SSH settings of a fleet host, in the keyword form `probe_over_ssh` takes."""
-    return {"model_dir": entry.model_dir, "extra_args": entry.ssh_args()}
-
-
 def _fmt_devices(plan: HostPlan) -> str:
     return ", ".join(f"{d.device.split(' ')[0]} {d.planned_mib:,}/{d.capacity_mib:,}" for d in plan.devices)
 
@@ -153,10 +122,6 @@ def _fmt_gpus(plan: HostPlan) -> str:
 
 def plans_table(plans: list[HostPlan], pools: list[PoolPlan] | tuple = ()) -> str:
     """A table a person reads at a glance (a pooled pool is one row), then each host's and pool's reasons."""
-    from r1fleet.plan.catalog import load_catalog
-    from r1fleet.plan.pools import pool_heading, pool_row
-    from r1fleet.plan.tensor_split import format_flag
-
     catalog = load_catalog()
     header = ("HOST", "GPUS", "MODEL", "BACKEND", "CONTEXT", "KV", "MEMORY MiB (planned/capacity)", "TOK/S")
     rows = [header]
@@ -194,11 +159,7 @@ def _probe_args(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from r1fleet.probe.facts import probe_over_ssh
-
     if args.fleet:
-        from r1fleet.fleet.file import load_fleet
-
         fleet = load_fleet(args.fleet)
         if args.host not in fleet.hosts:
             raise R1FleetError(f"not in {fleet.source}", host=args.host, fix=f"use one of: {', '.join(fleet.hosts)}")
@@ -217,8 +178,6 @@ def _validate_args(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from r1fleet.fleet.file import load_fleet
-
     fleet = load_fleet(args.fleet, lab_state=False)
     pools = f", {len(fleet.pools)} pools OK ({', '.join(fleet.pools)})" if fleet.pools else ""
     print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)}){pools}")
@@ -227,7 +186,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _schema_args(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schema", help="print the fleet file's JSON Schema (for editors)")
-    p.set_defaults(run=lambda args: print(json.dumps(__import__("r1fleet.fleet.file").fleet.file.json_schema(), indent=2)) or 0)
+    p.set_defaults(run=lambda args: print(json.dumps(json_schema(), indent=2)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,12 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_plan_args, _probe_args, _validate_args, _schema_args):
         add(sub)
-    for module in ("r1fleet.lab.commands", "r1fleet.cli.verify", "r1fleet.cli.lock", "r1fleet.cli.cache"):
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+    for register in (verify_commands.register, lock_commands.register, cache_commands.register):
+        register(sub)
+    for plugin in plugins.plugins():
+        plugin.register(sub)
     return parser
 
 

@@ -20,7 +20,8 @@ from r1fleet.probe.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.match import effective_plan, lock_path, read_lock, relock_fleet
 from r1fleet.records import Hardware, HostPlan
-from r1fleet.roles import exposure, summary
+from r1fleet.deploy import summary
+from r1fleet.roles.exposure import role as exposure
 from r1fleet.roles.exposure.role import ExposureRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.macos.role import MacOllamaRole

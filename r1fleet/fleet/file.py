@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from r1fleet.fleet.config import HostConfig, HostSettings
 from r1fleet.errors import FleetError
+from r1fleet.fleet import plugins
 from r1fleet.plan.pool_settings import PoolSettings, pool_problems
+from r1fleet.fleet.ansible import fleet_dict_from_ansible, looks_like_ansible_inventory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FLEET = Path("inventory/fleet.yml")
@@ -236,25 +238,6 @@ def _cache_dir(settings: CacheSettings | None, source: str) -> str | None:
     return str(path if path.is_absolute() else Path(source).resolve().parent / path)
 
 
-def _lab_defaults(raw: Any, source: str) -> dict[str, dict] | None:
-    """Connection settings the lab gives the hosts of a fleet file with a `lab:` section."""
-    if not (isinstance(raw, dict) and "lab" in raw):
-        return None
-    from r1fleet.lab import network, state
-
-    try:
-        return state.connection_defaults(raw)
-    except network.NetworkError as err:
-        raise FleetError(f"{source}: field lab.subnet: {err}") from None
-
-
-def _require_lab_up() -> None:
-    from r1fleet.lab import state
-
-    if not any(h.get("state") == "up" for h in state.lab_hosts()):
-        raise FleetError("the lab is not up", fix="run `r1fleet lab up` as root first")
-
-
 def resolve_ref(ref: str | os.PathLike | None) -> str:
     ref = ref or os.environ.get("R1FLEET_FLEET") or str(DEFAULT_FLEET)
     return str(ref)
@@ -266,26 +249,18 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
     With no `ref`: $R1FLEET_FLEET, else inventory/fleet.yml. Raises FleetError naming host, field, fix.
     """
     ref = resolve_ref(ref)
-    if ref == "lab":
-        from r1fleet.lab import state
-
-        if lab_state:
-            _require_lab_up()
-        ref = str(state.LAB_FLEET_FILE)
+    plugin = plugins.named(ref)
+    if plugin is not None:
+        ref = str(plugin.fleet_file(require_up=lab_state))
     path = Path(ref)
     if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
     if not path.exists():
         raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml, or set R1FLEET_FLEET (a path or `lab`)")
-    from r1fleet.fleet.ansible import (
-        fleet_dict_from_ansible,
-        looks_like_ansible_inventory,
-    )
-
     if looks_like_ansible_inventory(path):
         return fleet_from_dict(fleet_dict_from_ansible(path), str(path))
     raw = read_yaml(path)
-    return fleet_from_dict(raw, str(path), _lab_defaults(raw, str(path)))
+    return fleet_from_dict(raw, str(path), plugins.connection_defaults(raw, str(path)))
 
 
 def json_schema() -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from r1fleet.plan.catalog import Model
 from r1fleet.lab import hosts, paths
 from r1fleet.lab.shape_gguf import write_header
-from r1fleet.plan.tensor_split import flag_for_layers, format_flag
+from r1fleet.tensor_split import flag_for_layers, format_flag
 
 ORACLE_HOST = "lab-dual3090"
 REMOTE_DIR = "/var/tmp/r1fleet-oracle"

@@ -17,6 +17,8 @@ from r1fleet.plan.drivers import decide_driver, load_driver_data
 from r1fleet.errors import R1FleetError
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.artifacts.pins import Platform, load_versions, platform_from_hardware
+from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
+from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release
 
 # The Ollama and llama.cpp decisions are imported where used: their packages' __init__ load the pyinfra
 # roles, which reading, comparing and applying a lock do not need.
@@ -127,8 +129,6 @@ def model_artifact(plan: HostPlan) -> ModelArtifact | None:
 def linux_ollama(platform: Platform, plan: HostPlan, settings: HostConfig, versions: Mapping[str, Any],
                  notes: list[str]) -> OllamaArtifact:
     """The archives roles/ollama would install (the same function decides); a missing sha256 stays null."""
-    from r1fleet.roles.ollama.decide import ollama_asset_stems, ollama_release
-
     try:
         release = ollama_release(plan.host, platform, plan, settings.ollama_release, versions)
     except R1FleetError as err:
@@ -151,8 +151,6 @@ def llama_cpp_artifact(platform: Platform, plan: HostPlan, settings: HostConfig,
                        notes: list[str]) -> LlamaCppArtifact | None:
     """The llama.cpp role's own choice (llama_cpp_install), asked as if apt offered no package: what a host
     offers is known only at deploy time, and a distro package's version is the distro's, not pinned here."""
-    from r1fleet.roles.llama_cpp.decide import llama_cpp_install
-
     debian = versions["llama_cpp"]["debian"]
     if platform.distro_id == "debian" and platform.codename in debian["codenames"]:
         notes.append(f"Debian {platform.codename}: the deploy prefers the distro's {debian['server_package']} when apt "

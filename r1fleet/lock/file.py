@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet import plugins
 from r1fleet.lock.artifacts import Artifacts
 from r1fleet.records import HostPlan, PoolPlan
+from r1fleet.fleet.file import _UniqueKeyLoader
 
 LOCK_VERSION = 1
 RAM_STEP_MIB = 1024  # why: r1fleet/lock/match.py, where RAM is rounded and compared
@@ -87,16 +89,11 @@ HEADER = ("# r1fleet fleet lock: the hardware, plan and artifacts each host was 
 
 
 def lock_path(fleet_source: str | Path) -> Path:
-    """`<fleet file>.lock` beside the fleet file. The lab's fleet file ships inside the package, so the lab's
-    lock goes beside its link inventory/lab.yml in a checkout (else the lab's cache directory)."""
-    from r1fleet.fleet.file import REPO_ROOT
-    from r1fleet.lab.paths import CACHE_DIR, LAB_FLEET_FILE
-
+    """`<fleet file>.lock` beside the fleet file, unless a plug-in keeps its fleet's lock elsewhere (the lab's
+    fleet file ships inside the package)."""
     path = Path(fleet_source)
-    if path.resolve() == LAB_FLEET_FILE.resolve():
-        inventory = REPO_ROOT / "inventory"
-        return (inventory if inventory.is_dir() else CACHE_DIR) / "lab.yml.lock"
-    return path.with_name(path.name + ".lock")
+    plugin = plugins.owning(path)
+    return (plugin and plugin.lock_path(path)) or path.with_name(path.name + ".lock")
 
 
 def lock_text(lock: Lock) -> str:
@@ -131,8 +128,6 @@ def read_lock(path: str | Path) -> Lock | None:
     """The lock at `path`, None when there is none; R1FleetError naming the file, host and field when malformed."""
     import yaml
     from pydantic import ValidationError
-
-    from r1fleet.fleet.file import _UniqueKeyLoader
 
     path = Path(path)
     fix = "restore it from git, or delete it and run `r1fleet lock` again"

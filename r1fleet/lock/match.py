@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet import plugins
 from r1fleet.lock.artifacts import artifacts_for
 from r1fleet.lock.file import (
     KEY_FINGERPRINT_HEX,
@@ -32,6 +33,7 @@ from r1fleet.lock.file import (
 )
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.plan.policy import Policy
+from r1fleet.plan.planner import plan_host
 
 __all__ = [
     "LOCK_VERSION", "Fingerprint", "GpuFingerprint", "HostLock", "Lock", "LockMismatch", "effective_plan",
@@ -52,12 +54,9 @@ class LockMismatch(R1FleetError):
 
 
 def relock_fleet(source: str) -> str:
-    """The fleet as a user names it on the command line: `lab` for the lab's packaged fleet file."""
-    from pathlib import Path
-
-    from r1fleet.lab.paths import LAB_FLEET_FILE
-
-    return "lab" if Path(source).resolve() == LAB_FLEET_FILE.resolve() else source
+    """The fleet as a user names it on the command line: a plug-in's name (`lab`) for its fleet file."""
+    plugin = plugins.owning(source)
+    return plugin.name if plugin else source
 
 
 def relock_command(host: str, fleet: str | None = None) -> str:
@@ -186,8 +185,6 @@ def locked_pool(lock: Lock | None, name: str, hardware: Mapping[str, Hardware], 
 
 def effective_plan(hw: Hardware, policy: Policy, lock: Lock | None, fleet: str | None = None) -> HostPlan:
     """What the deploy serves on a host: its locked plan when the lock has it, else today's plan (no lock: as before)."""
-    from r1fleet.plan.planner import plan_host
-
     if lock is not None and hw.host in lock.hosts:
         return locked_plan(lock.hosts[hw.host], hw, fleet)
     return plan_host(hw, policy)

@@ -25,7 +25,7 @@ from r1fleet.operations.fact_batch import (
     service_reads,
 )
 from r1fleet.operations.host_progress import file_poll, file_size, watching
-from r1fleet.operations.systemd_unit import UNIT_DIR
+from r1fleet.render.systemd_unit import UNIT_DIR
 from r1fleet.operations.tcp_health import TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"

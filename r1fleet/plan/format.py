@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from r1fleet.records import HostPlan
-from r1fleet.roles.llama_cpp.decide import _ts
+from r1fleet.tensor_split import format_flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -20,7 +20,7 @@ def format_plan(plan: HostPlan, rehearsal: bool) -> str:
         + ("  [rehearsal: stand-in model]" if rehearsal else ""),
         f"[{plan.host}]   tag={plan.ollama_tag} context={plan.context_length} kv={plan.kv_cache_type} "
         f"flash_attention={'on' if plan.flash_attention else 'off'}"
-        + (f" blocks_per_gpu={_ts(plan.tensor_split)} --tensor-split {_ts(plan.tensor_split_flag)}" if plan.tensor_split_flag else "")
+        + (f" blocks_per_gpu={format_flag(plan.tensor_split)} --tensor-split {format_flag(plan.tensor_split_flag)}" if plan.tensor_split_flag else "")
         + (f" gpus={','.join(plan.gpu_uuids)}" if plan.gpu_uuids else ""),
     ]
     if plan.reasons:

@@ -20,7 +20,7 @@ from r1fleet.plan.memory import bytes_read_per_token_gb, constants, ollama_ubatc
 from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan
 from r1fleet.plan.placement import PlacementOption, device_plans, gpu_capacity_mib, placements, split_layers
 from r1fleet.plan.policy import Policy
-from r1fleet.plan.tensor_split import flag_for_layers, format_flag, rescale_blocks
+from r1fleet.tensor_split import flag_for_layers, format_flag, rescale_blocks
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from r1fleet.records import Backend, KvType
+from r1fleet.plan.catalog import load_catalog
 
 
 class Policy(BaseModel):
@@ -50,8 +51,6 @@ class Policy(BaseModel):
 def known_model(ref: str | None) -> str | None:
     """Validator helper: the reference names a catalog model (id, Ollama tag or size)."""
     if ref is not None:
-        from r1fleet.plan.catalog import load_catalog
-
         try:
             load_catalog().find(ref)
         except KeyError as err:

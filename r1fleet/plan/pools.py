@@ -26,7 +26,7 @@ from r1fleet.plan.placement import PlacementOption, gpu_slot, placements
 from r1fleet.plan.planner import Attempt, attempt, decode_seconds, ordered_candidates, plan_host, runtime_flash_attention
 from r1fleet.plan.policy import Policy
 from r1fleet.plan.pool_settings import PoolSettings
-from r1fleet.plan.tensor_split import flag_for_layers, format_flag
+from r1fleet.tensor_split import flag_for_layers, format_flag
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from r1fleet.lab import state
 from r1fleet.plan.memory import kv_cache_mib
 from r1fleet.records import HostPlan
 from r1fleet.plan.planner import rehearse
-from r1fleet.plan.tensor_split import placed_blocks
+from r1fleet.tensor_split import placed_blocks
 from r1fleet.verify.readings import exec_start_argv, flag_value
 from r1fleet.verify.judge import parse_device_buffers
 

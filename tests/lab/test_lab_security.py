@@ -121,7 +121,7 @@ def test_a_deploy_stopped_before_the_restart_is_completed_by_the_next_run(restor
 
 def test_systemd_reads_escaped_values_back_as_written(lab, ssh):
     """Real systemd hands the service what r1fleet escapes as one assignment and one word (audit L3)."""
-    from r1fleet.operations.systemd_unit import environment_assignment, systemd_word
+    from r1fleet.render.systemd_unit import environment_assignment, systemd_word
 
     hostile = 'GPU-a" "LD_PRELOAD=/tmp/evil.so %n$HOME\\'
     out = "/run/r1fleet-escape-check.out"

@@ -1,4 +1,4 @@
-"""Pure decisions behind the roles (decide.py of each role, r1fleet/operations/systemd_unit.py and artifacts.py)."""
+"""Pure decisions behind the roles (decide.py of each role, r1fleet/render/systemd_unit.py and artifacts.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import pytest
 from r1fleet.errors import FleetError
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.artifacts.pins import DeployError, Platform, model_download, platform_from_hardware
-from r1fleet.roles.llama_cpp.decide import cuda_architectures, llama_server_args
-from r1fleet.roles.ollama.decide import (
-    ollama_asset_stems,
-    ollama_environment,
-    ollama_release,
-    parse_sha256sums,
-)
-from r1fleet.operations.systemd_unit import device_allow
+from r1fleet.artifacts.llama_cpp_install import cuda_architectures
+from r1fleet.roles.llama_cpp.decide import llama_server_args
+from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release, parse_sha256sums
+from r1fleet.roles.ollama.decide import ollama_environment
+from r1fleet.render.systemd_unit import device_allow
 from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
 
 AMD64 = Platform("amd64", "debian", "forky", None)
@@ -162,7 +159,7 @@ def test_unit_words_and_environment_reach_systemd_as_written():
     """A quote, a `%` or a `$` in a value stays inside its word or assignment (audit L3)."""
     import jinja2
 
-    from r1fleet.operations.systemd_unit import UnitSpecifier, environment_assignment, systemd_word
+    from r1fleet.render.systemd_unit import UnitSpecifier, environment_assignment, systemd_word
 
     assert systemd_word("/usr/bin/llama-server") == "/usr/bin/llama-server"
     assert systemd_word("/m/a b.gguf") == '"/m/a b.gguf"'

@@ -8,7 +8,7 @@ import facts_for as ff
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.artifacts.pins import Download, Platform
-from r1fleet.roles.llama_cpp.decide import llama_cpp_install
+from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.records import GgufFile, HostPlan
 from r1fleet.roles.llama_cpp.role import llama_cpp_role
 

@@ -9,7 +9,8 @@ import facts_for as ff
 
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.artifacts.pins import Platform, model_download
-from r1fleet.roles.ollama.decide import import_record, ollama_release, ollama_tag_digest
+from r1fleet.artifacts.ollama_release import ollama_release
+from r1fleet.roles.ollama.decide import import_record, ollama_tag_digest
 from r1fleet.records import GgufFile, HostPlan
 from r1fleet.roles.ollama.role import ollama_role
 

@@ -12,11 +12,12 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
 from r1fleet.artifacts.pins import Download
 from r1fleet.roles.llama_cpp.role import LlamaCppRole
-from r1fleet.roles.llama_cpp.decide import llama_cpp_install, llama_server_args
+from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
+from r1fleet.roles.llama_cpp.decide import llama_server_args
 from r1fleet.roles.llama_cpp.pool import PoolHead, load_seconds, pool_head, pool_server_args
 from r1fleet.roles.rpc_worker.decide import pool_head_install
 from r1fleet.operations.stages import apply_roles
-from r1fleet.plan.tensor_split import placed_blocks
+from r1fleet.tensor_split import placed_blocks
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 MODEL = "/var/lib/r1fleet/models/llama.cpp/70b.gguf"

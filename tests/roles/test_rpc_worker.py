@@ -25,7 +25,7 @@ from pool_fixtures import (
 from r1fleet.errors import R1FleetError
 from r1fleet.records import Gpu
 from r1fleet.artifacts.pins import Platform
-from r1fleet.roles.llama_cpp.decide import llama_cpp_install
+from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.roles.rpc_worker.role import RpcWorkerRetired, rpc_worker_role
 from r1fleet.roles.rpc_worker.decide import (
     RPC_RULES_FILE,

@@ -21,7 +21,7 @@ from r1fleet.plan.planner import plan_host
 from r1fleet.plan.policy import Policy
 from r1fleet.plan.pool_settings import PoolSettings
 from r1fleet.plan.pools import network_cost, plan_pools
-from r1fleet.plan.tensor_split import flag_for_layers
+from r1fleet.tensor_split import flag_for_layers
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
 ID = {m.size_label: m.id for m in load_catalog().models}
@@ -207,10 +207,10 @@ def test_schema_covers_pools():
 @pytest.fixture
 def pooled_fleet(tmp_path, monkeypatch) -> Path:
     """A fleet of two single-3090 boxes in a pool and a 4090 box alone, probed without SSH."""
-    from r1fleet.probe import facts
+    from r1fleet.cli import probing
 
     texts = {"10.0.0.1": BOX_A, "10.0.0.2": BOX_B, "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
-    monkeypatch.setattr(facts, "probe_over_ssh", lambda address, **_: texts[address])
+    monkeypatch.setattr(probing, "probe_over_ssh", lambda address, **_: texts[address])
     return write_fleet(tmp_path, "  big: {hosts: [box-a, box-b], head: box-a}\n",
                        "box-a: {address: 10.0.0.1}\n  box-b: {address: 10.0.0.2}\n  solo: {address: 10.0.0.3}\n")
 

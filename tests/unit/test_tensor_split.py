@@ -17,7 +17,7 @@ from r1fleet.hardware import parse_probe
 from r1fleet.records import Gpu, Hardware
 from r1fleet.plan.planner import plan_host, rehearse
 from r1fleet.plan.policy import Policy
-from r1fleet.plan.tensor_split import flag_for_layers, output_device, placed_blocks, rescale_blocks, slot_devices
+from r1fleet.tensor_split import flag_for_layers, output_device, placed_blocks, rescale_blocks, slot_devices
 
 PROBES = Path(__file__).parent.parent / "fixtures" / "probes"
 

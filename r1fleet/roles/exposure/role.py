@@ -36,7 +36,7 @@ from r1fleet.net import is_loopback
 from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refuse
 from r1fleet.operations.stages import Role, apply_roles
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
-from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KEY_DIR = "/etc/r1fleet"

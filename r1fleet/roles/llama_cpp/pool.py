@@ -24,7 +24,7 @@ from r1fleet.plan.memory import MIB
 from r1fleet.records import Hardware, HostPlan, PoolPlan
 from r1fleet.roles.llama_cpp.decide import llama_server_args
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT, member_plan, pool_address, pool_refusal
-from r1fleet.operations.systemd_unit import service_ip_allow
+from r1fleet.render.systemd_unit import service_ip_allow
 from r1fleet.operations.tcp_health import TcpEndpoint, tcp_probe
 
 # How long the head's unit waits for its workers before each start. A worker rebooting with the head takes

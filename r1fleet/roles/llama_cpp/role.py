@@ -25,22 +25,19 @@ from r1fleet.operations.stages import Role, apply_roles
 from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.artifacts.pins import Download, Platform, load_versions
+from r1fleet.artifacts.llama_cpp_install import LLAMA_ROOT, LlamaInstall, llama_cpp_install
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
-    LLAMA_ROOT,
-    LlamaInstall,
-    llama_cpp_install,
     llama_environment,
     llama_server_args,
     llama_server_problems,
 )
-from r1fleet.operations.systemd_unit import (
+from r1fleet.render.systemd_unit import (
     LLAMA_UNIT,
     OLLAMA_UNIT,
     UnitSpecifier,
     health_timeout_s,
     unit_context,
-    uses_gpu,
 )
 from r1fleet.records import HostPlan
 from r1fleet.roles.ollama.role import install_release
@@ -211,7 +208,7 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
             sha256=pins["source_sha256"],
             flags=install.cmake_flags,
         ))
-    service_user(USER, HOME, uses_gpu(plan))
+    service_user(USER, HOME, plan.uses_gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
     changed.append(fetch_verified(

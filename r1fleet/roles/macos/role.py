@@ -34,6 +34,7 @@ from r1fleet.plan.memory import constants
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, wait_http
 from r1fleet.roles.ollama.role import ollama_model
+from r1fleet.artifacts.pins import load_versions
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LABEL = "com.r1fleet.ollama"
@@ -156,8 +157,6 @@ def _pinned_release() -> tuple[str, str, str] | None:
     darwin = load_driver_data()["darwin"]
     if not darwin.get("ollama_sha256"):
         return None
-    from r1fleet.artifacts.pins import load_versions
-
     ollama = load_versions()["ollama"]
     version = ollama["version"]
     url = ollama["base_url"].format(version=version) + "/" + darwin["ollama_asset"]

@@ -38,23 +38,20 @@ from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_pol
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.artifacts.pins import Download, Platform
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
+from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, ollama_release, parse_sha256sums
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
     LOAD_AT_START_SLACK_S,
-    OLLAMA_ROOT,
-    OllamaRelease,
     import_record,
     import_record_digest,
     modelfile,
     ollama_environment,
     ollama_load_at_start,
     ollama_models_dir,
-    ollama_release,
     ollama_tag_digest,
-    parse_sha256sums,
     takes_from_registry,
 )
-from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context, uses_gpu
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context
 from r1fleet.records import HostPlan
 from r1fleet.operations.common import (
     HttpJson,
@@ -267,7 +264,7 @@ def _install(plan: HostPlan, settings: HostConfig, release: OllamaRelease, model
     # An install.sh install holds the port, the CLI's path, the service user and the user's models: taken
     # over before the user is changed and before ours starts.
     retire_official_install(name="Stop and remove an official Ollama install")
-    service_user(USER, HOME, uses_gpu(plan))
+    service_user(USER, HOME, plan.uses_gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
     adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER,

@@ -22,8 +22,8 @@ from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.records import DevicePlan, Hardware, HostPlan, PoolDevice, PoolPlan
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.artifacts.pins import DeployError, Platform, load_versions
-from r1fleet.roles.llama_cpp.decide import LlamaInstall, llama_environment
-from r1fleet.operations.systemd_unit import uses_gpu
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall
+from r1fleet.roles.llama_cpp.decide import llama_environment
 
 RPC_UNIT = "r1fleet-rpc-server.service"
 RPC_FIREWALL_UNIT = "r1fleet-rpc-firewall.service"
@@ -252,7 +252,7 @@ def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, avail
                            "llama-server without GGML_RPC, and no rpc-server", fix)
     missing = [p for p in needs if p not in available]
     backend = debian["backend_packages"].get(plan.vendor or "")
-    if uses_gpu(plan) and settings.profile is None and backend not in base.packages:
+    if plan.uses_gpu and settings.profile is None and backend not in base.packages:
         missing.append(backend or f"a ggml backend for {plan.vendor} GPUs")
     if missing:
         raise pool_refusal(pool, host, "llama_cpp_install", f"apt on {host} offers no {', '.join(missing)}", fix)

@@ -42,7 +42,7 @@ from r1fleet.operations.common import (
 )
 from r1fleet.roles.exposure.role import KEY_DIR, NftTable, restore_table
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
-from r1fleet.roles.llama_cpp.decide import LlamaInstall, llama_cpp_install
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
 from r1fleet.roles.rpc_worker.decide import (
     HOME,
     RPC_FIREWALL_UNIT,
@@ -61,7 +61,7 @@ from r1fleet.roles.rpc_worker.decide import (
     rpc_worker_install,
 )
 from r1fleet.operations.stages import Role, apply_roles
-from r1fleet.operations.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context, uses_gpu
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
 from r1fleet.operations.tcp_health import TcpHealth
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -152,7 +152,7 @@ def _install(worker: RpcWorker, install: LlamaInstall) -> list:
     packages = server.packages(name="rpc-server packages", packages=[*install.packages, "nftables"])
     check_rpc_server(name="ggml-rpc-server installed", binary=install.binary,
                      package=load_versions()["llama_cpp"]["debian"]["rpc_server_package"])
-    service_user(USER, HOME, uses_gpu(worker.plan))
+    service_user(USER, HOME, worker.plan.uses_gpu)
     return [packages]
 
 

@@ -40,10 +40,6 @@ PROMPT = "What is 7 + 5? Reply with the number only."
 MIB = 1024 * 1024
 
 
-def uses_gpu(plan: HostPlan) -> bool:
-    return plan.placement not in (None, "cpu") and plan.vendor is not None
-
-
 def chat(target: Target):
     """One real chat request per host and session (the chat, speed and GPU checks share it)."""
     if "chat_error" in target.cache:  # a hung server costs one timeout per session, not one per check
@@ -81,7 +77,7 @@ def _ask(target: Target):
 
 @pytest.mark.roles("host", "head", "worker")
 def test_gpus_visible(target: Target, plan: HostPlan) -> None:
-    if not uses_gpu(plan):
+    if not plan.uses_gpu:
         pytest.skip("the plan uses no GPU")
     if plan.vendor != "nvidia":
         pytest.skip(f"only NVIDIA GPUs are checked (this plan uses {plan.vendor})")
@@ -262,7 +258,7 @@ def test_openai_compatible(target: Target, plan: HostPlan) -> None:
 
 
 def test_model_on_gpu(target: Target, plan: HostPlan) -> None:
-    if not uses_gpu(plan):
+    if not plan.uses_gpu:
         pytest.skip("the plan uses no GPU")
     chat(target)  # the model is loaded once it has answered
     if plan.backend == "ollama":

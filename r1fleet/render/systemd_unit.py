@@ -18,11 +18,6 @@ LLAMA_UNIT = "r1fleet-llama-server.service"
 # What a plan needs from the host
 
 
-def uses_gpu(plan: HostPlan) -> bool:
-    """The plan runs on a GPU (discrete or unified): device access, groups, no W^X lock."""
-    return plan.placement != "cpu" and plan.vendor is not None
-
-
 def health_timeout_s(plan: HostPlan) -> int:
     """How long the start-up health gate waits: a base time plus reading the model from a slow disk."""
     c = constants()
@@ -96,7 +91,7 @@ def unit_context(
     exec_start_pre: one command run (as the service user, inside its sandbox) before each start, e.g. a pool head
     waiting for its workers; requires: units this one starts only with and after (a firewall); ip_allow: the
     addresses the unit may talk to, instead of those of the serving API (service_ip_allow)."""
-    gpu = uses_gpu(plan)
+    gpu = plan.uses_gpu
     if ip_allow is None:
         ip_allow = service_ip_allow(settings) if restrict_ip else []
     return {

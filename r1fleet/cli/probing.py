@@ -1,0 +1,41 @@
+"""The probe documents of a fleet's hosts, for `r1fleet plan --fleet` and `r1fleet lock`: over SSH in parallel,
+or from saved probes."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from r1fleet.errors import R1FleetError
+from r1fleet.plan.policy import Policy
+from r1fleet.probe.facts import probe_over_ssh
+
+
+def fleet_probes(fleet, hosts: list[str] | tuple[str, ...] = (), probe_dir: Path | None = None,
+                 ) -> list[tuple[str, str, Policy, object]]:
+    """(host, probe text, policy, fleet entry) for the fleet's hosts (all, or those named): probed over SSH
+    in parallel, or read from `probe_dir`/HOST.probe (saved probes: offline, and tests without SSH)."""
+    unknown = [h for h in hosts if h not in fleet.hosts]
+    if unknown:
+        raise R1FleetError(f"not in {fleet.source}", host=unknown[0], fix=f"use one of: {', '.join(fleet.hosts)}")
+    entries = [fleet.hosts[h] for h in dict.fromkeys(hosts)] if hosts else list(fleet.hosts.values())
+    if probe_dir is not None:
+        texts = [_saved_probe(probe_dir, e.name) for e in entries]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
+            texts = list(pool.map(lambda e: probe_over_ssh(e.address, **ssh_options(e)), entries))
+    return [(e.name, t, e.policy, e) for e, t in zip(entries, texts)]
+
+
+def _saved_probe(probe_dir: Path, host: str) -> str:
+    path = probe_dir / f"{host}.probe"
+    try:
+        return path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
+    except OSError as err:
+        raise R1FleetError(f"{path}: cannot read ({err.strerror})", host=host,
+                           fix=f"save it with `r1fleet probe --fleet FLEET {host} > {path}`") from None
+
+
+def ssh_options(entry) -> dict:
+    """SSH settings of a fleet host, in the keyword form `probe_over_ssh` takes."""
+    return {"model_dir": entry.model_dir, "extra_args": entry.ssh_args()}

@@ -1,0 +1,99 @@
+"""The house's rules (docs/contributing/house.md), checked on the source: every module imports, imports run one
+way along the flow, none hides inside a function, and product code never imports the lab."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "r1fleet"
+
+# The flow, first to last: a room may import its own modules and the rooms before it.
+FLOW = [
+    {"errors", "records", "net", "progress", "tensor_split", "__init__"},
+    {"probe"},
+    {"hardware"},
+    {"plan"},
+    {"fleet"},
+    {"artifacts", "render"},
+    {"lock"},
+    {"cache"},
+    {"operations"},
+    {"roles"},
+    {"deploy"},
+    {"verify"},
+    {"cli", "__main__"},
+    {"lab"},
+]
+RANK = {room: rank for rank, rooms in enumerate(FLOW) for room in rooms}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def imports(path: Path):
+    """(line, imported r1fleet module, inside a function?) for each import of r1fleet in the file."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    typing_only = {id(n) for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("r1fleet"):
+            targets = [node.module if node.module != "r1fleet" else f"r1fleet.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names if a.name.startswith("r1fleet")]
+        else:
+            continue
+        for target in targets:
+            yield node.lineno, target, id(node) not in top and id(node) not in typing_only
+
+
+def test_every_room_is_placed_on_the_flow():
+    rooms = {room(module_name(path)) for path in SOURCES}
+    assert rooms <= set(RANK), f"place these rooms on FLOW: {sorted(rooms - set(RANK))}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_run_one_way_and_never_hide_in_a_function(path):
+    source = module_name(path)
+    wrong = []
+    for line, target, inside in imports(path):
+        where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
+        if room(source) != "lab" and room(target) == "lab":
+            wrong.append(f"{where}: product code never imports the lab (it plugs in: r1fleet/fleet/plugins.py)")
+        elif RANK[room(target)] > RANK[room(source)]:
+            wrong.append(f"{where}: up the flow")
+        elif inside and room(source) != "lab":
+            wrong.append(f"{where}: inside a function")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if "verify/suite" not in str(p) and p.name != "__main__.py"],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_module_imports(path):
+    importlib.import_module(module_name(path))
+
+
+def test_role_decisions_import_no_pyinfra():
+    """A role's face (its decide.py) reads alone: importing it loads no pyinfra."""
+    import subprocess
+    import sys
+
+    for decide in sorted(PACKAGE.glob("roles/*/decide.py")):
+        module = module_name(decide)
+        probe = f"import sys, {module}; print(any(m == 'pyinfra' or m.startswith('pyinfra.') for m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "False", f"{module} loads pyinfra"
