@@ -26,3 +26,7 @@ class ProbeError(R1FleetError):
 
 class FleetError(R1FleetError):
     """A fleet file that does not validate."""
+
+
+class DeployError(R1FleetError):
+    """A host cannot be deployed as planned (missing sha256, unsupported arch, ...)."""

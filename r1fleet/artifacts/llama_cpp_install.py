@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from r1fleet.artifacts.ollama_release import OllamaRelease, ollama_release
-from r1fleet.artifacts.pins import DeployError, Platform, load_versions
+from r1fleet.errors import DeployError
+from r1fleet.artifacts.pins import Platform, load_versions
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from r1fleet.artifacts.pins import DeployError, Download, Platform, load_versions
+from r1fleet.errors import DeployError
+from r1fleet.artifacts.pins import Download, Platform, load_versions
 from r1fleet.fleet.config import OllamaReleaseOverride
 from r1fleet.records import HostPlan
 

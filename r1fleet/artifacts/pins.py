@@ -13,17 +13,13 @@ from typing import Any
 
 import yaml
 
+from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
-from r1fleet.errors import R1FleetError
 from r1fleet.plan.memory import MIB, constants
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.plan.catalog import load_catalog
 
 VERSIONS_FILE = Path(__file__).with_name("versions.yaml")
-
-
-class DeployError(R1FleetError):
-    """A host cannot be deployed as planned (missing sha256, unsupported arch, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------

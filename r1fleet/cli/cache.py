@@ -27,7 +27,8 @@ from r1fleet.lock.match import lock_path, read_lock
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.drivers import load_driver_data
 from r1fleet.progress import TerminalProgress
-from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry, weights_digest
+from r1fleet.roles.ollama.decide import registry_of, takes_from_registry, weights_digest
+from r1fleet.lock.served import rehearsed
 
 FLEET_HELP = "fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)"
 
@@ -253,7 +254,7 @@ def registry_models(lock, fleet) -> dict[tuple[str, str], tuple[str | None, str 
         entry, settings = lock.hosts[host], fleet.hosts.get(host)
         if settings is None or entry.artifacts.model is None:
             continue
-        plan = served_plan(entry.plan, settings)
+        plan = rehearsed(entry.plan, settings)
         if not takes_from_registry(plan, settings, entry.fingerprint.system):
             continue
         locked = entry.artifacts.model.manifest_for(plan.ollama_tag)

@@ -26,7 +26,8 @@ from r1fleet.lock.artifacts import OllamaManifest
 from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lock_entry, lock_path, plan_diff, read_lock, relock_command, write_lock
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.pools import plan_members
-from r1fleet.roles.ollama.decide import registry_of, served_plan, takes_from_registry
+from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
+from r1fleet.lock.served import rehearsed
 
 LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
                  "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
@@ -90,7 +91,7 @@ def with_manifest(entry, settings, cache_dir: str | None, previous):
     """The entry with the Ollama manifest this controller's cache took for its tag (the digest the host
     serves), or the one locked before for the same tag; unchanged when neither is known (a host not deployed
     yet: relock after its first deploy to record it)."""
-    model, plan = entry.artifacts.model, served_plan(entry.plan, settings)
+    model, plan = entry.artifacts.model, rehearsed(entry.plan, settings)
     if model is None or not takes_from_registry(plan, settings, entry.fingerprint.system):
         return entry
     sha = ArtifactCache(cache_root(cache_dir)).recall(manifest_key(registry_of(settings), plan.ollama_tag))

@@ -13,7 +13,6 @@ matches; otherwise the pool is planned live.
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from typing import Any
 
 from pyinfra import state
@@ -23,14 +22,13 @@ from pyinfra.context import ctx_host
 from r1fleet.fleet.config import HostConfig
 from r1fleet.probe.facts import R1Probe
 from r1fleet.hardware import parse_probe
-from r1fleet.lock.match import lock_path, locked_pool, read_lock, relock_fleet
+from r1fleet.lock.match import lock_path, read_lock, relock_fleet
+from r1fleet.lock.served import pool_served
 from r1fleet.records import Hardware, PoolPlan
-from r1fleet.plan.planner import rehearse
 from r1fleet.plan.pool_settings import PoolSettings
-from r1fleet.plan.pools import plan_members
 
 _hardware: dict[str, Hardware] = {}
-_pools: dict[str, PoolPlan] = {}
+_pools: dict[str, tuple[PoolPlan, bool]] = {}
 _locks: dict[str, threading.Lock] = {}  # gevent-patched under pyinfra: members wait for one probe, one plan
 
 
@@ -62,21 +60,13 @@ def member_hardware(name: str) -> Hardware:
         return _hardware[name]
 
 
-def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> PoolPlan:
-    """The pool's plan (the same on every member): the fleet lock's when it holds the pool and every member's
-    hardware is as locked (LockMismatch naming the member otherwise), else from every member's live hardware
-    and policy."""
+def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> tuple[PoolPlan, bool]:
+    """(the pool's plan, locked?), the same on every member: r1fleet/lock/served.py decides it from every member's
+    probe (each probed once per run, by whichever member asks first)."""
     with _locks.setdefault(f"pool:{name}", threading.Lock()):
         if name not in _pools:
-            hardware = [member_hardware(member) for member in pool.hosts]
-            locked = locked_pool(read_lock(lock_path(fleet)) if fleet else None, name,
-                                 {hw.host: hw for hw in hardware}, relock_fleet(fleet) if fleet else None)
-            if locked is None:
-                locked = plan_members(name, pool, hardware, [member_config(member).policy for member in pool.hosts])
-            _pools[name] = locked
+            hardware = {member: member_hardware(member) for member in pool.hosts}
+            members = {member: member_config(member) for member in pool.hosts}
+            lock = read_lock(lock_path(fleet)) if fleet else None
+            _pools[name] = pool_served(name, pool, members, hardware, lock, relock_fleet(fleet) if fleet else None)
         return _pools[name]
-
-
-def rehearsed_head(head):
-    """A pool head in rehearsal: the stand-in model in the planned split (the devices and their order kept)."""
-    return replace(head, plan=rehearse(head.plan))

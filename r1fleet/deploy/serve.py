@@ -15,10 +15,12 @@ from pyinfra import host, state
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.plan.format import format_plan
-from r1fleet.artifacts.pins import DeployError, check_disk, model_download, platform_from_hardware
+from r1fleet.errors import DeployError
+from r1fleet.artifacts.pins import check_disk, model_download, platform_from_hardware
 from r1fleet.probe.facts import R1Probe
 from r1fleet.hardware import parse_probe
-from r1fleet.lock.match import effective_plan, lock_path, read_lock, relock_fleet
+from r1fleet.lock.match import lock_path, read_lock, relock_fleet
+from r1fleet.lock.served import Served, served_alone, served_in_pool
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.deploy import summary
 from r1fleet.roles.exposure import role as exposure
@@ -29,19 +31,21 @@ from r1fleet.operations.stages import Role, apply_roles
 from r1fleet.roles.llama_cpp.role import LlamaCppRole, choose_install
 from r1fleet.roles.llama_cpp.pool import pool_head
 from r1fleet.roles.ollama.role import OllamaRole, release_for
-from r1fleet.roles.ollama.decide import served_plan, takes_from_registry
+from r1fleet.roles.ollama.decide import takes_from_registry
 from r1fleet.plan.pool_settings import PoolSettings
 from r1fleet.plan.pools import pool_heading
-from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, rehearsed_head, remember
+from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, remember
 from r1fleet.roles.rpc_worker.role import RpcWorkerRetired, RpcWorkerRole, choose_pool_install
 from r1fleet.roles.rpc_worker.decide import rpc_worker
 
 
-def deployed_plan(hardware: Hardware, settings: HostConfig, fleet: str | None) -> HostPlan:
-    """The fleet lock's plan for this host when the fleet has a lock that names it (LockMismatch, naming the
-    differences and the relock command, when the hardware changed), else today's plan."""
+def served_here(hardware: Hardware, settings: HostConfig) -> Served:
+    """What this host serves outside a pool (r1fleet/lock/served.py): the fleet lock's plan when the fleet has a lock
+    that names it (LockMismatch, naming the differences and the relock command, when the hardware changed), else
+    today's plan; in rehearsal the stand-in in the planned slot."""
+    fleet = host.data.get("r1fleet_fleet")
     lock = read_lock(lock_path(fleet)) if fleet else None
-    return effective_plan(hardware, settings.policy, lock, relock_fleet(fleet) if fleet else None)
+    return served_alone(settings, hardware, lock, relock_fleet(fleet) if fleet else None)
 
 
 def serve_r1() -> None:
@@ -52,12 +56,11 @@ def serve_r1() -> None:
         settings = HostConfig.from_host_data(host.name, host.data.dict())
         hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
         remember(hardware)
-        plan = deployed_plan(hardware, settings, host.data.get("r1fleet_fleet"))
         pool = pool_of(host.data)
         on_macos = hardware.os.system == "Darwin"
         roles = pool_member_roles(pool, settings, hardware) if pool and not on_macos else None
         if roles is None:
-            roles = host_roles(plan, settings, hardware)
+            roles = host_roles(served_here(hardware, settings).plan, settings, hardware)
             if not on_macos:  # a former pool worker frees its GPU before this host's own service starts
                 roles = [RpcWorkerRetired(), *roles]
 
@@ -85,12 +88,12 @@ def imports_stand_in(plan: HostPlan, settings: HostConfig, hardware: Hardware) -
 
 
 def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list[Role]:
-    """A host serving on its own: its plan checked and printed, then the driver, the exposure (its firewall is
-    active before the backend starts) and the backend. A Mac has one role, its LaunchDaemon Ollama."""
-    plan = served_plan(plan, settings)
+    """A host serving on its own: its served plan checked and printed, then the driver, the exposure (its firewall
+    is active before the backend starts) and the backend. A Mac has one role, its LaunchDaemon Ollama."""
     print(format_plan(plan, settings.rehearsal))
     if not plan.fits or not plan.backend:
-        raise ValueError("no model fits this host; see the plan's reasons")
+        raise DeployError("no model fits this host, so nothing is deployed: " + ("; ".join(plan.reasons) or "no reason given"),
+                          host=host.name, fix="see `r1fleet plan`; lower the policy's min_context or min_tokens_per_second")
     check_before_change(plan, settings, hardware)
     on_macos = hardware.os.system == "Darwin"
     needs_gguf = plan.backend == "llama.cpp" or imports_stand_in(plan, settings, hardware)
@@ -106,17 +109,16 @@ def host_roles(plan: HostPlan, settings: HostConfig, hardware: Hardware) -> list
 
 def pool_member_roles(pool: tuple[str, PoolSettings], settings: HostConfig, hardware: Hardware) -> list[Role] | None:
     """A pool member's roles (see r1fleet/deploy/pool_members.py), or None when its pool is kept separate."""
-    planned = pool_plan(*pool, host.data.get("r1fleet_fleet"))
+    planned, locked = pool_plan(*pool, host.data.get("r1fleet_fleet"))
     print(f"[{host.name}] {pool_heading(planned)}")
     for reason in planned.reasons:
         print(f"[{host.name}]   - {reason}")
     if not planned.pooled:
         return None
     platform = platform_from_hardware(hardware)
-    if host.name == planned.head:
-        head = pool_head(planned, settings, hardware, {w: member_config(w) for w in planned.workers})
-        if settings.rehearsal:
-            head = rehearsed_head(head)
+    served = served_in_pool(settings, hardware, planned, locked)
+    if served.role == "head":
+        head = pool_head(planned, settings, served.plan, {w: member_config(w) for w in planned.workers})
         check_before_change(head.plan, settings, hardware)
         install = choose_pool_install(head.plan, settings, platform, planned.pool, "head")
         download = model_download(host.name, head.plan, settings)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
 from r1fleet.plan.memory import constants, weight_shares
-from r1fleet.records import GgufFile, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
+from r1fleet.errors import DeployError
+from r1fleet.records import DevicePlan, GgufFile, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
 from r1fleet.plan.placement import PlacementOption, gpu_slot, placements
 from r1fleet.plan.planner import Attempt, attempt, decode_seconds, ordered_candidates, plan_host, runtime_flash_attention
 from r1fleet.plan.policy import Policy
@@ -306,3 +307,41 @@ def pool_row(pool: PoolPlan, catalog: Catalog | None = None) -> tuple[str, ...]:
 def pool_heading(pool: PoolPlan) -> str:
     """The line above a pool's reasons in `r1fleet plan`'s output."""
     return f"pool {pool.pool} (head {pool.head}; workers {', '.join(pool.workers)}):"
+
+
+# ---------------------------------------------------------------- one member's part
+
+
+def pool_refusal(pool: str, host: str, field: str, message: str, fix: str) -> DeployError:
+    return DeployError(f"pool {pool}: {message}", host=host, field=field, fix=fix)
+
+
+def member_plan(pool: PoolPlan, host: str, hardware: Hardware) -> HostPlan:
+    """The pool as one member runs it, as a HostPlan (what the driver, sourcing and unit decisions read): the
+    member's own GPUs in gpu_uuids/gpu_indices; on the head also the model and the whole split over every
+    device (tensor_split, in llama.cpp's device order: the workers' first)."""
+    devices = [d for d in pool.devices if d.host == host]
+    gpus = {g.index: g for g in hardware.gpus}
+    lost = [d.gpu_index for d in devices if d.gpu_index not in gpus]
+    if not devices or lost:
+        what = f"GPU {', '.join(map(str, lost))} of the plan is not in its probe" if devices else "the plan gives it no device"
+        raise pool_refusal(pool.pool, host, "pools", what, "plan again (r1fleet plan --fleet) and deploy that plan")
+    mine = [gpus[d.gpu_index] for d in devices]
+    uuids = [d.gpu_uuid for d in devices]
+    head = host == pool.head
+    return HostPlan(
+        host=host, model=pool.model, ollama_tag=pool.ollama_tag, backend="llama.cpp",
+        placement="multi-gpu" if head or len(devices) > 1 else "gpu", fits=pool.pooled,
+        context_length=pool.context_length, kv_cache_type=pool.kv_cache_type, flash_attention=pool.flash_attention,
+        tensor_split=pool.tensor_split if head else None,
+        gpu_uuids=[u for u in uuids if u] if all(uuids) else [], gpu_indices=[d.gpu_index for d in devices],
+        devices=[_device_plan(d) for d in devices],
+        est_tokens_per_second=pool.est_tokens_per_second if head else None,
+        reasons=list(pool.reasons) if head else [f"worker of pool {pool.pool}: rpc-server for {pool.head}"],
+        gguf=pool.gguf if head else None, n_layers=pool.n_layers,
+        compute_caps=[g.compute_cap for g in mine if g.compute_cap], vendor=mine[0].vendor,
+    )
+
+
+def _device_plan(device: PoolDevice) -> DevicePlan:
+    return DevicePlan(**device.model_dump(include=set(DevicePlan.model_fields)))

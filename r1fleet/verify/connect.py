@@ -1,6 +1,6 @@
 """How `r1fleet verify` reaches each host and plans it, exactly as the deploy does: connect over SSH (or
-testinfra's Ansible backend), probe over that connection -> parse_probe -> the locked plan, or plan_host(policy) -> rehearse()
-for rehearsal hosts. Hosts are prepared in parallel, each within a deadline, so a dead host fails fast.
+testinfra's Ansible backend), probe over that connection -> parse_probe -> what the host serves (r1fleet/lock/served.py).
+Hosts are prepared in parallel, each within a deadline, so a dead host fails fast.
 
 Nothing here is pytest's: the suite (r1fleet/verify/suite/conftest.py) turns its options into
 `ConnectOptions` and hands over the `Target`s (r1fleet/verify/target.py) it selected.
@@ -25,10 +25,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.probe.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
-from r1fleet.lock.match import effective_plan, locked_pool
-from r1fleet.plan.planner import rehearse
-from r1fleet.plan.pools import plan_members
-from r1fleet.roles.rpc_worker.decide import member_plan
+from r1fleet.lock.served import pool_served, served_alone, served_in_pool
 from r1fleet.verify.target import Target
 
 PROBE_TIMEOUT_S = 120
@@ -98,12 +95,10 @@ def connect_and_plan(target: Target, options: ConnectOptions) -> None:
         return
     try:
         target.hardware = parse_probe(result.stdout, entry.name)
-        plan = effective_plan(target.hardware, entry.policy, options.lock, options.fleet)
+        plan = served_alone(entry, target.hardware, options.lock, options.fleet, options.rehearsal).plan
     except R1FleetError as err:
         target.error = f"cannot plan: {err}"
         return
-    if (entry.rehearsal or options.rehearsal) and plan.fits:
-        plan = rehearse(plan)
     target.plan = plan
     if not plan.fits or not plan.backend:
         target.error = f"no model fits this host, so nothing is served: {'; '.join(plan.reasons)}"
@@ -131,18 +126,15 @@ def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions
         if any(m is None or m.hardware is None for m in members):
             continue
         try:
-            planned = locked_pool(options.lock, name, {m.name: m.hardware for m in members}, options.fleet)
+            planned, locked = pool_served(name, pool, {m.name: m.entry for m in members},
+                                          {m.name: m.hardware for m in members}, options.lock, options.fleet)
         except R1FleetError as err:  # a member's hardware changed since the pool was locked
             for member in members:
                 member.error = f"cannot plan pool {name}: {err}"
             continue
-        if planned is None:
-            planned = plan_members(name, pool, [m.hardware for m in members], [m.entry.policy for m in members])
         if not planned.pooled:
             continue
         for member in members:
-            member.pool = planned
-            member.pool_role = "head" if member.name == planned.head else "worker"
-            plan = member_plan(planned, member.name, member.hardware)
-            member.plan = rehearse(plan) if (member.entry.rehearsal or options.rehearsal) and member.pool_role == "head" else plan
+            served = served_in_pool(member.entry, member.hardware, planned, locked, options.rehearsal)
+            member.pool, member.pool_role, member.plan = planned, served.role, served.plan
             member.error = None

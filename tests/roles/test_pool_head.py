@@ -17,6 +17,7 @@ from r1fleet.roles.llama_cpp.decide import llama_server_args
 from r1fleet.roles.llama_cpp.pool import PoolHead, load_seconds, pool_head, pool_server_args
 from r1fleet.roles.rpc_worker.decide import pool_head_install
 from r1fleet.operations.stages import apply_roles
+from r1fleet.lock.served import served_in_pool
 from r1fleet.tensor_split import placed_blocks
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
@@ -25,8 +26,10 @@ DOWNLOAD = Download(name="70b.gguf", url="https://example.invalid/70b.gguf", sha
 
 
 def head(pool=None, settings=None, workers=None) -> PoolHead:
-    return pool_head(pool or pool_plan(), settings or head_config(), hardware("box-a", "GPU-aaaa"),
-                     {"box-b": worker_config()} if workers is None else workers)
+    pool = pool or pool_plan()
+    settings = settings or head_config()
+    served = served_in_pool(settings, hardware("box-a", "GPU-aaaa"), pool, locked=False)
+    return pool_head(pool, settings, served.plan, {"box-b": worker_config()} if workers is None else workers)
 
 
 def three_hosts():

@@ -7,7 +7,7 @@ llama_prepare_model_devices); the pool plan's devices and its --tensor-split are
 (r1fleet/plan/pools.py), so `--rpc` lists the workers as the plan does (PoolPlan.workers).
 
 Example:
-    >>> head = pool_head(pool_plan, head_config, head_hardware, {"box-b": box_b_config})
+    >>> head = pool_head(pool_plan, head_config, served.plan, {"box-b": box_b_config})
     >>> pool_server_args(head, head_config, "/models/70b.gguf", None)[6:10]
     ['--rpc', '192.168.1.32:50052', '--tensor-split', '41,40']
 """
@@ -21,9 +21,10 @@ from typing import Any, Mapping
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.plan.memory import MIB
-from r1fleet.records import Hardware, HostPlan, PoolPlan
+from r1fleet.records import HostPlan, PoolPlan
 from r1fleet.roles.llama_cpp.decide import llama_server_args
-from r1fleet.roles.rpc_worker.decide import RPC_UNIT, member_plan, pool_address, pool_refusal
+from r1fleet.plan.pools import pool_refusal
+from r1fleet.roles.rpc_worker.decide import RPC_UNIT, pool_address
 from r1fleet.render.systemd_unit import service_ip_allow
 from r1fleet.operations.tcp_health import TcpEndpoint, tcp_probe
 
@@ -59,9 +60,10 @@ class PoolHead:
         }
 
 
-def pool_head(pool: PoolPlan, head: HostConfig, hardware: Hardware, workers: Mapping[str, HostConfig],
+def pool_head(pool: PoolPlan, head: HostConfig, plan: HostPlan, workers: Mapping[str, HostConfig],
               addresses: Mapping[str, str] | None = None) -> PoolHead:
-    """Validate the head's side of a pooled pool; `workers` holds each worker's config (its pool address is its
+    """Validate the head's side of a pooled pool serving `plan` (the head's part, r1fleet/lock/served.py); `workers`
+    holds each worker's config (its pool address is its
     `address` unless `addresses` names another, as on the worker's side: rpc_worker)."""
     if not pool.pooled or head.name != pool.head:
         raise pool_refusal(pool.pool, head.name, "pools", f"{head.name} is not the head of a pooled pool "
@@ -75,7 +77,7 @@ def pool_head(pool: PoolPlan, head: HostConfig, hardware: Hardware, workers: Map
         TcpEndpoint(name, pool_address(pool.pool, workers[name], "worker", (addresses or {}).get(name)), pool.rpc_port)
         for name in pool.workers
     )
-    return PoolHead(pool.pool, head.name, member_plan(pool, head.name, hardware), endpoints, load_s=load_seconds(pool))
+    return PoolHead(pool.pool, head.name, plan, endpoints, load_s=load_seconds(pool))
 
 
 def load_seconds(pool: PoolPlan) -> int:

@@ -13,7 +13,6 @@ from r1fleet.records import HostPlan
 from r1fleet.net import host_port
 from r1fleet.cache.registry import DEFAULT_REGISTRY
 from r1fleet.fleet import plugins
-from r1fleet.plan.planner import rehearse
 
 # ---------------------------------------------------------------------------------------------
 # Service settings
@@ -134,11 +133,6 @@ def weights_digest(plan: HostPlan) -> str | None:
 def registry_of(settings: HostConfig) -> str:
     """The Ollama registry this host's model comes from."""
     return (settings.ollama_registry or DEFAULT_REGISTRY).rstrip("/")
-
-
-def served_plan(plan: HostPlan, settings: HostConfig) -> HostPlan:
-    """The plan the host serves: in rehearsal, the stand-in in the planned slot."""
-    return rehearse(plan) if settings.rehearsal and plan.fits else plan
 
 
 def takes_from_registry(plan: HostPlan, settings: HostConfig, system: str) -> bool:

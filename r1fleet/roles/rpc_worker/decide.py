@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.records import DevicePlan, Hardware, HostPlan, PoolDevice, PoolPlan
+from r1fleet.records import Hardware, HostPlan, PoolPlan
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
-from r1fleet.artifacts.pins import DeployError, Platform, load_versions
+from r1fleet.plan.pools import member_plan, pool_refusal
+from r1fleet.artifacts.pins import Platform, load_versions
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.roles.llama_cpp.decide import llama_environment
 
@@ -39,10 +40,6 @@ DEVICE_PREFIX = {"nvidia": "CUDA", "amd": "ROCm", "intel": "Vulkan"}
 FIX_SOURCE = ("serve the pool's members from Debian forky/sid packages (llama_cpp_install: auto or package, with "
               "llama.cpp-tools-extra, libggml0-backend-rpc and the GPU's backend package; NVIDIA's "
               "libggml0-backend-cuda is in sid's contrib), or take {host} out of pool {pool}")
-
-
-def pool_refusal(pool: str, host: str, field: str, message: str, fix: str) -> DeployError:
-    return DeployError(f"pool {pool}: {message}", host=host, field=field, fix=fix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,37 +95,6 @@ def _is_ip(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # A member's share of the pool
-
-
-def member_plan(pool: PoolPlan, host: str, hardware: Hardware) -> HostPlan:
-    """The pool as one member runs it, as a HostPlan (what the driver, sourcing and unit decisions read): the
-    member's own GPUs in gpu_uuids/gpu_indices; on the head also the model and the whole split over every
-    device (tensor_split, in llama.cpp's device order: the workers' first)."""
-    devices = [d for d in pool.devices if d.host == host]
-    gpus = {g.index: g for g in hardware.gpus}
-    lost = [d.gpu_index for d in devices if d.gpu_index not in gpus]
-    if not devices or lost:
-        what = f"GPU {', '.join(map(str, lost))} of the plan is not in its probe" if devices else "the plan gives it no device"
-        raise pool_refusal(pool.pool, host, "pools", what, "plan again (r1fleet plan --fleet) and deploy that plan")
-    mine = [gpus[d.gpu_index] for d in devices]
-    uuids = [d.gpu_uuid for d in devices]
-    head = host == pool.head
-    return HostPlan(
-        host=host, model=pool.model, ollama_tag=pool.ollama_tag, backend="llama.cpp",
-        placement="multi-gpu" if head or len(devices) > 1 else "gpu", fits=pool.pooled,
-        context_length=pool.context_length, kv_cache_type=pool.kv_cache_type, flash_attention=pool.flash_attention,
-        tensor_split=pool.tensor_split if head else None,
-        gpu_uuids=[u for u in uuids if u] if all(uuids) else [], gpu_indices=[d.gpu_index for d in devices],
-        devices=[_device_plan(d) for d in devices],
-        est_tokens_per_second=pool.est_tokens_per_second if head else None,
-        reasons=list(pool.reasons) if head else [f"worker of pool {pool.pool}: rpc-server for {pool.head}"],
-        gguf=pool.gguf if head else None, n_layers=pool.n_layers,
-        compute_caps=[g.compute_cap for g in mine if g.compute_cap], vendor=mine[0].vendor,
-    )
-
-
-def _device_plan(device: PoolDevice) -> DevicePlan:
-    return DevicePlan(**device.model_dump(include=set(DevicePlan.model_fields)))
 
 
 # ---------------------------------------------------------------------------------------------
