@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 from r1fleet.artifacts.ollama_release import OllamaRelease, ollama_release
 from r1fleet.errors import DeployError
-from r1fleet.artifacts.pins import Platform, load_versions
+from r1fleet.artifacts.pins import OllamaBundlePins, Pins, Platform, load_pins
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 
@@ -55,13 +55,13 @@ def cmake_flags(plan: HostPlan, build: str) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def bundle_backend(platform: Platform, plan: HostPlan, bundle: Mapping[str, Any]) -> str | None:
+def bundle_backend(platform: Platform, plan: HostPlan, bundle: OllamaBundlePins) -> str | None:
     """The GPU backend library (relative to lib/ollama) the plan needs; None on the CPU."""
     if not plan.uses_gpu:
         return None
-    if plan.vendor == "nvidia" and platform.tegra_major in bundle["jetson_backends"]:
-        return bundle["jetson_backends"][platform.tegra_major]
-    return bundle["backends"].get(plan.vendor or "")
+    if plan.vendor == "nvidia" and platform.tegra_major in bundle.jetson_backends:
+        return bundle.jetson_backends[platform.tegra_major]
+    return bundle.backends.get(plan.vendor or "")
 
 
 def llama_cpp_install(
@@ -69,7 +69,7 @@ def llama_cpp_install(
     plan: HostPlan,
     settings: HostConfig,
     available: set[str],
-    versions: Mapping[str, Any] | None = None,
+    pins: Pins | None = None,
 ) -> LlamaInstall:
     """The distro package where it ships llama-server with the plan's GPU backend (Debian forky/sid),
     else the llama-server inside the pinned Ollama archive; a source build only when asked for.
@@ -77,23 +77,23 @@ def llama_cpp_install(
     `available` = package names the host's apt can install. A lab host (settings.profile set)
     only simulates its GPUs, so the CPU package is what can really run there.
     """
-    versions = versions or load_versions()
-    pins = versions["llama_cpp"]
-    debian = pins["debian"]
+    pins = pins or load_pins()
+    llama = pins.llama_cpp
+    debian = llama.debian
     gpu = plan.uses_gpu
-    backend_pkg = debian["backend_packages"].get(plan.vendor) if gpu else None
-    package_distro = platform.distro_id == "debian" and platform.codename in debian["codenames"]
-    server_ok = debian["server_package"] in available
+    backend_pkg = debian.backend_packages.get(plan.vendor) if gpu else None
+    package_distro = platform.distro_id == "debian" and platform.codename in debian.codenames
+    server_ok = debian.server_package in available
     wants = settings.llama_cpp_install
     simulated = settings.profile is not None
     if wants == "package" or (wants == "auto" and package_distro and server_ok):
-        packages = [debian["server_package"]]
+        packages = [debian.server_package]
         if backend_pkg and backend_pkg in available:
             packages.append(backend_pkg)
         if wants == "package" or simulated or not gpu or backend_pkg in available:
-            return LlamaInstall(method="package", packages=tuple(packages), binary=debian["server_binary"])
+            return LlamaInstall(method="package", packages=tuple(packages), binary=debian.server_binary)
     if wants == "source":
-        tag = pins["tag"]
+        tag = llama.tag
         return LlamaInstall(
             method="source",
             packages=("build-essential", "cmake", "curl", "ca-certificates"),
@@ -101,9 +101,9 @@ def llama_cpp_install(
             tag=tag,
             cmake_flags=cmake_flags(plan, tag),
         )
-    bundle = pins["ollama_bundle"]
-    release = ollama_release(plan.host, platform, plan, settings.ollama_release, versions)
-    libraries = f"{release.install_dir}/{bundle['library_dir']}"
+    bundle = llama.ollama_bundle
+    release = ollama_release(plan.host, platform, plan, settings.ollama_release, pins)
+    libraries = f"{release.install_dir}/{bundle.library_dir}"
     environment = {"LD_LIBRARY_PATH": libraries, "OLLAMA_LLAMA_CPP_COMPAT": "0"}
     backend = bundle_backend(platform, plan, bundle)
     if gpu and backend is None:
@@ -119,9 +119,9 @@ def llama_cpp_install(
     return LlamaInstall(
         method="ollama-bundle",
         packages=("zstd",) if release.needs_zstd else (),
-        binary=f"{release.install_dir}/{bundle['server']}",
-        tag=bundle["llama_cpp_build"],
+        binary=f"{release.install_dir}/{bundle.server}",
+        tag=bundle.llama_cpp_build,
         release=release,
         environment=tuple(sorted(environment.items())),
-        required_flags=tuple(bundle["required_flags"]),
+        required_flags=bundle.required_flags,
     )

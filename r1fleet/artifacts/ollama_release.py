@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 from r1fleet.errors import DeployError
-from r1fleet.artifacts.pins import Download, Platform, load_versions
+from r1fleet.artifacts.pins import Download, Pins, Platform, load_pins
 from r1fleet.fleet.config import OllamaReleaseOverride
 from r1fleet.records import HostPlan
 
@@ -66,19 +65,19 @@ def ollama_release(
     platform: Platform,
     plan: HostPlan,
     override: OllamaReleaseOverride | None = None,
-    versions: Mapping[str, Any] | None = None,
+    pins: Pins | None = None,
 ) -> OllamaRelease:
     """Pick the archives for this host and their sha256 (override first, then versions.yaml).
 
     For each stem, the zstd archive is preferred when its sha256 is known; the .tgz is the
     fallback (pre-0.14 releases, and the lab's stand-in), as install.sh does.
     """
-    pinned = (versions or load_versions())["ollama"]
+    pinned = (pins or load_pins()).ollama
     override = override or OllamaReleaseOverride()
-    version = override.version or pinned["version"]
-    base_url = (override.base_url or pinned["base_url"]).format(version=version).rstrip("/")
+    version = override.version or pinned.version
+    base_url = override.base_url.format(version=version).rstrip("/") if override.base_url else pinned.release_url(version)
     # The pinned sums hold for the pinned version only; host data may add the ones it lacks (a JetPack add-on).
-    known = dict(pinned.get("sha256") or {}) if version == pinned["version"] else {}
+    known = dict(pinned.sha256) if version == pinned.version else {}
     known.update(override.sha256)
     assets = []
     for stem in ollama_asset_stems(platform, plan.vendor, plan.placement):

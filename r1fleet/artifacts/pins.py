@@ -9,9 +9,10 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
@@ -54,12 +55,80 @@ def platform_from_hardware(hw: Hardware) -> Platform:
 
 
 # ---------------------------------------------------------------------------------------------
-# Versions
+# Pins: versions.yaml, typed
+
+
+class _Pinned(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+class DarwinOllamaPins(_Pinned):
+    asset: str
+    sha256: Sha256 | None = None
+
+
+class OllamaPins(_Pinned):
+    version: str
+    base_url: str = Field(description="the release's download folder; {version} is filled in")
+    sha256: dict[str, Sha256 | None] = {}
+    darwin: DarwinOllamaPins
+
+    def release_url(self, version: str | None = None) -> str:
+        return self.base_url.format(version=version or self.version).rstrip("/")
+
+    def darwin_release(self) -> Download | None:
+        """The macOS archive of the pinned release, or None while its sha256 is not known."""
+        if not self.darwin.sha256:
+            return None
+        return Download(name=self.darwin.asset, url=f"{self.release_url()}/{self.darwin.asset}",
+                        sha256=self.darwin.sha256.lower())
+
+
+class OllamaBundlePins(_Pinned):
+    llama_cpp_build: str
+    server: str
+    library_dir: str
+    backends: dict[str, str]
+    jetson_backends: dict[int, str]
+    required_flags: tuple[str, ...]
+
+
+class DebianLlamaPins(_Pinned):
+    codenames: tuple[str, ...]
+    server_package: str
+    backend_packages: dict[str, str]
+    server_binary: str
+    rpc_server_package: str
+    rpc_backend_package: str
+    rpc_server_binary: str = Field(description="{multiarch} is filled in")
+
+
+class LlamaCppPins(_Pinned):
+    ollama_bundle: OllamaBundlePins
+    tag: str
+    source_url: str = Field(description="{tag} is filled in")
+    source_sha256: Sha256
+
+    debian: DebianLlamaPins
+
+    @property
+    def source(self) -> str:
+        return self.source_url.format(tag=self.tag)
+
+
+class Pins(_Pinned):
+    """Every version and sha256 r1fleet installs (versions.yaml)."""
+
+    ollama: OllamaPins
+    llama_cpp: LlamaCppPins
 
 
 @lru_cache(maxsize=4)
-def load_versions(path: str | None = None) -> dict[str, Any]:
-    return yaml.safe_load(Path(path or VERSIONS_FILE).read_text())
+def load_pins(path: str | None = None) -> Pins:
+    return Pins.model_validate(yaml.safe_load(Path(path or VERSIONS_FILE).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------

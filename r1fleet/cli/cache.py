@@ -6,7 +6,7 @@
 
 The cache is $R1FLEET_CACHE_DIR, else the fleet file's `cache: {dir: ...}`, else
 $XDG_CACHE_HOME/r1fleet/artifacts (~/.cache/r1fleet/artifacts). `fill` downloads only from URLs the repository
-pins for that exact sha256 (versions.yaml, catalog.yaml, data/drivers.yaml, a host's ollama_release); any
+pins for that exact sha256 (versions.yaml, catalog.yaml, plan/drivers.yaml, a host's ollama_release); any
 other artifact is reported with the reason, never looked for elsewhere.
 """
 
@@ -19,13 +19,12 @@ from pathlib import Path
 
 from r1fleet.errors import R1FleetError
 from r1fleet.progress import human_bytes
-from r1fleet.artifacts.pins import load_versions
+from r1fleet.artifacts.pins import Pins, load_pins
 from r1fleet.cache.registry import ModelName, blob_name, cached_manifest, ollama_blobs
 from r1fleet.cache.store import ArtifactCache, cache_root
 from r1fleet.fleet.file import REPO_ROOT, load_fleet, resolve_ref
 from r1fleet.lock.match import lock_path, read_lock
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.plan.drivers import load_driver_data
 from r1fleet.progress import TerminalProgress
 from r1fleet.roles.ollama.decide import registry_of, takes_from_registry, weights_digest
 from r1fleet.lock.served import rehearsed
@@ -155,25 +154,23 @@ class Wanted:
     unknown: str | None = None
 
 
-def known_sources(fleet=None, versions: dict | None = None) -> dict[str, tuple[str | None, int | None, str]]:
+def known_sources(fleet=None, pins: Pins | None = None) -> dict[str, tuple[str | None, int | None, str]]:
     """sha256 -> (URL or None, size, why there is no URL): only what the repository and the fleet pin."""
-    versions = versions or load_versions()
-    ollama, llama = versions["ollama"], versions["llama_cpp"]
-    base = ollama["base_url"].format(version=ollama["version"]).rstrip("/")
+    pins = pins or load_pins()
+    ollama, llama = pins.ollama, pins.llama_cpp
+    base = ollama.release_url()
     sources: dict[str, tuple[str | None, int | None, str]] = {}
-    for name, sha in (ollama.get("sha256") or {}).items():
+    for name, sha in ollama.sha256.items():
         if sha:
             sources[sha.lower()] = (f"{base}/{name}", None, "")
-    darwin = load_driver_data()["darwin"]
-    if darwin.get("ollama_sha256"):
-        sources[darwin["ollama_sha256"].lower()] = (f"{base}/{darwin['ollama_asset']}", None, "")
+    if darwin := ollama.darwin_release():
+        sources[darwin.sha256] = (darwin.url, None, "")
     for host in (fleet.hosts.values() if fleet else []):
         release = host.ollama_release
         if release and release.base_url:
-            own = release.base_url.format(version=release.version or ollama["version"]).rstrip("/")
+            own = release.base_url.format(version=release.version or ollama.version).rstrip("/")
             sources.update({sha.lower(): (f"{own}/{name}", None, "") for name, sha in release.sha256.items() if sha})
-    if llama.get("source_sha256"):
-        sources[llama["source_sha256"].lower()] = (llama["source_url"].format(tag=llama["tag"]), None, "")
+    sources[llama.source_sha256.lower()] = (llama.source, None, "")
     catalog = load_catalog()
     for model in [*catalog.models, *catalog.stand_ins]:
         gguf = model.gguf
@@ -196,9 +193,9 @@ def _host_needs(entry) -> list[tuple[str, str | None, str | None]]:
     return needs
 
 
-def wanted_artifacts(lock, fleet=None, versions: dict | None = None) -> list[Wanted]:
+def wanted_artifacts(lock, fleet=None, pins: Pins | None = None) -> list[Wanted]:
     """Each artifact of the lock once (by sha256), with the hosts that need it and its pinned URL."""
-    sources = known_sources(fleet, versions)
+    sources = known_sources(fleet, pins)
     wanted: dict[str, Wanted] = {}
     for host in sorted(lock.hosts):
         for name, sha, why in _host_needs(lock.hosts[host]):

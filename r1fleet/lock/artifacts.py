@@ -7,16 +7,16 @@ digest is recorded only where the repository knows it (null otherwise, never a g
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
-from r1fleet.plan.drivers import decide_driver, load_driver_data
+from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
 from r1fleet.records import Hardware, HostPlan
-from r1fleet.artifacts.pins import Platform, load_versions, platform_from_hardware
+from r1fleet.artifacts.pins import Pins, Platform, load_pins, platform_from_hardware
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release
 
@@ -92,15 +92,15 @@ class Artifacts(_Strict):
 
 
 def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,
-                  versions: Mapping[str, Any] | None = None) -> Artifacts:
+                  pins: Pins | None = None) -> Artifacts:
     """Every artifact the deploy would fetch for this plan on this host, by digest."""
-    versions = versions or load_versions()
+    pins = pins or load_pins()
     notes: list[str] = []
     result = Artifacts(model=model_artifact(plan), driver=driver_artifact(hw, plan, notes), notes=notes)
     if plan.model is None:
         return result
     if hw.os.system.lower() == "darwin":
-        return result.model_copy(update={"ollama": darwin_ollama(versions)})
+        return result.model_copy(update={"ollama": darwin_ollama(pins)})
     try:
         platform = platform_from_hardware(hw)
     except R1FleetError as err:
@@ -108,9 +108,9 @@ def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,
         return result
     llama = None
     if plan.backend == "llama.cpp":
-        llama = llama_cpp_artifact(platform, plan, settings, versions, notes)
+        llama = llama_cpp_artifact(platform, plan, settings, pins, notes)
     needs_ollama = plan.backend == "ollama" or (llama is not None and llama.method == "ollama-bundle")
-    ollama = linux_ollama(platform, plan, settings, versions, notes) if needs_ollama else None
+    ollama = linux_ollama(platform, plan, settings, pins, notes) if needs_ollama else None
     if settings.profile and needs_ollama:
         notes.append("lab host: the lab mirror serves its own stand-in Ollama release in place of the pinned one")
     return result.model_copy(update={"ollama": ollama, "llama_cpp": llama})
@@ -126,41 +126,40 @@ def model_artifact(plan: HostPlan) -> ModelArtifact | None:
                          gguf_revision=gguf.revision)
 
 
-def linux_ollama(platform: Platform, plan: HostPlan, settings: HostConfig, versions: Mapping[str, Any],
+def linux_ollama(platform: Platform, plan: HostPlan, settings: HostConfig, pins: Pins,
                  notes: list[str]) -> OllamaArtifact:
     """The archives roles/ollama would install (the same function decides); a missing sha256 stays null."""
     try:
-        release = ollama_release(plan.host, platform, plan, settings.ollama_release, versions)
+        release = ollama_release(plan.host, platform, plan, settings.ollama_release, pins)
     except R1FleetError as err:
         notes.append(f"the deploy will refuse this host's Ollama archive: {err}")
-        version = (settings.ollama_release and settings.ollama_release.version) or versions["ollama"]["version"]
+        version = (settings.ollama_release and settings.ollama_release.version) or pins.ollama.version
         stems = ollama_asset_stems(platform, plan.vendor, plan.placement)
         return OllamaArtifact(version=version, assets=[OllamaAsset(name=f"{s}.tar.zst") for s in stems])
     return OllamaArtifact(version=release.version,
                           assets=[OllamaAsset(name=a.name, sha256=a.sha256) for a in release.assets])
 
 
-def darwin_ollama(versions: Mapping[str, Any]) -> OllamaArtifact:
-    # The macOS role's archive: data/drivers.yaml `darwin` (as roles/macos.py `_pinned_release` reads it).
-    darwin = load_driver_data()["darwin"]
-    asset = OllamaAsset(name=darwin["ollama_asset"], sha256=darwin.get("ollama_sha256"))
-    return OllamaArtifact(version=versions["ollama"]["version"], assets=[asset])
+def darwin_ollama(pins: Pins) -> OllamaArtifact:
+    """The macOS role's archive (versions.yaml `ollama.darwin`)."""
+    darwin = pins.ollama.darwin
+    return OllamaArtifact(version=pins.ollama.version, assets=[OllamaAsset(name=darwin.asset, sha256=darwin.sha256)])
 
 
-def llama_cpp_artifact(platform: Platform, plan: HostPlan, settings: HostConfig, versions: Mapping[str, Any],
+def llama_cpp_artifact(platform: Platform, plan: HostPlan, settings: HostConfig, pins: Pins,
                        notes: list[str]) -> LlamaCppArtifact | None:
     """The llama.cpp role's own choice (llama_cpp_install), asked as if apt offered no package: what a host
     offers is known only at deploy time, and a distro package's version is the distro's, not pinned here."""
-    debian = versions["llama_cpp"]["debian"]
-    if platform.distro_id == "debian" and platform.codename in debian["codenames"]:
-        notes.append(f"Debian {platform.codename}: the deploy prefers the distro's {debian['server_package']} when apt "
+    debian = pins.llama_cpp.debian
+    if platform.distro_id == "debian" and platform.codename in debian.codenames:
+        notes.append(f"Debian {platform.codename}: the deploy prefers the distro's {debian.server_package} when apt "
                      "offers it; its version is the distro's, not locked here")
     try:
-        install = llama_cpp_install(platform, plan, settings, set(), versions)
+        install = llama_cpp_install(platform, plan, settings, set(), pins)
     except R1FleetError as err:
         notes.append(f"the deploy will refuse this host's llama.cpp: {err}")
         return None
-    sha = versions["llama_cpp"]["source_sha256"] if install.method == "source" else None
+    sha = pins.llama_cpp.source_sha256 if install.method == "source" else None
     return LlamaCppArtifact(method=install.method, build=install.tag, source_sha256=sha)
 
 

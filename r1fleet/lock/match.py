@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet import plugins
+from r1fleet.artifacts.pins import Pins
 from r1fleet.lock.artifacts import artifacts_for
 from r1fleet.lock.file import (
     KEY_FINGERPRINT_HEX,
@@ -91,13 +92,13 @@ def fingerprint_of(hw: Hardware) -> Fingerprint:
 
 
 def lock_entry(host: str, hw: Hardware, plan: HostPlan, settings: HostConfig | None = None,
-               api_key_text: str | bytes | None = None, versions: Mapping[str, Any] | None = None) -> HostLock:
+               api_key_text: str | bytes | None = None, pins: Pins | None = None) -> HostLock:
     """One host's lock: its fingerprint, the plan as given, the artifacts it needs, and the key's fingerprint."""
     settings = settings or HostConfig(name=host, address="localhost")
     return HostLock(
         fingerprint=fingerprint_of(hw),
         plan=plan,
-        artifacts=artifacts_for(hw, plan, settings, versions),
+        artifacts=artifacts_for(hw, plan, settings, pins),
         api_key_fingerprint=key_fingerprint(api_key_text) if api_key_text is not None else None,
     )
 

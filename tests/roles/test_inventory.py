@@ -1,4 +1,5 @@
-"""inventory.py validates the fleet file before pyinfra connects to anything."""
+"""inventory.py (and the installed package's r1fleet.deploy.inventory:fleet) validates the fleet file before pyinfra
+connects to anything."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -16,11 +19,15 @@ def run_pyinfra(fleet: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(PYINFRA), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_invalid_fleet_stops_before_any_connection(tmp_path):
+INVENTORIES = ["inventory.py", "r1fleet.deploy.inventory:fleet"]
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES)
+def test_invalid_fleet_stops_before_any_connection(tmp_path, inventory):
     fleet = tmp_path / "fleet.yml"
     # 203.0.113.0/24 is TEST-NET-3: were pyinfra to try it, the run would hang or time out.
     fleet.write_text("hosts:\n  gpu-1: {address: 203.0.113.7, port: 99999}\n")
-    result = run_pyinfra(fleet, "-y", "inventory.py", "deploy.py")
+    result = run_pyinfra(fleet, "-y", inventory, "deploy.py")
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "the fleet file is invalid, nothing was deployed" in output
@@ -28,10 +35,11 @@ def test_invalid_fleet_stops_before_any_connection(tmp_path):
     assert "Connecting" not in output and "Traceback" not in output
 
 
-def test_valid_fleet_becomes_groups_with_host_data(tmp_path):
+@pytest.mark.parametrize("inventory", INVENTORIES)
+def test_valid_fleet_becomes_groups_with_host_data(tmp_path, inventory):
     fleet = tmp_path / "fleet.yml"
     fleet.write_text("defaults: {rehearsal: true, mirror: 'http://203.0.113.1:8088'}\nhosts:\n  gpu-1: {address: 203.0.113.7, groups: [attic]}\n")
-    result = run_pyinfra(fleet, "inventory.py", "debug-inventory")
+    result = run_pyinfra(fleet, inventory, "debug-inventory")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr  # pyinfra logs to stderr
     assert "gpu-1" in output and "attic" in output and "203.0.113.7" in output

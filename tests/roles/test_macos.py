@@ -97,7 +97,6 @@ def test_intel_mac_is_refused(monkeypatch):
 
 def test_pinned_archive_is_downloaded_inside_the_root_owned_release_directory(monkeypatch):
     """Not through pyinfra's predictable temp name in /tmp (audit L10)."""
-    monkeypatch.setattr(macos, "_pinned_release", lambda: ("0.32.9", "https://example.invalid/ollama-darwin.tgz", "e" * 64))
     run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
     fetch = next(c for c in run.commands if "ollama-darwin.tgz" in c and ("curl" in c or "wget" in c))
     assert "/tmp/" not in fetch and "-o /usr/local/lib/r1fleet/ollama-0.32.9/" in fetch

@@ -201,10 +201,10 @@ def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
 def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256():
     """A fleet's `mirror` serves the same pinned bytes; only the lab's own mirror (lab hosts) names its
     stand-in release and sha256 (audit M8). No network is used here: a real fleet's mirror is never asked."""
-    from r1fleet.artifacts.pins import load_versions
+    from r1fleet.artifacts.pins import load_pins
     from r1fleet.roles.ollama.role import release_for
 
-    pinned = load_versions()["ollama"]["sha256"]["ollama-linux-amd64.tar.zst"]
+    pinned = load_pins().ollama.sha256["ollama-linux-amd64.tar.zst"]
     release = release_for(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)
     (asset,) = release.assets
     assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned

@@ -4,7 +4,6 @@ cut or stall a transfer, or serve corrupted bytes, and that counts every body by
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import http.client
 import io
@@ -517,10 +516,10 @@ def test_wanted_artifacts_once_each_with_pinned_urls_only(tmp_path):
 def test_fill_fetches_each_pinned_artifact_once(tmp_path, capsys, monkeypatch, origin):
     import r1fleet.cli.cache as cache_commands
 
-    versions = copy.deepcopy(cache_commands.load_versions())
-    versions["ollama"].update(version="9.9.9", base_url=origin.url.rsplit("/", 2)[0] + "/v{version}",
-                              sha256={"ollama-test.tar.zst": SHA})
-    monkeypatch.setattr(cache_commands, "load_versions", lambda: versions)
+    pins = cache_commands.load_pins()
+    ollama = pins.ollama.model_copy(update={"version": "9.9.9", "base_url": origin.url.rsplit("/", 2)[0] + "/v{version}",
+                                            "sha256": {"ollama-test.tar.zst": SHA}})
+    monkeypatch.setattr(cache_commands, "load_pins", lambda: pins.model_copy(update={"ollama": ollama}))
     monkeypatch.setenv("R1FLEET_CACHE_DIR", str(tmp_path / "cache"))
     # Two hosts need the same bytes (by digest): one download. Anything without a pinned URL is reported.
     with socket.socket() as closed:  # a registry nothing answers at

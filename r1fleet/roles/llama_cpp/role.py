@@ -24,7 +24,7 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import Role, apply_roles
 from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, package_reads
-from r1fleet.artifacts.pins import Download, Platform, load_versions
+from r1fleet.artifacts.pins import Download, Platform, load_pins
 from r1fleet.artifacts.llama_cpp_install import LLAMA_ROOT, LlamaInstall, llama_cpp_install
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
@@ -69,8 +69,8 @@ def choose_install(plan: HostPlan, settings: HostConfig, platform: Platform) -> 
     """Ask apt (Debian hosts only) which packages it can install, then decide (pure)."""
     available: set[str] = set()
     if platform.distro_id == "debian":
-        debian = load_versions()["llama_cpp"]["debian"]
-        wanted = (debian["server_package"], *debian["backend_packages"].values())
+        debian = load_pins().llama_cpp.debian
+        wanted = (debian.server_package, *debian.backend_packages.values())
         available = host.get_fact(AptCandidates, packages=tuple(wanted))
     return llama_cpp_install(platform, plan, settings, available)
 
@@ -200,12 +200,12 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
         changed.append(install_release(name=f"Ollama {install.release.version} archive (its llama-server)", release=install.release))
         check_llama_server(name="llama-server flags and devices", plan=plan, install=install)
     if install.method == "source":
-        pins = load_versions()["llama_cpp"]
+        pins = load_pins().llama_cpp
         changed.append(build_from_source(
             name=f"Build llama-server {install.tag}",
             tag=install.tag,
-            url=pins["source_url"].format(tag=install.tag),
-            sha256=pins["source_sha256"],
+            url=pins.source_url.format(tag=install.tag),
+            sha256=pins.source_sha256,
             flags=install.cmake_flags,
         ))
     service_user(USER, HOME, plan.uses_gpu)

@@ -29,12 +29,11 @@ from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.artifacts.pins import Download
 from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check, ollama_models_dir
 from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
-from r1fleet.plan.drivers import load_driver_data
 from r1fleet.plan.memory import constants
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, wait_http
 from r1fleet.roles.ollama.role import ollama_model
-from r1fleet.artifacts.pins import load_versions
+from r1fleet.artifacts.pins import load_pins
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LABEL = "com.r1fleet.ollama"
@@ -152,15 +151,6 @@ def ollama_environment(plan: HostPlan, entry: HostConfig, models_dir: str) -> di
     return {**linux_ollama_environment(plan, entry, models_dir), "HOME": HOME}
 
 
-def _pinned_release() -> tuple[str, str, str] | None:
-    """(version, url, sha256) of the macOS archive, or None when its sha256 is not known."""
-    darwin = load_driver_data()["darwin"]
-    if not darwin.get("ollama_sha256"):
-        return None
-    ollama = load_versions()["ollama"]
-    version = ollama["version"]
-    url = ollama["base_url"].format(version=version) + "/" + darwin["ollama_asset"]
-    return version, url, darwin["ollama_sha256"]
 
 
 class MacOllamaRole(Role):
@@ -197,9 +187,10 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
         server.shell(name="Refuse: not Apple Silicon",
                      commands=[f"echo 'r1fleet: macOS host is {arch}; r1fleet serves Ollama on Apple Silicon only' >&2; exit 1"])
         return None, []
-    release = None if host.data.get("macos_ollama") == "homebrew" else _pinned_release()
+    pinned = load_pins().ollama
+    release = None if host.data.get("macos_ollama") == "homebrew" else pinned.darwin_release()
     if release:
-        version, url, sha256 = release
+        version, url, sha256 = pinned.version, release.url, release.sha256
         directory = f"{RELEASE_ROOT}/ollama-{version}"
         archive = f"{directory}/ollama-darwin.tgz"
         files.directory(name="Ollama release directory", path=directory, user="root", group="wheel", mode="755",

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.records import Hardware, HostPlan, PoolPlan
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
-from r1fleet.artifacts.pins import Platform, load_versions
+from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.roles.llama_cpp.decide import llama_environment
 
@@ -197,15 +197,15 @@ def firewall_context(worker: RpcWorker) -> dict[str, Any]:
 # Where rpc-server and the RPC backend come from
 
 
-def pool_packages(versions: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+def pool_packages(pins: Pins | None = None) -> tuple[str, ...]:
     """Every package the sourcing decisions ask apt about."""
-    debian = (versions or load_versions())["llama_cpp"]["debian"]
-    return (debian["server_package"], *debian["backend_packages"].values(), debian["rpc_server_package"],
-            debian["rpc_backend_package"])
+    debian = (pins or load_pins()).llama_cpp.debian
+    return (debian.server_package, *debian.backend_packages.values(), debian.rpc_server_package,
+            debian.rpc_backend_package)
 
 
 def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                 needs: tuple[str, ...], debian: Mapping[str, Any]) -> None:
+                 needs: tuple[str, ...], debian: DebianLlamaPins) -> None:
     """Refuse a member whose llama.cpp source (the llama.cpp role's choice) cannot take part in a pool."""
     host, fix = plan.host, FIX_SOURCE.format(host=plan.host, pool=pool)
     if base.method == "ollama-bundle":
@@ -217,7 +217,7 @@ def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, avail
         raise pool_refusal(pool, host, "llama_cpp_install", "a source build (llama_cpp_install: source) builds "
                            "llama-server without GGML_RPC, and no rpc-server", fix)
     missing = [p for p in needs if p not in available]
-    backend = debian["backend_packages"].get(plan.vendor or "")
+    backend = debian.backend_packages.get(plan.vendor or "")
     if plan.uses_gpu and settings.profile is None and backend not in base.packages:
         missing.append(backend or f"a ggml backend for {plan.vendor} GPUs")
     if missing:
@@ -225,23 +225,23 @@ def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, avail
 
 
 def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig,
-                       available: set[str], pool: str, versions: Mapping[str, Any] | None = None) -> LlamaInstall:
+                       available: set[str], pool: str, pins: Pins | None = None) -> LlamaInstall:
     """rpc-server for a worker, from the source the llama.cpp role chose (`base`): Debian's packages only."""
-    debian = (versions or load_versions())["llama_cpp"]["debian"]
-    needs = (debian["rpc_server_package"], debian["rpc_backend_package"])
+    debian = (pins or load_pins()).llama_cpp.debian
+    needs = (debian.rpc_server_package, debian.rpc_backend_package)
     _pool_source(base, plan, settings, available, pool, needs, debian)
     if platform.arch not in MULTIARCH:
         raise pool_refusal(pool, plan.host, "uname", f"no Debian multiarch path known for {platform.arch}",
                            "use an amd64 or arm64 worker")
-    gpu_backend = tuple(p for p in base.packages if p != debian["server_package"])  # a worker runs no llama-server
+    gpu_backend = tuple(p for p in base.packages if p != debian.server_package)  # a worker runs no llama-server
     return LlamaInstall(method="package", packages=(*gpu_backend, *needs),
-                        binary=debian["rpc_server_binary"].format(multiarch=MULTIARCH[platform.arch]))
+                        binary=debian.rpc_server_binary.format(multiarch=MULTIARCH[platform.arch]))
 
 
 def pool_head_install(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                      versions: Mapping[str, Any] | None = None) -> LlamaInstall:
+                      pins: Pins | None = None) -> LlamaInstall:
     """The head's llama-server with the RPC backend (what makes `--rpc` exist), from Debian's packages only."""
-    debian = (versions or load_versions())["llama_cpp"]["debian"]
-    needs = (debian["rpc_backend_package"],)
+    debian = (pins or load_pins()).llama_cpp.debian
+    needs = (debian.rpc_backend_package,)
     _pool_source(base, plan, settings, available, pool, needs, debian)
     return LlamaInstall(method="package", packages=(*base.packages, *needs), binary=base.binary)

@@ -25,7 +25,7 @@ from pyinfra.operations import files, server, systemd
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
 from r1fleet.records import Hardware, HostPlan, PoolPlan
-from r1fleet.artifacts.pins import Platform, load_versions
+from r1fleet.artifacts.pins import Platform, load_pins
 from r1fleet.operations.common import (
     TEMPLATES as SHARED_TEMPLATES,
     JINJA,
@@ -151,7 +151,7 @@ def _install(worker: RpcWorker, install: LlamaInstall) -> list:
     check_pool_address(name=f"Pool {worker.pool} address {worker.bind} is this host's", worker=worker)
     packages = server.packages(name="rpc-server packages", packages=[*install.packages, "nftables"])
     check_rpc_server(name="ggml-rpc-server installed", binary=install.binary,
-                     package=load_versions()["llama_cpp"]["debian"]["rpc_server_package"])
+                     package=load_pins().llama_cpp.debian.rpc_server_package)
     service_user(USER, HOME, worker.plan.uses_gpu)
     return [packages]
 
