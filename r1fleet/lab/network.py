@@ -1,7 +1,7 @@
 """The lab network: a bridge on the controller and one network namespace per host.
 
 No forwarding or NAT is set up, so lab traffic stays between the controller and its
-namespaces (LAB-NOTES: `--network-veth` needs machined, hence plain `ip`).
+namespaces (docs/research/lab-notes.md: `--network-veth` needs machined, hence plain `ip`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ types, the data a sparse hole) is loaded by Debian's real llama-server over llam
 (ggml-rpc-server, one per device). Before loading, llama-server's `--fit` pre-pass does a dry run with
 the server's own context parameters and prints each device's model, context (KV) and compute buffers
 (`common_memory_breakdown_print`). The rpc-servers run under an address-space cap, so the real load
-that follows fails at once instead of reading 40 GB of zeros (shared/research/llamacpp-fit-oracle.md).
+that follows fails at once instead of reading 40 GB of zeros (docs/research/llamacpp-fit-oracle.md).
 
 Root and a running lab only (`r1fleet lab up`); bench/llamacpp_oracle.py prints the comparison with
 the planner, and tests/lab/test_oracle.py holds the planner to it.

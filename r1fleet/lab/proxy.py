@@ -30,7 +30,7 @@ def write_config(controller: str, debian_mirror: str) -> None:
     conf.mkdir(parents=True, exist_ok=True)
     (paths.PROXY_DIR / "log").mkdir(exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    # apt-cacher-ng otherwise remaps deb.debian.org to mirror lists it cannot reach (LAB-NOTES).
+    # apt-cacher-ng otherwise remaps deb.debian.org to mirror lists it cannot reach (docs/research/lab-notes.md).
     (conf / "backends_debian").write_text(debian_mirror.rstrip("/") + "/\n")
     (conf / "acng.conf").write_text(
         "# r1fleet lab: apt-cacher-ng for the lab hosts, bound to the lab bridge only.\n"

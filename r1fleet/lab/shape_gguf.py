@@ -3,7 +3,7 @@
 llama.cpp sizes every buffer from the GGUF's metadata and tensor infos alone, so a file with the real
 architecture keys, the real tensor names, shapes and quantization types, and no data (a sparse hole
 the size of the real data) lets a real llama-server print its per-device projection of a 42 GB
-model that cannot be downloaded here (shared/research/llamacpp-fit-oracle.md).
+model that cannot be downloaded here (docs/research/llamacpp-fit-oracle.md).
 
 Tensor types follow llama.cpp's Q4_K_M rules (src/llama-quant.cpp, llama_tensor_get_type): Q4_K by
 default; output Q6_K; attn_v and ffn_down Q6_K in the "more bits" layers (the first and last eighth,

@@ -19,7 +19,7 @@ from r1fleet.plan.catalog import Catalog, Model, load_catalog
 
 KIB = 1024
 
-# f16 KV bytes per token for each distill, from ../shared/research/placement.md section 7.
+# f16 KV bytes per token for each distill, from docs/research/placement.md section 7.
 EXPECTED_KV_KIB = {
     "deepseek-r1-distill-qwen-1.5b": 28,
     "deepseek-r1-distill-qwen-7b": 56,

@@ -4,6 +4,7 @@ way along the flow, none hides inside a function, and product code never imports
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 from pathlib import Path
 
@@ -97,3 +98,16 @@ def test_role_decisions_import_no_pyinfra():
         probe = f"import sys, {module}; print(any(m == 'pyinfra' or m.startswith('pyinfra.') for m in sys.modules))"
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
         assert out.strip() == "False", f"{module} loads pyinfra"
+
+
+def test_every_note_the_code_cites_is_in_the_repository():
+    """Comments cite research as docs/research/<note>.md; each note is there (and mkdocs --strict checks its links)."""
+    root = PACKAGE.parent
+    cited = set()
+    for folder in ("r1fleet", "tests", "bench", "scripts"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".sh", ".yaml", ".yml", ".j2"):
+                cited.update(re.findall(r"docs/research/[\w.-]+\.md", path.read_text(errors="replace")))
+    assert cited, "no citation found: the pattern is wrong"
+    missing = sorted(c for c in cited if not (root / c).is_file())
+    assert not missing, missing

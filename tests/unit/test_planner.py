@@ -208,7 +208,7 @@ def test_nothing_fits_on_a_tiny_host():
 
 
 # llama.cpp's own per-device projection of the 70B split 41 | 39 + output over two devices (llama-server's
-# --fit pre-pass, f16 KV; shared/research/llamacpp-fit-oracle.md section 3): (weights + KV + compute) MiB.
+# --fit pre-pass, f16 KV; docs/research/llamacpp-fit-oracle.md section 3): (weights + KV + compute) MiB.
 LLAMA_CPP_PROJECTION_70B = {19456: (23654, 23324), 8192: (21806, 21564)}
 
 

@@ -2,7 +2,7 @@
 
 The rule (src/llama-model.cpp, load_tensors) spreads n_layer + 1 slots, the output being the last, by the
 flag's cumulative float32 shares. The expected placements of the 70B below are what the real llama-server
-printed for those flags (shared/research/llamacpp-fit-oracle.md, section 3: `layer N assigned to device`).
+printed for those flags (docs/research/llamacpp-fit-oracle.md, section 3: `layer N assigned to device`).
 """
 
 from __future__ import annotations

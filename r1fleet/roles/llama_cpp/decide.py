@@ -24,7 +24,7 @@ def is_reasoning_model(plan: HostPlan) -> bool:
 
 def llama_server_args(plan: HostPlan, settings: HostConfig, model_path: str, api_key_path: str | None,
                       rpc_servers: Sequence[str] = ()) -> list[str]:
-    """llama-server arguments for the plan (research/placement.md section 1).
+    """llama-server arguments for the plan (docs/research/placement.md section 1).
 
     api_key_path is where the service reads the key (the credentials directory), never the key. rpc_servers: a
     pool head's workers (host:port, in the pool's order); the plan's split then covers their devices first.
@@ -84,6 +84,6 @@ def llama_environment(plan: HostPlan, install: LlamaInstall | None = None) -> di
     elif plan.vendor == "nvidia" and plan.gpu_uuids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
         if len(plan.gpu_uuids) > 1:
-            # research/placement.md section 2: recommended for multi-GPU pipeline parallelism
+            # docs/research/placement.md section 2: recommended for multi-GPU pipeline parallelism
             env["CUDA_SCALE_LAUNCH_QUEUES"] = "4x"
     return env

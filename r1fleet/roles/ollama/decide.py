@@ -24,7 +24,7 @@ def ollama_models_dir(settings: HostConfig) -> str:
 
 
 def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) -> dict[str, str]:
-    """The Environment= lines of the Ollama unit (research/ollama.md section 2)."""
+    """The Environment= lines of the Ollama unit (docs/research/ollama.md section 2)."""
     env = {
         "OLLAMA_HOST": host_port(settings.bind_address, settings.port_for("ollama")),
         "OLLAMA_MODELS": models_dir,
@@ -43,7 +43,7 @@ def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) ->
         env["OLLAMA_FLASH_ATTENTION"] = "1" if plan.flash_attention else "0"
     if plan.placement != "cpu" and plan.devices:
         # Ollama >= 0.30 runs llama-server, whose --fit would push layers to the CPU when less than its
-        # margin (default 1024 MiB) stays free; make its margin the plan's headroom (research/ollama.md s2).
+        # margin (default 1024 MiB) stays free; make its margin the plan's headroom (docs/research/ollama.md s2).
         env["LLAMA_ARG_FIT_TARGET"] = str(plan.devices[0].headroom_mib)
     if plan.placement == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"  # docs/gpu.mdx: -1 forces the CPU
@@ -144,5 +144,5 @@ def takes_from_registry(plan: HostPlan, settings: HostConfig, system: str) -> bo
 
 
 def modelfile(model_path: str, plan: HostPlan) -> str:
-    """The Modelfile for Ollama's offline import (`ollama create`, research/ollama.md section 7)."""
+    """The Modelfile for Ollama's offline import (`ollama create`, docs/research/ollama.md section 7)."""
     return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"

@@ -32,7 +32,7 @@ RPC_TABLE = "r1fleet-rpc"  # its own nftables table: the serving API's `inet r1f
 RPC_RULES_FILE = "/etc/r1fleet/rpc-nftables.conf"
 USER = "ggml-rpc"
 HOME = "/var/lib/ggml-rpc"
-# Debian's multiarch triplets, as in /usr/libexec/<triplet>/llama/bin (LAB-NOTES.md, forky's llama.cpp-tools-extra)
+# Debian's multiarch triplets, as in /usr/libexec/<triplet>/llama/bin (docs/research/lab-notes.md, forky's llama.cpp-tools-extra)
 MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # ggml's device names: ggml/include/ggml-cuda.h GGML_CUDA_NAME ("CUDA", "ROCm" under HIP), ggml/include/ggml-vulkan.h
 # GGML_VK_NAME; the backend numbers the devices it sees from 0.
