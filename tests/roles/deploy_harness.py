@@ -1,7 +1,7 @@
 """Run an r1fleet @deploy against pyinfra's @fake connector (a stand-in host) and record what it did.
 
 @fake succeeds silently for every command unless `fake_responses` scripts an answer (substring ->
-output; research/pyinfra.md section 4). Uploads are captured here because the connector does not
+output; docs/research/pyinfra.md section 4). Uploads are captured here because the connector does not
 record them.
 """
 
@@ -21,6 +21,7 @@ from pyinfra.connectors.fake import FakeConnector
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "@fake/h1"
+_RUN_SHELL_COMMAND = FakeConnector.run_shell_command
 
 # What every Linux host answers; tests add the facts that matter to them.
 BASE_RESPONSES: dict[str, Any] = {
@@ -39,14 +40,65 @@ class Run:
     op_names: list[str]   # every operation the deploy prepared, in order
     changed: list[str]    # the operations that completed and reported a change
     failed: bool
+    by_op: list[tuple[str, str]]   # (operation name, command) for each command an operation ran, in order
 
-    def ran(self, text: str) -> bool:
-        return any(text in command for command in self.commands)
+    def op(self, name: str) -> str:
+        """The one prepared operation called `name` (its full name, or a part that names only one)."""
+        names = list(dict.fromkeys(self.op_names))
+        exact = [n for n in names if n == name or n.rsplit(" | ", 1)[-1] == name]
+        named = exact or [n for n in names if name in n]
+        assert len(named) == 1, f"{name!r} names {len(named)} operations, not one: {list(dict.fromkeys(self.op_names))}"
+        return named[0]
+
+    def op_commands(self, name: str) -> list[str]:
+        """The commands the one operation called `name` ran on the host (none when it had nothing to do)."""
+        op = self.op(name)
+        return [command for op_name, command in self.by_op if op_name == op]
+
+    def ran(self, name: str, text: str = "") -> bool:
+        """Whether the one operation called `name` ran a command containing `text` (any command if empty).
+
+        An operation that was never prepared fails the test (it is not "did not run")."""
+        return any(text in command for command in self.op_commands(name))
+
+    def never_ran(self, text: str) -> bool:
+        """Whether no command at all (of any operation, or a fact) contains `text`."""
+        return not any(text in command for command in self.commands)
+
+    def installs(self, name: str) -> set[str]:
+        """The packages the one operation called `name` installed (the words after `install` in its apt-get,
+        dnf or brew commands), so that a test can ask for one package by its whole name."""
+        packages: set[str] = set()
+        for command in self.op_commands(name):
+            match = re.search(r"\b(?:apt-get|dnf|brew)\b.*?\binstall\b(.*)$", command)
+            if match:
+                packages |= {word for word in match.group(1).split() if not word.startswith("-")}
+        return packages
+
+    def has_op(self, name: str) -> bool:
+        """Whether an operation whose name contains `name` was prepared."""
+        return any(name in n for n in self.op_names)
 
     def script(self, text: str) -> str:
         matches = [c for c in self.commands if text in c]
         assert matches, f"no command contains {text!r}"
         return matches[0]
+
+
+def record_commands(monkeypatch, state_box: list) -> list[tuple[str, str]]:
+    """Make @fake's run_shell_command also note which operation (by name) ran each command."""
+    by_op: list[tuple[str, str]] = []
+    original = _RUN_SHELL_COMMAND  # @fake's own, not a wrapper an earlier run in the same test installed
+
+    def run_and_note(self, command, *args, **kwargs):
+        op_hash = self.host.executing_op_hash
+        if op_hash is not None and state_box:
+            text = command if isinstance(command, str) else command.get_masked_value()
+            by_op.append((op_name(state_box[0], op_hash), text))
+        return original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(FakeConnector, "run_shell_command", run_and_note)
+    return by_op
 
 
 def record_uploads(monkeypatch) -> dict[str, str]:
@@ -90,9 +142,12 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     (e.g. role settings read from host.data); base_responses: add BASE_RESPONSES (a plain Linux host).
     """
     uploads = record_uploads(monkeypatch)
+    state_box: list[State] = []
+    by_op = record_commands(monkeypatch, state_box)
     host_data = {"fake_responses": fake_responses(responses, base_responses), **(data or {})}
     inventory = Inventory(([(HOST, host_data)], {"fake_delay": 0, "fake_delay_jitter": 0}))
     state = State(inventory=inventory, config=Config())
+    state_box.append(state)
     state.cwd = str(ROOT)
     connect_all(state)
     add_deploy(state, role, *args)
@@ -107,4 +162,4 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     changed = [op_name(state, h) for h in order
                if h in ops and ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()]
     return Run(commands=list(host.connector.executed_commands), uploads=uploads, op_names=op_names,
-               changed=changed, failed=host in state.failed_hosts)
+               changed=changed, failed=host in state.failed_hosts, by_op=by_op)

@@ -8,7 +8,8 @@ import pytest
 
 from r1fleet.errors import FleetError
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.artifacts.pins import DeployError, Platform, model_download, platform_from_hardware
+from r1fleet.errors import DeployError
+from r1fleet.artifacts.pins import Platform, model_download, platform_from_hardware
 from r1fleet.artifacts.llama_cpp_install import cuda_architectures
 from r1fleet.roles.llama_cpp.decide import llama_server_args
 from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release, parse_sha256sums

@@ -67,11 +67,12 @@ def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypa
     assert rules.index("accept") < rules.index("drop")
     unit = run.uploads[exposure.FIREWALL_UNIT_PATH]
     assert "ExecStart=/usr/sbin/nft -f /etc/r1fleet/nftables.conf" in unit
-    assert run.ran("systemctl enable r1fleet-firewall.service")
+    assert run.ran("Load the firewall rules", "systemctl enable r1fleet-firewall.service")
+    assert run.ran("Load the firewall rules", "systemctl start r1fleet-firewall.service")
     # the key is made by the host's shell, root-only, and no command or upload carries a key value
     key_cmd = next(c for c in run.commands if "/dev/urandom" in c)
     assert "umask 077" in key_cmd and "chmod 0600" in key_cmd and "base64 > /etc/r1fleet/api-key.tmp" in key_cmd
-    assert run.ran("chmod 600 /etc/r1fleet/api-key")
+    assert run.ran("API key root-only", "chmod 600 /etc/r1fleet/api-key")
     assert not any("--api-key " in c for c in run.commands)
     assert all("api-key" not in text for text in run.uploads.values())
 
@@ -80,14 +81,14 @@ def test_existing_key_is_never_regenerated(monkeypatch):
     responses = {**HAS_NFT, "/etc/r1fleet/api-key": {"stdout": ["user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=45 '/etc/r1fleet/api-key'"]}}
     run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
-    assert not run.ran("/dev/urandom")
+    assert run.never_ran("/dev/urandom")
 
 
 def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
     run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     assert "tcp dport 11434 counter drop" in run.uploads[exposure.RULES_FILE]
-    assert not run.ran("/dev/urandom")
+    assert run.never_ran("/dev/urandom")
 
 
 # `ufw status numbered` as ufw 0.36.2 prints it (captured from Debian 12's ufw in tests/lab/test_ufw.py)
@@ -136,31 +137,31 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
                  **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
     again = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_FIRST, **responses, **converged})
-    assert not again.ran("ufw --force delete") and not again.ran("sh -e")
+    assert again.never_ran("ufw --force delete") and again.never_ran("sh -e")
     # a rule the user inserted above ours later: ours are put back on top
     below = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_BELOW, **responses, **converged})
-    assert below.ran(f"sh -e {exposure.UFW_RULES_FILE}")
+    assert below.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
     # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
     lost = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                     monkeypatch=monkeypatch, responses={"ufw show added": "0", **responses, **converged})
-    assert lost.ran(f"sh -e {exposure.UFW_RULES_FILE}")
+    assert lost.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
     responses = {"nft list table inet r1fleet": "present", **HAS_NFT}
     run = run_role(exposure.exposure_role, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
-    assert run.ran("nft delete table inet r1fleet")
-    assert run.uploads == {} and not run.ran("/dev/urandom")
+    assert run.ran("Remove the r1fleet nftables table", "nft delete table inet r1fleet")
+    assert run.uploads == {} and run.never_ran("/dev/urandom")
     clean = run_role(exposure.exposure_role, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
-    assert not clean.ran("nft delete") and clean.uploads == {}
+    assert clean.never_ran("nft delete") and clean.uploads == {}
 
 
 def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
     # valid settings, refused under this plan: an Ollama open to every network
     run = run_role(exposure.exposure_role, entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA, responses={"exit 1": {"success": False}},
                    base_responses=False, monkeypatch=monkeypatch)
-    assert run.failed and run.ran("field allow")
+    assert run.failed and run.ran("Refuse exposure settings", "field allow")
 
 
 def test_overlapping_allow_entries_are_merged():
@@ -181,16 +182,16 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
     unit = run.uploads[exposure.FIREWALL_UNIT_PATH]
     assert "After=local-fs.target nftables.service" in unit and "ReloadPropagatedFrom=nftables.service" in unit
     assert "PartOf=nftables.service" in unit
-    assert run.ran("systemctl reload r1fleet-firewall.service")  # no table on the host yet
+    assert run.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")  # no table on the host yet
     # A converged host: same files; the table is reloaded only when it is missing.
     converged = {**HAS_NFT, **{k: v for path, text in run.uploads.items() for k, v in file_content(path, text).items()}}
     intact = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
                       responses={"nft list table inet r1fleet": "present", **converged}, base_responses=False,
                       monkeypatch=monkeypatch)
-    assert not intact.ran("systemctl reload")
+    assert intact.never_ran("systemctl reload")
     flushed = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
                        base_responses=False, monkeypatch=monkeypatch)
-    assert flushed.ran("systemctl reload r1fleet-firewall.service")
+    assert flushed.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")
 
 
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
@@ -208,3 +209,50 @@ def test_a_mac_cannot_be_opened_to_the_lan_yet():
     with pytest.raises(FleetError, match="host mac: field listen"):
         exposure.exposure_for(entry("192.168.1.40", ["192.168.1.0/24"]), OLLAMA, "mac", darwin=True)
     assert not exposure.exposure_for(entry(None, []), OLLAMA, "mac", darwin=True).exposed
+
+
+@pytest.mark.parametrize("manager", ["apt-get", "dnf"])
+def test_a_host_without_nft_gets_nftables_before_the_firewall_loads(monkeypatch, manager):
+    """The firewall unit runs nft: an exposed host without it gets the nftables package first (apt or dnf)."""
+    responses = {"command -v apt-get": "/usr/bin/apt-get"} if manager == "apt-get" else {"command -v dnf": "/usr/bin/dnf"}
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert not run.failed
+    assert "nft -f" in run.uploads[exposure.FIREWALL_UNIT_PATH]
+    assert "nftables" in run.installs("nftables")
+    assert any(manager in command for command in run.op_commands("nftables"))
+    assert run.op_names.index(run.op("nftables")) < run.op_names.index(run.op("Load the firewall rules"))
+    present = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+                       responses={**responses, **HAS_NFT}, base_responses=False, monkeypatch=monkeypatch)
+    assert "Exposure | nftables" not in present.op_names and not present.failed   # nft is there: nothing installed
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """The [Unit] section of a systemd unit or drop-in: key -> every word of every line with that key."""
+    settings: dict[str, list[str]] = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Unit]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).extend(value.split())
+    return settings
+
+
+@pytest.mark.parametrize("plan", [OLLAMA, LLAMA], ids=["ollama", "llama.cpp"])
+def test_the_firewall_is_ordered_before_the_network_and_the_service(monkeypatch, plan):
+    """Fail-closed at boot: the rules load before the network comes up and before the service starts, and the
+    service starts only with them (Requires + After in its drop-in)."""
+    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), plan, responses=HAS_NFT,
+                   base_responses=False, monkeypatch=monkeypatch)
+    service = exposure.SERVICE_UNITS[plan.backend]
+    firewall = unit_settings(run.uploads[exposure.FIREWALL_UNIT_PATH])
+    assert {"network-pre.target", service} <= set(firewall["Before"])
+    assert "network-pre.target" in firewall["Wants"]
+    # default dependencies would order it after sysinit/basic.target, hence after network-pre.target: a cycle
+    assert firewall["DefaultDependencies"] == ["no"]
+    assert not {"network.target", "network-online.target", service} & set(firewall.get("After", []))
+    drop_in = unit_settings(run.uploads[exposure.firewall_drop_in(plan.backend)])
+    assert exposure.FIREWALL_UNIT in drop_in["Requires"] and exposure.FIREWALL_UNIT in drop_in["After"]

@@ -44,14 +44,14 @@ def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(m
     line = apt_install_line(run)
     assert "nvidia-headless-580-server-open" in line and "nvidia-utils-580-server" in line
     assert run.uploads[gpu_driver.NOUVEAU_BLACKLIST].splitlines()[1:] == ["blacklist nouveau", "options nouveau modeset=0"]
-    assert run.ran("update-initramfs -u")
+    assert run.ran("Rebuild the initramfs without nouveau", "update-initramfs -u")
     # the initramfs follows the host, not this run: rebuilt while it predates the blacklist, else left alone (M9)
     built = run_role(gpu_driver.install, hw(), PLAN, data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch,
                      responses={"/boot/initrd.img-$(uname -r)": "holds", **INSTALLED, **UPTIME})
-    assert not built.ran("update-initramfs -u")
+    assert built.never_ran("update-initramfs -u")
     # nvidia-smi answers nothing after the install -> exactly one reboot, then persistence is enabled
     assert sum("reboot" in c and "sleep 1" in c for c in run.commands) == 1
-    assert run.ran("systemctl enable nvidia-persistenced")
+    assert run.ran("NVIDIA persistence daemon", "systemctl enable nvidia-persistenced")
     assert not any("sources.list.d" in path for path in run.uploads)   # Ubuntu: archive packages only
 
 
@@ -83,7 +83,12 @@ def test_debian_12_adds_nonfree_components_and_verified_cuda_repo(monkeypatch):
     cuda = run.uploads[gpu_driver.CUDA_SOURCES]
     assert "URIs: https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/" in cuda
     assert "Suites: /" in cuda and f"Signed-By: {gpu_driver.CUDA_KEYRING}" in cuda
-    assert run.ran("EB693B3035CD5710E231E123A4B469963BF863CC")   # key fingerprint checked before use
+    assert run.ran("NVIDIA CUDA repository key", "EB693B3035CD5710E231E123A4B469963BF863CC")   # key fingerprint checked before use
+    # the key is fetched with curl and checked with gpg: both come from the tools operation, which runs first
+    key = " ".join(run.op_commands("NVIDIA CUDA repository key"))
+    tools = run.installs("Tools to fetch signing keys")
+    assert re.search(r"\bcurl ", key) and re.search(r"\bgpg ", key) and {"curl", "gnupg", "ca-certificates"} <= tools
+    assert run.op_names.index(run.op("Tools to fetch signing keys")) < run.op_names.index(run.op("NVIDIA CUDA repository key"))
     assert "Pin-Priority: 995" in run.uploads[gpu_driver.CUDA_PIN]
     line = apt_install_line(run)
     assert "nvidia-open-580" in line and "linux-headers-6.1.0-26-amd64" in line
@@ -100,7 +105,7 @@ def test_debian_13_uses_distro_open_dkms(monkeypatch):
 def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
     run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=UPTIME, data=REBOOT_DATA,
                    base_responses=False, monkeypatch=monkeypatch)
-    assert run.ran("rpmfusion-nonfree-release-42.noarch.rpm")
+    assert run.ran("RPM Fusion repository (rpmfusion-nonfree-release-{fedora}.noarch.rpm)", "rpmfusion-nonfree-release-42.noarch.rpm")
     # the release RPM is installed only after its signature checks out against RPM Fusion's keys (L9)
     fetch = next(c for c in run.commands if "rpmfusion-free-release-42.noarch.rpm" in c)
     assert fetch.index("rpmkeys --import /usr/share/distribution-gpg-keys/rpmfusion/") < fetch.index("curl") \
@@ -109,22 +114,22 @@ def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
     assert any(re.search(r"dnf .*install.*akmod-nvidia", c) for c in run.commands)
     assert run.uploads["/etc/rpm/macros.nvidia-kmod"].strip() == "%_with_kmod_nvidia_open 1"
     # modinfo printed nothing -> the role polls until akmods has built the module
-    assert run.ran("modinfo -F version nvidia >/dev/null 2>&1 && exit 0")
-    assert run.ran("dracut --force")
+    assert run.ran("Wait until akmods has built the nvidia module", "modinfo -F version nvidia >/dev/null 2>&1 && exit 0")
+    assert run.ran("Rebuild the initramfs without nouveau", "dracut --force")
 
 
 def test_fedora_release_rpms_installed_once(monkeypatch):
     responses = {"rpm --queryformat": "rpmfusion-free-release 42-1.noarch", **UPTIME}
     run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
                    base_responses=False, monkeypatch=monkeypatch)
-    assert not run.ran("rpmfusion-free-release-42.noarch.rpm")
+    assert run.never_ran("rpmfusion-free-release-42.noarch.rpm")
 
 
 def test_fedora_skips_the_wait_when_the_module_is_built(monkeypatch):
     responses = {"modinfo -F version": "580.95.05", **UPTIME}
     run = run_role(gpu_driver.install, hw(FEDORA), PLAN, responses=responses, data=REBOOT_DATA,
                    base_responses=False, monkeypatch=monkeypatch)
-    assert not run.ran("akmods --force")
+    assert run.never_ran("akmods --force")
 
 
 def test_secure_boot_with_unsigned_module_fails_the_host_with_mok_message(monkeypatch):
@@ -157,9 +162,9 @@ def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeyp
     line = apt_install_line(run)
     assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-runtime" in line
     assert "repo.radeon.com/rocm/apt/6.4.1" in run.uploads[gpu_driver.ROCM_SOURCES]
-    assert run.ran("modprobe amdgpu")
+    assert run.ran("Load amdgpu", "modprobe amdgpu")
     # the repository key is kept only when it is the one AMD published
-    assert run.ran("73f5d8100de6048aa38a8b84cd9a87f05177d208") and run.ran("sha1sum -c --status")
+    assert run.ran("ROCm repository key", "73f5d8100de6048aa38a8b84cd9a87f05177d208") and run.ran("ROCm repository key", "sha1sum -c --status")
 
 
 def test_amd_supported_card_with_ollama_is_a_no_op(monkeypatch):
@@ -182,5 +187,5 @@ def test_the_reboot_is_decided_from_the_host_and_never_repeated_for_a_driver_tha
              "not rebooting again": {"success": False}, **UPTIME}
     run = run_role(gpu_driver.install, hw(), PLAN, responses=stuck, data=REBOOT_DATA, base_responses=False,
                    monkeypatch=monkeypatch)
-    assert run.failed and run.ran("not rebooting again")
+    assert run.failed and run.ran("Remember the reboot for this NVIDIA driver", "not rebooting again")
     assert not any("reboot" in c and "sleep 1" in c for c in run.commands)

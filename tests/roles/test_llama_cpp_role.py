@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from deploy_harness import run_role
 import facts_for as ff
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.artifacts.pins import Download, Platform
+from r1fleet.artifacts.pins import load_pins
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.records import GgufFile, HostPlan
 from r1fleet.roles.llama_cpp.role import llama_cpp_role
@@ -44,8 +47,8 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     assert install.method == "package"
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
     assert not run.failed
-    assert run.ran("install curl ca-certificates llama.cpp-tools libggml0-backend-cuda")
-    assert not run.ran("cmake")
+    assert run.ran("llama.cpp packages", "install curl ca-certificates llama.cpp-tools libggml0-backend-cuda")
+    assert run.never_ran("cmake")
     args = exec_args(run.uploads[UNIT])
     assert args == [
         "/usr/bin/llama-server", "-m", "/var/lib/r1fleet/models/llama.cpp/70b.gguf", "-c", "8192", "-ngl", "999",
@@ -59,7 +62,7 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     fetch = run.script("70b.gguf.part")
     assert "curl -fSL --retry 3 -C -" in fetch and fetch.index("sha256sum") < fetch.index("mv -f")
     assert "chown llama:llama" in fetch
-    assert run.ran("http://127.0.0.1:8080/health")
+    assert run.ran("Health of r1fleet-llama-server.service", "http://127.0.0.1:8080/health")
 
 
 UBUNTU_2404 = Platform(arch="amd64", distro_id="ubuntu", codename="noble", tegra_major=None)
@@ -79,7 +82,13 @@ def test_cuda_llama_server_from_the_pinned_ollama_archive(monkeypatch, target):
     fetch = run.script("ollama-linux-amd64.tar.zst")
     assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in fetch
     assert fetch.index("sha256sum") < fetch.index("zstd -dc")
-    assert not run.ran("cmake") and not run.ran("nvcc")
+    # the tools the archive's script calls (tar is Essential on Debian) come from the packages operation, first
+    packages = run.installs("llama.cpp packages")
+    used = set(re.findall(r"(?:^|[ ;|({])(zstd|curl) ", fetch))
+    assert used == {"zstd", "curl"} and used <= packages and "ca-certificates" in packages
+    archive = next(name for name, command in run.by_op if "ollama-linux-amd64.tar.zst" in command)
+    assert run.op_names.index(run.op("llama.cpp packages")) < run.op_names.index(archive)
+    assert run.never_ran("cmake") and run.never_ran("nvcc")
     unit = run.uploads[UNIT]
     assert exec_args(unit)[0] == f"{BUNDLE}/llama-server"
     assert f'Environment="GGML_BACKEND_PATH={BUNDLE}/cuda_v12/libggml-cuda.so"' in unit
@@ -91,7 +100,7 @@ def test_cuda_llama_server_from_the_pinned_ollama_archive(monkeypatch, target):
     names = run.op_names
     check_at = next(i for i, n in enumerate(names) if n.endswith("llama-server flags and devices"))
     assert check_at < next(i for i, n in enumerate(names) if n.endswith(f"Unit {UNIT.rsplit('/', 1)[1]}"))
-    assert not run.ran("the plan needs") and not run.ran(" lacks ")  # the check passed: nothing refused
+    assert run.never_ran("the plan needs") and run.never_ran(" lacks ")  # the check passed: nothing refused
 
 
 def test_bundle_that_does_not_see_the_gpus_is_refused_before_the_unit(monkeypatch):
@@ -100,7 +109,7 @@ def test_bundle_that_does_not_see_the_gpus_is_refused_before_the_unit(monkeypatc
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses={"--list-devices": ["device CUDA0"]},
                    monkeypatch=monkeypatch)
     # (@fake runs nothing: the refusal is the command that stops the host)
-    assert run.ran("--list-devices shows CUDA0, the plan needs 2") and run.ran("exit 1")
+    assert run.ran("llama-server flags and devices", "--list-devices shows CUDA0, the plan needs 2") and run.ran("llama-server flags and devices", "exit 1")
 
 
 def test_bundle_without_a_flag_is_refused(monkeypatch):
@@ -108,7 +117,7 @@ def test_bundle_without_a_flag_is_refused(monkeypatch):
     install = llama_cpp_install(UBUNTU_2404, p, settings, set())
     responses = {"--list-devices": ["missing-flag --alias", "device CUDA0", "device CUDA1"]}
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
-    assert run.ran("lacks --alias") and run.ran("exit 1")
+    assert run.ran("llama-server flags and devices", "lacks --alias") and run.ran("llama-server flags and devices", "exit 1")
 
 
 def test_from_source_only_when_asked(monkeypatch):
@@ -121,6 +130,11 @@ def test_from_source_only_when_asked(monkeypatch):
     assert "-DLLAMA_BUILD_UI=OFF" in build and "-DLLAMA_BUILD_NUMBER=10069" in build
     assert "https://github.com/ggml-org/llama.cpp/archive/refs/tags/b10069.tar.gz" in build
     assert build.index("sha256sum") < build.index("cmake -S") < build.index('mv "$tmp/out" /opt/r1fleet/llama.cpp/b10069')
+    # the tarball is compared with the pinned sha256 (versions.yaml), and a mismatch stops the script
+    pinned = load_pins().llama_cpp.source_sha256
+    compared = build.index(f"!= {pinned} ]")
+    assert "sha256sum" in build[compared - 200:compared] and "exit 1" in build[compared:compared + 300]
+    assert compared < build.index("cmake -S")
     assert exec_args(run.uploads[UNIT])[0] == install.binary
 
 
@@ -129,7 +143,7 @@ def test_source_build_skipped_when_tag_already_built(monkeypatch):
     install = llama_cpp_install(BOOKWORM, p, settings, set())
     responses = ff.file_exists(install.binary, mode="-rwxr-xr-x")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
-    assert not run.ran("cmake -S")
+    assert run.never_ran("cmake -S")
 
 
 def test_lab_host_uses_the_cpu_package(monkeypatch):
@@ -182,7 +196,7 @@ def test_already_present_changes_nothing(monkeypatch):
     responses = converged_responses(first.uploads[UNIT])
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
     assert run.changed == []
-    assert not run.ran("systemctl restart") and not run.ran("/health")
+    assert run.never_ran("systemctl restart") and run.never_ran("/health")
 
 
 def test_changed_model_restarts_the_service(monkeypatch):
@@ -190,7 +204,7 @@ def test_changed_model_restarts_the_service(monkeypatch):
     install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
     responses = ff.running("r1fleet-llama-server.service")
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
-    assert run.ran("systemctl restart r1fleet-llama-server.service") and run.ran("/health")
+    assert run.ran("Restart r1fleet-llama-server.service", "systemctl restart r1fleet-llama-server.service") and run.ran("Health of r1fleet-llama-server.service", "/health")
 
 
 def test_switching_from_ollama_retires_its_service_first(monkeypatch):
@@ -200,11 +214,11 @@ def test_switching_from_ollama_retires_its_service_first(monkeypatch):
     responses = {**ff.file_exists("/etc/systemd/system/r1fleet-ollama.service"), **ff.running("r1fleet-ollama.service")}
     run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
     stop = next(i for i, c in enumerate(run.commands) if "systemctl stop r1fleet-ollama.service" in c)
-    assert run.ran("systemctl disable r1fleet-ollama.service") and run.ran("rm -f /etc/systemd/system/r1fleet-ollama.service")
+    assert run.ran("Stop r1fleet-ollama.service (the plan moved to the other backend)", "systemctl disable r1fleet-ollama.service") and run.ran("Remove r1fleet-ollama.service", "rm -f /etc/systemd/system/r1fleet-ollama.service")
     starts = [i for i, c in enumerate(run.commands) if "systemctl start r1fleet-llama-server.service" in c]
     assert starts and stop < starts[0]
     clean = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch)
-    assert not clean.ran("systemctl stop r1fleet-ollama.service") and not clean.ran("rm -f /etc/systemd/system/r1fleet-ollama")
+    assert clean.never_ran("systemctl stop r1fleet-ollama.service") and clean.never_ran("rm -f /etc/systemd/system/r1fleet-ollama")
 
 
 def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
@@ -224,7 +238,8 @@ def test_a_service_older_than_its_files_is_restarted_on_the_next_run(monkeypatch
     converged = converged_responses(first.uploads[UNIT])
     stale = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses={"NeedDaemonReload": "stale", **converged},
                      monkeypatch=monkeypatch)
-    assert stale.ran("systemctl daemon-reload && systemctl reset-failed r1fleet-llama-server.service; "
-                     "systemctl restart r1fleet-llama-server.service") and stale.ran("/health")
+    assert stale.ran("Restart r1fleet-llama-server.service if it predates its files",
+                     "systemctl daemon-reload && systemctl reset-failed r1fleet-llama-server.service; "
+                     "systemctl restart r1fleet-llama-server.service") and stale.ran("Health of r1fleet-llama-server.service", "/health")
     fresh = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=converged, monkeypatch=monkeypatch)
-    assert not fresh.ran("systemctl restart") and not fresh.ran("/health")
+    assert fresh.never_ran("systemctl restart") and fresh.never_ran("/health")

@@ -38,15 +38,15 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
     assert env["OLLAMA_MODELS"] == "/var/lib/r1fleet/models/ollama" and env["OLLAMA_KV_CACHE_TYPE"] == "q8_0"
     assert env["OLLAMA_FLASH_ATTENTION"] == "1" and env["OLLAMA_KEEP_ALIVE"] == "-1"
     assert plist["RunAtLoad"] and plist["KeepAlive"] and "LimitLoadToSessionType" not in plist
-    assert not run.ran("brew install")
-    assert run.ran("dscl . -create /Users/_r1ollama")
-    assert run.ran("launchctl bootstrap system /Library/LaunchDaemons/com.r1fleet.ollama.plist")
-    assert run.ran("launchctl kickstart -k system/com.r1fleet.ollama")
+    assert run.never_ran("brew install")
+    assert run.ran("Service user _r1ollama", "dscl . -create /Users/_r1ollama")
+    assert run.ran("(Re)load the Ollama LaunchDaemon", "launchctl bootstrap system /Library/LaunchDaemons/com.r1fleet.ollama.plist")
+    assert run.ran("(Re)load the Ollama LaunchDaemon", "launchctl kickstart -k system/com.r1fleet.ollama")
     # 12000 MiB fits in the default working set of 32 GiB (2/3 = 21845 MiB): no wired limit
-    assert macos.WIRED_PLIST not in run.uploads and not run.ran("iogpu.wired_limit_mb")
+    assert macos.WIRED_PLIST not in run.uploads and run.never_ran("iogpu.wired_limit_mb")
     # then the model itself: pulled by its exact tag from the LaunchDaemon's server, and kept loaded
-    assert run.ran("OLLAMA_HOST=http://127.0.0.1:11434 /usr/local/lib/r1fleet/ollama-0.32.9/ollama pull deepseek-r1:14b-qwen-distill-q4_K_M")
-    assert run.ran('"keep_alive": -1') and run.ran("http://127.0.0.1:11434/api/generate")
+    assert run.ran("Pull deepseek-r1:14b-qwen-distill-q4_K_M", "OLLAMA_HOST=http://127.0.0.1:11434 /usr/local/lib/r1fleet/ollama-0.32.9/ollama pull deepseek-r1:14b-qwen-distill-q4_K_M")
+    assert run.ran("Preload deepseek-r1:14b-qwen-distill-q4_K_M", '"keep_alive": -1') and run.ran("Preload deepseek-r1:14b-qwen-distill-q4_K_M", "http://127.0.0.1:11434/api/generate")
 
 
 def test_the_model_is_loaded_again_after_any_start(monkeypatch):
@@ -57,7 +57,7 @@ def test_the_model_is_loaded_again_after_any_start(monkeypatch):
     script = load["ProgramArguments"][2]
     assert script.startswith("curl -sf --max-time 10 http://127.0.0.1:11434/api/ps | grep -qF")
     assert '"deepseek-r1:14b-qwen-distill-q4_K_M"' in script and '"keep_alive":-1' in script
-    assert run.ran(f"launchctl bootstrap system {macos.LOAD_PLIST}")
+    assert run.ran("(Re)load that LaunchDaemon", f"launchctl bootstrap system {macos.LOAD_PLIST}")
 
 
 def test_listen_address_reaches_ollama_host(monkeypatch):
@@ -73,7 +73,7 @@ def test_plan_beyond_default_working_set_sets_wired_limit_at_boot(monkeypatch):
     wired = plistlib.loads(run.uploads[macos.WIRED_PLIST].encode())
     assert wired["ProgramArguments"] == ["/usr/sbin/sysctl", "iogpu.wired_limit_mb=25024"]
     assert wired["RunAtLoad"] is True
-    assert run.ran("sysctl iogpu.wired_limit_mb=25024")
+    assert run.ran("Apply iogpu.wired_limit_mb=25024 now", "sysctl iogpu.wired_limit_mb=25024")
 
 
 def test_wired_limit_leaves_the_os_its_reserve():
@@ -86,13 +86,13 @@ def test_existing_user_and_unchanged_plist_do_nothing(monkeypatch):
     responses = {**ARM, "id -u _r1ollama": "yes"}
     run = run_role(macos.install, mac_plan(12000), entry(), responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
-    assert not run.ran("dscl . -create")
+    assert run.never_ran("dscl . -create")
 
 
 def test_intel_mac_is_refused(monkeypatch):
     run = run_role(macos.install, mac_plan(12000), entry(), base_responses=False, monkeypatch=monkeypatch,
                    responses={"uname -m": "x86_64", "exit 1": {"success": False}})
-    assert run.failed and run.ran("Apple Silicon only")
+    assert run.failed and run.ran("Refuse: not Apple Silicon", "Apple Silicon only")
 
 
 def test_pinned_archive_is_downloaded_inside_the_root_owned_release_directory(monkeypatch):
@@ -106,7 +106,7 @@ def test_homebrew_only_when_asked(monkeypatch):
     run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, data={"macos_ollama": "homebrew"},
                    base_responses=False, monkeypatch=monkeypatch)
     assert plistlib.loads(run.uploads[macos.PLIST].encode())["ProgramArguments"] == [macos.BREW_BINARY, "serve"]
-    assert run.ran("brew upgrade ollama") or run.ran("brew install ollama")
+    assert run.ran("Ollama (Homebrew)", "brew upgrade ollama") or run.ran("Ollama (Homebrew)", "brew install ollama")
 
 
 def test_another_ollama_on_the_port_is_stopped_or_refused(monkeypatch):
@@ -119,8 +119,8 @@ def test_another_ollama_on_the_port_is_stopped_or_refused(monkeypatch):
     responses = {**ARM, "lsof -nP -iTCP:11434": "501 /Applications/Ollama.app/Contents/Resources/ollama"}
     run = run_role(macos.install, mac_plan(12000), entry(), responses=responses, base_responses=False,
                    monkeypatch=monkeypatch)
-    assert run.ran("launchctl disable gui/501/com.ollama.ollama")
+    assert run.ran("Stop another Ollama holding the port (Ollama.app, brew services)", "launchctl disable gui/501/com.ollama.ollama")
     other = {**ARM, "lsof -nP -iTCP:11434": "501 /usr/local/bin/python3"}
     refused = run_role(macos.install, mac_plan(12000), entry(), responses=other, base_responses=False,
                        monkeypatch=monkeypatch)
-    assert refused.ran("r1fleet: port 11434 is held by /usr/local/bin/python3 (uid 501): stop it first' >&2; exit 1")
+    assert refused.ran("Stop another Ollama holding the port (Ollama.app, brew services)", "r1fleet: port 11434 is held by /usr/local/bin/python3 (uid 501): stop it first' >&2; exit 1")

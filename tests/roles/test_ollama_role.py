@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from deploy_harness import run_role
 import facts_for as ff
@@ -74,13 +75,19 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     assert "https://github.com/ollama/ollama/releases/download/v0.32.9/ollama-linux-amd64.tar.zst" in install
     assert "5d747a43369f61e38f20b5a39fcc5c90647e562cdc61e2e56034f1c5b113d540" in install
     assert install.index("sha256sum") < install.index("zstd -dc") < install.index("mv \"$tmp/tree\" /opt/r1fleet/ollama/0.32.9")
-    assert run.ran("ln -s /opt/r1fleet/ollama/0.32.9/bin/ollama /usr/local/bin/ollama")
-    assert run.ran("zstd")  # package installed because the archive is .tar.zst
-    assert run.ran("systemctl daemon-reload")
-    assert run.ran("systemctl start r1fleet-ollama.service") and run.ran("systemctl enable r1fleet-ollama.service")
-    assert run.ran(f"{API}/api/version")  # health gate after the start
-    assert run.ran(f"ollama pull {p.ollama_tag}") and not run.ran("ollama create")
-    assert run.ran('"keep_alive": -1')
+    assert run.ran("ollama on PATH", "ln -s /opt/r1fleet/ollama/0.32.9/bin/ollama /usr/local/bin/ollama")
+    assert "zstd" in run.installs("Packages for Ollama")  # the archive is .tar.zst
+    # every tool the install script calls comes from the packages operation, and it runs before the script
+    packages = run.installs("Packages for Ollama")
+    for tool in ("curl", "tar", "zstd"):
+        assert re.search(rf"(^|[ ;|({{]){tool} ", install) and tool in packages, tool
+    assert "https://" in install and "ca-certificates" in packages  # curl over TLS needs the CA bundle
+    assert run.op_names.index(run.op("Packages for Ollama")) < run.op_names.index(run.op("Ollama 0.32.9"))
+    assert run.ran("Reload systemd for r1fleet-ollama.service", "systemctl daemon-reload")
+    assert run.ran("Run r1fleet-ollama.service", "systemctl start r1fleet-ollama.service") and run.ran("Run r1fleet-ollama.service", "systemctl enable r1fleet-ollama.service")
+    assert run.ran("Health of r1fleet-ollama.service", f"{API}/api/version")  # health gate after the start
+    assert run.ran(f"Pull {p.ollama_tag}", f"ollama pull {p.ollama_tag}") and run.never_ran("ollama create")
+    assert run.ran("Preload deepseek-r1:7b-qwen-distill-q4_K_M", '"keep_alive": -1')
 
 
 def test_unit_carries_exactly_the_planned_settings(monkeypatch):
@@ -109,7 +116,7 @@ def test_listen_opens_the_bind_address(monkeypatch):
     settings = HostConfig(name="h1", address="10.0.0.1", listen="192.168.1.20", allow=["192.168.1.0/24"], port=11500)
     run = run_role(ollama_role, *role_args(plan(), settings, release()), monkeypatch=monkeypatch)
     assert 'Environment="OLLAMA_HOST=192.168.1.20:11500"' in run.uploads[UNIT]
-    assert run.ran("http://192.168.1.20:11500/api/version")
+    assert run.ran("Health of r1fleet-ollama.service", "http://192.168.1.20:11500/api/version")
 
 
 def test_already_present_changes_nothing(monkeypatch):
@@ -119,8 +126,8 @@ def test_already_present_changes_nothing(monkeypatch):
     again = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert not again.failed
     assert again.changed == []
-    assert not again.ran("systemctl restart") and not again.ran("systemctl daemon-reload")
-    assert not again.ran("ollama pull") and not again.ran("/api/generate")
+    assert again.never_ran("systemctl restart") and again.never_ran("systemctl daemon-reload")
+    assert again.never_ran("ollama pull") and again.never_ran("/api/generate")
 
 
 def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
@@ -134,9 +141,9 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
     responses["ls -1A /opt/r1fleet/ollama"] = ["0.32.9", "0.33.0"]
     run = run_role(ollama_role, *role_args(p, settings, new), responses=responses, monkeypatch=monkeypatch)
     assert not run.failed
-    assert run.ran("https://example.invalid/v0.33.0/ollama-linux-amd64.tar.zst")
+    assert run.ran("Ollama 0.33.0", "https://example.invalid/v0.33.0/ollama-linux-amd64.tar.zst")
     assert "ExecStart=/opt/r1fleet/ollama/0.33.0/bin/ollama serve" in run.uploads[UNIT]
-    assert run.ran("systemctl daemon-reload") and run.ran("systemctl restart r1fleet-ollama.service")
+    assert run.ran("Reload systemd for r1fleet-ollama.service", "systemctl daemon-reload") and run.ran("Restart r1fleet-ollama.service", "systemctl restart r1fleet-ollama.service")
     assert "rm -rf /opt/r1fleet/ollama/0.32.9" in run.commands  # the prune, after the health gate
 
 
@@ -151,12 +158,12 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     assert fetch.index("sha256sum") < fetch.index("mv -f")
     assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"].startswith(
         "FROM /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf\n")
-    assert run.ran(f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
+    assert run.ran(f"Import {STANDIN_TAG}", f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
     # then the record of what Ollama reports for the import (its rewrite of the file), for verify
     record = run.script("/var/lib/r1fleet/models/import/imported.json.tmp")
     assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64), sort_keys=True) in record
     assert run.commands.index(run.script("ollama create")) < run.commands.index(record)
-    assert not run.ran("ollama pull")
+    assert run.never_ran("ollama pull")
     assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
 
 
@@ -175,17 +182,17 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
     recorded = {"cat /var/lib/r1fleet/models/import/imported.json": json.dumps(record), **responses}
     run = run_role(ollama_role, *role_args(p, settings, rel), responses=recorded, monkeypatch=monkeypatch)
     assert run.changed == []
-    assert not run.ran("ollama create") and not run.ran(".part")
+    assert run.never_ran("ollama create") and run.never_ran(".part")
     # the tag is there but not as recorded (another file under that name, or no record): imported again
     unrecorded = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
-    assert unrecorded.ran("ollama create")
+    assert unrecorded.ran("Import r1fleet/smollm2:135m-instruct-q4_1", "ollama create")
 
 
 def test_download_mismatch_fails_the_host(monkeypatch):
     responses = {"mktemp -d /opt/r1fleet/ollama/.tmp.": {"success": False, "stderr": "sha256 mismatch for x"}}
     run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), responses=responses, monkeypatch=monkeypatch)
     assert run.failed
-    assert not run.ran("systemctl start r1fleet-ollama.service")
+    assert run.never_ran("systemctl start r1fleet-ollama.service")
 
 
 def test_nvidia_units_load_nvidia_uvm_before_each_start(monkeypatch):
@@ -230,8 +237,8 @@ def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
     # told not to keep them: deleted, not moved
     dropped = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1", official_ollama_models="remove"), release()),
                        responses=official, monkeypatch=monkeypatch)
-    assert dropped.ran("rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
-    assert not dropped.ran("mv -n")
+    assert dropped.ran("Keep the models of an official Ollama install", "rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
+    assert dropped.never_ran("mv -n")
     # nothing official left: nothing to take over
     clean = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
-    assert not clean.ran("disable --now ollama.service") and not clean.ran("rm -f /usr/local/bin/ollama")
+    assert clean.never_ran("disable --now ollama.service") and clean.never_ran("rm -f /usr/local/bin/ollama")

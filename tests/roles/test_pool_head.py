@@ -97,7 +97,7 @@ def unit_line(unit: str, key: str) -> str:
 def test_the_head_unit_waits_for_its_workers_and_may_reach_them(monkeypatch):
     run = deploy(monkeypatch)
     assert not run.failed
-    assert run.ran("install curl ca-certificates llama.cpp-tools libggml0-backend-cuda libggml0-backend-rpc")
+    assert run.ran("llama.cpp packages", "install curl ca-certificates llama.cpp-tools libggml0-backend-cuda libggml0-backend-rpc")
     unit = run.uploads[UNIT]
     args = unit_line(unit, "ExecStart=").split()
     assert args[args.index("--rpc") + 1] == f"{WORKER_ADDRESS}:50052" and "--tensor-split" in args
@@ -113,7 +113,7 @@ def test_the_head_unit_waits_for_its_workers_and_may_reach_them(monkeypatch):
     assert check < next(i for i, n in enumerate(run.op_names) if "Restart r1fleet-llama-server" in n)
     # the health gate allows for the workers' weights crossing the 1 Gbit/s link
     assert load_seconds(pool_plan()) == 210  # 20,000 MiB x 1.25 at 1 Gbit/s
-    assert run.ran("while [ $i -lt 756 ]")  # 120 s + 42.5 GB read at 100 MB/s (426 s) + 210 s
+    assert run.ran("Health of r1fleet-llama-server.service", "while [ $i -lt 756 ]")  # 120 s + 42.5 GB read at 100 MB/s (426 s) + 210 s
 
 
 def test_an_exposed_head_keeps_its_allow_list_and_adds_the_workers(monkeypatch):
@@ -127,9 +127,9 @@ def test_a_worker_that_is_down_fails_the_head_by_name(monkeypatch):
     run = deploy(monkeypatch, responses={"/dev/tcp/192.168.1.32/50052": "down box-b",
                                          "did not accept a TCP connection": {"success": False}})
     assert run.failed
-    assert run.ran("r1fleet: pool big: the head box-a")  # (the apostrophe after it is shell-quoted)
-    assert run.ran("RPC workers: box-b (192.168.1.32:50052) did not accept a TCP connection within 120s (fix: ")
-    assert not run.ran("systemctl restart r1fleet-llama-server")
+    assert run.ran("RPC workers of pool big", "r1fleet: pool big: the head box-a")  # (the apostrophe after it is shell-quoted)
+    assert run.ran("RPC workers of pool big", "RPC workers: box-b (192.168.1.32:50052) did not accept a TCP connection within 120s (fix: ")
+    assert run.never_ran("systemctl restart r1fleet-llama-server")
 
 
 def test_a_second_run_on_a_converged_head_changes_nothing(monkeypatch):
@@ -149,8 +149,8 @@ def test_a_second_run_on_a_converged_head_changes_nothing(monkeypatch):
     }
     again = deploy(monkeypatch, responses=converged)
     assert not again.failed and again.changed == []
-    assert not again.ran("systemctl restart") and not again.ran("/health")
-    assert again.ran("/dev/tcp/192.168.1.32/50052")  # the workers are checked on every run, changing nothing
+    assert again.never_ran("systemctl restart") and again.never_ran("/health")
+    assert again.ran("RPC workers of pool big", "/dev/tcp/192.168.1.32/50052")  # the workers are checked on every run, changing nothing
 
 
 def test_a_single_host_keeps_its_arguments(monkeypatch):
@@ -161,4 +161,4 @@ def test_a_single_host_keeps_its_arguments(monkeypatch):
     run = run_role(head_role, h.plan, settings, base, DOWNLOAD, None, monkeypatch=monkeypatch)
     unit = run.uploads[UNIT]
     assert "ExecStartPre=/bin/bash" not in unit and "--rpc" not in unit and "TimeoutStartSec" not in unit
-    assert "IPAddressAllow=localhost\n" in unit and not run.ran("/dev/tcp/")
+    assert "IPAddressAllow=localhost\n" in unit and run.never_ran("/dev/tcp/")

@@ -62,7 +62,7 @@ def exec_start(unit: str) -> list[str]:
 def test_the_worker_serves_its_planned_gpu_on_its_pool_address_only(monkeypatch):
     run = deploy(monkeypatch)
     assert not run.failed
-    assert run.ran("install libggml0-backend-cuda llama.cpp-tools-extra libggml0-backend-rpc nftables")
+    assert run.ran("rpc-server packages", "install libggml0-backend-cuda llama.cpp-tools-extra libggml0-backend-rpc nftables")
     unit = run.uploads[UNIT]
     assert exec_start(unit) == [RPC_SERVER, "-H", WORKER_ADDRESS, "-p", "50052", "-d", "CUDA0"]
     assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-bbbb"' in unit and 'Environment="HOME=/var/lib/ggml-rpc"' in unit
@@ -73,7 +73,7 @@ def test_the_worker_serves_its_planned_gpu_on_its_pool_address_only(monkeypatch)
     assert "Requires=r1fleet-rpc-firewall.service\nAfter=r1fleet-rpc-firewall.service\n" in unit
     assert "0.0.0.0" not in unit and "127.0.0.1" not in unit
     # healthy once the pool address accepts a TCP connection (ggml RPC speaks no HTTP)
-    assert run.ran(f"timeout 2 bash -c '</dev/tcp/{WORKER_ADDRESS}/50052'")
+    assert run.ran("Health of r1fleet-rpc-server.service", f"timeout 2 bash -c '</dev/tcp/{WORKER_ADDRESS}/50052'")
     # the worker's own solo services are not left holding the GPU
     assert run.op_names.index("RPC worker | Pool big address 192.168.1.32 is this host's") < \
         run.op_names.index("RPC worker | rpc-server packages")
@@ -133,10 +133,10 @@ def test_a_second_run_on_a_converged_worker_changes_nothing(monkeypatch):
     first = deploy(monkeypatch)
     again = deploy(monkeypatch, responses=converged(first))
     assert not again.failed and again.changed == []
-    assert not again.ran("systemctl restart") and not again.ran("systemctl reload") and not again.ran("/dev/tcp/")
+    assert again.never_ran("systemctl restart") and again.never_ran("systemctl reload") and again.never_ran("/dev/tcp/")
     # a table another `flush ruleset` removed is loaded again, and only that
     flushed = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-rpc": ""})
-    assert flushed.ran("systemctl reload r1fleet-rpc-firewall.service") and not flushed.ran("systemctl restart")
+    assert flushed.ran("Restore the RPC firewall table if something removed it", "systemctl reload r1fleet-rpc-firewall.service") and flushed.never_ran("systemctl restart")
 
 
 REFUSE = {"exit 1": {"success": False}}
@@ -153,8 +153,8 @@ REFUSE = {"exit 1": {"success": False}}
 def test_settings_that_would_open_the_port_wider_fail_the_host(monkeypatch, settings, reason):
     run = run_role(rpc_worker_role, pool_plan(), worker_config(**settings), head_config(), hardware("box-b", "GPU-bbbb"),
                    install_for(), responses={**HOST, **REFUSE}, monkeypatch=monkeypatch)
-    assert run.failed and run.ran(reason) and run.ran("pool big") and run.ran("host box-b") and run.ran("(fix: ")
-    assert UNIT not in run.uploads and not run.ran("apt-get")
+    assert run.failed and run.ran("Refuse pool big settings", reason) and run.ran("Refuse pool big settings", "pool big") and run.ran("Refuse pool big settings", "host box-b") and run.ran("Refuse pool big settings", "(fix: ")
+    assert UNIT not in run.uploads and run.never_ran("apt-get")
 
 
 @pytest.mark.parametrize("kwargs, reason, where", [
@@ -183,8 +183,8 @@ def test_a_head_named_by_dns_is_refused():
 
 def test_a_pool_address_the_host_does_not_have_is_refused_before_any_change(monkeypatch):
     run = deploy(monkeypatch, responses={"ip -o addr show": ["127.0.0.1", "10.9.9.9"], **REFUSE})
-    assert run.failed and run.ran("192.168.1.32 is not an address of this host (it has 10.9.9.9, 127.0.0.1)")
-    assert not run.ran("apt-get") and UNIT not in run.uploads
+    assert run.failed and run.ran("Pool big address 192.168.1.32 is this host's", "192.168.1.32 is not an address of this host (it has 10.9.9.9, 127.0.0.1)")
+    assert run.never_ran("apt-get") and UNIT not in run.uploads
 
 
 def test_a_worker_with_two_gpus_serves_both_in_the_plans_order(monkeypatch):
@@ -243,6 +243,8 @@ def test_a_former_worker_is_retired(monkeypatch):
     run = run_role(lambda: apply_roles([RpcWorkerRetired()]), responses=present, monkeypatch=monkeypatch)
     stop_server = run.commands.index("systemctl stop r1fleet-rpc-server.service")
     assert stop_server < run.commands.index("systemctl stop r1fleet-rpc-firewall.service")
-    assert run.ran(f"rm -f {UNIT}") and run.ran(f"rm -f {FIREWALL}") and run.ran(f"rm -f {RPC_RULES_FILE}")
+    assert run.ran("Remove r1fleet-rpc-server.service", f"rm -f {UNIT}")
+    assert run.ran("Remove the RPC firewall unit", f"rm -f {FIREWALL}")
+    assert run.ran("Remove the RPC firewall rules", f"rm -f {RPC_RULES_FILE}")
     clean = run_role(lambda: apply_roles([RpcWorkerRetired()]), monkeypatch=monkeypatch)
-    assert not clean.ran("systemctl stop") and not clean.ran("rm -f")
+    assert clean.never_ran("systemctl stop") and clean.never_ran("rm -f")

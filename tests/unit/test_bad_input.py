@@ -9,9 +9,11 @@ Seeded, bounded: a few hundred documents of each kind, a second or two.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
@@ -50,29 +52,91 @@ def mutate(text: str, rnd: random.Random) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outcome(load) -> R1FleetError | None:
+    """None when `load()` accepted the document, the R1FleetError when it refused it; any other exception
+    (a traceback for the user) fails the test, naming its type."""
+    try:
+        load()
+    except R1FleetError as error:
+        return error
+    except Exception as error:  # noqa: BLE001 - the point: nothing but R1FleetError may escape
+        pytest.fail(f"{type(error).__name__} instead of an R1FleetError: {error}")
+    return None
+
+
+def both_ways(refusals: list, total: int) -> None:
+    """A fuzz run that never refused (validation gone) or never accepted (the mutations are all fatal) tests
+    only one side: each seed must see both."""
+    assert 0 < len(refusals) < total, f"{len(refusals)} of {total} mutated documents refused"
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_probes_give_a_plan_or_a_clear_error(seed):
     rnd = random.Random(seed)
+    refusals = []
     for n in range(150):
         text = mutate(rnd.choice(PROBES).read_text(), rnd)
-        try:
-            hw = parse_probe(text, f"fuzz-{seed}-{n}")
-            plan = plan_host(hw)
-            decide_driver(hw, plan)
-        except R1FleetError as error:
-            assert f"fuzz-{seed}-{n}" in str(error)
+
+        def load(text=text, name=f"fuzz-{seed}-{n}"):
+            hw = parse_probe(text, name)
+            decide_driver(hw, plan_host(hw))
+        error = outcome(load)
+        if error is not None:
+            assert f"host fuzz-{seed}-{n}: field " in str(error), str(error)
+            refusals.append(error)
+    both_ways(refusals, 150)
+
+
+PROBE = ROOT / "tests" / "fixtures" / "probes" / "dual-rtx3090.probe"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "9" * 400, "-1", "²", "1e309", "[N/A]", "", "{", "[" * 2000])
+def test_a_hostile_memtotal_is_refused_naming_host_and_section(value):
+    text = PROBE.read_text()
+    hostile = re.sub(r"^MemTotal:\s+\d+", lambda _: f"MemTotal:       {value}", text, count=1, flags=re.M)
+    assert hostile != text
+    error = outcome(lambda: plan_host(parse_probe(hostile, "box")))
+    assert error is not None, f"MemTotal {value[:20]!r} was accepted"
+    assert "host box: field meminfo:" in str(error) and "(fix: " in str(error)
+    assert outcome(lambda: plan_host(parse_probe(text, "box"))) is None  # the document itself loads
 
 
 @pytest.mark.parametrize("seed", range(2))
 def test_mutated_fleet_files_load_or_say_what_is_wrong(tmp_path, seed):
     rnd = random.Random(seed)
+    refusals = []
     for n in range(150):
         path = tmp_path / f"fleet-{n}.yml"
         path.write_text(mutate(rnd.choice(FLEETS).read_text(), rnd))
-        try:
-            load_fleet(str(path), lab_state=False)
-        except R1FleetError as error:
-            assert str(path) in str(error) or "host" in str(error) or "lab" in str(error)
+        error = outcome(lambda: load_fleet(str(path), lab_state=False))
+        if error is not None:
+            assert str(path) in str(error), str(error)
+            refusals.append(error)
+    both_ways(refusals, 150)
+
+
+FLEET = ROOT / "inventory" / "fleet.example.yml"
+HOSTILE_FIELDS = [
+    ("address", "- -oProxyCommand=id"), ("address", "{{ lookup('pipe','id') }}"), ("address", ""),
+    ("ssh_port", 0), ("ssh_port", 70000), ("ssh_port", "inf"), ("port", "nan"), ("port", -1),
+    ("listen", "lan"), ("allow", ["not-a-net"]), ("model", "no-such-model"), ("groups", "{"),
+    ("model_dir", "/tmp/models"), ("model_dir", "/var/lib"), ("model_dir", "/home/me"), ("model_dir", "/srv/../etc"),
+    ("model_dir", "relative/dir"), ("model_dir", "/srv/a b"), ("model_dir", "/srv/$(id)"), ("model_dir", "/srv"),
+    ("policy", {"min_context": "9" * 400}), ("policy", {"min_tokens_per_second": "inf"}), ("nonsense_field", 1),
+]
+
+
+@pytest.mark.parametrize("field, value", HOSTILE_FIELDS, ids=[f"{f}={str(v)[:20]}" for f, v in HOSTILE_FIELDS])
+def test_a_hostile_fleet_field_is_refused_naming_file_host_and_field(tmp_path, field, value):
+    document = yaml.safe_load(FLEET.read_text())
+    path = tmp_path / "fleet.yml"
+    path.write_text(yaml.safe_dump(document))
+    assert outcome(lambda: load_fleet(str(path), lab_state=False)) is None  # the example itself loads
+    document["hosts"]["gpu-3060"][field] = value
+    path.write_text(yaml.safe_dump(document))
+    error = outcome(lambda: load_fleet(str(path), lab_state=False))
+    assert error is not None, f"{field}: {value!r} was accepted"
+    assert f"{path}: host gpu-3060: field {field}" in str(error) and "(fix: " in str(error), str(error)
 
 
 ANSIBLE = ROOT / "inventory" / "ansible"
@@ -84,13 +148,15 @@ def test_mutated_ansible_inventories_load_or_say_what_is_wrong(tmp_path, seed):
     import shutil
 
     rnd = random.Random(seed)
+    refusals = []
     for n in range(60):
         copy = tmp_path / f"inventory-{n}"
         shutil.copytree(ANSIBLE, copy)
         target = rnd.choice(sorted(p for p in copy.rglob("*") if p.is_file()))
         target.write_text(mutate(target.read_text(), rnd))
         inventory = copy / ("example-hosts.ini" if rnd.random() < 0.3 else "lab-hosts.yml")
-        try:
-            load_fleet(str(inventory), lab_state=False)
-        except R1FleetError as error:
-            assert str(copy) in str(error) or "host" in str(error), str(error)
+        error = outcome(lambda: load_fleet(str(inventory), lab_state=False))
+        if error is not None:
+            assert str(copy) in str(error), str(error)
+            refusals.append(error)
+    both_ways(refusals, 60)

@@ -371,3 +371,29 @@ def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypa
     cache.prune()
     r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, host)
     assert read_lock(path).hosts[host].artifacts.model.ollama_manifest == locked
+
+
+def test_each_identity_of_the_machine_is_compared():
+    """Another OS, architecture, distribution or unified-memory device, a swapped card (other UUID) or another
+    card in the slot: each one is a difference the lock refuses, named with before and after."""
+    locked = entry_for("dual-rtx3090").fingerprint
+    gpu = locked.gpus[1]
+    changes = {
+        "OS": {"system": "Darwin"},
+        "architecture": {"arch": "aarch64" if locked.arch != "aarch64" else "x86_64"},
+        "distribution": {"distro_version": locked.distro_version + "9"},
+        "unified memory": {"unified": "metal Apple M2 Ultra"},
+        "GPU 1": {"gpus": [locked.gpus[0], gpu.model_copy(update={"uuid": "GPU-ffffffff-0000"})]},
+    }
+    for label, change in changes.items():
+        differences = fingerprint_differences(locked, locked.model_copy(update=change))
+        assert len(differences) == 1 and differences[0].startswith(f"{label}: "), (label, differences)
+    other_card = locked.model_copy(update={"gpus": [locked.gpus[0], gpu.model_copy(update={"name": "NVIDIA RTX A5000"})]})
+    assert fingerprint_differences(locked, other_card) == [
+        f"GPU 1: {gpu.name} {gpu.memory_mib} MiB -> NVIDIA RTX A5000 {gpu.memory_mib} MiB"]
+    # the vendor word some drivers drop is not another card
+    bare = locked.model_copy(update={"gpus": [locked.gpus[0], gpu.model_copy(update={"name": gpu.name.removeprefix("NVIDIA ")})]})
+    assert gpu.name.startswith("NVIDIA ") and fingerprint_differences(locked, bare) == []
+    with pytest.raises(LockMismatch, match="OS: Linux -> Darwin"):
+        locked_plan(entry_for("dual-rtx3090"), hardware("dual-rtx3090").model_copy(
+            update={"os": hardware("dual-rtx3090").os.model_copy(update={"system": "Darwin"})}))

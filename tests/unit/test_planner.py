@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from r1fleet.hardware import parse_probe
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import kv_cache_mib
 from r1fleet.records import Gpu, GpuProcess, Hardware, UnifiedMemory
@@ -291,3 +294,65 @@ def test_ollama_picks_its_batch_from_context_and_free_memory():
     h200 = plan_host(host(gpu(0, "NVIDIA H200", 143771, 4800.0)))
     assert h200.backend == "ollama" and h200.ubatch == 1024
     assert plan_host(host(gpu(0, *RTX_4090))).ubatch == 512               # a tight 24 GB card stays at 512
+
+
+def test_the_context_is_padded_up_to_what_llama_cpp_allocates():
+    """llama.cpp rounds the context up to its padding: the estimate must count the padded tokens, never fewer."""
+    from r1fleet.plan.memory import constants, padded_context
+
+    pad = constants().kv_pad_tokens
+    model = load_catalog().find("8b")
+    for context in (1, pad - 1, pad, pad + 1, 3 * pad + 7, 8192, 8193):
+        padded = padded_context(context)
+        assert padded % pad == 0 and context <= padded < context + pad, (context, padded)
+        # the KV cache of an unpadded context costs what the padded one does
+        assert kv_cache_mib(model, 10, context, "f16") == kv_cache_mib(model, 10, padded, "f16")
+
+
+def test_a_split_follows_each_devices_free_room():
+    """The layers are spread in proportion to each device's room after its fixed costs (within one layer), so
+    a larger card holds more of them; every device's plan stays within its capacity."""
+    from r1fleet.plan.memory import Slot, fixed_cost_mib
+    from r1fleet.plan.placement import device_plans, split_layers, split_position
+
+    model = load_catalog().find("32b")
+    slots = (Slot("GPU0", 49140, "cuda"), Slot("GPU1", 24564, "cuda"))
+    context, kv, fa, headroom = 8192, "f16", True, 1024
+    layers = split_layers(model, slots, context, kv, fa, headroom)
+    assert layers is not None and sum(layers) == model.arch.layers
+    rooms = [slot.capacity_mib - fixed_cost_mib(model, slot, last=i == len(slots) - 1, context=context,
+                                                 flash_attention=fa, headroom_mib=headroom,
+                                                 split_first=split_position(i, len(slots)))
+             for i, slot in enumerate(slots)]
+    for count, room in zip(layers, rooms):
+        assert abs(count - model.arch.layers * room / sum(rooms)) <= 1, (layers, rooms)
+    assert layers[0] > layers[1]
+    assert all(d.planned_mib <= d.capacity_mib for d in device_plans(model, slots, layers, context, kv, fa, headroom))
+
+
+def test_a_devices_plan_is_the_sum_of_its_parts_and_its_headroom():
+    """planned_mib (what the planner compares with the capacity) counts every part it reports, and the headroom
+    the policy asks for on top of them: more headroom plans exactly that much more."""
+    from r1fleet.plan.memory import Slot, estimate_device
+
+    model = load_catalog().find("32b")
+    slot = Slot("GPU0", 24564, "cuda")
+    plans = [estimate_device(model, slot, layers=64, last=True, context=8192, kv_type="f16", flash_attention=True,
+                             headroom_mib=headroom) for headroom in (0, 1024)]
+    for d in plans:
+        assert d.planned_mib == d.weights_mib + d.kv_cache_mib + d.compute_mib + d.overhead_mib + d.headroom_mib
+        assert min(d.weights_mib, d.kv_cache_mib, d.compute_mib, d.overhead_mib) > 0
+    assert plans[1].planned_mib - plans[0].planned_mib == 1024 and plans[1].headroom_mib == 1024
+
+
+def test_the_largest_model_that_fits_is_chosen_whatever_the_catalogs_order():
+    """Candidates are tried largest first: the catalog's own order (here reversed) does not decide."""
+    catalog = load_catalog()
+    reversed_catalog = catalog.model_copy(update={"models": list(reversed(catalog.models))})
+    probe = Path(__file__).resolve().parents[1] / "fixtures" / "probes" / "rtx4090.probe"
+    hw = parse_probe(probe.read_text(), "rtx4090")
+    chosen = plan_host(hw, catalog=reversed_catalog)
+    assert chosen.model == plan_host(hw, catalog=catalog).model
+    fitting = [m for m in catalog.models if plan_host(hw, catalog=catalog, model=m.id).fits]
+    assert chosen.model == max(fitting, key=lambda m: m.params_b).id
+    assert len(fitting) < len(catalog.models)  # something larger did not fit: the order mattered
