@@ -162,6 +162,15 @@ class HostSettings(BaseModel):
             raise ValueError(f"{value!r} is not an IP address or a host name; write e.g. 192.168.1.21 or gpu-box.lan")
         return value
 
+    @field_validator("ssh_user")
+    @classmethod
+    def _ssh_user_is_a_login_name(cls, value: str | None) -> str | None:
+        # It reaches ssh's argv (`-l USER`, `USER@HOST`): a leading '-' or a space would be read as an option.
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value):
+            raise ValueError(f"{value!r} is not a login name; write letters, digits, '_', '.' or '-', starting with a "
+                             "letter or '_', at most 32 characters (e.g. admin)")
+        return value
+
     @field_validator("groups")
     @classmethod
     def _groups_are_names(cls, value: list[str] | None) -> list[str] | None:
@@ -217,7 +226,7 @@ class HostSettings(BaseModel):
 
 
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
-_CHECKED_SETTINGS = ("address", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
+_CHECKED_SETTINGS = ("address", "ssh_user", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
                      "ollama_registry")
 
 

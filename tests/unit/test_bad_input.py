@@ -118,6 +118,7 @@ def test_mutated_fleet_files_load_or_say_what_is_wrong(tmp_path, seed):
 FLEET = ROOT / "inventory" / "fleet.example.yml"
 HOSTILE_FIELDS = [
     ("address", "- -oProxyCommand=id"), ("address", "{{ lookup('pipe','id') }}"), ("address", ""),
+    ("ssh_user", "- -oProxyCommand=id"), ("ssh_user", "-oProxyCommand=id"), ("ssh_user", "me@evil"), ("ssh_user", "a b"),
     ("ssh_port", 0), ("ssh_port", 70000), ("ssh_port", "inf"), ("port", "nan"), ("port", -1),
     ("listen", "lan"), ("allow", ["not-a-net"]), ("model", "no-such-model"), ("groups", "{"),
     ("model_dir", "/tmp/models"), ("model_dir", "/var/lib"), ("model_dir", "/home/me"), ("model_dir", "/srv/../etc"),
