@@ -1,7 +1,8 @@
 """Every role has one shape, and the deploy's stage order is written here once.
 
-A role is built from the host's plan and config: building it decides and checks, and changes nothing
-(prepare). It then offers what it reads on the host and three stages of operations (apply):
+Every role is built the same way, `XRole.prepare(ctx)`, from one `HostContext` (the host's settings, its
+hardware and what it serves): preparing decides and checks, and changes nothing. A role then offers what it
+reads on the host and three stages of operations (apply):
 
   install    packages, releases, accounts, directories, downloads
   configure  the files the services read: units, rules, keys
@@ -14,21 +15,60 @@ After every host's activate stage comes one shared operation (a barrier across t
 role's `after_peers`: a pool's head starts only once its workers' rpc-servers run.
 
 Example:
-    apply_roles([DriverRole(hardware, plan), ExposureRole(settings, plan), OllamaRole(plan, settings, release, None)])
+    ctx = HostContext(settings, hardware, served)
+    apply_roles([role.prepare(ctx) for role in (DriverRole, ExposureRole, OllamaRole)])
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Mapping
+
 from pyinfra import host
 from pyinfra.api import operation
 
+from r1fleet.artifacts.pins import Platform, platform_from_hardware
+from r1fleet.fleet.config import HostConfig
+from r1fleet.lock.served import Served
 from r1fleet.operations.fact_batch import FactRequest, prefetch
+from r1fleet.records import Hardware, HostPlan
 
 STAGES = ("install", "configure", "activate")
 
 
+@dataclass(frozen=True)
+class HostContext:
+    """What every role is prepared from: the host's settings and hardware, and what it serves
+    (r1fleet/lock/served.py); a pool member also has every member's settings."""
+
+    settings: HostConfig
+    hardware: Hardware
+    served: Served
+    members: Mapping[str, HostConfig] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.settings.name
+
+    @property
+    def plan(self) -> HostPlan:
+        return self.served.plan
+
+    @property
+    def system(self) -> str:
+        return self.hardware.os.system
+
+    def platform(self) -> Platform:
+        return platform_from_hardware(self.hardware)
+
+
 class Role:
     """The shape every role has; a stage with nothing to do is simply not overridden."""
+
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "Role":
+        """The role for this host, every decision made (it may read facts, never change the host)."""
+        raise NotImplementedError(f"{cls.__name__} is not prepared from a HostContext")
 
     def reads(self) -> list[FactRequest]:
         """Every fact the stages read on a host where nothing changes (fetched in one round trip)."""

@@ -19,6 +19,16 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operations import run_ops
 from pyinfra.connectors.fake import FakeConnector
 
+from r1fleet.errors import R1FleetError
+from r1fleet.operations.common import refuse
+from r1fleet.operations.stages import apply_roles
+from r1fleet.roles.exposure.role import ExposureRole
+from r1fleet.roles.llama_cpp.role import LlamaCppRole
+from r1fleet.roles.macos.role import MacOllamaRole
+from r1fleet.roles.ollama.role import OllamaRole
+from r1fleet.roles.rpc_worker.decide import rpc_worker
+from r1fleet.roles.rpc_worker.role import RpcWorkerRole
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "@fake/h1"
 _RUN_SHELL_COMMAND = FakeConnector.run_shell_command
@@ -163,3 +173,34 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
                if h in ops and ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()]
     return Run(commands=list(host.connector.executed_commands), uploads=uploads, op_names=op_names,
                changed=changed, failed=host in state.failed_hosts, by_op=by_op)
+
+
+# ---------------------------------------------------------------- one role on its own
+# A role's stages with no other role, built from its constructor's arguments (the deploy prepares every role from
+# one HostContext: r1fleet/deploy/serve.py). Test helpers only; the product has no such entry points.
+
+
+def ollama_role(*args: Any, **kwargs: Any) -> None:
+    apply_roles([OllamaRole(*args, **kwargs)])
+
+
+def llama_cpp_role(*args: Any, **kwargs: Any) -> None:
+    apply_roles([LlamaCppRole(*args, **kwargs)])
+
+
+def exposure_role(*args: Any, **kwargs: Any) -> None:
+    apply_roles([ExposureRole(*args, **kwargs)])
+
+
+def mac_role(*args: Any, **kwargs: Any) -> None:
+    apply_roles([MacOllamaRole(*args, **kwargs)])
+
+
+def rpc_worker_role(pool, settings, head, hardware, install) -> None:
+    """A worker decided and deployed on its own; a refused setting fails this host with its reason."""
+    try:
+        worker = rpc_worker(pool, settings, head, hardware)
+    except R1FleetError as error:
+        refuse(name=f"Refuse pool {pool.pool} settings", message=str(error))
+        return
+    apply_roles([RpcWorkerRole(worker, settings, install)])

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from facts_for import directory, file_content
 
-from deploy_harness import run_role
+from deploy_harness import exposure_role, run_role
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import FleetError
 from r1fleet.records import HostPlan
@@ -58,7 +58,7 @@ def test_an_ollama_open_beyond_private_ranges_needs_an_explicit_opt_in():
 
 
 def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypatch):
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32", "fd00::/64"]), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     rules = run.uploads[exposure.RULES_FILE]
@@ -79,13 +79,13 @@ def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypa
 
 def test_existing_key_is_never_regenerated(monkeypatch):
     responses = {**HAS_NFT, "/etc/r1fleet/api-key": {"stdout": ["user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=45 '/etc/r1fleet/api-key'"]}}
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), LLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.never_ran("/dev/urandom")
 
 
 def test_ollama_exposed_gets_rules_but_no_api_key(monkeypatch):
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.0/24"]), OLLAMA, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     assert "tcp dport 11434 counter drop" in run.uploads[exposure.RULES_FILE]
     assert run.never_ran("/dev/urandom")
@@ -123,7 +123,7 @@ def test_ufw_rule_families_and_order():
 
 def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     responses = {"ufw status": "Status: active", **HAS_NFT}
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     rules = run.uploads[exposure.UFW_RULES_FILE].splitlines()
     # prepended, deny first: the allow ends above the deny and above the host's own rules (L6)
@@ -135,31 +135,31 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     # unchanged rules on a second run: nothing applied again
     converged = {**file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
                  **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
-    again = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    again = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_FIRST, **responses, **converged})
     assert again.never_ran("ufw --force delete") and again.never_ran("sh -e")
     # a rule the user inserted above ours later: ours are put back on top
-    below = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    below = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                      monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_BELOW, **responses, **converged})
     assert below.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
     # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
-    lost = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+    lost = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                     monkeypatch=monkeypatch, responses={"ufw show added": "0", **responses, **converged})
     assert lost.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
     responses = {"nft list table inet r1fleet": "present", **HAS_NFT}
-    run = run_role(exposure.exposure_role, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
+    run = run_role(exposure_role, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
     assert run.ran("Remove the r1fleet nftables table", "nft delete table inet r1fleet")
     assert run.uploads == {} and run.never_ran("/dev/urandom")
-    clean = run_role(exposure.exposure_role, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
+    clean = run_role(exposure_role, entry(), OLLAMA, responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     assert clean.never_ran("nft delete") and clean.uploads == {}
 
 
 def test_invalid_settings_fail_only_that_host_with_the_message(monkeypatch):
     # valid settings, refused under this plan: an Ollama open to every network
-    run = run_role(exposure.exposure_role, entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA, responses={"exit 1": {"success": False}},
+    run = run_role(exposure_role, entry("0.0.0.0", ["0.0.0.0/0"]), OLLAMA, responses={"exit 1": {"success": False}},
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.failed and run.ran("Refuse exposure settings", "field allow")
 
@@ -175,7 +175,7 @@ def test_overlapping_allow_entries_are_merged():
 def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypatch):
     """The service unit requires the firewall unit (L7); a table another `flush ruleset` removed is
     reloaded from the host's live state, not from what changed in this run (H4)."""
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     drop_in = run.uploads[exposure.firewall_drop_in("ollama")]
     assert "Requires=r1fleet-firewall.service" in drop_in and "After=r1fleet-firewall.service" in drop_in
@@ -185,11 +185,11 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
     assert run.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")  # no table on the host yet
     # A converged host: same files; the table is reloaded only when it is missing.
     converged = {**HAS_NFT, **{k: v for path, text in run.uploads.items() for k, v in file_content(path, text).items()}}
-    intact = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+    intact = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
                       responses={"nft list table inet r1fleet": "present", **converged}, base_responses=False,
                       monkeypatch=monkeypatch)
     assert intact.never_ran("systemctl reload")
-    flushed = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
+    flushed = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
                        base_responses=False, monkeypatch=monkeypatch)
     assert flushed.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")
 
@@ -197,7 +197,7 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")
 @pytest.mark.parametrize("allow", [["10.77.0.1/32", "fd00::/64"], ["192.168.1.0/24", "192.168.1.7", "10.0.0.0/8", "10.1.0.0/16"]])
 def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch, allow):
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", allow), LLAMA,
+    run = run_role(exposure_role, entry("10.77.0.11", allow), LLAMA,
                    responses=HAS_NFT, base_responses=False, monkeypatch=monkeypatch)
     rules = tmp_path / "rules.nft"
     rules.write_text(run.uploads[exposure.RULES_FILE])
@@ -215,14 +215,14 @@ def test_a_mac_cannot_be_opened_to_the_lan_yet():
 def test_a_host_without_nft_gets_nftables_before_the_firewall_loads(monkeypatch, manager):
     """The firewall unit runs nft: an exposed host without it gets the nftables package first (apt or dnf)."""
     responses = {"command -v apt-get": "/usr/bin/apt-get"} if manager == "apt-get" else {"command -v dnf": "/usr/bin/dnf"}
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     assert "nft -f" in run.uploads[exposure.FIREWALL_UNIT_PATH]
     assert "nftables" in run.installs("nftables")
     assert any(manager in command for command in run.op_commands("nftables"))
     assert run.op_names.index(run.op("nftables")) < run.op_names.index(run.op("Load the firewall rules"))
-    present = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+    present = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
                        responses={**responses, **HAS_NFT}, base_responses=False, monkeypatch=monkeypatch)
     assert "Exposure | nftables" not in present.op_names and not present.failed   # nft is there: nothing installed
 
@@ -245,7 +245,7 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 def test_the_firewall_is_ordered_before_the_network_and_the_service(monkeypatch, plan):
     """Fail-closed at boot: the rules load before the network comes up and before the service starts, and the
     service starts only with them (Requires + After in its drop-in)."""
-    run = run_role(exposure.exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), plan, responses=HAS_NFT,
+    run = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), plan, responses=HAS_NFT,
                    base_responses=False, monkeypatch=monkeypatch)
     service = exposure.SERVICE_UNITS[plan.backend]
     firewall = unit_settings(run.uploads[exposure.FIREWALL_UNIT_PATH])

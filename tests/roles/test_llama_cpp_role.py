@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_harness import run_role
+from deploy_harness import llama_cpp_role, run_role
 import facts_for as ff
 
 from r1fleet.fleet.config import HostConfig
@@ -13,7 +13,6 @@ from r1fleet.artifacts.pins import Download, Platform
 from r1fleet.artifacts.pins import load_pins
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.records import GgufFile, HostPlan
-from r1fleet.roles.llama_cpp.role import llama_cpp_role
 
 UNIT = "/etc/systemd/system/r1fleet-llama-server.service"
 SHA = "c" * 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import plistlib
 
-from deploy_harness import run_role
+from deploy_harness import mac_role, run_role
 from r1fleet.fleet.config import HostConfig
 from r1fleet.plan.memory import constants
 from r1fleet.records import DevicePlan, HostPlan
@@ -26,7 +26,7 @@ def entry(listen=None):
 
 
 def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM,
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=ARM,
                    base_responses=False, monkeypatch=monkeypatch)
     assert not run.failed
     plist = plistlib.loads(run.uploads[macos.PLIST].encode())     # well-formed plist
@@ -51,7 +51,7 @@ def test_launchdaemon_carries_the_plan_and_runs_as_dedicated_user(monkeypatch):
 
 def test_the_model_is_loaded_again_after_any_start(monkeypatch):
     """launchd has no start hook: a second LaunchDaemon loads the model at boot and after a restart or crash."""
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
     load = plistlib.loads(run.uploads[macos.LOAD_PLIST].encode())  # well-formed, the script escaped
     assert load["RunAtLoad"] is True and load["StartInterval"] == 30 and load["UserName"] == "_r1ollama"
     script = load["ProgramArguments"][2]
@@ -61,14 +61,14 @@ def test_the_model_is_loaded_again_after_any_start(monkeypatch):
 
 
 def test_listen_address_reaches_ollama_host(monkeypatch):
-    run = run_role(macos.install, mac_plan(12000), entry("192.168.1.30"), responses=ARM,
+    run = run_role(mac_role, mac_plan(12000), entry("192.168.1.30"), responses=ARM,
                    base_responses=False, monkeypatch=monkeypatch)
     env = plistlib.loads(run.uploads[macos.PLIST].encode())["EnvironmentVariables"]
     assert env["OLLAMA_HOST"] == "192.168.1.30:11434"
 
 
 def test_plan_beyond_default_working_set_sets_wired_limit_at_boot(monkeypatch):
-    run = run_role(macos.install, mac_plan(24000), entry(), responses=ARM,
+    run = run_role(mac_role, mac_plan(24000), entry(), responses=ARM,
                    base_responses=False, monkeypatch=monkeypatch)
     wired = plistlib.loads(run.uploads[macos.WIRED_PLIST].encode())
     assert wired["ProgramArguments"] == ["/usr/sbin/sysctl", "iogpu.wired_limit_mb=25024"]
@@ -84,26 +84,26 @@ def test_wired_limit_leaves_the_os_its_reserve():
 
 def test_existing_user_and_unchanged_plist_do_nothing(monkeypatch):
     responses = {**ARM, "id -u _r1ollama": "yes"}
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=responses,
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=responses,
                    base_responses=False, monkeypatch=monkeypatch)
     assert run.never_ran("dscl . -create")
 
 
 def test_intel_mac_is_refused(monkeypatch):
-    run = run_role(macos.install, mac_plan(12000), entry(), base_responses=False, monkeypatch=monkeypatch,
+    run = run_role(mac_role, mac_plan(12000), entry(), base_responses=False, monkeypatch=monkeypatch,
                    responses={"uname -m": "x86_64", "exit 1": {"success": False}})
     assert run.failed and run.ran("Refuse: not Apple Silicon", "Apple Silicon only")
 
 
 def test_pinned_archive_is_downloaded_inside_the_root_owned_release_directory(monkeypatch):
     """Not through pyinfra's predictable temp name in /tmp (audit L10)."""
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=ARM, base_responses=False, monkeypatch=monkeypatch)
     fetch = next(c for c in run.commands if "ollama-darwin.tgz" in c and ("curl" in c or "wget" in c))
     assert "/tmp/" not in fetch and "-o /usr/local/lib/r1fleet/ollama-0.32.9/" in fetch
 
 
 def test_homebrew_only_when_asked(monkeypatch):
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=ARM, data={"macos_ollama": "homebrew"},
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=ARM, data={"macos_ollama": "homebrew"},
                    base_responses=False, monkeypatch=monkeypatch)
     assert plistlib.loads(run.uploads[macos.PLIST].encode())["ProgramArguments"] == [macos.BREW_BINARY, "serve"]
     assert run.ran("Ollama (Homebrew)", "brew upgrade ollama") or run.ran("Ollama (Homebrew)", "brew install ollama")
@@ -117,10 +117,10 @@ def test_another_ollama_on_the_port_is_stopped_or_refused(monkeypatch):
     assert macos.other_ollama_agent((0, ours), ours) is None and macos.other_ollama_agent(None, ours) is None
     assert macos.other_ollama_agent((501, "/usr/local/bin/python3"), ours) == ""
     responses = {**ARM, "lsof -nP -iTCP:11434": "501 /Applications/Ollama.app/Contents/Resources/ollama"}
-    run = run_role(macos.install, mac_plan(12000), entry(), responses=responses, base_responses=False,
+    run = run_role(mac_role, mac_plan(12000), entry(), responses=responses, base_responses=False,
                    monkeypatch=monkeypatch)
     assert run.ran("Stop another Ollama holding the port (Ollama.app, brew services)", "launchctl disable gui/501/com.ollama.ollama")
     other = {**ARM, "lsof -nP -iTCP:11434": "501 /usr/local/bin/python3"}
-    refused = run_role(macos.install, mac_plan(12000), entry(), responses=other, base_responses=False,
+    refused = run_role(mac_role, mac_plan(12000), entry(), responses=other, base_responses=False,
                        monkeypatch=monkeypatch)
     assert refused.ran("Stop another Ollama holding the port (Ollama.app, brew services)", "r1fleet: port 11434 is held by /usr/local/bin/python3 (uid 501): stop it first' >&2; exit 1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from deploy_harness import run_role
+from deploy_harness import ollama_role, run_role
 import facts_for as ff
 
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
@@ -13,7 +13,6 @@ from r1fleet.artifacts.pins import Platform, model_download
 from r1fleet.artifacts.ollama_release import ollama_release
 from r1fleet.roles.ollama.decide import import_record, ollama_tag_digest
 from r1fleet.records import GgufFile, HostPlan
-from r1fleet.roles.ollama.role import ollama_role
 
 
 def role_args(plan, settings, release):

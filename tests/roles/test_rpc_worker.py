@@ -8,7 +8,7 @@ import subprocess
 
 import facts_for as ff
 import pytest
-from deploy_harness import run_role
+from deploy_harness import rpc_worker_role, run_role
 from pool_fixtures import (
     FORKY,
     HEAD_ADDRESS,
@@ -26,7 +26,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.records import Gpu
 from r1fleet.artifacts.pins import Platform
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
-from r1fleet.roles.rpc_worker.role import RpcWorkerRetired, rpc_worker_role
+from r1fleet.roles.rpc_worker.role import RpcWorkerRetired
 from r1fleet.roles.rpc_worker.decide import (
     RPC_RULES_FILE,
     pool_head_install,

@@ -25,16 +25,16 @@ def hardware(name: str, text: str | None = None):
 
 
 def config(name: str, **settings) -> HostConfig:
-    return HostConfig.from_host_data(name, {"address": "192.168.1.10", **settings})
+    return HostConfig(**{"name": name, "address": "192.168.1.10", **settings})
 
 
 def test_a_host_alone_serves_todays_plan_without_a_lock_and_the_locked_one_with_it():
     hw = {"rtx4090": hardware("rtx4090"), "cpu-16g": hardware("cpu-16g")}
-    strict = Policy(min_context=32768)
-    hosts = {"rtx4090": config("rtx4090"), "cpu-16g": config("cpu-16g", policy=strict.model_dump())}
+    short = Policy(min_context=2048, max_context=4096)
+    hosts = {"rtx4090": config("rtx4090"), "cpu-16g": config("cpu-16g", policy=short)}
     today = served_plans(hosts, {}, None, hw)
     assert today["rtx4090"].plan == plan_host(hw["rtx4090"], Policy()) and not today["rtx4090"].locked
-    assert today["cpu-16g"].plan == plan_host(hw["cpu-16g"], strict)
+    assert today["cpu-16g"].plan == plan_host(hw["cpu-16g"], short) != plan_host(hw["cpu-16g"], Policy())
     # locked with another policy: the lock's plan is served, exactly, until relocked
     loose = plan_host(hw["rtx4090"], Policy(min_context=2048, max_context=4096))
     lock = Lock(hosts={"rtx4090": lock_entry("rtx4090", hw["rtx4090"], loose)})

@@ -34,7 +34,7 @@ from r1fleet.errors import FleetError
 from r1fleet.records import HostPlan
 from r1fleet.net import is_loopback
 from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refuse
-from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
@@ -223,6 +223,12 @@ class ExposureRole(Role):
     def __init__(self, entry: HostConfig, plan: HostPlan):
         self.entry, self.plan = entry, plan
 
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "ExposureRole":
+        if ctx.served.role == "worker":  # a worker serves no API: no LAN exposure (its RPC port has its own table)
+            return cls(ctx.settings.model_copy(update={"listen": None, "allow": []}), ctx.plan)
+        return cls(ctx.settings, ctx.plan)
+
     def reads(self) -> list[FactRequest]:
         return exposure_reads(self.entry, self.plan)
 
@@ -234,11 +240,6 @@ class ExposureRole(Role):
 
     def activate(self) -> None:
         _activate(self.entry, self.plan, self.changed)
-
-
-def exposure_role(entry: HostConfig, plan: HostPlan) -> None:
-    """The role's three stages on their own (a deploy with no other role)."""
-    apply_roles([ExposureRole(entry, plan)])
 
 
 @deploy("Exposure")

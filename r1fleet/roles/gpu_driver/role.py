@@ -20,7 +20,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.rpm import RpmPackage
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from r1fleet.operations.stages import Role
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.plan.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, refuse
@@ -223,6 +223,10 @@ class DriverRole(Role):
 
     def __init__(self, hw: Hardware, plan: HostPlan):
         self.hw, self.plan = hw, plan
+
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "DriverRole":
+        return cls(ctx.hardware, ctx.plan)
 
     def install(self) -> None:
         install(self.hw, self.plan)

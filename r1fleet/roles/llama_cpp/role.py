@@ -21,10 +21,12 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.fleet.config import HostConfig
-from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, package_reads
-from r1fleet.artifacts.pins import Download, Platform, load_pins
+from r1fleet.artifacts.pins import Download, Platform, load_pins, model_download
+from r1fleet.roles.llama_cpp.pool import pool_head
+from r1fleet.roles.rpc_worker.role import choose_pool_install
 from r1fleet.artifacts.llama_cpp_install import LLAMA_ROOT, LlamaInstall, llama_cpp_install
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
@@ -163,6 +165,18 @@ class LlamaCppRole(Role):
         self.models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
         self.model_path = f"{self.models_dir}/{download.name}"
 
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "LlamaCppRole":
+        """llama-server from what this host's apt offers (or the pinned archive, or a source build); a pool's head
+        also its workers, from Debian's packages only."""
+        download = model_download(ctx.host, ctx.plan, ctx.settings)
+        if ctx.served.role != "head":
+            return cls(ctx.plan, ctx.settings, choose_install(ctx.plan, ctx.settings, ctx.platform()), download)
+        pool = ctx.served.pool
+        head = pool_head(pool, ctx.settings, ctx.plan, {w: ctx.members[w] for w in pool.workers})
+        install = choose_pool_install(ctx.plan, ctx.settings, ctx.platform(), pool.pool, "head")
+        return cls(ctx.plan, ctx.settings, install, download, pool=head)
+
     def reads(self) -> list[FactRequest]:
         return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
 
@@ -182,11 +196,6 @@ class LlamaCppRole(Role):
     def after_peers(self) -> None:
         if self.pool:  # a head: after every worker of the run has started its rpc-server
             _activate(self.plan, self.settings, self.llama, self.model_path, self.unit, self.changed, self.pool)
-
-
-def llama_cpp_role(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download) -> None:
-    """The role's three stages on their own (a deploy with no other role)."""
-    apply_roles([LlamaCppRole(plan, settings, install, download)])
 
 
 @deploy("llama.cpp")

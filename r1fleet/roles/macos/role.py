@@ -24,10 +24,10 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch
 from pyinfra.operations import brew, files, server
 
-from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.artifacts.pins import Download
-from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, ollama_load_check, ollama_models_dir
+from r1fleet.artifacts.pins import Download, model_download
+from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, imports_stand_in, ollama_load_check, ollama_models_dir
 from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
 from r1fleet.plan.memory import constants
 from r1fleet.records import Hardware, HostPlan
@@ -161,6 +161,12 @@ class MacOllamaRole(Role):
         self.plan, self.entry, self.hw, self.download = plan, entry, hw, download
         self.binary: str | None = None
 
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "MacOllamaRole":
+        """The stand-in GGUF when the Mac imports it (rehearsal); Ollama pulls any other model itself."""
+        download = model_download(ctx.host, ctx.plan, ctx.settings) if imports_stand_in(ctx.plan, ctx.settings, ctx.system) else None
+        return cls(ctx.plan, ctx.settings, hw=ctx.hardware, download=download)
+
     def install(self) -> None:
         self.binary, self.binary_ops = _install(self.entry)
 
@@ -171,11 +177,6 @@ class MacOllamaRole(Role):
     def activate(self) -> None:
         if self.binary:
             _activate(self.plan, self.entry, self.download, self.binary, [self.plist, *self.binary_ops])
-
-
-def install(plan: HostPlan, entry: HostConfig, hw: Hardware | None = None, download: Download | None = None):
-    """The role's three stages on their own (a deploy with no other role)."""
-    apply_roles([MacOllamaRole(plan, entry, hw, download)])
 
 
 @deploy("macOS Ollama")

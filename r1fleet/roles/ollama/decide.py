@@ -143,6 +143,12 @@ def takes_from_registry(plan: HostPlan, settings: HostConfig, system: str) -> bo
     return not settings.rehearsal or settings.ollama_registry is not None
 
 
+def imports_stand_in(plan: HostPlan, settings: HostConfig, system: str) -> bool:
+    """An Ollama host imports its rehearsal stand-in from the GGUF (`ollama create`), unless it names a registry
+    that serves it (Linux: the Mac role always imports it); any other Ollama model comes from a registry."""
+    return plan.backend == "ollama" and settings.rehearsal and not takes_from_registry(plan, settings, system)
+
+
 def modelfile(model_path: str, plan: HostPlan) -> str:
     """The Modelfile for Ollama's offline import (`ollama create`, docs/research/ollama.md section 7)."""
     return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"

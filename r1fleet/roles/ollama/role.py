@@ -26,7 +26,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
-from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.roles.ollama.takeover import (
     OFFICIAL_BINARY,
     OfficialInstall,
@@ -36,7 +36,7 @@ from r1fleet.roles.ollama.takeover import (
 from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
-from r1fleet.artifacts.pins import Download, Platform
+from r1fleet.artifacts.pins import Download, Platform, model_download
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, ollama_release, parse_sha256sums
 from r1fleet.roles.ollama.decide import (
@@ -44,6 +44,7 @@ from r1fleet.roles.ollama.decide import (
     LOAD_AT_START_SLACK_S,
     import_record,
     import_record_digest,
+    imports_stand_in,
     modelfile,
     ollama_environment,
     ollama_load_at_start,
@@ -233,6 +234,14 @@ class OllamaRole(Role):
         self.models_dir = ollama_models_dir(settings)
         self.api = settings.local_api("ollama")
 
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "OllamaRole":
+        """The release for this platform (the pinned one, or the lab mirror's stand-in); the stand-in GGUF when
+        the host imports it."""
+        download = model_download(ctx.host, ctx.plan, ctx.settings) if imports_stand_in(ctx.plan, ctx.settings, ctx.system) else None
+        return cls(ctx.plan, ctx.settings, release_for(ctx.plan, ctx.settings, ctx.platform()), download,
+                   ctx.hardware.model_files)
+
     def reads(self) -> list[FactRequest]:
         return ollama_reads(self.plan, self.settings, self.release, self.download)
 
@@ -249,11 +258,6 @@ class OllamaRole(Role):
 
     def activate(self) -> None:
         _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
-
-
-def ollama_role(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None) -> None:
-    """The role's three stages on their own (a deploy with no other role)."""
-    apply_roles([OllamaRole(plan, settings, release, download)])
 
 
 @deploy("Ollama")

@@ -23,8 +23,7 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.fleet.config import HostConfig
-from r1fleet.errors import R1FleetError
-from r1fleet.records import Hardware, HostPlan, PoolPlan
+from r1fleet.records import HostPlan
 from r1fleet.artifacts.pins import Platform, load_pins
 from r1fleet.operations.common import (
     TEMPLATES as SHARED_TEMPLATES,
@@ -33,7 +32,6 @@ from r1fleet.operations.common import (
     converge_service,
     converge_service_reads,
     refusal,
-    refuse,
     retire_service,
     retire_service_reads,
     service_user,
@@ -60,7 +58,7 @@ from r1fleet.roles.rpc_worker.decide import (
     rpc_worker,
     rpc_worker_install,
 )
-from r1fleet.operations.stages import Role, apply_roles
+from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
 from r1fleet.operations.tcp_health import TcpHealth
 
@@ -119,6 +117,14 @@ class RpcWorkerRole(Role):
     def __init__(self, worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
         self.worker, self.settings, self.rpc = worker, settings, install
 
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "RpcWorkerRole":
+        """The worker's pool settings checked (DeployError names a setting that would open the RPC port wider),
+        rpc-server from Debian's packages."""
+        pool = ctx.served.pool
+        worker = rpc_worker(pool, ctx.settings, ctx.members[pool.head], ctx.hardware)
+        return cls(worker, ctx.settings, choose_pool_install(worker.plan, ctx.settings, ctx.platform(), pool.pool, "worker"))
+
     def reads(self) -> list[FactRequest]:
         return rpc_worker_reads(self.rpc)
 
@@ -130,17 +136,6 @@ class RpcWorkerRole(Role):
 
     def activate(self) -> None:
         _activate(self.worker, self.rpc, self.unit, self.rules, self.changed)
-
-
-def rpc_worker_role(pool: PoolPlan, settings: HostConfig, head: HostConfig, hardware: Hardware,
-                    install: LlamaInstall) -> None:
-    """Decide and deploy a worker on its own; a refused setting fails this host with its reason."""
-    try:
-        worker = rpc_worker(pool, settings, head, hardware)
-    except R1FleetError as error:
-        refuse(name=f"Refuse pool {pool.pool} settings", message=str(error))
-        return
-    apply_roles([RpcWorkerRole(worker, settings, install)])
 
 
 @deploy("RPC worker")
@@ -212,6 +207,10 @@ def rpc_worker_reads(install: LlamaInstall) -> list[FactRequest]:
 
 class RpcWorkerRetired(Role):
     """Remove a former worker's rpc-server, its firewall unit, rules and table (nothing when there are none)."""
+
+    @classmethod
+    def prepare(cls, ctx: HostContext) -> "RpcWorkerRetired":
+        return cls()
 
     def reads(self) -> list[FactRequest]:
         return [*retire_service_reads(RPC_UNIT), (File, {"path": FIREWALL_UNIT_PATH}), (File, {"path": RPC_RULES_FILE})]

@@ -1,0 +1,73 @@
+"""Every role is prepared the same way, from one HostContext (r1fleet/operations/stages.py), and decides for
+itself: which release, which install, which download, which exposure. Real probes, real pins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pool_fixtures import hardware, head_config, pool_plan, worker_config
+
+from r1fleet.deploy.serve import ROLES
+from r1fleet.fleet.config import HostConfig
+from r1fleet.hardware import parse_probe
+from r1fleet.lock.served import served_alone, served_in_pool
+from r1fleet.operations.stages import HostContext
+from r1fleet.plan.catalog import load_catalog
+from r1fleet.roles.exposure.role import ExposureRole
+from r1fleet.roles.gpu_driver.role import DriverRole
+from r1fleet.roles.macos.role import MacOllamaRole
+from r1fleet.roles.ollama.role import OllamaRole
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+MIRROR = "http://192.168.1.5:8088"  # a fleet's artifact mirror (not the lab's): it serves the pinned bytes
+
+
+def context(probe: str, **settings) -> HostContext:
+    config = HostConfig(**{"name": probe, "address": "192.168.1.21", **settings})
+    hw = parse_probe((PROBES / f"{probe}.probe").read_text(), probe)
+    return HostContext(config, hw, served_alone(config, hw, None))
+
+
+def test_every_kind_of_host_has_its_roles_in_stage_order():
+    assert [r.__name__ for r in ROLES["ollama"]] == ["RpcWorkerRetired", "DriverRole", "ExposureRole", "OllamaRole"]
+    assert [r.__name__ for r in ROLES["worker"]] == ["DriverRole", "ExposureRole", "RpcWorkerRole"]
+    for kind, roles in ROLES.items():
+        if "ExposureRole" in [r.__name__ for r in roles]:  # the firewall is up before any backend starts
+            names = [r.__name__ for r in roles]
+            assert names.index("ExposureRole") < len(names) - 1, kind
+
+
+def test_the_ollama_role_picks_its_pinned_release_and_downloads_a_gguf_only_to_import_a_stand_in():
+    ctx = context("rtx3060-12g")
+    role = OllamaRole.prepare(ctx)
+    assert ctx.plan.backend == "ollama" and role.download is None
+    assert [a.name for a in role.release.assets] == ["ollama-linux-amd64.tar.zst"] and role.release.version == "0.32.9"
+    rehearsal = OllamaRole.prepare(context("rtx3060-12g", rehearsal=True, mirror=MIRROR))
+    stand_in = load_catalog().stand_ins[0].gguf
+    assert rehearsal.download is not None and rehearsal.download.sha256 == stand_in.sha256
+    from_registry = OllamaRole.prepare(context("rtx3060-12g", rehearsal=True, mirror=MIRROR,
+                                               ollama_registry="https://registry.lan"))
+    assert from_registry.download is None  # a registry that serves the stand-in: nothing to import
+
+
+def test_a_mac_downloads_only_the_stand_in_it_imports():
+    assert MacOllamaRole.prepare(context("mac-studio-64g")).download is None
+    assert MacOllamaRole.prepare(context("mac-studio-64g", rehearsal=True, mirror=MIRROR)).download is not None
+
+
+def test_a_worker_is_never_exposed_and_a_host_alone_keeps_its_listen():
+    exposed = dict(listen="192.168.1.21", allow=["192.168.1.0/24"])
+    alone = context("rtx4090", **exposed)
+    assert ExposureRole.prepare(alone).entry.listen == "192.168.1.21"
+    settings = worker_config(**exposed)
+    ctx = HostContext(settings, hardware("box-b", "GPU-bbbb"),
+                      served_in_pool(settings, hardware("box-b", "GPU-bbbb"), pool_plan(), locked=False),
+                      {"box-a": head_config(), "box-b": settings})
+    role = ExposureRole.prepare(ctx)
+    assert ctx.served.role == "worker" and role.entry.listen is None and role.entry.allow == []
+
+
+def test_the_driver_role_takes_the_hosts_hardware_and_plan():
+    ctx = context("dual-rtx3090")
+    role = DriverRole.prepare(ctx)
+    assert role.hw is ctx.hardware and role.plan is ctx.plan
