@@ -26,7 +26,7 @@ from r1fleet.plan.format import format_plan
 from r1fleet.plan.pools import pool_heading
 from r1fleet.probe.facts import R1Probe
 from r1fleet.records import Hardware
-from r1fleet.roles.exposure import role as exposure
+from r1fleet.roles.exposure.decide import exposure_for
 from r1fleet.roles.exposure.role import ExposureRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.llama_cpp.role import LlamaCppRole
@@ -105,7 +105,7 @@ def check_before_change(ctx: HostContext) -> None:
     """What refuses a host before anything changes on it, naming the reason; prints the exposure's warning."""
     plan, settings, darwin = ctx.plan, ctx.settings, ctx.system == "Darwin"
     check_disk(ctx.host, plan, ctx.hardware, imports_stand_in(plan, settings, ctx.system))  # 43 GB never fill the disk
-    exposure.exposure_for(settings, plan, ctx.host, darwin=darwin)
+    exposure_for(settings, plan, ctx.host, darwin=darwin)
     settings.api_key_text()  # an unreadable api_key_source
     if settings.ollama_registry and darwin:
         raise DeployError("the macOS role pulls its model from registry.ollama.ai itself (or imports the rehearsal "

@@ -21,9 +21,9 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 from r1fleet.net import is_loopback
-from r1fleet.roles.llama_cpp.role import USER as LLAMA_USER
-from r1fleet.roles.macos.role import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
-from r1fleet.roles.ollama.role import USER as OLLAMA_USER
+from r1fleet.roles.llama_cpp.decide import USER as LLAMA_USER
+from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
+from r1fleet.roles.ollama.decide import USER as OLLAMA_USER
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT, USER as RPC_USER
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.verify.readings import (

@@ -88,6 +88,12 @@ def test_every_module_imports(path):
     importlib.import_module(module_name(path))
 
 
+def test_every_role_is_a_folder_with_its_decisions_and_its_operations():
+    roles = [d for d in (PACKAGE / "roles").iterdir() if d.is_dir() and d.name != "__pycache__"]
+    assert roles and all((d / "decide.py").is_file() and (d / "role.py").is_file() for d in roles), roles
+    assert sorted(p.name for p in (PACKAGE / "roles").glob("*.py")) == ["__init__.py"]  # roles/ holds only roles
+
+
 def test_role_decisions_import_no_pyinfra():
     """A role's face (its decide.py) reads alone: importing it loads no pyinfra."""
     import subprocess

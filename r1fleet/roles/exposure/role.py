@@ -16,9 +16,7 @@ binds a LAN address, and the service unit requires the firewall unit, so a host 
 
 from __future__ import annotations
 
-import ipaddress
 import shlex
-from dataclasses import dataclass
 from io import BytesIO, StringIO
 from pathlib import Path
 
@@ -32,56 +30,25 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 from r1fleet.fleet.config import API_KEY_FILE, HostConfig
 from r1fleet.errors import FleetError
 from r1fleet.records import HostPlan
-from r1fleet.net import is_loopback
 from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refuse
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
-from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
+from r1fleet.roles.exposure.decide import (
+    Exposure,
+    FIREWALL_UNIT,
+    FIREWALL_UNIT_PATH,
+    KEY_DIR,
+    RULES_FILE,
+    SERVICE_UNITS,
+    UFW_DELETE_OURS,
+    UFW_RULES_FILE,
+    exposure_for,
+    firewall_drop_in,
+    ufw_commands,
+    ufw_rules_come_first,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-KEY_DIR = "/etc/r1fleet"
-RULES_FILE = f"{KEY_DIR}/nftables.conf"
-FIREWALL_UNIT = "r1fleet-firewall.service"
-FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
-SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
-FIREWALL_DROP_IN = "r1fleet-firewall.conf"
-
-
-@dataclass(frozen=True)
-class Exposure:
-    """The validated exposure settings of one host."""
-
-    listen: str | None
-    port: int
-    allow4: tuple[str, ...] = ()
-    allow6: tuple[str, ...] = ()
-    backend: str = "ollama"
-
-    @property
-    def exposed(self) -> bool:
-        return not is_loopback(self.listen)
-
-    @property
-    def needs_api_key(self) -> bool:
-        return self.exposed and self.backend == "llama.cpp"
-
-
-def exposure_for(entry: HostConfig, plan: HostPlan, host_name: str | None = None, darwin: bool = False) -> Exposure:
-    """The host's exposure under its plan: the planned backend's port and the allow-list as HostConfig validated
-    and merged it (r1fleet/fleet/config.py), after the rules that depend on the plan (HostConfig.exposure_check) and on
-    the platform (no LAN exposure on macOS); FleetError names host, field and fix.
-
-    deploy.py calls it in the plan step, so a refused exposure fails before any change."""
-    name = host_name or entry.name
-    backend = plan.backend or "ollama"
-    port = entry.port_for(backend)
-    if entry.listen is None:
-        return Exposure(None, port, backend=backend)
-    if darwin and not entry.local_only:
-        raise FleetError("serving a Mac to the LAN is not supported: r1fleet has no macOS firewall role yet",
-                         host=name, field="listen", fix="leave listen unset (127.0.0.1) on macOS hosts")
-    entry.exposure_check(backend, name)
-    return Exposure(entry.listen, port, entry.allow4, entry.allow6, backend)
 
 
 # ---------------------------------------------------------------- facts and operations
@@ -162,34 +129,6 @@ class UfwRules(FactBase):
     def process(self, output: list[str]) -> dict:
         count = output[0].strip() if output else ""
         return {"count": int(count) if count.isdecimal() else 0, "first": ufw_rules_come_first(output[1:])}
-
-
-def ufw_rules_come_first(numbered: list[str]) -> bool:
-    """Whether, in each address family, no other rule precedes one of r1fleet's (ufw stops at the first match).
-
-    >>> ufw_rules_come_first(["[ 1] 11434/tcp DENY IN Anywhere # r1fleet", "[ 2] 22 ALLOW IN Anywhere"])
-    True
-    """
-    for family in (False, True):
-        rules = [line.rstrip().endswith("# r1fleet") for line in numbered if _ufw_rule_is_v6(line) == family]
-        if rules != sorted(rules, reverse=True):
-            return False
-    return True
-
-
-def _ufw_rule_is_v6(line: str) -> bool:
-    """A `ufw status numbered` line is IPv6 when marked `(v6)` or when it names an IPv6 address
-    (a ':' alone is not enough: port ranges read `6000:6007/tcp`)."""
-    fields = line.split("]", 1)[-1].split("#", 1)[0]
-    if "(v6)" in fields:
-        return True
-    for token in fields.split():
-        try:
-            if ipaddress.ip_network(token, strict=False).version == 6:
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 @operation()
@@ -324,10 +263,6 @@ def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
             *directory_reads(drop_in.rsplit("/", 1)[0]), *file_reads(UFW_RULES_FILE)]
 
 
-def firewall_drop_in(backend: str) -> str:
-    return f"{UNIT_DIR}/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
-
-
 def _service_requires_firewall(backend: str) -> None:
     """The service starts only after, and only with, r1fleet's firewall: if the rules fail to load, the
     service does not bind the LAN address (a drop-in, so the backend role's unit stays as planned)."""
@@ -369,30 +304,3 @@ def _nftables_files(settings: Exposure):
     return rules
 
 
-UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
-# Deletes every ufw rule r1fleet added (comment "r1fleet"), highest number first so numbers stay valid.
-UFW_DELETE_OURS = (
-    "for n in $(LC_ALL=C ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
-    "do ufw --force delete \"$n\"; done"
-)
-
-
-def ufw_commands(settings: Exposure) -> list[str]:
-    """The ufw commands that admit the allow-list to the port and deny the rest, ahead of the host's own rules.
-
-    ufw stops at the first matching rule, so r1fleet's rules are prepended (an earlier, broader `ufw allow`
-    for the port must not win); each prepend lands on top, so the deny goes first (a run that fails midway
-    leaves the port closed) and the allows follow in reverse. `prepend` works on an empty ruleset, where
-    `insert 1` fails, and keeps IPv6 rules in their own list (ufw 0.36, Debian 11, Ubuntu 20.04).
-    Only the listen address's family is admitted: another family cannot reach it.
-
-    >>> ufw_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))
-    ['ufw prepend deny 11434/tcp comment r1fleet', 'ufw prepend allow from 10.0.0.0/24 to any port 11434 proto tcp comment r1fleet']
-    """
-    family = ipaddress.ip_address(settings.listen).version if settings.listen else 4
-    wildcard = settings.listen in ("::", "0.0.0.0")
-    allow = [cidr for cidr in (*settings.allow4, *settings.allow6)
-             if wildcard or ipaddress.ip_network(cidr).version == family]
-    allows = [f"ufw prepend allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
-              for cidr in allow]
-    return [f"ufw prepend deny {settings.port}/tcp comment r1fleet", *reversed(allows)]

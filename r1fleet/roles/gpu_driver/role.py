@@ -5,7 +5,7 @@ into pyinfra operations. A host whose driver is already right gets no operations
 Jetson and DGX OS hosts are never touched; an impossible or unsafe case (Secure Boot with an
 unsigned module, an unsupported distro) fails that host with a message naming the fix.
 
-deploy.py calls `gpu_driver.install(hw, plan)` before the backend roles.
+The deploy prepares it first of a host's roles (DriverRole.prepare), before the backend.
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ from r1fleet.operations.stages import HostContext, Role
 from r1fleet.plan.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, refuse
-
-NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
-# drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.
-NOUVEAU_BLACKLIST_TEXT = "# written by r1fleet: the NVIDIA driver needs nouveau unloaded\nblacklist nouveau\noptions nouveau modeset=0\n"
-DEBIAN_NONFREE_SOURCES = "/etc/apt/sources.list.d/r1fleet-debian-nonfree.sources"
-CUDA_SOURCES = "/etc/apt/sources.list.d/r1fleet-nvidia-cuda.sources"
-CUDA_KEYRING = "/etc/apt/keyrings/r1fleet-nvidia-cuda.asc"
-CUDA_PIN = "/etc/apt/preferences.d/r1fleet-nvidia-cuda"
-ROCM_SOURCES = "/etc/apt/sources.list.d/r1fleet-rocm.sources"
-ROCM_KEYRING = "/etc/apt/keyrings/r1fleet-rocm.asc"
+from r1fleet.roles.gpu_driver.decide import (
+    CUDA_KEYRING,
+    CUDA_PIN,
+    CUDA_SOURCES,
+    DEBIAN_NONFREE_SOURCES,
+    NOUVEAU_BLACKLIST,
+    NOUVEAU_BLACKLIST_TEXT,
+    REBOOT_MARKER,
+    ROCM_KEYRING,
+    ROCM_SOURCES,
+    driver_reboot_decision,
+)
 
 
 # ---------------------------------------------------------------- facts
-
-REBOOT_MARKER = "/var/lib/r1fleet/driver-reboot"
 
 
 class DriverBootState(FactBase):
@@ -55,17 +55,6 @@ class DriverBootState(FactBase):
     def process(self, output: list[str]) -> tuple:
         values = dict((line.split(" ", 1) + [""])[:2] for line in output if line.strip())
         return tuple((values.get(k) or "").strip() or None for k in ("installed", "boot", "marker"))
-
-
-def driver_reboot_decision(loaded: str | None, installed: str | None, boot: str | None, marker: str | None) -> str:
-    """"none" (the driver answers, or nothing to load), "reboot", or "stuck" (one reboot for this driver
-    already happened and it still does not answer)."""
-    if loaded is not None or installed is None:
-        return "none"
-    marked_version, _, marked_boot = (marker or "").partition(" ")
-    if marked_version == installed and marked_boot and marked_boot != boot:
-        return "stuck"
-    return "reboot"
 
 
 @operation()

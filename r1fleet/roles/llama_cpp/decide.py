@@ -12,6 +12,9 @@ from r1fleet.fleet import plugins
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.plan.catalog import load_catalog
 
+USER = "llama"  # the service user
+HOME = "/var/lib/llama"
+
 
 # systemd loads the API key as a credential: the file stays root-only on disk and the
 # service reads it from its private credentials directory (%d); the key never enters argv.

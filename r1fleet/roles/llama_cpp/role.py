@@ -59,12 +59,10 @@ from r1fleet.operations.common import (
     unit_file,
     verified_fetch_steps,
 )
+from r1fleet.roles.llama_cpp.decide import HOME, USER
 
 if TYPE_CHECKING:  # for annotations only: llama_cpp.pool imports rpc_worker.decide, which imports llama_cpp.decide
     from r1fleet.roles.llama_cpp.pool import PoolHead
-
-USER = "llama"
-HOME = "/var/lib/llama"
 
 
 def choose_install(plan: HostPlan, settings: HostConfig, platform: Platform) -> LlamaInstall:

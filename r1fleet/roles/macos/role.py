@@ -34,19 +34,21 @@ from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, wait_http
 from r1fleet.roles.ollama.role import ollama_model
 from r1fleet.artifacts.pins import load_pins
+from r1fleet.roles.macos.decide import (
+    BREW_BINARY,
+    HOME,
+    LABEL,
+    LOAD_LABEL,
+    LOAD_PLIST,
+    LOG_FILE,
+    PLIST,
+    RELEASE_ROOT,
+    USER,
+    WIRED_LABEL,
+    WIRED_PLIST,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-LABEL = "com.r1fleet.ollama"
-PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
-LOAD_LABEL = "com.r1fleet.ollama-load"
-LOAD_PLIST = f"/Library/LaunchDaemons/{LOAD_LABEL}.plist"
-WIRED_LABEL = "com.r1fleet.iogpu-wired-limit"
-WIRED_PLIST = f"/Library/LaunchDaemons/{WIRED_LABEL}.plist"
-USER = "_r1ollama"
-HOME = "/usr/local/var/r1fleet"
-LOG_FILE = "/Library/Logs/r1fleet/ollama.log"
-RELEASE_ROOT = "/usr/local/lib/r1fleet"
-BREW_BINARY = "/opt/homebrew/bin/ollama"     # Homebrew's prefix on Apple Silicon
 
 
 class DarwinUserExists(FactBase):
@@ -149,8 +151,6 @@ def wired_limit_mib(plan: HostPlan, hw: Hardware | None = None) -> int | None:
 def ollama_environment(plan: HostPlan, entry: HostConfig, models_dir: str) -> dict[str, str]:
     """The LaunchDaemon's EnvironmentVariables: the plan's settings, as on Linux, with a macOS home."""
     return {**linux_ollama_environment(plan, entry, models_dir), "HOME": HOME}
-
-
 
 
 class MacOllamaRole(Role):

@@ -14,6 +14,9 @@ from r1fleet.net import host_port
 from r1fleet.cache.registry import DEFAULT_REGISTRY
 from r1fleet.fleet import plugins
 
+USER = "ollama"  # the service user
+HOME = "/var/lib/ollama"
+
 # ---------------------------------------------------------------------------------------------
 # Service settings
 
@@ -84,8 +87,6 @@ def ollama_load_check(tag: str, api: str) -> str:
 
 
 LOAD_CHECK_INTERVAL_S = 30
-
-
 LOAD_AT_START_SLACK_S = 30  # TimeoutStartSec beyond the load's own bound: systemd never kills a slow load
 
 IMPORT_RECORD = "imported.json"  # in <model_dir>/import: what Ollama reported for r1fleet's import

@@ -70,9 +70,7 @@ from r1fleet.operations.common import (
     unit_file,
     verified_fetch_steps,
 )
-
-USER = "ollama"
-HOME = "/var/lib/ollama"
+from r1fleet.roles.ollama.decide import HOME, USER
 
 
 class DirEntries(FactBase):

@@ -38,7 +38,8 @@ from r1fleet.operations.common import (
     service_user_reads,
     unit_file,
 )
-from r1fleet.roles.exposure.role import KEY_DIR, NftTable, restore_table
+from r1fleet.roles.exposure.decide import KEY_DIR
+from r1fleet.roles.exposure.role import NftTable, restore_table
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
 from r1fleet.roles.rpc_worker.decide import (

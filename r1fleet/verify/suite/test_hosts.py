@@ -33,7 +33,7 @@ from r1fleet.verify.judge import (
     split_problems,
 )
 
-from r1fleet.roles.exposure.role import ufw_rules_come_first
+from r1fleet.roles.exposure.decide import ufw_rules_come_first
 from r1fleet.verify.target import Target, fail
 
 PROMPT = "What is 7 + 5? Reply with the number only."
