@@ -159,8 +159,8 @@ def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = Fals
     upstream = fallback or url
     extra = f" -H {q(header)}" if header else ""
     fetch = resuming_curl(upstream, target, f"--retry 3{extra}")
-    if fallback:  # the controller first, briefly: a firewall there must not cost minutes of retries
-        fetch = f"{resuming_curl(url, target, f'--retry 2 --connect-timeout 5{extra}')} || {fetch}"
+    if fallback:  # the controller first, briefly: a firewall there costs one retry of a LAN connect, 7 s at most
+        fetch = f"{resuming_curl(url, target, f'--retry 1 --connect-timeout 3{extra}')} || {fetch}"
     start_over = (f"curl -fSL --retry 3{extra} --speed-limit {STALL_BYTES_PER_S} --speed-time {STALL_S} "
                   f"-o {target} {q(upstream)}")
     mismatch = q(f"sha256 mismatch for {url} (expected {sha256})")

@@ -18,6 +18,7 @@ from r1fleet.lab import state
 
 CONTROLLER_TOOLS = ("systemd-nspawn", "debootstrap", "apt-cacher-ng", "ssh", "ip")
 LAST_TEST = "test_down_leaves_nothing_behind"
+REBOOTS_THE_LAB = ("test_driver_profiles.py", "test_lab_pools.py")
 
 
 def skip_reason() -> str | None:
@@ -39,9 +40,11 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.lab)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
-    # `lab down` must run after every other lab test.
+    # The modules that boot another lab file (another_lab) run after the others: the default lab they bring back
+    # is fresh, and every module after them would deploy it again from nothing. `lab down` runs last of all.
     last = [item for item in items if item.name == LAST_TEST]
-    items[:] = [item for item in items if item.name != LAST_TEST] + last
+    rebooting = [item for item in items if os.path.basename(str(item.fspath)) in REBOOTS_THE_LAB and item not in last]
+    items[:] = [item for item in items if item not in last and item not in rebooting] + rebooting + last
 
 
 def lab_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
