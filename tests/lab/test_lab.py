@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from r1fleet.lab import network, paths, procs, profiles, state
+from r1fleet.probe.facts import PROBE_SCRIPT as PROBE_SH
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_HOSTS = state.read_lab_layout().hosts  # name -> profile, from inventory/lab.yml
-PROBE_SH = REPO / "r1fleet" / "probe.sh"
 
 
 def lab_command(*args: str) -> subprocess.CompletedProcess:
@@ -126,8 +126,6 @@ def test_compute_apps_on_the_gpu_stand_ins(ssh):
 
 @pytest.mark.parametrize("host", LAB_HOSTS)
 def test_probe_sh_over_ssh_reports_the_profile(ssh, host):
-    if not PROBE_SH.exists():
-        pytest.skip("r1fleet/probe/probe.sh is not written yet")
     document = ssh(host, "sh -s", stdin=PROBE_SH.read_text()).stdout
     sections = {}
     current = None
