@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
@@ -179,6 +180,7 @@ def _validate_args(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet, lab_state=False)
+    fleet.check_ssh_keys()
     pools = f", {len(fleet.pools)} pools OK ({', '.join(fleet.pools)})" if fleet.pools else ""
     print(f"{fleet.source}: {len(fleet.hosts)} hosts OK ({', '.join(fleet.hosts)}){pools}")
     return 0
@@ -191,6 +193,7 @@ def _schema_args(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1fleet", description="Turn a home-lab fleet into DeepSeek-R1 servers.")
+    parser.add_argument("--version", action="version", version=f"r1fleet {version('r1fleet')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_plan_args, _probe_args, _validate_args, _schema_args):
         add(sub)
@@ -198,7 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         register(sub)
     for plugin in plugins.plugins():
         plugin.register(sub)
+    describe(parser)
     return parser
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+    """A subcommand's own --help opens with its one-line description: the line the listing above it shows."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                if subparser.description is None and listed.get(name):
+                    subparser.description = listed[name][:1].upper() + listed[name][1:] + "."
+                describe(subparser)
 
 
 def main(argv: list[str] | None = None) -> int:

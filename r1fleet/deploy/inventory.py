@@ -19,7 +19,9 @@ from r1fleet.fleet.file import load_fleet
 def fleet() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """pyinfra's groups: `r1fleet` (every host) plus the fleet file's own groups, each host with its data."""
     try:
-        return load_fleet().pyinfra_groups()
+        fleet = load_fleet()
+        fleet.check_ssh_keys()
+        return fleet.pyinfra_groups()
     except R1FleetError as error:
         print(f"r1fleet: the fleet file is invalid, nothing was deployed: {error}", file=sys.stderr)
         raise SystemExit(2) from None

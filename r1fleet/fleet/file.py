@@ -79,6 +79,19 @@ class Fleet(BaseModel):
                 return {"r1fleet_pool": {"name": name, **pool.model_dump(mode="json")}}
         return {}
 
+    def check_ssh_keys(self) -> None:
+        """Each host's ssh_key is a readable file (FleetError naming the host otherwise); a simulated host's key is
+        made when its lab comes up, so only hosts without a hardware profile are checked."""
+        for entry in self.hosts.values():
+            if not entry.ssh_key or entry.profile:
+                continue
+            key = Path(entry.ssh_key)
+            if not key.is_file() or not os.access(key, os.R_OK):
+                why = "is not a file" if key.exists() else "does not exist"
+                raise FleetError(f"{self.source}: host {entry.name}: field ssh_key: {key} {why} or cannot be read",
+                                 fix="point ssh_key at your private key (e.g. ~/.ssh/id_ed25519), or remove it to use "
+                                     "ssh-agent and ~/.ssh/config")
+
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Group name -> [(host name, host data)], as a pyinfra inventory module declares them."""
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}

@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_deploy import changed_count
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "lab-cpu"
 
-USER_INVENTORY = """# my inventory: every host of my fleet file, as r1fleet reads it
-from r1fleet.fleet.file import load_fleet
+USER_INVENTORY = """# my inventory: every host of my fleet file, as r1fleet reads and checks it
+from r1fleet.deploy.inventory import fleet
 
-globals().update(load_fleet().pyinfra_groups())
+globals().update(fleet())
 """
 USER_DEPLOY = """# my deploy: r1fleet's deploy of each host, then whatever else I run on my hosts
 from r1fleet.deploy.serve import serve_r1
@@ -62,7 +63,10 @@ def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
     bin_dir = installed / "venv/bin"
     plan = run([str(bin_dir / "r1fleet"), "plan", str(ROOT / "tests/fixtures/probes/cpu-16g.probe")], user)
     assert "cpu-16g" in plan.stdout
-    run([str(bin_dir / "r1fleet"), "validate", str(ROOT / "inventory/fleet.example.yml")], user)
+    home = installed / "home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    (home / ".ssh" / "id_ed25519").write_text("the example's key\n")  # validate checks that each ssh_key is there
+    run([str(bin_dir / "r1fleet"), "validate", str(ROOT / "inventory/fleet.example.yml")], user, HOME=str(home))
     # the lab from the package alone: up (idempotent here), and a host reinstalled from the clean image with the
     # package's profiles and stand-ins, which the user's deploy then installs from scratch
     run([str(bin_dir / "r1fleet"), "lab", "up"], user)
@@ -74,3 +78,8 @@ def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
     assert "all 1 host(s) converged" in deployed.stderr, deployed.stderr[-2000:]
     verified = run([str(bin_dir / "r1fleet"), "verify", "--fleet", "lab", "-k", HOST], user)
     assert "1/1 hosts pass" in verified.stdout, verified.stdout[-2000:]
+    # the same job from the package alone, no file of the user's: pyinfra's module:function inventory and deploy
+    again = run([str(bin_dir / "pyinfra"), "-y", "r1fleet.deploy.inventory:fleet", "r1fleet.deploy.serve.serve_r1",
+                 "--limit", HOST], installed, R1FLEET_FLEET="lab")
+    assert "all 1 host(s) converged" in again.stderr, again.stderr[-2000:]
+    assert changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]  # the host deployed above: no change

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,10 +122,33 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_validate_command_ok_and_bad(tmp_path):
-    ok = run_cli("validate", "inventory/fleet.example.yml")
-    assert ok.returncode == 0 and "5 hosts OK" in ok.stdout
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("a private key\n")  # the example's ssh_key: ~/.ssh/id_ed25519
+    ok = run_cli("validate", "inventory/fleet.example.yml", env={**os.environ, "HOME": str(home)})
+    assert ok.returncode == 0 and "5 hosts OK" in ok.stdout, ok.stderr
     bad = run_cli("validate", str(write(tmp_path, "hosts:\n  a: {address: 10.0.0.1, ssh_port: 0}\n")))
     assert bad.returncode == 2 and "host a: field ssh_port" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_validate_refuses_an_ssh_key_that_is_not_there(tmp_path):
+    """pyinfra would stop on it with tracebacks; validate (and the inventory) name the host and the fix."""
+    fleet = write(tmp_path, f"hosts:\n  a: {{address: 10.0.0.1, ssh_key: {tmp_path}/missing}}\n  b: {{address: 10.0.0.2}}\n")
+    out = run_cli("validate", str(fleet))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"host a: field ssh_key: {tmp_path}/missing does not exist" in out.stderr and "(fix: point ssh_key" in out.stderr
+    (tmp_path / "missing").mkdir()
+    assert "is not a file" in run_cli("validate", str(fleet)).stderr
+
+
+def test_every_subcommand_says_what_it_does_and_the_version_is_known():
+    top = run_cli("--help").stdout
+    assert "r1fleet " in run_cli("--version").stdout
+    for command in ("plan", "probe", "validate", "schema", "verify", "lock", "cache", "lab", "cache fill", "lab up"):
+        text = run_cli(*command.split(), "--help").stdout
+        description = text.split("\n\n")[1].strip()  # after the usage lines
+        assert description and not description.startswith(("positional", "options")), (command, text)
+    assert all(name in top for name in ("plan", "validate", "lock", "cache", "lab"))
 
 
 def test_schema_command_prints_json():
