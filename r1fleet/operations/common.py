@@ -230,7 +230,8 @@ def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode
         f"mv -f {q(part)} {q(dest)}",
         stamp_command(dest, sha256),
     ]
-    with watching(Path(dest).name, file_poll({"": q(part)}), total=size, resumable=True):
+    # the watcher reports a stall at half curl's --speed-time, before curl gives up and resumes
+    with watching(Path(dest).name, file_poll({"": q(part)}), total=size, resumable=True, stall_after=STALL_S / 2):
         yield "; ".join(steps)
 
 

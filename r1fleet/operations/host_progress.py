@@ -39,7 +39,7 @@ from pyinfra.context import ctx_host, ctx_state
 from r1fleet.progress import TerminalProgress, human_bytes, human_seconds
 
 EVERY_S = 5.0  # one poll (an SSH channel, a few hundred bytes) every few seconds per watched operation
-STALL_S = 30.0  # reported at half curl's --speed-time (roles/common.py), before curl gives up and resumes
+STALL_S = 30.0  # fetch_verified reports at half curl's --speed-time (operations/common.py), before curl gives up
 POLL_TIMEOUT_S = 30
 # The runner's own controls of the long command, not of the poll (api/operations.py _run_host_op).
 _NOT_FOR_POLLS = {"_timeout", "_stdin", "_success_exit_codes", "_get_pty", "_retries", "_retry_delay",
