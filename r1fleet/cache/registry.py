@@ -85,10 +85,38 @@ def ollama_manifest_path(models_dir: str, tag: str) -> str:
 
 
 def ollama_model_layer(manifest: dict[str, Any]) -> str | None:
-    """The hex sha256 of a manifest's model layer (the GGUF blob), as the catalog pins it."""
+    """The hex sha256 of a manifest's model layer (the GGUF blob), as the catalog pins it: the last one, the one
+    Ollama loads (v0.32.9 server/images.go GetModel: each model layer replaces the one before)."""
+    found = None
     for layer in manifest.get("layers") or []:
-        if layer.get("mediaType") == MODEL_LAYER:
-            return str(layer.get("digest", "")).removeprefix("sha256:") or None
+        if isinstance(layer, dict) and layer.get("mediaType") == MODEL_LAYER:
+            found = str(layer.get("digest", "")).removeprefix("sha256:") or None
+    return found
+
+
+# The layers a distill may carry besides its weights: text Ollama reads as the prompt template, system prompt,
+# parameters, license or seed messages (server/images.go GetModel). An adapter (a LoRA applied over the weights),
+# a projector, a second model layer or any type Ollama may learn later changes what the pin stands for.
+TEXT_LAYERS = frozenset(f"application/vnd.ollama.image.{kind}"
+                        for kind in ("template", "system", "params", "license", "messages", "prompt"))
+
+
+def weights_problem(manifest: Any, weights_sha256: str) -> str | None:
+    """Why a manifest does not serve exactly the pinned weights, or None: one model layer, the pinned one, and
+    no layer but text besides it."""
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(layers, list):
+        return "it lists no layers"
+    kinds = [layer.get("mediaType") if isinstance(layer, dict) else None for layer in layers]
+    models = [layer for layer, kind in zip(layers, kinds) if kind == MODEL_LAYER]
+    others = sorted({str(kind) for kind in kinds if kind != MODEL_LAYER and kind not in TEXT_LAYERS})
+    if len(models) != 1:
+        return f"it has {len(models)} model layers, not one"
+    if others:
+        return f"it adds {', '.join(others)} to the weights"
+    weights = ollama_model_layer(manifest)
+    if weights != weights_sha256:
+        return f"its weights are {weights}, catalog.yaml pins {weights_sha256}"
     return None
 
 
@@ -135,9 +163,9 @@ def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
     except (ValueError, KeyError, TypeError) as err:
         raise R1FleetError(f"the registry's manifest for {tag} is not an Ollama manifest ({err})",
                            fix="check the registry URL (ollama_registry)") from None
-    weights = ollama_model_layer(document)
-    if weights != weights_sha256:
-        raise R1FleetError(f"the registry's {tag} has weights {weights}, catalog.yaml pins {weights_sha256}",
+    problem = weights_problem(document, weights_sha256)
+    if problem:
+        raise R1FleetError(f"the registry's {tag} is not the pinned model: {problem}",
                            fix="the tag was re-pointed upstream: pin another model, or update catalog.yaml once you "
                                "trust the new weights")
     manifest = Blob(hashlib.sha256(data).hexdigest(), len(data))

@@ -35,6 +35,7 @@ from r1fleet.cache.registry import (
     manifest_key,
     ollama_manifest_path,
     ollama_model_layer,
+    weights_problem,
     read_manifest,
 )
 from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model
@@ -128,6 +129,26 @@ def test_a_manifest_with_other_weights_is_refused(published):
     hostile["layers"].append({"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:../../etc/x",
                               "size": 1})
     with pytest.raises(R1FleetError, match="is not a sha256 digest"):
+        read_manifest(json.dumps(hostile).encode(), TAG, published["sha"])
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("model", "2 model layers"), ("adapter", "application/vnd.ollama.image.adapter"),
+    ("projector", "application/vnd.ollama.image.projector"), ("embed", "application/vnd.ollama.image.embed"),
+    ("something-new", "application/vnd.ollama.image.something-new"),
+])
+def test_the_weights_are_exactly_the_pinned_ones(published, extra, reason):
+    """Ollama loads the last model layer and applies every adapter and projector (server/images.go GetModel): a
+    manifest with the pinned weights and anything of that kind besides them is refused, as is verify's."""
+    document = json.loads(published["manifest"].read_bytes())
+    assert weights_problem(document, published["sha"]) is None
+    with_text = {**document, "layers": [*document["layers"], {"mediaType": "application/vnd.ollama.image.license",
+                                                                "digest": "sha256:" + "e" * 64, "size": 3}]}
+    assert weights_problem(with_text, published["sha"]) is None  # text Ollama reads: no other weights
+    hostile = {**document, "layers": [*document["layers"], {"mediaType": f"application/vnd.ollama.image.{extra}",
+                                                             "digest": "sha256:" + "f" * 64, "size": 3}]}
+    assert reason in (weights_problem(hostile, published["sha"]) or "")
+    with pytest.raises(R1FleetError, match="is not the pinned model"):
         read_manifest(json.dumps(hostile).encode(), TAG, published["sha"])
 
 

@@ -20,7 +20,7 @@ from r1fleet.plan.memory import kv_cache_mib, padded_context
 from r1fleet.records import HostPlan
 from r1fleet.net import source_address_towards
 from r1fleet.verify.readings import exec_start_argv, flag_value, listener_problems
-from r1fleet.cache.registry import ollama_manifest_path, ollama_model_layer
+from r1fleet.cache.registry import ollama_manifest_path, weights_problem
 from r1fleet.verify.judge import (
     gpu_problems,
     memory_by_gpu,
@@ -187,9 +187,9 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
                 fail(target, f"{target.unit} sets no OLLAMA_MODELS, so its model store cannot be checked")
             manifest_path = ollama_manifest_path(models, plan.ollama_tag)
             manifest = target.output(f"cat {manifest_path}")
-            layer = ollama_model_layer(json.loads(manifest))
-            if layer != digest:
-                problems.append(f"{plan.ollama_tag} serves weights {layer}, the plan's are {digest}")
+            problem = weights_problem(json.loads(manifest), digest)
+            if problem:
+                problems.append(f"{plan.ollama_tag} does not serve the plan's weights {digest}: {problem}")
             else:
                 size = plan.gguf.size_bytes if plan.gguf and plan.gguf.sha256 == digest else None
                 problems += _check_file(target, f"{models.rstrip('/')}/blobs/sha256-{digest}", size, digest, hash_it)
