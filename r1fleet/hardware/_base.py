@@ -24,12 +24,12 @@ VENDOR_IDS: dict[str, Vendor] = {"10de": "nvidia", "1002": "amd", "8086": "intel
 DISPLAY_CLASSES = {"0300", "0302", "0380"}
 DRIVER_HEADER = re.compile(r"(?:Driver|KMD) Version:\s*([0-9][0-9.]*)")
 TABLE_GPU_ROW = re.compile(
-    r"^\|\s*(?P<index>\d+)\s+(?P<name>.+?)\s+(?P<mode>On|Off|WDDM|TCC|MCDM|N/A)\s*\|"
+    r"^\|\s*(?P<index>[0-9]+)\s+(?P<name>.+?)\s+(?P<mode>On|Off|WDDM|TCC|MCDM|N/A)\s*\|"
     r"\s*(?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]|N/A)\s+(?:On|Off|N/A)\s*\|"
 )
-TABLE_MEMORY = re.compile(r"(\d+)MiB\s*/\s*(\d+)MiB")
+TABLE_MEMORY = re.compile(r"([0-9]+)MiB\s*/\s*([0-9]+)MiB")
 TABLE_PROCESS = re.compile(
-    r"^\|\s*(?P<gpu>\d+)\s+\S+\s+\S+\s+(?P<pid>\d+)\s+(?P<type>[CGM+]+)\s+(?P<name>.+?)\s+(?P<mem>\d+)MiB\s*\|"
+    r"^\|\s*(?P<gpu>[0-9]+)\s+\S+\s+\S+\s+(?P<pid>[0-9]+)\s+(?P<type>[CGM+]+)\s+(?P<name>.+?)\s+(?P<mem>[0-9]+)MiB\s*\|"
 )
 LSPCI = re.compile(
     r"^(?P<slot>(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])\s+(?P<class_name>[^\[]*?)\s*"
@@ -80,8 +80,9 @@ _MAX_READING = 2**64
 
 
 def reading(text: str | None) -> int | None:
-    """A whole non-negative reading, or None for anything else (inf, nan, 400-digit numbers, words)."""
-    if text is None:
+    """A whole non-negative reading, or None for anything else (inf, nan, 400-digit numbers, words, digits of
+    other scripts, which Python's float() would read: '٣' is 3)."""
+    if text is None or not text.isascii():
         return None
     try:
         value = float(text)

@@ -37,7 +37,7 @@ class GpuSpec(BaseModel):
     pci_id_ranges: tuple[tuple[str, str], ...] = ()
     vram_mib: int | None = Field(None, gt=0)
     bandwidth_gbps: float = Field(gt=0)
-    compute_cap: str | None = Field(None, pattern=r"^\d+\.\d+$")
+    compute_cap: str | None = Field(None, pattern=r"^[0-9]+\.[0-9]+$")
     unified: bool = False
     gpu_cores: int | None = Field(None, gt=0)
 

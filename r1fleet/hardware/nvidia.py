@@ -62,7 +62,7 @@ def parse_nvidia_query(lines: list[str]) -> list[NvidiaRow]:
             bus_id=normalize_bus_id(values[5]) if values[5] else None,
             uuid=values[6] if values[6] and re.fullmatch(GPU_UUID, values[6]) else None,
             driver_version=values[7],
-            compute_cap=values[8] if len(values) == 9 and values[8] and re.match(r"^\d+\.\d+$", values[8]) else None,
+            compute_cap=values[8] if len(values) == 9 and values[8] and re.match(r"^[0-9]+\.[0-9]+$", values[8]) else None,
         ))
     return rows
 

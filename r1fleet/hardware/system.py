@@ -41,7 +41,7 @@ def parse_meminfo(lines: list[str], host: str) -> tuple[int, int | None] | None:
         return None
     values: dict[str, int] = {}
     for line in lines:
-        match = re.match(r"^\s*([A-Za-z0-9_()]+):\s+(\d+)\s*(kB)?\s*$", line)
+        match = re.match(r"^\s*([A-Za-z0-9_()]+):\s+([0-9]+)\s*(kB)?\s*$", line)
         if match:
             values[match.group(1)] = int(match.group(2))
     total = values.get("MemTotal")

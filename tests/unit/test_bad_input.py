@@ -90,7 +90,7 @@ def test_mutated_probes_give_a_plan_or_a_clear_error(seed):
 PROBE = ROOT / "tests" / "fixtures" / "probes" / "dual-rtx3090.probe"
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "9" * 400, "-1", "²", "1e309", "[N/A]", "", "{", "[" * 2000])
+@pytest.mark.parametrize("value", ["inf", "nan", "9" * 400, "-1", "²", "٣", "١٦٠٠٠٠٠٠", "1e309", "[N/A]", "", "{", "[" * 2000])
 def test_a_hostile_memtotal_is_refused_naming_host_and_section(value):
     text = PROBE.read_text()
     hostile = re.sub(r"^MemTotal:\s+\d+", lambda _: f"MemTotal:       {value}", text, count=1, flags=re.M)
