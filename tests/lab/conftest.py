@@ -38,6 +38,7 @@ def pytest_collection_modifyitems(config, items):
     lab_items = [item for item in items if str(item.fspath).startswith(lab_dir)]
     for item in lab_items:
         item.add_marker(pytest.mark.lab)
+        item.add_marker(pytest.mark.xdist_group("lab"))  # one worker runs them all, in this order: one lab
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
     # The modules that boot another lab file (another_lab) run after the others: the default lab they bring back

@@ -146,7 +146,8 @@ def test_a_policy_change_waits_for_a_relock(fleet, ssh):
 
 def test_a_host_that_cannot_reach_the_controller_downloads_upstream(fleet, ssh):
     """A firewall on the controller drops the cache server's port: the host falls back to upstream (here the
-    lab mirror) after a few seconds, and still verifies what it got."""
+    lab mirror) after a few seconds, and still verifies what it got. The host lost its model file (a disk
+    replaced under the model directory): only that download is needed again."""
     from r1fleet.operations.fleet_cache import CACHE_PORT
 
     table = "inet r1fleet-test-drop"
@@ -156,11 +157,12 @@ def test_a_host_that_cannot_reach_the_controller_downloads_upstream(fleet, ssh):
                         "{ type filter hook input priority -10; policy accept; }"], check=True)
         subprocess.run(["nft", "add", "rule", *table.split(), "input", "tcp", "dport", str(CACHE_PORT), "drop"],
                        check=True)
-        reset("lab-cpu")
+        gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        lost = ssh("lab-cpu", "rm -v /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf*")
+        assert lost.returncode == 0 and ".gguf" in lost.stdout, lost.stdout + lost.stderr
         served = mirror_served()
         again = deploy("--limit", "lab-cpu", fleet=fleet)
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
-        gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
         assert mirror_served()[gguf] - served.get(gguf, 0) == (paths.MIRROR_DIR / gguf.lstrip("/")).stat().st_size
         assert ssh("lab-cpu", "systemctl is-active r1fleet-ollama.service").stdout.strip() == "active"
     finally:
