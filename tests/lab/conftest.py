@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from r1fleet.lab import state
 
@@ -32,20 +33,35 @@ def skip_reason() -> str | None:
     return None
 
 
+class OneLab(LoadScopeScheduling):
+    """pytest-xdist's scheduling by module, with every lab test in one scope: one worker runs them all, in
+    collection order, on the one lab they share; the other worker runs the fast tests meanwhile. (xdist's own
+    `loadgroup` renames node ids, which pytest 9 no longer reads.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return "tests/lab" if nodeid.startswith("tests/lab/") else super()._split_scope(nodeid)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return OneLab(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     reason = skip_reason()
     lab_dir = os.path.dirname(__file__)
     lab_items = [item for item in items if str(item.fspath).startswith(lab_dir)]
     for item in lab_items:
         item.add_marker(pytest.mark.lab)
-        item.add_marker(pytest.mark.xdist_group("lab"))  # one worker runs them all, in this order: one lab
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
     # The modules that boot another lab file (another_lab) run after the others: the default lab they bring back
     # is fresh, and every module after them would deploy it again from nothing. `lab down` runs last of all.
     last = [item for item in items if item.name == LAST_TEST]
     rebooting = [item for item in items if os.path.basename(str(item.fspath)) in REBOOTS_THE_LAB and item not in last]
-    items[:] = [item for item in items if item not in last and item not in rebooting] + rebooting + last
+    others = [item for item in items if item not in last and item not in rebooting]
+    # The lab goes first: under pytest-xdist its worker starts it at once, and the fast tests fill the other.
+    lab = [item for item in others if item in lab_items] + rebooting + last
+    items[:] = lab + [item for item in others if item not in lab_items]
 
 
 def lab_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
