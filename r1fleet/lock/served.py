@@ -85,8 +85,8 @@ def served_plans(hosts: Mapping[str, HostConfig], pools: Mapping[str, PoolSettin
             continue
         try:
             planned, locked = pool_served(name, pool, hosts, hardware, lock, fleet)
-        except R1FleetError as err:
-            out.update({member: err for member in pool.hosts})
+        except R1FleetError as err:  # a member's hardware changed since the pool was locked
+            out.update({member: R1FleetError(f"pool {name}: {err}") for member in pool.hosts})
             continue
         if planned.pooled:
             for member in pool.hosts:

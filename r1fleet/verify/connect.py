@@ -25,7 +25,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.probe.facts import probe_script
 from r1fleet.hardware import parse_probe
 from r1fleet.net import host_port
-from r1fleet.lock.served import pool_served, served_alone, served_in_pool
+from r1fleet.lock.served import served_plans
 from r1fleet.verify.target import Target
 
 PROBE_TIMEOUT_S = 120
@@ -77,8 +77,8 @@ def connect(entry: HostConfig, options: ConnectOptions) -> Any:
     return testinfra.get_host(f"ssh://{entry.ssh_user}@{where}", **kwargs)
 
 
-def connect_and_plan(target: Target, options: ConnectOptions) -> None:
-    """Connect, probe, plan (as deploy.py does). Records an error on the target instead of raising."""
+def connect_and_probe(target: Target, options: ConnectOptions) -> None:
+    """Connect and probe (as the deploy does). Records an error on the target instead of raising."""
     entry = target.entry
     where = f"{entry.ssh_user}@{entry.address}:{entry.ssh_port}"
     try:
@@ -95,19 +95,14 @@ def connect_and_plan(target: Target, options: ConnectOptions) -> None:
         return
     try:
         target.hardware = parse_probe(result.stdout, entry.name)
-        plan = served_alone(entry, target.hardware, options.lock, options.fleet, options.rehearsal).plan
     except R1FleetError as err:
         target.error = f"cannot plan: {err}"
-        return
-    target.plan = plan
-    if not plan.fits or not plan.backend:
-        target.error = f"no model fits this host, so nothing is served: {'; '.join(plan.reasons)}"
 
 
-def connect_and_plan_all(targets: dict[str, Target], options: ConnectOptions) -> None:
-    """`connect_and_plan` every target in parallel; a host still connecting or probing at the deadline is
+def connect_and_probe_all(targets: dict[str, Target], options: ConnectOptions) -> None:
+    """`connect_and_probe` every target in parallel; a host still connecting or probing at the deadline is
     recorded as hung."""
-    threads = {name: threading.Thread(target=connect_and_plan, args=(t, options), daemon=True) for name, t in targets.items()}
+    threads = {name: threading.Thread(target=connect_and_probe, args=(t, options), daemon=True) for name, t in targets.items()}
     for thread in threads.values():
         thread.start()
     deadline = time.monotonic() + PROBE_TIMEOUT_S + options.ssh_timeout * 4 + 10
@@ -117,24 +112,21 @@ def connect_and_plan_all(targets: dict[str, Target], options: ConnectOptions) ->
             targets[name].error = f"connecting and probing took longer than {int(deadline - time.monotonic() + 1)} s; the host hangs"
 
 
-def apply_pools(pools: dict, targets: dict[str, Target], options: ConnectOptions) -> None:
-    """Pool members are verified as the deploy serves them: the head against its part of the pool plan (the
-    model split over every member's devices), a worker as the rpc-server it runs. A pool kept separate, or
-    one whose members are not all reached, leaves its members' own plans."""
-    for name, pool in pools.items():
-        members = [targets.get(member) for member in pool.hosts]
-        if any(m is None or m.hardware is None for m in members):
+def plan_targets(pools: dict, targets: dict[str, Target], options: ConnectOptions) -> None:
+    """What each probed host serves, as the deploy serves it (r1fleet/lock/served.py): a pool member against its
+    part of a pooled pool (the head: the model split over every member's devices; a worker: its rpc-server),
+    any other host against its locked or today's plan. A pool whose members were not all reached leaves its
+    members their own plans."""
+    probed = {name: t for name, t in targets.items() if t.hardware is not None and t.error is None}
+    served = served_plans({name: t.entry for name, t in probed.items()}, pools, options.lock,
+                          {name: t.hardware for name, t in probed.items()}, options.fleet, options.rehearsal)
+    for name, answer in served.items():
+        target = targets[name]
+        if isinstance(answer, R1FleetError):
+            target.error = f"cannot plan: {answer}"
             continue
-        try:
-            planned, locked = pool_served(name, pool, {m.name: m.entry for m in members},
-                                          {m.name: m.hardware for m in members}, options.lock, options.fleet)
-        except R1FleetError as err:  # a member's hardware changed since the pool was locked
-            for member in members:
-                member.error = f"cannot plan pool {name}: {err}"
-            continue
-        if not planned.pooled:
-            continue
-        for member in members:
-            served = served_in_pool(member.entry, member.hardware, planned, locked, options.rehearsal)
-            member.pool, member.pool_role, member.plan = planned, served.role, served.plan
-            member.error = None
+        target.plan = answer.plan
+        if answer.role != "alone":
+            target.pool, target.pool_role = answer.pool, answer.role
+        elif not answer.plan.fits or not answer.plan.backend:
+            target.error = f"no model fits this host, so nothing is served: {'; '.join(answer.plan.reasons)}"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 from r1fleet.fleet.config import HostConfig
-from r1fleet.verify.connect import ConnectOptions, connect
+from r1fleet.verify.connect import ConnectOptions, connect, plan_targets
 from r1fleet.verify.target import Target
 
 
@@ -70,3 +71,30 @@ def test_commands_are_bounded_where_there_is_no_timeout_command(tmp_path):
                         ["/bin/sh", "-c", c], env={**os.environ, "PATH": str(bare)}, capture_output=True)))
     assert target.run("sleep 5", timeout=1).returncode == 142
     assert target.run("echo fine", timeout=5).returncode == 0
+
+
+def test_verify_plans_each_probed_host_as_the_deploy_serves_it():
+    """Pool members against their part of the pool, the others alone; a host nothing fits fails by name, and a host
+    that could not be probed keeps its own error (r1fleet/lock/served.py decides for all of them)."""
+    from test_pools import BOX_A, BOX_B
+
+    from r1fleet.hardware import parse_probe
+    from r1fleet.plan.pool_settings import PoolSettings
+
+    probes = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+    hosts = {"box-a": "192.168.1.31", "box-b": "192.168.1.32", "gpu-4090": "192.168.1.22", "tiny": "192.168.1.40",
+             "down": "192.168.1.50"}
+    targets = {name: Target(HostConfig(name=name, address=address)) for name, address in hosts.items()}
+    for name, text in (("box-a", BOX_A), ("box-b", BOX_B), ("gpu-4090", (probes / "rtx4090.probe").read_text()),
+                       ("tiny", (probes / "cpu-16g.probe").read_text())):
+        targets[name].hardware = parse_probe(text, name)
+    targets["tiny"].entry = targets["tiny"].entry.model_copy(update={"policy": targets["tiny"].entry.policy.model_copy(
+        update={"min_tokens_per_second": 1000})})
+    targets["down"].error = "cannot connect over SSH to root@192.168.1.50:22: refused"
+    plan_targets({"big": PoolSettings(hosts=["box-a", "box-b"], head="box-a")}, targets, ConnectOptions())
+    head, worker = targets["box-a"], targets["box-b"]
+    assert (head.pool_role, worker.pool_role) == ("head", "worker") and head.pool is worker.pool and head.pool.pooled
+    assert head.plan.tensor_split and worker.plan.gguf is None and head.error is None and worker.error is None
+    assert targets["gpu-4090"].pool_role is None and targets["gpu-4090"].plan.fits and targets["gpu-4090"].error is None
+    assert targets["tiny"].error.startswith("no model fits this host, so nothing is served: ")
+    assert targets["down"].error.startswith("cannot connect") and targets["down"].plan is None

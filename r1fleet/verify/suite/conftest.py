@@ -31,7 +31,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.fleet.file import Fleet, load_fleet
 from r1fleet.lock.match import lock_path, read_lock, relock_fleet
 from r1fleet.records import HostPlan
-from r1fleet.verify.connect import ConnectOptions, apply_pools, connect_and_plan_all, write_lab_ssh_config
+from r1fleet.verify.connect import ConnectOptions, connect_and_probe_all, plan_targets, write_lab_ssh_config
 from r1fleet.verify.table import HostResult, host_result, results_table
 from r1fleet.verify.target import Target
 
@@ -117,8 +117,8 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
         for name in _selected_hosts(request.session)
     }
     options = connect_options(config, lab_ssh_config)
-    connect_and_plan_all(chosen, options)
-    apply_pools(fleet.pools, chosen, options)
+    connect_and_probe_all(chosen, options)
+    plan_targets(fleet.pools, chosen, options)
     reporter = config.pluginmanager.get_plugin(REPORTER_NAME)
     if reporter is not None:
         reporter.targets = chosen
