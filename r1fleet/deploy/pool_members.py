@@ -22,7 +22,7 @@ from pyinfra.context import ctx_host
 from r1fleet.fleet.config import HostConfig
 from r1fleet.probe.facts import R1Probe
 from r1fleet.hardware import parse_probe
-from r1fleet.lock.match import lock_path, read_lock, relock_fleet
+from r1fleet.lock.match import fleet_lock
 from r1fleet.lock.served import pool_served
 from r1fleet.records import Hardware, PoolPlan
 from r1fleet.plan.pool_settings import PoolSettings
@@ -67,6 +67,5 @@ def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> tuple[
         if name not in _pools:
             hardware = {member: member_hardware(member) for member in pool.hosts}
             members = {member: member_config(member) for member in pool.hosts}
-            lock = read_lock(lock_path(fleet)) if fleet else None
-            _pools[name] = pool_served(name, pool, members, hardware, lock, relock_fleet(fleet) if fleet else None)
+            _pools[name] = pool_served(name, pool, members, hardware, *fleet_lock(fleet))
         return _pools[name]

@@ -19,7 +19,7 @@ from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, remem
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.hardware import parse_probe
-from r1fleet.lock.match import lock_path, read_lock, relock_fleet
+from r1fleet.lock.match import fleet_lock
 from r1fleet.lock.served import Served, served_alone, served_in_pool
 from r1fleet.operations.stages import HostContext, Role, apply_roles
 from r1fleet.plan.format import format_plan
@@ -88,9 +88,7 @@ def served_here(hardware: Hardware, settings: HostConfig) -> Served:
     """What this host serves outside a pool: the fleet lock's plan when the fleet has a lock that names it
     (LockMismatch, naming the differences and the relock command, when the hardware changed), else today's plan;
     in rehearsal the stand-in in the planned slot."""
-    fleet = host.data.get("r1fleet_fleet")
-    lock = read_lock(lock_path(fleet)) if fleet else None
-    return served_alone(settings, hardware, lock, relock_fleet(fleet) if fleet else None)
+    return served_alone(settings, hardware, *fleet_lock(host.data.get("r1fleet_fleet")))
 
 
 def kind_of(ctx: HostContext) -> str:

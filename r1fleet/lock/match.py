@@ -60,6 +60,14 @@ def relock_fleet(source: str) -> str:
     return plugin.name if plugin else source
 
 
+def fleet_lock(fleet: str | None) -> tuple[Lock | None, str | None]:
+    """The lock of the fleet file `fleet` (None without a fleet, or when it has no lock) and the fleet as a relock
+    command names it: what a deploy of that fleet serves by."""
+    if not fleet:
+        return None, None
+    return read_lock(lock_path(fleet)), relock_fleet(fleet)
+
+
 def relock_command(host: str, fleet: str | None = None) -> str:
     return f"r1fleet lock --fleet {fleet} {host}" if fleet else f"r1fleet lock {host}"
 

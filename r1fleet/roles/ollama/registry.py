@@ -22,7 +22,7 @@ from pyinfra.api import operation
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
-from r1fleet.lock.match import lock_path, read_lock, relock_command
+from r1fleet.lock.match import fleet_lock, relock_command
 from r1fleet.records import HostPlan
 from r1fleet.cache.registry import (
     MANIFEST_ACCEPT,
@@ -97,8 +97,7 @@ def registry_fetch(plan: HostPlan, settings: HostConfig, model_files: Mapping[st
 
 def locked_manifest(tag: str) -> str | None:
     """The manifest digest the fleet lock records for this host's `tag`, if any."""
-    fleet = host.data.get("r1fleet_fleet")
-    lock = read_lock(lock_path(fleet)) if fleet else None
+    lock, _ = fleet_lock(host.data.get("r1fleet_fleet"))
     entry = lock.hosts.get(host.name) if lock else None
     model = entry.artifacts.model if entry else None
     return model.manifest_for(tag) if model else None
