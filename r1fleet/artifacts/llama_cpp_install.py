@@ -16,7 +16,6 @@ from r1fleet.records import HostPlan
 LLAMA_ROOT = "/opt/r1fleet/llama.cpp"
 
 
-
 @dataclass(frozen=True)
 class LlamaInstall:
     """Where llama-server comes from on this host, and what it needs to run there."""
@@ -45,12 +44,12 @@ def cmake_flags(plan: HostPlan, build: str) -> tuple[str, ...]:
         # A release tarball has no git: name the build, or /props reports b0-unknown (cmake/build-info.cmake).
         f"-DLLAMA_BUILD_NUMBER={build.lstrip('b')}",
     ]
-    if plan.placement != "cpu" and plan.vendor == "nvidia":
+    if plan.uses_gpu and plan.vendor == "nvidia":
         archs = cuda_architectures(plan.compute_caps) or "native"
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
-    elif plan.placement != "cpu" and plan.vendor == "amd":
+    elif plan.uses_gpu and plan.vendor == "amd":
         flags += ["-DGGML_HIP=ON"]
-    elif plan.placement != "cpu" and plan.vendor == "intel":
+    elif plan.uses_gpu and plan.vendor == "intel":
         flags += ["-DGGML_VULKAN=ON"]
     return tuple(flags)
 

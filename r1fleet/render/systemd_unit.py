@@ -27,7 +27,7 @@ def health_timeout_s(plan: HostPlan) -> int:
 
 def device_allow(plan: HostPlan) -> list[str]:
     """DeviceAllow= entries: only the GPU device classes the plan uses (names from /proc/devices)."""
-    if plan.placement == "cpu" or plan.vendor is None:
+    if not plan.uses_gpu:
         return []
     if plan.vendor == "nvidia":  # CUDA opens /dev/nvidia*, never /dev/dri
         return ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]

@@ -217,7 +217,6 @@ def test_preparing_an_operation_polls_nothing(tmp_path):
     assert live_watchers() == 0 and not polls.exists()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # A real pyinfra run on @local: the watched operation grows a file for about 4 s
 

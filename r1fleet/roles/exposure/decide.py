@@ -18,6 +18,7 @@ FIREWALL_UNIT = "r1fleet-firewall.service"
 FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
 SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
 FIREWALL_DROP_IN = "r1fleet-firewall.conf"
+UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,6 @@ def _ufw_rule_is_v6(line: str) -> bool:
 
 def firewall_drop_in(backend: str) -> str:
     return f"{UNIT_DIR}/{SERVICE_UNITS[backend]}.d/{FIREWALL_DROP_IN}"
-
-
-UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
 
 
 # Deletes every ufw rule r1fleet added (comment "r1fleet"), highest number first so numbers stay valid.

@@ -211,7 +211,7 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
         changed.append(build_from_source(
             name=f"Build llama-server {install.tag}",
             tag=install.tag,
-            url=pins.source_url.format(tag=install.tag),
+            url=pins.source,
             sha256=pins.source_sha256,
             flags=install.cmake_flags,
         ))
