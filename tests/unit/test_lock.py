@@ -20,6 +20,7 @@ from r1fleet.lock.match import (
     Lock,
     LockMismatch,
     effective_plan,
+    fleet_lock,
     fingerprint_differences,
     fingerprint_of,
     key_fingerprint,
@@ -117,6 +118,16 @@ def test_lock_path_beside_the_fleet_file_and_the_lab_in_inventory(tmp_path):
     assert lock_path(tmp_path / "fleet.yml") == tmp_path / "fleet.yml.lock"
     assert lock_path(LAB_FLEET_FILE) == REPO_ROOT / "inventory" / "lab.yml.lock"
     assert lock_path(REPO_ROOT / "inventory" / "lab.yml") == REPO_ROOT / "inventory" / "lab.yml.lock"
+
+
+def test_a_deploy_of_a_fleet_serves_by_its_lock_and_names_it_for_a_relock(tmp_path):
+    """fleet_lock: what the deploy's host and pool paths and the Ollama registry role read for the run's fleet."""
+    fleet = tmp_path / "fleet.yml"
+    assert fleet_lock(None) == (None, None) and fleet_lock(str(fleet)) == (None, str(fleet))  # no lock written yet
+    lock = Lock(hosts={"rtx4090": entry_for("rtx4090")})
+    write_lock(lock_path(fleet), lock)
+    assert fleet_lock(str(fleet)) == (read_lock(lock_path(fleet)), str(fleet)) and fleet_lock(str(fleet))[0] == lock
+    assert fleet_lock(str(LAB_FLEET_FILE))[1] == "lab"  # the lab's fleet file is relocked as `--fleet lab`
 
 
 # ---------------------------------------------------------------- the fingerprint
