@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from r1fleet.artifacts.ollama_release import parse_sha256sums
 from r1fleet.lab import network, paths, procs
 
 LAB_FLEET_FILE = paths.LAB_FLEET_FILE
@@ -118,10 +119,25 @@ def connection_defaults(fleet_dict: dict) -> dict[str, dict]:
     hosts = list((fleet_dict.get("hosts") or {}) if isinstance(fleet_dict.get("hosts"), dict) else [])
     controller, addresses, _ = network.plan_addresses(subnet, hosts)
     mirror = f"http://{controller}:{paths.MIRROR_PORT}"
+    release = stand_in_release(mirror)
     return {
-        name: {"address": address, "ssh_user": "root", "ssh_key": str(paths.SSH_KEY), "mirror": mirror}
+        name: {"address": address, "ssh_user": "root", "ssh_key": str(paths.SSH_KEY), "mirror": mirror,
+               **({"ollama_release": release} if release else {})}
         for name, address in addresses.items()
     }
+
+
+def stand_in_release(mirror: str) -> dict | None:
+    """The stand-in Ollama release the lab's mirror serves, read from the mirror's directory on this machine
+    (a dry run reads nothing over the network): its version, where the hosts fetch it, its sha256 sums. None
+    before the lab built it."""
+    directory = paths.MIRROR_DIR / "ollama"
+    try:
+        sums = parse_sha256sums((directory / "sha256sum.txt").read_text())
+        version = (directory / "VERSION").read_text().strip() if (directory / "VERSION").is_file() else None
+    except OSError:
+        return None
+    return {"version": version or None, "base_url": f"{mirror}/ollama", "sha256": sums}
 
 
 def mirror_url() -> str:

@@ -18,6 +18,9 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
+from r1fleet.artifacts.pins import Download
+from r1fleet.progress import human_bytes
+from r1fleet.operations.fleet_cache import Routed
 from r1fleet.operations.fact_batch import (
     FactRequest,
     directory_reads,
@@ -206,32 +209,48 @@ def fetch_verified_reads(dest: str) -> list[FactRequest]:
     return [(VerifiedDigest, {"path": dest})]
 
 
+def download_label(download: Download) -> str:
+    """The name and, when pinned, the size: what a dry run's list of operations shows for a download.
+
+    >>> download_label(Download(name="m.gguf", url="https://x/m.gguf", sha256="0" * 64, size=4_683_073_184))
+    'm.gguf (4.4 GiB)'
+    """
+    return f"{download.name} ({human_bytes(download.size)})" if download.size else download.name
+
+
 @operation()
-def fetch_verified(url: str, dest: str, sha256: str, user: str, group: str, mode: str = "0640",
-                   fallback_url: str | None = None, size: int | None = None):
+def fetch_verified(download: Download, dest: str, user: str, group: str, mode: str = "0640"):
     """Download once, resumable, sha256-verified; the file appears under its name only when good, with a
-    stamp beside it so that later runs need not read it in full again. Its progress is shown while it runs
-    (bytes, rate, and with `size` the time left)."""
+    stamp beside it so that later runs need not read it in full again. It comes through the controller's
+    cache (r1fleet/operations/fleet_cache.py), routed when the operation runs. Its progress is shown while it
+    runs (bytes, rate, and with a pinned size the time left).
+
+    Example: fetch_verified(name="Model", download=model_download(...), dest="/var/lib/r1fleet/models/m.gguf",
+    user="llama", group="llama")"""
     digest = host.get_fact(VerifiedDigest, path=dest)
-    if digest == ("stamped", sha256):
-        host.noop(f"{dest} present with sha256 {sha256[:12]}")
+    if digest == ("stamped", download.sha256):
+        host.noop(f"{dest} present with sha256 {download.sha256[:12]}")
         return
-    if digest == ("hashed", sha256):  # verified now, e.g. placed by an earlier r1fleet: stamp it
-        yield stamp_command(dest, sha256)
+    if digest == ("hashed", download.sha256):  # verified now, e.g. placed by an earlier r1fleet: stamp it
+        yield stamp_command(dest, download.sha256)
         return
+    routed = Routed([(download, download.name)])
+    yield from routed.commands()
+    (download,) = routed.artifacts
     part = f"{dest}.part"
     q = shlex.quote
     steps = [
         "set -e",
         f"mkdir -p {q(str(Path(dest).parent))}",
-        *verified_fetch_steps(url, q(part), sha256, resume=True, fallback=fallback_url),
+        *verified_fetch_steps(download.url, q(part), download.sha256, resume=True, fallback=download.fallback_url),
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",
         f"mv -f {q(part)} {q(dest)}",
-        stamp_command(dest, sha256),
+        stamp_command(dest, download.sha256),
     ]
     # the watcher reports a stall at half curl's --speed-time, before curl gives up and resumes
-    with watching(Path(dest).name, file_poll({"": q(part)}), total=size, resumable=True, stall_after=STALL_S / 2):
+    with watching(Path(dest).name, file_poll({"": q(part)}), total=download.size, resumable=True,
+                  stall_after=STALL_S / 2):
         yield "; ".join(steps)
 
 

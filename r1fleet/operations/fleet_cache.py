@@ -1,15 +1,24 @@
 """One download per artifact per fleet: the controller fetches each pinned artifact once into its cache
 (r1fleet/cache/store.py) and serves it to the hosts over the LAN (r1fleet/cache/server.py) for this run.
 
-When a role is about to install (release_if_missing, download_if_missing, an Ollama model's registry blobs),
-`from_controller` gives the artifact with the URL that host downloads from (`via_controller`): the controller's cache server when the artifact is (or could just be)
-fetched into the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as
-before). A host given the controller's URL keeps the upstream one as its fallback. Hosts verify every
-file's sha256 themselves, whichever URL they use. The server is started once per controller address
-facing the hosts, on CACHE_PORT when free (a fixed port a controller firewall can admit), admits only the
-fleet's hosts, and lives as long as the pyinfra run.
+All of it happens when pyinfra runs an operation that downloads, never while pyinfra prepares the run: a
+dry run (`--dry`) and the prompt before a confirmed run fetch nothing and start no server. Such an
+operation yields `Routed.commands()` first (one Python callback, executed on the controller when the
+operation runs), then builds its host script from `Routed.artifacts`: each artifact with the URL that
+host downloads from, the controller's cache server when the artifact is (or could just be) fetched into
+the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as before). A
+host given the controller's URL keeps the upstream one as its fallback. Hosts verify every file's sha256
+themselves, whichever URL they use. The server is started once per controller address facing the hosts,
+on CACHE_PORT when free (a fixed port a controller firewall can admit), admits only the fleet's hosts, and
+lives as long as the pyinfra run.
 
 Turned off with R1FLEET_CACHE=off (each host downloads on its own, as before).
+
+Example, inside an @operation:
+    routed = Routed([(download, download.name)])
+    yield from routed.commands()
+    (download,) = routed.artifacts      # the controller's URL when the operation runs
+    yield f"curl -o /m/x {download.url}"
 """
 
 from __future__ import annotations
@@ -20,17 +29,15 @@ import socket
 import sys
 import threading
 from dataclasses import replace
-from typing import TypeVar
+from typing import Generic, Iterator, Sequence, TypeVar
 
-from pyinfra import host, inventory
-from pyinfra.facts.files import File
+from pyinfra.api.command import FunctionCommand
 
 from r1fleet.cache.store import ArtifactCache, cache_root
 from r1fleet.cache.server import CacheServer, serve_cache
 from r1fleet.errors import R1FleetError
 from r1fleet.net import source_address_towards
 from r1fleet.progress import TerminalProgress
-from r1fleet.operations.common import VerifiedDigest
 
 CACHE_PORT = 8089
 T = TypeVar("T")
@@ -43,8 +50,8 @@ def enabled() -> bool:
     return os.environ.get("R1FLEET_CACHE", "on").lower() not in ("off", "0", "no", "false")
 
 
-def fleet_addresses() -> dict[str, str]:
-    """Every host of this run by its IP address (names resolved here, as ssh would) -> its name."""
+def fleet_addresses(inventory) -> dict[str, str]:
+    """Every host of this run's inventory by its IP address (names resolved here, as ssh would) -> its name."""
     found = {}
     for each in inventory:
         name = each.data.get("ssh_hostname") or each.name
@@ -66,9 +73,9 @@ def cache_for(fleet_cache_dir: str | None) -> ArtifactCache:
     return _caches[root]
 
 
-def _base_url(cache: ArtifactCache, address: str) -> str:
+def _base_url(cache: ArtifactCache, address: str, inventory) -> str:
     if address not in _servers:
-        hosts = fleet_addresses()
+        hosts = fleet_addresses(inventory)
         server = serve_cache(cache, address, list(hosts), CACHE_PORT)
         try:
             base = server.__enter__()
@@ -79,11 +86,12 @@ def _base_url(cache: ArtifactCache, address: str) -> str:
     return _servers[address][1]
 
 
-def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None = None, size: int | None = None) -> str:
-    """The URL the current host downloads `name` from (see the module docstring)."""
+def via_controller(state, host, url: str, sha256: str, name: str, size: int | None = None) -> str:
+    """The URL `host` downloads `name` from (see the module docstring); fetches it into the cache and starts
+    the server, so only ever called while an operation runs."""
     if not enabled():
         return url
-    cache = cache_for(fleet_cache_dir)
+    cache = cache_for(host.data.get("r1fleet_cache_dir"))
     try:
         with _fetching.setdefault(sha256.lower(), threading.Lock()):
             if cache.path_for(sha256) is None:
@@ -91,7 +99,7 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
         address = source_address_towards(host.data.get("ssh_hostname") or host.name)
         if address is None:
             raise OSError("no route from this machine to the host")
-        base = _base_url(cache, address)
+        base = _base_url(cache, address, state.inventory)
     except (OSError, R1FleetError) as error:
         print(f"[{host.name}] {name}: not from the controller's cache ({error}); the host downloads it itself",
               file=sys.stderr)
@@ -99,27 +107,30 @@ def via_controller(url: str, sha256: str, name: str, fleet_cache_dir: str | None
     return f"{base}/sha256/{sha256.lower()}"
 
 
-def release_if_missing(release: T) -> T:
-    """The Ollama release, its archives from the controller's cache when the host does not have it installed
-    (read from the run's fact batch: a converged host costs the controller nothing)."""
-    if host.get_fact(File, path=release.stamp):
-        return release
-    return replace(release, assets=tuple(from_controller(asset, asset.name) for asset in release.assets))
-
-
-def download_if_missing(download: T, dest: str) -> T:
-    """The model download, from the controller's cache when `dest` does not hold it verified yet."""
-    if (host.get_fact(VerifiedDigest, path=dest) or (None, None))[1] == download.sha256:
-        return download
-    return from_controller(download, download.name)
-
-
-def from_controller(artifact: T, name: str) -> T:
+def from_controller(state, host, artifact: T, name: str) -> T:
     """The artifact (its `url`, `sha256` and `size`) from the controller's cache when it can serve it, with
     its upstream URL as the fallback for a host that cannot reach the controller (a firewall on this machine,
     say): the host then downloads it itself, as without the cache."""
-    url = via_controller(artifact.url, artifact.sha256, name, host.data.get("r1fleet_cache_dir"), size=artifact.size)
+    url = via_controller(state, host, artifact.url, artifact.sha256, name, size=artifact.size)
     return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
+
+
+class Routed(Generic[T]):
+    """Artifacts (each with its `url`, `sha256` and `size`, and the name the cache shows) routed through the
+    controller's cache when the operation runs; until then, and with the cache off, their upstream URLs."""
+
+    def __init__(self, artifacts: Sequence[tuple[T, str]]):
+        self._named = list(artifacts)
+        self.artifacts: list[T] = [artifact for artifact, _ in self._named]
+
+    def commands(self) -> Iterator[FunctionCommand]:
+        """What the operation yields first: the routing, done on the controller when the operation runs."""
+        if enabled() and self._named:
+            yield FunctionCommand(self._route, (), {})
+
+    def _route(self, state, host) -> bool:  # pyinfra passes these two by name
+        self.artifacts = [from_controller(state, host, artifact, name) for artifact, name in self._named]
+        return True
 
 
 def served_bytes() -> dict[str, int]:

@@ -58,11 +58,35 @@ def unit_state(ssh, host: str, unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def controller_files() -> set[Path]:
+    return {path for path in Path(os.environ["R1FLEET_CACHE_DIR"]).rglob("*")}
+
+
 @pytest.fixture(scope="module")
-def converged(lab):
+def dry_run(lab):
+    """`--dry` before the first deploy: what the mirror served and what the controller's cache holds, before
+    and after."""
+    from r1fleet.lab import mirror
+
+    before = (sum(mirror.served_bytes().values()), controller_files())
+    dry = deploy("--dry")
+    return dry, before, (sum(mirror.served_bytes().values()), controller_files())
+
+
+@pytest.fixture(scope="module")
+def converged(lab, dry_run):
     first = deploy()
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     return first
+
+
+def test_a_dry_run_downloads_nothing_and_lists_what_a_run_would(dry_run, ssh):
+    """pyinfra users read `--dry` as "nothing is applied, anywhere": no byte from the mirror (the lab's
+    internet), nothing in the controller's cache, no cache server; the downloads are listed with their sizes."""
+    dry, (served_before, files_before), (served_after, files_after) = dry_run
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-4000:]
+    assert served_after == served_before and files_after == files_before
+    assert re.search(r"(Model|Stand-in) \S+\.gguf \([0-9.]+ MiB\)", dry.stdout), dry.stdout[-4000:]
 
 
 def test_every_lab_host_serves_its_plan(converged, lab, ssh):

@@ -24,6 +24,7 @@ DEST = "/var/tmp/r1fleet-progress/slow.bin"
 
 DEPLOY = '''
 from r1fleet.operations import common
+from r1fleet.artifacts.pins import Download
 from r1fleet.operations.common import fetch_verified
 from r1fleet.operations.host_progress import live_watchers
 from pyinfra.operations import python
@@ -31,7 +32,8 @@ from pyinfra.operations import python
 # A stall given up after 16 s instead of 60 (reported at 8 s): the same code path, a minute sooner.
 common.STALL_S, common.RETRY_WINDOW_S = 16, 8
 
-fetch_verified(name="Slow download", url=URL, dest=DEST, sha256=SHA, user="root", group="root", size=SIZE)
+fetch_verified(name="Slow download", download=Download(name="slow.bin", url=URL, sha256=SHA, size=SIZE), dest=DEST,
+               user="root", group="root")
 python.call(name="After", function=lambda: print(f"CHECK live={live_watchers()}", flush=True))
 '''
 
@@ -78,7 +80,8 @@ def download(tmp_path, ssh, url: str) -> str:
     deploy.write_text(DEPLOY.replace("URL", repr(url)).replace("DEST", repr(DEST))
                       .replace("SHA", repr(hashlib.sha256(BODY).hexdigest())).replace("SIZE", str(len(BODY))))
     run = subprocess.run([PYINFRA, "-y", "inventory.py", str(deploy), "--limit", HOST], cwd=ROOT,
-                         env={**os.environ, "R1FLEET_FLEET": "lab"}, capture_output=True, text=True, timeout=600)
+                         env={**os.environ, "R1FLEET_FLEET": "lab", "R1FLEET_CACHE": "off"},  # the host's own download
+                         capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert ssh(HOST, f"sha256sum {DEST}").stdout.split()[0] == hashlib.sha256(BODY).hexdigest()

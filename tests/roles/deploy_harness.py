@@ -145,11 +145,12 @@ def op_name(state: State, op_hash: str) -> str:
 
 
 def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None, data: dict | None = None,
-             base_responses: bool = True, monkeypatch) -> Run:
+             base_responses: bool = True, execute: bool = True, monkeypatch) -> Run:
     """Prepare and execute `role(*args)` on one @fake host; return its commands, uploads and operations.
 
     responses: scripted answers (substring or compiled regex -> output); data: extra host data
-    (e.g. role settings read from host.data); base_responses: add BASE_RESPONSES (a plain Linux host).
+    (e.g. role settings read from host.data); base_responses: add BASE_RESPONSES (a plain Linux host);
+    execute=False: prepare only, as `pyinfra --dry` does (the commands are then the facts read).
     """
     uploads = record_uploads(monkeypatch)
     state_box: list[State] = []
@@ -165,7 +166,8 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     order = state.get_op_order()
     op_names = [op_name(state, h) for h in order]
     try:
-        run_ops(state)
+        if execute:
+            run_ops(state)
     except PyinfraError:
         pass  # raised when every host failed; `failed` below says so
     ops = state.ops[host]

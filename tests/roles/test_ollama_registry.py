@@ -189,7 +189,8 @@ def place(fetch: RegistryFetch, models_dir: Path, monkeypatch, listed=()):
     user = pwd.getpwuid(os.getuid()).pw_name
 
     def role():
-        place_registry_model(name="Place", fetch=fetch, tag=TAG, api=API, models_dir=str(models_dir), user=user)
+        place_registry_model(name="Place", source=fetch, tag=TAG, api=API, models_dir=str(models_dir), user=user,
+                             binary="/usr/local/bin/ollama")
     run = run_role(role, responses=ff.ollama_api(API, list(listed), []), monkeypatch=monkeypatch)
     scripts = [c for c in run.commands if "set -e" in c or "r1fleet: " in c]
     result = subprocess.run(["sh", "-c", scripts[0]], capture_output=True, text=True, timeout=120) if scripts else None

@@ -85,7 +85,7 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     assert run.ran("Reload systemd for r1fleet-ollama.service", "systemctl daemon-reload")
     assert run.ran("Run r1fleet-ollama.service", "systemctl start r1fleet-ollama.service") and run.ran("Run r1fleet-ollama.service", "systemctl enable r1fleet-ollama.service")
     assert run.ran("Health of r1fleet-ollama.service", f"{API}/api/version")  # health gate after the start
-    assert run.ran(f"Pull {p.ollama_tag}", f"ollama pull {p.ollama_tag}") and run.never_ran("ollama create")
+    assert run.ran(f"Model {p.ollama_tag}", f"ollama pull {p.ollama_tag}") and run.never_ran("ollama create")
     assert run.ran("Preload deepseek-r1:7b-qwen-distill-q4_K_M", '"keep_alive": -1')
 
 

@@ -12,7 +12,6 @@ sha256-verified, renamed into place only when good).
 from __future__ import annotations
 
 import shlex
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pyinfra import host
@@ -22,7 +21,6 @@ from pyinfra.operations import files, server
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import HostContext, Role
-from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.artifacts.pins import Download, Platform, load_pins, model_download
 from r1fleet.roles.llama_cpp.pool import pool_head
@@ -51,6 +49,7 @@ from r1fleet.operations.common import (
     AptCandidates,
     converge_service,
     converge_service_reads,
+    download_label,
     fetch_verified,
     fetch_verified_reads,
     retire_service_reads,
@@ -179,9 +178,6 @@ class LlamaCppRole(Role):
         return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
 
     def install(self) -> None:
-        self.download = download_if_missing(self.download, self.model_path)
-        if self.llama.method == "ollama-bundle":
-            self.llama = replace(self.llama, release=release_if_missing(self.llama.release))
         self.changed = _install(self.plan, self.settings, self.llama, self.download, self.models_dir, self.model_path)
 
     def configure(self) -> None:
@@ -218,10 +214,8 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
     service_user(USER, HOME, plan.uses_gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
-    changed.append(fetch_verified(
-        name=f"Model {download.name}", url=download.url, fallback_url=download.fallback_url, dest=model_path,
-        sha256=download.sha256, user=USER, group=USER, size=download.size,
-    ))
+    changed.append(fetch_verified(name=f"Model {download_label(download)}", download=download, dest=model_path,
+                                  user=USER, group=USER))
     return changed
 
 

@@ -11,6 +11,7 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 from r1fleet.net import host_port
+from r1fleet.progress import human_bytes
 from r1fleet.cache.registry import DEFAULT_REGISTRY
 from r1fleet.fleet import plugins
 
@@ -153,3 +154,18 @@ def imports_stand_in(plan: HostPlan, settings: HostConfig, system: str) -> bool:
 def modelfile(model_path: str, plan: HostPlan) -> str:
     """The Modelfile for Ollama's offline import (`ollama create`, docs/research/ollama.md section 7)."""
     return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"
+
+
+def pull_command(tag: str, api: str, binary: str) -> str:
+    """`ollama pull` of the exact tag, against this host's server.
+
+    >>> pull_command("deepseek-r1:7b", "http://127.0.0.1:11434", "/usr/local/bin/ollama")
+    'OLLAMA_HOST=http://127.0.0.1:11434 /usr/local/bin/ollama pull deepseek-r1:7b'
+    """
+    return f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
+
+
+def weights_label(plan: HostPlan) -> str:
+    """The size of the weights a placement downloads, for a dry run's list of operations ('' when unknown)."""
+    size = plan.gguf.size_bytes if plan.gguf else None
+    return f" ({human_bytes(size)})" if size else ""

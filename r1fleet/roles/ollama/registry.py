@@ -15,10 +15,11 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from pyinfra import host
 from pyinfra.api import operation
+from pyinfra.api.command import FunctionCommand
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
@@ -26,7 +27,6 @@ from r1fleet.lock.match import fleet_lock, relock_command
 from r1fleet.records import HostPlan
 from r1fleet.cache.registry import (
     MANIFEST_ACCEPT,
-    Blob,
     ModelName,
     RegistryModel,
     ManifestMoved,
@@ -36,63 +36,100 @@ from r1fleet.cache.registry import (
 )
 from r1fleet.operations import fleet_cache
 from r1fleet.operations.common import HttpJson, model_names, refusal, verified_fetch_steps
-from r1fleet.operations.host_progress import file_poll, file_size, watching
-from r1fleet.roles.ollama.decide import registry_of, weights_digest
+from r1fleet.operations.host_progress import file_poll, file_size, ollama_blobs_poll, watching
+from r1fleet.roles.ollama.decide import pull_command, registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
 
 
 @dataclass(frozen=True)
 class RegistryFetch:
-    """What the host places: the model with a URL per blob, or why it must not (the weights are not the pinned
-    ones)."""
+    """What the host does with the tag: place the model with a URL per blob, pull it itself (`pull`: the
+    controller cannot read registry.ollama.ai), or nothing, because the weights are not the pinned ones
+    (`refused`)."""
 
     model: RegistryModel | None = None
     refused: str | None = None
+    pull: bool = False
 
 
-def registry_fetch(plan: HostPlan, settings: HostConfig, model_files: Mapping[str, int]) -> RegistryFetch | None:
-    """Controller side, at the install stage. None: the host pulls the model itself (`ollama pull`), because
-    it lists the tag already (nothing is read then: a converged host costs the controller nothing) or the
-    controller cannot read registry.ollama.ai. With the cache off (R1FLEET_CACHE=off) the controller reads
-    only the manifest, and the host downloads the blobs from the registry itself. A blob the host's store holds
-    already (`model_files`, the probe's large files by name) is not fetched for it."""
+@dataclass(frozen=True)
+class RegistrySource:
+    """What the controller reads when the placement runs (never while pyinfra prepares it): the tag from its
+    registry, with the pinned weights and the manifest the fleet lock names, if any."""
+
+    tag: str
+    registry: str
+    weights: str
+    locked: str | None
+    own_registry: bool  # the fleet entry names the registry (ollama_registry): `ollama pull` would not reach it
+    model_files: Mapping[str, int]  # the probe's large files in the host's store, by name
+
+
+def registry_source(plan: HostPlan, settings: HostConfig, model_files: Mapping[str, int]) -> RegistrySource | RegistryFetch:
+    """Decided while pyinfra prepares the install stage, reading nothing over the network: where the tag comes
+    from, or the refusal when no weights digest is pinned for it. A blob the host's store holds already
+    (`model_files`, the probe's large files by name) is not fetched for it."""
     tag = plan.ollama_tag or ""
-    if tag in model_names(host.get_fact(HttpJson, url=f"{settings.local_api('ollama')}/api/tags")):
-        return None
     weights = weights_digest(plan)
     if weights is None:
         return RegistryFetch(refused=f"no weights digest is pinned for {tag} (catalog.yaml ollama_digest)")
-    registry = registry_of(settings)
+    return RegistrySource(tag, registry_of(settings), weights, locked_manifest(tag),
+                          settings.ollama_registry is not None, dict(model_files))
+
+
+def registry_fetch(state, host, source: RegistrySource) -> RegistryFetch:
+    """Controller side, when the placement runs: the manifest (the controller's cached one, or read from the
+    registry and kept), and each blob routed through the controller's cache. With the cache off
+    (R1FLEET_CACHE=off) the controller reads only the manifest, and the host downloads the blobs from the
+    registry itself."""
+    tag, registry = source.tag, source.registry
     cache = fleet_cache.cache_for(host.data.get("r1fleet_cache_dir")) if fleet_cache.enabled() else None
-    locked = locked_manifest(tag)
     try:
-        model = cached_manifest(cache, registry, tag, weights, locked)
+        model = cached_manifest(cache, registry, tag, source.weights, source.locked)
     except OSError as error:
-        if locked:  # `ollama pull` would take whatever manifest the registry serves now
-            return RegistryFetch(refused=f"the fleet lock names manifest {locked[:12]} for {tag}, the controller's "
-                                         f"cache does not hold it and {registry} cannot be read ({error}) (fix: "
-                                         "reach the registry from this machine: the deploy takes the locked manifest "
-                                         "when the registry still serves it, or stops with the relock command)")
-        if settings.ollama_registry is not None:  # `ollama pull` would go to registry.ollama.ai instead
+        if source.locked:  # `ollama pull` would take whatever manifest the registry serves now
+            return RegistryFetch(refused=f"the fleet lock names manifest {source.locked[:12]} for {tag}, the "
+                                         f"controller's cache does not hold it and {registry} cannot be read ({error}) "
+                                         "(fix: reach the registry from this machine: the deploy takes the locked "
+                                         "manifest when the registry still serves it, or stops with the relock command)")
+        if source.own_registry:  # `ollama pull` would go to registry.ollama.ai instead
             return RegistryFetch(refused=f"the controller cannot read {tag} from {registry} ({error}) "
                                          "(fix: check ollama_registry, or reach it from this machine)")
         print(f"[{host.name}] {tag}: the controller cannot read {registry} ({error}); the host pulls it itself",
               file=sys.stderr)
-        return None
+        return RegistryFetch(pull=True)
     except ManifestMoved as error:
         return RegistryFetch(refused=f"{error} (fix: {relock_command(host.name, host.data.get('r1fleet_fleet'))})")
     except R1FleetError as error:
         return RegistryFetch(refused=f"{error} (fix: {error.fix})" if error.fix else str(error))
     name = ModelName.parse(tag)
+    upstream = [replace(model.manifest, url=name.manifest_url(registry))]
+    named = [manifest_name(tag)]
+    for blob in model.blobs:
+        upstream.append(replace(blob, url=name.blob_url(registry, blob.sha256)))
+        named.append(blob_name(tag, blob.sha256))
+    # A blob in the host's store already (an alias tag) is taken from there, not fetched.
+    routed = [artifact if source.model_files.get(f"sha256-{artifact.sha256}") == artifact.size
+              else fleet_cache.from_controller(state, host, artifact, label) if cache is not None else artifact
+              for artifact, label in zip(upstream, named)]
+    return RegistryFetch(RegistryModel(tag, routed[0], tuple(routed[1:])))
 
-    def located(blob: Blob) -> Blob:
-        upstream = replace(blob, url=name.blob_url(registry, blob.sha256))
-        if model_files.get(f"sha256-{blob.sha256}") == blob.size:  # in the host's store already (an alias tag)
-            return upstream
-        return fleet_cache.from_controller(upstream, blob_name(tag, blob.sha256))
-    manifest = fleet_cache.from_controller(replace(model.manifest, url=name.manifest_url(registry)), manifest_name(tag))
-    return RegistryFetch(RegistryModel(tag, manifest, tuple(located(blob) for blob in model.blobs)))
+
+class _Resolved:
+    """The RegistryFetch an operation decides when it runs (see place_registry_model)."""
+
+    def __init__(self, source: RegistrySource | RegistryFetch):
+        self.source = source
+        self.fetch = source if isinstance(source, RegistryFetch) else None
+
+    def commands(self) -> Iterator[FunctionCommand]:
+        if self.fetch is None:
+            yield FunctionCommand(self._resolve, (), {})
+
+    def _resolve(self, state, host) -> bool:  # pyinfra passes these two by name
+        self.fetch = registry_fetch(state, host, self.source)
+        return True
 
 
 def locked_manifest(tag: str) -> str | None:
@@ -104,15 +141,25 @@ def locked_manifest(tag: str) -> str | None:
 
 
 @operation()
-def place_registry_model(fetch: RegistryFetch, tag: str, api: str, models_dir: str, user: str):
+def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: str, models_dir: str, user: str,
+                         binary: str):
     """Put the tag's blobs and manifest in the Ollama store, each file checked against its sha256 before it
     enters the store; the blobs first, the manifest last, so Ollama never lists a tag whose blobs are missing.
-    Nothing happens when the server lists the tag already.
+    Nothing happens when the server lists the tag already. The controller reads the manifest and routes the
+    blobs when the operation runs (`source`; a RegistryFetch is one decided already); when it cannot read
+    registry.ollama.ai, the host pulls the tag itself (`ollama pull`, with `binary`).
 
-    Example: place_registry_model(fetch, tag="deepseek-r1:7b-qwen-distill-q4_K_M", api="http://127.0.0.1:11434",
-    models_dir="/var/lib/r1fleet/models/ollama", user="ollama")"""
+    Example: place_registry_model(source, tag="deepseek-r1:7b-qwen-distill-q4_K_M", api="http://127.0.0.1:11434",
+    models_dir="/var/lib/r1fleet/models/ollama", user="ollama", binary="/opt/r1fleet/ollama/0.32.9/bin/ollama")"""
     if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
+        return
+    resolved = _Resolved(source)
+    yield from resolved.commands()
+    fetch = resolved.fetch or RegistryFetch(refused=f"nothing to place for {tag}")
+    if fetch.pull:
+        with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
+            yield pull_command(tag, api, binary)
         return
     if fetch.model is None:
         yield refusal(fetch.refused or f"nothing to place for {tag}")

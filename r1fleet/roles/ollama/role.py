@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import urllib.request
 from typing import Mapping
 
 from pyinfra import host
@@ -33,14 +32,16 @@ from r1fleet.roles.ollama.takeover import (
     adopt_official_models,
     retire_official_install,
 )
-from r1fleet.operations.fleet_cache import download_if_missing, release_if_missing
+from r1fleet.operations.fleet_cache import Routed
 from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.artifacts.pins import Download, Platform, model_download
-from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model, registry_fetch
-from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, ollama_release, parse_sha256sums
+from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
+from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, ollama_release
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
+    pull_command,
+    weights_label,
     LOAD_AT_START_SLACK_S,
     import_record,
     import_record_digest,
@@ -60,6 +61,7 @@ from r1fleet.operations.common import (
     converge_service,
     refusal,
     converge_service_reads,
+    download_label,
     fetch_verified,
     fetch_verified_reads,
     json_or_none,
@@ -91,6 +93,8 @@ def install_release(release: OllamaRelease):
     if host.get_fact(File, path=release.stamp):
         host.noop(f"Ollama {release.version} installed")
         return
+    routed = Routed([(asset, asset.name) for asset in release.assets])
+    yield from routed.commands()
     q = shlex.quote
     steps = [
         "set -e",
@@ -99,7 +103,7 @@ def install_release(release: OllamaRelease):
         "trap 'rm -rf \"$tmp\"' EXIT",
         'mkdir "$tmp/tree"',
     ]
-    for asset in release.assets:
+    for asset in routed.artifacts:
         archive = f'"$tmp"/{q(asset.name)}'
         steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
         if asset.name.endswith(".tar.zst"):
@@ -138,7 +142,7 @@ def pull_model(tag: str, api: str, binary: str, models_dir: str):
         host.noop(f"model {tag} present")
         return
     with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
-        yield f"OLLAMA_HOST={shlex.quote(api)} {shlex.quote(binary)} pull {shlex.quote(tag)}"
+        yield pull_command(tag, api, binary)
 
 
 class JsonFile(FactBase):
@@ -196,27 +200,11 @@ def preload_model(tag: str, api: str):
     yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
 
 
-def mirror_release(mirror: str, timeout_s: float = 10.0) -> OllamaReleaseOverride:
-    """Read <mirror>/ollama/sha256sum.txt on the controller (the mirror is ours, e.g. the lab's)."""
-    base = f"{mirror.rstrip('/')}/ollama"
-    with urllib.request.urlopen(f"{base}/sha256sum.txt", timeout=timeout_s) as response:  # noqa: S310 (our mirror)
-        sums = parse_sha256sums(response.read().decode())
-    version = None
-    try:
-        with urllib.request.urlopen(f"{base}/VERSION", timeout=timeout_s) as response:  # noqa: S310
-            version = response.read().decode().strip() or None
-    except OSError:
-        pass
-    return OllamaReleaseOverride(version=version, base_url=base, sha256=sums)
-
-
 def release_for(plan: HostPlan, settings: HostConfig, platform: Platform) -> OllamaRelease:
-    override = settings.ollama_release
+    override = settings.ollama_release  # the lab gives its stand-in's (r1fleet/lab/state.py stand_in_release)
     if override is None and settings.mirror:
-        if settings.profile:  # a lab host: the lab's mirror serves the stand-in release it built on this controller
-            override = mirror_release(settings.mirror)
-        else:  # any other mirror changes where the pinned bytes come from, never which bytes (audit M8)
-            override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
+        # a mirror changes where the pinned bytes come from, never which bytes (audit M8)
+        override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
     return ollama_release(plan.host, platform, plan, override)
 
 
@@ -228,7 +216,7 @@ class OllamaRole(Role):
                  model_files: Mapping[str, int] | None = None):
         self.plan, self.settings, self.release, self.download = plan, settings, release, download
         self.model_files = model_files or {}  # the probe's large files in the model directory, by name
-        self.registry: RegistryFetch | None = None  # the model through the controller's cache (install stage)
+        self.registry: RegistrySource | RegistryFetch | None = None  # the model through the controller's cache
         self.models_dir = ollama_models_dir(settings)
         self.api = settings.local_api("ollama")
 
@@ -244,11 +232,8 @@ class OllamaRole(Role):
         return ollama_reads(self.plan, self.settings, self.release, self.download)
 
     def install(self) -> None:
-        self.release = release_if_missing(self.release)
-        if self.download is not None:
-            self.download = download_if_missing(self.download, import_path(self.settings, self.download))
-        elif takes_from_registry(self.plan, self.settings, "Linux"):  # this role serves Linux hosts
-            self.registry = registry_fetch(self.plan, self.settings, self.model_files)
+        if self.download is None and takes_from_registry(self.plan, self.settings, "Linux"):  # this role serves Linux hosts
+            self.registry = registry_source(self.plan, self.settings, self.model_files)
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:
@@ -297,7 +282,7 @@ def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, mod
 
 @deploy("Ollama")
 def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
-              unit, installed, registry: RegistryFetch | None) -> None:
+              unit, installed, registry: RegistrySource | RegistryFetch | None) -> None:
     api = settings.local_api("ollama")
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
@@ -333,7 +318,7 @@ def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[
 
 @deploy("Ollama model")
 def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Download | None,
-                 group: str = "root", registry: RegistryFetch | None = None) -> None:
+                 group: str = "root", registry: RegistrySource | RegistryFetch | None = None) -> None:
     """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
     by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
     kept loaded. Linux and macOS alike."""
@@ -343,8 +328,7 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         import_dir = f"{settings.model_dir.rstrip('/')}/import"
         gguf_path = import_path(settings, download)
         files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
-        fetch_verified(name=f"Stand-in {download.name}", url=download.url, fallback_url=download.fallback_url,
-                       dest=gguf_path, sha256=download.sha256, size=download.size,
+        fetch_verified(name=f"Stand-in {download_label(download)}", download=download, dest=gguf_path,
                        user="root", group=group, mode="0644")
         files.put(
             name="Modelfile for the stand-in",
@@ -359,8 +343,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
                       record_path=f"{import_dir}/{IMPORT_RECORD}")
     elif registry is not None:
-        place_registry_model(name=f"Place {tag} from the controller's cache", fetch=registry, tag=tag, api=api,
-                             models_dir=ollama_models_dir(settings), user=USER)
+        place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
+                             tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
     preload_model(name=f"Preload {tag}", tag=tag, api=api)
