@@ -270,9 +270,9 @@ def load_fleet(ref: str | os.PathLike | None = None, *, lab_state: bool = True) 
         path = REPO_ROOT / path
     if not path.exists():
         raise FleetError(f"{path}: no such file", fix="create it from inventory/fleet.example.yml, or set R1FLEET_FLEET (a path or `lab`)")
-    if looks_like_ansible_inventory(path):
-        return fleet_from_dict(fleet_dict_from_ansible(path), str(path))
-    raw = read_yaml(path)
+    # A plug-in's defaults (the lab's addresses, key, mirror and stand-in release) under the file's own values,
+    # whether the file is a fleet file or an Ansible inventory (r1fleet_lab: true)
+    raw = fleet_dict_from_ansible(path) if looks_like_ansible_inventory(path) else read_yaml(path)
     return fleet_from_dict(raw, str(path), plugins.connection_defaults(raw, str(path)))
 
 

@@ -69,7 +69,9 @@ def dry_run(lab):
     from r1fleet.lab import mirror
 
     before = (sum(mirror.served_bytes().values()), controller_files())
-    dry = deploy("--dry")
+    # without -y: pyinfra detects the changes and lists them (with -y it skips that)
+    dry = subprocess.run([PYINFRA, "inventory.py", "deploy.py", "--dry"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "R1FLEET_FLEET": "lab"}, capture_output=True, text=True, timeout=600)
     return dry, before, (sum(mirror.served_bytes().values()), controller_files())
 
 
@@ -86,7 +88,7 @@ def test_a_dry_run_downloads_nothing_and_lists_what_a_run_would(dry_run, ssh):
     dry, (served_before, files_before), (served_after, files_after) = dry_run
     assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-4000:]
     assert served_after == served_before and files_after == files_before
-    assert re.search(r"(Model|Stand-in) \S+\.gguf \([0-9.]+ MiB\)", dry.stdout), dry.stdout[-4000:]
+    assert re.search(r"(Model|Stand-in) \S+\.gguf \([0-9.]+ MiB\)", dry.stdout + dry.stderr), dry.stderr[-4000:]
 
 
 def test_every_lab_host_serves_its_plan(converged, lab, ssh):
