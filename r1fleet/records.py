@@ -76,6 +76,7 @@ class OsInfo(_Strict):
     version_id: str = ""
     codename: str = ""
     pretty_name: str = ""
+    init: str = ""  # "systemd", else PID 1's name; "" unknown (an older probe document, macOS)
 
 
 class Hardware(_Strict):

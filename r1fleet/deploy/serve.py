@@ -51,7 +51,7 @@ def serve_r1() -> None:
     summary.install(state)
 
     with summary.step(state, host, "plan"):
-        settings = HostConfig.from_host_data(host.name, host.data.dict())
+        settings = HostConfig.from_host_data(host.name, host_data(host.name, host.data.dict()))
         hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
         remember(hardware)
         ctx = host_context(settings, hardware)
@@ -59,6 +59,18 @@ def serve_r1() -> None:
 
     if summary.ok(host):
         apply_roles(roles)
+
+
+def host_data(name: str, data: dict) -> dict:
+    """The host's pyinfra data; `@local` (pyinfra's local connector: the machine the deploy runs on, reached
+    without SSH) is served at 127.0.0.1, with no fleet file needed.
+
+    >>> host_data("@local", {})["ssh_hostname"]
+    '127.0.0.1'
+    """
+    if name == "@local" and not data.get("ssh_hostname"):
+        return {**data, "ssh_hostname": "127.0.0.1"}
+    return data
 
 
 def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:
@@ -102,6 +114,10 @@ def kind_of(ctx: HostContext) -> str:
 def check_before_change(ctx: HostContext) -> None:
     """What refuses a host before anything changes on it, naming the reason; prints the exposure's warning."""
     plan, settings, darwin = ctx.plan, ctx.settings, ctx.system == "Darwin"
+    if not darwin and ctx.hardware.os.init not in ("", "systemd"):
+        raise DeployError(f"this host is not run by systemd (its PID 1 is {ctx.hardware.os.init}), and r1fleet's "
+                          "services are systemd units", host=ctx.host,
+                          fix="deploy to a machine or VM booted with systemd (a Docker container has none)")
     check_disk(ctx.host, plan, ctx.hardware, imports_stand_in(plan, settings, ctx.system))  # 43 GB never fill the disk
     exposure_for(settings, plan, ctx.host, darwin=darwin)
     settings.api_key_text()  # an unreadable api_key_source

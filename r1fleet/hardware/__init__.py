@@ -30,6 +30,7 @@ from r1fleet.hardware.system import (
     parse_df,
     parse_meminfo,
     parse_model_files,
+    parse_init,
     parse_os_release,
     parse_secureboot,
     parse_sysctl,
@@ -45,6 +46,7 @@ def parse_probe(text: str, host: str) -> Hardware:
     sections = split_sections(text, host)
     os_info = parse_uname(sections.get("uname", []))
     os_info = parse_os_release(sections.get("os-release", []), os_info)
+    os_info = os_info.model_copy(update={"init": parse_init(sections.get("init", []))})
     cpu = parse_cpu(sections.get("cpu", []))
     sysctl = parse_sysctl(sections.get("sysctl", []))
     meminfo = parse_meminfo(sections.get("meminfo", []), host)

@@ -35,6 +35,16 @@ def parse_os_release(lines: list[str], base: OsInfo) -> OsInfo:
     })
 
 
+def parse_init(lines: list[str]) -> str:
+    """What runs the host: "systemd", else PID 1's name ("" when the probe could not tell, e.g. on macOS).
+
+    >>> parse_init(["systemd"]), parse_init(["bash"]), parse_init([])
+    ('systemd', 'bash', '')
+    """
+    words = "".join(lines).split()
+    return words[0][:32] if words and words[0].isprintable() else ""
+
+
 def parse_meminfo(lines: list[str], host: str) -> tuple[int, int | None] | None:
     """(MemTotal, MemAvailable) in MiB; None when the section is empty; ProbeError when garbled."""
     if not any(line.strip() for line in lines):

@@ -51,6 +51,10 @@ uname -srm 2>/dev/null
 section os-release
 [ -r /etc/os-release ] && cat /etc/os-release 2>/dev/null
 
+section init
+# systemd's own test for a system it runs (sd_booted(3): /run/systemd/system exists), else PID 1's name
+if [ -d /run/systemd/system ]; then echo systemd; elif [ -r /proc/1/comm ]; then cat /proc/1/comm 2>/dev/null; fi
+
 section meminfo
 [ -r /proc/meminfo ] && cat /proc/meminfo 2>/dev/null
 

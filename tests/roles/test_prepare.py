@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pool_fixtures import hardware, head_config, pool_plan, worker_config
 
-from r1fleet.deploy.serve import ROLES
+from r1fleet.deploy.serve import ROLES, check_before_change, host_data
+from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.served import served_alone, served_in_pool
@@ -71,3 +73,20 @@ def test_the_driver_role_takes_the_hosts_hardware_and_plan():
     ctx = context("dual-rtx3090")
     role = DriverRole.prepare(ctx)
     assert role.hw is ctx.hardware and role.plan is ctx.plan
+
+
+def test_a_host_not_run_by_systemd_is_refused_before_any_change_and_local_is_this_machine():
+    """pyinfra's @local (the machine the deploy runs on) needs no fleet file; a Docker container, whose PID 1
+    is not systemd, is refused with the reason instead of failing at the first unit."""
+    probe = (PROBES / "rtx3060-12g.probe").read_text()
+    config = HostConfig.from_host_data("@local", host_data("@local", {}))
+    assert config.address == "127.0.0.1"
+    for init, refused in (("systemd", False), ("bash", True), ("", False)):
+        hw = parse_probe(probe.replace("#### r1fleet:meminfo", f"#### r1fleet:init\n{init}\n#### r1fleet:meminfo"), "@local")
+        assert hw.os.init == init
+        ctx = HostContext(config, hw, served_alone(config, hw, None))
+        if refused:
+            with pytest.raises(DeployError, match="its PID 1 is bash"):
+                check_before_change(ctx)
+        else:
+            check_before_change(ctx)

@@ -20,7 +20,7 @@ from r1fleet.probe.facts import PROBE_SCRIPT, R1Probe, probe_over_ssh
 from r1fleet.hardware import parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-SECTIONS = ["uname", "os-release", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
+SECTIONS = ["uname", "os-release", "init", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
             "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "models", "secureboot"]
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is not installed (apt-get install dash)")
@@ -57,6 +57,7 @@ def test_probe_runs_under_dash_and_parses_to_this_machine():
     assert result.returncode == 0, result.stderr
     assert headers(result.stdout) == SECTIONS
     hw = parse_probe(result.stdout, "controller")
+    assert hw.os.init == ("systemd" if os.path.isdir("/run/systemd/system") else Path("/proc/1/comm").read_text().strip())
     assert hw.ram_total_mib == real_memtotal_mib()
     assert hw.cpu_count == os.cpu_count()
     assert hw.disk_free_mib is not None and hw.disk_free_mib > 0
