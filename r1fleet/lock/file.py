@@ -8,6 +8,7 @@ a secret: an API key appears only as its fingerprint (a sha256 prefix, r1fleet.l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.fleet import plugins
 from r1fleet.lock.artifacts import Artifacts
 from r1fleet.records import HostPlan, PoolPlan
-from r1fleet.fleet.file import _UniqueKeyLoader
+from r1fleet.fleet.file import HOST_NAME_PATTERN, _UniqueKeyLoader
 
 LOCK_VERSION = 1
 RAM_STEP_MIB = 1024  # why: r1fleet/lock/match.py, where RAM is rounded and compared
@@ -166,15 +167,60 @@ def _explain(path: Path, err: Any, fix: str) -> R1FleetError:
 
 
 def _check_hosts(path: Path, lock: Lock, fix: str) -> None:
-    """What the schema cannot say: each entry is its own host's, and its model is one this r1fleet knows."""
-    known = set(load_catalog().ids)
+    """What the schema cannot say, because a lock is a file people commit, review and copy, and so is read as
+    untrusted: each entry is its own host's and names it by the fleet's grammar; each pool too; a model is one
+    this r1fleet knows, with exactly the tag and the GGUF (name, URL, size, sha256) its catalog pins; a plan
+    names only GPUs of its own fingerprint. The deploy serves what the lock says, so nothing in it may choose
+    a path, a URL or a unit line."""
     for name, entry in lock.hosts.items():
-        problem = None
-        if entry.plan.host != name:
-            problem = ("plan.host", f"is {entry.plan.host!r}, under host {name!r}")
-        elif entry.plan.model is not None and entry.plan.model not in known:
-            problem = ("plan.model", f"{entry.plan.model!r} is not in this r1fleet's catalog")
+        uuids = {gpu.uuid for gpu in entry.fingerprint.gpus if gpu.uuid}
+        problem = (_name_problem(name)
+                   or (("plan.host", f"is {entry.plan.host!r}, under host {name!r}") if entry.plan.host != name else None)
+                   or _model_problem(entry.plan, "plan")
+                   or next((("plan.gpu_uuids", f"{uuid!r} is not a GPU of this host's fingerprint")
+                            for uuid in entry.plan.gpu_uuids if uuid not in uuids), None))
         if problem:
-            error = R1FleetError(f"{path}: host {name}: field {problem[0]}: {problem[1]}", fix=fix)
-            error.host, error.field = name, problem[0]
-            raise error
+            raise _located(path, f"host {_shown(name)}", name, problem, fix)
+    for name, pool in lock.pools.items():
+        problem = (_name_problem(name)
+                   or (("pool", f"is {pool.pool!r}, under pool {name!r}") if pool.pool != name else None)
+                   or next((("head/workers", f"{member!r} is not a host name") for member in [pool.head, *pool.workers]
+                            if _name_problem(member)), None)
+                   or _model_problem(pool, ""))
+        if problem:
+            raise _located(path, f"pool {_shown(name)}", None, problem, fix)
+
+
+def _shown(name: str) -> str:
+    """A name as an error shows it: quoted when it is not a fleet name (a newline in it ends no line)."""
+    return name if _name_problem(name) is None else repr(name)
+
+
+def _name_problem(name: str) -> tuple[str, str] | None:
+    if re.match(HOST_NAME_PATTERN, name):
+        return None
+    return "(name)", f"{name!r} is not a name a fleet file allows (letters, digits, '.', '_', '-')"
+
+
+def _model_problem(plan: HostPlan | PoolPlan, prefix: str) -> tuple[str, str] | None:
+    """A plan's model, tag and GGUF against the catalog's pin (None when they are exactly the pin)."""
+    field = (lambda name: f"{prefix}.{name}" if prefix else name)
+    if plan.model is None:
+        return (field("gguf"), "is given for a plan without a model") if plan.gguf is not None else None
+    try:
+        model = load_catalog().find(plan.model)
+    except KeyError:
+        return field("model"), f"{plan.model!r} is not in this r1fleet's catalog"
+    if model.id != plan.model:
+        return field("model"), f"{plan.model!r} is not a catalog id (the catalog calls it {model.id!r})"
+    if plan.ollama_tag is not None and plan.ollama_tag != model.ollama_tag:
+        return field("ollama_tag"), f"{plan.ollama_tag!r} is not the tag the catalog pins for {model.id} ({model.ollama_tag})"
+    if plan.gguf is not None and plan.gguf != model.pinned_gguf():
+        return field("gguf"), f"is not the GGUF the catalog pins for {model.id} (file {model.gguf.file}, its URL and sha256)"
+    return None
+
+
+def _located(path: Path, where: str, host: str | None, problem: tuple[str, str], fix: str) -> R1FleetError:
+    error = R1FleetError(f"{path}: {where}: field {problem[0]}: {problem[1]}", fix=fix)
+    error.host, error.field = host, problem[0]
+    return error

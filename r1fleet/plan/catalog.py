@@ -10,6 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from r1fleet.records import GgufFile
+
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 
 
@@ -74,6 +76,11 @@ class Model(_Strict):
         """'70b', '1.5b' ... as users say it."""
         match = re.search(r"-(\d+(?:\.\d+)?[bm])$", self.id)
         return match.group(1) if match else self.id
+
+    def pinned_gguf(self) -> GgufFile:
+        """The GGUF a plan for this model downloads, as plans and locks record it (a lock must say exactly this)."""
+        g = self.gguf
+        return GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256)
 
     @property
     def kv_bytes_per_token_f16(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
 from r1fleet.plan.memory import bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
-from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan
+from r1fleet.records import DevicePlan, Hardware, HostPlan
 from r1fleet.plan.placement import PlacementOption, device_plans, gpu_capacity_mib, placements, split_layers
 from r1fleet.plan.policy import Policy
 from r1fleet.tensor_split import flag_for_layers, format_flag, rescale_blocks
@@ -298,7 +298,7 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         devices=chosen.devices,
         est_tokens_per_second=chosen.tokens_per_second,
         reasons=reasons,
-        gguf=GgufFile(url=m.gguf.url or "", file=m.gguf.file, size_bytes=m.gguf.size_bytes, sha256=m.gguf.sha256),
+        gguf=m.pinned_gguf(),
         n_layers=m.arch.layers,
         compute_caps=[g.compute_cap for g in p.gpus if g.compute_cap],
         vendor=_vendor(hw, p),
@@ -329,7 +329,6 @@ def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
         return plan
     catalog = catalog or load_catalog()
     stand_in = catalog.stand_ins[0]
-    g = stand_in.gguf
     split = rescale_blocks(plan.tensor_split, stand_in.arch.layers) if plan.tensor_split else None
     return plan.model_copy(
         update={
@@ -338,7 +337,7 @@ def rehearse(plan: HostPlan, catalog: Catalog | None = None) -> HostPlan:
             "model": stand_in.id,
             "ollama_tag": stand_in.ollama_tag,
             "context_length": min(plan.context_length, stand_in.arch.context_train),
-            "gguf": GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256),
+            "gguf": stand_in.pinned_gguf(),
             "n_layers": stand_in.arch.layers,
             "tensor_split": split,
             "reasons": [*plan.reasons, f"rehearsal: serving {stand_in.name} in the planned slot instead of {plan.model}"],

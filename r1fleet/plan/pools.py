@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
 from r1fleet.plan.memory import constants, weight_shares
 from r1fleet.errors import DeployError
-from r1fleet.records import DevicePlan, GgufFile, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
+from r1fleet.records import DevicePlan, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
 from r1fleet.plan.placement import PlacementOption, gpu_slot, placements
 from r1fleet.plan.planner import Attempt, attempt, decode_seconds, ordered_candidates, plan_host, runtime_flash_attention
 from r1fleet.plan.policy import Policy
@@ -273,13 +273,12 @@ def _pooled(
     file_mib = round(weight_shares(m).file_mib)
     if head.disk_free_mib is not None and head.disk_free_mib < file_mib:
         reasons.append(f"warning: the head {pool.head} needs {file_mib:,} MiB of disk for the model, {head.disk_free_mib:,} MiB free")
-    g = m.gguf
     return base.model_copy(update={
         "pooled": True, "model": m.id, "ollama_tag": m.ollama_tag, "backend": "llama.cpp",
         "context_length": result.context, "kv_cache_type": result.kv_type, "flash_attention": result.flash_attention,
         "tensor_split": result.layers, "devices": listed, "est_tokens_per_second": tps,
         "est_tokens_per_second_one_host": result.tokens_per_second, "network_ms_per_token": round(net.seconds * 1000, 2),
-        "gguf": GgufFile(url=g.url or "", file=g.file, size_bytes=g.size_bytes, sha256=g.sha256),
+        "gguf": m.pinned_gguf(),
         "n_layers": m.arch.layers, "reasons": reasons,
     })
 

@@ -279,6 +279,16 @@ def _good_lock(tmp_path: Path) -> tuple[Path, dict]:
     (lambda d: d["hosts"]["rtx4090"]["plan"].update(host="other"), "host rtx4090: field plan.host: is 'other'"),
     (lambda d: d["hosts"]["rtx4090"].update(api_key_fingerprint="hunter2"), "host rtx4090: field api_key_fingerprint"),
     (lambda d: d.update(version=2), "field version: lock format 2"),
+    # a lock is read as untrusted (audit-security-2 H: it was executed): nothing in it chooses a path or a URL
+    (lambda d: d["hosts"]["rtx4090"]["plan"]["gguf"].update(file="../../../../etc/profile.d/zz.sh"),
+     "host rtx4090: field plan.gguf: is not the GGUF the catalog pins"),
+    (lambda d: d["hosts"]["rtx4090"]["plan"]["gguf"].update(url="https://evil.example/m.gguf", sha256="e" * 64),
+     "host rtx4090: field plan.gguf: is not the GGUF the catalog pins"),
+    (lambda d: d["hosts"]["rtx4090"]["plan"].update(ollama_tag="evil/r1:latest"), "field plan.ollama_tag: 'evil/r1:latest'"),
+    (lambda d: d["hosts"]["rtx4090"]["plan"].update(gpu_uuids=["GPU-x\nExecStartPre=+/bin/sh -c id"]),
+     "field plan.gpu_uuids:"),
+    (lambda d: d["hosts"].update({"evil\nname": d["hosts"].pop("rtx4090")}), "is not a name a fleet file allows"),
+
     (lambda d: d.pop("hosts"), "not a fleet lock"),
 ])
 def test_malformed_lock_names_file_host_and_field(tmp_path, change, expected):
@@ -348,6 +358,18 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     lock = read_lock(path)
     assert lock.pools["big"].pooled and lock.pools["big"].model == "deepseek-r1-distill-llama-70b"
     assert read_lock(path) == lock and "pools:" in path.read_text()  # it reads back as written
+    for hostile, expected in ((("big", "pool"), "big\nExecStartPre=+/bin/sh"), (("big", "gguf", "file"), "../../x.gguf")):
+        doc = yaml.safe_load(path.read_text())
+        target = doc["pools"]
+        for key in hostile[:-1]:
+            target = target[key]
+        target[hostile[-1]] = expected
+        if hostile[-1] == "pool":
+            doc["pools"] = {expected: doc["pools"]["big"]}
+        bad = tmp_path / "hostile.lock"
+        bad.write_text(yaml.safe_dump(doc))
+        with pytest.raises(R1FleetError, match="pool .*: field (\\(name\\)|gguf)"):
+            read_lock(bad)
     members = {"box-a": parse_probe(BOX_A, "box-a"), "box-b": parse_probe(BOX_B, "box-b")}
     assert locked_pool(lock, "big", members) == lock.pools["big"]
     assert locked_pool(lock, "other", members) is None  # not locked: planned live
