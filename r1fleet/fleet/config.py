@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -26,6 +27,7 @@ DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 # service as a systemd credential so it is never in argv, the unit or a log.
 API_KEY_FILE = "/etc/r1fleet/api-key"
 API_KEY_MAX_BYTES = 4096
+API_KEY_MIN_CHARS = 32
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
@@ -84,19 +86,36 @@ class OllamaReleaseOverride(BaseModel):
 
 def read_api_key(source: str, host: str, field: str) -> bytes:
     """An API key file on the controller, as the deploy installs it (one line); FleetError (host, field, fix) when
-    it cannot be read or cannot be a key."""
+    it cannot be read, others can read it, or it cannot be a key.
+
+    Only a regular file of mode 0600 or stricter: a FIFO would hang the whole run on its first read, and a key
+    others can read is no secret. At least API_KEY_MIN_CHARS characters, so the lock's 64-bit fingerprint of it
+    (r1fleet/lock/file.py) is no help to a guess."""
     path = os.path.expanduser(source)
+    create = f"`(umask 077; head -c 32 /dev/urandom | base64 > {path})`"
     try:
-        with open(path, "rb") as key_file:
-            key = key_file.read(API_KEY_MAX_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
         raise FleetError(f"{path}: cannot read the API key ({err.strerror})", host=host, field=field,
-                         fix="create it, e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`") from None
+                         fix=f"create it, e.g. {create}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FleetError(f"{path}: not a regular file, so not read as the API key", host=host, field=field,
+                             fix=f"point it at a plain file holding the key, e.g. {create}")
+        if info.st_mode & 0o177:
+            raise FleetError(f"{path}: mode {stat.S_IMODE(info.st_mode):04o}; an API key file must be 0600 or stricter",
+                             host=host, field=field, fix=f"`chmod 600 {path}` (then rotate the key if others read it)")
+        key = os.read(fd, API_KEY_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
     key = key.strip()
     # the same shape as the key the host generates (roles/exposure.py): one line of printable characters
-    if not key or len(key) > API_KEY_MAX_BYTES or not all(33 <= byte < 127 for byte in key):
-        raise FleetError(f"{path}: not an API key (one line of printable characters, at most {API_KEY_MAX_BYTES})",
-                         host=host, field=field, fix="write a key such as the output of `head -c 32 /dev/urandom | base64`")
+    if not API_KEY_MIN_CHARS <= len(key) <= API_KEY_MAX_BYTES or not all(33 <= byte < 127 for byte in key):
+        raise FleetError(f"{path}: not an API key (one line of {API_KEY_MIN_CHARS} to {API_KEY_MAX_BYTES} printable "
+                         "characters)", host=host, field=field,
+                         fix=f"write a new key: {create}")
     return key + b"\n"
 
 

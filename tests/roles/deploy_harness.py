@@ -51,6 +51,7 @@ class Run:
     changed: list[str]    # the operations that completed and reported a change
     failed: bool
     by_op: list[tuple[str, str]]   # (operation name, command) for each command an operation ran, in order
+    stdin: dict[str, str]   # command -> what pyinfra wrote to its stdin (`_stdin`), for the commands given one
 
     def op(self, name: str) -> str:
         """The one prepared operation called `name` (its full name, or a part that names only one)."""
@@ -95,20 +96,25 @@ class Run:
         return matches[0]
 
 
-def record_commands(monkeypatch, state_box: list) -> list[tuple[str, str]]:
-    """Make @fake's run_shell_command also note which operation (by name) ran each command."""
+def record_commands(monkeypatch, state_box: list) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Make @fake's run_shell_command also note which operation (by name) ran each command, and what it was
+    given on stdin."""
     by_op: list[tuple[str, str]] = []
+    stdin: dict[str, str] = {}
     original = _RUN_SHELL_COMMAND  # @fake's own, not a wrapper an earlier run in the same test installed
 
     def run_and_note(self, command, *args, **kwargs):
         op_hash = self.host.executing_op_hash
+        text = command if isinstance(command, str) else command.get_masked_value()
         if op_hash is not None and state_box:
-            text = command if isinstance(command, str) else command.get_masked_value()
             by_op.append((op_name(state_box[0], op_hash), text))
+        if kwargs.get("_stdin") is not None:
+            given = kwargs["_stdin"]
+            stdin[text] = given if isinstance(given, str) else "".join(given)
         return original(self, command, *args, **kwargs)
 
     monkeypatch.setattr(FakeConnector, "run_shell_command", run_and_note)
-    return by_op
+    return by_op, stdin
 
 
 def record_uploads(monkeypatch) -> dict[str, str]:
@@ -145,19 +151,20 @@ def op_name(state: State, op_hash: str) -> str:
 
 
 def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None, data: dict | None = None,
-             base_responses: bool = True, execute: bool = True, monkeypatch) -> Run:
+             base_responses: bool = True, execute: bool = True, config: dict | None = None, monkeypatch) -> Run:
     """Prepare and execute `role(*args)` on one @fake host; return its commands, uploads and operations.
 
     responses: scripted answers (substring or compiled regex -> output); data: extra host data
     (e.g. role settings read from host.data); base_responses: add BASE_RESPONSES (a plain Linux host);
-    execute=False: prepare only, as `pyinfra --dry` does (the commands are then the facts read).
+    execute=False: prepare only, as `pyinfra --dry` does (the commands are then the facts read); config:
+    pyinfra settings, e.g. {"DIFF": True} as `--diff` sets it.
     """
     uploads = record_uploads(monkeypatch)
     state_box: list[State] = []
-    by_op = record_commands(monkeypatch, state_box)
+    by_op, stdin = record_commands(monkeypatch, state_box)
     host_data = {"fake_responses": fake_responses(responses, base_responses), **(data or {})}
     inventory = Inventory(([(HOST, host_data)], {"fake_delay": 0, "fake_delay_jitter": 0}))
-    state = State(inventory=inventory, config=Config())
+    state = State(inventory=inventory, config=Config(**(config or {})))
     state_box.append(state)
     state.cwd = str(ROOT)
     connect_all(state)
@@ -174,7 +181,7 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     changed = [op_name(state, h) for h in order
                if h in ops and ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()]
     return Run(commands=list(host.connector.executed_commands), uploads=uploads, op_names=op_names,
-               changed=changed, failed=host in state.failed_hosts, by_op=by_op)
+               changed=changed, failed=host in state.failed_hosts, by_op=by_op, stdin=stdin)
 
 
 # ---------------------------------------------------------------- one role on its own

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import logging
+import os
 import shutil
 import subprocess
 
@@ -75,6 +77,57 @@ def test_exposure_on_renders_rules_unit_and_keeps_key_out_of_everything(monkeypa
     assert run.ran("API key root-only", "chmod 600 /etc/r1fleet/api-key")
     assert not any("--api-key " in c for c in run.commands)
     assert all("api-key" not in text for text in run.uploads.values())
+
+
+SECRET = "sk-r1fleet-7d1c0a5e9b3f4e21a8c6d2f0b9e7a1c3"
+OLD_SECRET = "sk-r1fleet-old-0000aaaa1111bbbb2222cccc3333"
+
+
+def key_source(tmp_path, text: str = SECRET, mode: int = 0o600):
+    path = tmp_path / "box.key"
+    path.write_text(text + "\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_the_key_from_the_controller_travels_on_stdin_and_never_shows(monkeypatch, tmp_path, capsys, caplog):
+    """api_key_source (audit M2): at any verbosity and with --diff the key is in no command, upload, operation
+    name or output; it reaches a root shell on its stdin, which writes it through a 0600 mktemp file beside the
+    key (never /tmp, never the SSH user's file), and renames it over the host's old key without reading it."""
+    caplog.set_level(logging.DEBUG)
+    settings = entry("10.77.0.11", ["10.77.0.1/32"], api_key_source=key_source(tmp_path))
+    # the host holds an old key, which files.put's --diff used to print
+    responses = {**HAS_NFT, **file_content("/etc/r1fleet/api-key", OLD_SECRET + "\n", "-rw-------"),
+                 "cat /etc/r1fleet/api-key": OLD_SECRET}
+    run = run_role(exposure_role, settings, LLAMA, responses=responses, base_responses=False,
+                   config={"DIFF": True}, monkeypatch=monkeypatch)
+    assert not run.failed
+    out = capsys.readouterr()
+    shown = [*run.commands, *run.uploads.values(), *run.op_names, out.out, out.err, caplog.text]
+    for secret in (SECRET, OLD_SECRET):
+        assert not any(secret in text or secret[-16:] in text for text in shown)
+    (command,) = [c for c in run.op_commands("llama-server API key (from api_key_source on the controller)") if "mktemp" in c]
+    assert run.stdin[command] == SECRET + "\n"
+    assert command.startswith("umask 077 && ")
+    assert 'tmp=$(mktemp /etc/r1fleet/.api-key.XXXXXX) && { { cat > "$tmp"' in command
+    assert command.index('chmod 0600 "$tmp"') < command.index('mv -f "$tmp" /etc/r1fleet/api-key')
+    assert "/tmp" not in command and run.never_ran("cat /etc/r1fleet/api-key")
+    assert "/etc/r1fleet/api-key" not in run.uploads
+    # the host holds this key already: nothing is written
+    same = run_role(exposure_role, settings, LLAMA, base_responses=False, monkeypatch=monkeypatch,
+                    responses={**HAS_NFT, **file_content("/etc/r1fleet/api-key", SECRET + "\n", "-rw-------")})
+    assert same.never_ran("mktemp") and not same.stdin
+
+
+def test_a_key_source_that_turned_bad_fails_the_host_with_the_reason(monkeypatch, tmp_path):
+    """Read again when the operation runs: a key file that others can read by then fails this host alone."""
+    source = key_source(tmp_path)
+    settings = entry("10.77.0.11", ["10.77.0.1/32"], api_key_source=source)
+    os.chmod(source, 0o644)
+    run = run_role(exposure_role, settings, LLAMA, responses={**HAS_NFT, "exit 1": {"success": False}},
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert run.failed and run.ran("llama-server API key (from api_key_source", "chmod 600")
+    assert not run.stdin
 
 
 def test_existing_key_is_never_regenerated(monkeypatch):

@@ -169,3 +169,46 @@ def test_probe_ssh_never_reads_the_destination_as_an_option(monkeypatch):
     facts.probe_over_ssh("gpu-box.lan", extra_args=("-l", "admin"))
     argv = seen["argv"]
     assert argv[argv.index("--") + 1] == "gpu-box.lan" and argv.index("-l") < argv.index("--")
+
+
+# ---------------------------------------------------------------- the API key on the controller (audit M2)
+
+KEY = "sk-r1fleet-7d1c0a5e9b3f4e21a8c6d2f0b9e7a1c3"
+
+
+def test_an_api_key_file_is_a_private_regular_file_of_a_real_key(tmp_path):
+    from r1fleet.fleet.config import read_api_key
+
+    key = tmp_path / "box.key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    assert read_api_key(str(key), "box", "api_key_source") == KEY.encode() + b"\n"
+    key.chmod(0o400)
+    assert read_api_key(str(key), "box", "api_key_source") == KEY.encode() + b"\n"
+    link = tmp_path / "secrets.key"
+    link.symlink_to(key)  # a secret store's link to the file: the file is judged
+    assert read_api_key(str(link), "box", "api_key_source") == KEY.encode() + b"\n"
+    for mode in (0o644, 0o640, 0o604, 0o700):
+        key.chmod(mode)
+        with pytest.raises(FleetError, match=rf"host box: field api_key_source: .*mode {mode:04o}; an API key file must be 0600 or stricter.*chmod 600"):
+            read_api_key(str(key), "box", "api_key_source")
+    key.chmod(0o600)
+    key.write_text("hunter2-but-only-31-characters!\n")  # 31: a guess against the lock's fingerprint
+    with pytest.raises(FleetError, match=r"not an API key \(one line of 32 to 4096 printable characters\).*umask 077"):
+        read_api_key(str(key), "box", "api_key_source")
+    key.write_text("x" * 32 + "\n")
+    assert read_api_key(str(key), "box", "api_key_source") == b"x" * 32 + b"\n"
+
+
+def test_an_api_key_that_is_a_fifo_or_a_directory_is_refused_without_waiting(tmp_path):
+    from r1fleet.fleet.config import read_api_key
+
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)  # nobody writes to it: reading it would hang the whole run
+    with pytest.raises(FleetError, match="not a regular file"):
+        read_api_key(str(fifo), "box", "api_key_source")
+    (tmp_path / "dir.key").mkdir(mode=0o700)
+    with pytest.raises(FleetError, match="not a regular file"):
+        read_api_key(str(tmp_path / "dir.key"), "box", "api_key_source")
+    with pytest.raises(FleetError, match="cannot read the API key"):
+        read_api_key(str(tmp_path / "absent.key"), "box", "api_key_source")

@@ -326,6 +326,7 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
     secret = "sk-r1fleet-7d1c0a5e9b3f4e21a8c6d2f0b9e7a1c3"
     key = tmp_path / "dual.key"
     key.write_text(secret + "\n")
+    key.chmod(0o600)
     probes = str(fleet.parent / "probes")
     code, _, err = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", probes, "--api-key", f"dual-rtx3090={key}")
     assert code == 0, err

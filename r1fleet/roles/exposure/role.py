@@ -16,21 +16,22 @@ binds a LAN address, and the service unit requires the firewall unit, so a host 
 
 from __future__ import annotations
 
+import hashlib
 import shlex
-from io import BytesIO, StringIO
+from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.command import StringCommand
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, Sha1File
 from pyinfra.facts.server import Which
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from r1fleet.fleet.config import API_KEY_FILE, HostConfig
+from r1fleet.fleet.config import API_KEY_FILE, HostConfig, read_api_key
 from r1fleet.errors import FleetError
 from r1fleet.records import HostPlan
-from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refuse
+from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refusal, refuse
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
 from r1fleet.roles.exposure.decide import (
@@ -93,6 +94,32 @@ def api_key(path: str = API_KEY_FILE):
     yield StringCommand(
         f"install -d -m 0700 -o root -g root {directory} && (umask 077; head -c 32 /dev/urandom | base64 > {tmp}) "
         f"&& chown root:root {tmp} && chmod 0600 {tmp} && mv -f {tmp} {shlex.quote(path)}")
+
+
+@operation()
+def api_key_from_controller(source: str, host_name: str, path: str = API_KEY_FILE):
+    """Install the user's API key from the controller (`api_key_source`), root-only 0600, when the host's differs.
+
+    The key travels on the stdin of one root shell, which writes it into a file mktemp creates (0600) beside
+    the target and renames it over: it is never in argv, in a file another user could read on the way, or in
+    pyinfra's output. files.put would first upload it as the SSH user into /tmp (0644 under a usual umask), and
+    `--diff` would print it, the host's old key with it. The key is read here, when the operation is prepared
+    and again when it runs, never passed as an argument (pyinfra can print those)."""
+    try:
+        key = read_api_key(source, host_name, "api_key_source")
+    except FleetError as error:  # changed since the plan step read it
+        yield refusal(str(error))
+        return
+    if host.get_fact(Sha1File, path=path) == hashlib.sha1(key).hexdigest():  # noqa: S324 - pyinfra's own fact
+        host.noop(f"API key {path} is the one from api_key_source")
+        return
+    q = shlex.quote
+    directory = path.rsplit("/", 1)[0] or "/"
+    install = f'chown root:root "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" {q(path)}'
+    yield StringCommand(
+        f"umask 077 && mkdir -p {q(directory)} && tmp=$(mktemp {q(directory + '/.api-key.XXXXXX')}) && "
+        f'{{ {{ cat > "$tmp" && {install}; }} || {{ rm -f "$tmp"; false; }}; }}',
+        _stdin=key.decode("ascii"))
 
 
 @operation()
@@ -201,10 +228,9 @@ def _configure(entry: HostConfig, plan: HostPlan):
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     if settings.needs_api_key:
         key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
-        key = entry.api_key_text()
-        if key is not None:  # the user's own key, from the controller: a rebuilt host keeps it
-            files.put(name="llama-server API key (from api_key_source on the controller)", src=BytesIO(key),
-                      dest=key_file, user="root", group="root", mode="600")
+        if entry.api_key_source:  # the user's own key, from the controller: a rebuilt host keeps it
+            api_key_from_controller(name="llama-server API key (from api_key_source on the controller)",
+                                    source=entry.api_key_source, host_name=entry.name, path=key_file)
         else:
             api_key(name="llama-server API key (generated on the host, once)", path=key_file)
         files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
