@@ -22,20 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import re
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from r1fleet.cache.download import CHUNK, Deadline
 from r1fleet.cache.store import ArtifactCache
 from r1fleet.errors import R1FleetError
+from r1fleet.net import parse_json
 
 DEFAULT_REGISTRY = "https://registry.ollama.ai"
 STORE_HOST = "registry.ollama.ai"  # the host of a name without one (types/model/name.go)
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 MODEL_LAYER = "application/vnd.ollama.image.model"
 MANIFEST_MAX_BYTES = 1 << 20
+# What a manifest may say, each bound far above a real one: it nests three levels deep (parse_json's bound is
+# 16); the text layers (template, license, ...) and the config are a few KiB; the largest distill's weights
+# are 43 GB.
+TEXT_LAYER_MAX_BYTES = 1 << 20
+MODEL_LAYER_MAX_BYTES = 1 << 38  # 256 GiB
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,27 @@ def _digest(text: Any) -> str:
     return text.removeprefix("sha256:")
 
 
+def _size(layer: Any, limit: int) -> int:
+    """A layer's `size`: a whole number of bytes from 0 to `limit` (not a float, a bool or a string of digits)."""
+    size = layer.get("size") if isinstance(layer, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= limit:
+        raise ValueError(f"size {size!r} is not a number of bytes from 0 to {limit:,}")
+    return size
+
+
 def _blobs(data: bytes) -> tuple[dict[str, Any], tuple[Blob, ...]]:
-    """A manifest's document and the blobs it names (config, then layers); ValueError, KeyError or TypeError
-    when it is not an Ollama manifest."""
-    document = json.loads(data)
-    layers = [document["config"], *document["layers"]]
-    return document, tuple(Blob(_digest(layer["digest"]), int(layer["size"])) for layer in layers)
+    """A manifest's document and the blobs it names (config, then layers); ValueError when it is not an
+    Ollama manifest, or says what no manifest says (a size past its bound)."""
+    document = parse_json(data)
+    if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
+        raise ValueError("no config and layers")
+    blobs = []
+    for layer in [document.get("config"), *document["layers"]]:
+        if not isinstance(layer, dict):
+            raise ValueError(f"{layer!r} is not a layer")
+        limit = MODEL_LAYER_MAX_BYTES if layer.get("mediaType") == MODEL_LAYER else TEXT_LAYER_MAX_BYTES
+        blobs.append(Blob(_digest(layer.get("digest")), _size(layer, limit)))
+    return document, tuple(blobs)
 
 
 def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
@@ -160,7 +181,7 @@ def read_manifest(data: bytes, tag: str, weights_sha256: str) -> RegistryModel:
     registry can re-point a tag (deepseek-r1:8b changed model in May 2025, catalog.yaml)."""
     try:
         document, blobs = _blobs(data)
-    except (ValueError, KeyError, TypeError) as err:
+    except ValueError as err:
         raise R1FleetError(f"the registry's manifest for {tag} is not an Ollama manifest ({err})",
                            fix="check the registry URL (ollama_registry)") from None
     problem = weights_problem(document, weights_sha256)
@@ -176,23 +197,28 @@ def ollama_blobs(data: bytes) -> list[str]:
     """The sha256 of every blob a manifest names (config and layers); [] when it is not a manifest."""
     try:
         return [blob.sha256 for blob in _blobs(data)[1]]
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         return []
 
 
 def fetch_manifest(registry: str, tag: str, timeout_s: float = 20.0) -> bytes:
-    """The tag's manifest from the registry, as bytes (their sha256 is the digest Ollama will report)."""
+    """The tag's manifest from the registry, as bytes (their sha256 is the digest Ollama will report): at most
+    MANIFEST_MAX_BYTES, all of it within `timeout_s` (OSError when the registry cannot be read in that time)."""
     request = urllib.request.Request(ModelName.parse(tag).manifest_url(registry),
                                      headers={"Accept": MANIFEST_ACCEPT, "User-Agent": "r1fleet"})
+    data = bytearray()
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - the fleet's registry
-            data = response.read(MANIFEST_MAX_BYTES + 1)
+        with Deadline(timeout_s) as deadline, deadline.open(request, timeout=timeout_s) as response:
+            while len(data) <= MANIFEST_MAX_BYTES and (chunk := response.read1(min(CHUNK, MANIFEST_MAX_BYTES + 1))):
+                data += chunk
     except http.client.HTTPException as err:  # a broken answer is the registry not read, as a refused connection
         raise OSError(f"{request.full_url}: {err!r}") from None
+    if deadline.expired:
+        raise OSError(f"{request.full_url}: no whole answer within {timeout_s:g} s")
     if len(data) > MANIFEST_MAX_BYTES:  # a manifest is a few hundred bytes: this is not one
         raise R1FleetError(f"{request.full_url} answers more than {MANIFEST_MAX_BYTES} bytes, not a manifest",
                            fix="check the registry URL (ollama_registry)")
-    return data
+    return bytes(data)
 
 
 def manifest_name(tag: str) -> str:

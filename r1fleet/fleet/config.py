@@ -69,6 +69,40 @@ def ollama_exposure_warning(listen: str | None, allow: list[str]) -> str | None:
             "copy and delete models on this host (use backend: llama.cpp for an API key)")
 
 
+# A base URL r1fleet fetches from (urllib on the controller, curl's argv on the hosts): http(s), a host, an
+# optional port and a path of plain characters; no user, query, fragment or other scheme (file://, ftp://).
+HTTP_URL_PATTERN = r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?"
+# A file path that lands in a unit line (LoadCredential=) or a shell command: absolute, plain characters.
+PLAIN_PATH_PATTERN = r"/[A-Za-z0-9._/-]+"
+
+
+def http_url(value: str | None, example: str, placeholders: str = "") -> str | None:
+    """`value` when it is a plain http(s) base URL (see HTTP_URL_PATTERN; `placeholders` such as `{version}`
+    allowed in its path), else ValueError naming an example."""
+    if value is not None and not re.fullmatch(HTTP_URL_PATTERN, value.replace(placeholders, "x") if placeholders else value):
+        raise ValueError(f"{value!r} is not an http(s) URL of a host, an optional port and a plain path; write e.g. {example}")
+    return value
+
+
+def plain_path(value: str | None, example: str) -> str | None:
+    """`value` when it is an absolute path of letters, digits, '.', '_', '-' and '/', with no '.' or '..' part."""
+    if value is not None and (not re.fullmatch(PLAIN_PATH_PATTERN, value)
+                              or any(part in (".", "..") for part in value.split("/"))):
+        raise ValueError(f"{value!r} must be an absolute path of letters, digits, '.', '_', '-' and '/' (no '..'), "
+                         f"e.g. {example}")
+    return value
+
+
+def ssh_port_clash(port: int | None, ssh_port: int, listen: str | None) -> str | None:
+    """Why `port` cannot be the service port of a host opened on `listen`, or None: r1fleet's firewall admits only
+    the allow-list to the service port, loaded before the service fails to bind it, so SSH from anywhere else
+    would be dropped."""
+    if port is not None and port == ssh_port and not is_loopback(listen):
+        return (f"port {port} is this host's ssh_port: the firewall r1fleet loads for the service port would drop "
+                "SSH from outside allow; give the service another port (Ollama's is 11434, llama.cpp's 8080)")
+    return None
+
+
 def truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -82,6 +116,31 @@ class OllamaReleaseOverride(BaseModel):
     version: str | None = None
     base_url: str | None = None
     sha256: dict[str, str] = {}
+
+    @field_validator("version")
+    @classmethod
+    def _version_is_a_version(cls, value: str | None) -> str | None:
+        # It names a directory the deploy replaces (/opt/r1fleet/ollama/<version>): a version, never a path.
+        if value is not None and not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}(-[A-Za-z0-9]{1,32}(\.[A-Za-z0-9]{1,32})*)?", value):
+            raise ValueError(f"{value!r} is not a release version; write e.g. 0.32.9 or 0.32.15-standin")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        return http_url(value, "http://mirror.lan:8088/ollama or https://github.com/ollama/ollama/releases/download/v{version}",
+                        placeholders="{version}")
+
+    @field_validator("sha256")
+    @classmethod
+    def _sums_are_sums(cls, value: dict[str, str]) -> dict[str, str]:
+        # Each name is a file in a URL and on the host; each sum is checked by the host's sha256sum.
+        for name, digest in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", name) or ".." in name:
+                raise ValueError(f"{name!r} is not an archive's file name; write e.g. ollama-linux-amd64.tar.zst")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(f"the sha256 of {name} is not 64 hex digits, as sha256sum prints it")
+        return value
 
 
 def read_api_key(source: str, host: str, field: str) -> bytes:
@@ -161,10 +220,12 @@ class HostSettings(BaseModel):
     @field_validator("ollama_registry")
     @classmethod
     def _registry_is_a_url(cls, value: str | None) -> str | None:
-        # It reaches curl's argv on the hosts and urllib on the controller: a plain http(s) URL only.
-        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?", value):
-            raise ValueError(f"{value!r} is not an http(s) URL; write e.g. https://registry.ollama.ai")
-        return value
+        return http_url(value, "https://registry.ollama.ai")
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_is_a_url(cls, value: str | None) -> str | None:
+        return http_url(value, "http://mirror.lan:8088")
 
     @field_validator("address")
     @classmethod
@@ -246,7 +307,7 @@ class HostSettings(BaseModel):
 
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
 _CHECKED_SETTINGS = ("address", "ssh_user", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
-                     "ollama_registry")
+                     "ollama_registry", "mirror")
 
 
 class HostConfig(BaseModel):
@@ -287,6 +348,29 @@ class HostConfig(BaseModel):
             HostSettings.model_validate({k: data[k] for k in _CHECKED_SETTINGS if data.get(k) is not None})
         return data
 
+    @field_validator("port")
+    @classmethod
+    def _port_is_not_ssh(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if problem := ssh_port_clash(value, info.data.get("ssh_port", 22), info.data.get("listen")):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("ollama_registry")
+    @classmethod
+    def _registry_is_https_outside_the_lab(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The manifest it serves is trusted for everything but the weights (their digest is pinned): only TLS
+        # keeps a man in the middle out of it. The lab's registry is the controller's own mirror.
+        if value is not None and value.startswith("http://") and not info.data.get("profile"):
+            raise ValueError(f"{value!r} is plain http: a registry is read over https outside the lab; write "
+                             f"{'https://' + value.removeprefix('http://')}")
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _api_key_file_is_plain(cls, value: str | None) -> str | None:
+        # It lands in the unit's LoadCredential= line and in shell commands on the host.
+        return plain_path(value, API_KEY_FILE)
+
     @field_validator("allow")
     @classmethod
     def _exposure_needs_an_allow_list(cls, value: list[str], info: ValidationInfo) -> list[str]:
@@ -317,9 +401,12 @@ class HostConfig(BaseModel):
         return merged_networks(self.allow, 6)
 
     def exposure_check(self, backend: str, host_name: str | None = None) -> str | None:
-        """The exposure rule that depends on the planned backend, for the plan and the deploy alike: an exposed
-        Ollama (no authentication) whose allow-list reaches beyond private ranges is refused (FleetError) unless
+        """The exposure rules that depend on the planned backend, for the plan and the deploy alike: the service port
+        (the backend's default when unset) is not the ssh_port of an opened host; an exposed Ollama (no authentication) whose allow-list reaches beyond private ranges is refused (FleetError) unless
         `ollama_public`; otherwise the warning an exposed Ollama carries, or None."""
+        if problem := ssh_port_clash(self.port_for(backend), self.ssh_port, self.listen):
+            raise FleetError(problem, host=host_name or self.name, field="port",
+                             fix=f"set port: to another number than ssh_port ({self.ssh_port})")
         if backend != "ollama" or self.listen is None:
             return None
         wide = public_networks([*self.allow4, *self.allow6])

@@ -6,7 +6,6 @@ they run), so a second deploy yields no commands: nothing changes, nothing resta
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,6 +18,7 @@ from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.artifacts.pins import Download
+from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
 from r1fleet.operations.fleet_cache import Routed
 from r1fleet.operations.fact_batch import (
@@ -39,6 +39,9 @@ JINJA = {"trim_blocks": True, "lstrip_blocks": True}
 # Facts
 
 
+HTTP_JSON_MAX_BYTES = 4 << 20  # what the host's own service may answer a fact (its /api/tags lists every model)
+
+
 class HttpJson(FactBase):
     """GET a JSON document from the host's own service; None when it does not answer."""
 
@@ -48,20 +51,22 @@ class HttpJson(FactBase):
         return "curl"
 
     def command(self, url: str) -> str:
-        # `|| true` keeps a refused connection from failing the host: "no answer" is a fact.
-        return f"curl -fsS --max-time 10 {shlex.quote(url)} || true"
+        # `|| true` keeps a refused connection from failing the host: "no answer" is a fact. At most
+        # HTTP_JSON_MAX_BYTES come back over SSH: more is cut, so no JSON, so no answer.
+        return f"curl -fsS --max-time 10 {shlex.quote(url)} | head -c {HTTP_JSON_MAX_BYTES} || true"
 
     def process(self, output: list[str]):
         return json_or_none(output)
 
 
 def json_or_none(output: list[str]):
-    """A fact's output as JSON, or None when it is empty or not JSON ("no answer" is a fact too)."""
+    """A fact's output as JSON, or None when it is empty or not JSON, or nested deeper than any answer of the
+    host's own service ("no answer" is a fact too; r1fleet/net.py parse_json)."""
     text = "\n".join(output).strip()
     if not text:
         return None
     try:
-        return json.loads(text)
+        return parse_json(text)
     except ValueError:
         return None
 
@@ -96,12 +101,11 @@ class AptCandidates(FactBase):
 
 def model_names(tags_document) -> set[str]:
     """Names from Ollama's /api/tags or /api/ps document (both list `models[].name`)."""
-    if not isinstance(tags_document, dict):
-        return set()
+    models = tags_document.get("models") if isinstance(tags_document, dict) else None
     names = set()
-    for entry in tags_document.get("models") or []:
+    for entry in models if isinstance(models, list) else []:
         for key in ("name", "model"):
-            if isinstance(entry, dict) and entry.get(key):
+            if isinstance(entry, dict) and isinstance(entry.get(key), str) and entry[key]:
                 names.add(entry[key])
     return names
 

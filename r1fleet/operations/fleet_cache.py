@@ -88,11 +88,13 @@ def _base_url(cache: ArtifactCache, address: str, inventory) -> str:
 
 def via_controller(state, host, url: str, sha256: str, name: str, size: int | None = None) -> str:
     """The URL `host` downloads `name` from (see the module docstring); fetches it into the cache and starts
-    the server, so only ever called while an operation runs."""
+    the server, so only ever called while an operation runs. Whatever goes wrong here (the upstream's answer,
+    this machine's disk or network) leaves the host to download it itself, with the reason printed: it is
+    never an error of the run."""
     if not enabled():
         return url
-    cache = cache_for(host.data.get("r1fleet_cache_dir"))
     try:
+        cache = cache_for(host.data.get("r1fleet_cache_dir"))
         with _fetching.setdefault(sha256.lower(), threading.Lock()):
             if cache.path_for(sha256) is None:
                 cache.fetch(url, sha256, name, progress=TerminalProgress(stream=sys.stderr, host="controller"), size=size)
@@ -100,8 +102,9 @@ def via_controller(state, host, url: str, sha256: str, name: str, size: int | No
         if address is None:
             raise OSError("no route from this machine to the host")
         base = _base_url(cache, address, state.inventory)
-    except (OSError, R1FleetError) as error:
-        print(f"[{host.name}] {name}: not from the controller's cache ({error}); the host downloads it itself",
+    except Exception as error:  # noqa: BLE001 - one upstream's odd answer must not end the run for every host
+        reason = str(error) if isinstance(error, (OSError, R1FleetError)) else f"unexpected {type(error).__name__}: {error}"
+        print(f"[{host.name}] {name}: not from the controller's cache ({reason}); the host downloads it itself",
               file=sys.stderr)
         return url
     return f"{base}/sha256/{sha256.lower()}"

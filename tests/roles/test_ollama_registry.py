@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from deploy_harness import run_role
 
 from r1fleet.cache.store import ArtifactCache
+from r1fleet.operations import fleet_cache
 from r1fleet.errors import R1FleetError
 from r1fleet.lab import registry as lab_registry
 from r1fleet.cache.registry import (
@@ -38,7 +40,7 @@ from r1fleet.cache.registry import (
     weights_problem,
     read_manifest,
 )
-from r1fleet.roles.ollama.registry import RegistryFetch, place_registry_model
+from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model
 
 TAG = "r1fleet/smollm2:135m-instruct-q4_1"
 
@@ -152,6 +154,69 @@ def test_the_weights_are_exactly_the_pinned_ones(published, extra, reason):
         read_manifest(json.dumps(hostile).encode(), TAG, published["sha"])
 
 
+def _with_layer(document: dict, index: int, **changes) -> bytes:
+    layers = [dict(layer) for layer in document["layers"]]
+    layers[index].update(changes)
+    return json.dumps({**document, "layers": layers}).encode()
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda d: _with_layer(d, -1, size=float("inf")), "Infinity is not a JSON number"),
+    (lambda d: _with_layer(d, -1, size=float("nan")), "NaN is not a JSON number"),
+    (lambda d: b"[" * 400_000 + b"]" * 400_000, "nested deeper than 16 levels"),
+    (lambda d: json.dumps({**d, "x": json.loads("[" * 17 + "]" * 17)}).encode(), "nested deeper than 16"),
+    (lambda d: _with_layer(d, -1, size=10 ** 15), "is not a number of bytes from 0 to 274,877,906,944"),
+    (lambda d: json.dumps({**d, "config": {**d["config"], "size": 2 << 20}}).encode(), "from 0 to 1,048,576"),
+    (lambda d: json.dumps({**d, "layers": [*d["layers"], {"mediaType": "application/vnd.ollama.image.template",
+                                                          "digest": "sha256:" + "e" * 64, "size": 2 << 20}]}).encode(),
+     "from 0 to 1,048,576"),
+    (lambda d: _with_layer(d, -1, size=-1), "size -1"),
+    (lambda d: _with_layer(d, -1, size="4096"), "size '4096'"),
+    (lambda d: _with_layer(d, -1, size=4096.5), "size 4096.5"),
+    (lambda d: _with_layer(d, -1, size=True), "size True"),
+    (lambda d: json.dumps({**d, "config": "x"}).encode(), "'x' is not a layer"),
+    (lambda d: json.dumps({**d, "layers": {"a": 1}}).encode(), "no config and layers"),
+    (lambda d: b'{"layers": "\xff"}'.replace(b"\\xff", b"\xff"), "utf-8"),
+])
+def test_a_manifest_is_parsed_totally_and_bounded(tmp_path, make, reason):
+    """Whatever a registry answers is a manifest or a refusal naming why (audit M3): never an OverflowError, a
+    RecursionError or a 1 PB download."""
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    document = json.loads(lab_registry.publish(tmp_path / "mirror", TAG, gguf, sha, "llama", "Q4_1").read_bytes())
+    assert read_manifest(json.dumps(document).encode(), TAG, sha).blobs[-1].sha256 == sha
+    with pytest.raises(R1FleetError, match="not an Ollama manifest") as refused:
+        read_manifest(make(document), TAG, sha)
+    assert reason in str(refused.value)
+
+
+def test_a_registry_that_drips_its_answer_is_cut_off():
+    """A byte before each read timeout keeps a read going for ever; the deadline on the whole answer does not."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def drip():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            try:
+                for _ in range(100):  # 5 s, then it stops: a client without the deadline fails, not hangs
+                    conn.sendall(b"[")
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(OSError, match="no whole answer within 0.5 s"):
+        fetch_manifest(f"http://127.0.0.1:{listener.getsockname()[1]}", TAG, timeout_s=0.5)
+    assert time.monotonic() - started < 2
+    listener.close()
+
+
 def test_the_cache_keeps_bytes_and_the_name_they_stood_for(tmp_path: Path):
     cache = ArtifactCache(tmp_path / "cache")
     data = b'{"schemaVersion":2}'
@@ -242,6 +307,47 @@ def test_a_listed_tag_is_left_alone_and_a_refusal_stops_the_host(published, tmp_
     assert result is None and not run.failed
     run, result = place(RegistryFetch(refused="the registry's tag has other weights"), tmp_path / "o", monkeypatch)
     assert result.returncode != 0 and "other weights" in result.stderr  # (the fake host itself fails nothing)
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b'{"config": {"digest": "sha256:' + b"a" * 64 + b'", "size": Infinity}, "layers": []}', "Infinity is not a JSON number"),
+    (b"[" * 400_000 + b"]" * 400_000, "nested deeper than 16 levels"),
+    (b"{" * (2 << 20), "answers more than 1048576 bytes"),
+])
+def test_a_registry_s_bad_answer_fails_the_host_that_needed_it_with_the_reason(published, monkeypatch, answer, reason):
+    """Read when the operation runs (audit M3): the host stops at its model with the reason, and nothing escapes
+    into pyinfra's run (which would end it for every host)."""
+    monkeypatch.setenv("R1FLEET_CACHE", "on")
+    monkeypatch.setattr(fleet_cache, "_caches", {})
+    published["manifest"].write_bytes(answer)
+    source = RegistrySource(TAG, published["base"], published["sha"], None, own_registry=True, model_files={})
+
+    def role():
+        place_registry_model(name="Place", source=source, tag=TAG, api=API, models_dir="/m/ollama", user="ollama",
+                             binary="/usr/local/bin/ollama")
+    run = run_role(role, responses={"exit 1": {"success": False}}, monkeypatch=monkeypatch,
+                   data={"r1fleet_cache_dir": str(published["root"].parent / "controller-cache")})
+    assert run.failed
+    (refused,) = [c for c in run.op_commands("Place") if "r1fleet: " in c]
+    assert reason in refused and published["base"] in refused
+
+
+def test_anything_unexpected_on_the_controller_leaves_the_download_to_the_host(monkeypatch, tmp_path, capsys):
+    """Whatever fetching into the controller's cache meets, the host downloads the artifact from upstream itself,
+    and the reason is printed (fleet_cache.via_controller)."""
+    monkeypatch.setenv("R1FLEET_CACHE", "on")
+    monkeypatch.setattr(fleet_cache, "_caches", {})
+
+    def odd(*args, **kwargs):
+        raise OverflowError("int too large to convert to float")
+    monkeypatch.setattr(ArtifactCache, "fetch", odd)
+
+    class Host:
+        name, data = "h1", {"r1fleet_cache_dir": str(tmp_path / "cache"), "ssh_hostname": "127.0.0.1"}
+    url = fleet_cache.via_controller(None, Host(), "https://example.org/m.gguf", "a" * 64, "m.gguf", size=3)
+    assert url == "https://example.org/m.gguf"
+    assert ("[h1] m.gguf: not from the controller's cache (unexpected OverflowError: int too large to convert to "
+            "float); the host downloads it itself") in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the manifest the controller takes

@@ -55,3 +55,60 @@ def test_the_one_seam_into_pyinfra_is_where_the_pinned_pyinfra_has_it(monkeypatc
     state = SimpleNamespace(get_op_meta=lambda op_hash: SimpleNamespace(names={"Ollama | System user ollama"}))
     assert pyinfra_operations._run_host_op(state, FakeHost("gone"), "h") is False
     assert summary._failures.pop("gone")[0] == "Ollama | System user ollama"
+
+
+# ---------------------------------------------------------------- a whole deploy, two hosts
+
+
+def deploy_two(monkeypatch, odd_answers: dict) -> tuple[set[str], set[str]]:
+    """serve_r1 prepared on two @fake hosts with a real probe, `odd_answers` scripted on the first only; the names
+    of the hosts that failed and of those whose operations were prepared."""
+    from pathlib import Path
+
+    from deploy_harness import BASE_RESPONSES
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.connect import connect_all
+    from pyinfra.api.deploy import add_deploy
+
+    from r1fleet.deploy.serve import serve_r1
+
+    monkeypatch.setattr(summary.atexit, "register", lambda *args: None)  # no summary printed at this test's exit
+    probe = (Path(__file__).resolve().parents[1] / "fixtures" / "probes" / "rtx3060-12g.probe").read_text().splitlines()
+
+    def data(answers: dict) -> dict:
+        return {"fake_responses": {"r1fleet-probe": probe, **answers, **BASE_RESPONSES}, "r1fleet": {"address": "10.0.0.1"}}
+    inventory = Inventory(([("@fake/odd", data(odd_answers)), ("@fake/fine", data({}))],
+                           {"fake_delay": 0, "fake_delay_jitter": 0}))
+    state = State(inventory=inventory, config=Config())
+    state.cwd = str(Path(__file__).resolve().parents[2])
+    connect_all(state)
+    add_deploy(state, serve_r1)
+    prepared = {host.name for host in inventory if state.ops.get(host)}
+    return {host.name for host in state.failed_hosts}, prepared
+
+
+def test_a_hosts_odd_answer_while_its_roles_are_prepared_fails_that_host_alone(monkeypatch, capsys):
+    """The role stages are prepared inside a summary step (audit M3): whatever trips there ends that host's deploy
+    with the reason in the summary, and the other hosts go on."""
+    from r1fleet.roles.ollama.role import OllamaRole
+
+    install = OllamaRole.install
+
+    def odd_on_one_host(self):
+        if self.settings.name == "@fake/odd":
+            raise OverflowError("cannot convert float infinity to integer")
+        install(self)
+    monkeypatch.setattr(OllamaRole, "install", odd_on_one_host)
+    failed, prepared = deploy_two(monkeypatch, {})
+    assert failed == {"@fake/odd"} and "@fake/fine" in prepared
+    step, why = summary._failures.pop("@fake/odd")
+    assert step == "prepare" and why.startswith("unexpected OverflowError: cannot convert float infinity")
+    summary._failures.clear()
+
+
+def test_an_ollama_that_answers_json_nested_without_end_is_no_answer(monkeypatch):
+    """The host's own service is a network input too: /api/tags as `[[[[...` reads as "no answer", not a
+    RecursionError that would end the run for every host."""
+    failed, prepared = deploy_two(monkeypatch, {"/api/tags": "[" * 100_000 + "]" * 100_000})
+    assert failed == set() and prepared == {"@fake/odd", "@fake/fine"}
+    summary._failures.clear()

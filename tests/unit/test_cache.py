@@ -262,6 +262,127 @@ def test_http_errors_name_the_url(tmp_path):
         cache_at(tmp_path).fetch("http://127.0.0.1:9/x", "abc", "x")
 
 
+# ---------------------------------------------------------------- a hostile server (audit M3)
+
+
+@contextmanager
+def raw_server(answer):
+    """A TCP server on 127.0.0.1 that runs `answer(connection)` for each client, in its own thread: a server
+    that breaks HTTP in ways http.server will not."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.05)
+    done = threading.Event()
+
+    def one(conn):
+        with conn:
+            try:
+                conn.recv(65536)  # the request
+                answer(conn, done)
+            except OSError:
+                pass  # the client hung up: what these tests want of it
+
+    def accept():
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/artifact.bin"
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+
+
+class Furthest(Recorder):
+    """A progress that keeps the most bytes the download ever held."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def advanced(self, name, done):
+        self.most = max(self.most, done)
+
+
+def test_never_more_than_the_pinned_size_is_read(tmp_path):
+    """A server that streams for ever (no length, or a false one) for a pinned 2-byte artifact: the controller
+    reads 2 bytes and stops; the sha256 then refuses them."""
+    def endless(conn, done):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for _ in range(256):  # 16 MiB, then it closes: a client that reads them all fails below, not hangs
+            conn.sendall(b"x" * 65536)
+
+    progress = Furthest()
+    with raw_server(endless) as url, pytest.raises(R1FleetError, match="sha256 mismatch"):
+        cache_at(tmp_path).fetch(url, hashlib.sha256(b"ok").hexdigest(), "tiny", progress=progress, size=2)
+    assert progress.most == 2 and not list((tmp_path / "cache" / "sha256").glob("*.part"))
+
+
+@pytest.mark.parametrize("header", [
+    "Content-Length: \xb2",  # '²': isdigit() but not int()
+    "Content-Length: " + "9" * 5000,  # past int()'s 4300 digits
+    "Content-Length: -5",
+])
+def test_a_length_that_is_no_number_is_no_length(tmp_path, header):
+    def odd(conn, done):
+        conn.sendall(f"HTTP/1.1 200 OK\r\n{header}\r\nConnection: close\r\n\r\n".encode("latin-1") + BODY)
+
+    with raw_server(odd) as url:
+        assert cache_at(tmp_path).fetch(url, SHA, "artifact.bin", size=len(BODY)).read_bytes() == BODY
+
+
+def test_a_range_of_5000_digits_is_a_range_that_cannot_be_placed(tmp_path):
+    cache = cache_at(tmp_path, attempts=2)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / f"{SHA}.part").write_bytes(BODY[:1000])
+
+    def odd(conn, done):
+        conn.sendall(f"HTTP/1.1 206 Partial\r\nContent-Range: bytes 1000-{'9' * 5000}/{'9' * 5000}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+
+    with raw_server(odd) as url, pytest.raises(R1FleetError, match="failed 2 times, last: a range that was not asked"):
+        cache.fetch(url, SHA, "artifact.bin", size=len(BODY))
+
+
+def test_headers_dripped_a_byte_at_a_time_are_cut_off(tmp_path):
+    """Each byte comes before the read timeout, so only the deadline on the whole head ends it."""
+    def drip(conn, done):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        until = time.monotonic() + 3  # then it closes: a client without the deadline fails below, not hangs
+        while not done.is_set() and time.monotonic() < until:
+            conn.sendall(b"a")
+            time.sleep(STALL / 4)
+
+    started = time.monotonic()
+    with raw_server(drip) as url, pytest.raises(R1FleetError, match="failed 2 times, last: stalled"):
+        cache_at(tmp_path, attempts=2).fetch(url, SHA, "artifact.bin", size=len(BODY))
+    assert time.monotonic() - started < 2 * (2 * STALL) + 1
+
+
+def test_a_body_that_trickles_is_a_stall(tmp_path):
+    def trickle(conn, done):
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        until = time.monotonic() + 3
+        for byte in BODY:
+            if done.is_set() or time.monotonic() > until:
+                return
+            conn.sendall(bytes([byte]))
+            time.sleep(STALL / 4)
+
+    started = time.monotonic()
+    with raw_server(trickle) as url, pytest.raises(R1FleetError, match="failed 2 times, last: stalled"):
+        cache_at(tmp_path, attempts=2).fetch(url, SHA, "artifact.bin", size=len(BODY))
+    assert time.monotonic() - started < 2 * (2 * STALL) + 1
+
+
 # ---------------------------------------------------------------- status, prune, location
 
 
@@ -524,7 +645,7 @@ def test_fill_fetches_each_pinned_artifact_once(tmp_path, capsys, monkeypatch, o
     # Two hosts need the same bytes (by digest): one download. Anything without a pinned URL is reported.
     with socket.socket() as closed:  # a registry nothing answers at
         closed.bind(("127.0.0.1", 0))
-        registry = f"http://127.0.0.1:{closed.getsockname()[1]}/registry"
+        registry = f"https://127.0.0.1:{closed.getsockname()[1]}/registry"
     fleet = locked_fleet(tmp_path, asset_sha=SHA, gguf_sha=SHA, registry=registry)
     code, out, err = r1fleet(capsys, "cache", "fill", "--fleet", str(fleet))
     label = f"DeepSeek-R1-Distill-Llama-70B-Q4_K_M.gguf ({SHA[:12]}) for dual-rtx3090,rtx4090"

@@ -82,6 +82,18 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("defaults: {profile: rtx4090}\nhosts:\n  a: {address: 10.0.0.1}\n", ["host a", "field profile"]),
         # systemd reads % as a specifier (L4)
         ("hosts:\n  a: {address: 10.0.0.1, listen: 'fe80::1%eth0', allow: ['fe80::/64']}\n", ["host a", "field listen", "scope id"]),
+        # a mirror is fetched by urllib here and curl there: an http(s) URL, never a bare name or file:// (M3)
+        ("hosts:\n  a: {address: 10.0.0.1, mirror: mirror.lan}\n", ["host a", "field mirror", "http://mirror.lan:8088"]),
+        ("hosts:\n  a: {address: 10.0.0.1, mirror: 'file:///etc'}\n", ["host a", "field mirror", "not an http(s) URL"]),
+        ("hosts:\n  a: {address: 10.0.0.1, mirror: 'http://u:p@mirror.lan/'}\n", ["host a", "field mirror"]),
+        # a registry's manifest is trusted but for its weights: https outside the lab (M1, M3)
+        ("hosts:\n  a: {address: 10.0.0.1, ollama_registry: 'http://registry.lan'}\n",
+         ["host a", "field ollama_registry", "plain http", "https://registry.lan"]),
+        # the firewall for the service port would drop SSH from outside allow (L2)
+        ("hosts:\n  a: {address: 10.0.0.1, listen: 10.0.0.1, allow: [10.8.0.0/24], port: 22}\n",
+         ["host a", "field port", "port 22 is this host's ssh_port"]),
+        ("hosts:\n  a: {address: 10.0.0.1, ssh_port: 2222, listen: 10.0.0.1, allow: [10.8.0.0/24], port: 2222}\n",
+         ["host a", "field port", "port 2222 is this host's ssh_port"]),
     ],
 )
 def test_each_class_of_mistake_is_named(tmp_path, text, expected):
@@ -212,3 +224,55 @@ def test_an_api_key_that_is_a_fifo_or_a_directory_is_refused_without_waiting(tmp
         read_api_key(str(tmp_path / "dir.key"), "box", "api_key_source")
     with pytest.raises(FleetError, match="cannot read the API key"):
         read_api_key(str(tmp_path / "absent.key"), "box", "api_key_source")
+
+
+# ---------------------------------------------------------------- the service port and SSH (audit L2)
+
+
+def test_the_service_port_of_an_opened_host_is_never_its_ssh_port():
+    from r1fleet.fleet.config import HostConfig
+
+    assert HostConfig(name="a", address="10.0.0.1", port=22).port == 22  # not opened: nothing filters port 22
+    # the backend's default port, when the host's SSH listens there, is found once the backend is planned
+    opened = HostConfig(name="a", address="10.0.0.1", ssh_port=8080, listen="10.0.0.1", allow=["10.8.0.0/24"])
+    with pytest.raises(FleetError, match=r"host a: field port: port 8080 is this host's ssh_port.*fix: set port: to another"):
+        opened.exposure_check("llama.cpp")
+    assert opened.exposure_check("ollama") is not None  # 11434: Ollama's usual warning, nothing refused
+
+
+# ---------------------------------------------------------------- host data overrides (--data, audit L3)
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({"api_key_file": "/etc/r1fleet/key\n[Service]\nExecStartPre=/bin/id"}, "api_key_file", "absolute path"),
+    ({"api_key_file": "etc/r1fleet/api-key"}, "api_key_file", "absolute path"),
+    ({"api_key_file": "/etc/r1fleet/../shadow"}, "api_key_file", "no '..'"),
+    ({"api_key_file": "/etc/r1fleet/api key"}, "api_key_file", "absolute path"),
+    ({"ollama_release": {"version": "../../../etc"}}, "ollama_release.version", "not a release version"),
+    ({"ollama_release": {"version": "0.32.9/../../x"}}, "ollama_release.version", "0.32.15-standin"),
+    ({"ollama_release": {"base_url": "file:///etc"}}, "ollama_release.base_url", "not an http(s) URL"),
+    ({"ollama_release": {"base_url": "http://m/{version.__class__}"}}, "ollama_release.base_url", "not an http(s) URL"),
+    ({"ollama_release": {"sha256": {"../x": "a" * 64}}}, "ollama_release.sha256", "not an archive's file name"),
+    ({"ollama_release": {"sha256": {"ollama-linux-amd64.tgz": "abc"}}}, "ollama_release.sha256", "64 hex digits"),
+    ({"mirror": "mirror.lan"}, "mirror", "not an http(s) URL"),
+    ({"listen": "10.0.0.1; id"}, "listen", "not an IP address"),
+])
+def test_host_data_overrides_meet_the_fleet_files_rules(data, field, words):
+    """`--data` and an inventory's host data override the fleet entry through the same validators: every value
+    that reaches a unit line, a path the deploy removes or a URL is refused naming the host and the field."""
+    from r1fleet.fleet.config import HostConfig
+
+    with pytest.raises(FleetError) as refused:
+        HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.1", "listen": "10.0.0.1",
+                                                     "allow": ["10.0.0.0/24"]}, **data})
+    assert f"host box: field {field}: " in str(refused.value) and words in str(refused.value)
+
+
+def test_good_host_data_overrides_pass():
+    from r1fleet.fleet.config import HostConfig
+
+    config = HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.1"}, "api_key_file": "/srv/keys/box.key",
+                                               "mirror": "http://10.77.0.1:8088", "ollama_release": {
+                                                   "version": "0.32.15-standin", "base_url": "http://m/ollama/v{version}",
+                                                   "sha256": {"ollama-linux-amd64.tar.zst": "A" * 64}}})
+    assert config.ollama_release.version == "0.32.15-standin" and config.api_key_file == "/srv/keys/box.key"

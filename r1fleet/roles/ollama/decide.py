@@ -96,7 +96,7 @@ IMPORT_RECORD = "imported.json"  # in <model_dir>/import: what Ollama reported f
 def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:
     """The digest Ollama reports for `tag` in /api/tags (the manifest's sha256, server/model_list_cache.go)."""
     models = tags_document.get("models") if isinstance(tags_document, dict) else None
-    for entry in models or []:
+    for entry in models if isinstance(models, list) else []:
         if isinstance(entry, dict) and tag in (entry.get("name"), entry.get("model")):
             return entry.get("digest") if isinstance(entry.get("digest"), str) else None
     return None

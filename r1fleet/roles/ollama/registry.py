@@ -102,7 +102,10 @@ def registry_fetch(state, host, source: RegistrySource) -> RegistryFetch:
     except ManifestMoved as error:
         return RegistryFetch(refused=f"{error} (fix: {relock_command(host.name, host.data.get('r1fleet_fleet'))})")
     except R1FleetError as error:
-        return RegistryFetch(refused=f"{error} (fix: {error.fix})" if error.fix else str(error))
+        return RegistryFetch(refused=f"{registry}: {error}")  # its text ends with its fix
+    except Exception as error:  # noqa: BLE001 - the registry's odd answer fails this host alone, with the reason
+        return RegistryFetch(refused=f"the controller could not take {tag} from {registry}: unexpected "
+                                     f"{type(error).__name__}: {error}")
     name = ModelName.parse(tag)
     upstream = [replace(model.manifest, url=name.manifest_url(registry))]
     named = [manifest_name(tag)]
