@@ -5,16 +5,21 @@
         ...                               # hosts: curl -fSL -C - -o F.part $base_url/sha256/<hex>
     server.served                         # {"<hex>": bytes sent}
 
-Only `GET`/`HEAD /sha256/<hex>` of an entry the cache holds, verified (ArtifactCache.path_for); anything else
-is 404, with no listing, and a client outside `allow` gets 403 before its request is looked at. Single
-byte ranges are answered 206 (RFC 9110 sections 14.2 and 15.3.7), so `curl -C -` resumes; a multi-range
-request gets the whole file with 200, which a server MAY do (14.2: it may ignore Range). Hosts still check
-each file's sha256 themselves (roles/common.py fetch_verified): the LAN is not trusted with integrity.
+Only `GET`/`HEAD /sha256/<hex>` of an entry the cache holds, verified and opened as the regular file its
+stamp names (ArtifactCache.open_entry: never through a link); anything else is 404, with no listing. A client
+outside `allow` gets 403 as it connects, before a byte of its request is read and without a thread of its
+own. Each client holds at most MAX_PER_CLIENT connections and all of them MAX_CONNECTIONS (more are answered
+503 and closed), each request's line and headers must arrive within HEAD_S, and a connection idle or stuck
+for TIMEOUT_S is closed. Single byte ranges are answered 206 (RFC 9110 sections 14.2 and 15.3.7), so
+`curl -C -` resumes; a multi-range request gets the whole file with 200, which a server MAY do (14.2: it may
+ignore Range). Hosts still check each file's sha256 themselves (roles/common.py fetch_verified): the LAN is
+not trusted with integrity.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import threading
@@ -27,6 +32,11 @@ from r1fleet.net import host_port
 
 ENTRY_PATH = re.compile(r"/sha256/([0-9a-f]{64})")
 SEND_CHUNK = 4 << 20
+# A host downloads one artifact at a time over one connection (curl, with a retry or a fallback beside it).
+MAX_PER_CLIENT = 8
+MAX_CONNECTIONS = 64
+HEAD_S = 10.0  # a request line and its headers are a few hundred bytes
+TIMEOUT_S = 60.0  # no byte moved for this long, either way: the host is gone
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,13 +79,44 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return first, last
 
 
+def _refuse(connection: socket.socket, status: str) -> None:
+    """An answer without reading the request: a few bytes a fresh connection's buffer takes without waiting."""
+    try:
+        connection.setblocking(False)
+        connection.send(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+    except OSError:
+        pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"  # keep-alive, so curl's retries and ranges reuse the connection
-    timeout = 120  # seconds: a host that goes silent (idle keep-alive, or no longer reading) frees its thread
+    timeout = TIMEOUT_S  # seconds per read or send: a host that goes silent (or stops reading) frees its thread
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # one line per request on stderr would bury the deploy's output
+
+    def handle_one_request(self) -> None:
+        # The request line and headers within HEAD_S, whatever pace the client keeps: past it the connection is
+        # shut, and the blocked read returns. parse_request stops the clock once the head is whole.
+        self._head = threading.Timer(HEAD_S, self._cut)
+        self._head.daemon = True
+        self._head.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._head.cancel()
+
+    def parse_request(self) -> bool:
+        whole = super().parse_request()
+        self._head.cancel()
+        return whole
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def do_HEAD(self) -> None:
         self._answer(body=False)
@@ -84,14 +125,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
-        if not client_allowed(self.client_address[0], self.server.networks):
-            return self._status(403)
         match = ENTRY_PATH.fullmatch(self.path)  # exact: no query, no '..', no other directory
-        path = self.server.cache.path_for(match[1]) if match else None
-        if path is None:
+        handle = self.server.cache.open_entry(match[1]) if match else None
+        if handle is None:
             return self._status(404)
-        with open(path, "rb") as handle:
-            size = path.stat().st_size
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
             wanted = byte_range(self.headers.get("Range"), size)
             if wanted == "unsatisfiable":
                 return self._status(416, {"Content-Range": f"bytes */{size}"})
@@ -129,13 +168,40 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a host that hangs mid-transfer must not hold the deploy's exit
+    request_queue_size = 128  # listen backlog: a fleet's hosts may all connect at once (socketserver's is 5)
 
     def __init__(self, address: tuple[str, int], cache: ArtifactCache, networks: list[Network]):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.cache, self.networks = cache, networks
         self.served: dict[str, int] = {}
+        self.open: dict[str, int] = {}  # connections being served, per client address
         self._lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Called as a connection is accepted, before a thread or a byte of the request: the allow-list, then the
+        connection caps."""
+        peer = client_address[0]
+        if not client_allowed(peer, self.networks):
+            _refuse(request, "403 Forbidden")
+            return False
+        with self._lock:
+            if self.open.get(peer, 0) >= MAX_PER_CLIENT or sum(self.open.values()) >= MAX_CONNECTIONS:
+                _refuse(request, "503 Service Unavailable")
+                return False
+            self.open[peer] = self.open.get(peer, 0) + 1
+        return True
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                left = self.open.get(client_address[0], 1) - 1
+                if left:
+                    self.open[client_address[0]] = left
+                else:
+                    self.open.pop(client_address[0], None)
 
     def count(self, sha: str, sent: int) -> None:
         with self._lock:

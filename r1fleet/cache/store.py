@@ -3,7 +3,9 @@
 Layout under the root (`cache_root()`):
     sha256/<hex>        the bytes, present only once their sha256 matched
     sha256/<hex>.json   name, urls, size, fetched_at, last_used, and the stamp written when it was verified
-    sha256/<hex>.part   a download in progress or interrupted; the next fetch resumes it (HTTP Range)
+    sha256/<hex>.part   a download in progress or interrupted; the next fetch resumes it (HTTP Range). The
+                        fetch holds a lock on it (flock) until the entry is whole and stamped: a second
+                        r1fleet that needs it meanwhile waits while it grows, then takes the entry
     names/<key>         the sha256 a name stood for when it was cached (an Ollama tag's manifest), so a
                         rebuild gets the same bytes even after the registry re-published the tag
 
@@ -11,6 +13,10 @@ Layout under the root (`cache_root()`):
     path = cache.fetch(url, sha256, "DeepSeek-R1-Distill-Qwen-32B-Q4_K_M.gguf", progress=TerminalProgress())
 
 The transfer (HTTP Range resume, stall detection) is r1fleet/cache/download.py.
+
+An entry is a regular file, never followed through a link (its stamp is checked on the file itself, with
+lstat and O_NOFOLLOW): someone able to write into the cache directory cannot make it serve another file. The
+directories r1fleet creates are 0700.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 from r1fleet.cache.download import CHUNK, DISK_FIX, Download, download
 from r1fleet.errors import R1FleetError
@@ -83,13 +90,31 @@ def _when(text: str | None) -> datetime | None:
 def _identity(path: Path) -> list[int]:
     # size, mtime and inode: a file rewritten or replaced since it was verified no longer matches its stamp
     # (as roles/common.py VerifiedDigest does on the hosts), so the 43 GB are not re-read on every use.
-    st = path.stat()
+    # lstat: a link is not the entry, whatever it points at.
+    st = os.lstat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _regular(path: Path) -> bool:
+    """Whether `path` itself (not what a link names) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading when it is a regular file itself; OSError otherwise (a link, a FIFO, ...)."""
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK))
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise OSError(f"{path} is not a regular file")
+    return handle
 
 
 def hash_file(path: Path) -> Any:
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         while chunk := handle.read(CHUNK):
             hasher.update(chunk)
     return hasher
@@ -147,9 +172,11 @@ class ArtifactCache:
         sha = _digest(sha256)
         data = self.dir / sha
         meta = self._meta(sha)
-        if meta is None or not data.is_file():
+        if meta is None or not _regular(data):
+            if os.path.islink(data):
+                self._drop(sha)  # not an entry r1fleet made
             return None
-        if data.stat().st_size != meta.get("size"):
+        if os.lstat(data).st_size != meta.get("size"):
             self._drop(sha)  # truncated or grown: not the artifact, whatever its stamp says
             return None
         if meta.get("stamp") != [sha, *_identity(data)] and not self.verify(sha):
@@ -162,14 +189,32 @@ class ArtifactCache:
         """Hash the entry in full: stamp it when good; delete it when not, so the next fetch gets it again."""
         sha = _digest(sha256)
         data = self.dir / sha
-        if not data.is_file():
+        if not _regular(data):
             return False
         if hash_file(data).hexdigest() != sha:
             self._drop(sha)
             return False
         meta = self._meta(sha) or {"name": sha, "urls": [], "fetched_at": None, "last_used": _now()}
-        self._write_meta(sha, {**meta, "sha256": sha, "size": data.stat().st_size, "stamp": [sha, *_identity(data)]})
+        self._write_meta(sha, {**meta, "sha256": sha, "size": os.lstat(data).st_size, "stamp": [sha, *_identity(data)]})
         return True
+
+    def open_entry(self, sha256: str) -> BinaryIO | None:
+        """The entry opened for reading, or None: only a regular file (never through a link, hard or symbolic)
+        whose stamp is that of the very file opened, so what is read is what was verified even if the name
+        changed in between."""
+        if self.path_for(sha256) is None:
+            return None
+        sha = _digest(sha256)
+        try:
+            handle = _open_regular(self.dir / sha)
+        except OSError:
+            return None
+        st = os.fstat(handle.fileno())
+        # one link: a hard link is a name for someone else's file too (r1fleet's own entries have one)
+        if st.st_nlink != 1 or (self._meta(sha) or {}).get("stamp") != [sha, st.st_size, st.st_mtime_ns, st.st_ino]:
+            handle.close()
+            return None
+        return handle
 
     def status(self) -> list[Entry]:
         """Every entry, and every partial download, by name."""
@@ -210,7 +255,7 @@ class ArtifactCache:
         """Enter bytes already at hand (a registry manifest) under their sha256, which it returns."""
         sha = hashlib.sha256(data).hexdigest()
         if self.path_for(sha) is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self._make_dirs()
             self._write_whole(self.dir / sha, data)
             self._write_meta(sha, {"sha256": sha, "name": name, "urls": [], "size": len(data), "fetched_at": _now(),
                                    "last_used": _now(), "stamp": [sha, *_identity(self.dir / sha)]})
@@ -219,7 +264,8 @@ class ArtifactCache:
     def remember(self, key: str, sha256: str) -> None:
         """Record that `key` (e.g. `registry.ollama.ai/library/deepseek-r1:7b manifest`) stands for `sha256`."""
         names = self.root / "names"
-        names.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
+        names.mkdir(mode=0o700, exist_ok=True)
         (names / urllib.parse.quote(key, safe="")).write_text(_digest(sha256) + "\n")
 
     def recall(self, key: str) -> str | None:
@@ -232,40 +278,84 @@ class ArtifactCache:
 
     # ------------------------------------------------------------ fetching
 
+    def _make_dirs(self) -> None:
+        """The cache's directories, 0700 when r1fleet creates them (an existing one is left as its owner set it)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+
     def fetch(self, url: str, sha256: str, name: str, progress: Progress | None = None,
               size: int | None = None) -> Path:
         """The entry for `sha256`, downloaded from `url` first when the cache lacks it (resuming a .part).
-        It enters the cache only when its sha256 matches; otherwise it is deleted and R1FleetError raised."""
+        It enters the cache only when its sha256 matches; otherwise it is deleted and R1FleetError raised.
+        Another r1fleet downloading the same entry into this cache is waited for while its part grows."""
         sha = _digest(sha256)
         hit = self.path_for(sha)
         if hit is not None:
             return hit
         progress = progress or NoProgress()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self._make_dirs()
         except OSError as err:
             raise R1FleetError(f"{self.dir}: cannot create ({err.strerror})", fix=DISK_FIX) from None
         data, meta_path, part = self._paths(sha)
-        urls = list(dict.fromkeys([*(self._meta(sha) or {}).get("urls", []), url]))  # a resumed part: both served it
-        meta = {"sha256": sha, "name": name, "urls": urls, "size": size, "fetched_at": None, "last_used": _now()}
-        self._write_meta(sha, meta)
-        with open(part, "ab") as handle:  # append: keep what an interrupted run fetched
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise R1FleetError(f"{part}: another r1fleet is downloading {name} into the cache",
-                                   fix="wait for it to finish") from None
-            state = Download(hash_file(part), part.stat().st_size, size)
+        try:  # append: keep what an interrupted run fetched; never through a link someone left as the part
+            handle = open(part, "ab", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o600))
+        except OSError as err:
+            raise R1FleetError(f"{part}: cannot write ({err.strerror})", fix=DISK_FIX) from None
+        with handle:
+            self._lock(handle, name, progress)
+            hit = self.path_for(sha)
+            if hit is not None:  # the other r1fleet finished it while this one waited
+                self._drop_empty(part, handle)
+                return hit
+            urls = list(dict.fromkeys([*(self._meta(sha) or {}).get("urls", []), url]))  # a resumed part: both served it
+            meta = {"sha256": sha, "name": name, "urls": urls, "size": size, "fetched_at": None, "last_used": _now()}
+            self._write_meta(sha, meta)
+            state = Download(hash_file(part), os.lstat(part).st_size, size)
             progress.started(name, size, state.done)
             download(url, name, handle, state, progress, stall_timeout=self.stall_timeout, attempts=self.attempts)
-        got = state.hasher.hexdigest()
-        if got != sha:
-            part.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
-            raise R1FleetError(f"sha256 mismatch for {url}: expected {sha}, got {got}; the download was deleted, "
-                               "not cached", fix="check that the URL serves the pinned artifact (a mirror of another "
-                               "version?), then fetch again: it starts from scratch")
-        os.replace(part, data)
-        self._write_meta(sha, {**meta, "size": state.done, "fetched_at": _now(), "stamp": [sha, *_identity(data)]})
+            got = state.hasher.hexdigest()
+            if got != sha:
+                part.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+                raise R1FleetError(f"sha256 mismatch for {url}: expected {sha}, got {got}; the download was deleted, "
+                                   "not cached", fix="check that the URL serves the pinned artifact (a mirror of another "
+                                   "version?), then fetch again: it starts from scratch")
+            # Stamped before the rename (which keeps size, mtime and inode) and renamed under the lock: whoever
+            # waits for the lock finds the entry whole and stamped, never hashes it again.
+            self._write_meta(sha, {**meta, "size": state.done, "fetched_at": _now(), "stamp": [sha, *_identity(part)]})
+            os.replace(part, data)
         progress.finished(name, state.done)
         return data
+
+    @staticmethod
+    def _drop_empty(part: Path, handle: BinaryIO) -> None:
+        """Remove the empty part this fetch created, when the entry turned out whole (the handle may instead be
+        the other r1fleet's part, renamed since into the entry: that is never touched)."""
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            return
+        if st.st_ino == os.fstat(handle.fileno()).st_ino and st.st_size == 0:
+            part.unlink()
+
+    def _lock(self, handle: BinaryIO, name: str, progress: Progress) -> None:
+        """The part's lock; while another r1fleet holds it, wait as long as the part grows (it is downloading),
+        and give up with R1FleetError once it has added nothing for the stall timeout."""
+        noted, size, moved = False, -1, time.monotonic()
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now, grown = time.monotonic(), os.fstat(handle.fileno()).st_size
+            if grown != size:
+                size, moved = grown, now
+            elif now - moved > self.stall_timeout:
+                raise R1FleetError(f"{handle.name}: another r1fleet is downloading {name} into the cache and has added "
+                                   f"nothing for {self.stall_timeout:g} s", fix="wait for it to finish, or stop it")
+            if not noted:
+                progress.noted(name, "another r1fleet is downloading it into this cache: waiting for it")
+                noted = True
+            time.sleep(min(1.0, self.stall_timeout / 4))  # gevent's sleep in a deploy: the other hosts go on

@@ -175,6 +175,20 @@ def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = Fals
             f'if [ "$({sha256_of(target)})" != {q(sha256)} ]; then rm -f {target}; echo {mismatch} >&2; exit 1; fi']
 
 
+def exclusive(directory: str, what: str) -> str:
+    """Shell: hold a lock on `directory` until the script ends, or stop with the reason when another r1fleet
+    deploy holds it. Two deploys at once on one host would resume into the same partial file (`curl -C -`), and
+    one could verify and rename it while the other still appends. A host without flock(1) (macOS) goes without.
+
+    >>> exclusive("/m", "m.gguf").startswith("if command -v flock >/dev/null 2>&1; then exec 9</m && flock -n 9 ")
+    True
+    """
+    busy = shlex.quote(f"r1fleet: another deploy is downloading {what} into {directory} on this host; "
+                       "run this one again when it is done")
+    return (f"if command -v flock >/dev/null 2>&1; then exec 9<{shlex.quote(directory)} && flock -n 9 "
+            f"|| {{ echo {busy} >&2; exit 1; }}; fi")
+
+
 def sha256_of(path: str) -> str:
     """Shell: the hex sha256 of `path` (a shell word), by GNU sha256sum or, on macOS, shasum -a 256."""
     return f"{{ sha256sum {path} 2>/dev/null || shasum -a 256 {path}; }} | cut -d' ' -f1"
@@ -246,6 +260,7 @@ def fetch_verified(download: Download, dest: str, user: str, group: str, mode: s
     steps = [
         "set -e",
         f"mkdir -p {q(str(Path(dest).parent))}",
+        exclusive(str(Path(dest).parent), download.name),
         *verified_fetch_steps(download.url, q(part), download.sha256, resume=True, fallback=download.fallback_url),
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",

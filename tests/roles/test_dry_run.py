@@ -93,6 +93,8 @@ def test_running_fetches_once_into_the_cache_and_the_host_takes_it_from_there(up
     fetch = run.script("70b.gguf.part")
     assert f"{base}/sha256/{SHA}" in fetch and f"{url}/70b.gguf" in fetch  # the cache, the upstream as fallback
     assert fetch.index(f"{base}/sha256/{SHA}") < fetch.index(f"{url}/70b.gguf")
+    # another deploy at once on this host stops rather than append to the same part (exclusive, audit L1)
+    assert fetch.index("flock -n 9") < fetch.index("curl ")
 
 
 def test_preparing_reads_no_registry_and_running_reads_it_once(monkeypatch):

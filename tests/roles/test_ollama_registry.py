@@ -5,6 +5,7 @@ that registry."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -277,6 +278,26 @@ def test_a_host_places_the_model_as_a_pull_leaves_it(published, tmp_path, monkey
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob.sha256
         assert stat.S_IMODE(stored.stat().st_mode) == 0o600  # the service's UMask=0077, as its own pull
     assert not (store / ".r1fleet-incoming").exists()
+
+
+@needs_root
+def test_a_second_deploy_at_once_stops_instead_of_sharing_the_partial_files(published, tmp_path, monkeypatch):
+    """Another r1fleet deploy placing a model on this host holds the store's lock (audit L1): this one stops with
+    the reason, and touches nothing of the other's incoming files."""
+    store = tmp_path / "ollama"
+    (store / ".r1fleet-incoming").mkdir(parents=True)
+    theirs = store / ".r1fleet-incoming" / f"sha256-{published['sha']}"
+    theirs.write_bytes(b"GGUF, half")
+    held = os.open(store, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _, result = place(fetch_of(published), store, monkeypatch)
+    finally:
+        os.close(held)
+    assert result.returncode != 0 and "another deploy is downloading" in result.stderr
+    assert theirs.read_bytes() == b"GGUF, half"
+    _, again = place(fetch_of(published), store, monkeypatch)  # once the other is done
+    assert again.returncode == 0, again.stderr
 
 
 @needs_root

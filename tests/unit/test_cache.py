@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -529,6 +530,124 @@ def test_server_refuses_clients_outside_the_allow_list(tmp_path):
         assert get(base, f"/sha256/{sha}", source="127.0.0.2")[0] == 403
         assert get(base, f"/sha256/{sha}", source="127.0.0.1")[0] == 200
     assert server.served == {sha: len(BODY)}
+
+
+def test_two_deploys_at_once_download_an_entry_once_and_share_it(tmp_path):
+    """Two r1fleet runs on this machine need the same artifact (audit L1): the second waits while the first's
+    part grows, then takes the entry the first stamped; the origin is asked once."""
+    asked = []
+
+    def slow(conn, done):
+        asked.append(1)
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        for start in range(0, len(BODY), 16384):
+            conn.sendall(BODY[start:start + 16384])
+            time.sleep(0.02)
+
+    with raw_server(slow) as url:
+        got, progress = {}, Recorder()
+        first = threading.Thread(target=lambda: got.update(first=cache_at(tmp_path).fetch(url, SHA, "artifact.bin")))
+        first.start()
+        assert wait_for(lambda: (tmp_path / "cache" / "sha256" / f"{SHA}.part").exists())
+        got["second"] = cache_at(tmp_path).fetch(url, SHA, "artifact.bin", progress=progress)  # another process's cache
+        first.join()
+    assert got["first"] == got["second"] and got["second"].read_bytes() == BODY and asked == [1]
+    assert progress.notes() == ["another r1fleet is downloading it into this cache: waiting for it"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "sha256").iterdir()) == [SHA, f"{SHA}.json"]
+
+
+def can_bind(address: str) -> bool:
+    probe = socket.socket()
+    try:
+        probe.bind((address, 0))  # Linux routes all of 127/8 locally
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def test_the_server_serves_no_link_only_its_own_verified_files(tmp_path):
+    """Someone who can write into the cache directory links an entry's name to a file of the controller's user
+    (a private key) and forges the stamp to match it (audit L1): neither a symbolic nor a hard link is served."""
+    cache = cache_at(tmp_path)
+    secret = tmp_path / "id_ed25519"
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    sha = hashlib.sha256(secret.read_bytes()).hexdigest()
+    cache.dir.mkdir(parents=True)
+
+    def forge(link):
+        st = os.stat(link)  # the stamp of the file the link names: what a stamp check through the link sees
+        (cache.dir / f"{sha}.json").write_text(json.dumps({"sha256": sha, "name": "x", "size": st.st_size,
+                                                          "stamp": [sha, st.st_size, st.st_mtime_ns, st.st_ino]}))
+    (cache.dir / sha).symlink_to(secret)
+    forge(cache.dir / sha)
+    server = serve_cache(cache, "127.0.0.1", ["127.0.0.1"])
+    with server as base:
+        assert get(base, f"/sha256/{sha}")[0] == 404
+        assert cache.path_for(sha) is None and cache.open_entry(sha) is None
+        assert secret.exists() and not (cache.dir / sha).is_symlink()  # the link dropped, never its target
+        os.link(secret, cache.dir / sha)
+        forge(cache.dir / sha)
+        assert get(base, f"/sha256/{sha}")[0] == 404 and cache.open_entry(sha) is None
+    assert server.served == {}
+
+
+def test_the_cache_directories_r1fleet_creates_are_private(tmp_path, origin):
+    cache = cache_at(tmp_path)
+    cache.fetch(origin.url, SHA, "artifact.bin")
+    cache.remember("a name", SHA)
+    for directory in (cache.root, cache.dir, cache.root / "names"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    part = cache.dir / f"{'0' * 64}.part"
+    part.symlink_to(tmp_path / "elsewhere")  # a part planted as a link: never written through
+    with pytest.raises(R1FleetError, match="cannot write"):
+        cache.fetch(origin.url, "0" * 64, "other")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_refused_clients_are_answered_as_they_connect_and_hold_no_thread(tmp_path):
+    """300 idle connections from outside the allow-list (audit L1): each gets its 403 at once, and the server
+    keeps no thread for any of them."""
+    if not can_bind("127.0.0.2"):
+        pytest.skip("cannot connect from 127.0.0.2 here")
+    cache = cache_at(tmp_path)
+    sha = put(cache, BODY, "artifact.bin")
+    server = serve_cache(cache, "127.0.0.1", ["127.0.0.1/32"])
+    with server as base:
+        port = int(base.rsplit(":", 1)[1])
+        threads = threading.active_count()
+        idle, answers = [], set()
+        for _ in range(300):  # each left open, idle, once answered
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)))
+            answers.add(idle[-1].recv(100).split(b"\r\n")[0])
+        assert answers == {b"HTTP/1.1 403 Forbidden"}
+        assert threading.active_count() <= threads + 1
+        assert get(base, f"/sha256/{sha}")[0] == 200  # the fleet's hosts are served all along
+        for conn in idle:
+            conn.close()
+
+
+def test_an_allowed_client_holds_a_few_connections_and_a_slow_head_is_cut(tmp_path, monkeypatch):
+    """A host of the fleet gets MAX_PER_CLIENT connections at once; more are answered 503 and closed. A request
+    head still unfinished after HEAD_S is cut, whatever pace it keeps."""
+    from r1fleet.cache import server as cache_server
+
+    monkeypatch.setattr(cache_server, "HEAD_S", 0.3)
+    cache = cache_at(tmp_path)
+    sha = put(cache, BODY, "artifact.bin")
+    with serve_cache(cache, "127.0.0.1", ["127.0.0.1/32"]) as base:
+        port = int(base.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(cache_server.MAX_PER_CLIENT)]
+        for conn in held:
+            conn.sendall(b"GET /sha256/")  # a head begun, never finished
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert extra.recv(100).startswith(b"HTTP/1.1 503 ")
+        started = time.monotonic()
+        for conn in held:  # each is cut within HEAD_S of its start
+            assert conn.recv(100) == b"" and time.monotonic() - started < 2
+            conn.close()
+        assert wait_for(lambda: get(base, f"/sha256/{sha}")[0] == 200)
 
 
 def test_allow_list_decisions_and_ranges():

@@ -35,7 +35,7 @@ from r1fleet.cache.registry import (
     manifest_name,
 )
 from r1fleet.operations import fleet_cache
-from r1fleet.operations.common import HttpJson, model_names, refusal, verified_fetch_steps
+from r1fleet.operations.common import HttpJson, exclusive, model_names, refusal, verified_fetch_steps
 from r1fleet.operations.host_progress import file_poll, file_size, ollama_blobs_poll, watching
 from r1fleet.roles.ollama.decide import pull_command, registry_of, weights_digest
 
@@ -176,6 +176,7 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
         # The service's own UMask (the hardened unit's 0077): the modes a pull by the server leaves
         "set -e", "umask 077",
         f"mkdir -p {q(incoming)} {q(models_dir + '/blobs')} {q(path.rsplit('/', 1)[0])}",
+        exclusive(models_dir, tag),
         # Whatever else is in incoming was left by another tag or an interrupted run: never moved into the store.
         f'for f in {q(incoming)}/* {q(incoming)}/.[!.]*; do case "${{f##*/}}" in {expected}) ;; '
         f'*) if [ -e "$f" ]; then rm -rf "$f"; fi;; esac; done',
