@@ -11,6 +11,7 @@ The result is validated by r1fleet.fleet.file like any fleet file.
 from __future__ import annotations
 
 import os
+import re
 
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,8 @@ def _read_inventory(p: Path) -> dict[str, Any]:
             if key.startswith(PREFIX) and len(key) > len(PREFIX):
                 entry[key[len(PREFIX):]] = _structured(render(key, value))
         lab = str(entry.pop("lab", "")).lower() in ("true", "yes", "on", "1") or lab
-        if "ssh_port" in entry:
-            entry["ssh_port"] = int(entry["ssh_port"])
+        if isinstance(entry.get("ssh_port"), str) and re.fullmatch(r"[0-9]{1,5}", entry["ssh_port"].strip()):
+            entry["ssh_port"] = int(entry["ssh_port"])  # an INI value is a string; anything else the schema refuses
         groups = sorted(g.name for g in ahost.get_groups() if g.name not in IMPLICIT_GROUPS)
         if groups:
             entry["groups"] = sorted(set(entry.get("groups", [])) | set(groups))
@@ -110,36 +111,91 @@ def _structured(value: Any) -> Any:
     return value
 
 
+# An inventory value's template names a few variables; what it renders to is an address, a port, a path.
+TEMPLATE_MAX_CHARS = 1024
+RENDERED_MAX_CHARS = 65536  # also the longest variable a template may use
+# What a template may hold: variables, their attributes and items, literals, conditions, `~` and `+`, and the
+# filters below. No call (`lookup(...)`, `range(...)`, a method), loop, assignment or macro, and no `*`, `**`
+# or `%`: each of those can make a few characters render to gigabytes ('x' * 3000000000).
+TEMPLATE_NODES = frozenset({
+    "Template", "Output", "TemplateData", "Name", "Const", "Getattr", "Getitem", "Slice", "List", "Tuple", "Dict",
+    "Pair", "Keyword", "Concat", "Add", "Sub", "Neg", "Pos", "And", "Or", "Not", "Compare", "Operand", "CondExpr",
+    "If", "Test", "Filter",
+})
+TEMPLATE_FILTERS = frozenset({
+    "default", "d", "lower", "upper", "title", "capitalize", "trim", "string", "int", "float", "bool", "length",
+    "count", "first", "last",
+})
+
+
 def _renderer(host_vars: dict, host: str):
     """Render one variable. Ansible's own templating would run lookups on this machine
     (`lookup('pipe', ...)`, and `disable_lookups` no longer stops them in ansible-core 2.19), so templates
-    are rendered by a sandboxed Jinja2 with the host's variables only: no lookups, no Ansible plugins.
-    A template that fails names the host and the variable."""
+    are rendered by a sandboxed Jinja2 with the host's variables only: no lookups, no Ansible plugins, and
+    only what cannot grow without bound (TEMPLATE_NODES, TEMPLATE_FILTERS), a value rendering to at most
+    RENDERED_MAX_CHARS. A template that fails names the host and the variable."""
     from jinja2 import StrictUndefined, TemplateError
     from jinja2.sandbox import SandboxedEnvironment
 
     env = SandboxedEnvironment(undefined=StrictUndefined)
     env.globals.clear()
     context = {str(k): _plain(v) for k, v in host_vars.items()}
+    for key, value in context.items():
+        if isinstance(value, str) and len(value) > RENDERED_MAX_CHARS:
+            context[key] = StrictUndefined(hint=f"{key} is longer than {RENDERED_MAX_CHARS} characters, too long to "
+                                                "use in a template", name=key)
 
     def render(name: str, value: Any) -> Any:
         try:
             return _render(env, _plain(value), context)
-        except TemplateError as error:
-            raise FleetError(f"{name} cannot be read: {error}", host=host, field=name,
-                             fix="give the value itself, or define the variable (r1fleet renders templates without lookups or filters of Ansible's)") from None
+        except (TemplateError, MemoryError, OverflowError, RecursionError) as error:
+            reason = error if isinstance(error, TemplateError) else f"it does not render ({type(error).__name__})"
+            raise FleetError(f"{name} cannot be read: {reason}", host=host, field=name,
+                             fix="give the value itself, or define the variable (r1fleet renders variables, their "
+                                 "attributes and a few filters, without lookups, calls or loops)") from None
 
     return render
 
 
 def _render(env: Any, value: Any, context: dict, depth: int = 3) -> Any:
     if isinstance(value, str) and "{{" in value and depth:
-        return _render(env, env.from_string(value).render(context), context, depth - 1)
+        return _render(env, _rendered(env, value, context), context, depth - 1)
     if isinstance(value, dict):
         return {k: _render(env, v, context, depth) for k, v in value.items()}
     if isinstance(value, list):
         return [_render(env, v, context, depth) for v in value]
     return value
+
+
+def _rendered(env: Any, source: str, context: dict) -> str:
+    """One template rendered, checked first against TEMPLATE_NODES and TEMPLATE_FILTERS, and stopped as soon
+    as its text passes RENDERED_MAX_CHARS (TemplateError)."""
+    from jinja2 import TemplateError, nodes
+
+    if len(source) > TEMPLATE_MAX_CHARS:
+        raise TemplateError(f"a template of {len(source)} characters; r1fleet renders at most {TEMPLATE_MAX_CHARS}")
+    tree = env.parse(source)
+    for node in [tree, *tree.find_all(nodes.Node)]:
+        kind = type(node).__name__
+        if kind not in TEMPLATE_NODES:
+            raise TemplateError(f"it holds a {kind} node ({_NODE_WORDS.get(kind, kind.lower())}); r1fleet renders "
+                                "variables, their attributes and items, literals, conditions, ~ and +, and a few filters")
+        if isinstance(node, nodes.Filter) and node.name not in TEMPLATE_FILTERS:
+            raise TemplateError(f"filter {node.name!r} is not rendered here; r1fleet's are {', '.join(sorted(TEMPLATE_FILTERS))}")
+    text, size = [], 0
+    for chunk in env.from_string(tree).generate(context):
+        size += len(chunk)
+        if size > RENDERED_MAX_CHARS:
+            raise TemplateError(f"it renders to more than {RENDERED_MAX_CHARS} characters")
+        text.append(chunk)
+    return "".join(text)
+
+
+_NODE_WORDS = {"Call": "a call such as lookup(...) or range(...)", "Mul": "*", "Pow": "**", "Mod": "%",
+               "FloorDiv": "//", "Div": "/", "For": "a loop", "Assign": "{% set %}", "AssignBlock": "{% set %}",
+               "Macro": "a macro", "CallBlock": "{% call %}", "FilterBlock": "{% filter %}", "Include": "an include",
+               "Import": "an import", "FromImport": "an import", "Extends": "{% extends %}", "With": "{% with %}",
+               "NSRef": "a namespace", "Block": "a block"}
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware.gpu_table import GpuSpec, lookup_gpu
+from r1fleet.probe.text import probe_text
 from r1fleet.records import Gpu, UnifiedMemory, Vendor
 
 MIB = 1024 * 1024
@@ -49,7 +50,7 @@ def split_sections(text: str, host: str) -> dict[str, list[str]]:
     """The document's sections by name, each as its lines. Text before the first marker is ignored."""
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for raw in text.replace("\r\n", "\n").split("\n"):
+    for raw in probe_text(text).split("\n"):
         match = _SECTION.match(raw)
         if match:
             current = sections.setdefault(match.group(1), [])

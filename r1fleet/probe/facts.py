@@ -12,6 +12,7 @@ from pathlib import Path
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from r1fleet.errors import R1FleetError
+from r1fleet.probe.text import probe_text
 from r1fleet.records import DEFAULT_MODEL_DIR
 
 PROBE_SCRIPT = Path(__file__).with_name("probe.sh")
@@ -38,7 +39,7 @@ class R1Probe(FactBase[str]):
         return StringCommand("sh", "-c", QuoteString(probe_script()), "r1fleet-probe", QuoteString(model_dir))
 
     def process(self, output: list[str]) -> str:
-        return "\n".join(output) + "\n"
+        return probe_text("\n".join(output) + "\n")
 
 
 def probe_over_ssh(
@@ -61,7 +62,8 @@ def probe_over_ssh(
     ]
     try:
         result = subprocess.run(
-            command, input=probe_script(), capture_output=True, text=True, timeout=timeout_s, check=False,
+            command, input=probe_script(), capture_output=True, encoding="utf-8", errors="replace", timeout=timeout_s,
+            check=False,
         )
     except FileNotFoundError as exc:
         raise R1FleetError(f"cannot run {ssh!r}: {exc}", host=host_alias, field="ssh",
@@ -70,7 +72,7 @@ def probe_over_ssh(
         raise R1FleetError(f"the probe did not finish within {timeout_s} s", host=host_alias, field="ssh",
                            fix="check that the host is reachable and not hung (a stuck nvidia-smi?)") from exc
     if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        detail = (probe_text(result.stderr).strip().splitlines() or ["no error output"])[-1]
         raise R1FleetError(
             f"ssh failed with exit status {result.returncode}: {detail}", host=host_alias, field="ssh",
             fix=f"make `ssh -o BatchMode=yes {host_alias} true` work (host name, key, ~/.ssh/config)",
@@ -78,7 +80,7 @@ def probe_over_ssh(
     if "#### r1fleet:" not in result.stdout:
         raise R1FleetError("the host answered but printed no probe document", host=host_alias, field="probe",
                            fix="check that the remote login shell runs commands (`sh -s` must read stdin)")
-    return result.stdout
+    return probe_text(result.stdout)
 
 
 def _shell_quote(text: str) -> str:

@@ -79,7 +79,7 @@ def test_templates_render_without_running_lookups(tmp_path):
     with pytest.raises(FleetError) as error:
         load_fleet(str(pipe))
     assert not marker.exists()
-    assert "host h" in str(error.value) and "r1fleet_model" in str(error.value) and "'lookup' is undefined" in str(error.value)
+    assert "host h" in str(error.value) and "r1fleet_model" in str(error.value) and "a call such as lookup" in str(error.value)
     undefined = tmp_path / "undef.ini"
     undefined.write_text("[g]\nh ansible_host=\"{{ not_defined_anywhere }}\"\n")
     with pytest.raises(FleetError, match="host h: field ansible_host"):
@@ -87,3 +87,48 @@ def test_templates_render_without_running_lookups(tmp_path):
     named = tmp_path / "named.ini"
     named.write_text("[g]\nbox ansible_host=\"{{ inventory_hostname }}.lan\"\n")
     assert load_fleet(str(named)).hosts["box"].address == "box.lan"
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("'x' * 3000000000", "a Mul node (*)"),  # audit L4: a MemoryError, or 3 GB on a large controller
+    ("9 ** 9 ** 9", "a Pow node (**)"),
+    ("'%0999999999d' % 1", "a Mod node (%)"),
+    ("'x'.center(900000000)", "a call such as lookup"),
+    ("range(100000) | join", "is not rendered here"),
+    ("'x' | center(900000000)", "filter 'center' is not rendered here"),
+    ("'x' | replace('x', big)", "filter 'replace' is not rendered here"),
+    ("'{{' ~ ' 9 ** 9 }}'", "a Pow node (**)"),  # what it renders to is a template again: checked too
+    ("big ~ big", "big is longer than 65536 characters"),
+    ("'9' * 9 | int", "a Mul node"),
+])
+def test_a_template_cannot_grow_without_bound(tmp_path, template, reason):
+    """An inventory value renders to an address, a port or a path: a template that could grow to gigabytes is
+    refused before it runs, naming the host, the variable and why; never a MemoryError or a traceback."""
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"[g]\nh ansible_host=10.0.0.1 r1fleet_model_dir=\"{{{{ {template} }}}}\" big={'x' * 70000}\n")
+    with pytest.raises(FleetError) as refused:
+        load_fleet(str(inventory))
+    assert "host h: field r1fleet_model_dir: " in str(refused.value) and reason in str(refused.value)
+    assert len(str(refused.value)) < 1000
+
+
+def test_a_template_renders_within_its_bounds(tmp_path):
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[g]\nh ansible_host=10.0.0.1 base=/srv/models "
+                         "r1fleet_model_dir=\"{{ base ~ '/' ~ inventory_hostname | upper | default('x') }}\"\n")
+    assert load_fleet(str(inventory)).hosts["h"].model_dir == "/srv/models/H"
+    long = tmp_path / "long.ini"
+    terms = " ~ ".join(["inventory_hostname"] * 60)
+    long.write_text(f"[g]\nh ansible_host=10.0.0.1 r1fleet_model_dir=\"{{{{ {terms} }}}}\"\n")
+    with pytest.raises(FleetError, match=f"a template of {len(terms) + 6} characters; r1fleet renders at most 1024"):
+        load_fleet(str(long))
+
+
+@pytest.mark.parametrize("port", ["abc", "²", "9" * 5000, "22.5"])
+def test_an_ansible_port_that_is_no_number_is_named(tmp_path, port):
+    """INI values are strings: one that is not a port number is the schema's to refuse, naming host and field
+    (audit L4: `ansible_port=abc` was a ValueError traceback)."""
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"[g]\nh ansible_host=10.0.0.1 ansible_port={port}\n", encoding="utf-8")
+    with pytest.raises(FleetError, match="host h: field ssh_port: .*(integer|whole number)"):
+        load_fleet(str(inventory))

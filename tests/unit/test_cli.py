@@ -100,3 +100,17 @@ def test_a_probe_file_with_bytes_that_are_not_utf8_is_a_clear_error(tmp_path):
     probe.write_bytes(b"#### r1fleet:uname\nLinux 6.1 x86_64\n#### r1fleet:meminfo\nMemTotal: \xff\xfe 100 kB\n")
     out = r1fleet("plan", str(probe))
     assert out.returncode == 2 and "host odd: field meminfo" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_gpu_named_with_terminal_commands_reaches_the_terminal_as_text(tmp_path):
+    """A host's GPU name is its own to print (audit L4): escape sequences in it (retitle, clear the screen, ring
+    the bell) are dropped where the probe document is read, so `r1fleet plan` prints only text."""
+    hostile = "NVIDIA GeForce RTX 4090\x1b]0;owned\x07\x1b[2J\x9b31m"
+    text = (PROBES / "rtx4090.probe").read_text().replace("NVIDIA GeForce RTX 4090,", hostile + ",", 1)
+    assert hostile in text
+    (tmp_path / "odd.probe").write_text(text)
+    for args in (["plan"], ["plan", "--json"]):
+        out = r1fleet(*args, str(tmp_path / "odd.probe"))
+        assert out.returncode == 0, out.stderr
+        shown = out.stdout + out.stderr
+        assert not any(ch in shown for ch in "\x1b\x07\x9b") and "RTX 4090]0;owned[2J31m" in shown
