@@ -28,11 +28,11 @@ from r1fleet.operations.fact_batch import (
     service_reads,
 )
 from r1fleet.operations.host_progress import file_poll, file_size, watching
+from r1fleet.render.formats import unit_settings
 from r1fleet.render.systemd_unit import UNIT_DIR
 from r1fleet.operations.tcp_health import TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-JINJA = {"trim_blocks": True, "lstrip_blocks": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def unit_file(unit: str, context: dict) -> OperationMeta:
         user="root",
         group="root",
         mode="0644",
-        jinja_env_kwargs=dict(JINJA),
+        jinja_env_kwargs=unit_settings(),
         svc=context,
     )
 

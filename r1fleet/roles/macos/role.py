@@ -32,6 +32,7 @@ from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_envir
 from r1fleet.plan.memory import constants
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, wait_http
+from r1fleet.render.formats import plist_settings
 from r1fleet.roles.ollama.role import ollama_model
 from r1fleet.artifacts.pins import load_pins
 from r1fleet.roles.macos.decide import (
@@ -226,7 +227,8 @@ def _configure(plan: HostPlan, entry: HostConfig, hw: Hardware | None, binary: s
     plist = files.template(
         name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
         user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,
-        environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE, _sudo=True)
+        environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE,
+        jinja_env_kwargs=plist_settings(), _sudo=True)
     _wired_limit(plan, hw)
     return plist
 
@@ -254,7 +256,8 @@ def _load_after_every_start(plan: HostPlan, entry: HostConfig) -> None:
     plist = files.template(
         name="LaunchDaemon that keeps the planned model loaded", src=str(TEMPLATES / "com.r1fleet.ollama-load.plist.j2"),
         dest=LOAD_PLIST, user="root", group="wheel", mode="644", label=LOAD_LABEL, service_user=USER,
-        script=ollama_load_check(plan.ollama_tag or "", api), interval_s=LOAD_CHECK_INTERVAL_S, _sudo=True)
+        script=ollama_load_check(plan.ollama_tag or "", api), interval_s=LOAD_CHECK_INTERVAL_S,
+        jinja_env_kwargs=plist_settings(), _sudo=True)
     server.shell(name="(Re)load that LaunchDaemon",
                  commands=[f"launchctl bootout system/{LOAD_LABEL} 2>/dev/null || true",
                            f"launchctl bootstrap system {LOAD_PLIST}"],
@@ -273,7 +276,7 @@ def _wired_limit(plan: HostPlan, hw: Hardware | None) -> None:
     plist = files.template(
         name=f"GPU wired-memory limit {limit} MiB at boot", src=str(TEMPLATES / "com.r1fleet.iogpu-wired-limit.plist.j2"),
         dest=WIRED_PLIST, user="root", group="wheel", mode="644", label=WIRED_LABEL, wired_limit_mb=limit,
-        reserve_mb=total - limit, total_mb=total, _sudo=True)
+        reserve_mb=total - limit, total_mb=total, jinja_env_kwargs=plist_settings(), _sudo=True)
     server.shell(name=f"Apply iogpu.wired_limit_mb={limit} now",
                  commands=[f"launchctl bootout system/{WIRED_LABEL} 2>/dev/null || true",
                            f"launchctl bootstrap system {WIRED_PLIST}", f"sysctl iogpu.wired_limit_mb={limit}"],
