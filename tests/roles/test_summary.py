@@ -55,3 +55,20 @@ def test_the_one_seam_into_pyinfra_is_where_the_pinned_pyinfra_has_it(monkeypatc
     state = SimpleNamespace(get_op_meta=lambda op_hash: SimpleNamespace(names={"Ollama | System user ollama"}))
     assert pyinfra_operations._run_host_op(state, FakeHost("gone"), "h") is False
     assert summary._failures.pop("gone")[0] == "Ollama | System user ollama"
+
+
+def test_the_summary_ends_with_each_converged_hosts_endpoint():
+    from types import SimpleNamespace
+
+    from r1fleet.fleet.config import HostConfig
+    from r1fleet.records import HostPlan
+    from r1fleet.roles.exposure.endpoint import endpoint_of
+
+    plan = HostPlan(host="a", model="deepseek-r1-distill-qwen-14b", ollama_tag="deepseek-r1:14b", backend="ollama", fits=True)
+    for name in ("a", "b"):
+        summary.serves(endpoint_of(HostConfig(name=name, address="10.0.0.1"), plan.model_copy(update={"host": name})))
+    summary.serves(None)  # a pool worker: its head serves
+    state = SimpleNamespace(inventory=[FakeHost("b"), FakeHost("a")], failed_hosts={FakeHost("b")})
+    assert summary.endpoint_lines(state) == ["  a: http://127.0.0.1:11434/v1  model deepseek-r1:14b  on the host only; "
+                                             "from here: ssh -N -L 11434:127.0.0.1:11434 root@10.0.0.1"]
+    summary._endpoints.clear()

@@ -161,3 +161,40 @@ def test_mutated_ansible_inventories_load_or_say_what_is_wrong(tmp_path, seed):
             assert str(copy) in str(error), str(error)
             refusals.append(error)
     both_ways(refusals, 60)
+
+
+STATUS_DOCUMENTS = sorted((ROOT / "tests" / "fixtures" / "status").glob("*.txt"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_status_documents_give_a_status_never_a_traceback(seed):
+    """`r1fleet status` reads what a host printed: whatever it printed, each host gets a status (or the probe's
+    clear error), and the table and JSON are written."""
+    import json
+
+    from r1fleet.status.readings import parse_status
+    from r1fleet.status.report import host_status
+    from r1fleet.status.table import status_table
+
+    rnd = random.Random(seed)
+    problems = 0
+    for n in range(120):
+        text = mutate(rnd.choice(STATUS_DOCUMENTS).read_text(), rnd)
+        name = f"fuzz-{seed}-{n}"
+
+        def load(text=text, name=name):
+            live = parse_status(text, name)
+            try:
+                hardware = parse_probe(text, name)
+                plan = plan_host(hardware)
+            except R1FleetError:
+                hardware, plan = None, None
+            status = host_status(name, live, plan, hardware=hardware)
+            json.dumps(status.document())
+            status_table([status])
+            return live
+
+        error = outcome(load)
+        assert error is None or f"host {name}" in str(error), str(error)
+        problems += error is None and bool(parse_status(text, name).problems)
+    assert problems, "no mutation ever reached a status section's reader"
