@@ -128,6 +128,7 @@ HOSTILE_FIELDS = [
     ("listen", "lan"), ("allow", ["not-a-net"]), ("model", "no-such-model"), ("groups", "{"),
     ("model_dir", "/tmp/models"), ("model_dir", "/var/lib"), ("model_dir", "/home/me"), ("model_dir", "/srv/../etc"),
     ("model_dir", "relative/dir"), ("model_dir", "/srv/a b"), ("model_dir", "/srv/$(id)"), ("model_dir", "/srv"),
+    ("model_dir", "/opt/r1fleet/models"), ("model_dir", "/etc/r1fleet/models"),
     ("policy", {"min_context": "9" * 400}), ("policy", {"min_tokens_per_second": "inf"}), ("nonsense_field", 1),
 ]
 

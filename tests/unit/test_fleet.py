@@ -169,3 +169,23 @@ def test_probe_ssh_never_reads_the_destination_as_an_option(monkeypatch):
     facts.probe_over_ssh("gpu-box.lan", extra_args=("-l", "admin"))
     argv = seen["argv"]
     assert argv[argv.index("--") + 1] == "gpu-box.lan" and argv.index("-l") < argv.index("--")
+
+
+@pytest.mark.parametrize("value, wanted", [(True, True), ("true", True), ("Yes", True), ("1", True), (False, False),
+                                           ("false", False), ("no", False), (None, False)])
+def test_remove_models_is_a_plain_yes_or_no(value, wanted):
+    from r1fleet.fleet.config import HostConfig
+
+    data = {"r1fleet": {"address": "10.0.0.9"}, **({} if value is None else {"remove_models": value})}
+    assert HostConfig.from_host_data("box", data).remove_models is wanted
+
+
+@pytest.mark.parametrize("value", ["maybe", "ture", "", "2", 2, ["true"]])
+def test_a_remove_models_that_is_neither_is_refused_naming_host_field_and_fix(value):
+    """A typo never deletes the models, nor silently keeps what the user meant to free."""
+    from r1fleet.fleet.config import HostConfig
+
+    with pytest.raises(FleetError) as error:
+        HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.9"}, "remove_models": value})
+    assert "host box: field remove_models: " in str(error.value) and "is not true or false" in str(error.value)
+    assert "(fix: " in str(error.value)

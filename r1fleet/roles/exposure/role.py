@@ -97,12 +97,13 @@ def api_key(path: str = API_KEY_FILE):
 
 
 @operation()
-def remove_nft_table():
-    """Delete `table inet r1fleet` when present."""
-    if not host.get_fact(NftTable):
-        host.noop("no r1fleet nftables table")
+def remove_nft_table(table: str = "r1fleet"):
+    """Delete one of r1fleet's nftables tables (`table inet r1fleet` unless named) when present."""
+    # the default table is read without arguments, as exposure_reads prefetches it
+    if not host.get_fact(NftTable, **({} if table == "r1fleet" else {"table": table})):
+        host.noop(f"no {table} nftables table")
         return
-    yield "nft delete table inet r1fleet"
+    yield f"nft delete table inet {table}"
 
 
 @operation()

@@ -43,6 +43,7 @@ from r1fleet.roles.macos.decide import (
     LOAD_PLIST,
     LOG_FILE,
     PLIST,
+    REAL_NAME,
     RELEASE_ROOT,
     USER,
     WIRED_LABEL,
@@ -66,18 +67,19 @@ class DarwinUserExists(FactBase):
 
 @operation()
 def hidden_service_user(user: str, home: str):
-    """A hidden role account (UID 400-499, no shell, no login) with its own group, created once."""
+    """A hidden role account (UID 400-499, no shell, no login) with its own group, created once, both named
+    REAL_NAME (the mark a removal deletes them by)."""
     if host.get_fact(DarwinUserExists, user=user):
         host.noop(f"user {user} exists")
         return
-    u, h = shlex.quote(user), shlex.quote(home)
+    u, h, name = shlex.quote(user), shlex.quote(home), shlex.quote(REAL_NAME)
     yield StringCommand(
         "uid=$(for i in $(seq 401 499); do dscl . -list /Users UniqueID | awk '{print $2}' | grep -qx $i "
         "|| { dscl . -list /Groups PrimaryGroupID | awk '{print $2}' | grep -qx $i || { echo $i; break; }; }; done) && "
-        f"test -n \"$uid\" && dseditgroup -o create -i $uid -r 'r1fleet Ollama' {u} && "
+        f"test -n \"$uid\" && dseditgroup -o create -i $uid -r {name} {u} && "
         f"dscl . -create /Users/{u} && dscl . -create /Users/{u} UniqueID $uid && "
         f"dscl . -create /Users/{u} PrimaryGroupID $uid && dscl . -create /Users/{u} UserShell /usr/bin/false && "
-        f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName 'r1fleet Ollama' && "
+        f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName {name} && "
         f"dscl . -create /Users/{u} IsHidden 1 && dscl . -create /Users/{u} Password '*'")
 
 
@@ -213,6 +215,9 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
 
     hidden_service_user(name=f"Service user {USER}", user=USER, home=HOME, _sudo=True)
     models_dir = ollama_models_dir(entry)
+    # A removal that kept the models left them root's (roles/macos/remove.py): every file is the user's again
+    files.directory(name=f"Directory {models_dir}, kept models too, owned by {USER}", path=models_dir, user=USER,
+                    group=USER, recursive=True, _sudo=True)
     for path, owner, mode in ((HOME, USER, "750"), (entry.model_dir, "root", "755"), (models_dir, USER, "750"),
                               (str(Path(LOG_FILE).parent), USER, "750")):
         files.directory(name=f"Directory {path}", path=path, user=owner, group=owner if owner == USER else "wheel",
