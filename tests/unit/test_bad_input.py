@@ -117,7 +117,7 @@ def test_mutated_fleet_files_load_or_say_what_is_wrong(tmp_path, seed):
         if error is not None:
             assert str(path) in str(error), str(error)
             refusals.append(error)
-    both_ways(refusals, 100)
+    both_ways(refusals, 150)
 
 
 FLEET = ROOT / "inventory" / "fleet.example.yml"
