@@ -12,8 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from r1fleet.tensor_split import flag_for_layers
 
-# Where models live on a host unless the fleet file says otherwise (`model_dir`).
-DEFAULT_MODEL_DIR = "/var/lib/r1fleet/models"
+# r1fleet's own directories on a host: what it installs, its configuration, and what it keeps (its models, unless the fleet file
+# names another `model_dir`, and its own bookkeeping). A removal takes them away (r1fleet/deploy/remove.py).
+INSTALL_ROOT = "/opt/r1fleet"
+CONFIG_DIR = "/etc/r1fleet"
+STATE_DIR = "/var/lib/r1fleet"
+DEFAULT_MODEL_DIR = f"{STATE_DIR}/models"
 
 Vendor = Literal["nvidia", "amd", "intel", "apple"]
 GpuSource = Literal["nvidia-smi-query", "nvidia-smi", "lspci", "rocm-smi", "drm"]

@@ -11,9 +11,9 @@ from r1fleet.artifacts.ollama_release import OllamaRelease, ollama_release
 from r1fleet.errors import DeployError
 from r1fleet.artifacts.pins import OllamaBundlePins, Pins, Platform, load_pins
 from r1fleet.fleet.config import HostConfig
-from r1fleet.records import HostPlan
+from r1fleet.records import INSTALL_ROOT, HostPlan
 
-LLAMA_ROOT = "/opt/r1fleet/llama.cpp"
+LLAMA_ROOT = f"{INSTALL_ROOT}/llama.cpp"
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from r1fleet.errors import DeployError
 from r1fleet.artifacts.pins import Download, Pins, Platform, load_pins
 from r1fleet.fleet.config import OllamaReleaseOverride
-from r1fleet.records import HostPlan
+from r1fleet.records import INSTALL_ROOT, HostPlan
 
-OLLAMA_ROOT = "/opt/r1fleet/ollama"
+OLLAMA_ROOT = f"{INSTALL_ROOT}/ollama"
 
 
 @dataclass(frozen=True)

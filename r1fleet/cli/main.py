@@ -1,4 +1,4 @@
-"""The `r1fleet` command: plan, probe, validate, schema, lab, verify.
+"""The `r1fleet` command: plan, probe, validate, schema, lab, verify, status, endpoints.
 
 Every user error is printed as one clear message (host, field, fix) with exit status 2; no tracebacks.
 """
@@ -15,7 +15,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.records import HostPlan, PoolPlan
 from r1fleet.plan.policy import Policy
 from r1fleet.fleet.file import json_schema
-from r1fleet.cli import cache as cache_commands, lock as lock_commands, verify as verify_commands
+from r1fleet.cli import cache as cache_commands, lock as lock_commands, status as status_commands, verify as verify_commands
 from r1fleet.cli.probing import fleet_probes, ssh_options
 from r1fleet.fleet import plugins
 from r1fleet.cli.lock import cmd_plan_diff
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_plan_args, _probe_args, _validate_args, _schema_args):
         add(sub)
-    for register in (verify_commands.register, lock_commands.register, cache_commands.register):
+    for register in (verify_commands.register, status_commands.register, lock_commands.register, cache_commands.register):
         register(sub)
     for plugin in plugins.plugins():
         plugin.register(sub)

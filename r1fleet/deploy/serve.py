@@ -27,6 +27,7 @@ from r1fleet.plan.pools import pool_heading
 from r1fleet.probe.facts import R1Probe
 from r1fleet.records import Hardware
 from r1fleet.roles.exposure.decide import exposure_for
+from r1fleet.roles.exposure.endpoint import endpoint_of
 from r1fleet.roles.exposure.role import ExposureRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.llama_cpp.role import LlamaCppRole
@@ -56,6 +57,8 @@ def serve_r1() -> None:
         remember(hardware)
         ctx = host_context(settings, hardware)
         roles = [role.prepare(ctx) for role in ROLES[kind_of(ctx)]]
+        pool = ctx.served.pool.pool if ctx.served.pool is not None else None
+        summary.serves(endpoint_of(settings, ctx.plan, ctx.served.role, pool))
 
     if summary.ok(host):
         # A host's odd answer that still trips something while its operations are prepared fails it alone.

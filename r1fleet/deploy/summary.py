@@ -1,8 +1,9 @@
-"""The end-of-run summary: which host failed, at which step, and why.
+"""The end-of-run summary: which host failed, at which step, and why; then where each converged host serves.
 
 pyinfra keeps going when one host fails (unreachable, a command error); it does not say at the
 end which host failed where. deploy.py installs this once per run: a state callback records
-failed operations, deploy.py records planning failures, and an exit hook prints the summary.
+failed operations, deploy.py records planning failures and each host's endpoint, and an exit hook
+prints the summary, ending with each converged host's endpoint and model name.
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ from pyinfra.api import operations as pyinfra_operations
 from pyinfra.api.state import BaseStateCallback, State, StateStage
 
 from r1fleet.errors import R1FleetError
+from r1fleet.roles.exposure.endpoint import Endpoint
 
 _failures: dict[str, tuple[str, str]] = {}
+_endpoints: dict[str, Endpoint] = {}
 _installed: list[State] = []
 
 
 def record(host_name: str, step: str, why: str) -> None:
     _failures.setdefault(host_name, (step, why))
+
+
+def serves(endpoint: Endpoint | None) -> None:
+    """Where the host serves once it converges (None: a pool worker, which serves its head)."""
+    if endpoint is not None:
+        _endpoints[endpoint.host] = endpoint
 
 
 class _Recorder(BaseStateCallback):
@@ -56,6 +65,13 @@ def lines(state: State) -> list[str]:
     return out
 
 
+def endpoint_lines(state: State) -> list[str]:
+    """Each converged host's endpoint and model name, in inventory order."""
+    failed = {h.name for h in state.failed_hosts} | set(_failures)
+    order = [h.name for h in state.inventory]
+    return [f"  {_endpoints[name].describe()}" for name in order if name in _endpoints and name not in failed]
+
+
 def _print(state: State) -> None:
     failed = lines(state)
     total = len(state.activated_hosts) or len(list(state.inventory))  # --limit narrows the run
@@ -64,6 +80,11 @@ def _print(state: State) -> None:
         print("\n".join(failed), file=sys.stderr)
     elif state.current_stage >= StateStage.Execute:
         print(f"\nr1fleet: all {total} host(s) converged", file=sys.stderr)
+    served = endpoint_lines(state) if state.current_stage >= StateStage.Execute else []
+    if served:
+        print("r1fleet: endpoints (`r1fleet endpoints --format openwebui|litellm|env` writes them for your tools):",
+              file=sys.stderr)
+        print("\n".join(served), file=sys.stderr)
 
 
 def _contain_host_crashes() -> None:

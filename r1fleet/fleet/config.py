@@ -18,21 +18,24 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from r1fleet.errors import FleetError
-from r1fleet.records import DEFAULT_MODEL_DIR, Backend
+from r1fleet.records import CONFIG_DIR, DEFAULT_MODEL_DIR, INSTALL_ROOT, Backend
 from r1fleet.net import host_port, is_loopback
 from r1fleet.plan.policy import Policy, known_model
 
 DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 # The llama-server API key of an exposed host: generated on the host, root-only, handed to the
 # service as a systemd credential so it is never in argv, the unit or a log.
-API_KEY_FILE = "/etc/r1fleet/api-key"
+API_KEY_FILE = f"{CONFIG_DIR}/api-key"
 API_KEY_MAX_BYTES = 4096
 API_KEY_MIN_CHARS = 32
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
-HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models")
+HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models",
+                       "remove_models")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
-SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", "/opt/r1fleet",
-               "/etc/r1fleet", "/srv/tmp", "/dev/shm", "/run/user"}
+SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", INSTALL_ROOT,
+               CONFIG_DIR, "/srv/tmp", "/dev/shm", "/run/user"}
+# Directories r1fleet replaces as a whole (an upgrade prunes releases, a removal deletes them): no model_dir inside.
+REPLACED_DIRS = (INSTALL_ROOT, CONFIG_DIR)
 # A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
 DNS_NAME_PATTERN = r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 
@@ -287,6 +290,10 @@ class HostSettings(BaseModel):
             if dotted or top_level or temporary_or_home or "/" + "/".join(parts) in SYSTEM_DIRS:
                 raise ValueError(f"{value!r} is a system, home or temporary directory r1fleet would take over; "
                                  "give a directory of its own, e.g. /var/lib/r1fleet/models or /srv/models/r1fleet")
+            inside = next((d for d in REPLACED_DIRS if value.startswith(d + "/")), None)
+            if inside:
+                raise ValueError(f"{value!r} is inside {inside}, which r1fleet replaces as a whole (an upgrade or a "
+                                 "removal would delete the models); give a directory of its own, e.g. /var/lib/r1fleet/models")
         return value
 
     @field_validator("allow")
@@ -339,6 +346,20 @@ class HostConfig(BaseModel):
     llama_cpp_install: Literal["auto", "package", "source"] = "auto"
     ollama_release: OllamaReleaseOverride | None = None
     official_ollama_models: Literal["keep", "remove"] = "keep"  # an official Ollama install's models on takeover
+    remove_models: bool = False  # a removal (deploy/remove.py) deletes the models too
+
+    @field_validator("remove_models", mode="before")
+    @classmethod
+    def _remove_models_is_yes_or_no(cls, value: Any) -> Any:
+        # `--data remove_models=...` arrives as text: anything but a plain yes or no is refused, never guessed
+        # (a typo must not delete 43 GB, nor silently keep what the user meant to free).
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in words:
+            return words[value.strip().lower()]
+        raise ValueError(f"{value!r} is not true or false; write remove_models=true to delete the models, "
+                         "or leave it out to keep them")
 
     @model_validator(mode="before")
     @classmethod

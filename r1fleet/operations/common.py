@@ -28,11 +28,11 @@ from r1fleet.operations.fact_batch import (
     service_reads,
 )
 from r1fleet.operations.host_progress import file_poll, file_size, watching
+from r1fleet.render.formats import unit_settings
 from r1fleet.render.systemd_unit import UNIT_DIR
 from r1fleet.operations.tcp_health import TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-JINJA = {"trim_blocks": True, "lstrip_blocks": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def wait_http(url: str, timeout_s: int = 120, what: str = "service"):
 
 
 class SystemAccount(FactBase):
-    """One account as `service_user` manages it: {"home", "shell", "group", "groups"}; {} when absent.
+    """One account as `service_user` manages it: {"comment", "home", "shell", "group", "groups"}; {} when absent.
     (pyinfra's Users fact reads every account on the host, with several commands each: ~0.2 s a run.)"""
 
     default = dict
@@ -300,26 +300,31 @@ class SystemAccount(FactBase):
         fields = found.get("passwd", "").split(":")
         if len(fields) < 7:
             return {}
-        return {"home": fields[5], "shell": fields[6], "group": found.get("group", "").strip(),
+        return {"comment": fields[4], "home": fields[5], "shell": fields[6], "group": found.get("group", "").strip(),
                 "groups": sorted(set(found.get("groups", "").split()) - {found.get("group", "").strip()})}
+
+
+SERVICE_SHELL = "/usr/sbin/nologin"
+# The GECOS comment of every account r1fleet makes or takes over (an install.sh `ollama`): the mark a removal
+# deletes an account by (r1fleet/operations/removal.py), so an account of the same name that r1fleet never
+# managed stays.
+SERVICE_COMMENT = "r1fleet service account"
 
 
 def account_in_place(account: dict, name: str, home: str, shell: str, extra_groups: list[str]) -> bool:
     """Whether `server.group` + `server.user` would change nothing (then they are not called at all).
 
-    >>> account_in_place({"home": "/var/lib/x", "shell": "/usr/sbin/nologin", "group": "x", "groups": ["video"]},
-    ...                  "x", "/var/lib/x", "/usr/sbin/nologin", ["video"])
+    >>> account_in_place({"comment": "r1fleet service account", "home": "/var/lib/x", "shell": "/usr/sbin/nologin",
+    ...                   "group": "x", "groups": ["video"]}, "x", "/var/lib/x", "/usr/sbin/nologin", ["video"])
     True
     """
-    return (bool(account) and account["home"] == home and account["shell"] == shell and account["group"] == name
+    return (bool(account) and account.get("comment") == SERVICE_COMMENT and account["home"] == home
+            and account["shell"] == shell and account["group"] == name
             and (not extra_groups or account["groups"] == sorted(extra_groups)))
 
 
-SERVICE_SHELL = "/usr/sbin/nologin"
-
-
 def service_user(name: str, home: str, gpu: bool) -> None:
-    """A system user with no login, in render/video when the host has those groups."""
+    """A system user with no login, marked as r1fleet's, in render/video when the host has those groups."""
     existing = host.get_fact(Groups) or []  # None when the host went away mid-run
     extra = [g for g in ("render", "video") if gpu and g in existing]
     if not account_in_place(host.get_fact(SystemAccount, account=name), name, home, SERVICE_SHELL, extra):
@@ -336,6 +341,7 @@ def _create_service_user(name: str, home: str, extra: list[str]) -> None:
         groups=extra or None,
         home=home,
         shell=SERVICE_SHELL,
+        comment=SERVICE_COMMENT,
         system=True,
         create_home=False,
     )
@@ -353,7 +359,7 @@ def unit_file(unit: str, context: dict) -> OperationMeta:
         user="root",
         group="root",
         mode="0644",
-        jinja_env_kwargs=dict(JINJA),
+        jinja_env_kwargs=unit_settings(),
         svc=context,
     )
 

@@ -1,4 +1,5 @@
-"""r1fleet's systemd units: the template's variables, escaped as systemd reads them, and the devices a plan needs."""
+"""r1fleet's systemd units: the template's variables, escaped as systemd reads them, and the devices a plan needs.
+Every other value of the template is escaped on its way in (r1fleet/render/formats.py `unit_text`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from r1fleet.fleet.config import HostConfig
 from r1fleet.plan.memory import constants
 from r1fleet.records import HostPlan
+from r1fleet.render.formats import UnitText
 
 UNIT_DIR = "/etc/systemd/system"
 OLLAMA_UNIT = "r1fleet-ollama.service"
@@ -42,6 +44,11 @@ class UnitSpecifier(str):
     """A word r1fleet writes with a systemd specifier on purpose (`%d/api-key`): kept as it is in a unit."""
 
 
+def command_line(words: list[str]) -> UnitText:
+    """An Exec*= command line, word by word as systemd reads it back (empty when there are no words)."""
+    return UnitText(" ".join(systemd_word(word) for word in words))
+
+
 def systemd_word(value: str) -> str:
     """One ExecStart= word as systemd reads it back as `value` (systemd.service "Command lines",
     systemd.unit "Specifiers"): `%` is a specifier and `$` a variable unless doubled, and quotes,
@@ -57,10 +64,10 @@ def systemd_word(value: str) -> str:
     return value if plain else f'"{escaped}"'
 
 
-def environment_assignment(key: str, value: str) -> str:
+def environment_assignment(key: str, value: str) -> UnitText:
     """The text between the quotes of `Environment="KEY=VALUE"` that systemd reads back as exactly that
     one assignment (a `"` in a value would otherwise end it and start another, audit L3)."""
-    return f"{key}={_quoted_text(value)}"
+    return UnitText(f"{key}={_quoted_text(value)}")
 
 
 def _quoted_text(value: str) -> str:
@@ -97,9 +104,9 @@ def unit_context(
     return {
         "description": description,
         "user": user,
-        "exec_start": " ".join(systemd_word(word) for word in exec_start),
-        "exec_start_post": " ".join(systemd_word(word) for word in exec_start_post),
-        "exec_start_pre": " ".join(systemd_word(word) for word in exec_start_pre),
+        "exec_start": command_line(exec_start),
+        "exec_start_post": command_line(exec_start_post),
+        "exec_start_pre": command_line(exec_start_pre),
         "requires": list(requires),
         "timeout_start_s": timeout_start_s,
         "environment": [environment_assignment(key, value) for key, value in sorted(environment.items())],

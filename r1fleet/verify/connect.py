@@ -3,12 +3,15 @@ testinfra's Ansible backend), probe over that connection -> parse_probe -> what 
 Hosts are prepared in parallel, each within a deadline, so a dead host fails fast.
 
 Nothing here is pytest's: the suite (r1fleet/verify/suite/conftest.py) turns its options into
-`ConnectOptions` and hands over the `Target`s (r1fleet/verify/target.py) it selected.
+`ConnectOptions` and hands over the `Target`s (r1fleet/verify/target.py) it selected. `r1fleet status` and
+`r1fleet endpoints` reach and plan hosts with the same functions (r1fleet/status/collect.py), the status script
+riding on the probe's round trip.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -16,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import testinfra
 
@@ -77,32 +80,56 @@ def connect(entry: HostConfig, options: ConnectOptions) -> Any:
     return testinfra.get_host(f"ssh://{entry.ssh_user}@{where}", **kwargs)
 
 
-def connect_and_probe(target: Target, options: ConnectOptions) -> None:
-    """Connect and probe (as the deploy does). Records an error on the target instead of raising."""
+def ssh_failure(where: str, err: BaseException | str) -> str:
+    """Why a host cannot be reached, in one line and the reason first:
+    `timed out connecting over SSH to root@10.0.0.9:22 (fix: ...)`."""
+    inner = getattr(err, "errors", None)  # paramiko's NoValidConnectionsError: the socket's own error per address
+    if isinstance(inner, dict) and inner:
+        err = next(iter(inner.values()))
+    if isinstance(err, str):
+        reason, network = err, True
+    else:
+        reason = re.sub(r"^\[Errno [^\]]*\]\s*", "", str(err).strip()) or type(err).__name__
+        network = isinstance(err, (OSError, EOFError))
+        if not network:  # paramiko's SSHException family and testinfra's RuntimeError: the kind says what failed
+            reason = f"{type(err).__name__}: {reason}"
+    fix = "check that the host is up, its address, and that sshd runs" if network else "check the address, user and key"
+    return f"{reason} connecting over SSH to {where} (fix: {fix})"
+
+
+def connect_and_probe(target: Target, options: ConnectOptions, then: str = "") -> None:
+    """Connect and probe (as the deploy does), then run `then` in the same round trip (`r1fleet status` reads its
+    service there). The whole output is kept as `target.cache["document"]`. Records an error on the target instead
+    of raising."""
     entry = target.entry
-    where = f"{entry.ssh_user}@{entry.address}:{entry.ssh_port}"
+    where = f"{entry.ssh_user}@{host_port(entry.address, entry.ssh_port)}"
+    command = f"sh -c {shlex.quote(probe_script())} r1fleet-probe {shlex.quote(entry.model_dir)}"
     try:
         target.host = connect(entry, options)
-        result = target.run(f"sh -c {shlex.quote(probe_script())} r1fleet-probe {shlex.quote(entry.model_dir)}", PROBE_TIMEOUT_S)
-    except (OSError, EOFError) as err:
-        target.error = f"cannot connect over SSH to {where}: {err or type(err).__name__} (fix: check the address, key and that sshd runs)"
+        result = target.run(f"{command}; {then}" if then else command, PROBE_TIMEOUT_S)
+    except Exception as err:  # OSError (refused, timed out), EOFError, paramiko's SSHException, testinfra's RuntimeError
+        target.error = ssh_failure(where, err)
         return
-    except Exception as err:  # paramiko's SSHException family and testinfra's RuntimeError
-        target.error = f"cannot connect over SSH to {where}: {type(err).__name__}: {err} (fix: check the address, user and key)"
+    if result.rc == 255:  # the system ssh client's own failure (the ssh:// backend)
+        lines = result.stderr.strip().splitlines()
+        target.error = ssh_failure(where, lines[-1] if lines else "ssh failed (exit 255)")
         return
     if result.rc != 0 or "#### r1fleet:" not in result.stdout:
         target.error = f"the probe failed on {where} (exit {result.rc}): {result.stderr.strip()[-300:] or 'no probe document'}"
         return
+    target.cache["document"] = result.stdout
     try:
         target.hardware = parse_probe(result.stdout, entry.name)
     except R1FleetError as err:
         target.error = f"cannot plan: {err}"
 
 
-def connect_and_probe_all(targets: dict[str, Target], options: ConnectOptions) -> None:
-    """`connect_and_probe` every target in parallel; a host still connecting or probing at the deadline is
-    recorded as hung."""
-    threads = {name: threading.Thread(target=connect_and_probe, args=(t, options), daemon=True) for name, t in targets.items()}
+def connect_and_probe_all(targets: dict[str, Target], options: ConnectOptions,
+                          then: Callable[[HostConfig], str] | None = None) -> None:
+    """`connect_and_probe` every target in parallel (with `then(entry)` after each probe); a host still connecting
+    or probing at the deadline is recorded as hung."""
+    threads = {name: threading.Thread(target=connect_and_probe, args=(t, options, then(t.entry) if then else ""),
+                                      daemon=True) for name, t in targets.items()}
     for thread in threads.values():
         thread.start()
     deadline = time.monotonic() + PROBE_TIMEOUT_S + options.ssh_timeout * 4 + 10
@@ -125,7 +152,7 @@ def plan_targets(pools: dict, targets: dict[str, Target], options: ConnectOption
         if isinstance(answer, R1FleetError):
             target.error = f"cannot plan: {answer}"
             continue
-        target.plan = answer.plan
+        target.plan, target.locked = answer.plan, answer.locked
         if answer.role != "alone":
             target.pool, target.pool_role = answer.pool, answer.role
         elif not answer.plan.fits or not answer.plan.backend:

@@ -73,6 +73,7 @@ class Target:
     hardware: Any = None  # r1fleet.records.Hardware from the probe
     pool: Any = None  # r1fleet.records.PoolPlan when the host serves in a pooled pool
     pool_role: str | None = None  # "head" (llama-server over the pool) or "worker" (rpc-server, no API)
+    locked: bool = False  # the plan (or its pool's) comes from the fleet lock
 
     @property
     def worker(self) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from r1fleet.roles.exposure import role as exposure
+from r1fleet.roles.exposure.decide import UFW_REMOVE_OURS
 
 SETTINGS = exposure.Exposure("10.0.0.5", 11434, ("10.0.0.0/24", "192.168.7.7/32"), ("fd00::/8",))
 LISTEN_V6 = exposure.Exposure("::", 11434, ("10.0.0.0/24",), ("fd00::/8",))
@@ -74,3 +75,26 @@ def test_rules_apply_to_an_empty_ruleset_and_keep_ipv6_apart():
     assert state(outputs, "1") == {"count": 3, "first": True}, outputs["1"]
     numbered = outputs["2"]
     assert "fd00::/8" in numbered and "(v6)" in numbered
+
+
+def test_a_removal_takes_r1fleet_s_rules_back_active_or_not_and_keeps_the_host_s_own():
+    """The removal's ufw step (roles/exposure/remove.py) against the real ufw: ufw lists no rule while it is off,
+    so the rules are read from `ufw show added`, and only those marked r1fleet go."""
+    fact_command = exposure.UfwRules().command()
+    outputs = run_in_namespace([
+        "ufw allow 22 >/dev/null; ufw allow from 10.0.0.0/8 to any port 8080 >/dev/null",   # the host's own rules
+        apply(SETTINGS),
+        fact_command,
+        UFW_REMOVE_OURS,
+        "LC_ALL=C ufw show added",
+        apply(LISTEN_V6),
+        "ufw --force disable >/dev/null",
+        UFW_REMOVE_OURS,
+        "LC_ALL=C ufw show added",
+        fact_command,
+    ])
+    assert state(outputs, "2")["count"] == 3, outputs["2"]
+    for label in ("4", "8"):
+        added = [line for line in outputs[label].splitlines() if line.startswith("ufw ")]
+        assert added == ["ufw allow 22", "ufw allow from 10.0.0.0/8 to any port 8080"], outputs[label]
+    assert state(outputs, "9")["count"] == 0

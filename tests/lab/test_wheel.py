@@ -83,3 +83,7 @@ def test_a_users_own_deploy_file_deploys_a_lab_host(installed: Path):
                  "--limit", HOST], installed, R1FLEET_FLEET="lab")
     assert "all 1 host(s) converged" in again.stderr, again.stderr[-2000:]
     assert changed_count(again.stdout + again.stderr) == 0, again.stdout[-3000:]  # the host deployed above: no change
+    # the removal from the package alone too, dry: what it would stop and remove on the host, changing nothing
+    dry = run([str(bin_dir / "pyinfra"), "--dry", "r1fleet.deploy.inventory:fleet", "r1fleet.deploy.remove.remove_r1",
+               "--limit", HOST], installed, R1FLEET_FLEET="lab")
+    assert "Remove Ollama | Stop r1fleet-ollama.service" in dry.stdout + dry.stderr, dry.stdout[-3000:]

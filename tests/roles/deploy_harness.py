@@ -52,6 +52,7 @@ class Run:
     failed: bool
     by_op: list[tuple[str, str]]   # (operation name, command) for each command an operation ran, in order
     stdin: dict[str, str]   # command -> what pyinfra wrote to its stdin (`_stdin`), for the commands given one
+    sudo: set[str]   # the operations that ran a command through sudo
 
     def op(self, name: str) -> str:
         """The one prepared operation called `name` (its full name, or a part that names only one)."""
@@ -96,10 +97,11 @@ class Run:
         return matches[0]
 
 
-def record_commands(monkeypatch, state_box: list) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """Make @fake's run_shell_command also note which operation (by name) ran each command, and what it was
-    given on stdin."""
+def record_commands(monkeypatch, state_box: list) -> tuple[list[tuple[str, str]], set[str], dict[str, str]]:
+    """Make @fake's run_shell_command also note which operation (by name) ran each command, which ran one
+    through sudo, and what each was given on stdin."""
     by_op: list[tuple[str, str]] = []
+    sudo: set[str] = set()
     stdin: dict[str, str] = {}
     original = _RUN_SHELL_COMMAND  # @fake's own, not a wrapper an earlier run in the same test installed
 
@@ -108,13 +110,15 @@ def record_commands(monkeypatch, state_box: list) -> tuple[list[tuple[str, str]]
         text = command if isinstance(command, str) else command.get_masked_value()
         if op_hash is not None and state_box:
             by_op.append((op_name(state_box[0], op_hash), text))
+            if kwargs.get("_sudo"):
+                sudo.add(op_name(state_box[0], op_hash))
         if kwargs.get("_stdin") is not None:
             given = kwargs["_stdin"]
             stdin[text] = given if isinstance(given, str) else "".join(given)
         return original(self, command, *args, **kwargs)
 
     monkeypatch.setattr(FakeConnector, "run_shell_command", run_and_note)
-    return by_op, stdin
+    return by_op, sudo, stdin
 
 
 def record_uploads(monkeypatch) -> dict[str, str]:
@@ -161,14 +165,17 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     """
     uploads = record_uploads(monkeypatch)
     state_box: list[State] = []
-    by_op, stdin = record_commands(monkeypatch, state_box)
+    by_op, sudo, stdin = record_commands(monkeypatch, state_box)
     host_data = {"fake_responses": fake_responses(responses, base_responses), **(data or {})}
     inventory = Inventory(([(HOST, host_data)], {"fake_delay": 0, "fake_delay_jitter": 0}))
     state = State(inventory=inventory, config=Config(**(config or {})))
     state_box.append(state)
     state.cwd = str(ROOT)
     connect_all(state)
-    add_deploy(state, role, *args)
+    try:
+        add_deploy(state, role, *args)
+    except PyinfraError:
+        pass  # the host failed while its operations were prepared (a refusal before any change); `failed` says so
     host = inventory.get_host(HOST)
     order = state.get_op_order()
     op_names = [op_name(state, h) for h in order]
@@ -181,7 +188,7 @@ def run_role(role: Callable[..., Any], *args: Any, responses: dict | None = None
     changed = [op_name(state, h) for h in order
                if h in ops and ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()]
     return Run(commands=list(host.connector.executed_commands), uploads=uploads, op_names=op_names,
-               changed=changed, failed=host in state.failed_hosts, by_op=by_op, stdin=stdin)
+               changed=changed, failed=host in state.failed_hosts, by_op=by_op, sudo=sudo, stdin=stdin)
 
 
 # ---------------------------------------------------------------- one role on its own

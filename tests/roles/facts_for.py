@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from r1fleet.operations.common import SERVICE_COMMENT
+
 STAT = "stat -c 'user=%U group=%G mode=%A atime=%X mtime=%Y ctime=%Z size=%s %N' "
 
 
@@ -38,10 +40,12 @@ def running(unit: str) -> dict[str, list[str]]:
     }
 
 
-def users(*entries: tuple[str, str, str, list[str]]) -> dict:
-    """Answer pyinfra's Users fact: (name, home, shell, groups)."""
-    lines = [f"{name}:x:999:999::{home}:{shell}|{name}|{' '.join([name, *groups])}||" for name, home, shell, groups in entries]
-    accounts = {f"getent passwd {name})": [f"passwd {name}:x:999:999::{home}:{shell}", f"group {name}",
+def users(*entries: tuple[str, str, str, list[str]], comment: str = SERVICE_COMMENT) -> dict:
+    """Answer pyinfra's Users fact and r1fleet's SystemAccount: (name, home, shell, groups), each account marked with
+    `comment` (r1fleet's mark unless the test says otherwise)."""
+    lines = [f"{name}:x:999:999:{comment}:{home}:{shell}|{name}|{' '.join([name, *groups])}||"
+             for name, home, shell, groups in entries]
+    accounts = {f"getent passwd {name})": [f"passwd {name}:x:999:999:{comment}:{home}:{shell}", f"group {name}",
                                            f"groups {' '.join([name, *groups])}"]
                 for name, home, shell, groups in entries}
     return {"for i in `cat /etc/passwd": lines, **accounts}

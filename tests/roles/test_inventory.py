@@ -43,3 +43,18 @@ def test_valid_fleet_becomes_groups_with_host_data(tmp_path, inventory):
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr  # pyinfra logs to stderr
     assert "gpu-1" in output and "attic" in output and "203.0.113.7" in output
+
+
+
+@pytest.mark.parametrize("job, missing", [("deploy/remove.py", "deploy/no-such-job.py"),
+                                          ("r1fleet.deploy.remove.remove_r1", "r1fleet.deploy.remove.no_such_job"),
+                                          ("r1fleet.deploy.remove:remove_r1", "r1fleet.deploy.remove:no_such_job")])
+def test_pyinfra_takes_the_removal_as_a_file_or_from_the_installed_package(tmp_path, job, missing):
+    """pyinfra resolves the job before it reads the inventory: one it cannot find stops the run with pyinfra's own
+    error first, so reaching the fleet file's validation proves the name resolved."""
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text("hosts:\n  gpu-1: {address: 203.0.113.7, port: 99999}\n")
+    found = run_pyinfra(fleet, "-y", "r1fleet.deploy.inventory:fleet", job)
+    assert "the fleet file is invalid" in found.stdout + found.stderr and "Connecting" not in found.stdout
+    unknown = run_pyinfra(fleet, "-y", "r1fleet.deploy.inventory:fleet", missing)
+    assert unknown.returncode != 0 and "the fleet file is invalid" not in unknown.stdout + unknown.stderr

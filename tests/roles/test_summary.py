@@ -112,3 +112,20 @@ def test_an_ollama_that_answers_json_nested_without_end_is_no_answer(monkeypatch
     failed, prepared = deploy_two(monkeypatch, {"/api/tags": "[" * 100_000 + "]" * 100_000})
     assert failed == set() and prepared == {"@fake/odd", "@fake/fine"}
     summary._failures.clear()
+
+
+def test_the_summary_ends_with_each_converged_hosts_endpoint():
+    from types import SimpleNamespace
+
+    from r1fleet.fleet.config import HostConfig
+    from r1fleet.records import HostPlan
+    from r1fleet.roles.exposure.endpoint import endpoint_of
+
+    plan = HostPlan(host="a", model="deepseek-r1-distill-qwen-14b", ollama_tag="deepseek-r1:14b", backend="ollama", fits=True)
+    for name in ("a", "b"):
+        summary.serves(endpoint_of(HostConfig(name=name, address="10.0.0.1"), plan.model_copy(update={"host": name})))
+    summary.serves(None)  # a pool worker: its head serves
+    state = SimpleNamespace(inventory=[FakeHost("b"), FakeHost("a")], failed_hosts={FakeHost("b")})
+    assert summary.endpoint_lines(state) == ["  a: http://127.0.0.1:11434/v1  model deepseek-r1:14b  on the host only; "
+                                             "from here: ssh -N -L 11434:127.0.0.1:11434 root@10.0.0.1"]
+    summary._endpoints.clear()

@@ -1,4 +1,5 @@
-"""Any input gives a plan or a clear error, never a traceback: seeded fuzzing of probe documents and fleet files.
+"""Any input gives a plan or a clear error, never a traceback: seeded fuzzing of probe documents, fleet files,
+Ansible inventories, status answers and locks.
 
 Each document is a real one (the shipped probes, the example fleet) with a few lines mutated: values replaced
 by infinities, 400-digit numbers, Unicode digits, JSON of the wrong shape or depth; lines deleted, repeated,
@@ -19,7 +20,11 @@ from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
+from r1fleet.lock.file import Lock, lock_text, read_lock
+from r1fleet.lock.match import lock_entry
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.planner import plan_host
+from r1fleet.plan.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBES = sorted((ROOT / "tests" / "fixtures" / "probes").glob("*.probe")) + sorted((ROOT / "tests" / "fixtures" / "device").glob("*.probe"))
@@ -84,7 +89,7 @@ def test_mutated_probes_give_a_plan_or_a_clear_error(seed):
         if error is not None:
             assert f"host fuzz-{seed}-{n}: field " in str(error), str(error)
             refusals.append(error)
-    both_ways(refusals, 150)
+    both_ways(refusals, 100)
 
 
 PROBE = ROOT / "tests" / "fixtures" / "probes" / "dual-rtx3090.probe"
@@ -123,6 +128,7 @@ HOSTILE_FIELDS = [
     ("listen", "lan"), ("allow", ["not-a-net"]), ("model", "no-such-model"), ("groups", "{"),
     ("model_dir", "/tmp/models"), ("model_dir", "/var/lib"), ("model_dir", "/home/me"), ("model_dir", "/srv/../etc"),
     ("model_dir", "relative/dir"), ("model_dir", "/srv/a b"), ("model_dir", "/srv/$(id)"), ("model_dir", "/srv"),
+    ("model_dir", "/opt/r1fleet/models"), ("model_dir", "/etc/r1fleet/models"),
     ("policy", {"min_context": "9" * 400}), ("policy", {"min_tokens_per_second": "inf"}), ("nonsense_field", 1),
 ]
 
@@ -161,3 +167,70 @@ def test_mutated_ansible_inventories_load_or_say_what_is_wrong(tmp_path, seed):
             assert str(copy) in str(error), str(error)
             refusals.append(error)
     both_ways(refusals, 60)
+
+
+STATUS_DOCUMENTS = sorted((ROOT / "tests" / "fixtures" / "status").glob("*.txt"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_status_documents_give_a_status_never_a_traceback(seed):
+    """`r1fleet status` reads what a host printed: whatever it printed, each host gets a status (or the probe's
+    clear error), and the table and JSON are written."""
+    import json
+
+    from r1fleet.status.readings import parse_status
+    from r1fleet.status.report import host_status
+    from r1fleet.status.table import status_table
+
+    rnd = random.Random(seed)
+    problems = 0
+    for n in range(120):
+        text = mutate(rnd.choice(STATUS_DOCUMENTS).read_text(), rnd)
+        name = f"fuzz-{seed}-{n}"
+
+        def load(text=text, name=name):
+            live = parse_status(text, name)
+            try:
+                hardware = parse_probe(text, name)
+                plan = plan_host(hardware)
+            except R1FleetError:
+                hardware, plan = None, None
+            status = host_status(name, live, plan, hardware=hardware)
+            json.dumps(status.document())
+            status_table([status])
+            return live
+
+        error = outcome(load)
+        assert error is None or f"host {name}" in str(error), str(error)
+        problems += error is None and bool(parse_status(text, name).problems)
+    assert problems, "no mutation ever reached a status section's reader"
+
+
+LOCKED = ["dual-rtx3090", "cpu-16g", "mac-studio-64g"]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_mutated_locks_are_read_or_refused_naming_file_and_field(tmp_path, seed):
+    """A lock is a file people commit and copy (audit-security-2 H1): a real one, written by r1fleet for the
+    shipped probes, with a few lines mutated, is read as a Lock whose models and GGUFs are still the catalog's
+    pins, or refused with the file named."""
+    entries = {}
+    for name in LOCKED:
+        hw = parse_probe((ROOT / "tests" / "fixtures" / "probes" / f"{name}.probe").read_text(), name)
+        entries[name] = lock_entry(name, hw, plan_host(hw, Policy()))
+    text = lock_text(Lock(hosts=entries))
+    catalog = load_catalog()
+    rnd = random.Random(seed)
+    refusals = []
+    for n in range(100):
+        path = tmp_path / f"fleet-{n}.yml.lock"
+        path.write_text(mutate(text, rnd))
+        error = outcome(lambda: read_lock(path))
+        if error is not None:
+            assert str(path) in str(error), str(error)
+            refusals.append(error)
+            continue
+        for entry in read_lock(path).hosts.values():  # accepted: every download is still a pinned one
+            if entry.plan.model is not None and entry.plan.gguf is not None:
+                assert entry.plan.gguf == catalog.find(entry.plan.model).pinned_gguf()
+    both_ways(refusals, 100)

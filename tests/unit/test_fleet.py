@@ -276,3 +276,23 @@ def test_good_host_data_overrides_pass():
                                                    "version": "0.32.15-standin", "base_url": "http://m/ollama/v{version}",
                                                    "sha256": {"ollama-linux-amd64.tar.zst": "A" * 64}}})
     assert config.ollama_release.version == "0.32.15-standin" and config.api_key_file == "/srv/keys/box.key"
+
+
+@pytest.mark.parametrize("value, wanted", [(True, True), ("true", True), ("Yes", True), ("1", True), (False, False),
+                                           ("false", False), ("no", False), (None, False)])
+def test_remove_models_is_a_plain_yes_or_no(value, wanted):
+    from r1fleet.fleet.config import HostConfig
+
+    data = {"r1fleet": {"address": "10.0.0.9"}, **({} if value is None else {"remove_models": value})}
+    assert HostConfig.from_host_data("box", data).remove_models is wanted
+
+
+@pytest.mark.parametrize("value", ["maybe", "ture", "", "2", 2, ["true"]])
+def test_a_remove_models_that_is_neither_is_refused_naming_host_field_and_fix(value):
+    """A typo never deletes the models, nor silently keeps what the user meant to free."""
+    from r1fleet.fleet.config import HostConfig
+
+    with pytest.raises(FleetError) as error:
+        HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.9"}, "remove_models": value})
+    assert "host box: field remove_models: " in str(error.value) and "is not true or false" in str(error.value)
+    assert "(fix: " in str(error.value)

@@ -26,6 +26,7 @@ FLOW = [
     {"roles"},
     {"deploy"},
     {"verify"},
+    {"status"},
     {"cli", "__main__"},
     {"lab"},
 ]
@@ -95,11 +96,12 @@ def test_every_role_is_a_folder_with_its_decisions_and_its_operations():
 
 
 def test_role_decisions_import_no_pyinfra():
-    """A role's face (its decide.py) reads alone: importing it loads no pyinfra."""
+    """A role's face (its decide.py, and the endpoint the exposure role's decisions give) reads alone: importing it
+    loads no pyinfra."""
     import subprocess
     import sys
 
-    for decide in sorted(PACKAGE.glob("roles/*/decide.py")):
+    for decide in [*sorted(PACKAGE.glob("roles/*/decide.py")), PACKAGE / "roles" / "exposure" / "endpoint.py"]:
         module = module_name(decide)
         probe = f"import sys, {module}; print(any(m == 'pyinfra' or m.startswith('pyinfra.') for m in sys.modules))"
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

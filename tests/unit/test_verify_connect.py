@@ -98,3 +98,47 @@ def test_verify_plans_each_probed_host_as_the_deploy_serves_it():
     assert targets["gpu-4090"].pool_role is None and targets["gpu-4090"].plan.fits and targets["gpu-4090"].error is None
     assert targets["tiny"].error.startswith("no model fits this host, so nothing is served: ")
     assert targets["down"].error.startswith("cannot connect") and targets["down"].plan is None
+
+
+def test_an_unreachable_host_is_named_in_one_line_with_the_reason_first(monkeypatch):
+    """verify and status share it: `timed out connecting over SSH to ...`, then the fix."""
+    import paramiko
+
+    from r1fleet.verify import connect as connect_module
+    from r1fleet.verify.connect import connect_and_probe, ssh_failure
+
+    def refuse(entry, options):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(connect_module, "connect", refuse)
+    target = Target(entry=HostConfig(name="down", address="192.168.1.50"))
+    connect_and_probe(target, ConnectOptions())
+    assert target.error == ("Connection refused connecting over SSH to root@192.168.1.50:22 "
+                            "(fix: check that the host is up, its address, and that sshd runs)")
+    assert ssh_failure("me@[fd00::5]:22", TimeoutError("timed out")).startswith("timed out connecting over SSH to me@[fd00::5]:22")
+    auth = ssh_failure("root@h:22", paramiko.AuthenticationException("Authentication failed."))
+    assert auth == "AuthenticationException: Authentication failed. connecting over SSH to root@h:22 (fix: check the address, user and key)"
+    assert "\n" not in auth
+
+
+def test_the_status_script_rides_on_the_probes_round_trip(monkeypatch):
+    """One command per host: the probe, then whatever `then` adds; the whole output is kept for its reader."""
+    from r1fleet.verify import connect as connect_module
+    from r1fleet.verify.connect import connect_and_probe
+
+    host = FakeMac({"r1fleet-probe": "#### r1fleet:uname\nLinux 6.1 x86_64\n#### r1fleet:meminfo\nMemTotal: 16384000 kB\n"
+                                      "#### r1fleet:status-now\n1\n"})
+    monkeypatch.setattr(connect_module, "connect", lambda entry, options: host)
+    target = Target(entry=HostConfig(name="box", address="192.168.1.5"))
+    connect_and_probe(target, ConnectOptions(), then="echo status-part")
+    assert len(host.commands) == 1 and "r1fleet-probe" in host.commands[0] and "; echo status-part" in host.commands[0]
+    assert target.error is None and target.hardware is not None and "status-now" in target.cache["document"]
+
+
+def test_paramikos_unable_to_connect_gives_the_sockets_reason():
+    from paramiko.ssh_exception import NoValidConnectionsError
+
+    from r1fleet.verify.connect import ssh_failure
+
+    err = NoValidConnectionsError({("10.77.0.254", 22): OSError(113, "No route to host")})
+    assert ssh_failure("root@10.77.0.254:22", err).startswith("No route to host connecting over SSH to root@10.77.0.254:22")

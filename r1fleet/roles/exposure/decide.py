@@ -8,11 +8,11 @@ import shlex
 from dataclasses import dataclass
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import FleetError
-from r1fleet.records import HostPlan
+from r1fleet.records import CONFIG_DIR, HostPlan
 from r1fleet.net import is_loopback
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR
 
-KEY_DIR = "/etc/r1fleet"
+KEY_DIR = CONFIG_DIR
 RULES_FILE = f"{KEY_DIR}/nftables.conf"
 FIREWALL_UNIT = "r1fleet-firewall.service"
 FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
@@ -94,6 +94,15 @@ def firewall_drop_in(backend: str) -> str:
 UFW_DELETE_OURS = (
     "for n in $(LC_ALL=C ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet$/\\1/p' | sort -rn); "
     "do ufw --force delete \"$n\"; done"
+)
+
+
+# Removes every ufw rule r1fleet added, whether ufw is active or not (`ufw status` lists no rule while it is not):
+# `ufw show added` lists each added rule as the command that added it, and `ufw delete` takes that rule back.
+# Only r1fleet's (comment "r1fleet") are taken, and only in the words r1fleet's rules are made of.
+UFW_REMOVE_OURS = (
+    "LC_ALL=C ufw show added | sed -n \"s/^ufw \\([A-Za-z0-9 ./:_-]*\\) comment 'r1fleet'$/\\1/p\" | "
+    "while read -r rule; do ufw --force delete $rule || exit 1; done"
 )
 
 

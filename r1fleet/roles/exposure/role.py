@@ -32,6 +32,7 @@ from r1fleet.fleet.config import API_KEY_FILE, HostConfig, read_api_key
 from r1fleet.errors import FleetError
 from r1fleet.records import HostPlan
 from r1fleet.operations.common import TEMPLATES as SHARED_TEMPLATES, refusal, refuse
+from r1fleet.render.formats import nft_settings, unit_settings
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, service_reads
 from r1fleet.roles.exposure.decide import (
@@ -123,12 +124,13 @@ def api_key_from_controller(source: str, host_name: str, path: str = API_KEY_FIL
 
 
 @operation()
-def remove_nft_table():
-    """Delete `table inet r1fleet` when present."""
-    if not host.get_fact(NftTable):
-        host.noop("no r1fleet nftables table")
+def remove_nft_table(table: str = "r1fleet"):
+    """Delete one of r1fleet's nftables tables (`table inet r1fleet` unless named) when present."""
+    # the default table is read without arguments, as exposure_reads prefetches it
+    if not host.get_fact(NftTable, **({} if table == "r1fleet" else {"table": table})):
+        host.noop(f"no {table} nftables table")
         return
-    yield "nft delete table inet r1fleet"
+    yield f"nft delete table inet {table}"
 
 
 @operation()
@@ -320,11 +322,12 @@ def _nftables_files(settings: Exposure):
     rules = files.template(
         name=f"nftables rules: port {settings.port} from {', '.join(settings.allow4 + settings.allow6)} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
-        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service=settings.backend)
+        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service=settings.backend,
+        jinja_env_kwargs=nft_settings(whitespace=False))
     unit = files.template(
         name="r1fleet firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
         user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
-        service_unit=SERVICE_UNITS[settings.backend])
+        service_unit=SERVICE_UNITS[settings.backend], jinja_env_kwargs=unit_settings(whitespace=False))
     systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
     _service_requires_firewall(settings.backend)
     return rules

@@ -3,6 +3,8 @@ in r1fleet/plan/drivers.py (the lock records it too); this holds what the role w
 
 from __future__ import annotations
 
+from r1fleet.records import STATE_DIR
+
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/r1fleet-blacklist-nouveau.conf"
 # docs/research/drivers.md 1.7: blacklist nouveau and disable its modesetting, then rebuild the initramfs.
 NOUVEAU_BLACKLIST_TEXT = "# written by r1fleet: the NVIDIA driver needs nouveau unloaded\nblacklist nouveau\noptions nouveau modeset=0\n"
@@ -12,7 +14,7 @@ CUDA_KEYRING = "/etc/apt/keyrings/r1fleet-nvidia-cuda.asc"
 CUDA_PIN = "/etc/apt/preferences.d/r1fleet-nvidia-cuda"
 ROCM_SOURCES = "/etc/apt/sources.list.d/r1fleet-rocm.sources"
 ROCM_KEYRING = "/etc/apt/keyrings/r1fleet-rocm.asc"
-REBOOT_MARKER = "/var/lib/r1fleet/driver-reboot"
+REBOOT_MARKER = f"{STATE_DIR}/driver-reboot"
 
 
 def driver_reboot_decision(loaded: str | None, installed: str | None, boot: str | None, marker: str | None) -> str:

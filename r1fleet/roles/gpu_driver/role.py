@@ -22,7 +22,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.plan.drivers import DriverAction, decide_driver, load_driver_data
-from r1fleet.records import Hardware, HostPlan
+from r1fleet.records import STATE_DIR, Hardware, HostPlan
 from r1fleet.operations.common import refusal, refuse
 from r1fleet.roles.gpu_driver.decide import (
     CUDA_KEYRING,
@@ -71,7 +71,7 @@ def record_driver_reboot():
         yield refusal(f"NVIDIA driver {installed} was installed and the host rebooted, but nvidia-smi still does not work: "
                       "see dmesg (Secure Boot? an unsupported GPU?); not rebooting again")
         return
-    yield f"mkdir -p /var/lib/r1fleet && echo {shlex.quote(f'{installed} {boot}')} > {REBOOT_MARKER}"
+    yield f"mkdir -p {STATE_DIR} && echo {shlex.quote(f'{installed} {boot}')} > {REBOOT_MARKER}"
 
 
 class InitramfsHolds(FactBase):

@@ -16,6 +16,11 @@ USER = "llama"  # the service user
 HOME = "/var/lib/llama"
 
 
+def llama_models_dir(settings: HostConfig) -> str:
+    """Where the llama.cpp role keeps its GGUF, owned by its user: <model_dir>/llama.cpp."""
+    return f"{settings.model_dir.rstrip('/')}/llama.cpp"
+
+
 # systemd loads the API key as a credential: the file stays root-only on disk and the
 # service reads it from its private credentials directory (%d); the key never enters argv.
 API_KEY_CREDENTIAL = "api-key"

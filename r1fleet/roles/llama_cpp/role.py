@@ -29,6 +29,7 @@ from r1fleet.artifacts.llama_cpp_install import LLAMA_ROOT, LlamaInstall, llama_
 from r1fleet.roles.llama_cpp.decide import (
     API_KEY_CREDENTIAL,
     llama_environment,
+    llama_models_dir,
     llama_server_args,
     llama_server_problems,
 )
@@ -159,7 +160,7 @@ class LlamaCppRole(Role):
     def __init__(self, plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download,
                  pool: PoolHead | None = None):
         self.plan, self.settings, self.llama, self.download, self.pool = plan, settings, install, download, pool
-        self.models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
+        self.models_dir = llama_models_dir(settings)
         self.model_path = f"{self.models_dir}/{download.name}"
 
     @classmethod
@@ -213,6 +214,9 @@ def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, downlo
         ))
     service_user(USER, HOME, plan.uses_gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
+    # A removal that kept the model left it root's (roles/llama_cpp/remove.py): the user's again
+    files.directory(name="llama.cpp models, a kept one too, owned by llama", path=models_dir, user=USER, group=USER,
+                    recursive=True)
     files.directory(name="llama.cpp models", path=models_dir, user=USER, group=USER, mode="0750")
     changed.append(fetch_verified(name=f"Model {download_label(download)}", download=download, dest=model_path,
                                   user=USER, group=USER))
@@ -263,7 +267,7 @@ def _activate(plan: HostPlan, settings: HostConfig, install: LlamaInstall, model
 def llama_cpp_reads(plan: HostPlan, settings: HostConfig, install: LlamaInstall,
                     download: Download) -> list[FactRequest]:
     """Every fact LlamaCppRole reads on a host where nothing changes (fetched in one round trip first)."""
-    models_dir = f"{settings.model_dir.rstrip('/')}/llama.cpp"
+    models_dir = llama_models_dir(settings)
     model_path = f"{models_dir}/{download.name}"
     reads = [*retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),
              *directory_reads(settings.model_dir), *directory_reads(models_dir), *fetch_verified_reads(model_path),

@@ -32,6 +32,7 @@ from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_envir
 from r1fleet.plan.memory import constants
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.operations.common import refusal, wait_http
+from r1fleet.render.formats import plist_settings
 from r1fleet.roles.ollama.role import ollama_model
 from r1fleet.artifacts.pins import load_pins
 from r1fleet.roles.macos.decide import (
@@ -42,6 +43,7 @@ from r1fleet.roles.macos.decide import (
     LOAD_PLIST,
     LOG_FILE,
     PLIST,
+    REAL_NAME,
     RELEASE_ROOT,
     USER,
     WIRED_LABEL,
@@ -65,18 +67,19 @@ class DarwinUserExists(FactBase):
 
 @operation()
 def hidden_service_user(user: str, home: str):
-    """A hidden role account (UID 400-499, no shell, no login) with its own group, created once."""
+    """A hidden role account (UID 400-499, no shell, no login) with its own group, created once, both named
+    REAL_NAME (the mark a removal deletes them by)."""
     if host.get_fact(DarwinUserExists, user=user):
         host.noop(f"user {user} exists")
         return
-    u, h = shlex.quote(user), shlex.quote(home)
+    u, h, name = shlex.quote(user), shlex.quote(home), shlex.quote(REAL_NAME)
     yield StringCommand(
         "uid=$(for i in $(seq 401 499); do dscl . -list /Users UniqueID | awk '{print $2}' | grep -qx $i "
         "|| { dscl . -list /Groups PrimaryGroupID | awk '{print $2}' | grep -qx $i || { echo $i; break; }; }; done) && "
-        f"test -n \"$uid\" && dseditgroup -o create -i $uid -r 'r1fleet Ollama' {u} && "
+        f"test -n \"$uid\" && dseditgroup -o create -i $uid -r {name} {u} && "
         f"dscl . -create /Users/{u} && dscl . -create /Users/{u} UniqueID $uid && "
         f"dscl . -create /Users/{u} PrimaryGroupID $uid && dscl . -create /Users/{u} UserShell /usr/bin/false && "
-        f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName 'r1fleet Ollama' && "
+        f"dscl . -create /Users/{u} NFSHomeDirectory {h} && dscl . -create /Users/{u} RealName {name} && "
         f"dscl . -create /Users/{u} IsHidden 1 && dscl . -create /Users/{u} Password '*'")
 
 
@@ -212,6 +215,9 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
 
     hidden_service_user(name=f"Service user {USER}", user=USER, home=HOME, _sudo=True)
     models_dir = ollama_models_dir(entry)
+    # A removal that kept the models left them root's (roles/macos/remove.py): every file is the user's again
+    files.directory(name=f"Directory {models_dir}, kept models too, owned by {USER}", path=models_dir, user=USER,
+                    group=USER, recursive=True, _sudo=True)
     for path, owner, mode in ((HOME, USER, "750"), (entry.model_dir, "root", "755"), (models_dir, USER, "750"),
                               (str(Path(LOG_FILE).parent), USER, "750")):
         files.directory(name=f"Directory {path}", path=path, user=owner, group=owner if owner == USER else "wheel",
@@ -226,7 +232,8 @@ def _configure(plan: HostPlan, entry: HostConfig, hw: Hardware | None, binary: s
     plist = files.template(
         name="Ollama LaunchDaemon", src=str(TEMPLATES / "com.r1fleet.ollama.plist.j2"), dest=PLIST,
         user="root", group="wheel", mode="644", label=LABEL, binary=binary, service_user=USER,
-        environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE, _sudo=True)
+        environment=ollama_environment(plan, entry, models_dir), home=HOME, log_file=LOG_FILE,
+        jinja_env_kwargs=plist_settings(), _sudo=True)
     _wired_limit(plan, hw)
     return plist
 
@@ -254,7 +261,8 @@ def _load_after_every_start(plan: HostPlan, entry: HostConfig) -> None:
     plist = files.template(
         name="LaunchDaemon that keeps the planned model loaded", src=str(TEMPLATES / "com.r1fleet.ollama-load.plist.j2"),
         dest=LOAD_PLIST, user="root", group="wheel", mode="644", label=LOAD_LABEL, service_user=USER,
-        script=ollama_load_check(plan.ollama_tag or "", api), interval_s=LOAD_CHECK_INTERVAL_S, _sudo=True)
+        script=ollama_load_check(plan.ollama_tag or "", api), interval_s=LOAD_CHECK_INTERVAL_S,
+        jinja_env_kwargs=plist_settings(), _sudo=True)
     server.shell(name="(Re)load that LaunchDaemon",
                  commands=[f"launchctl bootout system/{LOAD_LABEL} 2>/dev/null || true",
                            f"launchctl bootstrap system {LOAD_PLIST}"],
@@ -273,7 +281,7 @@ def _wired_limit(plan: HostPlan, hw: Hardware | None) -> None:
     plist = files.template(
         name=f"GPU wired-memory limit {limit} MiB at boot", src=str(TEMPLATES / "com.r1fleet.iogpu-wired-limit.plist.j2"),
         dest=WIRED_PLIST, user="root", group="wheel", mode="644", label=WIRED_LABEL, wired_limit_mb=limit,
-        reserve_mb=total - limit, total_mb=total, _sudo=True)
+        reserve_mb=total - limit, total_mb=total, jinja_env_kwargs=plist_settings(), _sudo=True)
     server.shell(name=f"Apply iogpu.wired_limit_mb={limit} now",
                  commands=[f"launchctl bootout system/{WIRED_LABEL} 2>/dev/null || true",
                            f"launchctl bootstrap system {WIRED_PLIST}", f"sysctl iogpu.wired_limit_mb={limit}"],

@@ -27,6 +27,11 @@ def ollama_models_dir(settings: HostConfig) -> str:
     return f"{settings.model_dir.rstrip('/')}/ollama"
 
 
+def import_dir(settings: HostConfig) -> str:
+    """Where a rehearsal stand-in's GGUF waits for `ollama create`, with its Modelfile and import record."""
+    return f"{settings.model_dir.rstrip('/')}/import"
+
+
 def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) -> dict[str, str]:
     """The Environment= lines of the Ollama unit (docs/research/ollama.md section 2)."""
     env = {
@@ -90,7 +95,8 @@ def ollama_load_check(tag: str, api: str) -> str:
 LOAD_CHECK_INTERVAL_S = 30
 LOAD_AT_START_SLACK_S = 30  # TimeoutStartSec beyond the load's own bound: systemd never kills a slow load
 
-IMPORT_RECORD = "imported.json"  # in <model_dir>/import: what Ollama reported for r1fleet's import
+IMPORT_RECORD = "imported.json"  # in import_dir: what Ollama reported for r1fleet's import
+MODELFILE = "Modelfile"  # in import_dir: the stand-in's Modelfile
 
 
 def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:

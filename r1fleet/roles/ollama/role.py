@@ -43,6 +43,8 @@ from r1fleet.roles.ollama.decide import (
     pull_command,
     weights_label,
     LOAD_AT_START_SLACK_S,
+    MODELFILE,
+    import_dir,
     import_record,
     import_record_digest,
     imports_stand_in,
@@ -253,6 +255,9 @@ def _install(plan: HostPlan, settings: HostConfig, release: OllamaRelease, model
     retire_official_install(name="Stop and remove an official Ollama install")
     service_user(USER, HOME, plan.uses_gpu)
     files.directory(name="Model root", path=settings.model_dir, user="root", group="root", mode="0755")
+    # A removal that kept the models left them root's (roles/ollama/remove.py): every file is the user's again
+    files.directory(name="Ollama models, kept ones too, owned by ollama", path=models_dir, user=USER, group=USER,
+                    recursive=True)
     files.directory(name="Ollama models", path=models_dir, user=USER, group=USER, mode="0750")
     adopt_official_models(name="Keep the models of an official Ollama install", models_dir=models_dir, user=USER,
                           keep=settings.official_ollama_models == "keep")
@@ -303,16 +308,16 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
 
 def import_path(settings: HostConfig, download: Download) -> str:
     """Where the stand-in GGUF is kept for `ollama create` (rehearsal)."""
-    return f"{settings.model_dir.rstrip('/')}/import/{download.name}"
+    return f"{import_dir(settings)}/{download.name}"
 
 
 def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[FactRequest]:
     api = settings.local_api("ollama")
     reads: list[FactRequest] = [(HttpJson, {"url": f"{api}/api/tags"}), (HttpJson, {"url": f"{api}/api/ps"})]
     if download is not None:
-        import_dir = f"{settings.model_dir.rstrip('/')}/import"
-        reads += [*directory_reads(import_dir), *fetch_verified_reads(import_path(settings, download)),
-                  *file_reads(f"{import_dir}/Modelfile"), (JsonFile, {"path": f"{import_dir}/{IMPORT_RECORD}"})]
+        imports = import_dir(settings)
+        reads += [*directory_reads(imports), *fetch_verified_reads(import_path(settings, download)),
+                  *file_reads(f"{imports}/{MODELFILE}"), (JsonFile, {"path": f"{imports}/{IMPORT_RECORD}"})]
     return reads
 
 
@@ -325,23 +330,23 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
     api = settings.local_api("ollama")
     tag = plan.ollama_tag or ""
     if download is not None:
-        import_dir = f"{settings.model_dir.rstrip('/')}/import"
+        imports = import_dir(settings)
         gguf_path = import_path(settings, download)
-        files.directory(name="Import directory", path=import_dir, user="root", group=group, mode="0755")
+        files.directory(name="Import directory", path=imports, user="root", group=group, mode="0755")
         fetch_verified(name=f"Stand-in {download_label(download)}", download=download, dest=gguf_path,
                        user="root", group=group, mode="0644")
         files.put(
             name="Modelfile for the stand-in",
             src=_text(modelfile(gguf_path, plan)),
-            dest=f"{import_dir}/Modelfile",
+            dest=f"{imports}/{MODELFILE}",
             user="root",
             group=group,
             mode="0644",
         )
-        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{import_dir}/Modelfile",
-                     source_sha256=download.sha256, record_path=f"{import_dir}/{IMPORT_RECORD}")
+        import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{imports}/{MODELFILE}",
+                     source_sha256=download.sha256, record_path=f"{imports}/{IMPORT_RECORD}")
         record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
-                      record_path=f"{import_dir}/{IMPORT_RECORD}")
+                      record_path=f"{imports}/{IMPORT_RECORD}")
     elif registry is not None:
         place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)

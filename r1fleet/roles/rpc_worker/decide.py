@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.records import Hardware, HostPlan, PoolPlan
+from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
 from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
@@ -29,7 +29,7 @@ from r1fleet.roles.llama_cpp.decide import llama_environment
 RPC_UNIT = "r1fleet-rpc-server.service"
 RPC_FIREWALL_UNIT = "r1fleet-rpc-firewall.service"
 RPC_TABLE = "r1fleet-rpc"  # its own nftables table: the serving API's `inet r1fleet` (exposure.py) stays as it is
-RPC_RULES_FILE = "/etc/r1fleet/rpc-nftables.conf"
+RPC_RULES_FILE = f"{CONFIG_DIR}/rpc-nftables.conf"
 USER = "ggml-rpc"
 HOME = "/var/lib/ggml-rpc"
 # Debian's multiarch triplets, as in /usr/libexec/<triplet>/llama/bin (docs/research/lab-notes.md, forky's llama.cpp-tools-extra)

@@ -27,7 +27,6 @@ from r1fleet.records import HostPlan
 from r1fleet.artifacts.pins import Platform, load_pins
 from r1fleet.operations.common import (
     TEMPLATES as SHARED_TEMPLATES,
-    JINJA,
     AptCandidates,
     converge_service,
     converge_service_reads,
@@ -60,6 +59,7 @@ from r1fleet.roles.rpc_worker.decide import (
     rpc_worker_install,
 )
 from r1fleet.operations.stages import HostContext, Role
+from r1fleet.render.formats import nft_settings, unit_settings
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
 from r1fleet.operations.tcp_health import TcpHealth
 
@@ -159,12 +159,13 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
     rules = files.template(
         name=f"RPC firewall rules: port {worker.port} from the head {worker.head} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RPC_RULES_FILE, user="root", group="root",
-        mode="600", jinja_env_kwargs=dict(JINJA), **firewall_context(worker))
+        mode="600", jinja_env_kwargs=nft_settings(), **firewall_context(worker))
     nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
     firewall_unit = files.template(
         name="RPC firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"),
         dest=FIREWALL_UNIT_PATH, user="root", group="root", mode="644", port=worker.port, rules_path=RPC_RULES_FILE,
-        nft=nft, service_unit=RPC_UNIT, table=RPC_TABLE, admitted=f"the head of pool {worker.pool} ({worker.head})")
+        nft=nft, service_unit=RPC_UNIT, table=RPC_TABLE, admitted=f"the head of pool {worker.pool} ({worker.head})",
+        jinja_env_kwargs=unit_settings(whitespace=False))
     systemd.daemon_reload(name="Reload systemd for the RPC firewall unit", _if=firewall_unit.did_change)
     context = unit_context(
         worker.plan, settings,

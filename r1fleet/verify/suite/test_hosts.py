@@ -14,8 +14,8 @@ import socket
 import pytest
 
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_record_digest, ollama_tag_digest, takes_from_registry,
-                                         weights_digest)
+from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_dir, import_record_digest, ollama_tag_digest,
+                                         takes_from_registry, weights_digest)
 from r1fleet.plan.memory import kv_cache_mib, padded_context
 from r1fleet.records import HostPlan
 from r1fleet.net import source_address_towards
@@ -34,6 +34,7 @@ from r1fleet.verify.judge import (
 )
 
 from r1fleet.roles.exposure.decide import ufw_rules_come_first
+from r1fleet.roles.llama_cpp.decide import llama_models_dir
 from r1fleet.verify.target import Target, fail
 
 PROMPT = "What is 7 + 5? Reply with the number only."
@@ -153,7 +154,7 @@ def _check_file(target: Target, path: str, size: int | None, sha256: str | None,
 def _imported_as_recorded(target: Target, plan: HostPlan, tags: dict) -> list[str]:
     """Ollama rewrites an imported GGUF (llama-quantize COPY, server/create.go), so its weights are not the
     file's sha256: the tag must still be what Ollama reported right after the deploy imported the planned file."""
-    path = f"{target.entry.model_dir.rstrip('/')}/import/{IMPORT_RECORD}"
+    path = f"{import_dir(target.entry)}/{IMPORT_RECORD}"
     try:
         record = json.loads(target.output(f"cat {path} 2>/dev/null || true") or "null")
     except ValueError:
@@ -194,7 +195,7 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
                 size = plan.gguf.size_bytes if plan.gguf and plan.gguf.sha256 == digest else None
                 problems += _check_file(target, f"{models.rstrip('/')}/blobs/sha256-{digest}", size, digest, hash_it)
     else:
-        wanted = f"{target.entry.model_dir.rstrip('/')}/llama.cpp/{plan.gguf.file}"
+        wanted = f"{llama_models_dir(target.entry)}/{plan.gguf.file}"
         served = target.get_json("/props", key_file=target.api_key_file()).get("model_path")
         if not served:  # builds without model_path in /props: the running unit's -m
             served = flag_value(exec_start_argv(target.output(f"systemctl show -p ExecStart --value {target.unit}")), "-m", "--model")

@@ -1,0 +1,80 @@
+"""status.sh run for real under dash, against a local HTTP server standing in for llama-server and a stand-in
+`systemctl` (a test double at the host's service manager, printing the formats the lab captured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from r1fleet.status.collect import STATUS_SCRIPT
+from r1fleet.status.readings import parse_status
+
+DASH = shutil.which("dash")
+pytestmark = pytest.mark.skipif(DASH is None or shutil.which("curl") is None, reason="needs dash and curl")
+KEY = "c2VjcmV0LWtleQ=="
+
+
+class Recorder(BaseHTTPRequestHandler):
+    seen: list[tuple[str, str | None]] = []
+    answers = {"/health": {"status": "ok"}, "/props": {"default_generation_settings": {"n_ctx": 8192}, "build_info": "b1"},
+               "/v1/models": {"object": "list", "data": [{"id": "deepseek-r1:70b"}]}}
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        Recorder.seen.append((self.path, self.headers.get("Authorization")))
+        body = json.dumps(self.answers.get(self.path, {})).encode()
+        self.send_response(200 if self.path in self.answers else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def systemctl_stub(bin_dir: Path, key_file: Path) -> None:
+    script = bin_dir / "systemctl"
+    script.write_text(f"""#!/bin/sh
+# TEST STAND-IN for systemctl: llama-server's unit installed with a key credential, the others not
+case "$*" in
+  *"LoadState --value r1fleet-llama-server.service"*) echo loaded ;;
+  *"LoadState --value"*) echo not-found ;;
+  *"ControlGroup --value"*) ;;
+  "cat r1fleet-llama-server.service") printf '[Service]\\nLoadCredential=api-key:{key_file}\\n' ;;
+  show*) printf 'Id=r1fleet-llama-server.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\n' ;;
+esac
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+
+def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl_stub(bin_dir, key_file)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    Recorder.seen = []
+    try:
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", url, "com.r1fleet.ollama",
+                              "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    assert dict(Recorder.seen) == {"/health": None, "/props": f"Bearer {KEY}", "/v1/models": f"Bearer {KEY}"}
+    assert KEY not in out.stdout  # the key went to the server, nowhere else
+    assert "status-ollama" not in out.stdout  # no Ollama unit: its port is not asked
+    live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
+    assert live.llama_props.body["build_info"] == "b1" and live.units["r1fleet-llama-server.service"].active == "active"
+    assert live.now is not None and not live.problems
