@@ -10,11 +10,12 @@ Example:
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from r1fleet.hardware._base import split_sections
+from r1fleet.net import parse_json
 from r1fleet.verify.readings import parse_launchctl_print
 
 NO_ANSWER = 0
@@ -88,8 +89,10 @@ class Live:
 
 
 def _int(text: str) -> int | None:
+    """A whole number the host printed, or None: ASCII digits, at most 19 (int() refuses 4300 and more, and
+    str.isdecimal() admits other scripts' digits)."""
     text = text.strip()
-    return int(text) if text.isdecimal() else None
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
 
 
 def parse_units(lines: list[str]) -> dict[str, Unit]:
@@ -120,8 +123,9 @@ def parse_processes(lines: list[str]) -> tuple[Process, ...]:
     out = []
     for line in lines:
         fields = line.split(None, 3)
-        if len(fields) >= 3 and fields[1].isdecimal() and fields[2].lstrip("-").isdecimal():
-            out.append(Process(fields[0], int(fields[1]), max(0, int(fields[2])), fields[3] if len(fields) > 3 else ""))
+        pid, age = (_int(fields[1]), _int(fields[2].removeprefix("-"))) if len(fields) >= 3 else (None, None)
+        if pid is not None and age is not None:
+            out.append(Process(fields[0], pid, 0 if fields[2].startswith("-") else age, fields[3] if len(fields) > 3 else ""))
     return tuple(out)
 
 
@@ -135,8 +139,8 @@ def parse_reply(lines: list[str]) -> Reply:
         return Reply(NO_ANSWER, None, "\n".join(lines).strip())
     text = "\n".join(body_lines).strip()
     try:
-        body = json.loads(text) if text else None
-    except (ValueError, RecursionError):  # not JSON, or nested past what Python's parser recurses through
+        body = parse_json(text) if text else None
+    except ValueError:  # not plain JSON (NaN, Infinity, nested without end): no answer the status can read
         body = None
     return Reply(status, body, text)
 

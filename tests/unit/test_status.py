@@ -210,6 +210,19 @@ def test_hostile_unit_values_are_read_as_unknown():
     assert doc["unit"]["since"] is None and doc["unit"]["restarts"] is None and status.state == "serving"
 
 
+def test_numbers_no_int_can_hold_and_json_no_parser_should_are_read_as_unknown():
+    """A host's answer is a network input (audit M3): 5000 digits (past int()'s limit), another script's digits
+    and NaN or Infinity in JSON read as unknown or as no answer, never as a ValueError that ends the command."""
+    text = document("ollama-serving__lab-4090.txt").replace("MainPID=6897", "MainPID=" + "9" * 5000)
+    text = text.replace("NRestarts=0", "NRestarts=\u0663", 1)
+    text = text.replace('{"version": "0.32.15-standin"}', '{"version": NaN}', 1)
+    live = parse_status(text, "lab-4090")
+    unit = live.units["r1fleet-ollama.service"]
+    assert unit.main_pid is None and unit.restarts is None
+    assert live.ollama_version.body is None
+    assert any("GET /api/version answered 200 with something that is not JSON" in p for p in live.problems)
+
+
 @pytest.mark.parametrize("seconds, text", [(None, "?"), (5, "5s"), (61, "1m"), (7200, "2h"), (3 * 86400, "3d")])
 def test_ages_at_a_glance(seconds, text):
     assert age(seconds) == text
