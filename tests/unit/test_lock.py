@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from r1fleet.cli.main import main
+from r1fleet.artifacts.pins import load_pins
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet.config import HostConfig
 from r1fleet.fleet.file import REPO_ROOT
 from r1fleet.hardware import parse_probe
 from r1fleet.lab.paths import LAB_FLEET_FILE
@@ -112,6 +114,22 @@ def test_artifacts_are_the_pinned_digests_only():
     assert dual.driver.vendor == "nvidia" and dual.driver.branch
     mac = entry_for("mac-studio-64g").artifacts
     assert mac.ollama.assets[0].name == "ollama-darwin.tgz" and mac.driver is None and mac.llama_cpp is None
+
+
+def test_a_host_the_deploy_refuses_keeps_its_notes_and_every_pinned_sha256():
+    """A Jetson: versions.yaml pins the arm64 base archive but not the JetPack 6 add-on. The lock records the base
+    archive's sha256, null for the add-on alone, and keeps the note saying the deploy refuses the host."""
+    jetson = entry_for("jetson-orin-64g").artifacts
+    pinned = load_pins().ollama.sha256
+    assert {a.name: a.sha256 for a in jetson.ollama.assets} == {
+        "ollama-linux-arm64.tar.zst": pinned["ollama-linux-arm64.tar.zst"], "ollama-linux-arm64-jetpack6.tar.zst": None}
+    assert [n for n in jetson.notes if n.startswith("the deploy will refuse this host's Ollama archive")] == [
+        "the deploy will refuse this host's Ollama archive: host jetson-orin-64g: field ollama.sha256: no sha256 is "
+        "pinned for ollama-linux-arm64-jetpack6.tar.zst (Ollama 0.32.9) (fix: add its line from the release's "
+        "sha256sum.txt to r1fleet/artifacts/versions.yaml or host data ollama_release.sha256)"]
+    lab = lock_entry("rtx4090", hardware("rtx4090"), plan_host(hardware("rtx4090")),
+                     HostConfig(name="rtx4090", address="10.77.0.12", profile="rtx4090")).artifacts
+    assert any(n.startswith("lab host: the lab mirror serves its own stand-in") for n in lab.notes)
 
 
 def test_lock_path_beside_the_fleet_file_and_the_lab_in_inventory(tmp_path):
