@@ -27,7 +27,8 @@ from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lo
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.pools import plan_members
 from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
-from r1fleet.lock.served import rehearsed
+from r1fleet.lock.served import Served, rehearsed, served_in_pool
+from r1fleet.deploy.refusals import deploy_refusal
 
 LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
                  "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
@@ -80,11 +81,40 @@ def cmd_lock(args: argparse.Namespace) -> int:
         entry = with_manifest(entry, settings, fleet.cache_dir, previous)
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
-    lock = Lock(hosts=hosts, pools=_pools(fleet, probed, old))
+    pools = _pools(fleet, probed, old)
+    refused = {}
+    for host, (hw, _policy) in probed.items():
+        refusal = locked_refusal(host, hosts[host], hw, fleet, pools)
+        if refusal is not None:
+            refused[host] = refusal
+            hosts[host] = with_note(hosts[host], f"the deploy will refuse this host: {refusal}", str(refusal))
+    lock = Lock(hosts=hosts, pools=pools)
     write_lock(path, lock)
     print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
-    print("\n".join(lines))
-    return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
+    for line, (host, *_) in zip(lines, jobs):
+        said = str(refused[host]).removeprefix(f"host {host}: ") if host in refused else None
+        print(line + (f"\n    the deploy will refuse it: {said}" if said else ""))
+    return 0 if all(hosts[h].plan.fits for h, *_ in jobs) and not refused else 1
+
+
+def locked_refusal(host: str, entry, hw, fleet, pools: dict):
+    """What the deploy of the lock just written will refuse this host for (r1fleet/deploy/refusals.py), or None: its
+    part of a pooled pool it belongs to, else its locked plan."""
+    settings = fleet.hosts[host]
+    pool = next((p for p in pools.values() if p.pooled and host in (p.head, *p.workers)), None)
+    try:
+        served = served_in_pool(settings, hw, pool, locked=True) if pool else Served(host, entry.plan, locked=True)
+    except R1FleetError as err:
+        return err
+    return deploy_refusal(served, settings, hw, fleet.hosts)
+
+
+def with_note(entry, note: str, said: str):
+    """The entry with `note` added to its artifacts' notes, unless a note says `said` already."""
+    if any(said in existing for existing in entry.artifacts.notes):
+        return entry
+    artifacts = entry.artifacts.model_copy(update={"notes": [*entry.artifacts.notes, note]})
+    return entry.model_copy(update={"artifacts": artifacts})
 
 
 def with_manifest(entry, settings, cache_dir: str | None, previous):

@@ -347,10 +347,11 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
 def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, capsys):
     """Two single-3090 boxes pooled: the lock holds the pool's plan, locked_pool returns it while both members
     are as locked, and names the member whose GPU changed."""
-    from test_pools import BOX_A, BOX_B
+    from test_pools import BOX_A, BOX_B, on_forky
 
     from r1fleet.lock.match import locked_pool
 
+    BOX_A, BOX_B = on_forky(BOX_A), on_forky(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "box-a.probe").write_text(BOX_A)
@@ -373,6 +374,36 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     with pytest.raises(LockMismatch) as err:
         locked_pool(lock, "big", {**members, "box-b": parse_probe(swapped, "box-b")}, str(fleet))
     assert err.value.host == "box-b" and f"r1fleet lock --fleet {fleet} box-b" in str(err.value)
+
+
+def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(tmp_path, capsys):
+    """A Jetson (no pinned JetPack archive) and a pool on Ubuntu (no rpc-server there): each entry is written, with
+    the deploy's reason in its notes once, the lock says so, and exits 1."""
+    from test_pools import BOX_A, BOX_B
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "box-a.probe").write_text(BOX_A)
+    (probes / "box-b.probe").write_text(BOX_B)
+    (probes / "orin.probe").write_text(probe("jetson-orin-64g"))
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"},
+                  "orin": {"address": "192.168.1.50"}},
+        "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}},
+    }))
+    code, out, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", str(probes))
+    assert code == 1
+    assert "  orin: deepseek-r1-distill-qwen-32b on ollama, context 32768, f16 KV (new)\n    the deploy will refuse it: " \
+           "field ollama.sha256: no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst" in out
+    lock = read_lock(fleet.parent / "fleet.yml.lock")
+    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and lock.pools["big"].pooled
+    assert [n for n in lock.hosts["orin"].artifacts.notes if "jetpack6" in n] == [
+        n for n in lock.hosts["orin"].artifacts.notes if n.startswith("the deploy will refuse this host's Ollama archive")]
+    for member in ("box-a", "box-b"):
+        (note,) = [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
+        assert f"host {member}: field llama_cpp_install: pool big: llama.cpp would come from the pinned Ollama archive" in note
+        assert f"    the deploy will refuse it: field llama_cpp_install: pool big:" in out.partition(f"  {member}: ")[2]
 
 
 def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):
