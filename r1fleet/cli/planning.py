@@ -20,7 +20,7 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.fleet.file import Fleet, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.match import fleet_lock
-from r1fleet.lock.served import Served, lock_note, served_in_pool, served_plans
+from r1fleet.lock.served import Served, lock_note, pool_lock_note, served_in_pool, served_plans
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.policy import Policy
@@ -57,6 +57,7 @@ class Outcome:
     rows: list[Row] = field(default_factory=list)
     pools: list[PoolPlan] = field(default_factory=list)
     pool_refusals: dict[str, list[str]] = field(default_factory=dict)  # pool -> "the deploy refuses X: ..."
+    pool_notes: dict[str, str] = field(default_factory=dict)  # pool -> served from the lock, not today's plan
 
     @property
     def ok(self) -> bool:
@@ -130,6 +131,10 @@ def plan_jobs(jobs: list[Job], fleet: Fleet | None, model: str | None = None, co
         out.rows.append(Row(job.host, answer.plan, refusal=refusal, note=lock_note(answer, _fleet_ref(fleet)),
                             pooled=answer.pool is not None))
     out.pools = list(shown_pools.values())
+    todays = {p.pool: p for p in today_pools}
+    for name, locked in {a.pool.pool: a.pool for a in served.values() if isinstance(a, Served) and a.locked and a.pool}.items():
+        if name in todays and (note := pool_lock_note(locked, todays[name], _fleet_ref(fleet))):
+            out.pool_notes[name] = note
     for pool in out.pools:  # a member of a pool whose lock no longer matches: the pool is refused as the member is
         for row in out.rows:
             if row.refusal and not row.pooled and pool.pooled and row.host in (pool.head, *pool.workers):
@@ -184,6 +189,13 @@ def shown_plan(row: Row) -> HostPlan | None:
     if row.refusal:
         extra.append(f"the deploy refuses this host: {_without_host(row.refusal, row.host)}")
     return plan.model_copy(update={"reasons": [*extra, *plan.reasons]}) if extra else plan
+
+
+def shown_pool(pool: PoolPlan, out: Outcome) -> PoolPlan:
+    """The pool's plan with what its reasons do not say: served from the lock, its members the deploy refuses."""
+    notes = [out.pool_notes[pool.pool]] if pool.pool in out.pool_notes else []
+    extra = [*notes, *out.pool_refusals.get(pool.pool, [])]
+    return pool.model_copy(update={"reasons": [*extra, *pool.reasons]}) if extra else pool
 
 
 def with_exposure_warning(plan: HostPlan, entry: HostConfig | None) -> HostPlan:
@@ -245,8 +257,10 @@ def plans_table(out: Outcome, settings: dict[str, HostConfig | None]) -> str:
     for pool in out.pools:
         if pool.pooled:
             cells = pool_row(pool, catalog)
-            if out.pool_refusals.get(pool.pool):
-                cells = (*cells[:2], cells[2] + " (refused)", *cells[3:])
+            marks = [m for m, on in (("locked", pool.pool in out.pool_notes), ("refused", out.pool_refusals.get(pool.pool)))
+                     if on]
+            if marks:
+                cells = (*cells[:2], f"{cells[2]} ({', '.join(marks)})", *cells[3:])
             rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -260,7 +274,7 @@ def plans_table(out: Outcome, settings: dict[str, HostConfig | None]) -> str:
         lines.extend(f"  - {reason}" for reason in plan.reasons)
     for pool in out.pools:
         lines.append(pool_heading(pool))
-        lines.extend(f"  - {reason}" for reason in [*out.pool_refusals.get(pool.pool, []), *pool.reasons])
+        lines.extend(f"  - {reason}" for reason in shown_pool(pool, out).reasons)
     return "\n".join(lines)
 
 
@@ -276,7 +290,7 @@ def _error_doc(host: str, err: R1FleetError) -> dict:
 def plans_json(out: Outcome, settings: dict[str, HostConfig | None]) -> str:
     hosts = [with_exposure_warning(shown_plan(r), settings.get(r.host)) for r in out.rows if r.plan and not r.pooled]
     doc: dict = {"hosts": [p.model_dump(mode="json") for p in hosts],
-                 "pools": [p.model_dump(mode="json") for p in out.pools]}
+                 "pools": [shown_pool(p, out).model_dump(mode="json") for p in out.pools]}
     errors = [_error_doc(r.host, r.error) for r in out.rows if r.error]
     refused = [_error_doc(r.host, r.refusal) for r in out.rows if r.refusal]
     if errors:  # present only when a host could not be planned, so a fleet's plan reads as before

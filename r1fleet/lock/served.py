@@ -23,7 +23,7 @@ from typing import Literal, Mapping
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.lock.file import Lock
-from r1fleet.lock.match import effective_plan, locked_pool, plan_diff, relock_command
+from r1fleet.lock.match import effective_plan, locked_pool, plan_diff, pool_diff, relock_command
 from r1fleet.plan.planner import plan_host, rehearse
 from r1fleet.plan.pool_settings import PoolSettings
 from r1fleet.plan.pools import member_plan, plan_members
@@ -55,6 +55,17 @@ def pool_served(name: str, pool: PoolSettings, members: Mapping[str, HostConfig]
     if locked is not None:
         return locked, True
     return plan_members(name, pool, [hardware[m] for m in pool.hosts], [members[m].policy for m in pool.hosts]), False
+
+
+def pool_lock_note(locked: PoolPlan, today: PoolPlan, fleet: str | None = None) -> str | None:
+    """As lock_note, for a pool the deploy serves from the lock while today's plan of it differs."""
+    changes = pool_diff(locked, today)
+    if not changes:
+        return None
+    members = " ".join((locked.head, *locked.workers))
+    command = f"r1fleet lock --fleet {fleet} {members}" if fleet else f"r1fleet lock {members}"
+    return (f"served from the fleet lock, not today's plan, which would change {'; '.join(changes)} "
+            f"(to serve today's plan: `{command}`)")
 
 
 def served_alone(settings: HostConfig, hardware: Hardware, lock: Lock | None, fleet: str | None = None,

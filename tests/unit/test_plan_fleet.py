@@ -132,3 +132,26 @@ def test_the_lock_not_todays_plan_is_shown_when_the_deploy_serves_it(tmp_path, c
 def test_hosts_from_probe_files_plan_as_before(capsys, what_if):
     code, out, _ = run(capsys, "plan", PROBES / "rtx4090.probe", PROBES / "cpu-16g.probe", *what_if)
     assert code == 0 and "refused" not in out and "locked" not in out
+
+
+def test_a_pool_served_from_the_lock_says_what_todays_plan_would_change(tmp_path, capsys):
+    from test_pools import BOX_A, BOX_B, on_forky
+
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    (folder / "box-a.probe").write_text(on_forky(BOX_A))
+    (folder / "box-b.probe").write_text(on_forky(BOX_B))
+    doc = {"hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"}},
+           "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}}}
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump(doc))
+    assert run(capsys, "lock", "--fleet", fleet, "--probe-dir", folder)[0] == 0
+    code, out, _ = run(capsys, "plan", "--fleet", fleet, "--probe-dir", folder)
+    assert code == 0 and "(locked)" not in out and "70b" in rows(out)["pool"]["MODEL"]
+    doc["hosts"]["box-a"]["policy"] = {"max_context": 8192}  # the head's policy, which the pool follows, changed since
+    fleet.write_text(yaml.safe_dump(doc))
+    code, out, _ = run(capsys, "plan", "--fleet", fleet, "--probe-dir", folder)
+    assert code == 0 and rows(out)["pool"]["MODEL"] == "70b (locked)"
+    assert ("pool big (head box-a; workers box-b):\n  - served from the fleet lock, not today's plan, which would change "
+            "context: 14336 -> 8192") in out
+    assert f"(to serve today's plan: `r1fleet lock --fleet {fleet} box-a box-b`)" in out
