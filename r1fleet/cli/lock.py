@@ -18,7 +18,7 @@ from pathlib import Path
 from r1fleet.errors import R1FleetError
 from r1fleet.cache.registry import manifest_key
 from r1fleet.cache.store import ArtifactCache, cache_root
-from r1fleet.cli.probing import fleet_probes
+from r1fleet.cli.probing import fleet_probe_results, fleet_probes
 from r1fleet.fleet.config import read_api_key
 from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
@@ -161,14 +161,15 @@ def _lock_line(host: str, entry, previous) -> str:
 @dataclass
 class HostDiff:
     host: str
-    status: str  # matches | changes | hardware | unlocked | not-in-fleet
+    status: str  # matches | changes | hardware | unlocked | not-in-fleet | unprobed
     changes: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     fix: str | None = None
 
 
-def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
-    """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure)."""
+def diff_hosts(lock, rows: list, fleet_ref: str | None, unprobed: list[HostDiff] = ()) -> list[HostDiff]:
+    """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure); the hosts that could
+    not be probed (`unprobed`) after them."""
     out = []
     for host, hw, fresh in rows:
         entry = lock.hosts.get(host)
@@ -180,7 +181,8 @@ def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
         status = "hardware" if differences else "changes" if changes else "matches"
         fix = relock_command(host, fleet_ref) if status != "matches" else None
         out.append(HostDiff(host, status, changes, differences, fix))
-    seen = {host for host, *_ in rows}
+    out += unprobed
+    seen = {host for host, *_ in rows} | {d.host for d in unprobed}
     out += [HostDiff(h, "not-in-fleet") for h in sorted(lock.hosts) if h not in seen]
     return out
 
@@ -192,6 +194,7 @@ def diff_text(diffs: list[HostDiff]) -> str:
         "hardware": "the hardware differs from the lock (a locked deploy stops this host):",
         "unlocked": "not in the lock (deployed from today's plan)",
         "not-in-fleet": "in the lock but not in the fleet (a full `r1fleet lock` drops it)",
+        "unprobed": "not compared: it could not be probed",
     }
     lines = []
     for d in diffs:
@@ -218,11 +221,17 @@ def cmd_plan_diff(args: argparse.Namespace) -> int:
     if lock is None:
         fleet_flag = f" --fleet {args.fleet}" if args.fleet else ""
         raise R1FleetError(f"{path}: no lock to compare with", fix=f"write one with `r1fleet lock{fleet_flag}`")
-    rows = []
-    for host, text, policy, _entry in fleet_probes(fleet, probe_dir=args.probe_dir):
-        hw = parse_probe(text, host)
+    rows, unprobed = [], []
+    for host, text, policy, _entry in fleet_probe_results(fleet, probe_dir=args.probe_dir):
+        try:
+            if isinstance(text, R1FleetError):
+                raise text
+            hw = parse_probe(text, host)
+        except R1FleetError as err:  # this host alone is not compared
+            unprobed.append(HostDiff(host, "unprobed", differences=[str(err).removeprefix(f"host {host}: ")]))
+            continue
         rows.append((host, hw, plan_host(hw, policy)))
-    diffs = diff_hosts(lock, rows, args.fleet)
+    diffs = diff_hosts(lock, rows, args.fleet, unprobed)
     if args.json:
         print(json.dumps({"lock": str(path), "hosts": [asdict(d) for d in diffs]}, indent=2))
     else:

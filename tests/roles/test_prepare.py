@@ -109,3 +109,26 @@ def test_a_pool_member_is_refused_as_its_role_would_refuse_it():
                 with pytest.raises(R1FleetError) as prepared:
                     pool_install(served.plan, members[name], platform_from_hardware(hw), set(), "big", role)
                 assert str(refusal) == str(prepared.value)
+
+
+def test_the_deploy_says_when_it_serves_the_lock_instead_of_todays_plan(tmp_path, monkeypatch, capsys):
+    """A model pinned (here by --data) after locking: the deploy serves the locked plan, and says what today's would
+    change and how to take it, as `r1fleet plan` does."""
+    from types import SimpleNamespace
+
+    from r1fleet.deploy import serve
+    from r1fleet.lock.match import Lock, lock_entry, write_lock
+
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text("hosts:\n  desk: {address: 192.168.1.22}\n")
+    hw = parse_probe((PROBES / "rtx4090.probe").read_text(), "desk")
+    locked = lock_entry("desk", hw, served_alone(HostConfig(name="desk", address="192.168.1.22"), hw, None).plan)
+    write_lock(tmp_path / "fleet.yml.lock", Lock(hosts={"desk": locked}))
+    data = {"r1fleet_fleet": str(fleet), "model": "14b"}
+    monkeypatch.setattr(serve, "host", SimpleNamespace(name="desk", data=data))
+    ctx = serve.host_context(HostConfig.from_host_data("desk", data), hw)
+    assert ctx.plan == locked.plan and ctx.served.locked
+    printed = capsys.readouterr().out
+    assert ("[desk]   served from the fleet lock, not today's plan, which would change model: deepseek-r1-distill-qwen-32b "
+            "-> deepseek-r1-distill-qwen-14b") in printed
+    assert f"(to serve today's plan: `r1fleet lock --fleet {fleet} desk`)" in printed

@@ -265,6 +265,12 @@ def test_plan_diff_command(fleet, capsys):
     assert hosts["cpu-16g"]["changes"][0] == "context: 32768 -> 8192"
     assert (fleet.parent / "fleet.yml.lock").read_bytes() == locked  # only `r1fleet lock` writes the lock
 
+    (fleet.parent / "probes" / "cpu-16g.probe").unlink()  # one host that cannot be probed: the others compared
+    code, out, _ = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", probes, "--diff")
+    assert code == 1 and "rtx4090: a relock would change:" in out
+    assert (f"cpu-16g: not compared: it could not be probed\n  - {probes}/cpu-16g.probe: cannot read (No such file or "
+            f"directory) (fix: save it with `r1fleet probe --fleet {fleet} cpu-16g > {probes}/cpu-16g.probe`)") in out
+
 
 @pytest.mark.parametrize("args,expected", [
     (["plan", str(PROBES / "rtx4090.probe"), "--diff"], "--diff works on a fleet"),
