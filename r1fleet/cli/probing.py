@@ -31,6 +31,9 @@ def fleet_probe_results(fleet, hosts: list[str] | tuple[str, ...] = (), probe_di
     unknown = [h for h in hosts if h not in fleet.hosts]
     if unknown:
         raise R1FleetError(f"not in {fleet.source}", host=unknown[0], fix=f"use one of: {', '.join(fleet.hosts)}")
+    if probe_dir is not None and not probe_dir.is_dir():
+        raise R1FleetError(f"{probe_dir} is not a directory", field="--probe-dir",
+                           fix="give the directory of saved probes (DIR/HOST.probe, from `r1fleet probe --fleet F HOST`)")
     entries = [fleet.hosts[h] for h in dict.fromkeys(hosts)] if hosts else list(fleet.hosts.values())
     ref = relock_fleet(fleet.source)
     read = (lambda e: _saved_probe(probe_dir, e.name, ref)) if probe_dir is not None else _probe

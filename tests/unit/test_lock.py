@@ -277,7 +277,8 @@ def test_plan_diff_command(fleet, capsys):
     (["plan", "--fleet", "FLEET", "--diff", "--model", "32b"], "takes no --model"),
     (["plan", "--fleet", "FLEET", "--diff"], "no lock to compare with"),
     (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "no-such-host"], "host no-such-host: not in"),
-    (["lock", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "/nonexistent/cpu-16g.probe: cannot read"),
+    (["lock", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "field --probe-dir: /nonexistent is not a directory"),
+    (["plan", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "field --probe-dir: /nonexistent is not a directory"),
     (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "--api-key", "rtx4090"], "is not HOST=FILE"),
 ])
 def test_usage_errors_are_clear(fleet, capsys, args, expected):

@@ -35,7 +35,7 @@ from r1fleet.roles.ollama.takeover import (
 from r1fleet.operations.fleet_cache import Routed
 from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
-from r1fleet.artifacts.pins import Download, Platform, model_download
+from r1fleet.artifacts.pins import Download, model_download
 from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
