@@ -219,11 +219,10 @@ def best_attempt(model: Model, options: list[PlacementOption], policy: Policy, c
     for a in tried:
         if a.fits and a.tokens_per_second >= policy.min_tokens_per_second:
             return a
-    # Explain with the first accelerator placement tried; the CPU only when there is nothing else.
+    # Explain with the first accelerator placement tried; the CPU only when there is nothing else. Each reason once:
+    # placements that fail alike (a context beyond the model's training) say the same.
     shown = tried[0]
-    others = "; ".join(a.why_not for a in tried[1:])
-    if others and len(tried) > 1:
-        shown.why_not = f"{shown.why_not}; {others}"
+    shown.why_not = "; ".join(dict.fromkeys(a.why_not for a in tried if a.why_not))
     return shown
 
 

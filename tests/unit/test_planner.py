@@ -11,7 +11,8 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import kv_cache_mib
 from r1fleet.records import Gpu, GpuProcess, Hardware, UnifiedMemory
 from r1fleet.plan.placement import gpu_capacity_mib
-from r1fleet.plan.planner import plan_host, rehearse
+from r1fleet.plan.placement import placements
+from r1fleet.plan.planner import best_attempt, plan_host, rehearse
 from r1fleet.plan.policy import Policy
 
 ID = {m.size_label: m.id for m in load_catalog().models}
@@ -219,6 +220,9 @@ def test_a_context_beyond_every_distill_is_said_once_with_the_largest_that_fits(
         "nothing fits: even 1.5b does not", "not 1.5b: context 200000 is beyond what 1.5b was trained for (131072)",
         "the largest context that fits: 131072 (f16 KV) on GPU0 NVIDIA GeForce RTX 3090, est 678.6 tokens/s"]
     assert sum("beyond what" in r for r in plan.reasons) == 1
+    options = placements(probed("dual-rtx3090"), Policy())  # a rejected model's reason names each failure once too
+    assert best_attempt(load_catalog().find("1.5b"), options, Policy(), 200000).why_not == (
+        "context 200000 is beyond what 1.5b was trained for (131072)")
 
 
 def test_forced_context_is_exact():
