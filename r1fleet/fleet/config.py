@@ -103,6 +103,22 @@ def read_api_key(source: str, host: str, field: str) -> bytes:
     return key + b"\n"
 
 
+def _policy_over(name: str, policy: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's policy with host data's `policy` keys, then its `model` and `backend`, over it."""
+    merged = policy.model_dump(exclude_unset=True) if isinstance(policy, Policy) else dict(policy or {})
+    given = data.get("policy")
+    if given is not None and not isinstance(given, Mapping):
+        raise FleetError(f"{given!r} is not a mapping of policy keys", host=name, field="policy",
+                         fix="""give JSON, e.g. --data 'policy={"min_context": 4096}' (`r1fleet schema` lists the keys)""")
+    merged.update(given or {})
+    for shortcut in ("model", "backend"):
+        value = data.get(shortcut)
+        if value is not None:
+            # `--data model=70` reaches here as a number: the catalog names it, or says it knows no such model
+            merged[shortcut] = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    return merged
+
+
 class HostSettings(BaseModel):
     """Settings a host may have; `defaults` takes the same keys except `address`."""
 
@@ -350,13 +366,15 @@ class HostConfig(BaseModel):
     @classmethod
     def from_host_data(cls, name: str, data: Mapping[str, Any]) -> "HostConfig":
         """The host's config from pyinfra host data: the fleet entry under `r1fleet`, then top-level keys
-        (`--data` wins), through the same validators. `--data rehearsal=true` arrives as a string."""
+        (`--data` wins), through the same validators. `--data rehearsal=true` arrives as a string; `model`,
+        `backend` and `policy` override the entry's policy key by key, as a host's own settings do in a fleet file."""
         merged: dict[str, Any] = {"name": name, **dict(data.get("r1fleet") or {})}
         for key in HOST_DATA_OVERRIDES:
             if data.get(key) is not None:
                 merged[key] = data[key]
         if data.get("rehearsal") is not None:
             merged["rehearsal"] = truthy(data["rehearsal"])
+        merged["policy"] = _policy_over(name, merged.get("policy"), data)
         merged.setdefault("address", data.get("ssh_hostname") or name)
         if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
             merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
@@ -365,6 +383,8 @@ class HostConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
+            if field in ("policy.model", "policy.backend") and data.get(field[len("policy."):]) is not None:
+                field = field[len("policy."):]  # named as the host data gave it
             raise FleetError(first["msg"].removeprefix("Value error, "), host=name, field=field,
                              fix="correct this value in the fleet file or --data") from None
 
