@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import socket
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -18,9 +21,9 @@ from r1fleet.cli.planning import cmd_plan_hosts
 from r1fleet.cli.probing import ssh_options
 from r1fleet.fleet import plugins
 from r1fleet.cli.lock import cmd_plan_diff
-from r1fleet.fleet.file import load_fleet
+from r1fleet.fleet.file import DEFAULT_FLEET, HOST_NAME_PATTERN, REPO_ROOT, load_fleet, resolve_ref
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.probe.facts import probe_over_ssh
+from r1fleet.probe.facts import probe_over_ssh, probe_this_machine
 
 USAGE_ERROR = 2
 
@@ -56,13 +59,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise R1FleetError(f"a {args.kv_type} KV cache needs flash attention", field="--kv-type",
                            fix="drop --flash-attention off, or plan with --kv-type f16")
     if not args.probes and not args.fleet:
-        raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
+        nothing_given(args)
     if (args.diff or args.probe_dir) and not args.fleet:
         flag = "--diff" if args.diff else "--probe-dir"
         raise R1FleetError(f"{flag} works on a fleet's hosts", field=flag, fix="add --fleet FILE (or --fleet lab)")
     if args.diff:
         return cmd_plan_diff(args)
     return cmd_plan_hosts(args)
+
+
+def nothing_given(args: argparse.Namespace) -> None:
+    """`r1fleet plan` alone: the fleet of $R1FLEET_FLEET or the default fleet file when there is one, else this
+    machine (as llmfit plans the machine it runs on); it says which on stderr."""
+    if os.environ.get("R1FLEET_FLEET") or default_fleet_file():
+        args.fleet = resolve_ref(None)
+        why = "$R1FLEET_FLEET" if os.environ.get("R1FLEET_FLEET") else "the default fleet file"
+        print(f"r1fleet: planning the fleet in {args.fleet} ({why}; give probe files or --fleet to plan others)",
+              file=sys.stderr)
+        return
+    name = socket.gethostname().split(".")[0]
+    name = name if re.match(HOST_NAME_PATTERN, name) else "this-machine"
+    print(f"r1fleet: planning this machine ({name}): there is no {DEFAULT_FLEET} here and no $R1FLEET_FLEET "
+          "(give --fleet FILE to plan a fleet)", file=sys.stderr)
+    args.this_machine = (name, probe_this_machine())
+
+
+def default_fleet_file() -> Path | None:
+    """inventory/fleet.yml where load_fleet would find it (the working directory, else the checkout)."""
+    return next((path for path in (DEFAULT_FLEET, REPO_ROOT / DEFAULT_FLEET) if path.is_file()), None)
 
 
 def _probe_args(sub: argparse._SubParsersAction) -> None:

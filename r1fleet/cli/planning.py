@@ -75,6 +75,9 @@ def jobs_for(args: argparse.Namespace, fleet: Fleet | None) -> list[Job]:
         except OSError as err:
             raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
         jobs.append(Job(path.stem, text, Policy(), HostConfig(name=path.stem, address="localhost")))
+    if getattr(args, "this_machine", None):  # (name, probe document): `r1fleet plan` with nothing to plan
+        name, text = args.this_machine
+        jobs.append(Job(name, text, Policy(), HostConfig(name=name, address="127.0.0.1")))
     if fleet is not None:
         jobs += [Job(host, text, policy, entry, True)
                  for host, text, policy, entry in fleet_probe_results(fleet, probe_dir=args.probe_dir)]

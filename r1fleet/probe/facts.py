@@ -86,6 +86,17 @@ def probe_over_ssh(
     return result.stdout
 
 
+def probe_this_machine(model_dir: str = DEFAULT_MODEL_DIR, timeout_s: int = 120) -> str:
+    """Run probe.sh on the machine r1fleet runs on (`r1fleet plan` with nothing to plan plans it, as llmfit does)."""
+    try:
+        result = subprocess.run(["sh", "-s", "--", model_dir], input=probe_script(), capture_output=True, text=True,
+                                timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise R1FleetError(f"the probe of this machine did not run: {exc}", field="probe",
+                           fix="run `sh r1fleet/probe/probe.sh` to see why") from None
+    return result.stdout
+
+
 def _shell_quote(text: str) -> str:
     """ssh joins its arguments into one remote shell line, so the model directory is quoted for it."""
     return "'" + text.replace("'", "'\\''") + "'"

@@ -155,3 +155,19 @@ def test_a_pool_served_from_the_lock_says_what_todays_plan_would_change(tmp_path
     assert ("pool big (head box-a; workers box-b):\n  - served from the fleet lock, not today's plan, which would change "
             "context: 14336 -> 8192") in out
     assert f"(to serve today's plan: `r1fleet lock --fleet {fleet} box-a box-b`)" in out
+
+
+def test_plan_alone_plans_this_machine_or_the_default_fleet_and_says_which(tmp_path, monkeypatch, capsys):
+    """With nothing to plan: this machine, probed here as a host would be (as llmfit does), when there is no fleet
+    file; else the fleet of $R1FLEET_FLEET. Either way stderr says which."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("R1FLEET_FLEET", raising=False)
+    code, out, err = run(capsys, "plan", "--json")
+    assert "planning this machine" in err and code in (0, 1)
+    (host,) = json.loads(out)["hosts"]
+    assert host["host"] in err and host["model"]  # this machine's RAM holds at least the 1.5B
+    fleet = fleet_file(tmp_path / "mine.yml", {"box": {"address": "127.0.0.1", "ssh_port": 1, "ssh_user": "admin"}})
+    monkeypatch.setenv("R1FLEET_FLEET", str(fleet))
+    code, out, err = run(capsys, "plan")
+    assert f"planning the fleet in {fleet} ($R1FLEET_FLEET" in err and code == 1
+    assert rows(out)["box"]["MODEL"] == "not planned"
