@@ -49,7 +49,7 @@ def serve_r1() -> None:
     summary.install(state)
 
     with summary.step(state, host, "plan"):
-        settings = HostConfig.from_host_data(host.name, host_data(host.name, host.data.dict()))
+        settings = HostConfig.from_host_data(host.name, host.data.dict())
         hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
         remember(hardware)
         ctx = host_context(settings, hardware)
@@ -59,18 +59,6 @@ def serve_r1() -> None:
 
     if summary.ok(host):
         apply_roles(roles)
-
-
-def host_data(name: str, data: dict) -> dict:
-    """The host's pyinfra data; `@local` (pyinfra's local connector: the machine the deploy runs on, reached
-    without SSH) is served at 127.0.0.1, with no fleet file needed.
-
-    >>> host_data("@local", {})["ssh_hostname"]
-    '127.0.0.1'
-    """
-    if name == "@local" and not data.get("ssh_hostname"):
-        return {**data, "ssh_hostname": "127.0.0.1"}
-    return data
 
 
 def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:

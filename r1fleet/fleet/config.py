@@ -27,6 +27,7 @@ DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 API_KEY_FILE = f"{CONFIG_DIR}/api-key"
 API_KEY_MAX_BYTES = 4096
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
+LOCAL_HOST = "@local"
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models",
                        "remove_models")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
@@ -375,7 +376,8 @@ class HostConfig(BaseModel):
         if data.get("rehearsal") is not None:
             merged["rehearsal"] = truthy(data["rehearsal"])
         merged["policy"] = _policy_over(name, merged.get("policy"), data)
-        merged.setdefault("address", data.get("ssh_hostname") or name)
+        # `@local`, pyinfra's local connector, is the machine the deploy runs on: served at 127.0.0.1, no fleet file
+        merged.setdefault("address", data.get("ssh_hostname") or ("127.0.0.1" if name == LOCAL_HOST else name))
         if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
             merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
         try:

@@ -10,7 +10,7 @@ from pool_fixtures import hardware, head_config, pool_plan, worker_config
 
 from r1fleet.artifacts.pins import platform_from_hardware
 from r1fleet.deploy.refusals import PREPARED, check_before_change, deploy_refusal
-from r1fleet.deploy.serve import ROLES, host_data
+from r1fleet.deploy.serve import ROLES
 from r1fleet.errors import DeployError, R1FleetError
 from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.hardware import parse_probe
@@ -83,7 +83,7 @@ def test_a_host_not_run_by_systemd_is_refused_before_any_change_and_local_is_thi
     """pyinfra's @local (the machine the deploy runs on) needs no fleet file; a Docker container, whose PID 1
     is not systemd, is refused with the reason instead of failing at the first unit."""
     probe = (PROBES / "rtx3060-12g.probe").read_text()
-    config = HostConfig.from_host_data("@local", host_data("@local", {}))
+    config = HostConfig.from_host_data("@local", {})
     assert config.address == "127.0.0.1"
     for init, refused in (("systemd", False), ("bash", True), ("", False)):
         hw = parse_probe(probe.replace("#### r1fleet:meminfo", f"#### r1fleet:init\n{init}\n#### r1fleet:meminfo"), "@local")
