@@ -7,7 +7,7 @@ class R1FleetError(Exception):
     """A problem with the user's input or environment, printed without a traceback."""
 
     def __init__(self, message: str, *, host: str | None = None, field: str | None = None, fix: str | None = None):
-        self.host, self.field, self.fix = host, field, fix
+        self.message, self.host, self.field, self.fix = message, host, field, fix
         parts = []
         if host:
             parts.append(f"host {host}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import DeployError
 from r1fleet.artifacts.pins import Download, Pins, Platform, load_pins
-from r1fleet.fleet.config import OllamaReleaseOverride
+from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
 from r1fleet.records import INSTALL_ROOT, HostPlan
 
 OLLAMA_ROOT = f"{INSTALL_ROOT}/ollama"
@@ -60,18 +60,15 @@ def parse_sha256sums(text: str) -> dict[str, str]:
     return sums
 
 
-def ollama_release(
-    host: str,
+def release_downloads(
     platform: Platform,
     plan: HostPlan,
     override: OllamaReleaseOverride | None = None,
     pins: Pins | None = None,
-) -> OllamaRelease:
-    """Pick the archives for this host and their sha256 (override first, then versions.yaml).
-
-    For each stem, the zstd archive is preferred when its sha256 is known; the .tgz is the
-    fallback (pre-0.14 releases, and the lab's stand-in), as install.sh does.
-    """
+) -> tuple[str, dict[str, Download | None]]:
+    """(version, {archive stem: its download, or None where no sha256 is known for it}), override first, then
+    versions.yaml. For each stem the zstd archive is preferred when its sha256 is known; the .tgz is the
+    fallback (pre-0.14 releases, and the lab's stand-in), as install.sh does."""
     pinned = (pins or load_pins()).ollama
     override = override or OllamaReleaseOverride()
     version = override.version or pinned.version
@@ -79,17 +76,41 @@ def ollama_release(
     # The pinned sums hold for the pinned version only; host data may add the ones it lacks (a JetPack add-on).
     known = dict(pinned.sha256) if version == pinned.version else {}
     known.update(override.sha256)
-    assets = []
+    downloads: dict[str, Download | None] = {}
     for stem in ollama_asset_stems(platform, plan.vendor, plan.placement):
-        for name in (f"{stem}.tar.zst", f"{stem}.tgz"):
-            if known.get(name):
-                assets.append(Download(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()))
-                break
-        else:
+        name = next((n for n in (f"{stem}.tar.zst", f"{stem}.tgz") if known.get(n)), None)
+        downloads[stem] = Download(name=name, url=f"{base_url}/{name}", sha256=known[name].lower()) if name else None
+    return version, downloads
+
+
+def ollama_release(
+    host: str,
+    platform: Platform,
+    plan: HostPlan,
+    override: OllamaReleaseOverride | None = None,
+    pins: Pins | None = None,
+) -> OllamaRelease:
+    """The archives for this host with their sha256 (release_downloads); DeployError for one without a sha256."""
+    version, downloads = release_downloads(platform, plan, override, pins)
+    for stem, download in downloads.items():
+        if download is None:
             raise DeployError(
                 f"no sha256 is pinned for {stem}.tar.zst (Ollama {version})",
                 host=host,
                 field="ollama.sha256",
                 fix="add its line from the release's sha256sum.txt to r1fleet/artifacts/versions.yaml or host data ollama_release.sha256",
             )
-    return OllamaRelease(version=version, assets=tuple(assets))
+    return OllamaRelease(version=version, assets=tuple(d for d in downloads.values() if d is not None))
+
+
+def host_release(plan: HostPlan, settings: HostConfig, platform: Platform, pins: Pins | None = None) -> OllamaRelease:
+    """The release an Ollama host installs: its host data's override (the lab gives its stand-in's), else the
+    pinned one, from the host's mirror when it has one."""
+    return ollama_release(plan.host, platform, plan, release_override(settings), pins)
+
+
+def release_override(settings: HostConfig) -> OllamaReleaseOverride | None:
+    if settings.ollama_release is None and settings.mirror:
+        # a mirror changes where the pinned bytes come from, never which bytes (audit M8)
+        return OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
+    return settings.ollama_release

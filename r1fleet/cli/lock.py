@@ -18,7 +18,7 @@ from pathlib import Path
 from r1fleet.errors import R1FleetError
 from r1fleet.cache.registry import manifest_key
 from r1fleet.cache.store import ArtifactCache, cache_root
-from r1fleet.cli.probing import fleet_probes
+from r1fleet.cli.probing import fleet_probe_results, fleet_probes
 from r1fleet.fleet.config import read_api_key
 from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
@@ -27,7 +27,8 @@ from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lo
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.pools import plan_members
 from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
-from r1fleet.lock.served import rehearsed
+from r1fleet.lock.served import Served, rehearsed, served_in_pool
+from r1fleet.deploy.refusals import deploy_refusal
 
 LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
                  "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
@@ -80,11 +81,40 @@ def cmd_lock(args: argparse.Namespace) -> int:
         entry = with_manifest(entry, settings, fleet.cache_dir, previous)
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
-    lock = Lock(hosts=hosts, pools=_pools(fleet, probed, old))
+    pools = _pools(fleet, probed, old)
+    refused = {}
+    for host, (hw, _policy) in probed.items():
+        refusal = locked_refusal(host, hosts[host], hw, fleet, pools)
+        if refusal is not None:
+            refused[host] = refusal
+            hosts[host] = with_note(hosts[host], f"the deploy will refuse this host: {refusal}", str(refusal))
+    lock = Lock(hosts=hosts, pools=pools)
     write_lock(path, lock)
     print(f"{path}: {len(jobs)} of {len(lock.hosts)} hosts locked")
-    print("\n".join(lines))
-    return 0 if all(hosts[h].plan.fits for h, *_ in jobs) else 1
+    for line, (host, *_) in zip(lines, jobs):
+        said = str(refused[host]).removeprefix(f"host {host}: ") if host in refused else None
+        print(line + (f"\n    the deploy will refuse it: {said}" if said else ""))
+    return 0 if all(hosts[h].plan.fits for h, *_ in jobs) and not refused else 1
+
+
+def locked_refusal(host: str, entry, hw, fleet, pools: dict):
+    """What the deploy of the lock just written will refuse this host for (r1fleet/deploy/refusals.py), or None: its
+    part of a pooled pool it belongs to, else its locked plan."""
+    settings = fleet.hosts[host]
+    pool = next((p for p in pools.values() if p.pooled and host in (p.head, *p.workers)), None)
+    try:
+        served = served_in_pool(settings, hw, pool, locked=True) if pool else Served(host, entry.plan, locked=True)
+    except R1FleetError as err:
+        return err
+    return deploy_refusal(served, settings, hw, fleet.hosts)
+
+
+def with_note(entry, note: str, said: str):
+    """The entry with `note` added to its artifacts' notes, unless a note says `said` already."""
+    if any(said in existing for existing in entry.artifacts.notes):
+        return entry
+    artifacts = entry.artifacts.model_copy(update={"notes": [*entry.artifacts.notes, note]})
+    return entry.model_copy(update={"artifacts": artifacts})
 
 
 def with_manifest(entry, settings, cache_dir: str | None, previous):
@@ -131,14 +161,15 @@ def _lock_line(host: str, entry, previous) -> str:
 @dataclass
 class HostDiff:
     host: str
-    status: str  # matches | changes | hardware | unlocked | not-in-fleet
+    status: str  # matches | changes | hardware | unlocked | not-in-fleet | unprobed
     changes: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     fix: str | None = None
 
 
-def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
-    """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure)."""
+def diff_hosts(lock, rows: list, fleet_ref: str | None, unprobed: list[HostDiff] = ()) -> list[HostDiff]:
+    """Per host (rows of (host, Hardware, today's plan)): the lock compared with today (pure); the hosts that could
+    not be probed (`unprobed`) after them."""
     out = []
     for host, hw, fresh in rows:
         entry = lock.hosts.get(host)
@@ -150,7 +181,8 @@ def diff_hosts(lock, rows: list, fleet_ref: str | None) -> list[HostDiff]:
         status = "hardware" if differences else "changes" if changes else "matches"
         fix = relock_command(host, fleet_ref) if status != "matches" else None
         out.append(HostDiff(host, status, changes, differences, fix))
-    seen = {host for host, *_ in rows}
+    out += unprobed
+    seen = {host for host, *_ in rows} | {d.host for d in unprobed}
     out += [HostDiff(h, "not-in-fleet") for h in sorted(lock.hosts) if h not in seen]
     return out
 
@@ -162,6 +194,7 @@ def diff_text(diffs: list[HostDiff]) -> str:
         "hardware": "the hardware differs from the lock (a locked deploy stops this host):",
         "unlocked": "not in the lock (deployed from today's plan)",
         "not-in-fleet": "in the lock but not in the fleet (a full `r1fleet lock` drops it)",
+        "unprobed": "not compared: it could not be probed",
     }
     lines = []
     for d in diffs:
@@ -188,11 +221,17 @@ def cmd_plan_diff(args: argparse.Namespace) -> int:
     if lock is None:
         fleet_flag = f" --fleet {args.fleet}" if args.fleet else ""
         raise R1FleetError(f"{path}: no lock to compare with", fix=f"write one with `r1fleet lock{fleet_flag}`")
-    rows = []
-    for host, text, policy, _entry in fleet_probes(fleet, probe_dir=args.probe_dir):
-        hw = parse_probe(text, host)
+    rows, unprobed = [], []
+    for host, text, policy, _entry in fleet_probe_results(fleet, probe_dir=args.probe_dir):
+        try:
+            if isinstance(text, R1FleetError):
+                raise text
+            hw = parse_probe(text, host)
+        except R1FleetError as err:  # this host alone is not compared
+            unprobed.append(HostDiff(host, "unprobed", differences=[str(err).removeprefix(f"host {host}: ")]))
+            continue
         rows.append((host, hw, plan_host(hw, policy)))
-    diffs = diff_hosts(lock, rows, args.fleet)
+    diffs = diff_hosts(lock, rows, args.fleet, unprobed)
     if args.json:
         print(json.dumps({"lock": str(path), "hosts": [asdict(d) for d in diffs]}, indent=2))
     else:

@@ -7,25 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import socket
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
-from r1fleet.records import HostPlan, PoolPlan
-from r1fleet.plan.policy import Policy
 from r1fleet.fleet.file import json_schema
 from r1fleet.cli import cache as cache_commands, lock as lock_commands, status as status_commands, verify as verify_commands
-from r1fleet.cli.probing import fleet_probes, ssh_options
+from r1fleet.cli.planning import cmd_plan_hosts
+from r1fleet.cli.probing import ssh_options
 from r1fleet.fleet import plugins
 from r1fleet.cli.lock import cmd_plan_diff
-from r1fleet.fleet.file import load_fleet
-from r1fleet.hardware import parse_probe
+from r1fleet.fleet.file import DEFAULT_FLEET, HOST_NAME_PATTERN, REPO_ROOT, load_fleet, resolve_ref
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.plan.planner import plan_host
-from r1fleet.plan.pools import plan_pools, pool_heading, pool_row
-from r1fleet.probe.facts import probe_over_ssh
-from r1fleet.tensor_split import format_flag
+from r1fleet.probe.facts import probe_over_ssh, probe_this_machine
 
 USAGE_ERROR = 2
 
@@ -61,95 +59,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise R1FleetError(f"a {args.kv_type} KV cache needs flash attention", field="--kv-type",
                            fix="drop --flash-attention off, or plan with --kv-type f16")
     if not args.probes and not args.fleet:
-        raise R1FleetError("nothing to plan", fix="give probe files (r1fleet probe HOST > HOST.probe) or --fleet FILE")
+        nothing_given(args)
     if (args.diff or args.probe_dir) and not args.fleet:
         flag = "--diff" if args.diff else "--probe-dir"
         raise R1FleetError(f"{flag} works on a fleet's hosts", field=flag, fix="add --fleet FILE (or --fleet lab)")
     if args.diff:
         return cmd_plan_diff(args)
-    jobs: list[tuple[str, str, Policy, object]] = []  # (host, probe text, policy, fleet entry or None)
-    for path in args.probes:
-        try:
-            text = path.read_text(errors="replace")  # a stray byte is the parser's to judge, not a crash
-        except OSError as err:
-            raise R1FleetError(f"{path}: cannot read ({err.strerror})", fix="check the path") from None
-        jobs.append((path.stem, text, Policy(), None))
-    pools: dict = {}
-    if args.fleet:
-        fleet = load_fleet(args.fleet)
-        pools = fleet.pools
-        jobs.extend(fleet_probes(fleet, probe_dir=args.probe_dir))
-    what_if = {k: v for k, v in (("flash_attention", args.flash_attention), ("kv_types", [args.kv_type] if args.kv_type else None)) if v}
-    hardware = [parse_probe(text, host) for host, text, _, _ in jobs]
-    policies = [policy.model_copy(update=what_if) for _, _, policy, _ in jobs]
-    plans = [with_exposure_warning(plan_host(hw, policy, model=args.model, context=args.context), job[3])
-             for hw, policy, job in zip(hardware, policies, jobs)]
-    pool_plans, plans = plan_pools(pools, hardware, plans, policies, model=args.model, context=args.context)
-    if args.json:
-        print(json.dumps({"hosts": [p.model_dump(mode="json") for p in plans],
-                          "pools": [p.model_dump(mode="json") for p in pool_plans]}, indent=2))
-    else:
-        print(plans_table(plans, pool_plans))
-    return 0 if all(p.fits for p in plans) else 1
+    return cmd_plan_hosts(args)
 
 
-def with_exposure_warning(plan: HostPlan, entry) -> HostPlan:
-    """An exposed Ollama host's plan says what its allow-list admits (Ollama has no authentication), or that
-    the deploy will refuse it (HostConfig.exposure_check, the rule the deploy applies)."""
-    if entry is None or not plan.backend:
-        return plan
-    try:
-        warning = entry.exposure_check(plan.backend, plan.host)
-    except R1FleetError as refusal:
-        warning = f"the deploy refuses this host: {refusal}"
-    return plan.model_copy(update={"reasons": [*plan.reasons, warning]}) if warning else plan
+def nothing_given(args: argparse.Namespace) -> None:
+    """`r1fleet plan` alone: the fleet of $R1FLEET_FLEET or the default fleet file when there is one, else this
+    machine (as llmfit plans the machine it runs on); it says which on stderr."""
+    if os.environ.get("R1FLEET_FLEET") or default_fleet_file():
+        args.fleet = resolve_ref(None)
+        why = "$R1FLEET_FLEET" if os.environ.get("R1FLEET_FLEET") else "the default fleet file"
+        print(f"r1fleet: planning the fleet in {args.fleet} ({why}; give probe files or --fleet to plan others)",
+              file=sys.stderr)
+        return
+    name = socket.gethostname().split(".")[0]
+    name = name if re.match(HOST_NAME_PATTERN, name) else "this-machine"
+    print(f"r1fleet: planning this machine ({name}): there is no {DEFAULT_FLEET} here and no $R1FLEET_FLEET "
+          "(give --fleet FILE to plan a fleet)", file=sys.stderr)
+    args.this_machine = (name, probe_this_machine())
 
 
-def _fmt_devices(plan: HostPlan) -> str:
-    return ", ".join(f"{d.device.split(' ')[0]} {d.planned_mib:,}/{d.capacity_mib:,}" for d in plan.devices)
-
-
-def _fmt_gpus(plan: HostPlan) -> str:
-    if plan.unified_memory_mib:
-        return f"unified {plan.unified_memory_mib // 1024} GiB"
-    if not plan.gpus:
-        return "none"
-    names = {}
-    for g in plan.gpus:
-        label = f"{g['name'].replace('NVIDIA ', '').replace('GeForce ', '')} {round(g['memory_total_mib'] / 1024)}G"
-        names[label] = names.get(label, 0) + 1
-    return ", ".join(f"{n}x {label}" for label, n in names.items())
-
-
-def plans_table(plans: list[HostPlan], pools: list[PoolPlan] | tuple = ()) -> str:
-    """A table a person reads at a glance (a pooled pool is one row), then each host's and pool's reasons."""
-    catalog = load_catalog()
-    header = ("HOST", "GPUS", "MODEL", "BACKEND", "CONTEXT", "KV", "MEMORY MiB (planned/capacity)", "TOK/S")
-    rows = [header]
-    for p in plans:
-        model = catalog.find(p.model).size_label if p.model else "-"
-        if p.model and not p.fits:
-            model += " (no fit)"
-        split = ""
-        if p.tensor_split and p.tensor_split_flag:
-            blocks = "|".join(str(n) for n in p.tensor_split)
-            split = f" -ts {format_flag(p.tensor_split_flag)} (blocks {blocks}+out)"
-        rows.append((
-            p.host, _fmt_gpus(p), model, (p.backend or "-") + split, str(p.context_length or "-"),
-            p.kv_cache_type if p.model else "-", _fmt_devices(p) or "-",
-            f"{p.est_tokens_per_second:g}" if p.est_tokens_per_second else "-",
-        ))
-    rows.extend(pool_row(pool, catalog) for pool in pools if pool.pooled)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append("")
-    for p in plans:
-        lines.append(f"{p.host}:")
-        lines.extend(f"  - {reason}" for reason in p.reasons)
-    for pool in pools:
-        lines.append(pool_heading(pool))
-        lines.extend(f"  - {reason}" for reason in pool.reasons)
-    return "\n".join(lines)
+def default_fleet_file() -> Path | None:
+    """inventory/fleet.yml where load_fleet would find it (the working directory, else the checkout)."""
+    return next((path for path in (DEFAULT_FLEET, REPO_ROOT / DEFAULT_FLEET) if path.is_file()), None)
 
 
 def _probe_args(sub: argparse._SubParsersAction) -> None:
@@ -165,7 +102,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if args.host not in fleet.hosts:
             raise R1FleetError(f"not in {fleet.source}", host=args.host, fix=f"use one of: {', '.join(fleet.hosts)}")
         entry = fleet.hosts[args.host]
-        text = probe_over_ssh(entry.address, **ssh_options(entry))
+        text = probe_over_ssh(entry.address, **ssh_options(entry), name=args.host)
     else:
         text = probe_over_ssh(args.host)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")

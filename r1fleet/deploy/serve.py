@@ -13,26 +13,23 @@ one HostContext and applied in stages (r1fleet/operations/stages.py).
 
 from pyinfra import host, state
 
-from r1fleet.artifacts.pins import check_disk
-from r1fleet.deploy import summary
+from r1fleet.deploy import refusals, summary
 from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, remember
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.match import fleet_lock
-from r1fleet.lock.served import Served, served_alone, served_in_pool
+from r1fleet.lock.served import lock_note, served_alone, served_in_pool
 from r1fleet.operations.stages import HostContext, Role, apply_roles
 from r1fleet.plan.format import format_plan
 from r1fleet.plan.pools import pool_heading
 from r1fleet.probe.facts import R1Probe
 from r1fleet.records import Hardware
-from r1fleet.roles.exposure.decide import exposure_for
 from r1fleet.roles.exposure.endpoint import endpoint_of
 from r1fleet.roles.exposure.role import ExposureRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.llama_cpp.role import LlamaCppRole
 from r1fleet.roles.macos.role import MacOllamaRole
-from r1fleet.roles.ollama.decide import imports_stand_in
 from r1fleet.roles.ollama.role import OllamaRole
 from r1fleet.roles.rpc_worker.role import RpcWorkerRetired, RpcWorkerRole
 
@@ -52,7 +49,7 @@ def serve_r1() -> None:
     summary.install(state)
 
     with summary.step(state, host, "plan"):
-        settings = HostConfig.from_host_data(host.name, host_data(host.name, host.data.dict()))
+        settings = HostConfig.from_host_data(host.name, host.data.dict())
         hardware = parse_probe(host.get_fact(R1Probe, model_dir=settings.model_dir), host.name)  # one round trip
         remember(hardware)
         ctx = host_context(settings, hardware)
@@ -64,18 +61,6 @@ def serve_r1() -> None:
         # A host's odd answer that still trips something while its operations are prepared fails it alone.
         with summary.step(state, host, "prepare"):
             apply_roles(roles)
-
-
-def host_data(name: str, data: dict) -> dict:
-    """The host's pyinfra data; `@local` (pyinfra's local connector: the machine the deploy runs on, reached
-    without SSH) is served at 127.0.0.1, with no fleet file needed.
-
-    >>> host_data("@local", {})["ssh_hostname"]
-    '127.0.0.1'
-    """
-    if name == "@local" and not data.get("ssh_hostname"):
-        return {**data, "ssh_hostname": "127.0.0.1"}
-    return data
 
 
 def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:
@@ -92,8 +77,11 @@ def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:
             if ctx.served.role == "head":
                 check_before_change(ctx)
             return ctx
-    ctx = HostContext(settings, hardware, served_here(hardware, settings))
+    lock, fleet = fleet_lock(host.data.get("r1fleet_fleet"))
+    ctx = HostContext(settings, hardware, served_alone(settings, hardware, lock, fleet))
     print(format_plan(ctx.plan, settings.rehearsal))
+    if note := lock_note(ctx.served, fleet):
+        print(f"[{host.name}]   {note}")
     if not ctx.plan.fits or not ctx.plan.backend:
         raise DeployError("no model fits this host, so nothing is deployed: " + ("; ".join(ctx.plan.reasons) or "no reason given"),
                           host=host.name, fix="see `r1fleet plan`; lower the policy's min_context or min_tokens_per_second")
@@ -101,34 +89,12 @@ def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:
     return ctx
 
 
-def served_here(hardware: Hardware, settings: HostConfig) -> Served:
-    """What this host serves outside a pool: the fleet lock's plan when the fleet has a lock that names it
-    (LockMismatch, naming the differences and the relock command, when the hardware changed), else today's plan;
-    in rehearsal the stand-in in the planned slot."""
-    return served_alone(settings, hardware, *fleet_lock(host.data.get("r1fleet_fleet")))
-
-
 def kind_of(ctx: HostContext) -> str:
-    if ctx.system == "Darwin":
-        return "macos"
-    if ctx.served.role != "alone":
-        return ctx.served.role
-    return ctx.plan.backend
+    return refusals.kind_of(ctx.served, ctx.system)
 
 
 def check_before_change(ctx: HostContext) -> None:
-    """What refuses a host before anything changes on it, naming the reason; prints the exposure's warning."""
-    plan, settings, darwin = ctx.plan, ctx.settings, ctx.system == "Darwin"
-    if not darwin and ctx.hardware.os.init not in ("", "systemd"):
-        raise DeployError(f"this host is not run by systemd (its PID 1 is {ctx.hardware.os.init}), and r1fleet's "
-                          "services are systemd units", host=ctx.host,
-                          fix="deploy to a machine or VM booted with systemd (a Docker container has none)")
-    check_disk(ctx.host, plan, ctx.hardware, imports_stand_in(plan, settings, ctx.system))  # 43 GB never fill the disk
-    exposure_for(settings, plan, ctx.host, darwin=darwin)
-    settings.api_key_text()  # an unreadable api_key_source
-    if settings.ollama_registry and darwin:
-        raise DeployError("the macOS role pulls its model from registry.ollama.ai itself (or imports the rehearsal "
-                          "stand-in): it does not take one from another registry", host=ctx.host,
-                          field="ollama_registry", fix="remove ollama_registry for this host")
-    if warning := settings.exposure_check(plan.backend, ctx.host):
+    """What refuses a host before anything changes on it, naming the reason (r1fleet/deploy/refusals.py, which
+    `r1fleet plan` shows too); prints the exposure's warning."""
+    if warning := refusals.check_before_change(ctx.served, ctx.settings, ctx.hardware):
         print(f"[{ctx.host}]   {warning}")

@@ -2,8 +2,9 @@
 
 `fleet_dict_from_ansible(path)` goes through ansible-core's own InventoryManager and
 VariableManager, so group/host variable precedence is Ansible's. Mapping:
-  ansible_host -> address, ansible_user -> ssh_user, ansible_port -> ssh_port,
-  ansible_ssh_private_key_file -> ssh_key, group names -> groups,
+  ansible_host or ansible_ssh_host -> address, ansible_user or ansible_ssh_user -> ssh_user,
+  ansible_port or ansible_ssh_port -> ssh_port, ansible_private_key_file or ansible_ssh_private_key_file -> ssh_key
+  (the ssh_ name winning, as in Ansible's ssh connection), group names -> groups,
   r1fleet_<setting> host/group vars -> <setting> (r1fleet_listen, r1fleet_allow, r1fleet_policy, ...).
 The result is validated by r1fleet.fleet.file like any fleet file.
 """
@@ -18,11 +19,15 @@ from typing import Any
 
 from r1fleet.errors import FleetError
 
+# Ansible's connection variables, per fleet setting in the order the ssh connection plugin lists them
+# (ansible/plugins/connection/ssh.py, each option's `vars:`). The last one a host defines wins
+# (ansible/config/manager.py, _loop_entries), so ansible_ssh_host overrides ansible_host as it does in Ansible;
+# without either, the inventory name is the address.
 CONNECTION_VARS = {
-    "ansible_host": "address",
-    "ansible_user": "ssh_user",
-    "ansible_port": "ssh_port",
-    "ansible_ssh_private_key_file": "ssh_key",
+    "address": ("ansible_host", "ansible_ssh_host"),
+    "ssh_port": ("ansible_port", "ansible_ssh_port"),
+    "ssh_user": ("ansible_user", "ansible_ssh_user"),
+    "ssh_key": ("ansible_private_key_file", "ansible_ssh_private_key_file"),
 }
 PREFIX = "r1fleet_"
 # Groups every Ansible inventory has; they say nothing about the host.
@@ -79,9 +84,10 @@ def _read_inventory(p: Path) -> dict[str, Any]:
         host_vars = variables.get_vars(host=ahost)
         entry: dict[str, Any] = {"address": ahost.name}
         render = _renderer(host_vars, ahost.name)
-        for ansible_key, fleet_key in CONNECTION_VARS.items():
-            if host_vars.get(ansible_key) is not None:
-                entry[fleet_key] = render(ansible_key, host_vars[ansible_key])
+        for fleet_key, names in CONNECTION_VARS.items():
+            for name in names:
+                if host_vars.get(name) is not None:
+                    entry[fleet_key] = render(name, host_vars[name])
         for key, value in host_vars.items():
             if key.startswith(PREFIX) and len(key) > len(PREFIX):
                 entry[key[len(PREFIX):]] = _structured(render(key, value))

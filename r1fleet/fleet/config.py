@@ -29,6 +29,7 @@ API_KEY_FILE = f"{CONFIG_DIR}/api-key"
 API_KEY_MAX_BYTES = 4096
 API_KEY_MIN_CHARS = 32
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
+LOCAL_HOST = "@local"
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models",
                        "remove_models")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
@@ -179,6 +180,22 @@ def read_api_key(source: str, host: str, field: str) -> bytes:
                          "characters)", host=host, field=field,
                          fix=f"write a new key: {create}")
     return key + b"\n"
+
+
+def _policy_over(name: str, policy: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's policy with host data's `policy` keys, then its `model` and `backend`, over it."""
+    merged = policy.model_dump(exclude_unset=True) if isinstance(policy, Policy) else dict(policy or {})
+    given = data.get("policy")
+    if given is not None and not isinstance(given, Mapping):
+        raise FleetError(f"{given!r} is not a mapping of policy keys", host=name, field="policy",
+                         fix="""give JSON, e.g. --data 'policy={"min_context": 4096}' (`r1fleet schema` lists the keys)""")
+    merged.update(given or {})
+    for shortcut in ("model", "backend"):
+        value = data.get(shortcut)
+        if value is not None:
+            # `--data model=70` reaches here as a number: the catalog names it, or says it knows no such model
+            merged[shortcut] = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    return merged
 
 
 class HostSettings(BaseModel):
@@ -456,14 +473,17 @@ class HostConfig(BaseModel):
     @classmethod
     def from_host_data(cls, name: str, data: Mapping[str, Any]) -> "HostConfig":
         """The host's config from pyinfra host data: the fleet entry under `r1fleet`, then top-level keys
-        (`--data` wins), through the same validators. `--data rehearsal=true` arrives as a string."""
+        (`--data` wins), through the same validators. `--data rehearsal=true` arrives as a string; `model`,
+        `backend` and `policy` override the entry's policy key by key, as a host's own settings do in a fleet file."""
         merged: dict[str, Any] = {"name": name, **dict(data.get("r1fleet") or {})}
         for key in HOST_DATA_OVERRIDES:
             if data.get(key) is not None:
                 merged[key] = data[key]
         if data.get("rehearsal") is not None:
             merged["rehearsal"] = truthy(data["rehearsal"])
-        merged.setdefault("address", data.get("ssh_hostname") or name)
+        merged["policy"] = _policy_over(name, merged.get("policy"), data)
+        # `@local`, pyinfra's local connector, is the machine the deploy runs on: served at 127.0.0.1, no fleet file
+        merged.setdefault("address", data.get("ssh_hostname") or ("127.0.0.1" if name == LOCAL_HOST else name))
         if not is_loopback(merged.get("listen")) and not merged.get("api_key_file"):
             merged["api_key_file"] = API_KEY_FILE  # written once on the host by roles/exposure.py
         try:
@@ -471,6 +491,8 @@ class HostConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
+            if field in ("policy.model", "policy.backend") and data.get(field[len("policy."):]) is not None:
+                field = field[len("policy."):]  # named as the host data gave it
             raise FleetError(first["msg"].removeprefix("Value error, "), host=name, field=field,
                              fix="correct this value in the fleet file or --data") from None
 

@@ -18,10 +18,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.artifacts.pins import Pins, Platform, load_pins, platform_from_hardware
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
-from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release
-
-# The Ollama and llama.cpp decisions are imported where used: their packages' __init__ load the pyinfra
-# roles, which reading, comparing and applying a lock do not need.
+from r1fleet.artifacts.ollama_release import host_release, release_downloads, release_override
 
 
 class _Strict(BaseModel):
@@ -93,19 +90,26 @@ class Artifacts(_Strict):
 
 def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,
                   pins: Pins | None = None) -> Artifacts:
-    """Every artifact the deploy would fetch for this plan on this host, by digest."""
+    """Every artifact the deploy would fetch for this plan on this host, by digest, and notes on what the lock
+    cannot pin or the deploy will refuse."""
     pins = pins or load_pins()
     notes: list[str] = []
-    result = Artifacts(model=model_artifact(plan), driver=driver_artifact(hw, plan, notes), notes=notes)
-    if plan.model is None:
-        return result
-    if hw.os.system.lower() == "darwin":
-        return result.model_copy(update={"ollama": darwin_ollama(pins)})
+    # Artifacts is built last: pydantic copies a list it validates, so notes added after would be lost.
+    found = {"model": model_artifact(plan), "driver": driver_artifact(hw, plan, notes)}
+    if plan.model is not None and hw.os.system.lower() == "darwin":
+        found["ollama"] = darwin_ollama(pins)
+    elif plan.model is not None:
+        found.update(linux_artifacts(hw, plan, settings, pins, notes))
+    return Artifacts(**found, notes=notes)
+
+
+def linux_artifacts(hw: Hardware, plan: HostPlan, settings: HostConfig, pins: Pins, notes: list[str]) -> dict:
+    """The Ollama release and the llama.cpp build of a Linux host (whichever its backend needs)."""
     try:
         platform = platform_from_hardware(hw)
     except R1FleetError as err:
         notes.append(f"no Ollama or llama.cpp artifact: {err}")
-        return result
+        return {}
     llama = None
     if plan.backend == "llama.cpp":
         llama = llama_cpp_artifact(platform, plan, settings, pins, notes)
@@ -113,7 +117,7 @@ def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,
     ollama = linux_ollama(platform, plan, settings, pins, notes) if needs_ollama else None
     if settings.profile and needs_ollama:
         notes.append("lab host: the lab mirror serves its own stand-in Ollama release in place of the pinned one")
-    return result.model_copy(update={"ollama": ollama, "llama_cpp": llama})
+    return {"ollama": ollama, "llama_cpp": llama}
 
 
 def model_artifact(plan: HostPlan) -> ModelArtifact | None:
@@ -128,14 +132,16 @@ def model_artifact(plan: HostPlan) -> ModelArtifact | None:
 
 def linux_ollama(platform: Platform, plan: HostPlan, settings: HostConfig, pins: Pins,
                  notes: list[str]) -> OllamaArtifact:
-    """The archives roles/ollama would install (the same function decides); a missing sha256 stays null."""
+    """The archives roles/ollama installs (host_release decides for both); an archive without a sha256 stays null
+    and the others keep theirs."""
     try:
-        release = ollama_release(plan.host, platform, plan, settings.ollama_release, pins)
+        release = host_release(plan, settings, platform, pins)
     except R1FleetError as err:
         notes.append(f"the deploy will refuse this host's Ollama archive: {err}")
-        version = (settings.ollama_release and settings.ollama_release.version) or pins.ollama.version
-        stems = ollama_asset_stems(platform, plan.vendor, plan.placement)
-        return OllamaArtifact(version=version, assets=[OllamaAsset(name=f"{s}.tar.zst") for s in stems])
+        version, downloads = release_downloads(platform, plan, release_override(settings), pins)
+        return OllamaArtifact(version=version, assets=[
+            OllamaAsset(name=d.name, sha256=d.sha256) if d else OllamaAsset(name=f"{stem}.tar.zst")
+            for stem, d in downloads.items()])
     return OllamaArtifact(version=release.version,
                           assets=[OllamaAsset(name=a.name, sha256=a.sha256) for a in release.assets])
 

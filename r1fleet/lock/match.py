@@ -32,14 +32,14 @@ from r1fleet.lock.file import (
     read_lock,
     write_lock,
 )
-from r1fleet.records import Hardware, HostPlan
+from r1fleet.records import Hardware, HostPlan, PoolPlan
 from r1fleet.plan.policy import Policy
 from r1fleet.plan.planner import plan_host
 
 __all__ = [
     "LOCK_VERSION", "Fingerprint", "GpuFingerprint", "HostLock", "Lock", "LockMismatch", "effective_plan",
     "fingerprint_differences", "fingerprint_of", "key_fingerprint", "lock_entry", "lock_path", "lock_text",
-    "locked_plan", "locked_pool", "plan_diff", "read_lock", "relock_command", "relock_fleet", "write_lock",
+    "locked_plan", "locked_pool", "plan_diff", "pool_diff", "read_lock", "relock_command", "relock_fleet", "write_lock",
 ]
 
 
@@ -216,6 +216,18 @@ def plan_diff(locked: HostPlan, fresh: HostPlan) -> list[str]:
     if not changes:
         return []
     return [*changes, *(f"why: {reason}" for reason in fresh.reasons)]
+
+
+# What a relock of a pool may change.
+_POOL_FIELDS = (("pooled", "pooled"), ("head", "head"), ("workers", "workers"), ("model", "model"),
+                ("context_length", "context"), ("kv_cache_type", "KV cache"), ("flash_attention", "flash attention"),
+                ("tensor_split", "split (blocks per device)"))
+
+
+def pool_diff(locked: PoolPlan, fresh: PoolPlan) -> list[str]:
+    """What relocking a pool would change (`model: a -> b`), one line each; [] = no change."""
+    return [f"{label}: {_show(getattr(locked, attr))} -> {_show(getattr(fresh, attr))}"
+            for attr, label in _POOL_FIELDS if getattr(locked, attr) != getattr(fresh, attr)]
 
 
 def _show(value: Any) -> str:

@@ -23,8 +23,8 @@ from typing import Literal, Mapping
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.lock.file import Lock
-from r1fleet.lock.match import effective_plan, locked_pool
-from r1fleet.plan.planner import rehearse
+from r1fleet.lock.match import effective_plan, locked_pool, plan_diff, pool_diff, relock_command
+from r1fleet.plan.planner import plan_host, rehearse
 from r1fleet.plan.pool_settings import PoolSettings
 from r1fleet.plan.pools import member_plan, plan_members
 from r1fleet.records import Hardware, HostPlan, PoolPlan
@@ -39,6 +39,7 @@ class Served:
     role: Role = "alone"
     pool: PoolPlan | None = None
     locked: bool = False  # the plan (or the pool's) comes from the fleet lock, not from today's plan
+    relock_changes: tuple[str, ...] = ()  # a locked host alone: what today's plan would change (`context: a -> b`)
 
 
 def rehearsed(plan: HostPlan, settings: HostConfig, rehearsal: bool = False) -> HostPlan:
@@ -56,12 +57,38 @@ def pool_served(name: str, pool: PoolSettings, members: Mapping[str, HostConfig]
     return plan_members(name, pool, [hardware[m] for m in pool.hosts], [members[m].policy for m in pool.hosts]), False
 
 
+def pool_lock_note(locked: PoolPlan, today: PoolPlan, fleet: str | None = None) -> str | None:
+    """As lock_note, for a pool the deploy serves from the lock while today's plan of it differs."""
+    changes = pool_diff(locked, today)
+    if not changes:
+        return None
+    members = " ".join((locked.head, *locked.workers))
+    command = f"r1fleet lock --fleet {fleet} {members}" if fleet else f"r1fleet lock {members}"
+    return (f"served from the fleet lock, not today's plan, which would change {'; '.join(changes)} "
+            f"(to serve today's plan: `{command}`)")
+
+
 def served_alone(settings: HostConfig, hardware: Hardware, lock: Lock | None, fleet: str | None = None,
                  rehearsal: bool = False) -> Served:
     """A host outside a pooled pool: its locked plan, else today's."""
     plan = effective_plan(hardware, settings.policy, lock, fleet)
     locked = lock is not None and hardware.host in lock.hosts
-    return Served(hardware.host, rehearsed(plan, settings, rehearsal), locked=locked)
+    changes = relock_changes(plan, plan_host(hardware, settings.policy)) if locked else ()
+    return Served(hardware.host, rehearsed(plan, settings, rehearsal), locked=locked, relock_changes=changes)
+
+
+def relock_changes(locked: HostPlan, today: HostPlan) -> tuple[str, ...]:
+    """What serving today's plan instead of the locked one would change, one line each; () when nothing."""
+    return tuple(line for line in plan_diff(locked, today) if not line.startswith("why: "))
+
+
+def lock_note(served: Served, fleet: str | None = None) -> str | None:
+    """Says that the deploy serves the lock's plan where today's planner (a newer r1fleet, a changed policy, a model
+    pinned since) would choose otherwise, and how to take today's; None when the lock and today agree."""
+    if not served.relock_changes:
+        return None
+    return (f"served from the fleet lock, not today's plan, which would change {'; '.join(served.relock_changes)} "
+            f"(to serve today's plan: `{relock_command(served.host, fleet)}`)")
 
 
 def served_in_pool(settings: HostConfig, hardware: Hardware, pool: PoolPlan, locked: bool,

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
 from r1fleet.plan.memory import bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
@@ -133,20 +133,14 @@ def attempt(model: Model, placement: PlacementOption, policy: Policy, context: i
             return result
     fa = flash_attention_for(placement, policy)
     # A quantized V cache needs flash attention (llama.cpp src/llama-context.cpp; Ollama's FAQ).
-    kv_types = policy.kv_types if fa else [t for t in policy.kv_types if t == "f16"]
+    kv_types = allowed_kv_types(placement, policy)
     if not kv_types:
         result = Attempt(model, placement, False, low, policy.kv_types[0], _even_layers(model, placement), flash_attention=fa)
         result.why_not = f"a {policy.kv_types[0]} KV cache needs flash attention, which is off on {_describe(placement)}"
         return result
     for kv_type in kv_types:
         if _fit_at(model, placement, low, kv_type, policy):
-            ctx = largest_context(model, placement, kv_type, low, high, policy)
-            layers = _fit_at(model, placement, ctx, kv_type, policy) or []
-            result = Attempt(model, placement, True, ctx, kv_type, layers, flash_attention=fa)
-            result.ubatch = runtime_ubatch(model, placement, ctx, policy)
-            result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib, result.ubatch)
-            result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
-            return result
+            return fitted(model, placement, largest_context(model, placement, kv_type, low, high, policy), kv_type, policy)
     # Does not fit: report figures at the minimum context, as if the layers were spread by capacity.
     kv_type = kv_types[-1]
     layers = _even_layers(model, placement)
@@ -158,6 +152,22 @@ def attempt(model: Model, placement: PlacementOption, policy: Policy, context: i
     have = sum(s.capacity_mib for s in placement.slots)
     result.why_not = f"needs {need:,} MiB at context {low} ({kv_type} KV) but {_describe(placement)} has {have:,} MiB"
     return result
+
+
+def fitted(model: Model, placement: PlacementOption, ctx: int, kv_type: str, policy: Policy) -> Attempt:
+    """The model fitted at context `ctx` (which fits) with its layers, devices and speed."""
+    fa = flash_attention_for(placement, policy)
+    layers = _fit_at(model, placement, ctx, kv_type, policy) or []
+    result = Attempt(model, placement, True, ctx, kv_type, layers, flash_attention=fa)
+    result.ubatch = runtime_ubatch(model, placement, ctx, policy)
+    result.devices = device_plans(model, placement.slots, layers, ctx, kv_type, fa, policy.headroom_mib, result.ubatch)
+    result.tokens_per_second = tokens_per_second(model, placement, layers, ctx, kv_type)
+    return result
+
+
+def allowed_kv_types(placement: PlacementOption, policy: Policy) -> list[str]:
+    """The policy's KV types the placement can run: a quantized V cache needs flash attention."""
+    return policy.kv_types if flash_attention_for(placement, policy) else [t for t in policy.kv_types if t == "f16"]
 
 
 def _even_layers(model: Model, placement: PlacementOption) -> list[int]:
@@ -186,25 +196,145 @@ def ordered_candidates(catalog: Catalog, policy: Policy) -> list[Model]:
     return models
 
 
+def judged(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> list[Attempt]:
+    """The model tried in each placement, one that fits but is slower than the policy's floor marked as not fitting."""
+    tried = [attempt(model, p, policy, context) for p in options]
+    if any(a.fits and a.tokens_per_second >= policy.min_tokens_per_second for a in tried):
+        return tried
+    for a in tried:
+        if a.fits:
+            a.why_not = _too_slow(a, policy)
+            a.fits = False
+    return tried
+
+
+def _too_slow(a: Attempt, policy: Policy) -> str:
+    return (f"on {_describe(a.placement)} it is estimated at {a.tokens_per_second} tokens/s, "
+            f"below min_tokens_per_second {policy.min_tokens_per_second:g}")
+
+
 def best_attempt(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> Attempt:
     """The first placement (in preference order) where the model fits and is fast enough."""
-    tried = [attempt(model, p, policy, context) for p in options]
+    tried = judged(model, options, policy, context)
     for a in tried:
         if a.fits and a.tokens_per_second >= policy.min_tokens_per_second:
             return a
-    for a in tried:
-        if a.fits:
-            a.why_not = (
-                f"on {_describe(a.placement)} it is estimated at {a.tokens_per_second} tokens/s, "
-                f"below min_tokens_per_second {policy.min_tokens_per_second:g}"
-            )
-            a.fits = False
-    # Explain with the first accelerator placement tried; the CPU only when there is nothing else.
+    # Explain with the first accelerator placement tried; the CPU only when there is nothing else. Each reason once:
+    # placements that fail alike (a context beyond the model's training) say the same.
     shown = tried[0]
-    others = "; ".join(a.why_not for a in tried[1:])
-    if others and len(tried) > 1:
-        shown.why_not = f"{shown.why_not}; {others}"
+    shown.why_not = "; ".join(dict.fromkeys(a.why_not for a in tried if a.why_not))
     return shown
+
+
+# ---------------------------------------------------------------- when the model does not fit
+
+
+ORDINALS = {2: "second", 3: "third", 4: "fourth"}
+MORE_GPUS = 3  # how many more GPUs like the host's a remedy may name
+
+
+@dataclass
+class NoFit:
+    """Why a model fits nowhere on a host at the context asked, and what would make it fit."""
+
+    model: Model
+    context: int  # the context it was asked to fit (the policy's min_context unless forced)
+    closest: Attempt  # the placement closest to fitting, with its figures at `context`
+    largest: Attempt | None = None  # the largest context below `context` that fits fast enough, and where
+    remedies: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # the other placements' reasons, each once
+    floor: float = 0.0  # the policy's min_tokens_per_second
+
+    def reasons(self) -> list[str]:
+        """The answer in a few lines: by how much and where, the largest context that fits, what would make it fit."""
+        m, a = self.model, self.closest
+        over = any(d.planned_mib > d.capacity_mib for d in a.devices)
+        if not a.devices:  # beyond what the model was trained for: no figures to give
+            lines = [a.why_not]
+        elif over:
+            devices = ", ".join(f"{d.device.split(' ')[0]} {d.planned_mib:,}/{d.capacity_mib:,} MiB"
+                                + (f" ({d.planned_mib - d.capacity_mib:,} over)" if d.planned_mib > d.capacity_mib else "")
+                                for d in a.devices)
+            lines = [f"{m.size_label} does NOT fit at context {self.context} ({a.kv_type} KV): closest on "
+                     f"{_describe(a.placement)}: {devices}"]
+        else:
+            lines = [f"{m.size_label} does NOT fit at context {self.context} ({a.kv_type} KV): {a.why_not}"]
+        if self.largest is not None:
+            b = self.largest
+            lines.append(f"the largest context that fits: {b.context} ({b.kv_type} KV) on {_describe(b.placement)}, "
+                         f"est {b.tokens_per_second} tokens/s")
+        else:
+            lines.append(f"no context fits {m.size_label} here at min_tokens_per_second {self.floor:g} or faster")
+        if self.remedies:
+            lines.append(f"it would fit at context {self.context} with: {'; or '.join(self.remedies)}")
+        if self.elsewhere:
+            lines.append(f"elsewhere: {'; '.join(self.elsewhere)}")
+        return lines
+
+
+def no_fit(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> NoFit:
+    """The answer for a model that fits no placement: the closest placement (the fast enough ones first, then the
+    least memory over capacity), the largest context that fits, and what would make the asked context fit."""
+    target = context if context is not None else context_bounds(model, policy)[0]
+    tried = judged(model, options, policy, context)
+
+    def distance(a: Attempt) -> tuple[bool, int]:
+        over = sum(max(d.planned_mib - d.capacity_mib, 0) for d in a.devices)
+        return a.tokens_per_second < policy.min_tokens_per_second, over
+
+    closest = min((a for a in tried if a.devices), key=distance, default=tried[0])
+    answer = NoFit(model, target, closest, floor=policy.min_tokens_per_second)
+    answer.elsewhere = list(dict.fromkeys(a.why_not for a in tried if a is not closest and a.why_not != closest.why_not))
+    high = min(target - 1, model.arch.context_train)
+    answer.largest = largest_fit(model, options, policy, high)
+    if target <= model.arch.context_train:
+        answer.remedies = remedies(model, closest, policy, target)
+    return answer
+
+
+def largest_fit(model: Model, options: list[PlacementOption], policy: Policy, high: int) -> Attempt | None:
+    """The largest context up to `high` that fits fast enough, over every placement and allowed KV type."""
+    best = None
+    for placement in options:
+        for kv_type in allowed_kv_types(placement, policy):
+            low = min(constants().context_step, high)
+            if low < 1 or not _fit_at(model, placement, low, kv_type, policy):
+                continue
+            result = fitted(model, placement, largest_context(model, placement, kv_type, low, high, policy), kv_type, policy)
+            if result.tokens_per_second >= policy.min_tokens_per_second and (best is None or result.context > best.context):
+                best = result
+    return best
+
+
+def remedies(model: Model, closest: Attempt, policy: Policy, context: int) -> list[str]:
+    """What would make `context` fit where the model came closest: a KV type the policy leaves out, more GPUs like
+    the ones it has, or (fitting but too slow) a lower speed floor."""
+    placement = closest.placement
+    if closest.devices and all(d.planned_mib <= d.capacity_mib for d in closest.devices):
+        return [f"min_tokens_per_second lowered to {closest.tokens_per_second:g} (policy), for its estimated speed"]
+    out = []
+    if flash_attention_for(placement, policy):
+        for kv_type in ("q8_0", "q4_0"):
+            quantized = policy.model_copy(update={"kv_types": [kv_type]})
+            if kv_type not in policy.kv_types and _fits_fast(attempt(model, placement, quantized, context), policy):
+                out.append(f"a {kv_type} KV cache (--kv-type {kv_type}, or policy kv_types)")
+                break
+    if placement.kind in ("gpu", "multi-gpu"):
+        gpu, slot = placement.gpus[0], placement.slots[0]
+        for extra in range(1, MORE_GPUS + 1):
+            copies = [replace(slot, name=f"GPU{len(placement.slots) + i} {gpu.name} (another)") for i in range(extra)]
+            more = PlacementOption("multi-gpu", (*placement.slots, *copies), (*placement.gpus, *[gpu] * extra))
+            if _fits_fast(attempt(model, more, policy, context), policy):
+                total = len(placement.slots) + extra
+                what = f"a {ORDINALS[total]} {gpu.name}" if extra == 1 and total in ORDINALS else \
+                    f"{extra} more {gpu.name} ({total} in all)"
+                out.append(f"{what} ({slot.capacity_mib:,} MiB free, split by llama.cpp)")
+                break
+    return out
+
+
+def _fits_fast(a: Attempt, policy: Policy) -> bool:
+    return a.fits and a.tokens_per_second >= policy.min_tokens_per_second
 
 
 def plan_host(
@@ -223,10 +353,14 @@ def plan_host(
     rejected: list[Attempt] = []
     for candidate in candidates:
         result = best_attempt(candidate, options, policy, context)
-        if result.fits or pinned:
+        if result.fits:
             return _host_plan(hw, policy, result, rejected, forced=bool(pinned or context))
+        if pinned:
+            answer = no_fit(candidate, options, policy, context)
+            return _host_plan(hw, policy, answer.closest, rejected, forced=True, answer=answer)
         rejected.append(result)
-    return _host_plan(hw, policy, None, rejected, forced=False)
+    answer = no_fit(rejected[-1].model, options, policy, context) if rejected else None
+    return _host_plan(hw, policy, None, rejected, forced=False, answer=answer)
 
 
 def _backend(placement: PlacementOption, policy: Policy) -> str:
@@ -235,7 +369,8 @@ def _backend(placement: PlacementOption, policy: Policy) -> str:
     return "llama.cpp" if placement.kind == "multi-gpu" else "ollama"
 
 
-def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: list[Attempt], forced: bool) -> HostPlan:
+def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: list[Attempt], forced: bool,
+               answer: NoFit | None = None) -> HostPlan:
     gpus = [
         {"index": g.index, "name": g.name, "memory_total_mib": g.memory_total_mib, "memory_free_mib": gpu_capacity_mib(g)}
         for g in hw.gpus
@@ -244,18 +379,23 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
     base = dict(host=hw.host, gpus=gpus, unified_memory_mib=hw.unified.total_mib if hw.unified else None)
     if chosen is None:
         smallest = rejected[-1].model.size_label if rejected else "any model"
+        if answer is not None:
+            first, *more = answer.reasons()
+            reasons = [f"not {smallest}: {first}", *more]
         return HostPlan(model=None, reasons=[f"nothing fits: even {smallest} does not", *reasons], **base)
     m, p = chosen.model, chosen.placement
     backend = _backend(p, policy)
-    verdict = "fits" if chosen.fits else "does NOT fit"
-    where = _describe(p)
-    used = ", ".join(f"{d.device} {d.planned_mib:,}/{d.capacity_mib:,} MiB" for d in chosen.devices)
-    why = f"{m.size_label} {verdict} on {where} at context {chosen.context} ({chosen.kv_type} KV): {used}; est {chosen.tokens_per_second} tokens/s"
-    if not chosen.fits and chosen.why_not:
-        why += f" ({chosen.why_not})"
     lead = "requested" if forced else "largest that fits"
-    reasons = [f"{lead}: {why}", *reasons]
-    if backend == "llama.cpp" and p.kind == "multi-gpu":
+    if answer is not None:
+        first, *more = answer.reasons()
+        reasons = [f"{lead}: {first}", *more, *reasons]
+    else:
+        used = ", ".join(f"{d.device} {d.planned_mib:,}/{d.capacity_mib:,} MiB" for d in chosen.devices)
+        why = (f"{m.size_label} fits on {_describe(p)} at context {chosen.context} ({chosen.kv_type} KV): {used}; "
+               f"est {chosen.tokens_per_second} tokens/s")
+        reasons = [f"{lead}: {why}", *reasons]
+    overflows = any(d.planned_mib > d.capacity_mib for d in chosen.devices)
+    if backend == "llama.cpp" and p.kind == "multi-gpu" and chosen.fits:
         reasons.append(
             f"llama.cpp llama-server, blocks {chosen.layers} across {len(p.slots)} GPUs with the output on the last "
             f"(--tensor-split {format_flag(flag_for_layers(chosen.layers))}: llama.cpp counts the output as one more layer); "
@@ -296,7 +436,8 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         gpu_uuids=[g.uuid for g in p.gpus if g.uuid],
         gpu_indices=[g.index for g in p.gpus],
         devices=chosen.devices,
-        est_tokens_per_second=chosen.tokens_per_second,
+        # a speed for memory the host does not have would read as a promise
+        est_tokens_per_second=None if overflows or not chosen.devices else chosen.tokens_per_second,
         reasons=reasons,
         gguf=m.pinned_gguf(),
         n_layers=m.arch.layers,

@@ -6,6 +6,7 @@ r1fleet.hardware.parse_probe turns it into Hardware.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -50,11 +51,15 @@ def probe_over_ssh(
     timeout_s: int = 120,
     ssh: str = "ssh",
     extra_args: tuple[str, ...] = (),
+    name: str | None = None,
 ) -> str:
     """Run probe.sh on `host_alias` with the system ssh client (so ~/.ssh/config applies) and return the document.
 
-    BatchMode keeps ssh from waiting on a password prompt; failures raise R1FleetError naming the host.
+    BatchMode keeps ssh from waiting on a password prompt; failures raise R1FleetError naming the host (`name`, a
+    fleet's name for it, else the destination) and the ssh command to make work.
     """
+    who = name or host_alias
+    check = shlex.join([ssh, "-o", "BatchMode=yes", *extra_args, host_alias, "true"])
     command = [
         ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout_s}", *extra_args,
         # `--`: the destination can never be read as an option (an address like -oProxyCommand=...)
@@ -66,21 +71,32 @@ def probe_over_ssh(
             check=False,
         )
     except FileNotFoundError as exc:
-        raise R1FleetError(f"cannot run {ssh!r}: {exc}", host=host_alias, field="ssh",
+        raise R1FleetError(f"cannot run {ssh!r}: {exc}", host=who, field="ssh",
                            fix="install an OpenSSH client (apt-get install openssh-client)") from exc
     except subprocess.TimeoutExpired as exc:
-        raise R1FleetError(f"the probe did not finish within {timeout_s} s", host=host_alias, field="ssh",
+        raise R1FleetError(f"the probe did not finish within {timeout_s} s", host=who, field="ssh",
                            fix="check that the host is reachable and not hung (a stuck nvidia-smi?)") from exc
     if result.returncode != 0:
         detail = (probe_text(result.stderr).strip().splitlines() or ["no error output"])[-1]
         raise R1FleetError(
-            f"ssh failed with exit status {result.returncode}: {detail}", host=host_alias, field="ssh",
-            fix=f"make `ssh -o BatchMode=yes {host_alias} true` work (host name, key, ~/.ssh/config)",
+            f"ssh failed with exit status {result.returncode}: {detail}", host=who, field="ssh",
+            fix=f"make `{check}` work (address, user, key, ~/.ssh/config)",
         )
     if "#### r1fleet:" not in result.stdout:
-        raise R1FleetError("the host answered but printed no probe document", host=host_alias, field="probe",
+        raise R1FleetError("the host answered but printed no probe document", host=who, field="probe",
                            fix="check that the remote login shell runs commands (`sh -s` must read stdin)")
     return probe_text(result.stdout)
+
+
+def probe_this_machine(model_dir: str = DEFAULT_MODEL_DIR, timeout_s: int = 120) -> str:
+    """Run probe.sh on the machine r1fleet runs on (`r1fleet plan` with nothing to plan plans it, as llmfit does)."""
+    try:
+        result = subprocess.run(["sh", "-s", "--", model_dir], input=probe_script(), capture_output=True, text=True,
+                                timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise R1FleetError(f"the probe of this machine did not run: {exc}", field="probe",
+                           fix="run `sh r1fleet/probe/probe.sh` to see why") from None
+    return result.stdout
 
 
 def _shell_quote(text: str) -> str:

@@ -82,7 +82,8 @@ def fleet(lab, tmp_path_factory) -> Path:
                                              api_key_source=str(key))
     path = directory / "lab-rebuild.yml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))  # host order gives the lab addresses
-    reset(*REBUILT)  # a first install from the clean image: the artifacts it needs go through the controller's cache
+    # The hosts as the modules before this one left them (the session's first deploy filled the controller's
+    # cache): converged to this fleet, they must equal the same hosts rebuilt from the clean image below.
     first = deploy(fleet=path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
     locked = run([R1FLEET, "lock", "--fleet", str(path)], path)

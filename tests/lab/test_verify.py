@@ -80,12 +80,13 @@ def test_verify_passes_on_the_converged_lab(converged_lab, tmp_path):
 
 
 def test_verify_through_the_ansible_inventory_of_the_lab(converged_lab):
-    """An Ansible user's inventory drives the same suite through testinfra's Ansible backend."""
+    """An Ansible user's inventory drives the same suite through testinfra's Ansible backend: on an Ollama host and
+    a llama.cpp host (every host is verified through the fleet file above; two show the backend works for both)."""
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "r1fleet/verify/suite",
-            "--ansible-inventory", "inventory/ansible/lab-hosts.yml"]
+            "--ansible-inventory", "inventory/ansible/lab-hosts.yml", "-k", "lab-cpu or lab-dual3090"]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert f"{len(converged_lab)}/{len(converged_lab)} hosts pass" in result.stdout
+    assert "2/2 hosts pass" in result.stdout, result.stdout[-2000:]
 
 
 @contextmanager

@@ -16,6 +16,10 @@ from r1fleet.artifacts.ollama_release import ollama_asset_stems, ollama_release,
 from r1fleet.roles.ollama.decide import ollama_environment
 from r1fleet.render.systemd_unit import device_allow
 from r1fleet.records import DevicePlan, GgufFile, Hardware, HostPlan, OsInfo
+from r1fleet.hardware import parse_probe
+from r1fleet.lock.served import served_alone
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
 
 AMD64 = Platform("amd64", "debian", "forky", None)
 
@@ -118,6 +122,32 @@ def test_host_data_rehearsal_string_from_cli_and_local_api():
     # --data meets the fleet file's validators too (one set of rules, issue 12)
     with pytest.raises(FleetError, match="field listen"):
         HostConfig.from_host_data("h", {"r1fleet": {}, "listen": "everywhere"})
+
+
+def test_host_data_model_backend_and_policy_override_the_fleet_entry_key_by_key():
+    """`--data model=7b` (and backend, policy) reach the plan as a fleet file's own settings do (issue 22 item 7)."""
+    entry = HostConfig(name="box", address="192.168.1.21", policy={"max_context": 16384, "model": "32b"}).model_dump(mode="json")
+    s = HostConfig.from_host_data("box", {"r1fleet": entry, "model": "7b", "backend": "llama.cpp",
+                                          "policy": {"min_context": 4096, "model": "14b"}})
+    assert (s.policy.model, s.policy.backend, s.policy.min_context, s.policy.max_context) == ("7b", "llama.cpp", 4096, 16384)
+    hw = parse_probe((PROBES / "rtx4090.probe").read_text(), "box")
+    served = served_alone(s, hw, None)
+    assert served.plan.model == "deepseek-r1-distill-qwen-7b" and served.plan.backend == "llama.cpp"
+    assert HostConfig.from_host_data("box", {"r1fleet": entry}).policy.model == "32b"  # nothing given: the entry's
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"model": "13b"}, "host box: field model: unknown model '13b'"),
+    ({"model": 70}, "host box: field model: unknown model '70'"),
+    ({"backend": "vllm"}, "host box: field backend: Input should be 'ollama' or 'llama.cpp'"),
+    ({"policy": "fast"}, "host box: field policy: 'fast' is not a mapping of policy keys"),
+    ({"policy": {"min_contxt": 4096}}, "host box: field policy.min_contxt: Extra inputs are not permitted"),
+    ({"policy": {"min_context": 65536, "max_context": 8192}}, "host box: field policy: max_context (8192) is below min_context"),
+])
+def test_bad_host_data_names_the_host_the_field_and_the_fix(data, expected):
+    with pytest.raises(FleetError) as caught:
+        HostConfig.from_host_data("box", {"r1fleet": {}, **data})
+    assert str(caught.value).startswith(expected) and "(fix: " in str(caught.value)
 
 
 def test_model_download_prefers_mirror_in_rehearsal_and_needs_sha():

@@ -208,10 +208,10 @@ def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256()
     """A fleet's `mirror` serves the same pinned bytes; only the lab's own mirror (lab hosts) names its
     stand-in release and sha256 (audit M8). No network is used here: a real fleet's mirror is never asked."""
     from r1fleet.artifacts.pins import load_pins
-    from r1fleet.roles.ollama.role import release_for
+    from r1fleet.artifacts.ollama_release import host_release
 
     pinned = load_pins().ollama.sha256["ollama-linux-amd64.tar.zst"]
-    release = release_for(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)
+    release = host_release(plan(), HostConfig(name="h1", address="10.0.0.1", mirror="http://192.168.1.5:8088"), TARGET)
     (asset,) = release.assets
     assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.fleet.ansible import fleet_dict_from_ansible, looks_like_ansible_inventory
+from r1fleet.fleet.ansible import CONNECTION_VARS, fleet_dict_from_ansible, looks_like_ansible_inventory
 from r1fleet.errors import FleetError
 from r1fleet.fleet.file import load_fleet
 
@@ -87,6 +87,45 @@ def test_templates_render_without_running_lookups(tmp_path):
     named = tmp_path / "named.ini"
     named.write_text("[g]\nbox ansible_host=\"{{ inventory_hostname }}.lan\"\n")
     assert load_fleet(str(named)).hosts["box"].address == "box.lan"
+
+
+def test_connection_variables_are_read_as_ansibles_ssh_connection_reads_them(tmp_path):
+    """ansible_ssh_host, ansible_ssh_port, ansible_ssh_user and ansible_ssh_private_key_file are honoured, and win
+    over their short names when a host has both, as in Ansible; the inventory name is the address only without
+    either."""
+    (tmp_path / "hosts.ini").write_text(
+        "[gpu]\n"
+        "desk ansible_ssh_host=192.168.1.21 ansible_ssh_user=admin ansible_ssh_port=2222 ansible_ssh_private_key_file=~/.ssh/desk\n"
+        "bigbox ansible_host=192.168.1.22 ansible_ssh_host=192.168.1.99 ansible_port=22 ansible_ssh_port=2200 "
+        "ansible_user=me ansible_private_key_file=/k/short ansible_ssh_private_key_file=/k/long\n"
+        "mini ansible_host=192.168.1.30 ansible_user=me ansible_port=2022 ansible_private_key_file=/k/mini\n"
+        "nameonly.lan\n")
+    hosts = load_fleet(tmp_path / "hosts.ini").hosts
+    desk, bigbox, mini = hosts["desk"], hosts["bigbox"], hosts["mini"]
+    assert (desk.address, desk.ssh_user, desk.ssh_port, desk.ssh_key) == (
+        "192.168.1.21", "admin", 2222, str(Path("~/.ssh/desk").expanduser()))
+    assert (bigbox.address, bigbox.ssh_user, bigbox.ssh_port, bigbox.ssh_key) == ("192.168.1.99", "me", 2200, "/k/long")
+    assert (mini.address, mini.ssh_user, mini.ssh_port, mini.ssh_key) == ("192.168.1.30", "me", 2022, "/k/mini")
+    assert hosts["nameonly.lan"].address == "nameonly.lan"
+
+
+def test_the_connection_variables_are_the_ones_the_installed_ansible_reads():
+    """CONNECTION_VARS follows the ssh connection plugin's own list, in its order (the last defined wins)."""
+    import yaml
+    from ansible.plugins.connection import ssh
+
+    options = yaml.safe_load(ssh.DOCUMENTATION)["options"]
+    plugin = {"address": "host", "ssh_port": "port", "ssh_user": "remote_user", "ssh_key": "private_key_file"}
+    for setting, option in plugin.items():
+        names = [v["name"] for v in options[option]["vars"]]
+        assert CONNECTION_VARS[setting] == tuple(n for n in names if n.startswith("ansible_")), setting
+
+
+def test_a_port_that_is_not_a_number_names_the_host_and_field(tmp_path):
+    (tmp_path / "hosts.ini").write_text("[gpu]\ndesk ansible_host=192.168.1.21 ansible_port=twenty-two\n")
+    with pytest.raises(FleetError) as caught:
+        load_fleet(tmp_path / "hosts.ini")
+    assert "host desk: field ssh_port" in str(caught.value) and "whole number" in str(caught.value)
 
 
 @pytest.mark.parametrize("template, reason", [

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from r1fleet.deploy.refusals import deploy_refusal
+from r1fleet.fleet.config import HostConfig
+from r1fleet.lock.served import Served
 from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.file import load_fleet
@@ -84,7 +87,11 @@ def test_mutated_probes_give_a_plan_or_a_clear_error(seed):
 
         def load(text=text, name=f"fuzz-{seed}-{n}"):
             hw = parse_probe(text, name)
-            decide_driver(hw, plan_host(hw))
+            plan = plan_host(hw)
+            decide_driver(hw, plan)
+            # what `r1fleet plan` and `r1fleet lock` ask of the deploy's decisions: an answer, never a traceback
+            refusal = deploy_refusal(Served(name, plan), HostConfig(name=name, address="localhost"), hw)
+            assert refusal is None or f"host {name}: " in str(refusal), str(refusal)
         error = outcome(load)
         if error is not None:
             assert f"host fuzz-{seed}-{n}: field " in str(error), str(error)

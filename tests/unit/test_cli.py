@@ -58,7 +58,6 @@ def test_forced_model_that_does_not_fit_exits_1_with_figures():
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["plan"], "give probe files"),
         (["plan", "no-such.probe"], "no-such.probe: cannot read"),
         (["plan", str(PROBES / "rtx4090.probe"), "--model", "13b"], "unknown model '13b'"),
         (["plan", str(PROBES / "rtx4090.probe"), "--context", "10"], "--context 10 is too small"),

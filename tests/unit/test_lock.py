@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from r1fleet.cli.main import main
+from r1fleet.artifacts.pins import load_pins
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet.config import HostConfig
 from r1fleet.fleet.file import REPO_ROOT
 from r1fleet.hardware import parse_probe
 from r1fleet.lab.paths import LAB_FLEET_FILE
@@ -112,6 +114,22 @@ def test_artifacts_are_the_pinned_digests_only():
     assert dual.driver.vendor == "nvidia" and dual.driver.branch
     mac = entry_for("mac-studio-64g").artifacts
     assert mac.ollama.assets[0].name == "ollama-darwin.tgz" and mac.driver is None and mac.llama_cpp is None
+
+
+def test_a_host_the_deploy_refuses_keeps_its_notes_and_every_pinned_sha256():
+    """A Jetson: versions.yaml pins the arm64 base archive but not the JetPack 6 add-on. The lock records the base
+    archive's sha256, null for the add-on alone, and keeps the note saying the deploy refuses the host."""
+    jetson = entry_for("jetson-orin-64g").artifacts
+    pinned = load_pins().ollama.sha256
+    assert {a.name: a.sha256 for a in jetson.ollama.assets} == {
+        "ollama-linux-arm64.tar.zst": pinned["ollama-linux-arm64.tar.zst"], "ollama-linux-arm64-jetpack6.tar.zst": None}
+    assert [n for n in jetson.notes if n.startswith("the deploy will refuse this host's Ollama archive")] == [
+        "the deploy will refuse this host's Ollama archive: host jetson-orin-64g: field ollama.sha256: no sha256 is "
+        "pinned for ollama-linux-arm64-jetpack6.tar.zst (Ollama 0.32.9) (fix: add its line from the release's "
+        "sha256sum.txt to r1fleet/artifacts/versions.yaml or host data ollama_release.sha256)"]
+    lab = lock_entry("rtx4090", hardware("rtx4090"), plan_host(hardware("rtx4090")),
+                     HostConfig(name="rtx4090", address="10.77.0.12", profile="rtx4090")).artifacts
+    assert any(n.startswith("lab host: the lab mirror serves its own stand-in") for n in lab.notes)
 
 
 def test_lock_path_beside_the_fleet_file_and_the_lab_in_inventory(tmp_path):
@@ -247,13 +265,20 @@ def test_plan_diff_command(fleet, capsys):
     assert hosts["cpu-16g"]["changes"][0] == "context: 32768 -> 8192"
     assert (fleet.parent / "fleet.yml.lock").read_bytes() == locked  # only `r1fleet lock` writes the lock
 
+    (fleet.parent / "probes" / "cpu-16g.probe").unlink()  # one host that cannot be probed: the others compared
+    code, out, _ = r1fleet(capsys, "plan", "--fleet", str(fleet), "--probe-dir", probes, "--diff")
+    assert code == 1 and "rtx4090: a relock would change:" in out
+    assert (f"cpu-16g: not compared: it could not be probed\n  - {probes}/cpu-16g.probe: cannot read (No such file or "
+            f"directory) (fix: save it with `r1fleet probe --fleet {fleet} cpu-16g > {probes}/cpu-16g.probe`)") in out
+
 
 @pytest.mark.parametrize("args,expected", [
     (["plan", str(PROBES / "rtx4090.probe"), "--diff"], "--diff works on a fleet"),
     (["plan", "--fleet", "FLEET", "--diff", "--model", "32b"], "takes no --model"),
     (["plan", "--fleet", "FLEET", "--diff"], "no lock to compare with"),
     (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "no-such-host"], "host no-such-host: not in"),
-    (["lock", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "/nonexistent/cpu-16g.probe: cannot read"),
+    (["lock", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "field --probe-dir: /nonexistent is not a directory"),
+    (["plan", "--fleet", "FLEET", "--probe-dir", "/nonexistent"], "field --probe-dir: /nonexistent is not a directory"),
     (["lock", "--fleet", "FLEET", "--probe-dir", "PROBES", "--api-key", "rtx4090"], "is not HOST=FILE"),
 ])
 def test_usage_errors_are_clear(fleet, capsys, args, expected):
@@ -340,10 +365,11 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
 def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, capsys):
     """Two single-3090 boxes pooled: the lock holds the pool's plan, locked_pool returns it while both members
     are as locked, and names the member whose GPU changed."""
-    from test_pools import BOX_A, BOX_B
+    from test_pools import BOX_A, BOX_B, on_forky
 
     from r1fleet.lock.match import locked_pool
 
+    BOX_A, BOX_B = on_forky(BOX_A), on_forky(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "box-a.probe").write_text(BOX_A)
@@ -378,6 +404,36 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     with pytest.raises(LockMismatch) as err:
         locked_pool(lock, "big", {**members, "box-b": parse_probe(swapped, "box-b")}, str(fleet))
     assert err.value.host == "box-b" and f"r1fleet lock --fleet {fleet} box-b" in str(err.value)
+
+
+def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(tmp_path, capsys):
+    """A Jetson (no pinned JetPack archive) and a pool on Ubuntu (no rpc-server there): each entry is written, with
+    the deploy's reason in its notes once, the lock says so, and exits 1."""
+    from test_pools import BOX_A, BOX_B
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "box-a.probe").write_text(BOX_A)
+    (probes / "box-b.probe").write_text(BOX_B)
+    (probes / "orin.probe").write_text(probe("jetson-orin-64g"))
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"},
+                  "orin": {"address": "192.168.1.50"}},
+        "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}},
+    }))
+    code, out, _ = r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", str(probes))
+    assert code == 1
+    assert "  orin: deepseek-r1-distill-qwen-32b on ollama, context 32768, f16 KV (new)\n    the deploy will refuse it: " \
+           "field ollama.sha256: no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst" in out
+    lock = read_lock(fleet.parent / "fleet.yml.lock")
+    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and lock.pools["big"].pooled
+    assert [n for n in lock.hosts["orin"].artifacts.notes if "jetpack6" in n] == [
+        n for n in lock.hosts["orin"].artifacts.notes if n.startswith("the deploy will refuse this host's Ollama archive")]
+    for member in ("box-a", "box-b"):
+        (note,) = [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
+        assert f"host {member}: field llama_cpp_install: pool big: llama.cpp would come from the pinned Ollama archive" in note
+        assert "    the deploy will refuse it: field llama_cpp_install: pool big:" in out.partition(f"  {member}: ")[2]
 
 
 def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):

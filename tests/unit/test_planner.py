@@ -11,7 +11,8 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import kv_cache_mib
 from r1fleet.records import Gpu, GpuProcess, Hardware, UnifiedMemory
 from r1fleet.plan.placement import gpu_capacity_mib
-from r1fleet.plan.planner import plan_host, rehearse
+from r1fleet.plan.placement import placements
+from r1fleet.plan.planner import best_attempt, plan_host, rehearse
 from r1fleet.plan.policy import Policy
 
 ID = {m.size_label: m.id for m in load_catalog().models}
@@ -158,6 +159,70 @@ def test_forced_model_that_does_not_fit_says_so():
     assert plan.model == ID["70b"] and not plan.fits
     assert plan.devices and plan.devices[0].planned_mib > plan.devices[0].capacity_mib
     assert "does NOT fit" in plan.reasons[0]
+
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+
+
+def probed(name: str) -> Hardware:
+    return parse_probe((PROBES / f"{name}.probe").read_text(), name)
+
+
+def test_a_model_that_does_not_fit_says_by_how_much_where_the_largest_context_and_what_would_fit():
+    """The 70B at 65536 on two 3090s (issue 22 item 8): the closest placement (the split) with each device's overflow,
+    the largest context that fits there, and a third 3090; every claim checked by planning it."""
+    hw = probed("dual-rtx3090")
+    plan = plan_host(hw, model="70b", context=65536)
+    assert not plan.fits and plan.placement == "multi-gpu" and plan.est_tokens_per_second is None
+    over = [d.planned_mib - d.capacity_mib for d in plan.devices]
+    assert all(o > 0 for o in over)
+    assert plan.reasons[0] == (
+        f"requested: 70b does NOT fit at context 65536 ({plan.kv_cache_type} KV): closest on GPU0 NVIDIA GeForce RTX 3090 "
+        f"+ GPU1 NVIDIA GeForce RTX 3090: GPU0 {plan.devices[0].planned_mib:,}/23,975 MiB ({over[0]:,} over), "
+        f"GPU1 {plan.devices[1].planned_mib:,}/23,975 MiB ({over[1]:,} over)")
+    largest = plan.reasons[1]
+    assert largest.startswith("the largest context that fits: ") and "(q8_0 KV) on GPU0 NVIDIA GeForce RTX 3090 + GPU1" in largest
+    context = int(largest.split(": ")[1].split()[0])
+    q8 = Policy(kv_types=["q8_0"])
+    assert plan_host(hw, q8, model="70b", context=context).fits
+    assert not plan_host(hw, q8, model="70b", context=context + 1024).fits
+    assert plan.reasons[2] == ("it would fit at context 65536 with: a third NVIDIA GeForce RTX 3090 (23,975 MiB free, "
+                               "split by llama.cpp)")
+    third = hw.model_copy(update={"gpus": [*hw.gpus, hw.gpus[0].model_copy(update={"index": 2, "uuid": "GPU-third"})]})
+    assert plan_host(third, model="70b", context=65536).fits
+    assert plan.reasons[3].startswith("elsewhere: needs 52,275 MiB at context 65536 (q8_0 KV) but GPU0 NVIDIA GeForce "
+                                      "RTX 3090 has 23,975 MiB; on system RAM it is estimated at 0.3 tokens/s")
+
+
+def test_a_kv_type_the_policy_leaves_out_is_named_when_it_would_fit():
+    hw = probed("rtx4090")
+    f16 = Policy(kv_types=["f16"])
+    plan = plan_host(hw, f16, model="32b", context=24576)
+    assert not plan.fits and "with: a q8_0 KV cache (--kv-type q8_0, or policy kv_types)" in plan.reasons[2]
+    assert plan_host(hw, Policy(kv_types=["q8_0"]), model="32b", context=24576).fits
+    assert plan.reasons[1] == "the largest context that fits: 16384 (f16 KV) on GPU0 NVIDIA GeForce RTX 4090, est 39.4 tokens/s"
+
+
+def test_a_model_that_fits_but_runs_too_slowly_says_so_with_its_speed():
+    plan = plan_host(probed("dgx-spark"), model="70b")
+    assert not plan.fits and plan.est_tokens_per_second == 4.1 and plan.placement == "unified"
+    assert plan.reasons[0] == ("requested: 70b does NOT fit at context 8192 (f16 KV): on unified NVIDIA GB10 it is "
+                               "estimated at 4.1 tokens/s, below min_tokens_per_second 5")
+    assert plan.reasons[1] == "no context fits 70b here at min_tokens_per_second 5 or faster"
+    assert "min_tokens_per_second lowered to 4.1" in plan.reasons[2]
+    assert plan_host(probed("dgx-spark"), Policy(min_tokens_per_second=4.1), model="70b").fits
+
+
+def test_a_context_beyond_every_distill_is_said_once_with_the_largest_that_fits():
+    plan = plan_host(probed("dual-rtx3090"), context=200000)
+    assert plan.model is None
+    assert plan.reasons[:3] == [
+        "nothing fits: even 1.5b does not", "not 1.5b: context 200000 is beyond what 1.5b was trained for (131072)",
+        "the largest context that fits: 131072 (f16 KV) on GPU0 NVIDIA GeForce RTX 3090, est 678.6 tokens/s"]
+    assert sum("beyond what" in r for r in plan.reasons) == 1
+    options = placements(probed("dual-rtx3090"), Policy())  # a rejected model's reason names each failure once too
+    assert best_attempt(load_catalog().find("1.5b"), options, Policy(), 200000).why_not == (
+        "context 200000 is beyond what 1.5b was trained for (131072)")
 
 
 def test_forced_context_is_exact():

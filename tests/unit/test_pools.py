@@ -7,6 +7,7 @@ The pool planner reuses the single-host split (placement.py) over the pool's GPU
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,14 @@ def single_3090_probe(uuid: str) -> str:
 
 BOX_A = single_3090_probe("GPU-0000000a-c26c-7955-0a6b-76b43117d823")
 BOX_B = single_3090_probe("GPU-0000000b-c26c-7955-0a6b-76b43117d823")
+FORKY_OS_RELEASE = ('PRETTY_NAME="Debian GNU/Linux forky/sid"\nNAME="Debian GNU/Linux"\nVERSION_CODENAME=forky\n'
+                    'ID=debian\nHOME_URL="https://www.debian.org/"\n')
+
+
+def on_forky(text: str) -> str:
+    """The same host on Debian forky (testing, no VERSION_ID), whose packages give a pool llama.cpp's RPC pieces."""
+    return re.sub(r"(#### r1fleet:os-release\n).*?(?=#### r1fleet:)", lambda m: m.group(1) + FORKY_OS_RELEASE, text,
+                  flags=re.S)
 
 
 def plan_fleet(probes: dict[str, str], pools: dict[str, PoolSettings], policies: dict[str, Policy] | None = None):
@@ -206,10 +215,10 @@ def test_schema_covers_pools():
 
 @pytest.fixture
 def pooled_fleet(tmp_path, monkeypatch) -> Path:
-    """A fleet of two single-3090 boxes in a pool and a 4090 box alone, probed without SSH."""
+    """A fleet of two single-3090 boxes on Debian forky in a pool and a 4090 box alone, probed without SSH."""
     from r1fleet.cli import probing
 
-    texts = {"10.0.0.1": BOX_A, "10.0.0.2": BOX_B, "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
+    texts = {"10.0.0.1": on_forky(BOX_A), "10.0.0.2": on_forky(BOX_B), "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
     monkeypatch.setattr(probing, "probe_over_ssh", lambda address, **_: texts[address])
     return write_fleet(tmp_path, "  big: {hosts: [box-a, box-b], head: box-a}\n",
                        "box-a: {address: 10.0.0.1}\n  box-b: {address: 10.0.0.2}\n  solo: {address: 10.0.0.3}\n")
@@ -233,6 +242,27 @@ def test_plan_table_shows_the_pool_as_one_row(pooled_fleet, capsys):
     assert [r.split()[0] for r in rows] == ["solo", "pool"]
     assert "70b" in rows[1] and "--rpc -ts" in rows[1] and "box-b:GPU0" in rows[1] and "box-a:GPU0" in rows[1]
     assert "pool big (head box-a; workers box-b):" in reasons and "box-a alone: 32b" in reasons
+
+
+def test_a_pool_whose_members_cannot_get_llama_cpps_rpc_is_marked_refused(tmp_path, monkeypatch, capsys):
+    """On Ubuntu the pool's llama.cpp would come from the pinned Ollama archive, which has no rpc-server: the plan says
+    the deploy refuses each member, with the deploy's own reason and fix, and exits 1."""
+    from r1fleet.cli import probing
+
+    texts = {"10.0.0.1": BOX_A, "10.0.0.2": BOX_B}
+    monkeypatch.setattr(probing, "probe_over_ssh", lambda address, **_: texts[address])
+    fleet = write_fleet(tmp_path, "  big: {hosts: [box-a, box-b], head: box-a}\n",
+                        "box-a: {address: 10.0.0.1}\n  box-b: {address: 10.0.0.2}\n")
+    assert cli.main(["plan", "--fleet", str(fleet)]) == 1
+    table, _, reasons = capsys.readouterr().out.partition("\n\n")
+    assert "70b (refused)" in table.splitlines()[1]
+    for member in ("box-a", "box-b"):
+        assert (f"  - the deploy refuses {member}: field llama_cpp_install: pool big: llama.cpp would come from the "
+                "pinned Ollama archive here") in reasons
+        assert f"or take {member} out of pool big)" in reasons
+    assert cli.main(["plan", "--fleet", str(fleet), "--json"]) == 1
+    refused = json.loads(capsys.readouterr().out)["refused"]
+    assert [(r["host"], r["field"]) for r in refused] == [("box-a", "llama_cpp_install"), ("box-b", "llama_cpp_install")]
 
 
 def test_hosts_plan_as_before_without_pools():

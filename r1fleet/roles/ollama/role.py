@@ -24,7 +24,7 @@ from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
-from r1fleet.fleet.config import HostConfig, OllamaReleaseOverride
+from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.roles.ollama.takeover import (
     OFFICIAL_BINARY,
@@ -35,9 +35,9 @@ from r1fleet.roles.ollama.takeover import (
 from r1fleet.operations.fleet_cache import Routed
 from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
-from r1fleet.artifacts.pins import Download, Platform, model_download
+from r1fleet.artifacts.pins import Download, model_download
 from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
-from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, ollama_release
+from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
     pull_command,
@@ -202,14 +202,6 @@ def preload_model(tag: str, api: str):
     yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
 
 
-def release_for(plan: HostPlan, settings: HostConfig, platform: Platform) -> OllamaRelease:
-    override = settings.ollama_release  # the lab gives its stand-in's (r1fleet/lab/state.py stand_in_release)
-    if override is None and settings.mirror:
-        # a mirror changes where the pinned bytes come from, never which bytes (audit M8)
-        override = OllamaReleaseOverride(base_url=f"{settings.mirror.rstrip('/')}/ollama")
-    return ollama_release(plan.host, platform, plan, override)
-
-
 class OllamaRole(Role):
     """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
     `download` is the stand-in GGUF in rehearsal."""
@@ -227,7 +219,7 @@ class OllamaRole(Role):
         """The release for this platform (the pinned one, or the lab mirror's stand-in); the stand-in GGUF when
         the host imports it."""
         download = model_download(ctx.host, ctx.plan, ctx.settings) if imports_stand_in(ctx.plan, ctx.settings, ctx.system) else None
-        return cls(ctx.plan, ctx.settings, release_for(ctx.plan, ctx.settings, ctx.platform()), download,
+        return cls(ctx.plan, ctx.settings, host_release(ctx.plan, ctx.settings, ctx.platform()), download,
                    ctx.hardware.model_files)
 
     def reads(self) -> list[FactRequest]:

@@ -23,7 +23,7 @@ from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
 from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
-from r1fleet.artifacts.llama_cpp_install import LlamaInstall
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
 from r1fleet.roles.llama_cpp.decide import llama_environment
 
 RPC_UNIT = "r1fleet-rpc-server.service"
@@ -245,3 +245,13 @@ def pool_head_install(base: LlamaInstall, plan: HostPlan, settings: HostConfig, 
     needs = (debian.rpc_backend_package,)
     _pool_source(base, plan, settings, available, pool, needs, debian)
     return LlamaInstall(method="package", packages=(*base.packages, *needs), binary=base.binary)
+
+
+def pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, available: set[str], pool: str,
+                 role: str, pins: Pins | None = None) -> LlamaInstall:
+    """A pool member's llama.cpp, from what its apt offers (`available`): rpc-server on a worker (`role` "worker"),
+    llama-server with the RPC backend on the head; DeployError when the member cannot take part."""
+    base = llama_cpp_install(platform, plan, settings, available, pins)
+    if role == "worker":
+        return rpc_worker_install(base, platform, plan, settings, available, pool, pins)
+    return pool_head_install(base, plan, settings, available, pool, pins)

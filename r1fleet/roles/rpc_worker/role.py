@@ -40,7 +40,7 @@ from r1fleet.operations.common import (
 from r1fleet.roles.exposure.decide import KEY_DIR
 from r1fleet.roles.exposure.role import NftTable, restore_table
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
-from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.roles.rpc_worker.decide import (
     HOME,
     RPC_FIREWALL_UNIT,
@@ -51,12 +51,11 @@ from r1fleet.roles.rpc_worker.decide import (
     RpcWorker,
     firewall_context,
     host_address_problem,
-    pool_head_install,
     pool_packages,
     rpc_environment,
     rpc_server_args,
     rpc_worker,
-    rpc_worker_install,
+    pool_install,
 )
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.formats import nft_settings, unit_settings
@@ -74,10 +73,7 @@ def choose_pool_install(plan: HostPlan, settings: HostConfig, platform: Platform
     available: set[str] = set()
     if platform.distro_id == "debian":
         available = host.get_fact(AptCandidates, packages=pool_packages())
-    base = llama_cpp_install(platform, plan, settings, available)
-    if role == "worker":
-        return rpc_worker_install(base, platform, plan, settings, available, pool)
-    return pool_head_install(base, plan, settings, available, pool)
+    return pool_install(plan, settings, platform, available, pool, role)
 
 
 class HostAddresses(FactBase):
