@@ -1,5 +1,5 @@
 """Any input gives a plan or a clear error, never a traceback: seeded fuzzing of probe documents, fleet files,
-Ansible inventories, status answers and locks.
+Ansible inventories, status answers, locks, registry manifests and HTTP answers.
 
 Each document is a real one (the shipped probes, the example fleet) with a few lines mutated: values replaced
 by infinities, 400-digit numbers, Unicode digits, JSON of the wrong shape or depth; lines deleted, repeated,
@@ -9,8 +9,12 @@ Seeded, bounded: a few hundred documents of each kind, a second or two.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import json
 import random
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,9 @@ from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
+from r1fleet.cache.registry import read_manifest
+from r1fleet.cache.store import ArtifactCache
+from r1fleet.lab import registry as lab_registry
 from r1fleet.lock.file import Lock, lock_text, read_lock
 from r1fleet.lock.match import lock_entry
 from r1fleet.plan.catalog import load_catalog
@@ -241,3 +248,79 @@ def test_mutated_locks_are_read_or_refused_naming_file_and_field(tmp_path, seed)
             if entry.plan.model is not None and entry.plan.gguf is not None:
                 assert entry.plan.gguf == catalog.find(entry.plan.model).pinned_gguf()
     both_ways(refusals, 100)
+
+
+def test_mutated_manifests_are_the_pinned_weights_or_refused(tmp_path):
+    """A registry's manifest (the lab registry's, as Ollama's registry shapes it), mutated line by line: the model
+    it describes has exactly the pinned weights, or it is refused naming the tag (audit-security-2 M1, M3)."""
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    tag = "r1fleet/smollm2:135m-instruct-q4_1"
+    document = json.loads(lab_registry.publish(tmp_path / "mirror", tag, gguf, sha, "llama", "Q4_1").read_bytes())
+    text = json.dumps(document, indent=1)
+    rnd = random.Random(7)
+    refusals = []
+    for _ in range(400):
+        error = outcome(lambda: read_manifest(mutate(text, rnd).encode(), tag, sha))
+        if error is not None:
+            assert tag in str(error), str(error)
+            refusals.append(error)
+    both_ways(refusals, 400)
+    for _ in range(50):  # accepted ones: the weights are the pinned ones, and the only model layer
+        data = mutate(text, rnd).encode()
+        try:
+            model = read_manifest(data, tag, sha)
+        except R1FleetError:
+            continue
+        assert [blob.sha256 for blob in model.blobs if blob.size > 1 << 20] in ([], [sha])
+
+
+HEADERS = ["Content-Length", "Content-Length", "Content-Range", "Content-Range", "Transfer-Encoding", "Location"]
+# What a header can carry (HTTP headers are ISO-8859-1): digits Python's int() takes or refuses, too many of them
+HEADER_VALUES = ["²", "³¹", "9" * 5000, "-1", "inf", "nan", "1e309", "", "0x10", " 42 ", "bytes 0-3/256",
+                 "bytes */256", "bytes 9-1/2", "bytes 0-" + "9" * 30 + "/*", "chunked", "gzip, chunked", "[", "null"]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_hostile_http_answers_end_in_the_file_or_a_clear_error(tmp_path, seed):
+    """An upstream answering odd status lines and headers (a length of '²' or 5,000 digits, a range that is not
+    one, a chunked body that is not): the controller's cache gets the pinned bytes or a clear error, never a
+    traceback, and never more than the pinned size on disk (audit-security-2 M3)."""
+    body = b"GGUF" * 64
+    sha = hashlib.sha256(body).hexdigest()
+    rnd = random.Random(seed)
+    answers: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.wfile.write(answers.pop(0) if answers else b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    refusals = []
+    try:
+        for n in range(80):
+            head, status, sent = {"Content-Length": str(len(body))}, "200 OK", body
+            if rnd.random() < 0.6:  # else a plain answer: the run must see both outcomes
+                for _ in range(rnd.randint(1, 3)):
+                    head[rnd.choice(HEADERS)] = rnd.choice(HEADER_VALUES)
+                status = rnd.choice(["200 OK", "206 Partial Content", "200 OK", "302 Found", "416 x", "200"])
+                sent = body[: rnd.randrange(len(body) + 1)] + b"\n" * rnd.randrange(3)
+            answers[:] = [(f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())).encode("latin-1")
+                          + b"\r\n" + sent] * 6
+            cache = ArtifactCache(tmp_path / f"cache-{n}")
+            url = f"http://127.0.0.1:{server.server_address[1]}/m.gguf"
+            error = outcome(lambda: cache.fetch(url, sha, "m.gguf", size=len(body)))
+            if error is not None:
+                refusals.append(error)
+            else:
+                assert cache.path_for(sha).read_bytes() == body
+            assert all(path.stat().st_size <= len(body) for path in (tmp_path / f"cache-{n}").rglob("*") if path.is_file()
+                       and not path.name.endswith(".json"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    both_ways(refusals, 80)
