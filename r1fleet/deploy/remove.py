@@ -36,7 +36,7 @@ REMOVALS: dict[str, tuple[type[Removal], ...]] = {
 
 def remove_r1() -> None:
     """Remove r1fleet from the current pyinfra host (call it from a deploy file)."""
-    summary.install(state)
+    summary.install(state, done="removed")
 
     with summary.step(state, host, "remove"):
         settings = HostConfig.from_host_data(host.name, host.data.dict())

@@ -72,14 +72,14 @@ def endpoint_lines(state: State) -> list[str]:
     return [f"  {_endpoints[name].describe()}" for name in order if name in _endpoints and name not in failed]
 
 
-def _print(state: State) -> None:
+def _print(state: State, done: str = "converged") -> None:
     failed = lines(state)
     total = len(state.activated_hosts) or len(list(state.inventory))  # --limit narrows the run
     if failed:
         print(f"\nr1fleet: {len(failed)} of {total} host(s) failed:", file=sys.stderr)
         print("\n".join(failed), file=sys.stderr)
     elif state.current_stage >= StateStage.Execute:
-        print(f"\nr1fleet: all {total} host(s) converged", file=sys.stderr)
+        print(f"\nr1fleet: all {total} host(s) {done}", file=sys.stderr)
     served = endpoint_lines(state) if state.current_stage >= StateStage.Execute else []
     if served:
         print("r1fleet: endpoints (`r1fleet endpoints --format openwebui|litellm|env` writes them for your tools):",
@@ -110,13 +110,15 @@ def _contain_host_crashes() -> None:
     pyinfra_operations._run_host_op = guarded
 
 
-def install(state: State) -> None:
+def install(state: State, done: str = "converged") -> None:
+    """Record this run's failures and print the summary at exit; `done`: what a host that did not fail did
+    ("converged", "removed")."""
     if any(s is state for s in _installed):
         return
     _installed.append(state)
     state.add_callback_handler(_Recorder())
     _contain_host_crashes()
-    atexit.register(_print, state)
+    atexit.register(_print, state, done)
 
 
 @contextmanager

@@ -129,3 +129,16 @@ def test_the_summary_ends_with_each_converged_hosts_endpoint():
     assert summary.endpoint_lines(state) == ["  a: http://127.0.0.1:11434/v1  model deepseek-r1:14b  on the host only; "
                                              "from here: ssh -N -L 11434:127.0.0.1:11434 root@10.0.0.1"]
     summary._endpoints.clear()
+
+
+def test_a_run_with_no_failure_says_what_its_hosts_did(capsys):
+    """A deploy's hosts converged; a removal's were removed (deploy/remove.py)."""
+    from types import SimpleNamespace
+
+    from pyinfra.api.state import StateStage
+
+    state = SimpleNamespace(inventory=[FakeHost("a")], failed_hosts=set(), activated_hosts=[FakeHost("a")],
+                            current_stage=StateStage.Execute)
+    for done in ("converged", "removed"):
+        summary._print(state, done)
+        assert f"r1fleet: all 1 host(s) {done}" in capsys.readouterr().err

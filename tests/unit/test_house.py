@@ -119,3 +119,10 @@ def test_every_note_the_code_cites_is_in_the_repository():
     assert cited, "no citation found: the pattern is wrong"
     missing = sorted(c for c in cited if not (root / c).is_file())
     assert not missing, missing
+
+
+def test_every_test_module_has_a_name_of_its_own():
+    """The test folders are not packages: pytest imports each module by its file name, so two `test_status.py`
+    in two folders make the whole run stop at collection (only a full run shows it)."""
+    names = [path.name for path in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
