@@ -20,7 +20,7 @@ import pytest
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
-from r1fleet.net import is_loopback
+from r1fleet.net import is_loopback, parse_json
 from r1fleet.roles.llama_cpp.decide import USER as LLAMA_USER
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
 from r1fleet.roles.ollama.decide import USER as OLLAMA_USER
@@ -204,7 +204,7 @@ class Target:
             detail = text.strip()[:300] or "no answer"
             pytest.fail(f"{self.name}: {method} {self.api}{path} -> {status or 'no answer'}: {detail}", pytrace=False)
         try:
-            return json.loads(text)
+            return parse_json(text)  # bounded: a host's answer nested without end is no answer, not a RecursionError
         except ValueError:
             pytest.fail(f"{self.name}: {method} {self.api}{path} answered with something that is not JSON: {text[:200]!r}", pytrace=False)
 

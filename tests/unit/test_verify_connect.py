@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from r1fleet.fleet.config import HostConfig
 from r1fleet.verify.connect import ConnectOptions, connect, plan_targets
 from r1fleet.verify.target import Target
@@ -142,3 +144,11 @@ def test_paramikos_unable_to_connect_gives_the_sockets_reason():
 
     err = NoValidConnectionsError({("10.77.0.254", 22): OSError(113, "No route to host")})
     assert ssh_failure("root@10.77.0.254:22", err).startswith("No route to host connecting over SSH to root@10.77.0.254:22")
+
+
+def test_a_host_answer_nested_without_end_fails_the_check_not_the_run(monkeypatch):
+    """A host's API that answers `[[[[...` is a failed check naming the host, never a RecursionError (audit M3)."""
+    target = Target(HostConfig(name="m", address="10.0.0.1"))
+    monkeypatch.setattr(Target, "http", lambda self, *args, **kwargs: (200, "[" * 200_000))
+    with pytest.raises(pytest.fail.Exception, match="m: GET .* not JSON"):
+        target.get_json("/api/tags")

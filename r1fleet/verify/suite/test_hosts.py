@@ -8,7 +8,6 @@ tests only gather the evidence on the host and state the verdict with the host's
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 
 import pytest
@@ -18,7 +17,7 @@ from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_dir, import_recor
                                          takes_from_registry, weights_digest)
 from r1fleet.plan.memory import kv_cache_mib, padded_context
 from r1fleet.records import HostPlan
-from r1fleet.net import source_address_towards
+from r1fleet.net import parse_json, source_address_towards
 from r1fleet.verify.readings import exec_start_argv, flag_value, listener_problems
 from r1fleet.cache.registry import ollama_manifest_path, weights_problem
 from r1fleet.verify.judge import (
@@ -156,7 +155,7 @@ def _imported_as_recorded(target: Target, plan: HostPlan, tags: dict) -> list[st
     file's sha256: the tag must still be what Ollama reported right after the deploy imported the planned file."""
     path = f"{import_dir(target.entry)}/{IMPORT_RECORD}"
     try:
-        record = json.loads(target.output(f"cat {path} 2>/dev/null || true") or "null")
+        record = parse_json(target.output(f"cat {path} 2>/dev/null || true") or "null")
     except ValueError:
         record = None
     recorded = import_record_digest(record, plan.ollama_tag, plan.gguf.sha256 if plan.gguf else None)
@@ -188,7 +187,10 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
                 fail(target, f"{target.unit} sets no OLLAMA_MODELS, so its model store cannot be checked")
             manifest_path = ollama_manifest_path(models, plan.ollama_tag)
             manifest = target.output(f"cat {manifest_path}")
-            problem = weights_problem(json.loads(manifest), digest)
+            try:
+                problem = weights_problem(parse_json(manifest), digest)
+            except ValueError as error:
+                problem = f"its manifest {manifest_path} is not one ({error})"
             if problem:
                 problems.append(f"{plan.ollama_tag} does not serve the plan's weights {digest}: {problem}")
             else:
