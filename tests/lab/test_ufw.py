@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from r1fleet.roles.exposure import role as exposure
-from r1fleet.roles.exposure.decide import UFW_REMOVE_OURS
+from r1fleet.roles.exposure.decide import UFW_REMOVE_OURS, ufw_all_applied
 
 SETTINGS = exposure.Exposure("10.0.0.5", 11434, ("10.0.0.0/24", "192.168.7.7/32"), ("fd00::/8",))
 LISTEN_V6 = exposure.Exposure("::", 11434, ("10.0.0.0/24",), ("fd00::/8",))
@@ -36,10 +36,13 @@ def run_in_namespace(steps: list[str]) -> dict[str, str]:
     return outputs
 
 
-def apply(settings: exposure.Exposure) -> str:
-    """What the role does: write the rules file, delete r1fleet's old rules, apply the file."""
+def apply(settings: exposure.Exposure, check: bool = True) -> str:
+    """What the role does: write the rules file, delete r1fleet's old rules, apply the file, check that ufw took
+    every rule."""
     rules = "\n".join(exposure.ufw_commands(settings))
-    return f"cat > /tmp/r1fleet-ufw-rules <<'EOF'\n{rules}\nEOF\n{exposure.UFW_DELETE_OURS}\nsh -e /tmp/r1fleet-ufw-rules >/dev/null"
+    checked = f"\n{ufw_all_applied(len(exposure.ufw_commands(settings)))}" if check else ""
+    return (f"cat > /tmp/r1fleet-ufw-rules <<'EOF'\n{rules}\nEOF\n{exposure.UFW_DELETE_OURS}\n"
+            f"sh -e /tmp/r1fleet-ufw-rules >/dev/null{checked}")
 
 
 def state(outputs: dict[str, str], label: str) -> dict:
@@ -68,6 +71,24 @@ def test_rules_come_before_broader_rules_the_host_already_has():
     assert "--dport 11434" in chain[2] and "-s " not in chain[2], chain
     assert state(outputs, "5") == state(outputs, "2")
     assert state(outputs, "7") == {"count": expected, "first": False}, outputs["7"]
+
+
+def test_a_hosts_own_rule_for_the_same_port_does_not_keep_it_open():
+    """ufw skips inserting a rule that an existing one matches but for its action: r1fleet's deny, were it
+    `deny 11434/tcp`, would be skipped after the host's own `allow 11434/tcp`, leaving the port open to all."""
+    outputs = run_in_namespace(["ufw allow 11434/tcp >/dev/null", apply(SETTINGS), exposure.UfwRules().command(),
+                                "iptables -S ufw-user-input"])
+    assert state(outputs, "2") == {"count": 3, "first": True}, outputs["2"]
+    chain = [line for line in outputs["3"].splitlines() if line.startswith("-A ")]
+    assert [rule.split("-j ")[-1].split()[0] for rule in chain[:4]] == ["ACCEPT", "ACCEPT", "DROP", "ACCEPT"], chain
+
+
+def test_a_hosts_rule_that_ufw_lets_win_fails_the_host_with_the_reason():
+    """Listening on every address, r1fleet's rules are to `any`: after the host's own `allow 11434/tcp`, ufw skips
+    r1fleet's deny (with success); the deploy's check then fails the host, naming why, instead of leaving it open."""
+    outputs = run_in_namespace(["ufw allow 11434/tcp >/dev/null", apply(LISTEN_V6, check=False),
+                                f"( {ufw_all_applied(len(exposure.ufw_commands(LISTEN_V6)))} ) 2>&1 || echo FAILED"])
+    assert "ufw holds fewer than r1fleet's 3 rules" in outputs["2"] and "FAILED" in outputs["2"], outputs["2"]
 
 
 def test_rules_apply_to_an_empty_ruleset_and_keep_ipv6_apart():

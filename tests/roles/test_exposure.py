@@ -180,8 +180,8 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
                    base_responses=False, monkeypatch=monkeypatch)
     rules = run.uploads[exposure.UFW_RULES_FILE].splitlines()
     # prepended, deny first: the allow ends above the deny and above the host's own rules (L6)
-    assert rules == ["ufw prepend deny 11434/tcp comment r1fleet",
-                     "ufw prepend allow from 10.77.0.1/32 to any port 11434 proto tcp comment r1fleet"]
+    assert rules == ["ufw prepend deny proto tcp to 10.77.0.11 port 11434 comment r1fleet",
+                     "ufw prepend allow from 10.77.0.1/32 to 10.77.0.11 port 11434 proto tcp comment r1fleet"]
     assert exposure.RULES_FILE not in run.uploads
     # our old rules go first, then the file's, in order
     assert run.commands.index(exposure.UFW_DELETE_OURS) < run.commands.index(f"sh -e {exposure.UFW_RULES_FILE}")

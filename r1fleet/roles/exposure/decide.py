@@ -100,6 +100,20 @@ UFW_DELETE_OURS = (
 # Removes every ufw rule r1fleet added, whether ufw is active or not (`ufw status` lists no rule while it is not):
 # `ufw show added` lists each added rule as the command that added it, and `ufw delete` takes that rule back.
 # Only r1fleet's (comment "r1fleet") are taken, and only in the words r1fleet's rules are made of.
+def ufw_all_applied(expected: int) -> str:
+    """Shell: fail, naming why, unless ufw holds all `expected` of r1fleet's rules after they were applied (ufw
+    answers "Skipping inserting existing rule", with success, when one of the host's own rules matches ours but
+    for its action: the port would stay open).
+
+    >>> "exit 1" in ufw_all_applied(3)
+    True
+    """
+    why = (f"ufw holds fewer than r1fleet's {expected} rules: it skips a rule that one of the host's own matches "
+           "but for its action (see `ufw show added`); delete that rule of yours, then deploy again")
+    return (f"n=$(LC_ALL=C ufw show added | grep -c \"comment 'r1fleet'$\" || true); "
+            f"[ \"$n\" = {expected} ] || {{ echo {shlex.quote(why)} >&2; exit 1; }}")
+
+
 UFW_REMOVE_OURS = (
     "LC_ALL=C ufw show added | sed -n \"s/^ufw \\([A-Za-z0-9 ./:_-]*\\) comment 'r1fleet'$/\\1/p\" | "
     "while read -r rule; do ufw --force delete $rule || exit 1; done"
@@ -116,12 +130,18 @@ def ufw_commands(settings: Exposure) -> list[str]:
     Only the listen address's family is admitted: another family cannot reach it.
 
     >>> ufw_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))
-    ['ufw prepend deny 11434/tcp comment r1fleet', 'ufw prepend allow from 10.0.0.0/24 to any port 11434 proto tcp comment r1fleet']
+    ['ufw prepend deny proto tcp to 10.0.0.5 port 11434 comment r1fleet', 'ufw prepend allow from 10.0.0.0/24 to 10.0.0.5 port 11434 proto tcp comment r1fleet']
     """
     family = ipaddress.ip_address(settings.listen).version if settings.listen else 4
     wildcard = settings.listen in ("::", "0.0.0.0")
     allow = [cidr for cidr in (*settings.allow4, *settings.allow6)
              if wildcard or ipaddress.ip_network(cidr).version == family]
-    allows = [f"ufw prepend allow from {shlex.quote(cidr)} to any port {settings.port} proto tcp comment r1fleet"
+    # To the listen address itself: ufw skips inserting a rule that an existing one matches but for its action
+    # (backend_iptables.py set_rule, "Skipping inserting existing rule"), so a host's own `ufw allow 11434/tcp`
+    # would silently keep the port open to everyone; a rule to one address is not that rule.
+    to = "any" if wildcard or not settings.listen else shlex.quote(settings.listen)
+    allows = [f"ufw prepend allow from {shlex.quote(cidr)} to {to} port {settings.port} proto tcp comment r1fleet"
               for cidr in allow]
-    return [f"ufw prepend deny {settings.port}/tcp comment r1fleet", *reversed(allows)]
+    deny = (f"ufw prepend deny {settings.port}/tcp comment r1fleet" if to == "any"
+            else f"ufw prepend deny proto tcp to {to} port {settings.port} comment r1fleet")
+    return [deny, *reversed(allows)]

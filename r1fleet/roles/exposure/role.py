@@ -44,6 +44,7 @@ from r1fleet.roles.exposure.decide import (
     SERVICE_UNITS,
     UFW_DELETE_OURS,
     UFW_RULES_FILE,
+    ufw_all_applied,
     exposure_for,
     firewall_drop_in,
     ufw_commands,
@@ -170,6 +171,7 @@ def restore_ufw_rules(expected: int):
         return
     yield UFW_DELETE_OURS
     yield f"sh -e {UFW_RULES_FILE}"
+    yield ufw_all_applied(expected)
 
 
 # ---------------------------------------------------------------- deploys
@@ -254,9 +256,10 @@ def _activate(entry: HostConfig, plan: HostPlan, changed) -> None:
     if not settings.exposed:
         _close()
     elif host.get_fact(UfwActive):
-        server.shell(name="Apply the ufw rules", commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}"],
-                     _if=changed.did_change)
-        restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=len(ufw_commands(settings)))
+        expected = len(ufw_commands(settings))
+        server.shell(name="Apply the ufw rules", _if=changed.did_change,
+                     commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}", ufw_all_applied(expected)])
+        restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=expected)
     else:
         systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
         # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
