@@ -23,7 +23,7 @@ SETTINGS = {"r1fleet": {"address": "10.0.0.9"}}
 @pytest.fixture(autouse=True)
 def _no_summary_at_exit(monkeypatch):
     """The run's summary is printed at exit by the real CLI; here each test reads the failures itself."""
-    monkeypatch.setattr(summary, "install", lambda state: None)
+    monkeypatch.setattr(summary, "install", lambda state, done="converged": None)
     yield
     summary._failures.clear()
 
