@@ -78,7 +78,7 @@ def nothing_given(args: argparse.Namespace) -> None:
               file=sys.stderr)
         return
     name = socket.gethostname().split(".")[0]
-    name = name if re.match(HOST_NAME_PATTERN, name) else "this-machine"
+    name = name if re.fullmatch(HOST_NAME_PATTERN, name) else "this-machine"
     print(f"r1fleet: planning this machine ({name}): there is no {DEFAULT_FLEET} here and no $R1FLEET_FLEET "
           "(give --fleet FILE to plan a fleet)", file=sys.stderr)
     args.this_machine = (name, probe_this_machine())

@@ -61,7 +61,7 @@ class FleetFile(BaseModel):
     def _names(cls, entries: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         kind = info.field_name.removesuffix("s")
         for name in entries:
-            if not re.match(HOST_NAME_PATTERN, name):
+            if not re.fullmatch(HOST_NAME_PATTERN, name):
                 raise ValueError(f"{kind} name {name!r} must be letters, digits, '.', '_' or '-' (at most 63)")
         return entries
 

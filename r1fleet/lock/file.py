@@ -197,7 +197,7 @@ def _shown(name: str) -> str:
 
 
 def _name_problem(name: str) -> tuple[str, str] | None:
-    if re.match(HOST_NAME_PATTERN, name):
+    if re.fullmatch(HOST_NAME_PATTERN, name):
         return None
     return "(name)", f"{name!r} is not a name a fleet file allows (letters, digits, '.', '_', '-')"
 

@@ -142,16 +142,17 @@ class ModelDirectory(FactBase):
     def command(self, path: str, leftovers: tuple[str, ...]) -> str:
         q = shlex.quote
         names = " -o ".join(f"-name {q(name)}" for name in leftovers)
+        # Whether there are any, never their names: a file name may hold a newline, and the removal deletes them on
+        # the host by find itself (leftovers_removed), so no name is ever read back into a command.
         return (f"d={q(path)}; [ -d \"$d\" ] && ! [ -L \"$d\" ] || exit 0; echo dir; "
-                f"find \"$d\" -mindepth 1 \\( {names} \\) -prune -print | sed 's/^/leftover /'; "
+                f"find \"$d\" -mindepth 1 \\( {names} \\) -prune -print -quit | sed 's/^.*$/leftover/'; "
                 "find \"$d\" \\( ! -uid 0 -o ! -gid 0 \\) -print -quit | sed 's/^.*$/foreign/'; true")
 
     def process(self, output: list[str]) -> dict:
         lines = [line.rstrip("\n") for line in output if line.strip()]
         if "dir" not in lines:
             return {}
-        return {"leftovers": [line.split(" ", 1)[1] for line in lines if line.startswith("leftover ")],
-                "foreign": "foreign" in lines}
+        return {"leftovers": any(line.split(" ", 1)[0] == "leftover" for line in lines), "foreign": "foreign" in lines}
 
 
 class LinkTarget(FactBase):
@@ -256,10 +257,20 @@ def models_kept_or_removed(path: str, remove: bool, leftovers: Iterable[str] = D
         host.noop(f"the models in {path} are kept, root's")
         return
     if found["leftovers"]:
-        yield "rm -rf -- " + " ".join(q(p) for p in found["leftovers"])
+        yield leftovers_removed(path, names)
     if found["foreign"]:
         # -h: a link in the folder is changed itself, never what it points to
         yield f"chown -Rh 0:0 {q(path)}"
+
+
+def leftovers_removed(path: str, names: tuple[str, ...]) -> str:
+    r"""Shell: delete r1fleet's own files in a folder of models by name pattern, on the host, by find itself.
+
+    >>> print(leftovers_removed("/m", ("*.part",)))
+    find /m -mindepth 1 \( -name '*.part' \) -prune -exec rm -rf -- {} +
+    """
+    q = shlex.quote
+    return f"find {q(path)} -mindepth 1 \\( " + " -o ".join(f"-name {q(name)}" for name in names) + " \\) -prune -exec rm -rf -- {} +"
 
 
 @operation()

@@ -93,9 +93,11 @@ def test_a_deployed_host_loses_services_firewall_files_and_account_services_firs
 def test_the_models_stay_root_s_without_r1fleet_s_bookkeeping_unless_remove_models(monkeypatch):
     kept = remove(monkeypatch, EXPOSED_LLAMA)
     keep = f"Keep the models in {MODELS}/llama.cpp"
-    assert kept.ran(keep, f"rm -rf -- {MODELS}/llama.cpp/m.gguf.r1fleet-sha256 {MODELS}/llama.cpp/n.gguf.part")
+    assert kept.ran(keep, f"find {MODELS}/llama.cpp -mindepth 1 \\( -name '*.r1fleet-sha256' -o -name '*.part' \\) "
+                          "-prune -exec rm -rf -- {} +")
     assert kept.ran(keep, f"chown -Rh 0:0 {MODELS}/llama.cpp")
-    assert kept.ran(f"Keep the models in {MODELS}/ollama", f"rm -rf -- {MODELS}/ollama/.r1fleet-incoming")
+    assert kept.ran(f"Keep the models in {MODELS}/ollama", f"find {MODELS}/ollama -mindepth 1 \\( ")
+    assert kept.ran(f"Keep the models in {MODELS}/ollama", "-name .r1fleet-incoming")
     assert kept.never_ran(f"rm -rf -- {MODELS}/llama.cpp\n") and not kept.ran(keep, f"rm -rf -- {MODELS}/llama.cpp ")
     assert all(command != f"rm -rf -- {MODELS}/llama.cpp" for command in kept.commands)
     # the empty-folder step leaves the model folder, which still holds models
@@ -212,3 +214,20 @@ def test_a_mac_loses_its_launch_daemons_release_and_user_and_the_wired_limit_goe
     other = {"dscl . -read /Users/_r1ollama": ["user:RealName: Someone", "user:NFSHomeDirectory: /Users/someone"]}
     kept = run_role(remove_r1, responses={**MAC, **other}, data=SETTINGS, base_responses=False, monkeypatch=monkeypatch)
     assert kept.never_ran("dscl . -delete") and kept.never_ran("dseditgroup")
+
+
+def test_leftovers_are_deleted_by_find_itself_whatever_their_names(tmp_path):
+    """A file name with a newline (the Ollama service may write into its store) names nothing else to delete: the
+    removal's command never reads a name back (security review N2: `x\\n.ssh\\ny.part` once became `rm -rf .ssh`)."""
+    import subprocess
+
+    from r1fleet.operations.removal import DOWNLOAD_LEFTOVERS, leftovers_removed
+
+    store, victim = tmp_path / "models", tmp_path / ".ssh"
+    store.mkdir()
+    victim.mkdir()
+    (store / "x\n.ssh\ny.part").write_text("partial")
+    (store / "m.gguf").write_text("model")
+    (store / "m.gguf.r1fleet-sha256").write_text("stamp")
+    subprocess.run(["sh", "-c", leftovers_removed(str(store), DOWNLOAD_LEFTOVERS)], cwd=tmp_path, check=True)
+    assert sorted(p.name for p in store.iterdir()) == ["m.gguf"] and victim.is_dir()

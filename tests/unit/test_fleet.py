@@ -94,6 +94,8 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
          ["host a", "field port", "port 22 is this host's ssh_port"]),
         ("hosts:\n  a: {address: 10.0.0.1, ssh_port: 2222, listen: 10.0.0.1, allow: [10.8.0.0/24], port: 2222}\n",
          ["host a", "field port", "port 2222 is this host's ssh_port"]),
+        # a name ends where the string ends: `$` alone also matches before a last newline (security review N8)
+        ('hosts:\n  "box\\n": {address: 10.0.0.1}\n', ["box"]),
     ],
 )
 def test_each_class_of_mistake_is_named(tmp_path, text, expected):

@@ -313,6 +313,7 @@ def _good_lock(tmp_path: Path) -> tuple[Path, dict]:
     (lambda d: d["hosts"]["rtx4090"]["plan"].update(gpu_uuids=["GPU-x\nExecStartPre=+/bin/sh -c id"]),
      "field plan.gpu_uuids:"),
     (lambda d: d["hosts"].update({"evil\nname": d["hosts"].pop("rtx4090")}), "is not a name a fleet file allows"),
+    (lambda d: d["hosts"].update({"rtx4090\n": d["hosts"].pop("rtx4090")}), "is not a name a fleet file allows"),
 
     (lambda d: d.pop("hosts"), "not a fleet lock"),
 ])
