@@ -107,9 +107,37 @@ TEXT_LAYERS = frozenset(f"application/vnd.ollama.image.{kind}"
                         for kind in ("template", "system", "params", "license", "messages", "prompt"))
 
 
+# The manifest fields Ollama reads (manifest/manifest.go); Go's encoding/json matches a key to a field in any case
+# and the last one wins, so "MediaType" beside "mediaType" is what Ollama takes and Python does not.
+MANIFEST_FIELDS = ("schemaVersion", "mediaType", "config", "layers", "digest", "size", "from", "name", "manifests")
+
+
+def spelling_problem(value: Any) -> str | None:
+    """Why a manifest could be read otherwise by Ollama than here, or None: a key spelled as one of Ollama's fields
+    in another case, two keys alike but for case, or a manifest list (its children are other manifests)."""
+    if isinstance(value, list):
+        return next((problem for item in value if (problem := spelling_problem(item))), None)
+    if not isinstance(value, dict):
+        return None
+    seen: dict[str, str] = {}
+    for key in value:
+        lower = str(key).lower()
+        if lower in seen:
+            return f"it has the key {key!r} beside {seen[lower]!r} (Ollama reads keys in any case)"
+        seen[lower] = key
+        known = next((field for field in MANIFEST_FIELDS if field.lower() == lower), None)
+        if known is not None and key != known:
+            return f"it spells {known!r} as {key!r} (Ollama reads keys in any case)"
+    if "manifests" in value:
+        return "it is a manifest list, not a manifest"
+    return next((problem for item in value.values() if (problem := spelling_problem(item))), None)
+
+
 def weights_problem(manifest: Any, weights_sha256: str) -> str | None:
     """Why a manifest does not serve exactly the pinned weights, or None: one model layer, the pinned one, and
-    no layer but text besides it."""
+    no layer but text besides it, every key as Ollama spells it."""
+    if problem := spelling_problem(manifest):
+        return problem
     layers = manifest.get("layers") if isinstance(manifest, dict) else None
     if not isinstance(layers, list):
         return "it lists no layers"

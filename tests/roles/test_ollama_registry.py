@@ -135,6 +135,36 @@ def test_a_manifest_with_other_weights_is_refused(published):
         read_manifest(json.dumps(hostile).encode(), TAG, published["sha"])
 
 
+def _adapter_in_another_case(document):
+    document["layers"][0]["MediaType"] = "application/vnd.ollama.image.adapter"
+
+
+def _layers_twice(document):
+    document["Layers"] = document["layers"][:-1]
+
+
+def _digest_twice(document):
+    document["layers"][-1]["Digest"] = "sha256:" + "d" * 64
+
+
+def _a_list(document):
+    document["manifests"] = [{"digest": "sha256:" + "d" * 64}]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_adapter_in_another_case, "'MediaType' beside 'mediaType'"), (_layers_twice, "'Layers' beside 'layers'"),
+    (_digest_twice, "'Digest' beside 'digest'"), (_a_list, "a manifest list"),
+])
+def test_a_manifest_means_here_what_it_means_to_ollama(published, change, reason):
+    """Go's encoding/json, which Ollama reads manifests with, matches keys to fields in any case, the last one
+    winning: a key that Python would not read as Ollama does is refused (security review N1), here and in verify."""
+    document = json.loads(published["manifest"].read_bytes())
+    change(document)
+    assert reason in (weights_problem(document, published["sha"]) or "")
+    with pytest.raises(R1FleetError, match="is not the pinned model"):
+        read_manifest(json.dumps(document).encode(), TAG, published["sha"])
+
+
 @pytest.mark.parametrize("extra, reason", [
     ("model", "2 model layers"), ("adapter", "application/vnd.ollama.image.adapter"),
     ("projector", "application/vnd.ollama.image.projector"), ("embed", "application/vnd.ollama.image.embed"),
