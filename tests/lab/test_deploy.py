@@ -192,7 +192,9 @@ def test_the_ansible_inventory_of_the_lab_deploys_it_too(converged, lab, ssh):
 
 
 def test_a_host_stopped_mid_run_fails_alone(converged, lab, ssh):
-    victim = sorted(lab)[0]
+    # The llama.cpp host: the lab's hosts share one cgroup tree (docs/research/lab-notes.md), so a host shutting down
+    # kills every process of its units' names on the others too; its r1fleet-llama-server.service is its own.
+    victim = "lab-dual3090"
     # Force work on every host so the run is still going when the victim disappears.
     for host in lab:
         ssh(host, f"rm -f /etc/systemd/system/{unit_of(ssh, host)}")
