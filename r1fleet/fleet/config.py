@@ -406,8 +406,13 @@ class HostConfig(BaseModel):
     @field_validator("api_key_file")
     @classmethod
     def _api_key_file_is_plain(cls, value: str | None) -> str | None:
-        # It lands in the unit's LoadCredential= line and in shell commands on the host.
-        return plain_path(value, API_KEY_FILE)
+        # It lands in the unit's LoadCredential= line and in shell commands on the host; the deploy moves the key over
+        # it and makes it root's 0600, so it must be a file of r1fleet's: /etc/shadow is not (security review N7).
+        path = plain_path(value, API_KEY_FILE)
+        if path is not None and not path.startswith(f"{CONFIG_DIR}/"):
+            raise ValueError(f"{path!r} is not in {CONFIG_DIR}: the deploy writes the key there and owns the file; "
+                             f"write e.g. {API_KEY_FILE}")
+        return path
 
     @field_validator("allow")
     @classmethod

@@ -177,6 +177,8 @@ def _check_hosts(path: Path, lock: Lock, fix: str) -> None:
         problem = (_name_problem(name)
                    or (("plan.host", f"is {entry.plan.host!r}, under host {name!r}") if entry.plan.host != name else None)
                    or _model_problem(entry.plan, "plan")
+                   or (("plan.context_length", f"{entry.plan.context_length} is no context a fitting plan runs at")
+                       if entry.plan.fits and entry.plan.context_length < 1 else None)
                    or next((("plan.gpu_uuids", f"{uuid!r} is not a GPU of this host's fingerprint")
                             for uuid in entry.plan.gpu_uuids if uuid not in uuids), None))
         if problem:
@@ -186,9 +188,22 @@ def _check_hosts(path: Path, lock: Lock, fix: str) -> None:
                    or (("pool", f"is {pool.pool!r}, under pool {name!r}") if pool.pool != name else None)
                    or next((("head/workers", f"{member!r} is not a host name") for member in [pool.head, *pool.workers]
                             if _name_problem(member)), None)
-                   or _model_problem(pool, ""))
+                   or (("workers", f"the head {pool.head!r} is among them") if pool.head in pool.workers else None)
+                   or _model_problem(pool, "")
+                   or (_numbers_problem(pool) if pool.pooled else None))
         if problem:
             raise _located(path, f"pool {_shown(name)}", None, problem, fix)
+
+
+def _numbers_problem(pool: PoolPlan) -> tuple[str, str] | None:
+    """What a pooled pool's plan says that no plan could (the deploy writes these into units and rules)."""
+    if not 1 <= pool.rpc_port <= 65535:
+        return "rpc_port", f"{pool.rpc_port} is not a TCP port"
+    if not pool.network_gbps > 0:
+        return "network_gbps", f"{pool.network_gbps} is no network speed"
+    if pool.context_length < 1:
+        return "context_length", f"{pool.context_length} is no context a pool runs at"
+    return None
 
 
 def _shown(name: str) -> str:

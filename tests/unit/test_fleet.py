@@ -250,6 +250,7 @@ def test_the_service_port_of_an_opened_host_is_never_its_ssh_port():
     ({"api_key_file": "etc/r1fleet/api-key"}, "api_key_file", "absolute path"),
     ({"api_key_file": "/etc/r1fleet/../shadow"}, "api_key_file", "no '..'"),
     ({"api_key_file": "/etc/r1fleet/api key"}, "api_key_file", "absolute path"),
+    ({"api_key_file": "/etc/shadow"}, "api_key_file", "is not in /etc/r1fleet"),  # security review N7
     ({"ollama_release": {"version": "../../../etc"}}, "ollama_release.version", "not a release version"),
     ({"ollama_release": {"version": "0.32.9/../../x"}}, "ollama_release.version", "0.32.15-standin"),
     ({"ollama_release": {"base_url": "file:///etc"}}, "ollama_release.base_url", "not an http(s) URL"),
@@ -273,11 +274,11 @@ def test_host_data_overrides_meet_the_fleet_files_rules(data, field, words):
 def test_good_host_data_overrides_pass():
     from r1fleet.fleet.config import HostConfig
 
-    config = HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.1"}, "api_key_file": "/srv/keys/box.key",
+    config = HostConfig.from_host_data("box", {"r1fleet": {"address": "10.0.0.1"}, "api_key_file": "/etc/r1fleet/box.key",
                                                "mirror": "http://10.77.0.1:8088", "ollama_release": {
                                                    "version": "0.32.15-standin", "base_url": "http://m/ollama/v{version}",
                                                    "sha256": {"ollama-linux-amd64.tar.zst": "A" * 64}}})
-    assert config.ollama_release.version == "0.32.15-standin" and config.api_key_file == "/srv/keys/box.key"
+    assert config.ollama_release.version == "0.32.15-standin" and config.api_key_file == "/etc/r1fleet/box.key"
 
 
 @pytest.mark.parametrize("value, wanted", [(True, True), ("true", True), ("Yes", True), ("1", True), (False, False),

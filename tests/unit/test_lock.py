@@ -386,7 +386,8 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
     lock = read_lock(path)
     assert lock.pools["big"].pooled and lock.pools["big"].model == "deepseek-r1-distill-llama-70b"
     assert read_lock(path) == lock and "pools:" in path.read_text()  # it reads back as written
-    for hostile, expected in ((("big", "pool"), "big\nExecStartPre=+/bin/sh"), (("big", "gguf", "file"), "../../x.gguf")):
+    for hostile, expected in ((("big", "pool"), "big\nExecStartPre=+/bin/sh"), (("big", "gguf", "file"), "../../x.gguf"),
+                              (("big", "rpc_port"), 0), (("big", "network_gbps"), 0), (("big", "context_length"), -5)):
         doc = yaml.safe_load(path.read_text())
         target = doc["pools"]
         for key in hostile[:-1]:
@@ -396,7 +397,7 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
             doc["pools"] = {expected: doc["pools"]["big"]}
         bad = tmp_path / "hostile.lock"
         bad.write_text(yaml.safe_dump(doc))
-        with pytest.raises(R1FleetError, match="pool .*: field (\\(name\\)|gguf)"):
+        with pytest.raises(R1FleetError, match="pool .*: field (\\(name\\)|gguf|rpc_port|network_gbps|context_length)"):
             read_lock(bad)
     members = {"box-a": parse_probe(BOX_A, "box-a"), "box-b": parse_probe(BOX_B, "box-b")}
     assert locked_pool(lock, "big", members) == lock.pools["big"]
