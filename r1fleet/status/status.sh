@@ -107,7 +107,17 @@ if has systemctl; then
     KEY_FILE=$(systemctl cat "$LLAMA_UNIT" 2>/dev/null | sed -n 's/^LoadCredential=api-key://p' | tail -n 1)
 fi
 
+# The key goes only to the unit's own server: while llama-server is down, any local user could hold its port.
+holds_port() {
+    pid=$(systemctl show -p MainPID --value "$1" 2>/dev/null)
+    port=${2##*:}
+    port=${port%%/*}
+    [ -n "$pid" ] && [ "$pid" != 0 ] && has ss &&
+        ss -Htlnp "sport = :$port" 2>/dev/null | grep -q "pid=$pid,"
+}
+
 if installed "$LLAMA_UNIT"; then
+    holds_port "$LLAMA_UNIT" "$LLAMA_URL" || KEY_FILE=
     section llama-health
     fetch "$LLAMA_URL/health"
     section llama-props

@@ -39,7 +39,7 @@ class Recorder(BaseHTTPRequestHandler):
         pass
 
 
-def systemctl_stub(bin_dir: Path, key_file: Path) -> None:
+def systemctl_stub(bin_dir: Path, key_file: Path, main_pid: int | None = None) -> None:
     script = bin_dir / "systemctl"
     script.write_text(f"""#!/bin/sh
 # TEST STAND-IN for systemctl: llama-server's unit installed with a key credential, the others not
@@ -47,6 +47,7 @@ case "$*" in
   *"LoadState --value r1fleet-llama-server.service"*) echo loaded ;;
   *"LoadState --value"*) echo not-found ;;
   *"ControlGroup --value"*) ;;
+  *"MainPID --value"*) echo {main_pid if main_pid is not None else os.getpid()} ;;
   "cat r1fleet-llama-server.service") printf '[Service]\\nLoadCredential=api-key:{key_file}\\n' ;;
   show*) printf 'Id=r1fleet-llama-server.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\n' ;;
 esac
@@ -54,12 +55,15 @@ esac
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
-def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tmp_path):
+@pytest.mark.parametrize("holder", ["the unit", "another process"])
+def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tmp_path, holder):
+    """The key goes to the port only while the unit's own process holds it (here the unit's MainPID is this test,
+    whose server listens there): a local user holding the port while llama-server is down gets nothing."""
     key_file = tmp_path / "api-key"
     key_file.write_text(KEY + "\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    systemctl_stub(bin_dir, key_file)
+    systemctl_stub(bin_dir, key_file, None if holder == "the unit" else 1)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -72,7 +76,8 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     finally:
         server.shutdown()
     assert out.returncode == 0, out.stderr
-    assert dict(Recorder.seen) == {"/health": None, "/props": f"Bearer {KEY}", "/v1/models": f"Bearer {KEY}"}
+    key = f"Bearer {KEY}" if holder == "the unit" else None
+    assert dict(Recorder.seen) == {"/health": None, "/props": key, "/v1/models": key}
     assert KEY not in out.stdout  # the key went to the server, nowhere else
     assert "status-ollama" not in out.stdout  # no Ollama unit: its port is not asked
     live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
