@@ -35,6 +35,9 @@ HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "m
 # Directories a model_dir must not be (the deploy sets their owner and mode).
 SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", INSTALL_ROOT,
                CONFIG_DIR, "/srv/tmp", "/dev/shm", "/run/user"}
+# Trees of the system itself: no model_dir anywhere inside them (under /var, only /var/lib/r1fleet).
+SYSTEM_TREES = {"root", "etc", "usr", "boot", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "proc", "sys", "dev",
+                "run", "snap"}
 # Directories r1fleet replaces as a whole (an upgrade prunes releases, a removal deletes them): no model_dir inside.
 REPLACED_DIRS = (INSTALL_ROOT, CONFIG_DIR)
 # A DNS name (labels of letters, digits and inner hyphens) or an ~/.ssh/config alias of the same shape.
@@ -304,7 +307,13 @@ class HostSettings(BaseModel):
             dotted = any(p in (".", "..") for p in parts)
             top_level = len(parts) < 2
             temporary_or_home = parts[0] == "tmp" or (parts[0] == "home" and len(parts) < 3)
-            if dotted or top_level or temporary_or_home or "/" + "/".join(parts) in SYSTEM_DIRS:
+            # Inside the system's own trees, another service's state or a hidden folder (~/.ssh) the deploy would
+            # take over, and a removal with remove_models would delete by name (audit M4, security review N3)
+            hidden = any(p.startswith(".") for p in parts)
+            system_tree = parts[0] in SYSTEM_TREES or (parts[:2] == ["var", "lib"] and parts[2:3] != ["r1fleet"]) or (
+                parts[0] == "var" and parts[1:2] != ["lib"] and len(parts) > 1)
+            if (dotted or top_level or temporary_or_home or hidden or system_tree
+                    or "/" + "/".join(parts) in SYSTEM_DIRS):
                 raise ValueError(f"{value!r} is a system, home or temporary directory r1fleet would take over; "
                                  "give a directory of its own, e.g. /var/lib/r1fleet/models or /srv/models/r1fleet")
             inside = next((d for d in REPLACED_DIRS if value.startswith(d + "/")), None)

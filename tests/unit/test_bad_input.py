@@ -143,6 +143,9 @@ HOSTILE_FIELDS = [
     ("model_dir", "/tmp/models"), ("model_dir", "/var/lib"), ("model_dir", "/home/me"), ("model_dir", "/srv/../etc"),
     ("model_dir", "relative/dir"), ("model_dir", "/srv/a b"), ("model_dir", "/srv/$(id)"), ("model_dir", "/srv"),
     ("model_dir", "/opt/r1fleet/models"), ("model_dir", "/etc/r1fleet/models"),
+    # the deploy owns it and a removal deletes in it by name: no system tree, other service or hidden folder (M4, N3)
+    ("model_dir", "/root/.ssh"), ("model_dir", "/etc/ssh"), ("model_dir", "/usr/local/lib"), ("model_dir", "/boot/efi"),
+    ("model_dir", "/var/lib/docker"), ("model_dir", "/var/spool/cron"), ("model_dir", "/home/alice/.ssh"),
     ("policy", {"min_context": "9" * 400}), ("policy", {"min_tokens_per_second": "inf"}), ("nonsense_field", 1),
 ]
 
