@@ -22,6 +22,7 @@ from r1fleet.hardware import parse_probe
 from r1fleet.lock.match import fleet_lock
 from r1fleet.lock.served import Served, lock_note, pool_lock_note, served_in_pool, served_plans
 from r1fleet.plan.catalog import load_catalog
+from r1fleet.probe.text import CONTROLS
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.policy import Policy
 from r1fleet.plan.pools import plan_pools, pool_heading, pool_row
@@ -278,7 +279,7 @@ def plans_table(out: Outcome, settings: dict[str, HostConfig | None]) -> str:
     for pool in out.pools:
         lines.append(pool_heading(pool))
         lines.extend(f"  - {reason}" for reason in shown_pool(pool, out).reasons)
-    return "\n".join(lines)
+    return CONTROLS.sub("", "\n".join(lines))  # a lock's reasons are text from a file, printed to a terminal
 
 
 def _without_host(err: R1FleetError | None, host: str) -> str:

@@ -3,6 +3,7 @@ state and the reason), then what drifted from the lock and any other problem, on
 
 from __future__ import annotations
 
+from r1fleet.probe.text import CONTROLS
 from r1fleet.status.report import DOWN, HostStatus
 
 HEADER = ("HOST", "STATE", "BACKEND", "MODEL", "LOADED", "GPU MiB used/planned", "ENDPOINT", "UNIT", "LOCK")
@@ -85,4 +86,5 @@ def status_table(statuses: list[HostStatus]) -> str:
     healthy = sum(1 for s in statuses if s.healthy)
     lines.append("")
     lines.append(f"{healthy}/{len(statuses)} hosts serving as planned")
-    return "\n".join(lines)
+    # a host's answers are JSON, whose \u001b is a real ESC once decoded: no cell may command the terminal
+    return CONTROLS.sub("", "\n".join(lines))

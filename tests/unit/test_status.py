@@ -226,3 +226,11 @@ def test_numbers_no_int_can_hold_and_json_no_parser_should_are_read_as_unknown()
 @pytest.mark.parametrize("seconds, text", [(None, "?"), (5, "5s"), (61, "1m"), (7200, "2h"), (3 * 86400, "3d")])
 def test_ages_at_a_glance(seconds, text):
     assert age(seconds) == text
+
+
+def test_a_host_answer_never_commands_the_terminal():
+    """JSON's \\u001b decodes to a real ESC: the table prints text, never a terminal command (security review N4)."""
+    status, _ = status_of("ollama-stopped__lab-4090.txt", LAB_4090)
+    status.reason = "inactive \x1b]0;owned\x07\x1b[2J(fix: ...)"
+    table = status_table([status])
+    assert "\x1b" not in table and "\x07" not in table and "inactive ]0;owned[2J(fix: ...)" in table
