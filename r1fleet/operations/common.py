@@ -20,7 +20,7 @@ from pyinfra.operations import files, server, systemd
 from r1fleet.artifacts.pins import Download
 from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
-from r1fleet.operations.fleet_cache import Routed
+from r1fleet.operations.fleet_cache import routed
 from r1fleet.operations.fact_batch import (
     FactRequest,
     directory_reads,
@@ -252,9 +252,9 @@ def fetch_verified(download: Download, dest: str, user: str, group: str, mode: s
     if digest == ("hashed", download.sha256):  # verified now, e.g. placed by an earlier r1fleet: stamp it
         yield stamp_command(dest, download.sha256)
         return
-    routed = Routed([(download, download.name)])
-    yield from routed.commands()
-    (download,) = routed.artifacts
+    routing = routed([(download, download.name)])
+    yield from routing.commands()
+    (download,) = routing.value
     part = f"{dest}.part"
     q = shlex.quote
     steps = [

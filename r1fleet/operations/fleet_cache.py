@@ -3,8 +3,8 @@
 
 All of it happens when pyinfra runs an operation that downloads, never while pyinfra prepares the run: a
 dry run (`--dry`) and the prompt before a confirmed run fetch nothing and start no server. Such an
-operation yields `Routed.commands()` first (one Python callback, executed on the controller when the
-operation runs), then builds its host script from `Routed.artifacts`: each artifact with the URL that
+operation yields `routed(...).commands()` first (one Python callback, executed on the controller when the
+operation runs, `WhenRun`), then builds its host script from the routed artifacts: each artifact with the URL that
 host downloads from, the controller's cache server when the artifact is (or could just be) fetched into
 the cache, else the upstream URL unchanged (the controller cannot reach it: the host tries as before). A
 host given the controller's URL keeps the upstream one as its fallback. Hosts verify every file's sha256
@@ -15,9 +15,9 @@ lives as long as the pyinfra run.
 Turned off with R1FLEET_CACHE=off (each host downloads on its own, as before).
 
 Example, inside an @operation:
-    routed = Routed([(download, download.name)])
-    yield from routed.commands()
-    (download,) = routed.artifacts      # the controller's URL when the operation runs
+    routing = routed([(download, download.name)])
+    yield from routing.commands()
+    (download,) = routing.value      # the controller's URL when the operation runs
     yield f"curl -o /m/x {download.url}"
 """
 
@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 from dataclasses import replace
-from typing import Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from pyinfra.api.command import FunctionCommand
 
@@ -41,6 +41,7 @@ from r1fleet.progress import TerminalProgress
 
 CACHE_PORT = 8089
 T = TypeVar("T")
+V = TypeVar("V")
 _servers: dict[str, tuple[CacheServer, str]] = {}  # controller address -> (server, base URL)
 _caches: dict[str, ArtifactCache] = {}
 _fetching: dict[str, threading.Lock] = {}  # per sha256: hosts planned at once wait for one fetch (gevent-patched)
@@ -118,22 +119,31 @@ def from_controller(state, host, artifact: T, name: str) -> T:
     return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
 
 
-class Routed(Generic[T]):
-    """Artifacts (each with its `url`, `sha256` and `size`, and the name the cache shows) routed through the
-    controller's cache when the operation runs; until then, and with the cache off, their upstream URLs."""
+class WhenRun(Generic[V]):
+    """A value an operation decides when it runs, never while pyinfra prepares it (a dry run decides nothing): the
+    operation yields `commands()` first (one callback, run on the controller), then reads `value`. Until then, and
+    when there is nothing to decide (`decide` None), `value` is the one given."""
 
-    def __init__(self, artifacts: Sequence[tuple[T, str]]):
-        self._named = list(artifacts)
-        self.artifacts: list[T] = [artifact for artifact, _ in self._named]
+    def __init__(self, value: V, decide: Callable[[Any, Any], V] | None):
+        self.value, self._decide = value, decide
 
     def commands(self) -> Iterator[FunctionCommand]:
-        """What the operation yields first: the routing, done on the controller when the operation runs."""
-        if enabled() and self._named:
-            yield FunctionCommand(self._route, (), {})
+        if self._decide is not None:
+            yield FunctionCommand(self._run, (), {})
 
-    def _route(self, state, host) -> bool:  # pyinfra passes these two by name
-        self.artifacts = [from_controller(state, host, artifact, name) for artifact, name in self._named]
+    def _run(self, state, host) -> bool:  # pyinfra passes these two by name
+        self.value = self._decide(state, host)
         return True
+
+
+def routed(artifacts: Sequence[tuple[T, str]]) -> WhenRun[list[T]]:
+    """Artifacts (each with its `url`, `sha256` and `size`, and the name the cache shows) routed through the
+    controller's cache when the operation runs; until then, and with the cache off, their upstream URLs."""
+    named = list(artifacts)
+
+    def route(state, host) -> list[T]:
+        return [from_controller(state, host, artifact, name) for artifact, name in named]
+    return WhenRun([artifact for artifact, _ in named], route if enabled() and named else None)
 
 
 def served_bytes() -> dict[str, int]:

@@ -132,6 +132,11 @@ class DirectoryEntries(FactBase):
         return found
 
 
+def name_tests(names: tuple[str, ...]) -> str:
+    """find's tests for any of `names` (patterns), quoted for the shell: `-name A -o -name B`."""
+    return " -o ".join(f"-name {shlex.quote(name)}" for name in names)
+
+
 class ModelDirectory(FactBase):
     """A folder of models as a removal sees it: {"leftovers": r1fleet's own files in it (download stamps,
     unfinished downloads, the names given), "foreign": whether anything in it belongs to another owner than
@@ -141,7 +146,7 @@ class ModelDirectory(FactBase):
 
     def command(self, path: str, leftovers: tuple[str, ...]) -> str:
         q = shlex.quote
-        names = " -o ".join(f"-name {q(name)}" for name in leftovers)
+        names = name_tests(leftovers)
         # Whether there are any, never their names: a file name may hold a newline, and the removal deletes them on
         # the host by find itself (leftovers_removed), so no name is ever read back into a command.
         return (f"d={q(path)}; [ -d \"$d\" ] && ! [ -L \"$d\" ] || exit 0; echo dir; "
@@ -269,8 +274,7 @@ def leftovers_removed(path: str, names: tuple[str, ...]) -> str:
     >>> print(leftovers_removed("/m", ("*.part",)))
     find /m -mindepth 1 \( -name '*.part' \) -prune -exec rm -rf -- {} +
     """
-    q = shlex.quote
-    return f"find {q(path)} -mindepth 1 \\( " + " -o ".join(f"-name {q(name)}" for name in names) + " \\) -prune -exec rm -rf -- {} +"
+    return f"find {shlex.quote(path)} -mindepth 1 \\( {name_tests(names)} \\) -prune -exec rm -rf -- {{}} +"
 
 
 @operation()

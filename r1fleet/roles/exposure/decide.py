@@ -100,6 +100,10 @@ UFW_DELETE_OURS = (
 # Removes every ufw rule r1fleet added, whether ufw is active or not (`ufw status` lists no rule while it is not):
 # `ufw show added` lists each added rule as the command that added it, and `ufw delete` takes that rule back.
 # Only r1fleet's (comment "r1fleet") are taken, and only in the words r1fleet's rules are made of.
+# How many of r1fleet's rules ufw holds: `ufw show added` lists each added rule once, active or not.
+UFW_COUNT_OURS = "LC_ALL=C ufw show added 2>/dev/null | grep -c \"comment 'r1fleet'$\" || true"
+
+
 def ufw_all_applied(expected: int) -> str:
     """Shell: fail, naming why, unless ufw holds all `expected` of r1fleet's rules after they were applied (ufw
     answers "Skipping inserting existing rule", with success, when one of the host's own rules matches ours but
@@ -110,8 +114,7 @@ def ufw_all_applied(expected: int) -> str:
     """
     why = (f"ufw holds fewer than r1fleet's {expected} rules: it skips a rule that one of the host's own matches "
            "but for its action (see `ufw show added`); delete that rule of yours, then deploy again")
-    return (f"n=$(LC_ALL=C ufw show added | grep -c \"comment 'r1fleet'$\" || true); "
-            f"[ \"$n\" = {expected} ] || {{ echo {shlex.quote(why)} >&2; exit 1; }}")
+    return f"n=$({UFW_COUNT_OURS}); [ \"$n\" = {expected} ] || {{ echo {shlex.quote(why)} >&2; exit 1; }}"
 
 
 UFW_REMOVE_OURS = (

@@ -43,6 +43,7 @@ from r1fleet.roles.exposure.decide import (
     RULES_FILE,
     SERVICE_UNITS,
     UFW_DELETE_OURS,
+    UFW_COUNT_OURS,
     UFW_RULES_FILE,
     ufw_all_applied,
     exposure_for,
@@ -153,8 +154,7 @@ class UfwRules(FactBase):
     default = dict
 
     def command(self) -> str:
-        return ("LC_ALL=C ufw show added 2>/dev/null | grep -c \"comment 'r1fleet'$\" || true; "
-                "LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true")
+        return f"{UFW_COUNT_OURS}; LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true"
 
     def process(self, output: list[str]) -> dict:
         count = output[0].strip() if output else ""

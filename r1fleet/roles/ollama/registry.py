@@ -15,11 +15,10 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, replace
-from typing import Iterator, Mapping
+from typing import Mapping
 
 from pyinfra import host
 from pyinfra.api import operation
-from pyinfra.api.command import FunctionCommand
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.errors import R1FleetError
@@ -119,22 +118,6 @@ def registry_fetch(state, host, source: RegistrySource) -> RegistryFetch:
     return RegistryFetch(RegistryModel(tag, routed[0], tuple(routed[1:])))
 
 
-class _Resolved:
-    """The RegistryFetch an operation decides when it runs (see place_registry_model)."""
-
-    def __init__(self, source: RegistrySource | RegistryFetch):
-        self.source = source
-        self.fetch = source if isinstance(source, RegistryFetch) else None
-
-    def commands(self) -> Iterator[FunctionCommand]:
-        if self.fetch is None:
-            yield FunctionCommand(self._resolve, (), {})
-
-    def _resolve(self, state, host) -> bool:  # pyinfra passes these two by name
-        self.fetch = registry_fetch(state, host, self.source)
-        return True
-
-
 def locked_manifest(tag: str) -> str | None:
     """The manifest digest the fleet lock records for this host's `tag`, if any."""
     lock, _ = fleet_lock(host.data.get("r1fleet_fleet"))
@@ -157,9 +140,12 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
     if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
         return
-    resolved = _Resolved(source)
+    if isinstance(source, RegistryFetch):
+        resolved = fleet_cache.WhenRun(source, None)
+    else:
+        resolved = fleet_cache.WhenRun(None, lambda state, run_host: registry_fetch(state, run_host, source))
     yield from resolved.commands()
-    fetch = resolved.fetch or RegistryFetch(refused=f"nothing to place for {tag}")
+    fetch = resolved.value or RegistryFetch(refused=f"nothing to place for {tag}")
     if fetch.pull:
         with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
             yield pull_command(tag, api, binary)

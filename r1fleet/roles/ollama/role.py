@@ -32,7 +32,7 @@ from r1fleet.roles.ollama.takeover import (
     adopt_official_models,
     retire_official_install,
 )
-from r1fleet.operations.fleet_cache import Routed
+from r1fleet.operations.fleet_cache import routed
 from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.artifacts.pins import Download, model_download
@@ -95,8 +95,8 @@ def install_release(release: OllamaRelease):
     if host.get_fact(File, path=release.stamp):
         host.noop(f"Ollama {release.version} installed")
         return
-    routed = Routed([(asset, asset.name) for asset in release.assets])
-    yield from routed.commands()
+    routing = routed([(asset, asset.name) for asset in release.assets])
+    yield from routing.commands()
     q = shlex.quote
     steps = [
         "set -e",
@@ -105,7 +105,7 @@ def install_release(release: OllamaRelease):
         "trap 'rm -rf \"$tmp\"' EXIT",
         'mkdir "$tmp/tree"',
     ]
-    for asset in routed.artifacts:
+    for asset in routing.value:
         archive = f'"$tmp"/{q(asset.name)}'
         steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
         if asset.name.endswith(".tar.zst"):
