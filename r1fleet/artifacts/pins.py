@@ -179,10 +179,13 @@ def download_mib(plan: HostPlan, hw: Hardware, imported: bool = False) -> int:
     size_mib = math.ceil(gguf.size_bytes / MIB)
     if plan.backend == "llama.cpp":
         return 0 if hw.model_files.get(gguf.file) == gguf.size_bytes else size_mib
-    digest = load_catalog().find(plan.model).ollama_digest if plan.model else None
-    if digest and f"sha256-{digest}" in hw.model_files:
+    model = load_catalog().find(plan.model) if plan.model else None
+    if model and model.ollama_digest and f"sha256-{model.ollama_digest}" in hw.model_files:
         return 0
-    return size_mib * (2 if imported else 1)
+    if imported:
+        return size_mib * 2
+    # a pull writes the tag's own layer, which differs from the GGUF where Ollama quantized the weights itself
+    return math.ceil(model.ollama_size_bytes / MIB) if model and model.ollama_size_bytes else size_mib
 
 
 def check_disk(host: str, plan: HostPlan, hw: Hardware, imported: bool = False) -> None:

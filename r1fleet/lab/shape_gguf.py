@@ -79,6 +79,8 @@ def tensor_layout(model: Model) -> list[TensorInfo]:
         ]
         if a.family == "qwen2":  # Qwen2 has q/k/v biases
             tensors += [TensorInfo(p + f"attn_{x}.bias", (d,), "F32") for x, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        if a.family == "qwen3":  # Qwen3 has no biases but an RMS norm of each head's q and k (llama.cpp src/llama-arch.cpp)
+            tensors += [TensorInfo(p + f"attn_{x}_norm.weight", (a.head_dim,), "F32") for x in ("q", "k")]
     tensors.append(TensorInfo("output_norm.weight", (a.embedding,), "F32"))
     tensors.append(TensorInfo("output.weight", (a.embedding, a.vocab), "Q6_K"))
     return tensors
@@ -110,7 +112,8 @@ def write_header(model: Model, path: Path) -> int:
     writer.add_key_length(a.head_dim)
     writer.add_value_length(a.head_dim)
     writer.add_layer_norm_rms_eps(1e-5 if arch == "llama" else 1e-6)
-    writer.add_rope_freq_base(500000.0 if arch == "llama" else 10000.0)
+    # Llama 3.1: 500000; Qwen2: 10000; Qwen3 (R1-0528's distill): 1e6, its GGUF's qwen3.rope.freq_base
+    writer.add_rope_freq_base({"llama": 500000.0, "qwen3": 1000000.0}.get(arch, 10000.0))
     if arch == "llama":
         writer.add_rope_dimension_count(a.head_dim)
     writer.add_vocab_size(a.vocab)

@@ -1,4 +1,5 @@
-"""The model catalog: the six DeepSeek-R1 distills and the rehearsal stand-ins, loaded from catalog.yaml."""
+"""The model catalog: the DeepSeek-R1 distills (the six of January 2025 and R1-0528's Qwen3-8B) and the rehearsal
+stand-ins, loaded from catalog.yaml."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class PypiSource(_Strict):
 
 class Benchmarks(_Strict):
     aime2024: float | None = None
+    aime2025: float | None = None
     math500: float | None = None
     livecodebench: float | None = None
 
@@ -66,6 +68,10 @@ class Model(_Strict):
     reasoning: bool
     ollama_tag: str
     ollama_digest: str | None = None
+    # The tag's model layer in bytes, where Ollama quantized the weights itself and its layer is not the GGUF's size.
+    ollama_size_bytes: int | None = Field(None, gt=0)
+    # How users say the size when the id's own size would collide with another distill's ("8b-0528").
+    label: str | None = Field(None, pattern=r"^\d+(\.\d+)?[bm](-[0-9a-z]+)?$")
     gguf: Gguf
     pypi: PypiSource | None = None
     arch: Architecture
@@ -73,9 +79,23 @@ class Model(_Strict):
 
     @property
     def size_label(self) -> str:
-        """'70b', '1.5b' ... as users say it."""
+        """'70b', '1.5b', '8b-0528' ... as users say it."""
+        if self.label:
+            return self.label
         match = re.search(r"-(\d+(?:\.\d+)?[bm])$", self.id)
         return match.group(1) if match else self.id
+
+    @property
+    def size_class(self) -> str:
+        """The size alone ('8b' for both 8B distills): the distills the planner chooses between at one size."""
+        match = re.match(r"\d+(?:\.\d+)?[bm]", self.size_label)
+        return match.group(0) if match else self.size_label
+
+    @property
+    def weights_bytes(self) -> int:
+        """The larger of the files a host may load (the GGUF for llama-server, the tag's layer for Ollama): the plan
+        must hold whichever the backend loads."""
+        return max(self.gguf.size_bytes, self.ollama_size_bytes or 0)
 
     def pinned_gguf(self) -> GgufFile:
         """The GGUF a plan for this model downloads, as plans and locks record it (a lock must say exactly this)."""
@@ -88,6 +108,14 @@ class Model(_Strict):
         return 2 * self.arch.layers * self.arch.kv_heads * self.arch.head_dim * 2
 
 
+# Short tags of ollama.com/library/deepseek-r1 that were re-pointed to another model (catalog.yaml, header).
+MOVING_TAGS = {
+    "deepseek-r1:8b": "the Llama-8B distill until May 2025, R1-0528 Qwen3-8B since",
+    "deepseek-r1:latest": "the same model as deepseek-r1:8b",
+    "deepseek-r1": "deepseek-r1:latest",
+}
+
+
 class Catalog(_Strict):
     models: list[Model]
     stand_ins: list[Model]
@@ -98,10 +126,11 @@ class Catalog(_Strict):
         for model in [*self.models, *self.stand_ins]:
             if wanted in (model.id, model.ollama_tag.lower(), model.size_label):
                 return model
+        if wanted in MOVING_TAGS:
+            raise KeyError(f"{ref!r} is a tag Ollama moves between models ({MOVING_TAGS[wanted]}); name the distill: "
+                           + ", ".join(f"{m.size_label} ({m.ollama_tag})" for m in self.models if m.size_class == "8b"))
         for model in self.models:  # the short Ollama tags users know, e.g. deepseek-r1:32b
             if wanted == f"deepseek-r1:{model.size_label}":
-                if model.size_label == "8b":  # Ollama re-pointed deepseek-r1:8b to R1-0528 on Qwen3-8B in May 2025
-                    raise KeyError(f"{ref!r} is no longer the Llama distill on Ollama; use {model.ollama_tag} or 8b")
                 return model
         choices = ", ".join(m.size_label for m in self.models)
         raise KeyError(f"unknown model {ref!r}; use a catalog id, an Ollama tag, or a size ({choices})")

@@ -76,7 +76,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class WeightShares:
-    """How a GGUF's bytes divide: embeddings (host memory), one block layer, the output tensor."""
+    """How a GGUF's bytes divide: embeddings (host memory), one block layer, the output tensor. The file is the larger of
+    the model's GGUF and its Ollama layer (`Model.weights_bytes`), so a plan holds whichever its backend loads."""
 
     file_mib: float
     token_embd_mib: float
@@ -87,7 +88,7 @@ class WeightShares:
 def weight_shares(model: Model) -> WeightShares:
     c = constants()
     a = model.arch
-    file_mib = model.gguf.size_bytes / MIB
+    file_mib = model.weights_bytes / MIB
     embd = a.vocab * a.embedding * c.token_embd_bits_per_weight / 8 / MIB
     output = a.vocab * a.embedding * c.output_bits_per_weight / 8 / MIB
     per_layer = max(file_mib - embd - output, 0.0) / a.layers
@@ -212,9 +213,16 @@ def device_compute_mib(
     model: Model, context: int, flash_attention: bool, split_first: bool | None, ubatch: int | None = None
 ) -> float:
     """The compute buffer of one device: llama-server's graph (one device or a split's pipeline), as llama.cpp
-    itself projects it; Ollama's graph estimate for a model llama.cpp was not asked about."""
+    itself projects it. For a model llama.cpp was not asked about yet: Ollama's graph estimate without the context
+    (its vocabulary-sized logits, above every measured base), at the micro-batch (the measured bases grow with it in
+    proportion), plus the part llama.cpp grows with the context, so the estimate stays above the measurement to come
+    (tests/unit/test_planner.py)."""
     measured = llama_server_compute_mib(model, context, flash_attention, split_first, ubatch)
-    return compute_buffer_mib(model, context, flash_attention) if measured is None else measured
+    if measured is not None:
+        return measured
+    c = constants()
+    base = compute_buffer_mib(model, 0, True) * (ubatch or c.split_compute["ubatch"]) / c.compute_batch
+    return base + compute_slope_mib(model, context, flash_attention, split=split_first is not None, ubatch=ubatch)
 
 
 def fixed_cost_mib(

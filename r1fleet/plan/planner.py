@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
-from r1fleet.plan.memory import bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
+from r1fleet.plan.memory import MIB, bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
 from r1fleet.records import DevicePlan, Hardware, HostPlan
 from r1fleet.plan.placement import PlacementOption, device_plans, gpu_capacity_mib, placements, split_layers
 from r1fleet.plan.policy import Policy
@@ -193,7 +193,54 @@ def ordered_candidates(catalog: Catalog, policy: Policy) -> list[Model]:
         return sorted(models, key=lambda m: (m.benchmarks.aime2024 or 0.0, m.params_b), reverse=True)
     if policy.prefer == "general":
         return sorted(models, key=lambda m: (m.focus == "general", m.params_b), reverse=True)
+    if policy.prefer == "compact":
+        classes = {m.size_class: m.params_b for m in reversed(models)}  # each size by its largest distill
+        return sorted(models, key=lambda m: (-classes[m.size_class], footprint_mib(m, policy)))
     return models
+
+
+def footprint_mib(model: Model, policy: Policy) -> float:
+    """What `compact` compares at one size: the weights and an f16 KV cache of the policy's smallest context."""
+    return weight_shares(model).file_mib + model.kv_bytes_per_token_f16 * policy.min_context / MIB
+
+
+PREFER_WHY = {
+    "largest": "more parameters",
+    "compact": "less memory",
+    "math": "a better AIME 2024",
+    "general": "generalists first, then more parameters",
+}
+
+
+def same_size_sibling(chosen: Model, candidates: list[Model]) -> Model | None:
+    """The distill of the chosen one's size that the order tried after it, if any (R1-0528's 8B and the Llama 8B)."""
+    return next((m for m in candidates[candidates.index(chosen) + 1:] if m.size_class == chosen.size_class), None)
+
+
+def same_size_choice(chosen: Model, other: Model, other_tried: Attempt, policy: Policy) -> str:
+    """Why the plan serves this distill rather than the other of its size: the two compared on what tells them
+    apart, and the `prefer` that would try the other first, or why the other would not fit anyway."""
+    head = (f"{chosen.size_label} ({chosen.name}) rather than {other.size_label} ({other.name}), by prefer: "
+            f"{policy.prefer} ({PREFER_WHY[policy.prefer]}): {_compared(chosen, other, policy)}; ")
+    if not (other_tried.fits and other_tried.tokens_per_second >= policy.min_tokens_per_second):
+        return head + f"{other.size_label} would not fit here either: {other_tried.why_not}"
+    steer = next(p for p in ("compact", "largest") if p != policy.prefer)
+    return head + f"prefer: {steer} tries {other.size_label} before {chosen.size_label}, or pin model: {other.size_label}"
+
+
+def _compared(a: Model, b: Model, policy: Policy) -> str:
+    marks = []
+    for name, label in (("aime2024", "AIME 2024"), ("aime2025", "AIME 2025"), ("math500", "MATH-500")):
+        x, y = getattr(a.benchmarks, name), getattr(b.benchmarks, name)
+        if x is not None or y is not None:
+            marks.append(f"{label} {_mark(x)} vs {_mark(y)}")
+    memory = (f"{footprint_mib(a, policy):,.0f} vs {footprint_mib(b, policy):,.0f} MiB of weights and f16 KV at "
+              f"context {policy.min_context}")
+    return ", ".join([*marks, memory])
+
+
+def _mark(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def judged(model: Model, options: list[PlacementOption], policy: Policy, context: int | None) -> list[Attempt]:
@@ -354,7 +401,9 @@ def plan_host(
     for candidate in candidates:
         result = best_attempt(candidate, options, policy, context)
         if result.fits:
-            return _host_plan(hw, policy, result, rejected, forced=bool(pinned or context))
+            other = None if pinned else same_size_sibling(candidate, candidates)
+            choice = same_size_choice(candidate, other, best_attempt(other, options, policy, context), policy) if other else None
+            return _host_plan(hw, policy, result, rejected, forced=bool(pinned or context), choice=choice)
         if pinned:
             answer = no_fit(candidate, options, policy, context)
             return _host_plan(hw, policy, answer.closest, rejected, forced=True, answer=answer)
@@ -370,7 +419,7 @@ def _backend(placement: PlacementOption, policy: Policy) -> str:
 
 
 def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: list[Attempt], forced: bool,
-               answer: NoFit | None = None) -> HostPlan:
+               answer: NoFit | None = None, choice: str | None = None) -> HostPlan:
     gpus = [
         {"index": g.index, "name": g.name, "memory_total_mib": g.memory_total_mib, "memory_free_mib": gpu_capacity_mib(g)}
         for g in hw.gpus
@@ -393,7 +442,7 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         used = ", ".join(f"{d.device} {d.planned_mib:,}/{d.capacity_mib:,} MiB" for d in chosen.devices)
         why = (f"{m.size_label} fits on {_describe(p)} at context {chosen.context} ({chosen.kv_type} KV): {used}; "
                f"est {chosen.tokens_per_second} tokens/s")
-        reasons = [f"{lead}: {why}", *reasons]
+        reasons = [f"{lead}: {why}", *reasons, *([choice] if choice else [])]
     overflows = any(d.planned_mib > d.capacity_mib for d in chosen.devices)
     if backend == "llama.cpp" and p.kind == "multi-gpu" and chosen.fits:
         reasons.append(

@@ -29,7 +29,12 @@ class Policy(BaseModel):
     flash_attention: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: as the runtime decides for the GPU; on/off: force it (a quantized KV cache needs it on)"
     )
-    prefer: Literal["largest", "math", "general"] = "largest"
+    prefer: Literal["largest", "compact", "math", "general"] = Field(
+        "largest",
+        description="the order models are tried in: largest (most parameters first: of the 8B distills, R1-0528's "
+                    "Qwen3-8B), compact (largest, but at one size the distill needing less memory: the Llama 8B), math "
+                    "(best AIME 2024 first) or general (generalists before the Qwen-Math distills)",
+    )
     model: str | None = Field(None, description="pin a catalog model id (or Ollama tag, or a size like 32b)")
     backend: Backend | None = Field(None, description="force a backend instead of the planner's choice")
     cpu_bandwidth_gbps: float = Field(25.0, gt=0, le=2000, description="system RAM bandwidth for CPU-only speed estimates")

@@ -232,3 +232,16 @@ def test_an_ollama_import_needs_room_for_the_file_twice_a_registry_model_once():
     assert once == -(-p.gguf.size_bytes // 2**20) and download_mib(p, hw, imported=True) == 2 * once
     stored = hw.model_copy(update={"model_files": {"sha256-6150cb382311b69f09cc0f9a1b69fc029cbd742b66bb8ec531aa5ecf5c613e93": 1}})
     assert p.ollama_tag == "deepseek-r1:32b-qwen-distill-q4_K_M" and download_mib(p, stored) == 0
+
+
+def test_a_pull_of_r1_0528s_8b_needs_room_for_ollamas_own_layer_not_the_gguf():
+    """Ollama quantized R1-0528's 8B itself: its layer (5,225,373,760 bytes) is what a pull writes, not the GGUF."""
+    from r1fleet.hardware import parse_probe
+    from r1fleet.plan.planner import plan_host
+    from r1fleet.artifacts.pins import download_mib
+
+    probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "rtx4090.probe").read_text()
+    hw = parse_probe(probe, "box")
+    p = plan_host(hw, model="8b-0528")
+    assert p.backend == "ollama" and p.gguf.size_bytes == 5027785216
+    assert download_mib(p, hw) == -(-5225373760 // 2**20)

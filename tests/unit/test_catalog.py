@@ -24,6 +24,7 @@ EXPECTED_KV_KIB = {
     "deepseek-r1-distill-qwen-1.5b": 28,
     "deepseek-r1-distill-qwen-7b": 56,
     "deepseek-r1-distill-llama-8b": 128,
+    "deepseek-r1-0528-qwen3-8b": 144,  # 2 x 36 layers x 8 KV heads x 128 x 2 B (docs/research/r1-0528-distill.md)
     "deepseek-r1-distill-qwen-14b": 192,
     "deepseek-r1-distill-qwen-32b": 256,
     "deepseek-r1-distill-llama-70b": 320,
@@ -49,8 +50,9 @@ def all_models(catalog: Catalog) -> list[Model]:
 # --- shape -----------------------------------------------------------------------------------
 
 
-def test_catalog_has_the_six_distills_and_a_stand_in(catalog: Catalog) -> None:
-    assert sorted(m.size_label for m in catalog.models) == sorted(["1.5b", "7b", "8b", "14b", "32b", "70b"])
+def test_catalog_has_the_seven_distills_and_a_stand_in(catalog: Catalog) -> None:
+    assert sorted(m.size_label for m in catalog.models) == sorted(["1.5b", "7b", "8b", "8b-0528", "14b", "32b", "70b"])
+    assert len({m.size_label for m in all_models(catalog)}) == len(all_models(catalog)), "size labels must be unique"
     assert len(catalog.stand_ins) >= 1
     assert len(set(catalog.ids)) == len(catalog.ids), "catalog ids must be unique"
     tags = [m.ollama_tag for m in all_models(catalog)]
@@ -59,7 +61,7 @@ def test_catalog_has_the_six_distills_and_a_stand_in(catalog: Catalog) -> None:
 
 def test_largest_first_orders_by_parameters(catalog: Catalog) -> None:
     order = [m.size_label for m in catalog.largest_first()]
-    assert order == ["70b", "32b", "14b", "8b", "7b", "1.5b"]
+    assert order == ["70b", "32b", "14b", "8b-0528", "8b", "7b", "1.5b"]
 
 
 # --- architecture numbers ------------------------------------------------------------------------
@@ -81,7 +83,9 @@ def test_arch_numbers_are_self_consistent(catalog: Catalog) -> None:
 
 def test_families_match_names_and_vocab(catalog: Catalog) -> None:
     for model in catalog.models:
-        if "-llama-" in model.id:
+        if "-qwen3-" in model.id:
+            assert (model.arch.family, model.arch.vocab) == ("qwen3", 151936), model.id
+        elif "-llama-" in model.id:
             assert (model.arch.family, model.arch.vocab) == ("llama", 128256), model.id
         else:
             assert model.arch.family == "qwen2", model.id
@@ -117,11 +121,30 @@ def test_8b_is_pinned_to_the_llama_distill_tag(catalog: Catalog) -> None:
     assert model.ollama_tag != "deepseek-r1:8b"
 
 
+def test_the_0528_distill_is_found_by_its_label_and_explicit_tag(catalog: Catalog) -> None:
+    model = catalog.find("8b-0528")
+    assert model.id == "deepseek-r1-0528-qwen3-8b" and model.size_class == catalog.find("8b").size_class == "8b"
+    assert catalog.find("deepseek-r1:8b-0528-qwen3-q4_K_M") is model
+    assert model.arch.family == "qwen3"
+
+
+@pytest.mark.parametrize("tag", ["deepseek-r1:8b", "deepseek-r1:latest", "deepseek-r1"])
+def test_moving_tags_are_refused_naming_both_8b_distills(catalog: Catalog, tag: str) -> None:
+    with pytest.raises(KeyError) as excinfo:
+        catalog.find(tag)
+    message = str(excinfo.value)
+    assert "moves between models" in message
+    assert "deepseek-r1:8b-0528-qwen3-q4_K_M" in message and "deepseek-r1:8b-llama-distill-q4_K_M" in message
+
+
 # --- download pins --------------------------------------------------------------------------------
 
 
 def test_distill_tags_are_explicit_q4_k_m_distill_tags(catalog: Catalog) -> None:
     for model in catalog.models:
+        if model.arch.family == "qwen3":  # the R1-0528 distill's own tag: 8b-0528-qwen3-q4_K_M
+            assert model.ollama_tag == f"deepseek-r1:{model.size_label}-qwen3-q4_K_M"
+            continue
         base = "llama" if model.arch.family == "llama" else "qwen"
         assert model.ollama_tag == f"deepseek-r1:{model.size_label}-{base}-distill-q4_K_M"
 
@@ -146,13 +169,28 @@ def test_q4_k_m_sizes_agree_with_parameter_counts(catalog: Catalog) -> None:
         assert 4.6 < bits_per_weight < 5.2, f"{model.id}: {bits_per_weight:.2f} bits/weight"
 
 
-def test_every_distill_has_its_paper_benchmarks(catalog: Catalog) -> None:
+def test_an_ollama_layer_size_is_pinned_only_beside_its_digest_and_planned_when_larger(catalog: Catalog) -> None:
     for model in catalog.models:
+        if model.ollama_size_bytes is not None:
+            assert model.ollama_digest, model.id
+            # Ollama's own Q4_K_M of the same weights: within a few percent of the GGUF
+            assert 0.9 < model.ollama_size_bytes / model.gguf.size_bytes < 1.1, model.id
+        assert model.weights_bytes == max(model.gguf.size_bytes, model.ollama_size_bytes or 0)
+    assert catalog.find("8b-0528").weights_bytes == 5225373760  # the layer, not the 5,027,785,216-byte GGUF
+
+
+def test_every_distill_has_its_published_benchmarks(catalog: Catalog) -> None:
+    january = [m for m in catalog.models if m.arch.family != "qwen3"]
+    for model in january:
         marks = model.benchmarks
         assert None not in (marks.aime2024, marks.math500, marks.livecodebench), model.id
-    # The paper's headline ordering: 32B leads AIME among the distills, 70B leads MATH-500.
-    assert max(catalog.models, key=lambda m: m.benchmarks.aime2024 or 0).size_label == "32b"
-    assert max(catalog.models, key=lambda m: m.benchmarks.math500 or 0).size_label == "70b"
+        assert marks.aime2025 is None, f"{model.id}: DeepSeek published no AIME 2025 for the January distills"
+    # The paper's headline ordering: 32B leads AIME among the January distills, 70B leads MATH-500.
+    assert max(january, key=lambda m: m.benchmarks.aime2024 or 0).size_label == "32b"
+    assert max(january, key=lambda m: m.benchmarks.math500 or 0).size_label == "70b"
+    # R1-0528's model card: AIME 24 86.0, AIME 25 76.3; no MATH-500, and a LiveCodeBench window of its own
+    marks = catalog.find("8b-0528").benchmarks
+    assert (marks.aime2024, marks.aime2025, marks.math500, marks.livecodebench) == (86.0, 76.3, None, None)
 
 
 # --- the stand-in, checked against the real file ------------------------------------------------------
