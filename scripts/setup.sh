@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Controller packages: the lab (debootstrap, systemd-nspawn, network namespaces, apt proxy),
 # SSH, ruby to check the Vagrantfile, and ufw (left disabled here: tests/lab/test_ufw.py runs it in a
-# private namespace to check r1fleet's ufw rules against the real thing), zstd (packs the stand-in Ollama release).
+# private namespace to check r1fleet's ufw rules against the real thing), zstd (packs the stand-in Ollama release),
+# haproxy (tests/unit/test_gateway.py runs the gateway's rendered configuration with the distribution's HAProxy).
 APT_PACKAGES=(debootstrap systemd-container iproute2 apt-cacher-ng openssh-client curl ca-certificates
-              nftables ruby python3-venv ufw zstd)
+              nftables ruby python3-venv ufw zstd haproxy)
 
 if [ "$(id -u)" = 0 ]; then
   missing=()

@@ -338,6 +338,73 @@ class HostSettings(BaseModel):
         return known_model(value)
 
 
+GATEWAY_PORT = 8000
+GATEWAY_MAX_REQUEST_KIB = 1024
+
+
+class GatewaySettings(BaseModel):
+    """`gateway:`: one OpenAI endpoint for the fleet, an HAProxy on one of its hosts (roles/gateway/)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(description="the fleet's host that runs the gateway (it may also serve a model)")
+    port: int = Field(GATEWAY_PORT, ge=1, le=65535, description="the gateway's port")
+    listen: str | None = Field(None, description="address the gateway binds; unset = 127.0.0.1 only")
+    allow: list[str] = Field([], validate_default=True,
+                             description="networks (CIDR) admitted to the gateway's port when listen is set")
+    api_key_source: str | None = Field(
+        None, description="the gateway's client key as a file on the controller (~ is expanded); unset: one is "
+                          "generated on the gateway host, once")
+    max_request_kib: int = Field(GATEWAY_MAX_REQUEST_KIB, ge=64, le=16384,
+                                 description="the largest request body the gateway reads to route it (a longer chat is "
+                                             "refused with 413)")
+
+    # the same rules as a host's listen, allow and key file, each reported under its own field
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_an_address(cls, value: str | None) -> str | None:
+        return HostSettings._listen_is_an_address(value)
+
+    @field_validator("api_key_source")
+    @classmethod
+    def _api_key_source_is_a_path(cls, value: str | None) -> str | None:
+        return HostSettings._api_key_source_is_a_path(value)
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_is_networks_and_given_when_open(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        HostSettings._allow_are_networks(value)
+        if not is_loopback(info.data.get("listen")) and not value:
+            raise ValueError("listen is set but allow is empty; list the networks that may connect (e.g. "
+                             "[192.168.1.0/24]), or write allow: [0.0.0.0/0] to open it to every network on purpose")
+        return value
+
+    @property
+    def bind_address(self) -> str:
+        return self.listen or "127.0.0.1"
+
+    @property
+    def allow4(self) -> tuple[str, ...]:
+        return merged_networks(self.allow, 4)
+
+    @property
+    def allow6(self) -> tuple[str, ...]:
+        return merged_networks(self.allow, 6)
+
+
+def gateway_clash(gateway: GatewaySettings, entry: "HostConfig") -> str | None:
+    """Why the gateway's port cannot be used on its host, or None: the host's model port (its `port`, or either
+    backend's default while the plan may pick either) or its ssh_port."""
+    model_ports = [entry.port] if entry.port else list(DEFAULT_PORTS.values())
+    if gateway.port in model_ports:
+        which = f"host {entry.name}'s model port" if entry.port else \
+            f"a model server's default port (Ollama 11434, llama.cpp 8080), which host {entry.name} may bind"
+        return f"port {gateway.port} is {which}"
+    if gateway.port == entry.ssh_port:
+        return f"port {gateway.port} is host {entry.name}'s ssh_port"
+    return None
+
+
 # The settings HostSettings' validators check, applied to a HostConfig built any other way.
 _CHECKED_SETTINGS = ("address", "ssh_user", "ssh_port", "listen", "allow", "port", "groups", "model_dir", "api_key_source",
                      "ollama_registry", "mirror")

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from r1fleet.fleet.config import HostConfig, HostSettings
+from r1fleet.fleet.config import GatewaySettings, HostConfig, HostSettings, gateway_clash
 from r1fleet.errors import FleetError
 from r1fleet.fleet import plugins
 from r1fleet.plan.pool_settings import PoolSettings, pool_problems
@@ -55,6 +55,7 @@ class FleetFile(BaseModel):
     hosts: dict[str, HostSettings] = Field(min_length=1)
     pools: dict[str, PoolSettings] = Field({}, description="hosts that serve one model together (llama.cpp RPC); opt-in")
     cache: CacheSettings | None = Field(None, description="the controller's artifact cache (r1fleet cache)")
+    gateway: GatewaySettings | None = Field(None, description="one OpenAI endpoint for the fleet (HAProxy on one host)")
 
     @field_validator("hosts", "pools")
     @classmethod
@@ -71,6 +72,7 @@ class Fleet(BaseModel):
     hosts: dict[str, HostConfig]
     pools: dict[str, PoolSettings] = {}
     cache_dir: str | None = None  # the fleet file's cache.dir, resolved; r1fleet.cache.store.cache_root decides
+    gateway: GatewaySettings | None = None
 
     def _pool_data(self, host: str) -> dict[str, Any]:
         """A pool member's host data: its pool by name, as the fleet file gives it (r1fleet/deploy/pool_members.py)."""
@@ -238,9 +240,28 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
         except ValidationError as err:
             problems.append(str(_explain(err, source, ("hosts", name))))
     problems += pool_problems(parsed.pools, parsed.hosts, source)
+    problems += gateway_problems(parsed.gateway, entries, parsed.hosts, source)
     if problems:
         raise FleetError("\n".join(problems))
-    return Fleet(source=source, hosts=entries, pools=parsed.pools, cache_dir=_cache_dir(parsed.cache, source))
+    return Fleet(source=source, hosts=entries, pools=parsed.pools, cache_dir=_cache_dir(parsed.cache, source),
+                 gateway=parsed.gateway)
+
+
+def gateway_problems(gateway: GatewaySettings | None, entries: dict[str, HostConfig], named: dict[str, Any],
+                     source: str) -> list[str]:
+    """What makes the gateway section unusable, each with its field and fix: a host the fleet does not have, a port
+    its host already uses."""
+    if gateway is None:
+        return []
+    if gateway.host not in named:
+        return [f"{source}: gateway: field host: {gateway.host!r} is not a host of this fleet (fix: name one of "
+                f"{', '.join(sorted(named))}, or add it under hosts:)"]
+    entry = entries.get(gateway.host)
+    if entry is None:  # the host's own entry is refused above, with its reason
+        return []
+    if problem := gateway_clash(gateway, entry):
+        return [f"{source}: gateway: field port: {problem} (fix: give the gateway another port, e.g. 8000)"]
+    return []
 
 
 def _cache_dir(settings: CacheSettings | None, source: str) -> str | None:

@@ -9,6 +9,10 @@ neither add a line nor a directive even where a validator upstream missed it.
   of addresses, ports and names, so anything outside `A-Z a-z 0-9 . : / , _ -` and the space is refused.
 - launchd property lists (XML): Jinja's XML escaping (`autoescape`), control characters refused (XML 1.0
   allows none but tab and newline, which no plist value of r1fleet's needs).
+- HAProxy configuration: a newline ends a statement, a space ends a word, `#` starts a comment, `"` and a
+  backslash escape and `$` expands an environment variable inside double quotes (HAProxy's configuration manual, section
+  2.2 "Quoting and escaping"). A value of plain characters is written as it is; any other goes in single quotes,
+  inside which HAProxy neither escapes nor expands anything; a value holding a `'` or a control character is refused.
 
 The settings go to pyinfra's `files.template(..., jinja_env_kwargs=...)`:
 
@@ -24,6 +28,7 @@ from r1fleet.errors import R1FleetError
 
 WHITESPACE = {"trim_blocks": True, "lstrip_blocks": True}
 NFT_TOKEN = re.compile(r"^[A-Za-z0-9 .:/,_-]*$")
+HAPROXY_WORD = re.compile(r"^[A-Za-z0-9.:/,_@+=-]+$")
 
 
 class RenderError(R1FleetError):
@@ -74,6 +79,21 @@ def plist_text(value: Any) -> Any:
     return value
 
 
+def haproxy_text(value: Any) -> str:
+    """A value as one word of an HAProxy configuration line.
+
+    >>> haproxy_text("deepseek-r1:32b-qwen-distill-q4_K_M"), haproxy_text("Bearer a#b$c")
+    ('deepseek-r1:32b-qwen-distill-q4_K_M', "'Bearer a#b$c'")
+    """
+    text = str(value)
+    if HAPROXY_WORD.match(text):
+        return text
+    if "'" in text or _control_characters(text) or not text:
+        raise RenderError(f"{text!r} cannot be written into an HAProxy configuration as one word: it is empty or holds "
+                          "a single quote or a control character", fix="correct the value (a key: write a new one)")
+    return f"'{text}'"
+
+
 def unit_settings(whitespace: bool = True) -> dict[str, Any]:
     """Jinja settings of a systemd unit template (`whitespace`: trim the lines of block tags)."""
     return {**(WHITESPACE if whitespace else {}), "finalize": unit_text}
@@ -81,6 +101,10 @@ def unit_settings(whitespace: bool = True) -> dict[str, Any]:
 
 def nft_settings(whitespace: bool = True) -> dict[str, Any]:
     return {**(WHITESPACE if whitespace else {}), "finalize": nft_text}
+
+
+def haproxy_settings(whitespace: bool = True) -> dict[str, Any]:
+    return {**(WHITESPACE if whitespace else {}), "finalize": haproxy_text}
 
 
 def plist_settings() -> dict[str, Any]:
