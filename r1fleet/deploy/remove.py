@@ -19,6 +19,7 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.removal import Removal, apply_removals, remove_empty_directories
 from r1fleet.records import INSTALL_ROOT, STATE_DIR
 from r1fleet.roles.exposure.remove import ExposureRemoval
+from r1fleet.roles.gateway.remove import GatewayRemoval
 from r1fleet.roles.gpu_driver.remove import DriverRemoval
 from r1fleet.roles.llama_cpp.remove import LlamaCppRemoval
 from r1fleet.roles.macos.remove import MacOllamaRemoval
@@ -29,7 +30,7 @@ from r1fleet.roles.rpc_worker.remove import RpcWorkerRemoval
 # pool worker's rpc-server, the other backend). The exposure's first: it takes its drop-ins out of the services'
 # drop-in folders, which the backends' removals then remove once they are empty.
 REMOVALS: dict[str, tuple[type[Removal], ...]] = {
-    "Linux": (ExposureRemoval, RpcWorkerRemoval, LlamaCppRemoval, OllamaRemoval, DriverRemoval),
+    "Linux": (GatewayRemoval, ExposureRemoval, RpcWorkerRemoval, LlamaCppRemoval, OllamaRemoval, DriverRemoval),
     "Darwin": (MacOllamaRemoval,),
 }
 

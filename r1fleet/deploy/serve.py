@@ -14,6 +14,7 @@ one HostContext and applied in stages (r1fleet/operations/stages.py).
 from pyinfra import host, state
 
 from r1fleet.deploy import refusals, summary
+from r1fleet.deploy.gateway_peers import fleet_gateway_plan, gateway_of
 from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, remember
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
@@ -27,6 +28,7 @@ from r1fleet.probe.facts import R1Probe
 from r1fleet.records import Hardware
 from r1fleet.roles.exposure.endpoint import endpoint_of
 from r1fleet.roles.exposure.role import ExposureRole
+from r1fleet.roles.gateway.role import GatewayRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.llama_cpp.role import LlamaCppRole
 from r1fleet.roles.macos.role import MacOllamaRole
@@ -54,6 +56,11 @@ def serve_r1() -> None:
         remember(hardware)
         ctx = host_context(settings, hardware)
         roles = [role.prepare(ctx) for role in ROLES[kind_of(ctx)]]
+        if gateway := gateway_of(host.data):  # the gateway host: HAProxy in front of the fleet, after its own roles
+            planned = fleet_gateway_plan(gateway, settings, host.data.get("r1fleet_fleet"))
+            for line in planned.skipped:
+                print(f"[{host.name}] gateway: {line}")
+            roles.append(GatewayRole.prepare(ctx, gateway=planned))
         pool = ctx.served.pool.pool if ctx.served.pool is not None else None
         summary.serves(endpoint_of(settings, ctx.plan, ctx.served.role, pool))
 

@@ -81,6 +81,12 @@ class Fleet(BaseModel):
                 return {"r1fleet_pool": {"name": name, **pool.model_dump(mode="json")}}
         return {}
 
+    def _gateway_data(self, host: str) -> dict[str, Any]:
+        """The gateway host's data: the fleet file's gateway section (r1fleet/deploy/gateway_peers.py)."""
+        if self.gateway is None or self.gateway.host != host:
+            return {}
+        return {"r1fleet_gateway": self.gateway.model_dump(mode="json")}
+
     def check_ssh_keys(self) -> None:
         """Each host's ssh_key is a readable file (FleetError naming the host otherwise); a simulated host's key is
         made when its lab comes up, so only hosts without a hardware profile are checked."""
@@ -99,7 +105,7 @@ class Fleet(BaseModel):
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = {"r1fleet": []}
         for entry in self.hosts.values():
             item = (entry.name, {**host_data(entry), "r1fleet_fleet": self.source, "r1fleet_cache_dir": self.cache_dir,
-                                 **self._pool_data(entry.name)})
+                                 **self._pool_data(entry.name), **self._gateway_data(entry.name)})
             groups["r1fleet"].append(item)
             for group in entry.groups:
                 groups.setdefault(group.replace("-", "_"), []).append(item)

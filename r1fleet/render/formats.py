@@ -39,6 +39,10 @@ class UnitText(str):
     """Text already in systemd unit syntax (escaped word by word): written into a unit as it is."""
 
 
+class HaproxyText(str):
+    """A word r1fleet writes in HAProxy's syntax on purpose (an environment variable in double quotes): kept as it is."""
+
+
 def _control_characters(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
@@ -85,6 +89,8 @@ def haproxy_text(value: Any) -> str:
     >>> haproxy_text("deepseek-r1:32b-qwen-distill-q4_K_M"), haproxy_text("Bearer a#b$c")
     ('deepseek-r1:32b-qwen-distill-q4_K_M', "'Bearer a#b$c'")
     """
+    if isinstance(value, HaproxyText):
+        return value
     text = str(value)
     if HAPROXY_WORD.match(text):
         return text

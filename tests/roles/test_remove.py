@@ -154,6 +154,20 @@ def test_a_former_pool_worker_loses_rpc_server_and_its_firewall(monkeypatch):
     assert run.ran("Remove the account ggml-rpc", "userdel ggml-rpc")
 
 
+def test_a_gateway_host_loses_the_gateway_its_firewall_and_the_packages_mask(monkeypatch):
+    gateway = {**unit("r1fleet-gateway.service"), **unit("r1fleet-gateway-firewall.service"),
+               "inet r1fleet-gateway >/dev/null": "present", **present("/etc/r1fleet/gateway"),
+               **ff.link("/etc/systemd/system/haproxy.service", "/dev/null")}
+    run = remove(monkeypatch, gateway)
+    assert first(run, "systemctl stop r1fleet-gateway.service") < first(run, "systemctl stop r1fleet-gateway-firewall")
+    assert run.ran("Remove the nftables table inet r1fleet-gateway", "nft delete table inet r1fleet-gateway")
+    assert run.ran("Remove /etc/r1fleet/gateway", "rm -rf -- /etc/r1fleet/gateway")
+    assert run.ran("Unmask haproxy.service", "rm -f /etc/systemd/system/haproxy.service")
+    # a haproxy.service of the user's own (a real file, not r1fleet's mask) stays
+    own = remove(monkeypatch, {**gateway, **ff.file_exists("/etc/systemd/system/haproxy.service")})
+    assert not own.ran("Unmask haproxy.service", "rm -f")
+
+
 def test_r1fleet_s_ufw_rules_go_and_only_they(monkeypatch):
     run = remove(monkeypatch, {"ufw show added 2>/dev/null | grep -c": ["3"]})
     assert run.ran("Remove r1fleet's ufw rules", "ufw --force delete $rule")

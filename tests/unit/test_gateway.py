@@ -29,7 +29,7 @@ from r1fleet.fleet.config import GatewaySettings, HostConfig
 from r1fleet.fleet.file import fleet_from_dict
 from r1fleet.render.formats import RenderError, haproxy_settings
 from r1fleet.roles.exposure.endpoint import Endpoint
-from r1fleet.roles.gateway.decide import client_keys_text, gateway_plan, models_document, template_context
+from r1fleet.roles.gateway.decide import gateway_plan, models_document, template_context
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "r1fleet/roles/gateway/templates/haproxy.cfg.j2"
 M14 = "deepseek-r1:14b-qwen-distill-q4_K_M"
@@ -111,10 +111,10 @@ def test_a_percent_in_a_host_key_stays_a_percent_in_haproxys_log_format():
 
 def render(plan, tmp_path: Path) -> Path:
     context = template_context(plan)
-    keys, models = tmp_path / "client-keys", tmp_path / "models.json"
-    keys.write_text(client_keys_text(GATEWAY_KEY))
+    key, models = tmp_path / "api-key", tmp_path / "models.json"
+    key.write_text(GATEWAY_KEY + "\n")  # as the role writes it: one line
     models.write_text(models_document(plan))
-    context.update(client_keys_file=str(keys), models_file=str(models))
+    context.update(client_key_file=str(key), models_file=str(models))
     path = tmp_path / "haproxy.cfg"
     path.write_text(get_template(str(TEMPLATE), jinja_env_kwargs=haproxy_settings()).render(**context))
     return path
@@ -264,7 +264,9 @@ def test_the_gateway_routes_by_model_with_each_hosts_key_and_its_own(gateway):
     status, body = call(port, "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == [M14, M70]
     assert call(port, "/v1/models", key=None)[0] == 401
+    assert call(port, "/health", key=None) == (200, b'{"status":"ok"}')  # the deploy's wait for the gateway itself
     assert call(port, "/v1/models", key="wrong")[0] == 401
+    assert call(port, "/v1/models", key=GATEWAY_KEY + "x")[0] == 401
     status, body = chat(port, M70)
     assert status == 200 and json.loads(body) == {"host": "d", "model": M70}
     hosts = {json.loads(chat(port, M14)[1])["host"] for _ in range(6)}

@@ -22,16 +22,19 @@ from typing import Iterable, Mapping
 
 from r1fleet.fleet.config import GatewaySettings, HostConfig
 from r1fleet.records import CONFIG_DIR
+from r1fleet.render.formats import HaproxyText
 from r1fleet.roles.exposure.endpoint import Endpoint
 
 GATEWAY_UNIT = "r1fleet-gateway.service"
 GATEWAY_DIR = f"{CONFIG_DIR}/gateway"
 CONFIG_FILE = f"{GATEWAY_DIR}/haproxy.cfg"
 MODELS_FILE = f"{GATEWAY_DIR}/models.json"
-CLIENT_KEY_FILE = f"{GATEWAY_DIR}/api-key"  # the gateway's client key, one line
-CLIENT_KEYS_FILE = f"{GATEWAY_DIR}/client-keys"  # the same as HAProxy matches it: `Bearer <key>`, one a line
+CLIENT_KEY_FILE = f"{GATEWAY_DIR}/api-key"  # the gateway's client key, one line, root's 0600
+# HAProxy reads its private copy of the key (a systemd credential) as the pattern file of the client key
+CLIENT_KEY_CREDENTIAL = "gateway-key"
+CLIENT_KEY_PATTERN_FILE = HaproxyText(f'"${{CREDENTIALS_DIRECTORY}}/{CLIENT_KEY_CREDENTIAL}"')
 RULES_FILE = f"{GATEWAY_DIR}/nftables.conf"
-NFT_TABLE = "r1fleet_gateway"
+NFT_TABLE = "r1fleet-gateway"
 FIREWALL_UNIT = "r1fleet-gateway-firewall.service"
 PACKAGE = "haproxy"  # the distribution's own, security-supported build
 BINARY = "/usr/sbin/haproxy"
@@ -139,11 +142,6 @@ def models_document(plan: GatewayPlan) -> str:
     return json.dumps({"object": "list", "data": data}, indent=2) + "\n"
 
 
-def client_keys_text(key: str) -> str:
-    """The pattern file HAProxy matches the Authorization header against (`-m str -f`): one exact value a line."""
-    return f"Bearer {key.strip()}\n"
-
-
 def template_context(plan: GatewayPlan) -> dict:
     """The variables of templates/haproxy.cfg.j2 (each value passes render/formats.py's haproxy escaping)."""
     s = plan.settings
@@ -153,7 +151,7 @@ def template_context(plan: GatewayPlan) -> dict:
         "bufsize": plan.bufsize,
         "max_request_bytes": plan.max_request_bytes,
         "max_request_kib": s.max_request_kib,
-        "client_keys_file": CLIENT_KEYS_FILE,
+        "client_key_file": CLIENT_KEY_PATTERN_FILE,
         "models_file": MODELS_FILE,
         "health_path": HEALTH_PATH,
         "models": [{"name": m.name, "backend": f"model_{i}", "servers": list(m.servers)} for i, m in enumerate(plan.models)],
