@@ -166,6 +166,8 @@ def test_a_gateway_host_loses_the_gateway_its_firewall_and_the_packages_mask(mon
     # a haproxy.service of the user's own (a real file, not r1fleet's mask) stays
     own = remove(monkeypatch, {**gateway, **ff.file_exists("/etc/systemd/system/haproxy.service")})
     assert not own.ran("Unmask haproxy.service", "rm -f")
+    linked = remove(monkeypatch, {**gateway, **ff.link("/etc/systemd/system/haproxy.service", "/srv/my-haproxy.service")})
+    assert not linked.ran("Unmask haproxy.service", "rm -f")
 
 
 def test_r1fleet_s_ufw_rules_go_and_only_they(monkeypatch):
