@@ -83,6 +83,13 @@ class OsInfo(_Strict):
     init: str = ""  # "systemd", else PID 1's name; "" unknown (an older probe document, macOS)
 
 
+class PackageVersions(_Strict):
+    """A distribution package as apt sees it on the host: the version installed and the one apt would install."""
+
+    installed: str | None = None
+    candidate: str | None = None
+
+
 class Hardware(_Strict):
     """Everything the planner needs to know about one host, parsed from its probe document."""
 
@@ -100,6 +107,7 @@ class Hardware(_Strict):
     model_files: dict[str, int] = Field({}, description="files over 100 MiB already in the model directory: name -> bytes")
     secure_boot: bool | None = None
     tegra_release: str | None = None
+    haproxy: PackageVersions | None = Field(None, description="the distribution's haproxy package (apt hosts)")
     notes: list[str] = []
 
 

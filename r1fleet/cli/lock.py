@@ -22,7 +22,7 @@ from r1fleet.cli.probing import fleet_probe_results, fleet_probes
 from r1fleet.fleet.config import read_api_key
 from r1fleet.fleet.file import load_fleet
 from r1fleet.hardware import parse_probe
-from r1fleet.lock.artifacts import OllamaManifest
+from r1fleet.lock.artifacts import OllamaManifest, with_gateway
 from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lock_entry, lock_path, plan_diff, read_lock, relock_command, write_lock
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.pools import plan_members
@@ -79,6 +79,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
         if entry.api_key_fingerprint is None and previous is not None:  # not given this time: the key is unchanged
             entry = entry.model_copy(update={"api_key_fingerprint": previous.api_key_fingerprint})
         entry = with_manifest(entry, settings, fleet.cache_dir, previous)
+        if fleet.gateway is not None and fleet.gateway.host == host:
+            entry = entry.model_copy(update={"artifacts": with_gateway(entry.artifacts, hw)})
         hosts[host] = entry
         lines.append(_lock_line(host, entry, previous))
     pools = _pools(fleet, probed, old)

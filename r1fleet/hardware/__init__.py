@@ -32,6 +32,7 @@ from r1fleet.hardware.system import (
     parse_model_files,
     parse_init,
     parse_os_release,
+    parse_apt_policy,
     parse_secureboot,
     parse_sysctl,
     parse_uname,
@@ -97,6 +98,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         model_files=parse_model_files(sections.get("models", [])),
         secure_boot=parse_secureboot(sections.get("secureboot", [])),
         tegra_release=tegra[0] if tegra else None,
+        haproxy=parse_apt_policy(sections.get("haproxy", [])),
         notes=found.notes,
     )
     _check_readings(hardware)

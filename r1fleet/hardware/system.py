@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware._base import probe_fix
-from r1fleet.records import GpuProcess, OsInfo
+from r1fleet.records import GpuProcess, OsInfo, PackageVersions
 
 # ---------------------------------------------------------------------------------------------
 # System: uname, os-release, meminfo, cpu, df, secureboot, sysctl
@@ -121,6 +121,21 @@ def parse_model_files(lines: list[str]) -> dict[str, int]:
         if len(fields) >= 9 and fields[0].startswith("-") and fields[4].isdecimal():
             files[fields[-1].rsplit("/", 1)[-1]] = int(fields[4])
     return files
+
+
+DEBIAN_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
+
+
+def parse_apt_policy(lines: list[str]) -> PackageVersions | None:
+    """`apt-cache policy PACKAGE`: its `Installed:` and `Candidate:` versions ("(none)": not installed, or apt has
+    none); None without the lines (no apt, or no such package). A version that is not one is left out."""
+    found: dict[str, str | None] = {}
+    for line in lines:
+        key, sep, value = line.strip().partition(":")
+        if sep and key in ("Installed", "Candidate") and key.lower() not in found:
+            value = value.strip()
+            found[key.lower()] = value if DEBIAN_VERSION.match(value) else None
+    return PackageVersions(**found) if found else None
 
 
 def parse_secureboot(lines: list[str]) -> bool | None:

@@ -80,12 +80,32 @@ class DriverArtifact(_Strict):
     open_modules: bool = False
 
 
+class GatewayArtifact(_Strict):
+    """The gateway host's HAProxy: the distribution's package, as apt saw it when the lock was written (the
+    distribution's security updates move it; the lock records which one a fleet was proven with)."""
+
+    package: Literal["haproxy"] = "haproxy"
+    installed: str | None = None
+    candidate: str | None = None
+
+
 class Artifacts(_Strict):
     ollama: OllamaArtifact | None = None
     model: ModelArtifact | None = None
     llama_cpp: LlamaCppArtifact | None = None
     driver: DriverArtifact | None = None
+    gateway: GatewayArtifact | None = None  # the gateway host only (the fleet file's gateway.host)
     notes: list[str] = []
+
+
+def with_gateway(artifacts: Artifacts, hw: Hardware) -> Artifacts:
+    """The gateway host's artifacts with its HAProxy package's versions, from its probe; a note when apt gave none."""
+    versions = hw.haproxy
+    if versions is None or not (versions.installed or versions.candidate):
+        note = "the gateway's haproxy package: apt on this host reports no version (not a Debian or Ubuntu host?)"
+        return artifacts.model_copy(update={"gateway": GatewayArtifact(), "notes": [*artifacts.notes, note]})
+    return artifacts.model_copy(update={"gateway": GatewayArtifact(installed=versions.installed,
+                                                                   candidate=versions.candidate)})
 
 
 def artifacts_for(hw: Hardware, plan: HostPlan, settings: HostConfig,

@@ -165,6 +165,12 @@ if [ -d "$MODEL_DIR" ]; then
     find "$MODEL_DIR" -type f -size +204800 -exec ls -ln {} + 2>/dev/null
 fi
 
+section haproxy
+# The distribution's HAProxy (the gateway role installs it): installed and candidate versions, for the lock.
+if has apt-cache; then
+    apt-cache policy haproxy 2>/dev/null
+fi
+
 section secureboot
 if has mokutil; then
     mokutil --sb-state 2>/dev/null

@@ -298,3 +298,52 @@ def test_a_stopped_host_fails_over_and_streams_pass_through(gateway):
     assert {json.loads(body)["host"] for _, body in answers} == {"c"}
     status, body = chat(port, M14, stream=True)
     assert status == 200 and body.endswith(b"data: [DONE]\n\n") and b'"content": "c"' in body
+
+
+# --- the HAProxy version in the lock ---------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+PROBES = FIXTURES / "probes"
+
+
+def test_apt_policy_gives_haproxys_installed_and_candidate_versions():
+    from r1fleet.hardware.system import parse_apt_policy
+
+    installed = (FIXTURES / "apt-cache-policy-haproxy__debian-12-bookworm__installed.txt").read_text().splitlines()
+    fresh = (FIXTURES / "apt-cache-policy-haproxy__debian-12-bookworm__not-installed.txt").read_text().splitlines()
+    assert parse_apt_policy(installed).model_dump() == {"installed": "2.6.12-1+deb12u4", "candidate": "2.6.12-1+deb12u4"}
+    assert parse_apt_policy(fresh).model_dump() == {"installed": None, "candidate": "2.6.12-1+deb12u4"}
+    assert parse_apt_policy([]) is None  # no apt, or no such package
+    assert parse_apt_policy(["  Installed: $(reboot)", "  Candidate: 2.8.5-1"]).installed is None  # not a version
+
+
+def test_the_lock_records_the_gateway_hosts_haproxy_and_no_other_hosts(tmp_path, capsys):
+    import yaml
+
+    from r1fleet.cli.main import main
+    from r1fleet.lock.file import read_lock
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    policy = (FIXTURES / "apt-cache-policy-haproxy__debian-12-bookworm__not-installed.txt").read_text()
+    for name in ("rtx4090", "cpu-16g"):
+        text = (PROBES / f"{name}.probe").read_text()
+        (probes / f"{name}.probe").write_text(text + ("#### r1fleet:haproxy\n" + policy if name == "rtx4090" else ""))
+    fleet_file = tmp_path / "fleet.yml"
+    fleet_file.write_text(yaml.safe_dump({"hosts": {"rtx4090": {"address": "192.168.1.22"},
+                                                    "cpu-16g": {"address": "192.168.1.30"}},
+                                          "gateway": {"host": "rtx4090"}}))
+    assert main(["lock", "--fleet", str(fleet_file), "--probe-dir", str(probes)]) == 0
+    lock = read_lock(tmp_path / "fleet.yml.lock")
+    gateway = lock.hosts["rtx4090"].artifacts.gateway
+    assert gateway.model_dump() == {"package": "haproxy", "installed": None, "candidate": "2.6.12-1+deb12u4"}
+    assert lock.hosts["cpu-16g"].artifacts.gateway is None
+    # the gateway on a host whose apt said nothing: recorded empty, with a note
+    fleet_file.write_text(yaml.safe_dump({"hosts": {"rtx4090": {"address": "192.168.1.22"},
+                                                    "cpu-16g": {"address": "192.168.1.30"}},
+                                          "gateway": {"host": "cpu-16g"}}))
+    main(["lock", "--fleet", str(fleet_file), "--probe-dir", str(probes)])
+    entry = read_lock(tmp_path / "fleet.yml.lock").hosts["cpu-16g"]
+    assert entry.artifacts.gateway.installed is None and entry.artifacts.gateway.candidate is None
+    assert any("haproxy package" in note for note in entry.artifacts.notes)
+    capsys.readouterr()
