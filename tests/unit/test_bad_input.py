@@ -163,6 +163,43 @@ def test_a_hostile_fleet_field_is_refused_naming_file_host_and_field(tmp_path, f
     assert f"{path}: host gpu-3060: field {field}" in str(error) and "(fix: " in str(error), str(error)
 
 
+HOSTILE_GATEWAY = [
+    ("host", "no-such-host"), ("host", "- -oProxyCommand=id"), ("host", ["gpu-3060"]), ("port", 0), ("port", 70000),
+    ("port", "inf"), ("port", 22), ("port", 11434), ("listen", "lan"), ("listen", "fe80::1%eth0"),
+    ("allow", ["not-a-net"]), ("allow", "{"), ("api_key_source", "relative/key"), ("max_request_kib", "9" * 400),
+    ("max_request_kib", 0), ("nonsense_field", 1),
+]
+
+
+@pytest.mark.parametrize("field, value", HOSTILE_GATEWAY, ids=[f"{f}={str(v)[:20]}" for f, v in HOSTILE_GATEWAY])
+def test_a_hostile_gateway_field_is_refused_naming_file_and_field(tmp_path, field, value):
+    document = yaml.safe_load(FLEET.read_text())
+    document["gateway"] = {"host": "gpu-3060", "listen": "192.168.1.21", "allow": ["192.168.1.0/24"]}
+    path = tmp_path / "fleet.yml"
+    path.write_text(yaml.safe_dump(document))
+    assert outcome(lambda: load_fleet(str(path), lab_state=False)) is None  # a good gateway section loads
+    document["gateway"][field] = value
+    path.write_text(yaml.safe_dump(document))
+    error = outcome(lambda: load_fleet(str(path), lab_state=False))
+    assert error is not None, f"gateway.{field}: {value!r} was accepted"
+    assert re.search(rf"{re.escape(str(path))}: (gateway: )?field (gateway\.)?{field}", str(error)), str(error)
+    assert "(fix: " in str(error), str(error)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_mutated_haproxy_section_gives_a_plan_or_a_clear_error(seed):
+    rnd = random.Random(seed)
+    policy = (ROOT / "tests" / "fixtures" / "apt-cache-policy-haproxy__debian-12-bookworm__installed.txt").read_text()
+    for path in PROBES[:6]:
+        text = path.read_text() + "#### r1fleet:haproxy\n" + mutate(policy, rnd)
+        result = outcome(lambda: parse_probe(text, path.stem))
+        assert result is None or "host" in str(result) or path.stem in str(result), str(result)
+        if result is None:
+            versions = parse_probe(text, path.stem).haproxy
+            for version in (versions.installed, versions.candidate) if versions else ():
+                assert version is None or re.fullmatch(r"[0-9][A-Za-z0-9.+~:-]*", version), version
+
+
 ANSIBLE = ROOT / "inventory" / "ansible"
 
 
