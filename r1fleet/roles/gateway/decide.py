@@ -5,8 +5,9 @@ with which keys, and HAProxy's configuration for it (`templates/haproxy.cfg.j2`)
     plan.models[0].name       # deepseek-r1:32b-qwen-distill-q4_K_M: the name clients send, every host serving it
     plan.skipped              # the hosts the gateway cannot reach, each with its field and fix
 
-HAProxy routes on the request body's `model` (`option http-buffer-request`, then `req.body,json_query('$.model')`;
-HAProxy 2.6 configuration manual, sections 4.2 and 7.3.1), so a request must fit its buffer: over
+HAProxy routes on the request body's `model` (`option http-buffer-request`, then `req.body,json_query('$.model')`:
+the configuration manual's proxy keywords and 7.3.1 "Converters"; run with Debian 12's HAProxy 2.6.12 in
+tests/unit/test_gateway.py), so a request must fit its buffer: over
 `max_request_kib` it is answered 413. Each host is reached through an internal frontend of its own (an abstract
 socket) that sets that host's key, so one model's backend can balance hosts with different keys, the health checks
 carry each host's key, and the client's gateway key never reaches a host.
