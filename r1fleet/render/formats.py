@@ -10,9 +10,10 @@ neither add a line nor a directive even where a validator upstream missed it.
 - launchd property lists (XML): Jinja's XML escaping (`autoescape`), control characters refused (XML 1.0
   allows none but tab and newline, which no plist value of r1fleet's needs).
 - HAProxy configuration: a newline ends a statement, a space ends a word, `#` starts a comment, `"` and a
-  backslash escape and `$` expands an environment variable inside double quotes (HAProxy's configuration manual, its
-  part on quoting and escaping; checked with Debian 12's `haproxy -c` in tests/unit/test_gateway.py). A value of plain characters is written as it is; any other goes in single quotes,
-  inside which HAProxy neither escapes nor expands anything; a value holding a `'` or a control character is refused.
+  backslash escape and `$` expands an environment variable inside double quotes (HAProxy's configuration manual,
+  its part on quoting and escaping; checked with Debian 12's `haproxy -c` in tests/unit/test_gateway.py). A value
+  of plain characters is written as it is; any other goes in single quotes, inside which HAProxy neither escapes
+  nor expands anything; a value holding a `'` or a control character is refused.
 
 The settings go to pyinfra's `files.template(..., jinja_env_kwargs=...)`:
 
