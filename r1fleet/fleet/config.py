@@ -338,11 +338,35 @@ class HostSettings(BaseModel):
         return known_model(value)
 
 
+class OpenedByListen:
+    """What follows from `listen` and `allow`, for whatever a fleet file may open to the LAN: a host's model server
+    (HostConfig) and the gateway (GatewaySettings). The class using it has both fields."""
+
+    @property
+    def bind_address(self) -> str:
+        """Where the service listens: 127.0.0.1 unless the fleet file opens it."""
+        return self.listen or "127.0.0.1"
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.bind_address)
+
+    @property
+    def allow4(self) -> tuple[str, ...]:
+        """The IPv4 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 4)
+
+    @property
+    def allow6(self) -> tuple[str, ...]:
+        """The IPv6 networks of `allow`, merged for nftables (see merged_networks)."""
+        return merged_networks(self.allow, 6)
+
+
 GATEWAY_PORT = 8000
 GATEWAY_MAX_REQUEST_KIB = 1024
 
 
-class GatewaySettings(BaseModel):
+class GatewaySettings(OpenedByListen, BaseModel):
     """`gateway:`: one OpenAI endpoint for the fleet, an HAProxy on one of its hosts (roles/gateway/)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -379,17 +403,6 @@ class GatewaySettings(BaseModel):
                              "[192.168.1.0/24]), or write allow: [0.0.0.0/0] to open it to every network on purpose")
         return value
 
-    @property
-    def bind_address(self) -> str:
-        return self.listen or "127.0.0.1"
-
-    @property
-    def allow4(self) -> tuple[str, ...]:
-        return merged_networks(self.allow, 4)
-
-    @property
-    def allow6(self) -> tuple[str, ...]:
-        return merged_networks(self.allow, 6)
 
 
 def gateway_clash(gateway: GatewaySettings, entry: "HostConfig") -> str | None:
@@ -410,7 +423,7 @@ _CHECKED_SETTINGS = ("address", "ssh_user", "ssh_port", "listen", "allow", "port
                      "ollama_registry", "mirror")
 
 
-class HostConfig(BaseModel):
+class HostConfig(OpenedByListen, BaseModel):
     """One host with every setting resolved: the fleet file (defaults merged in), an Ansible inventory or
     pyinfra host data (`--data` overrides), validated by the same rules whichever way it came. Every role
     takes it."""
@@ -499,25 +512,6 @@ class HostConfig(BaseModel):
                 "or write allow: [0.0.0.0/0] to open it to every network on purpose"
             )
         return value
-
-    @property
-    def bind_address(self) -> str:
-        """Where the service listens: 127.0.0.1 unless the fleet file opens the host."""
-        return self.listen or "127.0.0.1"
-
-    @property
-    def local_only(self) -> bool:
-        return is_loopback(self.bind_address)
-
-    @property
-    def allow4(self) -> tuple[str, ...]:
-        """The IPv4 networks of `allow`, merged for nftables (see merged_networks)."""
-        return merged_networks(self.allow, 4)
-
-    @property
-    def allow6(self) -> tuple[str, ...]:
-        """The IPv6 networks of `allow`, merged for nftables (see merged_networks)."""
-        return merged_networks(self.allow, 6)
 
     def exposure_check(self, backend: str, host_name: str | None = None) -> str | None:
         """The exposure rules that depend on the planned backend, for the plan and the deploy alike: the service port
