@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 from r1fleet.fleet.config import GatewaySettings, HostConfig
 from r1fleet.records import CONFIG_DIR
 from r1fleet.render.formats import HaproxyText
+from r1fleet.render.systemd_unit import UNIT_DIR
 from r1fleet.roles.exposure.endpoint import Endpoint
 
 GATEWAY_UNIT = "r1fleet-gateway.service"
@@ -40,7 +41,8 @@ FIREWALL_UNIT = "r1fleet-gateway-firewall.service"
 PACKAGE = "haproxy"  # the distribution's own, security-supported build
 BINARY = "/usr/sbin/haproxy"
 SERVICE_USER = "haproxy"  # the package's account
-DISTRO_UNIT = "haproxy.service"  # the package's own service, kept stopped: r1fleet's unit runs the gateway
+DISTRO_UNIT = "haproxy.service"  # the package's own service, masked: r1fleet's unit runs the gateway
+DISTRO_UNIT_MASK = f"{UNIT_DIR}/{DISTRO_UNIT}"  # the mask: a link to /dev/null, r1fleet's by that target
 HEADER_ROOM_BYTES = 32 * 1024  # the request line and headers share HAProxy's buffer with the body
 HEALTH_PATH = "/v1/models"  # both backends answer it; llama-server only with its key
 

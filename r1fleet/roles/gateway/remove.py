@@ -11,10 +11,7 @@ from pyinfra.facts.files import Link
 
 from r1fleet.operations.removal import Removal, remove_paths, remove_unit, stop_unit
 from r1fleet.roles.exposure.role import remove_nft_table
-from r1fleet.render.systemd_unit import UNIT_DIR
-from r1fleet.roles.gateway.decide import DISTRO_UNIT, FIREWALL_UNIT, GATEWAY_DIR, GATEWAY_UNIT, NFT_TABLE
-
-DISTRO_UNIT_MASK = f"{UNIT_DIR}/{DISTRO_UNIT}"
+from r1fleet.roles.gateway.decide import DISTRO_UNIT, DISTRO_UNIT_MASK, FIREWALL_UNIT, GATEWAY_DIR, GATEWAY_UNIT, NFT_TABLE
 
 
 class GatewayRemoval(Removal):

@@ -35,6 +35,7 @@ from r1fleet.roles.gateway.decide import (
     CLIENT_KEY_FILE,
     CONFIG_FILE,
     DISTRO_UNIT,
+    DISTRO_UNIT_MASK,
     FIREWALL_UNIT,
     GATEWAY_DIR,
     GATEWAY_UNIT,
@@ -52,7 +53,6 @@ from r1fleet.roles.gateway.decide import (
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FIREWALL_UNIT_PATH = f"{UNIT_DIR}/{FIREWALL_UNIT}"
-DISTRO_UNIT_MASK = f"{UNIT_DIR}/{DISTRO_UNIT}"
 HEALTH_S = 30  # HAProxy starts in well under a second; the hosts behind it are not waited for
 
 
