@@ -16,7 +16,9 @@ import sys
 import time
 
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet.config import read_api_key
 from r1fleet.fleet.file import load_fleet
+from r1fleet.roles.gateway.decide import gateway_endpoint
 from r1fleet.status.collect import endpoint_for, reach, selected, statuses
 from r1fleet.status.endpoints import FORMATS, render
 from r1fleet.status.table import status_table
@@ -105,12 +107,17 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
                 missing.append(f"{name}: {target.error or 'serves no model'}")
             continue
         endpoints.append(endpoint)
-    keys = {}
+    keys, gateway, gateway_key = {}, None, None
     if args.show_keys:
         for e in endpoints:
             if e.key_needed and e.key_file:
                 keys[e.host] = fleet.hosts[e.host].api_key_text().decode().strip()
-    print(render(endpoints, args.format, keys))
+    if fleet.gateway is not None:
+        gateway = gateway_endpoint(fleet.gateway, fleet.hosts[fleet.gateway.host], endpoints)
+        if args.show_keys and fleet.gateway.api_key_source:
+            gateway_key = read_api_key(fleet.gateway.api_key_source, fleet.gateway.host,
+                                       "gateway.api_key_source").decode().strip()
+    print(render(endpoints, args.format, keys, gateway, gateway_key))
     for line in missing:
         print(f"r1fleet: {line}", file=sys.stderr)
     return 1 if missing else 0

@@ -142,3 +142,60 @@ def test_two_hosts_whose_names_make_the_same_variables_are_refused():
         render([a, b], "env")
     with pytest.raises(R1FleetError, match="field --format: unknown format 'xml'"):
         render([a], "xml")
+
+
+# ---------------------------------------------------------------- the gateway first
+
+
+def gateway_of(tmp_path, endpoints, key_source: bool = True):
+    from r1fleet.fleet.config import GatewaySettings
+    from r1fleet.roles.gateway.decide import gateway_endpoint
+
+    key = tmp_path / "gateway.key"
+    key.write_text("Z2F0ZXdheS1jbGllbnQta2V5LTAxMjM0NTY3OA==\n")
+    settings = GatewaySettings(host="gpu-3060", listen="192.168.1.21", allow=LAN, port=8000,
+                               api_key_source=str(key) if key_source else None)
+    return gateway_endpoint(settings, HostConfig(name="gpu-3060", address="192.168.1.21"), endpoints)
+
+
+def test_the_gateway_routes_the_models_it_reaches_and_comes_first_in_every_format(tmp_path):
+    endpoints = fleet(tmp_path)
+    gateway = gateway_of(tmp_path, endpoints)
+    # big.box's key was generated on its host and mini serves on 127.0.0.1 only: only what the gateway reaches
+    assert gateway.models == ("deepseek-r1:14b", "deepseek-r1:70b-llama-distill-q4_K_M")
+    ollama, _, generated, local = endpoints
+    assert gateway_of(tmp_path, [ollama, generated, local]).models == ("deepseek-r1:14b",)
+    assert gateway.url == "http://192.168.1.21:8000/v1"
+    for fmt in ("table", "json", "env"):
+        text = render(endpoints, fmt, gateway=gateway)
+        assert text.index("192.168.1.21:8000/v1") < text.index("192.168.1.21:11434"), fmt
+    table = render(endpoints, "table", gateway=gateway).splitlines()
+    assert table[1].startswith("gateway (gpu-3060)") and f"<key in {tmp_path / 'gateway.key'}>" not in table[1]
+    assert str(tmp_path / "gateway.key") in table[1]
+    document = json.loads(render(endpoints, "json", gateway=gateway))
+    assert list(document) == ["gateway", "endpoints"] and document["gateway"]["models"] == list(gateway.models)
+    assert "api_key" not in document["gateway"]
+
+
+def test_open_webui_and_litellm_take_the_gateway_alone(tmp_path):
+    endpoints = fleet(tmp_path)
+    gateway = gateway_of(tmp_path, endpoints)
+    webui = render(endpoints, "openwebui", gateway=gateway, gateway_key="gw-key")
+    assert "OPENAI_API_BASE_URLS=http://192.168.1.21:8000/v1\nOPENAI_API_KEYS=gw-key" in webui
+    assert "OLLAMA_BASE_URLS" not in webui and "192.168.1.23" not in webui  # each model once, through the gateway
+    config = yaml.safe_load(render(endpoints, "litellm", gateway=gateway))
+    assert [m["model_name"] for m in config["model_list"]] == list(gateway.models)
+    assert {m["litellm_params"]["api_base"] for m in config["model_list"]} == {"http://192.168.1.21:8000/v1"}
+    assert {m["litellm_params"]["api_key"] for m in config["model_list"]} == {"os.environ/R1FLEET_GATEWAY_API_KEY"}
+    with pytest.raises(R1FleetError, match="field gateway.api_key_source"):
+        render(endpoints, "openwebui", gateway=gateway, gateway_key="a;b")
+
+
+def test_the_openai_clients_variables_point_at_the_gateway(tmp_path):
+    endpoints = fleet(tmp_path)
+    text = render(endpoints, "env", gateway=gateway_of(tmp_path, endpoints, key_source=False))
+    assert "R1FLEET_GATEWAY_BASE_URL=http://192.168.1.21:8000/v1" in text
+    assert "OPENAI_BASE_URL=http://192.168.1.21:8000/v1" in text
+    assert "# OPENAI_API_KEY: <key on gpu-3060 in /etc/r1fleet/gateway/api-key>" in text
+    shown = render(endpoints, "env", gateway=gateway_of(tmp_path, endpoints), gateway_key="k ey")
+    assert f"OPENAI_API_KEY={shlex.quote('k ey')}" in shown and "R1FLEET_GATEWAY_API_KEY='k ey'" in shown

@@ -139,6 +139,45 @@ def _admits(allow: tuple[str, ...], address: str) -> bool:
     return any(ip in ipaddress.ip_network(cidr, strict=False) for cidr in allow)
 
 
+@dataclass(frozen=True)
+class GatewayEndpoint:
+    """Where a client reaches the fleet through its gateway: one URL and key for every model the gateway routes."""
+
+    host: str  # the gateway host
+    address: str
+    port: int
+    models: tuple[str, ...]
+    lan: bool
+    allow: tuple[str, ...]
+    key_file: str | None  # the clients' key on the controller (gateway.api_key_source), when the fleet keeps it
+    host_key_file: str = CLIENT_KEY_FILE
+
+    @property
+    def url(self) -> str:
+        address = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{address}:{self.port}/v1"
+
+    @property
+    def key_where(self) -> str:
+        return self.key_file or f"on {self.host} only, in {self.host_key_file} (set gateway.api_key_source to keep it here)"
+
+    def document(self) -> dict:
+        return {"host": self.host, "url": self.url, "models": list(self.models), "reach": "lan" if self.lan else "host",
+                "allow": list(self.allow), "key_file": self.key_file, "host_key_file": self.host_key_file}
+
+
+def gateway_endpoint(settings: GatewaySettings, gateway: HostConfig, endpoints: Iterable[Endpoint]) -> GatewayEndpoint:
+    """The gateway's endpoint with the models it routes, from the hosts' endpoints as `gateway_plan` takes them (a
+    llama-server host counts when its key is on the controller, as the deploy needs it)."""
+    endpoints = list(endpoints)
+    routed = gateway_plan(settings, gateway, endpoints, {e.host: "on the controller" for e in endpoints if e.key_file})
+    wildcard = settings.listen in ("0.0.0.0", "::")
+    return GatewayEndpoint(
+        host=gateway.name, address=gateway.address if wildcard else settings.bind_address, port=settings.port,
+        models=tuple(m.name for m in routed.models), lan=not settings.local_only,
+        allow=(*settings.allow4, *settings.allow6), key_file=settings.api_key_source)
+
+
 def models_document(plan: GatewayPlan) -> str:
     """`GET /v1/models` through the gateway: every model once, in OpenAI's list shape."""
     data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "r1fleet"} for m in plan.models]
