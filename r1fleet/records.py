@@ -155,6 +155,9 @@ class HostPlan(_Strict):
     rehearsal: bool = False
     target_model: str | None = Field(None, description="in rehearsal: the model the plan is for (a stand-in is served)")
     disk_needed_mib: int | None = None
+    cache_ram_mib: int | None = Field(
+        None, description="llama-server --cache-ram: its prompt cache's cap in host RAM in MiB (0: off); None: no llama-server"
+    )
 
     @property
     def uses_gpu(self) -> bool:
