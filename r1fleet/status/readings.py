@@ -16,7 +16,7 @@ from typing import Any
 
 from r1fleet.hardware._base import split_sections
 from r1fleet.net import parse_json
-from r1fleet.verify.readings import parse_launchctl_print
+from r1fleet.verify.readings import MemoryBreakdown, parse_launchctl_print, parse_memory_breakdown
 
 NO_ANSWER = 0
 
@@ -76,6 +76,7 @@ class Live:
     llama_health: Reply = Reply()
     llama_props: Reply = Reply()
     llama_models: Reply = Reply()
+    llama_memory: MemoryBreakdown | None = None  # llama-server's memory breakdown at this start (its journal)
     problems: tuple[str, ...] = ()  # what could not be read, each naming the section
 
     def unit(self, name: str) -> Unit:
@@ -171,5 +172,6 @@ def parse_status(text: str, host: str) -> Live:
         processes=parse_processes(sections.get("status-procs", [])), launchd=launchd,
         ollama_version=replies["ollama-version"], ollama_ps=replies["ollama-ps"], ollama_tags=replies["ollama-tags"],
         llama_health=replies["llama-health"], llama_props=replies["llama-props"], llama_models=replies["llama-models"],
+        llama_memory=parse_memory_breakdown("\n".join(sections.get("status-llama-memory", []))),
         problems=tuple(problems),
     )

@@ -22,6 +22,7 @@ from r1fleet.roles.exposure.endpoint import Endpoint
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import Live, Reply, Unit
+from r1fleet.verify.judge import memory_problems, memory_summary
 
 UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT, "worker": RPC_UNIT}
 BACKEND_OF = {OLLAMA_UNIT: "ollama", LLAMA_UNIT: "llama.cpp", RPC_UNIT: "rpc-server"}
@@ -58,6 +59,7 @@ class HostStatus:
     locked: bool = False
     drift: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    llama_memory: str | None = None  # llama.cpp's own account at this start against the plan (verify's judge)
     role: str = "alone"
     pool: str | None = None
 
@@ -76,6 +78,7 @@ class HostStatus:
             "unit": {"name": self.unit, "state": self.unit_state, "for_s": self.unit_for_s,
                      "since": iso(self.unit_since), "restarts": self.restarts} if self.unit else None,
             "lock": "locked" if self.locked else "not locked", "drift": self.drift, "problems": self.problems,
+            "llama_memory": self.llama_memory,
             "role": self.role, "pool": self.pool, "healthy": self.healthy,
         }
 
@@ -291,6 +294,9 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
     if plan is not None:
         status.devices = device_use(plan, hardware, seen)
         status.drift += drift_of(plan, running, seen, locked, lock)
+        if running == "llama.cpp" and live.llama_memory is not None:
+            status.llama_memory = memory_summary(plan, live.llama_memory)
+            status.problems += memory_problems(plan, live.llama_memory)
     return status
 
 
