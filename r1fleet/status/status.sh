@@ -125,12 +125,13 @@ if installed "$LLAMA_UNIT"; then
     section llama-models
     fetch "$LLAMA_URL/v1/models" "$KEY_FILE"
     # llama-server's own account of its memory at this start (the table llama.cpp logs at load with -lv 4), from
-    # the journal of the unit's running invocation; the table comes early in it, so head ends the read there.
+    # the journal of the unit's running invocation. The table comes early and ends with its Host row: the read
+    # stops there rather than going through every request logged since.
     section llama-memory
     invocation=$(systemctl show -p InvocationID --value "$LLAMA_UNIT" 2>/dev/null)
     if [ -n "$invocation" ] && has journalctl; then
         journalctl -o cat --no-pager "_SYSTEMD_INVOCATION_ID=$invocation" 2>/dev/null |
-            grep -F 'common_memory_breakdown_print:' | head -n 40
+            awk '/common_memory_breakdown_print:/ { print; n++; if (/\| +- Host / || n >= 40) exit }'
     fi
 fi
 
