@@ -207,7 +207,7 @@ def memory_problems(plan: HostPlan, breakdown: MemoryBreakdown) -> list[str]:
 
 
 def memory_summary(plan: HostPlan, breakdown: MemoryBreakdown) -> str:
-    """llama.cpp's account at this start against the plan, one line: `RPC0 (127.0.0.1:50100) 180/23,966 MiB, ...`."""
+    """llama.cpp's account at this start against the plan, one line: `RPC0 (127.0.0.1:50100) 180/23,360 MiB, ...`."""
     accounts, _ = device_accounts(plan, breakdown)
     paired = {id(a.llama) for a in accounts}
     parts = [a.summary() for a in accounts]
