@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from r1fleet.lab import mirror, state
+from r1fleet.roles.ollama.official import parse_official
+from r1fleet.roles.ollama.takeover import OfficialInstall
 from test_deploy import changed_count, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,13 +112,13 @@ def install_sh_again(mirror_url: str) -> str:
     ])
 
 
-def official_gone(ssh, *paths: str) -> None:
+def official_gone(ssh, *paths: str, deployed: str = "") -> None:
     """Ollama's own unit masked (install.sh run again cannot start it) and its binaries and libraries gone;
-    r1fleet's link on PATH and r1fleet's server on the port."""
+    r1fleet's link on PATH and r1fleet's server on the port. `deployed`: the deploy's output, for a failure."""
     assert ssh(HOST, "systemctl is-enabled ollama.service").stdout.strip() == "masked"
     assert ssh(HOST, "systemctl is-active ollama.service").stdout.strip() != "active"
     for path in paths:
-        assert ssh(HOST, f"test -e {path}").returncode != 0, path
+        assert ssh(HOST, f"test -e {path}").returncode != 0, f"{path} is still there\n{deployed[-6000:]}"
     assert ssh(HOST, "readlink /usr/local/bin/ollama").stdout.strip().startswith("/opt/r1fleet/ollama/")
     assert ssh(HOST, "systemctl show -p MainPID --value r1fleet-ollama.service").stdout.strip() != "0"
 
@@ -158,10 +160,13 @@ def test_a_store_moved_by_a_drop_in_is_taken_and_install_sh_run_again_cannot_tak
     laid = ssh(HOST, install_sh_state(state.mirror_url(), store=MOVED_STORE), timeout=300)
     assert laid.returncode == 0, laid.stdout + laid.stderr
     assert ssh(HOST, f"ls {shlex.quote(MOVED_STORE)}/manifests").returncode == 0  # the model is in the moved store
+    seen = ssh(HOST, OfficialInstall().command()).stdout  # what the takeover reads
+    assert parse_official(seen.splitlines()).store == MOVED_STORE, seen
 
     result = deploy_lab_host()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    official_gone(ssh, "/usr/local/lib/ollama", f"{shlex.quote(MOVED_STORE)}/manifests")
+    official_gone(ssh, "/usr/local/lib/ollama", f"{shlex.quote(MOVED_STORE)}/manifests",
+                  deployed=result.stdout + result.stderr)
     assert ssh(HOST, f"test -f {DROP_IN}").returncode == 0  # the user's drop-in stays, inert while masked
     names = [m["name"] for m in api_json(ssh, "/api/tags")["models"]]
     assert OWN_MODEL in names, names

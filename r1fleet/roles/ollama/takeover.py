@@ -86,15 +86,27 @@ def retire_official_install():
         yield "rm -rf " + " ".join(q(path) for path in found.libraries)
 
 
-@operation()
-def adopt_official_models(models_dir: str, user: str, keep: bool = True):
+def adopt_official_models(models_dir: str, user: str, keep: bool = True, **arguments):
     """Move the models of an official install, from wherever its unit kept them (an OLLAMA_MODELS drop-in) and
     from install.sh's default store, into r1fleet's store, so a model the host already holds is not downloaded
-    again and the user's own models stay listed; or, when told not to keep them, delete them.
+    again and the user's own models stay listed; or, when told not to keep them, delete them. `arguments`:
+    pyinfra's own (`name`).
+
+    The unit is read here, while the deploy is prepared: pyinfra runs an operation's body when it executes and
+    reads its facts live then, and by then retire_official_install has masked the unit, whose environment (the
+    drop-in's OLLAMA_MODELS) systemd no longer shows.
 
     Example: adopt_official_models(models_dir="/var/lib/r1fleet/models/ollama", user="ollama")"""
     found: OfficialOllama = host.get_fact(OfficialInstall)
-    stores = [store for store in stores_to_adopt(found, models_dir) if host.get_fact(StoreHasModels, path=store)]
+    return move_official_models(stores=tuple(stores_to_adopt(found, models_dir)), models_dir=models_dir, user=user,
+                                keep=keep, **arguments)
+
+
+@operation()
+def move_official_models(stores: tuple[str, ...], models_dir: str, user: str, keep: bool = True):
+    """Move the models of these Ollama stores into r1fleet's (`models_dir`), or delete them (see
+    adopt_official_models); a store without a manifest is left alone."""
+    stores = [store for store in stores if host.get_fact(StoreHasModels, path=store)]
     if not stores:
         host.noop("no models in an official Ollama store")
         return
