@@ -99,7 +99,12 @@ if installed "$OLLAMA_UNIT" && has ss; then
     port=${OLLAMA_URL##*:}
     port=${port%%/*}
     for pid in $(ss -Htlnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d = -f 2 | sort -u); do
-        unit=$(grep -E '^(0::|[0-9]+:name=systemd:)' "/proc/$pid/cgroup" 2>/dev/null | head -n 1 | sed 's|.*/||')
+        # the unified hierarchy's line (0::) first, else systemd's own v1 one: the first that names a unit
+        unit=
+        for hierarchy in '0:' '[0-9]*:name=systemd'; do
+            [ -n "$unit" ] || unit=$(sed -n -e "s|^$hierarchy:.*/\([^/]*\.service\)\$|\1|p" \
+                -e "s|^$hierarchy:.*/\([^/]*\.scope\)\$|\1|p" "/proc/$pid/cgroup" 2>/dev/null | head -n 1)
+        done
         printf '%s %s %s\n' "$pid" "${unit:--}" "$(cat "/proc/$pid/comm" 2>/dev/null)"
     done
 fi

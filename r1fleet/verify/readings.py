@@ -166,14 +166,16 @@ def systemd_environment(text: str) -> dict[str, str]:
 
 
 def cgroup_unit(text: str) -> str | None:
-    """The systemd unit a process runs in, from its /proc/PID/cgroup (cgroup v2's `0::` line, else v1's
-    `name=systemd` one): the last part of the path when it is a unit, e.g. `ollama.service`."""
-    for line in text.splitlines():
-        hierarchy, _, path = line.partition(":")
-        controllers, _, path = path.partition(":")
-        if (hierarchy == "0" and controllers == "") or controllers == "name=systemd":
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            return name if re.fullmatch(r"[\w@.:-]+\.(service|scope)", name) else None
+    """The systemd unit a process runs in, from its /proc/PID/cgroup: the unified hierarchy's line (`0::`) first,
+    else systemd's own v1 one (`name=systemd`), the first whose path ends in a unit, e.g. `ollama.service`. (On a
+    hybrid host the v1 line may name no unit: systemd tracks its units on the unified one.)"""
+    lines = [line.split(":", 2) for line in text.splitlines() if line.count(":") >= 2]
+    for wanted in (("0", ""), (None, "name=systemd")):
+        for hierarchy, controllers, path in lines:
+            if controllers == wanted[1] and (wanted[0] is None or hierarchy == wanted[0]):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if re.fullmatch(r"[\w@.:-]+\.(service|scope)", name):
+                    return name
     return None
 
 

@@ -83,3 +83,33 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
     assert live.llama_props.body["build_info"] == "b1" and live.units["r1fleet-llama-server.service"].active == "active"
     assert live.now is not None and not live.problems
+
+
+def test_whoever_holds_ollamas_port_is_listed_with_its_unit(tmp_path):
+    """With r1fleet's Ollama unit installed, the `ollama-port` section lists each process listening on its port
+    (here this test's own server, in no systemd unit on this machine: `-`), read from ss and /proc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "systemctl"
+    script.write_text("""#!/bin/sh
+# TEST STAND-IN for systemctl: r1fleet's Ollama unit installed, the others not
+case "$*" in
+  *"LoadState --value r1fleet-ollama.service"*) echo loaded ;;
+  *"LoadState --value"*) echo not-found ;;
+esac
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), url, "http://127.0.0.1:9", "com.r1fleet.ollama",
+                              "r1fleet-ollama.service", "r1fleet-llama-server.service"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
+    comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert [(h.pid, h.name) for h in live.ollama_port] == [(os.getpid(), comm)], out.stdout

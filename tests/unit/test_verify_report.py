@@ -106,7 +106,10 @@ def test_a_foreign_ollama_on_the_port_is_named_with_its_unit_even_while_the_serv
     ("0::/system.slice/ollama.service\n", "ollama.service"),  # cgroup v2
     ("12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/ollama.service\n0::/system.slice/ollama.service\n", "ollama.service"),
     ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
-    ("0::/\n", None), ("", None), ("0::/system.slice/evil name\x1b.service\n", None),
+    ("0::/\n", None), ("", None),
+    # hybrid, as a lab host shows it: systemd's v1 line names no unit, the unified one does
+    ("1:name=systemd:/\n0::/payload/system.slice/ollama.service\n", "ollama.service"),
+    ("1:name=systemd:/system.slice/ollama.service\n", "ollama.service"),  # v1 only ("0::/system.slice/evil name\x1b.service\n", None),
 ])
 def test_the_unit_of_a_process_from_its_cgroup(text, unit):
     assert cgroup_unit(text) == unit
