@@ -1,5 +1,5 @@
 """What an official Ollama install looks like to the takeover (r1fleet/roles/ollama/official.py), read from the
-takeover fact's output captured on a lab host (Debian forky, systemd 258) in each state
+takeover fact's output captured on a lab host (Debian forky, systemd 262) in each state
 (tests/fixtures/ollama-official/)."""
 
 from __future__ import annotations
