@@ -92,6 +92,23 @@ if [ "$(uname -s 2>/dev/null)" = Darwin ] && has launchctl; then
     launchctl print "system/$LAUNCHD_LABEL" 2>/dev/null
 fi
 
+# Who holds Ollama's port, with the unit of each holder (its cgroup): Ollama's own ollama.service, started again
+# (by its install script, say), would answer the requests below in place of r1fleet's.
+if installed "$OLLAMA_UNIT" && has ss; then
+    section ollama-port
+    port=${OLLAMA_URL##*:}
+    port=${port%%/*}
+    for pid in $(ss -Htlnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d = -f 2 | sort -u); do
+        # the unified hierarchy's line (0::) first, else systemd's own v1 one: the first that names a unit
+        unit=
+        for hierarchy in '0:' '[0-9]*:name=systemd'; do
+            [ -n "$unit" ] || unit=$(sed -n -e "s|^$hierarchy:.*/\([^/]*\.service\)\$|\1|p" \
+                -e "s|^$hierarchy:.*/\([^/]*\.scope\)\$|\1|p" "/proc/$pid/cgroup" 2>/dev/null | head -n 1)
+        done
+        printf '%s %s %s\n' "$pid" "${unit:--}" "$(cat "/proc/$pid/comm" 2>/dev/null)"
+    done
+fi
+
 if installed "$OLLAMA_UNIT"; then
     section ollama-version
     fetch "$OLLAMA_URL/api/version"

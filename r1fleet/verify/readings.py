@@ -61,11 +61,14 @@ def parse_ss_listeners(text: str) -> list[Listener]:
     return listeners
 
 
-def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int) -> list[str]:
+def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int,
+                      units: dict[int, str] | None = None) -> list[str]:
     """Why the service's sockets differ from the plan (empty list: exactly as planned).
 
-    The planned socket must be there, nothing may listen on the service port at another address,
-    and the service's own processes may only open extra ports on loopback (Ollama's runners do).
+    The planned socket must be there, held by the service (another program there, say Ollama's own
+    ollama.service started again, answers in its place: named with its pid and, from `units`, its unit),
+    nothing may listen on the service port at another address, and the service's own processes may only
+    open extra ports on loopback (Ollama's runners do).
     """
     planned = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     problems = []
@@ -74,8 +77,10 @@ def listener_problems(listeners: list[Listener], service_pids: set[int], bind: s
     at_plan = [lis for lis in listeners if lis.port == port and (lis.address == bind or lis.address in WILDCARDS)]
     if not at_plan:
         problems.append(f"nothing listens on {planned}")
-    elif service_pids and not any(set(lis.pids) & service_pids for lis in at_plan):
-        owner = at_plan[0].process or "another program"
+    elif not any(set(lis.pids) & service_pids for lis in at_plan):
+        holder = at_plan[0]
+        pids = ", ".join(f"pid {pid}" + (f", {units[pid]}" if units and units.get(pid) else "") for pid in holder.pids)
+        owner = (holder.process or "another program") + (f" ({pids})" if pids else "")
         problems.append(f"{planned} is held by {owner}, not by the service")
     for lis in listeners:
         if lis.port == port and lis.address != bind:
@@ -158,6 +163,20 @@ def systemd_environment(text: str) -> dict[str, str]:
         if sep:
             env[key] = value
     return env
+
+
+def cgroup_unit(text: str) -> str | None:
+    """The systemd unit a process runs in, from its /proc/PID/cgroup: the unified hierarchy's line (`0::`) first,
+    else systemd's own v1 one (`name=systemd`), the first whose path ends in a unit, e.g. `ollama.service`. (On a
+    hybrid host the v1 line may name no unit: systemd tracks its units on the unified one.)"""
+    lines = [line.split(":", 2) for line in text.splitlines() if line.count(":") >= 2]
+    for wanted in (("0", ""), (None, "name=systemd")):
+        for hierarchy, controllers, path in lines:
+            if controllers == wanted[1] and (wanted[0] is None or hierarchy == wanted[0]):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if re.fullmatch(r"[\w@.:-]+\.(service|scope)", name):
+                    return name
+    return None
 
 
 def exec_start_argv(text: str) -> list[str]:

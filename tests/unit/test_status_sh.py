@@ -116,3 +116,33 @@ cat {start} {stop}
     assert section.splitlines() == table[:len(section.splitlines())] and "- Host " in section.splitlines()[-1]
     live = parse_status(out.stdout, "lab-dual3090")
     assert [d.name for d in live.llama_memory.devices] == ["RPC0", "RPC1"] and live.llama_memory.host is not None
+
+
+def test_whoever_holds_ollamas_port_is_listed_with_its_unit(tmp_path):
+    """With r1fleet's Ollama unit installed, the `ollama-port` section lists each process listening on its port
+    (here this test's own server, in no systemd unit on this machine: `-`), read from ss and /proc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "systemctl"
+    script.write_text("""#!/bin/sh
+# TEST STAND-IN for systemctl: r1fleet's Ollama unit installed, the others not
+case "$*" in
+  *"LoadState --value r1fleet-ollama.service"*) echo loaded ;;
+  *"LoadState --value"*) echo not-found ;;
+esac
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), url, "http://127.0.0.1:9", "com.r1fleet.ollama",
+                              "r1fleet-ollama.service", "r1fleet-llama-server.service"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
+    comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert [(h.pid, h.name) for h in live.ollama_port] == [(os.getpid(), comm)], out.stdout

@@ -121,7 +121,10 @@ def test_service_user(target: Target) -> None:
 @pytest.mark.roles("host", "head", "worker")
 def test_listens_only_on_plan(target: Target) -> None:
     listeners = target.listeners()
-    problems = listener_problems(listeners, target.service_pids(), target.bind, target.port)
+    service_pids = target.service_pids()
+    others = {pid for lis in listeners if lis.port == target.port for pid in lis.pids} - service_pids
+    units = {pid: target.unit_of(pid) for pid in sorted(others)}
+    problems = listener_problems(listeners, service_pids, target.bind, target.port, units)
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
