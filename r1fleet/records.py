@@ -83,6 +83,13 @@ class OsInfo(_Strict):
     init: str = ""  # "systemd", else PID 1's name; "" unknown (an older probe document, macOS)
 
 
+class DiskSpace(_Strict):
+    """One filesystem the deploy writes to, from `df -Pk` of a folder (or of its nearest existing parent)."""
+
+    mount: str  # where the filesystem is mounted (df's last column): two folders on one mount share its space
+    free_mib: int
+
+
 class PackageVersions(_Strict):
     """A distribution package as apt sees it on the host: the version installed and the one apt would install."""
 
@@ -104,6 +111,9 @@ class Hardware(_Strict):
     gpus: list[Gpu] = []
     unified: UnifiedMemory | None = None
     disk_free_mib: int | None = None
+    model_mount: str | None = None  # where the model directory's filesystem is mounted (disk_free_mib: its free space)
+    install_disk: DiskSpace | None = None  # the filesystem of INSTALL_ROOT, where the releases are unpacked
+    installed_releases: list[str] = Field([], description="the Ollama releases' install stamps under INSTALL_ROOT")
     model_files: dict[str, int] = Field({}, description="files over 100 MiB already in the model directory: name -> bytes")
     secure_boot: bool | None = None
     tegra_release: str | None = None
@@ -163,6 +173,9 @@ class HostPlan(_Strict):
     rehearsal: bool = False
     target_model: str | None = Field(None, description="in rehearsal: the model the plan is for (a stand-in is served)")
     disk_needed_mib: int | None = None
+    cache_ram_mib: int | None = Field(
+        None, description="llama-server --cache-ram: its prompt cache's cap in host RAM in MiB (0: off); None: no llama-server"
+    )
 
     @property
     def uses_gpu(self) -> bool:

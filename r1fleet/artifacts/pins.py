@@ -1,4 +1,5 @@
-"""What a host is and what it downloads: its platform, the pinned versions, the model file, the disk check.
+"""What a host is and what it downloads: its platform, the pinned versions (and sizes), the model file and the
+disk it takes (the disk check itself: r1fleet/artifacts/disk.py).
 
 Pure: the roles turn these into operations."""
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
-from r1fleet.plan.memory import MIB, constants
+from r1fleet.plan.memory import MIB
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.plan.catalog import load_catalog
 
@@ -70,11 +71,33 @@ class DarwinOllamaPins(_Pinned):
     sha256: Sha256 | None = None
 
 
+class AssetSize(_Pinned):
+    """An archive's bytes and the bytes of the tree it unpacks to."""
+
+    archive: int = Field(gt=0)
+    unpacked: int = Field(gt=0)
+
+    @property
+    def install_bytes(self) -> int:
+        """What unpacking it needs at once: the archive stays until its tree is in place."""
+        return self.archive + self.unpacked
+
+
 class OllamaPins(_Pinned):
     version: str
     base_url: str = Field(description="the release's download folder; {version} is filled in")
     sha256: dict[str, Sha256 | None] = {}
+    sizes: dict[str, AssetSize] = {}
     darwin: DarwinOllamaPins
+
+    def install_bytes(self, asset: str, sha256: str) -> int:
+        """The disk an asset's install needs, when it is the pinned one (its sha256): its recorded sizes, else
+        the largest recorded; 0 for other bytes (a host's own release, the lab's stand-in), whose sizes no pin
+        gives."""
+        if (self.sha256.get(asset) or "").lower() != sha256.lower():
+            return 0
+        size = self.sizes.get(asset) or max(self.sizes.values(), key=lambda s: s.install_bytes, default=None)
+        return size.install_bytes if size else 0
 
     def release_url(self, version: str | None = None) -> str:
         return self.base_url.format(version=version or self.version).rstrip("/")
@@ -187,16 +210,3 @@ def download_mib(plan: HostPlan, hw: Hardware, imported: bool = False) -> int:
     # a pull writes the tag's own layer, which differs from the GGUF where Ollama quantized the weights itself
     return math.ceil(model.ollama_size_bytes / MIB) if model and model.ollama_size_bytes else size_mib
 
-
-def check_disk(host: str, plan: HostPlan, hw: Hardware, imported: bool = False) -> None:
-    """Refuse a host whose model directory cannot take the download plus a margin, before anything changes."""
-    need = download_mib(plan, hw, imported)
-    if not need or hw.disk_free_mib is None:
-        return
-    margin = constants().disk_margin_mib
-    if hw.disk_free_mib < need + margin:
-        raise DeployError(
-            f"the model needs {need:,} MiB on the model directory's filesystem plus a {margin:,} MiB margin, "
-            f"and {hw.disk_free_mib:,} MiB are free",
-            host=host, field="model_dir", fix="free space there, or set model_dir to a directory on a larger disk",
-        )

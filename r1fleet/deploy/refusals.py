@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Mapping
 
+from r1fleet.artifacts.disk import check_disks
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
-from r1fleet.artifacts.ollama_release import host_release
-from r1fleet.artifacts.pins import Pins, Platform, check_disk, load_pins, model_download, platform_from_hardware
+from r1fleet.artifacts.ollama_release import OllamaRelease, host_release
+from r1fleet.artifacts.pins import Pins, Platform, load_pins, model_download, platform_from_hardware
 from r1fleet.errors import DeployError, R1FleetError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.lock.served import Served, rehearsed
@@ -48,7 +49,9 @@ def check_before_change(served: Served, settings: HostConfig, hardware: Hardware
         raise DeployError(f"this host is not run by systemd (its PID 1 is {hardware.os.init}), and r1fleet's "
                           "services are systemd units", host=host, field="init",
                           fix="deploy to a machine or VM booted with systemd (a Docker container has none)")
-    check_disk(host, plan, hardware, imports_stand_in(plan, settings, system))  # 43 GB never fill the disk
+    # 43 GB of model and 3.5-7 GB of runtime never fill a disk
+    check_disks(host, plan, hardware, settings.model_dir, imports_stand_in(plan, settings, system),
+                runtime_release(served, settings, hardware))
     exposure_for(settings, plan, host, darwin=darwin)
     settings.api_key_text()  # an unreadable api_key_source
     if settings.ollama_registry and darwin:
@@ -56,6 +59,19 @@ def check_before_change(served: Served, settings: HostConfig, hardware: Hardware
                           "stand-in): it does not take one from another registry", host=host,
                           field="ollama_registry", fix="remove ollama_registry for this host")
     return settings.exposure_check(plan.backend, host)
+
+
+def runtime_release(served: Served, settings: HostConfig, hardware: Hardware) -> OllamaRelease | None:
+    """The Ollama release the deploy unpacks on a Linux host: an Ollama host's, or the one a llama.cpp host takes
+    llama-server from (where apt offers no package with it, as deploy_refusal takes apt's offer to be). A pool's
+    members install packages; a Mac unpacks its small archive."""
+    if hardware.os.system == "Darwin" or served.role != "alone":
+        return None
+    platform = platform_from_hardware(hardware)
+    if served.plan.backend == "ollama":
+        return host_release(served.plan, settings, platform)
+    install = llama_cpp_install(platform, served.plan, settings, apt_offer(platform))
+    return install.release if install.method == "ollama-bundle" else None
 
 
 # What each kind of host's roles decide when they are prepared (their `prepare`), given apt's offer: each raises

@@ -28,6 +28,8 @@ from r1fleet.hardware.pci import pci_gpus, parse_drm, parse_lspci
 from r1fleet.hardware.system import (
     parse_cpu,
     parse_df,
+    parse_disk,
+    parse_installed_releases,
     parse_meminfo,
     parse_model_files,
     parse_init,
@@ -37,7 +39,7 @@ from r1fleet.hardware.system import (
     parse_sysctl,
     parse_uname,
 )
-from r1fleet.records import Hardware
+from r1fleet.records import DiskSpace, Hardware
 
 __all__ = ["parse_nvidia_apps", "parse_nvidia_query", "parse_probe", "split_sections"]
 
@@ -95,6 +97,9 @@ def parse_probe(text: str, host: str) -> Hardware:
         gpus=found.gpus,
         unified=found.unified,
         disk_free_mib=parse_df(sections.get("df", [])),
+        model_mount=(parse_disk(sections.get("df", [])) or DiskSpace(mount="", free_mib=0)).mount or None,
+        install_disk=parse_disk(sections.get("df-install", [])),
+        installed_releases=parse_installed_releases(sections.get("releases", [])),
         model_files=parse_model_files(sections.get("models", [])),
         secure_boot=parse_secureboot(sections.get("secureboot", [])),
         tegra_release=tegra[0] if tegra else None,
@@ -112,7 +117,8 @@ _IMPLAUSIBLE = 2**40
 def _check_readings(hw: Hardware) -> None:
     """Refuse (naming host and section) a number no machine has, before the planner computes with it."""
     readings = [("meminfo", hw.ram_total_mib), ("meminfo", hw.ram_available_mib), ("cpu", hw.cpu_count),
-                ("df", hw.disk_free_mib), *(("models", size) for size in hw.model_files.values())]
+                ("df", hw.disk_free_mib), ("df-install", hw.install_disk.free_mib if hw.install_disk else None),
+                *(("models", size) for size in hw.model_files.values())]
     for gpu in hw.gpus:
         readings += [("nvidia-smi", v) for v in (gpu.index, gpu.memory_total_mib, gpu.memory_used_mib, gpu.memory_free_mib)]
         readings += [("nvidia-smi-apps", v) for p in gpu.processes for v in (p.pid, p.used_mib)]

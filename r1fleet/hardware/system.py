@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware._base import probe_fix
-from r1fleet.records import GpuProcess, OsInfo, PackageVersions
+from r1fleet.records import INSTALL_ROOT, DiskSpace, GpuProcess, OsInfo, PackageVersions
 
 # ---------------------------------------------------------------------------------------------
 # System: uname, os-release, meminfo, cpu, df, secureboot, sysctl
@@ -96,6 +96,21 @@ def parse_df(lines: list[str]) -> int | None:
         if len(fields) >= 4 and fields[3].isdecimal():
             return int(fields[3]) // 1024
     return None
+
+
+def parse_disk(lines: list[str]) -> DiskSpace | None:
+    """The filesystem from `df -Pk` (header, then: fs, blocks, used, available, capacity, mount point)."""
+    for line in lines[1:]:
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[3].isdecimal() and fields[5].startswith("/"):
+            return DiskSpace(mount=fields[5].strip(), free_mib=int(fields[3]) // 1024)
+    return None
+
+
+def parse_installed_releases(lines: list[str]) -> list[str]:
+    """The install stamps of Ollama releases (`<root>/<version>/.r1fleet-installed-<digest>`), one path a line."""
+    stamp = re.escape(INSTALL_ROOT) + r"/ollama/[^/\s]+/\.r1fleet-installed-[0-9a-f]+"
+    return [line.strip() for line in lines if re.fullmatch(stamp, line.strip())]
 
 
 # Before the probe listed r1fleet's own service processes, they were known by name only.

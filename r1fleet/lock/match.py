@@ -203,7 +203,7 @@ def effective_plan(hw: Hardware, policy: Policy, lock: Lock | None, fleet: str |
 _PLAN_FIELDS = (("model", "model"), ("backend", "backend"), ("placement", "placement"),
                 ("context_length", "context"), ("kv_cache_type", "KV cache"), ("flash_attention", "flash attention"),
                 ("ubatch", "micro-batch"), ("tensor_split", "split (blocks per GPU)"), ("gpu_indices", "GPUs"),
-                ("gpu_uuids", "GPU UUIDs"))
+                ("gpu_uuids", "GPU UUIDs"), ("cache_ram_mib", "prompt cache (--cache-ram, MiB)"))
 
 
 def plan_diff(locked: HostPlan, fresh: HostPlan) -> list[str]:

@@ -42,6 +42,8 @@ class Constants:
     flash_attention_off_cuda_below: float
     flash_attention_off_cuda_caps: list[str]
     cpu_os_reserve_mib: int
+    prompt_cache_mib: int
+    prompt_cache_step_mib: int
     efficiency: dict[str, float]
     speed_context_fill: int
     unknown_gpu_bandwidth_gbps: float
@@ -190,6 +192,22 @@ def estimate_device(
         headroom_mib=headroom_mib,
         layers=layers,
     )
+
+
+def llama_server_host_mib(model: Model, context: int, flash_attention: bool) -> float:
+    """What llama-server holds in host RAM beside a plan's GPUs: the token embeddings (CPU_Mapped, used every
+    token) and the CPU's compute buffer, bounded by Ollama's graph estimate (the 70B: 266 MiB, where llama.cpp
+    projects 236.07 at context 19456 and 192.07 at 8192, docs/research/llamacpp-fit-oracle.md section 3)."""
+    return weight_shares(model).token_embd_mib + compute_buffer_mib(model, context, flash_attention)
+
+
+def prompt_cache_mib(ram_total_mib: int, held_mib: float) -> int:
+    """llama-server's --cache-ram: llama.cpp's default where the host's RAM holds it beside what the server
+    already holds there (`held_mib`) and the system's reserve, else what is left (0: no prompt cache)."""
+    c = constants()
+    room = max(ram_total_mib - c.cpu_os_reserve_mib - held_mib, 0.0)
+    step = c.prompt_cache_step_mib
+    return int(min(c.prompt_cache_mib, room // step * step))
 
 
 def ollama_ubatch(model: Model, context: int, flash_attention: bool, free_mib: float, cuda: bool) -> int:

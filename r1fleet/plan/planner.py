@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
-from r1fleet.plan.memory import MIB, bytes_read_per_token_gb, constants, ollama_ubatch, weight_shares
+from r1fleet.plan.memory import (
+    MIB, bytes_read_per_token_gb, constants, llama_server_host_mib, ollama_ubatch, prompt_cache_mib, weight_shares,
+)
 from r1fleet.records import DevicePlan, Hardware, HostPlan
 from r1fleet.plan.placement import PlacementOption, device_plans, gpu_capacity_mib, placements, split_layers
 from r1fleet.plan.policy import Policy
@@ -466,6 +468,10 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
             f"needs more than macOS's default GPU working set ({u.gpu_limit_mib:,} MiB): the deploy raises "
             f"iogpu.wired_limit_mb at boot, leaving {constants().apple_os_reserve_mib:,} MiB to macOS"
         )
+    cache_ram = None
+    if backend == "llama.cpp" and chosen.devices:
+        cache_ram, note = llama_prompt_cache(hw, m, p, chosen)
+        reasons += [note] if note else []
     shares = weight_shares(m)
     disk_needed = round(shares.file_mib)
     if hw.disk_free_mib is not None and hw.disk_free_mib < disk_needed:
@@ -493,8 +499,28 @@ def _host_plan(hw: Hardware, policy: Policy, chosen: Attempt | None, rejected: l
         compute_caps=[g.compute_cap for g in p.gpus if g.compute_cap],
         vendor=_vendor(hw, p),
         disk_needed_mib=disk_needed,
+        cache_ram_mib=cache_ram,
         **base,
     )
+
+
+def llama_prompt_cache(hw: Hardware, model: Model, placement: PlacementOption, chosen: Attempt) -> tuple[int, str | None]:
+    """llama-server's prompt cache (--cache-ram) for this host's RAM, and why when it is below llama.cpp's default.
+
+    On the CPU or a unified pool the plan's one device is host RAM already; beside GPUs the server holds its token
+    embeddings and the CPU's compute buffer there."""
+    if placement.kind in ("cpu", "unified"):
+        held = float(chosen.devices[0].planned_mib)
+    else:
+        held = llama_server_host_mib(model, chosen.context, chosen.flash_attention)
+    cache = prompt_cache_mib(hw.ram_total_mib, held)
+    default = constants().prompt_cache_mib
+    if cache >= default:
+        return cache, None
+    what = f"capped at {cache:,} MiB (--cache-ram {cache})" if cache else "off (--cache-ram 0)"
+    return cache, (f"host RAM: llama-server's prompt cache {what}, below llama.cpp's default {default:,}: "
+                   f"{hw.ram_total_mib:,} MiB of RAM holds {round(held):,} MiB of the server's own and "
+                   f"{constants().cpu_os_reserve_mib:,} for the system")
 
 
 UNIFIED_VENDOR = {"apple": "apple", "amd-apu": "amd", "jetson": "nvidia", "gb10": "nvidia"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
-from r1fleet.plan.memory import constants, weight_shares
+from r1fleet.plan.memory import constants, llama_server_host_mib, prompt_cache_mib, weight_shares
 from r1fleet.errors import DeployError
 from r1fleet.records import DevicePlan, Gpu, Hardware, HostPlan, PoolDevice, PoolPlan
 from r1fleet.plan.placement import PlacementOption, gpu_slot, placements
@@ -339,7 +339,16 @@ def member_plan(pool: PoolPlan, host: str, hardware: Hardware) -> HostPlan:
         reasons=list(pool.reasons) if head else [f"worker of pool {pool.pool}: rpc-server for {pool.head}"],
         gguf=pool.gguf if head else None, n_layers=pool.n_layers,
         compute_caps=[g.compute_cap for g in mine if g.compute_cap], vendor=mine[0].vendor,
+        cache_ram_mib=head_prompt_cache(pool, hardware) if head else None,
     )
+
+
+def head_prompt_cache(pool: PoolPlan, hardware: Hardware) -> int | None:
+    """The head's llama-server prompt cache (--cache-ram) in its own RAM, as on a host alone (planner.py)."""
+    if pool.model is None:
+        return None
+    model = load_catalog().find(pool.model)
+    return prompt_cache_mib(hardware.ram_total_mib, llama_server_host_mib(model, pool.context_length, pool.flash_attention))
 
 
 def _device_plan(device: PoolDevice) -> DevicePlan:

@@ -151,12 +151,24 @@ if [ "$OS" = Darwin ] && has system_profiler; then
     system_profiler SPDisplaysDataType -json 2>/dev/null
 fi
 
+# The free space of a folder's filesystem: df of the folder, or of its nearest existing parent.
+free_space() {
+    dir=$1
+    while [ ! -e "$dir" ] && [ "$dir" != / ] && [ "$dir" != . ]; do
+        dir=$(dirname "$dir")
+    done
+    df -Pk "$dir" 2>/dev/null
+}
+
 section df
-dir=$MODEL_DIR
-while [ ! -e "$dir" ] && [ "$dir" != / ] && [ "$dir" != . ]; do
-    dir=$(dirname "$dir")
-done
-df -Pk "$dir" 2>/dev/null
+free_space "$MODEL_DIR"
+
+# Where r1fleet unpacks its releases (an archive and its tree at once), and the ones installed there.
+section df-install
+free_space /opt/r1fleet
+
+section releases
+ls -1d /opt/r1fleet/ollama/*/.r1fleet-installed-* 2>/dev/null
 
 section models
 # Model files already under the model directory (over 100 MiB), so a re-run is not refused for the space

@@ -16,7 +16,7 @@ from typing import Any
 
 from r1fleet.hardware._base import split_sections
 from r1fleet.net import parse_json
-from r1fleet.verify.readings import parse_launchctl_print
+from r1fleet.verify.readings import MemoryBreakdown, parse_launchctl_print, parse_memory_breakdown
 
 NO_ANSWER = 0
 
@@ -50,6 +50,15 @@ class Process:
 
 
 @dataclass(frozen=True)
+class PortHolder:
+    """A process listening on a backend's port, with the systemd unit it runs in ("-": none)."""
+
+    pid: int
+    unit: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Reply:
     """One GET made on the host: the HTTP status (0: no answer) and the body, parsed when it is JSON."""
 
@@ -76,6 +85,8 @@ class Live:
     llama_health: Reply = Reply()
     llama_props: Reply = Reply()
     llama_models: Reply = Reply()
+    llama_memory: MemoryBreakdown | None = None  # llama-server's memory breakdown at this start (its journal)
+    ollama_port: tuple[PortHolder, ...] | None = None  # who listens on Ollama's port (None: not asked)
     problems: tuple[str, ...] = ()  # what could not be read, each naming the section
 
     def unit(self, name: str) -> Unit:
@@ -129,6 +140,17 @@ def parse_processes(lines: list[str]) -> tuple[Process, ...]:
     return tuple(out)
 
 
+def parse_port_holders(lines: list[str]) -> tuple[PortHolder, ...]:
+    """`PID UNIT NAME` lines; a line of another shape is skipped."""
+    out = []
+    for line in lines:
+        fields = line.split(None, 2)
+        pid = _int(fields[0]) if len(fields) >= 2 else None
+        if pid is not None:
+            out.append(PortHolder(pid, fields[1], fields[2].strip() if len(fields) > 2 else ""))
+    return tuple(out)
+
+
 def parse_reply(lines: list[str]) -> Reply:
     """A `fetch` section: the body, then the HTTP status on the last line (000: no answer)."""
     if not lines:
@@ -171,5 +193,7 @@ def parse_status(text: str, host: str) -> Live:
         processes=parse_processes(sections.get("status-procs", [])), launchd=launchd,
         ollama_version=replies["ollama-version"], ollama_ps=replies["ollama-ps"], ollama_tags=replies["ollama-tags"],
         llama_health=replies["llama-health"], llama_props=replies["llama-props"], llama_models=replies["llama-models"],
+        llama_memory=parse_memory_breakdown("\n".join(sections.get("status-llama-memory", []))),
+        ollama_port=parse_port_holders(sections["status-ollama-port"]) if "status-ollama-port" in sections else None,
         problems=tuple(problems),
     )

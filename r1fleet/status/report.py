@@ -1,7 +1,8 @@
 """One host's status: what its service shows (r1fleet/status/readings.py) against what it should serve (its plan,
 from r1fleet/lock/served.py through verify's planning) and the fleet lock. Pure: values in, a `HostStatus` out.
 
-The states, worst first: `unreachable` (no SSH), `not deployed` (no r1fleet unit), `failed`, `stopped`,
+The states, worst first: `unreachable` (no SSH), `not deployed` (no r1fleet unit), `failed`, `stopped`, `port taken`
+(another program, say Ollama's own ollama.service started again, holds Ollama's port and answers in its place),
 `restarting`, `no answer` (the unit runs but its API is silent), `loading`, `idle` (up, the model not in memory:
 the next request loads it) and `serving`. Drift is what differs from the lock (or, on a host the lock does not
 name, from today's plan), one line each, e.g. `model: serves deepseek-r1:8b, the lock says deepseek-r1:14b`.
@@ -22,10 +23,11 @@ from r1fleet.roles.exposure.endpoint import Endpoint
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import Live, Reply, Unit
+from r1fleet.verify.judge import memory_problems, memory_summary
 
 UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT, "worker": RPC_UNIT}
 BACKEND_OF = {OLLAMA_UNIT: "ollama", LLAMA_UNIT: "llama.cpp", RPC_UNIT: "rpc-server"}
-DOWN = ("unreachable", "not deployed", "failed", "stopped")  # shown as one line: the state and its reason
+DOWN = ("unreachable", "not deployed", "failed", "stopped", "port taken")  # shown as one line: the state and its reason
 GOOD = ("serving",)
 
 
@@ -58,6 +60,7 @@ class HostStatus:
     locked: bool = False
     drift: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    llama_memory: str | None = None  # llama.cpp's own account at this start against the plan (verify's judge)
     role: str = "alone"
     pool: str | None = None
 
@@ -76,6 +79,7 @@ class HostStatus:
             "unit": {"name": self.unit, "state": self.unit_state, "for_s": self.unit_for_s,
                      "since": iso(self.unit_since), "restarts": self.restarts} if self.unit else None,
             "lock": "locked" if self.locked else "not locked", "drift": self.drift, "problems": self.problems,
+            "llama_memory": self.llama_memory,
             "role": self.role, "pool": self.pool, "healthy": self.healthy,
         }
 
@@ -270,6 +274,15 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
     elif unit.active != "active":
         status.state, status.reason = "stopped", (f"{unit.name} is {unit.active} "
                                                   f"(fix: systemctl start {unit.name} on {host}, or redeploy)")
+    # Whatever state r1fleet's unit is in (it cannot bind a port that is taken), the holder is what to fix.
+    foreign = [h for h in live.ollama_port or () if h.unit != OLLAMA_UNIT] if running == "ollama" else []
+    if foreign:
+        holder = foreign[0]
+        status.state, status.reason = "port taken", (
+            f"another {holder.name or 'program'} (pid {holder.pid}, {'unit ' + holder.unit if holder.unit != '-' else 'no unit'}) "
+            f"holds Ollama's port, not {OLLAMA_UNIT}, and answers in its place "
+            f"(fix: systemctl disable --now {holder.unit if holder.unit != '-' else 'it'} on {host}, then redeploy: "
+            "the deploy masks Ollama's own ollama.service)")
     if status.state in DOWN or running == "rpc-server":  # a worker's rpc-server answers no HTTP
         return status
     seen = seen_ollama(live) if running == "ollama" else seen_llama(live)
@@ -291,6 +304,9 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
     if plan is not None:
         status.devices = device_use(plan, hardware, seen)
         status.drift += drift_of(plan, running, seen, locked, lock)
+        if running == "llama.cpp" and live.llama_memory is not None:
+            status.llama_memory = memory_summary(plan, live.llama_memory)
+            status.problems += memory_problems(plan, live.llama_memory)
     return status
 
 

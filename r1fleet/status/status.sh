@@ -92,6 +92,23 @@ if [ "$(uname -s 2>/dev/null)" = Darwin ] && has launchctl; then
     launchctl print "system/$LAUNCHD_LABEL" 2>/dev/null
 fi
 
+# Who holds Ollama's port, with the unit of each holder (its cgroup): Ollama's own ollama.service, started again
+# (by its install script, say), would answer the requests below in place of r1fleet's.
+if installed "$OLLAMA_UNIT" && has ss; then
+    section ollama-port
+    port=${OLLAMA_URL##*:}
+    port=${port%%/*}
+    for pid in $(ss -Htlnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d = -f 2 | sort -u); do
+        # the unified hierarchy's line (0::) first, else systemd's own v1 one: the first that names a unit
+        unit=
+        for hierarchy in '0:' '[0-9]*:name=systemd'; do
+            [ -n "$unit" ] || unit=$(sed -n -e "s|^$hierarchy:.*/\([^/]*\.service\)\$|\1|p" \
+                -e "s|^$hierarchy:.*/\([^/]*\.scope\)\$|\1|p" "/proc/$pid/cgroup" 2>/dev/null | head -n 1)
+        done
+        printf '%s %s %s\n' "$pid" "${unit:--}" "$(cat "/proc/$pid/comm" 2>/dev/null)"
+    done
+fi
+
 if installed "$OLLAMA_UNIT"; then
     section ollama-version
     fetch "$OLLAMA_URL/api/version"
@@ -124,6 +141,15 @@ if installed "$LLAMA_UNIT"; then
     fetch "$LLAMA_URL/props" "$KEY_FILE"
     section llama-models
     fetch "$LLAMA_URL/v1/models" "$KEY_FILE"
+    # llama-server's own account of its memory at this start (the table llama.cpp logs at load with -lv 4), from
+    # the journal of the unit's running invocation. The table comes early and ends with its Host row: the read
+    # stops there rather than going through every request logged since.
+    section llama-memory
+    invocation=$(systemctl show -p InvocationID --value "$LLAMA_UNIT" 2>/dev/null)
+    if [ -n "$invocation" ] && has journalctl; then
+        journalctl -o cat --no-pager "_SYSTEMD_INVOCATION_ID=$invocation" 2>/dev/null |
+            awk '/common_memory_breakdown_print:/ { print; n++; if (/\| +- Host / || n >= 40) exit }'
+    fi
 fi
 
 exit 0

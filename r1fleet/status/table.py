@@ -80,6 +80,8 @@ def status_table(statuses: list[HostStatus]) -> str:
     for s in down:  # one line each: the state, then the reason (it names the fix)
         lines.append(f"{s.host.ljust(widths[0])}  {s.state}: {s.reason}")
     notes = [f"{s.host}: {line}" for s in statuses for line in (*s.drift, *s.problems)]
+    notes += [f"{s.host}: llama.cpp's own account at this start, MiB used/allowed by the plan: {s.llama_memory}"
+              for s in statuses if s.llama_memory and s.state not in DOWN]
     if notes:
         lines.append("")
         lines.extend(notes)

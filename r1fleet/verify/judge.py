@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1fleet.hardware import parse_nvidia_apps
-from r1fleet.records import HostPlan
+from r1fleet.records import DevicePlan, HostPlan
+from r1fleet.verify.readings import DeviceMemory, MemoryBreakdown
 
 # ---------------------------------------------------------------- GPUs (`nvidia-smi`)
 
@@ -138,6 +139,82 @@ def split_problems(plan: HostPlan, buffers: list[DeviceBuffers], kv_per_layer_mi
             if abs(buffer.kv_mib - device.kv_cache_mib) > 1:
                 problems.append(f"{buffer.device} holds {buffer.kv_mib:,.0f} MiB of KV cache, the plan's {device.device} {device.kv_cache_mib:,}")
     return problems
+
+
+# ---------------------------------------------------------------- llama.cpp's own account against the plan
+
+
+@dataclass(frozen=True)
+class DeviceAccount:
+    """One planned device beside llama.cpp's account of it at this start (parse_memory_breakdown)."""
+
+    planned: DevicePlan
+    llama: DeviceMemory
+
+    @property
+    def allowed_mib(self) -> int:
+        """What the plan lets llama.cpp's own buffers hold there: its weights, KV cache and compute, and the headroom
+        kept for the estimate's error. The overhead stays out: it stands for what llama.cpp does not count (the
+        runtime's context, cuBLAS, pools: its `unaccounted` column)."""
+        d = self.planned
+        return d.weights_mib + d.kv_cache_mib + d.compute_mib + d.headroom_mib
+
+    @property
+    def over(self) -> bool:
+        return self.llama.self_mib > self.allowed_mib
+
+    @property
+    def where(self) -> str:
+        return f"{self.llama.name} ({self.llama.description})" if self.llama.description else self.llama.name
+
+    def summary(self) -> str:
+        return f"{self.where} {self.llama.self_mib:,}/{self.allowed_mib:,} MiB"
+
+
+def device_accounts(plan: HostPlan, breakdown: MemoryBreakdown) -> tuple[list[DeviceAccount], list[str]]:
+    """Each planned device with llama.cpp's row for it, and why some could not be paired. A CPU plan's one device is
+    llama.cpp's host row; a pool head plans only its own GPUs, the last of llama.cpp's devices (the workers' RPC
+    devices come first, src/llama.cpp); a host alone plans every device llama.cpp lists, in its order."""
+    if plan.placement == "cpu":
+        if breakdown.host is None or not plan.devices:
+            return [], ["llama-server's memory breakdown has no host row for the plan's RAM"]
+        return [DeviceAccount(plan.devices[0], breakdown.host)], []
+    rows, planned = list(breakdown.devices), list(plan.devices)
+    head = bool(plan.tensor_split) and len(plan.tensor_split or []) > len(planned)
+    if len(rows) != len(planned) and not (head and len(rows) >= len(planned)):
+        names = ", ".join(r.name for r in rows) or "no device"
+        return [], [f"llama-server accounts for {len(rows)} device(s) ({names}), the plan for {len(planned)}"]
+    return [DeviceAccount(d, r) for d, r in zip(planned, rows[len(rows) - len(planned):])], []
+
+
+def memory_problems(plan: HostPlan, breakdown: MemoryBreakdown) -> list[str]:
+    """A device where llama.cpp's own account at this start is over what the plan gives it (weights, KV, compute and
+    headroom), and what could not be read or paired."""
+    accounts, problems = device_accounts(plan, breakdown)
+    problems = [*breakdown.problems, *problems]
+    for account in accounts:
+        if not account.over:
+            continue
+        d, m = account.planned, account.llama
+        problems.append(
+            f"{account.where} holds {m.self_mib:,} MiB by llama.cpp's own account (model "
+            f"{m.model_mib:,} + context {m.context_mib:,} + compute {m.compute_mib:,}), over the {account.allowed_mib:,} "
+            f"the plan gives {d.device} (weights {d.weights_mib:,} + KV {d.kv_cache_mib:,} + compute {d.compute_mib:,} "
+            f"+ headroom {d.headroom_mib:,}), which leaves less than the {d.overhead_mib:,} planned for the runtime: "
+            "it may run out of memory under load (fix: plan a smaller context or a larger headroom_mib, then redeploy)"
+        )
+    return problems
+
+
+def memory_summary(plan: HostPlan, breakdown: MemoryBreakdown) -> str:
+    """llama.cpp's account at this start against the plan, one line: `RPC0 (127.0.0.1:50100) 180/23,360 MiB, ...`."""
+    accounts, _ = device_accounts(plan, breakdown)
+    paired = {id(a.llama) for a in accounts}
+    parts = [a.summary() for a in accounts]
+    parts += [f"{r.name} {r.self_mib:,} MiB (not planned here)" for r in breakdown.devices if id(r) not in paired]
+    if breakdown.host is not None and plan.placement != "cpu":
+        parts.append(f"host {breakdown.host.self_mib:,} MiB")
+    return ", ".join(parts) or "no device"
 
 
 # ---------------------------------------------------------------- API replies

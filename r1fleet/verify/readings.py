@@ -61,11 +61,14 @@ def parse_ss_listeners(text: str) -> list[Listener]:
     return listeners
 
 
-def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int) -> list[str]:
+def listener_problems(listeners: list[Listener], service_pids: set[int], bind: str, port: int,
+                      units: dict[int, str] | None = None) -> list[str]:
     """Why the service's sockets differ from the plan (empty list: exactly as planned).
 
-    The planned socket must be there, nothing may listen on the service port at another address,
-    and the service's own processes may only open extra ports on loopback (Ollama's runners do).
+    The planned socket must be there, held by the service (another program there, say Ollama's own
+    ollama.service started again, answers in its place: named with its pid and, from `units`, its unit),
+    nothing may listen on the service port at another address, and the service's own processes may only
+    open extra ports on loopback (Ollama's runners do).
     """
     planned = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
     problems = []
@@ -74,8 +77,10 @@ def listener_problems(listeners: list[Listener], service_pids: set[int], bind: s
     at_plan = [lis for lis in listeners if lis.port == port and (lis.address == bind or lis.address in WILDCARDS)]
     if not at_plan:
         problems.append(f"nothing listens on {planned}")
-    elif service_pids and not any(set(lis.pids) & service_pids for lis in at_plan):
-        owner = at_plan[0].process or "another program"
+    elif not any(set(lis.pids) & service_pids for lis in at_plan):
+        holder = at_plan[0]
+        pids = ", ".join(f"pid {pid}" + (f", {units[pid]}" if units and units.get(pid) else "") for pid in holder.pids)
+        owner = (holder.process or "another program") + (f" ({pids})" if pids else "")
         problems.append(f"{planned} is held by {owner}, not by the service")
     for lis in listeners:
         if lis.port == port and lis.address != bind:
@@ -160,6 +165,20 @@ def systemd_environment(text: str) -> dict[str, str]:
     return env
 
 
+def cgroup_unit(text: str) -> str | None:
+    """The systemd unit a process runs in, from its /proc/PID/cgroup: the unified hierarchy's line (`0::`) first,
+    else systemd's own v1 one (`name=systemd`), the first whose path ends in a unit, e.g. `ollama.service`. (On a
+    hybrid host the v1 line may name no unit: systemd tracks its units on the unified one.)"""
+    lines = [line.split(":", 2) for line in text.splitlines() if line.count(":") >= 2]
+    for wanted in (("0", ""), (None, "name=systemd")):
+        for hierarchy, controllers, path in lines:
+            if controllers == wanted[1] and (wanted[0] is None or hierarchy == wanted[0]):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if re.fullmatch(r"[\w@.:-]+\.(service|scope)", name):
+                    return name
+    return None
+
+
 def exec_start_argv(text: str) -> list[str]:
     """The argv of `systemctl show -p ExecStart --value UNIT` ("{ path=... ; argv[]=A B C ; ... }")."""
     match = re.search(r"argv\[\]=(.*?) ;", text)
@@ -176,3 +195,90 @@ def flag_value(argv: list[str], *names: str) -> str | None:
     return None
 
 
+
+
+# ---------------------------------------------------------------- llama-server's memory breakdown
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One row of llama.cpp's memory breakdown, in MiB (each figure truncated by llama.cpp): a device's
+    `total = free + (self = model + context + compute) + unaccounted`; a host row has no total, free or unaccounted."""
+
+    name: str  # CUDA0, RPC0, Host
+    description: str = ""  # RTX 3090, 127.0.0.1:50100
+    self_mib: int = 0
+    model_mib: int = 0
+    context_mib: int = 0
+    compute_mib: int = 0
+    total_mib: int | None = None
+    free_mib: int | None = None
+    unaccounted_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """llama-server's own account of its memory at one start, device by device in llama.cpp's order, then the
+    host's buffers (token embeddings, the CPU's compute buffer; on a CPU plan everything)."""
+
+    devices: tuple[DeviceMemory, ...] = ()
+    host: DeviceMemory | None = None
+    problems: tuple[str, ...] = ()  # rows of the table that could not be read
+
+
+# The table llama.cpp prints with common_memory_breakdown_print (common/fit.cpp:906-1086 at 0c1e570: the row
+# templates at 921-923, the header `memory breakdown [MiB]` at 925), once per dry run of its --fit pre-pass and once
+# when llama-server stops (tools/server/server.cpp:550-553), at log level 4 (LOG_TRC). Each line in the journal:
+#   0.00.106.105 I common_memory_breakdown_print: |   - RPC0 (127.0.0.1:50100) | 24105 = 24105 + ( 180 =    31 +      90 +      59) +        -180 |
+#   0.00.106.105 I common_memory_breakdown_print: |   - Host                   |                    72 =    28 +       0 +      43                |
+_BREAKDOWN = "common_memory_breakdown_print:"
+_NUM = r"(-?[0-9]{1,12})"
+_DEVICE_ROW = re.compile(
+    rf"^\|\s*-\s+(?P<label>.+?)\s*\|\s*{_NUM}\s*=\s*{_NUM}\s*\+\s*\(\s*{_NUM}\s*=\s*{_NUM}\s*\+\s*{_NUM}\s*\+\s*{_NUM}\s*\)"
+    rf"\s*\+\s*{_NUM}\s*\|\s*$")
+_OTHER_ROW = re.compile(rf"^\|\s*-\s+(?P<label>.+?)\s*\|\s*{_NUM}\s*=\s*{_NUM}\s*\+\s*{_NUM}\s*\+\s*{_NUM}\s*\|\s*$")
+_LABEL = re.compile(r"^(?P<name>\S+)(?:\s+\((?P<description>.*)\))?$")
+
+
+def _label(text: str) -> tuple[str, str]:
+    match = _LABEL.match(text)
+    return (match["name"], match["description"] or "") if match else (text, "")
+
+
+def parse_memory_breakdown(log: str) -> MemoryBreakdown | None:
+    """The first memory breakdown in a llama-server log (one start's journal: its --fit pre-pass's projection of the
+    parameters it was given, which r1fleet's units set in full, so it is what the start allocates); None when the log
+    holds none. Total: a row that does not read is named in `problems`, never an exception."""
+    devices: list[DeviceMemory] = []
+    host: DeviceMemory | None = None
+    problems: list[str] = []
+    started = False
+    for line in log.splitlines():
+        at = line.find(_BREAKDOWN)
+        if at < 0:
+            continue  # another thread's line between the table's rows
+        row = line[at + len(_BREAKDOWN):].strip()
+        if "memory breakdown [MiB]" in row:
+            if started:
+                break  # a later table (another dry run, or the one printed at stop)
+            started = True
+            continue
+        if not started:
+            continue
+        device = _DEVICE_ROW.match(row)
+        other = _OTHER_ROW.match(row) if device is None else None
+        if device is not None:
+            name, description = _label(device["label"])
+            total, free, self_mib, model, context, compute, unaccounted = (int(device[i]) for i in range(2, 9))
+            devices.append(DeviceMemory(name, description, self_mib, model, context, compute, total, free, unaccounted))
+        elif other is not None:
+            name, description = _label(other["label"])
+            self_mib, model, context, compute = (int(other[i]) for i in range(2, 6))
+            if name == "Host":
+                host = DeviceMemory(name, description, self_mib, model, context, compute)
+            # other buffer types (neither a device nor the host's) hold no planned memory
+        else:
+            problems.append(f"an unreadable row of llama-server's memory breakdown: {row[:120]!r}")
+    if not started:
+        return None
+    return MemoryBreakdown(tuple(devices), host, tuple(problems))

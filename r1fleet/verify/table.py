@@ -28,6 +28,7 @@ class HostResult:
     est_tps: float | None = None
     gpu_used_mib: int | None = None
     gpu_planned_mib: int | None = None
+    llama_memory: str | None = None  # llama.cpp's own account at this start against the plan (judge.memory_summary)
     passed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -56,6 +57,7 @@ def host_result(host: str, outcomes: dict[str, str], plan: HostPlan | None = Non
         result.est_tps, result.gpu_planned_mib = plan.est_tokens_per_second, planned_gpu_mib(plan)
     result.measured_tps = (measured or {}).get("tokens_per_second")
     result.gpu_used_mib = (measured or {}).get("gpu_used_mib")
+    result.llama_memory = (measured or {}).get("llama_memory")
     for check, outcome in outcomes.items():
         getattr(result, outcome).append(check)
     if result.error:  # every check failed for the same reason; name it once
@@ -99,4 +101,7 @@ def results_table(results: list[HostResult]) -> str:
     for r in sorted(failed, key=lambda r: r.host):
         if r.error:
             lines.append(f"{r.host}: {r.error}")
+    for r in sorted(results, key=lambda r: r.host):
+        if r.llama_memory:
+            lines.append(f"{r.host}: llama.cpp's own account at this start, MiB used/allowed by the plan: {r.llama_memory}")
     return "\n".join(lines)

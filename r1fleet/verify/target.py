@@ -29,6 +29,7 @@ from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.verify.readings import (
     launchd_disabled,
     parse_launchctl_print,
+    cgroup_unit,
     parse_lsof_listeners,
     parse_ss_listeners,
     systemd_environment,
@@ -140,6 +141,10 @@ class Target:
         if self.darwin:  # no ss on macOS; sudo: another user's sockets are not listed otherwise
             return parse_lsof_listeners(self.output("sudo -n lsof -nP -iTCP -sTCP:LISTEN -Fpcn"))
         return parse_ss_listeners(self.output("ss -ltnpH"))
+
+    def unit_of(self, pid: int) -> str | None:
+        """The systemd unit a process runs in (None on a Mac, or where it is in none)."""
+        return None if self.darwin else cgroup_unit(self.run(f"cat /proc/{int(pid)}/cgroup").stdout)  # gone since: None
 
     @property
     def port(self) -> int:

@@ -1,8 +1,8 @@
 """Lab: `r1fleet verify` passes on the converged lab, and each injected fault fails it, naming host and check.
 
 Needs root and the lab (tests/lab/conftest.py). The module converges the lab once with the real deploy
-(idempotent), then for each fault: inject it into one lab host, run verify limited to that host, read
-which checks failed from its JUnit report, undo the fault and re-converge the host.
+(idempotent), then in rounds: inject one fault into each of two lab hosts, run verify limited to them, read
+which checks failed from its JUnit report, undo the faults and re-converge the hosts.
 """
 
 from __future__ import annotations
@@ -90,15 +90,19 @@ def test_verify_through_the_ansible_inventory_of_the_lab(converged_lab):
 
 
 @contextmanager
-def fault(ssh, host: str, inject: str, undo: str):
-    """Inject a fault into a lab host; always undo it and re-converge that host afterwards."""
-    done = ssh(host, inject)
-    assert done.returncode == 0, f"could not inject the fault on {host}: {done.stderr}"
+def faults(ssh, injected: dict[str, tuple[str, str]]):
+    """Inject one fault into each named lab host; always undo them and re-converge those hosts afterwards."""
+    undone = []
     try:
+        for host, (inject, undo) in injected.items():
+            undone.append((host, undo))
+            done = ssh(host, inject)
+            assert done.returncode == 0, f"could not inject the fault on {host}: {done.stderr}"
         yield
     finally:
-        ssh(host, undo)
-        converge(host)
+        for host, undo in undone:
+            ssh(host, undo)
+        converge(*injected)
 
 
 def restart(unit: str) -> str:
@@ -147,20 +151,31 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(FAULTS))
-def test_verify_names_host_and_check_for_each_fault(converged_lab, ssh, tmp_path, name):
-    host, check, build = FAULTS[name]
-    inject, undo = build(ssh)
+# Each round breaks the Ollama host and the llama.cpp host at once, one fault each (a host's checks are its own), so
+# one verify run and one re-converge serve two faults.
+ROUNDS = [("service-stopped", "model-file-swapped"), ("open-on-all-addresses", "llama-context-changed"),
+          ("ollama-gpus-hidden", "llama-split-edited"), ("ollama-context-changed",)]
+
+
+def test_the_rounds_hold_every_fault_once_and_each_host_once_a_round():
+    assert sorted(name for names in ROUNDS for name in names) == sorted(FAULTS)
+    assert all(len({FAULTS[name][0] for name in names}) == len(names) for names in ROUNDS)
+
+
+@pytest.mark.parametrize("names", ROUNDS, ids="+".join)
+def test_verify_names_host_and_check_for_each_fault(converged_lab, ssh, tmp_path, names):
     junit = tmp_path / "junit.xml"
-    with fault(ssh, host, inject, undo):
-        result = verify("-k", host, "--junit", str(junit))
+    with faults(ssh, {FAULTS[name][0]: FAULTS[name][2](ssh) for name in names}):
+        result = verify("-k", " or ".join(FAULTS[name][0] for name in names), "--junit", str(junit))
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert f"test_{check}[{host}]" in failed_checks(junit), output
-    row = table_line(result.stdout, host)
-    assert "FAIL" in row and check in row, row
-    # the failure message names the host as well as the check
-    assert f"{host}: " in output
+    for name in names:
+        host, check, _ = FAULTS[name]
+        assert f"test_{check}[{host}]" in failed_checks(junit), (name, output)
+        row = table_line(result.stdout, host)
+        assert "FAIL" in row and check in row, (name, row)
+        # the failure message names the host as well as the check
+        assert f"{host}: " in output, name
 
 
 def test_verify_of_the_lab_passes_again_after_the_faults(converged_lab):

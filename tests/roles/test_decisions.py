@@ -169,21 +169,23 @@ def test_cuda_architectures_and_target():
 
 def test_a_host_without_room_for_the_model_is_refused_before_any_change():
     """20-43 GB downloads never fill a disk (audit M10); a model already on the disk needs no room."""
-    from r1fleet.artifacts.pins import check_disk
+    from r1fleet.artifacts.disk import check_disks
     from r1fleet.hardware import parse_probe
     from r1fleet.plan.planner import plan_host
 
     probe = (Path(__file__).parents[1] / "fixtures" / "probes" / "dual-rtx3090.probe").read_text()
     hw = parse_probe(probe, "dual").model_copy(update={"disk_free_mib": 30000})
     p = plan_host(hw)
+    models = "/var/lib/r1fleet/models"
     with pytest.raises(DeployError) as error:
-        check_disk("dual", p, hw)
+        check_disks("dual", p, hw, models)
     message = str(error.value)
     assert "host dual" in message and "field model_dir" in message and "40,551 MiB" in message and "30,000 MiB" in message
+    assert "the filesystem at / needs" in message and f"in {models}" in message
     present = hw.model_copy(update={"model_files": {p.gguf.file: p.gguf.size_bytes}})
-    check_disk("dual", p, present)  # a re-run: nothing to download
+    check_disks("dual", p, present, models)  # a re-run: nothing to download
     roomy = hw.model_copy(update={"disk_free_mib": 50000})
-    check_disk("dual", p, roomy)
+    check_disks("dual", p, roomy, models)
 
 
 def test_unit_words_and_environment_reach_systemd_as_written():

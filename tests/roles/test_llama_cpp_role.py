@@ -242,3 +242,15 @@ def test_a_service_older_than_its_files_is_restarted_on_the_next_run(monkeypatch
                      "systemctl restart r1fleet-llama-server.service") and stale.ran("Health of r1fleet-llama-server.service", "/health")
     fresh = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=converged, monkeypatch=monkeypatch)
     assert fresh.never_ran("systemctl restart") and fresh.never_ran("/health")
+
+
+def test_the_plans_prompt_cache_reaches_the_unit(monkeypatch):
+    """--cache-ram from the plan (a small-RAM host's cap); a plan without one (an older lock) leaves llama.cpp's default."""
+    settings = HostConfig(name="h1", address="10.0.0.1")
+    for cache, expected in ((5120, ["--cache-ram", "5120"]), (0, ["--cache-ram", "0"]), (None, [])):
+        p = plan(cache_ram_mib=cache)
+        install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+        args = exec_args(run_role(llama_cpp_role, p, settings, install, DOWNLOAD, monkeypatch=monkeypatch).uploads[UNIT])
+        found = args[args.index("--cache-ram"):args.index("--cache-ram") + 2] if "--cache-ram" in args else []
+        assert found == expected
+        assert args[args.index("--parallel") + 1] == "1"

@@ -58,6 +58,7 @@ def present_host(p: HostPlan, settings: HostConfig, rel, unit_text: str, extra_d
         **ff.link("/usr/local/bin/ollama", rel.binary),
         **ff.file_content(UNIT, unit_text),
         **ff.running("r1fleet-ollama.service"),
+        re.compile(r"^systemctl show ollama\.service "): ["LoadState=masked", "UnitFileState=masked"],
         **ff.ollama_api(API, [p.ollama_tag], [p.ollama_tag]),
         "ls -1A /opt/r1fleet/ollama": [rel.version, *extra_dirs],
         **ff.directory("/etc/systemd/system", "root", "root", "drwxr-xr-x"),
@@ -216,28 +217,83 @@ def test_a_mirror_changes_where_the_pinned_release_comes_from_never_its_sha256()
     assert asset.url == "http://192.168.1.5:8088/ollama/ollama-linux-amd64.tar.zst" and asset.sha256 == pinned
 
 
+def official(*lines: str, store_models: tuple[str, ...] = ("/usr/share/ollama/.ollama/models",)) -> dict:
+    """The takeover's facts: what systemd says of ollama.service and Ollama's own binaries (the fact's output,
+    as tests/fixtures/ollama-official/ holds it captured), and which stores hold manifests."""
+    answers: dict = {re.compile(r"^systemctl show ollama\.service "): list(lines)}
+    for store in store_models:
+        quoted = store if " " not in store else f"'{store}'"
+        answers[re.compile(r'^test -n "\$\(find ' + re.escape(quoted) + "/manifests ")] = ["models"]
+    return answers
+
+
+INSTALL_SH = ("LoadState=loaded", "ActiveState=active", "UnitFileState=enabled",
+              "FragmentPath=/etc/systemd/system/ollama.service", "DropInPaths=", "User=ollama",
+              "Environment=PATH=/usr/local/bin:/usr/bin:/bin", "Home=/usr/share/ollama",
+              "Binary=/usr/local/bin/ollama", "Libraries=/usr/local/lib/ollama")
+RETIRE = "Stop and remove an official Ollama install"
+ADOPT = "Keep the models of an official Ollama install"
+
+
+def changes(run, name: str) -> list[str]:
+    """The commands an operation ran to change the host (the facts it read left out)."""
+    return [c for c in run.op_commands(name) if not c.startswith(("systemctl show ollama.service ", 'test -n "$(find '))]
+
+
 def test_an_official_install_is_taken_over_keeping_its_models(monkeypatch):
     """install.sh's state (audit-ollama row 22): a regular /usr/local/bin/ollama, ollama.service enabled and
-    running, models in /usr/share/ollama/.ollama/models. Taken over before the link and our service."""
-    official = {"test -f /usr/local/bin/ollama && ! test -L": ["binary", "unit", "unit", "models"]}
-    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), responses=official,
-                   monkeypatch=monkeypatch)
+    running, models in /usr/share/ollama/.ollama/models. Taken over before the link and our service, its unit
+    masked so that running install.sh again cannot start it."""
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()),
+                   responses=official(*INSTALL_SH), monkeypatch=monkeypatch)
     assert not run.failed
-    takeover = [run.commands.index(c) for c in run.commands if "disable --now ollama.service" in c
-                or "rm -f /usr/local/bin/ollama" in c or "/usr/share/ollama/.ollama/models/manifests/." in c]
+    retire = changes(run, RETIRE)
+    assert retire == ["systemctl disable --now ollama.service", "rm -f /etc/systemd/system/ollama.service",
+                      "systemctl mask ollama.service", "rm -f /usr/local/bin/ollama", "rm -rf /usr/local/lib/ollama"]
+    move = run.script("/usr/share/ollama/.ollama/models/manifests/.")
+    takeover = [run.commands.index(c) for c in (*retire, move)]
     link = next(i for i, c in enumerate(run.commands) if "ln -s" in c and "/usr/local/bin/ollama" in c)
     start = run.commands.index(next(c for c in run.commands if "systemctl start r1fleet-ollama.service" in c))
-    assert len(takeover) == 3 and max(takeover) < link < start
+    assert max(takeover) < link < start
     # the official service runs as `ollama`, which usermod cannot change while it runs: stopped before
     user = next(i for i, c in enumerate(run.commands) if "useradd -" in c or "usermod -" in c)
     assert run.commands.index(run.script("disable --now ollama.service")) < user
-    move = run.script("/usr/share/ollama/.ollama/models/manifests/.")
     assert "mv -n {} /var/lib/r1fleet/models/ollama/blobs/" in move and "chown -R ollama:ollama" in move
     # told not to keep them: deleted, not moved
     dropped = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1", official_ollama_models="remove"), release()),
-                       responses=official, monkeypatch=monkeypatch)
-    assert dropped.ran("Keep the models of an official Ollama install", "rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
+                       responses=official(*INSTALL_SH), monkeypatch=monkeypatch)
+    assert dropped.ran(ADOPT, "rm -rf /usr/share/ollama/.ollama/models/manifests /usr/share/ollama/.ollama/models/blobs")
     assert dropped.never_ran("mv -n")
-    # nothing official left: nothing to take over
-    clean = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
-    assert clean.never_ran("disable --now ollama.service") and clean.never_ran("rm -f /usr/local/bin/ollama")
+    # nothing official on the host: only the mask, so that a later install.sh cannot start a second server
+    clean = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()),
+                     responses=official("LoadState=not-found", "Home=/root", store_models=()), monkeypatch=monkeypatch)
+    assert changes(clean, RETIRE) == ["systemctl mask ollama.service"]
+    assert clean.never_ran("disable --now ollama.service") and clean.never_ran("mv -n")
+    # masked, nothing left: nothing to do
+    done = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()),
+                    responses=official("LoadState=masked", "UnitFileState=masked", store_models=()), monkeypatch=monkeypatch)
+    assert changes(done, RETIRE) == [] and changes(done, ADOPT) == []
+
+
+def test_a_drop_in_store_and_a_usr_install_are_taken_over(monkeypatch):
+    """The store moved with an OLLAMA_MODELS drop-in (docs/faq.mdx:239-245) and the manual install into /usr
+    (docs/linux.mdx:22-25): the models come from where the unit kept them, /usr's binary and libraries go."""
+    moved = ("LoadState=loaded", "ActiveState=active", "UnitFileState=enabled",
+             "FragmentPath=/etc/systemd/system/ollama.service",
+             "DropInPaths=/etc/systemd/system/ollama.service.d/override.conf", "User=ollama",
+             'Environment=PATH=/usr/bin:/bin "OLLAMA_MODELS=/srv/my models"', "Home=/usr/share/ollama",
+             "Binary=/usr/bin/ollama", "Libraries=/usr/lib/ollama")
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()),
+                   responses=official(*moved, store_models=("/srv/my models",)), monkeypatch=monkeypatch)
+    assert not run.failed
+    retire = changes(run, RETIRE)
+    assert "rm -f /usr/bin/ollama" in retire and "rm -rf /usr/lib/ollama" in retire
+    adopt = changes(run, ADOPT)
+    assert len(adopt) == 1 and "find '/srv/my models'/blobs " in adopt[0] and "cp -a '/srv/my models'/manifests/. " in adopt[0]
+    # a move across filesystems is a copy: refused with the numbers when it does not fit
+    assert "stat -c %d '/srv/my models'/blobs" in adopt[0] and "exit 1" in adopt[0]
+    # both stores hold models: both are moved
+    both = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()),
+                    responses=official(*moved, store_models=("/srv/my models", "/usr/share/ollama/.ollama/models")),
+                    monkeypatch=monkeypatch)
+    assert len(changes(both, ADOPT)) == 2

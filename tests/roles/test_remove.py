@@ -247,3 +247,17 @@ def test_leftovers_are_deleted_by_find_itself_whatever_their_names(tmp_path):
     (store / "m.gguf.r1fleet-sha256").write_text("stamp")
     subprocess.run(["sh", "-c", leftovers_removed(str(store), DOWNLOAD_LEFTOVERS)], cwd=tmp_path, check=True)
     assert sorted(p.name for p in store.iterdir()) == ["m.gguf"] and victim.is_dir()
+
+
+def test_ollamas_own_unit_masked_by_the_takeover_is_unmasked(monkeypatch):
+    """The deploy masks ollama.service (roles/ollama/takeover.py), a link to /dev/null in /etc/systemd/system: the
+    removal takes it away, so Ollama's install script can start its server again; a unit that is not masked
+    there (a packaged one elsewhere, or none) is left alone."""
+    masked = {"systemctl show ollama.service ": ["LoadState=masked", "UnitFileState=masked",
+                                                  "FragmentPath=/etc/systemd/system/ollama.service"]}
+    run = remove(monkeypatch, masked)
+    assert not run.failed and run.ran("Unmask ollama.service", "systemctl unmask ollama.service")
+    loaded = {"systemctl show ollama.service ": ["LoadState=loaded", "FragmentPath=/etc/systemd/system/ollama.service"]}
+    assert remove(monkeypatch, loaded).never_ran("systemctl unmask")
+    elsewhere = {"systemctl show ollama.service ": ["LoadState=masked", "FragmentPath=/usr/lib/systemd/system/ollama.service"]}
+    assert remove(monkeypatch, elsewhere).never_ran("systemctl unmask")

@@ -260,6 +260,31 @@ def test_mutated_status_documents_give_a_status_never_a_traceback(seed):
     assert problems, "no mutation ever reached a status section's reader"
 
 
+LLAMA_LOGS = [ROOT / "tests" / "fixtures" / name for name in (
+    "llama-server-start__lab-dual3090__b11669.txt", "llama-server-stop__lab-dual3090__b11669.txt",
+    "llama-server-load-log__rpc-2dev__b11669.txt")]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_mutated_llama_server_logs_give_a_breakdown_or_none_never_a_traceback(seed):
+    """verify and status read llama-server's memory breakdown from its journal: whatever it holds, a breakdown (its
+    unreadable rows named) or none, and a judgement against the plan."""
+    from r1fleet.verify.judge import memory_problems, memory_summary
+    from r1fleet.verify.readings import parse_memory_breakdown
+
+    plan = plan_host(parse_probe(PROBE.read_text(), "lab-dual3090"))
+    rnd = random.Random(seed)
+    named = 0
+    for _ in range(200):
+        text = mutate(rnd.choice(LLAMA_LOGS).read_text(), rnd)
+        breakdown = parse_memory_breakdown(text)
+        if breakdown is not None:
+            problems = memory_problems(plan, breakdown)
+            memory_summary(plan, breakdown)
+            named += bool(breakdown.problems) and bool(problems)
+    assert named, "no mutation ever reached a row of the table"
+
+
 LOCKED = ["dual-rtx3090", "cpu-16g", "mac-studio-64g"]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from r1fleet.hardware import parse_probe
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.plan.memory import kv_cache_mib
+from r1fleet.plan.memory import kv_cache_mib, llama_server_host_mib
 from r1fleet.records import Gpu, GpuProcess, Hardware, UnifiedMemory
 from r1fleet.plan.placement import gpu_capacity_mib
 from r1fleet.plan.placement import placements
@@ -502,3 +502,39 @@ def test_the_largest_model_that_fits_is_chosen_whatever_the_catalogs_order():
     fitting = [m for m in catalog.models if plan_host(hw, catalog=catalog, model=m.id).fits]
     assert chosen.model == max(fitting, key=lambda m: m.params_b).id
     assert len(fitting) < len(catalog.models)  # something larger did not fit: the order mattered
+
+
+# ---------------------------------------------------------------- llama-server's prompt cache in host RAM (--cache-ram)
+
+
+def test_a_split_on_a_host_with_ram_to_spare_keeps_llama_cpps_default_prompt_cache():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3090), ram_mib=131072))
+    assert plan.backend == "llama.cpp" and plan.cache_ram_mib == 8192
+    assert not any(r.startswith("host RAM") for r in plan.reasons)
+
+
+def test_a_split_on_a_small_ram_host_caps_the_prompt_cache_at_what_is_left():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3090), ram_mib=8192))
+    model = load_catalog().find(plan.model)
+    # 8192 MiB of RAM - 2048 for the system - the 70B's token embeddings and the CPU's compute buffer (830 MiB)
+    held = llama_server_host_mib(model, plan.context_length, plan.flash_attention)
+    assert round(held) == 830
+    assert plan.cache_ram_mib == (8192 - 2048 - 830) // 256 * 256 == 5120
+    assert any("prompt cache capped at 5,120 MiB (--cache-ram 5120)" in r for r in plan.reasons)
+
+
+def test_a_host_whose_ram_the_server_fills_gets_no_prompt_cache():
+    plan = plan_host(host(gpu(0, *RTX_3090), gpu(1, *RTX_3090), ram_mib=2560))
+    assert plan.cache_ram_mib == 0
+    assert any("prompt cache off (--cache-ram 0)" in r for r in plan.reasons)
+
+
+def test_on_the_cpu_the_prompt_cache_gets_what_the_plan_leaves_of_the_ram():
+    plan = plan_host(host(ram_mib=6144), Policy(backend="llama.cpp"))
+    assert (plan.placement, plan.backend) == ("cpu", "llama.cpp")
+    left = 6144 - 2048 - plan.devices[0].planned_mib
+    assert plan.cache_ram_mib == min(8192, left // 256 * 256) and plan.cache_ram_mib < 8192
+
+
+def test_ollama_plans_carry_no_prompt_cache():
+    assert plan_host(host(gpu(0, *RTX_4090))).cache_ram_mib is None

@@ -21,7 +21,7 @@ from r1fleet.records import Hardware
 from r1fleet.plan.planner import plan_host
 from r1fleet.plan.policy import Policy
 from r1fleet.plan.pool_settings import PoolSettings
-from r1fleet.plan.pools import network_cost, plan_pools
+from r1fleet.plan.pools import member_plan, network_cost, plan_pools
 from r1fleet.tensor_split import flag_for_layers
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
@@ -270,3 +270,15 @@ def test_hosts_plan_as_before_without_pools():
     plan = plan_host(hw)
     pools, hosts = plan_pools({}, [hw], [plan], [Policy()])
     assert pools == [] and hosts == [plan]
+
+
+def test_the_heads_llama_server_gets_a_prompt_cache_sized_by_its_own_ram_and_a_worker_none():
+    small_head = BOX_A.replace("MemTotal:       131841624 kB", "MemTotal:       8388608 kB")
+    assert small_head != BOX_A
+    (pool,), _ = plan_fleet({"box-a": small_head, "box-b": BOX_B}, BIG)
+    head = member_plan(pool, "box-a", parse_probe(small_head, "box-a"))
+    worker = member_plan(pool, "box-b", parse_probe(BOX_B, "box-b"))
+    assert head.cache_ram_mib == 5120  # 8192 MiB - 2048 for the system - the 70B's 830 MiB of host buffers
+    assert worker.cache_ram_mib is None
+    roomy = member_plan(pool, "box-a", parse_probe(BOX_A, "box-a"))
+    assert roomy.cache_ram_mib == 8192

@@ -21,7 +21,8 @@ from r1fleet.hardware import parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 SECTIONS = ["uname", "os-release", "init", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
-            "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "models", "haproxy", "secureboot"]
+            "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "df-install", "releases", "models", "haproxy",
+            "secureboot"]
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is not installed (apt-get install dash)")
 

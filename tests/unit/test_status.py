@@ -136,6 +136,23 @@ def test_a_stopped_service_is_one_line_with_the_reason_and_the_fix():
     assert line == ["lab-4090  stopped: " + status.reason]
 
 
+def test_another_ollama_on_the_port_is_named_whatever_r1fleets_unit_shows():
+    """Ollama's own ollama.service started again (install.sh run after the deploy, its unit unmasked) holds the
+    port: status.sh's `ollama-port` section names its pid and unit, and the host is `port taken`, not serving
+    with another server's answers. The section is appended to captured documents (a serving and a stopped host)."""
+    foreign = "#### r1fleet:status-ollama-port\n4242 ollama.service ollama\n"
+    for fixture in ("ollama-serving__lab-4090.txt", "ollama-stopped__lab-4090.txt"):
+        status, _ = status_of_text(document(fixture) + foreign, LAB_4090)
+        assert status.state == "port taken" and not status.healthy
+        assert status.reason.startswith("another ollama (pid 4242, unit ollama.service) holds Ollama's port, "
+                                        "not r1fleet-ollama.service")
+        assert "systemctl disable --now ollama.service on lab-4090" in status.reason
+    # the port held by r1fleet's own unit: serving as before
+    own = "#### r1fleet:status-ollama-port\n6897 r1fleet-ollama.service ollama\n"
+    assert status_of_text(document("ollama-serving__lab-4090.txt") + own, LAB_4090)[0].state == "serving"
+    assert parse_status(document("ollama-serving__lab-4090.txt"), "lab-4090").ollama_port is None  # not asked
+
+
 def test_a_crashed_llama_server_that_systemd_restarts():
     crashed, _ = status_of("llama-auto-restart__lab-dual3090.txt", LAB_DUAL)
     assert crashed.state == "restarting" and "stopped (signal)" in crashed.problems[0]

@@ -48,6 +48,7 @@ case "$*" in
   *"LoadState --value"*) echo not-found ;;
   *"ControlGroup --value"*) ;;
   *"MainPID --value"*) echo {main_pid if main_pid is not None else os.getpid()} ;;
+  *"InvocationID --value r1fleet-llama-server.service"*) echo 5f0c1e2d3a4b ;;
   "cat r1fleet-llama-server.service") printf '[Service]\\nLoadCredential=api-key:{key_file}\\n' ;;
   show*) printf 'Id=r1fleet-llama-server.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\n' ;;
 esac
@@ -83,3 +84,65 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
     assert live.llama_props.body["build_info"] == "b1" and live.units["r1fleet-llama-server.service"].active == "active"
     assert live.now is not None and not live.problems
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_llama_servers_memory_breakdown_is_read_from_its_running_invocations_journal(tmp_path):
+    """The section holds the first table of the unit's running invocation (its start), not the one at a stop, and
+    the read ends with the table's Host row rather than going through every request logged since."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl_stub(bin_dir, tmp_path / "no-key")
+    start = FIXTURES / "llama-server-start__lab-dual3090__b11669.txt"
+    stop = FIXTURES / "llama-server-stop__lab-dual3090__b11669.txt"
+    asked = tmp_path / "journalctl-args"
+    journalctl = bin_dir / "journalctl"
+    journalctl.write_text(f"""#!/bin/sh
+# TEST STAND-IN for journalctl: the captured start of lab-dual3090's llama-server, a stop's table after it
+echo "$*" > {asked}
+cat {start} {stop}
+""")
+    journalctl.chmod(journalctl.stat().st_mode | stat.S_IXUSR)
+    out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", "http://127.0.0.1:9", "com.r1fleet.ollama",
+                          "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr
+    assert asked.read_text().split() == ["-o", "cat", "--no-pager", "_SYSTEMD_INVOCATION_ID=5f0c1e2d3a4b"]
+    section = out.stdout.split("#### r1fleet:status-llama-memory\n", 1)[1]
+    table = [line for line in start.read_text().splitlines() if "common_memory_breakdown_print:" in line]
+    assert section.splitlines() == table[:len(section.splitlines())] and "- Host " in section.splitlines()[-1]
+    live = parse_status(out.stdout, "lab-dual3090")
+    assert [d.name for d in live.llama_memory.devices] == ["RPC0", "RPC1"] and live.llama_memory.host is not None
+
+
+def test_whoever_holds_ollamas_port_is_listed_with_its_unit(tmp_path):
+    """With r1fleet's Ollama unit installed, the `ollama-port` section lists each process listening on its port
+    (here this test's own server, in no systemd unit on this machine: `-`), read from ss and /proc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "systemctl"
+    script.write_text("""#!/bin/sh
+# TEST STAND-IN for systemctl: r1fleet's Ollama unit installed, the others not
+case "$*" in
+  *"LoadState --value r1fleet-ollama.service"*) echo loaded ;;
+  *"LoadState --value"*) echo not-found ;;
+esac
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), url, "http://127.0.0.1:9", "com.r1fleet.ollama",
+                              "r1fleet-ollama.service", "r1fleet-llama-server.service"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
+    comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert [(h.pid, h.name) for h in live.ollama_port] == [(os.getpid(), comm)], out.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+import pytest
 
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import kv_cache_mib
@@ -13,6 +14,7 @@ from r1fleet.verify.readings import (
     Listener,
     exec_start_argv,
     flag_value,
+    cgroup_unit,
     listener_problems,
     parse_ss_listeners,
     systemd_environment,
@@ -90,7 +92,27 @@ def test_a_stopped_service_or_a_stranger_on_the_port_is_reported():
     stopped = "\n".join(line for line in SS_OLLAMA.splitlines() if "11434" not in line and "40319" not in line)
     assert listener_problems(parse_ss_listeners(stopped), set(), "127.0.0.1", 11434) == ["nothing listens on 127.0.0.1:11434"]
     problems = listener_problems(parse_ss_listeners(SS_OLLAMA), {999}, "127.0.0.1", 11434)
-    assert problems == ["127.0.0.1:11434 is held by ollama, not by the service"]
+    assert problems == ["127.0.0.1:11434 is held by ollama (pid 812), not by the service"]
+
+
+def test_a_foreign_ollama_on_the_port_is_named_with_its_unit_even_while_the_service_is_down():
+    """Ollama's own ollama.service, started again by its install script, holds the port while r1fleet's unit
+    cannot bind it (so the service has no process): named with its pid and unit."""
+    problems = listener_problems(parse_ss_listeners(SS_OLLAMA), set(), "127.0.0.1", 11434, {812: "ollama.service"})
+    assert problems == ["127.0.0.1:11434 is held by ollama (pid 812, ollama.service), not by the service"]
+
+
+@pytest.mark.parametrize("text, unit", [
+    ("0::/system.slice/ollama.service\n", "ollama.service"),  # cgroup v2
+    ("12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/ollama.service\n0::/system.slice/ollama.service\n", "ollama.service"),
+    ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
+    ("0::/\n", None), ("", None),
+    # hybrid, as a lab host shows it: systemd's v1 line names no unit, the unified one does
+    ("1:name=systemd:/\n0::/payload/system.slice/ollama.service\n", "ollama.service"),
+    ("1:name=systemd:/system.slice/ollama.service\n", "ollama.service"),  # v1 only ("0::/system.slice/evil name\x1b.service\n", None),
+])
+def test_the_unit_of_a_process_from_its_cgroup(text, unit):
+    assert cgroup_unit(text) == unit
 
 
 def test_a_service_port_on_a_lan_address_beyond_the_plan_is_reported():

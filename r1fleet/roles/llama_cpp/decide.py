@@ -53,6 +53,9 @@ def llama_server_args(plan: HostPlan, settings: HostConfig, model_path: str, api
     args += ["-fa", "on" if plan.flash_attention else "off"]
     args += ["--cache-type-k", plan.kv_cache_type, "--cache-type-v", plan.kv_cache_type]
     args += ["--parallel", "1"]
+    if plan.cache_ram_mib is not None:
+        # The prompt cache in host RAM, sized by the plan (llama.cpp's default is 8192 MiB whatever the host has).
+        args += ["--cache-ram", str(plan.cache_ram_mib)]
     args += ["--host", settings.bind_address, "--port", str(settings.port_for("llama.cpp"))]
     if plan.ollama_tag:
         # OpenAI clients list /v1/models: the same name as on Ollama hosts, not the GGUF's path.

@@ -5,12 +5,14 @@ the stand-in's Modelfile and import record); the models themselves stay unless t
 `remove_models`.
 
 An official install r1fleet took over (roles/ollama/takeover.py) is not put back: its binary was removed then, and
-its models are in r1fleet's store, kept like the others.
+its models are in r1fleet's store, kept like the others. Its unit is unmasked, so Ollama's install script can set
+it up again, with the drop-ins the user wrote for it, which stayed in place.
 """
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
+from pyinfra import host
+from pyinfra.api import deploy, operation
 
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT
 from r1fleet.fleet.config import HostConfig
@@ -27,7 +29,8 @@ from r1fleet.operations.removal import (
 from r1fleet.render.systemd_unit import OLLAMA_UNIT
 from r1fleet.roles.ollama.decide import HOME, IMPORT_RECORD, MODELFILE, USER, import_dir, ollama_models_dir
 from r1fleet.roles.ollama.registry import INCOMING
-from r1fleet.roles.ollama.takeover import OFFICIAL_BINARY
+from r1fleet.roles.ollama.official import OfficialOllama, UNIT_DIR
+from r1fleet.roles.ollama.takeover import OFFICIAL_BINARY, OFFICIAL_UNIT, OfficialInstall
 
 
 class OllamaRemoval(Removal):
@@ -52,6 +55,18 @@ def _remove(settings: HostConfig) -> None:
     remove_paths(name=f"Remove {OLLAMA_ROOT}", paths=(OLLAMA_ROOT,))
     ollama_models(settings)
     remove_service_account(name=f"Remove the account {USER}", account=USER, home=HOME)
+    unmask_official_unit(name=f"Unmask {OFFICIAL_UNIT}")
+
+
+@operation()
+def unmask_official_unit():
+    """Take away the mask the deploy put on Ollama's own unit (a link to /dev/null in /etc/systemd/system), so
+    that Ollama's install script can start its server again."""
+    found: OfficialOllama = host.get_fact(OfficialInstall)
+    if not (found.masked and found.fragment == f"{UNIT_DIR}/{OFFICIAL_UNIT}"):
+        host.noop(f"{OFFICIAL_UNIT} is not masked in {UNIT_DIR}")
+        return
+    yield f"systemctl unmask {OFFICIAL_UNIT}"
 
 
 def ollama_models(settings: HostConfig, **arguments) -> None:

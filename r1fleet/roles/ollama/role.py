@@ -7,9 +7,9 @@ Layout on the host:
   /usr/local/bin/ollama -> <version>/bin/ollama   for the CLI
   /etc/systemd/system/r1fleet-ollama.service      ours, not install.sh's ollama.service, so the
                                             official installer can never overwrite it
-An official install (install.sh: regular /usr/local/bin/ollama, ollama.service, models in
-/usr/share/ollama/.ollama/models) is taken over first: its service stopped and disabled (both would
-bind 11434), its binary and libraries removed, its models moved into r1fleet's store.
+An official install (install.sh's or the manual one into /usr: a regular ollama binary, ollama.service, models
+where that unit keeps them) is taken over first (takeover.py): its service stopped, disabled and masked (both
+would bind 11434), its binaries and libraries removed, its models moved into r1fleet's store.
   <model_dir>/ollama                        OLLAMA_MODELS, owned by the ollama user
 """
 
@@ -28,7 +28,9 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.roles.ollama.takeover import (
     OFFICIAL_BINARY,
+    OFFICIAL_STORE,
     OfficialInstall,
+    StoreHasModels,
     adopt_official_models,
     retire_official_install,
 )
@@ -291,7 +293,8 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
     """Every fact OllamaRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = ollama_models_dir(settings)
     return [
-        *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
+        *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), (StoreHasModels, {"path": OFFICIAL_STORE}),
+        *service_user_reads(USER, HOME),
         *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
         *link_reads(OFFICIAL_BINARY), *converge_service_reads(OLLAMA_UNIT, (release.binary,)),
         (DirEntries, {"path": OLLAMA_ROOT}), *ollama_model_reads(settings, download),

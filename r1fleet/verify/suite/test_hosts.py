@@ -18,11 +18,13 @@ from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_dir, import_recor
 from r1fleet.plan.memory import kv_cache_mib, padded_context
 from r1fleet.records import HostPlan
 from r1fleet.net import parse_json, source_address_towards
-from r1fleet.verify.readings import exec_start_argv, flag_value, listener_problems
+from r1fleet.verify.readings import exec_start_argv, flag_value, listener_problems, parse_memory_breakdown
 from r1fleet.cache.registry import ollama_manifest_path, weights_problem
 from r1fleet.verify.judge import (
     gpu_problems,
     memory_by_gpu,
+    memory_problems,
+    memory_summary,
     ollama_chat_reply,
     openai_chat_reply,
     parse_compute_apps,
@@ -119,7 +121,10 @@ def test_service_user(target: Target) -> None:
 @pytest.mark.roles("host", "head", "worker")
 def test_listens_only_on_plan(target: Target) -> None:
     listeners = target.listeners()
-    problems = listener_problems(listeners, target.service_pids(), target.bind, target.port)
+    service_pids = target.service_pids()
+    others = {pid for lis in listeners if lis.port == target.port for pid in lis.pids} - service_pids
+    units = {pid: target.unit_of(pid) for pid in sorted(others)}
+    problems = listener_problems(listeners, service_pids, target.bind, target.port, units)
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
@@ -288,13 +293,37 @@ def test_layers_per_gpu(target: Target, plan: HostPlan) -> None:
     """llama-server's own load log: the blocks on each device are the plan's, whatever --tensor-split says."""
     if plan.backend != "llama.cpp" or not plan.tensor_split or len(plan.tensor_split) < 2:
         pytest.skip("the plan splits no model across GPUs")
-    invocation = target.output(f"systemctl show -p InvocationID --value {target.unit}").strip()
-    if not invocation:
-        fail(target, f"{target.unit} is not running, so there is no load log to read")
-    log = target.output(f"journalctl -o cat --no-pager _SYSTEMD_INVOCATION_ID={invocation}")
-    buffers = parse_device_buffers(log)
+    buffers = parse_device_buffers(start_log(target))
     per_layer = kv_cache_mib(load_catalog().find(plan.model), 1, plan.context_length, plan.kv_cache_type)
     problems = split_problems(plan, buffers, per_layer)
+    assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+def start_log(target: Target) -> str:
+    """llama-server's journal since this start (its unit's running invocation): the load log."""
+    if "start_log" not in target.cache:
+        invocation = target.output(f"systemctl show -p InvocationID --value {target.unit}").strip()
+        if not invocation:
+            fail(target, f"{target.unit} is not running, so there is no load log to read")
+        target.cache["start_log"] = target.output(f"journalctl -o cat --no-pager _SYSTEMD_INVOCATION_ID={invocation}")
+    return target.cache["start_log"]
+
+
+def test_memory_as_planned(target: Target, plan: HostPlan) -> None:
+    """llama-server's own account of each device at this start (its memory breakdown) within what the plan gives the
+    device: the check that holds where the lab's devices are stand-ins (docs/verify.md)."""
+    if plan.backend != "llama.cpp":
+        pytest.skip("Ollama's runner is checked through /api/ps (model_on_gpu)")
+    log = start_log(target)
+    breakdown = parse_memory_breakdown(log)
+    if breakdown is None:
+        if "load_tensors:" not in log:
+            pytest.skip(f"the journal no longer holds this start's load log (rotated); `systemctl restart {target.unit}` "
+                        "logs it again")
+        fail(target, f"{target.unit} logged its load but no memory breakdown (it needs --log-verbosity 4 and llama.cpp's "
+                     "--fit pre-pass, on by default): redeploy, or check the llama-server build")
+    target.measured["llama_memory"] = memory_summary(plan, breakdown)
+    problems = memory_problems(plan, breakdown)
     assert not problems, f"{target.name}: " + "; ".join(problems)
 
 
