@@ -58,6 +58,8 @@ class Gpu(_Strict):
     source: GpuSource
     processes: list[GpuProcess] = []
     mig: bool = False
+    kernel_driver: str | None = Field(None, description="the driver bound to it (lspci -k: nvidia, nouveau, amdgpu, vfio-pci)")
+    gfx_target: str | None = Field(None, description="AMD: the LLVM target ROCm builds for, e.g. gfx1100")
 
 
 class UnifiedMemory(_Strict):
@@ -90,6 +92,23 @@ class DiskSpace(_Strict):
     free_mib: int
 
 
+class DriverFacts(_Strict):
+    """What the host says about its GPU driver beyond nvidia-smi: the module on disk and in memory, who owns the
+    CUDA library, the kernel packages it has and can get. Empty on an older probe document (nothing known)."""
+
+    nvidia_smi_error: str | None = Field(None, description="nvidia-smi's own words when it fails, e.g. the NVML mismatch")
+    nvidia_loaded: str | None = Field(None, description="the version of the module in memory (/proc/driver/nvidia/version)")
+    nvidia_module: str | None = Field(None, description="the version of the module for the running kernel (modinfo)")
+    libcuda_packages: list[str] = Field([], description="the packages that own libcuda.so.1 (dpkg -S, rpm -qf)")
+    cuda_repo: bool = Field(False, description="NVIDIA's CUDA repository is in the host's apt sources")
+    run_installer: bool = Field(False, description="nvidia-uninstall is present: a driver from NVIDIA's .run installer")
+    kernel_packages: list[str] | None = Field(None, description="installed kernel packages (dpkg-query, rpm); None: not asked")
+    apt_offers: list[str] | None = Field(None, description="kernel-specific packages apt offers for the running kernel; None: not asked")
+    dkms_status: list[str] = Field([], description="`dkms status` lines")
+    reboot_marker: str | None = Field(None, description="r1fleet's record of a reboot for a driver: 'version boot-id'")
+    boot_id: str | None = None
+
+
 class PackageVersions(_Strict):
     """A distribution package as apt sees it on the host: the version installed and the one apt would install."""
 
@@ -117,6 +136,7 @@ class Hardware(_Strict):
     model_files: dict[str, int] = Field({}, description="files over 100 MiB already in the model directory: name -> bytes")
     secure_boot: bool | None = None
     tegra_release: str | None = None
+    driver: DriverFacts = DriverFacts()
     haproxy: PackageVersions | None = Field(None, description="the distribution's haproxy package (apt hosts)")
     notes: list[str] = []
 

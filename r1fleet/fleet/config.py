@@ -31,7 +31,7 @@ API_KEY_MIN_CHARS = 32
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
 LOCAL_HOST = "@local"
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models",
-                       "remove_models")
+                       "remove_models", "reboot")
 # Directories a model_dir must not be (the deploy sets their owner and mode).
 SYSTEM_DIRS = {"/var/lib", "/var/tmp", "/var/cache", "/var/log", "/usr/local", "/usr/share", "/usr/lib", INSTALL_ROOT,
                CONFIG_DIR, "/srv/tmp", "/dev/shm", "/run/user"}
@@ -228,6 +228,10 @@ class HostSettings(BaseModel):
         None, description="base URL of the Ollama registry to take models from (default https://registry.ollama.ai): "
                           "a mirror of it; the weights must still be the catalog's. With rehearsal, the stand-in is "
                           "taken from it by its tag instead of imported from its GGUF")
+    reboot: Literal["auto", "defer"] | None = Field(
+        None, description="whether r1fleet may reboot the host to load a new GPU driver: auto, or defer (the host stops "
+                          "there, reported as waiting for its reboot, until you reboot it and re-run). Unset: auto, except "
+                          "on a Proxmox VE host (defer: its VMs would stop); the machine r1fleet runs from is never rebooted")
     api_key_source: str | None = Field(
         None, description="an exposed llama.cpp host's API key as a file on the controller (your secret store; ~ is "
                           "expanded): the deploy installs it, so a rebuilt host keeps its key; the lock holds only its "
@@ -452,6 +456,7 @@ class HostConfig(OpenedByListen, BaseModel):
     llama_cpp_install: Literal["auto", "package", "source"] = "auto"
     ollama_release: OllamaReleaseOverride | None = None
     official_ollama_models: Literal["keep", "remove"] = "keep"  # an official Ollama install's models on takeover
+    reboot: Literal["auto", "defer"] | None = None  # a GPU driver's reboot: HostSettings.reboot
     remove_models: bool = False  # a removal (deploy/remove.py) deletes the models too
 
     @field_validator("remove_models", mode="before")

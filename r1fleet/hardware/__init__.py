@@ -23,6 +23,7 @@ from r1fleet.hardware.gpu_table import lookup_gpu
 from r1fleet.hardware._base import Found, probe_fix, split_sections
 from r1fleet.hardware.amd import amd_apu, amd_gpus, parse_rocm_smi
 from r1fleet.hardware.apple import apple_silicon
+from r1fleet.hardware.driver import KfdNode, parse_driver_facts, parse_kfd
 from r1fleet.hardware.nvidia import nvidia_gpus, nvidia_unified, parse_nvidia_apps, parse_nvidia_query
 from r1fleet.hardware.pci import pci_gpus, parse_drm, parse_lspci
 from r1fleet.hardware.system import (
@@ -39,7 +40,7 @@ from r1fleet.hardware.system import (
     parse_sysctl,
     parse_uname,
 )
-from r1fleet.records import DiskSpace, Hardware
+from r1fleet.records import DiskSpace, Gpu, Hardware
 
 __all__ = ["parse_nvidia_apps", "parse_nvidia_query", "parse_probe", "split_sections"]
 
@@ -83,6 +84,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         if device.vendor_id == "8086":
             found.notes.append(f"Intel GPU {device.pci_id} at {device.slot} is not used (integrated or unsupported)")
 
+    gpus = _with_gfx_targets(found.gpus, parse_kfd(sections.get("kfd", [])))
     brand = sysctl.get("machdep.cpu.brand_string", "")
     tegra = [line.strip() for line in sections.get("tegra", []) if line.strip()]
     hardware = Hardware(
@@ -94,7 +96,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         cpu_name=cpu.name or brand,
         avx2=cpu.avx2,
         avx512=cpu.avx512,
-        gpus=found.gpus,
+        gpus=gpus,
         unified=found.unified,
         disk_free_mib=parse_df(sections.get("df", [])),
         model_mount=(parse_disk(sections.get("df", [])) or DiskSpace(mount="", free_mib=0)).mount or None,
@@ -103,11 +105,26 @@ def parse_probe(text: str, host: str) -> Hardware:
         model_files=parse_model_files(sections.get("models", [])),
         secure_boot=parse_secureboot(sections.get("secureboot", [])),
         tegra_release=tegra[0] if tegra else None,
+        driver=parse_driver_facts(sections),
         haproxy=parse_apt_policy(sections.get("haproxy", [])),
         notes=found.notes,
     )
     _check_readings(hardware)
     return hardware
+
+
+def _with_gfx_targets(gpus: list[Gpu], nodes: list[KfdNode]) -> list[Gpu]:
+    """Each AMD GPU's gfx target: what amdgpu reports for it (KFD, by slot, else by device id), else the GPU table's."""
+    result = []
+    for gpu in gpus:
+        if gpu.vendor == "amd":
+            node = next((n for n in nodes if gpu.bus_id and n.slot == gpu.bus_id), None) \
+                or next((n for n in nodes if gpu.pci_id and n.pci_id == gpu.pci_id), None)
+            spec = lookup_gpu(name=gpu.name, pci_id=gpu.pci_id, memory_mib=gpu.memory_total_mib or None)
+            gfx = node.gfx_target if node else (gpu.gfx_target or (spec.gfx if spec else None))
+            gpu = gpu.model_copy(update={"gfx_target": gfx})
+        result.append(gpu)
+    return result
 
 
 # No memory or count a probe reports comes near this (1 EiB in MiB); a larger number is not a reading.

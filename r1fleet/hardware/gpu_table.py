@@ -40,6 +40,7 @@ class GpuSpec(BaseModel):
     compute_cap: str | None = Field(None, pattern=r"^[0-9]+\.[0-9]+$")
     unified: bool = False
     gpu_cores: int | None = Field(None, gt=0)
+    gfx: str | None = Field(None, pattern=r"^gfx[0-9a-f]{3,4}$")
 
     def matches_pci_id(self, pci_id: str) -> bool:
         if pci_id in self.pci_ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from r1fleet.hardware.gpu_table import GpuSpec, gpu_table, lookup_gpu
@@ -19,6 +20,7 @@ class PciDevice:
     vendor_id: str
     device_id: str
     description: str
+    kernel_driver: str | None = None
 
     @property
     def pci_id(self) -> str:
@@ -31,24 +33,32 @@ def parse_lspci(lines: list[str]) -> list[PciDevice]:
     Audio functions (class 0403) and virtual or BMC display adapters (QEMU 1234, VMware 15ad,
     ASPEED 1a03, Matrox 102b, virtio 1af4, QXL 1b36, VirtualBox 80ee) fall out by class or vendor.
     """
-    records: list[tuple[str, str, str, str, str]] = []
+    records: list[list[str | None]] = []
     if any(line.startswith("Slot:") for line in lines):
-        records = _lspci_machine_records(lines)
+        records = [[*record, None] for record in _lspci_machine_records(lines)]
     for line in lines:
         match = LSPCI.match(line.strip())
         if match:
-            records.append((match.group("slot"), match.group("cls"), match.group("vendor"),
-                            match.group("device"), match.group("desc")))
+            records.append([match.group("slot"), match.group("cls"), match.group("vendor"),
+                            match.group("device"), match.group("desc"), None])
+        elif records and line[:1].isspace() and (bound := _KERNEL_DRIVER.match(line.strip())):
+            records[-1][5] = bound.group(1)   # `lspci -k`: the driver bound to the device above
     devices = []
-    for slot, cls, vendor, device, description in records:
-        vendor, cls = vendor.lower(), cls.lower()
+    for slot, cls, vendor, device, description, driver in records:
+        vendor, cls = (vendor or "").lower(), (cls or "").lower()
         if vendor not in VENDOR_IDS or cls not in DISPLAY_CLASSES:
             continue
         devices.append(PciDevice(
-            slot=normalize_bus_id(slot), class_code=cls, vendor_id=vendor, device_id=device.lower(),
-            description=description,
+            slot=normalize_bus_id(slot or ""), class_code=cls, vendor_id=vendor, device_id=(device or "").lower(),
+            description=description or "", kernel_driver=driver,
         ))
     return devices
+
+
+# `lspci -k`'s line under a device: "Kernel driver in use: vfio-pci" (a module name)
+_KERNEL_DRIVER = re.compile(r"Kernel driver in use:\s*([A-Za-z0-9_-]{1,64})$")
+# The drivers that hand a device to a virtual machine: the host must leave such a GPU alone.
+PASSTHROUGH_DRIVERS = {"vfio-pci", "pci-stub"}
 
 
 def _lspci_machine_records(lines: list[str]) -> list[tuple[str, str, str, str, str]]:
@@ -115,7 +125,22 @@ def pci_gpus(pci: list[PciDevice], vendor_id: str, found: Found, first_index: in
     for device in pci:
         if device.vendor_id != vendor_id:
             continue
+        if device.kernel_driver in PASSTHROUGH_DRIVERS:
+            found.notes.append(f"GPU {device.pci_id} at {device.slot} is bound to {device.kernel_driver} (passed through "
+                               "to a virtual machine): left alone, neither planned on nor given a driver")
+            continue
         spec = lookup_gpu(pci_id=device.pci_id)
+        if spec is None and vendor_id == "10de":
+            # Any NVIDIA display device gets the driver; its memory is known once the driver reports it.
+            found.gpus.append(Gpu(index=index, vendor="nvidia", name=f"NVIDIA {device.description.removeprefix('NVIDIA Corporation ')}".strip(),
+                                  memory_total_mib=0, bus_id=device.slot, pci_id=device.pci_id, source="lspci",
+                                  kernel_driver=device.kernel_driver))
+            index += 1
+            found.notes.append(
+                f"PCI device {device.pci_id} at {device.slot} ({device.description}) is not in the GPU table: it gets "
+                "the NVIDIA driver, and is planned on once the driver reports its memory (probe again after the install)"
+            )
+            continue
         if spec is None:
             found.notes.append(
                 f"PCI device {device.pci_id} at {device.slot} ({device.description}) is not in the GPU table; "
@@ -140,6 +165,8 @@ def pci_gpus(pci: list[PciDevice], vendor_id: str, found: Found, first_index: in
             compute_cap=spec.compute_cap,
             bandwidth_gbps=spec.bandwidth_gbps,
             source="lspci",
+            kernel_driver=device.kernel_driver,
+            gfx_target=spec.gfx,
         ))
         index += 1
         if sum(g.source == "lspci" for g in found.gpus) == 1:

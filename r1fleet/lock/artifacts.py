@@ -15,7 +15,7 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
 from r1fleet.plan.drivers import decide_driver
 from r1fleet.errors import R1FleetError
-from r1fleet.records import Hardware, HostPlan
+from r1fleet.records import DriverFacts, Hardware, HostPlan
 from r1fleet.artifacts.pins import Pins, Platform, load_pins, platform_from_hardware
 from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
 from r1fleet.artifacts.ollama_release import host_release, release_downloads, release_override
@@ -192,7 +192,8 @@ def llama_cpp_artifact(platform: Platform, plan: HostPlan, settings: HostConfig,
 def driver_artifact(hw: Hardware, plan: HostPlan, notes: list[str]) -> DriverArtifact | None:
     """The driver decision for this hardware with no driver installed: what a rebuild installs, whatever
     driver runs today (the deploy leaves a good one alone, a reinstalled host gets this branch)."""
-    clean = hw.model_copy(update={"gpus": [g.model_copy(update={"driver_version": None}) for g in hw.gpus]})
+    clean = hw.model_copy(update={"gpus": [g.model_copy(update={"driver_version": None}) for g in hw.gpus],
+                                  "driver": DriverFacts()})
     action = decide_driver(clean, plan)
     if action.kind == "refuse":
         notes.append(f"driver: {action.reason}")

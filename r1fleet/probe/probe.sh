@@ -100,7 +100,8 @@ fi
 
 section lspci
 if has lspci; then
-    lspci -nn 2>/dev/null
+    # -k adds the driver bound to each device ("Kernel driver in use: vfio-pci" for a passthrough GPU)
+    lspci -nnk 2>/dev/null
 fi
 
 section drm
@@ -187,5 +188,75 @@ section secureboot
 if has mokutil; then
     mokutil --sb-state 2>/dev/null
 fi
+
+# The GPU driver beyond nvidia-smi: what is loaded, what is on disk for the running kernel, who installed it,
+# and which kernel packages the host has and can get (r1fleet/hardware/driver.py reads these sections).
+section nvidia-smi-error
+# nvidia-smi's own words when it fails ("Failed to initialize NVML: Driver/library version mismatch")
+if has nvidia-smi && ! bounded nvidia-smi -L >/dev/null 2>&1; then
+    bounded nvidia-smi -L 2>&1 | head -n 5
+fi
+
+section nvidia-proc
+[ -r /proc/driver/nvidia/version ] && head -n 2 /proc/driver/nvidia/version 2>/dev/null
+
+section nvidia-modinfo
+has modinfo && modinfo -F version nvidia 2>/dev/null | head -n 1
+
+section libcuda-owner
+if has dpkg; then
+    dpkg -S libcuda.so.1 2>/dev/null | head -n 10
+elif has rpm; then
+    for lib in /usr/lib64/libcuda.so.1 /usr/lib/libcuda.so.1; do
+        [ -e "$lib" ] && rpm -qf --queryformat '%{NAME}: '"$lib"'\n' "$lib" 2>/dev/null
+    done
+fi
+
+section cuda-repo
+# NVIDIA's CUDA repository among the apt sources (its packages are named like Ubuntu's and Debian's own)
+grep -ls 'developer.download.nvidia.com/compute/cuda/repos' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null | head -n 5
+
+section nvidia-installer
+has nvidia-uninstall && command -v nvidia-uninstall
+
+section kernel-packages
+if has dpkg-query; then
+    echo 'dpkg'
+    dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' 'linux-image-*' 'linux-headers-*' 'proxmox-kernel-*' \
+        'proxmox-headers-*' 'pve-kernel-*' 'pve-headers-*' 'linux-modules-nvidia-*' 2>/dev/null |
+        awk '$1 == "ii" { print $2 }' | head -n 200
+elif has rpm; then
+    echo 'rpm'
+    rpm -q --queryformat 'kernel-core-%{VERSION}-%{RELEASE}.%{ARCH}\n' kernel-core 2>/dev/null | head -n 20
+fi
+
+section apt-kernel
+# Packages for the running kernel that apt offers: its headers, and Ubuntu's signed NVIDIA modules for it
+if has apt-cache; then
+    release=$(uname -r)
+    printf 'kernel %s\n' "$release"
+    {
+        for name in "linux-headers-$release" "proxmox-headers-$release" "pve-headers-$release"; do
+            apt-cache pkgnames "$name" 2>/dev/null
+        done
+        apt-cache pkgnames linux-modules-nvidia- 2>/dev/null | grep -F -e "-$release"
+    } | head -n 50
+fi
+
+section dkms-status
+has dkms && bounded dkms status 2>/dev/null | head -n 20
+
+section driver-reboot
+# r1fleet's record of a reboot it did or left to the user for a driver ("version boot-id"), and this boot's id
+[ -r /var/lib/r1fleet/driver-reboot ] && head -n 1 /var/lib/r1fleet/driver-reboot 2>/dev/null
+[ -r /proc/sys/kernel/random/boot_id ] && printf 'boot %s\n' "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+
+section kfd
+# AMD: the LLVM target of each GPU node as amdgpu reports it (Ollama reads the same files)
+for node in /sys/class/kfd/kfd/topology/nodes/*; do
+    [ -r "$node/properties" ] || continue
+    printf 'node %s\n' "${node##*/}"
+    grep -E '^(gfx_target_version|vendor_id|device_id|location_id|domain) ' "$node/properties" 2>/dev/null
+done
 
 exit 0

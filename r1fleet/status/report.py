@@ -20,6 +20,7 @@ from r1fleet.plan.memory import padded_context
 from r1fleet.records import Hardware, HostPlan
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.roles.exposure.endpoint import Endpoint
+from r1fleet.roles.gpu_driver.decide import waiting_for_reboot
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import Live, Reply, Unit
@@ -27,7 +28,7 @@ from r1fleet.verify.judge import memory_problems, memory_summary
 
 UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT, "worker": RPC_UNIT}
 BACKEND_OF = {OLLAMA_UNIT: "ollama", LLAMA_UNIT: "llama.cpp", RPC_UNIT: "rpc-server"}
-DOWN = ("unreachable", "not deployed", "failed", "stopped", "port taken")  # shown as one line: the state and its reason
+DOWN = ("unreachable", "not deployed", "failed", "stopped", "port taken", "waiting for reboot")  # shown as one line: the state and its reason
 GOOD = ("serving",)
 
 
@@ -249,6 +250,11 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
         status.backend = plan.backend if role != "worker" else "rpc-server"
     if plan_error:
         status.drift.append(plan_error)
+    if hardware is not None and (waiting := _driver_waiting(hardware)):
+        status.state = "waiting for reboot"
+        status.reason = (f"NVIDIA driver {waiting} is installed and loads at the next reboot, which r1fleet left to you "
+                         f"(fix: reboot {host}, then pyinfra inventory.py deploy.py --limit {host})")
+        return status
     if live.launchd is not None or (plan is not None and plan.vendor == "apple"):
         return _mac_status(status, live, plan, lock)
     installed = _installed(live)
@@ -308,6 +314,13 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
             status.llama_memory = memory_summary(plan, live.llama_memory)
             status.problems += memory_problems(plan, live.llama_memory)
     return status
+
+
+def _driver_waiting(hardware: Hardware) -> str | None:
+    """The driver version the host waits to load: r1fleet recorded its reboot in this boot and no driver answers."""
+    if any(g.vendor == "nvidia" and g.driver_version for g in hardware.gpus):
+        return None
+    return waiting_for_reboot(hardware.driver.reboot_marker, hardware.driver.boot_id)
 
 
 def _mac_status(status: HostStatus, live: Live, plan: HostPlan | None, lock: HostLock | None) -> HostStatus:

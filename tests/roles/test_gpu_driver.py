@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from deploy_harness import run_role
+from r1fleet.hardware import parse_probe
 from r1fleet.records import Gpu, Hardware, HostPlan, OsInfo
 from r1fleet.roles.gpu_driver import role as gpu_driver
 
@@ -44,7 +46,7 @@ def test_ubuntu_fresh_host_installs_blacklists_reboots_and_enables_persistence(m
     line = apt_install_line(run)
     assert "nvidia-headless-580-server-open" in line and "nvidia-utils-580-server" in line
     assert run.uploads[gpu_driver.NOUVEAU_BLACKLIST].splitlines()[1:] == ["blacklist nouveau", "options nouveau modeset=0"]
-    assert run.ran("Rebuild the initramfs without nouveau", "update-initramfs -u")
+    assert run.ran("Rebuild the initramfs without nouveau", "update-initramfs -u -k all")   # every kernel's image
     # the initramfs follows the host, not this run: rebuilt while it predates the blacklist, else left alone (M9)
     built = run_role(gpu_driver.install, hw(), PLAN, data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch,
                      responses={"/boot/initrd.img-$(uname -r)": "holds", **INSTALLED, **UPTIME})
@@ -89,7 +91,10 @@ def test_debian_12_adds_nonfree_components_and_verified_cuda_repo(monkeypatch):
     tools = run.installs("Tools to fetch signing keys")
     assert re.search(r"\bcurl ", key) and re.search(r"\bgpg ", key) and {"curl", "gnupg", "ca-certificates"} <= tools
     assert run.op_names.index(run.op("Tools to fetch signing keys")) < run.op_names.index(run.op("NVIDIA CUDA repository key"))
-    assert "Pin-Priority: 995" in run.uploads[gpu_driver.CUDA_PIN]
+    # NVIDIA's pinning package locks the repository to 580 before the driver comes from it; no blanket pin of ours
+    assert gpu_driver.CUDA_PIN not in run.uploads and run.op("Drop r1fleet's former pin of the whole CUDA repository")
+    assert run.installs("Lock NVIDIA's repository to branch 580") == {"nvidia-driver-pinning-580"}
+    assert run.op_names.index(run.op("Lock NVIDIA's repository")) < run.op_names.index(run.op("NVIDIA driver (no NVIDIA"))
     line = apt_install_line(run)
     assert "nvidia-open-580" in line and "linux-headers-6.1.0-26-amd64" in line
 
@@ -115,7 +120,7 @@ def test_fedora_rpmfusion_akmods_waits_for_the_module(monkeypatch):
     assert run.uploads["/etc/rpm/macros.nvidia-kmod"].strip() == "%_with_kmod_nvidia_open 1"
     # modinfo printed nothing -> the role polls until akmods has built the module
     assert run.ran("Wait until akmods has built the nvidia module", "modinfo -F version nvidia >/dev/null 2>&1 && exit 0")
-    assert run.ran("Rebuild the initramfs without nouveau", "dracut --force")
+    assert run.ran("Rebuild the initramfs without nouveau", "dracut --force --regenerate-all")
 
 
 def test_fedora_release_rpms_installed_once(monkeypatch):
@@ -158,9 +163,11 @@ def test_amd_unbound_card_gets_kernel_module_and_rocm_repo_for_llama_cpp(monkeyp
     card = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, pci_id="1002:744c",
                source="lspci")
     plan = HostPlan(host="h1", model="r1-14b", backend="llama.cpp", vendor="amd")
-    run = run_role(gpu_driver.install, hw(gpus=[card]), plan, base_responses=False, monkeypatch=monkeypatch)
+    # install(hw, plan, reboot, address, hip_sdk): llama.cpp built from source here
+    run = run_role(gpu_driver.install, hw(gpus=[card]), plan, None, None, True, base_responses=False,
+                   monkeypatch=monkeypatch)
     line = apt_install_line(run)
-    assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-runtime" in line
+    assert "linux-modules-extra-6.8.0-45-generic" in line and "rocm-hip-sdk" in line
     assert "repo.radeon.com/rocm/apt/6.4.1" in run.uploads[gpu_driver.ROCM_SOURCES]
     assert run.ran("Load amdgpu", "modprobe amdgpu")
     # the repository key is kept only when it is the one AMD published
@@ -189,3 +196,71 @@ def test_the_reboot_is_decided_from_the_host_and_never_repeated_for_a_driver_tha
                    monkeypatch=monkeypatch)
     assert run.failed and run.ran("Remember the reboot for this NVIDIA driver", "not rebooting again")
     assert not any("reboot" in c and "sleep 1" in c for c in run.commands)
+
+
+# ---------------------------------------------------------------- issue 25: reboots, families, kernels, AMD targets
+
+PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
+
+
+def probed(name: str) -> Hardware:
+    return parse_probe((PROBES / f"{name}.probe").read_text(), name)
+
+
+def test_a_driver_that_only_needs_a_reboot_gets_the_reboot_and_no_package(monkeypatch):
+    hw_ = probed("nvml-mismatch-580")
+    waiting = {"marker $(cat": ["installed 580.95.05", "boot 1111-aaaa", "marker"], **UPTIME}
+    run = run_role(gpu_driver.install, hw_, PLAN, responses=waiting, data=REBOOT_DATA, base_responses=False,
+                   monkeypatch=monkeypatch)
+    assert not run.failed and not any(re.search(r"apt-get .*install", c) for c in run.commands)
+    assert sum("reboot" in c and "sleep 1" in c for c in run.commands) == 1
+    assert run.ran("NVIDIA persistence daemon", "systemctl enable nvidia-persistenced")
+
+
+def test_the_reboot_is_left_to_the_user_on_the_controller_and_on_proxmox(monkeypatch):
+    waiting = {"marker $(cat": ["installed 580.95.05", "boot 1111-aaaa", "marker"], "waits for a reboot": {"success": False},
+               **UPTIME}
+    # install(hw, plan, reboot, address): the deploy's own machine, whatever the fleet file says
+    local = run_role(gpu_driver.install, probed("nvml-mismatch-580"), PLAN, "auto", "127.0.0.1", responses=waiting,
+                     data=REBOOT_DATA, base_responses=False, monkeypatch=monkeypatch)
+    assert local.failed and local.ran("Leave the reboot for the NVIDIA driver to the user", "the machine r1fleet runs from")
+    assert not any("reboot" in c and "sleep 1" in c for c in local.commands)
+    assert local.never_ran("systemctl enable nvidia-persistenced")
+    pve = run_role(gpu_driver.install, probed("proxmox-host-gpu"), PLAN, responses=waiting, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert pve.failed and pve.ran("Leave the reboot for the NVIDIA driver to the user", "Proxmox VE")
+    assert "proxmox-headers-6.8.12-4-pve" in apt_install_line(pve)
+    assert not any("reboot" in c and "sleep 1" in c for c in pve.commands)
+    # the record is written first, so status reports the host as waiting and a later run after the reboot goes on
+    assert pve.ran("Remember the reboot for this NVIDIA driver", "580.95.05 1111-aaaa")
+
+
+def test_no_module_for_any_kernel_fails_with_the_builds_own_log_instead_of_rebooting(monkeypatch):
+    missing = {"marker $(cat": ["installed", "boot 1111-aaaa", "marker"], "dkms status": {"success": False}, **UPTIME}
+    run = run_role(gpu_driver.install, hw(), PLAN, responses=missing, data=REBOOT_DATA, base_responses=False,
+                   monkeypatch=monkeypatch)
+    assert run.failed and run.ran("Remember the reboot for this NVIDIA driver", "dkms status")
+    assert run.ran("Remember the reboot for this NVIDIA driver", "build/make.log")
+    assert not any("reboot" in c and "sleep 1" in c for c in run.commands)
+
+
+def test_ubuntu_persistence_is_turned_on_for_real(monkeypatch):
+    run = run_role(gpu_driver.install, hw(), PLAN, responses={**INSTALLED, **UPTIME}, data=REBOOT_DATA,
+                   base_responses=False, monkeypatch=monkeypatch)
+    dropin = run.uploads["/etc/systemd/system/nvidia-persistenced.service.d/r1fleet-persistence.conf"]
+    assert dropin.splitlines()[1:] == ["[Service]", "ExecStart=", "ExecStart=/usr/bin/nvidia-persistenced --verbose"]
+    assert run.ran("NVIDIA persistence daemon", "systemctl daemon-reload")
+
+
+def test_a_kernel_older_than_the_amd_card_fails_the_host_with_the_hwe_fix(monkeypatch):
+    plan = HostPlan(host="h1", model="r1-14b", backend="ollama", vendor="amd")
+    unbound = {"ls /sys/bus/pci/drivers/amdgpu": "", re.compile(r"^uname -r$"): "6.8.0-79-generic",
+               "predates the card": {"success": False}}
+    run = run_role(gpu_driver.install, probed("amd-rx9070-ga-kernel"), plan, responses=unbound, base_responses=False,
+                   monkeypatch=monkeypatch)
+    assert run.failed and run.ran("Check that amdgpu drives the GPU", "linux-generic-hwe-24.04")
+    assert run.ran("Check that amdgpu drives the GPU", "the kernel 6.8.0-79-generic predates the card")
+    bound = {"ls /sys/bus/pci/drivers/amdgpu": ["0000:03:00.0", "bind", "unbind"]}
+    ok = run_role(gpu_driver.install, probed("amd-rx9070-ga-kernel"), plan, responses=bound, base_responses=False,
+                  monkeypatch=monkeypatch)
+    assert not ok.failed and not ok.ran("Check that amdgpu drives the GPU", "predates the card")

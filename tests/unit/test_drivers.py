@@ -56,14 +56,17 @@ def test_min_driver_depends_on_backend_and_compute_capability():
 def test_ubuntu_fresh_host_installs_open_server_packages():
     action = decide_driver(host(gpus=[nvidia()]), plan())
     assert action.kind == "install"
-    assert action.packages == ("nvidia-headless-580-server-open", "nvidia-utils-580-server")
+    # DKMS builds against the running kernel's headers; the series' headers follow the next kernel (dkms only
+    # Recommends them, and the role installs without Recommends)
+    assert action.packages == ("nvidia-headless-580-server-open", "nvidia-utils-580-server",
+                               "linux-headers-6.8.0-45-generic", "linux-headers-generic")
     assert action.open_modules and action.module_build == "dkms" and action.blacklist_nouveau
 
 
 def test_ubuntu_pascal_card_gets_proprietary_legacy_branch():
     gtx1080 = nvidia(pci="10de:1b80", name="NVIDIA GeForce GTX 1080")
     action = decide_driver(host(gpus=[gtx1080]), plan())
-    assert action.packages == ("nvidia-headless-580-server", "nvidia-utils-580-server")
+    assert action.packages[:2] == ("nvidia-headless-580-server", "nvidia-utils-580-server")
     assert not action.open_modules
     assert action.min_driver == 550  # unknown compute cap from lspci: the default minimum
 
@@ -89,7 +92,9 @@ def test_debian_12_with_ollama_uses_cuda_repo_because_distro_driver_is_535():
     action = decide_driver(host(DEBIAN_12, [nvidia()]), plan())
     assert action.kind == "install"
     assert action.repos == ("debian-nonfree", "nvidia-cuda")
-    assert action.packages == ("nvidia-open-580", "linux-headers-6.1.0-26-amd64")
+    # NVIDIA's pinning package first: it locks the repository to branch 580 before the driver comes from it
+    assert action.packages == ("nvidia-open-580", "linux-headers-6.1.0-26-amd64", "linux-headers-amd64")
+    assert action.pin_package == "nvidia-driver-pinning-580"
     assert action.distro == "debian12"
 
 
@@ -164,15 +169,19 @@ def test_amd_supported_card_needs_nothing_unsupported_card_gets_a_way_out():
     assert ok.kind == "none" and not ok.notes
     rx6600 = Gpu(index=0, vendor="amd", name="Radeon RX 6600", memory_total_mib=8176, source="drm")
     warned = decide_driver(host(gpus=[rx6600]), plan())
-    assert warned.kind == "none" and "HSA_OVERRIDE_GFX_VERSION" in warned.notes[0] and "OLLAMA_VULKAN" in warned.notes[0]
+    assert warned.kind == "none" and "gfx target is unknown" in warned.notes[0]
 
 
-def test_amd_without_bound_driver_installs_kernel_module_and_rocm_for_llama_cpp():
+def test_amd_without_bound_driver_installs_kernel_module_and_the_rocm_sdk_only_for_a_source_build():
     unbound = Gpu(index=0, vendor="amd", name="Radeon RX 7900 XT", memory_total_mib=20464, pci_id="1002:744c",
                   source="lspci")
-    action = decide_driver(host(gpus=[unbound]), plan("llama.cpp"))
-    assert action.kind == "install"
-    assert action.packages == ("linux-modules-extra-6.8.0-45-generic", "rocm-hip-runtime")
+    # the llama-server of the Ollama archive brings its own ROCm libraries: no ROCm repository for it
+    bundled = decide_driver(host(gpus=[unbound]), plan("llama.cpp"))
+    assert bundled.kind == "install" and bundled.packages == ("linux-modules-extra-6.8.0-45-generic",)
+    assert bundled.repos == ()
+    # a HIP source build needs the SDK (hipcc), not the runtime
+    action = decide_driver(host(gpus=[unbound]), plan("llama.cpp"), hip_sdk=True)
+    assert action.packages == ("linux-modules-extra-6.8.0-45-generic", "rocm-hip-sdk")
     assert action.repos == ("rocm",)
 
 

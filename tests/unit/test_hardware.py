@@ -177,11 +177,12 @@ def test_lspci_ambiguous_amd_id_plans_the_smallest_card():
     assert any("probe again" in n for n in hw.notes)
 
 
-def test_lspci_unknown_nvidia_device_is_noted_not_guessed():
+def test_lspci_unknown_nvidia_device_is_kept_for_its_driver_not_sized():
     line = "01:00.0 VGA compatible controller [0300]: NVIDIA Corporation Device [10de:ffff] (rev a1)"
     hw = parse_probe(doc(lspci=line), "new")
-    assert hw.gpus == []
-    assert any("10de:ffff" in n for n in hw.notes)
+    # it gets the NVIDIA driver (issue 25); no memory is guessed, so nothing is planned on it yet
+    assert [(g.pci_id, g.memory_total_mib, g.compute_cap) for g in hw.gpus] == [("10de:ffff", 0, None)]
+    assert any("10de:ffff" in n and "probe again" in n for n in hw.notes)
 
 
 # --- AMD ---------------------------------------------------------------------------------------

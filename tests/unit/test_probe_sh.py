@@ -22,7 +22,9 @@ from r1fleet.hardware import parse_probe, split_sections
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 SECTIONS = ["uname", "os-release", "init", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
             "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "df-install", "releases", "models", "haproxy",
-            "secureboot"]
+            "secureboot",
+            "nvidia-smi-error", "nvidia-proc", "nvidia-modinfo", "libcuda-owner", "cuda-repo", "nvidia-installer",
+            "kernel-packages", "apt-kernel", "dkms-status", "driver-reboot", "kfd"]
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is not installed (apt-get install dash)")
 
@@ -98,7 +100,7 @@ def test_stub_nvidia_smi_and_lspci_fill_their_sections(tmp_path):
   *) exit 2 ;;
 esac
 """)
-    stub(tmp_path, "lspci", """[ "$1" = -nn ] || exit 1
+    stub(tmp_path, "lspci", """[ "$1" = -nnk ] || exit 1
 echo '01:00.0 VGA compatible controller [0300]: NVIDIA Corporation AD103 [GeForce RTX 4080 SUPER] [10de:2702] (rev a1)'
 echo '01:00.1 Audio device [0403]: NVIDIA Corporation AD103 High Definition Audio Controller [10de:22bb] (rev a1)'
 """)
@@ -111,6 +113,33 @@ echo '01:00.1 Audio device [0403]: NVIDIA Corporation AD103 High Definition Audi
     gpu = parse_probe(result.stdout, "stubbed").gpus[0]
     assert (gpu.name, gpu.memory_total_mib, gpu.pci_id, gpu.compute_cap) == ("NVIDIA GeForce RTX 4080 SUPER", 16376, "10de:2702", "8.9")
     assert [(p.pid, p.name, p.used_mib) for p in gpu.processes] == [(3141, "/usr/bin/llama-server", 9000)]
+
+
+def test_the_driver_sections_hold_what_the_tools_print_after_an_update_without_reboot(tmp_path):
+    """nvidia-smi fails with the NVML mismatch; modinfo, dpkg, dpkg-query and apt-cache print as on Ubuntu 24.04 with
+    Ubuntu's 580 server driver (the formats of tests/fixtures/probes/nvml-mismatch-580.probe)."""
+    stub(tmp_path, "nvidia-smi", """echo 'Failed to initialize NVML: Driver/library version mismatch'
+echo 'NVML library version: 580.95'
+exit 18
+""")
+    stub(tmp_path, "modinfo", """[ "$*" = '-F version nvidia' ] && echo 580.95.05""")
+    stub(tmp_path, "dpkg", """[ "$*" = '-S libcuda.so.1' ] || exit 1
+echo 'libnvidia-compute-580-server:amd64: /usr/lib/x86_64-linux-gnu/libcuda.so.1'
+""")
+    stub(tmp_path, "dpkg-query", """printf 'ii  linux-image-6.8.0-79-generic\\nrc  linux-image-6.8.0-31-generic\\nii  linux-image-generic-hwe-24.04\\n'""")
+    stub(tmp_path, "uname", """case "$1" in -r) echo 6.8.0-79-generic ;; -s) echo Linux ;; *) echo 'Linux 6.8.0-79-generic x86_64' ;; esac""")
+    stub(tmp_path, "apt-cache", """case "$2" in
+  linux-headers-6.8.0-79-generic) echo linux-headers-6.8.0-79-generic ;;
+  linux-modules-nvidia-) printf 'linux-modules-nvidia-580-server-open-6.8.0-79-generic\\nlinux-modules-nvidia-580-server-open-6.8.0-85-generic\\n' ;;
+esac""")
+    result = run_probe(path=f"{tmp_path}:{os.environ['PATH']}")
+    sections = split_sections(result.stdout, "mismatch")
+    assert sections["nvidia-smi-error"][0] == "Failed to initialize NVML: Driver/library version mismatch"
+    assert sections["kernel-packages"] == ["dpkg", "linux-image-6.8.0-79-generic", "linux-image-generic-hwe-24.04"]  # "rc": removed
+    assert sections["apt-kernel"] == ["kernel 6.8.0-79-generic", "linux-headers-6.8.0-79-generic",
+                                      "linux-modules-nvidia-580-server-open-6.8.0-79-generic"]   # only the running ABI's
+    facts = parse_probe(result.stdout, "mismatch").driver
+    assert (facts.nvidia_module, facts.libcuda_packages) == ("580.95.05", ["libnvidia-compute-580-server"])
 
 
 def test_old_driver_query_is_retried_without_compute_cap(tmp_path):

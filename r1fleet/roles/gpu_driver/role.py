@@ -24,7 +24,11 @@ from r1fleet.operations.stages import HostContext, Role
 from r1fleet.plan.drivers import DriverAction, decide_driver, load_driver_data
 from r1fleet.records import STATE_DIR, Hardware, HostPlan
 from r1fleet.operations.common import refusal, refuse
+from r1fleet.render.formats import unit_text
 from r1fleet.roles.gpu_driver.decide import (
+    PERSISTENCED,
+    RebootPolicy,
+    reboot_policy,
     CUDA_KEYRING,
     CUDA_PIN,
     CUDA_SOURCES,
@@ -49,12 +53,28 @@ class DriverBootState(FactBase):
         return (None, None, None)
 
     def command(self) -> str:
-        return ("echo \"installed $(modinfo -F version nvidia 2>/dev/null)\"; echo \"boot $(cat /proc/sys/kernel/random/boot_id)\"; "
+        # the module for the running kernel, else for another installed one (a kernel update DKMS built it for, which
+        # the reboot starts)
+        module = ("{ modinfo -F version nvidia 2>/dev/null || for k in $(ls /lib/modules 2>/dev/null); do "
+                  "modinfo -k \"$k\" -F version nvidia 2>/dev/null && break; done; } | head -n 1")
+        return (f"echo \"installed $({module})\"; echo \"boot $(cat /proc/sys/kernel/random/boot_id)\"; "
                 f"echo \"marker $(cat {REBOOT_MARKER} 2>/dev/null)\"")
 
     def process(self, output: list[str]) -> tuple:
         values = dict((line.split(" ", 1) + [""])[:2] for line in output if line.strip())
         return tuple((values.get(k) or "").strip() or None for k in ("installed", "boot", "marker"))
+
+
+MISSING_MODULE = ("r1fleet: no nvidia kernel module was built for any installed kernel (dkms or akmods failed; "
+                  "missing kernel headers?): the build says")
+
+
+@operation()
+def defer_driver_reboot(why: str):
+    """Stop this host where its driver waits for a reboot r1fleet must not do: the user reboots (status says so)."""
+    installed, _, _ = host.get_fact(DriverBootState)
+    yield refusal(f"NVIDIA driver {installed or ''} is installed and waits for a reboot, which r1fleet leaves to you "
+                  f"({why}): reboot the host when it suits, then re-run r1fleet")
 
 
 @operation()
@@ -66,6 +86,13 @@ def record_driver_reboot():
     decision = driver_reboot_decision(loaded, installed, boot, marker)
     if decision == "none":
         host.noop("the NVIDIA driver answers; no reboot")
+        return
+    if decision == "missing":
+        # the build's own words, not a reboot into a kernel without the module
+        yield StringCommand(
+            f"{{ echo {shlex.quote(MISSING_MODULE)}; dkms status 2>&1; "
+            "tail -n 40 /var/lib/dkms/nvidia*/*/build/make.log /var/cache/akmods/nvidia/*.failed.log 2>/dev/null; } >&2; "
+            "exit 1")
         return
     if decision == "stuck":
         yield refusal(f"NVIDIA driver {installed} was installed and the host rebooted, but nvidia-smi still does not work: "
@@ -155,12 +182,13 @@ def wait_for_kernel_module(module: str, timeout_s: int = 900, interval_s: int = 
         host.noop(f"kernel module {module} is built")
         return
     tries = max(1, timeout_s // interval_s)
-    message = (f"r1fleet: the {module} kernel module was not built within {timeout_s}s; "
-               "see `journalctl -u akmods` and run `akmods --force && dracut --force`")
+    message = (f"r1fleet: the {module} kernel module was not built within {timeout_s}s; akmods says "
+               "(or run `dnf update -y && reboot` if the running kernel is not the newest):")
     yield StringCommand(
         f"akmods --force --kernels \"$(uname -r)\" >/dev/null 2>&1 || true; "
         f"for i in $(seq 1 {tries}); do modinfo -F version {shlex.quote(module)} >/dev/null 2>&1 && exit 0; "
-        f"sleep {interval_s}; done; echo {shlex.quote(message)} >&2; exit 1")
+        f"sleep {interval_s}; done; {{ echo {shlex.quote(message)}; tail -n 40 /var/cache/akmods/{shlex.quote(module)}/*.failed.log "
+        "2>/dev/null; journalctl -u akmods -n 20 --no-pager 2>/dev/null; } >&2; exit 1")
 
 
 @operation()
@@ -207,28 +235,31 @@ def signed_release_rpm(src: str, keys: list[str]):
 
 
 class DriverRole(Role):
-    """The GPU driver the plan needs; all of it happens in the install stage (a reboot, when one is due, is the
-    driver's own operation there)."""
+    """The GPU driver the plan needs; all of it happens in the install stage (a reboot, when one is due and allowed, is
+    the driver's own operation there)."""
 
-    def __init__(self, hw: Hardware, plan: HostPlan):
-        self.hw, self.plan = hw, plan
+    def __init__(self, hw: Hardware, plan: HostPlan, reboot: RebootPolicy | None = None, address: str | None = None,
+                 hip_sdk: bool = False):
+        self.hw, self.plan, self.reboot, self.address, self.hip_sdk = hw, plan, reboot, address, hip_sdk
 
     @classmethod
     def prepare(cls, ctx: HostContext) -> "DriverRole":
-        return cls(ctx.hardware, ctx.plan)
+        return cls(ctx.hardware, ctx.plan, reboot=ctx.settings.reboot, address=ctx.settings.address,
+                   hip_sdk=ctx.settings.llama_cpp_install == "source")
 
     def install(self) -> None:
-        install(self.hw, self.plan)
+        install(self.hw, self.plan, reboot=self.reboot, address=self.address, hip_sdk=self.hip_sdk)
 
 
 @deploy("GPU driver")
-def install(hw: Hardware, plan: HostPlan):
+def install(hw: Hardware, plan: HostPlan, reboot: RebootPolicy | None = None, address: str | None = None,
+            hip_sdk: bool = False):
     """Bring the GPU driver to what `plan` needs (see module docstring)."""
-    action = decide_driver(hw, plan)
+    action = decide_driver(hw, plan, hip_sdk=hip_sdk)
     if action.kind == "refuse" and hw.secure_boot and action.module_build in ("dkms", "akmods"):
         key = load_driver_data()["nvidia"]["mok_keys"][action.module_build]
         if host.get_fact(MokKeyEnrolled, key=key):
-            action = decide_driver(hw, plan, mok_enrolled=True)
+            action = decide_driver(hw, plan, mok_enrolled=True, hip_sdk=hip_sdk)
     for note in action.notes:
         logger.warning(f"{host.name}: {note}")
     if action.kind == "none":
@@ -237,12 +268,17 @@ def install(hw: Hardware, plan: HostPlan):
         message = action.reason + (f" (fix: {action.fix})" if action.fix else "")
         refuse(name=f"Refuse GPU driver change: {action.reason}", message=message)
         return
-    logger.info(f"{host.name}: GPU driver {action.kind}: {action.reason}; packages {', '.join(action.packages)}")
+    policy = reboot_policy(reboot, host.name, address, hw.os.kernel)
+    logger.info(f"{host.name}: GPU driver {action.kind}: {action.reason}"
+                + (f"; packages {', '.join(action.packages)}" if action.packages else ""))
+    if action.kind == "reboot":
+        _reboot_and_persist(hw, policy)
+        return
     _repositories(hw, action)
     if action.vendor == "nvidia":
-        _nvidia(hw, action)
+        _nvidia(hw, action, policy)
     else:
-        _amd(action)
+        _amd(hw, action)
 
 
 def _repositories(hw: Hardware, action: DriverAction) -> None:
@@ -271,9 +307,9 @@ def _repositories(hw: Hardware, action: DriverAction) -> None:
         # A flat repository: suite "/" and no components.
         files.put(name="NVIDIA CUDA repository", src=StringIO(_deb822([url], ["/"], [], CUDA_KEYRING)),
                   dest=CUDA_SOURCES, mode="644")
-        files.put(name="Prefer NVIDIA's driver packages over the distro's",
-                  src=StringIO(f"Package: *\nPin: release o=NVIDIA\nPin-Priority: {cuda['pin_priority']}\n"),
-                  dest=CUDA_PIN, mode="644")
+        # NVIDIA's pinning package locks the repository to the branch (installed before the driver, in _nvidia);
+        # r1fleet's earlier blanket pin over every package of the repository goes
+        files.file(name="Drop r1fleet's former pin of the whole CUDA repository", path=CUDA_PIN, present=False)
     if "rocm" in action.repos:
         rocm = data["amd"]["rocm"]
         verified_key(name="ROCm repository key", src=rocm["key"], dest=ROCM_KEYRING, sha1=rocm["key_sha1"])
@@ -297,7 +333,7 @@ def _deb822(uris: list[str], suites: list[str], components: list[str], signed_by
     return "# written by r1fleet\n" + "\n".join(lines) + "\n"
 
 
-def _nvidia(hw: Hardware, action: DriverAction) -> None:
+def _nvidia(hw: Hardware, action: DriverAction, policy: tuple[RebootPolicy, str]) -> None:
     data = load_driver_data()
     files.put(name="Blacklist nouveau", src=StringIO(NOUVEAU_BLACKLIST_TEXT), dest=NOUVEAU_BLACKLIST, mode="644")
     if action.family == "dnf":
@@ -309,25 +345,81 @@ def _nvidia(hw: Hardware, action: DriverAction) -> None:
         dnf.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages))
         wait_for_kernel_module(name="Wait until akmods has built the nvidia module", module="nvidia",
                                timeout_s=fed["akmods_wait_seconds"])
-        rebuild_initramfs(name="Rebuild the initramfs without nouveau", holding=NOUVEAU_BLACKLIST, command="dracut --force")
+        rebuild_initramfs(name="Rebuild the initramfs without nouveau", holding=NOUVEAU_BLACKLIST,
+                          command="dracut --force --regenerate-all")
     else:
+        if action.pin_package:
+            apt.packages(name=f"Lock NVIDIA's repository to branch {action.branch}", packages=[action.pin_package],
+                         update=True, no_recommends=True)
         apt.packages(name=f"NVIDIA driver ({action.reason})", packages=list(action.packages), update=True,
                      no_recommends=True)
+        # every installed kernel's image: -u alone rebuilds only the newest, so an older running one kept nouveau
         rebuild_initramfs(name="Rebuild the initramfs without nouveau", holding=NOUVEAU_BLACKLIST,
-                          command="update-initramfs -u")
+                          command="update-initramfs -u -k all")
+    if hw.os.id.lower() == "ubuntu" and not action.repos:
+        files.put(name="Turn persistence mode on (Ubuntu's unit starts the daemon with it off)",
+                  src=StringIO(f"# written by r1fleet\n[Service]\nExecStart=\nExecStart={unit_text(PERSISTENCED)} --verbose\n"),
+                  dest=data["nvidia"]["persistence_dropin"], mode="644")
+    _reboot_and_persist(hw, policy)
+
+
+def _reboot_and_persist(hw: Hardware, policy: tuple[RebootPolicy, str]) -> None:
     # Decided from the host, not from this run: a driver installed by an interrupted run still gets its
     # reboot, and a driver that did not come up after one reboot is reported instead of rebooting again.
     mark_reboot = record_driver_reboot(name="Remember the reboot for this NVIDIA driver")
-    server.reboot(
-        name="Reboot to load the new NVIDIA driver (only when nvidia-smi does not work yet)",
-        delay=int(host.data.get("r1fleet_reboot_delay", 10)),
-        reboot_timeout=int(host.data.get("r1fleet_reboot_timeout", 600)),
-        _if=mark_reboot.did_change,
-    )
-    systemd.service(name="NVIDIA persistence daemon", service="nvidia-persistenced", running=True, enabled=True)
+    allowed, why = policy
+    if allowed == "defer":
+        defer_driver_reboot(name="Leave the reboot for the NVIDIA driver to the user", why=why,
+                            _if=mark_reboot.did_change)
+    else:
+        server.reboot(
+            name="Reboot to load the new NVIDIA driver (only when nvidia-smi does not work yet)",
+            delay=int(host.data.get("r1fleet_reboot_delay", 10)),
+            reboot_timeout=int(host.data.get("r1fleet_reboot_timeout", 600)),
+            _if=mark_reboot.did_change,
+        )
+    systemd.service(name="NVIDIA persistence daemon", service="nvidia-persistenced", running=True, enabled=True,
+                    daemon_reload=True)
 
 
-def _amd(action: DriverAction) -> None:
+class AmdgpuBound(FactBase):
+    """The PCI slots of AMD display devices amdgpu drives (/sys/bus/pci/drivers/amdgpu)."""
+
+    default = list
+
+    def command(self) -> str:
+        return "ls /sys/bus/pci/drivers/amdgpu 2>/dev/null | grep -E '^[0-9a-f]{4}:' || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]
+
+
+@operation()
+def require_amdgpu(slots: list[str], fix: str):
+    """Fail the host when amdgpu, loaded, still drives none of its GPUs: the kernel predates the card."""
+    bound = host.get_fact(AmdgpuBound)
+    if not slots or any(slot in bound for slot in slots):
+        host.noop("amdgpu drives the GPU")
+        return
+    yield refusal(f"amdgpu does not drive the GPU at {', '.join(slots)} after loading: the kernel "
+                  f"{host.get_fact(KernelRelease) or ''} predates the card, and the model would run on the CPU ({fix})")
+
+
+class KernelRelease(FactBase):
+    """`uname -r`."""
+
+    def command(self) -> str:
+        return "uname -r"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output else None
+
+
+def _amd(hw: Hardware, action: DriverAction) -> None:
     packages = apt.packages(name=f"AMD GPU driver pieces ({action.reason})", packages=list(action.packages),
                             update=True, no_recommends=True)
     server.shell(name="Load amdgpu", commands=["modprobe amdgpu"], _if=packages.did_change)
+    slots = [g.bus_id for g in hw.gpus if g.vendor == "amd" and g.bus_id]
+    fix = ("install the HWE kernel (apt-get install linux-generic-hwe-" + hw.os.version_id + ") and reboot"
+           if hw.os.id.lower() == "ubuntu" else "install a newer kernel (or AMD's amdgpu-dkms) and reboot")
+    require_amdgpu(name="Check that amdgpu drives the GPU", slots=slots, fix=fix + ", then re-run r1fleet")
