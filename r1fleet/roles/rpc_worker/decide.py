@@ -178,13 +178,9 @@ def rpc_server_args(worker: RpcWorker) -> list[str]:
 
 
 def rpc_environment(worker: RpcWorker, install: LlamaInstall) -> dict[str, str]:
-    """The unit's environment: the llama.cpp role's (the GPU selection), with the worker's own home."""
-    env = {**llama_environment(worker.plan, install), "HOME": HOME}
-    if worker.plan.vendor == "nvidia" and not worker.plan.gpu_uuids:
-        # no UUID in the probe (the driver came later): by index, in nvidia-smi's order, which is the PCI bus order
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in worker.plan.gpu_indices)
-    return env
+    """The unit's environment: the llama.cpp role's (the GPU selection, by UUID or else in PCI bus order), with the
+    worker's own home."""
+    return {**llama_environment(worker.plan, install), "HOME": HOME}
 
 
 def firewall_context(worker: RpcWorker) -> dict[str, Any]:
