@@ -72,6 +72,8 @@ def test_the_worker_serves_its_planned_gpu_on_its_pool_address_only(monkeypatch)
     # it starts only with, and after, the firewall unit
     assert "Requires=r1fleet-rpc-firewall.service\nAfter=r1fleet-rpc-firewall.service\n" in unit
     assert "0.0.0.0" not in unit and "127.0.0.1" not in unit
+    # rpc-server exits 0 when it cannot bind (an address that comes up late): restarted anyway, without a limit
+    assert "\nRestart=always\n" in unit and "\nStartLimitIntervalSec=0\n" in unit and "StartLimitBurst" not in unit
     # healthy once the pool address accepts a TCP connection (ggml RPC speaks no HTTP)
     assert run.ran("Health of r1fleet-rpc-server.service", f"timeout 2 bash -c '</dev/tcp/{WORKER_ADDRESS}/50052'")
     # the worker's own solo services are not left holding the GPU

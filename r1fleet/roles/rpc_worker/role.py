@@ -174,6 +174,10 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
         # the head, and the worker's own address: the deploy's health check connects from the worker itself
         ip_allow=[worker.head, worker.bind],
         requires=[RPC_FIREWALL_UNIT],
+        # rpc-server exits 0 when it cannot bind its address (one that comes up late at boot) or meets an unknown
+        # flag (llama.cpp tools/rpc/rpc-server.cpp:151-155,258; ggml/src/ggml-rpc/ggml-rpc.cpp:2138-2141 at
+        # 0c1e570), so Restart=on-failure would leave it dead
+        restart_always=True,
     )
     return unit_file(RPC_UNIT, context), rules
 
