@@ -244,7 +244,7 @@ def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, mode
         read_only_paths=[models_dir],
         restrict_ip=True,
         credential=credential,
-        **(pool.unit_options(settings) if pool else {}),
+        **(pool.unit_options(settings, install.binary) if pool else {}),
     )
     return unit_file(LLAMA_UNIT, context)
 
