@@ -201,6 +201,9 @@ class PoolPlan(_Strict):
     gguf: GgufFile | None = None
     n_layers: int | None = None
     reasons: list[str] = []
+    llama_cpp_versions: dict[str, str] = Field(
+        {}, description="the Debian versions every member runs, by source package (ggml, llama.cpp): recorded by "
+                        "`r1fleet lock` from what the members have installed, then installed and checked before each start")
 
     @computed_field(description="llama-server --tensor-split over local and RPC devices in llama.cpp's order (r1fleet/tensor_split.py)")
     @property

@@ -71,6 +71,23 @@ def json_or_none(output: list[str]):
         return None
 
 
+def apt_policy(output: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """`LC_ALL=C apt-cache policy PKG...` read as {package: (installed version, candidate version)}, None for
+    `(none)`; a package apt does not know is absent."""
+    found: dict[str, tuple[str | None, str | None]] = {}
+    current = None
+    for line in output:
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+            found[current] = (None, None)
+        elif current and line.strip().startswith(("Installed:", "Candidate:")):
+            key, value = (part.strip() for part in line.split(":", 1))
+            version = None if value == "(none)" else value
+            installed, candidate = found[current]
+            found[current] = (version, candidate) if key == "Installed" else (installed, version)
+    return found
+
+
 class AptCandidates(FactBase):
     """The subset of `packages` that apt can install (a Candidate other than (none)).
 
@@ -89,14 +106,17 @@ class AptCandidates(FactBase):
         return f"{refresh}; LC_ALL=C apt-cache policy {names} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> set[str]:
-        found, current = set(), None
-        for line in output:
-            if line and not line.startswith(" ") and line.endswith(":"):
-                current = line[:-1]
-            elif current and line.strip().startswith("Candidate:"):
-                if line.split(":", 1)[1].strip() != "(none)":
-                    found.add(current)
-        return found
+        return {name for name, (_installed, candidate) in apt_policy(output).items() if candidate}
+
+
+class AptVersions(AptCandidates):
+    """{package: (installed version, candidate version)} of `packages`, as apt has them (lists fetched as in
+    AptCandidates)."""
+
+    default = dict
+
+    def process(self, output: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        return apt_policy(output)
 
 
 def model_names(tags_document) -> set[str]:

@@ -26,7 +26,7 @@ from r1fleet.records import HostPlan, PoolPlan
 from r1fleet.fleet import plugins
 from r1fleet.roles.llama_cpp.decide import llama_server_args, planned_gpus
 from r1fleet.plan.pools import pool_refusal
-from r1fleet.roles.rpc_worker.decide import RPC_UNIT, pool_address
+from r1fleet.roles.rpc_worker.decide import RPC_UNIT, pool_address, version_check
 from r1fleet.render.systemd_unit import service_ip_allow
 from r1fleet.operations.tcp_health import TcpEndpoint, tcp_probe
 
@@ -51,6 +51,7 @@ class PoolHead:
     load_s: int = 0  # added to the health gate: the workers' weights crossing the link
     lent: tuple[int, ...] = ()  # the devices each worker lends (in workers' order), as planned
     stand_ins: tuple[str, ...] = ()  # a lab head: its own GPUs' stand-in rpc-servers (one device each), after the workers
+    versions: tuple[tuple[str, str], ...] = ()  # (source, version): the llama.cpp every member runs (pool_versions)
 
     @property
     def rpc_servers(self) -> list[str]:
@@ -104,10 +105,11 @@ def pool_server_args(head: PoolHead, head_config: HostConfig, model_path: str, k
 
 
 def wait_for_workers(head: PoolHead, binary: str) -> list[str]:
-    """ExecStartPre: until each worker's RPC port accepts a connection, for head.wait_s in all; then that each
-    gives llama-server the devices planned on it (device_checks). Either failing fails the start, and the journal
-    names the worker."""
-    steps = [f"end=$(($(date +%s)+{head.wait_s}))"]
+    """ExecStartPre: the head's llama.cpp is still the pool's version (version_check); until each worker's RPC port
+    accepts a connection, for head.wait_s in all; then that each gives llama-server the devices planned on it
+    (device_checks). Any failing fails the start, and the journal names the host."""
+    steps = [check] if (check := version_check(head.pool, head.host, "head", dict(head.versions))) else []
+    steps.append(f"end=$(($(date +%s)+{head.wait_s}))")
     for w in head.workers:
         message = (f"r1fleet: pool {head.pool}: worker {w.name} ({w.endpoint}) did not accept a connection within "
                    f"{head.wait_s}s; check {RPC_UNIT} and its firewall on {w.name}")

@@ -15,8 +15,9 @@ another; it must be an IP address: a DNS name can change, or resolve to several 
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan
@@ -251,3 +252,102 @@ def pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, avail
     if role == "worker":
         return rpc_worker_install(base, platform, plan, settings, available, pool, pins)
     return pool_head_install(base, plan, settings, available, pool, pins)
+
+
+# ---------------------------------------------------------------------------------------------
+# One llama.cpp version across the pool
+
+# A member's apt offer: {package: (installed version, candidate version)}, None where there is none (AptVersions).
+Offer = Mapping[str, tuple[str | None, str | None]]
+
+
+def source_of(package: str) -> str:
+    """The Debian source package a llama.cpp package is built from: Debian builds ggml (the libggml0-* backends, the
+    RPC protocol among them) and llama.cpp (llama-server, rpc-server) from two sources (docs/research/lab-notes.md)."""
+    return "ggml" if package.startswith("libggml") else "llama.cpp"
+
+
+def version_packages(role: str, pins: Pins | None = None) -> dict[str, str]:
+    """{source: the package whose version stands for that source on a member of this role}."""
+    debian = (pins or load_pins()).llama_cpp.debian
+    return {"ggml": debian.rpc_backend_package,
+            "llama.cpp": debian.server_package if role == "head" else debian.rpc_server_package}
+
+
+def pool_versions(pool: PoolPlan, offers: Mapping[str, Offer], pins: Pins | None = None) -> dict[str, str]:
+    """The one ggml and one llama.cpp version every member runs, as `{source: version}`.
+
+    ggml's RPC protocol changes its major version often (ggml/include/ggml-rpc.h, RPC_PROTO_MAJOR_VERSION: 4, 5, 7 in
+    twelve weeks), and a head refuses a worker of another major (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360 at 0c1e570),
+    so members installed at different times must not each take what their apt offers. The version is the lock's
+    (PoolPlan.llama_cpp_versions) when it has one, else the one every member has installed, else the one apt offers
+    every member. DeployError naming each member's versions when there is none, or when a member cannot get the
+    locked one."""
+    members = [pool.head, *pool.workers]
+    chosen: dict[str, str] = {}
+    for source in ("ggml", "llama.cpp"):
+        have = {m: (offers.get(m) or {}).get(version_packages("head" if m == pool.head else "worker", pins)[source],
+                                              (None, None)) for m in members}
+        shown = "; ".join(f"{m} {_offer_text(*have[m])}" for m in members)
+        locked = pool.llama_cpp_versions.get(source)
+        if locked:
+            short = [m for m in members if locked not in have[m]]
+            if short:
+                raise pool_refusal(pool.pool, ", ".join(short), "llama_cpp_versions",
+                                   f"the lock runs the pool on {source} {locked}, which {', '.join(short)} cannot "
+                                   f"install ({shown})",
+                                   "relock the pool after updating every member's apt lists (`r1fleet lock`), so "
+                                   "that it records the version they all have")
+            chosen[source] = locked
+            continue
+        installed = {v for v, _ in have.values()}
+        candidates = {c for _, c in have.values()}
+        if len(installed) == 1 and None not in installed:
+            chosen[source] = installed.pop()
+        elif len(candidates) == 1 and None not in candidates:
+            chosen[source] = candidates.pop()
+        else:
+            raise pool_refusal(pool.pool, ", ".join(members), "llama_cpp_install",
+                               f"the members would run different {source} versions ({shown}); a head refuses or "
+                               "drops a worker of another RPC protocol version",
+                               "give every member the same Debian release and apt sources, run `apt-get update` on "
+                               "each, and deploy the pool again")
+    return chosen
+
+
+def _offer_text(installed: str | None, candidate: str | None) -> str:
+    if installed is None and candidate is None:
+        return "has none and apt offers none"
+    if installed == candidate or candidate is None:
+        return f"has {installed}"
+    return f"has {installed or 'none'}, apt offers {candidate}"
+
+
+def pinned(packages: Iterable[str], versions: Mapping[str, str]) -> tuple[str, ...]:
+    """apt's `name=version` for the llama.cpp packages of the pool's sources (each pinned to its source's version,
+    which keeps a GPU backend and the RPC backend of one ggml, as Debian's exact dependencies require)."""
+    return tuple(f"{p}={versions[source_of(p)]}" if versions.get(source_of(p)) and _is_llama_package(p) else p
+                 for p in packages)
+
+
+def _is_llama_package(package: str) -> bool:
+    return package.startswith(("libggml", "llama.cpp"))
+
+
+def version_check(pool: str, host: str, role: str, versions: Mapping[str, str], pins: Pins | None = None) -> str:
+    """A shell step for ExecStartPre: the member's installed llama.cpp packages are still the pool's versions (an
+    upgrade since the deploy, unattended-upgrades' say, would put it on another RPC protocol); else the start fails,
+    naming the host, the package, its version and the pool's."""
+    steps = []
+    for source, package in version_packages(role, pins).items():
+        want = versions.get(source)
+        if not want:
+            continue
+        q = shlex.quote
+        said = (q(f"r1fleet: pool {pool}: {host} has {package} ") + '"${have:-none}"'
+                + q(f", the pool runs {source} {want} on every member (upgraded since the deploy?); deploy the pool "
+                    "again, or relock it on the new version"))
+        steps.append(f"have=$(dpkg-query -W -f='${{Version}}' {q(package)} 2>/dev/null); "
+                     f"[ \"$have\" = {q(want)} ] || {{ echo {said} >&2; exit 1; }}")
+    return "; ".join(steps)
+
