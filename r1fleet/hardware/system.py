@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware._base import probe_fix
-from r1fleet.records import GpuProcess, OsInfo
+from r1fleet.records import GpuProcess, OsInfo, is_debian_version
 
 # ---------------------------------------------------------------------------------------------
 # System: uname, os-release, meminfo, cpu, df, secureboot, sysctl
@@ -142,3 +142,14 @@ def parse_sysctl(lines: list[str]) -> dict[str, str]:
     return values
 
 
+
+
+def parse_llama_cpp_packages(lines: list[str]) -> dict[str, str]:
+    """`dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\\n'` -> {package: version} of the installed
+    ones (status `ii`); a line of any other shape, or a version outside Debian's syntax, is left out."""
+    found = {}
+    for line in lines:
+        words = line.split()
+        if len(words) == 3 and words[0] == "ii" and is_debian_version(words[2]):
+            found[words[1]] = words[2]
+    return found

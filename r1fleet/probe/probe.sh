@@ -165,6 +165,14 @@ if [ -d "$MODEL_DIR" ]; then
     find "$MODEL_DIR" -type f -size +204800 -exec ls -ln {} + 2>/dev/null
 fi
 
+section llama-cpp-packages
+# The Debian llama.cpp packages a pool's members agree on (versions.yaml llama_cpp.debian: server_package,
+# rpc_server_package, rpc_backend_package), as installed: `r1fleet lock` records the version a pool runs.
+if has dpkg-query; then
+    dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' \
+        llama.cpp-tools llama.cpp-tools-extra libggml0-backend-rpc 2>/dev/null
+fi
+
 section secureboot
 if has mokutil; then
     mokutil --sb-state 2>/dev/null

@@ -58,10 +58,10 @@ def test_the_locked_version_is_installed_or_the_member_is_refused():
     assert pool_versions(locked, both) == {"ggml": GGML, "llama.cpp": LLAMA}
 
 
-def test_every_llama_cpp_package_is_pinned_to_its_sources_version():
+def test_the_packages_the_pool_agrees_on_are_pinned_and_no_other():
     versions = {"ggml": GGML, "llama.cpp": LLAMA}
     assert pinned(("libggml0-backend-cuda", "llama.cpp-tools-extra", "libggml0-backend-rpc", "nftables"), versions) == (
-        f"libggml0-backend-cuda={GGML}", f"llama.cpp-tools-extra={LLAMA}", f"libggml0-backend-rpc={GGML}", "nftables")
+        "libggml0-backend-cuda", f"llama.cpp-tools-extra={LLAMA}", f"libggml0-backend-rpc={GGML}", "nftables")
     assert pinned(("llama.cpp-tools",), {}) == ("llama.cpp-tools",)
 
 
@@ -108,7 +108,7 @@ def test_a_worker_installs_the_pools_versions_and_checks_them_before_each_start(
     run = run_role(prepared_worker, ctx, monkeypatch=monkeypatch, responses={
         "apt-cache policy": apt_policy(candidates), "ip -o addr show": ["127.0.0.1", WORKER_ADDRESS],
         "command -v nft": "/usr/sbin/nft", f"-e {RPC_SERVER}": "True"})
-    assert run.ran("rpc-server packages", f"libggml0-backend-cuda={GGML} llama.cpp-tools-extra={LLAMA} "
+    assert run.ran("rpc-server packages", f"libggml0-backend-cuda llama.cpp-tools-extra={LLAMA} "
                                           f"libggml0-backend-rpc={GGML} nftables")
     pre = next(line for line in run.uploads[UNIT].splitlines() if line.startswith("ExecStartPre=/bin/bash"))
     assert "dpkg-query -W -f=" in pre and "libggml0-backend-rpc" in pre and "box-b has" in pre
@@ -127,7 +127,7 @@ def test_the_head_installs_the_pools_versions_and_checks_them_before_each_start(
     candidates = {"llama.cpp-tools": LLAMA, "libggml0-backend-cuda": GGML, "llama.cpp-tools-extra": LLAMA,
                   "libggml0-backend-rpc": GGML, "libggml0-backend-hip": GGML, "libggml0-backend-vulkan": GGML}
     run = run_role(prepared_head, ctx, monkeypatch=monkeypatch, responses={"apt-cache policy": apt_policy(candidates)})
-    assert run.ran("llama.cpp packages", f"llama.cpp-tools={LLAMA} libggml0-backend-cuda={GGML} libggml0-backend-rpc={GGML}")
+    assert run.ran("llama.cpp packages", f"llama.cpp-tools={LLAMA} libggml0-backend-cuda libggml0-backend-rpc={GGML}")
     pre = next(line for line in run.uploads[HEAD_UNIT].splitlines() if line.startswith("ExecStartPre=/bin/bash"))
     # the version first, then the wait for the workers and their devices
     assert pre.index("dpkg-query") < pre.index("/dev/tcp/") < pre.index("--list-devices")

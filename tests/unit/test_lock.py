@@ -489,3 +489,34 @@ def test_each_identity_of_the_machine_is_compared():
     with pytest.raises(LockMismatch, match="OS: Linux -> Darwin"):
         locked_plan(entry_for("dual-rtx3090"), hardware("dual-rtx3090").model_copy(
             update={"os": hardware("dual-rtx3090").os.model_copy(update={"system": "Darwin"})}))
+
+
+def test_a_pool_is_locked_on_the_llama_cpp_versions_its_members_have_installed(tmp_path, capsys):
+    """Issue 23 item 6: `r1fleet lock` records the versions a deployed pool's members run (their probes' dpkg
+    section) when they agree; the deploy then installs and checks exactly those. A version that is no Debian
+    version is refused when the lock is read (it goes into apt's command line and the units)."""
+    from test_pools import BOX_A, BOX_B, on_forky
+
+    def installed(text: str, rpc: str) -> str:
+        return text.replace("#### r1fleet:secureboot", "#### r1fleet:llama-cpp-packages\n"
+                            "ii  llama.cpp-tools 1:0.7.0+dfsg-2\nii  llama.cpp-tools-extra 1:0.7.0+dfsg-2\n"
+                            f"ii  libggml0-backend-rpc {rpc}\n#### r1fleet:secureboot")
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"}},
+        "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}},
+    }))
+    path = fleet.parent / "fleet.yml.lock"
+    for rpc_b, recorded in (("0.9.4-1", {"ggml": "0.9.4-1", "llama.cpp": "1:0.7.0+dfsg-2"}), ("0.9.5-1", {})):
+        (probes / "box-a.probe").write_text(installed(on_forky(BOX_A), "0.9.4-1"))
+        (probes / "box-b.probe").write_text(installed(on_forky(BOX_B), rpc_b))
+        r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", str(probes))
+        assert read_lock(path).pools["big"].llama_cpp_versions == recorded  # members that disagree: nothing recorded
+    doc = yaml.safe_load(path.read_text())
+    doc["pools"]["big"]["llama_cpp_versions"] = {"ggml": "0.9.4-1 libevil"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(R1FleetError, match="field pools.big.llama_cpp_versions.*is not a Debian package version"):
+        read_lock(path)

@@ -21,7 +21,7 @@ from r1fleet.hardware import parse_probe, split_sections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 SECTIONS = ["uname", "os-release", "init", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
-            "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "models", "secureboot"]
+            "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "models", "llama-cpp-packages", "secureboot"]
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is not installed (apt-get install dash)")
 
@@ -157,3 +157,18 @@ def test_probe_over_ssh_failure_names_the_host(tmp_path):
         probe_over_ssh("nohost", ssh=str(tmp_path / "ssh"))
     assert "host nohost" in str(err.value) and "Could not resolve hostname" in str(err.value)
     assert "BatchMode" in str(err.value)
+
+
+def test_the_llama_cpp_packages_section_names_the_pinned_packages_and_keeps_installed_versions():
+    """Issue 23 item 6: `r1fleet lock` records a pool's version from what its members have installed."""
+    from r1fleet.artifacts.pins import load_pins
+    from r1fleet.hardware.system import parse_llama_cpp_packages
+
+    debian = load_pins().llama_cpp.debian
+    section = PROBE_SCRIPT.read_text().split("section llama-cpp-packages", 1)[1].split("section ", 1)[0]
+    for package in (debian.server_package, debian.rpc_server_package, debian.rpc_backend_package):
+        assert f" {package}" in section
+    # dpkg-query's ${db:Status-Abbrev} is three characters ("ii " installed, "rc " removed with its configuration)
+    lines = ["ii  llama.cpp-tools-extra 1:0.7.0+dfsg-2", "rc  llama.cpp-tools 1:0.6.9-1", "ii  libggml0-backend-rpc 0.9.4-1",
+             "ii  libggml0-backend-rpc 0.9;reboot"]
+    assert parse_llama_cpp_packages(lines) == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2", "libggml0-backend-rpc": "0.9.4-1"}

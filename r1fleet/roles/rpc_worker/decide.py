@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan
+from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan, is_debian_version
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
 from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
@@ -261,14 +261,9 @@ def pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, avail
 Offer = Mapping[str, tuple[str | None, str | None]]
 
 
-def source_of(package: str) -> str:
-    """The Debian source package a llama.cpp package is built from: Debian builds ggml (the libggml0-* backends, the
-    RPC protocol among them) and llama.cpp (llama-server, rpc-server) from two sources (docs/research/lab-notes.md)."""
-    return "ggml" if package.startswith("libggml") else "llama.cpp"
-
-
 def version_packages(role: str, pins: Pins | None = None) -> dict[str, str]:
-    """{source: the package whose version stands for that source on a member of this role}."""
+    """{source: the package whose version stands for that source on a member of this role}: Debian builds ggml (its
+    RPC backend, the protocol) and llama.cpp (llama-server, rpc-server) from two sources (docs/research/lab-notes.md)."""
     debian = (pins or load_pins()).llama_cpp.debian
     return {"ggml": debian.rpc_backend_package,
             "llama.cpp": debian.server_package if role == "head" else debian.rpc_server_package}
@@ -277,8 +272,8 @@ def version_packages(role: str, pins: Pins | None = None) -> dict[str, str]:
 def pool_versions(pool: PoolPlan, offers: Mapping[str, Offer], pins: Pins | None = None) -> dict[str, str]:
     """The one ggml and one llama.cpp version every member runs, as `{source: version}`.
 
-    ggml's RPC protocol changes its major version often (ggml/include/ggml-rpc.h, RPC_PROTO_MAJOR_VERSION: 4, 5, 7 in
-    twelve weeks), and a head refuses a worker of another major (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360 at 0c1e570),
+    ggml's RPC protocol has a major version that changes with it (ggml/include/ggml-rpc.h:9, 7 at 0c1e570), and a
+    head refuses a worker of another major (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360),
     so members installed at different times must not each take what their apt offers. The version is the lock's
     (PoolPlan.llama_cpp_versions) when it has one, else the one every member has installed, else the one apt offers
     every member. DeployError naming each member's versions when there is none, or when a member cannot get the
@@ -286,8 +281,8 @@ def pool_versions(pool: PoolPlan, offers: Mapping[str, Offer], pins: Pins | None
     members = [pool.head, *pool.workers]
     chosen: dict[str, str] = {}
     for source in ("ggml", "llama.cpp"):
-        have = {m: (offers.get(m) or {}).get(version_packages("head" if m == pool.head else "worker", pins)[source],
-                                              (None, None)) for m in members}
+        have = {m: _debian_only((offers.get(m) or {}).get(
+            version_packages("head" if m == pool.head else "worker", pins)[source], (None, None))) for m in members}
         shown = "; ".join(f"{m} {_offer_text(*have[m])}" for m in members)
         locked = pool.llama_cpp_versions.get(source)
         if locked:
@@ -315,6 +310,11 @@ def pool_versions(pool: PoolPlan, offers: Mapping[str, Offer], pins: Pins | None
     return chosen
 
 
+def _debian_only(offer: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+    """A host's (installed, candidate), each kept only when it is a Debian version (it goes into commands)."""
+    return tuple(v if v is not None and is_debian_version(v) else None for v in offer)  # type: ignore[return-value]
+
+
 def _offer_text(installed: str | None, candidate: str | None) -> str:
     if installed is None and candidate is None:
         return "has none and apt offers none"
@@ -323,15 +323,12 @@ def _offer_text(installed: str | None, candidate: str | None) -> str:
     return f"has {installed or 'none'}, apt offers {candidate}"
 
 
-def pinned(packages: Iterable[str], versions: Mapping[str, str]) -> tuple[str, ...]:
-    """apt's `name=version` for the llama.cpp packages of the pool's sources (each pinned to its source's version,
-    which keeps a GPU backend and the RPC backend of one ggml, as Debian's exact dependencies require)."""
-    return tuple(f"{p}={versions[source_of(p)]}" if versions.get(source_of(p)) and _is_llama_package(p) else p
-                 for p in packages)
-
-
-def _is_llama_package(package: str) -> bool:
-    return package.startswith(("libggml", "llama.cpp"))
+def pinned(packages: Iterable[str], versions: Mapping[str, str], pins: Pins | None = None) -> tuple[str, ...]:
+    """apt's `name=version` for the packages whose versions the pool agrees on (version_packages); the others (a GPU
+    backend: NVIDIA's comes from its own source package, ggml-cuda, docs/research/cuda-llama-server.md section 4.1)
+    are left to apt's dependencies."""
+    sources = {package: source for role in ("head", "worker") for source, package in version_packages(role, pins).items()}
+    return tuple(f"{p}={versions[sources[p]]}" if p in sources and versions.get(sources[p]) else p for p in packages)
 
 
 def version_check(pool: str, host: str, role: str, versions: Mapping[str, str], pins: Pins | None = None) -> str:
