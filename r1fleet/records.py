@@ -94,6 +94,15 @@ def is_debian_version(text: str) -> bool:
     return len(text) <= 100 and _DEBIAN_VERSION.fullmatch(text) is not None
 
 
+class LlamaCppApt(_Strict):
+    """What the probe read of apt's llama.cpp packages (without fetching its lists): whether the lists were ever
+    fetched, and per package the version installed and the one apt would install."""
+
+    lists: bool = Field(False, description="apt's package lists are on the host (else only installed packages are known)")
+    installed: dict[str, str] = {}
+    candidates: dict[str, str] = {}
+
+
 class Hardware(_Strict):
     """Everything the planner needs to know about one host, parsed from its probe document."""
 
@@ -111,7 +120,7 @@ class Hardware(_Strict):
     model_files: dict[str, int] = Field({}, description="files over 100 MiB already in the model directory: name -> bytes")
     secure_boot: bool | None = None
     tegra_release: str | None = None
-    llama_cpp_packages: dict[str, str] = Field({}, description="Debian's llama.cpp packages installed: name -> version")
+    llama_cpp_apt: LlamaCppApt | None = Field(None, description="apt's llama.cpp packages (Debian); None without apt")
     notes: list[str] = []
 
 

@@ -151,7 +151,7 @@ def with_versions(pool, hardware: dict):
     disagree: nothing recorded (the deploy agrees on a version itself, or refuses naming the members)."""
     if not pool.pooled:
         return pool
-    offers = {m: {package: (version, None) for package, version in hw.llama_cpp_packages.items()}
+    offers = {m: {package: (version, None) for package, version in (hw.llama_cpp_apt.installed if hw.llama_cpp_apt else {}).items()}
               for m, hw in hardware.items()}
     try:
         versions = pool_versions(pool, offers)

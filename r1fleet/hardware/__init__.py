@@ -27,7 +27,7 @@ from r1fleet.hardware.nvidia import nvidia_gpus, nvidia_unified, parse_nvidia_ap
 from r1fleet.hardware.pci import pci_gpus, parse_drm, parse_lspci
 from r1fleet.hardware.system import (
     parse_cpu,
-    parse_llama_cpp_packages,
+    parse_llama_cpp_apt,
     parse_df,
     parse_meminfo,
     parse_model_files,
@@ -98,7 +98,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         model_files=parse_model_files(sections.get("models", [])),
         secure_boot=parse_secureboot(sections.get("secureboot", [])),
         tegra_release=tegra[0] if tegra else None,
-        llama_cpp_packages=parse_llama_cpp_packages(sections.get("llama-cpp-packages", [])),
+        llama_cpp_apt=parse_llama_cpp_apt(sections.get("llama-cpp-packages", [])),
         notes=found.notes,
     )
     _check_readings(hardware)

@@ -18,6 +18,7 @@ from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.artifacts.pins import Download
+from r1fleet.hardware.system import apt_policy
 from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
 from r1fleet.operations.fleet_cache import routed
@@ -69,23 +70,6 @@ def json_or_none(output: list[str]):
         return parse_json(text)
     except ValueError:
         return None
-
-
-def apt_policy(output: list[str]) -> dict[str, tuple[str | None, str | None]]:
-    """`LC_ALL=C apt-cache policy PKG...` read as {package: (installed version, candidate version)}, None for
-    `(none)`; a package apt does not know is absent."""
-    found: dict[str, tuple[str | None, str | None]] = {}
-    current = None
-    for line in output:
-        if line and not line.startswith(" ") and line.endswith(":"):
-            current = line[:-1]
-            found[current] = (None, None)
-        elif current and line.strip().startswith(("Installed:", "Candidate:")):
-            key, value = (part.strip() for part in line.split(":", 1))
-            version = None if value == "(none)" else value
-            installed, candidate = found[current]
-            found[current] = (version, candidate) if key == "Installed" else (installed, version)
-    return found
 
 
 class AptCandidates(FactBase):

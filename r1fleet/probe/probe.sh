@@ -166,11 +166,12 @@ if [ -d "$MODEL_DIR" ]; then
 fi
 
 section llama-cpp-packages
-# The Debian llama.cpp packages a pool's members agree on (versions.yaml llama_cpp.debian: server_package,
-# rpc_server_package, rpc_backend_package), as installed: `r1fleet lock` records the version a pool runs.
-if has dpkg-query; then
-    dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' \
-        llama.cpp-tools llama.cpp-tools-extra libggml0-backend-rpc 2>/dev/null
+# Debian's llama.cpp packages (versions.yaml llama_cpp.debian), as apt has them without fetching its lists: which a
+# pool member can install (`r1fleet plan`), and the versions a pool runs (`r1fleet lock` records them).
+if has apt-cache; then
+    if ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then echo "lists: present"; else echo "lists: absent"; fi
+    LC_ALL=C apt-cache policy llama.cpp-tools llama.cpp-tools-extra libggml0-backend-rpc libggml0-backend-cuda \
+        libggml0-backend-hip libggml0-backend-vulkan 2>/dev/null
 fi
 
 section secureboot

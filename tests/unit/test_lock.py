@@ -498,9 +498,11 @@ def test_a_pool_is_locked_on_the_llama_cpp_versions_its_members_have_installed(t
     from test_pools import BOX_A, BOX_B, on_forky
 
     def installed(text: str, rpc: str) -> str:
-        return text.replace("#### r1fleet:secureboot", "#### r1fleet:llama-cpp-packages\n"
-                            "ii  llama.cpp-tools 1:0.7.0+dfsg-2\nii  llama.cpp-tools-extra 1:0.7.0+dfsg-2\n"
-                            f"ii  libggml0-backend-rpc {rpc}\n#### r1fleet:secureboot")
+        policy = "".join(f"{p}:\n  Installed: {v}\n  Candidate: {v}\n" for p, v in (
+            ("llama.cpp-tools", "1:0.7.0+dfsg-2"), ("llama.cpp-tools-extra", "1:0.7.0+dfsg-2"),
+            ("libggml0-backend-rpc", rpc), ("libggml0-backend-cuda", "0.27.0-1")))
+        return text.replace("#### r1fleet:secureboot", f"#### r1fleet:llama-cpp-packages\nlists: present\n{policy}"
+                            "#### r1fleet:secureboot")
 
     probes = tmp_path / "probes"
     probes.mkdir()

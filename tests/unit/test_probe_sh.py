@@ -162,13 +162,20 @@ def test_probe_over_ssh_failure_names_the_host(tmp_path):
 def test_the_llama_cpp_packages_section_names_the_pinned_packages_and_keeps_installed_versions():
     """Issue 23 item 6: `r1fleet lock` records a pool's version from what its members have installed."""
     from r1fleet.artifacts.pins import load_pins
-    from r1fleet.hardware.system import parse_llama_cpp_packages
+    from r1fleet.hardware.system import parse_llama_cpp_apt
 
     debian = load_pins().llama_cpp.debian
     section = PROBE_SCRIPT.read_text().split("section llama-cpp-packages", 1)[1].split("section ", 1)[0]
-    for package in (debian.server_package, debian.rpc_server_package, debian.rpc_backend_package):
+    for package in (debian.server_package, debian.rpc_server_package, debian.rpc_backend_package,
+                    *debian.backend_packages.values()):
         assert f" {package}" in section
-    # dpkg-query's ${db:Status-Abbrev} is three characters ("ii " installed, "rc " removed with its configuration)
-    lines = ["ii  llama.cpp-tools-extra 1:0.7.0+dfsg-2", "rc  llama.cpp-tools 1:0.6.9-1", "ii  libggml0-backend-rpc 0.9.4-1",
-             "ii  libggml0-backend-rpc 0.9;reboot"]
-    assert parse_llama_cpp_packages(lines) == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2", "libggml0-backend-rpc": "0.9.4-1"}
+    # apt-cache policy as a forky host prints it (LC_ALL=C); a version outside Debian's syntax is no version
+    lines = ["lists: present", "llama.cpp-tools-extra:", "  Installed: 1:0.7.0+dfsg-2", "  Candidate: 1:0.7.0+dfsg-2",
+             "  Version table:", " *** 1:0.7.0+dfsg-2 500", "        500 http://deb.debian.org/debian forky/main amd64 Packages",
+             "        100 /var/lib/dpkg/status", "libggml0-backend-rpc:", "  Installed: (none)", "  Candidate: 0.9.4-1",
+             "libggml0-backend-cuda:", "  Installed: (none)", "  Candidate: (none)", "llama.cpp-tools:",
+             "  Installed: 1.0;reboot", "  Candidate: (none)"]
+    apt = parse_llama_cpp_apt(lines)
+    assert apt.lists and apt.installed == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2"}
+    assert apt.candidates == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2", "libggml0-backend-rpc": "0.9.4-1"}
+    assert not parse_llama_cpp_apt(["lists: absent"]).lists and parse_llama_cpp_apt([]) is None
