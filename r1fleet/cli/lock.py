@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from r1fleet.artifacts.llama_cpp_install import pool_source_problems
 from r1fleet.errors import R1FleetError
 from r1fleet.cache.registry import manifest_key
 from r1fleet.cache.store import ArtifactCache, cache_root
@@ -140,7 +141,9 @@ def _pools(fleet, probed: dict, old) -> dict:
     pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
     for name, pool in fleet.pools.items():
         if all(member in probed for member in pool.hosts):
-            planned = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts])
+            unpoolable = pool_source_problems(name, pool.head, {m: (probed[m][0], fleet.hosts[m]) for m in pool.hosts})
+            planned = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts],
+                                   unpoolable)
             pools[name] = with_versions(planned, {m: probed[m][0] for m in pool.hosts})
     return pools
 

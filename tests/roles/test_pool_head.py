@@ -86,7 +86,7 @@ def deploy(monkeypatch, settings=None, responses=None):
     settings = settings or head_config()
     h = head(settings=settings)
     base = llama_cpp_install(FORKY, h.plan, settings, SID_CUDA)
-    install = pool_head_install(base, h.plan, settings, SID_CUDA, "big")
+    install = pool_head_install(base, FORKY, h.plan, settings, SID_CUDA, "big")
     return run_role(head_role, h.plan, settings, install, DOWNLOAD, h, responses=responses, monkeypatch=monkeypatch)
 
 

@@ -366,11 +366,11 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
 def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, capsys):
     """Two single-3090 boxes pooled: the lock holds the pool's plan, locked_pool returns it while both members
     are as locked, and names the member whose GPU changed."""
-    from test_pools import BOX_A, BOX_B, on_forky
+    from test_pools import BOX_A, BOX_B, on_sid
 
     from r1fleet.lock.match import locked_pool
 
-    BOX_A, BOX_B = on_forky(BOX_A), on_forky(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
+    BOX_A, BOX_B = on_sid(BOX_A), on_sid(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "box-a.probe").write_text(BOX_A)
@@ -409,8 +409,9 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
 
 
 def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(tmp_path, capsys):
-    """A Jetson (no pinned JetPack archive) and a pool on Ubuntu (no rpc-server there): each entry is written, with
-    the deploy's reason in its notes once, the lock says so, and exits 1."""
+    """A Jetson (no pinned JetPack archive): its entry is written, with the deploy's reason in its notes once, the
+    lock says so, and exits 1. A pool on Ubuntu (no rpc-server there) is locked kept separate, saying why (issue 23
+    item 7: the lock holds only what the deploy builds), and its members alone."""
     from test_pools import BOX_A, BOX_B
 
     probes = tmp_path / "probes"
@@ -429,13 +430,13 @@ def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(t
     assert "  orin: deepseek-r1-distill-qwen-32b on ollama, context 32768, f16 KV (new)\n    the deploy will refuse it: " \
            "field ollama.sha256: no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst" in out
     lock = read_lock(fleet.parent / "fleet.yml.lock")
-    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and lock.pools["big"].pooled
+    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and not lock.pools["big"].pooled
+    assert "but the deploy cannot build it: box-a runs ubuntu jammy" in lock.pools["big"].reasons[0]
     assert [n for n in lock.hosts["orin"].artifacts.notes if "jetpack6" in n] == [
         n for n in lock.hosts["orin"].artifacts.notes if n.startswith("the deploy will refuse this host's Ollama archive")]
     for member in ("box-a", "box-b"):
-        (note,) = [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
-        assert f"host {member}: field llama_cpp_install: pool big: llama.cpp would come from the pinned Ollama archive" in note
-        assert "    the deploy will refuse it: field llama_cpp_install: pool big:" in out.partition(f"  {member}: ")[2]
+        assert not [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
+        assert "the deploy will refuse it" not in out.partition(f"  {member}: ")[2].partition("\n  ")[0]
 
 
 def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):

@@ -23,8 +23,8 @@ from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan, is_debian_version
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
-from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
-from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
+from r1fleet.artifacts.pins import Pins, Platform, load_pins
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install, llama_cpp_packages, pool_source_problem
 from r1fleet.roles.llama_cpp.decide import llama_environment
 
 RPC_UNIT = "r1fleet-rpc-server.service"
@@ -38,10 +38,6 @@ MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # ggml's device names: ggml/include/ggml-cuda.h GGML_CUDA_NAME ("CUDA", "ROCm" under HIP), ggml/include/ggml-vulkan.h
 # GGML_VK_NAME; the backend numbers the devices it sees from 0.
 DEVICE_PREFIX = {"nvidia": "CUDA", "amd": "ROCm", "intel": "Vulkan"}
-FIX_SOURCE = ("serve the pool's members from Debian forky/sid packages (llama_cpp_install: auto or package, with "
-              "llama.cpp-tools-extra, libggml0-backend-rpc and the GPU's backend package; NVIDIA's "
-              "libggml0-backend-cuda is in sid's contrib), or take {host} out of pool {pool}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Addresses
@@ -196,29 +192,21 @@ def firewall_context(worker: RpcWorker) -> dict[str, Any]:
 
 def pool_packages(pins: Pins | None = None) -> tuple[str, ...]:
     """Every package the sourcing decisions ask apt about."""
-    debian = (pins or load_pins()).llama_cpp.debian
-    return (debian.server_package, *debian.backend_packages.values(), debian.rpc_server_package,
-            debian.rpc_backend_package)
+    return llama_cpp_packages(pins)
 
 
-def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                 needs: tuple[str, ...], debian: DebianLlamaPins) -> None:
-    """Refuse a member whose llama.cpp source (the llama.cpp role's choice) cannot take part in a pool."""
-    host, fix = plan.host, FIX_SOURCE.format(host=plan.host, pool=pool)
-    if base.method == "ollama-bundle":
-        raise pool_refusal(pool, host, "llama_cpp_install", "llama.cpp would come from the pinned Ollama archive here "
-                           "(apt offers no llama.cpp package with this GPU's backend), and that archive has neither ggml's "
-                           "rpc-server nor its RPC backend (ollama llama/server/CMakeLists.txt installs llama-server "
-                           "and llama-quantize only)", fix)
-    if base.method == "source":
-        raise pool_refusal(pool, host, "llama_cpp_install", "a source build (llama_cpp_install: source) builds "
-                           "llama-server without GGML_RPC, and no rpc-server", fix)
-    missing = [p for p in needs if p not in available]
-    backend = debian.backend_packages.get(plan.vendor or "")
-    if plan.uses_gpu and settings.profile is None and backend not in base.packages:
-        missing.append(backend or f"a ggml backend for {plan.vendor} GPUs")
-    if missing:
-        raise pool_refusal(pool, host, "llama_cpp_install", f"apt on {host} offers no {', '.join(missing)}", fix)
+def _pool_source(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig, available: set[str],
+                 pool: str, role: str, pins: Pins | None = None) -> None:
+    """Refuse a member whose llama.cpp cannot take part in a pool: the decision `r1fleet plan` takes too
+    (pool_source_problem), here with what the host's apt offers; and a source the llama.cpp role would not take
+    from Debian after all (`base`)."""
+    vendor = plan.vendor if plan.uses_gpu else None
+    problem = pool_source_problem(plan.host, pool, role, platform, vendor, settings, available, pins=pins)
+    if problem is None and base.method != "package":
+        problem = (f"llama.cpp would come from {base.method} here, which has no rpc-server or RPC backend",
+                   f"take {plan.host} out of pool {pool}")
+    if problem:
+        raise pool_refusal(pool, plan.host, "llama_cpp_install", *problem)
 
 
 def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig,
@@ -226,7 +214,7 @@ def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, s
     """rpc-server for a worker, from the source the llama.cpp role chose (`base`): Debian's packages only."""
     debian = (pins or load_pins()).llama_cpp.debian
     needs = (debian.rpc_server_package, debian.rpc_backend_package)
-    _pool_source(base, plan, settings, available, pool, needs, debian)
+    _pool_source(base, platform, plan, settings, available, pool, "worker", pins)
     if platform.arch not in MULTIARCH:
         raise pool_refusal(pool, plan.host, "uname", f"no Debian multiarch path known for {platform.arch}",
                            "use an amd64 or arm64 worker")
@@ -235,12 +223,12 @@ def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, s
                         binary=debian.rpc_server_binary.format(multiarch=MULTIARCH[platform.arch]))
 
 
-def pool_head_install(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                      pins: Pins | None = None) -> LlamaInstall:
+def pool_head_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig, available: set[str],
+                      pool: str, pins: Pins | None = None) -> LlamaInstall:
     """The head's llama-server with the RPC backend (what makes `--rpc` exist), from Debian's packages only."""
     debian = (pins or load_pins()).llama_cpp.debian
     needs = (debian.rpc_backend_package,)
-    _pool_source(base, plan, settings, available, pool, needs, debian)
+    _pool_source(base, platform, plan, settings, available, pool, "head", pins)
     return LlamaInstall(method="package", packages=(*base.packages, *needs), binary=base.binary)
 
 
@@ -251,7 +239,7 @@ def pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, avail
     base = llama_cpp_install(platform, plan, settings, available, pins)
     if role == "worker":
         return rpc_worker_install(base, platform, plan, settings, available, pool, pins)
-    return pool_head_install(base, plan, settings, available, pool, pins)
+    return pool_head_install(base, platform, plan, settings, available, pool, pins)
 
 
 # ---------------------------------------------------------------------------------------------
