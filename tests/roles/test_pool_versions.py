@@ -93,20 +93,26 @@ def apt_policy(packages: dict[str, str]) -> list[str]:
     return lines
 
 
+# sid with contrib: every llama.cpp package r1fleet asks apt about, at the pool's versions
+SID_APT = apt_policy({"llama.cpp-tools": LLAMA, "libggml0-backend-cuda": GGML, "llama.cpp-tools-extra": LLAMA,
+                      "libggml0-backend-rpc": GGML, "libggml0-backend-hip": GGML, "libggml0-backend-vulkan": GGML})
+
+
+def member_context(host: str, uuid: str) -> HostContext:
+    """A member of pool big prepared as the deploy prepares it: both members' apt offering the same versions."""
+    members = {"box-a": head_config(), "box-b": worker_config()}
+    hw = hardware(host, uuid)
+    return HostContext(members[host], hw, served_in_pool(members[host], hw, pool_plan(), locked=False), members,
+                       {"box-a": offer(role="head"), "box-b": offer()})
+
+
 def prepared_worker(ctx: HostContext) -> None:
     apply_roles([RpcWorkerRole.prepare(ctx)])
 
 
 def test_a_worker_installs_the_pools_versions_and_checks_them_before_each_start(monkeypatch):
-    settings = worker_config()
-    hw = hardware("box-b", "GPU-bbbb")
-    ctx = HostContext(settings, hw, served_in_pool(settings, hw, pool_plan(), locked=False),
-                      {"box-a": head_config(), "box-b": settings},
-                      {"box-a": offer(role="head"), "box-b": offer()})
-    candidates = {"llama.cpp-tools": LLAMA, "libggml0-backend-cuda": GGML, "llama.cpp-tools-extra": LLAMA,
-                  "libggml0-backend-rpc": GGML, "libggml0-backend-hip": GGML, "libggml0-backend-vulkan": GGML}
-    run = run_role(prepared_worker, ctx, monkeypatch=monkeypatch, responses={
-        "apt-cache policy": apt_policy(candidates), "ip -o addr show": ["127.0.0.1", WORKER_ADDRESS],
+    run = run_role(prepared_worker, member_context("box-b", "GPU-bbbb"), monkeypatch=monkeypatch, responses={
+        "apt-cache policy": SID_APT, "ip -o addr show": ["127.0.0.1", WORKER_ADDRESS],
         "command -v nft": "/usr/sbin/nft", f"-e {RPC_SERVER}": "True"})
     assert run.ran("rpc-server packages", f"libggml0-backend-cuda llama.cpp-tools-extra={LLAMA} "
                                           f"libggml0-backend-rpc={GGML} nftables")
@@ -119,14 +125,8 @@ def prepared_head(ctx: HostContext) -> None:
 
 
 def test_the_head_installs_the_pools_versions_and_checks_them_before_each_start(monkeypatch):
-    settings = head_config()
-    hw = hardware("box-a", "GPU-aaaa")
-    ctx = HostContext(settings, hw, served_in_pool(settings, hw, pool_plan(), locked=False),
-                      {"box-a": settings, "box-b": worker_config()},
-                      {"box-a": offer(role="head"), "box-b": offer()})
-    candidates = {"llama.cpp-tools": LLAMA, "libggml0-backend-cuda": GGML, "llama.cpp-tools-extra": LLAMA,
-                  "libggml0-backend-rpc": GGML, "libggml0-backend-hip": GGML, "libggml0-backend-vulkan": GGML}
-    run = run_role(prepared_head, ctx, monkeypatch=monkeypatch, responses={"apt-cache policy": apt_policy(candidates)})
+    run = run_role(prepared_head, member_context("box-a", "GPU-aaaa"), monkeypatch=monkeypatch,
+                   responses={"apt-cache policy": SID_APT})
     assert run.ran("llama.cpp packages", f"llama.cpp-tools={LLAMA} libggml0-backend-cuda libggml0-backend-rpc={GGML}")
     pre = next(line for line in run.uploads[HEAD_UNIT].splitlines() if line.startswith("ExecStartPre=/bin/bash"))
     # the version first, then the wait for the workers and their devices
