@@ -123,10 +123,11 @@ def device_checks(head: PoolHead, binary: str) -> list[str]:
     its own planned GPUs; else the start fails, naming the worker (or the head) and what llama-server said.
 
     Why (llama.cpp at 0c1e570): a worker whose rpc-server speaks another RPC protocol major fails the handshake
-    (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360). This build then aborts (rpc_dispatcher::start, :535-551); older ones
-    (b10353, docs/research/placement.md) register no device for that worker and go on (a null registry is ignored:
-    ggml/src/ggml-backend-reg.cpp:186-189), applying the first split values to the devices left: the wrong layers
-    on each card, and an out-of-memory start. llama-server handles its arguments in order (common/arg.cpp:815-860),
+    (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360). This build then aborts (rpc_dispatcher::start, :535-551); builds of
+    b10353's time (4df29be, the Ollama archive's) count no device for that worker (ggml-rpc.cpp:378-384, 1994-1999),
+    register none (:2021-2023; a null registry is ignored, ggml/src/ggml-backend-reg.cpp:186-189) and go on, applying
+    the first split values to the devices left: the wrong layers on each card, and an out-of-memory start.
+    llama-server handles its arguments in order (common/arg.cpp:815-860),
     so `--rpc ENDPOINT --list-devices` registers that server (:1166-1185, 2680-2687) before printing every
     non-CPU device (:2746-2751), an RPC one as `RPCn: ENDPOINT (...)` (:1141-1163; the description is the endpoint,
     ggml-rpc.cpp:2352-2354)."""
