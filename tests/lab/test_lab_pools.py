@@ -136,7 +136,9 @@ def test_a_worker_whose_address_comes_late_listens_once_it_is_there(pool_lab, ss
     service restarted without it, and the address put back."""
     netns = paths.netns_name(WORKER)
     since = ssh(WORKER, "date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
-    ssh(WORKER, f"systemd-run --on-active=3 --unit r1lab-test-late-address systemctl restart {RPC_UNIT}")
+    # a timer's default AccuracySec is a minute: it would fire when the address is back
+    ssh(WORKER, "systemd-run --on-active=3 --timer-property=AccuracySec=100ms --unit r1lab-test-late-address "
+                f"systemctl restart {RPC_UNIT}")
     subprocess.run(["ip", "-n", netns, "addr", "del", f"{WORKER_ADDRESS}/24", "dev", "eth0"], check=True)
     try:
         time.sleep(12)  # the restart at 3 s finds no address; so do the retries 5 s apart
@@ -145,7 +147,7 @@ def test_a_worker_whose_address_comes_late_listens_once_it_is_there(pool_lab, ss
         subprocess.run(["ip", "-n", netns, "route", "replace", "default", "via", "10.77.0.1"], check=True)
     try:
         assert wait_for(lambda: ssh(WORKER, f"ss -Hltn 'sport = :{RPC_PORT}'").stdout.strip() != "", 30)
-        log = ssh(WORKER, f"journalctl -u {RPC_UNIT} --since '{since}' --no-pager").stdout
+        log = ssh(WORKER, f"journalctl -o cat --no-pager --since '{since}'").stdout
         assert "Failed to create server socket" in log, log[-2000:]  # it did start without its address, and exit
         assert int(ssh(WORKER, f"systemctl show -p NRestarts --value {RPC_UNIT}").stdout.strip() or 0) >= 1
         assert ssh(WORKER, f"systemctl is-active {RPC_UNIT}").stdout.strip() == "active"
@@ -184,7 +186,7 @@ def test_a_worker_of_another_protocol_version_fails_the_heads_start_by_name(pool
         since = ssh(HEAD, "date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
         started = ssh(HEAD, f"systemctl restart {HEAD_UNIT}", timeout=400)
         assert started.returncode != 0
-        log = ssh(HEAD, f"journalctl -u {HEAD_UNIT} --since '{since}' --no-pager").stdout
+        log = ssh(HEAD, f"journalctl -o cat --no-pager --since '{since}'").stdout
         assert (f"r1fleet: pool big: worker {WORKER} ({WORKER_ADDRESS}:{RPC_PORT}) gives llama-server fewer than the "
                 "1 device(s) planned on it") in log, log[-3000:]
     finally:
