@@ -6,9 +6,10 @@ prints for each host and what the roles and the verification suite read.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from r1fleet.tensor_split import flag_for_layers
 
@@ -116,6 +117,25 @@ class PackageVersions(_Strict):
     candidate: str | None = None
 
 
+# The Debian source packages a pool's llama.cpp comes from (ggml: the backends and the RPC protocol; llama.cpp: the
+# servers), and Debian's version syntax (Debian Policy 5.6.12: [epoch:]upstream[-revision], upstream from a digit).
+LLAMA_CPP_SOURCES = ("ggml", "llama.cpp")
+_DEBIAN_VERSION = re.compile(r"(?:[0-9]+:)?[0-9][A-Za-z0-9.+~-]*")
+
+
+def is_debian_version(text: str) -> bool:
+    return len(text) <= 100 and _DEBIAN_VERSION.fullmatch(text) is not None
+
+
+class LlamaCppApt(_Strict):
+    """What the probe read of apt's llama.cpp packages (without fetching its lists): whether the lists were ever
+    fetched, and per package the version installed and the one apt would install."""
+
+    lists: bool = Field(False, description="apt's package lists are on the host (else only installed packages are known)")
+    installed: dict[str, str] = {}
+    candidates: dict[str, str] = {}
+
+
 class Hardware(_Strict):
     """Everything the planner needs to know about one host, parsed from its probe document."""
 
@@ -138,6 +158,9 @@ class Hardware(_Strict):
     tegra_release: str | None = None
     driver: DriverFacts = DriverFacts()
     haproxy: PackageVersions | None = Field(None, description="the distribution's haproxy package (apt hosts)")
+
+
+    llama_cpp_apt: LlamaCppApt | None = Field(None, description="apt's llama.cpp packages (Debian); None without apt")
     notes: list[str] = []
 
 
@@ -242,6 +265,20 @@ class PoolPlan(_Strict):
     gguf: GgufFile | None = None
     n_layers: int | None = None
     reasons: list[str] = []
+    llama_cpp_versions: dict[str, str] = Field(
+        {}, description="the Debian versions every member runs, by source package (ggml, llama.cpp): recorded by "
+                        "`r1fleet lock` from what the members have installed, then installed and checked before each start")
+
+    @field_validator("llama_cpp_versions")
+    @classmethod
+    def _debian_versions(cls, value: dict[str, str]) -> dict[str, str]:
+        # written into apt's command line and the units' start checks: a Debian version and nothing else
+        for source, version in value.items():
+            if source not in LLAMA_CPP_SOURCES:
+                raise ValueError(f"{source!r} is not one of {', '.join(LLAMA_CPP_SOURCES)}")
+            if not is_debian_version(version):
+                raise ValueError(f"{version!r} is not a Debian package version")
+        return value
 
     @computed_field(description="llama-server --tensor-split over local and RPC devices in llama.cpp's order (r1fleet/tensor_split.py)")
     @property

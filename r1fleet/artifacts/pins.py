@@ -123,6 +123,7 @@ class DebianLlamaPins(_Pinned):
     codenames: tuple[str, ...]
     server_package: str
     backend_packages: dict[str, str]
+    sid_contrib_only: tuple[str, ...] = ()
     server_binary: str
     rpc_server_package: str
     rpc_backend_package: str

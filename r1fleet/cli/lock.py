@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from r1fleet.artifacts.llama_cpp_install import pool_source_problems
 from r1fleet.errors import R1FleetError
 from r1fleet.cache.registry import manifest_key
 from r1fleet.cache.store import ArtifactCache, cache_root
@@ -29,6 +30,7 @@ from r1fleet.plan.pools import plan_members
 from r1fleet.roles.ollama.decide import registry_of, takes_from_registry
 from r1fleet.lock.served import Served, rehearsed, served_in_pool
 from r1fleet.deploy.refusals import deploy_refusal
+from r1fleet.roles.rpc_worker.decide import pool_versions
 
 LOCK_LOCATION = ("The lock is <fleet file>.lock beside the fleet file; the lab's (`--fleet lab`, whose fleet file ships "
                  "inside the package) is inventory/lab.yml.lock in a checkout, else /var/lib/r1fleet-lab/lab.yml.lock")
@@ -141,8 +143,26 @@ def _pools(fleet, probed: dict, old) -> dict:
     pools = {name: plan for name, plan in old.pools.items() if name in fleet.pools}
     for name, pool in fleet.pools.items():
         if all(member in probed for member in pool.hosts):
-            pools[name] = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts])
+            unpoolable = pool_source_problems(name, pool.head, {m: (probed[m][0], fleet.hosts[m]) for m in pool.hosts})
+            planned = plan_members(name, pool, [probed[m][0] for m in pool.hosts], [probed[m][1] for m in pool.hosts],
+                                   unpoolable)
+            pools[name] = with_versions(planned, {m: probed[m][0] for m in pool.hosts})
     return pools
+
+
+def with_versions(pool, hardware: dict):
+    """A pooled pool with the llama.cpp versions its members have installed (their probes), when they agree: the
+    deploy then installs exactly those and checks them before each start. Not yet deployed, or members that
+    disagree: nothing recorded (the deploy agrees on a version itself, or refuses naming the members)."""
+    if not pool.pooled:
+        return pool
+    offers = {m: {package: (version, None) for package, version in (hw.llama_cpp_apt.installed if hw.llama_cpp_apt else {}).items()}
+              for m, hw in hardware.items()}
+    try:
+        versions = pool_versions(pool, offers)
+    except R1FleetError:
+        return pool
+    return pool.model_copy(update={"llama_cpp_versions": versions})
 
 
 def _lock_line(host: str, entry, previous) -> str:

@@ -13,6 +13,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
+from r1fleet.artifacts.llama_cpp_install import pool_source_problems
 from r1fleet.cli.probing import fleet_probe_results
 from r1fleet.deploy.refusals import deploy_refusal
 from r1fleet.errors import R1FleetError
@@ -111,8 +112,11 @@ def plan_jobs(jobs: list[Job], fleet: Fleet | None, model: str | None = None, co
     policies = [job.policy.model_copy(update=what_if or {}) for job in live]
     today = [plan_host(hardware[job.host], policy, model=model, context=context) for job, policy in zip(live, policies)]
     pools = fleet.pools if fleet else {}
-    today_pools, _ = plan_pools(pools, [hardware[job.host] for job in live], today, policies, model=model, context=context)
     settings = {job.host: job.settings for job in jobs}
+    unpoolable = {host: why for name, pool in pools.items() for host, why in pool_source_problems(
+        name, pool.head, {m: (hardware[m], settings[m]) for m in pool.hosts if m in hardware and m in settings}).items()}
+    today_pools, _ = plan_pools(pools, [hardware[job.host] for job in live], today, policies, model=model, context=context,
+                                unpoolable=unpoolable)
     forced = bool(model or context or what_if)
     served = _served(live, today, today_pools, hardware, fleet, forced)
     out = Outcome()

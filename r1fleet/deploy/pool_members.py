@@ -20,15 +20,18 @@ from pyinfra.api.facts import get_fact
 from pyinfra.context import ctx_host
 
 from r1fleet.fleet.config import HostConfig
+from r1fleet.operations.common import AptVersions
 from r1fleet.probe.facts import R1Probe
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.match import fleet_lock
 from r1fleet.lock.served import pool_served
 from r1fleet.records import Hardware, PoolPlan
 from r1fleet.plan.pool_settings import PoolSettings
+from r1fleet.roles.rpc_worker.decide import version_packages
 
 _hardware: dict[str, Hardware] = {}
 _pools: dict[str, tuple[PoolPlan, bool]] = {}
+_offers: dict[str, dict] = {}
 _locks: dict[str, threading.Lock] = {}  # gevent-patched under pyinfra: members wait for one probe, one plan
 
 
@@ -69,3 +72,15 @@ def pool_plan(name: str, pool: PoolSettings, fleet: str | None = None) -> tuple[
             members = {member: member_config(member) for member in pool.hosts}
             _pools[name] = pool_served(name, pool, members, hardware, *fleet_lock(fleet))
         return _pools[name]
+
+
+def member_offers(name: str) -> dict:
+    """What the member's apt has of the packages whose versions a pool agrees on: {package: (installed, candidate)}
+    (read on that host once per run, like its probe)."""
+    with _locks.setdefault(f"apt:{name}", threading.Lock()):
+        if name not in _offers:
+            member = state.inventory.get_host(name)
+            packages = tuple(dict.fromkeys([*version_packages("head").values(), *version_packages("worker").values()]))
+            with ctx_host.use(member):
+                _offers[name] = dict(get_fact(state, member, AptVersions, kwargs={"packages": packages}) or {})
+        return _offers[name]

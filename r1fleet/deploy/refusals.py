@@ -5,9 +5,10 @@ plan` and `r1fleet lock` show, so neither promises a host the deploy will stop.
 
 Each check is the decision the deploy makes, called as the deploy calls it: the checks before any change (disk,
 exposure, API key), then what each role decides when it is prepared (which Ollama release, which llama.cpp, which
-download, a pool member's settings and sources) and the GPU driver's decision. One thing is known only on the host:
-what its apt offers. A Debian release whose llama.cpp packages versions.yaml names is taken to offer them, any other
-host to offer none, as the deploy finds them; a host whose apt lacks a package may still be refused there. So is a
+download, a pool member's settings and sources) and the GPU driver's decision. What the host's apt offers is the
+probe's reading of it (r1fleet/artifacts/llama_cpp_install.py apt_offer); on a host whose apt lists were never
+fetched, a Debian release whose llama.cpp packages versions.yaml names is taken to offer them (but those in sid's
+contrib alone), any other host none; a host whose apt lacks a package may still be refused there. So is a
 Secure Boot host whose driver's signing key the deploy finds not enrolled (it asks the host).
 """
 
@@ -17,9 +18,9 @@ from dataclasses import replace
 from typing import Callable, Mapping
 
 from r1fleet.artifacts.disk import check_disks
-from r1fleet.artifacts.llama_cpp_install import llama_cpp_install
+from r1fleet.artifacts.llama_cpp_install import apt_offer, llama_cpp_install
 from r1fleet.artifacts.ollama_release import OllamaRelease, host_release
-from r1fleet.artifacts.pins import Pins, Platform, load_pins, model_download, platform_from_hardware
+from r1fleet.artifacts.pins import model_download, platform_from_hardware
 from r1fleet.errors import DeployError, R1FleetError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.lock.served import Served, rehearsed
@@ -28,7 +29,7 @@ from r1fleet.records import Hardware
 from r1fleet.roles.exposure.decide import exposure_for
 from r1fleet.roles.llama_cpp.pool import pool_head
 from r1fleet.roles.ollama.decide import imports_stand_in
-from r1fleet.roles.rpc_worker.decide import pool_install, pool_packages, rpc_worker
+from r1fleet.roles.rpc_worker.decide import pool_install, rpc_worker
 
 
 def kind_of(served: Served, system: str) -> str:
@@ -70,7 +71,7 @@ def runtime_release(served: Served, settings: HostConfig, hardware: Hardware) ->
     platform = platform_from_hardware(hardware)
     if served.plan.backend == "ollama":
         return host_release(served.plan, settings, platform)
-    install = llama_cpp_install(platform, served.plan, settings, apt_offer(platform))
+    install = llama_cpp_install(platform, served.plan, settings, apt_offer(hardware))
     return install.release if install.method == "ollama-bundle" else None
 
 
@@ -112,15 +113,6 @@ PREPARED: dict[str, Decide] = {"macos": _mac, "ollama": _ollama, "llama.cpp": _l
                                "worker": _worker}
 
 
-def apt_offer(platform: Platform, pins: Pins | None = None) -> set[str]:
-    """The packages a host's apt is taken to offer when the host is not asked: every llama.cpp package r1fleet
-    asks for on the Debian releases versions.yaml names for them, none elsewhere."""
-    debian = (pins or load_pins()).llama_cpp.debian
-    if platform.distro_id == "debian" and platform.codename in debian.codenames:
-        return set(pool_packages(pins))
-    return set()
-
-
 def driver_refusal(hardware: Hardware, served: Served) -> DeployError | None:
     """The GPU driver role's refusal (r1fleet/plan/drivers.py), unless it hangs on a Secure Boot key the deploy
     finds enrolled or not only on the host."""
@@ -146,7 +138,7 @@ def deploy_refusal(served: Served, settings: HostConfig, hardware: Hardware,
     try:
         if served.role != "worker":
             check_before_change(served, settings, hardware)
-        available = set() if hardware.os.system == "Darwin" else apt_offer(platform_from_hardware(hardware))
+        available = apt_offer(hardware)
         PREPARED[kind_of(served, hardware.os.system)](served, settings, hardware, members or {}, available)
     except R1FleetError as err:
         return err

@@ -15,7 +15,7 @@ from pyinfra import host, state
 
 from r1fleet.deploy import refusals, summary
 from r1fleet.deploy.gateway_peers import fleet_gateway_plan, gateway_of
-from r1fleet.deploy.pool_members import member_config, pool_of, pool_plan, remember
+from r1fleet.deploy.pool_members import member_config, member_offers, pool_of, pool_plan, remember
 from r1fleet.errors import DeployError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.hardware import parse_probe
@@ -80,7 +80,8 @@ def host_context(settings: HostConfig, hardware: Hardware) -> HostContext:
             print(f"[{host.name}]   - {reason}")
         if planned.pooled:
             members = {name: member_config(name) for name in pool[1].hosts}
-            ctx = HostContext(settings, hardware, served_in_pool(settings, hardware, planned, locked), members)
+            offers = {name: member_offers(name) for name in pool[1].hosts}
+            ctx = HostContext(settings, hardware, served_in_pool(settings, hardware, planned, locked), members, offers)
             if ctx.served.role == "head":
                 check_before_change(ctx)
             return ctx

@@ -28,6 +28,7 @@ from r1fleet.hardware.nvidia import nvidia_gpus, nvidia_unified, parse_nvidia_ap
 from r1fleet.hardware.pci import pci_gpus, parse_drm, parse_lspci
 from r1fleet.hardware.system import (
     parse_cpu,
+    parse_llama_cpp_apt,
     parse_df,
     parse_disk,
     parse_installed_releases,
@@ -107,6 +108,7 @@ def parse_probe(text: str, host: str) -> Hardware:
         tegra_release=tegra[0] if tegra else None,
         driver=parse_driver_facts(sections),
         haproxy=parse_apt_policy(sections.get("haproxy", [])),
+        llama_cpp_apt=parse_llama_cpp_apt(sections.get("llama-cpp-packages", [])),
         notes=found.notes,
     )
     _check_readings(hardware)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from r1fleet.errors import ProbeError
 from r1fleet.hardware._base import probe_fix
-from r1fleet.records import INSTALL_ROOT, DiskSpace, GpuProcess, OsInfo, PackageVersions
+from r1fleet.records import INSTALL_ROOT, DiskSpace, GpuProcess, LlamaCppApt, OsInfo, PackageVersions, is_debian_version
 
 # ---------------------------------------------------------------------------------------------
 # System: uname, os-release, meminfo, cpu, df, secureboot, sysctl
@@ -172,3 +172,32 @@ def parse_sysctl(lines: list[str]) -> dict[str, str]:
     return values
 
 
+
+
+
+def apt_policy(output: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """`LC_ALL=C apt-cache policy PKG...` read as {package: (installed version, candidate version)}, None for
+    `(none)` or a version outside Debian's syntax; a package apt does not know is absent."""
+    found: dict[str, tuple[str | None, str | None]] = {}
+    current = None
+    for line in output:
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+            found[current] = (None, None)
+        elif current and line.strip().startswith(("Installed:", "Candidate:")):
+            key, value = (part.strip() for part in line.split(":", 1))
+            version = value if is_debian_version(value) else None
+            installed, candidate = found[current]
+            found[current] = (version, candidate) if key == "Installed" else (installed, version)
+    return found
+
+
+def parse_llama_cpp_apt(lines: list[str]) -> LlamaCppApt | None:
+    """The probe's llama-cpp-packages section (`lists: present|absent`, then apt-cache policy); None when empty
+    (no apt on the host)."""
+    if not any(line.strip() for line in lines):
+        return None
+    policy = apt_policy(lines)
+    return LlamaCppApt(lists=any(line.strip() == "lists: present" for line in lines),
+                       installed={p: i for p, (i, _c) in policy.items() if i},
+                       candidates={p: c for p, (_i, c) in policy.items() if c})

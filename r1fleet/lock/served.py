@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from r1fleet.artifacts.llama_cpp_install import pool_source_problems
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.config import HostConfig
 from r1fleet.lock.file import Lock
@@ -54,7 +55,9 @@ def pool_served(name: str, pool: PoolSettings, members: Mapping[str, HostConfig]
     locked = locked_pool(lock, name, {m: hardware[m] for m in pool.hosts}, fleet)
     if locked is not None:
         return locked, True
-    return plan_members(name, pool, [hardware[m] for m in pool.hosts], [members[m].policy for m in pool.hosts]), False
+    unpoolable = pool_source_problems(name, pool.head, {m: (hardware[m], members[m]) for m in pool.hosts})
+    return plan_members(name, pool, [hardware[m] for m in pool.hosts], [members[m].policy for m in pool.hosts],
+                        unpoolable), False
 
 
 def pool_lock_note(locked: PoolPlan, today: PoolPlan, fleet: str | None = None) -> str | None:

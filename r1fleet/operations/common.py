@@ -18,6 +18,7 @@ from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.artifacts.pins import Download
+from r1fleet.hardware.system import apt_policy
 from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
 from r1fleet.operations.fleet_cache import routed
@@ -89,14 +90,17 @@ class AptCandidates(FactBase):
         return f"{refresh}; LC_ALL=C apt-cache policy {names} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> set[str]:
-        found, current = set(), None
-        for line in output:
-            if line and not line.startswith(" ") and line.endswith(":"):
-                current = line[:-1]
-            elif current and line.strip().startswith("Candidate:"):
-                if line.split(":", 1)[1].strip() != "(none)":
-                    found.add(current)
-        return found
+        return {name for name, (_installed, candidate) in apt_policy(output).items() if candidate}
+
+
+class AptVersions(AptCandidates):
+    """{package: (installed version, candidate version)} of `packages`, as apt has them (lists fetched as in
+    AptCandidates)."""
+
+    default = dict
+
+    def process(self, output: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        return apt_policy(output)
 
 
 def model_names(tags_document) -> set[str]:

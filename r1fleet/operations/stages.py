@@ -39,12 +39,14 @@ STAGES = ("install", "configure", "activate")
 @dataclass(frozen=True)
 class HostContext:
     """What every role is prepared from: the host's settings and hardware, and what it serves
-    (r1fleet/lock/served.py); a pool member also has every member's settings."""
+    (r1fleet/lock/served.py); a pool member also has every member's settings and what each member's apt has of the
+    pool's llama.cpp packages ({member: {package: (installed, candidate)}}, read on each member by the deploy)."""
 
     settings: HostConfig
     hardware: Hardware
     served: Served
     members: Mapping[str, HostConfig] = field(default_factory=dict)
+    pool_offers: Mapping[str, Mapping[str, tuple[str | None, str | None]]] = field(default_factory=dict)
 
     @property
     def host(self) -> str:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 from r1fleet.plan.catalog import Catalog, Model, load_catalog
 from r1fleet.plan.memory import constants, llama_server_host_mib, prompt_cache_mib, weight_shares
@@ -135,10 +136,28 @@ def plan_pool(
     catalog: Catalog | None = None,
     model: str | None = None,
     context: int | None = None,
+    unpoolable: Mapping[str, str] | None = None,
 ) -> PoolPlan:
     """Pool the members when that serves a larger model (or the same one at context_gain x the context) above the
-    head policy's speed floor; otherwise keep them separate, with the reason. `model`/`context` force as in plan_host."""
+    head policy's speed floor; otherwise keep them separate, with the reason. `model`/`context` force as in plan_host.
+    `unpoolable`: {member: why its llama.cpp cannot take part (naming it), and what would make it possible}
+    (r1fleet/artifacts/llama_cpp_install.py pool_source_problems): a pool that would serve is kept separate then,
+    saying so, so that the plan offers only what the deploy can build."""
+    planned = _plan_pool(name, pool, hardware, solo, policy, catalog or load_catalog(), model, context)
+    cannot = [why for host, why in (unpoolable or {}).items() if host in pool.hosts]
+    if not planned.pooled or not cannot:
+        return planned
     catalog = catalog or load_catalog()
+    size = catalog.find(planned.model).size_label
+    members = [solo.get(h) for h in pool.hosts]
+    base = PoolPlan(pool=name, head=pool.head, workers=pool.workers, network_gbps=pool.network_gbps, rpc_port=pool.rpc_port)
+    return _separate(base, [
+        f"pooled, it would serve {size} at context {planned.context_length}, but the deploy cannot build it: "
+        + "; ".join(cannot)], pool, members, catalog)
+
+
+def _plan_pool(name: str, pool: PoolSettings, hardware: dict[str, Hardware], solo: dict[str, HostPlan], policy: Policy,
+               catalog: Catalog, model: str | None, context: int | None) -> PoolPlan:
     base = PoolPlan(pool=name, head=pool.head, workers=pool.workers, network_gbps=pool.network_gbps, rpc_port=pool.rpc_port)
     members = [solo.get(h) for h in pool.hosts]
     unprobed = [h for h in pool.hosts if h not in hardware]
@@ -189,10 +208,12 @@ def _why_not(
     return None
 
 
-def plan_members(name: str, pool: PoolSettings, hardware: list[Hardware], policies: list[Policy]) -> PoolPlan:
+def plan_members(name: str, pool: PoolSettings, hardware: list[Hardware], policies: list[Policy],
+                 unpoolable: Mapping[str, str] | None = None) -> PoolPlan:
     """One pool planned from its members' hardware and policies, in `pool.hosts` order (each member's solo plan
     first, as plan_pools compares with them): what the lock, the deploy and verify plan for a pool."""
-    (planned,), _ = plan_pools({name: pool}, hardware, [plan_host(hw, p) for hw, p in zip(hardware, policies)], policies)
+    (planned,), _ = plan_pools({name: pool}, hardware, [plan_host(hw, p) for hw, p in zip(hardware, policies)], policies,
+                               unpoolable=unpoolable)
     return planned
 
 
@@ -203,15 +224,17 @@ def plan_pools(
     policies: list[Policy],
     model: str | None = None,
     context: int | None = None,
+    unpoolable: Mapping[str, str] | None = None,
 ) -> tuple[list[PoolPlan], list[HostPlan]]:
     """`r1fleet plan`'s hook: every pool's plan, and the host plans not taken into a pool.
 
-    `hardware`, `plans` and `policies` are parallel lists, one entry per host."""
+    `hardware`, `plans` and `policies` are parallel lists, one entry per host; `unpoolable` as in plan_pool."""
     by_host = {hw.host: hw for hw in hardware}
     solo = {p.host: p for p in plans}
     policy_of = {hw.host: policy for hw, policy in zip(hardware, policies)}
     results = [
-        plan_pool(name, pool, by_host, solo, policy_of.get(pool.head, Policy()), model=model, context=context)
+        plan_pool(name, pool, by_host, solo, policy_of.get(pool.head, Policy()), model=model, context=context,
+                  unpoolable=unpoolable)
         for name, pool in pools.items()
     ]
     taken = {h for r in results if r.pooled for h in (r.head, *r.workers)}

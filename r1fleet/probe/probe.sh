@@ -181,7 +181,16 @@ fi
 section haproxy
 # The distribution's HAProxy (the gateway role installs it): installed and candidate versions, for the lock.
 if has apt-cache; then
-    apt-cache policy haproxy 2>/dev/null
+    LC_ALL=C apt-cache policy haproxy 2>/dev/null
+fi
+
+section llama-cpp-packages
+# Debian's llama.cpp packages (versions.yaml llama_cpp.debian), as apt has them without fetching its lists: which a
+# pool member can install (`r1fleet plan`), and the versions a pool runs (`r1fleet lock` records them).
+if has apt-cache; then
+    if ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then echo "lists: present"; else echo "lists: absent"; fi
+    LC_ALL=C apt-cache policy llama.cpp-tools llama.cpp-tools-extra libggml0-backend-rpc libggml0-backend-cuda \
+        libggml0-backend-hip libggml0-backend-vulkan 2>/dev/null
 fi
 
 section secureboot

@@ -92,12 +92,14 @@ def unit_context(
     exec_start_pre: list[str] = (),
     requires: list[str] = (),
     ip_allow: list[str] | None = None,
+    restart_always: bool = False,
 ) -> dict[str, Any]:
     """Template variables for operations/templates/r1fleet-service.j2.
 
     exec_start_pre: one command run (as the service user, inside its sandbox) before each start, e.g. a pool head
     waiting for its workers; requires: units this one starts only with and after (a firewall); ip_allow: the
-    addresses the unit may talk to, instead of those of the serving API (service_ip_allow)."""
+    addresses the unit may talk to, instead of those of the serving API (service_ip_allow); restart_always: restart
+    it whenever it ends, without a start limit, for a program that exits 0 when it failed to start serving."""
     gpu = plan.uses_gpu
     if ip_allow is None:
         ip_allow = service_ip_allow(settings) if restrict_ip else []
@@ -121,6 +123,7 @@ def unit_context(
         "ip_allow": list(ip_allow),
         "restrict_ip": restrict_ip,
         "credential": credential,
+        "restart_always": restart_always,
     }
 
 

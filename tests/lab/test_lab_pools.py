@@ -2,18 +2,24 @@
 planned for both together: the head's llama-server splits it over the worker's real ggml-rpc-server (its
 stand-in GPU served by its CPU backend) and its own device. The pool deploys, a second run changes nothing,
 verify passes; the worker's RPC port drops this controller; a stopped rpc-server fails verify, naming the
-worker and the check. Root + lab only (tests/lab/conftest.py); the default lab comes back afterwards.
+worker and the check. Issue 23: a worker whose address comes up after rpc-server first starts listens once it
+does (item 8); a worker that speaks another RPC protocol version fails the head's start, naming it (item 6); both
+members run the one llama.cpp version the deploy pinned and checks before each start (item 6). Root + lab only
+(tests/lab/conftest.py); the default lab comes back afterwards.
 """
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from conftest import another_lab
+from r1fleet.lab import paths
 
 from test_deploy import changed_count, deploy
 
@@ -92,3 +98,97 @@ def test_a_locked_pool_is_served_as_locked(pool_lab, tmp_path):
                          timeout=900)
     assert run.returncode == 0 and "2/2 hosts pass" in run.stdout, run.stdout[-3000:]
 
+
+
+WORKER_ADDRESS, RPC_PORT = "10.77.0.12", 50052
+RPC_UNIT, HEAD_UNIT = "r1fleet-rpc-server.service", "r1fleet-llama-server.service"
+
+
+def wait_for(check, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(1)
+    return check()
+
+
+def head_serves_again(ssh) -> None:
+    """The head restarted on the worker's rpc-server (a test that broke its connection), healthy before the next."""
+    ssh(HEAD, f"systemctl reset-failed {HEAD_UNIT}; systemctl restart {HEAD_UNIT}", timeout=400)
+    assert wait_for(lambda: ssh(HEAD, "curl -sf http://127.0.0.1:8080/health").returncode == 0, 300)
+
+
+def test_both_members_run_the_pinned_llama_cpp_version(pool_lab, ssh):
+    versions = {}
+    for host, tools in ((HEAD, "llama.cpp-tools"), (WORKER, "llama.cpp-tools-extra")):
+        versions[host] = ssh(host, f"dpkg-query -W -f='${{Version}} ' libggml0-backend-rpc {tools}").stdout.split()
+        assert len(versions[host]) == 2, versions
+    assert versions[HEAD] == versions[WORKER]
+    for host, unit in ((HEAD, HEAD_UNIT), (WORKER, RPC_UNIT)):
+        pre = ssh(host, f"systemctl show -p ExecStartPre --value {unit}").stdout
+        assert "dpkg-query" in pre and versions[host][0] in pre  # checked before each start
+
+
+def test_a_worker_whose_address_comes_late_listens_once_it_is_there(pool_lab, ssh):
+    """Item 8: rpc-server exits 0 when it cannot bind its address; the worker's unit restarts it until it can. The
+    address is taken off the worker's interface (from the controller: SSH to it goes through that address), the
+    service restarted without it, and the address put back."""
+    netns = paths.netns_name(WORKER)
+    since = ssh(WORKER, "date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    # a timer's default AccuracySec is a minute: it would fire when the address is back
+    ssh(WORKER, "systemd-run --on-active=3 --timer-property=AccuracySec=100ms --unit r1lab-test-late-address "
+                f"systemctl restart {RPC_UNIT}")
+    subprocess.run(["ip", "-n", netns, "addr", "del", f"{WORKER_ADDRESS}/24", "dev", "eth0"], check=True)
+    try:
+        time.sleep(12)  # the restart at 3 s finds no address; so do the retries 5 s apart
+    finally:
+        subprocess.run(["ip", "-n", netns, "addr", "add", f"{WORKER_ADDRESS}/24", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", netns, "route", "replace", "default", "via", "10.77.0.1"], check=True)
+    try:
+        assert wait_for(lambda: ssh(WORKER, f"ss -Hltn 'sport = :{RPC_PORT}'").stdout.strip() != "", 30)
+        log = ssh(WORKER, f"journalctl -o cat --no-pager --since '{since}'").stdout
+        assert "Failed to create server socket" in log, log[-2000:]  # it did start without its address, and exit
+        assert int(ssh(WORKER, f"systemctl show -p NRestarts --value {RPC_UNIT}").stdout.strip() or 0) >= 1
+        assert ssh(WORKER, f"systemctl is-active {RPC_UNIT}").stdout.strip() == "active"
+    finally:
+        head_serves_again(ssh)
+
+
+# Another RPC protocol major, as a worker installed at another time would speak: it answers the head's HELLO
+# (ggml/src/ggml-rpc/ggml-rpc.cpp:323-360 at 0c1e570: a command byte, a 64-bit size and the request; the answer's
+# size and bytes) with major 99, in the layout of the head's own build (a 24-byte request: major, minor, patch,
+# padding and 24 bytes of capabilities; an empty one: major, minor, patch).
+OTHER_PROTOCOL = f"""
+import socket, struct
+server = socket.create_server(("{WORKER_ADDRESS}", {RPC_PORT}))
+while True:
+    client, _ = server.accept()
+    with client:
+        head = client.recv(9, socket.MSG_WAITALL)
+        if len(head) < 9:
+            continue
+        size = struct.unpack("<Q", head[1:])[0]
+        request = client.recv(size, socket.MSG_WAITALL) if size else b""
+        answer = bytes([99, 0, 0, 0]) + bytes(size) if size else bytes([99, 0, 0])
+        client.sendall(struct.pack("<Q", len(answer)) + answer)
+        client.recv(1)
+"""
+
+
+def test_a_worker_of_another_protocol_version_fails_the_heads_start_by_name(pool_lab, ssh):
+    """Item 6: the head's unit asks each worker for its devices before it starts; a worker on another RPC protocol
+    version gives none, and the start fails naming it (the TCP wait alone passes: the port accepts)."""
+    ssh(WORKER, f"systemctl stop {RPC_UNIT}")
+    ssh(WORKER, "systemd-run --unit r1lab-test-other-protocol python3 -c " + shlex.quote(OTHER_PROTOCOL))
+    try:
+        assert wait_for(lambda: ssh(WORKER, f"ss -Hltn 'sport = :{RPC_PORT}'").stdout.strip() != "", 20)
+        since = ssh(HEAD, "date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+        started = ssh(HEAD, f"systemctl restart {HEAD_UNIT}", timeout=400)
+        assert started.returncode != 0
+        log = ssh(HEAD, f"journalctl -o cat --no-pager --since '{since}'").stdout
+        assert (f"r1fleet: pool big: worker {WORKER} ({WORKER_ADDRESS}:{RPC_PORT}) gives llama-server fewer than the "
+                "1 device(s) planned on it") in log, log[-3000:]
+    finally:
+        ssh(WORKER, f"systemctl stop r1lab-test-other-protocol; systemctl start {RPC_UNIT}")
+        head_serves_again(ssh)

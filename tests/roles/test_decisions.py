@@ -247,3 +247,29 @@ def test_a_pull_of_r1_0528s_8b_needs_room_for_ollamas_own_layer_not_the_gguf():
     p = plan_host(hw, model="8b-0528")
     assert p.backend == "ollama" and p.gguf.size_bytes == 5027785216
     assert download_mib(p, hw) == -(-5225373760 // 2**20)
+
+
+def test_nvidia_gpus_without_uuids_are_chosen_by_index_in_pci_bus_order():
+    """Issue 23 item 10: a multi-GPU plan from a probe without UUIDs names its GPUs by nvidia-smi's index, which is
+    the PCI bus order only when CUDA is told so (its default order is fastest first)."""
+    from r1fleet.roles.llama_cpp.decide import llama_environment
+
+    split = plan(backend="llama.cpp", placement="multi-gpu", gpu_indices=[1, 0], tensor_split=[30, 18])
+    env = llama_environment(split)
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,0"  # the plan's order: CUDA numbers them CUDA0, CUDA1 in this order
+    assert env["CUDA_SCALE_LAUNCH_QUEUES"] == "4x"
+    by_uuid = llama_environment(split.model_copy(update={"gpu_uuids": ["GPU-b", "GPU-a"]}))
+    assert by_uuid["CUDA_VISIBLE_DEVICES"] == "GPU-b,GPU-a" and "CUDA_DEVICE_ORDER" not in by_uuid
+
+
+def test_the_start_check_counts_the_planned_gpus_without_uuids():
+    from r1fleet.artifacts.llama_cpp_install import LlamaInstall
+    from r1fleet.roles.llama_cpp.decide import llama_server_problems
+
+    install = LlamaInstall(method="ollama-bundle", packages=(), binary="/opt/llama-server")
+    split = plan(backend="llama.cpp", placement="multi-gpu", gpu_indices=[0, 1], tensor_split=[24, 24])
+    assert llama_server_problems({"devices": ["CUDA0"]}, install, split) == [
+        "/opt/llama-server --list-devices shows CUDA0, the plan needs 2: check the driver (nvidia-smi) and the backend library"]
+    assert llama_server_problems({"devices": []}, install, split)[0].startswith("/opt/llama-server --list-devices shows no GPU")
+    assert llama_server_problems({"devices": ["CUDA0", "CUDA1"]}, install, split) == []

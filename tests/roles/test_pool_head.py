@@ -86,7 +86,7 @@ def deploy(monkeypatch, settings=None, responses=None):
     settings = settings or head_config()
     h = head(settings=settings)
     base = llama_cpp_install(FORKY, h.plan, settings, SID_CUDA)
-    install = pool_head_install(base, h.plan, settings, SID_CUDA, "big")
+    install = pool_head_install(base, FORKY, h.plan, settings, SID_CUDA, "big")
     return run_role(head_role, h.plan, settings, install, DOWNLOAD, h, responses=responses, monkeypatch=monkeypatch)
 
 
@@ -103,9 +103,11 @@ def test_the_head_unit_waits_for_its_workers_and_may_reach_them(monkeypatch):
     assert args[args.index("--rpc") + 1] == f"{WORKER_ADDRESS}:50052" and "--tensor-split" in args
     pre = unit_line(unit, "ExecStartPre=/bin/bash -c ")
     # one systemd word: `%` and `$` doubled so that bash gets `date +%s` and `$end` (systemd.service, Command lines)
-    assert pre.startswith('"end=$$(($$(date +%%s)+120)); until timeout 2 bash -c ') and pre.endswith('done"')
+    assert pre.startswith('"end=$$(($$(date +%%s)+120)); until timeout 2 bash -c ') and pre.endswith('exit 1; }"')
     assert f"</dev/tcp/{WORKER_ADDRESS}/50052" in pre and "worker box-b (192.168.1.32:50052) did not accept" in pre
-    assert "TimeoutStartSec=150" in unit
+    # then each worker's devices, asked with the unit's own llama-server (tests/roles/test_pool_devices.py runs it)
+    assert "/usr/bin/llama-server --rpc 192.168.1.32:50052 --list-devices" in pre
+    assert "TimeoutStartSec=210" in unit  # 120 s of wait, 30 s for the worker's device check and 30 for the head's GPUs, 30 s
     # IPAddressDeny=any also covers the unit's own connections: the workers are allowed, nothing else is added
     assert f"IPAddressAllow=localhost {WORKER_ADDRESS}\n" in unit
     # the deploy checks the workers from the head before it (re)starts the service, and names a missing one

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pool_fixtures import hardware, head_config, pool_plan, worker_config
+from pool_fixtures import SID_CUDA, hardware, head_config, pool_plan, worker_config
 
+from r1fleet.artifacts.llama_cpp_install import apt_offer
 from r1fleet.artifacts.pins import platform_from_hardware
 from r1fleet.deploy.refusals import PREPARED, check_before_change, deploy_refusal
 from r1fleet.deploy.serve import ROLES
@@ -17,7 +18,7 @@ from r1fleet.hardware import parse_probe
 from r1fleet.lock.served import served_alone, served_in_pool
 from r1fleet.operations.stages import HostContext
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.records import OsInfo
+from r1fleet.records import LlamaCppApt, OsInfo
 from r1fleet.roles.exposure.role import ExposureRole
 from r1fleet.roles.gpu_driver.role import DriverRole
 from r1fleet.roles.macos.role import MacOllamaRole
@@ -112,19 +113,23 @@ def test_the_plan_marks_a_host_with_the_refusal_its_roles_raise_when_prepared():
 
 
 def test_a_pool_member_is_refused_as_its_role_would_refuse_it():
-    """On Ubuntu (apt offers no llama.cpp packages) both members' llama.cpp would be the Ollama archive's: the head's
-    and the worker's prepare refuse them, and so does the plan; on Debian forky (apt taken to offer them) neither."""
+    """On Ubuntu (apt offers no llama.cpp packages) both members' llama.cpp would be the Ollama archive's, and on
+    forky/sid with apt lists never read NVIDIA's backend is not taken to be there (sid's contrib alone): the head's
+    and the worker's prepare refuse them, and so does the plan; on sid whose apt offers them (the probe read its
+    lists) neither."""
     ubuntu = OsInfo(arch="x86_64", id="ubuntu", codename="noble", version_id="24.04")
     members = {"box-a": head_config(), "box-b": worker_config()}
+    sid_apt = LlamaCppApt(lists=True, candidates={package: "1.0-1" for package in SID_CUDA})
     for role, name, uuid in (("head", "box-a", "GPU-aaaa"), ("worker", "box-b", "GPU-bbbb")):
         forky_hw = hardware(name, uuid)
-        for hw, refused in ((forky_hw, False), (forky_hw.model_copy(update={"os": ubuntu}), True)):
+        sid_hw = forky_hw.model_copy(update={"llama_cpp_apt": sid_apt})
+        for hw, refused in ((sid_hw, False), (forky_hw, True), (sid_hw.model_copy(update={"os": ubuntu, "llama_cpp_apt": None}), True)):
             served = served_in_pool(members[name], hw, pool_plan(), locked=False)
             refusal = deploy_refusal(served, members[name], hw, members)
             assert (refusal is not None) == refused, (role, hw.os.id, refusal)
             if refused:
                 with pytest.raises(R1FleetError) as prepared:
-                    pool_install(served.plan, members[name], platform_from_hardware(hw), set(), "big", role)
+                    pool_install(served.plan, members[name], platform_from_hardware(hw), apt_offer(hw), "big", role)
                 assert str(refusal) == str(prepared.value)
 
 

@@ -72,6 +72,8 @@ def test_the_worker_serves_its_planned_gpu_on_its_pool_address_only(monkeypatch)
     # it starts only with, and after, the firewall unit
     assert "Requires=r1fleet-rpc-firewall.service\nAfter=r1fleet-rpc-firewall.service\n" in unit
     assert "0.0.0.0" not in unit and "127.0.0.1" not in unit
+    # rpc-server exits 0 when it cannot bind (an address that comes up late): restarted anyway, without a limit
+    assert "\nRestart=always\n" in unit and "\nStartLimitIntervalSec=0\n" in unit and "StartLimitBurst" not in unit
     # healthy once the pool address accepts a TCP connection (ggml RPC speaks no HTTP)
     assert run.ran("Health of r1fleet-rpc-server.service", f"timeout 2 bash -c '</dev/tcp/{WORKER_ADDRESS}/50052'")
     # the worker's own solo services are not left holding the GPU
@@ -212,29 +214,34 @@ BOOKWORM = Platform(arch="amd64", distro_id="debian", codename="bookworm", tegra
 
 
 @pytest.mark.parametrize("platform, available, settings, reason", [
-    (BOOKWORM, set(), {}, "the pinned Ollama archive"),
-    (FORKY, {"llama.cpp-tools", "llama.cpp-tools-extra", "libggml0-backend-rpc"}, {}, "the pinned Ollama archive"),
-    (FORKY, SID_CUDA, {"llama_cpp_install": "source"}, "a source build"),
+    (BOOKWORM, set(), {}, "box-b runs debian bookworm: a pool's rpc-server and RPC backend come from Debian forky or sid's "
+                          "packages alone (the Ollama archive has neither)"),
+    (FORKY, {"llama.cpp-tools", "llama.cpp-tools-extra", "libggml0-backend-rpc"}, {},
+     "apt on box-b offers no libggml0-backend-cuda (libggml0-backend-cuda is in Debian sid's contrib alone)"),
+    (FORKY, SID_CUDA, {"llama_cpp_install": "source"}, "box-b's source build"),
     (FORKY, {"llama.cpp-tools", "libggml0-backend-cuda"}, {}, "offers no llama.cpp-tools-extra, libggml0-backend-rpc"),
-    (FORKY, {"llama.cpp-tools"}, {"llama_cpp_install": "package"}, "offers no llama.cpp-tools-extra"),
+    (FORKY, {"llama.cpp-tools"}, {"llama_cpp_install": "package"},
+     "offers no llama.cpp-tools-extra, libggml0-backend-rpc, libggml0-backend-cuda"),
 ], ids=["bookworm", "forky-without-cuda", "source", "no-rpc-packages", "package-without-cuda"])
 def test_a_llama_cpp_source_without_rpc_server_is_refused_with_the_fix(platform, available, settings, reason):
     with pytest.raises(R1FleetError) as error:
         install_for(worker_config(**settings), available=available, platform=platform)
     text = str(error.value)
     assert "host box-b" in text and "pool big" in text and reason in text
-    assert "fix: serve the pool's members from Debian forky/sid packages" in text and "take box-b out of pool big" in text
+    assert "take box-b out of pool big" in text
 
 
 def test_the_head_gets_the_rpc_backend_or_is_refused():
     worker = rpc_worker(pool_plan(), worker_config(), head_config(), hardware("box-b", "GPU-bbbb"))
     base = llama_cpp_install(FORKY, worker.plan, head_config(), SID_CUDA)
-    head = pool_head_install(base, worker.plan, head_config(), SID_CUDA, "big")
+    head = pool_head_install(base, FORKY, worker.plan, head_config(), SID_CUDA, "big")
     assert head.packages == ("llama.cpp-tools", "libggml0-backend-cuda", "libggml0-backend-rpc")
     assert head.binary == "/usr/bin/llama-server"
     bundle = llama_cpp_install(BOOKWORM, worker.plan, head_config(), set())
-    with pytest.raises(R1FleetError, match="neither ggml's rpc-server nor its RPC backend"):
-        pool_head_install(bundle, worker.plan, head_config(), set(), "big")
+    with pytest.raises(R1FleetError, match="offers no llama.cpp-tools, libggml0-backend-rpc, libggml0-backend-cuda"):
+        pool_head_install(bundle, FORKY, worker.plan, head_config(), set(), "big")
+    with pytest.raises(R1FleetError, match="llama.cpp would come from ollama-bundle here"):
+        pool_head_install(bundle, FORKY, worker.plan, head_config(), SID_CUDA, "big")
 
 
 def test_a_former_worker_is_retired(monkeypatch):

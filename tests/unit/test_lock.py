@@ -366,11 +366,11 @@ def test_lock_records_the_key_fingerprint_never_the_key(fleet, capsys, tmp_path)
 def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, capsys):
     """Two single-3090 boxes pooled: the lock holds the pool's plan, locked_pool returns it while both members
     are as locked, and names the member whose GPU changed."""
-    from test_pools import BOX_A, BOX_B, on_forky
+    from test_pools import BOX_A, BOX_B, on_sid
 
     from r1fleet.lock.match import locked_pool
 
-    BOX_A, BOX_B = on_forky(BOX_A), on_forky(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
+    BOX_A, BOX_B = on_sid(BOX_A), on_sid(BOX_B)  # Debian's packages give the pool llama.cpp's RPC pieces
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "box-a.probe").write_text(BOX_A)
@@ -409,8 +409,9 @@ def test_a_pool_is_locked_and_served_as_locked_until_a_member_changes(tmp_path, 
 
 
 def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(tmp_path, capsys):
-    """A Jetson (no pinned JetPack archive) and a pool on Ubuntu (no rpc-server there): each entry is written, with
-    the deploy's reason in its notes once, the lock says so, and exits 1."""
+    """A Jetson (no pinned JetPack archive): its entry is written, with the deploy's reason in its notes once, the
+    lock says so, and exits 1. A pool on Ubuntu (no rpc-server there) is locked kept separate, saying why (issue 23
+    item 7: the lock holds only what the deploy builds), and its members alone."""
     from test_pools import BOX_A, BOX_B
 
     probes = tmp_path / "probes"
@@ -429,13 +430,13 @@ def test_lock_marks_the_hosts_the_deploy_will_refuse_and_says_each_reason_once(t
     assert "  orin: deepseek-r1-distill-qwen-32b on ollama, context 32768, f16 KV (new)\n    the deploy will refuse it: " \
            "field ollama.sha256: no sha256 is pinned for ollama-linux-arm64-jetpack6.tar.zst" in out
     lock = read_lock(fleet.parent / "fleet.yml.lock")
-    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and lock.pools["big"].pooled
+    assert set(lock.hosts) == {"box-a", "box-b", "orin"} and not lock.pools["big"].pooled
+    assert "but the deploy cannot build it: box-a runs ubuntu jammy" in lock.pools["big"].reasons[0]
     assert [n for n in lock.hosts["orin"].artifacts.notes if "jetpack6" in n] == [
         n for n in lock.hosts["orin"].artifacts.notes if n.startswith("the deploy will refuse this host's Ollama archive")]
     for member in ("box-a", "box-b"):
-        (note,) = [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
-        assert f"host {member}: field llama_cpp_install: pool big: llama.cpp would come from the pinned Ollama archive" in note
-        assert "    the deploy will refuse it: field llama_cpp_install: pool big:" in out.partition(f"  {member}: ")[2]
+        assert not [n for n in lock.hosts[member].artifacts.notes if n.startswith("the deploy will refuse this host")]
+        assert "the deploy will refuse it" not in out.partition(f"  {member}: ")[2].partition("\n  ")[0]
 
 
 def test_lock_records_the_ollama_manifest_the_cache_took(fleet, capsys, monkeypatch, tmp_path):
@@ -489,3 +490,36 @@ def test_each_identity_of_the_machine_is_compared():
     with pytest.raises(LockMismatch, match="OS: Linux -> Darwin"):
         locked_plan(entry_for("dual-rtx3090"), hardware("dual-rtx3090").model_copy(
             update={"os": hardware("dual-rtx3090").os.model_copy(update={"system": "Darwin"})}))
+
+
+def test_a_pool_is_locked_on_the_llama_cpp_versions_its_members_have_installed(tmp_path, capsys):
+    """Issue 23 item 6: `r1fleet lock` records the versions a deployed pool's members run (their probes' dpkg
+    section) when they agree; the deploy then installs and checks exactly those. A version that is no Debian
+    version is refused when the lock is read (it goes into apt's command line and the units)."""
+    from test_pools import BOX_A, BOX_B, on_forky
+
+    def installed(text: str, rpc: str) -> str:
+        policy = "".join(f"{p}:\n  Installed: {v}\n  Candidate: {v}\n" for p, v in (
+            ("llama.cpp-tools", "1:0.7.0+dfsg-2"), ("llama.cpp-tools-extra", "1:0.7.0+dfsg-2"),
+            ("libggml0-backend-rpc", rpc), ("libggml0-backend-cuda", "0.27.0-1")))
+        return text.replace("#### r1fleet:secureboot", f"#### r1fleet:llama-cpp-packages\nlists: present\n{policy}"
+                            "#### r1fleet:secureboot")
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"}},
+        "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}},
+    }))
+    path = fleet.parent / "fleet.yml.lock"
+    for rpc_b, recorded in (("0.9.4-1", {"ggml": "0.9.4-1", "llama.cpp": "1:0.7.0+dfsg-2"}), ("0.9.5-1", {})):
+        (probes / "box-a.probe").write_text(installed(on_forky(BOX_A), "0.9.4-1"))
+        (probes / "box-b.probe").write_text(installed(on_forky(BOX_B), rpc_b))
+        r1fleet(capsys, "lock", "--fleet", str(fleet), "--probe-dir", str(probes))
+        assert read_lock(path).pools["big"].llama_cpp_versions == recorded  # members that disagree: nothing recorded
+    doc = yaml.safe_load(path.read_text())
+    doc["pools"]["big"]["llama_cpp_versions"] = {"ggml": "0.9.4-1 libevil"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(R1FleetError, match="field pools.big.llama_cpp_versions.*is not a Debian package version"):
+        read_lock(path)

@@ -135,12 +135,12 @@ def test_hosts_from_probe_files_plan_as_before(capsys, what_if):
 
 
 def test_a_pool_served_from_the_lock_says_what_todays_plan_would_change(tmp_path, capsys):
-    from test_pools import BOX_A, BOX_B, on_forky
+    from test_pools import BOX_A, BOX_B, on_sid
 
     folder = tmp_path / "probes"
     folder.mkdir()
-    (folder / "box-a.probe").write_text(on_forky(BOX_A))
-    (folder / "box-b.probe").write_text(on_forky(BOX_B))
+    (folder / "box-a.probe").write_text(on_sid(BOX_A))
+    (folder / "box-b.probe").write_text(on_sid(BOX_B))
     doc = {"hosts": {"box-a": {"address": "192.168.1.31"}, "box-b": {"address": "192.168.1.32"}},
            "pools": {"big": {"hosts": ["box-a", "box-b"], "head": "box-a"}}}
     fleet = tmp_path / "fleet.yml"

@@ -59,6 +59,18 @@ def on_forky(text: str) -> str:
                   flags=re.S)
 
 
+# apt-cache policy on Debian sid with contrib (its os-release says forky too), apt's lists fetched
+SID_APT = "#### r1fleet:llama-cpp-packages\nlists: present\n" + "".join(
+    f"{package}:\n  Installed: (none)\n  Candidate: {version}\n" for package, version in (
+        ("llama.cpp-tools", "1:0.7.0+dfsg-2"), ("llama.cpp-tools-extra", "1:0.7.0+dfsg-2"),
+        ("libggml0-backend-rpc", "0.27.0-1"), ("libggml0-backend-cuda", "0.27.0-1")))
+
+
+def on_sid(text: str) -> str:
+    """The same host on Debian sid with contrib, whose apt offers NVIDIA's backend package too (the probe read it)."""
+    return on_forky(text).replace("#### r1fleet:secureboot", SID_APT + "#### r1fleet:secureboot")
+
+
 def plan_fleet(probes: dict[str, str], pools: dict[str, PoolSettings], policies: dict[str, Policy] | None = None):
     """What `r1fleet plan --fleet` does: each host alone, then the pools."""
     hardware = [parse_probe(text, host) for host, text in probes.items()]
@@ -215,10 +227,10 @@ def test_schema_covers_pools():
 
 @pytest.fixture
 def pooled_fleet(tmp_path, monkeypatch) -> Path:
-    """A fleet of two single-3090 boxes on Debian forky in a pool and a 4090 box alone, probed without SSH."""
+    """A fleet of two single-3090 boxes on Debian sid in a pool and a 4090 box alone, probed without SSH."""
     from r1fleet.cli import probing
 
-    texts = {"10.0.0.1": on_forky(BOX_A), "10.0.0.2": on_forky(BOX_B), "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
+    texts = {"10.0.0.1": on_sid(BOX_A), "10.0.0.2": on_sid(BOX_B), "10.0.0.3": (PROBES / "rtx4090.probe").read_text()}
     monkeypatch.setattr(probing, "probe_over_ssh", lambda address, **_: texts[address])
     return write_fleet(tmp_path, "  big: {hosts: [box-a, box-b], head: box-a}\n",
                        "box-a: {address: 10.0.0.1}\n  box-b: {address: 10.0.0.2}\n  solo: {address: 10.0.0.3}\n")
@@ -244,25 +256,33 @@ def test_plan_table_shows_the_pool_as_one_row(pooled_fleet, capsys):
     assert "pool big (head box-a; workers box-b):" in reasons and "box-a alone: 32b" in reasons
 
 
-def test_a_pool_whose_members_cannot_get_llama_cpps_rpc_is_marked_refused(tmp_path, monkeypatch, capsys):
-    """On Ubuntu the pool's llama.cpp would come from the pinned Ollama archive, which has no rpc-server: the plan says
-    the deploy refuses each member, with the deploy's own reason and fix, and exits 1."""
+@pytest.mark.parametrize("system, why", [
+    (lambda text: text, "box-a runs ubuntu jammy: a pool's rpc-server and RPC backend come from Debian forky or sid's "
+                        "packages alone (the Ollama archive has neither) (to pool it: run box-a on Debian forky or sid, "
+                        "or take box-a out of pool big)"),
+    (on_forky, "apt on box-a offers no libggml0-backend-cuda (libggml0-backend-cuda is in Debian sid's contrib alone), "
+               "as far as r1fleet knows without the host's apt lists (to pool it: on box-a, add Debian sid with contrib "
+               "to its apt sources, run apt-get update and plan again, or take box-a out of pool big)"),
+], ids=["ubuntu", "forky-nvidia"])
+def test_a_pool_the_deploy_cannot_build_is_kept_separate_saying_why_and_how(tmp_path, monkeypatch, capsys, system, why):
+    """Issue 23 item 7: on Ubuntu a pool's llama.cpp would come from the pinned Ollama archive, which has no
+    rpc-server; on forky (or a sid whose apt lists were never read) NVIDIA's backend package is not known to be
+    there. The plan offers only what the deploy builds: the pool is kept separate, saying what it would serve, why
+    not and what would make it possible, and each member is planned alone (which the deploy serves)."""
     from r1fleet.cli import probing
 
-    texts = {"10.0.0.1": BOX_A, "10.0.0.2": BOX_B}
+    texts = {"10.0.0.1": system(BOX_A), "10.0.0.2": system(BOX_B)}
     monkeypatch.setattr(probing, "probe_over_ssh", lambda address, **_: texts[address])
     fleet = write_fleet(tmp_path, "  big: {hosts: [box-a, box-b], head: box-a}\n",
                         "box-a: {address: 10.0.0.1}\n  box-b: {address: 10.0.0.2}\n")
-    assert cli.main(["plan", "--fleet", str(fleet)]) == 1
-    table, _, reasons = capsys.readouterr().out.partition("\n\n")
-    assert "70b (refused)" in table.splitlines()[1]
-    for member in ("box-a", "box-b"):
-        assert (f"  - the deploy refuses {member}: field llama_cpp_install: pool big: llama.cpp would come from the "
-                "pinned Ollama archive here") in reasons
-        assert f"or take {member} out of pool big)" in reasons
-    assert cli.main(["plan", "--fleet", str(fleet), "--json"]) == 1
-    refused = json.loads(capsys.readouterr().out)["refused"]
-    assert [(r["host"], r["field"]) for r in refused] == [("box-a", "llama_cpp_install"), ("box-b", "llama_cpp_install")]
+    assert cli.main(["plan", "--fleet", str(fleet)]) == 0
+    out = capsys.readouterr().out
+    assert "kept separate: pooled, it would serve 70b at context 14336, but the deploy cannot build it: " in out
+    assert why in out and why.replace("box-a", "box-b") in out
+    assert cli.main(["plan", "--fleet", str(fleet), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert [p["pooled"] for p in planned["pools"]] == [False] and not planned.get("refused")
+    assert [h["host"] for h in planned["hosts"]] == ["box-a", "box-b"]  # each alone
 
 
 def test_hosts_plan_as_before_without_pools():

@@ -22,7 +22,7 @@ from r1fleet.hardware import parse_probe, split_sections
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 SECTIONS = ["uname", "os-release", "init", "meminfo", "cpu", "nvidia-smi-query", "nvidia-smi-apps", "own-pids", "nvidia-smi", "lspci",
             "drm", "rocm-smi", "tegra", "sysctl", "system_profiler", "df", "df-install", "releases", "models", "haproxy",
-            "secureboot",
+            "llama-cpp-packages", "secureboot",
             "nvidia-smi-error", "nvidia-proc", "nvidia-modinfo", "libcuda-owner", "cuda-repo", "nvidia-installer",
             "kernel-packages", "apt-kernel", "dkms-status", "driver-reboot", "kfd"]
 DASH = shutil.which("dash")
@@ -187,3 +187,25 @@ def test_probe_over_ssh_failure_names_the_host(tmp_path):
         probe_over_ssh("nohost", ssh=str(tmp_path / "ssh"))
     assert "host nohost" in str(err.value) and "Could not resolve hostname" in str(err.value)
     assert "BatchMode" in str(err.value)
+
+
+def test_the_llama_cpp_packages_section_names_the_pinned_packages_and_keeps_installed_versions():
+    """Issue 23 item 6: `r1fleet lock` records a pool's version from what its members have installed."""
+    from r1fleet.artifacts.pins import load_pins
+    from r1fleet.hardware.system import parse_llama_cpp_apt
+
+    debian = load_pins().llama_cpp.debian
+    section = PROBE_SCRIPT.read_text().split("section llama-cpp-packages", 1)[1].split("section ", 1)[0]
+    for package in (debian.server_package, debian.rpc_server_package, debian.rpc_backend_package,
+                    *debian.backend_packages.values()):
+        assert f" {package}" in section
+    # apt-cache policy as a forky host prints it (LC_ALL=C); a version outside Debian's syntax is no version
+    lines = ["lists: present", "llama.cpp-tools-extra:", "  Installed: 1:0.7.0+dfsg-2", "  Candidate: 1:0.7.0+dfsg-2",
+             "  Version table:", " *** 1:0.7.0+dfsg-2 500", "        500 http://deb.debian.org/debian forky/main amd64 Packages",
+             "        100 /var/lib/dpkg/status", "libggml0-backend-rpc:", "  Installed: (none)", "  Candidate: 0.9.4-1",
+             "libggml0-backend-cuda:", "  Installed: (none)", "  Candidate: (none)", "llama.cpp-tools:",
+             "  Installed: 1.0;reboot", "  Candidate: (none)"]
+    apt = parse_llama_cpp_apt(lines)
+    assert apt.lists and apt.installed == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2"}
+    assert apt.candidates == {"llama.cpp-tools-extra": "1:0.7.0+dfsg-2", "libggml0-backend-rpc": "0.9.4-1"}
+    assert not parse_llama_cpp_apt(["lists: absent"]).lists and parse_llama_cpp_apt([]) is None

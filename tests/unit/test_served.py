@@ -15,7 +15,7 @@ from r1fleet.plan.policy import Policy
 from r1fleet.plan.pool_settings import PoolSettings
 from r1fleet.plan.pools import plan_members
 
-from test_pools import BOX_A, BOX_B
+from test_pools import BOX_A, BOX_B, on_sid
 
 PROBES = Path(__file__).resolve().parents[1] / "fixtures" / "probes"
 
@@ -66,7 +66,7 @@ def test_rehearsal_serves_the_stand_in_in_the_planned_slot():
 
 
 def test_pool_members_serve_their_part_and_only_the_head_is_rehearsed():
-    hw = {"box-a": hardware("box-a", BOX_A), "box-b": hardware("box-b", BOX_B), "rtx4090": hardware("rtx4090")}
+    hw = {"box-a": hardware("box-a", on_sid(BOX_A)), "box-b": hardware("box-b", on_sid(BOX_B)), "rtx4090": hardware("rtx4090")}
     pool = PoolSettings(hosts=["box-a", "box-b"], head="box-a")
     hosts = {"box-a": config("box-a", rehearsal=True), "box-b": config("box-b", address="192.168.1.11", rehearsal=True),
              "rtx4090": config("rtx4090")}

@@ -78,7 +78,7 @@ def test_commands_are_bounded_where_there_is_no_timeout_command(tmp_path):
 def test_verify_plans_each_probed_host_as_the_deploy_serves_it():
     """Pool members against their part of the pool, the others alone; a host nothing fits fails by name, and a host
     that could not be probed keeps its own error (r1fleet/lock/served.py decides for all of them)."""
-    from test_pools import BOX_A, BOX_B
+    from test_pools import BOX_A, BOX_B, on_sid
 
     from r1fleet.hardware import parse_probe
     from r1fleet.plan.pool_settings import PoolSettings
@@ -87,7 +87,7 @@ def test_verify_plans_each_probed_host_as_the_deploy_serves_it():
     hosts = {"box-a": "192.168.1.31", "box-b": "192.168.1.32", "gpu-4090": "192.168.1.22", "tiny": "192.168.1.40",
              "down": "192.168.1.50"}
     targets = {name: Target(HostConfig(name=name, address=address)) for name, address in hosts.items()}
-    for name, text in (("box-a", BOX_A), ("box-b", BOX_B), ("gpu-4090", (probes / "rtx4090.probe").read_text()),
+    for name, text in (("box-a", on_sid(BOX_A)), ("box-b", on_sid(BOX_B)), ("gpu-4090", (probes / "rtx4090.probe").read_text()),
                        ("tiny", (probes / "cpu-16g.probe").read_text())):
         targets[name].hardware = parse_probe(text, name)
     targets["tiny"].entry = targets["tiny"].entry.model_copy(update={"policy": targets["tiny"].entry.policy.model_copy(

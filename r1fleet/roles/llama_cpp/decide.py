@@ -79,7 +79,7 @@ def llama_server_problems(readiness: Mapping[str, Any], install: LlamaInstall, p
     if readiness.get("missing_flags"):
         problems.append(f"{install.binary} lacks {', '.join(readiness['missing_flags'])} (see --help)")
     devices = readiness.get("devices") or []
-    wanted = len(plan.gpu_uuids) if plan.uses_gpu else 0
+    wanted = planned_gpus(plan)
     if len(devices) < wanted:
         problems.append(
             f"{install.binary} --list-devices shows {', '.join(devices) or 'no GPU'}, the plan needs {wanted}: "
@@ -88,13 +88,25 @@ def llama_server_problems(readiness: Mapping[str, Any], install: LlamaInstall, p
     return problems
 
 
+def planned_gpus(plan: HostPlan) -> int:
+    """How many GPUs of this host the plan runs on: by UUID where the probe had them, else by index."""
+    return max(len(plan.gpu_uuids), len(plan.gpu_indices)) if plan.uses_gpu else 0
+
+
 def llama_environment(plan: HostPlan, install: LlamaInstall | None = None) -> dict[str, str]:
+    """The unit's environment: the GPU selection, in the plan's order, and the install's library paths."""
     env = {"HOME": "/var/lib/llama", **dict(install.environment if install else ())}
     if plan.placement == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     elif plan.vendor == "nvidia" and plan.gpu_uuids:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)
-        if len(plan.gpu_uuids) > 1:
-            # docs/research/placement.md section 2: recommended for multi-GPU pipeline parallelism
-            env["CUDA_SCALE_LAUNCH_QUEUES"] = "4x"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpu_uuids)  # CUDA numbers the listed devices in this order
+    elif plan.vendor == "nvidia" and plan.gpu_indices:
+        # No UUID in the probe (the driver came later): by index in nvidia-smi's order, which is the PCI bus
+        # order; CUDA's own default is fastest first (CUDA_DEVICE_ORDER=FASTEST_FIRST, CUDA C Programming Guide,
+        # "CUDA Environment Variables"), which would put a mixed split's shares on the wrong cards.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in plan.gpu_indices)
+    if plan.vendor == "nvidia" and planned_gpus(plan) > 1:
+        # docs/research/placement.md section 2: recommended for multi-GPU pipeline parallelism
+        env["CUDA_SCALE_LAUNCH_QUEUES"] = "4x"
     return env

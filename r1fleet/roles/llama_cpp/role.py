@@ -12,6 +12,7 @@ sha256-verified, renamed into place only when good).
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pyinfra import host
@@ -24,6 +25,7 @@ from r1fleet.operations.stages import HostContext, Role
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, package_reads
 from r1fleet.artifacts.pins import Download, Platform, load_pins, model_download
 from r1fleet.roles.llama_cpp.pool import pool_head
+from r1fleet.roles.rpc_worker.decide import pinned, pool_versions
 from r1fleet.roles.rpc_worker.role import choose_pool_install
 from r1fleet.artifacts.llama_cpp_install import LLAMA_ROOT, LlamaInstall, llama_cpp_install
 from r1fleet.roles.llama_cpp.decide import (
@@ -173,7 +175,9 @@ class LlamaCppRole(Role):
         pool = ctx.served.pool
         head = pool_head(pool, ctx.settings, ctx.plan, {w: ctx.members[w] for w in pool.workers})
         install = choose_pool_install(ctx.plan, ctx.settings, ctx.platform(), pool.pool, "head")
-        return cls(ctx.plan, ctx.settings, install, download, pool=head)
+        versions = pool_versions(pool, ctx.pool_offers) if ctx.pool_offers else {}
+        return cls(ctx.plan, ctx.settings, replace(install, packages=pinned(install.packages, versions)), download,
+                   pool=replace(head, versions=tuple(sorted(versions.items()))))
 
     def reads(self) -> list[FactRequest]:
         return llama_cpp_reads(self.plan, self.settings, self.llama, self.download)
@@ -244,7 +248,7 @@ def _configure(plan: HostPlan, settings: HostConfig, install: LlamaInstall, mode
         read_only_paths=[models_dir],
         restrict_ip=True,
         credential=credential,
-        **(pool.unit_options(settings) if pool else {}),
+        **(pool.unit_options(settings, install.binary) if pool else {}),
     )
     return unit_file(LLAMA_UNIT, context)
 

@@ -15,15 +15,16 @@ another; it must be an IP address: a DNS name can change, or resolve to several 
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
-from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan
+from r1fleet.records import CONFIG_DIR, Hardware, HostPlan, PoolPlan, is_debian_version
 from r1fleet.plan.pool_settings import DEFAULT_RPC_PORT
 from r1fleet.plan.pools import member_plan, pool_refusal
-from r1fleet.artifacts.pins import DebianLlamaPins, Pins, Platform, load_pins
-from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install
+from r1fleet.artifacts.pins import Pins, Platform, load_pins
+from r1fleet.artifacts.llama_cpp_install import LlamaInstall, llama_cpp_install, llama_cpp_packages, pool_source_problem
 from r1fleet.roles.llama_cpp.decide import llama_environment
 
 RPC_UNIT = "r1fleet-rpc-server.service"
@@ -37,10 +38,6 @@ MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # ggml's device names: ggml/include/ggml-cuda.h GGML_CUDA_NAME ("CUDA", "ROCm" under HIP), ggml/include/ggml-vulkan.h
 # GGML_VK_NAME; the backend numbers the devices it sees from 0.
 DEVICE_PREFIX = {"nvidia": "CUDA", "amd": "ROCm", "intel": "Vulkan"}
-FIX_SOURCE = ("serve the pool's members from Debian forky/sid packages (llama_cpp_install: auto or package, with "
-              "llama.cpp-tools-extra, libggml0-backend-rpc and the GPU's backend package; NVIDIA's "
-              "libggml0-backend-cuda is in sid's contrib), or take {host} out of pool {pool}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Addresses
@@ -178,13 +175,9 @@ def rpc_server_args(worker: RpcWorker) -> list[str]:
 
 
 def rpc_environment(worker: RpcWorker, install: LlamaInstall) -> dict[str, str]:
-    """The unit's environment: the llama.cpp role's (the GPU selection), with the worker's own home."""
-    env = {**llama_environment(worker.plan, install), "HOME": HOME}
-    if worker.plan.vendor == "nvidia" and not worker.plan.gpu_uuids:
-        # no UUID in the probe (the driver came later): by index, in nvidia-smi's order, which is the PCI bus order
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in worker.plan.gpu_indices)
-    return env
+    """The unit's environment: the llama.cpp role's (the GPU selection, by UUID or else in PCI bus order), with the
+    worker's own home."""
+    return {**llama_environment(worker.plan, install), "HOME": HOME}
 
 
 def firewall_context(worker: RpcWorker) -> dict[str, Any]:
@@ -199,29 +192,21 @@ def firewall_context(worker: RpcWorker) -> dict[str, Any]:
 
 def pool_packages(pins: Pins | None = None) -> tuple[str, ...]:
     """Every package the sourcing decisions ask apt about."""
-    debian = (pins or load_pins()).llama_cpp.debian
-    return (debian.server_package, *debian.backend_packages.values(), debian.rpc_server_package,
-            debian.rpc_backend_package)
+    return llama_cpp_packages(pins)
 
 
-def _pool_source(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                 needs: tuple[str, ...], debian: DebianLlamaPins) -> None:
-    """Refuse a member whose llama.cpp source (the llama.cpp role's choice) cannot take part in a pool."""
-    host, fix = plan.host, FIX_SOURCE.format(host=plan.host, pool=pool)
-    if base.method == "ollama-bundle":
-        raise pool_refusal(pool, host, "llama_cpp_install", "llama.cpp would come from the pinned Ollama archive here "
-                           "(apt offers no llama.cpp package with this GPU's backend), and that archive has neither ggml's "
-                           "rpc-server nor its RPC backend (ollama llama/server/CMakeLists.txt installs llama-server "
-                           "and llama-quantize only)", fix)
-    if base.method == "source":
-        raise pool_refusal(pool, host, "llama_cpp_install", "a source build (llama_cpp_install: source) builds "
-                           "llama-server without GGML_RPC, and no rpc-server", fix)
-    missing = [p for p in needs if p not in available]
-    backend = debian.backend_packages.get(plan.vendor or "")
-    if plan.uses_gpu and settings.profile is None and backend not in base.packages:
-        missing.append(backend or f"a ggml backend for {plan.vendor} GPUs")
-    if missing:
-        raise pool_refusal(pool, host, "llama_cpp_install", f"apt on {host} offers no {', '.join(missing)}", fix)
+def _pool_source(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig, available: set[str],
+                 pool: str, role: str, pins: Pins | None = None) -> None:
+    """Refuse a member whose llama.cpp cannot take part in a pool: the decision `r1fleet plan` takes too
+    (pool_source_problem), here with what the host's apt offers; and a source the llama.cpp role would not take
+    from Debian after all (`base`)."""
+    vendor = plan.vendor if plan.uses_gpu else None
+    problem = pool_source_problem(plan.host, pool, role, platform, vendor, settings, available, pins=pins)
+    if problem is None and base.method != "package":
+        problem = (f"llama.cpp would come from {base.method} here, which has no rpc-server or RPC backend",
+                   f"take {plan.host} out of pool {pool}")
+    if problem:
+        raise pool_refusal(pool, plan.host, "llama_cpp_install", *problem)
 
 
 def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig,
@@ -229,7 +214,7 @@ def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, s
     """rpc-server for a worker, from the source the llama.cpp role chose (`base`): Debian's packages only."""
     debian = (pins or load_pins()).llama_cpp.debian
     needs = (debian.rpc_server_package, debian.rpc_backend_package)
-    _pool_source(base, plan, settings, available, pool, needs, debian)
+    _pool_source(base, platform, plan, settings, available, pool, "worker", pins)
     if platform.arch not in MULTIARCH:
         raise pool_refusal(pool, plan.host, "uname", f"no Debian multiarch path known for {platform.arch}",
                            "use an amd64 or arm64 worker")
@@ -238,12 +223,12 @@ def rpc_worker_install(base: LlamaInstall, platform: Platform, plan: HostPlan, s
                         binary=debian.rpc_server_binary.format(multiarch=MULTIARCH[platform.arch]))
 
 
-def pool_head_install(base: LlamaInstall, plan: HostPlan, settings: HostConfig, available: set[str], pool: str,
-                      pins: Pins | None = None) -> LlamaInstall:
+def pool_head_install(base: LlamaInstall, platform: Platform, plan: HostPlan, settings: HostConfig, available: set[str],
+                      pool: str, pins: Pins | None = None) -> LlamaInstall:
     """The head's llama-server with the RPC backend (what makes `--rpc` exist), from Debian's packages only."""
     debian = (pins or load_pins()).llama_cpp.debian
     needs = (debian.rpc_backend_package,)
-    _pool_source(base, plan, settings, available, pool, needs, debian)
+    _pool_source(base, platform, plan, settings, available, pool, "head", pins)
     return LlamaInstall(method="package", packages=(*base.packages, *needs), binary=base.binary)
 
 
@@ -254,4 +239,100 @@ def pool_install(plan: HostPlan, settings: HostConfig, platform: Platform, avail
     base = llama_cpp_install(platform, plan, settings, available, pins)
     if role == "worker":
         return rpc_worker_install(base, platform, plan, settings, available, pool, pins)
-    return pool_head_install(base, plan, settings, available, pool, pins)
+    return pool_head_install(base, platform, plan, settings, available, pool, pins)
+
+
+# ---------------------------------------------------------------------------------------------
+# One llama.cpp version across the pool
+
+# A member's apt offer: {package: (installed version, candidate version)}, None where there is none (AptVersions).
+Offer = Mapping[str, tuple[str | None, str | None]]
+
+
+def version_packages(role: str, pins: Pins | None = None) -> dict[str, str]:
+    """{source: the package whose version stands for that source on a member of this role}: Debian builds ggml (its
+    RPC backend, the protocol) and llama.cpp (llama-server, rpc-server) from two sources (docs/research/lab-notes.md)."""
+    debian = (pins or load_pins()).llama_cpp.debian
+    return {"ggml": debian.rpc_backend_package,
+            "llama.cpp": debian.server_package if role == "head" else debian.rpc_server_package}
+
+
+def pool_versions(pool: PoolPlan, offers: Mapping[str, Offer], pins: Pins | None = None) -> dict[str, str]:
+    """The one ggml and one llama.cpp version every member runs, as `{source: version}`.
+
+    ggml's RPC protocol has a major version that changes with it (ggml/include/ggml-rpc.h:9, 7 at 0c1e570), and a
+    head refuses a worker of another major (ggml/src/ggml-rpc/ggml-rpc.cpp:356-360),
+    so members installed at different times must not each take what their apt offers. The version is the lock's
+    (PoolPlan.llama_cpp_versions) when it has one, else the one every member has installed, else the one apt offers
+    every member. DeployError naming each member's versions when there is none, or when a member cannot get the
+    locked one."""
+    members = [pool.head, *pool.workers]
+    chosen: dict[str, str] = {}
+    for source in ("ggml", "llama.cpp"):
+        have = {m: _debian_only((offers.get(m) or {}).get(
+            version_packages("head" if m == pool.head else "worker", pins)[source], (None, None))) for m in members}
+        shown = "; ".join(f"{m} {_offer_text(*have[m])}" for m in members)
+        locked = pool.llama_cpp_versions.get(source)
+        if locked:
+            short = [m for m in members if locked not in have[m]]
+            if short:
+                raise pool_refusal(pool.pool, ", ".join(short), "llama_cpp_versions",
+                                   f"the lock runs the pool on {source} {locked}, which {', '.join(short)} cannot "
+                                   f"install ({shown})",
+                                   "relock the pool after updating every member's apt lists (`r1fleet lock`), so "
+                                   "that it records the version they all have")
+            chosen[source] = locked
+            continue
+        installed = {v for v, _ in have.values()}
+        candidates = {c for _, c in have.values()}
+        if len(installed) == 1 and None not in installed:
+            chosen[source] = installed.pop()
+        elif len(candidates) == 1 and None not in candidates:
+            chosen[source] = candidates.pop()
+        else:
+            raise pool_refusal(pool.pool, ", ".join(members), "llama_cpp_install",
+                               f"the members would run different {source} versions ({shown}); a head refuses or "
+                               "drops a worker of another RPC protocol version",
+                               "give every member the same Debian release and apt sources, run `apt-get update` on "
+                               "each, and deploy the pool again")
+    return chosen
+
+
+def _debian_only(offer: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+    """A host's (installed, candidate), each kept only when it is a Debian version (it goes into commands)."""
+    return tuple(v if v is not None and is_debian_version(v) else None for v in offer)  # type: ignore[return-value]
+
+
+def _offer_text(installed: str | None, candidate: str | None) -> str:
+    if installed is None and candidate is None:
+        return "has none and apt offers none"
+    if installed == candidate or candidate is None:
+        return f"has {installed}"
+    return f"has {installed or 'none'}, apt offers {candidate}"
+
+
+def pinned(packages: Iterable[str], versions: Mapping[str, str], pins: Pins | None = None) -> tuple[str, ...]:
+    """apt's `name=version` for the packages whose versions the pool agrees on (version_packages); the others (a GPU
+    backend: NVIDIA's comes from its own source package, ggml-cuda, docs/research/cuda-llama-server.md section 4.1)
+    are left to apt's dependencies."""
+    sources = {package: source for role in ("head", "worker") for source, package in version_packages(role, pins).items()}
+    return tuple(f"{p}={versions[sources[p]]}" if p in sources and versions.get(sources[p]) else p for p in packages)
+
+
+def version_check(pool: str, host: str, role: str, versions: Mapping[str, str], pins: Pins | None = None) -> str:
+    """A shell step for ExecStartPre: the member's installed llama.cpp packages are still the pool's versions (an
+    upgrade since the deploy, unattended-upgrades' say, would put it on another RPC protocol); else the start fails,
+    naming the host, the package, its version and the pool's."""
+    steps = []
+    for source, package in version_packages(role, pins).items():
+        want = versions.get(source)
+        if not want:
+            continue
+        q = shlex.quote
+        said = (q(f"r1fleet: pool {pool}: {host} has {package} ") + '"${have:-none}"'
+                + q(f", the pool runs {source} {want} on every member (upgraded since the deploy?); deploy the pool "
+                    "again, or relock it on the new version"))
+        steps.append(f"have=$(dpkg-query -W -f='${{Version}}' {q(package)} 2>/dev/null); "
+                     f"[ \"$have\" = {q(want)} ] || {{ echo {said} >&2; exit 1; }}")
+    return "; ".join(steps)
+

@@ -14,7 +14,9 @@ decide.py for the security model.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Mapping
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
@@ -55,7 +57,10 @@ from r1fleet.roles.rpc_worker.decide import (
     rpc_environment,
     rpc_server_args,
     rpc_worker,
+    pinned,
     pool_install,
+    pool_versions,
+    version_check,
 )
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.formats import nft_settings, unit_settings
@@ -111,16 +116,19 @@ def check_rpc_server(binary: str, package: str):
 class RpcWorkerRole(Role):
     """rpc-server for a pool's head, on the worker's pool address, filtered to the head alone."""
 
-    def __init__(self, worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
-        self.worker, self.settings, self.rpc = worker, settings, install
+    def __init__(self, worker: RpcWorker, settings: HostConfig, install: LlamaInstall,
+                 versions: Mapping[str, str] | None = None):
+        self.worker, self.settings, self.rpc, self.versions = worker, settings, install, dict(versions or {})
 
     @classmethod
     def prepare(cls, ctx: HostContext) -> "RpcWorkerRole":
         """The worker's pool settings checked (DeployError names a setting that would open the RPC port wider),
-        rpc-server from Debian's packages."""
+        rpc-server from Debian's packages, at the version every member of the pool runs (pool_versions)."""
         pool = ctx.served.pool
         worker = rpc_worker(pool, ctx.settings, ctx.members[pool.head], ctx.hardware)
-        return cls(worker, ctx.settings, choose_pool_install(worker.plan, ctx.settings, ctx.platform(), pool.pool, "worker"))
+        install = choose_pool_install(worker.plan, ctx.settings, ctx.platform(), pool.pool, "worker")
+        versions = pool_versions(pool, ctx.pool_offers) if ctx.pool_offers else {}
+        return cls(worker, ctx.settings, replace(install, packages=pinned(install.packages, versions)), versions)
 
     def reads(self) -> list[FactRequest]:
         return rpc_worker_reads(self.rpc)
@@ -129,7 +137,7 @@ class RpcWorkerRole(Role):
         self.changed = _install(self.worker, self.rpc)
 
     def configure(self) -> None:
-        self.unit, self.rules = _configure(self.worker, self.settings, self.rpc)
+        self.unit, self.rules = _configure(self.worker, self.settings, self.rpc, self.versions)
 
     def activate(self) -> None:
         _activate(self.worker, self.rpc, self.unit, self.rules, self.changed)
@@ -149,8 +157,9 @@ def _install(worker: RpcWorker, install: LlamaInstall) -> list:
 
 
 @deploy("RPC worker")
-def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
-    """The firewall's rules and unit, and rpc-server's unit (which requires the firewall's)."""
+def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall, versions: Mapping[str, str]):
+    """The firewall's rules and unit, and rpc-server's unit (which requires the firewall's, and checks before each
+    start that the worker still runs the pool's llama.cpp version)."""
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     rules = files.template(
         name=f"RPC firewall rules: port {worker.port} from the head {worker.head} only",
@@ -174,6 +183,11 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
         # the head, and the worker's own address: the deploy's health check connects from the worker itself
         ip_allow=[worker.head, worker.bind],
         requires=[RPC_FIREWALL_UNIT],
+        exec_start_pre=["/bin/bash", "-c", check] if (check := version_check(worker.pool, worker.host, "worker", versions)) else [],
+        # rpc-server exits 0 when it cannot bind its address (one that comes up late at boot) or meets an unknown
+        # flag (llama.cpp tools/rpc/rpc-server.cpp:151-155,258; ggml/src/ggml-rpc/ggml-rpc.cpp:2138-2141 at
+        # 0c1e570), so Restart=on-failure would leave it dead
+        restart_always=True,
     )
     return unit_file(RPC_UNIT, context), rules
 
