@@ -22,7 +22,9 @@ from typing import Mapping
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server
+from pathlib import Path
+
+from pyinfra.operations import files, server, systemd
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import HostContext, Role
@@ -39,23 +41,28 @@ from r1fleet.artifacts.pins import Download, model_download
 from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
+    API_WAIT_S,
+    API_WAIT_SLACK_S,
     IMPORT_RECORD,
+    PRELOAD_RECORD,
+    PRELOAD_UNIT,
     pull_command,
     weights_label,
-    LOAD_AT_START_SLACK_S,
     MODELFILE,
     import_dir,
     import_record,
     import_record_digest,
     imports_stand_in,
     modelfile,
+    ollama_api_wait,
     ollama_environment,
-    ollama_load_at_start,
     ollama_models_dir,
     ollama_tag_digest,
+    preload_unit_context,
     takes_from_registry,
 )
-from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context
+from r1fleet.render.formats import unit_settings
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, health_timeout_s, unit_context
 from r1fleet.records import HostPlan
 from r1fleet.operations.common import (
     HttpJson,
@@ -75,6 +82,9 @@ from r1fleet.operations.common import (
     verified_fetch_steps,
 )
 from r1fleet.roles.ollama.decide import HOME, USER
+
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 class DirEntries(FactBase):
@@ -202,6 +212,22 @@ def preload_model(tag: str, api: str):
     yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
 
 
+@operation()
+def load_through_preload_unit(tag: str, api: str, bound_s: int):
+    """Load the model through the preload unit (the one that loads it after every start of the server) and wait
+    for its result, unless it is loaded: the record and the unit show this attempt as they show one at boot. The
+    wait is bounded, the load is not: `timeout` ends only systemctl's wait, never the unit's request."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/ps")):
+        host.noop(f"model {tag} loaded")
+        return
+    q = shlex.quote
+    yield (f"timeout {bound_s} systemctl start --wait {q(PRELOAD_UNIT)}; rc=$?; "
+           f"if [ $rc -eq 124 ]; then echo \"{tag} is still loading after {bound_s} s; the load goes on "
+           f"(r1fleet status shows when it ends; journalctl -u {PRELOAD_UNIT})\" >&2; exit 1; fi; "
+           f"if [ $rc -ne 0 ]; then echo \"loading {tag} failed: $(sed -n 's/^detail=//p' {q(PRELOAD_RECORD)})"
+           f" (journalctl -u {PRELOAD_UNIT} -u {OLLAMA_UNIT})\" >&2; exit 1; fi")
+
+
 class OllamaRole(Role):
     """Ollama for the plan: the pinned release, a dedicated user, r1fleet's own unit, the planned model;
     `download` is the stand-in GGUF in rehearsal."""
@@ -231,10 +257,11 @@ class OllamaRole(Role):
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:
-        self.unit = _configure(self.plan, self.settings, self.release, self.models_dir)
+        self.unit, self.preload_unit = _configure(self.plan, self.settings, self.release, self.models_dir)
 
     def activate(self) -> None:
-        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
+        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.preload_unit, self.installed,
+                  self.registry)
 
 
 @deploy("Ollama")
@@ -271,19 +298,28 @@ def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, mod
         read_write_paths=[HOME, models_dir],
         # The server itself downloads models from the registry, so no IP allow-list here.
         restrict_ip=False,
-        exec_start_post=ollama_load_at_start(plan.ollama_tag or "", api, health_timeout_s(plan)),
-        timeout_start_s=health_timeout_s(plan) + LOAD_AT_START_SLACK_S,
+        exec_start_post=ollama_api_wait(api),
+        timeout_start_s=API_WAIT_S + API_WAIT_SLACK_S,
+        wants=[PRELOAD_UNIT],
     )
-    return unit_file(OLLAMA_UNIT, context)
+    preload = files.template(
+        name=f"Unit {PRELOAD_UNIT}", src=str(TEMPLATES / f"{PRELOAD_UNIT}.j2"), dest=f"{UNIT_DIR}/{PRELOAD_UNIT}",
+        user="root", group="root", mode="0644", jinja_env_kwargs=unit_settings(), svc=preload_unit_context(plan, settings),
+    )
+    return unit_file(OLLAMA_UNIT, context), preload
 
 
 @deploy("Ollama")
 def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
-              unit, installed, registry: RegistrySource | RegistryFetch | None) -> None:
+              unit, preload_unit, installed, registry: RegistrySource | RegistryFetch | None) -> None:
     api = settings.local_api("ollama")
+    # the preload unit alone changed: systemd reads it again, and the server keeps running (converge_service
+    # reloads when the server's own unit changed)
+    systemd.daemon_reload(name=f"Reload systemd for {PRELOAD_UNIT}",
+                          _if=lambda: preload_unit.did_change() and not unit.did_change())
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
-    ollama_model(plan, settings, release.binary, download, registry=registry)
+    ollama_model(plan, settings, release.binary, download, registry=registry, preload_bound_s=health_timeout_s(plan))
 
 
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
@@ -294,6 +330,7 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
         *retire_service_reads(LLAMA_UNIT), *package_reads(), (OfficialInstall, {}), *service_user_reads(USER, HOME),
         *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
         *link_reads(OFFICIAL_BINARY), *converge_service_reads(OLLAMA_UNIT, (release.binary,)),
+        *file_reads(f"{UNIT_DIR}/{PRELOAD_UNIT}"),
         (DirEntries, {"path": OLLAMA_ROOT}), *ollama_model_reads(settings, download),
     ]
 
@@ -315,10 +352,12 @@ def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[
 
 @deploy("Ollama model")
 def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Download | None,
-                 group: str = "root", registry: RegistrySource | RegistryFetch | None = None) -> None:
+                 group: str = "root", registry: RegistrySource | RegistryFetch | None = None,
+                 preload_bound_s: int | None = None) -> None:
     """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
     by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
-    kept loaded. Linux and macOS alike."""
+    kept loaded. Linux and macOS alike: on Linux (`preload_bound_s`, how long the deploy waits for the load)
+    through the preload unit, on macOS by a request of its own."""
     api = settings.local_api("ollama")
     tag = plan.ollama_tag or ""
     if download is not None:
@@ -344,7 +383,10 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
-    preload_model(name=f"Preload {tag}", tag=tag, api=api)
+    if preload_bound_s is not None:
+        load_through_preload_unit(name=f"Preload {tag}", tag=tag, api=api, bound_s=preload_bound_s)
+    else:
+        preload_model(name=f"Preload {tag}", tag=tag, api=api)
 
 
 def _text(content: str):
