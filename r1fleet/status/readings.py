@@ -16,6 +16,7 @@ from typing import Any
 
 from r1fleet.hardware._base import split_sections
 from r1fleet.net import parse_json
+from r1fleet.roles.ollama.decide import PreloadRecord, read_preload_record
 from r1fleet.verify.readings import parse_launchctl_print
 
 NO_ANSWER = 0
@@ -76,6 +77,7 @@ class Live:
     llama_health: Reply = Reply()
     llama_props: Reply = Reply()
     llama_models: Reply = Reply()
+    ollama_preload: PreloadRecord | None = None  # the last attempt to load Ollama's model after a start
     problems: tuple[str, ...] = ()  # what could not be read, each naming the section
 
     def unit(self, name: str) -> Unit:
@@ -171,5 +173,6 @@ def parse_status(text: str, host: str) -> Live:
         processes=parse_processes(sections.get("status-procs", [])), launchd=launchd,
         ollama_version=replies["ollama-version"], ollama_ps=replies["ollama-ps"], ollama_tags=replies["ollama-tags"],
         llama_health=replies["llama-health"], llama_props=replies["llama-props"], llama_models=replies["llama-models"],
+        ollama_preload=read_preload_record("\n".join(sections.get("status-ollama-preload", []))),
         problems=tuple(problems),
     )

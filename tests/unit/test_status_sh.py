@@ -70,7 +70,7 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     Recorder.seen = []
     try:
         out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", url, "com.r1fleet.ollama",
-                              "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                              str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:

@@ -160,15 +160,19 @@ def read_preload_record(text: str) -> PreloadRecord | None:
 
 
 def preload_problem(tag: str, record: PreloadRecord | None, preload_running: bool) -> str:
-    """Why `tag` is not loaded, in status's and verify's words, from the preload's record and unit."""
-    if preload_running or (record is not None and record.result == "loading"):
+    """Why `tag` is not loaded, in status's and verify's words, from the preload's record and whether its unit
+    runs now (then it is loading it)."""
+    again = f"systemctl start {PRELOAD_UNIT}"
+    if preload_running:
         return f"{tag} is not loaded yet: {PRELOAD_UNIT} is loading it"
     if record is None:
-        return f"{tag} is not loaded, and {PRELOAD_UNIT} has recorded no attempt (fix: systemctl start {PRELOAD_UNIT})"
+        return f"{tag} is not loaded, and {PRELOAD_UNIT} has recorded no attempt (fix: {again})"
     if record.result == "failed":
         return (f"{tag} is not loaded, last attempt failed: {record.reason} "
-                f"(fix: journalctl -u {PRELOAD_UNIT} -u {OLLAMA_UNIT}, then systemctl start {PRELOAD_UNIT})")
-    return f"{tag} is not loaded, though {PRELOAD_UNIT} loaded it (unloaded since? fix: systemctl start {PRELOAD_UNIT})"
+                f"(fix: journalctl -u {PRELOAD_UNIT} -u {OLLAMA_UNIT}, then {again})")
+    if record.result == "loading":
+        return f"{tag} is not loaded, its last attempt was stopped before Ollama answered (fix: {again})"
+    return f"{tag} is not loaded, though {PRELOAD_UNIT} loaded it after the last start (unloaded since? fix: {again})"
 
 
 def ollama_load_request(tag: str, api: str) -> str:
