@@ -308,6 +308,49 @@ def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], 
         assert proc.wait(15) == 0
 
 
+# Test double for a llama-server that takes `SLOW_LOAD_S` to load (a large model from a slow disk): it answers
+# /health only after that, as llama-server answers 503 while loading.
+SLOW_LLAMA_SERVER = r"""#!PYTHON
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+time.sleep(float(sys.argv[0].rsplit("-", 1)[1]))
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "15"); self.end_headers(); self.wfile.write(b'{"status":"ok"}')
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), H).serve_forever()
+"""
+
+
+def test_a_load_whose_client_leaves_is_aborted_and_one_that_waits_stays(server: dict[str, Any], tmp_path: Path) -> None:
+    """As Ollama v0.32.9 does (llm/llama_server.go:1297-1299, server/sched.go:733-738): a client that gives up
+    while the runner still loads takes the load with it; a client that waits gets the model loaded."""
+    runner = tmp_path / "llama-server-3"
+    runner.write_text(SLOW_LLAMA_SERVER.replace("PYTHON", PYTHON, 1))
+    runner.chmod(0o755)
+    port = free_port()
+    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_serving(base, proc)
+        subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(server["tmp"] / "Modelfile")], env=env,
+                       capture_output=True, timeout=60, check=True)
+        load = urllib.request.Request(base + "/api/generate", data=json.dumps({"model": TAG, "keep_alive": -1}).encode())
+        with pytest.raises(OSError):  # the client's own bound, shorter than the load
+            urllib.request.urlopen(load, timeout=1)
+        time.sleep(4)  # past the runner's load: had the load gone on, the model would be in memory by now
+        assert call(base, "GET", "/api/ps")[1]["models"] == []
+        assert "client connection closed before llama-server finished loading, aborting load" in log.read_text()
+        with urllib.request.urlopen(load, timeout=30) as answer:  # a client that waits
+            assert json.loads(answer.read())["done_reason"] == "load"
+        assert [m["name"] for m in call(base, "GET", "/api/ps")[1]["models"]] == [TAG]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def test_keep_alive_expiry_unloads_and_zero_unloads_at_once(server: dict[str, Any]) -> None:
     base = server["base"]
     call(base, "POST", "/api/generate", {"model": TAG, "keep_alive": "1s"})

@@ -77,7 +77,7 @@ API_WAIT_S = 120  # how long a start waits for the server's API before the start
 
 def ollama_api_wait(api: str, bound_s: int = API_WAIT_S) -> list[str]:
     """The Ollama unit's ExecStartPost=: the start completes once the API answers, so `active` means it serves.
-    Ollama opens its socket before it discovers GPUs and only then answers (server/routes.go:2022-2047 of
+    Ollama opens its socket before it discovers GPUs and only then answers (server/routes.go:2022-2042 of
     v0.32.9: discover.GPUDevices, then srvr.Serve), so each try is bounded and repeated. Nothing here loads
     the model: that is the preload unit's work (ollama_preload), which never holds the start or boot."""
     script = (f"until curl -s -o /dev/null --max-time 5 {shlex.quote(api + '/api/version')}; "
@@ -91,8 +91,8 @@ def ollama_preload(tag: str, api: str, record: str = PRELOAD_RECORD) -> list[str
 
     The request keeps its connection open until Ollama answers, however long the load takes: Ollama aborts a
     load whose client goes away (llm/llama_server.go:1297-1299; server/sched.go:733-738 then expires the
-    runner), and it ends a stuck load itself after OLLAMA_LOAD_TIMEOUT without progress (envconfig
-    LoadTimeout, llama_server.go WaitUntilRunning), answering an error that is recorded here."""
+    runner), and it ends a stuck load itself after OLLAMA_LOAD_TIMEOUT without progress
+    (envconfig/config.go:146-149, llama_server.go:1283), answering an error that is recorded here."""
     body = json.dumps({"model": tag, "keep_alive": -1}, separators=(",", ":"))
     q = shlex.quote
     return ["/bin/sh", "-c", "; ".join([
