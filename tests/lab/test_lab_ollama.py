@@ -1,5 +1,7 @@
 """Lab: the Ollama path as a real host meets it. A host that already has Ollama's own install (install.sh)
-is taken over and keeps its models; the planned model is loaded again after every start of the service.
+is taken over and keeps its models; the planned model is loaded again after every start of the service, a
+reboot included, by a unit that holds neither the start nor boot; a load that fails is named by status and
+verify.
 
 Root + lab only (tests/lab/conftest.py). The module leaves lab-4090 converged to inventory/lab.yml.
 """
@@ -14,11 +16,14 @@ from pathlib import Path
 import pytest
 
 from r1fleet.lab import mirror, state
+from conftest import lab_command
 from test_deploy import changed_count, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "lab-4090"  # Ollama, one simulated RTX 4090
 UNIT = "r1fleet-ollama.service"
+PRELOAD = "r1fleet-ollama-preload.service"
+RECORD = "/var/lib/ollama/r1fleet-preload"
 API = "http://127.0.0.1:11434"
 OWN_MODEL = "mine:latest"
 
@@ -59,7 +64,7 @@ def api_json(ssh, path: str) -> dict:
 def install_sh_state(mirror_url: str) -> str:
     """Shell commands that leave lab-4090 as install.sh would (r1fleet's own install removed first), with a
     model of the user's own in the official store."""
-    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tar.zst"
+    archive = f"{mirror_url}/{mirror.ollama_stand_in_dir()}/ollama-linux-amd64.tar.zst"
     gguf = f"{mirror_url}/models/{mirror.GGUF_NAME}"
     return "\n".join([
         "set -e",
@@ -125,6 +130,56 @@ def test_the_model_is_loaded_again_after_every_restart(converged, ssh):
     assert loaded == planned, loaded
     verified = verify_lab_host()
     assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+
+
+def loaded_models(ssh) -> list[str]:
+    return [m["name"] for m in api_json(ssh, "/api/ps")["models"]]
+
+
+def test_a_rebooted_host_is_active_at_once_and_loaded_soon_after(converged, ssh):
+    """`systemctl reboot` inside the host: boot finishes without waiting for the model (the lab waits for a
+    finished boot, `is-system-running --wait`), the server is active within seconds of boot, the preload unit
+    loads the model with no request from anyone, and verify passes (its test_model_loaded runs before its chat)."""
+    planned = loaded_models(ssh)
+    assert len(planned) == 1, planned
+    boot_id = ssh(HOST, "cat /proc/sys/kernel/random/boot_id").stdout
+    rebooted = lab_command("reboot", HOST)
+    assert rebooted.returncode == 0, rebooted.stdout + rebooted.stderr
+    assert ssh(HOST, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id  # a new boot, not a survivor
+    assert ssh(HOST, f"systemctl is-active {UNIT}").stdout.strip() == "active"
+    # active within seconds of boot (microseconds since boot when systemd entered `active`)
+    since_boot_us = int(ssh(HOST, f"systemctl show -p ActiveEnterTimestampMonotonic --value {UNIT}").stdout)
+    assert 0 < since_boot_us < 30_000_000, since_boot_us
+    started = time.monotonic()
+    while loaded_models(ssh) != planned and time.monotonic() - started < 120:
+        time.sleep(1)
+    assert loaded_models(ssh) == planned
+    assert ssh(HOST, f"cat {RECORD}").stdout.startswith("result=loaded\n")
+    verified = verify_lab_host()
+    assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+
+
+def test_a_failed_load_is_named_by_status_and_verify(converged, ssh):
+    """The model gone from the store (`ollama rm`): the preload after a restart fails, its unit is failed, status
+    says "not loaded, last attempt failed" with Ollama's error, verify fails test_model_loaded with it; the next
+    deploy places the model again and loads it through the same unit."""
+    [tag] = loaded_models(ssh)
+    removed = ssh(HOST, f"OLLAMA_HOST={API} /usr/local/bin/ollama rm {tag} && systemctl restart {UNIT}")
+    assert removed.returncode == 0, removed.stderr
+    started = time.monotonic()
+    while ssh(HOST, f"systemctl is-active {PRELOAD}").stdout.strip() != "failed" and time.monotonic() - started < 60:
+        time.sleep(1)
+    assert ssh(HOST, f"systemctl is-active {PRELOAD}").stdout.strip() == "failed"
+    assert ssh(HOST, f"cat {RECORD}").stdout.startswith("result=failed\n")
+    status = subprocess.run([sys.executable, "-m", "r1fleet", "status", "--fleet", "lab", HOST], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert f"{HOST}: {tag} is not loaded, last attempt failed: HTTP 404: " in status.stdout, status.stdout
+    verified = subprocess.run([sys.executable, "-m", "r1fleet", "verify", "--fleet", "lab", "-k",
+                               f"test_model_loaded and {HOST}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert verified.returncode != 0 and "last attempt failed: HTTP 404" in verified.stdout, verified.stdout[-3000:]
+    again = deploy_lab_host()
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert loaded_models(ssh) == [tag] and ssh(HOST, f"cat {RECORD}").stdout.startswith("result=loaded\n")
 
 
 def test_every_host_answers_the_official_openai_client(lab, ssh):
