@@ -147,9 +147,11 @@ def test_a_rebooted_host_is_active_at_once_and_loaded_soon_after(converged, ssh)
     assert rebooted.returncode == 0, rebooted.stdout + rebooted.stderr
     assert ssh(HOST, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id  # a new boot, not a survivor
     assert ssh(HOST, f"systemctl is-active {UNIT}").stdout.strip() == "active"
-    # active within seconds of boot (microseconds since boot when systemd entered `active`)
-    since_boot_us = int(ssh(HOST, f"systemctl show -p ActiveEnterTimestampMonotonic --value {UNIT}").stdout)
-    assert 0 < since_boot_us < 30_000_000, since_boot_us
+    # active within seconds of boot: from the container's systemd starting to the unit entering `active` (the
+    # monotonic clock is the machine's, shared by its containers)
+    boot_us = int(ssh(HOST, "systemctl show -p UserspaceTimestampMonotonic --value").stdout)
+    active_us = int(ssh(HOST, f"systemctl show -p ActiveEnterTimestampMonotonic --value {UNIT}").stdout)
+    assert 0 < active_us - boot_us < 30_000_000, (boot_us, active_us)
     started = time.monotonic()
     while loaded_models(ssh) != planned and time.monotonic() - started < 120:
         time.sleep(1)

@@ -122,6 +122,18 @@ FAILED_LOAD = ('result=failed\nat=1796678070\ndetail=HTTP 500: {"error":"llama r
                'exit status 2"}\n')
 
 
+def test_a_captured_failed_preload_is_read_with_ollamas_error():
+    """Captured in the lab: the model removed (`ollama rm`), then the server restarted; its preload got a 404."""
+    live = parse_status(document("ollama-preload-failed__lab-4090.txt"), "lab-4090")
+    assert live.units["r1fleet-ollama-preload.service"].active == "failed"
+    assert live.ollama_preload.result == "failed" and live.ollama_preload.at == 1796687958
+    status, _ = status_of("ollama-preload-failed__lab-4090.txt", LAB_4090)
+    assert status.state == "idle" and status.unit_state == "active (running)"
+    assert (f"{TAG} is not loaded, last attempt failed: HTTP 404: model '{TAG}' not found (fix: journalctl -u "
+            "r1fleet-ollama-preload.service -u r1fleet-ollama.service, then systemctl start "
+            "r1fleet-ollama-preload.service)") in status.problems
+
+
 def test_an_ollama_host_whose_preload_failed_says_why_it_is_not_loaded():
     status, _ = status_of_text(without_the_model("failed", FAILED_LOAD), LAB_4090)
     assert status.state == "idle" and not status.loaded and not status.healthy
