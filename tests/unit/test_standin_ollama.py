@@ -50,6 +50,13 @@ def write_gguf(path: Path, kv: dict[str, Any], tensors: list[tuple[str, list[int
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + body)
 
 
+# A Go TEMPLATE that can think, shaped as the library's: `.Thinking` between tags inside the range over `.Messages`
+# (thinking.InferTags), the prompt ending with the opening tag.
+THINKING_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}"
+                     "{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n<think>")
+# One that cannot: no `.Thinking` at all (a library tag whose template predates thinking).
+PLAIN_TEMPLATE = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
 TINY_KV = {"general.architecture": "llama", "general.file_type": 3, "llama.block_count": 4,
            "llama.context_length": 2048, "llama.embedding_length": 64, "llama.attention.head_count": 4,
            "llama.attention.head_count_kv": 2, "tokenizer.ggml.tokens": [f"t{i}" for i in range(40)]}
@@ -115,7 +122,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         pytest.fail("stand-in ollama did not start: " + (tmp / "serve.log").read_text())
     gguf = tmp / "tiny.gguf"
     write_gguf(gguf, TINY_KV, [("token_embd.weight", [64, 100]), ("output_norm.weight", [64])])
-    (tmp / "Modelfile").write_text('FROM ./tiny.gguf\nTEMPLATE """{{ .Prompt }}<think>"""\nPARAMETER stop "<|end|>"\n'
+    (tmp / "Modelfile").write_text(f'FROM ./tiny.gguf\nTEMPLATE """{THINKING_TEMPLATE}"""\nPARAMETER stop "<|end|>"\n'
                                    "PARAMETER temperature 0.6\n")
     created = subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(tmp / "Modelfile")],
                              env=env, capture_output=True, text=True, timeout=60)
@@ -190,7 +197,7 @@ def test_show_reads_model_info_from_the_gguf_header(server: dict[str, Any]) -> N
     assert info["tokenizer.ggml.tokens"] is None  # long arrays are elided, as in Ollama
     assert info["general.parameter_count"] == 6464
     assert body["capabilities"] == ["completion", "thinking"]
-    assert body["template"] == "{{ .Prompt }}<think>"
+    assert body["template"] == THINKING_TEMPLATE
     status, body = call(server["base"], "POST", "/api/show", {"model": "deepseek-r1:7b"})
     assert status == 404 and "not found" in body["error"]
 
@@ -260,8 +267,8 @@ def test_pull_from_a_standin_registry_directory_copies_manifest_and_blobs(server
 
 
 FAKE_LLAMA_SERVER = r"""#!PYTHON
-# Test double for llama.cpp's llama-server (not installable on this machine): answers /health and
-# /v1/chat/completions in llama-server's response format and records its command line.
+# Test double for llama.cpp's llama-server (not installable on this machine): answers /health, /completion and
+# /v1/chat/completions in llama-server's response formats and records its command line and each request.
 import json, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 open(sys.argv[0] + ".args", "w").write(json.dumps(sys.argv[1:]))
@@ -273,39 +280,91 @@ class H(BaseHTTPRequestHandler):
         self.reply({"status": "ok"})
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(sys.argv[0] + ".requests", "a") as log:
+            log.write(json.dumps([self.path, req]) + "\n")
+        timings = {"prompt_n": 11, "prompt_ms": 5.5, "predicted_n": 6, "predicted_ms": 120.0}
+        if self.path == "/completion":
+            asked = req["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+            text = "<think>about " + asked + "</think>Blue light scatters more."
+            return self.reply({"content": text, "stop_type": "eos", "timings": timings})
         text = "<think>about " + req["messages"][-1]["content"] + "</think>Blue light scatters more."
         self.reply({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "timings": {"prompt_n": 11, "prompt_ms": 5.5, "predicted_n": 6, "predicted_ms": 120.0}})
+                    "timings": timings})
 port = int(sys.argv[sys.argv.index("--port") + 1])
 HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], tmp_path: Path) -> None:
+def serve_with_fake_runner(server: dict[str, Any], tmp_path: Path, **env_extra: str):
+    """A stand-in of its own whose runner is the FAKE_LLAMA_SERVER test double: (base URL, process, runner path)."""
     runner = tmp_path / "llama-server"
     runner.write_text(FAKE_LLAMA_SERVER.replace("PYTHON", PYTHON, 1))
     runner.chmod(0o755)
     port = free_port()
-    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}",
-           "OLLAMA_NUM_PARALLEL": "2", "OLLAMA_KV_CACHE_TYPE": "q8_0"}
+    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}", **env_extra}
     proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
+    assert wait_until_serving(base, proc)
+    return base, proc, runner, env
+
+
+def runner_requests(runner: Path) -> list[tuple[str, dict]]:
+    return [tuple(json.loads(line)) for line in Path(str(runner) + ".requests").read_text().splitlines()]
+
+
+def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], tmp_path: Path) -> None:
+    """The fixture's model has a Go TEMPLATE layer that can think, as library R1 tags do: the prompt is rendered
+    by the server and sent to llama-server's /completion, the runner started without its own template
+    (llm/llama_server.go:1-6, 774-782, 1622 of v0.32.9), and the reply split at the inferred tags."""
+    base, proc, runner, _ = serve_with_fake_runner(server, tmp_path, OLLAMA_NUM_PARALLEL="2", OLLAMA_KV_CACHE_TYPE="q8_0")
     try:
-        assert wait_until_serving(base, proc)
         status, body = call(base, "POST", "/api/chat", {"model": TAG, "stream": False, "options": {"num_ctx": 1024},
                                                         "messages": [{"role": "user", "content": "sky?"}]})
         assert status == 200, body
         assert body["message"] == {"role": "assistant", "content": "Blue light scatters more.", "thinking": "about sky?"}
         assert (body["eval_count"], body["eval_duration"]) == (6, 120_000_000)
         assert (body["prompt_eval_count"], body["prompt_eval_duration"]) == (11, 5_500_000)
+        [(path, request)] = runner_requests(runner)
+        assert path == "/completion" and request["prompt"].endswith("sky?<|im_end|>\n<|im_start|>assistant\n<think>")
         args = json.loads(Path(str(runner) + ".args").read_text())
         blob = model_blob(server)
         assert args[args.index("-m") + 1] == str(blob)
         assert args[args.index("-c") + 1] == "2048" and args[args.index("-np") + 1] == "2"  # num_ctx x parallel
         assert args[args.index("--cache-type-k") + 1] == "q8_0"
+        assert args[args.index("--chat-template") + 1] == "chatml" and "--no-jinja" in args
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def test_a_template_without_thinking_refuses_think_and_leaves_the_reasoning_inline(server: dict[str, Any],
+                                                                                    tmp_path: Path) -> None:
+    """A Go TEMPLATE without `.Thinking` (routes.go:2592-2607): `think: true` is a 400, and without it the reply is
+    all content, R1's <think> text inline; a model without a template layer goes to /v1/chat/completions."""
+    from r1fleet.verify.judge import ollama_chat_reply
+
+    base, proc, runner, env = serve_with_fake_runner(server, tmp_path)
+    plain, bare = "r1fleet/tiny:plain", "r1fleet/tiny:bare"
+    (server["tmp"] / "Plain").write_text(f'FROM ./tiny.gguf\nTEMPLATE """{PLAIN_TEMPLATE}"""\n')
+    (server["tmp"] / "Bare").write_text("FROM ./tiny.gguf\n")
+    try:
+        for name, modelfile in ((plain, "Plain"), (bare, "Bare")):
+            subprocess.run([PYTHON, str(OLLAMA), "create", name, "-f", str(server["tmp"] / modelfile)], env=env,
+                           capture_output=True, timeout=60, check=True)
+        assert call(base, "POST", "/api/show", {"model": plain})[1]["capabilities"] == ["completion"]
+        ask = {"model": plain, "stream": False, "messages": [{"role": "user", "content": "sky?"}]}
+        assert call(base, "POST", "/api/chat", {**ask, "think": True}) == (400, {"error": f'"{plain}" does not support thinking'})
+        status, body = call(base, "POST", "/api/chat", ask)
+        assert status == 200 and body["message"] == {"role": "assistant", "content": "<think>about sky?</think>Blue light scatters more."}
+        reply = ollama_chat_reply(body)  # verify reads the reasoning from the text
+        assert (reply.content, reply.reasoning) == ("Blue light scatters more.", "about sky?")
+        assert call(base, "POST", "/api/chat", {**ask, "model": bare})[0] == 200
+        assert [path for path, _ in runner_requests(runner)] == ["/completion", "/v1/chat/completions"]
+    finally:
+        for name in (plain, bare):  # the module's store holds only its own model for the tests after this one
+            call(base, "DELETE", "/api/delete", {"model": name})
+        proc.terminate()
+        proc.wait(15)
 
 
 # Test double for a llama-server that takes `SLOW_LOAD_S` to load (a large model from a slow disk): it answers

@@ -25,6 +25,7 @@ from r1fleet.cache.registry import ollama_manifest_path, weights_problem
 from r1fleet.verify.judge import (
     gpu_problems,
     memory_by_gpu,
+    ollama_chat_body,
     ollama_chat_reply,
     openai_chat_reply,
     parse_compute_apps,
@@ -63,10 +64,8 @@ def _ask(target: Target):
     # R1 thinks before it answers: leave room for the thoughts; the stand-in only needs a few tokens.
     budget = 1024 if target.reasoning else 64
     if plan.backend == "ollama":
-        body = {"model": plan.ollama_tag, "messages": messages, "stream": False, "keep_alive": -1,
-                "options": {"num_predict": budget, "temperature": 0}}
-        if target.reasoning:
-            body["think"] = True
+        shown = target.get_json("/api/show", "POST", {"model": plan.ollama_tag}) if target.reasoning else {}
+        body = ollama_chat_body(plan.ollama_tag, messages, budget, target.reasoning, shown.get("capabilities"))
         reply = ollama_chat_reply(target.get_json("/api/chat", "POST", body, target.chat_timeout))
     else:
         body = {"messages": messages, "max_tokens": budget, "temperature": 0}
