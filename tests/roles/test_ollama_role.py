@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -188,12 +189,14 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
     assert "http://10.77.0.1:8088/models/SmolLM2-135M-Instruct.Q4_1.gguf" in fetch and GGUF_SHA in fetch
     assert fetch.index("sha256sum") < fetch.index("mv -f")
-    assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"].startswith(
+    # no num_ctx of its own: the unit's OLLAMA_CONTEXT_LENGTH is the context, and it follows a replan
+    assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"] == (
         "FROM /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf\n")
     assert run.ran(f"Import {STANDIN_TAG}", f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
     # then the record of what Ollama reports for the import (its rewrite of the file), for verify
     record = run.script("/var/lib/r1fleet/models/import/imported.json.tmp")
-    assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64), sort_keys=True) in record
+    modelfile_sha = hashlib.sha256(run.uploads["/var/lib/r1fleet/models/import/Modelfile"].encode()).hexdigest()
+    assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64, modelfile_sha), sort_keys=True) in record
     assert run.commands.index(run.script("ollama create")) < run.commands.index(record)
     assert run.never_ran("ollama pull")
     assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
@@ -210,11 +213,18 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
         **ff.sha256_of(gguf, GGUF_SHA),
         **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
     }
-    record = import_record(STANDIN_TAG, GGUF_SHA, ollama_tag_digest(json.loads(responses[f"{API}/api/tags"]), STANDIN_TAG))
+    modelfile_sha = hashlib.sha256(first.uploads["/var/lib/r1fleet/models/import/Modelfile"].encode()).hexdigest()
+    digest = ollama_tag_digest(json.loads(responses[f"{API}/api/tags"]), STANDIN_TAG)
+    record = import_record(STANDIN_TAG, GGUF_SHA, digest, modelfile_sha)
     recorded = {"cat /var/lib/r1fleet/models/import/imported.json": json.dumps(record), **responses}
     run = run_role(ollama_role, *role_args(p, settings, rel), responses=recorded, monkeypatch=monkeypatch)
     assert run.changed == []
     assert run.never_ran("ollama create") and run.never_ran(".part")
+    # imported with another Modelfile (before a replan, or one that set num_ctx, baked into the model): again
+    older = {**responses, "cat /var/lib/r1fleet/models/import/imported.json": json.dumps(
+        {**record, "modelfile_sha256": hashlib.sha256(b"FROM x\nPARAMETER num_ctx 4096\n").hexdigest()})}
+    replanned = run_role(ollama_role, *role_args(p, settings, rel), responses=older, monkeypatch=monkeypatch)
+    assert replanned.ran("Import r1fleet/smollm2:135m-instruct-q4_1", "ollama create")
     # the tag is there but not as recorded (another file under that name, or no record): imported again
     unrecorded = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert unrecorded.ran("Import r1fleet/smollm2:135m-instruct-q4_1", "ollama create")

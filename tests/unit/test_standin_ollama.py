@@ -478,7 +478,7 @@ def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPat
     for line in (fixtures / "llama-server-buffers__rpc-1dev__b11669.txt").read_text().splitlines():
         on_gpu.feed(line)
     size, vram = on_gpu.memory(file_size)
-    assert vram == int((92.10 + 180.00 + 21.51) * mib) and size == vram  # full offload: all counted on the GPU
+    assert vram == sum(int(v * mib) for v in (92.10, 180.00, 21.51)) and size == vram  # full offload: all on the GPU
     on_cpu = standin.RunnerLog()
     for line in (fixtures / "llama-server-buffers__cpu-only__b11669.txt").read_text().splitlines():
         on_cpu.feed(line)
@@ -491,6 +491,28 @@ def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPat
     assert standin.lab_rpc_devices() == ["127.0.0.1:50101"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert standin.lab_rpc_devices() == []
+
+
+def test_ps_size_trims_only_the_mmap_views_and_sums_the_overflow() -> None:
+    """Two details of Ollama's MemorySize (llm/llama_server.go:2606-2646, 2767-2771, 2795-2821 of v0.32.9): model
+    weights above the file's size come off the CPU_Mapped views only, at most their size (a repacked CPU copy is
+    memory of its own), and the overflowing layers of every fit line add up."""
+    mib, file_size = 1024 * 1024, 100 * 1024 * 1024
+    log = standin_module().RunnerLog()
+    for line in ("load_tensors:   CPU_Mapped model buffer size =    10.00 MiB",
+                 "load_tensors:        CUDA0 model buffer size =   110.00 MiB",
+                 "load_tensors:   CPU_REPACK model buffer size =    40.00 MiB",
+                 "llama_kv_cache:      CUDA0 KV buffer size =    16.00 MiB"):
+        log.feed(line)
+    # 10 + 110 file-backed is 20 MiB above the file: trimmed from the 10 MiB view, at most its size; the 40 MiB
+    # repack is kept
+    assert log.memory(file_size) == (int((10 + 110 + 40 + 16 - 10) * mib), int((110 + 16) * mib))
+    log.feed("load_tensors: offloaded 33/33 layers to GPU")
+    assert log.memory(file_size) == (int((110 + 16) * mib),) * 2  # every layer offloaded: all counted on the GPU
+    for line in ("common_params_fit_impl: fitting ... (2 overflowing)", "common_params_fit_impl: fitting ... (3 overflowing)"):
+        log.feed(line)
+    assert log.overflow == 5  # summed, where the last value alone would be 3
+    assert log.memory(file_size)[0] == int((10 + 110 + 40 + 16 - 10) * mib)  # layers overflowed: the real total
 
 
 def test_the_official_openai_client_lists_chats_and_streams(server: dict[str, Any]) -> None:

@@ -205,9 +205,17 @@ def ollama_tag_digest(tags_document: Any, tag: str) -> str | None:
     return None
 
 
-def import_record(tag: str, source_sha256: str, digest: str | None) -> dict[str, str | None]:
-    """What r1fleet records after importing the file `source_sha256` as `tag`: the digest Ollama reported."""
-    return {"digest": digest, "source_sha256": source_sha256, "tag": tag}
+def import_record(tag: str, source_sha256: str, digest: str | None, modelfile_sha256: str) -> dict[str, str | None]:
+    """What r1fleet records after importing the file `source_sha256` as `tag` with the Modelfile `modelfile_sha256`:
+    the digest Ollama reported."""
+    return {"digest": digest, "modelfile_sha256": modelfile_sha256, "source_sha256": source_sha256, "tag": tag}
+
+
+def imported_with(record: Any, modelfile_sha256: str) -> bool:
+    """Whether the recorded import used this Modelfile: one written differently (records from before r1fleet
+    kept its sha256, a Modelfile that set num_ctx) is imported again, since `ollama create` bakes its
+    parameters into the model (a params layer, which overrides the unit's environment)."""
+    return isinstance(record, dict) and record.get("modelfile_sha256") == modelfile_sha256
 
 
 def import_record_digest(record: Any, tag: str, source_sha256: str | None) -> str | None:
@@ -254,9 +262,12 @@ def imports_stand_in(plan: HostPlan, settings: HostConfig, system: str) -> bool:
     return plan.backend == "ollama" and settings.rehearsal and not takes_from_registry(plan, settings, system)
 
 
-def modelfile(model_path: str, plan: HostPlan) -> str:
-    """The Modelfile for Ollama's offline import (`ollama create`, docs/research/ollama.md section 7)."""
-    return f"FROM {model_path}\nPARAMETER num_ctx {plan.context_length}\n"
+def modelfile(model_path: str) -> str:
+    """The Modelfile for Ollama's offline import (`ollama create`, docs/research/ollama.md section 7). No
+    `PARAMETER num_ctx`: a model's own num_ctx overrides OLLAMA_CONTEXT_LENGTH (server/routes.go:129-145 of
+    v0.32.9) and would keep the context of the plan it was imported for, where the unit's environment follows
+    every replan (as for a library tag, whose params hold only `stop`)."""
+    return f"FROM {model_path}\n"
 
 
 def pull_command(tag: str, api: str, binary: str) -> str:

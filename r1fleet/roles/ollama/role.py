@@ -15,6 +15,7 @@ bind 11434), its binary and libraries removed, its models moved into r1fleet's s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Mapping
@@ -52,6 +53,7 @@ from r1fleet.roles.ollama.decide import (
     import_dir,
     import_record,
     import_record_digest,
+    imported_with,
     imports_stand_in,
     modelfile,
     ollama_api_wait,
@@ -170,15 +172,17 @@ class JsonFile(FactBase):
 
 
 @operation()
-def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str):
+def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str,
+                 modelfile_sha256: str):
     """Offline import of a local GGUF (`ollama create -f Modelfile`). Nothing happens when the tag is there as
     recorded (record_import) for this very file: the stored weights are llama-quantize's rewrite of the file,
     not the file, so only the digest Ollama reported right after the import identifies them.
 
     Example: import_model(tag="r1fleet/smollm2:135m-instruct-q4_1", api="http://127.0.0.1:11434", ...)"""
     tags = host.get_fact(HttpJson, url=f"{api}/api/tags")
-    recorded = import_record_digest(host.get_fact(JsonFile, path=record_path), tag, source_sha256)
-    if recorded is not None and recorded == ollama_tag_digest(tags, tag):
+    record = host.get_fact(JsonFile, path=record_path)
+    recorded = import_record_digest(record, tag, source_sha256)
+    if recorded is not None and recorded == ollama_tag_digest(tags, tag) and imported_with(record, modelfile_sha256):
         host.noop(f"model {tag} present, imported from {source_sha256[:12]}")
         return
     q = shlex.quote
@@ -186,11 +190,11 @@ def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sh
 
 
 @operation()
-def record_import(tag: str, api: str, source_sha256: str, record_path: str):
+def record_import(tag: str, api: str, source_sha256: str, record_path: str, modelfile_sha256: str):
     """The import record verify compares with: the tag, the file it came from and the digest Ollama reports
     for it now (read when this runs, after any import). Deterministic, so a rebuilt host writes the same bytes."""
     digest = ollama_tag_digest(host.get_fact(HttpJson, url=f"{api}/api/tags"), tag)
-    wanted = import_record(tag, source_sha256, digest)
+    wanted = import_record(tag, source_sha256, digest, modelfile_sha256)
     if host.get_fact(JsonFile, path=record_path) == wanted:
         host.noop(f"import of {tag} recorded")
         return
@@ -366,18 +370,21 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         files.directory(name="Import directory", path=imports, user="root", group=group, mode="0755")
         fetch_verified(name=f"Stand-in {download_label(download)}", download=download, dest=gguf_path,
                        user="root", group=group, mode="0644")
+        text = modelfile(gguf_path)
+        text_sha256 = hashlib.sha256(text.encode()).hexdigest()
         files.put(
             name="Modelfile for the stand-in",
-            src=_text(modelfile(gguf_path, plan)),
+            src=_text(text),
             dest=f"{imports}/{MODELFILE}",
             user="root",
             group=group,
             mode="0644",
         )
         import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{imports}/{MODELFILE}",
-                     source_sha256=download.sha256, record_path=f"{imports}/{IMPORT_RECORD}")
+                     source_sha256=download.sha256, record_path=f"{imports}/{IMPORT_RECORD}",
+                     modelfile_sha256=text_sha256)
         record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
-                      record_path=f"{imports}/{IMPORT_RECORD}")
+                      record_path=f"{imports}/{IMPORT_RECORD}", modelfile_sha256=text_sha256)
     elif registry is not None:
         place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
