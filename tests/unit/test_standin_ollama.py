@@ -234,6 +234,24 @@ def test_generate_streams_ndjson_ending_with_statistics(server: dict[str, Any]) 
     assert events[-1]["eval_count"] == len(text.split())
 
 
+def test_a_namespace_with_a_dot_is_no_name_and_its_manifest_is_not_listed(server: dict[str, Any]) -> None:
+    """types/model/name.go:344-371 of v0.32.9 (no `.` in a namespace), manifest/manifest.go:204-210 (skipped)."""
+    standin = standin_module()
+    with pytest.raises(standin.ApiError):
+        standin.parse_name("team.x/tiny:test")
+    assert standin.parse_name("reg.lan/team_x/tiny.v2:q4.1").namespace == "team_x"
+    store = server["tmp"] / "models" / "manifests" / "registry.ollama.ai"
+    dotted = store / "team.x" / "tiny" / "test-q4_1"
+    dotted.parent.mkdir(parents=True)
+    dotted.write_bytes((store / "r1fleet" / "tiny" / "test-q4_1").read_bytes())
+    try:
+        assert [m["name"] for m in call(server["base"], "GET", "/api/tags")[1]["models"]] == [TAG]
+    finally:
+        dotted.unlink()
+        dotted.parent.rmdir()
+        dotted.parent.parent.rmdir()
+
+
 def test_blob_upload_verifies_the_digest(server: dict[str, Any]) -> None:
     data = b"some bytes"
     wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
