@@ -13,6 +13,7 @@ from r1fleet.render.formats import UnitText
 
 UNIT_DIR = "/etc/systemd/system"
 OLLAMA_UNIT = "r1fleet-ollama.service"
+OLLAMA_PRELOAD_UNIT = "r1fleet-ollama-preload.service"  # loads its model after every start
 LLAMA_UNIT = "r1fleet-llama-server.service"
 
 

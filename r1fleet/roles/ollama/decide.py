@@ -14,7 +14,7 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 from r1fleet.net import host_port, is_loopback, parse_json
-from r1fleet.render.systemd_unit import OLLAMA_UNIT, command_line
+from r1fleet.render.systemd_unit import OLLAMA_PRELOAD_UNIT, OLLAMA_UNIT, command_line
 from r1fleet.progress import human_bytes
 from r1fleet.cache.registry import DEFAULT_REGISTRY
 from r1fleet.fleet import plugins
@@ -70,7 +70,7 @@ def ollama_environment(plan: HostPlan, settings: HostConfig, models_dir: str) ->
     return env
 
 
-PRELOAD_UNIT = "r1fleet-ollama-preload.service"  # loads the planned model after every start of the server
+PRELOAD_UNIT = OLLAMA_PRELOAD_UNIT  # loads the planned model after every start of the server
 PRELOAD_RECORD = f"{HOME}/r1fleet-preload"  # its last attempt: result=, at= and detail= lines
 API_WAIT_S = 120  # how long a start waits for the server's API before the start fails
 
