@@ -476,6 +476,22 @@ def test_release_archive_is_deterministic_with_real_layout(tmp_path: Path) -> No
     assert (tmp_path / "a/VERSION").read_text().strip() == "0.32.15-standin"
 
 
+def test_the_stand_in_reports_the_pinned_version_and_the_lab_builds_it_per_content(monkeypatch, tmp_path) -> None:
+    """It stands for the pinned release (r1fleet/artifacts/versions.yaml), so it reports that version; the lab's
+    mirror keeps each checkout's build in a folder named by its sources, so labs shared by checkouts never mix them."""
+    from r1fleet.artifacts.pins import load_pins
+    from r1fleet.lab import mirror
+
+    assert standin_module().VERSION == load_pins().ollama.version
+    built = mirror.ollama_stand_in_dir()
+    assert built.startswith("ollama-standin-") and built == mirror.ollama_stand_in_dir()
+    changed = tmp_path / "build.py"
+    changed.write_bytes(mirror.OLLAMA_HOOK.read_bytes() + b"# another checkout\n")
+    (tmp_path / "ollama").write_bytes(OLLAMA.read_bytes())
+    monkeypatch.setattr(mirror, "OLLAMA_HOOK", changed)
+    assert mirror.ollama_stand_in_dir() != built
+
+
 def standin_module():
     """The stand-in script as a module, for its pure parts."""
     import importlib.machinery
