@@ -179,7 +179,7 @@ def test_a_stopped_or_failed_unit_is_cleaned_without_a_stop(monkeypatch):
     run = remove(monkeypatch, unit(OLLAMA, state="failed", enabled="disabled"))
     assert not run.ran(f"Stop {OLLAMA}", "systemctl stop") and not run.ran(f"Stop {OLLAMA}", "systemctl disable")
     assert run.ran(f"Remove {OLLAMA}", f"systemctl reset-failed {OLLAMA}")
-    # still starting (its ExecStartPost loading the model): stopped all the same
+    # still starting (its ExecStartPost waiting for the API): stopped all the same
     assert remove(monkeypatch, unit(OLLAMA, state="activating")).ran(f"Stop {OLLAMA}", f"systemctl stop {OLLAMA}")
 
 
