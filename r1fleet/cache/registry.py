@@ -55,7 +55,9 @@ class ModelName:
     def parse(cls, name: str) -> "ModelName":
         """`deepseek-r1:7b` or `r1fleet/smollm2:135m`; no tag means `latest`, no namespace `library`. The tag
         follows the last `:` after the last `/` (a host may carry a port), and each part must be what
-        types/model/name.go admits: its parts name directories of the store.
+        types/model/name.go admits (isValidPart, :344-371 of v0.32.9: ASCII letters, digits and `_` first, then
+        also `-` and `.`, but no `.` in a namespace, whose tag Ollama would never list): its parts name
+        directories of the store.
 
         >>> ModelName.parse("reg.lan:5000/team/m:q4")
         ModelName(host='reg.lan:5000', namespace='team', model='m', tag='q4')
@@ -66,8 +68,9 @@ class ModelName:
         parts = path.split("/")
         parts = [STORE_HOST, "library", *parts][-3:] if len(parts) == 1 else parts
         parts = [STORE_HOST, *parts] if len(parts) == 2 else parts
-        valid = (len(parts) == 3 and re.fullmatch(r"[\w][\w.-]{0,349}(:\d+)?", parts[0])
-                 and all(re.fullmatch(r"[\w][\w.-]{0,79}", p) for p in parts[1:]) and re.fullmatch(r"[\w][\w.-]{0,79}", tag)
+        valid = (len(parts) == 3 and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,349}(:[0-9]+)?", parts[0])
+                 and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}", parts[1])
+                 and all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}", p) for p in (parts[2], tag))
                  and ".." not in name)
         if not valid:
             raise R1FleetError(f"{name!r} is not an Ollama model name",

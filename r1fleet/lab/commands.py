@@ -1,4 +1,4 @@
-"""`r1fleet lab up|reset|down|status|ssh`: the lab's command line (registered into r1fleet's CLI)."""
+"""`r1fleet lab up|reset|reboot|down|status|ssh`: the lab's command line (registered into r1fleet's CLI)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     reset = sub.add_parser("reset", help="reinstall hosts from the clean image (a rebuild after a disk failure)")
     reset.add_argument("hosts", nargs="+", metavar="HOST")
     reset.set_defaults(lab_handler=cmd_reset)
+    reboot = sub.add_parser("reboot", help="reboot hosts (systemctl reboot inside each), keeping their disks")
+    reboot.add_argument("hosts", nargs="+", metavar="HOST")
+    reboot.set_defaults(lab_handler=cmd_reboot)
     status = sub.add_parser("status", help="show the lab hosts")
     status.add_argument("--json", action="store_true", help="print {\"hosts\": [...]} as JSON")
     status.set_defaults(lab_handler=cmd_status)
@@ -71,6 +74,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     return lifecycle.reset(args.hosts, say)
+
+
+def cmd_reboot(args: argparse.Namespace) -> int:
+    return lifecycle.reboot(args.hosts, say)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -199,6 +199,37 @@ def reset(names: list[str], say: Say) -> int:
     return up(fleet_path, names, say)
 
 
+def reboot(names: list[str], say: Say, timeout: float = 60.0) -> int:
+    """Reboot lab hosts as a real machine reboots: `systemctl reboot` inside each, which ends its systemd-nspawn
+    (nspawn exits when the container's init reboots, where systemd-nspawn@.service would start it again), then
+    the same root booted again, its disk as the reboot left it. Returns 1 when a host does not come back."""
+    with locked():
+        lab_state = state.load_state()
+        records = lab_state.get("hosts", {})
+        down_hosts = [n for n in names if not state.host_is_up(n, records.get(n))]
+        if down_hosts:
+            raise LabError(f"not lab hosts that are up: {', '.join(down_hosts)}; fix: r1fleet lab up")
+        fleet = state.read_lab_layout(Path(lab_state["fleet_file"]))
+        controller, _, prefix = fleet.addresses()
+        for name in names:
+            subprocess.run(hosts.ssh_argv(name, "systemctl", "reboot"), capture_output=True, timeout=30)
+        deadline = time.monotonic() + timeout
+        started: dict[str, int] = {}
+        for name in names:
+            pid, marker = records[name]["pid"], str(paths.root_dir(name))
+            while procs.is_ours(pid, marker) and not procs.exited(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if procs.is_ours(pid, marker) and not procs.exited(pid):
+                raise LabError(f"{name} did not shut down within {int(timeout)} s of `systemctl reboot`")
+            spec = HostSpec(name, records[name]["profile"], records[name]["address"], controller, prefix)
+            started[name] = records[name]["pid"] = hosts.boot(spec, paths.root_dir(name))
+            state.save_state(lab_state)
+        errors = hosts.wait_ready(started)
+    for name in names:
+        say(f"{name}: {errors[name]}" if name in errors else f"{name}: rebooted")
+    return 1 if errors else 0
+
+
 def down(say: Say) -> int:
     with locked():
         lab_state = state.load_state()

@@ -13,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from r1fleet.artifacts.pins import load_pins
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.lab import paths, procs, proxy, registry
 
@@ -26,6 +27,16 @@ GGUF_SIZE = _STAND_IN.gguf.size_bytes
 # The system interpreter: the service user cannot use a venv under a private home.
 SYSTEM_PYTHON = "/usr/bin/python3"
 OLLAMA_HOOK = paths.STANDINS_DIR / "ollama" / "build.py"
+
+
+def ollama_stand_in_dir() -> str:
+    """The mirror folder of the stand-in Ollama release this checkout builds (reporting the pinned version, as
+    the release it stands for does), named by what goes into it: several checkouts sharing one lab each get
+    their own build, and a deploy never installs another checkout's stand-in."""
+    digest = hashlib.sha256(load_pins().ollama.version.encode())
+    for source in (OLLAMA_HOOK, OLLAMA_HOOK.with_name("ollama")):
+        digest.update(source.read_bytes())
+    return f"ollama-standin-{digest.hexdigest()[:12]}"
 
 
 class MirrorError(RuntimeError):
@@ -92,8 +103,9 @@ def populate(warn) -> None:
         link.symlink_to(fetch_gguf())  # the cache is on disk; /run is RAM
     registry.publish(root, _STAND_IN.ollama_tag, fetch_gguf(), _STAND_IN.gguf.sha256, _STAND_IN.arch.family,
                      GGUF_NAME.rsplit(".", 2)[-2])  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
-    if OLLAMA_HOOK.exists():
-        result = subprocess.run([sys.executable, str(OLLAMA_HOOK), str(root / "ollama")],
+    if OLLAMA_HOOK.exists() and not (root / ollama_stand_in_dir() / "sha256sum.txt").exists():
+        result = subprocess.run([sys.executable, str(OLLAMA_HOOK), str(root / ollama_stand_in_dir()),
+                                 "--version", load_pins().ollama.version],
                                 capture_output=True, text=True, cwd=OLLAMA_HOOK.parent)
         if result.returncode != 0:
             warn(f"mirror: {OLLAMA_HOOK} failed "

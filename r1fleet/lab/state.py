@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from r1fleet.artifacts.ollama_release import parse_sha256sums
-from r1fleet.lab import network, paths, procs
+from r1fleet.lab import mirror, network, paths, procs
 
 LAB_FLEET_FILE = paths.LAB_FLEET_FILE
 DEFAULT_SUBNET = "10.77.0.0/24"
@@ -127,17 +127,17 @@ def connection_defaults(fleet_dict: dict) -> dict[str, dict]:
     }
 
 
-def stand_in_release(mirror: str) -> dict | None:
+def stand_in_release(served_at: str) -> dict | None:
     """The stand-in Ollama release the lab's mirror serves, read from the mirror's directory on this machine
     (a dry run reads nothing over the network): its version, where the hosts fetch it, its sha256 sums. None
     before the lab built it."""
-    directory = paths.MIRROR_DIR / "ollama"
+    directory = paths.MIRROR_DIR / mirror.ollama_stand_in_dir()
     try:
         sums = parse_sha256sums((directory / "sha256sum.txt").read_text())
         version = (directory / "VERSION").read_text().strip() if (directory / "VERSION").is_file() else None
     except OSError:
         return None
-    return {"version": version or None, "base_url": f"{mirror}/ollama", "sha256": sums}
+    return {"version": version or None, "base_url": f"{served_at}/{directory.name}", "sha256": sums}
 
 
 def mirror_url() -> str:

@@ -13,6 +13,7 @@ from r1fleet.render.formats import UnitText
 
 UNIT_DIR = "/etc/systemd/system"
 OLLAMA_UNIT = "r1fleet-ollama.service"
+OLLAMA_PRELOAD_UNIT = "r1fleet-ollama-preload.service"  # loads its model after every start
 LLAMA_UNIT = "r1fleet-llama-server.service"
 
 
@@ -91,15 +92,17 @@ def unit_context(
     timeout_start_s: int | None = None,
     exec_start_pre: list[str] = (),
     requires: list[str] = (),
+    wants: list[str] = (),
     ip_allow: list[str] | None = None,
     restart_always: bool = False,
 ) -> dict[str, Any]:
     """Template variables for operations/templates/r1fleet-service.j2.
 
     exec_start_pre: one command run (as the service user, inside its sandbox) before each start, e.g. a pool head
-    waiting for its workers; requires: units this one starts only with and after (a firewall); ip_allow: the
-    addresses the unit may talk to, instead of those of the serving API (service_ip_allow); restart_always: restart
-    it whenever it ends, without a start limit, for a program that exits 0 when it failed to start serving."""
+    waiting for its workers; requires: units this one starts only with and after (a firewall); wants: units started
+    with it that order themselves after it (the model's preload); ip_allow: the addresses the unit may talk to,
+    instead of those of the serving API (service_ip_allow); restart_always: restart it whenever it ends, without a
+    start limit, for a program that exits 0 when it failed to start serving."""
     gpu = plan.uses_gpu
     if ip_allow is None:
         ip_allow = service_ip_allow(settings) if restrict_ip else []
@@ -110,6 +113,7 @@ def unit_context(
         "exec_start_post": command_line(exec_start_post),
         "exec_start_pre": command_line(exec_start_pre),
         "requires": list(requires),
+        "wants": list(wants),
         "timeout_start_s": timeout_start_s,
         "environment": [environment_assignment(key, value) for key, value in sorted(environment.items())],
         "read_write_paths": list(read_write_paths),

@@ -19,6 +19,7 @@ from r1fleet.lock.match import lock_path, read_lock, relock_fleet
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.roles.exposure.endpoint import Endpoint, endpoint_of
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL
+from r1fleet.roles.ollama.decide import PRELOAD_RECORD, PRELOAD_UNIT
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import parse_status
 from r1fleet.status.report import HostStatus, host_status, unreachable
@@ -31,7 +32,8 @@ SSH_TIMEOUT_S = 5  # a status is a glance: a host that has not answered SSH in 5
 
 def status_command(entry: HostConfig) -> str:
     """The shell command that prints the host's status sections, for its service's own addresses and units."""
-    args = [entry.local_api("ollama"), entry.local_api("llama.cpp"), MACOS_LABEL, OLLAMA_UNIT, LLAMA_UNIT, RPC_UNIT]
+    args = [entry.local_api("ollama"), entry.local_api("llama.cpp"), MACOS_LABEL, PRELOAD_RECORD, OLLAMA_UNIT, LLAMA_UNIT,
+            RPC_UNIT, PRELOAD_UNIT]
     script = STATUS_SCRIPT.read_text(encoding="utf-8")
     return f"sh -c {shlex.quote(script)} r1fleet-status " + " ".join(shlex.quote(a) for a in args)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from r1fleet.hardware._base import split_sections
 from r1fleet.net import parse_json
+from r1fleet.roles.ollama.decide import PreloadRecord, read_preload_record
 from r1fleet.verify.readings import MemoryBreakdown, parse_launchctl_print, parse_memory_breakdown
 
 NO_ANSWER = 0
@@ -87,6 +88,7 @@ class Live:
     llama_models: Reply = Reply()
     llama_memory: MemoryBreakdown | None = None  # llama-server's memory breakdown at this start (its journal)
     ollama_port: tuple[PortHolder, ...] | None = None  # who listens on Ollama's port (None: not asked)
+    ollama_preload: PreloadRecord | None = None  # the last attempt to load Ollama's model after a start
     problems: tuple[str, ...] = ()  # what could not be read, each naming the section
 
     def unit(self, name: str) -> Unit:
@@ -195,5 +197,6 @@ def parse_status(text: str, host: str) -> Live:
         llama_health=replies["llama-health"], llama_props=replies["llama-props"], llama_models=replies["llama-models"],
         llama_memory=parse_memory_breakdown("\n".join(sections.get("status-llama-memory", []))),
         ollama_port=parse_port_holders(sections["status-ollama-port"]) if "status-ollama-port" in sections else None,
+        ollama_preload=read_preload_record("\n".join(sections.get("status-ollama-preload", []))),
         problems=tuple(problems),
     )

@@ -22,6 +22,7 @@ from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
 from r1fleet.roles.exposure.endpoint import Endpoint
 from r1fleet.roles.gpu_driver.decide import waiting_for_reboot
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL
+from r1fleet.roles.ollama.decide import PRELOAD_UNIT, preload_problem
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import Live, Reply, Unit
 from r1fleet.verify.judge import memory_problems, memory_summary
@@ -307,6 +308,8 @@ def host_status(host: str, live: Live, plan: HostPlan | None = None, *, plan_err
             status.state = "loading"
         elif not seen.loaded:
             status.state = "idle"
+            if running == "ollama" and plan is not None and plan.ollama_tag:
+                _ollama_preload(status, live, plan.ollama_tag)
     if plan is not None:
         status.devices = device_use(plan, hardware, seen)
         status.drift += drift_of(plan, running, seen, locked, lock)
@@ -321,6 +324,17 @@ def _driver_waiting(hardware: Hardware) -> str | None:
     if any(g.vendor == "nvidia" and g.driver_version for g in hardware.gpus):
         return None
     return waiting_for_reboot(hardware.driver.reboot_marker, hardware.driver.boot_id)
+
+
+def _ollama_preload(status: HostStatus, live: Live, tag: str) -> None:
+    """An Ollama host without its model: loading it (the preload unit runs), or why not (its last attempt)."""
+    preload = live.unit(PRELOAD_UNIT)
+    if not preload.installed:  # deployed before the preload unit: the next request loads it
+        return
+    if preload.active in ("active", "activating"):
+        status.state = "loading"
+        return
+    status.problems.append(preload_problem(tag, live.ollama_preload, False))
 
 
 def _mac_status(status: HostStatus, live: Live, plan: HostPlan | None, lock: HostLock | None) -> HostStatus:

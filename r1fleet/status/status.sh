@@ -1,8 +1,8 @@
 #!/bin/sh
 # r1fleet status: what r1fleet's services on this host are doing, without generating a token.
 #
-# Usage: sh status.sh OLLAMA_URL LLAMA_URL LAUNCHD_LABEL OLLAMA_UNIT LLAMA_UNIT [UNIT...]
-#        (the names come from the roles that write them)
+# Usage: sh status.sh OLLAMA_URL LLAMA_URL LAUNCHD_LABEL PRELOAD_RECORD OLLAMA_UNIT LLAMA_UNIT [UNIT...]
+#        (the names come from the roles that write them; PRELOAD_RECORD: the last result of Ollama's model preload)
 #
 # `r1fleet status` runs it right after the probe (r1fleet/probe/probe.sh), in the same SSH round trip, so its
 # sections continue the probe document: each `#### r1fleet:status-<name>` followed by one command's raw output.
@@ -14,7 +14,8 @@
 OLLAMA_URL=$1
 LLAMA_URL=$2
 LAUNCHD_LABEL=$3
-shift 3
+PRELOAD_RECORD=$4
+shift 4
 OLLAMA_UNIT=$1
 LLAMA_UNIT=$2
 LC_ALL=C
@@ -116,6 +117,8 @@ if installed "$OLLAMA_UNIT"; then
     fetch "$OLLAMA_URL/api/ps"
     section ollama-tags
     fetch "$OLLAMA_URL/api/tags"
+    section ollama-preload
+    cat "$PRELOAD_RECORD" 2>/dev/null
 fi
 
 # llama-server's key, where its unit loads one: the LoadCredential line (the last one wins, as in systemd).

@@ -245,12 +245,25 @@ def ollama_chat_reply(reply: dict[str, Any]) -> ChatReply:
     return ChatReply(content.strip(), thinking.strip(), tps)
 
 
+def ollama_chat_body(tag: str, messages: list[dict[str, str]], budget: int, reasoning: bool,
+                     capabilities: Any) -> dict[str, Any]:
+    """verify's /api/chat request. `think: true` only where the model reports the `thinking` capability (its
+    /api/show): Ollama answers it with HTTP 400 for a model whose template cannot think (server/routes.go:
+    2592-2607 of v0.32.9), and such a model's R1 still writes its reasoning, inline as <think>...</think>."""
+    body = {"model": tag, "messages": messages, "stream": False, "keep_alive": -1,
+            "options": {"num_predict": budget, "temperature": 0}}
+    if reasoning and isinstance(capabilities, list) and "thinking" in capabilities:
+        body["think"] = True
+    return body
+
+
 def openai_chat_reply(reply: dict[str, Any]) -> ChatReply:
-    """A llama-server /v1/chat/completions answer: choices[0].message, timings.predicted_per_second."""
+    """A /v1/chat/completions answer: choices[0].message, timings.predicted_per_second. The reasoning is
+    `reasoning_content` from llama-server and `reasoning` from Ollama's /v1 (openai/openai.go), else inline."""
     choices = reply.get("choices") or [{}]
     message = choices[0].get("message") or {}
     content, inline = _inline_think(str(message.get("content") or ""))
-    reasoning = str(message.get("reasoning_content") or "") or inline
+    reasoning = str(message.get("reasoning_content") or message.get("reasoning") or "") or inline
     tps = (reply.get("timings") or {}).get("predicted_per_second")
     return ChatReply(content.strip(), reasoning.strip(), float(tps) if isinstance(tps, (int, float)) and tps > 0 else None)
 

@@ -1,7 +1,8 @@
 """Lab: the Ollama path as a real host meets it. A host that already has Ollama's own install (install.sh's, with
 its store moved by a drop-in, or the manual one into /usr) is taken over and keeps its models; install.sh run again
 cannot bring its server back onto the port, and status and verify name one started by hand; the planned model is
-loaded again after every start of the service.
+loaded again after every start of the service, a reboot included, by a unit that holds neither the start nor
+boot; a load that fails is named by status and verify.
 
 Root + lab only (tests/lab/conftest.py). The module leaves lab-4090 converged to inventory/lab.yml.
 """
@@ -19,11 +20,14 @@ import pytest
 from r1fleet.lab import mirror, state
 from r1fleet.roles.ollama.official import parse_official
 from r1fleet.roles.ollama.takeover import OfficialInstall
+from conftest import lab_command
 from test_deploy import changed_count, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "lab-4090"  # Ollama, one simulated RTX 4090
 UNIT = "r1fleet-ollama.service"
+PRELOAD = "r1fleet-ollama-preload.service"
+RECORD = "/var/lib/ollama/r1fleet-preload"
 API = "http://127.0.0.1:11434"
 OWN_MODEL = "mine:latest"
 DROP_IN = "/etc/systemd/system/ollama.service.d/override.conf"
@@ -68,7 +72,7 @@ def install_sh_state(mirror_url: str, prefix: str = "/usr/local", store: str | N
     model of the user's own in the official store: `prefix` /usr is the manual install of docs/linux.mdx:22-25
     (its unit's ExecStart=/usr/bin/ollama, linux.mdx:66-83); `store` moves the store with an OLLAMA_MODELS drop-in
     (docs/faq.mdx:239-245, docs/linux.mdx:131-136)."""
-    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tar.zst"
+    archive = f"{mirror_url}/{mirror.ollama_stand_in_dir()}/ollama-linux-amd64.tar.zst"
     gguf = f"{mirror_url}/models/{mirror.GGUF_NAME}"
     unit = INSTALL_SH_UNIT.replace("/usr/local/bin/ollama", f"{prefix}/bin/ollama")
     drop_in = [] if store is None else [
@@ -100,7 +104,7 @@ def install_sh_again(mirror_url: str) -> str:
     """What install.sh does when run again over a deployed host (Ollama's update path, docs/linux.mdx:138-144),
     step by step as scripts/install.sh:164-176 and :214-238 do it, under its `set -eu`: the release unpacked into
     /usr/local, its unit written with `tee`, `systemctl enable ollama`, then `systemctl restart ollama`."""
-    archive = f"{mirror_url}/ollama/ollama-linux-amd64.tar.zst"
+    archive = f"{mirror_url}/{mirror.ollama_stand_in_dir()}/ollama-linux-amd64.tar.zst"
     return "\n".join([
         "set -eu",
         "rm -rf /usr/local/lib/ollama",
@@ -242,6 +246,58 @@ def test_the_model_is_loaded_again_after_every_restart(converged, ssh):
     assert loaded == planned, loaded
     verified = verify_lab_host()
     assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+
+
+def loaded_models(ssh) -> list[str]:
+    return [m["name"] for m in api_json(ssh, "/api/ps")["models"]]
+
+
+def test_a_rebooted_host_is_active_at_once_and_loaded_soon_after(converged, ssh):
+    """`systemctl reboot` inside the host: boot finishes without waiting for the model (the lab waits for a
+    finished boot, `is-system-running --wait`), the server is active within seconds of boot, the preload unit
+    loads the model with no request from anyone, and verify passes (its test_model_loaded runs before its chat)."""
+    planned = loaded_models(ssh)
+    assert len(planned) == 1, planned
+    boot_id = ssh(HOST, "cat /proc/sys/kernel/random/boot_id").stdout
+    rebooted = lab_command("reboot", HOST)
+    assert rebooted.returncode == 0, rebooted.stdout + rebooted.stderr
+    assert ssh(HOST, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id  # a new boot, not a survivor
+    assert ssh(HOST, f"systemctl is-active {UNIT}").stdout.strip() == "active"
+    # active within seconds of boot: from the container's systemd starting to the unit entering `active` (the
+    # monotonic clock is the machine's, shared by its containers)
+    boot_us = int(ssh(HOST, "systemctl show -p UserspaceTimestampMonotonic --value").stdout)
+    active_us = int(ssh(HOST, f"systemctl show -p ActiveEnterTimestampMonotonic --value {UNIT}").stdout)
+    assert 0 < active_us - boot_us < 30_000_000, (boot_us, active_us)
+    started = time.monotonic()
+    while loaded_models(ssh) != planned and time.monotonic() - started < 120:
+        time.sleep(1)
+    assert loaded_models(ssh) == planned
+    assert ssh(HOST, f"cat {RECORD}").stdout.startswith("result=loaded\n")
+    verified = verify_lab_host()
+    assert verified.returncode == 0, verified.stdout[-4000:] + verified.stderr[-2000:]
+
+
+def test_a_failed_load_is_named_by_status_and_verify(converged, ssh):
+    """The model gone from the store (`ollama rm`): the preload after a restart fails, its unit is failed, status
+    says "not loaded, last attempt failed" with Ollama's error, verify fails test_model_loaded with it; the next
+    deploy places the model again and loads it through the same unit."""
+    [tag] = loaded_models(ssh)
+    removed = ssh(HOST, f"OLLAMA_HOST={API} /usr/local/bin/ollama rm {tag} && systemctl restart {UNIT}")
+    assert removed.returncode == 0, removed.stderr
+    started = time.monotonic()
+    while ssh(HOST, f"systemctl is-active {PRELOAD}").stdout.strip() != "failed" and time.monotonic() - started < 60:
+        time.sleep(1)
+    assert ssh(HOST, f"systemctl is-active {PRELOAD}").stdout.strip() == "failed"
+    assert ssh(HOST, f"cat {RECORD}").stdout.startswith("result=failed\n")
+    status = subprocess.run([sys.executable, "-m", "r1fleet", "status", "--fleet", "lab", HOST], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert f"{HOST}: {tag} is not loaded, last attempt failed: HTTP 404: " in status.stdout, status.stdout
+    verified = subprocess.run([sys.executable, "-m", "r1fleet", "verify", "--fleet", "lab", "-k",
+                               f"test_model_loaded and {HOST}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert verified.returncode != 0 and "last attempt failed: HTTP 404" in verified.stdout, verified.stdout[-3000:]
+    again = deploy_lab_host()
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert loaded_models(ssh) == [tag] and ssh(HOST, f"cat {RECORD}").stdout.startswith("result=loaded\n")
 
 
 def test_every_host_answers_the_official_openai_client(lab, ssh):

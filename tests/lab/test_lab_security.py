@@ -99,7 +99,7 @@ def test_switching_backend_leaves_one_service_and_one_port(restore_lab, ssh, tmp
     back = run_deploy("lab", OLLAMA_HOST)
     assert back.returncode == 0, back.stdout[-4000:]
     units = ssh(OLLAMA_HOST, "ls /etc/systemd/system | grep '^r1fleet-.*\\.service$' | grep -v firewall").stdout.split()
-    assert units == ["r1fleet-ollama.service"], units
+    assert units == ["r1fleet-ollama-preload.service", "r1fleet-ollama.service"], units
 
 
 def test_a_deploy_stopped_before_the_restart_is_completed_by_the_next_run(restore_lab, ssh):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from test_deploy import deploy
 
-from r1fleet.lab import paths, state
+from r1fleet.lab import mirror, paths, state
 from r1fleet.lock.match import key_fingerprint, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,8 +117,9 @@ def test_a_rebuilt_host_comes_back_identical_from_the_cache(fleet, ssh):
     fetched = {path: sent - served.get(path, 0) for path, sent in mirror_served().items()
                if sent != served.get(path, 0) and is_artifact(path)}
     # the GGUF and the registry's manifest and blobs came from the controller's cache
-    assert set(fetched) <= {"/ollama/ollama-linux-amd64.tar.zst"}, fetched
-    assert fetched.get("/ollama/ollama-linux-amd64.tar.zst") == tarball.stat().st_size  # refetched once, whole
+    archive = f"/{mirror.ollama_stand_in_dir()}/ollama-linux-amd64.tar.zst"
+    assert set(fetched) <= {archive}, fetched
+    assert fetched.get(archive) == tarball.stat().st_size  # refetched once, whole
 
     report = fleet.parent / "verify.xml"
     verify = run([R1FLEET, "verify", "--fleet", str(fleet), "--junit", str(report), "-k", " or ".join(REBUILT)], fleet)

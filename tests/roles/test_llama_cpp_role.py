@@ -220,6 +220,19 @@ def test_switching_from_ollama_retires_its_service_first(monkeypatch):
     assert clean.never_ran("systemctl stop r1fleet-ollama.service") and clean.never_ran("rm -f /etc/systemd/system/r1fleet-ollama")
 
 
+def test_switching_from_ollama_retires_its_preload_unit_before_its_server(monkeypatch):
+    """The unit that loads Ollama's model after every start goes too, and first: nothing r1fleet-ollama-* stays."""
+    p, settings = plan(), HostConfig(name="h1", address="10.0.0.1")
+    install = llama_cpp_install(FORKY, p, settings, {"llama.cpp-tools", "libggml0-backend-cuda"})
+    units = ("r1fleet-ollama-preload.service", "r1fleet-ollama.service")
+    responses = {key: value for unit in units
+                 for key, value in {**ff.file_exists(f"/etc/systemd/system/{unit}"), **ff.running(unit)}.items()}
+    run = run_role(llama_cpp_role, p, settings, install, DOWNLOAD, responses=responses, monkeypatch=monkeypatch)
+    assert run.ran("Remove r1fleet-ollama-preload.service", "rm -f /etc/systemd/system/r1fleet-ollama-preload.service")
+    stops = [next(i for i, c in enumerate(run.commands) if f"systemctl stop {unit}" in c) for unit in units]
+    assert stops[0] < stops[1]
+
+
 def test_the_hosts_own_address_passes_the_ip_allow_list(monkeypatch):
     """The health check runs on the host against its LAN address: that source must be allowed (audit M5)."""
     settings = HostConfig(name="h1", address="10.0.0.1", listen="192.168.1.23", allow=["10.8.0.0/24"], api_key_file="/etc/r1fleet/api-key")

@@ -453,7 +453,10 @@ def test_a_re_pinned_tag_is_read_from_the_registry_again(published, tmp_path):
 
 def test_model_names_are_ollamas_and_name_no_path_outside_the_store():
     assert ModelName.parse("reg.lan:5000/team/m:q4") == ModelName("reg.lan:5000", "team", "m", "q4")
-    for hostile in ("deepseek-r1:../../../../etc/x", "a/../b:c", "deepseek-r1:a/b", "/x:y", "m:"):
+    assert ModelName.parse("reg.lan/team_1/m.v2:q4.1") == ModelName("reg.lan", "team_1", "m.v2", "q4.1")
+    # what Ollama refuses (types/model/name.go isValidPart): a `.` in a namespace, anything but ASCII
+    for hostile in ("deepseek-r1:../../../../etc/x", "a/../b:c", "deepseek-r1:a/b", "/x:y", "m:",
+                    "team.x/m:q4", "reg.lan/team.x/m:q4", "modèle:q4", "team/m:q４"):
         with pytest.raises(R1FleetError):
             ModelName.parse(hostile)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -21,6 +22,7 @@ def role_args(plan, settings, release):
 
 API = "http://127.0.0.1:11434"
 UNIT = "/etc/systemd/system/r1fleet-ollama.service"
+PRELOAD = "/etc/systemd/system/r1fleet-ollama-preload.service"
 STANDIN_TAG = "r1fleet/smollm2:135m-instruct-q4_1"
 GGUF_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TARGET = Platform(arch="amd64", distro_id="debian", codename="forky", tegra_major=None)
@@ -45,8 +47,8 @@ def release(version="0.32.9"):
     return ollama_release("h1", TARGET, plan(), OllamaReleaseOverride(version=version) if version != "0.32.9" else None)
 
 
-def present_host(p: HostPlan, settings: HostConfig, rel, unit_text: str, extra_dirs=()) -> dict:
-    """Everything the role manages already in place, as facts."""
+def present_host(p: HostPlan, settings: HostConfig, rel, uploads: dict[str, str], extra_dirs=()) -> dict:
+    """Everything the role manages already in place, as facts (`uploads`: the units a first run wrote)."""
     responses = {
         "cat /etc/group": ["root:x:0:", "video:x:44:", "render:x:993:", "ollama:x:999:"],
         **ff.users(("ollama", "/var/lib/ollama", "/usr/sbin/nologin", ["video", "render"])),
@@ -56,7 +58,8 @@ def present_host(p: HostPlan, settings: HostConfig, rel, unit_text: str, extra_d
         **ff.directory("/var/lib/r1fleet/models", "root", "root", "drwxr-xr-x"),
         **ff.file_exists(rel.stamp),
         **ff.link("/usr/local/bin/ollama", rel.binary),
-        **ff.file_content(UNIT, unit_text),
+        **ff.file_content(UNIT, uploads[UNIT]),
+        **ff.file_content(PRELOAD, uploads[PRELOAD]),
         **ff.running("r1fleet-ollama.service"),
         re.compile(r"^systemctl show ollama\.service "): ["LoadState=masked", "UnitFileState=masked"],
         **ff.ollama_api(API, [p.ollama_tag], [p.ollama_tag]),
@@ -87,7 +90,9 @@ def test_fresh_install_downloads_verifies_and_starts(monkeypatch):
     assert run.ran("Run r1fleet-ollama.service", "systemctl start r1fleet-ollama.service") and run.ran("Run r1fleet-ollama.service", "systemctl enable r1fleet-ollama.service")
     assert run.ran("Health of r1fleet-ollama.service", f"{API}/api/version")  # health gate after the start
     assert run.ran(f"Model {p.ollama_tag}", f"ollama pull {p.ollama_tag}") and run.never_ran("ollama create")
-    assert run.ran("Preload deepseek-r1:7b-qwen-distill-q4_K_M", '"keep_alive": -1')
+    # the deploy loads the model through the unit that loads it after every start, and waits for its result
+    assert run.ran("Preload deepseek-r1:7b-qwen-distill-q4_K_M", "systemctl start --wait r1fleet-ollama-preload.service")
+    assert run.never_ran("--max-time 600")
 
 
 def test_unit_carries_exactly_the_planned_settings(monkeypatch):
@@ -105,11 +110,40 @@ def test_unit_carries_exactly_the_planned_settings(monkeypatch):
     assert "User=ollama" in unit and "CapabilityBoundingSet=\n" in unit and "DevicePolicy=closed" in unit
     assert "DeviceAllow=char-nvidia-uvm rw" in unit and "PrivateDevices=no" in unit
     assert "MemoryDenyWriteExecute=yes" not in unit  # CUDA maps W+X memory
-    # every start ends with the planned model loaded (Ollama itself loads nothing at start)
+    # a start completes once the API answers; the model is loaded by the preload unit it pulls in, never here
     post = next(line for line in unit.splitlines() if line.startswith("ExecStartPost="))
-    assert post.startswith("ExecStartPost=-/usr/bin/timeout ") and '\\"model\\":\\"deepseek-r1:7b-qwen-distill-q4_K_M\\"' in post
-    assert "http://127.0.0.1:11434/api/generate" in post and "$$?" in post
-    assert any(line.startswith("TimeoutStartSec=") for line in unit.splitlines())
+    assert post.startswith("ExecStartPost=/usr/bin/timeout 120 ") and "http://127.0.0.1:11434/api/version" in post
+    assert "/api/generate" not in unit and "Wants=r1fleet-ollama-preload.service" in unit
+    assert "TimeoutStartSec=150" in unit.splitlines()
+
+
+def test_the_preload_unit_loads_after_every_start_without_holding_it(monkeypatch):
+    """Its own unit, ordered after the server and stopped with it, active at once (Type=exec), its request open
+    until Ollama answers (no client bound: Ollama aborts a load whose client leaves), its result recorded."""
+    run = run_role(ollama_role, *role_args(plan(), HostConfig(name="h1", address="10.0.0.1"), release()), monkeypatch=monkeypatch)
+    unit = run.uploads[PRELOAD].splitlines()
+    for line in ("Type=exec", "After=r1fleet-ollama.service", "BindsTo=r1fleet-ollama.service", "User=ollama",
+                 "ReadWritePaths=/var/lib/ollama", "IPAddressDeny=any", "IPAddressAllow=localhost"):
+        assert line in unit, line
+    start = next(line for line in unit if line.startswith("ExecStart="))
+    assert '\\"model\\":\\"deepseek-r1:7b-qwen-distill-q4_K_M\\",\\"keep_alive\\":-1' in start
+    assert "http://127.0.0.1:11434/api/generate" in start and "/var/lib/ollama/r1fleet-preload" in start
+    assert "--max-time" not in start and "timeout" not in start.split("curl", 1)[0]
+    assert not any(line.startswith("WantedBy=") for line in unit)  # the server pulls it in, not a target
+    assert run.ran("Unit r1fleet-ollama-preload.service", "r1fleet-ollama-preload.service")
+    # on a LAN address the unit may reach that address too
+    lan = HostConfig(name="h1", address="10.0.0.1", listen="192.168.1.20", allow=["192.168.1.0/24"])
+    run = run_role(ollama_role, *role_args(plan(), lan, release()), monkeypatch=monkeypatch)
+    assert "IPAddressAllow=localhost 192.168.1.20" in run.uploads[PRELOAD].splitlines()
+
+
+def test_a_changed_preload_unit_reloads_systemd_and_restarts_nothing(monkeypatch):
+    p, rel, settings = plan(), release(), HostConfig(name="h1", address="10.0.0.1")
+    first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
+    responses = present_host(p, settings, rel, {**first.uploads, PRELOAD: "# an older preload unit\n"})
+    run = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
+    assert run.ran("Reload systemd for r1fleet-ollama-preload.service", "systemctl daemon-reload")
+    assert run.never_ran("systemctl restart") and run.never_ran("systemctl start")
 
 
 def test_listen_opens_the_bind_address(monkeypatch):
@@ -122,7 +156,7 @@ def test_listen_opens_the_bind_address(monkeypatch):
 def test_already_present_changes_nothing(monkeypatch):
     p, rel, settings = plan(), release(), HostConfig(name="h1", address="10.0.0.1")
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
-    responses = present_host(p, settings, rel, first.uploads[UNIT])
+    responses = present_host(p, settings, rel, first.uploads)
     again = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert not again.failed
     assert again.changed == []
@@ -137,7 +171,7 @@ def test_upgrade_installs_new_version_restarts_and_prunes_old(monkeypatch):
     new = ollama_release("h1", TARGET, p, OllamaReleaseOverride(
         version="0.33.0", base_url="https://example.invalid/v{version}",
         sha256={"ollama-linux-amd64.tar.zst": "a" * 64}))
-    responses = present_host(p, settings, old, first.uploads[UNIT])
+    responses = present_host(p, settings, old, first.uploads)
     responses["ls -1A /opt/r1fleet/ollama"] = ["0.32.9", "0.33.0"]
     run = run_role(ollama_role, *role_args(p, settings, new), responses=responses, monkeypatch=monkeypatch)
     assert not run.failed
@@ -156,12 +190,14 @@ def test_rehearsal_imports_the_stand_in_from_the_mirror(monkeypatch):
     fetch = run.script("SmolLM2-135M-Instruct.Q4_1.gguf.part")
     assert "http://10.77.0.1:8088/models/SmolLM2-135M-Instruct.Q4_1.gguf" in fetch and GGUF_SHA in fetch
     assert fetch.index("sha256sum") < fetch.index("mv -f")
-    assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"].startswith(
+    # no num_ctx of its own: the unit's OLLAMA_CONTEXT_LENGTH is the context, and it follows a replan
+    assert run.uploads["/var/lib/r1fleet/models/import/Modelfile"] == (
         "FROM /var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf\n")
     assert run.ran(f"Import {STANDIN_TAG}", f"ollama create {STANDIN_TAG} -f /var/lib/r1fleet/models/import/Modelfile")
     # then the record of what Ollama reports for the import (its rewrite of the file), for verify
     record = run.script("/var/lib/r1fleet/models/import/imported.json.tmp")
-    assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64), sort_keys=True) in record
+    modelfile_sha = hashlib.sha256(run.uploads["/var/lib/r1fleet/models/import/Modelfile"].encode()).hexdigest()
+    assert json.dumps(import_record(STANDIN_TAG, GGUF_SHA, "d" * 64, modelfile_sha), sort_keys=True) in record
     assert run.commands.index(run.script("ollama create")) < run.commands.index(record)
     assert run.never_ran("ollama pull")
     assert 'Environment="OLLAMA_CONTEXT_LENGTH=8192"' in run.uploads[UNIT]
@@ -174,15 +210,22 @@ def test_rehearsal_stand_in_present_is_not_reimported(monkeypatch):
     first = run_role(ollama_role, *role_args(p, settings, rel), monkeypatch=monkeypatch)
     gguf = "/var/lib/r1fleet/models/import/SmolLM2-135M-Instruct.Q4_1.gguf"
     responses = {
-        **present_host(p, settings, rel, first.uploads[UNIT]),
+        **present_host(p, settings, rel, first.uploads),
         **ff.sha256_of(gguf, GGUF_SHA),
         **ff.file_content("/var/lib/r1fleet/models/import/Modelfile", first.uploads["/var/lib/r1fleet/models/import/Modelfile"]),
     }
-    record = import_record(STANDIN_TAG, GGUF_SHA, ollama_tag_digest(json.loads(responses[f"{API}/api/tags"]), STANDIN_TAG))
+    modelfile_sha = hashlib.sha256(first.uploads["/var/lib/r1fleet/models/import/Modelfile"].encode()).hexdigest()
+    digest = ollama_tag_digest(json.loads(responses[f"{API}/api/tags"]), STANDIN_TAG)
+    record = import_record(STANDIN_TAG, GGUF_SHA, digest, modelfile_sha)
     recorded = {"cat /var/lib/r1fleet/models/import/imported.json": json.dumps(record), **responses}
     run = run_role(ollama_role, *role_args(p, settings, rel), responses=recorded, monkeypatch=monkeypatch)
     assert run.changed == []
     assert run.never_ran("ollama create") and run.never_ran(".part")
+    # imported with another Modelfile (before a replan, or one that set num_ctx, baked into the model): again
+    older = {**responses, "cat /var/lib/r1fleet/models/import/imported.json": json.dumps(
+        {**record, "modelfile_sha256": hashlib.sha256(b"FROM x\nPARAMETER num_ctx 4096\n").hexdigest()})}
+    replanned = run_role(ollama_role, *role_args(p, settings, rel), responses=older, monkeypatch=monkeypatch)
+    assert replanned.ran("Import r1fleet/smollm2:135m-instruct-q4_1", "ollama create")
     # the tag is there but not as recorded (another file under that name, or no record): imported again
     unrecorded = run_role(ollama_role, *role_args(p, settings, rel), responses=responses, monkeypatch=monkeypatch)
     assert unrecorded.ran("Import r1fleet/smollm2:135m-instruct-q4_1", "ollama create")

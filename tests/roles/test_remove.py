@@ -13,6 +13,7 @@ from r1fleet.deploy.remove import remove_r1
 
 LLAMA = "r1fleet-llama-server.service"
 OLLAMA = "r1fleet-ollama.service"
+PRELOAD = "r1fleet-ollama-preload.service"
 FIREWALL = "r1fleet-firewall.service"
 RPC = "r1fleet-rpc-server.service"
 RPC_FIREWALL = "r1fleet-rpc-firewall.service"
@@ -88,6 +89,19 @@ def test_a_deployed_host_loses_services_firewall_files_and_account_services_firs
     assert run.never_ran(f"systemctl stop {OLLAMA}") and run.never_ran("systemctl stop r1fleet-rpc")
     assert run.never_ran("userdel ollama") and run.never_ran("userdel ggml-rpc")
     assert run.never_ran("nft delete table inet r1fleet-rpc")
+
+
+def test_an_ollama_host_loses_its_preload_unit_before_the_server_and_its_record(monkeypatch):
+    """The preload unit is stopped first (its request would otherwise see the server go) and removed with the
+    server's unit; its record goes with the account's home."""
+    deployed = {**unit(OLLAMA), **unit(PRELOAD, enabled="static"),
+                **ff.users(("ollama", "/var/lib/ollama", "/usr/sbin/nologin", ["video", "render"]))}
+    run = remove(monkeypatch, deployed)
+    assert not run.failed
+    assert first(run, f"systemctl stop {PRELOAD}") < first(run, f"systemctl stop {OLLAMA}") < first(run, "rm ")
+    assert run.ran(f"Remove {PRELOAD}", f"rm -f -- /etc/systemd/system/{PRELOAD}")
+    assert run.ran("Remove the account ollama", "rm -rf -- /var/lib/ollama")
+    assert run.never_ran(f"systemctl disable {PRELOAD}")  # it has no [Install]: nothing enables it
 
 
 def test_the_models_stay_root_s_without_r1fleet_s_bookkeeping_unless_remove_models(monkeypatch):
@@ -181,7 +195,7 @@ def test_a_stopped_or_failed_unit_is_cleaned_without_a_stop(monkeypatch):
     run = remove(monkeypatch, unit(OLLAMA, state="failed", enabled="disabled"))
     assert not run.ran(f"Stop {OLLAMA}", "systemctl stop") and not run.ran(f"Stop {OLLAMA}", "systemctl disable")
     assert run.ran(f"Remove {OLLAMA}", f"systemctl reset-failed {OLLAMA}")
-    # still starting (its ExecStartPost loading the model): stopped all the same
+    # still starting (its ExecStartPost waiting for the API): stopped all the same
     assert remove(monkeypatch, unit(OLLAMA, state="activating")).ran(f"Stop {OLLAMA}", f"systemctl stop {OLLAMA}")
 
 

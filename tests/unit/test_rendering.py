@@ -19,12 +19,14 @@ from r1fleet.fleet.config import HostConfig
 from r1fleet.records import HostPlan
 from r1fleet.render.formats import RenderError, nft_settings, plist_settings, unit_settings
 from r1fleet.render.systemd_unit import unit_context
+from r1fleet.roles.ollama.decide import preload_unit_context
 
 ROOT = Path(__file__).resolve().parents[2] / "r1fleet"
 SERVICE = ROOT / "operations/templates/r1fleet-service.j2"
 FIREWALL_UNIT = ROOT / "operations/templates/r1fleet-firewall.service.j2"
 EXPOSURE_NFT = ROOT / "roles/exposure/templates/nftables.conf.j2"
 RPC_NFT = ROOT / "roles/rpc_worker/templates/nftables.conf.j2"
+PRELOAD_UNIT = ROOT / "roles/ollama/templates/r1fleet-ollama-preload.service.j2"
 PLISTS = sorted((ROOT / "roles/macos/templates").glob("*.plist.j2"))
 
 INJECTIONS = [
@@ -60,17 +62,18 @@ def service_context(**hostile) -> dict:
     settings = HostConfig(name="h1", address="10.0.0.1")
     fields = {"description": "r1fleet Ollama (model)", "user": "ollama", "read_write_paths": ["/var/lib/ollama"],
               "credential": "api-key:/etc/r1fleet/api-key", "requires": ["r1fleet-firewall.service"],
+              "wants": ["r1fleet-ollama-preload.service"],
               "exec_start": ["/bin/true", "serve"], "environment": {"OLLAMA_HOST": "127.0.0.1:11434"}}
     fields.update(hostile)
     return unit_context(plan, settings, restrict_ip=True, **fields)
 
 
-@pytest.mark.parametrize("field", ["description", "user", "read_write_paths", "credential", "requires"])
+@pytest.mark.parametrize("field", ["description", "user", "read_write_paths", "credential", "requires", "wants"])
 @pytest.mark.parametrize("value", INJECTIONS)
 def test_a_service_unit_field_never_adds_a_line(tmp_path, field, value):
     verify_unit(tmp_path, render(SERVICE, unit_settings(), svc=service_context(requires=[])))
     benign = render(SERVICE, unit_settings(), svc=service_context())
-    hostile = {field: [value] if field in ("read_write_paths", "requires") else value}
+    hostile = {field: [value] if field in ("read_write_paths", "requires", "wants") else value}
     try:
         text = render(SERVICE, unit_settings(), svc=service_context(**hostile))
     except RenderError:
@@ -90,6 +93,21 @@ def test_command_lines_and_environment_are_words_systemd_reads_back(tmp_path, va
                   svc=service_context(exec_start=["/bin/true", value], environment={"OLLAMA_X": value}, requires=[]))
     assert directives(text) == directives(render(SERVICE, unit_settings(), svc=service_context(requires=[])))
     verify_unit(tmp_path, text)
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_the_preload_unit_never_adds_a_line(tmp_path, value):
+    """The model's tag is the one value from outside in the Ollama preload unit (in its request's body)."""
+    def text(tag: str) -> str:
+        plan = HostPlan(host="h1", model="deepseek-r1-distill-qwen-7b", ollama_tag=tag, backend="ollama",
+                        placement="cpu", fits=True, context_length=8192)
+        return render(PRELOAD_UNIT, unit_settings(), svc=preload_unit_context(plan, HostConfig(name="h1", address="10.0.0.1")))
+    benign = text("deepseek-r1:7b")
+    (tmp_path / "r1fleet-ollama.service").write_text("[Service]\nExecStart=/bin/true\n")  # the server it binds to
+    verify_unit(tmp_path, benign)
+    hostile = text(value.replace("\n", " ").replace("\r", " "))
+    assert directives(hostile) == directives(benign)
+    verify_unit(tmp_path, hostile)
 
 
 @pytest.mark.parametrize("value", INJECTIONS)

@@ -50,6 +50,13 @@ def write_gguf(path: Path, kv: dict[str, Any], tensors: list[tuple[str, list[int
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + body)
 
 
+# A Go TEMPLATE that can think, shaped as the library's: `.Thinking` between tags inside the range over `.Messages`
+# (thinking.InferTags), the prompt ending with the opening tag.
+THINKING_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}"
+                     "{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n<think>")
+# One that cannot: no `.Thinking` at all (a library tag whose template predates thinking).
+PLAIN_TEMPLATE = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
 TINY_KV = {"general.architecture": "llama", "general.file_type": 3, "llama.block_count": 4,
            "llama.context_length": 2048, "llama.embedding_length": 64, "llama.attention.head_count": 4,
            "llama.attention.head_count_kv": 2, "tokenizer.ggml.tokens": [f"t{i}" for i in range(40)]}
@@ -115,7 +122,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         pytest.fail("stand-in ollama did not start: " + (tmp / "serve.log").read_text())
     gguf = tmp / "tiny.gguf"
     write_gguf(gguf, TINY_KV, [("token_embd.weight", [64, 100]), ("output_norm.weight", [64])])
-    (tmp / "Modelfile").write_text('FROM ./tiny.gguf\nTEMPLATE """{{ .Prompt }}<think>"""\nPARAMETER stop "<|end|>"\n'
+    (tmp / "Modelfile").write_text(f'FROM ./tiny.gguf\nTEMPLATE """{THINKING_TEMPLATE}"""\nPARAMETER stop "<|end|>"\n'
                                    "PARAMETER temperature 0.6\n")
     created = subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(tmp / "Modelfile")],
                              env=env, capture_output=True, text=True, timeout=60)
@@ -190,7 +197,7 @@ def test_show_reads_model_info_from_the_gguf_header(server: dict[str, Any]) -> N
     assert info["tokenizer.ggml.tokens"] is None  # long arrays are elided, as in Ollama
     assert info["general.parameter_count"] == 6464
     assert body["capabilities"] == ["completion", "thinking"]
-    assert body["template"] == "{{ .Prompt }}<think>"
+    assert body["template"] == THINKING_TEMPLATE
     status, body = call(server["base"], "POST", "/api/show", {"model": "deepseek-r1:7b"})
     assert status == 404 and "not found" in body["error"]
 
@@ -227,6 +234,24 @@ def test_generate_streams_ndjson_ending_with_statistics(server: dict[str, Any]) 
     assert events[-1]["eval_count"] == len(text.split())
 
 
+def test_a_namespace_with_a_dot_is_no_name_and_its_manifest_is_not_listed(server: dict[str, Any]) -> None:
+    """types/model/name.go:344-371 of v0.32.9 (no `.` in a namespace), manifest/manifest.go:204-210 (skipped)."""
+    standin = standin_module()
+    with pytest.raises(standin.ApiError):
+        standin.parse_name("team.x/tiny:test")
+    assert standin.parse_name("reg.lan/team_x/tiny.v2:q4.1").namespace == "team_x"
+    store = server["tmp"] / "models" / "manifests" / "registry.ollama.ai"
+    dotted = store / "team.x" / "tiny" / "test-q4_1"
+    dotted.parent.mkdir(parents=True)
+    dotted.write_bytes((store / "r1fleet" / "tiny" / "test-q4_1").read_bytes())
+    try:
+        assert [m["name"] for m in call(server["base"], "GET", "/api/tags")[1]["models"]] == [TAG]
+    finally:
+        dotted.unlink()
+        dotted.parent.rmdir()
+        dotted.parent.parent.rmdir()
+
+
 def test_blob_upload_verifies_the_digest(server: dict[str, Any]) -> None:
     data = b"some bytes"
     wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
@@ -260,8 +285,8 @@ def test_pull_from_a_standin_registry_directory_copies_manifest_and_blobs(server
 
 
 FAKE_LLAMA_SERVER = r"""#!PYTHON
-# Test double for llama.cpp's llama-server (not installable on this machine): answers /health and
-# /v1/chat/completions in llama-server's response format and records its command line.
+# Test double for llama.cpp's llama-server (not installable on this machine): answers /health, /completion and
+# /v1/chat/completions in llama-server's response formats and records its command line and each request.
 import json, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 open(sys.argv[0] + ".args", "w").write(json.dumps(sys.argv[1:]))
@@ -273,39 +298,134 @@ class H(BaseHTTPRequestHandler):
         self.reply({"status": "ok"})
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(sys.argv[0] + ".requests", "a") as log:
+            log.write(json.dumps([self.path, req]) + "\n")
+        timings = {"prompt_n": 11, "prompt_ms": 5.5, "predicted_n": 6, "predicted_ms": 120.0}
+        if self.path == "/completion":
+            asked = req["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+            text = "<think>about " + asked + "</think>Blue light scatters more."
+            return self.reply({"content": text, "stop_type": "eos", "timings": timings})
         text = "<think>about " + req["messages"][-1]["content"] + "</think>Blue light scatters more."
         self.reply({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "timings": {"prompt_n": 11, "prompt_ms": 5.5, "predicted_n": 6, "predicted_ms": 120.0}})
+                    "timings": timings})
 port = int(sys.argv[sys.argv.index("--port") + 1])
 HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], tmp_path: Path) -> None:
+def serve_with_fake_runner(server: dict[str, Any], tmp_path: Path, **env_extra: str):
+    """A stand-in of its own whose runner is the FAKE_LLAMA_SERVER test double: (base URL, process, runner path)."""
     runner = tmp_path / "llama-server"
     runner.write_text(FAKE_LLAMA_SERVER.replace("PYTHON", PYTHON, 1))
     runner.chmod(0o755)
     port = free_port()
-    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}",
-           "OLLAMA_NUM_PARALLEL": "2", "OLLAMA_KV_CACHE_TYPE": "q8_0"}
+    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}", **env_extra}
     proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
+    assert wait_until_serving(base, proc)
+    return base, proc, runner, env
+
+
+def runner_requests(runner: Path) -> list[tuple[str, dict]]:
+    return [tuple(json.loads(line)) for line in Path(str(runner) + ".requests").read_text().splitlines()]
+
+
+def test_generation_is_proxied_to_a_llama_server_runner(server: dict[str, Any], tmp_path: Path) -> None:
+    """The fixture's model has a Go TEMPLATE layer that can think, as library R1 tags do: the prompt is rendered
+    by the server and sent to llama-server's /completion, the runner started without its own template
+    (llm/llama_server.go:1-6, 774-782, 1622 of v0.32.9), and the reply split at the inferred tags."""
+    base, proc, runner, _ = serve_with_fake_runner(server, tmp_path, OLLAMA_NUM_PARALLEL="2", OLLAMA_KV_CACHE_TYPE="q8_0")
     try:
-        assert wait_until_serving(base, proc)
         status, body = call(base, "POST", "/api/chat", {"model": TAG, "stream": False, "options": {"num_ctx": 1024},
                                                         "messages": [{"role": "user", "content": "sky?"}]})
         assert status == 200, body
         assert body["message"] == {"role": "assistant", "content": "Blue light scatters more.", "thinking": "about sky?"}
         assert (body["eval_count"], body["eval_duration"]) == (6, 120_000_000)
         assert (body["prompt_eval_count"], body["prompt_eval_duration"]) == (11, 5_500_000)
+        [(path, request)] = runner_requests(runner)
+        assert path == "/completion" and request["prompt"].endswith("sky?<|im_end|>\n<|im_start|>assistant\n<think>")
         args = json.loads(Path(str(runner) + ".args").read_text())
         blob = model_blob(server)
         assert args[args.index("-m") + 1] == str(blob)
         assert args[args.index("-c") + 1] == "2048" and args[args.index("-np") + 1] == "2"  # num_ctx x parallel
         assert args[args.index("--cache-type-k") + 1] == "q8_0"
+        assert args[args.index("--chat-template") + 1] == "chatml" and "--no-jinja" in args
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def test_a_template_without_thinking_refuses_think_and_leaves_the_reasoning_inline(server: dict[str, Any],
+                                                                                    tmp_path: Path) -> None:
+    """A Go TEMPLATE without `.Thinking` (routes.go:2592-2607): `think: true` is a 400, and without it the reply is
+    all content, R1's <think> text inline; a model without a template layer goes to /v1/chat/completions."""
+    from r1fleet.verify.judge import ollama_chat_reply
+
+    base, proc, runner, env = serve_with_fake_runner(server, tmp_path)
+    plain, bare = "r1fleet/tiny:plain", "r1fleet/tiny:bare"
+    (server["tmp"] / "Plain").write_text(f'FROM ./tiny.gguf\nTEMPLATE """{PLAIN_TEMPLATE}"""\n')
+    (server["tmp"] / "Bare").write_text("FROM ./tiny.gguf\n")
+    try:
+        for name, modelfile in ((plain, "Plain"), (bare, "Bare")):
+            subprocess.run([PYTHON, str(OLLAMA), "create", name, "-f", str(server["tmp"] / modelfile)], env=env,
+                           capture_output=True, timeout=60, check=True)
+        assert call(base, "POST", "/api/show", {"model": plain})[1]["capabilities"] == ["completion"]
+        ask = {"model": plain, "stream": False, "messages": [{"role": "user", "content": "sky?"}]}
+        assert call(base, "POST", "/api/chat", {**ask, "think": True}) == (400, {"error": f'"{plain}" does not support thinking'})
+        status, body = call(base, "POST", "/api/chat", ask)
+        assert status == 200 and body["message"] == {"role": "assistant", "content": "<think>about sky?</think>Blue light scatters more."}
+        reply = ollama_chat_reply(body)  # verify reads the reasoning from the text
+        assert (reply.content, reply.reasoning) == ("Blue light scatters more.", "about sky?")
+        assert call(base, "POST", "/api/chat", {**ask, "model": bare})[0] == 200
+        assert [path for path, _ in runner_requests(runner)] == ["/completion", "/v1/chat/completions"]
+    finally:
+        for name in (plain, bare):  # the module's store holds only its own model for the tests after this one
+            call(base, "DELETE", "/api/delete", {"model": name})
+        proc.terminate()
+        proc.wait(15)
+
+
+# Test double for a llama-server that takes `SLOW_LOAD_S` to load (a large model from a slow disk): it answers
+# /health only after that, as llama-server answers 503 while loading.
+SLOW_LLAMA_SERVER = r"""#!PYTHON
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+time.sleep(float(sys.argv[0].rsplit("-", 1)[1]))
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "15"); self.end_headers(); self.wfile.write(b'{"status":"ok"}')
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), H).serve_forever()
+"""
+
+
+def test_a_load_whose_client_leaves_is_aborted_and_one_that_waits_stays(server: dict[str, Any], tmp_path: Path) -> None:
+    """As Ollama v0.32.9 does (llm/llama_server.go:1297-1299, server/sched.go:733-738): a client that gives up
+    while the runner still loads takes the load with it; a client that waits gets the model loaded."""
+    runner = tmp_path / "llama-server-3"
+    runner.write_text(SLOW_LLAMA_SERVER.replace("PYTHON", PYTHON, 1))
+    runner.chmod(0o755)
+    port = free_port()
+    env = {**server["env"], "R1FLEET_STANDIN_RUNNER": str(runner), "OLLAMA_HOST": f"127.0.0.1:{port}"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, str(OLLAMA), "serve"], env=env, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_serving(base, proc)
+        subprocess.run([PYTHON, str(OLLAMA), "create", TAG, "-f", str(server["tmp"] / "Modelfile")], env=env,
+                       capture_output=True, timeout=60, check=True)
+        load = urllib.request.Request(base + "/api/generate", data=json.dumps({"model": TAG, "keep_alive": -1}).encode())
+        with pytest.raises(OSError):  # the client's own bound, shorter than the load
+            urllib.request.urlopen(load, timeout=1)
+        time.sleep(4)  # past the runner's load: had the load gone on, the model would be in memory by now
+        assert call(base, "GET", "/api/ps")[1]["models"] == []
+        assert "client connection closed before llama-server finished loading, aborting load" in log.read_text()
+        with urllib.request.urlopen(load, timeout=30) as answer:  # a client that waits
+            assert json.loads(answer.read())["done_reason"] == "load"
+        assert [m["name"] for m in call(base, "GET", "/api/ps")[1]["models"]] == [TAG]
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def test_keep_alive_expiry_unloads_and_zero_unloads_at_once(server: dict[str, Any]) -> None:
@@ -356,6 +476,22 @@ def test_release_archive_is_deterministic_with_real_layout(tmp_path: Path) -> No
     assert (tmp_path / "a/VERSION").read_text().strip() == "0.32.15-standin"
 
 
+def test_the_stand_in_reports_the_pinned_version_and_the_lab_builds_it_per_content(monkeypatch, tmp_path) -> None:
+    """It stands for the pinned release (r1fleet/artifacts/versions.yaml), so it reports that version; the lab's
+    mirror keeps each checkout's build in a folder named by its sources, so labs shared by checkouts never mix them."""
+    from r1fleet.artifacts.pins import load_pins
+    from r1fleet.lab import mirror
+
+    assert standin_module().VERSION == load_pins().ollama.version
+    built = mirror.ollama_stand_in_dir()
+    assert built.startswith("ollama-standin-") and built == mirror.ollama_stand_in_dir()
+    changed = tmp_path / "build.py"
+    changed.write_bytes(mirror.OLLAMA_HOOK.read_bytes() + b"# another checkout\n")
+    (tmp_path / "ollama").write_bytes(OLLAMA.read_bytes())
+    monkeypatch.setattr(mirror, "OLLAMA_HOOK", changed)
+    assert mirror.ollama_stand_in_dir() != built
+
+
 def standin_module():
     """The stand-in script as a module, for its pure parts."""
     import importlib.machinery
@@ -376,7 +512,7 @@ def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPat
     for line in (fixtures / "llama-server-buffers__rpc-1dev__b11669.txt").read_text().splitlines():
         on_gpu.feed(line)
     size, vram = on_gpu.memory(file_size)
-    assert vram == int((92.10 + 180.00 + 21.51) * mib) and size == vram  # full offload: all counted on the GPU
+    assert vram == sum(int(v * mib) for v in (92.10, 180.00, 21.51)) and size == vram  # full offload: all on the GPU
     on_cpu = standin.RunnerLog()
     for line in (fixtures / "llama-server-buffers__cpu-only__b11669.txt").read_text().splitlines():
         on_cpu.feed(line)
@@ -389,6 +525,28 @@ def test_ps_sizes_come_from_what_the_runner_logged(monkeypatch: pytest.MonkeyPat
     assert standin.lab_rpc_devices() == ["127.0.0.1:50101"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert standin.lab_rpc_devices() == []
+
+
+def test_ps_size_trims_only_the_mmap_views_and_sums_the_overflow() -> None:
+    """Two details of Ollama's MemorySize (llm/llama_server.go:2606-2646, 2767-2771, 2795-2821 of v0.32.9): model
+    weights above the file's size come off the CPU_Mapped views only, at most their size (a repacked CPU copy is
+    memory of its own), and the overflowing layers of every fit line add up."""
+    mib, file_size = 1024 * 1024, 100 * 1024 * 1024
+    log = standin_module().RunnerLog()
+    for line in ("load_tensors:   CPU_Mapped model buffer size =    10.00 MiB",
+                 "load_tensors:        CUDA0 model buffer size =   110.00 MiB",
+                 "load_tensors:   CPU_REPACK model buffer size =    40.00 MiB",
+                 "llama_kv_cache:      CUDA0 KV buffer size =    16.00 MiB"):
+        log.feed(line)
+    # 10 + 110 file-backed is 20 MiB above the file: trimmed from the 10 MiB view, at most its size; the 40 MiB
+    # repack is kept
+    assert log.memory(file_size) == (int((10 + 110 + 40 + 16 - 10) * mib), int((110 + 16) * mib))
+    log.feed("load_tensors: offloaded 33/33 layers to GPU")
+    assert log.memory(file_size) == (int((110 + 16) * mib),) * 2  # every layer offloaded: all counted on the GPU
+    for line in ("common_params_fit_impl: fitting ... (2 overflowing)", "common_params_fit_impl: fitting ... (3 overflowing)"):
+        log.feed(line)
+    assert log.overflow == 5  # summed, where the last value alone would be 3
+    assert log.memory(file_size)[0] == int((10 + 110 + 40 + 16 - 10) * mib)  # layers overflowed: the real total
 
 
 def test_the_official_openai_client_lists_chats_and_streams(server: dict[str, Any]) -> None:

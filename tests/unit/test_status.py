@@ -86,7 +86,8 @@ def test_the_status_script_gets_the_hosts_own_addresses_and_the_roles_unit_names
     command = status_command(HostConfig(name="box", address="192.168.1.5", listen="192.168.1.5",
                                         allow=["192.168.1.0/24"], port=9000))
     assert command.endswith("r1fleet-status http://192.168.1.5:9000 http://192.168.1.5:9000 com.r1fleet.ollama "
-                            "r1fleet-ollama.service r1fleet-llama-server.service r1fleet-rpc-server.service")
+                            "/var/lib/ollama/r1fleet-preload r1fleet-ollama.service r1fleet-llama-server.service "
+                            "r1fleet-rpc-server.service r1fleet-ollama-preload.service")
     for request in ("--data", "-X POST", "/api/generate", "/api/chat", "/chat/completions", "/completion"):
         assert request not in command  # only GETs: nothing loads a model or makes a token
 
@@ -104,6 +105,52 @@ def test_a_serving_ollama_host():
     assert gpu.device.startswith("GPU0") and gpu.used_mib == 309 + 32 and gpu.planned_mib == plan.devices[0].planned_mib
     assert status.endpoint.url == "http://127.0.0.1:11434/v1" and not status.endpoint.lan
     assert status.healthy and not status.drift
+
+
+def without_the_model(preload_state: str, record: str) -> str:
+    """The serving lab-4090 document with nothing in /api/ps, its preload unit in `preload_state` and its record."""
+    text = document("ollama-serving__lab-4090.txt")
+    ps = text.split("#### r1fleet:status-ollama-ps\n", 1)[1].split("\n", 1)[0]
+    text = text.replace(ps, '{"models": []}', 1)
+    unit = (f"\n\nId=r1fleet-ollama-preload.service\nLoadState=loaded\nActiveState={preload_state}\nSubState=x\n"
+            "UnitFileState=static\nMainPID=0\nResult=exit-code\nNRestarts=0\n#### r1fleet:status-procs")
+    text = text.replace("\n#### r1fleet:status-procs", unit, 1)
+    return text + "#### r1fleet:status-ollama-preload\n" + record
+
+
+FAILED_LOAD = ('result=failed\nat=1796678070\ndetail=HTTP 500: {"error":"llama runner process has terminated: '
+               'exit status 2"}\n')
+
+
+def test_a_captured_failed_preload_is_read_with_ollamas_error():
+    """Captured in the lab: the model removed (`ollama rm`), then the server restarted; its preload got a 404."""
+    live = parse_status(document("ollama-preload-failed__lab-4090.txt"), "lab-4090")
+    assert live.units["r1fleet-ollama-preload.service"].active == "failed"
+    assert live.ollama_preload.result == "failed" and live.ollama_preload.at == 1796687958
+    status, _ = status_of("ollama-preload-failed__lab-4090.txt", LAB_4090)
+    assert status.state == "idle" and status.unit_state == "active (running)"
+    assert (f"{TAG} is not loaded, last attempt failed: HTTP 404: model '{TAG}' not found (fix: journalctl -u "
+            "r1fleet-ollama-preload.service -u r1fleet-ollama.service, then systemctl start "
+            "r1fleet-ollama-preload.service)") in status.problems
+
+
+def test_an_ollama_host_whose_preload_failed_says_why_it_is_not_loaded():
+    status, _ = status_of_text(without_the_model("failed", FAILED_LOAD), LAB_4090)
+    assert status.state == "idle" and not status.loaded and not status.healthy
+    [problem] = status.problems
+    assert problem.startswith(f"{TAG} is not loaded, last attempt failed: HTTP 500: llama runner process has "
+                              "terminated: exit status 2 (fix: journalctl -u r1fleet-ollama-preload.service")
+
+
+def test_an_ollama_host_whose_preload_runs_is_loading():
+    for record in ("result=loading\nat=1796678070\ndetail=\n", ""):
+        status, _ = status_of_text(without_the_model("active", record), LAB_4090)
+        assert status.state == "loading" and not status.problems, record
+    # its unit stopped while it loaded, or the model unloaded since: said so, not "loading"
+    status, _ = status_of_text(without_the_model("inactive", "result=loading\nat=1\ndetail=\n"), LAB_4090)
+    assert status.state == "idle" and "its last attempt was stopped before Ollama answered" in status.problems[0]
+    status, _ = status_of_text(without_the_model("inactive", "result=loaded\nat=1\ndetail=\n"), LAB_4090)
+    assert status.state == "idle" and "though r1fleet-ollama-preload.service loaded it" in status.problems[0]
 
 
 def test_a_serving_llama_server_on_two_gpus():

@@ -71,7 +71,7 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     Recorder.seen = []
     try:
         out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", url, "com.r1fleet.ollama",
-                              "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                              str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:
@@ -106,7 +106,7 @@ cat {start} {stop}
 """)
     journalctl.chmod(journalctl.stat().st_mode | stat.S_IXUSR)
     out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", "http://127.0.0.1:9", "com.r1fleet.ollama",
-                          "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                          str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr
@@ -137,7 +137,7 @@ esac
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         out = subprocess.run([DASH, str(STATUS_SCRIPT), url, "http://127.0.0.1:9", "com.r1fleet.ollama",
-                              "r1fleet-ollama.service", "r1fleet-llama-server.service"],
+                              str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service"],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:

@@ -23,6 +23,7 @@ from r1fleet.verify.judge import (
     ComputeApp,
     gpu_problems,
     memory_by_gpu,
+    ollama_chat_body,
     ollama_chat_reply,
     openai_chat_reply,
     parse_compute_apps,
@@ -217,6 +218,24 @@ def test_llama_server_chat_reply_reads_reasoning_content_and_timings():
                                "timings": {"predicted_per_second": 48.2}})
     assert (reply.content, reply.reasoning, reply.tokens_per_second) == ("12", "7+5", 48.2)
     assert openai_chat_reply({"choices": []}).content == ""
+
+
+def test_ollama_reasoning_reaches_verify_whether_or_not_the_template_thinks():
+    """An R1 tag whose template can think gets `think: true` and answers `thinking`; one whose template cannot
+    would answer that with a 400, so it is asked without, and its reasoning is read inline."""
+    messages = [{"role": "user", "content": "7+5?"}]
+    assert ollama_chat_body("r1:7b", messages, 1024, True, ["completion", "thinking"])["think"] is True
+    for capabilities in (["completion"], None, "thinking"):
+        assert "think" not in ollama_chat_body("r1:7b", messages, 1024, True, capabilities), capabilities
+    assert "think" not in ollama_chat_body("smollm", messages, 64, False, ["completion", "thinking"])
+    inline = ollama_chat_reply({"message": {"content": "<think>7 plus 5</think>12"}})
+    assert (inline.content, inline.reasoning) == ("12", "7 plus 5")
+
+
+def test_openai_replies_carry_reasoning_under_either_name():
+    """llama-server's `reasoning_content`, Ollama's /v1 `reasoning` (openai/openai.go of v0.32.9)."""
+    ollama = openai_chat_reply({"choices": [{"message": {"content": "12", "reasoning": "7+5"}}]})
+    assert (ollama.content, ollama.reasoning) == ("12", "7+5")
 
 
 def test_speed_judgement():

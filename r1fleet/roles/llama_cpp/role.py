@@ -37,6 +37,7 @@ from r1fleet.roles.llama_cpp.decide import (
 )
 from r1fleet.render.systemd_unit import (
     LLAMA_UNIT,
+    OLLAMA_PRELOAD_UNIT,
     OLLAMA_UNIT,
     UnitSpecifier,
     health_timeout_s,
@@ -201,6 +202,7 @@ class LlamaCppRole(Role):
 def _install(plan: HostPlan, settings: HostConfig, install: LlamaInstall, download: Download, models_dir: str,
              model_path: str) -> list:
     """The binary, the user, the directories and the model; returns the operations that change what runs."""
+    retire_service(OLLAMA_PRELOAD_UNIT)  # before the server it is bound to
     retire_service(OLLAMA_UNIT)
     packages = server.packages(name="llama.cpp packages", packages=["curl", "ca-certificates", *install.packages])
     changed = [packages]
@@ -273,7 +275,7 @@ def llama_cpp_reads(plan: HostPlan, settings: HostConfig, install: LlamaInstall,
     """Every fact LlamaCppRole reads on a host where nothing changes (fetched in one round trip first)."""
     models_dir = llama_models_dir(settings)
     model_path = f"{models_dir}/{download.name}"
-    reads = [*retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),
+    reads = [*retire_service_reads(OLLAMA_PRELOAD_UNIT), *retire_service_reads(OLLAMA_UNIT), *package_reads(), *service_user_reads(USER, HOME),
              *directory_reads(settings.model_dir), *directory_reads(models_dir), *fetch_verified_reads(model_path),
              *converge_service_reads(LLAMA_UNIT, (model_path, install.binary))]
     if install.method == "ollama-bundle":

@@ -256,7 +256,7 @@ def _activate(plan: HostPlan, entry: HostConfig, download: Download | None, bina
 
 
 def _load_after_every_start(plan: HostPlan, entry: HostConfig) -> None:
-    """The planned model loaded again after a restart, a crash or a reboot (Linux: the unit's ExecStartPost)."""
+    """The planned model loaded again after a restart, a crash or a reboot (Linux: r1fleet-ollama-preload.service)."""
     api = entry.local_api("ollama")
     plist = files.template(
         name="LaunchDaemon that keeps the planned model loaded", src=str(TEMPLATES / "com.r1fleet.ollama-load.plist.j2"),

@@ -1,4 +1,5 @@
-"""Removing what the Ollama role wrote: r1fleet-ollama.service, the releases under /opt/r1fleet/ollama (the
+"""Removing what the Ollama role wrote: r1fleet-ollama.service and r1fleet-ollama-preload.service (its record is in
+the account's home, which goes with the account), the releases under /opt/r1fleet/ollama (the
 llama.cpp role's bundled llama-server among them) and the `ollama` link on PATH into them, the `ollama` account
 when r1fleet made or took it over, and its bookkeeping beside the models (download stamps, unfinished downloads,
 the stand-in's Modelfile and import record); the models themselves stay unless the host data says
@@ -27,7 +28,7 @@ from r1fleet.operations.removal import (
     stop_unit,
 )
 from r1fleet.render.systemd_unit import OLLAMA_UNIT
-from r1fleet.roles.ollama.decide import HOME, IMPORT_RECORD, MODELFILE, USER, import_dir, ollama_models_dir
+from r1fleet.roles.ollama.decide import HOME, IMPORT_RECORD, MODELFILE, PRELOAD_UNIT, USER, import_dir, ollama_models_dir
 from r1fleet.roles.ollama.registry import INCOMING
 from r1fleet.roles.ollama.official import OfficialOllama, UNIT_DIR
 from r1fleet.roles.ollama.takeover import OFFICIAL_BINARY, OFFICIAL_UNIT, OfficialInstall
@@ -45,11 +46,13 @@ class OllamaRemoval(Removal):
 
 @deploy("Remove Ollama")
 def _stop() -> None:
+    stop_unit(name=f"Stop {PRELOAD_UNIT}", unit=PRELOAD_UNIT)
     stop_unit(name=f"Stop {OLLAMA_UNIT}", unit=OLLAMA_UNIT)
 
 
 @deploy("Remove Ollama")
 def _remove(settings: HostConfig) -> None:
+    remove_unit(name=f"Remove {PRELOAD_UNIT}", unit=PRELOAD_UNIT)
     remove_unit(name=f"Remove {OLLAMA_UNIT}", unit=OLLAMA_UNIT)
     remove_link_into(name=f"Remove the link {OFFICIAL_BINARY}", path=OFFICIAL_BINARY, root=OLLAMA_ROOT)
     remove_paths(name=f"Remove {OLLAMA_ROOT}", paths=(OLLAMA_ROOT,))

@@ -15,6 +15,7 @@ would bind 11434), its binaries and libraries removed, its models moved into r1f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Mapping
@@ -22,7 +23,9 @@ from typing import Mapping
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server
+from pathlib import Path
+
+from pyinfra.operations import files, server, systemd
 
 from r1fleet.fleet.config import HostConfig
 from r1fleet.operations.stages import HostContext, Role
@@ -41,23 +44,29 @@ from r1fleet.artifacts.pins import Download, model_download
 from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
+    API_WAIT_S,
+    API_WAIT_SLACK_S,
     IMPORT_RECORD,
+    PRELOAD_RECORD,
+    PRELOAD_UNIT,
     pull_command,
     weights_label,
-    LOAD_AT_START_SLACK_S,
     MODELFILE,
     import_dir,
     import_record,
     import_record_digest,
+    imported_with,
     imports_stand_in,
     modelfile,
+    ollama_api_wait,
     ollama_environment,
-    ollama_load_at_start,
     ollama_models_dir,
     ollama_tag_digest,
+    preload_unit_context,
     takes_from_registry,
 )
-from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context
+from r1fleet.render.formats import unit_settings
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, health_timeout_s, unit_context
 from r1fleet.records import HostPlan
 from r1fleet.operations.common import (
     HttpJson,
@@ -77,6 +86,9 @@ from r1fleet.operations.common import (
     verified_fetch_steps,
 )
 from r1fleet.roles.ollama.decide import HOME, USER
+
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 class DirEntries(FactBase):
@@ -162,15 +174,17 @@ class JsonFile(FactBase):
 
 
 @operation()
-def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str):
+def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sha256: str, record_path: str,
+                 modelfile_sha256: str):
     """Offline import of a local GGUF (`ollama create -f Modelfile`). Nothing happens when the tag is there as
     recorded (record_import) for this very file: the stored weights are llama-quantize's rewrite of the file,
     not the file, so only the digest Ollama reported right after the import identifies them.
 
     Example: import_model(tag="r1fleet/smollm2:135m-instruct-q4_1", api="http://127.0.0.1:11434", ...)"""
     tags = host.get_fact(HttpJson, url=f"{api}/api/tags")
-    recorded = import_record_digest(host.get_fact(JsonFile, path=record_path), tag, source_sha256)
-    if recorded is not None and recorded == ollama_tag_digest(tags, tag):
+    record = host.get_fact(JsonFile, path=record_path)
+    recorded = import_record_digest(record, tag, source_sha256)
+    if recorded is not None and recorded == ollama_tag_digest(tags, tag) and imported_with(record, modelfile_sha256):
         host.noop(f"model {tag} present, imported from {source_sha256[:12]}")
         return
     q = shlex.quote
@@ -178,11 +192,11 @@ def import_model(tag: str, api: str, binary: str, modelfile_path: str, source_sh
 
 
 @operation()
-def record_import(tag: str, api: str, source_sha256: str, record_path: str):
+def record_import(tag: str, api: str, source_sha256: str, record_path: str, modelfile_sha256: str):
     """The import record verify compares with: the tag, the file it came from and the digest Ollama reports
     for it now (read when this runs, after any import). Deterministic, so a rebuilt host writes the same bytes."""
     digest = ollama_tag_digest(host.get_fact(HttpJson, url=f"{api}/api/tags"), tag)
-    wanted = import_record(tag, source_sha256, digest)
+    wanted = import_record(tag, source_sha256, digest, modelfile_sha256)
     if host.get_fact(JsonFile, path=record_path) == wanted:
         host.noop(f"import of {tag} recorded")
         return
@@ -202,6 +216,22 @@ def preload_model(tag: str, api: str):
         return
     body = json.dumps({"model": tag, "keep_alive": -1})
     yield f"curl -fsS --max-time 600 -X POST -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(api + '/api/generate')} >/dev/null"
+
+
+@operation()
+def load_through_preload_unit(tag: str, api: str, bound_s: int):
+    """Load the model through the preload unit (the one that loads it after every start of the server) and wait
+    for its result, unless it is loaded: the record and the unit show this attempt as they show one at boot. The
+    wait is bounded, the load is not: `timeout` ends only systemctl's wait, never the unit's request."""
+    if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/ps")):
+        host.noop(f"model {tag} loaded")
+        return
+    q = shlex.quote
+    yield (f"timeout {bound_s} systemctl start --wait {q(PRELOAD_UNIT)}; rc=$?; "
+           f"if [ $rc -eq 124 ]; then echo \"{tag} is still loading after {bound_s} s; the load goes on "
+           f"(r1fleet status shows when it ends; journalctl -u {PRELOAD_UNIT})\" >&2; exit 1; fi; "
+           f"if [ $rc -ne 0 ]; then echo \"loading {tag} failed: $(sed -n 's/^detail=//p' {q(PRELOAD_RECORD)})"
+           f" (journalctl -u {PRELOAD_UNIT} -u {OLLAMA_UNIT})\" >&2; exit 1; fi")
 
 
 class OllamaRole(Role):
@@ -233,10 +263,11 @@ class OllamaRole(Role):
         self.installed = _install(self.plan, self.settings, self.release, self.models_dir)
 
     def configure(self) -> None:
-        self.unit = _configure(self.plan, self.settings, self.release, self.models_dir)
+        self.unit, self.preload_unit = _configure(self.plan, self.settings, self.release, self.models_dir)
 
     def activate(self) -> None:
-        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.installed, self.registry)
+        _activate(self.plan, self.settings, self.release, self.download, self.unit, self.preload_unit, self.installed,
+                  self.registry)
 
 
 @deploy("Ollama")
@@ -273,19 +304,28 @@ def _configure(plan: HostPlan, settings: HostConfig, release: OllamaRelease, mod
         read_write_paths=[HOME, models_dir],
         # The server itself downloads models from the registry, so no IP allow-list here.
         restrict_ip=False,
-        exec_start_post=ollama_load_at_start(plan.ollama_tag or "", api, health_timeout_s(plan)),
-        timeout_start_s=health_timeout_s(plan) + LOAD_AT_START_SLACK_S,
+        exec_start_post=ollama_api_wait(api),
+        timeout_start_s=API_WAIT_S + API_WAIT_SLACK_S,
+        wants=[PRELOAD_UNIT],
     )
-    return unit_file(OLLAMA_UNIT, context)
+    preload = files.template(
+        name=f"Unit {PRELOAD_UNIT}", src=str(TEMPLATES / f"{PRELOAD_UNIT}.j2"), dest=f"{UNIT_DIR}/{PRELOAD_UNIT}",
+        user="root", group="root", mode="0644", jinja_env_kwargs=unit_settings(), svc=preload_unit_context(plan, settings),
+    )
+    return unit_file(OLLAMA_UNIT, context), preload
 
 
 @deploy("Ollama")
 def _activate(plan: HostPlan, settings: HostConfig, release: OllamaRelease, download: Download | None,
-              unit, installed, registry: RegistrySource | RegistryFetch | None) -> None:
+              unit, preload_unit, installed, registry: RegistrySource | RegistryFetch | None) -> None:
     api = settings.local_api("ollama")
+    # the preload unit alone changed: systemd reads it again, and the server keeps running (converge_service
+    # reloads when the server's own unit changed)
+    systemd.daemon_reload(name=f"Reload systemd for {PRELOAD_UNIT}",
+                          _if=lambda: preload_unit.did_change() and not unit.did_change())
     converge_service(OLLAMA_UNIT, unit, [installed], f"{api}/api/version", files_used=(release.binary,))
     prune_releases(name="Prune other Ollama releases", keep=release.version)
-    ollama_model(plan, settings, release.binary, download, registry=registry)
+    ollama_model(plan, settings, release.binary, download, registry=registry, preload_bound_s=health_timeout_s(plan))
 
 
 def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
@@ -297,6 +337,7 @@ def ollama_reads(plan: HostPlan, settings: HostConfig, release: OllamaRelease,
         *service_user_reads(USER, HOME),
         *directory_reads(settings.model_dir), *directory_reads(models_dir), (File, {"path": release.stamp}),
         *link_reads(OFFICIAL_BINARY), *converge_service_reads(OLLAMA_UNIT, (release.binary,)),
+        *file_reads(f"{UNIT_DIR}/{PRELOAD_UNIT}"),
         (DirEntries, {"path": OLLAMA_ROOT}), *ollama_model_reads(settings, download),
     ]
 
@@ -318,10 +359,12 @@ def ollama_model_reads(settings: HostConfig, download: Download | None) -> list[
 
 @deploy("Ollama model")
 def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Download | None,
-                 group: str = "root", registry: RegistrySource | RegistryFetch | None = None) -> None:
+                 group: str = "root", registry: RegistrySource | RegistryFetch | None = None,
+                 preload_bound_s: int | None = None) -> None:
     """The planned model in the running server: placed from the controller's cache (`registry`), else pulled
     by its exact tag, or in rehearsal the stand-in GGUF imported offline (`ollama create`); then loaded and
-    kept loaded. Linux and macOS alike."""
+    kept loaded. Linux and macOS alike: on Linux (`preload_bound_s`, how long the deploy waits for the load)
+    through the preload unit, on macOS by a request of its own."""
     api = settings.local_api("ollama")
     tag = plan.ollama_tag or ""
     if download is not None:
@@ -330,24 +373,30 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         files.directory(name="Import directory", path=imports, user="root", group=group, mode="0755")
         fetch_verified(name=f"Stand-in {download_label(download)}", download=download, dest=gguf_path,
                        user="root", group=group, mode="0644")
+        text = modelfile(gguf_path)
+        text_sha256 = hashlib.sha256(text.encode()).hexdigest()
         files.put(
             name="Modelfile for the stand-in",
-            src=_text(modelfile(gguf_path, plan)),
+            src=_text(text),
             dest=f"{imports}/{MODELFILE}",
             user="root",
             group=group,
             mode="0644",
         )
         import_model(name=f"Import {tag}", tag=tag, api=api, binary=binary, modelfile_path=f"{imports}/{MODELFILE}",
-                     source_sha256=download.sha256, record_path=f"{imports}/{IMPORT_RECORD}")
+                     source_sha256=download.sha256, record_path=f"{imports}/{IMPORT_RECORD}",
+                     modelfile_sha256=text_sha256)
         record_import(name=f"Record the import of {tag}", tag=tag, api=api, source_sha256=download.sha256,
-                      record_path=f"{imports}/{IMPORT_RECORD}")
+                      record_path=f"{imports}/{IMPORT_RECORD}", modelfile_sha256=text_sha256)
     elif registry is not None:
         place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
     else:
         pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
-    preload_model(name=f"Preload {tag}", tag=tag, api=api)
+    if preload_bound_s is not None:
+        load_through_preload_unit(name=f"Preload {tag}", tag=tag, api=api, bound_s=preload_bound_s)
+    else:
+        preload_model(name=f"Preload {tag}", tag=tag, api=api)
 
 
 def _text(content: str):

@@ -64,7 +64,7 @@ from r1fleet.roles.rpc_worker.decide import (
 )
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.formats import nft_settings, unit_settings
-from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_PRELOAD_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
 from r1fleet.operations.tcp_health import TcpHealth
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -146,6 +146,7 @@ class RpcWorkerRole(Role):
 @deploy("RPC worker")
 def _install(worker: RpcWorker, install: LlamaInstall) -> list:
     # The worker's own service would hold the GPU memory the pool planned for rpc-server.
+    retire_service(OLLAMA_PRELOAD_UNIT)  # before the server it is bound to
     retire_service(OLLAMA_UNIT)
     retire_service(LLAMA_UNIT)
     check_pool_address(name=f"Pool {worker.pool} address {worker.bind} is this host's", worker=worker)
@@ -206,7 +207,7 @@ def _activate(worker: RpcWorker, install: LlamaInstall, unit, rules, changed: li
 
 def rpc_worker_reads(install: LlamaInstall) -> list[FactRequest]:
     """Every fact RpcWorkerRole reads on a host where nothing changes (fetched in one round trip first)."""
-    return [*retire_service_reads(OLLAMA_UNIT), *retire_service_reads(LLAMA_UNIT), (HostAddresses, {}),
+    return [*retire_service_reads(OLLAMA_PRELOAD_UNIT), *retire_service_reads(OLLAMA_UNIT), *retire_service_reads(LLAMA_UNIT), (HostAddresses, {}),
             *package_reads(), (File, {"path": install.binary}), *service_user_reads(USER, HOME),
             *directory_reads(KEY_DIR), *file_reads(RPC_RULES_FILE), (Which, {"command": "nft"}),
             *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftTable, {"table": RPC_TABLE}),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import pytest
 
 from r1fleet.plan.catalog import load_catalog
-from r1fleet.roles.ollama.decide import (IMPORT_RECORD, import_dir, import_record_digest, ollama_tag_digest,
-                                         takes_from_registry, weights_digest)
+from r1fleet.roles.ollama.decide import (IMPORT_RECORD, PRELOAD_RECORD, PRELOAD_UNIT, import_dir, import_record_digest,
+                                         ollama_tag_digest, preload_problem, read_preload_record, takes_from_registry,
+                                         weights_digest)
 from r1fleet.plan.memory import kv_cache_mib, padded_context
 from r1fleet.records import HostPlan
 from r1fleet.net import parse_json, source_address_towards
@@ -25,6 +27,7 @@ from r1fleet.verify.judge import (
     memory_by_gpu,
     memory_problems,
     memory_summary,
+    ollama_chat_body,
     ollama_chat_reply,
     openai_chat_reply,
     parse_compute_apps,
@@ -63,10 +66,8 @@ def _ask(target: Target):
     # R1 thinks before it answers: leave room for the thoughts; the stand-in only needs a few tokens.
     budget = 1024 if target.reasoning else 64
     if plan.backend == "ollama":
-        body = {"model": plan.ollama_tag, "messages": messages, "stream": False, "keep_alive": -1,
-                "options": {"num_predict": budget, "temperature": 0}}
-        if target.reasoning:
-            body["think"] = True
+        shown = target.get_json("/api/show", "POST", {"model": plan.ollama_tag}) if target.reasoning else {}
+        body = ollama_chat_body(plan.ollama_tag, messages, budget, target.reasoning, shown.get("capabilities"))
         reply = ollama_chat_reply(target.get_json("/api/chat", "POST", body, target.chat_timeout))
     else:
         body = {"messages": messages, "max_tokens": budget, "temperature": 0}
@@ -215,6 +216,28 @@ def test_model_present(target: Target, plan: HostPlan, request: pytest.FixtureRe
         if plan.ollama_tag not in ids:
             problems.append(f"/v1/models lists {ids}, not the plan's model name {plan.ollama_tag}")
     assert not problems, f"{target.name}: " + "; ".join(problems)
+
+
+def test_model_loaded(target: Target, plan: HostPlan) -> None:
+    """An Ollama host has its model in memory after every start, before any request (here: before verify's own
+    chat): its preload unit loads it. While that unit still runs, the check waits for it (up to the chat timeout);
+    a model that is not loaded is reported with the preload's last result."""
+    if plan.backend != "ollama":
+        pytest.skip("llama-server loads its model as it starts")
+    if target.darwin:
+        pytest.skip("a Mac's LaunchDaemon loads the model every 30 s; the chat checks see it loaded")
+    deadline = time.monotonic() + target.chat_timeout
+    while True:
+        loaded = [m.get("name") for m in target.get_json("/api/ps").get("models") or [] if isinstance(m, dict)]
+        if plan.ollama_tag in loaded:
+            return
+        loading = target.output(f"systemctl show -p ActiveState --value {PRELOAD_UNIT}").strip() in ("active", "activating")
+        if not loading or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    record = read_preload_record(target.output(f"cat {PRELOAD_RECORD} 2>/dev/null || true"))
+    waited = f" (after waiting {target.chat_timeout} s)" if loading else ""
+    fail(target, preload_problem(plan.ollama_tag, record, loading) + waited)
 
 
 def test_context_matches_plan(target: Target, plan: HostPlan) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the STAND-IN Ollama release archives for r1fleet's lab and tests.
 
-    python build.py OUTDIR [--version 0.32.15-standin]
+    python build.py OUTDIR [--version 0.32.9]
 
 Writes OUTDIR/ollama-linux-amd64.tar.zst and ollama-linux-arm64.tar.zst (same content: the stand-in is a
 Python script), OUTDIR/sha256sum.txt and OUTDIR/VERSION. The layout follows Ollama's release workflow
@@ -102,7 +102,7 @@ def build(outdir: Path, version: str) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--version", default="0.32.15-standin")
+    parser.add_argument("--version", default="0.32.9")
     args = parser.parse_args()
     for name, digest in build(args.outdir, args.version).items():
         print(f"{digest}  {args.outdir / name}")
