@@ -138,19 +138,11 @@ def parse_model_files(lines: list[str]) -> dict[str, int]:
     return files
 
 
-DEBIAN_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
-
-
-def parse_apt_policy(lines: list[str]) -> PackageVersions | None:
-    """`apt-cache policy PACKAGE`: its `Installed:` and `Candidate:` versions ("(none)": not installed, or apt has
-    none); None without the lines (no apt, or no such package). A version that is not one is left out."""
-    found: dict[str, str | None] = {}
-    for line in lines:
-        key, sep, value = line.strip().partition(":")
-        if sep and key in ("Installed", "Candidate") and key.lower() not in found:
-            value = value.strip()
-            found[key.lower()] = value if DEBIAN_VERSION.match(value) else None
-    return PackageVersions(**found) if found else None
+def parse_apt_policy(lines: list[str], package: str = "haproxy") -> PackageVersions | None:
+    """`apt-cache policy PACKAGE`: its installed and candidate versions (None: `(none)`, not installed or apt has
+    none); None without the package's lines (no apt, or no such package)."""
+    versions = apt_policy(lines).get(package)
+    return PackageVersions(installed=versions[0], candidate=versions[1]) if versions else None
 
 
 def parse_secureboot(lines: list[str]) -> bool | None:

@@ -314,7 +314,7 @@ def test_apt_policy_gives_haproxys_installed_and_candidate_versions():
     assert parse_apt_policy(installed).model_dump() == {"installed": "2.6.12-1+deb12u4", "candidate": "2.6.12-1+deb12u4"}
     assert parse_apt_policy(fresh).model_dump() == {"installed": None, "candidate": "2.6.12-1+deb12u4"}
     assert parse_apt_policy([]) is None  # no apt, or no such package
-    assert parse_apt_policy(["  Installed: $(reboot)", "  Candidate: 2.8.5-1"]).installed is None  # not a version
+    assert parse_apt_policy(["haproxy:", "  Installed: $(reboot)", "  Candidate: 2.8.5-1"]).installed is None  # not a version
 
 
 def test_the_lock_records_the_gateway_hosts_haproxy_and_no_other_hosts(tmp_path, capsys):
