@@ -129,8 +129,8 @@ def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
     unknown = sorted(set(only or []) - set(fleet.hosts))
     if unknown:
         raise LabError(f"--hosts: {', '.join(unknown)} not in {fleet_path}; hosts there: {', '.join(fleet.hosts)}")
-    for name in wanted:  # fail before touching anything
-        check_distro(fleet_path, name, profiles.load(fleet.hosts[name]), fleet.distro(name))
+    for name in wanted:
+        profiles.load(fleet.hosts[name])  # fail before touching anything
     with locked():
         lab_state = state.load_state()
         if lab_state.get("controller") not in (None, controller):
@@ -184,15 +184,6 @@ def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
                 say(f"{name}: up at {addresses[name]} ({fleet.hosts[name]})")
         say(f"ssh: ssh -F {paths.SSH_CONFIG} HOST    mirror: {mirror.url(controller)}")
         return 1 if errors else 0
-
-
-def check_distro(fleet_path: Path, name: str, profile: dict, distro: str) -> None:
-    """A host's simulated GPUs are ggml-rpc-servers from Debian's llama.cpp, which only some suites ship."""
-    if profile["gpus"] and not image.SUITES[distro].llama_cpp:
-        with_llama_cpp = ", ".join(s for s, suite in image.SUITES.items() if suite.llama_cpp)
-        raise LabError(f"{fleet_path}: host {name}: field distro: Debian {distro} has no llama.cpp package, so this "
-                       f"profile's simulated GPUs (ggml-rpc-server) cannot run there; fix: give it a CPU-only profile "
-                       f"(e.g. cpu-16g) or distro: {with_llama_cpp}")
 
 
 def reset(names: list[str], say: Say) -> int:
