@@ -19,7 +19,6 @@ from r1fleet.lab import paths
 # Every lab host's Debian release: forky (testing, the default) carries Debian's llama.cpp; bookworm (12) and
 # trixie (13) are the releases most home labs run, with older systemd and nftables and no llama.cpp package.
 DEFAULT_SUITE = "forky"
-SUITE = DEFAULT_SUITE
 # bookworm's debootstrap has no forky script; the sid script works for testing (docs/research/lab-notes.md),
 # and bookworm's own `bookworm` and `trixie` scripts are links to it.
 DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
