@@ -62,11 +62,9 @@ SUITES = {
 # `ldd` lists, and each tool at its Debian path is a launcher that runs it through that loader. Real hosts on these
 # releases take llama-server from the Ollama archive instead (r1fleet/artifacts/llama_cpp_install.py).
 CARRIED_DIR = "/opt/r1lab-llama.cpp"
-CARRIED_TOOLS = {  # Debian's path of the tool in forky -> the launcher's path in the carrying image
-    "/usr/bin/llama-server": "/usr/bin/llama-server",
-    "/usr/bin/llama-quantize": "/usr/bin/llama-quantize",
-    "/usr/libexec/x86_64-linux-gnu/llama/bin/ggml-rpc-server": "/usr/libexec/x86_64-linux-gnu/llama/bin/ggml-rpc-server",
-}
+CARRIED_TOOLS = (  # their paths in forky, where each gets its launcher in the carrying image
+    "/usr/bin/llama-server", "/usr/bin/llama-quantize", "/usr/libexec/x86_64-linux-gnu/llama/bin/ggml-rpc-server",
+)
 # ggml loads its CPU (and RPC) backends from the directory Debian compiled in, so they keep that path.
 GGML_BACKENDS_DIR = "/usr/lib/x86_64-linux-gnu/ggml/backends0"
 LOADER = "ld-linux-x86-64.so.2"
@@ -151,8 +149,6 @@ def post_build(suite: str = DEFAULT_SUITE) -> str:
               + _MEMINFO + _GPU_STANDINS + _TAIL)
     return script.replace("@GPU_RPC_BASE_PORT@", str(paths.GPU_RPC_BASE_PORT))
 
-
-POST_BUILD = post_build()
 
 
 def recipe(suite: str = DEFAULT_SUITE) -> dict:
@@ -256,10 +252,10 @@ def carry_llama_cpp(source: Path, target: Path, suite: str) -> None:
     (target / GGML_BACKENDS_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
     for backend in backends:
         shutil.copy2(backend, target / GGML_BACKENDS_DIR.lstrip("/") / backend.name)
-    for tool, launcher_path in CARRIED_TOOLS.items():
+    for tool in CARRIED_TOOLS:
         name = Path(tool).name
         shutil.copy2(source / tool.lstrip("/"), carried / "bin" / name, follow_symlinks=True)
-        launcher = target / launcher_path.lstrip("/")
+        launcher = target / tool.lstrip("/")
         launcher.parent.mkdir(parents=True, exist_ok=True)
         launcher.write_text(CARRIED_LAUNCHER.format(tool=tool, suite=suite, carried=CARRIED_DIR, loader=LOADER,
                                                     name=name))
