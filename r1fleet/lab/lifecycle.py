@@ -138,7 +138,8 @@ def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
         lab_state.update(controller=controller, fleet_file=str(fleet.path))
         records = lab_state.setdefault("hosts", {})
         keep = {n for n in wanted if state.host_is_up(n, records.get(n))
-                and records[n].get("address") == addresses[n] and records[n].get("profile") == fleet.hosts[n]}
+                and records[n].get("address") == addresses[n] and records[n].get("profile") == fleet.hosts[n]
+                and records[n].get("distro", state.DEFAULT_DISTRO) == fleet.distro(n)}
         keep |= {n for n, rec in records.items() if n not in wanted and n in fleet.hosts
                  and state.host_is_up(n, rec) and rec.get("address") == addresses[n]}
         for name in list(records):
@@ -152,22 +153,26 @@ def up(fleet_path: Path, only: list[str] | None, say: Say) -> int:
         debian = image.controller_debian_mirror()
         ensure_service(lab_state, "proxy_pid", proxy.marker(), "apt-cacher-ng",
                        lambda: proxy.start(controller, debian))
-        if not image.is_cached():
-            say(f"building the base image (Debian {image.SUITE}, once; log {paths.LOG_DIR / 'image.log'}) ...")
-        root_image = image.build(paths.LOG_DIR / "image.log", proxy_url=proxy.url(controller))
+        to_boot = [n for n in wanted if n not in keep]
+        root_images = {}
+        for suite in sorted({fleet.distro(n) for n in to_boot}):
+            log = paths.LOG_DIR / f"image-{suite}.log"
+            if not image.is_cached(suite):
+                say(f"building the base image (Debian {suite}, once; log {log}) ...")
+            root_images[suite] = image.build(log, proxy_url=proxy.url(controller), suite=suite)
         mirror.populate(say)
         ensure_service(lab_state, "mirror_pid", mirror.marker(), "python3", lambda: mirror.start(controller))
 
-        to_boot = [n for n in wanted if n not in keep]
         write_ssh_files({n: addresses[n] for n in fleet.hosts if n in keep or n in wanted})
         started: dict[str, int] = {}
         for name in to_boot:
             spec = HostSpec(name, fleet.hosts[name], addresses[name], controller, prefix)
             network.create_host_net(name, spec.address, prefix, controller)
-            root = hosts.mount_root(spec, root_image)
+            root = hosts.mount_root(spec, root_images[fleet.distro(name)])
             hosts.write_host_files(root, spec, addresses, pubkey)
             started[name] = hosts.boot(spec, root)
-            records[name] = {"address": spec.address, "profile": spec.profile, "pid": started[name]}
+            records[name] = {"address": spec.address, "profile": spec.profile, "distro": fleet.distro(name),
+                             "pid": started[name]}
             state.save_state(lab_state)
         if keep:
             say(f"already up: {', '.join(sorted(keep))}")

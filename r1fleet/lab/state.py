@@ -5,16 +5,20 @@ Public API: `lab_hosts()`, `ssh_config_path()`, `mirror_url()`, `LAB_FLEET_FILE`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
 from r1fleet.artifacts.ollama_release import parse_sha256sums
-from r1fleet.lab import mirror, network, paths, procs
+from r1fleet.fleet.config import LabDistro
+from r1fleet.lab import image, mirror, network, paths, procs
 
 LAB_FLEET_FILE = paths.LAB_FLEET_FILE
 DEFAULT_SUBNET = "10.77.0.0/24"
+DEFAULT_DISTRO = image.DEFAULT_SUITE
+DISTROS = get_args(LabDistro)
 
 
 class LabLayoutError(ValueError):
@@ -29,6 +33,10 @@ class LabLayout:
     path: Path
     subnet: str
     hosts: dict[str, str]  # name -> profile, in file order
+    distros: dict[str, str] = field(default_factory=dict)  # name -> Debian suite; forky when not given
+
+    def distro(self, name: str) -> str:
+        return self.distros.get(name, DEFAULT_DISTRO)
 
     def addresses(self) -> tuple[str, dict[str, str], int]:
         return network.plan_addresses(self.subnet, list(self.hosts))
@@ -45,13 +53,18 @@ def read_lab_layout(path: Path = LAB_FLEET_FILE) -> LabLayout:
     hosts = data.get("hosts") or {}
     if not isinstance(hosts, dict) or not hosts:
         raise LabLayoutError(f"{path}: 'hosts' must map host names to {{profile: NAME}}")
-    result = {}
+    result, distros = {}, {}
     for name, spec in hosts.items():
         profile = (spec or {}).get("profile") if isinstance(spec, dict) else None
         if not profile:
             raise LabLayoutError(f"{path}: host {name}: field 'profile' is missing; fix: add e.g. profile: rtx4090")
         result[str(name)] = str(profile)
-    return LabLayout(Path(path), subnet, result)
+        distro = spec.get("distro", DEFAULT_DISTRO)
+        if distro not in DISTROS:
+            raise LabLayoutError(f"{path}: host {name}: field distro: {distro!r} is not a lab distribution; fix: use "
+                                 f"one of {', '.join(DISTROS)} (default {DEFAULT_DISTRO})")
+        distros[str(name)] = distro
+    return LabLayout(Path(path), subnet, result, distros)
 
 
 def load_state() -> dict:
@@ -79,10 +92,12 @@ def lab_hosts() -> list[dict]:
     try:
         fleet = read_lab_layout(Path(state.get("fleet_file", LAB_FLEET_FILE)))
         fleet_hosts, addresses = dict(fleet.hosts), fleet.addresses()[1]
+        distros = {name: fleet.distro(name) for name in fleet.hosts}
     except (LabLayoutError, network.NetworkError):
-        fleet_hosts, addresses = {}, {}
+        fleet_hosts, addresses, distros = {}, {}, {}
     for name, rec in records.items():  # what is running wins over an edited fleet file
         fleet_hosts[name], addresses[name] = rec["profile"], rec["address"]
+        distros[name] = rec.get("distro", DEFAULT_DISTRO)
     return [
         {
             "name": name,
@@ -92,6 +107,7 @@ def lab_hosts() -> list[dict]:
             "ssh_config": str(paths.SSH_CONFIG),
             "ssh_known_hosts": str(paths.KNOWN_HOSTS),
             "profile": profile,
+            "distro": distros.get(name, DEFAULT_DISTRO),
             "state": "up" if host_is_up(name, state.get("hosts", {}).get(name)) else "down",
         }
         for name, profile in fleet_hosts.items()

@@ -19,7 +19,7 @@ from r1fleet.lab import state
 
 CONTROLLER_TOOLS = ("systemd-nspawn", "debootstrap", "apt-cacher-ng", "ssh", "ip")
 LAST_TEST = "test_down_leaves_nothing_behind"
-REBOOTS_THE_LAB = ("test_driver_profiles.py", "test_lab_pools.py")
+REBOOTS_THE_LAB = ("test_driver_profiles.py", "test_lab_pools.py", "test_lab_distros.py")
 
 
 def skip_reason() -> str | None:

@@ -81,6 +81,10 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         # a profile turns off host-key checking: lab fleets only (L1)
         ("hosts:\n  a: {address: 10.0.0.1, profile: rtx4090}\n", ["host a", "field profile", "lab fleets only", "lab:"]),
         ("defaults: {profile: rtx4090}\nhosts:\n  a: {address: 10.0.0.1}\n", ["host a", "field profile"]),
+        # a lab host's Debian release: one of the lab's images, and a lab fleet's only (issue 24)
+        ("lab: {}\nhosts:\n  a: {profile: cpu-16g, distro: buster}\n",
+         ["host a", "field distro", "'bookworm', 'trixie' or 'forky'", "allowed values"]),
+        ("hosts:\n  a: {address: 10.0.0.1, distro: bookworm}\n", ["host a", "field distro", "lab host", "lab:"]),
         # systemd reads % as a specifier (L4)
         ("hosts:\n  a: {address: 10.0.0.1, listen: 'fe80::1%eth0', allow: ['fe80::/64']}\n", ["host a", "field listen", "scope id"]),
         # a mirror is fetched by urllib here and curl there: an http(s) URL, never a bare name or file:// (M3)
