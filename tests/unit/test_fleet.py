@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -213,8 +215,39 @@ def test_an_api_key_file_is_a_private_regular_file_of_a_real_key(tmp_path):
     key.write_text("hunter2-but-only-31-characters!\n")  # 31: a guess against the lock's fingerprint
     with pytest.raises(FleetError, match=r"not an API key \(one line of 32 to 4096 printable characters\).*umask 077"):
         read_api_key(str(key), "box", "api_key_source")
-    key.write_text("x" * 32 + "\n")
-    assert read_api_key(str(key), "box", "api_key_source") == b"x" * 32 + b"\n"
+    key.write_text(KEY[:32] + "\n")
+    assert read_api_key(str(key), "box", "api_key_source") == KEY[:32].encode() + b"\n"
+
+
+@pytest.mark.parametrize("weak, why", [
+    ("x" * 40, "only 1 distinct characters"),
+    ("ab" * 20, "only 2 distinct characters"),
+    ("0123456789abcdef" * 3, "a string of 16 characters repeated"),
+    ("password" + "!" * 24 + "0123456789", "one character makes up 24 of its 42"),
+])
+def test_an_api_key_with_obviously_no_entropy_is_refused_with_the_fix(tmp_path, weak, why):
+    from r1fleet.fleet.config import read_api_key
+
+    key = tmp_path / "box.key"
+    key.write_text(weak + "\n")
+    key.chmod(0o600)
+    with pytest.raises(FleetError) as refused:
+        read_api_key(str(key), "box", "api_key_source")
+    message = str(refused.value)
+    assert f"host box: field api_key_source: {key}: not a random API key ({why})" in message
+    assert f"openssl rand -hex 32 > {key}" in message and weak not in message
+
+
+def test_random_keys_of_every_usual_shape_pass_the_entropy_screen(tmp_path):
+    from r1fleet.fleet.config import read_api_key
+
+    key = tmp_path / "box.key"
+    rng = random.Random(21)
+    for _ in range(300):  # openssl rand -hex 32, and the host's own base64 of 32 bytes
+        for text in (rng.randbytes(32).hex(), base64.b64encode(rng.randbytes(32)).decode()):
+            key.write_text(text + "\n")
+            key.chmod(0o600)
+            assert read_api_key(str(key), "box", "api_key_source") == text.encode() + b"\n"
 
 
 def test_an_api_key_that_is_a_fifo_or_a_directory_is_refused_without_waiting(tmp_path):

@@ -70,6 +70,17 @@ def test_parse_sizes_reads_bytes_sizes_and_labels_and_skips_noise():
                                   "ollama-linux-amd64.tar.zst": (7, None)}
 
 
+def test_parse_sizes_takes_ascii_digits_only():
+    # a host's poll answer is input: Unicode digits ('²', Arabic-Indic) and endless digits are noise, not counts
+    lines = ["\u00b2 - a", "12 \u00b2 b", "\u0661\u0662 - c", "1" * 5000 + " - d", "5 \u0665 e", "3 7 ok"]
+    assert parse_sizes(lines) == {"ok": (3, 7)}
+
+
+def test_build_step_takes_ascii_digits_only():
+    assert build_step(["[\u0664\u0665%] Building a.cu.o"]) is None
+    assert build_step(["[\u0661/\u0662] Building a.cu.o"]) is None
+
+
 def test_build_step_is_the_last_progress_line_of_make_or_ninja():
     assert build_step(["[ 12%] Built target ggml-base", "warning: x", "[ 45%] Building CUDA object a.cu.o", "note"]) \
         == "[ 45%] Building CUDA object a.cu.o"
