@@ -393,6 +393,9 @@ class HostConfig(BaseModel):
     rehearsal: bool = False
     ollama_public: bool = False
     profile: str | None = None
+    # The known_hosts file a plug-in pins its own hosts' keys in (the lab's); never a fleet file's key, host data
+    # or an Ansible variable, so no file can turn host-key checking off for a real host (audit L1).
+    ssh_known_hosts: str | None = None
     groups: list[str] = []
     model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
@@ -546,6 +549,6 @@ class HostConfig(BaseModel):
         args = ["-l", self.ssh_user, "-p", str(self.ssh_port)]
         if self.ssh_key:
             args += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
-        if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
-            args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        if self.ssh_known_hosts:  # a plug-in's own hosts: their keys, and no other, from its known_hosts
+            args += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.ssh_known_hosts}"]
         return tuple(args)

@@ -14,7 +14,7 @@ import pytest
 
 from r1fleet.cli.main import main as cli_main
 from r1fleet.errors import FleetError
-from r1fleet.fleet.file import json_schema, load_fleet
+from r1fleet.fleet.file import host_data, json_schema, load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,7 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts:\n  a: {address: 10.0.0.1, groups: [all]}\n", ["host a", "field groups", "not 'all'"]),
         # rehearsal needs a mirror for the stand-in model (M11)
         ("hosts:\n  a: {address: 10.0.0.1, rehearsal: true}\n", ["host a", "field rehearsal", "mirror"]),
-        # a profile turns off host-key checking: lab fleets only (L1)
+        # simulated hardware plans for GPUs a real host lacks: lab fleets only
         ("hosts:\n  a: {address: 10.0.0.1, profile: rtx4090}\n", ["host a", "field profile", "lab fleets only", "lab:"]),
         ("defaults: {profile: rtx4090}\nhosts:\n  a: {address: 10.0.0.1}\n", ["host a", "field profile"]),
         # systemd reads % as a specifier (L4)
@@ -97,6 +97,10 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
          ["host a", "field port", "port 22 is this host's ssh_port"]),
         ("hosts:\n  a: {address: 10.0.0.1, ssh_port: 2222, listen: 10.0.0.1, allow: [10.8.0.0/24], port: 2222}\n",
          ["host a", "field port", "port 2222 is this host's ssh_port"]),
+        # host keys are the fleet's business, never a file's: no key turns checking off (L1)
+        ("hosts:\n  a: {address: 10.0.0.1, ssh_known_hosts: /dev/null}\n", ["host a", "field ssh_known_hosts", "not permitted"]),
+        ("lab: {}\nhosts:\n  lab-4090: {address: 192.168.1.9, profile: rtx4090}\n",
+         ["host lab-4090", "field address", "the lab's host keys", "without `lab:`"]),
         # a name ends where the string ends: `$` alone also matches before a last newline (security review N8)
         ('hosts:\n  "box\\n": {address: 10.0.0.1}\n', ["box"]),
     ],
@@ -125,6 +129,28 @@ def test_pyinfra_groups_carry_connection_and_settings(tmp_path):
     assert name == "a" and groups["r1fleet"] == [(name, data)]
     assert data["ssh_hostname"] == "10.0.0.1" and data["ssh_user"] == "admin" and data["_sudo"] is True
     assert data["rehearsal"] is True and data["r1fleet"]["policy"]["min_context"] == 8192
+
+
+def test_host_key_checking_is_never_off_and_a_lab_host_is_pinned_to_the_labs_keys(tmp_path):
+    """Audit L1: a `lab:` section, a profile or --data cannot turn host-key checking off for any host; the lab's own
+    hosts (at the addresses the lab gives them) are checked against the keys the lab made for them."""
+    from r1fleet.fleet.config import HostConfig
+    from r1fleet.lab.paths import KNOWN_HOSTS
+
+    real = load_fleet(write(tmp_path, "hosts:\n  box: {address: 192.168.1.9}\n")).hosts["box"]
+    lab = load_fleet(write(tmp_path, "lab: {}\nhosts:\n  lab-4090: {profile: rtx4090, listen: 10.77.0.11, "
+                                     "allow: [10.77.0.1/32]}\n")).hosts["lab-4090"]
+    assert real.ssh_known_hosts is None and lab.ssh_known_hosts == str(KNOWN_HOSTS)
+    for entry in (real, lab):
+        data = host_data(entry)
+        assert data.get("ssh_strict_host_key_checking") in (None, "yes")
+        assert data.get("ssh_known_hosts_file") in (None, str(KNOWN_HOSTS))
+        assert "StrictHostKeyChecking=no" not in entry.ssh_args() and "/dev/null" not in " ".join(entry.ssh_args())
+    assert host_data(lab)["ssh_strict_host_key_checking"] == "yes"
+    assert ("-o", f"UserKnownHostsFile={KNOWN_HOSTS}") == lab.ssh_args()[-2:]
+    assert "ssh_strict_host_key_checking" not in host_data(real)  # pyinfra's own default: accept-new
+    overridden = HostConfig.from_host_data("box", {"r1fleet": real.model_dump(), "ssh_known_hosts": "/dev/null"})
+    assert overridden.ssh_known_hosts is None  # --data sets no host-key file
 
 
 def test_schema_covers_hosts_and_policy():
