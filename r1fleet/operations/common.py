@@ -18,6 +18,7 @@ from pyinfra.facts.server import Groups
 from pyinfra.operations import files, server, systemd
 
 from r1fleet.artifacts.pins import Download
+from r1fleet.cache.download import UNSIZED_MAX_BYTES
 from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
 from r1fleet.operations.fleet_cache import routed
@@ -155,16 +156,20 @@ def resuming_curl(url: str, target: str, options: str) -> str:
             f"then r1_n=failed; break; fi; echo {note} >&2; r1_had=$r1_has; sleep 2; done; [ $r1_n != failed ]; }}")
 
 
-def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None,
-                         header: str | None = None) -> list[str]:
+def verified_fetch_steps(url: str, target: str, sha256: str, size: int | None, resume: bool = False,
+                         fallback: str | None = None, header: str | None = None) -> list[str]:
     """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
-    deleting the file, unless its sha256 is the pinned one. `fallback`: the upstream URL, fetched when `url`
-    (the controller's cache, which resumes) does not answer within a few seconds. `resume`: keep the bytes an
-    earlier run left in `target`. `header`: one request header (`Accept: ...`). A stalled transfer resumes
-    (resuming_curl); a server that cannot resume starts over."""
+    deleting the file, unless its sha256 is the pinned one. `size`: the artifact's pinned size in bytes; no
+    transfer takes more (None: the controller's bound for an artifact pinned by sha256 alone, UNSIZED_MAX_BYTES).
+    `fallback`: the upstream URL, fetched when `url` (the controller's cache, which resumes) does not answer
+    within a few seconds. `resume`: keep the bytes an earlier run left in `target`. `header`: one request header
+    (`Accept: ...`). A stalled transfer resumes (resuming_curl); a server that cannot resume starts over."""
     q = shlex.quote
     upstream = fallback or url
-    extra = f" -H {q(header)}" if header else ""
+    # curl(1) --max-filesize: a transfer announced larger does not start, and since curl 8.4.0 one that grows past
+    # it stops (exit 63); `0` would mean no limit, so an empty artifact is bounded at one byte.
+    extra = f" --max-filesize {max(size if size is not None else UNSIZED_MAX_BYTES, 1)}"
+    extra += f" -H {q(header)}" if header else ""
     fetch = resuming_curl(upstream, target, f"--retry 3{extra}")
     if fallback:  # the controller first, briefly: a firewall there costs one retry of a LAN connect, 7 s at most
         fetch = f"{resuming_curl(url, target, f'--retry 1 --connect-timeout 3{extra}')} || {fetch}"
@@ -261,7 +266,8 @@ def fetch_verified(download: Download, dest: str, user: str, group: str, mode: s
         "set -e",
         f"mkdir -p {q(str(Path(dest).parent))}",
         exclusive(str(Path(dest).parent), download.name),
-        *verified_fetch_steps(download.url, q(part), download.sha256, resume=True, fallback=download.fallback_url),
+        *verified_fetch_steps(download.url, q(part), download.sha256, download.size, resume=True,
+                              fallback=download.fallback_url),
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",
         f"mv -f {q(part)} {q(dest)}",

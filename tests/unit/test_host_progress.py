@@ -344,12 +344,45 @@ def test_a_stalled_download_is_given_up_and_resumed_from_its_bytes(tmp_path, sta
     monkeypatch.setattr(common, "RETRY_WINDOW_S", 1)
     part = tmp_path / "model.gguf.part"
     cache = f"http://127.0.0.1:{closed_port()}/sha256/{SHA}"  # the controller's cache does not answer
-    steps = common.verified_fetch_steps(cache, str(part), SHA, resume=True, fallback=stalling_server)
+    steps = common.verified_fetch_steps(cache, str(part), SHA, len(BODY), resume=True, fallback=stalling_server)
     done = subprocess.run(["sh", "-c", "set -e; " + "; ".join(steps)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert part.read_bytes() == BODY
     assert Stalling.requests == ["0-", "3000-"]  # resumed where the stall left it, not started over
     assert "stalled or broke after adding bytes; resuming" in done.stderr
+
+
+class Oversized(BaseHTTPRequestHandler):
+    """Answers every GET with BODY, whatever was pinned (a hostile mirror, or the wrong file at the right URL)."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(not shutil.which("curl") or not shutil.which("sha256sum"), reason="needs curl and sha256sum")
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_host_never_downloads_more_than_the_pinned_size(tmp_path, resume):
+    """Issue 21: curl on the host stops at the artifact's pinned size (--max-filesize), from the cache or a mirror."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Oversized)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        part = tmp_path / "small.part"
+        url = f"http://127.0.0.1:{server.server_port}/small"
+        pinned = hashlib.sha256(b"x" * 1000).hexdigest()
+        steps = common.verified_fetch_steps(url, str(part), pinned, 1000, resume=resume)
+        done = subprocess.run(["sh", "-c", "set -e; " + "; ".join(steps)], capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode != 0
+    assert not part.exists() or part.stat().st_size <= 1000  # nothing past the pin reached the disk
+    assert "Maximum file size exceeded" in done.stderr
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")

@@ -171,12 +171,13 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
         stored, part = q(f"{models_dir}/blobs/sha256-{blob.sha256}"), q(f"{incoming}/sha256-{blob.sha256}")
         # A blob already in the store with its size is kept, as Ollama's own pull does (server/download.go
         # downloadBlob: an existing blob is a cache hit, not verified again).
-        get = "; ".join([*verified_fetch_steps(blob.url or "", part, blob.sha256, resume=True, fallback=blob.fallback_url),
+        get = "; ".join([*verified_fetch_steps(blob.url or "", part, blob.sha256, blob.size, resume=True,
+                                               fallback=blob.fallback_url),
                          f"mv -f {part} {stored}"])
         steps.append(f'if [ "$({file_size(stored)})" != "{blob.size}" ]; then {get}; else rm -f {part}; fi')
     part = q(f"{incoming}/manifest")
     # The blobs are in the store: now the manifest, which makes Ollama list the tag.
-    steps += [*verified_fetch_steps(manifest.url or "", part, manifest.sha256, fallback=manifest.fallback_url,
+    steps += [*verified_fetch_steps(manifest.url or "", part, manifest.sha256, manifest.size, fallback=manifest.fallback_url,
                                     header=f"Accept: {MANIFEST_ACCEPT}"),
               f"mv -f {part} {q(path)}", f"rmdir {q(incoming)}"]
     # As the service user: the store is its own, and root writes nothing where that user could have put a link.

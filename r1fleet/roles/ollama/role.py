@@ -107,7 +107,7 @@ def install_release(release: OllamaRelease):
     ]
     for asset in routing.value:
         archive = f'"$tmp"/{q(asset.name)}'
-        steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
+        steps += verified_fetch_steps(asset.url, archive, asset.sha256, asset.size, fallback=asset.fallback_url)
         if asset.name.endswith(".tar.zst"):
             steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
         else:
