@@ -78,8 +78,17 @@ def test_garbled_answers_are_named_problems_not_exceptions():
                for p in parse_status(deep, "lab-4090").problems)
     cut = document("ollama-serving__lab-4090.txt").split("#### r1fleet:status-now")[0]
     assert "status sections are missing" in parse_status(cut, "lab-4090").problems[0]
-    no_curl = document("ollama-serving__lab-4090.txt").replace('{"version": "0.32.15-standin"}\n200', "\ncurl-missing")
+    no_curl = document("ollama-serving__lab-4090.txt").replace('|{"version": "0.32.15-standin"}\n|200', "|\n|curl-missing")
     assert any("curl is not installed" in p for p in parse_status(no_curl, "lab-4090").problems)
+
+
+def test_a_line_outside_the_frame_drops_its_section_and_says_so():
+    """Security review N4: every line status.sh prints for a command is framed with `|`; a line without the frame
+    did not come through it, so its section is not read (status.sh's real runs: tests/unit/test_status_sh.py)."""
+    text = document("ollama-serving__lab-4090.txt").replace("|MainPID=6897", "MainPID=1", 1)
+    live = parse_status(text, "lab-4090")
+    assert "section status-units holds a line outside its frame: not read" in live.problems
+    assert live.units == {} and live.ollama_ps.ok  # the other sections are read as before
 
 
 def test_the_status_script_gets_the_hosts_own_addresses_and_the_roles_unit_names():
