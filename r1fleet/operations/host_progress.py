@@ -321,6 +321,14 @@ def _watch(target, poll: StringCommand, arguments: dict, tracker: Tracker, every
         stop.wait(every)
 
 
+def read_on_host(target, command: str) -> list[str] | None:
+    """A read-only command's stdout lines, run now on `target` with the running operation's connector arguments
+    (its sudo), or None when it could not run or failed; for an operation's callback (pyinfra's FunctionCommand)."""
+    arguments = {key: value for key, value in (target.current_op_global_arguments or {}).items()
+                 if key in CONNECTOR_ARGUMENT_KEYS and key not in _NOT_FOR_POLLS}
+    return _poll(target, StringCommand(command), arguments)
+
+
 def _poll(target, poll: StringCommand, arguments: dict) -> list[str] | None:
     """The poll's stdout lines, or None when it could not run: progress never fails a deploy."""
     try:

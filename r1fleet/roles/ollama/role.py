@@ -33,14 +33,13 @@ from r1fleet.roles.ollama.takeover import (
     retire_official_install,
 )
 from r1fleet.operations.fleet_cache import routed
-from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
+from r1fleet.operations.host_progress import file_poll, newest, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.artifacts.pins import Download, model_download
-from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
+from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, checked_pull, place_registry_model, registry_source
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
-    pull_command,
     weights_label,
     LOAD_AT_START_SLACK_S,
     MODELFILE,
@@ -54,6 +53,7 @@ from r1fleet.roles.ollama.decide import (
     ollama_models_dir,
     ollama_tag_digest,
     takes_from_registry,
+    weights_digest,
 )
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, health_timeout_s, unit_context
 from r1fleet.records import HostPlan
@@ -137,14 +137,14 @@ def prune_releases(keep: str):
 
 
 @operation()
-def pull_model(tag: str, api: str, binary: str, models_dir: str):
+def pull_model(tag: str, api: str, binary: str, models_dir: str, weights: str | None):
     """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest), its
-    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs."""
+    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs, and what it brought
+    checked against the pinned `weights` right after (checked_pull)."""
     if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
         return
-    with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
-        yield pull_command(tag, api, binary)
+    yield from checked_pull(tag, api, binary, models_dir, weights)
 
 
 class JsonFile(FactBase):
@@ -343,7 +343,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
     else:
-        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings),
+                   weights=weights_digest(plan))
     preload_model(name=f"Preload {tag}", tag=tag, api=api)
 
 
