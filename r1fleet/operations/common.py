@@ -31,7 +31,7 @@ from r1fleet.operations.fact_batch import (
 from r1fleet.operations.host_progress import file_poll, file_size, watching
 from r1fleet.render.formats import unit_settings
 from r1fleet.render.systemd_unit import UNIT_DIR
-from r1fleet.operations.tcp_health import TcpHealth, wait_tcp
+from r1fleet.operations.tcp_health import ListenHealth, TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -427,12 +427,13 @@ def converge_service_reads(unit: str, files_used: Iterable[str] = ()) -> list[Fa
 
 
 def converge_service(
-    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str | TcpHealth,
+    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str | TcpHealth | ListenHealth,
     health_timeout_s: int = 120, files_used: Iterable[str] = (),
 ) -> None:
     """daemon-reload only when the unit changed; restart only when one of its files changed, in this run or
     in an earlier one that stopped before restarting; then make sure it runs and is enabled; after a
-    (re)start wait for health (an HTTP URL that answers 200, or a TcpHealth port that accepts a connection)."""
+    (re)start wait for health (an HTTP URL that answers 200, a TcpHealth port that accepts a connection, or a
+    ListenHealth one a socket listens on)."""
     changed = any_changed([unit_op, *restart_on])
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     # A deploy's restart is deliberate: it must not be refused by the start limit that guards crash loops.
@@ -442,9 +443,9 @@ def converge_service(
                                 paths=(f"{UNIT_DIR}/{unit}", *files_used))
     started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
     came_up = lambda: restarted.did_change() or repaired.did_change() or started.did_change()  # noqa: E731
-    if isinstance(health_url, TcpHealth):
+    if isinstance(health_url, (TcpHealth, ListenHealth)):
         wait_tcp(name=f"Health of {unit}", address=health_url.address, port=health_url.port,
-                 timeout_s=health_timeout_s, what=unit, _if=came_up)
+                 timeout_s=health_timeout_s, what=unit, listening=isinstance(health_url, ListenHealth), _if=came_up)
         return
     wait_http(
         name=f"Health of {unit}",

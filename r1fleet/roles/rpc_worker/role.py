@@ -3,10 +3,11 @@
 Install: the worker's own solo services retired (the pool needs its GPU memory), a check that the pool address is
 one of the host's, Debian's rpc-server package with the GPU backend the worker needs and the RPC backend
 (decide.rpc_worker_install: the llama.cpp role's sourcing, refused where it has no rpc-server), nftables, and the
-`ggml-rpc` system user. Configure: the rules (`table inet r1fleet-rpc`: the head's address to the port, loopback for
-root's own health check, everyone else dropped), the unit that loads them (exposure's firewall unit template), and
-the hardened r1fleet-rpc-server.service, which requires that firewall unit. Activate: the firewall, then the
-service, healthy once its port accepts a TCP connection from the worker itself.
+`ggml-rpc` system user. Configure: the rules (`table inet r1fleet-rpc`: the head's address to the port, everyone
+else dropped, this host's own users included), the unit that loads them (exposure's firewall unit template), and
+the hardened r1fleet-rpc-server.service, which requires that firewall unit and whose own IPAddressAllow admits the
+head alone, so the port stays the head's with the table gone. Activate: the firewall, then the service, healthy
+once it listens on the pool address.
 
 Built from a validated RpcWorker (decide.rpc_worker: refuses any setting that opens the port wider); see
 decide.py for the security model.
@@ -60,7 +61,7 @@ from r1fleet.roles.rpc_worker.decide import (
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.formats import nft_settings, unit_settings
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
-from r1fleet.operations.tcp_health import TcpHealth
+from r1fleet.operations.tcp_health import ListenHealth
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FIREWALL_UNIT_PATH = f"{UNIT_DIR}/{RPC_FIREWALL_UNIT}"
@@ -171,8 +172,10 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
         environment=rpc_environment(worker, install),
         read_write_paths=[HOME],
         restrict_ip=True,
-        # the head, and the worker's own address: the deploy's health check connects from the worker itself
-        ip_allow=[worker.head, worker.bind],
+        # The head alone, whatever happens to nftables (a `flush ruleset`, the table deleted): systemd's own
+        # filter on the service's sockets drops every other peer, this host's users included. So the deploy's
+        # health check only sees that rpc-server listens; it does not connect.
+        ip_allow=[worker.head],
         requires=[RPC_FIREWALL_UNIT],
     )
     return unit_file(RPC_UNIT, context), rules
@@ -186,7 +189,7 @@ def _activate(worker: RpcWorker, install: LlamaInstall, unit, rules, changed: li
                     _if=rules.did_change)
     restore_table(name="Restore the RPC firewall table if something removed it", table=RPC_TABLE,
                   unit=RPC_FIREWALL_UNIT)
-    converge_service(RPC_UNIT, unit, changed, TcpHealth(worker.bind, worker.port), HEALTH_S,
+    converge_service(RPC_UNIT, unit, changed, ListenHealth(worker.bind, worker.port), HEALTH_S,
                      files_used=(install.binary,))
 
 
