@@ -112,6 +112,12 @@ def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch, addresses):
     assert result.returncode == 0, result.stderr
 
 
+def loaded(rules: str) -> list[str]:
+    """`nft list table inet r1fleet-rpc` once `rules` (a rendered rules file) are loaded: the table's block."""
+    block = rules[rules.index("table inet r1fleet-rpc {"):]
+    return [line.replace("counter drop", "counter packets 0 bytes 0 drop") for line in block.splitlines()]
+
+
 def converged(first) -> dict:
     """What the worker answers once the deploy has converged it."""
     return {
@@ -125,7 +131,7 @@ def converged(first) -> dict:
         **ff.file_content(RPC_RULES_FILE, first.uploads[RPC_RULES_FILE], mode="-rw-------"),  # root-only
         **ff.running("r1fleet-rpc-firewall.service"),
         **ff.running("r1fleet-rpc-server.service"),
-        "nft list table inet r1fleet-rpc": "present",
+        "nft list table inet r1fleet-rpc": loaded(first.uploads[RPC_RULES_FILE]),
         "dpkg -l": ff.dpkg_installed("libggml0-backend-cuda", "llama.cpp-tools-extra", "libggml0-backend-rpc", "nftables"),
     }
 
@@ -136,8 +142,15 @@ def test_a_second_run_on_a_converged_worker_changes_nothing(monkeypatch):
     assert not again.failed and again.changed == []
     assert again.never_ran("systemctl restart") and again.never_ran("systemctl reload") and again.never_ran("ss -Hltn")
     # a table another `flush ruleset` removed is loaded again, and only that
+    load = "Reload the RPC firewall unless it holds the planned rules"
     flushed = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-rpc": ""})
-    assert flushed.ran("Restore the RPC firewall table if something removed it", "systemctl reload r1fleet-rpc-firewall.service") and flushed.never_ran("systemctl restart")
+    assert flushed.ran(load, "systemctl reload r1fleet-rpc-firewall.service") and flushed.never_ran("systemctl restart")
+    # loaded from other rules (a run cut after writing the file, before its reload: audit M9): reloaded as well
+    other = deploy(monkeypatch, pool=pool_plan(rpc_port=50053)).uploads[RPC_RULES_FILE]
+    stale = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-rpc": loaded(other)})
+    assert stale.ran(load, "systemctl reload r1fleet-rpc-firewall.service")
+    # and its port is not this one: rpc-server, still listening on 50053, is stopped before that port leaves
+    assert stale.ran("Stop r1fleet-rpc-server.service while its port changes", "systemctl stop r1fleet-rpc-server.service")
 
 
 REFUSE = {"exit 1": {"success": False}}

@@ -38,8 +38,8 @@ from r1fleet.operations.common import (
     service_user_reads,
     unit_file,
 )
-from r1fleet.roles.exposure.decide import KEY_DIR
-from r1fleet.roles.exposure.role import NftTable, restore_table
+from r1fleet.roles.exposure.decide import KEY_DIR, port_leaves_the_filter, rules_fingerprint
+from r1fleet.roles.exposure.role import NftRules, load_rules
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.roles.rpc_worker.decide import (
@@ -130,10 +130,10 @@ class RpcWorkerRole(Role):
         self.changed = _install(self.worker, self.rpc)
 
     def configure(self) -> None:
-        self.unit, self.rules = _configure(self.worker, self.settings, self.rpc)
+        self.unit = _configure(self.worker, self.settings, self.rpc)
 
     def activate(self) -> None:
-        _activate(self.worker, self.rpc, self.unit, self.rules, self.changed)
+        _activate(self.worker, self.rpc, self.unit, self.changed)
 
 
 @deploy("RPC worker")
@@ -153,10 +153,10 @@ def _install(worker: RpcWorker, install: LlamaInstall) -> list:
 def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
     """The firewall's rules and unit, and rpc-server's unit (which requires the firewall's)."""
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
-    rules = files.template(
+    files.template(
         name=f"RPC firewall rules: port {worker.port} from the head {worker.head} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RPC_RULES_FILE, user="root", group="root",
-        mode="600", jinja_env_kwargs=nft_settings(), **firewall_context(worker))
+        mode="600", jinja_env_kwargs=nft_settings(), fingerprint=_fingerprint(worker), **firewall_context(worker))
     nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
     firewall_unit = files.template(
         name="RPC firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"),
@@ -178,17 +178,23 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall):
         ip_allow=[worker.head],
         requires=[RPC_FIREWALL_UNIT],
     )
-    return unit_file(RPC_UNIT, context), rules
+    return unit_file(RPC_UNIT, context)
+
+
+def _fingerprint(worker: RpcWorker) -> str:
+    """The RPC rules' fingerprint (exposure's rules_fingerprint): the deploy reloads a table without it."""
+    return rules_fingerprint((TEMPLATES / "nftables.conf.j2").read_text(), firewall_context(worker))
 
 
 @deploy("RPC worker")
-def _activate(worker: RpcWorker, install: LlamaInstall, unit, rules, changed: list) -> None:
-    """The firewall first (a reload replaces the table in one nft transaction), then rpc-server."""
+def _activate(worker: RpcWorker, install: LlamaInstall, unit, changed: list) -> None:
+    """The firewall first (a reload replaces the table in one nft transaction), then rpc-server. A worker whose
+    port changes has its rpc-server stopped before the old port leaves the filter."""
+    if port_leaves_the_filter(host.get_fact(NftRules, table=RPC_TABLE).ports, worker.port):
+        systemd.service(name=f"Stop {RPC_UNIT} while its port changes", service=RPC_UNIT, running=False)
     systemd.service(name="Load the RPC firewall rules", service=RPC_FIREWALL_UNIT, running=True, enabled=True)
-    systemd.service(name="Reload the changed RPC firewall rules", service=RPC_FIREWALL_UNIT, reloaded=True,
-                    _if=rules.did_change)
-    restore_table(name="Restore the RPC firewall table if something removed it", table=RPC_TABLE,
-                  unit=RPC_FIREWALL_UNIT)
+    load_rules(name="Reload the RPC firewall unless it holds the planned rules", fingerprint=_fingerprint(worker),
+               table=RPC_TABLE, unit=RPC_FIREWALL_UNIT)
     converge_service(RPC_UNIT, unit, changed, ListenHealth(worker.bind, worker.port), HEALTH_S,
                      files_used=(install.binary,))
 
@@ -198,7 +204,7 @@ def rpc_worker_reads(install: LlamaInstall) -> list[FactRequest]:
     return [*retire_service_reads(OLLAMA_UNIT), *retire_service_reads(LLAMA_UNIT), (HostAddresses, {}),
             *package_reads(), (File, {"path": install.binary}), *service_user_reads(USER, HOME),
             *directory_reads(KEY_DIR), *file_reads(RPC_RULES_FILE), (Which, {"command": "nft"}),
-            *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftTable, {"table": RPC_TABLE}),
+            *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftRules, {"table": RPC_TABLE}),
             *converge_service_reads(RPC_UNIT, (install.binary,))]
 
 
