@@ -199,7 +199,7 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     # failing closed (audit M9): a deny for the port to everyone first, then our old rules out and the file's in,
     # the count checked, and only then the hold out and the file recorded as applied
     apply = "Apply the ufw rules unless ufw holds them in full"
-    order = [exposure.UFW_APPLIED_FILE, "ufw prepend deny 11434/tcp comment r1fleet-hold", exposure.UFW_DELETE_OURS,
+    order = [exposure.UFW_APPLIED_FILE, "ufw prepend deny proto tcp from any port 1:65535 to any port 11434 comment r1fleet-hold", exposure.UFW_DELETE_OURS,
              f"sh -e {exposure.UFW_RULES_FILE}", "ufw holds fewer than r1fleet", exposure.UFW_DELETE_HOLD,
              f"cp {exposure.UFW_RULES_FILE} {exposure.UFW_APPLIED_FILE}"]
     commands = [c for c in run.op_commands(apply) if not UFW_FACT.search(c)]  # its commands, not the fact it read
@@ -225,7 +225,7 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
                                                        **responses, **converged})
     assert cut.ran(apply, f"sh -e {exposure.UFW_RULES_FILE}")
     # a hold left by a run cut while applying comes before our rules: applied again, the hold taken out
-    held = UFW_OURS_FIRST.replace("2\n", "2\n[ 0] 11434/tcp                  DENY IN     Anywhere                   # r1fleet-hold\n", 1)
+    held = UFW_OURS_FIRST.replace("2\n", "2\n[ 0] 11434/tcp                  DENY IN     1:65535/tcp                # r1fleet-hold\n", 1)
     again_held = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
                           monkeypatch=monkeypatch, responses={UFW_FACT: ufw_answer(held), **responses, **converged})
     assert again_held.ran(apply, exposure.UFW_DELETE_HOLD)

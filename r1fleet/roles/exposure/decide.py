@@ -211,8 +211,10 @@ def port_leaves_the_filter(loaded_ports: tuple[int, ...], port: int | None) -> b
 
 def ufw_hold_command(port: int) -> str:
     """The deny that keeps the port closed to everyone while r1fleet's ufw rules are replaced (a run cut there
-    leaves it, so the port stays closed until a later run applies the rules in full)."""
-    return f"ufw prepend deny {port}/tcp comment {UFW_HOLD}"
+    leaves it, so the port stays closed until a later run applies the rules in full). Every source port, written
+    out: ufw skips inserting a rule that an existing one matches but for its action, and a plain `deny 11434/tcp`
+    matches a host's own `allow 11434/tcp` (and r1fleet's own deny) that way; this one matches neither."""
+    return f"ufw prepend deny proto tcp from any port 1:65535 to any port {port} comment {UFW_HOLD}"
 
 
 # Deletes the holds (comment "r1fleet-hold"), highest number first so numbers stay valid.
@@ -227,8 +229,8 @@ def ufw_apply_commands(settings: Exposure) -> list[str]:
     the file's in, then the count checked; only then the hold taken out and the file recorded as applied
     (UFW_APPLIED_FILE). Each command stops the rest when it fails (pyinfra's server.shell).
 
-    >>> ufw_apply_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))[:2]
-    ['rm -f /etc/r1fleet/ufw-rules.applied', 'ufw prepend deny 11434/tcp comment r1fleet-hold']
+    >>> ufw_apply_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))[0]
+    'rm -f /etc/r1fleet/ufw-rules.applied'
     """
     return [f"rm -f {UFW_APPLIED_FILE}", ufw_hold_command(settings.port), UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}",
             ufw_all_applied(len(ufw_commands(settings))), UFW_DELETE_HOLD, f"cp {UFW_RULES_FILE} {UFW_APPLIED_FILE}"]
@@ -237,11 +239,14 @@ def ufw_apply_commands(settings: Exposure) -> list[str]:
 def ufw_ports(added: list[str]) -> tuple[int, ...]:
     """The ports of r1fleet's rules (holds included) in `ufw show added`.
 
-    >>> ufw_ports(["ufw deny proto tcp to 10.0.0.5 port 11434 comment 'r1fleet'", "ufw deny 8080/tcp comment 'r1fleet-hold'", "ufw allow 22"])
-    (8080, 11434)
+    >>> ufw_ports(["ufw deny proto tcp to 10.0.0.5 port 11434 comment 'r1fleet'", "ufw deny 8080/tcp comment 'r1fleet'",
+    ...            "ufw prepend deny proto tcp from any port 1:65535 to any port 9000 comment 'r1fleet-hold'", "ufw allow 22"])
+    (8080, 9000, 11434)
     """
     ports = set()
     for line in added:
         if re.search(r"comment '(r1fleet|r1fleet-hold)'$", line.strip()):
-            ports.update(int(m.group(1) or m.group(2)) for m in re.finditer(r"\bport ([0-9]{1,5})\b|\b([0-9]{1,5})/tcp\b", line))
+            # a port, not one end of a range (the hold's source ports 1:65535)
+            ports.update(int(m.group(1) or m.group(2)) for m in re.finditer(
+                r"\bport ([0-9]{1,5})(?![0-9:])|(?<![0-9:])([0-9]{1,5})/tcp\b", line))
     return tuple(sorted(ports))
