@@ -74,6 +74,12 @@ def ssh_failure(where: str, err: BaseException | str) -> str:
     inner = getattr(err, "errors", None)  # paramiko's NoValidConnectionsError: the socket's own error per address
     if isinstance(inner, dict) and inner:
         err = next(iter(inner.values()))
+    result = err.args[0] if isinstance(err, RuntimeError) and err.args else None
+    if hasattr(result, "stderr") and getattr(result, "exit_status", None) == 255:
+        # testinfra's ssh backend raises its CommandResult when the ssh client itself failed (backend/ssh.py
+        # run_ssh): the client's last line says why, e.g. `ssh: connect to host 10.0.0.9 port 22: No route to host`
+        lines = str(result.stderr).strip().splitlines()
+        err = re.sub(r"^ssh: connect to host \S+ port [0-9]+: ", "", lines[-1]) if lines else "ssh failed (exit 255)"
     if isinstance(err, str):
         reason, network = err, True
     else:

@@ -151,6 +151,24 @@ def test_paramikos_unable_to_connect_gives_the_sockets_reason():
     assert ssh_failure("root@10.77.0.254:22", err).startswith("No route to host connecting over SSH to root@10.77.0.254:22")
 
 
+def test_the_ssh_clients_own_failure_gives_its_reason_not_the_command():
+    """testinfra's ssh backend (every host since the lab's are pinned to their keys too) raises its CommandResult
+    when ssh exits 255; the reason is ssh's last line, never the probe script it carried."""
+    import testinfra
+    from testinfra.backend.base import CommandResult
+
+    from r1fleet.verify.connect import ssh_failure
+
+    ssh = testinfra.get_host("ssh://root@10.77.0.254").backend  # connects to nothing until it runs a command
+    err = RuntimeError(CommandResult(backend=ssh, exit_status=255, command=b"sh -c '#!/bin/sh ...'", _stdout=b"",
+                                     _stderr=b"ssh: connect to host 10.77.0.254 port 22: No route to host\r\n"))
+    assert ssh_failure("root@10.77.0.254:22", err) == ("No route to host connecting over SSH to root@10.77.0.254:22 "
+                                                       "(fix: check that the host is up, its address, and that sshd runs)")
+    keys = RuntimeError(CommandResult(backend=ssh, exit_status=255, command=b"x", _stdout=b"",
+                                      _stderr=b"Host key verification failed.\r\n"))
+    assert ssh_failure("root@h:22", keys).startswith("Host key verification failed. connecting over SSH to root@h:22")
+
+
 def test_a_host_answer_nested_without_end_fails_the_check_not_the_run(monkeypatch):
     """A host's API that answers `[[[[...` is a failed check naming the host, never a RecursionError (audit M3)."""
     target = Target(HostConfig(name="m", address="10.0.0.1"))
