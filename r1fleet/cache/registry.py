@@ -157,6 +157,18 @@ def weights_problem(manifest: Any, weights_sha256: str) -> str | None:
     return None
 
 
+def stored_manifest_problem(data: bytes, weights_sha256: str) -> str | None:
+    """Why a manifest in a host's store (what `ollama pull` wrote) does not serve exactly the pinned weights, or
+    None: the registry's rule (weights_problem) on bytes read back from the host, bounded as a registry's answer."""
+    if len(data) > MANIFEST_MAX_BYTES:
+        return f"its manifest is over {MANIFEST_MAX_BYTES:,} bytes, which no manifest is"
+    try:
+        document = parse_json(data)
+    except ValueError as err:
+        return f"its manifest is not plain JSON ({err})"
+    return weights_problem(document, weights_sha256)
+
+
 @dataclass(frozen=True)
 class Blob:
     """One file of the model, by sha256; `url` where the host fetches it, `fallback_url` when that fails."""

@@ -28,6 +28,9 @@ DEFAULT_PORTS = {"ollama": 11434, "llama.cpp": 8080}
 API_KEY_FILE = f"{CONFIG_DIR}/api-key"
 API_KEY_MAX_BYTES = 4096
 API_KEY_MIN_CHARS = 32
+# A key with less variety than this is a word or a pattern, not a random string, whatever its length: 10 distinct
+# characters, none in more than a third of the key (`openssl rand -hex 32` passes both but about once in 10^6 tries).
+API_KEY_MIN_DISTINCT = 10
 # pyinfra host data that overrides the fleet entry (`--data key=value`)
 LOCAL_HOST = "@local"
 HOST_DATA_OVERRIDES = ("api_key_file", "llama_cpp_install", "ollama_release", "mirror", "listen", "official_ollama_models",
@@ -158,7 +161,7 @@ def read_api_key(source: str, host: str, field: str) -> bytes:
     others can read is no secret. At least API_KEY_MIN_CHARS characters, so the lock's 64-bit fingerprint of it
     (r1fleet/lock/file.py) is no help to a guess."""
     path = os.path.expanduser(source)
-    create = f"`(umask 077; head -c 32 /dev/urandom | base64 > {path})`"
+    create = f"`(umask 077; openssl rand -hex 32 > {path})`"
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -182,7 +185,35 @@ def read_api_key(source: str, host: str, field: str) -> bytes:
         raise FleetError(f"{path}: not an API key (one line of {API_KEY_MIN_CHARS} to {API_KEY_MAX_BYTES} printable "
                          "characters)", host=host, field=field,
                          fix=f"write a new key: {create}")
+    weak = weak_key_reason(key.decode("ascii"))
+    if weak:
+        raise FleetError(f"{path}: not a random API key ({weak})", host=host, field=field,
+                         fix=f"write a random key instead: {create}")
     return key + b"\n"
+
+
+def weak_key_reason(key: str) -> str | None:
+    """Why a key of the right length is plainly not random (one character repeated, a short string repeated, a
+    word padded), or None; the reason quotes nothing of the key. A cheap screen for the obvious, not an entropy
+    measure.
+
+    >>> weak_key_reason("x" * 40)
+    'only 1 distinct characters'
+    >>> weak_key_reason("0123456789abcdef" * 2)
+    'a string of 16 characters repeated'
+    >>> weak_key_reason("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08") is None
+    True
+    """
+    distinct = len(set(key))
+    if distinct < API_KEY_MIN_DISTINCT:
+        return f"only {distinct} distinct characters"
+    for period in range(1, len(key) // 2 + 1):
+        if len(key) % period == 0 and key == key[:period] * (len(key) // period):
+            return f"a string of {period} characters repeated"
+    most = max(key.count(character) for character in set(key))
+    if most * 3 > len(key):
+        return f"one character makes up {most} of its {len(key)}"
+    return None
 
 
 def _policy_over(name: str, policy: Any, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -454,6 +485,9 @@ class HostConfig(OpenedByListen, BaseModel):
     ollama_public: bool = False
     profile: str | None = None
     distro: LabDistro | None = None  # a lab host's Debian release (HostSettings.distro)
+    # The known_hosts file a plug-in pins its own hosts' keys in (the lab's); never a fleet file's key, host data
+    # or an Ansible variable, so no file can turn host-key checking off for a real host (audit L1).
+    ssh_known_hosts: str | None = None
     groups: list[str] = []
     model_dir: str = DEFAULT_MODEL_DIR
     mirror: str | None = None
@@ -589,6 +623,6 @@ class HostConfig(OpenedByListen, BaseModel):
         args = ["-l", self.ssh_user, "-p", str(self.ssh_port)]
         if self.ssh_key:
             args += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
-        if self.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
-            args += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        if self.ssh_known_hosts:  # a plug-in's own hosts: their keys, and no other, from its known_hosts
+            args += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.ssh_known_hosts}"]
         return tuple(args)

@@ -124,9 +124,9 @@ def host_data(entry: HostConfig) -> dict[str, Any]:
         data["ssh_key"] = entry.ssh_key
     if entry.ssh_user != "root":
         data["_sudo"] = True
-    if entry.profile:  # lab hosts are rebuilt often; their host keys are not worth pinning
-        data["ssh_strict_host_key_checking"] = "off"
-        data["ssh_known_hosts_file"] = "/dev/null"
+    if entry.ssh_known_hosts:  # a plug-in's own hosts (the lab's): pinned to the keys it made for them
+        data["ssh_strict_host_key_checking"] = "yes"
+        data["ssh_known_hosts_file"] = entry.ssh_known_hosts
     return data
 
 
@@ -224,17 +224,24 @@ def fleet_from_dict(raw: Any, source: str, lab_hosts: dict[str, dict] | None = N
         raise _explain(err, source) from None
     entries, problems = {}, []
     for name, settings in parsed.hosts.items():
-        merged = {**(lab_hosts or {}).get(name, {}), **_merge(parsed.defaults, settings)}
+        given, plugged = _merge(parsed.defaults, settings), (lab_hosts or {}).get(name, {})
+        merged = {**plugged, **given}
+        if plugged.get("address") and given.get("address", plugged["address"]) != plugged["address"]:
+            # The plug-in's hosts are checked against its own host keys: another address is another machine.
+            problems.append(f"{source}: host {name}: field address: a fleet file with a `lab:` section serves the "
+                            f"lab's hosts, at the lab's addresses ({plugged['address']}) and checked against the lab's "
+                            "host keys (fix: remove address, or put your own host in a fleet file without `lab:`)")
+            continue
         if not merged.get("address"):
             problems.append(f"{source}: host {name}: field address: missing (fix: add the host's IP or DNS name)")
             continue
         if merged.get("ssh_key"):
             merged["ssh_key"] = os.path.expanduser(merged["ssh_key"])
         if merged.get("profile") and parsed.lab is None:
-            # A profile turns off host-key pinning (lab hosts are rebuilt with new keys): never on a real fleet.
-            problems.append(f"{source}: host {name}: field profile: simulated hardware is for lab fleets only, and it "
-                            "turns off host-key checking (fix: remove profile, or add a `lab:` section as inventory/lab.yml has; "
-                            "an Ansible inventory sets r1fleet_lab: true)")
+            # Simulated hardware on a real host would plan and install for GPUs it does not have.
+            problems.append(f"{source}: host {name}: field profile: simulated hardware is for lab fleets only (fix: "
+                            "remove profile, or add a `lab:` section as inventory/lab.yml has; an Ansible inventory "
+                            "sets r1fleet_lab: true)")
             continue
         if merged.get("distro") and parsed.lab is None:
             problems.append(f"{source}: host {name}: field distro: only a lab host's release is chosen; a real host runs "

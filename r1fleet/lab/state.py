@@ -138,7 +138,7 @@ def connection_defaults(fleet_dict: dict) -> dict[str, dict]:
     release = stand_in_release(mirror)
     return {
         name: {"address": address, "ssh_user": "root", "ssh_key": str(paths.SSH_KEY), "mirror": mirror,
-               **({"ollama_release": release} if release else {})}
+               "ssh_known_hosts": str(paths.KNOWN_HOSTS), **({"ollama_release": release} if release else {})}
         for name, address in addresses.items()
     }
 

@@ -19,6 +19,7 @@ from pyinfra.operations import files, server, systemd
 
 from r1fleet.artifacts.pins import Download
 from r1fleet.hardware.system import apt_policy
+from r1fleet.cache.download import UNSIZED_MAX_BYTES
 from r1fleet.net import parse_json
 from r1fleet.progress import human_bytes
 from r1fleet.operations.fleet_cache import routed
@@ -31,7 +32,7 @@ from r1fleet.operations.fact_batch import (
 from r1fleet.operations.host_progress import file_poll, file_size, watching
 from r1fleet.render.formats import unit_settings
 from r1fleet.render.systemd_unit import UNIT_DIR
-from r1fleet.operations.tcp_health import TcpHealth, wait_tcp
+from r1fleet.operations.tcp_health import ListenHealth, TcpHealth, wait_tcp
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -159,16 +160,20 @@ def resuming_curl(url: str, target: str, options: str) -> str:
             f"then r1_n=failed; break; fi; echo {note} >&2; r1_had=$r1_has; sleep 2; done; [ $r1_n != failed ]; }}")
 
 
-def verified_fetch_steps(url: str, target: str, sha256: str, resume: bool = False, fallback: str | None = None,
-                         header: str | None = None) -> list[str]:
+def verified_fetch_steps(url: str, target: str, sha256: str, size: int | None, resume: bool = False,
+                         fallback: str | None = None, header: str | None = None) -> list[str]:
     """Shell steps: fetch `url` into `target` (a shell word, e.g. "$tmp/x.tgz") and stop the script,
-    deleting the file, unless its sha256 is the pinned one. `fallback`: the upstream URL, fetched when `url`
-    (the controller's cache, which resumes) does not answer within a few seconds. `resume`: keep the bytes an
-    earlier run left in `target`. `header`: one request header (`Accept: ...`). A stalled transfer resumes
-    (resuming_curl); a server that cannot resume starts over."""
+    deleting the file, unless its sha256 is the pinned one. `size`: the artifact's pinned size in bytes; no
+    transfer takes more (None: the controller's bound for an artifact pinned by sha256 alone, UNSIZED_MAX_BYTES).
+    `fallback`: the upstream URL, fetched when `url` (the controller's cache, which resumes) does not answer
+    within a few seconds. `resume`: keep the bytes an earlier run left in `target`. `header`: one request header
+    (`Accept: ...`). A stalled transfer resumes (resuming_curl); a server that cannot resume starts over."""
     q = shlex.quote
     upstream = fallback or url
-    extra = f" -H {q(header)}" if header else ""
+    # curl(1) --max-filesize: a transfer announced larger does not start, and since curl 8.4.0 one that grows past
+    # it stops (exit 63); `0` would mean no limit, so an empty artifact is bounded at one byte.
+    extra = f" --max-filesize {max(size if size is not None else UNSIZED_MAX_BYTES, 1)}"
+    extra += f" -H {q(header)}" if header else ""
     fetch = resuming_curl(upstream, target, f"--retry 3{extra}")
     if fallback:  # the controller first, briefly: a firewall there costs one retry of a LAN connect, 7 s at most
         fetch = f"{resuming_curl(url, target, f'--retry 1 --connect-timeout 3{extra}')} || {fetch}"
@@ -265,7 +270,8 @@ def fetch_verified(download: Download, dest: str, user: str, group: str, mode: s
         "set -e",
         f"mkdir -p {q(str(Path(dest).parent))}",
         exclusive(str(Path(dest).parent), download.name),
-        *verified_fetch_steps(download.url, q(part), download.sha256, resume=True, fallback=download.fallback_url),
+        *verified_fetch_steps(download.url, q(part), download.sha256, download.size, resume=True,
+                              fallback=download.fallback_url),
         f"chown {q(user)}:{q(group)} {q(part)}",
         f"chmod {mode} {q(part)}",
         f"mv -f {q(part)} {q(dest)}",
@@ -425,12 +431,13 @@ def converge_service_reads(unit: str, files_used: Iterable[str] = ()) -> list[Fa
 
 
 def converge_service(
-    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str | TcpHealth,
+    unit: str, unit_op: OperationMeta, restart_on: Iterable[OperationMeta], health_url: str | TcpHealth | ListenHealth,
     health_timeout_s: int = 120, files_used: Iterable[str] = (),
 ) -> None:
     """daemon-reload only when the unit changed; restart only when one of its files changed, in this run or
     in an earlier one that stopped before restarting; then make sure it runs and is enabled; after a
-    (re)start wait for health (an HTTP URL that answers 200, or a TcpHealth port that accepts a connection)."""
+    (re)start wait for health (an HTTP URL that answers 200, a TcpHealth port that accepts a connection, or a
+    ListenHealth one a socket listens on)."""
     changed = any_changed([unit_op, *restart_on])
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     # A deploy's restart is deliberate: it must not be refused by the start limit that guards crash loops.
@@ -440,9 +447,9 @@ def converge_service(
                                 paths=(f"{UNIT_DIR}/{unit}", *files_used))
     started = systemd.service(name=f"Run {unit}", service=unit, running=True, enabled=True)
     came_up = lambda: restarted.did_change() or repaired.did_change() or started.did_change()  # noqa: E731
-    if isinstance(health_url, TcpHealth):
+    if isinstance(health_url, (TcpHealth, ListenHealth)):
         wait_tcp(name=f"Health of {unit}", address=health_url.address, port=health_url.port,
-                 timeout_s=health_timeout_s, what=unit, _if=came_up)
+                 timeout_s=health_timeout_s, what=unit, listening=isinstance(health_url, ListenHealth), _if=came_up)
         return
     wait_http(
         name=f"Health of {unit}",

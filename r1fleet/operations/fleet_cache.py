@@ -116,7 +116,17 @@ def from_controller(state, host, artifact: T, name: str) -> T:
     its upstream URL as the fallback for a host that cannot reach the controller (a firewall on this machine,
     say): the host then downloads it itself, as without the cache."""
     url = via_controller(state, host, artifact.url, artifact.sha256, name, size=artifact.size)
-    return artifact if url == artifact.url else replace(artifact, url=url, fallback_url=artifact.url)
+    if url == artifact.url:
+        return artifact
+    # An artifact pinned by sha256 alone (an Ollama release archive) has the size of the verified copy: the host's
+    # download, the upstream fallback included, is bounded by it (operations/common.py verified_fetch_steps).
+    size = artifact.size if artifact.size is not None else _cached_size(host, artifact.sha256)
+    return replace(artifact, url=url, fallback_url=artifact.url, size=size)
+
+
+def _cached_size(host, sha256: str) -> int | None:
+    path = cache_for(host.data.get("r1fleet_cache_dir")).path_for(sha256, touch=False)
+    return path.stat().st_size if path is not None else None
 
 
 class WhenRun(Generic[V]):

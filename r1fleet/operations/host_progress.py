@@ -112,6 +112,11 @@ def build_log_poll(log: str) -> str:
     return f"tail -n 200 {log} 2>/dev/null | grep -E '^\\[ *[0-9]+(%|/[0-9]+)\\]' | tail -n 1; true"
 
 
+# A byte count as a host's poll prints it: ASCII digits only (str.isdigit() takes '²', which int() refuses, and
+# re's \d takes other scripts' digits), at most 19 (int() refuses thousands of digits; 19 hold any file size).
+_COUNT = re.compile("[0-9]{1,19}")
+
+
 def parse_sizes(lines: Iterable[str]) -> dict[str, Reading]:
     """A poll's lines `<bytes> <size or -> [label]` by label; bytes never above the size (a last block).
 
@@ -121,15 +126,15 @@ def parse_sizes(lines: Iterable[str]) -> dict[str, Reading]:
     found: dict[str, Reading] = {}
     for line in lines:
         words = line.strip().split(" ", 2)
-        if len(words) < 2 or not words[0].isdigit() or not (words[1].isdigit() or words[1] == "-"):
+        if len(words) < 2 or not _COUNT.fullmatch(words[0]) or not (_COUNT.fullmatch(words[1]) or words[1] == "-"):
             continue
-        total = int(words[1]) if words[1].isdigit() and int(words[1]) > 0 else None
+        total = int(words[1]) if words[1] != "-" and int(words[1]) > 0 else None
         done = int(words[0])
         found[words[2] if len(words) > 2 else ""] = (min(done, total) if total else done, total)
     return found
 
 
-BUILD_STEP = re.compile(r"^\[ *(\d+)%\]|^\[(\d+)/(\d+)\]")
+BUILD_STEP = re.compile(r"^\[ *([0-9]+)%\]|^\[([0-9]+)/([0-9]+)\]")
 
 
 def build_step(lines: Iterable[str]) -> str | None:
@@ -314,6 +319,14 @@ def _watch(target, poll: StringCommand, arguments: dict, tracker: Tracker, every
         if lines is not None and not stop.is_set():
             tracker.update(lines)
         stop.wait(every)
+
+
+def read_on_host(target, command: str) -> list[str] | None:
+    """A read-only command's stdout lines, run now on `target` with the running operation's connector arguments
+    (its sudo), or None when it could not run or failed; for an operation's callback (pyinfra's FunctionCommand)."""
+    arguments = {key: value for key, value in (target.current_op_global_arguments or {}).items()
+                 if key in CONNECTOR_ARGUMENT_KEYS and key not in _NOT_FOR_POLLS}
+    return _poll(target, StringCommand(command), arguments)
 
 
 def _poll(target, poll: StringCommand, arguments: dict) -> list[str] | None:

@@ -32,6 +32,15 @@ class TcpHealth:
 
 
 @dataclass(frozen=True)
+class ListenHealth:
+    """A service is healthy once it listens on address:port: for one whose own filter drops the host's own
+    connections (rpc-server's unit admits the pool's head alone, r1fleet/roles/rpc_worker/decide.py)."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
 class TcpEndpoint:
     """Something another host must reach: its name (for messages), address and port."""
 
@@ -50,6 +59,17 @@ def tcp_probe(address: str, port: int) -> str:
     return f"timeout {PROBE_TIMEOUT_S} bash -c {shlex.quote(f'</dev/tcp/{address}/{port}')} 2>/dev/null"
 
 
+def listen_probe(address: str, port: int) -> str:
+    """A shell command that succeeds when a socket on this host listens on address:port (iproute2's ss, as
+    status.sh uses it); it connects to nothing.
+
+    >>> listen_probe("10.0.0.2", 50052)
+    "ss -Hltn '( src 10.0.0.2 and sport = :50052 )' 2>/dev/null | grep -q ."
+    """
+    local = f"[{address}]" if ":" in address else address
+    return f"ss -Hltn {shlex.quote(f'( src {local} and sport = :{port} )')} 2>/dev/null | grep -q ."
+
+
 def reached_or_probe(address: str, port: int) -> str:
     """A shell command that succeeds when this host already holds a connection to address:port (a pool head's
     llama-server to its worker) or when a new one is accepted. ggml's rpc-server serves one client at a time
@@ -61,11 +81,13 @@ def reached_or_probe(address: str, port: int) -> str:
 
 
 @operation()
-def wait_tcp(address: str, port: int, timeout_s: int = 60, what: str = "service"):
-    """Poll until address:port accepts a TCP connection; fail the host with a clear message otherwise."""
-    message = (f"{what} did not accept a TCP connection at {host_port(address, port)} within {timeout_s}s; "
-               f"see journalctl -u {what}")
-    yield (f"i=0; while [ $i -lt {timeout_s} ]; do if {tcp_probe(address, port)}; then exit 0; fi; sleep 1; "
+def wait_tcp(address: str, port: int, timeout_s: int = 60, what: str = "service", listening: bool = False):
+    """Poll until address:port accepts a TCP connection (`listening`: until a socket listens there); fail the
+    host with a clear message otherwise."""
+    did = "listen" if listening else "accept a TCP connection"
+    message = f"{what} did not {did} at {host_port(address, port)} within {timeout_s}s; see journalctl -u {what}"
+    probe = listen_probe(address, port) if listening else tcp_probe(address, port)
+    yield (f"i=0; while [ $i -lt {timeout_s} ]; do if {probe}; then exit 0; fi; sleep 1; "
            f"i=$((i+1)); done; echo {shlex.quote(message)} >&2; exit 1")
 
 

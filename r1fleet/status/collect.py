@@ -7,7 +7,6 @@ the service) run in one command. Nothing generates a token or loads a model.
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from r1fleet.roles.ollama.decide import PRELOAD_RECORD, PRELOAD_UNIT
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT
 from r1fleet.status.readings import parse_status
 from r1fleet.status.report import HostStatus, host_status, unreachable
-from r1fleet.verify.connect import ConnectOptions, connect_and_probe_all, plan_targets, write_lab_ssh_config
+from r1fleet.verify.connect import ConnectOptions, connect_and_probe_all, plan_targets
 from r1fleet.verify.target import Target
 
 STATUS_SCRIPT = Path(__file__).with_name("status.sh")
@@ -59,15 +58,10 @@ def reach(fleet: Fleet, entries: list[HostConfig], *, live: bool, rehearsal: boo
     """Connect to and probe every entry in parallel (with the status script when `live`), then plan each as the
     deploy serves it (the fleet lock's plan where it names the host)."""
     lock = read_lock(lock_path(fleet.source))
-    lab_ssh_config = write_lab_ssh_config()
-    try:
-        options = ConnectOptions(ssh_timeout=SSH_TIMEOUT_S, lab_ssh_config=lab_ssh_config, rehearsal=rehearsal,
-                                 lock=lock, fleet=relock_fleet(fleet.source))
-        targets = {entry.name: Target(entry, command_timeout=60) for entry in entries}
-        connect_and_probe_all(targets, options, status_command if live else None)
-        plan_targets(fleet.pools, targets, options)
-    finally:
-        os.unlink(lab_ssh_config)
+    options = ConnectOptions(ssh_timeout=SSH_TIMEOUT_S, rehearsal=rehearsal, lock=lock, fleet=relock_fleet(fleet.source))
+    targets = {entry.name: Target(entry, command_timeout=60) for entry in entries}
+    connect_and_probe_all(targets, options, status_command if live else None)
+    plan_targets(fleet.pools, targets, options)
     return Reached(targets, lock)
 
 

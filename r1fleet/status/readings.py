@@ -174,10 +174,34 @@ REPLIES = {"ollama-version": "/api/version", "ollama-ps": "/api/ps", "ollama-tag
            "llama-health": "/health", "llama-props": "/props", "llama-models": "/v1/models"}
 
 
+# status.sh frames every line a command prints behind this mark, so no line of a body can pass for a section's mark
+FRAME = "|"
+
+
+def unframed(sections: dict[str, list[str]], problems: list[str]) -> dict[str, list[str]]:
+    """The status sections with each line's frame taken off. A line without its frame was not printed through
+    status.sh's `framed`: the section is dropped, named in `problems`, rather than read with a line of unknown origin.
+
+    >>> unframed({"status-now": ["|1796678074"], "status-units": ["|Id=a", "MainPID=1"]}, problems := [])
+    {'status-now': ['1796678074']}
+    >>> problems
+    ['section status-units holds a line outside its frame: not read']
+    """
+    out = {}
+    for name, lines in sections.items():
+        if not name.startswith("status-"):
+            continue
+        if any(not line.startswith(FRAME) for line in lines):
+            problems.append(f"section {name} holds a line outside its frame: not read")
+            continue
+        out[name] = [line[len(FRAME):] for line in lines]
+    return out
+
+
 def parse_status(text: str, host: str) -> Live:
     """The status sections of `text` (the probe's sections before them are left to r1fleet.hardware)."""
-    sections = split_sections(text, host)
-    problems = []
+    problems: list[str] = []
+    sections = unframed(split_sections(text, host), problems)
     if "status-units" not in sections and "status-launchd" not in sections:
         problems.append("the status sections are missing: the host's sh stopped before them")
     now = _int(" ".join(sections.get("status-now", [])))

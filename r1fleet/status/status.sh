@@ -5,8 +5,9 @@
 #        (the names come from the roles that write them; PRELOAD_RECORD: the last result of Ollama's model preload)
 #
 # `r1fleet status` runs it right after the probe (r1fleet/probe/probe.sh), in the same SSH round trip, so its
-# sections continue the probe document: each `#### r1fleet:status-<name>` followed by one command's raw output.
-# r1fleet/status/readings.py parses them. Every request goes to the service on the host itself (it may listen on
+# sections continue the probe document: each `#### r1fleet:status-<name>` followed by one command's output, every
+# line of it framed with a leading `|`, so no line a command prints (an HTTP body, a model's name, a process name)
+# can start a section of its own. r1fleet/status/readings.py parses them. Every request goes to the service on the host itself (it may listen on
 # 127.0.0.1 only), is bounded in time, and only reads: no model is loaded and no token generated.
 #
 # POSIX sh only, as probe.sh.
@@ -29,6 +30,11 @@ has() {
 
 section() {
     printf '#### r1fleet:status-%s\n' "$1"
+}
+
+# Every line of a command's output behind `|`, a last line without its newline too (awk ends each record).
+framed() {
+    awk '{ print "|" $0 }'
 }
 
 # A backend's API is asked only where its unit is installed (or, without systemd, on a Mac's Ollama).
@@ -56,13 +62,14 @@ fetch() {
 }
 
 section now
-date +%s
+date +%s | framed
 
 PROPERTIES=Id,LoadState,ActiveState,SubState,UnitFileState,ActiveEnterTimestamp,NRestarts,MainPID,Result
 section units
 if has systemctl; then
     # Timestamps as seconds since the epoch where systemd can (248 and later), else in its own words.
-    systemctl show --timestamp=unix -p "$PROPERTIES" "$@" 2>/dev/null || systemctl show -p "$PROPERTIES" "$@" 2>/dev/null
+    { systemctl show --timestamp=unix -p "$PROPERTIES" "$@" 2>/dev/null ||
+        systemctl show -p "$PROPERTIES" "$@" 2>/dev/null; } | framed
 fi
 
 section procs
@@ -85,12 +92,12 @@ if has systemctl && [ -r /proc/uptime ]; then
             done
             break
         done
-    done
+    done | framed
 fi
 
 section launchd
 if [ "$(uname -s 2>/dev/null)" = Darwin ] && has launchctl; then
-    launchctl print "system/$LAUNCHD_LABEL" 2>/dev/null
+    launchctl print "system/$LAUNCHD_LABEL" 2>/dev/null | framed
 fi
 
 # Who holds Ollama's port, with the unit of each holder (its cgroup): Ollama's own ollama.service, started again
@@ -107,18 +114,18 @@ if installed "$OLLAMA_UNIT" && has ss; then
                 -e "s|^$hierarchy:.*/\([^/]*\.scope\)\$|\1|p" "/proc/$pid/cgroup" 2>/dev/null | head -n 1)
         done
         printf '%s %s %s\n' "$pid" "${unit:--}" "$(cat "/proc/$pid/comm" 2>/dev/null)"
-    done
+    done | framed
 fi
 
 if installed "$OLLAMA_UNIT"; then
     section ollama-version
-    fetch "$OLLAMA_URL/api/version"
+    fetch "$OLLAMA_URL/api/version" | framed
     section ollama-ps
-    fetch "$OLLAMA_URL/api/ps"
+    fetch "$OLLAMA_URL/api/ps" | framed
     section ollama-tags
-    fetch "$OLLAMA_URL/api/tags"
+    fetch "$OLLAMA_URL/api/tags" | framed
     section ollama-preload
-    cat "$PRELOAD_RECORD" 2>/dev/null
+    cat "$PRELOAD_RECORD" 2>/dev/null | framed
 fi
 
 # llama-server's key, where its unit loads one: the LoadCredential line (the last one wins, as in systemd).
@@ -139,11 +146,11 @@ holds_port() {
 if installed "$LLAMA_UNIT"; then
     holds_port "$LLAMA_UNIT" "$LLAMA_URL" || KEY_FILE=
     section llama-health
-    fetch "$LLAMA_URL/health"
+    fetch "$LLAMA_URL/health" | framed
     section llama-props
-    fetch "$LLAMA_URL/props" "$KEY_FILE"
+    fetch "$LLAMA_URL/props" "$KEY_FILE" | framed
     section llama-models
-    fetch "$LLAMA_URL/v1/models" "$KEY_FILE"
+    fetch "$LLAMA_URL/v1/models" "$KEY_FILE" | framed
     # llama-server's own account of its memory at this start (the table llama.cpp logs at load with -lv 4), from
     # the journal of the unit's running invocation. The table comes early and ends with its Host row: the read
     # stops there rather than going through every request logged since.
@@ -151,7 +158,7 @@ if installed "$LLAMA_UNIT"; then
     invocation=$(systemctl show -p InvocationID --value "$LLAMA_UNIT" 2>/dev/null)
     if [ -n "$invocation" ] && has journalctl; then
         journalctl -o cat --no-pager "_SYSTEMD_INVOCATION_ID=$invocation" 2>/dev/null |
-            awk '/common_memory_breakdown_print:/ { print; n++; if (/\| +- Host / || n >= 40) exit }'
+            awk '/common_memory_breakdown_print:/ { print; n++; if (/\| +- Host / || n >= 40) exit }' | framed
     fi
 fi
 

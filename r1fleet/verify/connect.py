@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,19 +40,9 @@ class ConnectOptions:
 
     ssh_timeout: int = 10
     ansible_inventory: str | None = None  # connect through testinfra's Ansible backend with this inventory
-    lab_ssh_config: str | None = None  # an ssh_config that skips host keys (lab hosts), see write_lab_ssh_config
     rehearsal: bool = False  # expect the rehearsal stand-in on every host
     lock: Any = None  # the fleet's lock (r1fleet.lock.match.Lock): a locked host is verified against its locked plan
     fleet: str | None = None  # the fleet as the user names it, for the relock command
-
-
-def write_lab_ssh_config() -> str:
-    """Lab hosts are rebuilt often: an ssh_config that makes testinfra's paramiko skip host keys (the
-    caller removes the file)."""
-    handle, path = tempfile.mkstemp(prefix="r1fleet-verify-", suffix=".ssh_config")
-    with os.fdopen(handle, "w") as out:
-        out.write("Host *\n  StrictHostKeyChecking no\n")
-    return path
 
 
 def connect(entry: HostConfig, options: ConnectOptions) -> Any:
@@ -70,13 +59,12 @@ def connect(entry: HostConfig, options: ConnectOptions) -> Any:
         kwargs["ssh_identity_file"] = entry.ssh_key
     if entry.ssh_user != "root":
         kwargs["sudo"] = True
-    if entry.profile:  # lab hosts are rebuilt often: their keys are not pinned
-        kwargs["ssh_config"] = options.lab_ssh_config
-        return testinfra.get_host(f"paramiko://{entry.ssh_user}@{where}", **kwargs)
-    # Real hosts through the system ssh client: host keys checked against ~/.ssh/known_hosts (testinfra's
-    # paramiko backend accepts any key); a new host is recorded on first contact, as pyinfra's deploy does,
-    # and a changed key stops the run.
-    kwargs["ssh_extra_args"] = SSH_VERIFY_ARGS
+    # Through the system ssh client, host keys checked (testinfra's paramiko backend accepts any key): a real host's
+    # against ~/.ssh/known_hosts, recorded on first contact as pyinfra's deploy does, a changed key stopping the
+    # run; a plug-in's own host (the lab's) against the keys the plug-in made for it, and no other.
+    kwargs["ssh_extra_args"] = (f"-o BatchMode=yes -o StrictHostKeyChecking=yes "
+                                f"-o UserKnownHostsFile={shlex.quote(entry.ssh_known_hosts)}"
+                                if entry.ssh_known_hosts else SSH_VERIFY_ARGS)
     return testinfra.get_host(f"ssh://{entry.ssh_user}@{where}", **kwargs)
 
 
@@ -86,6 +74,12 @@ def ssh_failure(where: str, err: BaseException | str) -> str:
     inner = getattr(err, "errors", None)  # paramiko's NoValidConnectionsError: the socket's own error per address
     if isinstance(inner, dict) and inner:
         err = next(iter(inner.values()))
+    result = err.args[0] if isinstance(err, RuntimeError) and err.args else None
+    if hasattr(result, "stderr") and getattr(result, "exit_status", None) == 255:
+        # testinfra's ssh backend raises its CommandResult when the ssh client itself failed (backend/ssh.py
+        # run_ssh): the client's last line says why, e.g. `ssh: connect to host 10.0.0.9 port 22: No route to host`
+        lines = str(result.stderr).strip().splitlines()
+        err = re.sub(r"^ssh: connect to host \S+ port [0-9]+: ", "", lines[-1]) if lines else "ssh failed (exit 255)"
     if isinstance(err, str):
         reason, network = err, True
     else:

@@ -71,6 +71,37 @@ def test_only_the_head_reaches_the_workers_rpc_port(pool_lab, ssh):
     assert "ip saddr 10.77.0.11 ip daddr 10.77.0.12 tcp dport 50052 accept" in rules
 
 
+def test_the_rpc_port_admits_the_head_alone_table_or_no_table(pool_lab, ssh):
+    """Issue 21: the worker's own users, root included, are dropped by its table like any other peer (the deploy's
+    health check only sees rpc-server listen). After `nft flush ruleset` (no r1fleet table at all) the unit's own
+    filter (IPAddressAllow: the head alone) still drops this controller and the worker's users, where systemd can
+    enforce it (cgroup BPF: a container whose seccomp filter refuses bpf() cannot); the next deploy restores the
+    table."""
+    local = "runuser -u nobody -- timeout 3 bash -c '</dev/tcp/10.77.0.12/50052' && echo reached || echo dropped"
+    rooted = "timeout 3 bash -c '</dev/tcp/10.77.0.12/50052' && echo reached || echo dropped"
+    head = ("ss -Htn state established '( dst 10.77.0.12 and dport = :50052 )' | grep -q . && echo held || "
+            "{ timeout 3 bash -c '</dev/tcp/10.77.0.12/50052' && echo reached; }")
+    assert ssh(WORKER, local).stdout.strip() == "dropped" and ssh(WORKER, rooted).stdout.strip() == "dropped"
+    assert ssh(HEAD, head).stdout.strip() in ("held", "reached")
+    ssh(WORKER, "nft flush ruleset")
+    try:
+        assert "r1fleet-rpc" not in ssh(WORKER, "nft list tables").stdout
+        # Whether this host's systemd enforces IP filters at all: a unit denied every address reaching the head's SSH
+        # (in a container systemd says so at debug level only: src/core/bpf-firewall.c emit_bpf_firewall_warning)
+        probe = ssh(WORKER, "systemd-run --wait --quiet -p IPAddressDeny=any timeout 3 bash -c "
+                            "'</dev/tcp/10.77.0.11/22' && echo unenforced || echo enforced").stdout.strip()
+        if probe == "unenforced":
+            pytest.skip("this lab host's systemd does not enforce IPAddressDeny (no cgroup BPF in its container)")
+        with pytest.raises(OSError):
+            socket.create_connection(("10.77.0.12", 50052), timeout=3).close()
+        assert ssh(WORKER, local).stdout.strip() == "dropped" and ssh(WORKER, rooted).stdout.strip() == "dropped"
+        assert ssh(HEAD, head).stdout.strip() in ("held", "reached")
+    finally:
+        healed = deploy(fleet=POOL_LAB)  # loads the table again (its fingerprint is gone), changing nothing else
+        assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-2000:]
+        assert "r1fleet-rpc" in ssh(WORKER, "nft list tables").stdout
+
+
 def test_a_stopped_worker_fails_verify_by_name(pool_lab, ssh, tmp_path):
     ssh(WORKER, "systemctl stop r1fleet-rpc-server.service")
     try:

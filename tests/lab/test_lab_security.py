@@ -89,6 +89,41 @@ def test_a_flushed_ruleset_is_noticed_and_restored(restore_lab, ssh, tmp_path):
     ssh(SPLIT_HOST, "systemctl stop nftables; systemctl disable nftables")
 
 
+def test_a_table_loaded_from_other_rules_is_replaced_though_nothing_changed(restore_lab, ssh, tmp_path):
+    """Audit M9: the state a run cut between writing the rules and loading them leaves: the file is the planned
+    one, nftables still holds the earlier, wider table. The next deploy changes no file, yet reloads the table."""
+    address = restore_lab[SPLIT_HOST]["address"]
+    wide = {"listen": address, "allow": [f"{state.controller_address()}/32", "10.77.0.0/24"]}
+    assert deploy_changed(tmp_path, SPLIT_HOST, **wide).returncode == 0
+    assert ssh(SPLIT_HOST, "cp /etc/r1fleet/nftables.conf /root/wide.nft").returncode == 0
+    narrow = {"listen": address, "allow": [f"{state.controller_address()}/32"]}
+    assert deploy_changed(tmp_path, SPLIT_HOST, **narrow).returncode == 0
+    assert reaches(ssh, OLLAMA_HOST, address, 8080) is False
+    assert ssh(SPLIT_HOST, "nft -f /root/wide.nft").returncode == 0  # the earlier table, under the planned file
+    assert reaches(ssh, OLLAMA_HOST, address, 8080) is True
+    again = run_deploy(str(tmp_path / "lab-changed.yml"), SPLIT_HOST)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "10.77.0.0/24" not in ssh(SPLIT_HOST, "nft list table inet r1fleet").stdout
+    assert reaches(ssh, OLLAMA_HOST, address, 8080) is False
+
+
+def test_a_port_change_and_the_end_of_exposure_never_leave_the_service_unfiltered(restore_lab, ssh, tmp_path):
+    """Audit M9: the service is stopped before the table stops filtering its old port (here 8080 -> 8181), and
+    before the table goes when nothing is exposed any more; each time it comes back on the planned address."""
+    address = restore_lab[SPLIT_HOST]["address"]
+    exposed = {"listen": address, "allow": [f"{state.controller_address()}/32"]}
+    assert deploy_changed(tmp_path, SPLIT_HOST, **exposed).returncode == 0
+    moved = deploy_changed(tmp_path, SPLIT_HOST, port=8181, **exposed)
+    assert moved.returncode == 0, moved.stdout[-4000:] + moved.stderr[-2000:]
+    assert "Stop r1fleet-llama-server.service while its filter changes" in moved.stdout + moved.stderr
+    assert not reaches(ssh, OLLAMA_HOST, address, 8181) and not reaches(ssh, OLLAMA_HOST, address, 8080)
+    closed = run_deploy("lab", SPLIT_HOST)
+    assert closed.returncode == 0, closed.stdout[-4000:] + closed.stderr[-2000:]
+    assert "Stop r1fleet-llama-server.service while its filter changes (no longer exposed)" in closed.stdout + closed.stderr
+    listening = ssh(SPLIT_HOST, "ss -ltnH").stdout
+    assert f"{address}:" not in listening and "127.0.0.1:8080 " in listening, listening
+
+
 def test_switching_backend_leaves_one_service_and_one_port(restore_lab, ssh, tmp_path):
     result = deploy_changed(tmp_path, OLLAMA_HOST, backend="llama.cpp")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -86,8 +86,9 @@ def test_a_stopped_service_is_one_line_and_the_others_still_report(deployed, ssh
 
 def test_an_unreachable_host_is_one_line_reason_first_in_status_and_verify(deployed, tmp_path):
     fleet = tmp_path / "dead.yml"
-    # 10.77.0.254 is inside the lab subnet but no lab host has it
-    fleet.write_text("lab: {}\nhosts:\n  dead-box: {address: 10.77.0.254, ssh_user: root, profile: rtx4090}\n")
+    # 10.77.0.254 is inside the lab subnet but no lab host has it: a host of one's own that is down, so a fleet file
+    # without `lab:` (a lab fleet serves the lab's hosts at the lab's addresses only, fleet-file.md)
+    fleet.write_text("hosts:\n  dead-box: {address: 10.77.0.254, ssh_user: root}\n")
     started = time.monotonic()
     result = r1fleet("status", "--fleet", str(fleet))
     assert time.monotonic() - started < 30

@@ -46,7 +46,51 @@ def apply(settings: exposure.Exposure, check: bool = True) -> str:
 
 
 def state(outputs: dict[str, str], label: str) -> dict:
-    return exposure.UfwRules().process(outputs[label].splitlines())
+    """The UfwRules fact's count and order (the applied record and the ports: test_an_apply_cut_short_...)."""
+    read = exposure.UfwRules().process(outputs[label].splitlines())
+    return {"count": read["count"], "first": read["first"]}
+
+
+RULES_FILE = "/tmp/r1fleet-ufw-rules"  # the namespace shares /tmp, never the host's /etc/r1fleet
+
+
+def role_apply(settings: exposure.Exposure, rules: str | None = None) -> str:
+    """The role's own apply (decide.ufw_apply_commands, each command stopping the rest when it fails, as pyinfra's
+    server.shell does), with the rules file in /tmp; `rules`: that file's text instead of the settings' rules."""
+    text = rules if rules is not None else "\n".join(exposure.ufw_commands(settings))
+    commands = [c.replace(exposure.UFW_RULES_FILE, RULES_FILE) for c in exposure.ufw_apply_commands(settings)]
+    return f"cat > {RULES_FILE} <<'EOF'\n{text}\nEOF\n( set -e\n" + "\n".join(commands) + "\n) >/dev/null 2>&1 || echo CUT"
+
+
+def test_an_apply_cut_short_leaves_the_port_closed_and_the_next_completes_it():
+    """Audit M9: the hold (a deny of the port to everyone, first) stays when an apply stops halfway, here at the
+    rules file's second line; the fact then finds the rules neither recorded applied nor first, and the next
+    apply puts them all in and takes the hold out."""
+    fact_command = exposure.UfwRules().command().replace(exposure.UFW_RULES_FILE, RULES_FILE)
+    rules = exposure.ufw_commands(SETTINGS)
+    outputs = run_in_namespace([
+        "ufw allow 11434/tcp >/dev/null",                                        # the host's own rule for the port
+        role_apply(SETTINGS, "\n".join([rules[0], "false", *rules[1:]])),         # cut after the deny
+        "iptables -S ufw-user-input",
+        fact_command,
+        role_apply(SETTINGS),                                                    # the next run
+        fact_command,
+        "iptables -S ufw-user-input",
+        "LC_ALL=C ufw status numbered",
+    ])
+    assert "CUT" in outputs["1"]
+    chain = [line for line in outputs["2"].splitlines() if line.startswith("-A ")]
+    hold = next(i for i, rule in enumerate(chain) if "--sports 1:65535" in rule and rule.endswith("-j DROP"))
+    theirs = next(i for i, rule in enumerate(chain) if rule.endswith("--dport 11434 -j ACCEPT"))
+    assert hold < theirs and "-d " not in chain[hold], chain  # the port, every address, dropped before their allow
+    cut = exposure.UfwRules().process(outputs["3"].splitlines())
+    assert not cut["applied"] and cut["ports"] == (11434,), outputs["3"]
+    assert "CUT" not in outputs["4"], outputs["4"]
+    done = exposure.UfwRules().process(outputs["5"].splitlines())
+    assert done == {"count": 3, "first": True, "applied": True, "ports": (11434,)}, outputs["5"]
+    assert "r1fleet-hold" not in outputs["7"], outputs["7"]
+    chain = [line for line in outputs["6"].splitlines() if line.startswith("-A ")]
+    assert [rule.split("-j ")[-1].split()[0] for rule in chain[:4]] == ["ACCEPT", "ACCEPT", "DROP", "ACCEPT"], chain
 
 
 def test_rules_come_before_broader_rules_the_host_already_has():

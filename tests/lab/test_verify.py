@@ -186,8 +186,9 @@ def test_verify_of_the_lab_passes_again_after_the_faults(converged_lab):
 def test_a_dead_host_fails_fast(converged_lab, tmp_path):
     """An address nothing answers on: the run fails within the SSH connect timeout, naming the host."""
     fleet = tmp_path / "dead.yml"
-    # 10.77.0.254 is inside the lab subnet but no lab host has it
-    fleet.write_text("lab: {}\nhosts:\n  dead-box: {address: 10.77.0.254, ssh_user: root, profile: rtx4090}\n")
+    # 10.77.0.254 is inside the lab subnet but no lab host has it: a host of one's own that is down, so a fleet file
+    # without `lab:` (a lab fleet serves the lab's hosts at the lab's addresses only, fleet-file.md)
+    fleet.write_text("hosts:\n  dead-box: {address: 10.77.0.254, ssh_user: root}\n")
     argv = [sys.executable, "-m", "r1fleet", "verify", "--fleet", str(fleet), "-k", "service_active"]
     import time
 

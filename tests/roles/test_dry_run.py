@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+from dataclasses import replace
 
 import pytest
 from deploy_harness import llama_cpp_role, ollama_role, run_role
@@ -95,6 +96,17 @@ def test_running_fetches_once_into_the_cache_and_the_host_takes_it_from_there(up
     assert fetch.index(f"{base}/sha256/{SHA}") < fetch.index(f"{url}/70b.gguf")
     # another deploy at once on this host stops rather than append to the same part (exclusive, audit L1)
     assert fetch.index("flock -n 9") < fetch.index("curl ")
+
+
+def test_an_artifact_pinned_by_sha256_alone_is_bounded_by_the_caches_verified_copy(upstream, cache_on, monkeypatch):
+    """Issue 21: an artifact without a pinned size (an Ollama release archive) reaches the host with the size of the
+    copy the controller verified; the host's curl stops there, the upstream fallback's too (--max-filesize)."""
+    url, _ = upstream
+    data = {"r1fleet_cache_dir": str(cache_on), "ssh_hostname": "127.0.0.1"}
+    plan, settings, install, download = llama_host(url)
+    run = run_role(llama_cpp_role, plan, settings, install, replace(download, size=None), data=data, monkeypatch=monkeypatch)
+    fetch = run.script("70b.gguf.part")
+    assert fetch.count("curl -fSL") == fetch.count(f"--max-filesize {len(BODY)} ") == 3  # cache, upstream, start over
 
 
 def test_preparing_reads_no_registry_and_running_reads_it_once(monkeypatch):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
 from facts_for import directory, file_content
+from facts_for import running as ff_running
 
 from deploy_harness import exposure_role, run_role
 from r1fleet.fleet.config import HostConfig
@@ -158,6 +160,17 @@ UFW_OURS_BELOW = """2
 [ 3] 11434/tcp                  DENY IN     Anywhere                   # r1fleet
 [ 4] 11434/tcp (v6)             DENY IN     Anywhere (v6)              # r1fleet
 """
+# `ufw show added` of the same rules (ufw 0.36.2 lists each as the command that adds it, comment quoted)
+UFW_ADDED = ["ufw deny proto tcp to 10.77.0.11 port 11434 comment 'r1fleet'",
+             "ufw allow from 10.77.0.1/32 to 10.77.0.11 port 11434 proto tcp comment 'r1fleet'"]
+# The UfwRules fact's command, and nothing else (the count, the applied record, `show added`, `status numbered`)
+UFW_FACT = re.compile(r"ufw show added 2>/dev/null \| grep -c .*cmp -s /etc/r1fleet/ufw-rules /etc/r1fleet/ufw-rules\.applied")
+
+
+def ufw_answer(numbered: str, applied: bool = True, added: list[str] = UFW_ADDED) -> list[str]:
+    """What the UfwRules fact prints on a host whose ufw holds `numbered` (first line: r1fleet's count)."""
+    count, *rules = numbered.splitlines()
+    return [count, "applied" if applied else "pending", *(f"added {line}" for line in added), *rules]
 
 
 def test_ufw_rule_families_and_order():
@@ -183,22 +196,55 @@ def test_ufw_active_gets_ufw_rules_instead(monkeypatch):
     assert rules == ["ufw prepend deny proto tcp to 10.77.0.11 port 11434 comment r1fleet",
                      "ufw prepend allow from 10.77.0.1/32 to 10.77.0.11 port 11434 proto tcp comment r1fleet"]
     assert exposure.RULES_FILE not in run.uploads
-    # our old rules go first, then the file's, in order
-    assert run.commands.index(exposure.UFW_DELETE_OURS) < run.commands.index(f"sh -e {exposure.UFW_RULES_FILE}")
+    # failing closed (audit M9): a deny for the port to everyone first, then our old rules out and the file's in,
+    # the count checked, and only then the hold out and the file recorded as applied
+    apply = "Apply the ufw rules unless ufw holds them in full"
+    order = [exposure.UFW_APPLIED_FILE, "ufw prepend deny proto tcp from any port 1:65535 to any port 11434 comment r1fleet-hold", exposure.UFW_DELETE_OURS,
+             f"sh -e {exposure.UFW_RULES_FILE}", "ufw holds fewer than r1fleet", exposure.UFW_DELETE_HOLD,
+             f"cp {exposure.UFW_RULES_FILE} {exposure.UFW_APPLIED_FILE}"]
+    commands = [c for c in run.op_commands(apply) if not UFW_FACT.search(c)]  # its commands, not the fact it read
+    assert [next(i for i, c in enumerate(commands) if text in c) for text in order] == list(range(len(order)))
     # unchanged rules on a second run: nothing applied again
     converged = {**file_content(exposure.UFW_RULES_FILE, "\n".join(rules) + "\n", "-rw-------"),
                  **directory(exposure.KEY_DIR, "root", "root", "drwx------")}
     again = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                     monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_FIRST, **responses, **converged})
-    assert again.never_ran("ufw --force delete") and again.never_ran("sh -e")
+                     monkeypatch=monkeypatch, responses={UFW_FACT: ufw_answer(UFW_OURS_FIRST), **responses, **converged})
+    assert again.never_ran("ufw --force delete") and again.never_ran("sh -e") and again.never_ran("r1fleet-hold")
     # a rule the user inserted above ours later: ours are put back on top
     below = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                     monkeypatch=monkeypatch, responses={"ufw show added": UFW_OURS_BELOW, **responses, **converged})
-    assert below.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
-    # the same file, but ufw lost our rules (a `ufw reset`, a half-applied run): applied again (audit M9)
+                     monkeypatch=monkeypatch, responses={UFW_FACT: ufw_answer(UFW_OURS_BELOW), **responses, **converged})
+    assert below.ran(apply, f"sh -e {exposure.UFW_RULES_FILE}")
+    # the same file, but ufw lost our rules (a `ufw reset`): applied again (audit M9)
     lost = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
-                    monkeypatch=monkeypatch, responses={"ufw show added": "0", **responses, **converged})
-    assert lost.ran("Restore the ufw rules if they are not all there", f"sh -e {exposure.UFW_RULES_FILE}")
+                    monkeypatch=monkeypatch, responses={UFW_FACT: ["0", "applied"], **responses, **converged})
+    assert lost.ran(apply, f"sh -e {exposure.UFW_RULES_FILE}")
+    # every rule there and first, but the file was never recorded applied (a run cut after writing it, or while
+    # applying it): the file is what ufw must hold, so it is applied (audit M9)
+    cut = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+                   monkeypatch=monkeypatch, responses={UFW_FACT: ufw_answer(UFW_OURS_FIRST, applied=False),
+                                                       **responses, **converged})
+    assert cut.ran(apply, f"sh -e {exposure.UFW_RULES_FILE}")
+    # a hold left by a run cut while applying comes before our rules: applied again, the hold taken out
+    held = UFW_OURS_FIRST.replace("2\n", "2\n[ 0] 11434/tcp                  DENY IN     1:65535/tcp                # r1fleet-hold\n", 1)
+    again_held = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, base_responses=False,
+                          monkeypatch=monkeypatch, responses={UFW_FACT: ufw_answer(held), **responses, **converged})
+    assert again_held.ran(apply, exposure.UFW_DELETE_HOLD)
+
+
+def test_a_ufw_port_change_stops_the_service_before_its_old_port_leaves_the_rules(monkeypatch):
+    """Audit M9: ufw's rules move from port 11434 to 11500 while the service still listens on 11434; it is stopped
+    first (the backend's activate starts it on the new port), so the old port is never open without its rules."""
+    responses = {UFW_FACT: ufw_answer(UFW_OURS_FIRST), "ufw status": "Status: active", **HAS_NFT,
+                 **ff_running("r1fleet-ollama.service")}
+    moved = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"], port=11500), OLLAMA, responses=responses,
+                     base_responses=False, monkeypatch=monkeypatch)
+    stop = "Stop r1fleet-ollama.service while its filter changes (port 11500 replaces it in the ufw rules)"
+    assert moved.ran(stop, "systemctl stop r1fleet-ollama.service")
+    assert moved.op_names.index(f"Exposure | {stop}") < moved.op_names.index(
+        "Exposure | Apply the ufw rules unless ufw holds them in full")
+    same = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32", "10.77.0.2/32"]), OLLAMA, responses=responses,
+                    base_responses=False, monkeypatch=monkeypatch)
+    assert same.never_ran("systemctl stop")  # another allow-list, the same port: the rules replace, no stop
 
 
 def test_exposure_off_opens_nothing_and_removes_an_old_table(monkeypatch):
@@ -235,16 +281,54 @@ def test_service_requires_the_firewall_and_a_removed_table_is_restored(monkeypat
     unit = run.uploads[exposure.FIREWALL_UNIT_PATH]
     assert "After=local-fs.target nftables.service" in unit and "ReloadPropagatedFrom=nftables.service" in unit
     assert "PartOf=nftables.service" in unit
-    assert run.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")  # no table on the host yet
-    # A converged host: same files; the table is reloaded only when it is missing.
+    load = "Reload the firewall unless it holds the planned rules"
+    assert run.ran(load, "systemctl reload r1fleet-firewall.service")  # no table on the host yet
+    # A converged host: same files, and nftables holds the table those rules make; reloaded only when it does not.
     converged = {**HAS_NFT, **{k: v for path, text in run.uploads.items() for k, v in file_content(path, text).items()}}
+    rules = run.uploads[exposure.RULES_FILE]
     intact = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
-                      responses={"nft list table inet r1fleet": "present", **converged}, base_responses=False,
+                      responses={NFT_RULES: nft_listing(rules), **converged}, base_responses=False,
                       monkeypatch=monkeypatch)
-    assert intact.never_ran("systemctl reload")
+    assert intact.never_ran("systemctl reload") and intact.never_ran("systemctl stop")
     flushed = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=converged,
                        base_responses=False, monkeypatch=monkeypatch)
-    assert flushed.ran("Restore the firewall table if something removed it", "systemctl reload r1fleet-firewall.service")
+    assert flushed.ran(load, "systemctl reload r1fleet-firewall.service")
+    # Audit M9: the file is the planned one (an earlier run wrote it and was cut before its reload), but the table
+    # nftables holds was loaded from another allow-list: reloaded, though nothing changed in this run.
+    wider = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.0/16"]), OLLAMA, responses=HAS_NFT,
+                     base_responses=False, monkeypatch=monkeypatch).uploads[exposure.RULES_FILE]
+    stale = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA,
+                     responses={NFT_RULES: nft_listing(wider), **converged}, base_responses=False, monkeypatch=monkeypatch)
+    assert stale.ran(load, "systemctl reload r1fleet-firewall.service") and stale.never_ran("systemctl stop")
+
+
+NFT_RULES = re.compile(r"nft list table inet r1fleet 2>/dev/null \|\| true")  # the NftRules fact, not NftTable's
+
+
+def nft_listing(rules: str) -> list[str]:
+    """What `nft list table inet r1fleet` prints once `rules` (a rendered rules file) are loaded: the table's block,
+    its drop rule with nft's counter values and the comment."""
+    block = rules[rules.index("table inet r1fleet {"):]
+    return [line.replace("counter drop", "counter packets 0 bytes 0 drop") for line in block.splitlines()]
+
+
+def test_a_port_change_stops_the_service_before_the_old_port_leaves_the_table(monkeypatch):
+    """Audit M9: the table moves from port 11434 to 11500 while the service still listens on 11434 (it restarts
+    in the backend's activate, after this); it is stopped first, so the old port is never open unfiltered."""
+    old = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"]), OLLAMA, responses=HAS_NFT,
+                   base_responses=False, monkeypatch=monkeypatch).uploads[exposure.RULES_FILE]
+    responses = {NFT_RULES: nft_listing(old), **HAS_NFT, **ff_running("r1fleet-ollama.service")}
+    moved = run_role(exposure_role, entry("10.77.0.11", ["10.77.0.1/32"], port=11500), OLLAMA, responses=responses,
+                     base_responses=False, monkeypatch=monkeypatch)
+    stop = "Stop r1fleet-ollama.service while its filter changes (port 11500 replaces it in the firewall)"
+    assert moved.ran(stop, "systemctl stop r1fleet-ollama.service")
+    reload = next(i for i, c in enumerate(moved.commands) if "systemctl reload r1fleet-firewall.service" in c)
+    assert moved.commands.index(next(c for c in moved.commands if "systemctl stop r1fleet-ollama" in c)) < reload
+    # nothing exposed any more: the service, still on the LAN until its own restart, stops before the table goes
+    closed = run_role(exposure_role, entry(), OLLAMA, responses=responses, base_responses=False, monkeypatch=monkeypatch)
+    stop_all = "Stop r1fleet-ollama.service while its filter changes (no longer exposed)"
+    assert closed.ran(stop_all, "systemctl stop r1fleet-ollama.service")
+    assert closed.op_names.index(f"Exposure | {stop_all}") < closed.op_names.index("Exposure | Remove the r1fleet nftables table")
 
 
 @pytest.mark.skipif(not shutil.which("nft"), reason="nft not installed (apt-get install nftables)")

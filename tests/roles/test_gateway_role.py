@@ -95,6 +95,12 @@ def haproxys(path: str, text: str) -> dict:
     return {**ff.file_content(path, text), **ff.file_exists(path, group="haproxy", mode="-rw-r-----")}
 
 
+def loaded(rules: str) -> list[str]:
+    """`nft list table inet r1fleet-gateway` once `rules` (the rendered rules file) are loaded: the table's block."""
+    block = rules[rules.rindex("table inet r1fleet-gateway {"):]
+    return [line.replace("counter drop", "counter packets 0 bytes 0 drop") for line in block.splitlines()]
+
+
 def converged(first) -> dict:
     return {
         **HOST,
@@ -107,7 +113,7 @@ def converged(first) -> dict:
         **ff.file_exists(CLIENT_KEY_FILE, mode="-rw-------"),
         **ff.running("r1fleet-gateway-firewall.service"),
         **ff.running("r1fleet-gateway.service"),
-        "nft list table inet r1fleet-gateway": "present",
+        "nft list table inet r1fleet-gateway": loaded(first.uploads[RULES_FILE]),
         **ff.link("/etc/systemd/system/haproxy.service", "/dev/null"),
         "dpkg -l": ff.dpkg_installed("haproxy", "nftables"),
     }
@@ -118,3 +124,11 @@ def test_a_second_run_on_a_converged_gateway_changes_nothing(monkeypatch):
     again = deploy(monkeypatch, responses=converged(first))
     assert not again.failed and again.changed == [], again.changed
     assert again.never_ran("systemctl restart") and again.never_ran("systemctl reload")
+
+
+def test_a_gateway_table_gone_or_from_other_rules_is_loaded_again(monkeypatch):
+    first = deploy(monkeypatch)
+    for table in ("", loaded(first.uploads[RULES_FILE].replace("r1fleet-rules ", "r1fleet-rules 0"))):
+        again = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-gateway": table})
+        assert again.ran("Reload the gateway firewall unless it holds the planned rules",
+                         "systemctl reload r1fleet-gateway-firewall.service"), repr(table)[:80]

@@ -32,7 +32,7 @@ def plan(**overrides) -> HostPlan:
     return HostPlan(**base)
 
 
-DOWNLOAD = Download(name="70b.gguf", url="https://example.invalid/70b.gguf", sha256=SHA)
+DOWNLOAD = Download(name="70b.gguf", url="https://example.invalid/70b.gguf", sha256=SHA, size=42_520_395_584)
 
 
 def exec_args(unit: str) -> list[str]:
@@ -59,7 +59,9 @@ def test_from_package_on_forky_with_cuda_backend(monkeypatch):
     assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb"' in run.uploads[UNIT]
     assert "IPAddressDeny=any" in run.uploads[UNIT] and "IPAddressAllow=localhost" in run.uploads[UNIT]
     fetch = run.script("70b.gguf.part")
-    assert "curl -fSL --retry 3 -C -" in fetch and fetch.index("sha256sum") < fetch.index("mv -f")
+    # every transfer stops at the pinned size, the first try's and the start-over's alike (issue 21)
+    assert "curl -fSL --retry 3 --max-filesize 42520395584 -C -" in fetch and fetch.index("sha256sum") < fetch.index("mv -f")
+    assert fetch.count("curl -fSL") == fetch.count("--max-filesize 42520395584 ") == 2
     assert "chown llama:llama" in fetch
     assert run.ran("Health of r1fleet-llama-server.service", "http://127.0.0.1:8080/health")
 

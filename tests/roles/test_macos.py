@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import plistlib
+import re
+
+import pytest
 
 from deploy_harness import mac_role, run_role
 from r1fleet.fleet.config import HostConfig
+from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import constants
 from r1fleet.records import DevicePlan, HostPlan
 from r1fleet.roles.macos import role as macos
@@ -124,3 +129,44 @@ def test_another_ollama_on_the_port_is_stopped_or_refused(monkeypatch):
     refused = run_role(mac_role, mac_plan(12000), entry(), responses=other, base_responses=False,
                        monkeypatch=monkeypatch)
     assert refused.ran("Stop another Ollama holding the port (Ollama.app, brew services)", "r1fleet: port 11434 is held by /usr/local/bin/python3 (uid 501): stop it first' >&2; exit 1")
+
+
+# ---------------------------------------------------------------- what `ollama pull` brought (audit M1)
+
+PULLED = re.compile(r"^(sudo -H -n )?(sh -c ')?head -c 1048577 /var/lib/r1fleet/models/ollama/manifests/registry\.ollama\.ai/"
+                    r"library/deepseek-r1/14b-qwen-distill-q4_K_M'?$")
+
+
+def pulled_manifest(*model_layers: str, extra: tuple[str, ...] = ()) -> str:
+    layers = [{"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 9_000_000_000}
+              for digest in model_layers]
+    layers += [{"mediaType": kind, "digest": "sha256:" + "c" * 64, "size": 100} for kind in extra]
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                       "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                  "digest": "sha256:" + "e" * 64, "size": 500}, "layers": layers})
+
+
+PIN = load_catalog().find("deepseek-r1-distill-qwen-14b").ollama_digest
+PULL = "Pull deepseek-r1:14b-qwen-distill-q4_K_M"
+
+
+def test_what_the_pull_brought_is_checked_against_the_pinned_weights_right_after(monkeypatch):
+    run = run_role(mac_role, mac_plan(12000), entry(), responses={**ARM, PULLED: pulled_manifest(PIN)},
+                   base_responses=False, monkeypatch=monkeypatch)
+    assert run.ran(PULL, "ollama pull deepseek-r1:14b-qwen-distill-q4_K_M") and run.ran(PULL, "head -c 1048577")
+    assert run.never_ran("r1fleet: `ollama pull") and not run.failed
+
+
+@pytest.mark.parametrize("manifest, why", [
+    (pulled_manifest("b" * 64), f"its weights are {'b' * 64}, catalog.yaml pins {PIN}"),
+    (pulled_manifest(PIN, "b" * 64), "it has 2 model layers, not one"),
+    (pulled_manifest(PIN, extra=("application/vnd.ollama.image.adapter",)), "adds application/vnd.ollama.image.adapter"),
+    ("", "its manifest is not plain JSON"),
+])
+def test_a_pull_that_brought_other_weights_fails_the_host_and_leaves_no_tag(monkeypatch, manifest, why):
+    run = run_role(mac_role, mac_plan(12000), entry(), responses={**ARM, PULLED: manifest},
+                   base_responses=False, monkeypatch=monkeypatch)
+    (refused,) = [c for c in run.op_commands(PULL) if "r1fleet: `ollama pull" in c]
+    assert refused.startswith("rm -f /var/lib/r1fleet/models/ollama/manifests/registry.ollama.ai/library/deepseek-r1/"
+                              "14b-qwen-distill-q4_K_M; echo ")
+    assert "brought other weights than the pinned ones" in refused and why in refused and refused.endswith("exit 1")

@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import pwd
+import re
 import socket
 import stat
 import subprocess
@@ -381,6 +382,38 @@ def test_a_registry_s_bad_answer_fails_the_host_that_needed_it_with_the_reason(p
     assert run.failed
     (refused,) = [c for c in run.op_commands("Place") if "r1fleet: " in c]
     assert reason in refused and published["base"] in refused
+
+
+def test_a_host_that_pulls_the_tag_itself_is_held_to_the_pinned_weights(monkeypatch, tmp_path):
+    """The controller cannot read registry.ollama.ai, so the host runs `ollama pull` itself (audit M1's leftover):
+    what the pull wrote into the store is read back right after and checked like a placed manifest."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    pin = "a" * 64
+    source = RegistrySource(TAG, nowhere, pin, None, own_registry=False, model_files={})
+    stored = re.compile(r"^(sudo -H -n )?(sh -c ')?head -c 1048577 /m/ollama/manifests/registry\.ollama\.ai/r1fleet/"
+                        r"smollm2/135m-instruct-q4_1'?$")
+
+    def role():
+        place_registry_model(name="Place", source=source, tag=TAG, api=API, models_dir="/m/ollama", user="ollama",
+                             binary="/usr/local/bin/ollama")
+
+    def manifest(*weights: str) -> str:
+        return json.dumps({"config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                      "digest": "sha256:" + "c" * 64, "size": 400},
+                           "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{w}",
+                                       "size": 1000} for w in weights]})
+    monkeypatch.setenv("R1FLEET_CACHE", "on")
+    monkeypatch.setattr(fleet_cache, "_caches", {})
+    data = {"r1fleet_cache_dir": str(tmp_path / "cache")}
+    good = run_role(role, responses={stored: manifest(pin), "exit 1": {"success": False}}, data=data, monkeypatch=monkeypatch)
+    assert good.ran("Place", "ollama pull r1fleet/smollm2:135m-instruct-q4_1") and not good.failed
+    bad = run_role(role, responses={stored: manifest(pin, "b" * 64), "exit 1": {"success": False}}, data=data,
+                   monkeypatch=monkeypatch)
+    (refused,) = [c for c in bad.op_commands("Place") if "r1fleet: " in c]
+    assert bad.failed and "brought other weights than the pinned ones: it has 2 model layers, not one" in refused
+    assert refused.startswith("rm -f /m/ollama/manifests/registry.ollama.ai/r1fleet/smollm2/135m-instruct-q4_1; ")
 
 
 def test_anything_unexpected_on_the_controller_leaves_the_download_to_the_host(monkeypatch, tmp_path, capsys):

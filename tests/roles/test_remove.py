@@ -187,8 +187,12 @@ def test_a_gateway_host_loses_the_gateway_its_firewall_and_the_packages_mask(mon
 def test_r1fleet_s_ufw_rules_go_and_only_they(monkeypatch):
     run = remove(monkeypatch, {"ufw show added 2>/dev/null | grep -c": ["3"]})
     assert run.ran("Remove r1fleet's ufw rules", "ufw --force delete $rule")
-    assert run.ran("Remove r1fleet's ufw rules", "comment 'r1fleet'$/")
+    assert run.ran("Remove r1fleet's ufw rules", "comment 'r1fleet\\(-hold\\)\\{0,1\\}'$/")
     assert not remove(monkeypatch).ran("Remove r1fleet's ufw rules", "ufw --force delete")
+    # a hold left by an apply cut short (roles/exposure/decide.py ufw_apply_commands) goes too, though it is no rule
+    # of r1fleet's count
+    held = remove(monkeypatch, {"ufw show added 2>/dev/null | grep -c": ["0", "pending", "added ufw deny 11434/tcp comment 'r1fleet-hold'"]})
+    assert held.ran("Remove r1fleet's ufw rules", "ufw --force delete $rule")
 
 
 def test_a_stopped_or_failed_unit_is_cleaned_without_a_stop(monkeypatch):

@@ -67,15 +67,16 @@ def test_the_worker_serves_its_planned_gpu_on_its_pool_address_only(monkeypatch)
     assert exec_start(unit) == [RPC_SERVER, "-H", WORKER_ADDRESS, "-p", "50052", "-d", "CUDA0"]
     assert 'Environment="CUDA_VISIBLE_DEVICES=GPU-bbbb"' in unit and 'Environment="HOME=/var/lib/ggml-rpc"' in unit
     assert "User=ggml-rpc" in unit and "NoNewPrivileges=yes" in unit and "DeviceAllow=char-nvidia-frontend rw" in unit
-    # the unit talks to the head, and to the worker itself (the health check); nothing else
-    assert "IPAddressDeny=any" in unit and f"IPAddressAllow={HEAD_ADDRESS} {WORKER_ADDRESS}\n" in unit
+    # the unit talks to the head alone, with or without nftables (a `flush ruleset` leaves this filter in place)
+    assert "IPAddressDeny=any" in unit and f"IPAddressAllow={HEAD_ADDRESS}\n" in unit
     # it starts only with, and after, the firewall unit
     assert "Requires=r1fleet-rpc-firewall.service\nAfter=r1fleet-rpc-firewall.service\n" in unit
     assert "0.0.0.0" not in unit and "127.0.0.1" not in unit
     # rpc-server exits 0 when it cannot bind (an address that comes up late): restarted anyway, without a limit
     assert "\nRestart=always\n" in unit and "\nStartLimitIntervalSec=0\n" in unit and "StartLimitBurst" not in unit
-    # healthy once the pool address accepts a TCP connection (ggml RPC speaks no HTTP)
-    assert run.ran("Health of r1fleet-rpc-server.service", f"timeout 2 bash -c '</dev/tcp/{WORKER_ADDRESS}/50052'")
+    # healthy once rpc-server listens on the pool address: the worker's own connection would be dropped
+    assert run.ran("Health of r1fleet-rpc-server.service", f"ss -Hltn '( src {WORKER_ADDRESS} and sport = :50052 )'")
+    assert run.never_ran(f"/dev/tcp/{WORKER_ADDRESS}/50052")
     # the worker's own solo services are not left holding the GPU
     assert run.op_names.index("RPC worker | Pool big address 192.168.1.32 is this host's") < \
         run.op_names.index("RPC worker | rpc-server packages")
@@ -86,8 +87,8 @@ def test_the_firewall_admits_the_head_alone_and_is_loaded_before_rpc_server(monk
     rules = run.uploads[RPC_RULES_FILE]
     admit = f"ip saddr {HEAD_ADDRESS} ip daddr {WORKER_ADDRESS} tcp dport 50052 accept"
     assert admit in rules and "tcp dport 50052 counter drop" in rules
-    assert rules.index(admit) < rules.index('iifname "lo" tcp dport 50052 accept') < rules.index("counter drop")
-    assert 'oifname "lo" tcp dport 50052 meta skuid != 0 counter reject' in rules  # local users other than root
+    assert rules.index(admit) < rules.index("counter drop")
+    assert 'iifname "lo"' not in rules  # this host's users, root included, are dropped like any other peer
     assert "table inet r1fleet-rpc {" in rules and "table inet r1fleet {" not in rules  # the API's table untouched
     firewall = run.uploads[FIREWALL]
     assert "ExecStart=/usr/sbin/nft -f /etc/r1fleet/rpc-nftables.conf" in firewall
@@ -113,6 +114,12 @@ def test_rendered_rules_parse_with_nft(tmp_path, monkeypatch, addresses):
     assert result.returncode == 0, result.stderr
 
 
+def loaded(rules: str) -> list[str]:
+    """`nft list table inet r1fleet-rpc` once `rules` (a rendered rules file) are loaded: the table's block."""
+    block = rules[rules.index("table inet r1fleet-rpc {"):]
+    return [line.replace("counter drop", "counter packets 0 bytes 0 drop") for line in block.splitlines()]
+
+
 def converged(first) -> dict:
     """What the worker answers once the deploy has converged it."""
     return {
@@ -126,7 +133,7 @@ def converged(first) -> dict:
         **ff.file_content(RPC_RULES_FILE, first.uploads[RPC_RULES_FILE], mode="-rw-------"),  # root-only
         **ff.running("r1fleet-rpc-firewall.service"),
         **ff.running("r1fleet-rpc-server.service"),
-        "nft list table inet r1fleet-rpc": "present",
+        "nft list table inet r1fleet-rpc": loaded(first.uploads[RPC_RULES_FILE]),
         "dpkg -l": ff.dpkg_installed("libggml0-backend-cuda", "llama.cpp-tools-extra", "libggml0-backend-rpc", "nftables"),
     }
 
@@ -135,10 +142,17 @@ def test_a_second_run_on_a_converged_worker_changes_nothing(monkeypatch):
     first = deploy(monkeypatch)
     again = deploy(monkeypatch, responses=converged(first))
     assert not again.failed and again.changed == []
-    assert again.never_ran("systemctl restart") and again.never_ran("systemctl reload") and again.never_ran("/dev/tcp/")
+    assert again.never_ran("systemctl restart") and again.never_ran("systemctl reload") and again.never_ran("ss -Hltn")
     # a table another `flush ruleset` removed is loaded again, and only that
+    load = "Reload the RPC firewall unless it holds the planned rules"
     flushed = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-rpc": ""})
-    assert flushed.ran("Restore the RPC firewall table if something removed it", "systemctl reload r1fleet-rpc-firewall.service") and flushed.never_ran("systemctl restart")
+    assert flushed.ran(load, "systemctl reload r1fleet-rpc-firewall.service") and flushed.never_ran("systemctl restart")
+    # loaded from other rules (a run cut after writing the file, before its reload: audit M9): reloaded as well
+    other = deploy(monkeypatch, pool=pool_plan(rpc_port=50053)).uploads[RPC_RULES_FILE]
+    stale = deploy(monkeypatch, responses={**converged(first), "nft list table inet r1fleet-rpc": loaded(other)})
+    assert stale.ran(load, "systemctl reload r1fleet-rpc-firewall.service")
+    # and its port is not this one: rpc-server, still listening on 50053, is stopped before that port leaves
+    assert stale.ran("Stop r1fleet-rpc-server.service while its port changes", "systemctl stop r1fleet-rpc-server.service")
 
 
 REFUSE = {"exit 1": {"success": False}}

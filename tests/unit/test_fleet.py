@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 
 from r1fleet.cli.main import main as cli_main
 from r1fleet.errors import FleetError
-from r1fleet.fleet.file import json_schema, load_fleet
+from r1fleet.fleet.file import host_data, json_schema, load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +80,7 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
         ("hosts:\n  a: {address: 10.0.0.1, groups: [all]}\n", ["host a", "field groups", "not 'all'"]),
         # rehearsal needs a mirror for the stand-in model (M11)
         ("hosts:\n  a: {address: 10.0.0.1, rehearsal: true}\n", ["host a", "field rehearsal", "mirror"]),
-        # a profile turns off host-key checking: lab fleets only (L1)
+        # simulated hardware plans for GPUs a real host lacks: lab fleets only
         ("hosts:\n  a: {address: 10.0.0.1, profile: rtx4090}\n", ["host a", "field profile", "lab fleets only", "lab:"]),
         ("defaults: {profile: rtx4090}\nhosts:\n  a: {address: 10.0.0.1}\n", ["host a", "field profile"]),
         # a lab host's Debian release: one of the lab's images, and a lab fleet's only (issue 24)
@@ -99,6 +101,10 @@ def test_host_policy_overrides_defaults_key_by_key(tmp_path):
          ["host a", "field port", "port 22 is this host's ssh_port"]),
         ("hosts:\n  a: {address: 10.0.0.1, ssh_port: 2222, listen: 10.0.0.1, allow: [10.8.0.0/24], port: 2222}\n",
          ["host a", "field port", "port 2222 is this host's ssh_port"]),
+        # host keys are the fleet's business, never a file's: no key turns checking off (L1)
+        ("hosts:\n  a: {address: 10.0.0.1, ssh_known_hosts: /dev/null}\n", ["host a", "field ssh_known_hosts", "not permitted"]),
+        ("lab: {}\nhosts:\n  lab-4090: {address: 192.168.1.9, profile: rtx4090}\n",
+         ["host lab-4090", "field address", "the lab's host keys", "without `lab:`"]),
         # a name ends where the string ends: `$` alone also matches before a last newline (security review N8)
         ('hosts:\n  "box\\n": {address: 10.0.0.1}\n', ["box"]),
     ],
@@ -127,6 +133,28 @@ def test_pyinfra_groups_carry_connection_and_settings(tmp_path):
     assert name == "a" and groups["r1fleet"] == [(name, data)]
     assert data["ssh_hostname"] == "10.0.0.1" and data["ssh_user"] == "admin" and data["_sudo"] is True
     assert data["rehearsal"] is True and data["r1fleet"]["policy"]["min_context"] == 8192
+
+
+def test_host_key_checking_is_never_off_and_a_lab_host_is_pinned_to_the_labs_keys(tmp_path):
+    """Audit L1: a `lab:` section, a profile or --data cannot turn host-key checking off for any host; the lab's own
+    hosts (at the addresses the lab gives them) are checked against the keys the lab made for them."""
+    from r1fleet.fleet.config import HostConfig
+    from r1fleet.lab.paths import KNOWN_HOSTS
+
+    real = load_fleet(write(tmp_path, "hosts:\n  box: {address: 192.168.1.9}\n")).hosts["box"]
+    lab = load_fleet(write(tmp_path, "lab: {}\nhosts:\n  lab-4090: {profile: rtx4090, listen: 10.77.0.11, "
+                                     "allow: [10.77.0.1/32]}\n")).hosts["lab-4090"]
+    assert real.ssh_known_hosts is None and lab.ssh_known_hosts == str(KNOWN_HOSTS)
+    for entry in (real, lab):
+        data = host_data(entry)
+        assert data.get("ssh_strict_host_key_checking") in (None, "yes")
+        assert data.get("ssh_known_hosts_file") in (None, str(KNOWN_HOSTS))
+        assert "StrictHostKeyChecking=no" not in entry.ssh_args() and "/dev/null" not in " ".join(entry.ssh_args())
+    assert host_data(lab)["ssh_strict_host_key_checking"] == "yes"
+    assert ("-o", f"UserKnownHostsFile={KNOWN_HOSTS}") == lab.ssh_args()[-2:]
+    assert "ssh_strict_host_key_checking" not in host_data(real)  # pyinfra's own default: accept-new
+    overridden = HostConfig.from_host_data("box", {"r1fleet": real.model_dump(), "ssh_known_hosts": "/dev/null"})
+    assert overridden.ssh_known_hosts is None  # --data sets no host-key file
 
 
 def test_schema_covers_hosts_and_policy():
@@ -217,8 +245,39 @@ def test_an_api_key_file_is_a_private_regular_file_of_a_real_key(tmp_path):
     key.write_text("hunter2-but-only-31-characters!\n")  # 31: a guess against the lock's fingerprint
     with pytest.raises(FleetError, match=r"not an API key \(one line of 32 to 4096 printable characters\).*umask 077"):
         read_api_key(str(key), "box", "api_key_source")
-    key.write_text("x" * 32 + "\n")
-    assert read_api_key(str(key), "box", "api_key_source") == b"x" * 32 + b"\n"
+    key.write_text(KEY[:32] + "\n")
+    assert read_api_key(str(key), "box", "api_key_source") == KEY[:32].encode() + b"\n"
+
+
+@pytest.mark.parametrize("weak, why", [
+    ("x" * 40, "only 1 distinct characters"),
+    ("ab" * 20, "only 2 distinct characters"),
+    ("0123456789abcdef" * 3, "a string of 16 characters repeated"),
+    ("password" + "!" * 24 + "0123456789", "one character makes up 24 of its 42"),
+])
+def test_an_api_key_with_obviously_no_entropy_is_refused_with_the_fix(tmp_path, weak, why):
+    from r1fleet.fleet.config import read_api_key
+
+    key = tmp_path / "box.key"
+    key.write_text(weak + "\n")
+    key.chmod(0o600)
+    with pytest.raises(FleetError) as refused:
+        read_api_key(str(key), "box", "api_key_source")
+    message = str(refused.value)
+    assert f"host box: field api_key_source: {key}: not a random API key ({why})" in message
+    assert f"openssl rand -hex 32 > {key}" in message and weak not in message
+
+
+def test_random_keys_of_every_usual_shape_pass_the_entropy_screen(tmp_path):
+    from r1fleet.fleet.config import read_api_key
+
+    key = tmp_path / "box.key"
+    rng = random.Random(21)
+    for _ in range(300):  # openssl rand -hex 32, and the host's own base64 of 32 bytes
+        for text in (rng.randbytes(32).hex(), base64.b64encode(rng.randbytes(32)).decode()):
+            key.write_text(text + "\n")
+            key.chmod(0o600)
+            assert read_api_key(str(key), "box", "api_key_source") == text.encode() + b"\n"
 
 
 def test_an_api_key_that_is_a_fifo_or_a_directory_is_refused_without_waiting(tmp_path):

@@ -70,6 +70,17 @@ def test_parse_sizes_reads_bytes_sizes_and_labels_and_skips_noise():
                                   "ollama-linux-amd64.tar.zst": (7, None)}
 
 
+def test_parse_sizes_takes_ascii_digits_only():
+    # a host's poll answer is input: Unicode digits ('²', Arabic-Indic) and endless digits are noise, not counts
+    lines = ["\u00b2 - a", "12 \u00b2 b", "\u0661\u0662 - c", "1" * 5000 + " - d", "5 \u0665 e", "3 7 ok"]
+    assert parse_sizes(lines) == {"ok": (3, 7)}
+
+
+def test_build_step_takes_ascii_digits_only():
+    assert build_step(["[\u0664\u0665%] Building a.cu.o"]) is None
+    assert build_step(["[\u0661/\u0662] Building a.cu.o"]) is None
+
+
 def test_build_step_is_the_last_progress_line_of_make_or_ninja():
     assert build_step(["[ 12%] Built target ggml-base", "warning: x", "[ 45%] Building CUDA object a.cu.o", "note"]) \
         == "[ 45%] Building CUDA object a.cu.o"
@@ -333,12 +344,45 @@ def test_a_stalled_download_is_given_up_and_resumed_from_its_bytes(tmp_path, sta
     monkeypatch.setattr(common, "RETRY_WINDOW_S", 1)
     part = tmp_path / "model.gguf.part"
     cache = f"http://127.0.0.1:{closed_port()}/sha256/{SHA}"  # the controller's cache does not answer
-    steps = common.verified_fetch_steps(cache, str(part), SHA, resume=True, fallback=stalling_server)
+    steps = common.verified_fetch_steps(cache, str(part), SHA, len(BODY), resume=True, fallback=stalling_server)
     done = subprocess.run(["sh", "-c", "set -e; " + "; ".join(steps)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert part.read_bytes() == BODY
     assert Stalling.requests == ["0-", "3000-"]  # resumed where the stall left it, not started over
     assert "stalled or broke after adding bytes; resuming" in done.stderr
+
+
+class Oversized(BaseHTTPRequestHandler):
+    """Answers every GET with BODY, whatever was pinned (a hostile mirror, or the wrong file at the right URL)."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(not shutil.which("curl") or not shutil.which("sha256sum"), reason="needs curl and sha256sum")
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_host_never_downloads_more_than_the_pinned_size(tmp_path, resume):
+    """Issue 21: curl on the host stops at the artifact's pinned size (--max-filesize), from the cache or a mirror."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Oversized)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        part = tmp_path / "small.part"
+        url = f"http://127.0.0.1:{server.server_port}/small"
+        pinned = hashlib.sha256(b"x" * 1000).hexdigest()
+        steps = common.verified_fetch_steps(url, str(part), pinned, 1000, resume=resume)
+        done = subprocess.run(["sh", "-c", "set -e; " + "; ".join(steps)], capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode != 0
+    assert not part.exists() or part.stat().st_size <= 1000  # nothing past the pin reached the disk
+    assert "Maximum file size exceeded" in done.stderr
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")

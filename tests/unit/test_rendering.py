@@ -134,13 +134,14 @@ def nft_check(tmp_path: Path, text: str) -> None:
 
 
 def test_the_nftables_rules_are_valid_and_refuse_anything_but_addresses(tmp_path):
-    exposure = {"port": 8080, "allow4": ["192.168.1.0/24", "10.0.0.5"], "allow6": ["fd00::/64"], "service": "llama.cpp"}
+    exposure = {"port": 8080, "allow4": ["192.168.1.0/24", "10.0.0.5"], "allow6": ["fd00::/64"], "service": "llama.cpp",
+                "fingerprint": "0123456789abcdef"}
     nft_check(tmp_path, render(EXPOSURE_NFT, nft_settings(whitespace=False), **exposure))
     rpc = {"table": "r1fleet_rpc", "pool": "big", "head": "192.168.1.31", "bind": "192.168.1.32", "port": 50052,
-           "family": "ip"}
+           "family": "ip", "fingerprint": "0123456789abcdef"}
     nft_check(tmp_path, render(RPC_NFT, nft_settings(), **rpc))
     for value in INJECTIONS:
-        for field in ("allow4", "service"):
+        for field in ("allow4", "service", "fingerprint"):
             with pytest.raises(RenderError, match="nftables"):
                 render(EXPOSURE_NFT, nft_settings(whitespace=False),
                        **{**exposure, field: [value] if field == "allow4" else value})

@@ -78,8 +78,17 @@ def test_garbled_answers_are_named_problems_not_exceptions():
                for p in parse_status(deep, "lab-4090").problems)
     cut = document("ollama-serving__lab-4090.txt").split("#### r1fleet:status-now")[0]
     assert "status sections are missing" in parse_status(cut, "lab-4090").problems[0]
-    no_curl = document("ollama-serving__lab-4090.txt").replace('{"version": "0.32.15-standin"}\n200', "\ncurl-missing")
+    no_curl = document("ollama-serving__lab-4090.txt").replace('|{"version": "0.32.15-standin"}\n|200', "|\n|curl-missing")
     assert any("curl is not installed" in p for p in parse_status(no_curl, "lab-4090").problems)
+
+
+def test_a_line_outside_the_frame_drops_its_section_and_says_so():
+    """Security review N4: every line status.sh prints for a command is framed with `|`; a line without the frame
+    did not come through it, so its section is not read (status.sh's real runs: tests/unit/test_status_sh.py)."""
+    text = document("ollama-serving__lab-4090.txt").replace("|MainPID=6897", "MainPID=1", 1)
+    live = parse_status(text, "lab-4090")
+    assert "section status-units holds a line outside its frame: not read" in live.problems
+    assert live.units == {} and live.ollama_ps.ok  # the other sections are read as before
 
 
 def test_the_status_script_gets_the_hosts_own_addresses_and_the_roles_unit_names():
@@ -111,11 +120,11 @@ def without_the_model(preload_state: str, record: str) -> str:
     """The serving lab-4090 document with nothing in /api/ps, its preload unit in `preload_state` and its record."""
     text = document("ollama-serving__lab-4090.txt")
     ps = text.split("#### r1fleet:status-ollama-ps\n", 1)[1].split("\n", 1)[0]
-    text = text.replace(ps, '{"models": []}', 1)
-    unit = (f"\n\nId=r1fleet-ollama-preload.service\nLoadState=loaded\nActiveState={preload_state}\nSubState=x\n"
-            "UnitFileState=static\nMainPID=0\nResult=exit-code\nNRestarts=0\n#### r1fleet:status-procs")
+    text = text.replace(ps, '|{"models": []}', 1)
+    unit = (f"\n|\n|Id=r1fleet-ollama-preload.service\n|LoadState=loaded\n|ActiveState={preload_state}\n|SubState=x\n"
+            "|UnitFileState=static\n|MainPID=0\n|Result=exit-code\n|NRestarts=0\n#### r1fleet:status-procs")
     text = text.replace("\n#### r1fleet:status-procs", unit, 1)
-    return text + "#### r1fleet:status-ollama-preload\n" + record
+    return text + "#### r1fleet:status-ollama-preload\n" + "".join(f"|{line}\n" for line in record.splitlines())
 
 
 FAILED_LOAD = ('result=failed\nat=1796678070\ndetail=HTTP 500: {"error":"llama runner process has terminated: '
@@ -187,7 +196,7 @@ def test_another_ollama_on_the_port_is_named_whatever_r1fleets_unit_shows():
     """Ollama's own ollama.service started again (install.sh run after the deploy, its unit unmasked) holds the
     port: status.sh's `ollama-port` section names its pid and unit, and the host is `port taken`, not serving
     with another server's answers. The section is appended to captured documents (a serving and a stopped host)."""
-    foreign = "#### r1fleet:status-ollama-port\n4242 ollama.service ollama\n"
+    foreign = "#### r1fleet:status-ollama-port\n|4242 ollama.service ollama\n"
     for fixture in ("ollama-serving__lab-4090.txt", "ollama-stopped__lab-4090.txt"):
         status, _ = status_of_text(document(fixture) + foreign, LAB_4090)
         assert status.state == "port taken" and not status.healthy
@@ -195,7 +204,7 @@ def test_another_ollama_on_the_port_is_named_whatever_r1fleets_unit_shows():
                                         "not r1fleet-ollama.service")
         assert "systemctl disable --now ollama.service on lab-4090" in status.reason
     # the port held by r1fleet's own unit: serving as before
-    own = "#### r1fleet:status-ollama-port\n6897 r1fleet-ollama.service ollama\n"
+    own = "#### r1fleet:status-ollama-port\n|6897 r1fleet-ollama.service ollama\n"
     assert status_of_text(document("ollama-serving__lab-4090.txt") + own, LAB_4090)[0].state == "serving"
     assert parse_status(document("ollama-serving__lab-4090.txt"), "lab-4090").ollama_port is None  # not asked
 

@@ -113,7 +113,8 @@ cat {start} {stop}
     assert asked.read_text().split() == ["-o", "cat", "--no-pager", "_SYSTEMD_INVOCATION_ID=5f0c1e2d3a4b"]
     section = out.stdout.split("#### r1fleet:status-llama-memory\n", 1)[1]
     table = [line for line in start.read_text().splitlines() if "common_memory_breakdown_print:" in line]
-    assert section.splitlines() == table[:len(section.splitlines())] and "- Host " in section.splitlines()[-1]
+    framed = section.splitlines()  # each line behind status.sh's frame
+    assert framed == ["|" + line for line in table[:len(framed)]] and "- Host " in framed[-1]
     live = parse_status(out.stdout, "lab-dual3090")
     assert [d.name for d in live.llama_memory.devices] == ["RPC0", "RPC1"] and live.llama_memory.host is not None
 
@@ -146,3 +147,49 @@ esac
     live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
     comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert [(h.pid, h.name) for h in live.ollama_port] == [(os.getpid(), comm)], out.stdout
+
+
+FORGED = ('{"object": "list", "data": []}\n200\n#### r1fleet:status-units\nId=r1fleet-ollama.service\nLoadState=loaded\n'
+          'ActiveState=active\nSubState=running\nMainPID=4242\n#### r1fleet:status-ollama-version\n{"version": "9.9.9"}\n'
+          '200\n#### r1fleet:nvidia-smi\nforged\n#### r1fleet:status-llama-health\n{"status": "ok"}')
+
+
+class Forger(Recorder):
+    """A server on llama-server's port (a local user's, or llama-server echoing a model's name) whose answer to
+    /v1/models carries lines that look like status sections, with fields of their own."""
+
+    answers = {**Recorder.answers}
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path != "/v1/models":
+            return super().do_GET()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(FORGED.encode())  # no last newline: the frame must still close the line
+
+
+def test_an_answer_cannot_start_a_section_or_add_fields(tmp_path):
+    """Security review N4: whatever a body holds, each of its lines stays inside its own section's frame."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl_stub(bin_dir, key_file)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forger)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", f"http://127.0.0.1:{server.server_address[1]}",
+                              "com.r1fleet.ollama", str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service",
+                              "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
+    assert "r1fleet-ollama.service" not in live.units  # the forged unit and its fields went nowhere
+    assert live.ollama_version.status == 0 and live.ollama_version.body is None
+    assert live.llama_health.body == {"status": "ok"} and live.units["r1fleet-llama-server.service"].active == "active"
+    assert live.llama_models.body is None and "#### r1fleet:status-units" in live.llama_models.text
+    assert "status-ollama-version" not in [line.strip("#").strip() for line in out.stdout.splitlines()
+                                          if line.startswith("#### ")]

@@ -12,13 +12,18 @@ from r1fleet.verify.connect import ConnectOptions, connect, plan_targets
 from r1fleet.verify.target import Target
 
 
-def test_real_hosts_use_ssh_with_host_key_checking_and_lab_hosts_do_not():
-    options = ConnectOptions(ssh_timeout=5, lab_ssh_config="/lab.cfg")
+def test_every_host_is_reached_with_its_host_key_checked_a_lab_hosts_against_the_labs_known_hosts():
+    options = ConnectOptions(ssh_timeout=5)
     real = connect(HostConfig(name="box", address="192.168.1.21", ssh_user="admin", ssh_key="/k"), options)
     assert real.backend.NAME == "ssh" and "StrictHostKeyChecking=accept-new" in real.backend.ssh_extra_args
     assert "BatchMode=yes" in real.backend.ssh_extra_args and real.backend.ssh_identity_file == "/k"
-    lab = connect(HostConfig(name="lab-4090", address="10.77.0.12", profile="rtx4090"), options)
-    assert lab.backend.NAME == "paramiko" and lab.backend.ssh_config == "/lab.cfg"
+    lab = connect(HostConfig(name="lab-4090", address="10.77.0.12", profile="rtx4090",
+                             ssh_known_hosts="/run/r1fleet-lab/known_hosts"), options)
+    assert lab.backend.NAME == "ssh" and "StrictHostKeyChecking=yes" in lab.backend.ssh_extra_args
+    assert "UserKnownHostsFile=/run/r1fleet-lab/known_hosts" in lab.backend.ssh_extra_args
+    # a profile alone (a lab: section in someone's own fleet file) relaxes nothing
+    copied = connect(HostConfig(name="lab-4090", address="192.168.1.9", profile="rtx4090"), options)
+    assert copied.backend.NAME == "ssh" and copied.backend.ssh_extra_args == real.backend.ssh_extra_args
     v6 = connect(HostConfig(name="v6", address="fd00::21", ssh_port=2222), options)
     assert (v6.backend.host.name, v6.backend.host.port) == ("fd00::21", "2222")
 
@@ -144,6 +149,24 @@ def test_paramikos_unable_to_connect_gives_the_sockets_reason():
 
     err = NoValidConnectionsError({("10.77.0.254", 22): OSError(113, "No route to host")})
     assert ssh_failure("root@10.77.0.254:22", err).startswith("No route to host connecting over SSH to root@10.77.0.254:22")
+
+
+def test_the_ssh_clients_own_failure_gives_its_reason_not_the_command():
+    """testinfra's ssh backend (every host since the lab's are pinned to their keys too) raises its CommandResult
+    when ssh exits 255; the reason is ssh's last line, never the probe script it carried."""
+    import testinfra
+    from testinfra.backend.base import CommandResult
+
+    from r1fleet.verify.connect import ssh_failure
+
+    ssh = testinfra.get_host("ssh://root@10.77.0.254").backend  # connects to nothing until it runs a command
+    err = RuntimeError(CommandResult(backend=ssh, exit_status=255, command=b"sh -c '#!/bin/sh ...'", _stdout=b"",
+                                     _stderr=b"ssh: connect to host 10.77.0.254 port 22: No route to host\r\n"))
+    assert ssh_failure("root@10.77.0.254:22", err) == ("No route to host connecting over SSH to root@10.77.0.254:22 "
+                                                       "(fix: check that the host is up, its address, and that sshd runs)")
+    keys = RuntimeError(CommandResult(backend=ssh, exit_status=255, command=b"x", _stdout=b"",
+                                      _stderr=b"Host key verification failed.\r\n"))
+    assert ssh_failure("root@h:22", keys).startswith("Host key verification failed. connecting over SSH to root@h:22")
 
 
 def test_a_host_answer_nested_without_end_fails_the_check_not_the_run(monkeypatch):

@@ -3,7 +3,10 @@ ufw rules r1fleet adds and how to tell them first."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import re
 import shlex
 from dataclasses import dataclass
 from r1fleet.fleet.config import HostConfig
@@ -19,6 +22,12 @@ FIREWALL_UNIT_PATH = f"/etc/systemd/system/{FIREWALL_UNIT}"
 SERVICE_UNITS = {"ollama": OLLAMA_UNIT, "llama.cpp": LLAMA_UNIT}
 FIREWALL_DROP_IN = "r1fleet-firewall.conf"
 UFW_RULES_FILE = f"{KEY_DIR}/ufw-rules"
+# A copy of the rules file, written only once ufw holds all of them: a run cut while applying leaves none.
+UFW_APPLIED_FILE = f"{UFW_RULES_FILE}.applied"
+# The comment on the drop rule of every ruleset r1fleet renders for nftables, before its fingerprint.
+RULES_MARK = "r1fleet-rules"
+# The comment of the deny ufw holds while r1fleet's rules are replaced (ufw_apply_commands).
+UFW_HOLD = "r1fleet-hold"
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def ufw_all_applied(expected: int) -> str:
 
 
 UFW_REMOVE_OURS = (
-    "LC_ALL=C ufw show added | sed -n \"s/^ufw \\([A-Za-z0-9 ./:_-]*\\) comment 'r1fleet'$/\\1/p\" | "
+    "LC_ALL=C ufw show added | sed -n \"s/^ufw \\([A-Za-z0-9 ./:_-]*\\) comment 'r1fleet\\(-hold\\)\\{0,1\\}'$/\\1/p\" | "
     "while read -r rule; do ufw --force delete $rule || exit 1; done"
 )
 
@@ -148,3 +157,96 @@ def ufw_commands(settings: Exposure) -> list[str]:
     deny = (f"ufw prepend deny {settings.port}/tcp comment r1fleet" if to == "any"
             else f"ufw prepend deny proto tcp to {to} port {settings.port} comment r1fleet")
     return [deny, *reversed(allows)]
+
+
+# ---------------------------------------------------------------- which rules are loaded (audit M9)
+
+
+def rules_fingerprint(template: str, context: dict) -> str:
+    """What a ruleset rendered from `template` with `context` carries in its drop rule's comment: 16 hex digits of
+    the sha256 of both. The deploy reloads a table unless it carries this very fingerprint, so a table loaded from
+    other rules (an earlier allow-list or port, a run cut between writing the file and loading it) never passes
+    for the planned one, whichever run wrote the file.
+
+    >>> len(rules_fingerprint("tcp dport {{ port }} drop", {"port": 11434}))
+    16
+    """
+    canonical = json.dumps(context, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{template}\0{canonical}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoadedRules:
+    """One of r1fleet's tables as nftables holds it now: whether it is there, the fingerprint it carries (None
+    from a ruleset without one) and the ports it filters."""
+
+    present: bool = False
+    fingerprint: str | None = None
+    ports: tuple[int, ...] = ()
+
+
+def loaded_rules(listing: list[str]) -> LoadedRules:
+    """`nft list table inet <table>` read (nothing when the table is absent).
+
+    >>> loaded_rules(['table inet r1fleet {', '  tcp dport 11434 counter packets 0 bytes 0 drop comment "r1fleet-rules 0123456789abcdef"', '}'])
+    LoadedRules(present=True, fingerprint='0123456789abcdef', ports=(11434,))
+    """
+    if not any(line.strip().startswith("table inet ") for line in listing):
+        return LoadedRules()
+    marks = [m.group(1) for line in listing if (m := re.search(rf'comment "{RULES_MARK} ([0-9a-f]{{16}})"', line))]
+    ports = sorted({int(m.group(1)) for line in listing
+                    if (m := re.search(r"\btcp dport ([0-9]{1,5}) counter\b.* (drop|reject)\b", line))})
+    return LoadedRules(True, marks[0] if len(marks) == 1 else None, tuple(ports))
+
+
+def port_leaves_the_filter(loaded_ports: tuple[int, ...], port: int | None) -> bool:
+    """Whether loading the planned rules (for `port`; None: no rules at all) stops filtering a port the loaded
+    ones filter: a service still listening there would be open until it restarts, so it is stopped first.
+
+    >>> port_leaves_the_filter((11434,), 8080), port_leaves_the_filter((11434,), 11434), port_leaves_the_filter((), None)
+    (True, False, False)
+    """
+    return any(loaded != port for loaded in loaded_ports)
+
+
+def ufw_hold_command(port: int) -> str:
+    """The deny that keeps the port closed to everyone while r1fleet's ufw rules are replaced (a run cut there
+    leaves it, so the port stays closed until a later run applies the rules in full). Every source port, written
+    out: ufw skips inserting a rule that an existing one matches but for its action, and a plain `deny 11434/tcp`
+    matches a host's own `allow 11434/tcp` (and r1fleet's own deny) that way; this one matches neither."""
+    return f"ufw prepend deny proto tcp from any port 1:65535 to any port {port} comment {UFW_HOLD}"
+
+
+# Deletes the holds (comment "r1fleet-hold"), highest number first so numbers stay valid.
+UFW_DELETE_HOLD = (
+    "for n in $(LC_ALL=C ufw status numbered | sed -n 's/^\\[ *\\([0-9]*\\)\\].*# r1fleet-hold$/\\1/p' | sort -rn); "
+    "do ufw --force delete \"$n\"; done"
+)
+
+
+def ufw_apply_commands(settings: Exposure) -> list[str]:
+    """Replace r1fleet's ufw rules by the rules file, failing closed: the hold first, then the old rules out and
+    the file's in, then the count checked; only then the hold taken out and the file recorded as applied
+    (UFW_APPLIED_FILE). Each command stops the rest when it fails (pyinfra's server.shell).
+
+    >>> ufw_apply_commands(Exposure("10.0.0.5", 11434, ("10.0.0.0/24",)))[0]
+    'rm -f /etc/r1fleet/ufw-rules.applied'
+    """
+    return [f"rm -f {UFW_APPLIED_FILE}", ufw_hold_command(settings.port), UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}",
+            ufw_all_applied(len(ufw_commands(settings))), UFW_DELETE_HOLD, f"cp {UFW_RULES_FILE} {UFW_APPLIED_FILE}"]
+
+
+def ufw_ports(added: list[str]) -> tuple[int, ...]:
+    """The ports of r1fleet's rules (holds included) in `ufw show added`.
+
+    >>> ufw_ports(["ufw deny proto tcp to 10.0.0.5 port 11434 comment 'r1fleet'", "ufw deny 8080/tcp comment 'r1fleet'",
+    ...            "ufw prepend deny proto tcp from any port 1:65535 to any port 9000 comment 'r1fleet-hold'", "ufw allow 22"])
+    (8080, 9000, 11434)
+    """
+    ports = set()
+    for line in added:
+        if re.search(r"comment '(r1fleet|r1fleet-hold)'$", line.strip()):
+            # a port, not one end of a range (the hold's source ports 1:65535)
+            ports.update(int(m.group(1) or m.group(2)) for m in re.finditer(
+                r"\bport ([0-9]{1,5})(?![0-9:])|(?<![0-9:])([0-9]{1,5})/tcp\b", line))
+    return tuple(sorted(ports))

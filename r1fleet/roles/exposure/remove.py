@@ -17,8 +17,10 @@ from r1fleet.roles.exposure.role import UfwRules, remove_nft_table
 
 @operation()
 def remove_ufw_rules():
-    """Delete every ufw rule r1fleet added (comment "r1fleet"), active or not; the host's own rules stay."""
-    if not host.get_fact(UfwRules).get("count"):
+    """Delete every ufw rule r1fleet added (comment "r1fleet", or "r1fleet-hold" from an apply cut short), active
+    or not; the host's own rules stay."""
+    rules = host.get_fact(UfwRules)
+    if not rules.get("count") and not rules.get("ports"):
         host.noop("no r1fleet ufw rule")
         return
     yield UFW_REMOVE_OURS

@@ -12,6 +12,11 @@ table left from an earlier run is removed. With `listen`:
 ExposureRole (r1fleet/operations/stages.py) writes the key and the rules in its configure stage and loads the
 firewall in its activate stage, which runs before the backend's: the filter is in place before the service
 binds a LAN address, and the service unit requires the firewall unit, so a host is never open unfiltered.
+
+Whether the rules are loaded is read from the host, never from what changed in this run (audit M9): the table
+carries its rules' fingerprint (decide.rules_fingerprint), ufw's rules count once a copy of the file records them
+applied, so a run cut anywhere is repaired by the next. A change that would stop filtering a port the service may
+still listen on (another port, or no exposure) stops the service first; its own activate starts it again.
 """
 
 from __future__ import annotations
@@ -42,13 +47,20 @@ from r1fleet.roles.exposure.decide import (
     KEY_DIR,
     RULES_FILE,
     SERVICE_UNITS,
+    UFW_APPLIED_FILE,
+    UFW_DELETE_HOLD,
     UFW_DELETE_OURS,
     UFW_COUNT_OURS,
     UFW_RULES_FILE,
-    ufw_all_applied,
+    LoadedRules,
     exposure_for,
     firewall_drop_in,
+    loaded_rules,
+    port_leaves_the_filter,
+    rules_fingerprint,
+    ufw_apply_commands,
     ufw_commands,
+    ufw_ports,
     ufw_rules_come_first,
 )
 
@@ -135,18 +147,33 @@ def remove_nft_table(table: str = "r1fleet"):
     yield f"nft delete table inet {table}"
 
 
+class NftRules(FactBase):
+    """One of r1fleet's tables as nftables holds it now (decide.loaded_rules): present, its fingerprint, its ports."""
+
+    default = LoadedRules
+
+    def command(self, table: str = "r1fleet") -> str:
+        return f"nft list table inet {table} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> LoadedRules:
+        return loaded_rules(output)
+
+
 @operation()
-def restore_table(table: str = "r1fleet", unit: str = FIREWALL_UNIT):
-    """Reload r1fleet's rules when the table is gone (another `flush ruleset`, e.g. `systemctl start nftables`)."""
+def load_rules(fingerprint: str, table: str = "r1fleet", unit: str = FIREWALL_UNIT):
+    """Reload r1fleet's rules unless nftables holds exactly them: the table gone (another `flush ruleset`, e.g.
+    `systemctl start nftables`), or loaded from other rules (an earlier allow-list, a run cut before its reload)."""
     # the default table is read without arguments, as exposure_reads prefetches it
-    if host.get_fact(NftTable, **({} if table == "r1fleet" else {"table": table})):
-        host.noop(f"{table} nftables table present")
+    loaded = host.get_fact(NftRules, **({} if table == "r1fleet" else {"table": table}))
+    if loaded.fingerprint == fingerprint:
+        host.noop(f"{table} nftables table holds the planned rules")
         return
     yield f"systemctl reload {unit}"
 
 
 class UfwRules(FactBase):
-    """r1fleet's rules as ufw holds them: how many it added, and whether they come first.
+    """r1fleet's rules as ufw holds them: how many it added, whether they come first, whether the rules file is
+    the one last applied in full (its copy, UFW_APPLIED_FILE), and the ports of r1fleet's rules.
 
     `ufw show added` lists each added rule once (a rule without an address becomes a v4 and a v6 rule
     in `ufw status`); `ufw status numbered` is the order ufw matches in, one list per address family."""
@@ -154,24 +181,28 @@ class UfwRules(FactBase):
     default = dict
 
     def command(self) -> str:
-        return f"{UFW_COUNT_OURS}; LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true"
+        return (f"{UFW_COUNT_OURS}; cmp -s {UFW_RULES_FILE} {UFW_APPLIED_FILE} && echo applied || echo pending; "
+                "LC_ALL=C ufw show added 2>/dev/null | sed 's/^/added /'; "
+                "LC_ALL=C ufw status numbered 2>/dev/null | grep '^\\[' || true")
 
     def process(self, output: list[str]) -> dict:
         count = output[0].strip() if output else ""
-        return {"count": int(count) if count.isdecimal() else 0, "first": ufw_rules_come_first(output[1:])}
+        added = [line[len("added "):] for line in output if line.startswith("added ")]
+        numbered = [line for line in output[2:] if line.startswith("[")]
+        return {"count": int(count) if count.isdecimal() else 0, "first": ufw_rules_come_first(numbered),
+                "applied": len(output) > 1 and output[1].strip() == "applied", "ports": ufw_ports(added)}
 
 
 @operation()
-def restore_ufw_rules(expected: int):
-    """Apply the rules file again when ufw lacks some of r1fleet's rules (a half-applied run, a `ufw reset`)
-    or holds another rule before them (one added later with `ufw insert 1`)."""
+def apply_ufw_rules(settings: Exposure):
+    """Apply the rules file unless ufw holds it in full: applied since it was written (a run cut while writing or
+    applying it left no record), all of r1fleet's rules there (not a `ufw reset` since), and first (no rule added
+    later with `ufw insert 1` before them). Fails closed: ufw_apply_commands."""
     rules = host.get_fact(UfwRules)
-    if rules.get("count") == expected and rules.get("first"):
-        host.noop("r1fleet's ufw rules are in place, first")
+    if rules.get("applied") and rules.get("count") == len(ufw_commands(settings)) and rules.get("first"):
+        host.noop("r1fleet's ufw rules are applied, all of them first")
         return
-    yield UFW_DELETE_OURS
-    yield f"sh -e {UFW_RULES_FILE}"
-    yield ufw_all_applied(expected)
+    yield from ufw_apply_commands(settings)
 
 
 # ---------------------------------------------------------------- deploys
@@ -206,10 +237,10 @@ class ExposureRole(Role):
         _install(self.entry, self.plan)
 
     def configure(self) -> None:
-        self.changed = _configure(self.entry, self.plan)
+        _configure(self.entry, self.plan)
 
     def activate(self) -> None:
-        _activate(self.entry, self.plan, self.changed)
+        _activate(self.entry, self.plan)
 
 
 @deploy("Exposure")
@@ -224,11 +255,11 @@ def _install(entry: HostConfig, plan: HostPlan) -> None:
 
 
 @deploy("Exposure")
-def _configure(entry: HostConfig, plan: HostPlan):
-    """The API key, and the firewall's rules and unit; returns the operation that changed the rules, if any."""
+def _configure(entry: HostConfig, plan: HostPlan) -> None:
+    """The API key, and the firewall's rules and unit."""
     settings = _exposure_or_none(entry, plan)
     if settings is None or not settings.exposed:
-        return None
+        return
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
     if settings.needs_api_key:
         key_file = entry.api_key_file or API_KEY_FILE  # the file the unit will load
@@ -239,33 +270,41 @@ def _configure(entry: HostConfig, plan: HostPlan):
             api_key(name="llama-server API key (generated on the host, once)", path=key_file)
         files.file(name="API key root-only", path=key_file, user="root", group="root", mode="600")
     if host.get_fact(UfwActive):
-        # r1fleet's ufw rules live in a file; when it changes, they are replaced as a whole (activate), so a
-        # second run changes nothing and a narrowed allow-list really narrows.
-        return files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
-                         src=StringIO("\n".join(ufw_commands(settings)) + "\n"), dest=UFW_RULES_FILE, user="root",
-                         group="root", mode="600")
-    return _nftables_files(settings)
+        # r1fleet's ufw rules live in a file; unless ufw holds that file in full, they are replaced as a whole
+        # (activate), so a second run changes nothing and a narrowed allow-list really narrows.
+        files.put(name=f"ufw rules: port {settings.port} from the allow-list only",
+                  src=StringIO("\n".join(ufw_commands(settings)) + "\n"), dest=UFW_RULES_FILE, user="root",
+                  group="root", mode="600")
+        return
+    _nftables_files(settings)
 
 
 @deploy("Exposure")
-def _activate(entry: HostConfig, plan: HostPlan, changed) -> None:
-    """Load (or reload) the firewall before any backend starts; or remove every trace of it."""
+def _activate(entry: HostConfig, plan: HostPlan) -> None:
+    """Load (or reload) the firewall before any backend starts; or remove every trace of it. Whatever would stop
+    filtering a port a service may still listen on stops that service first (the backend's activate, next,
+    starts it again as planned)."""
     settings = _exposure_or_none(entry, plan)
     if settings is None:
         return
     if not settings.exposed:
         _close()
     elif host.get_fact(UfwActive):
-        expected = len(ufw_commands(settings))
-        server.shell(name="Apply the ufw rules", _if=changed.did_change,
-                     commands=[UFW_DELETE_OURS, f"sh -e {UFW_RULES_FILE}", ufw_all_applied(expected)])
-        restore_ufw_rules(name="Restore the ufw rules if they are not all there", expected=expected)
+        if port_leaves_the_filter(host.get_fact(UfwRules).get("ports", ()), settings.port):
+            _stop_services(f"port {settings.port} replaces it in the ufw rules")
+        apply_ufw_rules(name="Apply the ufw rules unless ufw holds them in full", settings=settings)
     else:
+        if port_leaves_the_filter(host.get_fact(NftRules).ports, settings.port):
+            _stop_services(f"port {settings.port} replaces it in the firewall")
         systemd.service(name="Load the firewall rules", service=FIREWALL_UNIT, running=True, enabled=True)
         # A reload replaces the table in one nft transaction (no gap, unlike a restart's delete then load).
-        systemd.service(name="Reload the changed firewall rules", service=FIREWALL_UNIT, reloaded=True,
-                        _if=changed.did_change)
-        restore_table(name="Restore the firewall table if something removed it")
+        load_rules(name="Reload the firewall unless it holds the planned rules", fingerprint=_fingerprint(settings))
+
+
+def _stop_services(why: str) -> None:
+    """Stop r1fleet's services before the filter of a port they may listen on goes (each only when it runs)."""
+    for unit in SERVICE_UNITS.values():
+        systemd.service(name=f"Stop {unit} while its filter changes ({why})", service=unit, running=False)
 
 
 def _exposure_or_none(entry: HostConfig, plan: HostPlan) -> Exposure | None:
@@ -282,10 +321,11 @@ def exposure_reads(entry: HostConfig, plan: HostPlan) -> list[FactRequest]:
         settings = exposure_for(entry, plan, host.name)
     except FleetError:
         return []
-    reads: list[FactRequest] = [(Which, {"command": "nft"}), (NftTable, {})]
+    reads: list[FactRequest] = [(Which, {"command": "nft"}), (NftTable, {}), (NftRules, {}),
+                                *[request for unit in SERVICE_UNITS.values() for request in service_reads(unit)]]
     if not settings.exposed:
         paths = [firewall_drop_in(backend) for backend in SERVICE_UNITS] + [FIREWALL_UNIT_PATH, RULES_FILE, UFW_RULES_FILE]
-        return reads + [(File, {"path": path}) for path in paths]
+        return reads + [(File, {"path": path}) for path in paths] + [(UfwRules, {})]
     if settings.needs_api_key:
         reads += file_reads(entry.api_key_file or API_KEY_FILE)
     drop_in = firewall_drop_in(settings.backend)
@@ -305,7 +345,11 @@ def _service_requires_firewall(backend: str) -> None:
 
 
 def _close() -> None:
-    """Nothing exposed: no r1fleet firewall unit, rules file or table."""
+    """Nothing exposed: no r1fleet firewall unit, rules file or table. A service still listening on the LAN (it
+    restarts on 127.0.0.1 in its own activate, after this) is stopped before its filter goes."""
+    ufw_ours = host.get_fact(File, path=UFW_RULES_FILE) and host.get_fact(UfwRules).get("ports")
+    if host.get_fact(NftRules).present or ufw_ours:
+        _stop_services("no longer exposed")
     for backend in SERVICE_UNITS:
         files.file(name=f"No firewall requirement for {SERVICE_UNITS[backend]}", path=firewall_drop_in(backend), present=False)
     if host.get_fact(File, path=FIREWALL_UNIT_PATH):
@@ -314,25 +358,33 @@ def _close() -> None:
         systemd.daemon_reload(name="Reload systemd")
     files.file(name="Remove the r1fleet firewall rules", path=RULES_FILE, present=False)
     if host.get_fact(File, path=UFW_RULES_FILE):
-        server.shell(name="Remove the r1fleet ufw rules", commands=[UFW_DELETE_OURS, f"rm -f {UFW_RULES_FILE}"])
+        server.shell(name="Remove the r1fleet ufw rules",
+                     commands=[UFW_DELETE_OURS, UFW_DELETE_HOLD, f"rm -f {UFW_RULES_FILE} {UFW_APPLIED_FILE}"])
     if host.get_fact(Which, command="nft"):
         remove_nft_table(name="Remove the r1fleet nftables table")
 
 
-def _nftables_files(settings: Exposure):
-    """The rules file, the unit that loads it, and the backend's requirement of it; returns the rules' operation."""
+def _rules_context(settings: Exposure) -> dict:
+    return {"port": settings.port, "allow4": list(settings.allow4), "allow6": list(settings.allow6),
+            "service": settings.backend}
+
+
+def _fingerprint(settings: Exposure) -> str:
+    return rules_fingerprint((TEMPLATES / "nftables.conf.j2").read_text(), _rules_context(settings))
+
+
+def _nftables_files(settings: Exposure) -> None:
+    """The rules file, the unit that loads it, and the backend's requirement of it."""
     nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
-    rules = files.template(
+    files.template(
         name=f"nftables rules: port {settings.port} from {', '.join(settings.allow4 + settings.allow6)} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
-        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service=settings.backend,
-        jinja_env_kwargs=nft_settings(whitespace=False))
+        fingerprint=_fingerprint(settings), **_rules_context(settings), jinja_env_kwargs=nft_settings(whitespace=False))
     unit = files.template(
         name="r1fleet firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"), dest=FIREWALL_UNIT_PATH,
         user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE, nft=nft,
         service_unit=SERVICE_UNITS[settings.backend], jinja_env_kwargs=unit_settings(whitespace=False))
     systemd.daemon_reload(name="Reload systemd for the firewall unit", _if=unit.did_change)
     _service_requires_firewall(settings.backend)
-    return rules
 
 

@@ -29,7 +29,8 @@ from r1fleet.operations.stages import HostContext, Role
 from r1fleet.records import HostPlan
 from r1fleet.render.formats import haproxy_settings, nft_settings, unit_settings
 from r1fleet.render.systemd_unit import UNIT_DIR, unit_context
-from r1fleet.roles.exposure.role import TEMPLATES as EXPOSURE_TEMPLATES, api_key, api_key_from_controller, restore_table
+from r1fleet.roles.exposure.decide import rules_fingerprint
+from r1fleet.roles.exposure.role import TEMPLATES as EXPOSURE_TEMPLATES, api_key, api_key_from_controller, load_rules
 from r1fleet.roles.gateway.decide import (
     CLIENT_KEY_CREDENTIAL,
     CLIENT_KEY_FILE,
@@ -143,14 +144,24 @@ def _configure(settings: HostConfig, gateway: GatewayPlan, exposed: bool):
     return unit_file(GATEWAY_UNIT, context), [key, models, config], rules
 
 
+def _rules_context(settings: GatewaySettings) -> dict:
+    return {"port": settings.port, "allow4": list(settings.allow4), "allow6": list(settings.allow6),
+            "service": "the gateway"}
+
+
+def _fingerprint(settings: GatewaySettings) -> str:
+    """The gateway rules' fingerprint (exposure's rules_fingerprint): the deploy reloads a table without it."""
+    return rules_fingerprint((EXPOSURE_TEMPLATES / "nftables.conf.j2").read_text(), _rules_context(settings))
+
+
 def _firewall(settings: GatewaySettings):
     """The exposure role's rules and firewall unit for the gateway's port, in the table inet r1fleet-gateway."""
     nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"
     rules = files.template(
         name=f"Gateway firewall rules: port {settings.port} from {', '.join(settings.allow)} only",
         src=str(EXPOSURE_TEMPLATES / "nftables.conf.j2"), dest=RULES_FILE, user="root", group="root", mode="600",
-        port=settings.port, allow4=list(settings.allow4), allow6=list(settings.allow6), service="the gateway",
-        table=NFT_TABLE, jinja_env_kwargs=nft_settings(whitespace=False))
+        table=NFT_TABLE, fingerprint=_fingerprint(settings), **_rules_context(settings),
+        jinja_env_kwargs=nft_settings(whitespace=False))
     unit = files.template(
         name="Gateway firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"),
         dest=FIREWALL_UNIT_PATH, user="root", group="root", mode="644", port=settings.port, rules_path=RULES_FILE,
@@ -166,8 +177,8 @@ def _activate(gateway: GatewayPlan, exposed: bool, unit, used: list, rules) -> N
         systemd.service(name="Load the gateway firewall", service=FIREWALL_UNIT, running=True, enabled=True)
         systemd.service(name="Reload the changed gateway firewall", service=FIREWALL_UNIT, reloaded=True,
                         _if=rules.did_change)
-        restore_table(name="Restore the gateway firewall table if something removed it", table=NFT_TABLE,
-                      unit=FIREWALL_UNIT)
+        load_rules(name="Reload the gateway firewall unless it holds the planned rules",
+                   fingerprint=_fingerprint(gateway.settings), table=NFT_TABLE, unit=FIREWALL_UNIT)
     address = "127.0.0.1" if is_loopback(gateway.settings.listen) or gateway.settings.listen in ("0.0.0.0", "::") \
         else gateway.settings.listen
     converge_service(GATEWAY_UNIT, unit, used, f"http://{host_port(address, gateway.settings.port)}/health",

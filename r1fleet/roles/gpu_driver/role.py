@@ -191,6 +191,11 @@ def wait_for_kernel_module(module: str, timeout_s: int = 900, interval_s: int = 
         "2>/dev/null; journalctl -u akmods -n 20 --no-pager 2>/dev/null; } >&2; exit 1")
 
 
+# The most a signing key or a repository's release RPM may be (a few KiB each): a server answering more is not
+# serving one, and no host's disk fills with it (curl(1) --max-filesize).
+SMALL_DOWNLOAD_MAX_BYTES = 1 << 20
+
+
 @operation()
 def verified_key(src: str, dest: str, fingerprint: str | None = None, sha1: str | None = None):
     """Download an apt signing key once, kept only if it has the pinned fingerprint (or file sha1)."""
@@ -207,7 +212,7 @@ def verified_key(src: str, dest: str, fingerprint: str | None = None, sha1: str 
                  f" || {{ rm -f {shlex.quote(tmp)}; echo 'r1fleet: {src} is not the key with sha1 {sha1}' >&2; exit 1; }}")
     yield StringCommand(
         f"install -d -m 0755 {shlex.quote(dest.rsplit('/', 1)[0])} && "
-        f"curl -fsSL --proto '=https' {shlex.quote(src)} -o {shlex.quote(tmp)}{check}; "
+        f"curl -fsSL --proto '=https' --max-filesize {SMALL_DOWNLOAD_MAX_BYTES} {shlex.quote(src)} -o {shlex.quote(tmp)}{check}; "
         f"chmod 0644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
 
 
@@ -226,7 +231,7 @@ def signed_release_rpm(src: str, keys: list[str]):
     # rpmkeys -K exits non-zero for a bad or missing signature (NOKEY) as well as a bad digest
     yield StringCommand(
         f"rpmkeys --import {' '.join(shlex.quote(k) for k in keys)} && "
-        f"curl -fsSL --proto '=https' {shlex.quote(src)} -o {tmp} && "
+        f"curl -fsSL --proto '=https' --max-filesize {SMALL_DOWNLOAD_MAX_BYTES} {shlex.quote(src)} -o {tmp} && "
         f"{{ rpmkeys -K {tmp} | grep -q 'signatures OK' || {{ rm -f {tmp}; echo {message} >&2; exit 1; }}; }} && "
         f"dnf install -y {tmp}; status=$?; rm -f {tmp}; exit $status")
 

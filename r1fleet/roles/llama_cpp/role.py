@@ -102,7 +102,7 @@ def build_from_source(tag: str, url: str, sha256: str, flags: tuple[str, ...]):
             "of the pinned Ollama archive, which brings its own CUDA runtime' >&2; exit 1; }"
         )
     steps += [
-        *verified_fetch_steps(url, '"$tmp/src.tar.gz"', sha256),
+        *verified_fetch_steps(url, '"$tmp/src.tar.gz"', sha256, None),  # pinned by sha256 alone (versions.yaml)
         'tar -C "$tmp" -xzf "$tmp/src.tar.gz"',
         'src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)',
         # Static llama/ggml libraries (the CUDA runtime stays the toolkit's shared libraries).

@@ -27,6 +27,7 @@ from pyinfra.operations import brew, files, server
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.fleet.config import DEFAULT_PORTS, HostConfig
 from r1fleet.artifacts.pins import Download, model_download
+from r1fleet.cache.download import UNSIZED_MAX_BYTES
 from r1fleet.roles.ollama.decide import LOAD_CHECK_INTERVAL_S, imports_stand_in, ollama_load_check, ollama_models_dir
 from r1fleet.roles.ollama.decide import ollama_environment as linux_ollama_environment
 from r1fleet.plan.memory import constants
@@ -202,7 +203,8 @@ def _install(entry: HostConfig) -> tuple[str | None, list]:
         # Downloaded into the root-owned release directory, not pyinfra's predictable name in /tmp, where a
         # local user could plant a link before root writes through it.
         fetched = files.download(name=f"Ollama {version} for macOS", src=url, dest=archive, sha256sum=sha256,
-                                 temp_dir=directory, _sudo=True)
+                                 temp_dir=directory, extra_curl_args={"--max-filesize": str(UNSIZED_MAX_BYTES)},
+                                 _sudo=True)
         server.shell(name="Unpack Ollama", commands=[f"tar -xzf {archive} -C {directory}"], _if=fetched.did_change,
                      _sudo=True)
         binary = f"{directory}/ollama"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from pyinfra import host
 from pyinfra.api import operation
@@ -26,16 +26,19 @@ from r1fleet.lock.match import fleet_lock, relock_command
 from r1fleet.records import HostPlan
 from r1fleet.cache.registry import (
     MANIFEST_ACCEPT,
+    MANIFEST_MAX_BYTES,
     ModelName,
     RegistryModel,
     ManifestMoved,
     blob_name,
     cached_manifest,
     manifest_name,
+    ollama_manifest_path,
+    stored_manifest_problem,
 )
 from r1fleet.operations import fleet_cache
 from r1fleet.operations.common import HttpJson, exclusive, model_names, refusal, verified_fetch_steps
-from r1fleet.operations.host_progress import file_poll, file_size, ollama_blobs_poll, watching
+from r1fleet.operations.host_progress import file_poll, file_size, ollama_blobs_poll, read_on_host, watching
 from r1fleet.roles.ollama.decide import pull_command, registry_of, weights_digest
 
 INCOMING = ".r1fleet-incoming"  # beside blobs/ in the store: Ollama prunes unreferenced files in blobs/ at start
@@ -147,8 +150,7 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
     yield from resolved.commands()
     fetch = resolved.value or RegistryFetch(refused=f"nothing to place for {tag}")
     if fetch.pull:
-        with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
-            yield pull_command(tag, api, binary)
+        yield from checked_pull(tag, api, binary, models_dir, source.weights if isinstance(source, RegistrySource) else None)
         return
     if fetch.model is None:
         yield refusal(fetch.refused or f"nothing to place for {tag}")
@@ -171,12 +173,13 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
         stored, part = q(f"{models_dir}/blobs/sha256-{blob.sha256}"), q(f"{incoming}/sha256-{blob.sha256}")
         # A blob already in the store with its size is kept, as Ollama's own pull does (server/download.go
         # downloadBlob: an existing blob is a cache hit, not verified again).
-        get = "; ".join([*verified_fetch_steps(blob.url or "", part, blob.sha256, resume=True, fallback=blob.fallback_url),
+        get = "; ".join([*verified_fetch_steps(blob.url or "", part, blob.sha256, blob.size, resume=True,
+                                               fallback=blob.fallback_url),
                          f"mv -f {part} {stored}"])
         steps.append(f'if [ "$({file_size(stored)})" != "{blob.size}" ]; then {get}; else rm -f {part}; fi')
     part = q(f"{incoming}/manifest")
     # The blobs are in the store: now the manifest, which makes Ollama list the tag.
-    steps += [*verified_fetch_steps(manifest.url or "", part, manifest.sha256, fallback=manifest.fallback_url,
+    steps += [*verified_fetch_steps(manifest.url or "", part, manifest.sha256, manifest.size, fallback=manifest.fallback_url,
                                     header=f"Accept: {MANIFEST_ACCEPT}"),
               f"mv -f {part} {q(path)}", f"rmdir {q(incoming)}"]
     # As the service user: the store is its own, and root writes nothing where that user could have put a link.
@@ -186,3 +189,30 @@ def place_registry_model(source: RegistrySource | RegistryFetch, tag: str, api: 
                       sizes={blob.sha256[:12]: blob.size for blob in blobs})
     with watching(tag, parts, resumable=True):
         yield script
+
+
+def checked_pull(tag: str, api: str, binary: str, models_dir: str, weights: str | None) -> Iterator:
+    """An operation's commands: `ollama pull` of the tag, then its weights checked as a placement's are (one model
+    layer, the pinned one, nothing but text beside it: r1fleet/cache/registry.py weights_problem), read back from
+    the store right after the pull. Other weights, or none pinned to check against, fail the host with the reason
+    and take the tag's manifest out of the store, so a restarted server does not list it and the next deploy pulls
+    and checks again."""
+    with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
+        yield pull_command(tag, api, binary)
+    check = fleet_cache.WhenRun(None, lambda state, run_host: pulled_weights_problem(run_host, tag, models_dir, weights))
+    yield from check.commands()
+    if check.value:
+        yield f"rm -f {shlex.quote(ollama_manifest_path(models_dir, tag))}; {refusal(check.value)}"
+
+
+def pulled_weights_problem(run_host, tag: str, models_dir: str, weights: str | None) -> str | None:
+    """Controller side, right after the pull: why the tag in the host's store is not the pinned weights, or None."""
+    fix = "pin another model, or update catalog.yaml's ollama_digest once you trust the new weights"
+    if weights is None:
+        return f"no weights digest is pinned for {tag} to check what `ollama pull` brought (fix: {fix})"
+    path = ollama_manifest_path(models_dir, tag)
+    lines = read_on_host(run_host, f"head -c {MANIFEST_MAX_BYTES + 1} {shlex.quote(path)}")
+    if lines is None:
+        return f"`ollama pull {tag}` left no manifest to check at {path} (fix: run the deploy again)"
+    problem = stored_manifest_problem("\n".join(lines).encode(), weights)
+    return f"`ollama pull {tag}` brought other weights than the pinned ones: {problem} (fix: {fix})" if problem else None

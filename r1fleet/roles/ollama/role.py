@@ -38,10 +38,10 @@ from r1fleet.roles.ollama.takeover import (
     retire_official_install,
 )
 from r1fleet.operations.fleet_cache import routed
-from r1fleet.operations.host_progress import file_poll, newest, ollama_blobs_poll, watching
+from r1fleet.operations.host_progress import file_poll, newest, watching
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, link_reads, package_reads
 from r1fleet.artifacts.pins import Download, model_download
-from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, place_registry_model, registry_source
+from r1fleet.roles.ollama.registry import RegistryFetch, RegistrySource, checked_pull, place_registry_model, registry_source
 from r1fleet.artifacts.ollama_release import OLLAMA_ROOT, OllamaRelease, host_release
 from r1fleet.roles.ollama.decide import (
     API_WAIT_S,
@@ -49,7 +49,6 @@ from r1fleet.roles.ollama.decide import (
     IMPORT_RECORD,
     PRELOAD_RECORD,
     PRELOAD_UNIT,
-    pull_command,
     weights_label,
     MODELFILE,
     import_dir,
@@ -64,6 +63,7 @@ from r1fleet.roles.ollama.decide import (
     ollama_tag_digest,
     preload_unit_context,
     takes_from_registry,
+    weights_digest,
 )
 from r1fleet.render.formats import unit_settings
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, UNIT_DIR, health_timeout_s, unit_context
@@ -121,7 +121,7 @@ def install_release(release: OllamaRelease):
     ]
     for asset in routing.value:
         archive = f'"$tmp"/{q(asset.name)}'
-        steps += verified_fetch_steps(asset.url, archive, asset.sha256, fallback=asset.fallback_url)
+        steps += verified_fetch_steps(asset.url, archive, asset.sha256, asset.size, fallback=asset.fallback_url)
         if asset.name.endswith(".tar.zst"):
             steps.append(f'zstd -dc {archive} | tar -C "$tmp/tree" -xf -')
         else:
@@ -151,14 +151,14 @@ def prune_releases(keep: str):
 
 
 @operation()
-def pull_model(tag: str, api: str, binary: str, models_dir: str):
+def pull_model(tag: str, api: str, binary: str, models_dir: str, weights: str | None):
     """`ollama pull <tag>` unless /api/tags already lists it (`r1fleet verify` checks its weights' digest), its
-    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs."""
+    progress read from the server's store (`models_dir`, its OLLAMA_MODELS) while it runs, and what it brought
+    checked against the pinned `weights` right after (checked_pull)."""
     if tag in model_names(host.get_fact(HttpJson, url=f"{api}/api/tags")):
         host.noop(f"model {tag} present")
         return
-    with watching(tag, ollama_blobs_poll(models_dir), resumable=True):
-        yield pull_command(tag, api, binary)
+    yield from checked_pull(tag, api, binary, models_dir, weights)
 
 
 class JsonFile(FactBase):
@@ -392,7 +392,8 @@ def ollama_model(plan: HostPlan, settings: HostConfig, binary: str, download: Do
         place_registry_model(name=f"Model {tag}{weights_label(plan)}", source=registry,
                              tag=tag, api=api, models_dir=ollama_models_dir(settings), user=USER, binary=binary)
     else:
-        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings))
+        pull_model(name=f"Pull {tag}", tag=tag, api=api, binary=binary, models_dir=ollama_models_dir(settings),
+                   weights=weights_digest(plan))
     if preload_bound_s is not None:
         load_through_preload_unit(name=f"Preload {tag}", tag=tag, api=api, bound_s=preload_bound_s)
     else:

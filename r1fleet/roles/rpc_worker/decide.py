@@ -8,6 +8,12 @@ conversations) included. So a worker's rpc-server binds one address, the worker'
 a wildcard, never loopback: the head must reach it), and its firewall admits one peer to the port, the head's single
 address. Any setting that would open it wider is refused here (R1FleetError naming pool, host, field and fix).
 
+Two filters hold the port, each on its own: nftables (`table inet r1fleet-rpc`) and systemd's IP filter on the
+service's own sockets (IPAddressDeny=any, IPAddressAllow= the head alone, cgroup BPF: systemd.resource-control(5)).
+A `flush ruleset` (Debian's nftables.service, a user's own rules) or a deleted table leaves the second in place, so
+the port still admits the head alone, this host's users included, until the next deploy restores the table. The
+unit also requires the firewall unit, so it never starts when the rules cannot be loaded.
+
 A member's pool address is its fleet `address` (the one the controller reaches it by) unless the caller names
 another; it must be an IP address: a DNS name can change, or resolve to several addresses.
 """

@@ -3,10 +3,11 @@
 Install: the worker's own solo services retired (the pool needs its GPU memory), a check that the pool address is
 one of the host's, Debian's rpc-server package with the GPU backend the worker needs and the RPC backend
 (decide.rpc_worker_install: the llama.cpp role's sourcing, refused where it has no rpc-server), nftables, and the
-`ggml-rpc` system user. Configure: the rules (`table inet r1fleet-rpc`: the head's address to the port, loopback for
-root's own health check, everyone else dropped), the unit that loads them (exposure's firewall unit template), and
-the hardened r1fleet-rpc-server.service, which requires that firewall unit. Activate: the firewall, then the
-service, healthy once its port accepts a TCP connection from the worker itself.
+`ggml-rpc` system user. Configure: the rules (`table inet r1fleet-rpc`: the head's address to the port, everyone
+else dropped, this host's own users included), the unit that loads them (exposure's firewall unit template), and
+the hardened r1fleet-rpc-server.service, which requires that firewall unit and whose own IPAddressAllow admits the
+head alone, so the port stays the head's with the table gone. Activate: the firewall, then the service, healthy
+once it listens on the pool address.
 
 Built from a validated RpcWorker (decide.rpc_worker: refuses any setting that opens the port wider); see
 decide.py for the security model.
@@ -39,8 +40,8 @@ from r1fleet.operations.common import (
     service_user_reads,
     unit_file,
 )
-from r1fleet.roles.exposure.decide import KEY_DIR
-from r1fleet.roles.exposure.role import NftTable, restore_table
+from r1fleet.roles.exposure.decide import KEY_DIR, port_leaves_the_filter, rules_fingerprint
+from r1fleet.roles.exposure.role import NftRules, load_rules
 from r1fleet.operations.fact_batch import FactRequest, directory_reads, file_reads, package_reads, service_reads
 from r1fleet.artifacts.llama_cpp_install import LlamaInstall
 from r1fleet.roles.rpc_worker.decide import (
@@ -65,7 +66,7 @@ from r1fleet.roles.rpc_worker.decide import (
 from r1fleet.operations.stages import HostContext, Role
 from r1fleet.render.formats import nft_settings, unit_settings
 from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_PRELOAD_UNIT, OLLAMA_UNIT, UNIT_DIR, unit_context
-from r1fleet.operations.tcp_health import TcpHealth
+from r1fleet.operations.tcp_health import ListenHealth
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FIREWALL_UNIT_PATH = f"{UNIT_DIR}/{RPC_FIREWALL_UNIT}"
@@ -137,10 +138,10 @@ class RpcWorkerRole(Role):
         self.changed = _install(self.worker, self.rpc)
 
     def configure(self) -> None:
-        self.unit, self.rules = _configure(self.worker, self.settings, self.rpc, self.versions)
+        self.unit = _configure(self.worker, self.settings, self.rpc, self.versions)
 
     def activate(self) -> None:
-        _activate(self.worker, self.rpc, self.unit, self.rules, self.changed)
+        _activate(self.worker, self.rpc, self.unit, self.changed)
 
 
 @deploy("RPC worker")
@@ -162,10 +163,10 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall, v
     """The firewall's rules and unit, and rpc-server's unit (which requires the firewall's, and checks before each
     start that the worker still runs the pool's llama.cpp version)."""
     files.directory(name="r1fleet configuration directory", path=KEY_DIR, user="root", group="root", mode="700")
-    rules = files.template(
+    files.template(
         name=f"RPC firewall rules: port {worker.port} from the head {worker.head} only",
         src=str(TEMPLATES / "nftables.conf.j2"), dest=RPC_RULES_FILE, user="root", group="root",
-        mode="600", jinja_env_kwargs=nft_settings(), **firewall_context(worker))
+        mode="600", jinja_env_kwargs=nft_settings(), fingerprint=_fingerprint(worker), **firewall_context(worker))
     nft = host.get_fact(Which, command="nft") or "/usr/sbin/nft"  # installed by _install when missing
     firewall_unit = files.template(
         name="RPC firewall unit", src=str(SHARED_TEMPLATES / "r1fleet-firewall.service.j2"),
@@ -181,8 +182,10 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall, v
         environment=rpc_environment(worker, install),
         read_write_paths=[HOME],
         restrict_ip=True,
-        # the head, and the worker's own address: the deploy's health check connects from the worker itself
-        ip_allow=[worker.head, worker.bind],
+        # The head alone, whatever happens to nftables (a `flush ruleset`, the table deleted): systemd's own
+        # filter on the service's sockets drops every other peer, this host's users included. So the deploy's
+        # health check only sees that rpc-server listens; it does not connect.
+        ip_allow=[worker.head],
         requires=[RPC_FIREWALL_UNIT],
         exec_start_pre=["/bin/bash", "-c", check] if (check := version_check(worker.pool, worker.host, "worker", versions)) else [],
         # rpc-server exits 0 when it cannot bind its address (one that comes up late at boot) or meets an unknown
@@ -190,18 +193,24 @@ def _configure(worker: RpcWorker, settings: HostConfig, install: LlamaInstall, v
         # 0c1e570), so Restart=on-failure would leave it dead
         restart_always=True,
     )
-    return unit_file(RPC_UNIT, context), rules
+    return unit_file(RPC_UNIT, context)
+
+
+def _fingerprint(worker: RpcWorker) -> str:
+    """The RPC rules' fingerprint (exposure's rules_fingerprint): the deploy reloads a table without it."""
+    return rules_fingerprint((TEMPLATES / "nftables.conf.j2").read_text(), firewall_context(worker))
 
 
 @deploy("RPC worker")
-def _activate(worker: RpcWorker, install: LlamaInstall, unit, rules, changed: list) -> None:
-    """The firewall first (a reload replaces the table in one nft transaction), then rpc-server."""
+def _activate(worker: RpcWorker, install: LlamaInstall, unit, changed: list) -> None:
+    """The firewall first (a reload replaces the table in one nft transaction), then rpc-server. A worker whose
+    port changes has its rpc-server stopped before the old port leaves the filter."""
+    if port_leaves_the_filter(host.get_fact(NftRules, table=RPC_TABLE).ports, worker.port):
+        systemd.service(name=f"Stop {RPC_UNIT} while its port changes", service=RPC_UNIT, running=False)
     systemd.service(name="Load the RPC firewall rules", service=RPC_FIREWALL_UNIT, running=True, enabled=True)
-    systemd.service(name="Reload the changed RPC firewall rules", service=RPC_FIREWALL_UNIT, reloaded=True,
-                    _if=rules.did_change)
-    restore_table(name="Restore the RPC firewall table if something removed it", table=RPC_TABLE,
-                  unit=RPC_FIREWALL_UNIT)
-    converge_service(RPC_UNIT, unit, changed, TcpHealth(worker.bind, worker.port), HEALTH_S,
+    load_rules(name="Reload the RPC firewall unless it holds the planned rules", fingerprint=_fingerprint(worker),
+               table=RPC_TABLE, unit=RPC_FIREWALL_UNIT)
+    converge_service(RPC_UNIT, unit, changed, ListenHealth(worker.bind, worker.port), HEALTH_S,
                      files_used=(install.binary,))
 
 
@@ -210,7 +219,7 @@ def rpc_worker_reads(install: LlamaInstall) -> list[FactRequest]:
     return [*retire_service_reads(OLLAMA_PRELOAD_UNIT), *retire_service_reads(OLLAMA_UNIT), *retire_service_reads(LLAMA_UNIT), (HostAddresses, {}),
             *package_reads(), (File, {"path": install.binary}), *service_user_reads(USER, HOME),
             *directory_reads(KEY_DIR), *file_reads(RPC_RULES_FILE), (Which, {"command": "nft"}),
-            *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftTable, {"table": RPC_TABLE}),
+            *file_reads(FIREWALL_UNIT_PATH), *service_reads(RPC_FIREWALL_UNIT), (NftRules, {"table": RPC_TABLE}),
             *converge_service_reads(RPC_UNIT, (install.binary,))]
 
 

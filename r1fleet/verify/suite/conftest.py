@@ -20,7 +20,6 @@ table r1fleet/verify/table.py.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
@@ -31,7 +30,7 @@ from r1fleet.errors import R1FleetError
 from r1fleet.fleet.file import Fleet, load_fleet
 from r1fleet.lock.match import lock_path, read_lock, relock_fleet
 from r1fleet.records import HostPlan
-from r1fleet.verify.connect import ConnectOptions, connect_and_probe_all, plan_targets, write_lab_ssh_config
+from r1fleet.verify.connect import ConnectOptions, connect_and_probe_all, plan_targets
 from r1fleet.verify.table import HostResult, host_result, results_table
 from r1fleet.verify.target import Target
 
@@ -86,7 +85,7 @@ def _selected_hosts(session: pytest.Session) -> list[str]:
     return names
 
 
-def connect_options(config: pytest.Config, lab_ssh_config: str) -> ConnectOptions:
+def connect_options(config: pytest.Config) -> ConnectOptions:
     """How this run reaches its hosts: an Ansible inventory alone means testinfra's Ansible backend."""
     inventory = config.getoption("ansible_inventory", None)
     fleet = fleet_of(config)
@@ -96,7 +95,6 @@ def connect_options(config: pytest.Config, lab_ssh_config: str) -> ConnectOption
         fleet=relock_fleet(fleet.source),
         ssh_timeout=config.getoption("--ssh-timeout"),
         ansible_inventory=inventory if inventory and not config.getoption("--fleet") else None,
-        lab_ssh_config=lab_ssh_config,
         rehearsal=bool(config.getoption("--rehearsal")),
     )
 
@@ -106,8 +104,6 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
     """Every selected host, connected, probed and planned in parallel (once per session)."""
     config = request.config
     fleet = fleet_of(config)
-    lab_ssh_config = write_lab_ssh_config()
-    request.addfinalizer(lambda: os.unlink(lab_ssh_config))
     chosen = {
         name: Target(
             fleet.hosts[name],
@@ -116,7 +112,7 @@ def targets(request: pytest.FixtureRequest) -> dict[str, Target]:
         )
         for name in _selected_hosts(request.session)
     }
-    options = connect_options(config, lab_ssh_config)
+    options = connect_options(config)
     connect_and_probe_all(chosen, options)
     plan_targets(fleet.pools, chosen, options)
     reporter = config.pluginmanager.get_plugin(REPORTER_NAME)
