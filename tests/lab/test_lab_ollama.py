@@ -340,3 +340,31 @@ def test_every_host_answers_the_official_openai_client(lab, ssh):
             tunnel.terminate()
             tunnel.wait(10)
     assert len(names) == 1, names  # one naming across backends: the plan's Ollama tag
+
+
+def test_a_registry_model_with_a_go_template_is_rendered_by_ollama_and_refuses_thinking(lab, ssh):
+    """lab-3060 takes its model from the lab's registry with a Go template layer, as the library's tags carry one:
+    the stand-in renders the prompt itself and starts its runner without the GGUF's template (`--no-jinja`, the
+    prompt arrives at /completion); the template has no thinking field, so `think: true` is a 400 and a plain chat
+    answers."""
+    host = "lab-3060"
+    converged = deploy("--limit", host)
+    assert converged.returncode == 0, converged.stderr[-3000:]
+
+    def api(path: str, body: dict) -> tuple[int, dict]:
+        out = ssh(host, f"curl -sS -m 120 -w '\\n%{{http_code}}' {API}{path} -d {shlex.quote(json.dumps(body))}")
+        text, _, code = out.stdout.rstrip("\n").rpartition("\n")
+        return int(code), json.loads(text) if text.strip() else {}
+
+    tags = json.loads(ssh(host, f"curl -sS {API}/api/tags").stdout)
+    [model] = [m["name"] for m in tags["models"]]
+    code, shown = api("/api/show", {"model": model})
+    assert code == 200 and shown["capabilities"] == ["completion"] and "{{- range .Messages }}" in shown["template"], shown
+    ask = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "stream": False,
+           "options": {"num_predict": 8}}
+    code, refused = api("/api/chat", {**ask, "think": True})
+    assert code == 400 and "does not support thinking" in refused.get("error", ""), refused
+    code, answered = api("/api/chat", ask)
+    assert code == 200 and answered["message"]["role"] == "assistant" and answered["done"], answered
+    runner = ssh(host, "ps -eo args | grep '[l]lama-server'").stdout
+    assert "--no-jinja" in runner and "--chat-template chatml" in runner, runner

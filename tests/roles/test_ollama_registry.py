@@ -105,7 +105,8 @@ def test_the_lab_registry_serves_a_manifest_whose_weights_are_the_gguf(published
     assert published["accepts"] == [MANIFEST_ACCEPT]  # asked as Ollama asks
     model = read_manifest(data, TAG, published["sha"])
     assert model.manifest.sha256 == hashlib.sha256(data).hexdigest() and model.manifest.size == len(data)
-    config, weights = model.blobs
+    config, weights, template = model.blobs  # the model layer first, then the template, as the library orders them
+    assert template.size == len(lab_registry.CHATML_TEMPLATE.encode())
     assert weights.sha256 == published["sha"] and weights.size == published["gguf"].stat().st_size
     # every blob the manifest names is served by its digest, with those very bytes
     import urllib.request
@@ -145,7 +146,7 @@ def _layers_twice(document):
 
 
 def _digest_twice(document):
-    document["layers"][-1]["Digest"] = "sha256:" + "d" * 64
+    document["layers"][0]["Digest"] = "sha256:" + "d" * 64
 
 
 def _a_list(document):
@@ -193,19 +194,19 @@ def _with_layer(document: dict, index: int, **changes) -> bytes:
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda d: _with_layer(d, -1, size=float("inf")), "Infinity is not a JSON number"),
-    (lambda d: _with_layer(d, -1, size=float("nan")), "NaN is not a JSON number"),
+    (lambda d: _with_layer(d, 0, size=float("inf")), "Infinity is not a JSON number"),
+    (lambda d: _with_layer(d, 0, size=float("nan")), "NaN is not a JSON number"),
     (lambda d: b"[" * 400_000 + b"]" * 400_000, "nested deeper than 16 levels"),
     (lambda d: json.dumps({**d, "x": json.loads("[" * 17 + "]" * 17)}).encode(), "nested deeper than 16"),
-    (lambda d: _with_layer(d, -1, size=10 ** 15), "is not a number of bytes from 0 to 274,877,906,944"),
+    (lambda d: _with_layer(d, 0, size=10 ** 15), "is not a number of bytes from 0 to 274,877,906,944"),
     (lambda d: json.dumps({**d, "config": {**d["config"], "size": 2 << 20}}).encode(), "from 0 to 1,048,576"),
     (lambda d: json.dumps({**d, "layers": [*d["layers"], {"mediaType": "application/vnd.ollama.image.template",
                                                           "digest": "sha256:" + "e" * 64, "size": 2 << 20}]}).encode(),
      "from 0 to 1,048,576"),
-    (lambda d: _with_layer(d, -1, size=-1), "size -1"),
-    (lambda d: _with_layer(d, -1, size="4096"), "size '4096'"),
-    (lambda d: _with_layer(d, -1, size=4096.5), "size 4096.5"),
-    (lambda d: _with_layer(d, -1, size=True), "size True"),
+    (lambda d: _with_layer(d, 0, size=-1), "size -1"),
+    (lambda d: _with_layer(d, 0, size="4096"), "size '4096'"),
+    (lambda d: _with_layer(d, 0, size=4096.5), "size 4096.5"),
+    (lambda d: _with_layer(d, 0, size=True), "size True"),
     (lambda d: json.dumps({**d, "config": "x"}).encode(), "'x' is not a layer"),
     (lambda d: json.dumps({**d, "layers": {"a": 1}}).encode(), "no config and layers"),
     (lambda d: b'{"layers": "\xff"}'.replace(b"\\xff", b"\xff"), "utf-8"),
@@ -217,7 +218,7 @@ def test_a_manifest_is_parsed_totally_and_bounded(tmp_path, make, reason):
     gguf.write_bytes(b"GGUF" + bytes(range(256)))
     sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
     document = json.loads(lab_registry.publish(tmp_path / "mirror", TAG, gguf, sha, "llama", "Q4_1").read_bytes())
-    assert read_manifest(json.dumps(document).encode(), TAG, sha).blobs[-1].sha256 == sha
+    assert read_manifest(json.dumps(document).encode(), TAG, sha).blobs[1].sha256 == sha
     with pytest.raises(R1FleetError, match="not an Ollama manifest") as refused:
         read_manifest(make(document), TAG, sha)
     assert reason in str(refused.value)
