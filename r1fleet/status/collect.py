@@ -29,10 +29,15 @@ STATUS_SCRIPT = Path(__file__).with_name("status.sh")
 SSH_TIMEOUT_S = 5  # a status is a glance: a host that has not answered SSH in 5 s is reported down
 
 
+def status_arguments(ollama_api: str, llama_api: str, preload_record: str = PRELOAD_RECORD) -> list[str]:
+    """status.sh's positional arguments, in its order: the two local APIs, the Mac's label, the preload's record,
+    then the units it reports."""
+    return [ollama_api, llama_api, MACOS_LABEL, preload_record, OLLAMA_UNIT, LLAMA_UNIT, RPC_UNIT, PRELOAD_UNIT]
+
+
 def status_command(entry: HostConfig) -> str:
     """The shell command that prints the host's status sections, for its service's own addresses and units."""
-    args = [entry.local_api("ollama"), entry.local_api("llama.cpp"), MACOS_LABEL, PRELOAD_RECORD, OLLAMA_UNIT, LLAMA_UNIT,
-            RPC_UNIT, PRELOAD_UNIT]
+    args = status_arguments(entry.local_api("ollama"), entry.local_api("llama.cpp"))
     script = STATUS_SCRIPT.read_text(encoding="utf-8")
     return f"sh -c {shlex.quote(script)} r1fleet-status " + " ".join(shlex.quote(a) for a in args)
 

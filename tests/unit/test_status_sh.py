@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from r1fleet.status.collect import STATUS_SCRIPT
+from r1fleet.status.collect import STATUS_SCRIPT, status_arguments
 from r1fleet.status.readings import parse_status
 
 DASH = shutil.which("dash")
@@ -70,8 +70,7 @@ def test_llama_server_is_asked_with_its_key_in_a_header_and_ollama_not_at_all(tm
     url = f"http://127.0.0.1:{server.server_address[1]}"
     Recorder.seen = []
     try:
-        out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", url, "com.r1fleet.ollama",
-                              str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), *status_arguments("http://127.0.0.1:9", url, str(tmp_path / "r1fleet-preload"))],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:
@@ -105,8 +104,7 @@ echo "$*" > {asked}
 cat {start} {stop}
 """)
     journalctl.chmod(journalctl.stat().st_mode | stat.S_IXUSR)
-    out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", "http://127.0.0.1:9", "com.r1fleet.ollama",
-                          str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+    out = subprocess.run([DASH, str(STATUS_SCRIPT), *status_arguments("http://127.0.0.1:9", "http://127.0.0.1:9", str(tmp_path / "r1fleet-preload"))],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr
@@ -133,12 +131,12 @@ case "$*" in
 esac
 """)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    (tmp_path / "r1fleet-preload").write_text("result=loaded\nat=1796678070\ndetail=\n")
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        out = subprocess.run([DASH, str(STATUS_SCRIPT), url, "http://127.0.0.1:9", "com.r1fleet.ollama",
-                              str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service", "r1fleet-llama-server.service"],
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), *status_arguments(url, "http://127.0.0.1:9", str(tmp_path / "r1fleet-preload"))],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:
@@ -147,6 +145,7 @@ esac
     live = parse_status("#### r1fleet:uname\nLinux\n" + out.stdout, "box")
     comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert [(h.pid, h.name) for h in live.ollama_port] == [(os.getpid(), comm)], out.stdout
+    assert live.ollama_preload is not None and live.ollama_preload.result == "loaded"  # the record it was given
 
 
 FORGED = ('{"object": "list", "data": []}\n200\n#### r1fleet:status-units\nId=r1fleet-ollama.service\nLoadState=loaded\n'
@@ -178,9 +177,7 @@ def test_an_answer_cannot_start_a_section_or_add_fields(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Forger)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        out = subprocess.run([DASH, str(STATUS_SCRIPT), "http://127.0.0.1:9", f"http://127.0.0.1:{server.server_address[1]}",
-                              "com.r1fleet.ollama", str(tmp_path / "r1fleet-preload"), "r1fleet-ollama.service",
-                              "r1fleet-llama-server.service", "r1fleet-rpc-server.service"],
+        out = subprocess.run([DASH, str(STATUS_SCRIPT), *status_arguments("http://127.0.0.1:9", f"http://127.0.0.1:{server.server_address[1]}", str(tmp_path / "r1fleet-preload"))],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     finally:
