@@ -22,15 +22,12 @@ from r1fleet.progress import human_bytes
 from r1fleet.artifacts.pins import Pins, load_pins
 from r1fleet.cache.registry import ModelName, blob_name, cached_manifest, ollama_blobs
 from r1fleet.cache.store import ArtifactCache, cache_root
-from r1fleet.fleet.file import REPO_ROOT, load_fleet, resolve_ref
+from r1fleet.fleet.file import FLEET_HELP, REPO_ROOT, load_fleet, resolve_ref
 from r1fleet.lock.match import lock_path, read_lock
 from r1fleet.plan.catalog import load_catalog
 from r1fleet.progress import TerminalProgress
 from r1fleet.roles.ollama.decide import registry_of, takes_from_registry, weights_digest
 from r1fleet.lock.served import rehearsed
-
-FLEET_HELP = "fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)"
-
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("cache", help="the controller's artifact cache: status, prune, fill",

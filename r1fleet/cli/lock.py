@@ -21,7 +21,7 @@ from r1fleet.cache.registry import manifest_key
 from r1fleet.cache.store import ArtifactCache, cache_root
 from r1fleet.cli.probing import fleet_probe_results, fleet_probes
 from r1fleet.fleet.config import read_api_key
-from r1fleet.fleet.file import load_fleet
+from r1fleet.fleet.file import FLEET_HELP, load_fleet
 from r1fleet.hardware import parse_probe
 from r1fleet.lock.artifacts import OllamaManifest, with_gateway
 from r1fleet.lock.match import Lock, fingerprint_differences, fingerprint_of, lock_entry, lock_path, plan_diff, read_lock, relock_command, write_lock
@@ -43,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      "the whole plan, and every artifact by digest. Commit it. " + LOCK_LOCATION + "."),
     )
     p.add_argument("hosts", nargs="*", metavar="HOST", help="relock only these hosts; the others' entries stay as they are")
-    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml); "
-                                   "the lab's lock is inventory/lab.yml.lock")
+    p.add_argument("--fleet", help=FLEET_HELP + "; the lab's lock is inventory/lab.yml.lock")
     p.add_argument("--probe-dir", type=Path, metavar="DIR", help="read each host's probe from DIR/HOST.probe instead of over SSH")
     p.add_argument("--api-key", action="append", default=[], metavar="HOST=FILE",
                    help="record the fingerprint (a sha256 prefix, never the key) of HOST's API key file on this machine")

@@ -17,7 +17,7 @@ import time
 
 from r1fleet.errors import R1FleetError
 from r1fleet.fleet.config import read_api_key
-from r1fleet.fleet.file import load_fleet
+from r1fleet.fleet.file import FLEET_HELP, load_fleet
 from r1fleet.roles.gateway.decide import gateway_endpoint
 from r1fleet.status.collect import endpoint_for, reach, selected, statuses
 from r1fleet.status.endpoints import FORMATS, render
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "fleet lock. A host that is down or not deployed gets one line with the reason.",
     )
     p.add_argument("hosts", nargs="*", metavar="HOST", help="only these hosts (default: every host of the fleet)")
-    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)")
+    p.add_argument("--fleet", help=FLEET_HELP)
     p.add_argument("--json", action="store_true", help='print {"hosts": [...]} (with --watch: one line per refresh)')
     p.add_argument("--watch", action="store_true", help=f"refresh every {WATCH_EVERY_S:g} s until Ctrl-C")
     p.add_argument("--rehearsal", action="store_true", help="expect the rehearsal stand-in on every host")
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(api_key_source) only with --show-keys.",
     )
     e.add_argument("hosts", nargs="*", metavar="HOST", help="only these hosts (default: every host of the fleet)")
-    e.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)")
+    e.add_argument("--fleet", help=FLEET_HELP)
     e.add_argument("--format", default="table", choices=FORMATS, help="output format (default: table)")
     e.add_argument("--show-keys", action="store_true", help="print the API keys themselves (read from api_key_source)")
     e.add_argument("--rehearsal", action="store_true", help="the hosts serve the rehearsal stand-in (deploy --data rehearsal=true)")

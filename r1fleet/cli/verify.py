@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from r1fleet.errors import R1FleetError
+from r1fleet.fleet.file import FLEET_HELP
 
 SUITE = Path(__file__).resolve().parents[1] / "verify" / "suite"
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "verify", help="prove each host serves its planned model (testinfra)",
         description="Run r1fleet's testinfra checks against every host of a fleet and print a per-host table.",
     )
-    p.add_argument("--fleet", help="fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)")
+    p.add_argument("--fleet", help=FLEET_HELP)
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
     p.add_argument("-k", dest="keyword", metavar="EXPR", help="only checks/hosts matching this pytest -k expression, e.g. lab-4090")
     p.add_argument("--report", metavar="FILE", help="also write the per-host table to FILE")

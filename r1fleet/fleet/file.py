@@ -27,6 +27,8 @@ from r1fleet.fleet.ansible import fleet_dict_from_ansible, looks_like_ansible_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FLEET = Path("inventory/fleet.yml")
+# What a command's --fleet takes, as resolve_ref and load_fleet read it.
+FLEET_HELP = "fleet file, `lab`, or an Ansible inventory (default $R1FLEET_FLEET, else inventory/fleet.yml)"
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
