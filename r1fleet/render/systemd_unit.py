@@ -4,6 +4,7 @@ Every other value of the template is escaped on its way in (r1fleet/render/forma
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Any
 
 from r1fleet.fleet.config import HostConfig
@@ -69,6 +70,22 @@ def environment_assignment(key: str, value: str) -> UnitText:
     """The text between the quotes of `Environment="KEY=VALUE"` that systemd reads back as exactly that
     one assignment (a `"` in a value would otherwise end it and start another, audit L3)."""
     return UnitText(f"{key}={_quoted_text(value)}")
+
+
+def systemd_environment(value: str) -> dict[str, str]:
+    """The `Environment=` property as `systemctl show -p Environment --value` prints it back: assignments separated
+    by blanks, one holding a blank in double quotes (`PATH=/usr/bin "OLLAMA_MODELS=/srv/my models"`); the last
+    assignment of a name wins, as in systemd."""
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unbalanced quote: the plain words are the best reading
+        words = value.split()
+    env: dict[str, str] = {}
+    for word in words:
+        name, sep, text = word.partition("=")
+        if sep and name:
+            env[name] = text
+    return env
 
 
 def _quoted_text(value: str) -> str:

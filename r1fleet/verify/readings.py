@@ -149,22 +149,6 @@ def parse_lsof_listeners(text: str) -> list[Listener]:
     return listeners
 
 
-def systemd_environment(text: str) -> dict[str, str]:
-    """`systemctl show -p Environment --value UNIT` -> {name: value} (values may be quoted)."""
-    import shlex
-
-    env = {}
-    try:
-        words = shlex.split(text)
-    except ValueError:
-        words = text.split()
-    for word in words:
-        key, sep, value = word.partition("=")
-        if sep:
-            env[key] = value
-    return env
-
-
 def cgroup_unit(text: str) -> str | None:
     """The systemd unit a process runs in, from its /proc/PID/cgroup: the unified hierarchy's line (`0::`) first,
     else systemd's own v1 one (`name=systemd`), the first whose path ends in a unit, e.g. `ollama.service`. (On a

@@ -25,14 +25,13 @@ from r1fleet.roles.llama_cpp.decide import USER as LLAMA_USER
 from r1fleet.roles.macos.decide import LABEL as MACOS_LABEL, PLIST as MACOS_PLIST, USER as MACOS_USER
 from r1fleet.roles.ollama.decide import USER as OLLAMA_USER
 from r1fleet.roles.rpc_worker.decide import RPC_UNIT, USER as RPC_USER
-from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT
+from r1fleet.render.systemd_unit import LLAMA_UNIT, OLLAMA_UNIT, systemd_environment
 from r1fleet.verify.readings import (
     launchd_disabled,
     parse_launchctl_print,
     cgroup_unit,
     parse_lsof_listeners,
     parse_ss_listeners,
-    systemd_environment,
 )
 
 # The systemd unit and service account of each backend (a Mac's are the LaunchDaemon's: roles/macos.py).

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from r1fleet.render.systemd_unit import systemd_environment
 from r1fleet.roles.ollama.official import (
     DEFAULT_STORE,
     OfficialOllama,
     parse_official,
     stores_to_adopt,
-    systemd_environment,
     unit_store,
 )
 

@@ -10,6 +10,7 @@ from r1fleet.plan.catalog import load_catalog
 from r1fleet.plan.memory import kv_cache_mib
 from r1fleet.records import DevicePlan, GgufFile, HostPlan
 from r1fleet.cli.verify import pytest_argv, register
+from r1fleet.render.systemd_unit import systemd_environment
 from r1fleet.verify.readings import (
     Listener,
     exec_start_argv,
@@ -17,7 +18,6 @@ from r1fleet.verify.readings import (
     cgroup_unit,
     listener_problems,
     parse_ss_listeners,
-    systemd_environment,
 )
 from r1fleet.verify.judge import (
     ComputeApp,

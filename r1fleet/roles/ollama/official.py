@@ -17,8 +17,9 @@ Where Ollama v0.32.9 looks, each from its own source:
 from __future__ import annotations
 
 import posixpath
-import shlex
 from dataclasses import dataclass
+
+from r1fleet.render.systemd_unit import systemd_environment
 
 UNIT = "ollama.service"
 UNIT_DIR = "/etc/systemd/system"  # where install.sh and docs/linux.mdx write it; a packaged unit is elsewhere
@@ -61,21 +62,6 @@ class OfficialOllama:
         if self.unit_loaded and posixpath.dirname(self.fragment) == UNIT_DIR:
             return self.fragment
         return None
-
-
-def systemd_environment(value: str) -> dict[str, str]:
-    """The `Environment=` property as `systemctl show` prints it: assignments separated by blanks, one holding
-    a blank in double quotes (`PATH=/usr/bin "OLLAMA_MODELS=/srv/my models"`); the last assignment wins."""
-    try:
-        words = shlex.split(value)
-    except ValueError:  # an unbalanced quote: the plain words are the best reading
-        words = value.split()
-    env: dict[str, str] = {}
-    for word in words:
-        name, sep, text = word.partition("=")
-        if sep and name:
-            env[name] = text
-    return env
 
 
 def ollama_var(env: dict[str, str], name: str) -> str:
